@@ -1,0 +1,1 @@
+"""PayMesh's policy chain (client side) and server-side interceptors."""

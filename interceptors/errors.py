@@ -1,0 +1,231 @@
+"""Domain errors that servicers raise, and how each becomes a gRPC status.
+
+A servicer raises one of these; the server interceptor turns it into a status with exactly
+one google.rpc.ErrorInfo (stable ``reason``, ``domain`` = the service) and, for bad input,
+google.rpc.BadRequest field violations. Nothing else reaches a caller, never a traceback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+#: Trailing metadata key of gRPC's retry pushback; ``-1`` tells a caller not to retry.
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    """One bad field of a request."""
+
+    field: str
+    """Path of the field (``amount.amount_minor``)."""
+    description: str
+    """Why it is bad, in words a caller can act on."""
+
+
+class ServiceError(Exception):
+    """Base of every error a servicer raises on purpose."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    default_reason: str = "INTERNAL_ERROR"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        field_violations: Sequence[FieldViolation] = (),
+        retry_delay_s: float | None = None,
+        pushback_ms: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason or self.default_reason
+        self.metadata = dict(metadata or {})
+        self.field_violations = tuple(field_violations)
+        self.retry_delay_s = retry_delay_s
+        self.pushback_ms = pushback_ms
+
+
+class InvalidArgument(ServiceError):
+    """The request is malformed; repeating it unchanged can never succeed."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    default_reason = "VALIDATION_FAILED"
+
+
+class NotFound(ServiceError):
+    """A named resource does not exist."""
+
+    code = grpc.StatusCode.NOT_FOUND
+    default_reason = "NOT_FOUND"
+
+
+class AlreadyExists(ServiceError):
+    """The resource the request would create exists already."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+    default_reason = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(ServiceError):
+    """The system is not in a state the request needs (refund above captured, ...)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    default_reason = "FAILED_PRECONDITION"
+
+
+class Unauthenticated(ServiceError):
+    """The caller's credentials are missing or wrong."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    default_reason = "API_KEY_INVALID"
+
+
+class PermissionDenied(ServiceError):
+    """The caller is known but may not do this."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    default_reason = "PERMISSION_DENIED"
+
+
+class OutOfRange(ServiceError):
+    """A value is past the range the operation accepts."""
+
+    code = grpc.StatusCode.OUT_OF_RANGE
+    default_reason = "OUT_OF_RANGE"
+
+
+class Aborted(ServiceError):
+    """A concurrent operation conflicts; the caller may retry with the same idempotency key."""
+
+    code = grpc.StatusCode.ABORTED
+    default_reason = "ABORTED"
+
+
+class ResourceExhausted(ServiceError):
+    """A quota or capacity is used up."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    default_reason = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(ServiceError):
+    """This service cannot serve now (a dependency is down, the process is stopping)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    default_reason = "UNAVAILABLE"
+
+
+def _packed(
+    message: error_details_pb2.ErrorInfo
+    | error_details_pb2.BadRequest
+    | error_details_pb2.RetryInfo,
+) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def rich_status(
+    code: grpc.StatusCode,
+    message: str,
+    *,
+    domain: str,
+    reason: str,
+    metadata: Mapping[str, str] | None = None,
+    field_violations: Sequence[FieldViolation] = (),
+    retry_delay_s: float | None = None,
+) -> status_pb2.Status:
+    """A google.rpc.Status with exactly one ErrorInfo and the optional details."""
+    details = [
+        _packed(error_details_pb2.ErrorInfo(reason=reason, domain=domain, metadata=metadata or {}))
+    ]
+    if field_violations:
+        bad = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=v.description
+                )
+                for v in field_violations
+            ]
+        )
+        details.append(_packed(bad))
+    if retry_delay_s is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(retry_delay_s * 1e9))
+        details.append(_packed(error_details_pb2.RetryInfo(retry_delay=delay)))
+    return status_pb2.Status(code=code.value[0], message=message, details=details)
+
+
+def service_error_status(exc: ServiceError, *, domain: str) -> status_pb2.Status:
+    """The rich status of a domain error raised by a servicer of ``domain``."""
+    return rich_status(
+        exc.code,
+        exc.message,
+        domain=domain,
+        reason=exc.reason,
+        metadata=exc.metadata,
+        field_violations=exc.field_violations,
+        retry_delay_s=exc.retry_delay_s,
+    )
+
+
+def status_code(status: status_pb2.Status) -> grpc.StatusCode:
+    """The grpc.StatusCode of a google.rpc.Status."""
+    for code in grpc.StatusCode:
+        if code.value[0] == status.code:
+            return code
+    return grpc.StatusCode.UNKNOWN
+
+
+def error_info(status: status_pb2.Status) -> error_details_pb2.ErrorInfo | None:
+    """The ErrorInfo detail of a status, if it has one."""
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    return None
+
+
+def status_from_metadata(
+    code: grpc.StatusCode, message: str, trailing: Sequence[tuple[str, str | bytes]] | None
+) -> status_pb2.Status:
+    """The google.rpc.Status a peer sent in ``grpc-status-details-bin``, else a bare one."""
+    for key, value in trailing or ():
+        if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
+            status = status_pb2.Status.FromString(value)
+            if status.code == code.value[0]:
+                return status
+    return status_pb2.Status(code=code.value[0], message=message)
+
+
+__all__ = [
+    "PUSHBACK_KEY",
+    "STATUS_DETAILS_KEY",
+    "Aborted",
+    "AlreadyExists",
+    "FailedPrecondition",
+    "FieldViolation",
+    "InvalidArgument",
+    "NotFound",
+    "OutOfRange",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "ServiceError",
+    "Unauthenticated",
+    "Unavailable",
+    "error_info",
+    "rich_status",
+    "service_error_status",
+    "status_code",
+    "status_from_metadata",
+]

@@ -1,0 +1,253 @@
+"""Policy value objects of the client chain and the one configuration they are loaded from.
+
+Defaults, then per target service, then per method (``/pkg.Service/Method``) overrides, read
+from TOML (``services/policy.toml``, or ``$PAYMESH_POLICY_FILE``) and validated at start: an
+unknown key or a bad value is a ``PolicyError`` naming its key path. No gRPC import here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: Environment variable that points the chain at another policy file.
+POLICY_FILE_VAR = "PAYMESH_POLICY_FILE"
+DEFAULT_POLICY_FILE = Path(__file__).resolve().parent.parent / "services" / "policy.toml"
+
+
+class PolicyError(ValueError):
+    """The policy is invalid; ``key`` is the dotted path of the offending key."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}" if key else problem)
+        self.key = key
+        self.problem = problem
+
+
+def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise PolicyError(name, f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryPolicy:
+    """How often and how patiently a failed call is repeated (only when safe)."""
+
+    max_attempts: int = 4
+    """Attempts including the first; 1 disables retries."""
+    initial_backoff_s: float = 0.05
+    """Upper bound of the first retry's jittered sleep."""
+    backoff_multiplier: float = 2.0
+    """Growth of that bound per retry."""
+    max_backoff_s: float = 1.0
+    """Cap of the bound, whatever the retry number."""
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise PolicyError("max_attempts", f"must be >= 1, got {self.max_attempts!r}")
+        _positive("initial_backoff_s", self.initial_backoff_s, allow_zero=True)
+        _positive("max_backoff_s", self.max_backoff_s, allow_zero=True)
+        if self.backoff_multiplier < 1:
+            raise PolicyError(
+                "backoff_multiplier", f"must be >= 1, got {self.backoff_multiplier!r}"
+            )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BudgetPolicy:
+    """How much extra load retries may add to one target (Finagle/Envoy style)."""
+
+    retry_ratio: float = 0.2
+    """Retries allowed per first attempt within the window (0.2 = at most 20 % extra)."""
+    min_retries: int = 10
+    """Floor of retries per window, so a quiet client can still retry."""
+    window_s: float = 10.0
+    """Length of the sliding window the ratio is computed over."""
+
+    def __post_init__(self) -> None:
+        _positive("retry_ratio", self.retry_ratio, allow_zero=True)
+        if self.min_retries < 0:
+            raise PolicyError("min_retries", f"must be >= 0, got {self.min_retries!r}")
+        _positive("window_s", self.window_s)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BreakerPolicy:
+    """When a target's breaker opens and how it probes for recovery."""
+
+    minimum_calls: int = 5
+    """Calls within the window before the failure rate can trip it."""
+    failure_rate: float = 0.6
+    """Share of failed calls within the window that trips it."""
+    window_s: float = 60.0
+    """Sliding window the failure rate is computed over."""
+    open_s: float = 30.0
+    """How long it stays open before admitting trial calls."""
+    half_open_calls: int = 3
+    """Trial calls admitted when half-open; all must succeed to close."""
+
+    def __post_init__(self) -> None:
+        if self.minimum_calls < 1:
+            raise PolicyError("minimum_calls", f"must be >= 1, got {self.minimum_calls!r}")
+        if not 0 < self.failure_rate <= 1:
+            raise PolicyError("failure_rate", f"must be in (0, 1], got {self.failure_rate!r}")
+        _positive("window_s", self.window_s)
+        _positive("open_s", self.open_s, allow_zero=True)
+        if self.half_open_calls < 1:
+            raise PolicyError("half_open_calls", f"must be >= 1, got {self.half_open_calls!r}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CallPolicy:
+    """Everything the chain needs to know about one call to one method of one target."""
+
+    timeout_s: float = 5.0
+    """Overall deadline of a call and all its retries when the caller set a shorter none."""
+    deadline_margin_s: float = 0.05
+    """Kept back from an incoming deadline so the handler can still answer its caller."""
+    wait_for_ready: bool = False
+    """Whether first attempts wait for a connection; retries after UNAVAILABLE always do."""
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    """Retry schedule of the method."""
+    budget: BudgetPolicy = field(default_factory=BudgetPolicy)
+    """Retry budget of the target (per target: per-method values are refused)."""
+    breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
+    """Breaker of the target (per target: per-method values are refused)."""
+
+    def __post_init__(self) -> None:
+        _positive("timeout_s", self.timeout_s)
+        _positive("deadline_margin_s", self.deadline_margin_s, allow_zero=True)
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "retry": RetryPolicy,
+    "budget": BudgetPolicy,
+    "breaker": BreakerPolicy,
+}
+_TARGET_ONLY = frozenset({"budget", "breaker"})
+
+
+def _merge(base: CallPolicy, data: Mapping[str, Any], path: str, *, per_method: bool) -> CallPolicy:
+    """``base`` with the keys of one table applied, validated, errors naming ``path``."""
+    if not isinstance(data, Mapping):
+        raise PolicyError(path, "must be a table")
+    known = {f.name for f in dataclasses.fields(CallPolicy)}
+    changes: dict[str, Any] = {}
+    for key, value in data.items():
+        key_path = f"{path}.{key}"
+        if key not in known:
+            raise PolicyError(key_path, f"unknown key; known: {', '.join(sorted(known))}")
+        if per_method and key in _TARGET_ONLY:
+            raise PolicyError(key_path, "is per target service, not per method")
+        if key in _SECTIONS:
+            changes[key] = _section(getattr(base, key), value, key_path)
+        else:
+            changes[key] = _scalar(value, key_path, type(getattr(base, key)))
+    try:
+        return dataclasses.replace(base, **changes)
+    except PolicyError as exc:
+        raise PolicyError(f"{path}.{exc.key}", exc.problem) from None
+
+
+def _section(base: Any, data: Any, path: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise PolicyError(path, "must be a table")
+    fields = {f.name: f for f in dataclasses.fields(base)}
+    changes: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise PolicyError(f"{path}.{key}", f"unknown key; known: {', '.join(sorted(fields))}")
+        changes[key] = _scalar(value, f"{path}.{key}", type(getattr(base, key)))
+    try:
+        return dataclasses.replace(base, **changes)
+    except PolicyError as exc:
+        raise PolicyError(f"{path}.{exc.key}", exc.problem) from None
+
+
+def _scalar(value: Any, path: str, kind: type[Any]) -> Any:
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise PolicyError(path, f"must be true or false, got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise PolicyError(path, f"must be a number, got {value!r}")
+    if kind is int and not isinstance(value, int):
+        raise PolicyError(path, f"must be an integer, got {value!r}")
+    return kind(value)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PolicyConfig:
+    """The validated policy of every target and method; ``policy_for`` resolves one call."""
+
+    defaults: CallPolicy = field(default_factory=CallPolicy)
+    """Policy of every call no override names."""
+    targets: Mapping[str, CallPolicy] = field(default_factory=dict)
+    """Per target service (mesh name or HTTP partner), defaults applied."""
+    methods: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """Raw per-method tables (``/pkg.Service/Method``), applied over the target's policy."""
+
+    def __post_init__(self) -> None:
+        for method in self.methods:
+            if not (method.startswith("/") and method.count("/") == 2):
+                raise PolicyError(f"methods.{method}", "must be spelled /pkg.Service/Method")
+
+    @classmethod
+    def from_mapping(
+        cls, data: Mapping[str, Any], *, known_targets: Collection[str] | None = None
+    ) -> PolicyConfig:
+        """Validate a parsed configuration; PolicyError names the first bad key."""
+        unknown = set(data) - {"defaults", "targets", "methods"}
+        if unknown:
+            raise PolicyError(sorted(unknown)[0], "unknown key; known: defaults, methods, targets")
+        defaults = _merge(CallPolicy(), data.get("defaults", {}), "defaults", per_method=False)
+        targets: dict[str, CallPolicy] = {}
+        for name, table in _table(data, "targets").items():
+            if known_targets is not None and name not in known_targets:
+                raise PolicyError(f"targets.{name}", "names no service or partner of the mesh")
+            targets[name] = _merge(defaults, table, f"targets.{name}", per_method=False)
+        methods = dict(_table(data, "methods"))
+        config = cls(defaults=defaults, targets=targets, methods=methods)
+        for method, table in methods.items():
+            _merge(defaults, table, f"methods.{method}", per_method=True)
+        return config
+
+    @classmethod
+    def load(
+        cls, path: str | None = None, *, known_targets: Collection[str] | None = None
+    ) -> PolicyConfig:
+        """Read and validate TOML from ``path``, ``$PAYMESH_POLICY_FILE`` or the default file."""
+        chosen = Path(path or os.environ.get(POLICY_FILE_VAR) or DEFAULT_POLICY_FILE)
+        try:
+            with chosen.open("rb") as handle:
+                data = tomllib.load(handle)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise PolicyError("", f"cannot read policy file {chosen}: {exc}") from exc
+        try:
+            return cls.from_mapping(data, known_targets=known_targets)
+        except PolicyError as exc:
+            raise PolicyError(exc.key, f"{exc.problem} (in {chosen})") from None
+
+    def target_policy(self, target: str) -> CallPolicy:
+        """Policy of a target before any per-method override (breaker and budget live here)."""
+        return self.targets.get(target, self.defaults)
+
+    def policy_for(self, target: str, method: str) -> CallPolicy:
+        """Policy of one call: defaults, then the target's, then the method's overrides."""
+        base = self.target_policy(target)
+        table = self.methods.get(method)
+        if table is None:
+            return base
+        return _merge(base, table, f"methods.{method}", per_method=True)
+
+
+def _table(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, Mapping):
+        raise PolicyError(key, "must be a table")
+    return value

@@ -1,0 +1,1 @@
+"""The payment platform's services, their shared bootstrap, topology and client factory."""

@@ -1,0 +1,232 @@
+"""One start-up for every service: gRPC aio server, health, reflection, signals, graceful stop.
+
+A service's ``__main__`` calls :func:`run` with its name and a builder that returns its
+servicers; everything else (binding without SO_REUSEPORT, grpc.health.v1 with List,
+reflection v1alpha and v1 from one descriptor pool, the server interceptor, the client
+factory, SIGTERM/SIGINT handling) lives here once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+
+from interceptors.server import ServerPolicyInterceptor
+from services.clients import ClientFactory
+from services.topology import Topology, TopologyError, env_prefix
+
+log = logging.getLogger("paymesh.bootstrap")
+
+#: Printed on stdout once serving, so a supervisor can learn an ephemeral port.
+READY_MARKER = "PAYMESH_READY"
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+DEFAULT_GRACE_S = 5.0
+#: Exit code of a start-up that failed on configuration (bad override, taken port, ...).
+EXIT_CONFIG = 2
+
+
+class StartupError(RuntimeError):
+    """The service cannot start; the message says why in words an operator can act on."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Registration:
+    """One servicer and how to put it on a server."""
+
+    servicer: object
+    """The servicer instance."""
+    add_to_server: Callable[[Any, aio.Server], None]
+    """The generated ``add_XxxServicer_to_server`` function."""
+    service_name: str
+    """Full proto name of the service, for health and reflection."""
+
+
+@dataclass(slots=True, kw_only=True)
+class ServiceContext:
+    """What a service's builder gets: its name, the topology, clients and storage paths."""
+
+    name: str
+    """Mesh name of the service."""
+    topology: Topology
+    """The validated topology, overrides applied."""
+    clients: ClientFactory
+    """Makes every downstream stub and partner client through the policy chain."""
+    environ: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    """Environment the service was started with."""
+    on_stop: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
+    """Callbacks run after the server stopped (close stores, flush, ...)."""
+
+    @property
+    def var_dir(self) -> Path:
+        """Directory for the service's files: ``PAYMESH_VAR_DIR`` or ``var/``."""
+        return Path(self.environ.get("PAYMESH_VAR_DIR", "var"))
+
+    def database_path(self) -> Path:
+        """SQLite file: ``<PREFIX>_DATABASE_URL`` (sqlite:///path), else var/<name>.db."""
+        var = f"{env_prefix(self.name)}_DATABASE_URL"
+        url = self.environ.get(var)
+        if url is None:
+            path = self.var_dir / f"{self.name}.db"
+        elif url.startswith("sqlite:///"):
+            path = Path(url.removeprefix("sqlite:///"))
+        else:
+            raise StartupError(f"{var}={url!r}: only sqlite:///path URLs are supported")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+Builder = Callable[[ServiceContext], Sequence[Registration] | Awaitable[Sequence[Registration]]]
+
+
+class MeshHealthServicer(health_aio.HealthServicer):  # type: ignore[misc]  # untyped base
+    """grpc.health.v1 with ``List``, which grpcio-health-checking does not implement."""
+
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: aio.ServicerContext[Any, Any]
+    ) -> health_pb2.HealthListResponse:
+        statuses = {
+            name: health_pb2.HealthCheckResponse(status=status)
+            for name, status in self._server_status.items()
+        }
+        return health_pb2.HealthListResponse(statuses=statuses)
+
+
+def _add_reflection(server: aio.Server, names: Sequence[str]) -> None:
+    """Serve reflection as v1alpha and, from the same servicer, as v1.
+
+    grpcio-reflection ships only v1alpha; v1 has the same messages field for field, so the
+    v1alpha servicer answers v1 requests unchanged (newer grpcurl asks v1 first).
+    """
+    all_names = (*names, reflection.SERVICE_NAME, REFLECTION_V1)
+    servicer = reflection.aio.ReflectionServicer(all_names)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    v1_handler = grpc.method_handlers_generic_handler(
+        REFLECTION_V1,
+        {
+            "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+                servicer.ServerReflectionInfo,
+                request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+                response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+            )
+        },
+    )
+    server.add_generic_rpc_handlers((v1_handler,))
+
+
+def configure_logging(name: str) -> None:
+    """One line per record, naming the service; level from ``PAYMESH_LOG_LEVEL``."""
+    logging.basicConfig(
+        level=os.environ.get("PAYMESH_LOG_LEVEL", "INFO").upper(),
+        format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+async def serve(
+    name: str,
+    build: Builder,
+    *,
+    topology: Topology | None = None,
+    credentials: grpc.ServerCredentials | None = None,
+    grace_s: float | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run service ``name`` until ``stop`` is set (or SIGTERM/SIGINT), then stop gracefully.
+
+    Raises:
+        StartupError: the address is taken or invalid, or the builder refused to start.
+    """
+    try:
+        topology = topology or Topology()
+        spec = topology.service(name)
+        host, port = topology.bind_address(name)
+    except TopologyError as exc:
+        raise StartupError(str(exc)) from exc
+    grace = (
+        grace_s
+        if grace_s is not None
+        else float(os.environ.get("PAYMESH_GRACE_S", DEFAULT_GRACE_S))
+    )
+    clients = ClientFactory(caller=name, topology=topology)
+    context = ServiceContext(name=name, topology=topology, clients=clients)
+    built = build(context)
+    registrations = await built if inspect.isawaitable(built) else built
+
+    server = aio.server(
+        interceptors=[ServerPolicyInterceptor(domain=name)],
+        # A taken port must be an error, never a silent second listener.
+        options=[("grpc.so_reuseport", 0)],
+    )
+    for registration in registrations:
+        registration.add_to_server(registration.servicer, server)
+    names = [r.service_name for r in registrations]
+    missing = set(spec.proto_services) - set(names)
+    if missing:
+        raise StartupError(f"{name} must serve {sorted(missing)} as the topology declares")
+    health = MeshHealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    _add_reflection(server, (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
+
+    address = f"{host}:{port}"
+    try:
+        bound = (
+            server.add_secure_port(address, credentials)
+            if credentials is not None
+            else server.add_insecure_port(address)
+        )
+    except RuntimeError as exc:
+        raise StartupError(
+            f"{name} cannot listen on {address}: {exc} (is the port taken?)"
+        ) from exc
+    if bound == 0:
+        raise StartupError(f"{name} cannot listen on {address} (is the port taken?)")
+    await server.start()
+    for service_name in ("", *names):
+        await health.set(service_name, health_pb2.HealthCheckResponse.SERVING)
+    print(f"{READY_MARKER} service={name} address={host}:{bound}", flush=True)
+    log.info("serving %s on %s:%d", ", ".join(names), host, bound)
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+    log.info("stopping: health NOT_SERVING, %.1fs grace for calls in flight", grace)
+    await health.enter_graceful_shutdown()
+    await server.stop(grace)
+    await clients.close()
+    for callback in context.on_stop:
+        result = callback()
+        if inspect.isawaitable(result):
+            await result
+    log.info("stopped")
+
+
+def run(name: str, build: Builder, *, credentials: grpc.ServerCredentials | None = None) -> None:
+    """Entry point of ``python -m services.<name>``: serve, exit 0 on a clean stop."""
+    configure_logging(name)
+    try:
+        asyncio.run(serve(name, build, credentials=credentials))
+    except StartupError as exc:
+        print(f"{name}: cannot start: {exc}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_CONFIG)
+    sys.exit(0)

@@ -1,0 +1,312 @@
+"""Runs the whole mesh on one machine: one process per service, health-gated, stopped cleanly.
+
+``make run`` uses it through ``python -m services``; the integration and chaos tests use
+:class:`Mesh` directly with :func:`ephemeral_environ` so they never collide with a running
+``make run``. Children die with the supervisor (PDEATHSIG), so no orphan outlives it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.topology import (
+    LOOPBACK,
+    PARTNER_SANDBOX_VAR,
+    SERVICES,
+    Topology,
+    parse_hostport,
+)
+
+SANDBOX = "partner-sandbox"
+SANDBOX_MODULE = "services.partners"
+_PR_SET_PDEATHSIG = 1
+
+
+class MeshError(RuntimeError):
+    """The mesh could not start; the message names the service and the cause."""
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A port that was free a moment ago on ``host``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def ephemeral_environ(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``base`` plus address overrides that put every service and partner on free ports."""
+    environ = dict(os.environ if base is None else base)
+    for spec in SERVICES:
+        environ[spec.addr_var] = f"{LOOPBACK}:{free_port()}"
+        environ[f"{spec.env_prefix}_ADMIN_ADDR"] = f"{LOOPBACK}:{free_port()}"
+    environ[PARTNER_SANDBOX_VAR] = f"{LOOPBACK}:{free_port()}"
+    return environ
+
+
+def port_is_free(address: str, *, variable: str) -> bool:
+    """Whether nothing listens on ``address`` (host:port)."""
+    host, port = parse_hostport(address, variable=variable)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+@dataclass(slots=True)
+class Member:
+    """One running process of the mesh."""
+
+    name: str
+    """Mesh name (a service, or the partner sandbox)."""
+    module: str
+    """Module run with ``python -m``."""
+    address: str
+    """``host:port`` it serves on."""
+    log_path: Path
+    """File that receives its stdout and stderr."""
+    process: subprocess.Popen[bytes] | None = None
+    """The process, once started."""
+
+    def log_tail(self, lines: int = 15) -> str:
+        """The last lines of the member's log, for error messages."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+class Mesh:
+    """The eleven services (and the partner sandbox, when present) as child processes."""
+
+    def __init__(
+        self,
+        *,
+        environ: Mapping[str, str] | None = None,
+        names: Iterable[str] | None = None,
+        var_dir: Path | None = None,
+        python: str = sys.executable,
+        with_sandbox: bool = True,
+    ) -> None:
+        self.environ = dict(os.environ if environ is None else environ)
+        self.var_dir = Path(var_dir or self.environ.get("PAYMESH_VAR_DIR", "var"))
+        self.environ["PAYMESH_VAR_DIR"] = str(self.var_dir)
+        self.topology = Topology(environ=self.environ)
+        self._python = python
+        wanted = set(names) if names is not None else {s.name for s in SERVICES}
+        log_dir = self.var_dir / "logs"
+        self.members: dict[str, Member] = {}
+        if with_sandbox and _module_exists(SANDBOX_MODULE):
+            self.members[SANDBOX] = Member(
+                name=SANDBOX,
+                module=SANDBOX_MODULE,
+                address=self.topology.sandbox_address(),
+                log_path=log_dir / f"{SANDBOX}.log",
+            )
+        for spec in SERVICES:
+            if spec.name in wanted:
+                self.members[spec.name] = Member(
+                    name=spec.name,
+                    module=spec.module,
+                    address=self.topology.address(spec.name),
+                    log_path=log_dir / f"{spec.name}.log",
+                )
+
+    def start(self, *, timeout_s: float = 60.0) -> None:
+        """Start every member and wait until each serves; MeshError names the first failure."""
+        taken = [
+            f"{m.name} ({m.address})"
+            for m in self.members.values()
+            if not port_is_free(m.address, variable=f"address of {m.name}")
+        ]
+        if taken:
+            raise MeshError(f"port already taken for: {', '.join(taken)}")
+        for member in self.members.values():
+            self.start_member(member.name)
+        try:
+            self.wait_ready(self.members, timeout_s=timeout_s)
+        except MeshError:
+            self.stop()
+            raise
+
+    def start_member(self, name: str) -> Member:
+        """(Re)start one member's process without waiting for it."""
+        member = self.members[name]
+        member.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = member.log_path.open("ab")
+        member.process = subprocess.Popen(
+            [self._python, "-m", member.module],
+            env=self.environ,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        log.close()
+        return member
+
+    def wait_ready(self, names: Iterable[str], *, timeout_s: float = 60.0) -> None:
+        """Wait until each named member serves; MeshError if one dies or the time runs out."""
+        pending = list(names)
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            name = pending[0]
+            member = self.members[name]
+            assert member.process is not None, f"{name} was never started"
+            code = member.process.poll()
+            if code is not None:
+                raise MeshError(
+                    f"{name} exited with code {code} while starting; its log "
+                    f"({member.log_path}) ends:\n{member.log_tail()}"
+                )
+            if self.is_ready(name):
+                pending.pop(0)
+                continue
+            if time.monotonic() > deadline:
+                raise MeshError(
+                    f"{name} did not report SERVING on {member.address} in {timeout_s:.0f}s"
+                )
+            time.sleep(0.05)
+
+    def is_ready(self, name: str) -> bool:
+        """Whether a member answers: health SERVING for a service, a TCP accept for the sandbox."""
+        member = self.members[name]
+        if name == SANDBOX:
+            host, port = parse_hostport(member.address, variable=name)
+            try:
+                with socket.create_connection((host, port), timeout=0.5):
+                    return True
+            except OSError:
+                return False
+        return health_status(member.address) == "SERVING"
+
+    def stop(self, *, grace_s: float = 15.0) -> dict[str, int | None]:
+        """SIGTERM every member, wait up to ``grace_s``, SIGKILL stragglers; exit codes."""
+        running = [m for m in self.members.values() if m.process and m.process.poll() is None]
+        for member in running:
+            assert member.process is not None
+            member.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for member in running:
+            assert member.process is not None
+            try:
+                member.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                member.process.kill()
+                member.process.wait()
+        return {
+            m.name: (m.process.returncode if m.process else None) for m in self.members.values()
+        }
+
+    def signal(self, name: str, signum: int) -> None:
+        """Send ``signum`` to one member (chaos: SIGKILL, SIGSTOP, SIGCONT)."""
+        process = self.members[name].process
+        assert process is not None, f"{name} was never started"
+        process.send_signal(signum)
+
+    def dead(self) -> list[Member]:
+        """Members whose process has exited."""
+        return [m for m in self.members.values() if m.process and m.process.poll() is not None]
+
+
+def health_status(address: str, service: str = "", *, timeout_s: float = 1.0) -> str:
+    """grpc.health.v1 Check of ``service`` at ``address``: the status name, or the error code."""
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+        except grpc.RpcError as exc:
+            return exc.code().name if isinstance(exc, grpc.Call) else "UNKNOWN"
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+def _module_exists(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def render_table(rows: Sequence[tuple[str, ...]], header: tuple[str, ...]) -> str:
+    """A plain aligned text table."""
+    widths = [max(len(str(r[i])) for r in (header, *rows)) for i in range(len(header))]
+    lines = [
+        "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True))
+        for row in (header, *rows)
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``make run``: start everything, print the table, run until Ctrl-C, stop cleanly."""
+    del argv
+    try:
+        mesh = Mesh()
+    except ValueError as exc:
+        print(f"paymesh: {exc}", file=sys.stderr)
+        return 2
+    stopping = False
+
+    def request_stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    print(
+        f"starting {len(mesh.members)} processes (logs in {mesh.var_dir / 'logs'}) ...", flush=True
+    )
+    try:
+        mesh.start()
+    except MeshError as exc:
+        print(f"paymesh: {exc}", file=sys.stderr, flush=True)
+        return 1
+    rows = [
+        (m.name, m.address, "SERVING" if mesh.is_ready(m.name) else "NOT SERVING")
+        for m in mesh.members.values()
+    ]
+    print(render_table(rows, ("service", "address", "status")), flush=True)
+    print("mesh is up; Ctrl-C stops it", flush=True)
+    exit_code = 0
+    while not stopping:
+        dead = mesh.dead()
+        if dead:
+            names = ", ".join(
+                f"{m.name} (exit {m.process.returncode if m.process else '?'})" for m in dead
+            )
+            print(f"paymesh: stopped unexpectedly: {names}; stopping the mesh", file=sys.stderr)
+            exit_code = 1
+            break
+        time.sleep(0.2)
+    print("stopping ...", flush=True)
+    codes = mesh.stop()
+    unclean = {name: code for name, code in codes.items() if code not in (0, None)}
+    if unclean and exit_code == 0:
+        print(f"paymesh: unclean exit: {unclean}", file=sys.stderr)
+        exit_code = 1
+    print("stopped", flush=True)
+    return exit_code

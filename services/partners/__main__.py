@@ -1,0 +1,5 @@
+"""``python -m services.partners``: serve every partner on the sandbox address."""
+
+from services.partners.sandbox import main
+
+main()

@@ -1,0 +1,304 @@
+"""The mesh's one topology: every service's name, ports, proto service and outgoing edges.
+
+This is the only place a port number is written. Every address elsewhere is read from
+here, overridable per service by environment (``ORDER_SERVICE_ADDR=host:port``; the
+variable is the service name upper-cased with ``-`` as ``_`` plus ``_ADDR``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+LOOPBACK = "127.0.0.1"
+
+#: Variable suffixes that claim to name a mesh address; one that names no declared
+#: service or partner is a typo, and a typo in an address is how port drift starts.
+_ADDR_SUFFIXES = ("_SERVICE_ADDR", "_GATEWAY_ADDR", "_ADAPTER_ADDR", "_PARTNER_URL")
+
+
+class TopologyError(ValueError):
+    """The topology or an override of it is invalid; the message names what and where."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServiceSpec:
+    """One service of the mesh."""
+
+    name: str
+    """Mesh name, as the seed spells it (``order-service``)."""
+    module: str
+    """Python package that runs it with ``python -m``."""
+    port: int
+    """gRPC port on the loopback when nothing overrides it."""
+    admin_port: int
+    """HTTP port for ``/metrics`` and other operator endpoints."""
+    proto_services: tuple[str, ...]
+    """Full names of the gRPC services it serves."""
+    calls: tuple[str, ...] = ()
+    """Mesh services it calls; every call goes through the policy chain."""
+    partners: tuple[str, ...] = ()
+    """HTTP partners it calls; also through the policy chain."""
+
+    @property
+    def env_prefix(self) -> str:
+        """Prefix of this service's environment variables (``ORDER_SERVICE``)."""
+        return env_prefix(self.name)
+
+    @property
+    def addr_var(self) -> str:
+        """Environment variable that overrides this service's gRPC address."""
+        return f"{self.env_prefix}_ADDR"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PartnerSpec:
+    """An external HTTP partner; ``make run`` serves all of them from the local sandbox."""
+
+    name: str
+    """Mesh name of the partner (``exchange-rate``)."""
+    path: str
+    """Path prefix of the partner's API on the sandbox."""
+
+    @property
+    def url_var(self) -> str:
+        """Environment variable that overrides this partner's base URL."""
+        return f"{env_prefix(self.name)}_PARTNER_URL"
+
+
+def env_prefix(name: str) -> str:
+    """Environment prefix of a mesh name: upper case, ``-`` becomes ``_``."""
+    return name.upper().replace("-", "_")
+
+
+SERVICES: tuple[ServiceSpec, ...] = (
+    ServiceSpec(
+        name="merchant-service",
+        module="services.merchant",
+        port=40002,
+        admin_port=41002,
+        proto_services=("paymesh.merchant.v1.MerchantService",),
+        calls=(
+            "payment-gateway",
+            "accounting-service",
+            "analytics-service",
+            "risk-service",
+            "notification-service",
+        ),
+    ),
+    ServiceSpec(
+        name="payment-gateway",
+        module="services.payment_gateway",
+        port=40003,
+        admin_port=41003,
+        proto_services=("paymesh.payment_gateway.v1.PaymentGatewayService",),
+        calls=(
+            "merchant-auth-service",
+            "risk-service",
+            "order-service",
+            "channel-adapter",
+            "accounting-service",
+            "notification-service",
+            "analytics-service",
+        ),
+    ),
+    ServiceSpec(
+        name="order-service",
+        module="services.order",
+        port=40004,
+        admin_port=41004,
+        proto_services=("paymesh.order.v1.OrderService",),
+    ),
+    ServiceSpec(
+        name="channel-adapter",
+        module="services.channel_adapter",
+        port=40005,
+        admin_port=41005,
+        proto_services=("paymesh.channel_adapter.v1.ChannelAdapterService",),
+        partners=("exchange-rate", "payment-channel"),
+    ),
+    ServiceSpec(
+        name="risk-service",
+        module="services.risk",
+        port=40006,
+        admin_port=41006,
+        proto_services=("paymesh.risk.v1.RiskService",),
+        partners=("geo-ip",),
+    ),
+    ServiceSpec(
+        name="accounting-service",
+        module="services.accounting",
+        port=40007,
+        admin_port=41007,
+        proto_services=("paymesh.accounting.v1.AccountingService",),
+    ),
+    ServiceSpec(
+        name="notification-service",
+        module="services.notification",
+        port=40008,
+        admin_port=41008,
+        proto_services=("paymesh.notification.v1.NotificationService",),
+        partners=("merchant-webhooks",),
+    ),
+    ServiceSpec(
+        name="analytics-service",
+        module="services.analytics",
+        port=40009,
+        admin_port=41009,
+        proto_services=("paymesh.analytics.v1.AnalyticsService",),
+    ),
+    ServiceSpec(
+        name="merchant-auth-service",
+        module="services.merchant_auth",
+        port=40011,
+        admin_port=41011,
+        proto_services=("paymesh.merchant_auth.v1.MerchantAuthService",),
+        calls=("merchant-service",),
+    ),
+    ServiceSpec(
+        name="settlement-service",
+        module="services.settlement",
+        port=40013,
+        admin_port=41013,
+        proto_services=("paymesh.settlement.v1.SettlementService",),
+        calls=("accounting-service", "withdrawal-service"),
+    ),
+    ServiceSpec(
+        name="withdrawal-service",
+        module="services.withdrawal",
+        port=40014,
+        admin_port=41014,
+        proto_services=("paymesh.withdrawal.v1.WithdrawalService",),
+        calls=("accounting-service", "notification-service"),
+        partners=("bank-transfer",),
+    ),
+)
+
+PARTNERS: tuple[PartnerSpec, ...] = (
+    PartnerSpec(name="exchange-rate", path="/exchange-rate"),
+    PartnerSpec(name="payment-channel", path="/payment-channel"),
+    PartnerSpec(name="geo-ip", path="/geo-ip"),
+    PartnerSpec(name="merchant-webhooks", path="/merchant-webhooks"),
+    PartnerSpec(name="bank-transfer", path="/bank-transfer"),
+)
+
+#: The local partner sandbox (one HTTP server for every partner) of ``make run``.
+PARTNER_SANDBOX_PORT = 40020
+PARTNER_SANDBOX_VAR = "PARTNER_SANDBOX_ADDR"
+
+_HOSTPORT = re.compile(r"^(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(?P<port>[0-9]{1,5})$")
+
+
+def parse_hostport(value: str, *, variable: str) -> tuple[str, int]:
+    """Split ``host:port``; raise TopologyError naming ``variable`` when it is not one."""
+    match = _HOSTPORT.match(value.strip())
+    if match is None:
+        raise TopologyError(f"{variable}={value!r} is not host:port (example: 127.0.0.1:40004)")
+    host, port = match["host"], int(match["port"])
+    if not 0 <= port <= 65535:
+        raise TopologyError(f"{variable}={value!r}: port {port} is outside 0-65535")
+    if host.startswith("["):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError as exc:
+            raise TopologyError(f"{variable}={value!r}: {host} is not an IPv6 address") from exc
+    return host, port
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """The declared services and partners, validated, with environment overrides applied."""
+
+    services: tuple[ServiceSpec, ...] = SERVICES
+    partners: tuple[PartnerSpec, ...] = PARTNERS
+    environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+
+    def __post_init__(self) -> None:
+        validate(self.services, self.partners)
+        for key, value in self.environ.items():
+            if key.endswith(_ADDR_SUFFIXES) and key not in self._known_variables():
+                raise TopologyError(
+                    f"{key} names no service or partner of the topology; "
+                    f"known: {', '.join(sorted(self._known_variables()))}"
+                )
+            if key in self._known_variables() and key.endswith("_ADDR"):
+                parse_hostport(value, variable=key)
+            if key.endswith("_PARTNER_URL") and not value.startswith(("http://", "https://")):
+                raise TopologyError(f"{key}={value!r} is not an http:// or https:// URL")
+
+    def _known_variables(self) -> set[str]:
+        names = {s.addr_var for s in self.services} | {p.url_var for p in self.partners}
+        return names | {PARTNER_SANDBOX_VAR}
+
+    def service(self, name: str) -> ServiceSpec:
+        """The spec of ``name``; TopologyError when no such service is declared."""
+        for spec in self.services:
+            if spec.name == name:
+                return spec
+        known = ", ".join(s.name for s in self.services)
+        raise TopologyError(f"unknown service {name!r}; known: {known}")
+
+    def address(self, name: str) -> str:
+        """``host:port`` of a service: its override, else the loopback and declared port."""
+        spec = self.service(name)
+        return self.environ.get(spec.addr_var) or f"{LOOPBACK}:{spec.port}"
+
+    def bind_address(self, name: str) -> tuple[str, int]:
+        """Host and port a service listens on (the same address its callers dial)."""
+        spec = self.service(name)
+        return parse_hostport(self.address(name), variable=spec.addr_var)
+
+    def admin_address(self, name: str) -> str:
+        """``host:port`` of a service's admin HTTP endpoint (``<PREFIX>_ADMIN_ADDR``)."""
+        spec = self.service(name)
+        var = f"{spec.env_prefix}_ADMIN_ADDR"
+        value = self.environ.get(var) or f"{LOOPBACK}:{spec.admin_port}"
+        parse_hostport(value, variable=var)
+        return value
+
+    def sandbox_address(self) -> str:
+        """``host:port`` of the partner sandbox."""
+        value = self.environ.get(PARTNER_SANDBOX_VAR) or f"{LOOPBACK}:{PARTNER_SANDBOX_PORT}"
+        parse_hostport(value, variable=PARTNER_SANDBOX_VAR)
+        return value
+
+    def partner_url(self, name: str) -> str:
+        """Base URL of a partner: its override, else its path on the sandbox."""
+        for partner in self.partners:
+            if partner.name == name:
+                override = self.environ.get(partner.url_var)
+                return (override or f"http://{self.sandbox_address()}{partner.path}").rstrip("/")
+        raise TopologyError(
+            f"unknown partner {name!r}; known: {', '.join(p.name for p in self.partners)}"
+        )
+
+
+def validate(services: tuple[ServiceSpec, ...], partners: tuple[PartnerSpec, ...]) -> None:
+    """Check names, ports and edges; raise TopologyError on the first problem."""
+    names: set[str] = set()
+    ports: dict[int, str] = {}
+    partner_names = {p.name for p in partners}
+    for spec in services:
+        if spec.name in names:
+            raise TopologyError(f"service {spec.name!r} is declared twice")
+        names.add(spec.name)
+        for port in (spec.port, spec.admin_port):
+            if not 1 <= port <= 65535:
+                raise TopologyError(f"service {spec.name!r}: port {port} is outside 1-65535")
+            if port in ports:
+                raise TopologyError(
+                    f"port {port} is declared by both {ports[port]!r} and {spec.name!r}"
+                )
+            ports[port] = spec.name
+    for spec in services:
+        for target in spec.calls:
+            if target not in names:
+                raise TopologyError(f"edge {spec.name} -> {target}: {target!r} is not declared")
+            if target == spec.name:
+                raise TopologyError(f"edge {spec.name} -> {target}: a service cannot call itself")
+        for partner in spec.partners:
+            if partner not in partner_names:
+                raise TopologyError(f"edge {spec.name} -> {partner}: no such partner declared")

@@ -1,0 +1,159 @@
+"""The topology is the one source of names, ports and edges; bad ones stop start-up."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from services.topology import (
+    PARTNERS,
+    SERVICES,
+    Topology,
+    TopologyError,
+    parse_hostport,
+    validate,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SEED_PORTS = {
+    "merchant-service": 40002,
+    "payment-gateway": 40003,
+    "order-service": 40004,
+    "channel-adapter": 40005,
+    "risk-service": 40006,
+    "accounting-service": 40007,
+    "notification-service": 40008,
+    "analytics-service": 40009,
+    "merchant-auth-service": 40011,
+    "settlement-service": 40013,
+    "withdrawal-service": 40014,
+}
+
+SEED_EDGES = {
+    ("payment-gateway", "order-service"),
+    ("payment-gateway", "channel-adapter"),
+    ("payment-gateway", "risk-service"),
+    ("merchant-service", "analytics-service"),
+    ("merchant-service", "accounting-service"),
+    ("merchant-service", "risk-service"),
+    ("merchant-service", "notification-service"),
+    ("merchant-service", "payment-gateway"),
+    ("settlement-service", "accounting-service"),
+    ("settlement-service", "withdrawal-service"),
+    ("withdrawal-service", "accounting-service"),
+    ("withdrawal-service", "notification-service"),
+    ("merchant-auth-service", "merchant-service"),
+}
+
+
+def test_declares_the_seed_services_on_the_seed_ports() -> None:
+    assert {s.name: s.port for s in SERVICES} == SEED_PORTS
+
+
+def test_declares_every_seed_edge() -> None:
+    edges = {(s.name, target) for s in SERVICES for target in s.calls}
+    assert edges >= SEED_EDGES
+
+
+def test_default_address_is_loopback_and_declared_port() -> None:
+    assert Topology(environ={}).address("order-service") == "127.0.0.1:40004"
+
+
+def test_override_replaces_the_address() -> None:
+    topology = Topology(environ={"ORDER_SERVICE_ADDR": "10.0.0.7:9000"})
+    assert topology.address("order-service") == "10.0.0.7:9000"
+
+
+def test_override_variable_name_follows_the_service_name() -> None:
+    assert (
+        Topology(environ={"PAYMENT_GATEWAY_ADDR": "[::1]:5000"}).address("payment-gateway")
+        == "[::1]:5000"
+    )
+
+
+@pytest.mark.parametrize("value", ["localhost", "127.0.0.1:", ":40004", "host:port", "h:99999"])
+def test_bad_override_names_the_variable(value: str) -> None:
+    with pytest.raises(TopologyError, match="ORDER_SERVICE_ADDR"):
+        Topology(environ={"ORDER_SERVICE_ADDR": value})
+
+
+def test_override_of_an_unknown_service_names_the_variable() -> None:
+    with pytest.raises(TopologyError, match="ODER_SERVICE_ADDR"):
+        Topology(environ={"ODER_SERVICE_ADDR": "127.0.0.1:1"})
+
+
+def test_partner_url_override_must_be_http() -> None:
+    with pytest.raises(TopologyError, match="GEO_IP_PARTNER_URL"):
+        Topology(environ={"GEO_IP_PARTNER_URL": "ftp://x"})
+
+
+def test_unknown_service_lookup_is_a_clear_error() -> None:
+    with pytest.raises(TopologyError, match="unknown service 'ledger-service'"):
+        Topology(environ={}).address("ledger-service")
+
+
+def test_duplicate_port_is_rejected() -> None:
+    clash = dataclasses.replace(SERVICES[1], name="clone-service", admin_port=1)
+    with pytest.raises(TopologyError, match="port 40003 is declared by both"):
+        validate((*SERVICES, clash), PARTNERS)
+
+
+def test_duplicate_name_is_rejected() -> None:
+    with pytest.raises(TopologyError, match="declared twice"):
+        validate((*SERVICES, SERVICES[0]), PARTNERS)
+
+
+def test_edge_to_an_undeclared_service_is_rejected() -> None:
+    rogue = dataclasses.replace(SERVICES[2], calls=("ledger-service",))
+    with pytest.raises(TopologyError, match="'ledger-service' is not declared"):
+        validate((*SERVICES[:2], rogue, *SERVICES[3:]), PARTNERS)
+
+
+def test_edge_to_an_undeclared_partner_is_rejected() -> None:
+    rogue = dataclasses.replace(SERVICES[2], partners=("fax-gateway",))
+    with pytest.raises(TopologyError, match="no such partner"):
+        validate((*SERVICES[:2], rogue, *SERVICES[3:]), PARTNERS)
+
+
+def test_parse_hostport_accepts_ipv6_brackets() -> None:
+    assert parse_hostport("[::1]:40004", variable="X") == ("[::1]", 40004)
+
+
+_PORT_LITERAL = re.compile(r"(?<![\w.])(?:[1-9]\d{3,4})(?![\w.])")
+_ALLOWED = {ROOT / "services" / "topology.py"}
+
+
+def _port_literals(path: Path) -> list[str]:
+    hits = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        code = line.split("#", 1)[0]
+        for match in _PORT_LITERAL.finditer(code):
+            value = int(match.group())
+            if 1024 <= value <= 65535 and (
+                "port" in code.lower() or ":" in code or "addr" in code.lower()
+            ):
+                hits.append(f"{path.name}:{number}: {line.strip()}")
+    return hits
+
+
+def test_no_port_literal_outside_the_topology() -> None:
+    """The old gateway called 8004 while order-service listened on 40004: never again."""
+    files = [
+        p
+        for folder in ("services", "interceptors")
+        for p in sorted((ROOT / folder).rglob("*.py"))
+        if p not in _ALLOWED
+    ]
+    assert files, "no source files found"
+    hits = [hit for path in files for hit in _port_literals(path)]
+    assert not hits, "port literals outside services/topology.py:\n" + "\n".join(hits)
+
+
+def test_port_literal_scan_catches_a_drifted_port(tmp_path: Path) -> None:
+    drifted = tmp_path / "order_client.py"
+    drifted.write_text('ORDER_URL = "http://localhost:8004"\n')
+    assert _port_literals(drifted)
