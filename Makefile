@@ -31,7 +31,7 @@ venv: $(STAMP)
 # gen/ is produced only here. protoc-gen-mypy* come from mypy-protobuf in the venv.
 define run_protoc
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) -m grpc_tools.protoc -I protos \
-	  --python_out=$(1) --grpc_python_out=$(1) --mypy_out=$(1) --mypy_grpc_out=$(1) \
+	  --python_out=$(1) --grpc_python_out=$(1) --mypy_out=quiet:$(1) --mypy_grpc_out=quiet:$(1) \
 	  $(PROTO_FILES:protos/%=%)
 endef
 

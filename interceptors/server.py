@@ -49,7 +49,7 @@ _INFRA_CODES = frozenset(
 CallObserver = Callable[[str, grpc.StatusCode, float], None]
 
 
-class ServerPolicyInterceptor(AsyncServerInterceptor):  # type: ignore[misc]  # untyped base
+class ServerPolicyInterceptor(AsyncServerInterceptor):
     """Captures the deadline, maps exceptions to rich status and logs one line per call."""
 
     def __init__(
