@@ -39,6 +39,10 @@ DEFAULT_GRACE_S = 5.0
 EXIT_CONFIG = 2
 
 
+#: The context every servicer method receives (requests and responses typed per method).
+Context = aio.ServicerContext[Any, Any]
+
+
 class StartupError(RuntimeError):
     """The service cannot start; the message says why in words an operator can act on."""
 
@@ -111,7 +115,9 @@ def _add_reflection(server: aio.Server, names: Sequence[str]) -> None:
     grpcio-reflection ships only v1alpha; v1 has the same messages field for field, so the
     v1alpha servicer answers v1 requests unchanged (newer grpcurl asks v1 first).
     """
-    all_names = (*names, reflection.SERVICE_NAME, REFLECTION_V1)
+    # v1 is served but not listed: its descriptor is not in the pool, and listing a name that
+    # cannot be described makes grpcurl and buf curl give up on the whole listing.
+    all_names = (*names, reflection.SERVICE_NAME)
     servicer = reflection.aio.ReflectionServicer(all_names)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
     v1_handler = grpc.method_handlers_generic_handler(

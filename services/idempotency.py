@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+import time
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -24,7 +25,7 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
     fingerprint TEXT NOT NULL,
     state TEXT NOT NULL CHECK (state IN ('in_flight', 'done')),
     response BLOB,
-    created_at REAL NOT NULL DEFAULT (unixepoch('subsec')),
+    created_at REAL NOT NULL,
     PRIMARY KEY (method, request_id)
 );
 """
@@ -63,9 +64,9 @@ def claim(conn: sqlite3.Connection, method: str, request_id: str, request: Messa
     ).fetchone()
     if row is None:
         conn.execute(
-            "INSERT INTO idempotency_keys (method, request_id, fingerprint, state)"
-            " VALUES (?, ?, ?, 'in_flight')",
-            (method, request_id, digest),
+            "INSERT INTO idempotency_keys (method, request_id, fingerprint, state, created_at)"
+            " VALUES (?, ?, ?, 'in_flight', ?)",
+            (method, request_id, digest, time.time()),
         )
         return Claim(replay=None)
     if row["fingerprint"] != digest:

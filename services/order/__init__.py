@@ -1,0 +1,1 @@
+"""order-service: the orders behind payments (a leaf; it calls nobody)."""

@@ -1,0 +1,68 @@
+"""order-service RPCs: validate, then read or write the service's own store."""
+
+from __future__ import annotations
+
+from paymesh.order.v1 import order_pb2, order_pb2_grpc
+from services import validation as v
+from services.bootstrap import Context
+from services.order.store import OrderStore
+
+
+class OrderServicer(order_pb2_grpc.OrderServiceServicer):
+    """Creates, reads, lists and updates orders."""
+
+    def __init__(self, store: OrderStore) -> None:
+        self._store = store
+
+    async def CreateOrder(
+        self, request: order_pb2.CreateOrderRequest, context: Context
+    ) -> order_pb2.CreateOrderResponse:
+        v.require_request_id("request_id", request.request_id)
+        v.require_id("order_id", request.order_id)
+        v.require_id("merchant_id", request.merchant_id)
+        v.require_id("payment_id", request.payment_id)
+        v.require_amount("amount", request.amount)
+        v.optional_text("merchant_order_reference", request.merchant_order_reference)
+        v.optional_text("description", request.description)
+        return order_pb2.CreateOrderResponse(order=self._store.create(request))
+
+    async def GetOrder(
+        self, request: order_pb2.GetOrderRequest, context: Context
+    ) -> order_pb2.GetOrderResponse:
+        v.require_id("order_id", request.order_id)
+        return order_pb2.GetOrderResponse(order=self._store.get(request.order_id))
+
+    async def ListOrders(
+        self, request: order_pb2.ListOrdersRequest, context: Context
+    ) -> order_pb2.ListOrdersResponse:
+        if request.merchant_id:
+            v.require_id("merchant_id", request.merchant_id)
+        if request.status not in order_pb2.OrderStatus.values():
+            raise v.invalid("status", f"{request.status} is not an OrderStatus")
+        size = v.page_size(request.page_size)
+        filters = {"merchant_id": request.merchant_id, "status": request.status}
+        position = v.decode_page_token(request.page_token, filters)
+        after = (float(position["t"]), str(position["id"])) if position else None
+        orders = self._store.list(
+            merchant_id=request.merchant_id, status=request.status, after=after, limit=size + 1
+        )
+        next_token = ""
+        if len(orders) > size:
+            orders = orders[:size]
+            last = orders[-1]
+            next_token = v.encode_page_token(
+                {"t": last.create_time.ToNanoseconds() / 1e9, "id": last.order_id}, filters
+            )
+        return order_pb2.ListOrdersResponse(orders=orders, next_page_token=next_token)
+
+    async def UpdateOrderStatus(
+        self, request: order_pb2.UpdateOrderStatusRequest, context: Context
+    ) -> order_pb2.UpdateOrderStatusResponse:
+        v.require_request_id("request_id", request.request_id)
+        v.require_id("order_id", request.order_id)
+        if request.status == order_pb2.ORDER_STATUS_UNSPECIFIED or (
+            request.status not in order_pb2.OrderStatus.values()
+        ):
+            raise v.invalid("status", "must be a concrete OrderStatus")
+        v.optional_text("reason", request.reason)
+        return order_pb2.UpdateOrderStatusResponse(order=self._store.update_status(request))
