@@ -151,6 +151,7 @@ async def serve(
     credentials: grpc.ServerCredentials | None = None,
     grace_s: float | None = None,
     stop: asyncio.Event | None = None,
+    on_ready: Callable[[str], None] | None = None,
 ) -> None:
     """Run service ``name`` until ``stop`` is set (or SIGTERM/SIGINT), then stop gracefully.
 
@@ -169,7 +170,9 @@ async def serve(
         else float(os.environ.get("PAYMESH_GRACE_S", DEFAULT_GRACE_S))
     )
     clients = ClientFactory(caller=name, topology=topology)
-    context = ServiceContext(name=name, topology=topology, clients=clients)
+    context = ServiceContext(
+        name=name, topology=topology, clients=clients, environ=dict(topology.environ)
+    )
     built = build(context)
     registrations = await built if inspect.isawaitable(built) else built
 
@@ -205,17 +208,16 @@ async def serve(
     for service_name in ("", *names):
         await health.set(service_name, health_pb2.HealthCheckResponse.SERVING)
     print(f"{READY_MARKER} service={name} address={host}:{bound}", flush=True)
+    if on_ready is not None:
+        on_ready(f"{host}:{bound}")
     log.info("serving %s on %s:%d", ", ".join(names), host, bound)
 
-    stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        await stop.wait()
-    finally:
+    if stop is None:  # a process of its own: signals stop it
+        stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
+            loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
     log.info("stopping: health NOT_SERVING, %.1fs grace for calls in flight", grace)
     await health.enter_graceful_shutdown()
     await server.stop(grace)

@@ -1,0 +1,114 @@
+"""order-service through real gRPC on loopback: idempotent writes, paging, precise errors."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc import aio
+
+from paymesh.common.v1 import common_pb2
+from paymesh.order.v1 import order_pb2, order_pb2_grpc
+from services.order.__main__ import build
+from tests.servers import running_service
+
+
+@pytest.fixture
+async def orders(tmp_path: Path) -> AsyncIterator[order_pb2_grpc.OrderServiceStub]:
+    async with (
+        running_service(
+            "order-service", build, environ={"PAYMESH_VAR_DIR": str(tmp_path)}
+        ) as address,
+        aio.insecure_channel(address) as channel,
+    ):
+        yield order_pb2_grpc.OrderServiceStub(channel)
+
+
+def _create(request_id: str, order_id: str, amount: int = 1250) -> order_pb2.CreateOrderRequest:
+    return order_pb2.CreateOrderRequest(
+        request_id=request_id,
+        order_id=order_id,
+        merchant_id="m_1",
+        payment_id=f"pay_{order_id}",
+        amount=common_pb2.Money(amount_minor=amount, currency_code="EUR"),
+    )
+
+
+async def test_replayed_create_returns_the_first_order(
+    orders: order_pb2_grpc.OrderServiceStub,
+) -> None:
+    first = await orders.CreateOrder(_create("r1", "o1"))
+    again = await orders.CreateOrder(_create("r1", "o1"))
+    assert again.order == first.order
+    listed = await orders.ListOrders(order_pb2.ListOrdersRequest(merchant_id="m_1"))
+    assert len(listed.orders) == 1
+
+
+async def test_same_order_id_with_different_content_is_already_exists(
+    orders: order_pb2_grpc.OrderServiceStub,
+) -> None:
+    await orders.CreateOrder(_create("r1", "o1"))
+    with pytest.raises(aio.AioRpcError) as caught:
+        await orders.CreateOrder(_create("r2", "o1", amount=999))
+    assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+async def test_request_id_reused_with_another_body_is_invalid_argument(
+    orders: order_pb2_grpc.OrderServiceStub,
+) -> None:
+    await orders.CreateOrder(_create("r1", "o1"))
+    with pytest.raises(aio.AioRpcError) as caught:
+        await orders.CreateOrder(_create("r1", "o2"))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "different request body" in (caught.value.details() or "")
+
+
+@pytest.mark.parametrize(
+    ("amount", "currency"), [(0, "EUR"), (-1, "EUR"), (10**15, "EUR"), (100, "XXX")]
+)
+async def test_bad_money_is_invalid_argument(
+    orders: order_pb2_grpc.OrderServiceStub, amount: int, currency: str
+) -> None:
+    request = _create("r1", "o1")
+    request.amount.amount_minor = amount
+    request.amount.currency_code = currency
+    with pytest.raises(aio.AioRpcError) as caught:
+        await orders.CreateOrder(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_unknown_order_is_not_found(orders: order_pb2_grpc.OrderServiceStub) -> None:
+    with pytest.raises(aio.AioRpcError) as caught:
+        await orders.GetOrder(order_pb2.GetOrderRequest(order_id="missing"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_pages_cover_every_order_once(orders: order_pb2_grpc.OrderServiceStub) -> None:
+    for index in range(7):
+        await orders.CreateOrder(_create(f"r{index}", f"o{index}"))
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = await orders.ListOrders(
+            order_pb2.ListOrdersRequest(merchant_id="m_1", page_size=3, page_token=token)
+        )
+        seen.extend(o.order_id for o in page.orders)
+        token = page.next_page_token
+        if not token:
+            break
+    assert sorted(seen) == [f"o{i}" for i in range(7)]
+
+
+async def test_page_token_of_another_filter_is_rejected(
+    orders: order_pb2_grpc.OrderServiceStub,
+) -> None:
+    for index in range(3):
+        await orders.CreateOrder(_create(f"r{index}", f"o{index}"))
+    page = await orders.ListOrders(order_pb2.ListOrdersRequest(merchant_id="m_1", page_size=1))
+    with pytest.raises(aio.AioRpcError) as caught:
+        await orders.ListOrders(
+            order_pb2.ListOrdersRequest(merchant_id="m_2", page_token=page.next_page_token)
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
