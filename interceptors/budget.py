@@ -58,7 +58,9 @@ class RetryBudget:
                 self._retries.append(now)
                 return True
             self.exhausted_count += 1
-            should_log = self._last_logged is None or now - self._last_logged >= self.policy.window_s
+            should_log = (
+                self._last_logged is None or now - self._last_logged >= self.policy.window_s
+            )
             if should_log:
                 self._last_logged = now
         if should_log:

@@ -2,7 +2,9 @@
 
 The server interceptor stores the incoming deadline (absolute, on the monotonic clock) in a
 contextvar; client calls made inside that handler read it to propagate the budget, because
-grpcio for Python does not propagate deadlines by itself. No gRPC import here.
+grpcio for Python does not propagate deadlines by itself. An outgoing call's timeout is
+``min(policy or caller timeout, incoming remaining - margin)``, and one with nothing left is
+refused before it is sent. No gRPC import here.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextvars import ContextVar, Token
+from dataclasses import dataclass
 
 Clock = Callable[[], float]
 
@@ -40,3 +43,46 @@ def deadline_left(*, clock: Clock = time.monotonic) -> float | None:
     if deadline is None:
         return None
     return max(0.0, deadline - clock())
+
+
+class DeadlineExhausted(Exception):
+    """Nothing is left of the incoming deadline for an outgoing call; nothing was sent."""
+
+    def __init__(self, left_s: float, margin_s: float) -> None:
+        super().__init__(
+            f"incoming deadline leaves {left_s * 1000:.0f} ms, under the {margin_s * 1000:.0f} ms "
+            "margin: the call was not sent"
+        )
+        self.left_s = left_s
+        self.margin_s = margin_s
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutgoingDeadline:
+    """The one overall deadline of an outgoing call and all its retries."""
+
+    timeout_s: float
+    """Seconds from now until it ends."""
+    propagated: bool
+    """Whether the incoming call's deadline, not the policy's, set it."""
+
+
+def outgoing_deadline(
+    timeout_s: float, *, margin_s: float, clock: Clock = time.monotonic
+) -> OutgoingDeadline:
+    """``min(timeout_s, incoming remaining - margin_s)``; DeadlineExhausted when nothing is left.
+
+    Args:
+        timeout_s: The caller's explicit timeout, else the policy's.
+        margin_s: Kept back from the incoming deadline so the handler can still answer.
+        clock: Monotonic clock the incoming deadline was recorded on.
+    """
+    left = deadline_left(clock=clock)
+    if left is None:
+        return OutgoingDeadline(timeout_s=timeout_s, propagated=False)
+    inherited = left - margin_s
+    if inherited <= 0:
+        raise DeadlineExhausted(left, margin_s)
+    if inherited < timeout_s:
+        return OutgoingDeadline(timeout_s=inherited, propagated=True)
+    return OutgoingDeadline(timeout_s=timeout_s, propagated=False)

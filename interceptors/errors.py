@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
+from grpc import aio
 
 #: Trailing metadata key of gRPC's retry pushback; ``-1`` tells a caller not to retry.
 PUSHBACK_KEY = "grpc-retry-pushback-ms"
@@ -228,4 +230,108 @@ __all__ = [
     "service_error_status",
     "status_code",
     "status_from_metadata",
+]
+
+
+# --- What a client call raises when the policy chain gives up ---------------------------------
+
+STOP_REASONS = frozenset(
+    {"not_retryable", "attempts_exhausted", "deadline", "budget", "breaker_open", "pushback"}
+)
+#: ErrorInfo reason of a call refused locally by an open circuit breaker.
+CIRCUIT_OPEN_REASON = "CIRCUIT_OPEN"
+
+
+class CallError(aio.AioRpcError):
+    """A call the chain gave up on: the last status plus who, what, how often and why it stopped.
+
+    It is an ``AioRpcError`` so ``code()``, ``details()`` and ``trailing_metadata()`` work as on
+    any failed call, and a servicer letting it escape is mapped by the server interceptor to
+    UNAVAILABLE with pushback ``-1`` (retry in one layer only).
+    """
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        details: str,
+        *,
+        target: str,
+        method: str,
+        attempts: int,
+        stop_reason: str,
+        initial_metadata: aio.Metadata | None = None,
+        trailing_metadata: aio.Metadata | None = None,
+        debug_error_string: str | None = None,
+    ) -> None:
+        if stop_reason not in STOP_REASONS:
+            raise ValueError(f"unknown stop_reason {stop_reason!r}")
+        super().__init__(
+            code,
+            initial_metadata or aio.Metadata(),
+            trailing_metadata or aio.Metadata(),
+            details,
+            debug_error_string,
+        )
+        self.target = target
+        self.method = method
+        self.attempts = attempts
+        self.stop_reason = stop_reason
+
+    def __str__(self) -> str:
+        return (
+            f"{self.method} on {self.target} failed with {self.code().name} after "
+            f"{self.attempts} attempt(s), stopped: {self.stop_reason}: {self.details()}"
+        )
+
+    __repr__ = __str__
+
+
+class PartnerCallError(CallError):
+    """A call to an HTTP partner the chain gave up on; ``http_status`` is None when none came."""
+
+    def __init__(
+        self, code: grpc.StatusCode, details: str, *, http_status: int | None, **kw: Any
+    ) -> None:
+        super().__init__(code, details, **kw)
+        self.http_status = http_status
+
+
+def circuit_open_error(*, caller: str, target: str, method: str, retry_after_s: float) -> CallError:
+    """An open breaker's local refusal: UNAVAILABLE, ErrorInfo CIRCUIT_OPEN naming the target."""
+    message = f"circuit breaker of {target} is open; retry in {retry_after_s:.1f} s"
+    status = rich_status(
+        grpc.StatusCode.UNAVAILABLE,
+        message,
+        domain=caller,
+        reason=CIRCUIT_OPEN_REASON,
+        metadata={"target": target, "method": method},
+    )
+    return CallError(
+        grpc.StatusCode.UNAVAILABLE,
+        message,
+        target=target,
+        method=method,
+        attempts=0,
+        stop_reason="breaker_open",
+        trailing_metadata=aio.Metadata((STATUS_DETAILS_KEY, status.SerializeToString())),
+    )
+
+
+def retry_delay_of(status: status_pb2.Status) -> float | None:
+    """google.rpc.RetryInfo's delay in a status, in seconds, if it has one."""
+    for detail in status.details:
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return float(info.retry_delay.ToNanoseconds()) / 1e9
+    return None
+
+
+__all__ += [
+    "CIRCUIT_OPEN_REASON",
+    "STOP_REASONS",
+    "CallError",
+    "PartnerCallError",
+    "circuit_open_error",
+    "retry_delay_of",
 ]

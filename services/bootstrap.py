@@ -25,6 +25,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
+from interceptors.chain import build_client_chain
+from interceptors.policy import PolicyConfig, PolicyError
 from interceptors.server import ServerPolicyInterceptor
 from services.clients import ClientFactory
 from services.topology import Topology, TopologyError, env_prefix
@@ -148,6 +150,7 @@ async def serve(
     build: Builder,
     *,
     topology: Topology | None = None,
+    policy: PolicyConfig | None = None,
     credentials: grpc.ServerCredentials | None = None,
     grace_s: float | None = None,
     stop: asyncio.Event | None = None,
@@ -164,12 +167,21 @@ async def serve(
         host, port = topology.bind_address(name)
     except TopologyError as exc:
         raise StartupError(str(exc)) from exc
+    if policy is None:
+        targets = {s.name for s in topology.services} | {p.name for p in topology.partners}
+        try:
+            policy = PolicyConfig.load(
+                topology.environ.get("PAYMESH_POLICY_FILE"), known_targets=targets
+            )
+        except PolicyError as exc:
+            raise StartupError(f"bad policy configuration: {exc}") from exc
     grace = (
         grace_s
         if grace_s is not None
         else float(os.environ.get("PAYMESH_GRACE_S", DEFAULT_GRACE_S))
     )
-    clients = ClientFactory(caller=name, topology=topology)
+    chain = build_client_chain(caller=name, config=policy)
+    clients = ClientFactory(caller=name, topology=topology, chain=chain)
     context = ServiceContext(
         name=name, topology=topology, clients=clients, environ=dict(topology.environ)
     )

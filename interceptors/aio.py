@@ -1,0 +1,286 @@
+"""The grpc.aio adapter: one client interceptor per layer, over the transport-agnostic core.
+
+Outermost first: telemetry -> deadline -> retry -> breaker -> the call. Each is a
+``UnaryUnaryClientInterceptor`` of its own (grpc.aio applies an object implementing several
+call kinds to unary-unary only, grpc issue 31442); streams get the deadline only, since a
+stream cannot be replayed safely once messages flowed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from interceptors.breaker import BreakerOpen, Outcome
+from interceptors.deadline import DeadlineExhausted, outgoing_deadline
+from interceptors.errors import (
+    PUSHBACK_KEY,
+    CallError,
+    circuit_open_error,
+    retry_delay_of,
+    status_from_metadata,
+)
+from interceptors.retry import AttemptFailure, RetryRun, breaker_outcome
+from interceptors.runtime import ChainRuntime
+from interceptors.safety import method_name, request_is_safe
+
+log = logging.getLogger("paymesh.chain")
+
+#: Metadata key gRPC's own retries send with the number of earlier attempts.
+PREVIOUS_ATTEMPTS_KEY = "grpc-previous-rpc-attempts"
+
+Continuation = Callable[[aio.ClientCallDetails, Any], Awaitable[Any]]
+
+
+def attempt_failure(
+    code: grpc.StatusCode, details: str, trailing: Iterable[tuple[str, str | bytes]] | None
+) -> AttemptFailure:
+    """The core's view of a failed attempt: code, pushback, RetryInfo."""
+    pushback: int | None = None
+    for key, value in trailing or ():
+        if key == PUSHBACK_KEY:
+            text = value.decode() if isinstance(value, bytes) else value
+            try:
+                pushback = int(text)
+            except ValueError:
+                pushback = -1  # unreadable pushback: gRPC treats it as "do not retry"
+    delay = retry_delay_of(status_from_metadata(code, details, tuple(trailing or ())))
+    return AttemptFailure(code=code.name, pushback_ms=pushback, retry_delay_s=delay)
+
+
+def give_up(
+    *,
+    code: grpc.StatusCode,
+    details: str,
+    trailing: Any,
+    target: str,
+    method: str,
+    run: RetryRun,
+    reason: str,
+) -> CallError:
+    """The error a caller sees when the chain stops."""
+    return CallError(
+        code,
+        details,
+        target=target,
+        method=method,
+        attempts=run.attempts,
+        stop_reason=reason,
+        trailing_metadata=trailing
+        if isinstance(trailing, aio.Metadata)
+        else aio.Metadata.from_tuple(trailing or ()),
+    )
+
+
+def replace_details(details: aio.ClientCallDetails, **changes: Any) -> aio.ClientCallDetails:
+    """A copy of aio call details with some fields changed."""
+    fields: dict[str, Any] = {
+        "method": details.method,
+        "timeout": details.timeout,
+        "metadata": details.metadata,
+        "credentials": details.credentials,
+        "wait_for_ready": details.wait_for_ready,
+    }
+    fields.update(changes)
+    return aio.ClientCallDetails(**fields)
+
+
+class _Layer:
+    def __init__(self, runtime: ChainRuntime, target: str) -> None:
+        self.runtime = runtime
+        self.target = target
+
+
+class TelemetryInterceptor(_Layer, aio.UnaryUnaryClientInterceptor):
+    """Outermost: one count (and one debug line) per call with its final code."""
+
+    async def intercept_unary_unary(
+        self, continuation: Continuation, client_call_details: aio.ClientCallDetails, request: Any
+    ) -> Any:
+        method = method_name(client_call_details.method)
+        telemetry, clock = self.runtime.telemetry, self.runtime.clock
+        started = clock()
+        code = grpc.StatusCode.OK
+        try:
+            call = await continuation(client_call_details, request)
+            await call
+            return call
+        except aio.AioRpcError as err:
+            code = err.code()
+            raise
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            telemetry.inc("calls_total", target=self.target, method=method, code=code.name)
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                telemetry.inc("deadline_exceeded_total", target=self.target, method=method)
+            log.debug(
+                "call target=%s method=%s code=%s duration_ms=%.1f",
+                self.target,
+                method,
+                code.name,
+                (clock() - started) * 1000,
+            )
+
+
+class _DeadlineLayer(_Layer):
+    def _details(self, details: aio.ClientCallDetails) -> aio.ClientCallDetails:
+        method = method_name(details.method)
+        policy = self.runtime.policy(self.target, method)
+        timeout = details.timeout if details.timeout is not None else policy.timeout_s
+        try:
+            deadline = outgoing_deadline(
+                timeout, margin_s=policy.deadline_margin_s, clock=self.runtime.clock
+            )
+        except DeadlineExhausted as exc:
+            self.runtime.telemetry.inc(
+                "deadline_exhausted_total", target=self.target, method=method
+            )
+            raise CallError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                str(exc),
+                target=self.target,
+                method=method,
+                attempts=0,
+                stop_reason="deadline",
+            ) from None
+        if deadline.propagated:
+            self.runtime.telemetry.inc(
+                "deadline_propagated_total", target=self.target, method=method
+            )
+        wait = (
+            details.wait_for_ready if details.wait_for_ready is not None else policy.wait_for_ready
+        )
+        return replace_details(details, timeout=deadline.timeout_s, wait_for_ready=wait)
+
+
+class DeadlineInterceptor(_DeadlineLayer, aio.UnaryUnaryClientInterceptor):
+    """Gives every call its one overall deadline, propagated from the incoming call."""
+
+    async def intercept_unary_unary(
+        self, continuation: Continuation, client_call_details: aio.ClientCallDetails, request: Any
+    ) -> Any:
+        return await continuation(self._details(client_call_details), request)
+
+
+class StreamDeadlineInterceptor(_DeadlineLayer, aio.UnaryStreamClientInterceptor):
+    """The deadline of server-streaming calls (registered apart: one object per call kind)."""
+
+    async def intercept_unary_stream(
+        self, continuation: Continuation, client_call_details: aio.ClientCallDetails, request: Any
+    ) -> Any:
+        return await continuation(self._details(client_call_details), request)
+
+
+class RetryInterceptor(_Layer, aio.UnaryUnaryClientInterceptor):
+    """Repeats a failed attempt only when safe, within the deadline and the target's budget."""
+
+    async def intercept_unary_unary(
+        self, continuation: Continuation, client_call_details: aio.ClientCallDetails, request: Any
+    ) -> Any:
+        runtime, details = self.runtime, client_call_details
+        method = method_name(details.method)
+        policy = runtime.policy(self.target, method)
+        timeout = details.timeout if details.timeout is not None else policy.timeout_s
+        run = RetryRun(
+            policy=policy.retry,
+            safe=request_is_safe(method, request),
+            deadline_at=runtime.clock() + timeout,
+            budget=runtime.budget(self.target),
+            clock=runtime.clock,
+            rng=runtime.rng,
+        )
+        base = [(k, v) for k, v in (details.metadata or ()) if k != PREVIOUS_ATTEMPTS_KEY]
+        wait_for_ready = details.wait_for_ready
+        while True:
+            left = run.start_attempt()
+            metadata = aio.Metadata(*base)
+            if run.attempts > 1:
+                metadata.add(PREVIOUS_ATTEMPTS_KEY, str(run.attempts - 1))
+            attempt = replace_details(
+                details, timeout=left, metadata=metadata, wait_for_ready=wait_for_ready
+            )
+            runtime.telemetry.inc("attempts_total", target=self.target, method=method)
+            try:
+                call = await continuation(attempt, request)
+                await call
+                return call
+            except CallError as err:  # raised below us: the breaker refused this attempt
+                err.attempts = run.attempts - 1
+                runtime.telemetry.inc(
+                    "retry_stops_total", target=self.target, method=method, reason=err.stop_reason
+                )
+                raise
+            except aio.AioRpcError as err:
+                code, text, trailing = err.code(), err.details() or "", err.trailing_metadata()
+                decision = run.after_failure(attempt_failure(code, text, trailing))
+                if not decision.retry:
+                    reason = decision.stop_reason or "not_retryable"
+                    runtime.telemetry.inc(
+                        "retry_stops_total", target=self.target, method=method, reason=reason
+                    )
+                    if reason == "budget":
+                        runtime.telemetry.inc("budget_exhausted_total", target=self.target)
+                    raise give_up(
+                        code=code,
+                        details=text,
+                        trailing=trailing,
+                        target=self.target,
+                        method=method,
+                        run=run,
+                        reason=reason,
+                    ) from err
+            runtime.telemetry.inc("retries_total", target=self.target, method=method)
+            if code == grpc.StatusCode.UNAVAILABLE:
+                # A reconnecting channel fails calls at once; let the retry wait for it instead
+                # of burning out in grpcio's reconnect backoff (bounded by the deadline).
+                wait_for_ready = True
+            await runtime.sleep(decision.delay_s)
+
+
+class BreakerInterceptor(_Layer, aio.UnaryUnaryClientInterceptor):
+    """Innermost: every attempt passes the target's breaker; open fails fast, locally."""
+
+    async def intercept_unary_unary(
+        self, continuation: Continuation, client_call_details: aio.ClientCallDetails, request: Any
+    ) -> Any:
+        breaker = self.runtime.breakers.get(self.target)
+        try:
+            permit = breaker.admit()
+        except BreakerOpen as exc:
+            method = method_name(client_call_details.method)
+            self.runtime.telemetry.inc("breaker_rejections_total", target=self.target)
+            raise circuit_open_error(
+                caller=self.runtime.caller,
+                target=self.target,
+                method=method,
+                retry_after_s=exc.retry_after_s,
+            ) from None
+        outcome = Outcome.IGNORED  # cancelled, or an error of ours: says nothing of the target
+        try:
+            call = await continuation(client_call_details, request)
+            await call
+            outcome = Outcome.SUCCESS
+            return call
+        except aio.AioRpcError as err:
+            outcome = breaker_outcome(err.code().name)
+            raise
+        finally:
+            breaker.record(permit, outcome)
+
+
+def aio_chain(runtime: ChainRuntime, target: str) -> list[aio.ClientInterceptor]:
+    """The interceptors of one target's channel, outermost first."""
+    return [
+        TelemetryInterceptor(runtime, target),
+        DeadlineInterceptor(runtime, target),
+        RetryInterceptor(runtime, target),
+        BreakerInterceptor(runtime, target),
+        StreamDeadlineInterceptor(runtime, target),
+    ]

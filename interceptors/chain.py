@@ -1,0 +1,100 @@
+"""Builds the client policy chain of one process, in its one documented order.
+
+The call stack of every outgoing unary call, outermost first::
+
+    stub.Method(request)
+      TelemetryInterceptor      counts the call and its final code, logs one line
+        DeadlineInterceptor     one overall deadline: min(policy, incoming left - margin)
+          RetryInterceptor      repeats only safe calls, with backoff, within deadline and budget
+            BreakerInterceptor  every attempt passes the target's breaker; open fails fast
+              the call          grpc.aio (or sync) channel, reconnect backoff tuned
+
+``build_client_chain`` is called once per process; the client factory asks it for the
+interceptors and channel options of each target, and for partner HTTP clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import Any
+
+from grpc import aio
+from grpc_interceptor import ClientInterceptor
+
+from interceptors.aio import aio_chain
+from interceptors.breaker import BreakerRegistry
+from interceptors.http import PartnerClient
+from interceptors.policy import PolicyConfig
+from interceptors.runtime import AsyncSleep, ChainRuntime, Clock, Random, SyncSleep
+from interceptors.sync import sync_chain
+from interceptors.telemetry import ChainTelemetry
+
+#: grpcio's reconnect backoff (1 s initial, up to 120 s) would keep a restarted target
+#: unreachable long after it is back; retry it quickly and cap the wait at a second.
+RECONNECT_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    # The chain retries; grpcio's own service-config retries would multiply ours.
+    ("grpc.enable_retries", 0),
+)
+
+
+class ClientChain:
+    """The policy chain of one process: interceptors per target, partner clients, diagnostics."""
+
+    def __init__(self, runtime: ChainRuntime) -> None:
+        self.runtime = runtime
+
+    @property
+    def caller(self) -> str:
+        """Mesh name of the service this chain makes calls for."""
+        return self.runtime.caller
+
+    def aio_interceptors(self, target: str) -> list[aio.ClientInterceptor]:
+        """Interceptors of an aio channel to ``target`` (``insecure_channel(interceptors=...)``)."""
+        return aio_chain(self.runtime, target)
+
+    def sync_interceptors(self, target: str) -> list[ClientInterceptor]:
+        """Interceptors for ``grpc.intercept_channel(channel, *...)`` to ``target``."""
+        return sync_chain(self.runtime, target)
+
+    def channel_options(self) -> list[tuple[str, Any]]:
+        """Channel arguments every channel of the chain is made with."""
+        return list(RECONNECT_OPTIONS)
+
+    def http_client(self, partner: str, base_url: str) -> PartnerClient:
+        """A client of the HTTP partner ``partner`` at ``base_url`` through the same core."""
+        return PartnerClient(self.runtime, partner, base_url)
+
+    @property
+    def breakers(self) -> BreakerRegistry:
+        """The breakers, one per target; ``breakers.states()`` maps target to state."""
+        return self.runtime.breakers
+
+    @property
+    def telemetry(self) -> ChainTelemetry:
+        """The chain's counters."""
+        return self.runtime.telemetry
+
+    def diagnostics(self) -> dict[str, Any]:
+        """Breaker states and budget figures per target, for a status page."""
+        return {"breakers": self.breakers.states(), "budgets": self.runtime.budgets()}
+
+
+def build_client_chain(
+    *,
+    caller: str,
+    config: PolicyConfig,
+    clock: Clock = time.monotonic,
+    sleep: AsyncSleep = asyncio.sleep,
+    sync_sleep: SyncSleep = time.sleep,
+    rng: Random = random.random,
+) -> ClientChain:
+    """The chain of the process serving ``caller``; build it once and share it."""
+    runtime = ChainRuntime(
+        caller=caller, config=config, clock=clock, sleep=sleep, sync_sleep=sync_sleep, rng=rng
+    )
+    return ClientChain(runtime)

@@ -1,0 +1,225 @@
+"""The HTTP partner wrapper: partner calls go through the same deadline, retry and breaker core.
+
+Retried only when safe (GET, HEAD, PUT, DELETE, OPTIONS, or an ``Idempotency-Key``); one
+breaker and one budget per partner. HTTP statuses map onto gRPC's code names so the core
+rules apply unchanged. A small HTTP/1.1 client over asyncio streams keeps it stdlib-only and
+cancellable (a thread running http.client cannot be cancelled).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json as jsonlib
+import ssl
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+from urllib.parse import urlencode, urlsplit
+
+import grpc
+
+from interceptors.breaker import BreakerOpen, Outcome
+from interceptors.deadline import DeadlineExhausted, outgoing_deadline
+from interceptors.errors import PartnerCallError
+from interceptors.retry import AttemptFailure, RetryRun, breaker_outcome
+from interceptors.runtime import ChainRuntime
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+_CODES = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    408: "DEADLINE_EXCEEDED",
+    409: "ABORTED",
+    412: "FAILED_PRECONDITION",
+    422: "INVALID_ARGUMENT",
+    429: "RESOURCE_EXHAUSTED",
+    499: "CANCELLED",
+    500: "INTERNAL",
+    501: "UNIMPLEMENTED",
+    502: "UNAVAILABLE",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+
+
+def http_code(status: int) -> str:
+    """gRPC code name of an HTTP status (the mapping of google.rpc.Code)."""
+    if 200 <= status < 300:
+        return "OK"
+    return _CODES.get(status, "FAILED_PRECONDITION" if status < 500 else "UNKNOWN")
+
+
+class PartnerResponse(NamedTuple):
+    """A partner's answer below 5xx: its HTTP status and decoded body (unpacks as a pair)."""
+
+    status: int
+    """HTTP status code."""
+    body: Any
+    """Decoded JSON when the answer is JSON, else the raw bytes."""
+
+
+class _Response:
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.status, self.headers, self.body = status, headers, body
+
+
+async def _exchange(url: str, method: str, headers: dict[str, str], body: bytes) -> _Response:
+    parts = urlsplit(url)
+    secure = parts.scheme == "https"
+    port = parts.port or (443 if secure else 80)
+    context = ssl.create_default_context() if secure else None
+    reader, writer = await asyncio.open_connection(parts.hostname, port, ssl=context)
+    try:
+        target = parts.path or "/"
+        if parts.query:
+            target += "?" + parts.query
+        lines = [f"{method} {target} HTTP/1.1", f"Host: {parts.netloc}", "Connection: close"]
+        lines += [f"{k}: {v}" for k, v in headers.items()]
+        lines.append(f"Content-Length: {len(body)}")
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        await writer.drain()
+        status_line = (await reader.readline()).decode("latin-1")
+        status = int(status_line.split()[1])
+        received: dict[str, str] = {}
+        while (line := (await reader.readline()).decode("latin-1").strip()) != "":
+            key, _, value = line.partition(":")
+            received[key.strip().lower()] = value.strip()
+        if received.get("transfer-encoding", "").lower() == "chunked":
+            data = bytearray()
+            while (size := int((await reader.readline()).split(b";")[0], 16)) > 0:
+                data += await reader.readexactly(size)
+                await reader.readline()
+            payload = bytes(data)
+        elif "content-length" in received:
+            payload = await reader.readexactly(int(received["content-length"]))
+        else:
+            payload = await reader.read()
+        return _Response(status, received, payload)
+    finally:
+        writer.close()
+
+
+class PartnerClient:
+    """Calls one HTTP partner through the chain; ``request`` returns a PartnerResponse.
+
+    A response below 500 (429 and 408 apart) is an answer and is returned, whatever its status;
+    a 5xx, 429, 408, a connection failure, a timeout or an open breaker that the chain gives up
+    on raises PartnerCallError (a CallError) naming partner, attempts and why it stopped.
+    """
+
+    def __init__(self, runtime: ChainRuntime, partner: str, base_url: str) -> None:
+        self.runtime = runtime
+        self.partner = partner
+        self.base_url = base_url.rstrip("/")
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        query: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+        timeout_s: float | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> PartnerResponse:
+        """Send one request (retried when safe); the body is decoded JSON when it is JSON."""
+        method = method.upper()
+        if query:
+            path = f"{path}?{urlencode(query)}"
+        runtime, name = self.runtime, f"{method} {path}"
+        policy = runtime.config.target_policy(self.partner)
+        try:
+            deadline = outgoing_deadline(
+                timeout_s or policy.timeout_s,
+                margin_s=policy.deadline_margin_s,
+                clock=runtime.clock,
+            )
+        except DeadlineExhausted as exc:
+            raise self._error("DEADLINE_EXCEEDED", str(exc), 0, "deadline", None, name) from None
+        sent = dict(headers or {})
+        body = b""
+        if json is not None:
+            body = jsonlib.dumps(json).encode()
+            sent["Content-Type"] = "application/json"
+        if idempotency_key:
+            sent["Idempotency-Key"] = idempotency_key
+        run = RetryRun(
+            policy=policy.retry,
+            safe=method in SAFE_METHODS or bool(idempotency_key),
+            deadline_at=runtime.clock() + deadline.timeout_s,
+            budget=runtime.budget(self.partner),
+            clock=runtime.clock,
+            rng=runtime.rng,
+        )
+        breaker = runtime.breakers.get(self.partner)
+        while True:
+            try:
+                permit = breaker.admit()
+            except BreakerOpen as exc:
+                raise self._error(
+                    "UNAVAILABLE", str(exc), run.attempts, "breaker_open", None, name
+                ) from None
+            left = run.start_attempt()
+            runtime.telemetry.inc("attempts_total", target=self.partner, method=name)
+            if run.attempts > 1:
+                sent["X-Previous-Attempts"] = str(run.attempts - 1)
+            response, detail = None, ""
+            try:
+                response = await asyncio.wait_for(
+                    _exchange(self.base_url + path, method, sent, body), timeout=max(left, 0.0)
+                )
+                code, detail = http_code(response.status), f"HTTP {response.status}"
+            except TimeoutError:
+                code, detail = "DEADLINE_EXCEEDED", "no answer within the deadline"
+            except (OSError, ValueError, IndexError, asyncio.IncompleteReadError) as exc:
+                code, detail = "UNAVAILABLE", f"{type(exc).__name__}: {exc}"
+            except BaseException:
+                breaker.record(permit, Outcome.IGNORED)  # cancelled: says nothing of the partner
+                raise
+            breaker.record(permit, breaker_outcome(code))
+            if response is not None and (
+                response.status < 500 and response.status not in (408, 429)
+            ):
+                runtime.telemetry.inc("calls_total", target=self.partner, method=name, code=code)
+                return PartnerResponse(response.status, _decode(response))
+            decision = run.after_failure(self._failure(code, response))
+            if not decision.retry:
+                reason = decision.stop_reason or "not_retryable"
+                runtime.telemetry.inc("calls_total", target=self.partner, method=name, code=code)
+                runtime.telemetry.inc(
+                    "retry_stops_total", target=self.partner, method=name, reason=reason
+                )
+                status = response.status if response is not None else None
+                raise self._error(code, detail, run.attempts, reason, status, name)
+            runtime.telemetry.inc("retries_total", target=self.partner, method=name)
+            await runtime.sleep(decision.delay_s)
+
+    def _failure(self, code: str, response: _Response | None) -> AttemptFailure:
+        pushback = None
+        if response is not None and "retry-after" in response.headers:
+            try:
+                pushback = int(float(response.headers["retry-after"]) * 1000)
+            except ValueError:
+                pushback = None  # an HTTP date: fall back to our own backoff
+        return AttemptFailure(code=code, pushback_ms=pushback)
+
+    def _error(
+        self, code: str, detail: str, attempts: int, reason: str, status: int | None, name: str
+    ) -> PartnerCallError:
+        return PartnerCallError(
+            grpc.StatusCode[code],
+            f"{self.partner}: {detail}",
+            http_status=status,
+            target=self.partner,
+            method=name,
+            attempts=attempts,
+            stop_reason=reason,
+        )
+
+
+def _decode(response: _Response) -> Any:
+    if "json" in response.headers.get("content-type", "") and response.body:
+        return jsonlib.loads(response.body)
+    return response.body

@@ -1,0 +1,122 @@
+"""Retry decision of one call, transport-agnostic: may this failed attempt be repeated, when?
+
+A ``RetryRun`` follows one call across its attempts, against one overall deadline: it says
+retry (after how long) or stop (and why). Status codes are gRPC's names as strings, so the
+HTTP wrapper maps its statuses onto the same rules. No gRPC import.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from interceptors.backoff import Random, backoff_delay_s
+from interceptors.breaker import Outcome
+from interceptors.budget import RetryBudget
+from interceptors.policy import RetryPolicy
+
+Clock = Callable[[], float]
+StopReason = Literal[
+    "not_retryable", "attempts_exhausted", "deadline", "budget", "breaker_open", "pushback"
+]
+
+#: Codes that say the target, not the request, is unhealthy: they count against its breaker.
+BREAKER_FAILURE_CODES = frozenset(
+    {"UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL", "UNKNOWN", "DATA_LOSS"}
+)
+#: Codes retried only when the server pushed back with a delay.
+PUSHBACK_ONLY_CODES = frozenset({"RESOURCE_EXHAUSTED", "ABORTED"})
+
+
+def breaker_outcome(code: str) -> Outcome:
+    """How an attempt's final code counts for the target's breaker."""
+    if code == "CANCELLED":
+        return Outcome.IGNORED
+    return Outcome.FAILURE if code in BREAKER_FAILURE_CODES else Outcome.SUCCESS
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AttemptFailure:
+    """What one failed attempt told us."""
+
+    code: str
+    """Status code name (``UNAVAILABLE``)."""
+    pushback_ms: int | None = None
+    """``grpc-retry-pushback-ms`` (or HTTP Retry-After); negative means do not retry."""
+    retry_delay_s: float | None = None
+    """google.rpc.RetryInfo's retry_delay, when the server sent one."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Decision:
+    """Retry after ``delay_s``, or stop for ``stop_reason``."""
+
+    retry: bool
+    """Whether to send another attempt."""
+    delay_s: float = 0.0
+    """Sleep before it."""
+    stop_reason: StopReason | None = None
+    """Why not, when not."""
+
+
+def _stop(reason: StopReason) -> Decision:
+    return Decision(retry=False, stop_reason=reason)
+
+
+class RetryRun:
+    """One call's attempts against one overall deadline, one policy and its target's budget."""
+
+    def __init__(
+        self,
+        *,
+        policy: RetryPolicy,
+        safe: bool,
+        deadline_at: float,
+        budget: RetryBudget,
+        clock: Clock = time.monotonic,
+        rng: Random,
+    ) -> None:
+        self.policy = policy
+        self.safe = safe
+        self.deadline_at = deadline_at
+        self._budget = budget
+        self._clock = clock
+        self._rng = rng
+        self.attempts = 0
+        """Attempts started so far."""
+
+    def start_attempt(self) -> float:
+        """Count an attempt about to be sent; returns the seconds left of the deadline."""
+        self.attempts += 1
+        if self.attempts == 1:
+            self._budget.record_first_attempt()
+        return self.deadline_at - self._clock()
+
+    def after_failure(self, failure: AttemptFailure) -> Decision:
+        """Whether and when to repeat the attempt that just failed."""
+        code = failure.code
+        if failure.pushback_ms is not None and failure.pushback_ms < 0:
+            return _stop("pushback")
+        if code in PUSHBACK_ONLY_CODES:
+            if failure.pushback_ms is None and failure.retry_delay_s is None:
+                return _stop("not_retryable")
+        elif code == "DEADLINE_EXCEEDED":
+            if self._clock() >= self.deadline_at:
+                return _stop("deadline")
+        elif code != "UNAVAILABLE":
+            return _stop("not_retryable")
+        if not self.safe:
+            return _stop("not_retryable")
+        if self.attempts >= self.policy.max_attempts:
+            return _stop("attempts_exhausted")
+        server_delay = (
+            failure.pushback_ms / 1000 if failure.pushback_ms is not None else failure.retry_delay_s
+        )
+        delay = backoff_delay_s(self.policy, self.attempts, self._rng, server_delay_s=server_delay)
+        if self._clock() + delay >= self.deadline_at:
+            return _stop("deadline")  # sleeping would end past the deadline: stop early
+        if not self._budget.try_spend_retry():
+            return _stop("budget")
+        return Decision(retry=True, delay_s=delay)

@@ -1,0 +1,82 @@
+"""What every adapter of one process shares: policy, breakers, budgets, telemetry, time.
+
+Built once per process by ``build_client_chain``; the gRPC (aio and sync) and HTTP adapters
+all read the same instance, so one target has one breaker and one budget whatever the
+transport. Clock, sleeps and randomness are injected here for exact tests. No gRPC import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from collections.abc import Awaitable, Callable
+
+from interceptors.breaker import BreakerRegistry
+from interceptors.budget import RetryBudget
+from interceptors.policy import CallPolicy, PolicyConfig
+from interceptors.telemetry import ChainTelemetry
+
+Clock = Callable[[], float]
+AsyncSleep = Callable[[float], Awaitable[None]]
+SyncSleep = Callable[[float], None]
+Random = Callable[[], float]
+
+
+class ChainRuntime:
+    """Policy lookups (cached), the breaker and budget of each target, and the counters."""
+
+    def __init__(
+        self,
+        *,
+        caller: str,
+        config: PolicyConfig,
+        clock: Clock = time.monotonic,
+        sleep: AsyncSleep = asyncio.sleep,
+        sync_sleep: SyncSleep = time.sleep,
+        rng: Random = random.random,
+    ) -> None:
+        self.caller = caller
+        self.config = config
+        self.clock = clock
+        self.sleep = sleep
+        self.sync_sleep = sync_sleep
+        self.rng = rng
+        self.telemetry = ChainTelemetry(caller=caller)
+        self.breakers = BreakerRegistry(
+            lambda target: config.target_policy(target).breaker,
+            clock=clock,
+            on_transition=self._on_transition,
+        )
+        self._lock = threading.Lock()
+        self._budgets: dict[str, RetryBudget] = {}
+        self._policies: dict[tuple[str, str], CallPolicy] = {}
+
+    def _on_transition(self, target: str, old: str, new: str) -> None:
+        self.telemetry.inc("breaker_transitions_total", target=target, old=old, new=new)
+
+    def policy(self, target: str, method: str) -> CallPolicy:
+        """The policy of one call (resolved once per target and method)."""
+        key = (target, method)
+        policy = self._policies.get(key)
+        if policy is None:
+            policy = self._policies[key] = self.config.policy_for(target, method)
+        return policy
+
+    def budget(self, target: str) -> RetryBudget:
+        """The retry budget of ``target``, made on first use."""
+        budget = self._budgets.get(target)
+        if budget is None:
+            with self._lock:
+                budget = self._budgets.get(target)
+                if budget is None:
+                    budget = RetryBudget(
+                        target, self.config.target_policy(target).budget, clock=self.clock
+                    )
+                    self._budgets[target] = budget
+        return budget
+
+    def budgets(self) -> dict[str, dict[str, float]]:
+        """Window figures of every budget made so far, by target."""
+        return {target: b.snapshot() for target, b in sorted(self._budgets.items())}

@@ -1,0 +1,1 @@
+"""accounting-service: the double-entry ledger (a leaf; it calls nobody)."""

@@ -1,0 +1,1 @@
+"""analytics-service: payment events recorded once each, and merchant statistics (a leaf)."""

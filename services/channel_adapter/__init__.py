@@ -1,0 +1,1 @@
+"""channel-adapter: charges at the payment channel and exchange rates from the rate partner."""

@@ -1,0 +1,1 @@
+"""merchant-service: merchant profiles and the dashboard aggregated from five downstreams."""

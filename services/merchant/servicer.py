@@ -1,0 +1,95 @@
+"""merchant-service RPCs: validate, then read or write the store; the dashboard fans out."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from paymesh.merchant.v1 import merchant_pb2, merchant_pb2_grpc
+from services import validation as v
+from services.bootstrap import Context
+from services.merchant import profile
+from services.merchant.dashboard import DashboardSources, assemble
+from services.merchant.store import MerchantStore
+
+_SETTABLE_STATUSES = (merchant_pb2.MERCHANT_STATUS_ACTIVE, merchant_pb2.MERCHANT_STATUS_SUSPENDED)
+
+
+class MerchantServicer(merchant_pb2_grpc.MerchantServiceServicer):
+    """Creates, reads, lists and (de)activates merchants and builds their dashboard."""
+
+    def __init__(
+        self,
+        store: MerchantStore,
+        sources: DashboardSources,
+        *,
+        clock_ns: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self._store = store
+        self._sources = sources
+        self._clock_ns = clock_ns
+
+    async def CreateMerchant(
+        self, request: merchant_pb2.CreateMerchantRequest, context: Context
+    ) -> merchant_pb2.CreateMerchantResponse:
+        v.require_request_id("request_id", request.request_id)
+        profile.require_name("name", request.name)
+        profile.require_email("email", request.email)
+        profile.require_country("country_code", request.country_code)
+        v.require_currency("default_currency_code", request.default_currency_code)
+        profile.optional_webhook_url("webhook_url", request.webhook_url)
+        return merchant_pb2.CreateMerchantResponse(merchant=self._store.create(request))
+
+    async def GetMerchant(
+        self, request: merchant_pb2.GetMerchantRequest, context: Context
+    ) -> merchant_pb2.GetMerchantResponse:
+        v.require_id("merchant_id", request.merchant_id)
+        return merchant_pb2.GetMerchantResponse(merchant=self._store.get(request.merchant_id))
+
+    async def ListMerchants(
+        self, request: merchant_pb2.ListMerchantsRequest, context: Context
+    ) -> merchant_pb2.ListMerchantsResponse:
+        if request.status not in merchant_pb2.MerchantStatus.values():
+            raise v.invalid("status", f"{request.status} is not a MerchantStatus")
+        size = v.page_size(request.page_size)
+        filters = {"status": request.status}
+        position = v.decode_page_token(request.page_token, filters)
+        try:
+            before = (int(position["t"]), str(position["id"])) if position else None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise v.invalid(
+                "page_token", "is not a token this service issued", reason="PAGE_TOKEN_INVALID"
+            ) from exc
+        merchants = self._store.list(status=request.status, before=before, limit=size + 1)
+        next_token = ""
+        if len(merchants) > size:
+            merchants = merchants[:size]
+            last = merchants[-1]
+            next_token = v.encode_page_token(
+                {"t": last.create_time.ToNanoseconds(), "id": last.merchant_id}, filters
+            )
+        return merchant_pb2.ListMerchantsResponse(merchants=merchants, next_page_token=next_token)
+
+    async def UpdateMerchantStatus(
+        self, request: merchant_pb2.UpdateMerchantStatusRequest, context: Context
+    ) -> merchant_pb2.UpdateMerchantStatusResponse:
+        v.require_request_id("request_id", request.request_id)
+        v.require_id("merchant_id", request.merchant_id)
+        if request.status not in _SETTABLE_STATUSES:
+            raise v.invalid("status", "must be MERCHANT_STATUS_ACTIVE or MERCHANT_STATUS_SUSPENDED")
+        v.optional_text("reason", request.reason)
+        return merchant_pb2.UpdateMerchantStatusResponse(
+            merchant=self._store.update_status(request)
+        )
+
+    async def GetMerchantDashboard(
+        self, request: merchant_pb2.GetMerchantDashboardRequest, context: Context
+    ) -> merchant_pb2.GetMerchantDashboardResponse:
+        v.require_id("merchant_id", request.merchant_id)
+        # Our own store first: an unknown merchant is NOT_FOUND, and no downstream is asked.
+        merchant = self._store.get(request.merchant_id)
+        now = Timestamp()
+        now.FromNanoseconds(self._clock_ns())
+        return await assemble(self._sources, merchant, generate_time=now)

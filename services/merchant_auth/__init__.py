@@ -1,0 +1,1 @@
+"""merchant-auth-service: merchant API keys, stored only as salted scrypt hashes."""

@@ -1,0 +1,78 @@
+"""What merchant-service says about a merchant, asked over the edge merchant-auth -> merchant.
+
+Every lookup asks merchant-service, so a suspension takes effect on the next call. The last
+answer per merchant is remembered for a bounded time and used only when merchant-service
+cannot answer (down, out of deadline, breaker open): authentication keeps working through a
+short outage, while a merchant unseen for longer than that fails closed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+import grpc
+from grpc import aio
+
+from interceptors.errors import NotFound
+from paymesh.merchant.v1 import merchant_pb2, merchant_pb2_grpc
+
+#: Codes that say merchant-service is unhealthy, not that the answer is "no".
+_OUTAGE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+#: Merchants remembered at most; the least recently asked are forgotten first.
+MAX_REMEMBERED = 10_000
+
+
+class MerchantDirectory:
+    """Looks merchants up at merchant-service, with a stale-if-error memory."""
+
+    def __init__(
+        self,
+        merchants: merchant_pb2_grpc.MerchantServiceAsyncStub,
+        *,
+        stale_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._merchants = merchants
+        self._stale_s = stale_s
+        self._clock = clock
+        self._remembered: OrderedDict[str, tuple[float, merchant_pb2.Merchant]] = OrderedDict()
+
+    async def lookup(self, merchant_id: str, *, allow_stale: bool) -> merchant_pb2.Merchant:
+        """The merchant as merchant-service has it now.
+
+        Args:
+            merchant_id: Merchant to look up.
+            allow_stale: During a merchant-service outage, answer with what it said at most
+                ``stale_s`` seconds ago instead of failing.
+
+        Raises:
+            NotFound: merchant-service does not know the merchant (MERCHANT_NOT_FOUND).
+            grpc.aio.AioRpcError: merchant-service failed and no usable memory exists.
+        """
+        try:
+            response = await self._merchants.GetMerchant(
+                merchant_pb2.GetMerchantRequest(merchant_id=merchant_id)
+            )
+        except aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.NOT_FOUND:
+                self._remembered.pop(merchant_id, None)
+                raise NotFound(
+                    f"merchant {merchant_id!r} does not exist",
+                    reason="MERCHANT_NOT_FOUND",
+                    metadata={"merchant_id": merchant_id},
+                ) from error
+            if allow_stale and error.code() in _OUTAGE_CODES:
+                remembered = self._remembered.get(merchant_id)
+                if remembered is not None and self._clock() - remembered[0] <= self._stale_s:
+                    return remembered[1]
+            raise
+        self._remember(response.merchant)
+        return response.merchant
+
+    def _remember(self, merchant: merchant_pb2.Merchant) -> None:
+        self._remembered[merchant.merchant_id] = (self._clock(), merchant)
+        self._remembered.move_to_end(merchant.merchant_id)
+        while len(self._remembered) > MAX_REMEMBERED:
+            self._remembered.popitem(last=False)

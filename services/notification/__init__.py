@@ -1,0 +1,1 @@
+"""notification-service: merchant webhooks, each event delivered at most once per request id."""

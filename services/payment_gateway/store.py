@@ -1,0 +1,661 @@
+"""payment-gateway's data: payments and refunds with the step each has reached.
+
+A payment's row is written in the same transaction that claims its request id, and its
+``step`` is committed after every downstream step, so after a crash the recovery pass knows
+exactly where each unfinished payment stopped. Reaching a terminal status and completing
+the idempotency claim with the final response happen in one transaction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from interceptors.errors import FailedPrecondition, NotFound
+from paymesh.common.v1 import common_pb2
+from paymesh.payment_gateway.v1 import payment_gateway_pb2 as pg
+from services import idempotency
+from services.database import open_database, transaction
+from services.payment_gateway.ledger import (
+    order_status_for,
+    refund_settlement_share,
+    status_after_refunds,
+)
+
+CREATE_METHOD = "CreatePayment"
+REFUND_METHOD = "RefundPayment"
+
+
+class Step:
+    """Where a payment's flow stands; each value is committed once the step is done."""
+
+    CREATED = "created"
+    """Row written and request id claimed; nothing called downstream yet."""
+    ASSESSED = "assessed"
+    """Risk approved (or flagged for review)."""
+    ORDERED = "ordered"
+    """Order recorded at order-service."""
+    CHARGING = "charging"
+    """About to call (or calling) the channel: from here a charge may exist."""
+    CHARGED = "charged"
+    """The channel captured the money."""
+    POSTED = "posted"
+    """The capture is in the ledger."""
+    VOIDING = "voiding"
+    """The captured charge is being voided because the payment cannot complete."""
+    FINISHED = "finished"
+    """Terminal status reached and the idempotency claim completed."""
+
+
+class RefundStep:
+    """Where a refund's flow stands."""
+
+    CREATED = "created"
+    """Row written, amount reserved against the payment; the channel may be called."""
+    REFUNDED = "refunded"
+    """The channel refunded the money."""
+    POSTED = "posted"
+    """The reversal is in the ledger."""
+    FINISHED = "finished"
+    """Terminal status reached and the idempotency claim completed."""
+
+
+SCHEMA = (
+    """
+CREATE TABLE IF NOT EXISTS payments (
+    payment_id TEXT PRIMARY KEY,
+    idempotency_key TEXT NOT NULL UNIQUE,
+    merchant_id TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    step TEXT NOT NULL,
+    amount_minor INTEGER NOT NULL CHECK (amount_minor > 0),
+    currency_code TEXT NOT NULL,
+    settlement_currency_code TEXT NOT NULL,
+    payment_method_token TEXT NOT NULL,
+    customer_ip TEXT NOT NULL,
+    customer_country_code TEXT NOT NULL,
+    description TEXT NOT NULL,
+    merchant_order_reference TEXT NOT NULL,
+    webhook_url TEXT NOT NULL,
+    captured_minor INTEGER NOT NULL DEFAULT 0,
+    refunded_minor INTEGER NOT NULL DEFAULT 0 CHECK (refunded_minor <= captured_minor),
+    settlement_minor INTEGER NOT NULL DEFAULT 0,
+    settlement_refunded_minor INTEGER NOT NULL DEFAULT 0,
+    exchange_rate TEXT NOT NULL DEFAULT '',
+    order_id TEXT NOT NULL DEFAULT '',
+    charge_id TEXT NOT NULL DEFAULT '',
+    ledger_transaction_id TEXT NOT NULL DEFAULT '',
+    risk_assessment_id TEXT NOT NULL DEFAULT '',
+    risk_decision INTEGER NOT NULL DEFAULT 0,
+    risk_score INTEGER NOT NULL DEFAULT 0,
+    decline_reason TEXT NOT NULL DEFAULT '',
+    failure_reason TEXT NOT NULL DEFAULT '',
+    effects_pending INTEGER NOT NULL DEFAULT 0,
+    create_time REAL NOT NULL,
+    update_time REAL NOT NULL,
+    finish_time REAL NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS payments_by_merchant
+    ON payments (merchant_id, create_time, payment_id);
+CREATE INDEX IF NOT EXISTS payments_unfinished ON payments (step) WHERE step != 'finished';
+CREATE TABLE IF NOT EXISTS refunds (
+    refund_id TEXT PRIMARY KEY,
+    idempotency_key TEXT NOT NULL UNIQUE,
+    payment_id TEXT NOT NULL REFERENCES payments (payment_id),
+    merchant_id TEXT NOT NULL,
+    amount_minor INTEGER NOT NULL CHECK (amount_minor > 0),
+    currency_code TEXT NOT NULL,
+    settlement_minor INTEGER NOT NULL,
+    settlement_currency_code TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    step TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    channel_refund_id TEXT NOT NULL DEFAULT '',
+    ledger_transaction_id TEXT NOT NULL DEFAULT '',
+    failure_reason TEXT NOT NULL DEFAULT '',
+    order_status INTEGER NOT NULL DEFAULT 0,
+    effects_pending INTEGER NOT NULL DEFAULT 0,
+    create_time REAL NOT NULL,
+    update_time REAL NOT NULL,
+    finish_time REAL NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS refunds_by_payment ON refunds (payment_id, create_time);
+"""
+    + idempotency.SCHEMA
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentRecord:
+    """One row of ``payments``."""
+
+    payment_id: str
+    idempotency_key: str
+    merchant_id: str
+    status: int
+    step: str
+    amount_minor: int
+    currency_code: str
+    settlement_currency_code: str
+    payment_method_token: str
+    customer_ip: str
+    customer_country_code: str
+    description: str
+    merchant_order_reference: str
+    webhook_url: str
+    captured_minor: int
+    refunded_minor: int
+    settlement_minor: int
+    settlement_refunded_minor: int
+    exchange_rate: str
+    order_id: str
+    charge_id: str
+    ledger_transaction_id: str
+    risk_assessment_id: str
+    risk_decision: int
+    risk_score: int
+    decline_reason: str
+    failure_reason: str
+    effects_pending: int
+    create_time: float
+    update_time: float
+    finish_time: float
+
+    @property
+    def amount(self) -> common_pb2.Money:
+        """The requested amount."""
+        return common_pb2.Money(amount_minor=self.amount_minor, currency_code=self.currency_code)
+
+
+@dataclass(frozen=True, slots=True)
+class RefundRecord:
+    """One row of ``refunds``."""
+
+    refund_id: str
+    idempotency_key: str
+    payment_id: str
+    merchant_id: str
+    amount_minor: int
+    currency_code: str
+    settlement_minor: int
+    settlement_currency_code: str
+    status: int
+    step: str
+    reason: str
+    channel_refund_id: str
+    ledger_transaction_id: str
+    failure_reason: str
+    order_status: int
+    effects_pending: int
+    create_time: float
+    update_time: float
+    finish_time: float
+
+
+_PAYMENT_COLUMNS = frozenset(f.name for f in dataclasses.fields(PaymentRecord))
+_REFUND_COLUMNS = frozenset(f.name for f in dataclasses.fields(RefundRecord))
+_REFUNDABLE = (pg.PAYMENT_STATUS_SUCCEEDED, pg.PAYMENT_STATUS_PARTIALLY_REFUNDED)
+#: Refund statuses that hold part of the captured amount (a pending refund reserves it).
+_HOLDING = (pg.REFUND_STATUS_PENDING, pg.REFUND_STATUS_SUCCEEDED)
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def _money(amount: int, currency: str) -> common_pb2.Money:
+    return common_pb2.Money(amount_minor=amount, currency_code=currency)
+
+
+def payment_message(p: PaymentRecord) -> pg.Payment:
+    """The contract's view of a payment row."""
+    return pg.Payment(
+        payment_id=p.payment_id,
+        merchant_id=p.merchant_id,
+        status=p.status,  # type: ignore[arg-type]  # stored as the enum's int value
+        amount=p.amount,
+        captured_amount=_money(p.captured_minor, p.currency_code),
+        refunded_amount=_money(p.refunded_minor, p.currency_code),
+        settlement_amount=_money(p.settlement_minor, p.settlement_currency_code),
+        exchange_rate=p.exchange_rate,
+        order_id=p.order_id,
+        charge_id=p.charge_id,
+        ledger_transaction_id=p.ledger_transaction_id,
+        risk_assessment_id=p.risk_assessment_id,
+        risk_decision=p.risk_decision,  # type: ignore[arg-type]  # stored as the enum's int value
+        risk_score=p.risk_score,
+        decline_reason=p.decline_reason,
+        failure_reason=p.failure_reason,
+        description=p.description,
+        merchant_order_reference=p.merchant_order_reference,
+        customer_country_code=p.customer_country_code,
+        create_time=_timestamp(p.create_time),
+        update_time=_timestamp(p.update_time),
+    )
+
+
+def refund_message(r: RefundRecord) -> pg.Refund:
+    """The contract's view of a refund row."""
+    return pg.Refund(
+        refund_id=r.refund_id,
+        payment_id=r.payment_id,
+        merchant_id=r.merchant_id,
+        amount=_money(r.amount_minor, r.currency_code),
+        status=r.status,  # type: ignore[arg-type]  # stored as the enum's int value
+        reason=r.reason,
+        channel_refund_id=r.channel_refund_id,
+        ledger_transaction_id=r.ledger_transaction_id,
+        failure_reason=r.failure_reason,
+        create_time=_timestamp(r.create_time),
+        update_time=_timestamp(r.update_time),
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NewPayment:
+    """What CreatePayment knows before the first downstream step."""
+
+    merchant_id: str
+    amount: common_pb2.Money
+    settlement_currency_code: str
+    payment_method_token: str
+    customer_ip: str
+    customer_country_code: str
+    description: str
+    merchant_order_reference: str
+    webhook_url: str
+
+
+class PaymentStore:
+    """Payments and refunds in SQLite, each claimed atomically with its request id."""
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        clock: Callable[[], float] = time.time,
+        new_id: Callable[[str], str] | None = None,
+    ) -> None:
+        self._conn = open_database(path, SCHEMA)
+        self._clock = clock
+        self._new_id = new_id or (lambda prefix: f"{prefix}_{uuid.uuid4().hex[:24]}")
+
+    def close(self) -> None:
+        """Close the database."""
+        self._conn.close()
+
+    # --- payments ---------------------------------------------------------------------------
+
+    def begin_payment(
+        self, key: str, request: pg.CreatePaymentRequest, new: NewPayment
+    ) -> PaymentRecord | pg.CreatePaymentResponse:
+        """Claim ``key`` and write the PENDING payment, or return the replay of a finished one.
+
+        ``request`` is what the fingerprint is taken of (the caller strips the API key).
+
+        Raises:
+            InvalidArgument: the key was used with a different body.
+            Aborted: the first request with this key is still in flight.
+        """
+        with transaction(self._conn) as conn:
+            claim = idempotency.claim(conn, CREATE_METHOD, key, request)
+            replay = idempotency.replayed(pg.CreatePaymentResponse, claim)
+            if replay is not None:
+                return replay
+            now = self._clock()
+            payment_id = self._new_id("pay")
+            conn.execute(
+                "INSERT INTO payments (payment_id, idempotency_key, merchant_id, status, step,"
+                " amount_minor, currency_code, settlement_currency_code, payment_method_token,"
+                " customer_ip, customer_country_code, description, merchant_order_reference,"
+                " webhook_url, create_time, update_time)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    payment_id,
+                    key,
+                    new.merchant_id,
+                    pg.PAYMENT_STATUS_PENDING,
+                    Step.CREATED,
+                    new.amount.amount_minor,
+                    new.amount.currency_code,
+                    new.settlement_currency_code or new.amount.currency_code,
+                    new.payment_method_token,
+                    new.customer_ip,
+                    new.customer_country_code,
+                    new.description,
+                    new.merchant_order_reference,
+                    new.webhook_url,
+                    now,
+                    now,
+                ),
+            )
+            return self._payment(payment_id)
+
+    def advance(self, payment_id: str, step: str, **fields: Any) -> PaymentRecord:
+        """Commit that ``step`` is done, with the facts it produced."""
+        self._update("payments", _PAYMENT_COLUMNS, "payment_id", payment_id, step=step, **fields)
+        return self._payment(payment_id)
+
+    def finish(
+        self, payment_id: str, status: pg.PaymentStatus.ValueType, **fields: Any
+    ) -> pg.Payment:
+        """Set the terminal status and complete the request id's claim, in one transaction."""
+        with transaction(self._conn) as conn:
+            now = self._clock()
+            self._update(
+                "payments",
+                _PAYMENT_COLUMNS,
+                "payment_id",
+                payment_id,
+                conn=conn,
+                status=status,
+                step=Step.FINISHED,
+                effects_pending=1,
+                finish_time=now,
+                **fields,
+            )
+            record = self._payment(payment_id)
+            payment = payment_message(record)
+            idempotency.complete(
+                conn,
+                CREATE_METHOD,
+                record.idempotency_key,
+                pg.CreatePaymentResponse(payment=payment),
+            )
+            return payment
+
+    def effects_done(self, payment_id: str) -> None:
+        """The webhook, analytics event and order status of a finished payment were sent."""
+        # update_time is left alone: it is the time of the payment's last change.
+        self._conn.execute(
+            "UPDATE payments SET effects_pending = 0 WHERE payment_id = ?", (payment_id,)
+        )
+
+    def payment(self, payment_id: str) -> PaymentRecord:
+        """The payment row; NotFound (PAYMENT_NOT_FOUND) if there is none."""
+        return self._payment(payment_id)
+
+    def unfinished_payments(self) -> list[str]:
+        """Ids of payments whose flow has not reached a terminal status, oldest first."""
+        rows = self._conn.execute(
+            "SELECT payment_id FROM payments WHERE step != ? ORDER BY create_time",
+            (Step.FINISHED,),
+        ).fetchall()
+        return [row["payment_id"] for row in rows]
+
+    def payments_with_pending_effects(self) -> list[str]:
+        """Ids of finished payments whose webhook, event or order status still has to be sent."""
+        rows = self._conn.execute(
+            "SELECT payment_id FROM payments WHERE step = ? AND effects_pending = 1"
+            " ORDER BY create_time",
+            (Step.FINISHED,),
+        ).fetchall()
+        return [row["payment_id"] for row in rows]
+
+    def list_payments(
+        self, *, merchant_id: str, status: int, before: tuple[float, str] | None, limit: int
+    ) -> list[PaymentRecord]:
+        """A merchant's payments newest first, starting after the ``(create_time, id)`` cursor."""
+        clauses = ["merchant_id = ?"]
+        params: list[object] = [merchant_id]
+        if status:
+            clauses.append("status = ?")
+            params.append(status)
+        if before is not None:
+            clauses.append("(create_time, payment_id) < (?, ?)")
+            params.extend(before)
+        rows = self._conn.execute(
+            f"SELECT * FROM payments WHERE {' AND '.join(clauses)}"
+            " ORDER BY create_time DESC, payment_id DESC LIMIT ?",
+            (*params, limit),
+        ).fetchall()
+        return [PaymentRecord(**dict(row)) for row in rows]
+
+    def summary(self, merchant_id: str) -> pg.PaymentSummary:
+        """Counts per status and totals per currency of a merchant's payments."""
+        summary = pg.PaymentSummary(merchant_id=merchant_id)
+        for row in self._conn.execute(
+            "SELECT status, COUNT(*) AS n FROM payments WHERE merchant_id = ?"
+            " GROUP BY status ORDER BY status",
+            (merchant_id,),
+        ):
+            summary.status_counts.add(status=row["status"], count=row["n"])
+            summary.payment_count += row["n"]
+        for row in self._conn.execute(
+            "SELECT currency_code, COUNT(*) AS n, SUM(captured_minor) AS captured,"
+            " SUM(refunded_minor) AS refunded FROM payments WHERE merchant_id = ?"
+            " GROUP BY currency_code ORDER BY currency_code",
+            (merchant_id,),
+        ):
+            code = row["currency_code"]
+            summary.currency_totals.add(
+                currency_code=code,
+                payment_count=row["n"],
+                captured=_money(row["captured"], code),
+                refunded=_money(row["refunded"], code),
+            )
+        last = self._conn.execute(
+            "SELECT MAX(create_time) AS t FROM payments WHERE merchant_id = ?", (merchant_id,)
+        ).fetchone()["t"]
+        if last is not None:
+            summary.last_payment_time.CopyFrom(_timestamp(last))
+        return summary
+
+    # --- refunds ----------------------------------------------------------------------------
+
+    def begin_refund(
+        self,
+        key: str,
+        request: pg.RefundPaymentRequest,
+        *,
+        payment_id: str,
+        amount_minor: int | None,
+        reason: str,
+    ) -> RefundRecord | pg.RefundPaymentResponse:
+        """Claim ``key`` and reserve the refund against the payment, or return the replay.
+
+        ``amount_minor`` of ``None`` means everything still refundable.
+
+        Raises:
+            NotFound: the payment does not exist.
+            FailedPrecondition: INVALID_STATE (not refundable) or REFUND_EXCEEDS_CAPTURED.
+        """
+        with transaction(self._conn) as conn:
+            claim = idempotency.claim(conn, REFUND_METHOD, key, request)
+            replay = idempotency.replayed(pg.RefundPaymentResponse, claim)
+            if replay is not None:
+                return replay
+            payment = self._payment(payment_id)
+            if payment.status not in _REFUNDABLE:
+                state = pg.PaymentStatus.Name(pg.PaymentStatus.ValueType(payment.status))
+                raise FailedPrecondition(
+                    f"payment {payment_id!r} is {state}; only"
+                    " SUCCEEDED or PARTIALLY_REFUNDED payments can be refunded",
+                    reason="INVALID_STATE",
+                    metadata={"payment_id": payment_id},
+                )
+            held = conn.execute(
+                "SELECT COALESCE(SUM(amount_minor), 0) AS amount,"
+                " COALESCE(SUM(settlement_minor), 0) AS settlement"
+                " FROM refunds WHERE payment_id = ? AND status IN (?, ?)",
+                (payment_id, *_HOLDING),
+            ).fetchone()
+            refundable = payment.captured_minor - held["amount"]
+            amount = refundable if amount_minor is None else amount_minor
+            if amount <= 0 or amount > refundable:
+                raise FailedPrecondition(
+                    f"refund of {amount} {payment.currency_code} exceeds the {refundable} still"
+                    f" refundable of the {payment.captured_minor} captured",
+                    reason="REFUND_EXCEEDS_CAPTURED",
+                    metadata={"payment_id": payment_id, "refundable_minor": str(refundable)},
+                )
+            settlement = refund_settlement_share(
+                amount=amount,
+                captured=payment.captured_minor,
+                settlement=payment.settlement_minor,
+                refundable=refundable,
+                settlement_refundable=payment.settlement_minor - held["settlement"],
+            )
+            now = self._clock()
+            refund_id = self._new_id("ref")
+            conn.execute(
+                "INSERT INTO refunds (refund_id, idempotency_key, payment_id, merchant_id,"
+                " amount_minor, currency_code, settlement_minor, settlement_currency_code,"
+                " status, step, reason, create_time, update_time)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    refund_id,
+                    key,
+                    payment_id,
+                    payment.merchant_id,
+                    amount,
+                    payment.currency_code,
+                    settlement,
+                    payment.settlement_currency_code,
+                    pg.REFUND_STATUS_PENDING,
+                    RefundStep.CREATED,
+                    reason,
+                    now,
+                    now,
+                ),
+            )
+            return self._refund(refund_id)
+
+    def advance_refund(self, refund_id: str, step: str, **fields: Any) -> RefundRecord:
+        """Commit that refund ``step`` is done, with the facts it produced."""
+        self._update("refunds", _REFUND_COLUMNS, "refund_id", refund_id, step=step, **fields)
+        return self._refund(refund_id)
+
+    def finish_refund(
+        self, refund_id: str, status: pg.RefundStatus.ValueType, *, failure_reason: str = ""
+    ) -> pg.RefundPaymentResponse:
+        """Set the refund's terminal status, apply it to the payment, complete the claim."""
+        with transaction(self._conn) as conn:
+            now = self._clock()
+            refund = self._refund(refund_id)
+            order_status = 0
+            if status == pg.REFUND_STATUS_SUCCEEDED:
+                payment = self._payment(refund.payment_id)
+                refunded = payment.refunded_minor + refund.amount_minor
+                payment_status = status_after_refunds(
+                    captured=payment.captured_minor, refunded=refunded
+                )
+                self._update(
+                    "payments",
+                    _PAYMENT_COLUMNS,
+                    "payment_id",
+                    payment.payment_id,
+                    conn=conn,
+                    status=payment_status,
+                    refunded_minor=refunded,
+                    settlement_refunded_minor=payment.settlement_refunded_minor
+                    + refund.settlement_minor,
+                )
+                order_status = int(order_status_for(payment_status))
+            self._update(
+                "refunds",
+                _REFUND_COLUMNS,
+                "refund_id",
+                refund_id,
+                conn=conn,
+                status=status,
+                step=RefundStep.FINISHED,
+                failure_reason=failure_reason,
+                order_status=order_status,
+                effects_pending=1 if status == pg.REFUND_STATUS_SUCCEEDED else 0,
+                finish_time=now,
+            )
+            response = pg.RefundPaymentResponse(
+                refund=refund_message(self._refund(refund_id)),
+                payment=payment_message(self._payment(refund.payment_id)),
+            )
+            idempotency.complete(conn, REFUND_METHOD, refund.idempotency_key, response)
+            return response
+
+    def refund_effects_done(self, refund_id: str) -> None:
+        """The webhook, analytics event and order status of a finished refund were sent."""
+        self._conn.execute(
+            "UPDATE refunds SET effects_pending = 0 WHERE refund_id = ?", (refund_id,)
+        )
+
+    def refund(self, refund_id: str) -> RefundRecord:
+        """The refund row; NotFound if there is none."""
+        return self._refund(refund_id)
+
+    def refunds_of(self, payment_id: str) -> list[RefundRecord]:
+        """A payment's refunds, oldest first."""
+        rows = self._conn.execute(
+            "SELECT * FROM refunds WHERE payment_id = ? ORDER BY create_time, refund_id",
+            (payment_id,),
+        ).fetchall()
+        return [RefundRecord(**dict(row)) for row in rows]
+
+    def unfinished_refunds(self) -> list[str]:
+        """Ids of refunds whose flow has not reached a terminal status, oldest first."""
+        rows = self._conn.execute(
+            "SELECT refund_id FROM refunds WHERE step != ? ORDER BY create_time",
+            (RefundStep.FINISHED,),
+        ).fetchall()
+        return [row["refund_id"] for row in rows]
+
+    def refunds_with_pending_effects(self) -> list[str]:
+        """Ids of succeeded refunds whose webhook, event or order status still has to be sent."""
+        rows = self._conn.execute(
+            "SELECT refund_id FROM refunds WHERE step = ? AND effects_pending = 1"
+            " ORDER BY create_time",
+            (RefundStep.FINISHED,),
+        ).fetchall()
+        return [row["refund_id"] for row in rows]
+
+    # --- rows -------------------------------------------------------------------------------
+
+    def _update(
+        self,
+        table: str,
+        columns: frozenset[str],
+        key_column: str,
+        key: str,
+        *,
+        conn: sqlite3.Connection | None = None,
+        **fields: Any,
+    ) -> None:
+        unknown = set(fields) - columns
+        if unknown:
+            raise ValueError(f"not columns of {table}: {sorted(unknown)}")
+        fields.setdefault("update_time", self._clock())
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        (conn or self._conn).execute(
+            f"UPDATE {table} SET {assignments} WHERE {key_column} = ?", (*fields.values(), key)
+        )
+
+    def _payment(self, payment_id: str) -> PaymentRecord:
+        row = self._conn.execute(
+            "SELECT * FROM payments WHERE payment_id = ?", (payment_id,)
+        ).fetchone()
+        if row is None:
+            raise NotFound(
+                f"payment {payment_id!r} does not exist",
+                reason="PAYMENT_NOT_FOUND",
+                metadata={"payment_id": payment_id},
+            )
+        return PaymentRecord(**dict(row))
+
+    def _refund(self, refund_id: str) -> RefundRecord:
+        row = self._conn.execute(
+            "SELECT * FROM refunds WHERE refund_id = ?", (refund_id,)
+        ).fetchone()
+        if row is None:
+            raise NotFound(
+                f"refund {refund_id!r} does not exist", metadata={"refund_id": refund_id}
+            )
+        return RefundRecord(**dict(row))

@@ -1,0 +1,1 @@
+"""risk-service: fraud assessment of payments by amount, velocity and geography (geo-IP)."""

@@ -1,0 +1,61 @@
+"""geo-IP lookups through the partner client, with a small in-process TTL cache.
+
+An address's country changes rarely, and payments from one customer come in bursts, so a
+few minutes of caching saves most lookups. A failed lookup is not cached.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from interceptors.errors import Unavailable
+from interceptors.http import PartnerClient
+from services.partner import call_partner
+from services.risk.rules import Geo
+
+GEO_IP = "geo-ip"
+
+
+class GeoLookup:
+    """Looks addresses up at the geo-IP partner; remembers up to ``max_entries`` answers."""
+
+    def __init__(
+        self,
+        client: PartnerClient,
+        *,
+        ttl_s: float = 300.0,
+        max_entries: int = 4096,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._client = client
+        self._ttl_s = ttl_s
+        self._max_entries = max_entries
+        self._clock = clock
+        self._cache: OrderedDict[str, tuple[Geo, float]] = OrderedDict()
+
+    async def lookup(self, ip: str) -> Geo:
+        """What the partner says of ``ip``; ``Geo(looked_up=False)`` when it cannot say."""
+        cached = self._cache.get(ip)
+        if cached is not None and self._clock() < cached[1]:
+            self._cache.move_to_end(ip)
+            return cached[0]
+        try:
+            status, body = await call_partner(self._client, "GET", "/lookup", query={"ip": ip})
+        except Unavailable:
+            return Geo(looked_up=False)
+        if status != 200 or not isinstance(body, dict):
+            return Geo(looked_up=False)
+        geo = Geo(
+            looked_up=True,
+            country=str(body.get("country") or "").upper(),
+            proxy=bool(body.get("proxy")),
+            high_risk=bool(body.get("high_risk")),
+            city=str(body.get("city") or ""),
+        )
+        self._cache[ip] = (geo, self._clock() + self._ttl_s)
+        self._cache.move_to_end(ip)
+        while len(self._cache) > self._max_entries:
+            self._cache.popitem(last=False)
+        return geo

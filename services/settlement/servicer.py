@@ -1,0 +1,377 @@
+"""settlement-service RPCs: settleable balance, and settlements paid out by withdrawal-service.
+
+CreateSettlement runs as persisted steps (``store.Step``): the ledger moves the amount from
+``available`` to ``settling`` (refusing an overdraft atomically, which keeps concurrent
+settlements honest), then withdrawal-service pays it out; a failed withdrawal returns the
+funds. An outage leaves the settlement PENDING for a replay of its request id or the
+recovery pass to finish with the same deterministic ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from grpc import aio
+
+from interceptors.errors import FailedPrecondition, error_info, status_from_metadata
+from paymesh.accounting.v1 import accounting_pb2, accounting_pb2_grpc
+from paymesh.common.v1 import common_pb2
+from paymesh.settlement.v1 import settlement_pb2, settlement_pb2_grpc
+from paymesh.withdrawal.v1 import withdrawal_pb2, withdrawal_pb2_grpc
+from services import validation as v
+from services.bootstrap import Context
+from services.settlement.store import Record, SettlementStore, Step
+
+log = logging.getLogger("paymesh.settlement")
+
+#: Codes after which a downstream write may or may not have happened: retry, never assume.
+AMBIGUOUS_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+
+_Stepper = Callable[[Record], Awaitable[Record]]
+
+
+def settlement_id_for(request_id: str) -> str:
+    """The settlement id of a request id: deterministic, so a re-run reuses every derived id."""
+    return "stl_" + hashlib.sha256(request_id.encode()).hexdigest()[:24]
+
+
+def available_account(merchant_id: str) -> str:
+    """The merchant's ledger account of earned, not yet settled money."""
+    return f"merchants/{merchant_id}/available"
+
+
+def settling_account(merchant_id: str) -> str:
+    """The merchant's ledger account of money in settlement, not yet paid out."""
+    return f"merchants/{merchant_id}/settling"
+
+
+def reason_of(exc: aio.AioRpcError) -> str:
+    """The ErrorInfo reason a downstream sent, else its status code name."""
+    status = status_from_metadata(exc.code(), exc.details() or "", tuple(exc.trailing_metadata()))
+    info = error_info(status)
+    return info.reason if info is not None and info.reason else exc.code().name
+
+
+def _require_bank_account(value: str) -> None:
+    if not value.strip():
+        raise v.invalid("bank_account_reference", "is required")
+    v.optional_text("bank_account_reference", value, limit=v.MAX_ID_LENGTH)
+
+
+class SettlementServicer(settlement_pb2_grpc.SettlementServiceServicer):
+    """Reports settleable balances, creates, reads and lists settlements."""
+
+    def __init__(
+        self,
+        store: SettlementStore,
+        *,
+        ledger: accounting_pb2_grpc.AccountingServiceAsyncStub,
+        withdrawals: withdrawal_pb2_grpc.WithdrawalServiceAsyncStub,
+    ) -> None:
+        self._store = store
+        self._ledger = ledger
+        self._withdrawals = withdrawals
+        # One task per settlement being driven: a replay or the recovery pass joins it
+        # instead of running the same steps twice.
+        self._work: dict[str, asyncio.Task[Record]] = {}
+        self._recovery: asyncio.Task[None] | None = None
+
+    # -- RPCs ---------------------------------------------------------------
+    async def GetSettleableBalance(
+        self, request: settlement_pb2.GetSettleableBalanceRequest, context: Context
+    ) -> settlement_pb2.GetSettleableBalanceResponse:
+        v.require_id("merchant_id", request.merchant_id)
+        v.require_currency("currency_code", request.currency_code)
+        amount = await self._settleable(request.merchant_id, request.currency_code)
+        as_of = Timestamp()
+        as_of.GetCurrentTime()
+        return settlement_pb2.GetSettleableBalanceResponse(
+            merchant_id=request.merchant_id,
+            settleable_amount=common_pb2.Money(
+                amount_minor=amount, currency_code=request.currency_code
+            ),
+            as_of_time=as_of,
+        )
+
+    async def CreateSettlement(
+        self, request: settlement_pb2.CreateSettlementRequest, context: Context
+    ) -> settlement_pb2.CreateSettlementResponse:
+        v.require_request_id("request_id", request.request_id)
+        v.require_id("merchant_id", request.merchant_id)
+        v.require_currency("currency_code", request.currency_code)
+        amount: int | None = None
+        if request.HasField("amount"):
+            amount = v.require_amount("amount", request.amount)
+            if request.amount.currency_code != request.currency_code:
+                raise v.invalid(
+                    "amount.currency_code",
+                    f"must equal currency_code {request.currency_code!r}",
+                    reason="CURRENCY_UNSUPPORTED",
+                )
+        _require_bank_account(request.bank_account_reference)
+        settlement_id = settlement_id_for(request.request_id)
+        if amount is None:
+            existing = self._store.find(settlement_id)
+            if existing is not None:  # a replay: begin() checks the body and returns it
+                amount = existing.settlement.amount.amount_minor
+            else:
+                amount = await self._whole_balance(request.merchant_id, request.currency_code)
+        begun = self._store.begin(request, settlement_id, amount, running=self._work.__contains__)
+        record = begun.record
+        if not (begun.replayed and record.step is Step.DONE):
+            record = await self._process(record, first=not begun.replayed)
+        return settlement_pb2.CreateSettlementResponse(settlement=record.settlement)
+
+    async def GetSettlement(
+        self, request: settlement_pb2.GetSettlementRequest, context: Context
+    ) -> settlement_pb2.GetSettlementResponse:
+        v.require_id("settlement_id", request.settlement_id)
+        record = self._store.get(request.settlement_id)
+        return settlement_pb2.GetSettlementResponse(settlement=record.settlement)
+
+    async def ListSettlements(
+        self, request: settlement_pb2.ListSettlementsRequest, context: Context
+    ) -> settlement_pb2.ListSettlementsResponse:
+        v.require_id("merchant_id", request.merchant_id)
+        if request.status not in settlement_pb2.SettlementStatus.values():
+            raise v.invalid("status", f"{request.status} is not a SettlementStatus")
+        size = v.page_size(request.page_size)
+        filters = {"merchant_id": request.merchant_id, "status": request.status}
+        position = v.decode_page_token(request.page_token, filters)
+        before = (int(position["t"]), str(position["id"])) if position else None
+        settlements = self._store.list(
+            merchant_id=request.merchant_id, status=request.status, before=before, limit=size + 1
+        )
+        next_token = ""
+        if len(settlements) > size:
+            settlements = settlements[:size]
+            last = settlements[-1]
+            next_token = v.encode_page_token(
+                {"t": last.create_time.ToNanoseconds(), "id": last.settlement_id}, filters
+            )
+        return settlement_pb2.ListSettlementsResponse(
+            settlements=settlements, next_page_token=next_token
+        )
+
+    # -- recovery and shutdown -----------------------------------------------
+    def start_recovery(self) -> None:
+        """Drive every unfinished settlement in the background (called once at start)."""
+        self._recovery = asyncio.create_task(self.recover())
+
+    async def recover(self) -> None:
+        """Resume each unfinished settlement with its own ids; failures wait for the next pass."""
+        for record in self._store.unfinished():
+            try:
+                await self._process(record, first=False)
+            except Exception:
+                log.exception("recovery of settlement %s failed", record.settlement.settlement_id)
+
+    async def close(self) -> None:
+        """Stop the recovery pass and the work in flight; their rows stay resumable."""
+        tasks = [*self._work.values(), *([self._recovery] if self._recovery else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- the steps --------------------------------------------------------------
+    async def _settleable(self, merchant_id: str, currency_code: str) -> int:
+        reply = await self._ledger.GetBalance(
+            accounting_pb2.GetBalanceRequest(
+                account_id=available_account(merchant_id), currency_code=currency_code
+            )
+        )
+        return max(reply.balance.balance.amount_minor, 0)
+
+    async def _whole_balance(self, merchant_id: str, currency_code: str) -> int:
+        """The amount of a settlement that names none: all of it, within one payout's limit."""
+        amount = await self._settleable(merchant_id, currency_code)
+        if amount <= 0:
+            raise FailedPrecondition(
+                f"{available_account(merchant_id)} holds no {currency_code} to settle",
+                reason="INSUFFICIENT_BALANCE",
+                metadata={"account_id": available_account(merchant_id)},
+            )
+        # A larger balance is settled over several settlements (a payout has a maximum).
+        return min(amount, v.MAX_AMOUNT_MINOR)
+
+    async def _process(self, record: Record, *, first: bool) -> Record:
+        """Drive the settlement in its own task: a caller hanging up cannot stop it mid-step."""
+        settlement_id = record.settlement.settlement_id
+        task = self._work.get(settlement_id)
+        if task is None:
+            task = asyncio.create_task(self._drive(settlement_id, first=first))
+            self._work[settlement_id] = task
+            task.add_done_callback(lambda done: self._forget(settlement_id, done))
+        return await asyncio.shield(task)
+
+    def _forget(self, settlement_id: str, task: asyncio.Task[Record]) -> None:
+        self._work.pop(settlement_id, None)
+        if not task.cancelled():
+            task.exception()  # the awaiting handler reports it; do not log it as lost
+
+    async def _drive(self, settlement_id: str, *, first: bool) -> Record:
+        record = self._store.get(settlement_id)  # the latest state, not a caller's snapshot
+
+        async def reserve(current: Record) -> Record:
+            return await self._reserve(current, first=first)
+
+        steps: dict[Step, _Stepper] = {
+            Step.RESERVE: reserve,
+            Step.WITHDRAW: self._withdraw,
+            Step.REVERSE: self._reverse,
+        }
+        while record.step is not Step.DONE:
+            after = await steps[record.step](record)
+            stuck = after.step is record.step
+            record = after
+            if stuck:
+                break  # an outage: a replay or the next recovery pass resumes here
+        self._store.settle_claim(record)
+        return record
+
+    async def _reserve(self, record: Record, *, first: bool) -> Record:
+        """Move the amount from available to settling; the ledger refuses an overdraft."""
+        settlement = record.settlement
+        available = available_account(settlement.merchant_id)
+        transaction_id = f"txn:{settlement.settlement_id}"
+        try:
+            await self._ledger.PostTransaction(
+                _transaction(
+                    request_id=f"{settlement.settlement_id}:settle",
+                    transaction_id=transaction_id,
+                    kind=accounting_pb2.TRANSACTION_KIND_SETTLEMENT,
+                    settlement=settlement,
+                    debit=available,
+                    credit=settling_account(settlement.merchant_id),
+                )
+            )
+        except aio.AioRpcError as exc:
+            if exc.code() in AMBIGUOUS_CODES:
+                log.warning("settlement %s not posted yet: %s", settlement.settlement_id, exc)
+                return record
+            if first:
+                # Nothing happened anywhere: the request leaves no trace and may be retried.
+                self._store.abandon(record)
+                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    raise FailedPrecondition(
+                        f"{available} cannot settle {settlement.amount.amount_minor} "
+                        f"{settlement.amount.currency_code}: {exc.details()}",
+                        reason=reason_of(exc),
+                        metadata={"account_id": available},
+                    ) from exc
+                raise
+            return self._store.advance(
+                record,
+                step=Step.DONE,
+                status=settlement_pb2.SETTLEMENT_STATUS_FAILED,
+                failure_reason=reason_of(exc),
+            )
+        return self._store.advance(record, step=Step.WITHDRAW, ledger_transaction_id=transaction_id)
+
+    async def _withdraw(self, record: Record) -> Record:
+        """Have withdrawal-service pay the settlement out (idempotent by the derived request id)."""
+        settlement = record.settlement
+        try:
+            reply = await self._withdrawals.CreateWithdrawal(
+                withdrawal_pb2.CreateWithdrawalRequest(
+                    request_id=f"{settlement.settlement_id}:withdrawal",
+                    merchant_id=settlement.merchant_id,
+                    amount=settlement.amount,
+                    bank_account_reference=settlement.bank_account_reference,
+                    settlement_id=settlement.settlement_id,
+                )
+            )
+        except aio.AioRpcError as exc:
+            if exc.code() in AMBIGUOUS_CODES:
+                log.warning("withdrawal of %s not confirmed: %s", settlement.settlement_id, exc)
+                return record
+            log.warning("withdrawal of %s refused: %s", settlement.settlement_id, exc)
+            return self._store.advance(record, step=Step.REVERSE, failure_reason=reason_of(exc))
+        withdrawal = reply.withdrawal
+        if withdrawal.status == withdrawal_pb2.WITHDRAWAL_STATUS_COMPLETED:
+            return self._store.advance(
+                record,
+                step=Step.DONE,
+                status=settlement_pb2.SETTLEMENT_STATUS_COMPLETED,
+                withdrawal_id=withdrawal.withdrawal_id,
+            )
+        if withdrawal.status == withdrawal_pb2.WITHDRAWAL_STATUS_FAILED:
+            return self._store.advance(
+                record,
+                step=Step.REVERSE,
+                withdrawal_id=withdrawal.withdrawal_id,
+                failure_reason=withdrawal.failure_reason or "INTERNAL_ERROR",
+            )
+        # Still pending there: asking again with the same request id resumes it.
+        return self._store.advance(
+            record, step=Step.WITHDRAW, withdrawal_id=withdrawal.withdrawal_id
+        )
+
+    async def _reverse(self, record: Record) -> Record:
+        """Return the funds from settling to available after the withdrawal failed."""
+        settlement = record.settlement
+        settling = settling_account(settlement.merchant_id)
+        try:
+            await self._ledger.PostTransaction(
+                _transaction(
+                    request_id=f"{settlement.settlement_id}:reversal",
+                    transaction_id=f"txn:{settlement.settlement_id}:reversal",
+                    kind=accounting_pb2.TRANSACTION_KIND_REVERSAL,
+                    settlement=settlement,
+                    debit=settling,
+                    credit=available_account(settlement.merchant_id),
+                )
+            )
+        except aio.AioRpcError as exc:
+            log.error("reversal of %s not posted, will retry: %s", settlement.settlement_id, exc)
+            return record
+        return self._store.advance(
+            record, step=Step.DONE, status=settlement_pb2.SETTLEMENT_STATUS_FAILED
+        )
+
+
+def _transaction(
+    *,
+    request_id: str,
+    transaction_id: str,
+    kind: accounting_pb2.TransactionKind.ValueType,
+    settlement: settlement_pb2.Settlement,
+    debit: str,
+    credit: str,
+) -> accounting_pb2.PostTransactionRequest:
+    """Move the settlement's amount from ``debit`` (which must stay non-negative) to ``credit``."""
+    return accounting_pb2.PostTransactionRequest(
+        request_id=request_id,
+        transaction_id=transaction_id,
+        kind=kind,
+        reference_id=settlement.settlement_id,
+        description=f"settlement {settlement.settlement_id}",
+        postings=[
+            accounting_pb2.Posting(
+                account_id=debit,
+                direction=accounting_pb2.ENTRY_DIRECTION_DEBIT,
+                amount=settlement.amount,
+            ),
+            accounting_pb2.Posting(
+                account_id=credit,
+                direction=accounting_pb2.ENTRY_DIRECTION_CREDIT,
+                amount=settlement.amount,
+            ),
+        ],
+        non_negative_account_ids=[debit],
+    )

@@ -1,0 +1,370 @@
+"""withdrawal-service RPCs: reserve in the ledger, pay through the bank partner, notify.
+
+CreateWithdrawal runs as persisted steps (``store.Step``). The ledger reservation, with a
+non-negative check on the debited account, comes before the bank call, so concurrent
+withdrawals can never exceed the balance; a bank refusal posts a reversal. An outage leaves
+the withdrawal PENDING for a replay of its request id or the recovery pass to finish, with
+the same deterministic ids, so nothing is posted or transferred twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from collections.abc import Awaitable, Callable
+
+import grpc
+from grpc import aio
+
+from interceptors.errors import FailedPrecondition, error_info, status_from_metadata
+from paymesh.accounting.v1 import accounting_pb2, accounting_pb2_grpc
+from paymesh.notification.v1 import notification_pb2, notification_pb2_grpc
+from paymesh.withdrawal.v1 import withdrawal_pb2, withdrawal_pb2_grpc
+from services import validation as v
+from services.bootstrap import Context
+from services.clients import PartnerClient, PartnerError
+from services.withdrawal.store import Record, Step, WithdrawalStore
+
+log = logging.getLogger("paymesh.withdrawal")
+
+#: Platform account the bank payouts are credited to.
+PAYOUT_ACCOUNT = "platform/bank_payouts"
+#: failure_reason of a withdrawal the bank partner refused (the nearest ErrorReason).
+BANK_REFUSED_REASON = "CHANNEL_DECLINED"
+#: Codes after which a downstream write may or may not have happened: retry, never assume.
+AMBIGUOUS_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+#: HTTP statuses of the bank that say "not now" rather than "no".
+_BANK_NOT_FINAL = frozenset({408, 409, 429})
+
+_Stepper = Callable[[Record], Awaitable[Record]]
+
+
+def withdrawal_id_for(request_id: str) -> str:
+    """The withdrawal id of a request id: deterministic, so a re-run reuses every derived id."""
+    return "wd_" + hashlib.sha256(request_id.encode()).hexdigest()[:24]
+
+
+def source_account(withdrawal: withdrawal_pb2.Withdrawal) -> str:
+    """The account a withdrawal debits: ``settling`` for a settlement, else ``available``."""
+    ledger = "settling" if withdrawal.settlement_id else "available"
+    return f"merchants/{withdrawal.merchant_id}/{ledger}"
+
+
+def reason_of(exc: aio.AioRpcError) -> str:
+    """The ErrorInfo reason a downstream sent, else its status code name."""
+    status = status_from_metadata(exc.code(), exc.details() or "", tuple(exc.trailing_metadata()))
+    info = error_info(status)
+    return info.reason if info is not None and info.reason else exc.code().name
+
+
+def _require_bank_account(value: str) -> None:
+    if not value.strip():
+        raise v.invalid("bank_account_reference", "is required")
+    v.optional_text("bank_account_reference", value, limit=v.MAX_ID_LENGTH)
+
+
+class WithdrawalServicer(withdrawal_pb2_grpc.WithdrawalServiceServicer):
+    """Creates, reads and lists withdrawals; drives unfinished ones to a final state."""
+
+    def __init__(
+        self,
+        store: WithdrawalStore,
+        *,
+        ledger: accounting_pb2_grpc.AccountingServiceAsyncStub,
+        notifications: notification_pb2_grpc.NotificationServiceAsyncStub,
+        bank: PartnerClient,
+    ) -> None:
+        self._store = store
+        self._ledger = ledger
+        self._notifications = notifications
+        self._bank = bank
+        # One task per withdrawal being driven: a replay or the recovery pass joins it
+        # instead of running the same steps twice.
+        self._work: dict[str, asyncio.Task[Record]] = {}
+        self._recovery: asyncio.Task[None] | None = None
+
+    # -- RPCs ---------------------------------------------------------------
+    async def CreateWithdrawal(
+        self, request: withdrawal_pb2.CreateWithdrawalRequest, context: Context
+    ) -> withdrawal_pb2.CreateWithdrawalResponse:
+        v.require_request_id("request_id", request.request_id)
+        v.require_id("merchant_id", request.merchant_id)
+        v.require_amount("amount", request.amount)
+        _require_bank_account(request.bank_account_reference)
+        if request.settlement_id:
+            v.require_id("settlement_id", request.settlement_id)
+        begun = self._store.begin(
+            request, withdrawal_id_for(request.request_id), running=self._work.__contains__
+        )
+        record = begun.record
+        if not (begun.replayed and record.step is Step.DONE):
+            record = await self._process(record, first=not begun.replayed)
+        return withdrawal_pb2.CreateWithdrawalResponse(withdrawal=record.withdrawal)
+
+    async def GetWithdrawal(
+        self, request: withdrawal_pb2.GetWithdrawalRequest, context: Context
+    ) -> withdrawal_pb2.GetWithdrawalResponse:
+        v.require_id("withdrawal_id", request.withdrawal_id)
+        record = self._store.get(request.withdrawal_id)
+        return withdrawal_pb2.GetWithdrawalResponse(withdrawal=record.withdrawal)
+
+    async def ListWithdrawals(
+        self, request: withdrawal_pb2.ListWithdrawalsRequest, context: Context
+    ) -> withdrawal_pb2.ListWithdrawalsResponse:
+        v.require_id("merchant_id", request.merchant_id)
+        if request.status not in withdrawal_pb2.WithdrawalStatus.values():
+            raise v.invalid("status", f"{request.status} is not a WithdrawalStatus")
+        size = v.page_size(request.page_size)
+        filters = {"merchant_id": request.merchant_id, "status": request.status}
+        position = v.decode_page_token(request.page_token, filters)
+        before = (int(position["t"]), str(position["id"])) if position else None
+        withdrawals = self._store.list(
+            merchant_id=request.merchant_id, status=request.status, before=before, limit=size + 1
+        )
+        next_token = ""
+        if len(withdrawals) > size:
+            withdrawals = withdrawals[:size]
+            last = withdrawals[-1]
+            next_token = v.encode_page_token(
+                {"t": last.create_time.ToNanoseconds(), "id": last.withdrawal_id}, filters
+            )
+        return withdrawal_pb2.ListWithdrawalsResponse(
+            withdrawals=withdrawals, next_page_token=next_token
+        )
+
+    # -- recovery and shutdown -----------------------------------------------
+    def start_recovery(self) -> None:
+        """Drive every unfinished withdrawal in the background (called once at start)."""
+        self._recovery = asyncio.create_task(self.recover())
+
+    async def recover(self) -> None:
+        """Resume each unfinished withdrawal with its own ids; failures wait for the next pass."""
+        for record in self._store.unfinished():
+            try:
+                await self._process(record, first=False)
+            except Exception:
+                log.exception("recovery of withdrawal %s failed", record.withdrawal.withdrawal_id)
+
+    async def close(self) -> None:
+        """Stop the recovery pass and the work in flight; their rows stay resumable."""
+        tasks = [*self._work.values(), *([self._recovery] if self._recovery else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- the steps --------------------------------------------------------------
+    async def _process(self, record: Record, *, first: bool) -> Record:
+        """Drive the withdrawal in its own task: a caller hanging up cannot stop it mid-step."""
+        withdrawal_id = record.withdrawal.withdrawal_id
+        task = self._work.get(withdrawal_id)
+        if task is None:
+            task = asyncio.create_task(self._drive(withdrawal_id, first=first))
+            self._work[withdrawal_id] = task
+            task.add_done_callback(lambda done: self._forget(withdrawal_id, done))
+        return await asyncio.shield(task)
+
+    def _forget(self, withdrawal_id: str, task: asyncio.Task[Record]) -> None:
+        self._work.pop(withdrawal_id, None)
+        if not task.cancelled():
+            task.exception()  # the awaiting handler reports it; do not log it as lost
+
+    async def _drive(self, withdrawal_id: str, *, first: bool) -> Record:
+        record = self._store.get(withdrawal_id)  # the latest state, not a caller's snapshot
+
+        async def reserve(current: Record) -> Record:
+            return await self._reserve(current, first=first)
+
+        steps: dict[Step, _Stepper] = {
+            Step.RESERVE: reserve,
+            Step.TRANSFER: self._transfer,
+            Step.REVERSE: self._reverse,
+            Step.NOTIFY: self._notify,
+        }
+        while record.step is not Step.DONE:
+            after = await steps[record.step](record)
+            if after.step is record.step:
+                record = after
+                break  # an outage: a replay or the next recovery pass resumes here
+            record = after
+        self._store.settle_claim(record)
+        return record
+
+    async def _reserve(self, record: Record, *, first: bool) -> Record:
+        """Move the amount out of the merchant's account; the ledger refuses an overdraft."""
+        withdrawal = record.withdrawal
+        source = source_account(withdrawal)
+        transaction_id = f"txn:{withdrawal.withdrawal_id}"
+        try:
+            await self._ledger.PostTransaction(
+                _transaction(
+                    request_id=f"{withdrawal.withdrawal_id}:reserve",
+                    transaction_id=transaction_id,
+                    kind=accounting_pb2.TRANSACTION_KIND_WITHDRAWAL,
+                    withdrawal=withdrawal,
+                    debit=source,
+                    credit=PAYOUT_ACCOUNT,
+                    non_negative=source,
+                )
+            )
+        except aio.AioRpcError as exc:
+            if exc.code() in AMBIGUOUS_CODES:
+                log.warning("reservation of %s not confirmed: %s", withdrawal.withdrawal_id, exc)
+                return record
+            if first:
+                # Nothing happened anywhere: the request leaves no trace and may be retried.
+                self._store.abandon(record)
+                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    raise FailedPrecondition(
+                        f"{source} cannot pay out {withdrawal.amount.amount_minor} "
+                        f"{withdrawal.amount.currency_code}: {exc.details()}",
+                        reason=reason_of(exc),
+                        metadata={"account_id": source},
+                    ) from exc
+                raise
+            return self._store.advance(
+                record,
+                step=Step.NOTIFY,
+                status=withdrawal_pb2.WITHDRAWAL_STATUS_FAILED,
+                failure_reason=reason_of(exc),
+            )
+        return self._store.advance(record, step=Step.TRANSFER, ledger_transaction_id=transaction_id)
+
+    async def _transfer(self, record: Record) -> Record:
+        """Ask the bank to pay; the withdrawal id is the idempotency key of every attempt."""
+        withdrawal = record.withdrawal
+        try:
+            reply = await self._bank.request(
+                "POST",
+                "/transfers",
+                json={
+                    "amount_minor": withdrawal.amount.amount_minor,
+                    "currency": withdrawal.amount.currency_code,
+                    "account": withdrawal.bank_account_reference,
+                    "reference": withdrawal.withdrawal_id,
+                },
+                idempotency_key=withdrawal.withdrawal_id,
+            )
+        except (PartnerError, aio.AioRpcError) as exc:
+            log.warning("bank transfer of %s not confirmed: %s", withdrawal.withdrawal_id, exc)
+            return record
+        body = reply.body if isinstance(reply.body, dict) else {}
+        reference = str(body.get("id", ""))
+        if 200 <= reply.status < 300 and body.get("status") == "completed":
+            return self._store.advance(
+                record,
+                step=Step.NOTIFY,
+                status=withdrawal_pb2.WITHDRAWAL_STATUS_COMPLETED,
+                bank_transfer_reference=reference,
+            )
+        refused = 400 <= reply.status < 500 and reply.status not in _BANK_NOT_FINAL
+        if refused or body.get("status") in ("failed", "rejected", "returned"):
+            log.info(
+                "bank refused withdrawal %s (HTTP %d): %s",
+                withdrawal.withdrawal_id,
+                reply.status,
+                body.get("error", body.get("status", "")),
+            )
+            return self._store.advance(
+                record,
+                step=Step.REVERSE,
+                failure_reason=BANK_REFUSED_REASON,
+                bank_transfer_reference=reference,
+            )
+        # Accepted but not final yet: asking again with the same key returns its new state.
+        return self._store.advance(record, step=Step.TRANSFER, bank_transfer_reference=reference)
+
+    async def _reverse(self, record: Record) -> Record:
+        """Return the reserved amount to the merchant's account after the bank refused."""
+        withdrawal = record.withdrawal
+        source = source_account(withdrawal)
+        try:
+            await self._ledger.PostTransaction(
+                _transaction(
+                    request_id=f"{withdrawal.withdrawal_id}:reversal",
+                    transaction_id=f"txn:{withdrawal.withdrawal_id}:reversal",
+                    kind=accounting_pb2.TRANSACTION_KIND_REVERSAL,
+                    withdrawal=withdrawal,
+                    debit=PAYOUT_ACCOUNT,
+                    credit=source,
+                )
+            )
+        except aio.AioRpcError as exc:
+            log.error("reversal of %s not posted, will retry: %s", withdrawal.withdrawal_id, exc)
+            return record
+        return self._store.advance(
+            record, step=Step.NOTIFY, status=withdrawal_pb2.WITHDRAWAL_STATUS_FAILED
+        )
+
+    async def _notify(self, record: Record) -> Record:
+        """Tell the merchant; best effort, so only an outage keeps the step for a retry."""
+        withdrawal = record.withdrawal
+        completed = withdrawal.status == withdrawal_pb2.WITHDRAWAL_STATUS_COMPLETED
+        payload = {
+            "withdrawal_id": withdrawal.withdrawal_id,
+            "settlement_id": withdrawal.settlement_id,
+            "amount_minor": withdrawal.amount.amount_minor,
+            "currency_code": withdrawal.amount.currency_code,
+            "status": withdrawal_pb2.WithdrawalStatus.Name(withdrawal.status),
+            "bank_transfer_reference": withdrawal.bank_transfer_reference,
+            "failure_reason": withdrawal.failure_reason,
+        }
+        try:
+            await self._notifications.SendNotification(
+                notification_pb2.SendNotificationRequest(
+                    request_id=f"{withdrawal.withdrawal_id}:notification",
+                    merchant_id=withdrawal.merchant_id,
+                    event_type="withdrawal.completed" if completed else "withdrawal.failed",
+                    payload_json=json.dumps(payload, sort_keys=True),
+                )
+            )
+        except aio.AioRpcError as exc:
+            if exc.code() in AMBIGUOUS_CODES:
+                log.warning("notification of %s not sent yet: %s", withdrawal.withdrawal_id, exc)
+                return record
+            log.warning("notification of %s refused, dropped: %s", withdrawal.withdrawal_id, exc)
+        return self._store.advance(record, step=Step.DONE)
+
+
+def _transaction(
+    *,
+    request_id: str,
+    transaction_id: str,
+    kind: accounting_pb2.TransactionKind.ValueType,
+    withdrawal: withdrawal_pb2.Withdrawal,
+    debit: str,
+    credit: str,
+    non_negative: str | None = None,
+) -> accounting_pb2.PostTransactionRequest:
+    """A two-legged ledger transaction moving the withdrawal's amount from debit to credit."""
+    return accounting_pb2.PostTransactionRequest(
+        request_id=request_id,
+        transaction_id=transaction_id,
+        kind=kind,
+        reference_id=withdrawal.withdrawal_id,
+        description=f"withdrawal {withdrawal.withdrawal_id}",
+        postings=[
+            accounting_pb2.Posting(
+                account_id=debit,
+                direction=accounting_pb2.ENTRY_DIRECTION_DEBIT,
+                amount=withdrawal.amount,
+            ),
+            accounting_pb2.Posting(
+                account_id=credit,
+                direction=accounting_pb2.ENTRY_DIRECTION_CREDIT,
+                amount=withdrawal.amount,
+            ),
+        ],
+        non_negative_account_ids=[non_negative] if non_negative else [],
+    )

@@ -1,0 +1,289 @@
+"""withdrawal-service's data: one row per withdrawal and the step it has reached.
+
+The row is written in the same transaction that claims the request id; every later step
+(reserved in the ledger, paid by the bank, reversed, notified) is persisted as it completes,
+so a recovery pass can finish a withdrawal that a crash or an outage interrupted.
+"""
+
+from __future__ import annotations
+
+import enum
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from interceptors.errors import Aborted, AlreadyExists, NotFound
+from paymesh.common.v1 import common_pb2
+from paymesh.withdrawal.v1 import withdrawal_pb2
+from services import idempotency
+from services.database import open_database, transaction
+
+METHOD = "CreateWithdrawal"
+
+
+class Step(enum.StrEnum):
+    """The next thing a withdrawal needs; ``DONE`` once nothing is left."""
+
+    RESERVE = "reserve"
+    """Post the reservation to the ledger (the balance check happens there)."""
+    TRANSFER = "transfer"
+    """Ask the bank partner to transfer the money."""
+    REVERSE = "reverse"
+    """The bank refused: post the reversal that returns the funds."""
+    NOTIFY = "notify"
+    """Terminal status reached; tell the merchant."""
+    DONE = "done"
+    """Nothing left to do."""
+
+
+SCHEMA = (
+    """
+CREATE TABLE IF NOT EXISTS withdrawals (
+    withdrawal_id TEXT PRIMARY KEY,
+    request_id TEXT NOT NULL UNIQUE,
+    merchant_id TEXT NOT NULL,
+    amount_minor INTEGER NOT NULL CHECK (amount_minor > 0),
+    currency_code TEXT NOT NULL,
+    bank_account_reference TEXT NOT NULL,
+    settlement_id TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    step TEXT NOT NULL CHECK (step IN ('reserve', 'transfer', 'reverse', 'notify', 'done')),
+    bank_transfer_reference TEXT NOT NULL DEFAULT '',
+    ledger_transaction_id TEXT NOT NULL DEFAULT '',
+    failure_reason TEXT NOT NULL DEFAULT '',
+    create_time_ns INTEGER NOT NULL,
+    update_time_ns INTEGER NOT NULL
+);
+-- A settlement is paid out once, whatever request ids its retries carry.
+CREATE UNIQUE INDEX IF NOT EXISTS one_withdrawal_per_settlement
+    ON withdrawals (settlement_id) WHERE settlement_id != '';
+CREATE INDEX IF NOT EXISTS withdrawals_by_merchant
+    ON withdrawals (merchant_id, create_time_ns, withdrawal_id);
+"""
+    + idempotency.SCHEMA
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A withdrawal as the API shows it, plus the step it has reached."""
+
+    withdrawal: withdrawal_pb2.Withdrawal
+    """The withdrawal message."""
+    step: Step
+    """What is left to do."""
+    request_id: str
+    """The request id that created it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Begun:
+    """The outcome of :meth:`WithdrawalStore.begin`."""
+
+    record: Record
+    """The withdrawal, new or existing."""
+    replayed: bool
+    """True when the request id had been seen: ``record`` is the earlier withdrawal."""
+
+
+def _timestamp(nanos: int) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(nanos)
+    return stamp
+
+
+def _record(row: sqlite3.Row) -> Record:
+    withdrawal = withdrawal_pb2.Withdrawal(
+        withdrawal_id=row["withdrawal_id"],
+        merchant_id=row["merchant_id"],
+        amount=common_pb2.Money(
+            amount_minor=row["amount_minor"], currency_code=row["currency_code"]
+        ),
+        bank_account_reference=row["bank_account_reference"],
+        settlement_id=row["settlement_id"],
+        status=row["status"],
+        bank_transfer_reference=row["bank_transfer_reference"],
+        ledger_transaction_id=row["ledger_transaction_id"],
+        failure_reason=row["failure_reason"],
+        create_time=_timestamp(row["create_time_ns"]),
+        update_time=_timestamp(row["update_time_ns"]),
+    )
+    return Record(withdrawal=withdrawal, step=Step(row["step"]), request_id=row["request_id"])
+
+
+class WithdrawalStore:
+    """Withdrawals in SQLite, idempotent by request id and by settlement id."""
+
+    def __init__(self, path: Path | str, *, clock_ns: Callable[[], int] = time.time_ns) -> None:
+        self._conn = open_database(path, SCHEMA)
+        self._clock_ns = clock_ns
+
+    def close(self) -> None:
+        """Close the database."""
+        self._conn.close()
+
+    def begin(
+        self,
+        request: withdrawal_pb2.CreateWithdrawalRequest,
+        withdrawal_id: str,
+        *,
+        running: Callable[[str], bool],
+    ) -> Begun:
+        """Claim the request id and insert the PENDING withdrawal in one transaction.
+
+        Args:
+            request: the validated request.
+            withdrawal_id: the id derived from the request id.
+            running: whether this process is still working on a withdrawal id; an in-flight
+                claim whose work is not running was interrupted and is handed back to resume.
+
+        Raises:
+            InvalidArgument: the request id was used with a different body.
+            Aborted: the first request with this id is still being executed.
+            AlreadyExists: the settlement already has a withdrawal of another request.
+        """
+        with transaction(self._conn) as conn:
+            try:
+                claim = idempotency.claim(conn, METHOD, request.request_id, request)
+            except Aborted:
+                existing = self._row(withdrawal_id)
+                if existing is None or running(withdrawal_id):
+                    raise
+                return Begun(record=_record(existing), replayed=True)
+            if claim.replay is not None:
+                return Begun(record=self._require(withdrawal_id), replayed=True)
+            if request.settlement_id:
+                other = conn.execute(
+                    "SELECT withdrawal_id FROM withdrawals WHERE settlement_id = ?",
+                    (request.settlement_id,),
+                ).fetchone()
+                if other is not None:
+                    raise AlreadyExists(
+                        f"settlement {request.settlement_id!r} is already paid out by "
+                        f"withdrawal {other['withdrawal_id']!r}",
+                        metadata={
+                            "settlement_id": request.settlement_id,
+                            "withdrawal_id": other["withdrawal_id"],
+                        },
+                    )
+            now = self._clock_ns()
+            conn.execute(
+                "INSERT INTO withdrawals (withdrawal_id, request_id, merchant_id, amount_minor,"
+                " currency_code, bank_account_reference, settlement_id, status, step,"
+                " create_time_ns, update_time_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    withdrawal_id,
+                    request.request_id,
+                    request.merchant_id,
+                    request.amount.amount_minor,
+                    request.amount.currency_code,
+                    request.bank_account_reference,
+                    request.settlement_id,
+                    withdrawal_pb2.WITHDRAWAL_STATUS_PENDING,
+                    Step.RESERVE,
+                    now,
+                    now,
+                ),
+            )
+            return Begun(record=self._require(withdrawal_id), replayed=False)
+
+    def abandon(self, record: Record) -> None:
+        """Forget a withdrawal the ledger refused before any effect, and free its request id."""
+        with transaction(self._conn) as conn:
+            conn.execute(
+                "DELETE FROM withdrawals WHERE withdrawal_id = ?",
+                (record.withdrawal.withdrawal_id,),
+            )
+            idempotency.release(conn, METHOD, record.request_id)
+
+    def advance(
+        self,
+        record: Record,
+        *,
+        step: Step,
+        status: int | None = None,
+        bank_transfer_reference: str | None = None,
+        ledger_transaction_id: str | None = None,
+        failure_reason: str | None = None,
+    ) -> Record:
+        """Persist the next step (and whatever fields it set); returns the updated record."""
+        current = record.withdrawal
+        with transaction(self._conn) as conn:
+            conn.execute(
+                "UPDATE withdrawals SET step=?, status=?, bank_transfer_reference=?,"
+                " ledger_transaction_id=?, failure_reason=?, update_time_ns=?"
+                " WHERE withdrawal_id=?",
+                (
+                    step,
+                    current.status if status is None else status,
+                    _or(bank_transfer_reference, current.bank_transfer_reference),
+                    _or(ledger_transaction_id, current.ledger_transaction_id),
+                    _or(failure_reason, current.failure_reason),
+                    self._clock_ns(),
+                    current.withdrawal_id,
+                ),
+            )
+            return self._require(current.withdrawal_id)
+
+    def settle_claim(self, record: Record) -> None:
+        """Mark the request id done, so replays return the withdrawal instead of ABORTED."""
+        with transaction(self._conn) as conn:
+            idempotency.complete(
+                conn,
+                METHOD,
+                record.request_id,
+                withdrawal_pb2.CreateWithdrawalResponse(withdrawal=record.withdrawal),
+            )
+
+    def get(self, withdrawal_id: str) -> Record:
+        """The withdrawal; NotFound if there is none."""
+        return self._require(withdrawal_id)
+
+    def unfinished(self) -> list[Record]:
+        """Withdrawals with work left, oldest first (for the recovery pass)."""
+        rows = self._conn.execute(
+            "SELECT * FROM withdrawals WHERE step != 'done' ORDER BY create_time_ns, withdrawal_id"
+        ).fetchall()
+        return [_record(row) for row in rows]
+
+    def list(
+        self, *, merchant_id: str, status: int, before: tuple[int, str] | None, limit: int
+    ) -> list[withdrawal_pb2.Withdrawal]:
+        """A merchant's withdrawals newest first, before the ``(create_time_ns, id)`` cursor."""
+        clauses = ["merchant_id = ?"]
+        params: list[object] = [merchant_id]
+        if status:
+            clauses.append("status = ?")
+            params.append(status)
+        if before is not None:
+            clauses.append("(create_time_ns, withdrawal_id) < (?, ?)")
+            params.extend(before)
+        rows = self._conn.execute(
+            f"SELECT * FROM withdrawals WHERE {' AND '.join(clauses)}"
+            " ORDER BY create_time_ns DESC, withdrawal_id DESC LIMIT ?",
+            (*params, limit),
+        ).fetchall()
+        return [_record(row).withdrawal for row in rows]
+
+    def _row(self, withdrawal_id: str) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = self._conn.execute(
+            "SELECT * FROM withdrawals WHERE withdrawal_id = ?", (withdrawal_id,)
+        ).fetchone()
+        return row
+
+    def _require(self, withdrawal_id: str) -> Record:
+        row = self._row(withdrawal_id)
+        if row is None:
+            raise NotFound(
+                f"withdrawal {withdrawal_id!r} does not exist",
+                metadata={"withdrawal_id": withdrawal_id},
+            )
+        return _record(row)
+
+
+def _or(value: str | None, current: str) -> str:
+    return current if value is None else value

@@ -1,0 +1,175 @@
+"""The shared bootstrap: health with List, reflection v1 and v1alpha, graceful stop, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
+
+from interceptors.errors import STATUS_DETAILS_KEY
+from paymesh.order.v1 import order_pb2, order_pb2_grpc
+from services.bootstrap import Context, Registration, ServiceContext, StartupError, serve
+from services.order.servicer import OrderServicer
+from services.order.store import OrderStore
+from services.topology import Topology
+from tests.servers import running_service
+
+ORDER_SERVICE = "paymesh.order.v1.OrderService"
+
+
+class SlowOrders(OrderServicer):
+    """GetOrder takes a while, so a stop can begin while it is in flight."""
+
+    started: asyncio.Event
+
+    async def GetOrder(
+        self, request: order_pb2.GetOrderRequest, context: Context
+    ) -> order_pb2.GetOrderResponse:
+        self.started.set()
+        await asyncio.sleep(0.5)
+        return order_pb2.GetOrderResponse(order=order_pb2.Order(order_id=request.order_id))
+
+
+class CrashingOrders(OrderServicer):
+    """GetOrder fails with a bug, as real code sometimes does."""
+
+    async def GetOrder(
+        self, request: order_pb2.GetOrderRequest, context: Context
+    ) -> order_pb2.GetOrderResponse:
+        raise KeyError("a bug")
+
+
+def _builder(servicer_type: type[OrderServicer], tmp_path: Path, **attrs: object):  # type: ignore[no-untyped-def]
+    def build(context: ServiceContext) -> list[Registration]:
+        servicer = servicer_type(OrderStore(tmp_path / "orders.db"))
+        for key, value in attrs.items():
+            setattr(servicer, key, value)
+        return [
+            Registration(
+                servicer=servicer,
+                add_to_server=order_pb2_grpc.add_OrderServiceServicer_to_server,
+                service_name=ORDER_SERVICE,
+            )
+        ]
+
+    return build
+
+
+async def test_health_lists_overall_and_own_services(tmp_path: Path) -> None:
+    async with running_service("order-service", _builder(OrderServicer, tmp_path)) as address:
+        async with aio.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            listed = await health.List(health_pb2.HealthListRequest())
+            overall = await health.Check(health_pb2.HealthCheckRequest(service=""))
+    assert {name: s.status for name, s in listed.statuses.items()} == {
+        "": health_pb2.HealthCheckResponse.SERVING,
+        ORDER_SERVICE: health_pb2.HealthCheckResponse.SERVING,
+    }
+    assert overall.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize("version", ["v1alpha", "v1"])
+async def test_reflection_describes_the_service(tmp_path: Path, version: str) -> None:
+    async with running_service("order-service", _builder(OrderServicer, tmp_path)) as address:
+        async with aio.insecure_channel(address) as channel:
+            method = f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo"
+            call = channel.stream_stream(
+                method,
+                request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+            )
+            requests = [
+                reflection_pb2.ServerReflectionRequest(list_services=""),
+                reflection_pb2.ServerReflectionRequest(file_containing_symbol=ORDER_SERVICE),
+            ]
+            replies = [reply async for reply in call(iter(requests))]
+    services = {s.name for s in replies[0].list_services_response.service}
+    assert ORDER_SERVICE in services
+    assert "grpc.health.v1.Health" in services
+    assert replies[1].file_descriptor_response.file_descriptor_proto
+
+
+async def test_stop_lets_calls_in_flight_finish_and_turns_health_not_serving(
+    tmp_path: Path,
+) -> None:
+    started = asyncio.Event()
+    stop = asyncio.Event()
+    ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    environ = {"ORDER_SERVICE_ADDR": "127.0.0.1:0"}
+    server = asyncio.create_task(
+        serve(
+            "order-service",
+            _builder(SlowOrders, tmp_path, started=started),
+            topology=Topology(environ=environ),
+            grace_s=5.0,
+            stop=stop,
+            on_ready=ready.set_result,
+        )
+    )
+    address = await ready
+    async with aio.insecure_channel(address) as channel:
+        in_flight = asyncio.create_task(
+            order_pb2_grpc.OrderServiceStub(channel).GetOrder(
+                order_pb2.GetOrderRequest(order_id="o1"), timeout=10
+            )
+        )
+        await started.wait()
+        stop.set()
+        reply = await in_flight
+    await asyncio.wait_for(server, timeout=10)
+    assert reply.order.order_id == "o1"
+
+
+async def test_unexpected_exception_is_internal_with_error_info_and_no_traceback(
+    tmp_path: Path,
+) -> None:
+    async with running_service("order-service", _builder(CrashingOrders, tmp_path)) as address:
+        async with aio.insecure_channel(address) as channel:
+            with pytest.raises(aio.AioRpcError) as caught:
+                await order_pb2_grpc.OrderServiceStub(channel).GetOrder(
+                    order_pb2.GetOrderRequest(order_id="o1")
+                )
+    error = caught.value
+    assert error.code() == grpc.StatusCode.INTERNAL
+    assert "Traceback" not in (error.details() or "")
+    assert "KeyError" not in (error.details() or "")
+    details = dict(error.trailing_metadata() or ())[STATUS_DETAILS_KEY]
+    assert isinstance(details, bytes)
+    status = status_pb2.Status.FromString(details)
+    infos = [d for d in status.details if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR)]
+    assert len(infos) == 1
+    info = error_details_pb2.ErrorInfo()
+    infos[0].Unpack(info)
+    assert (info.reason, info.domain) == ("INTERNAL_ERROR", "order-service")
+
+
+async def test_taken_port_is_a_startup_error(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        environ = {"ORDER_SERVICE_ADDR": f"127.0.0.1:{port}"}
+        with pytest.raises(StartupError, match="cannot listen"):
+            await serve(
+                "order-service",
+                _builder(OrderServicer, tmp_path),
+                topology=Topology(environ=environ),
+                stop=asyncio.Event(),
+            )
+
+
+async def test_missing_declared_service_is_a_startup_error(tmp_path: Path) -> None:
+    with pytest.raises(StartupError, match="must serve"):
+        await serve(
+            "order-service",
+            lambda context: [],
+            topology=Topology(environ={"ORDER_SERVICE_ADDR": "127.0.0.1:0"}),
+            stop=asyncio.Event(),
+        )

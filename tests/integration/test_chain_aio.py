@@ -1,0 +1,276 @@
+"""The grpc.aio chain against a real server that fails on command."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from google.rpc import status_pb2
+
+from interceptors.aio import (
+    BreakerInterceptor,
+    DeadlineInterceptor,
+    RetryInterceptor,
+    StreamDeadlineInterceptor,
+    TelemetryInterceptor,
+)
+from interceptors.errors import CallError, error_info
+from paymesh.testing.v1 import testing_pb2 as pb
+from tests.integration.harness import (
+    TARGET,
+    Fault,
+    RunningServer,
+    ScriptedServicer,
+    ShiftedClock,
+    make_chain,
+    serving,
+    start_server,
+    stub_for,
+)
+
+UNAVAILABLE = Fault(code=grpc.StatusCode.UNAVAILABLE)
+#: The server reads its remaining time off the wall clock; allow the two clocks to disagree a bit.
+CLOCK_SKEW_S = 0.05
+NO_BREAKER = {"breaker": {"minimum_calls": 1_000_000}}
+
+
+def test_chain_order_is_telemetry_deadline_retry_breaker() -> None:
+    layers = [type(i) for i in make_chain().aio_interceptors(TARGET)]
+    assert layers == [
+        TelemetryInterceptor,
+        DeadlineInterceptor,
+        RetryInterceptor,
+        BreakerInterceptor,
+        StreamDeadlineInterceptor,
+    ]
+
+
+async def test_unavailable_twice_then_ok_succeeds_on_third_attempt() -> None:
+    async with serving() as srv:
+        srv.servicer.fail("Read", UNAVAILABLE, UNAVAILABLE)
+        async with stub_for(make_chain(), srv.address) as stub:
+            response = await stub.Read(pb.ReadRequest(text="hi"))
+    assert response.attempt == 3
+
+
+async def test_retries_send_previous_attempts_metadata() -> None:
+    async with serving() as srv:
+        srv.servicer.fail("Read", UNAVAILABLE, UNAVAILABLE)
+        async with stub_for(make_chain(), srv.address) as stub:
+            await stub.Read(pb.ReadRequest())
+    sent = [a.metadata.get("grpc-previous-rpc-attempts") for a in srv.servicer.attempts]
+    assert sent == [None, "1", "2"]
+
+
+async def test_non_idempotent_call_without_request_id_is_sent_once() -> None:
+    async with serving() as srv:
+        srv.servicer.fail("WriteUnsafe", UNAVAILABLE, UNAVAILABLE)
+        async with stub_for(make_chain(), srv.address) as stub:
+            with pytest.raises(CallError) as caught:
+                await stub.WriteUnsafe(pb.WriteUnsafeRequest(text="x"))
+    assert srv.servicer.count() == 1
+    assert (caught.value.attempts, caught.value.stop_reason) == (1, "not_retryable")
+
+
+async def test_write_with_request_id_is_retried() -> None:
+    async with serving() as srv:
+        srv.servicer.fail("Write", UNAVAILABLE)
+        async with stub_for(make_chain(), srv.address) as stub:
+            await stub.Write(pb.WriteRequest(request_id="r-1", text="x"))
+    assert srv.servicer.count("Write") == 2
+
+
+async def test_write_without_request_id_is_sent_once() -> None:
+    async with serving() as srv:
+        srv.servicer.fail("Write", UNAVAILABLE)
+        async with stub_for(make_chain(), srv.address) as stub:
+            with pytest.raises(CallError):
+                await stub.Write(pb.WriteRequest(text="x"))
+    assert srv.servicer.count("Write") == 1
+
+
+async def test_invalid_argument_is_sent_once_and_leaves_breaker_closed() -> None:
+    chain = make_chain()
+    async with serving() as srv:
+        srv.servicer.default = Fault(code=grpc.StatusCode.INVALID_ARGUMENT)
+        async with stub_for(chain, srv.address) as stub:
+            for _ in range(10):
+                with pytest.raises(CallError) as caught:
+                    await stub.Read(pb.ReadRequest())
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert srv.servicer.count() == 10
+    assert chain.breakers.states() == {TARGET: "closed"}
+
+
+async def test_breaker_trip_stops_calls_reaching_the_server() -> None:
+    chain = make_chain({"retry": {"max_attempts": 1}})
+    async with serving() as srv:
+        srv.servicer.default = UNAVAILABLE
+        async with stub_for(chain, srv.address) as stub:
+            for _ in range(20):
+                with pytest.raises(CallError):
+                    await stub.Read(pb.ReadRequest())
+    assert srv.servicer.count() == 5
+    assert chain.breakers.states() == {TARGET: "open"}
+
+
+async def test_open_breaker_fails_fast_with_circuit_open_naming_target() -> None:
+    chain = make_chain({"retry": {"max_attempts": 1}})
+    async with serving() as srv:
+        srv.servicer.default = UNAVAILABLE
+        async with stub_for(chain, srv.address) as stub:
+            for _ in range(5):
+                with pytest.raises(CallError):
+                    await stub.Read(pb.ReadRequest())
+            with pytest.raises(CallError) as caught:
+                await stub.Read(pb.ReadRequest())
+    error = caught.value
+    assert (error.code(), error.stop_reason, error.attempts) == (
+        grpc.StatusCode.UNAVAILABLE,
+        "breaker_open",
+        0,
+    )
+    details = dict(error.trailing_metadata())["grpc-status-details-bin"]
+    info = error_info(status_pb2.Status.FromString(details))
+    assert info is not None
+    assert (info.reason, info.metadata["target"]) == ("CIRCUIT_OPEN", TARGET)
+
+
+async def test_half_open_admits_exactly_three_trial_calls() -> None:
+    clock = ShiftedClock()
+    chain = make_chain({"retry": {"max_attempts": 1}}, clock=clock)
+    async with serving() as srv:
+        srv.servicer.default = UNAVAILABLE
+        async with stub_for(chain, srv.address) as stub:
+            for _ in range(5):
+                with pytest.raises(CallError):
+                    await stub.Read(pb.ReadRequest())
+            clock.advance(31)
+            srv.servicer.default = Fault(hold_s=0.3)
+            results = await asyncio.gather(
+                *(stub.Read(pb.ReadRequest()) for _ in range(10)), return_exceptions=True
+            )
+    assert srv.servicer.count() == 5 + 3
+    rejected = [r for r in results if isinstance(r, CallError)]
+    assert len(rejected) == 7
+    assert all(r.stop_reason == "breaker_open" for r in rejected)
+    assert chain.breakers.states() == {TARGET: "closed"}
+
+
+async def test_fifty_concurrent_calls_are_not_serialized_by_the_breaker() -> None:
+    servicer = ScriptedServicer(gather_until=50)
+    async with serving(servicer) as srv, stub_for(make_chain(), srv.address) as stub:
+        await asyncio.gather(*(stub.Read(pb.ReadRequest()) for _ in range(50)))
+    assert servicer.peak_active == 50
+
+
+async def test_deadline_is_overall_across_retries() -> None:
+    chain = make_chain({"timeout_s": 0.6, "retry": {"max_attempts": 50}, **NO_BREAKER})
+    async with serving() as srv:
+        srv.servicer.default = Fault(code=grpc.StatusCode.UNAVAILABLE, hold_s=0.1)
+        async with stub_for(chain, srv.address) as stub:
+            with pytest.raises(CallError) as caught:
+                await stub.Read(pb.ReadRequest())
+    remaining = [a.time_remaining for a in srv.servicer.attempts]
+    assert all(r is not None and r <= 0.6 + CLOCK_SKEW_S for r in remaining)
+    assert remaining == sorted(remaining, reverse=True)  # never reset per attempt
+    assert caught.value.stop_reason == "deadline"
+    assert caught.value.attempts == len(remaining) < 50
+
+
+async def test_every_call_carries_a_deadline_from_policy() -> None:
+    async with serving() as srv, stub_for(make_chain({"timeout_s": 2.0}), srv.address) as stub:
+        await stub.Read(pb.ReadRequest())
+    remaining = srv.servicer.attempts[0].time_remaining
+    assert remaining is not None and 0 < remaining <= 2.0 + CLOCK_SKEW_S
+
+
+async def test_caller_timeout_replaces_policy_timeout() -> None:
+    async with serving() as srv, stub_for(make_chain({"timeout_s": 5.0}), srv.address) as stub:
+        await stub.Read(pb.ReadRequest(), timeout=1.0)
+    remaining = srv.servicer.attempts[0].time_remaining
+    assert remaining is not None and remaining <= 1.0 + CLOCK_SKEW_S
+
+
+async def test_retry_budget_bounds_attempts_during_an_outage() -> None:
+    policy = {"budget": {"retry_ratio": 0.2, "min_retries": 3}, **NO_BREAKER}
+    chain = make_chain(policy)
+    calls = 50
+    async with serving() as srv:
+        srv.servicer.default = UNAVAILABLE
+        async with stub_for(chain, srv.address) as stub:
+            for _ in range(calls):
+                with pytest.raises(CallError):
+                    await stub.Read(pb.ReadRequest())
+    assert srv.servicer.count() <= 1.2 * calls + 3
+    assert chain.telemetry.value("budget_exhausted_total", target=TARGET) > 0
+
+
+async def test_pushback_delay_is_honoured() -> None:
+    async with serving() as srv:
+        srv.servicer.fail("Read", Fault(code=grpc.StatusCode.RESOURCE_EXHAUSTED, pushback_ms=300))
+        async with stub_for(make_chain(), srv.address) as stub:
+            await stub.Read(pb.ReadRequest())
+    first, second = srv.servicer.attempts
+    assert second.at - first.at >= 0.3
+
+
+async def test_negative_pushback_stops_retries() -> None:
+    async with serving() as srv:
+        srv.servicer.fail("Read", Fault(code=grpc.StatusCode.UNAVAILABLE, pushback_ms=-1))
+        async with stub_for(make_chain(), srv.address) as stub:
+            with pytest.raises(CallError) as caught:
+                await stub.Read(pb.ReadRequest())
+    assert (srv.servicer.count(), caught.value.stop_reason) == (1, "pushback")
+
+
+async def test_resource_exhausted_without_pushback_is_not_retried() -> None:
+    async with serving() as srv:
+        srv.servicer.fail("Read", Fault(code=grpc.StatusCode.RESOURCE_EXHAUSTED))
+        async with stub_for(make_chain(), srv.address) as stub:
+            with pytest.raises(CallError) as caught:
+                await stub.Read(pb.ReadRequest())
+    assert (srv.servicer.count(), caught.value.stop_reason) == (1, "not_retryable")
+
+
+async def test_retry_info_delay_is_honoured() -> None:
+    async with serving() as srv:
+        srv.servicer.fail("Read", Fault(code=grpc.StatusCode.ABORTED, retry_delay_s=0.2))
+        async with stub_for(make_chain(), srv.address) as stub:
+            await stub.Read(pb.ReadRequest())
+    first, second = srv.servicer.attempts
+    assert second.at - first.at >= 0.2
+
+
+async def test_attempts_exhausted_reports_every_attempt() -> None:
+    async with serving() as srv:
+        srv.servicer.default = UNAVAILABLE
+        async with stub_for(make_chain(NO_BREAKER), srv.address) as stub:
+            with pytest.raises(CallError) as caught:
+                await stub.Read(pb.ReadRequest())
+    assert (caught.value.attempts, caught.value.stop_reason) == (4, "attempts_exhausted")
+    assert caught.value.target == TARGET
+    assert caught.value.method == "/paymesh.testing.v1.TestService/Read"
+
+
+async def test_server_restart_is_survived_within_the_deadline() -> None:
+    chain = make_chain({"timeout_s": 8.0, **NO_BREAKER})
+    servicer = ScriptedServicer()
+    srv = await start_server(servicer)
+    port = srv.port
+    async with stub_for(chain, srv.address) as stub:
+        await stub.Read(pb.ReadRequest())
+        await srv.server.stop(None)
+
+        async def restart_later() -> None:
+            await asyncio.sleep(0.5)  # the outage the call has to ride out
+            restarted.append(await start_server(ScriptedServicer(), port))
+
+        restarted: list[RunningServer] = []
+        task = asyncio.create_task(restart_later())
+        response = await stub.Read(pb.ReadRequest(text="back"))
+        await task
+    assert response.text == "back"
+    for running in restarted:
+        await running.server.stop(None)

@@ -1,0 +1,524 @@
+"""merchant-service through real gRPC on loopback: profiles, status changes, the dashboard.
+
+The dashboard's downstreams are real services (their own ``build``) where they exist; an
+outage is a downstream address where nothing listens, or a real downstream stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+from grpc import aio
+
+from interceptors.errors import STATUS_DETAILS_KEY, circuit_open_error, rich_status
+from paymesh.merchant.v1 import merchant_pb2, merchant_pb2_grpc
+from services.accounting.__main__ import build as build_accounting
+from services.analytics.__main__ import build as build_analytics
+from services.bootstrap import Builder
+from services.merchant.__main__ import build
+from services.merchant.dashboard import unavailable_section
+from services.notification.__main__ import build as build_notification
+from services.payment_gateway.__main__ import build as build_gateway
+from services.risk.__main__ import build as build_risk
+from services.topology import Topology, env_prefix
+from tests.servers import running_service
+
+DOWNSTREAMS = (
+    "payment-gateway",
+    "accounting-service",
+    "analytics-service",
+    "risk-service",
+    "notification-service",
+)
+
+
+def _silent_address() -> str:
+    """A loopback address where nothing listens (a port the OS just handed out and freed)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{probe.getsockname()[1]}"
+
+
+def _environ(tmp_path: Path, **addresses: str) -> dict[str, str]:
+    """merchant-service's environ: every downstream silent unless ``addresses`` names it."""
+    environ = {"PAYMESH_VAR_DIR": str(tmp_path)}
+    for name in DOWNSTREAMS:
+        environ[f"{env_prefix(name)}_ADDR"] = addresses.get(name) or _silent_address()
+    return environ
+
+
+@pytest.fixture
+async def merchants(tmp_path: Path) -> AsyncIterator[merchant_pb2_grpc.MerchantServiceAsyncStub]:
+    async with (
+        running_service("merchant-service", build, environ=_environ(tmp_path)) as address,
+        aio.insecure_channel(address) as channel,
+    ):
+        yield merchant_pb2_grpc.MerchantServiceStub(channel)
+
+
+def _create(request_id: str = "r1", **fields: str) -> merchant_pb2.CreateMerchantRequest:
+    profile = {
+        "name": "Kaffeehaus Zentral",
+        "email": "billing@kaffeehaus.example",
+        "country_code": "AT",
+        "default_currency_code": "EUR",
+        "webhook_url": "https://kaffeehaus.example/hooks/paymesh",
+    }
+    profile.update(fields)
+    return merchant_pb2.CreateMerchantRequest(request_id=request_id, **profile)
+
+
+def _details(error: aio.AioRpcError) -> tuple[str, list[str]]:
+    """The ErrorInfo reason and the BadRequest field names of a failed call."""
+    reason, fields = "", []
+    for key, value in error.trailing_metadata() or ():
+        if key != STATUS_DETAILS_KEY or not isinstance(value, bytes):
+            continue
+        for detail in status_pb2.Status.FromString(value).details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                reason = info.reason
+            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                fields = [violation.field for violation in bad.field_violations]
+    return reason, fields
+
+
+async def test_created_merchant_is_active_with_a_server_generated_id(
+    merchants: merchant_pb2_grpc.MerchantServiceAsyncStub,
+) -> None:
+    created = (await merchants.CreateMerchant(_create())).merchant
+    assert created.merchant_id.startswith("m_")
+    assert created.status == merchant_pb2.MERCHANT_STATUS_ACTIVE
+    fetched = await merchants.GetMerchant(
+        merchant_pb2.GetMerchantRequest(merchant_id=created.merchant_id)
+    )
+    assert fetched.merchant == created
+
+
+async def test_replayed_create_returns_the_first_merchant(
+    merchants: merchant_pb2_grpc.MerchantServiceAsyncStub,
+) -> None:
+    first = await merchants.CreateMerchant(_create("r1"))
+    again = await merchants.CreateMerchant(_create("r1"))
+    assert again.merchant == first.merchant
+    listed = await merchants.ListMerchants(merchant_pb2.ListMerchantsRequest())
+    assert [m.merchant_id for m in listed.merchants] == [first.merchant.merchant_id]
+
+
+async def test_request_id_reused_with_another_body_is_invalid_argument(
+    merchants: merchant_pb2_grpc.MerchantServiceAsyncStub,
+) -> None:
+    await merchants.CreateMerchant(_create("r1"))
+    with pytest.raises(aio.AioRpcError) as caught:
+        await merchants.CreateMerchant(_create("r1", name="Another Shop"))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _details(caught.value)[0] == "IDEMPOTENCY_KEY_REUSED"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("name", "   "),
+        ("name", "x" * 201),
+        ("email", "not-an-email"),
+        ("email", "a@b"),
+        ("country_code", "XX"),
+        ("country_code", "at"),
+        ("default_currency_code", "XXX"),
+        ("webhook_url", "ftp://kaffeehaus.example/hooks"),
+        ("webhook_url", "http://kaffeehaus.example/hooks"),
+        ("webhook_url", "https://"),
+    ],
+)
+async def test_bad_profile_field_is_invalid_argument_naming_the_field(
+    merchants: merchant_pb2_grpc.MerchantServiceAsyncStub, field: str, value: str
+) -> None:
+    with pytest.raises(aio.AioRpcError) as caught:
+        await merchants.CreateMerchant(_create(**{field: value}))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _details(caught.value)[1] == [field]
+
+
+async def test_missing_request_id_is_invalid_argument(
+    merchants: merchant_pb2_grpc.MerchantServiceAsyncStub,
+) -> None:
+    with pytest.raises(aio.AioRpcError) as caught:
+        await merchants.CreateMerchant(_create(""))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _details(caught.value)[1] == ["request_id"]
+
+
+async def test_merchant_without_webhook_or_with_loopback_http_webhook_is_accepted(
+    merchants: merchant_pb2_grpc.MerchantServiceAsyncStub,
+) -> None:
+    none = await merchants.CreateMerchant(_create("r1", webhook_url=""))
+    local = await merchants.CreateMerchant(_create("r2", webhook_url="http://127.0.0.1:8080/h"))
+    assert none.merchant.webhook_url == ""
+    assert local.merchant.webhook_url == "http://127.0.0.1:8080/h"
+
+
+async def test_unknown_merchant_is_not_found_with_reason_merchant_not_found(
+    merchants: merchant_pb2_grpc.MerchantServiceAsyncStub,
+) -> None:
+    with pytest.raises(aio.AioRpcError) as caught:
+        await merchants.GetMerchant(merchant_pb2.GetMerchantRequest(merchant_id="m_missing"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert _details(caught.value)[0] == "MERCHANT_NOT_FOUND"
+
+
+async def test_malformed_merchant_id_is_invalid_argument(
+    merchants: merchant_pb2_grpc.MerchantServiceAsyncStub,
+) -> None:
+    with pytest.raises(aio.AioRpcError) as caught:
+        await merchants.GetMerchant(merchant_pb2.GetMerchantRequest(merchant_id="m 1; drop"))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_suspension_changes_status_and_records_the_reason(
+    merchants: merchant_pb2_grpc.MerchantServiceAsyncStub,
+) -> None:
+    created = (await merchants.CreateMerchant(_create())).merchant
+    suspended = await merchants.UpdateMerchantStatus(
+        merchant_pb2.UpdateMerchantStatusRequest(
+            request_id="s1",
+            merchant_id=created.merchant_id,
+            status=merchant_pb2.MERCHANT_STATUS_SUSPENDED,
+            reason="chargeback ratio",
+        )
+    )
+    assert suspended.merchant.status == merchant_pb2.MERCHANT_STATUS_SUSPENDED
+    assert suspended.merchant.status_reason == "chargeback ratio"
+    fetched = await merchants.GetMerchant(
+        merchant_pb2.GetMerchantRequest(merchant_id=created.merchant_id)
+    )
+    assert fetched.merchant == suspended.merchant
+
+
+async def test_suspending_a_suspended_merchant_keeps_the_first_change(
+    merchants: merchant_pb2_grpc.MerchantServiceAsyncStub,
+) -> None:
+    created = (await merchants.CreateMerchant(_create())).merchant
+
+    def suspend(request_id: str, reason: str) -> merchant_pb2.UpdateMerchantStatusRequest:
+        return merchant_pb2.UpdateMerchantStatusRequest(
+            request_id=request_id,
+            merchant_id=created.merchant_id,
+            status=merchant_pb2.MERCHANT_STATUS_SUSPENDED,
+            reason=reason,
+        )
+
+    first = await merchants.UpdateMerchantStatus(suspend("s1", "chargeback ratio"))
+    second = await merchants.UpdateMerchantStatus(suspend("s2", "again"))
+    assert second.merchant == first.merchant
+
+
+async def test_replayed_status_update_returns_the_first_result(
+    merchants: merchant_pb2_grpc.MerchantServiceAsyncStub,
+) -> None:
+    created = (await merchants.CreateMerchant(_create())).merchant
+    request = merchant_pb2.UpdateMerchantStatusRequest(
+        request_id="s1",
+        merchant_id=created.merchant_id,
+        status=merchant_pb2.MERCHANT_STATUS_SUSPENDED,
+    )
+    first = await merchants.UpdateMerchantStatus(request)
+    await merchants.UpdateMerchantStatus(
+        merchant_pb2.UpdateMerchantStatusRequest(
+            request_id="s2",
+            merchant_id=created.merchant_id,
+            status=merchant_pb2.MERCHANT_STATUS_ACTIVE,
+        )
+    )
+    again = await merchants.UpdateMerchantStatus(request)
+    assert again.merchant == first.merchant
+
+
+@pytest.mark.parametrize("status", [merchant_pb2.MERCHANT_STATUS_UNSPECIFIED, 7])
+async def test_status_update_to_no_concrete_status_is_invalid_argument(
+    merchants: merchant_pb2_grpc.MerchantServiceAsyncStub, status: int
+) -> None:
+    created = (await merchants.CreateMerchant(_create())).merchant
+    with pytest.raises(aio.AioRpcError) as caught:
+        await merchants.UpdateMerchantStatus(
+            merchant_pb2.UpdateMerchantStatusRequest(
+                request_id="s1",
+                merchant_id=created.merchant_id,
+                status=status,  # type: ignore[arg-type]  # out-of-range on purpose
+            )
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_status_update_of_unknown_merchant_is_not_found(
+    merchants: merchant_pb2_grpc.MerchantServiceAsyncStub,
+) -> None:
+    with pytest.raises(aio.AioRpcError) as caught:
+        await merchants.UpdateMerchantStatus(
+            merchant_pb2.UpdateMerchantStatusRequest(
+                request_id="s1",
+                merchant_id="m_missing",
+                status=merchant_pb2.MERCHANT_STATUS_SUSPENDED,
+            )
+        )
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_pages_cover_every_merchant_once_newest_first(
+    merchants: merchant_pb2_grpc.MerchantServiceAsyncStub,
+) -> None:
+    created = [
+        (await merchants.CreateMerchant(_create(f"r{index}"))).merchant.merchant_id
+        for index in range(7)
+    ]
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = await merchants.ListMerchants(
+            merchant_pb2.ListMerchantsRequest(page_size=3, page_token=token)
+        )
+        seen.extend(m.merchant_id for m in page.merchants)
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == list(reversed(created))
+
+
+async def test_list_filters_by_status(
+    merchants: merchant_pb2_grpc.MerchantServiceAsyncStub,
+) -> None:
+    active = (await merchants.CreateMerchant(_create("r1"))).merchant
+    suspended = (await merchants.CreateMerchant(_create("r2"))).merchant
+    await merchants.UpdateMerchantStatus(
+        merchant_pb2.UpdateMerchantStatusRequest(
+            request_id="s1",
+            merchant_id=suspended.merchant_id,
+            status=merchant_pb2.MERCHANT_STATUS_SUSPENDED,
+        )
+    )
+    listed = await merchants.ListMerchants(
+        merchant_pb2.ListMerchantsRequest(status=merchant_pb2.MERCHANT_STATUS_ACTIVE)
+    )
+    assert [m.merchant_id for m in listed.merchants] == [active.merchant_id]
+
+
+async def test_page_token_of_another_filter_is_rejected(
+    merchants: merchant_pb2_grpc.MerchantServiceAsyncStub,
+) -> None:
+    for index in range(3):
+        await merchants.CreateMerchant(_create(f"r{index}"))
+    page = await merchants.ListMerchants(merchant_pb2.ListMerchantsRequest(page_size=1))
+    with pytest.raises(aio.AioRpcError) as caught:
+        await merchants.ListMerchants(
+            merchant_pb2.ListMerchantsRequest(
+                status=merchant_pb2.MERCHANT_STATUS_SUSPENDED, page_token=page.next_page_token
+            )
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _details(caught.value)[0] == "PAGE_TOKEN_INVALID"
+
+
+async def test_dashboard_of_unknown_merchant_is_not_found(
+    merchants: merchant_pb2_grpc.MerchantServiceAsyncStub,
+) -> None:
+    with pytest.raises(aio.AioRpcError) as caught:
+        await merchants.GetMerchantDashboard(
+            merchant_pb2.GetMerchantDashboardRequest(merchant_id="m_missing")
+        )
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert _details(caught.value)[0] == "MERCHANT_NOT_FOUND"
+
+
+async def test_dashboard_answers_with_every_section_unavailable_when_no_downstream_listens(
+    merchants: merchant_pb2_grpc.MerchantServiceAsyncStub,
+) -> None:
+    created = (await merchants.CreateMerchant(_create())).merchant
+    dashboard = await merchants.GetMerchantDashboard(
+        merchant_pb2.GetMerchantDashboardRequest(merchant_id=created.merchant_id)
+    )
+    assert dashboard.merchant == created
+    sections = [
+        dashboard.payments.section,
+        dashboard.balances.section,
+        dashboard.stats.section,
+        dashboard.risk.section,
+        dashboard.notifications.section,
+    ]
+    assert [s.source_service for s in sections] == list(DOWNSTREAMS)
+    for section in sections:
+        assert section.availability == merchant_pb2.SECTION_AVAILABILITY_UNAVAILABLE
+        assert section.reason in {"DOWNSTREAM_UNAVAILABLE", "CIRCUIT_OPEN"}
+        assert section.message
+    assert not dashboard.HasField("payments") or not dashboard.payments.HasField("summary")
+    assert not dashboard.balances.balances
+    assert not dashboard.notifications.recent_notifications
+
+
+async def test_dashboard_fills_sections_of_running_downstreams_and_marks_the_rest_unavailable(
+    tmp_path: Path,
+) -> None:
+    var = {"PAYMESH_VAR_DIR": str(tmp_path)}
+    async with (
+        running_service("accounting-service", build_accounting, environ=var) as accounting,
+        running_service("analytics-service", build_analytics, environ=var) as analytics,
+        running_service(
+            "merchant-service",
+            build,
+            environ=_environ(
+                tmp_path, **{"accounting-service": accounting, "analytics-service": analytics}
+            ),
+        ) as address,
+        aio.insecure_channel(address) as channel,
+    ):
+        merchants = merchant_pb2_grpc.MerchantServiceStub(channel)
+        created = (await merchants.CreateMerchant(_create())).merchant
+        dashboard = await merchants.GetMerchantDashboard(
+            merchant_pb2.GetMerchantDashboardRequest(merchant_id=created.merchant_id)
+        )
+    available = merchant_pb2.SECTION_AVAILABILITY_AVAILABLE
+    unavailable = merchant_pb2.SECTION_AVAILABILITY_UNAVAILABLE
+    assert dashboard.balances.section.availability == available
+    assert dashboard.stats.section.availability == available
+    assert dashboard.stats.stats.merchant_id == created.merchant_id
+    for section in (dashboard.payments, dashboard.risk, dashboard.notifications):
+        assert section.section.availability == unavailable
+        assert section.section.reason in {"DOWNSTREAM_UNAVAILABLE", "CIRCUIT_OPEN"}
+
+
+def _failed_call(code: grpc.StatusCode, reason: str | None = None) -> aio.AioRpcError:
+    """A failed call as a stub raises it, with the peer's ErrorInfo when ``reason`` is given."""
+    trailing = aio.Metadata()
+    if reason is not None:
+        status = rich_status(code, "peer says no", domain="risk-service", reason=reason)
+        trailing = aio.Metadata((STATUS_DETAILS_KEY, status.SerializeToString()))
+    return aio.AioRpcError(code, aio.Metadata(), trailing, "peer says no", None)
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (_failed_call(grpc.StatusCode.UNAVAILABLE), "DOWNSTREAM_UNAVAILABLE"),
+        (_failed_call(grpc.StatusCode.DEADLINE_EXCEEDED), "DEADLINE_EXHAUSTED"),
+        (
+            _failed_call(grpc.StatusCode.UNAVAILABLE, "RETRY_BUDGET_EXHAUSTED"),
+            "RETRY_BUDGET_EXHAUSTED",
+        ),
+        (
+            circuit_open_error(
+                caller="merchant-service",
+                target="risk-service",
+                method="/paymesh.risk.v1.RiskService/GetRiskSummary",
+                retry_after_s=30.0,
+            ),
+            "CIRCUIT_OPEN",
+        ),
+    ],
+)
+def test_unavailable_section_names_the_reason_of_the_failed_call(
+    error: aio.AioRpcError, reason: str
+) -> None:
+    section = unavailable_section("risk-service", error)
+    assert section.availability == merchant_pb2.SECTION_AVAILABILITY_UNAVAILABLE
+    assert section.source_service == "risk-service"
+    assert section.reason == reason
+    assert error.code().name in section.message
+
+
+@dataclass(slots=True)
+class DashboardMesh:
+    """merchant-service over its five real downstreams, each of which a test may stop."""
+
+    merchants: merchant_pb2_grpc.MerchantServiceAsyncStub
+    downstreams: dict[str, contextlib.AsyncExitStack]
+
+    async def stop(self, name: str) -> None:
+        """Stop downstream ``name`` (its port then refuses connections)."""
+        await self.downstreams[name].aclose()
+
+
+@contextlib.asynccontextmanager
+async def _dashboard_mesh(tmp_path: Path) -> AsyncIterator[DashboardMesh]:
+    builders: dict[str, Builder] = {
+        "payment-gateway": build_gateway,
+        "accounting-service": build_accounting,
+        "analytics-service": build_analytics,
+        "risk-service": build_risk,
+        "notification-service": build_notification,
+    }
+    topology = Topology(environ={})
+    downstreams: dict[str, contextlib.AsyncExitStack] = {}
+    addresses: dict[str, str] = {}
+    try:
+        for name, builder in builders.items():
+            # The downstreams' own downstreams and partners are silent: the dashboard reads
+            # only what each keeps in its own store.
+            environ = {"PAYMESH_VAR_DIR": str(tmp_path), "PARTNER_SANDBOX_ADDR": _silent_address()}
+            for target in topology.service(name).calls:
+                environ[f"{env_prefix(target)}_ADDR"] = _silent_address()
+            downstreams[name] = contextlib.AsyncExitStack()
+            addresses[name] = await downstreams[name].enter_async_context(
+                running_service(name, builder, environ=environ)
+            )
+        async with (
+            running_service(
+                "merchant-service", build, environ=_environ(tmp_path, **addresses)
+            ) as address,
+            aio.insecure_channel(address) as channel,
+        ):
+            yield DashboardMesh(merchant_pb2_grpc.MerchantServiceStub(channel), downstreams)
+    finally:
+        for stack in reversed(downstreams.values()):
+            await stack.aclose()
+
+
+async def test_dashboard_fills_every_section_when_all_five_downstreams_answer(
+    tmp_path: Path,
+) -> None:
+    async with _dashboard_mesh(tmp_path) as mesh:
+        created = (await mesh.merchants.CreateMerchant(_create())).merchant
+        dashboard = await mesh.merchants.GetMerchantDashboard(
+            merchant_pb2.GetMerchantDashboardRequest(merchant_id=created.merchant_id)
+        )
+    sections = [
+        dashboard.payments.section,
+        dashboard.balances.section,
+        dashboard.stats.section,
+        dashboard.risk.section,
+        dashboard.notifications.section,
+    ]
+    assert [s.source_service for s in sections] == list(DOWNSTREAMS)
+    assert {s.availability for s in sections} == {merchant_pb2.SECTION_AVAILABILITY_AVAILABLE}
+    assert dashboard.payments.summary.merchant_id == created.merchant_id
+    assert dashboard.risk.summary.merchant_id == created.merchant_id
+
+
+async def test_dashboard_answers_partially_while_one_downstream_process_is_stopped(
+    tmp_path: Path,
+) -> None:
+    async with _dashboard_mesh(tmp_path) as mesh:
+        created = (await mesh.merchants.CreateMerchant(_create())).merchant
+        await mesh.stop("risk-service")
+        dashboard = await mesh.merchants.GetMerchantDashboard(
+            merchant_pb2.GetMerchantDashboardRequest(merchant_id=created.merchant_id)
+        )
+    assert dashboard.merchant == created
+    assert dashboard.risk.section.availability == merchant_pb2.SECTION_AVAILABILITY_UNAVAILABLE
+    assert dashboard.risk.section.reason in {"DOWNSTREAM_UNAVAILABLE", "CIRCUIT_OPEN"}
+    assert not dashboard.risk.HasField("summary")
+    others = [
+        dashboard.payments.section,
+        dashboard.balances.section,
+        dashboard.stats.section,
+        dashboard.notifications.section,
+    ]
+    assert {s.availability for s in others} == {merchant_pb2.SECTION_AVAILABILITY_AVAILABLE}
+    assert dashboard.payments.summary.merchant_id == created.merchant_id

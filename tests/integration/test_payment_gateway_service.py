@@ -1,0 +1,879 @@
+"""payment-gateway through real gRPC against the real downstream services and partner sandbox.
+
+Every service the gateway calls runs in-process from its own ``build``; the sandbox plays the
+payment channel, geo-IP, exchange rates and the merchants' webhook endpoints. Afterwards each
+test checks the other services' state through their own RPCs and the sandbox's records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc import aio
+
+from interceptors.errors import error_info, status_from_metadata
+from interceptors.policy import DEFAULT_POLICY_FILE
+from paymesh.accounting.v1 import accounting_pb2, accounting_pb2_grpc
+from paymesh.analytics.v1 import analytics_pb2, analytics_pb2_grpc
+from paymesh.channel_adapter.v1 import channel_adapter_pb2, channel_adapter_pb2_grpc
+from paymesh.common.v1 import common_pb2
+from paymesh.merchant.v1 import merchant_pb2, merchant_pb2_grpc
+from paymesh.merchant_auth.v1 import merchant_auth_pb2, merchant_auth_pb2_grpc
+from paymesh.notification.v1 import notification_pb2_grpc
+from paymesh.order.v1 import order_pb2, order_pb2_grpc
+from paymesh.payment_gateway.v1 import payment_gateway_pb2 as pg
+from paymesh.payment_gateway.v1 import payment_gateway_pb2_grpc
+from paymesh.risk.v1 import risk_pb2_grpc
+from services.accounting.__main__ import build as build_accounting
+from services.analytics.__main__ import build as build_analytics
+from services.channel_adapter.__main__ import build as build_channel_adapter
+from services.merchant.__main__ import build as build_merchant
+from services.merchant_auth.__main__ import build as build_merchant_auth
+from services.notification.__main__ import build as build_notification
+from services.order.__main__ import build as build_order
+from services.partners.sandbox import SandboxState
+from services.payment_gateway.__main__ import build as build_gateway
+from services.payment_gateway.flow import Downstreams, PaymentFlow
+from services.payment_gateway.servicer import scoped_key, without_secret
+from services.payment_gateway.store import NewPayment, PaymentRecord, PaymentStore, Step
+from services.risk.__main__ import build as build_risk
+from tests.servers import running_sandbox, running_service
+
+WEBHOOK_URL = "https://merchant.example/hooks"
+TERMINAL = {
+    pg.PAYMENT_STATUS_SUCCEEDED,
+    pg.PAYMENT_STATUS_DECLINED,
+    pg.PAYMENT_STATUS_FAILED,
+    pg.PAYMENT_STATUS_VOIDED,
+}
+
+
+@dataclass
+class Mesh:
+    """The running services, stubs to them and one onboarded merchant with its key."""
+
+    gateway: Any
+    orders: Any
+    channel: Any
+    accounting: Any
+    analytics: Any
+    merchants: Any
+    auth: Any
+    sandbox: SandboxState
+    merchant_id: str
+    api_key: str
+    environ: dict[str, str]
+    downstream_channels: dict[str, aio.Channel]
+    start_gateway: Callable[..., contextlib.AbstractAsyncContextManager[str]]
+
+    def downstreams(self) -> Downstreams:
+        """Stubs like the gateway's own, for driving a flow outside the gateway process."""
+        c = self.downstream_channels
+        return Downstreams(
+            auth=merchant_auth_pb2_grpc.MerchantAuthServiceStub(c["merchant-auth-service"]),
+            risk=risk_pb2_grpc.RiskServiceStub(c["risk-service"]),
+            orders=order_pb2_grpc.OrderServiceStub(c["order-service"]),
+            channel=channel_adapter_pb2_grpc.ChannelAdapterServiceStub(c["channel-adapter"]),
+            accounting=accounting_pb2_grpc.AccountingServiceStub(c["accounting-service"]),
+            notifications=notification_pb2_grpc.NotificationServiceStub(c["notification-service"]),
+            analytics=analytics_pb2_grpc.AnalyticsServiceStub(c["analytics-service"]),
+        )
+
+
+@pytest.fixture
+async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
+    async with contextlib.AsyncExitStack() as stack:
+        sandbox_address, sandbox = stack.enter_context(running_sandbox())
+        base = {"PAYMESH_VAR_DIR": str(tmp_path), "PARTNER_SANDBOX_ADDR": sandbox_address}
+        addresses: dict[str, str] = {}
+
+        async def start(name: str, build: Any, **extra: str) -> str:
+            address = await stack.enter_async_context(
+                running_service(name, build, environ={**base, **extra})
+            )
+            addresses[name] = address
+            return address
+
+        await start("order-service", build_order)
+        await start("risk-service", build_risk)
+        await start("channel-adapter", build_channel_adapter)
+        await start("accounting-service", build_accounting)
+        await start("notification-service", build_notification)
+        await start("analytics-service", build_analytics)
+        await start("merchant-service", build_merchant)
+        await start(
+            "merchant-auth-service",
+            build_merchant_auth,
+            MERCHANT_SERVICE_ADDR=addresses["merchant-service"],
+        )
+        environ = {
+            **base,
+            **{f"{name.upper().replace('-', '_')}_ADDR": a for name, a in addresses.items()},
+            # Passes after the first one run only when a test asks (none waits for them).
+            "PAYMENT_GATEWAY_RECOVERY_INTERVAL_S": "3600",
+        }
+        del environ["MERCHANT_SERVICE_ADDR"]  # not an edge of the gateway
+
+        def start_gateway(**overrides: str) -> contextlib.AbstractAsyncContextManager[str]:
+            return running_service(
+                "payment-gateway", build_gateway, environ={**environ, **overrides}
+            )
+
+        channels = {
+            name: await stack.enter_async_context(aio.insecure_channel(address))
+            for name, address in addresses.items()
+        }
+        gateway_address = await stack.enter_async_context(start_gateway())
+        gateway_channel = await stack.enter_async_context(aio.insecure_channel(gateway_address))
+
+        merchants = merchant_pb2_grpc.MerchantServiceStub(channels["merchant-service"])
+        auth = merchant_auth_pb2_grpc.MerchantAuthServiceStub(channels["merchant-auth-service"])
+        merchant = (
+            await merchants.CreateMerchant(
+                merchant_pb2.CreateMerchantRequest(
+                    request_id="onboard-1",
+                    name="Test Shop",
+                    email="shop@example.com",
+                    country_code="DE",
+                    default_currency_code="EUR",
+                    webhook_url=WEBHOOK_URL,
+                )
+            )
+        ).merchant
+        key = await auth.IssueApiKey(
+            merchant_auth_pb2.IssueApiKeyRequest(
+                request_id="key-1", merchant_id=merchant.merchant_id, label="test"
+            )
+        )
+        yield Mesh(
+            gateway=payment_gateway_pb2_grpc.PaymentGatewayServiceStub(gateway_channel),
+            orders=order_pb2_grpc.OrderServiceStub(channels["order-service"]),
+            channel=channel_adapter_pb2_grpc.ChannelAdapterServiceStub(channels["channel-adapter"]),
+            accounting=accounting_pb2_grpc.AccountingServiceStub(channels["accounting-service"]),
+            analytics=analytics_pb2_grpc.AnalyticsServiceStub(channels["analytics-service"]),
+            merchants=merchants,
+            auth=auth,
+            sandbox=sandbox,
+            merchant_id=merchant.merchant_id,
+            api_key=key.secret,
+            environ=environ,
+            downstream_channels=channels,
+            start_gateway=start_gateway,
+        )
+
+
+def _create(
+    mesh: Mesh, request_id: str = "pay-1", amount: int = 2500, **fields: Any
+) -> pg.CreatePaymentRequest:
+    request = pg.CreatePaymentRequest(
+        request_id=request_id,
+        merchant_id=mesh.merchant_id,
+        api_key=mesh.api_key,
+        amount=common_pb2.Money(amount_minor=amount, currency_code="EUR"),
+        payment_method_token="tok_visa",
+        customer_ip="192.0.2.10",
+        description="two books",
+        merchant_order_reference="cart-17",
+    )
+    for name, value in fields.items():
+        setattr(request, name, value)
+    return request
+
+
+def _refund(
+    mesh: Mesh, payment_id: str, request_id: str, amount: int | None = None
+) -> pg.RefundPaymentRequest:
+    request = pg.RefundPaymentRequest(
+        request_id=request_id, payment_id=payment_id, api_key=mesh.api_key, reason="returned"
+    )
+    if amount is not None:
+        request.amount.CopyFrom(common_pb2.Money(amount_minor=amount, currency_code="EUR"))
+    return request
+
+
+def _reason(error: aio.AioRpcError) -> str:
+    trailing = tuple(error.trailing_metadata() or ())
+    info = error_info(status_from_metadata(error.code(), error.details() or "", trailing))
+    return info.reason if info is not None else ""
+
+
+async def _fails(call: Awaitable[Any]) -> aio.AioRpcError:
+    with pytest.raises(aio.AioRpcError) as caught:
+        await call
+    return caught.value
+
+
+def _charges(mesh: Mesh) -> list[dict[str, Any]]:
+    with mesh.sandbox.lock:
+        return list(mesh.sandbox.charges.values())
+
+
+def _webhooks(mesh: Mesh, payment_id: str) -> list[dict[str, Any]]:
+    with mesh.sandbox.lock:
+        return [w for w in mesh.sandbox.webhooks if payment_id in json.dumps(w)]
+
+
+async def _balance(mesh: Mesh, account: str) -> int:
+    reply = await mesh.accounting.GetBalance(
+        accounting_pb2.GetBalanceRequest(account_id=account, currency_code="EUR")
+    )
+    return int(reply.balance.balance.amount_minor)
+
+
+async def _entries(mesh: Mesh, account: str) -> list[Any]:
+    reply = await mesh.accounting.ListEntries(
+        accounting_pb2.ListEntriesRequest(account_id=account, page_size=500)
+    )
+    return list(reply.entries)
+
+
+async def _until(check: Callable[[], Awaitable[bool]], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached before the deadline")
+        await asyncio.sleep(0.02)
+
+
+def _available(mesh: Mesh) -> str:
+    return f"merchants/{mesh.merchant_id}/available"
+
+
+# --- CreatePayment ------------------------------------------------------------------------
+
+
+async def test_payment_succeeds_with_order_one_charge_balanced_ledger_and_webhook(
+    mesh: Mesh,
+) -> None:
+    payment = (await mesh.gateway.CreatePayment(_create(mesh))).payment
+    assert payment.status == pg.PAYMENT_STATUS_SUCCEEDED
+    assert payment.captured_amount.amount_minor == 2500
+    assert payment.ledger_transaction_id == f"txn:{payment.payment_id}:capture"
+
+    order = (await mesh.orders.GetOrder(order_pb2.GetOrderRequest(order_id=payment.order_id))).order
+    assert order.status == order_pb2.ORDER_STATUS_PAID
+    assert order.payment_id == payment.payment_id
+
+    assert len(_charges(mesh)) == 1
+    txn = (
+        await mesh.accounting.GetTransaction(
+            accounting_pb2.GetTransactionRequest(transaction_id=payment.ledger_transaction_id)
+        )
+    ).transaction
+    debits = sum(
+        e.amount.amount_minor
+        for e in txn.entries
+        if e.direction == accounting_pb2.ENTRY_DIRECTION_DEBIT
+    )
+    credits = sum(
+        e.amount.amount_minor
+        for e in txn.entries
+        if e.direction == accounting_pb2.ENTRY_DIRECTION_CREDIT
+    )
+    assert debits == credits == 2500
+    assert await _balance(mesh, _available(mesh)) == 2500
+    assert await _balance(mesh, "platform/psp_clearing") == -2500
+    assert len(_webhooks(mesh, payment.payment_id)) == 1
+
+
+async def test_succeeded_payment_is_recorded_in_analytics(mesh: Mesh) -> None:
+    payment = (await mesh.gateway.CreatePayment(_create(mesh))).payment
+    events = await mesh.analytics.ListEvents(
+        analytics_pb2.ListEventsRequest(merchant_id=mesh.merchant_id)
+    )
+    assert [(e.payment_id, e.event_type) for e in events.events] == [
+        (payment.payment_id, analytics_pb2.EVENT_TYPE_PAYMENT_SUCCEEDED)
+    ]
+
+
+async def test_risk_decline_ends_declined_without_a_charge(mesh: Mesh) -> None:
+    # 203.0.113.x is a high-risk country at the sandbox's geo-IP partner.
+    payment = (await mesh.gateway.CreatePayment(_create(mesh, customer_ip="203.0.113.7"))).payment
+    assert payment.status == pg.PAYMENT_STATUS_DECLINED
+    assert payment.decline_reason == "RISK_DECLINED"
+    assert payment.risk_assessment_id
+    assert not payment.charge_id
+    assert _charges(mesh) == []
+    assert await _entries(mesh, _available(mesh)) == []
+
+
+async def test_channel_decline_ends_declined_and_cancels_the_order(mesh: Mesh) -> None:
+    payment = (
+        await mesh.gateway.CreatePayment(_create(mesh, payment_method_token="tok_decline"))
+    ).payment
+    assert payment.status == pg.PAYMENT_STATUS_DECLINED
+    assert payment.decline_reason == "CHANNEL_DECLINED"
+    assert payment.captured_amount.amount_minor == 0
+    order = (await mesh.orders.GetOrder(order_pb2.GetOrderRequest(order_id=payment.order_id))).order
+    assert order.status == order_pb2.ORDER_STATUS_CANCELLED
+    assert await _entries(mesh, _available(mesh)) == []
+
+
+async def test_twenty_concurrent_duplicates_make_one_payment_one_charge_one_post_one_webhook(
+    mesh: Mesh,
+) -> None:
+    results = await asyncio.gather(
+        *(mesh.gateway.CreatePayment(_create(mesh)) for _ in range(20)), return_exceptions=True
+    )
+    answers = [r for r in results if not isinstance(r, BaseException)]
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert answers, errors
+    assert all(isinstance(e, aio.AioRpcError) for e in errors)
+    assert {(e.code(), _reason(e)) for e in errors if isinstance(e, aio.AioRpcError)} <= {
+        (grpc.StatusCode.ABORTED, "IDEMPOTENCY_KEY_IN_FLIGHT")
+    }
+    payment_ids = {a.payment.payment_id for a in answers}
+    assert len(payment_ids) == 1
+    # A retry after the storm replays the one result.
+    replay = await mesh.gateway.CreatePayment(_create(mesh))
+    assert {replay.payment.payment_id} == payment_ids
+
+    listed = await mesh.gateway.ListPayments(pg.ListPaymentsRequest(merchant_id=mesh.merchant_id))
+    assert len(listed.payments) == 1
+    assert len(_charges(mesh)) == 1
+    assert len(await _entries(mesh, _available(mesh))) == 1
+    assert len(_webhooks(mesh, replay.payment.payment_id)) == 1
+
+
+async def test_replay_returns_the_first_result_without_calling_downstream_again(
+    mesh: Mesh,
+) -> None:
+    first = await mesh.gateway.CreatePayment(_create(mesh))
+    charges_before = len(_charges(mesh))
+    again = await mesh.gateway.CreatePayment(_create(mesh))
+    assert again == first
+    assert len(_charges(mesh)) == charges_before
+    assert len(_webhooks(mesh, first.payment.payment_id)) == 1
+
+
+async def test_same_request_id_with_another_body_is_invalid_argument(mesh: Mesh) -> None:
+    await mesh.gateway.CreatePayment(_create(mesh))
+    error = await _fails(mesh.gateway.CreatePayment(_create(mesh, amount=999)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _reason(error) == "IDEMPOTENCY_KEY_REUSED"
+    assert len(_charges(mesh)) == 1
+
+
+async def test_replay_with_a_new_key_of_the_same_merchant_is_allowed(mesh: Mesh) -> None:
+    first = await mesh.gateway.CreatePayment(_create(mesh))
+    second_key = await mesh.auth.IssueApiKey(
+        merchant_auth_pb2.IssueApiKeyRequest(
+            request_id="key-2", merchant_id=mesh.merchant_id, label="rotated"
+        )
+    )
+    again = await mesh.gateway.CreatePayment(_create(mesh, api_key=second_key.secret))
+    assert again == first
+
+
+# --- bad input ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "reason"),
+    [
+        ("request_id", "", "VALIDATION_FAILED"),
+        ("merchant_id", "not valid!", "VALIDATION_FAILED"),
+        ("payment_method_token", "", "VALIDATION_FAILED"),
+        ("customer_ip", "not-an-ip", "VALIDATION_FAILED"),
+        ("customer_country_code", "deu", "VALIDATION_FAILED"),
+        ("settlement_currency_code", "ABC", "CURRENCY_UNSUPPORTED"),
+        ("description", "x" * 501, "VALIDATION_FAILED"),
+        ("api_key", "k" * 300, "VALIDATION_FAILED"),
+    ],
+)
+async def test_bad_field_is_invalid_argument(
+    mesh: Mesh, field: str, value: str, reason: str
+) -> None:
+    error = await _fails(mesh.gateway.CreatePayment(_create(mesh, **{field: value})))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _reason(error) == reason
+    assert _charges(mesh) == []
+
+
+@pytest.mark.parametrize(
+    ("amount", "currency", "reason"),
+    [
+        (0, "EUR", "AMOUNT_INVALID"),
+        (-100, "EUR", "AMOUNT_INVALID"),
+        (10**12 + 1, "EUR", "AMOUNT_INVALID"),
+        (2**63 - 1, "EUR", "AMOUNT_INVALID"),
+        (100, "XTS", "CURRENCY_UNSUPPORTED"),
+    ],
+)
+async def test_bad_amount_is_invalid_argument(
+    mesh: Mesh, amount: int, currency: str, reason: str
+) -> None:
+    request = _create(mesh)
+    request.amount.CopyFrom(common_pb2.Money(amount_minor=amount, currency_code=currency))
+    error = await _fails(mesh.gateway.CreatePayment(request))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _reason(error) == reason
+
+
+@pytest.mark.parametrize("api_key", ["", "sk_wrong_key_that_was_never_issued"])
+async def test_bad_api_key_is_unauthenticated(mesh: Mesh, api_key: str) -> None:
+    error = await _fails(mesh.gateway.CreatePayment(_create(mesh, api_key=api_key)))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert _reason(error) == "API_KEY_INVALID"
+
+
+async def test_key_of_another_merchant_is_unauthenticated(mesh: Mesh) -> None:
+    error = await _fails(mesh.gateway.CreatePayment(_create(mesh, merchant_id="m_someone_else")))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert _charges(mesh) == []
+
+
+async def test_suspended_merchant_is_permission_denied(mesh: Mesh) -> None:
+    await mesh.merchants.UpdateMerchantStatus(
+        merchant_pb2.UpdateMerchantStatusRequest(
+            request_id="suspend-1",
+            merchant_id=mesh.merchant_id,
+            status=merchant_pb2.MERCHANT_STATUS_SUSPENDED,
+            reason="fraud review",
+        )
+    )
+    error = await _fails(mesh.gateway.CreatePayment(_create(mesh)))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert _reason(error) == "MERCHANT_INACTIVE"
+    assert _charges(mesh) == []
+
+
+async def test_unknown_payment_is_not_found(mesh: Mesh) -> None:
+    error = await _fails(mesh.gateway.GetPayment(pg.GetPaymentRequest(payment_id="pay_nope")))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert _reason(error) == "PAYMENT_NOT_FOUND"
+
+
+# --- refunds ------------------------------------------------------------------------------
+
+
+async def test_partial_then_full_refund_reverses_the_ledger(mesh: Mesh) -> None:
+    payment = (await mesh.gateway.CreatePayment(_create(mesh, amount=1000))).payment
+    partial = await mesh.gateway.RefundPayment(_refund(mesh, payment.payment_id, "rf-1", 300))
+    assert partial.refund.status == pg.REFUND_STATUS_SUCCEEDED
+    assert partial.refund.ledger_transaction_id == f"txn:{partial.refund.refund_id}"
+    assert partial.payment.status == pg.PAYMENT_STATUS_PARTIALLY_REFUNDED
+    assert partial.payment.refunded_amount.amount_minor == 300
+    assert await _balance(mesh, _available(mesh)) == 700
+
+    rest = await mesh.gateway.RefundPayment(_refund(mesh, payment.payment_id, "rf-2"))
+    assert rest.refund.amount.amount_minor == 700
+    assert rest.payment.status == pg.PAYMENT_STATUS_REFUNDED
+    assert await _balance(mesh, _available(mesh)) == 0
+    assert await _balance(mesh, "platform/psp_clearing") == 0
+
+    got = await mesh.gateway.GetPayment(pg.GetPaymentRequest(payment_id=payment.payment_id))
+    assert [r.amount.amount_minor for r in got.refunds] == [300, 700]
+    order = (await mesh.orders.GetOrder(order_pb2.GetOrderRequest(order_id=payment.order_id))).order
+    assert order.status == order_pb2.ORDER_STATUS_REFUNDED
+    with mesh.sandbox.lock:
+        charge = next(iter(mesh.sandbox.charges.values()))
+    assert charge["refunded_minor"] == 1000
+
+
+async def test_refund_above_captured_is_failed_precondition(mesh: Mesh) -> None:
+    payment = (await mesh.gateway.CreatePayment(_create(mesh, amount=1000))).payment
+    await mesh.gateway.RefundPayment(_refund(mesh, payment.payment_id, "rf-1", 600))
+    error = await _fails(mesh.gateway.RefundPayment(_refund(mesh, payment.payment_id, "rf-2", 401)))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert _reason(error) == "REFUND_EXCEEDS_CAPTURED"
+    assert await _balance(mesh, _available(mesh)) == 400
+
+
+async def test_refund_of_a_declined_payment_is_invalid_state(mesh: Mesh) -> None:
+    payment = (
+        await mesh.gateway.CreatePayment(_create(mesh, payment_method_token="tok_decline"))
+    ).payment
+    error = await _fails(mesh.gateway.RefundPayment(_refund(mesh, payment.payment_id, "rf-1")))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert _reason(error) == "INVALID_STATE"
+
+
+async def test_refund_with_a_key_of_another_merchant_is_unauthenticated(mesh: Mesh) -> None:
+    payment = (await mesh.gateway.CreatePayment(_create(mesh))).payment
+    other = (
+        await mesh.merchants.CreateMerchant(
+            merchant_pb2.CreateMerchantRequest(
+                request_id="onboard-2",
+                name="Other Shop",
+                email="other@example.com",
+                country_code="FR",
+                default_currency_code="EUR",
+            )
+        )
+    ).merchant
+    key = await mesh.auth.IssueApiKey(
+        merchant_auth_pb2.IssueApiKeyRequest(
+            request_id="key-other", merchant_id=other.merchant_id, label="x"
+        )
+    )
+    request = _refund(mesh, payment.payment_id, "rf-1")
+    request.api_key = key.secret
+    error = await _fails(mesh.gateway.RefundPayment(request))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert await _balance(mesh, _available(mesh)) == 2500
+
+
+async def test_replayed_refund_refunds_once(mesh: Mesh) -> None:
+    payment = (await mesh.gateway.CreatePayment(_create(mesh, amount=1000))).payment
+    first = await mesh.gateway.RefundPayment(_refund(mesh, payment.payment_id, "rf-1", 100))
+    again = await mesh.gateway.RefundPayment(_refund(mesh, payment.payment_id, "rf-1", 100))
+    assert again == first
+    assert await _balance(mesh, _available(mesh)) == 900
+
+
+async def test_ledger_balances_after_a_random_mix_of_payments_and_refunds(mesh: Mesh) -> None:
+    rng = random.Random(20240611)
+    expected = 0
+    for index in range(8):
+        amount = rng.randint(1, 5000)
+        token = "tok_decline" if rng.random() < 0.2 else "tok_visa"
+        payment = (
+            await mesh.gateway.CreatePayment(
+                _create(mesh, f"mix-{index}", amount=amount, payment_method_token=token)
+            )
+        ).payment
+        if payment.status != pg.PAYMENT_STATUS_SUCCEEDED:
+            continue
+        expected += amount
+        remaining = amount
+        for attempt in range(rng.randint(0, 3)):
+            ask = rng.randint(1, amount)
+            request = _refund(mesh, payment.payment_id, f"mix-{index}-{attempt}", ask)
+            if ask <= remaining:
+                await mesh.gateway.RefundPayment(request)
+                remaining -= ask
+                expected -= ask
+            else:
+                error = await _fails(mesh.gateway.RefundPayment(request))
+                assert _reason(error) == "REFUND_EXCEEDS_CAPTURED"
+    assert await _balance(mesh, _available(mesh)) == expected
+    assert await _balance(mesh, "platform/psp_clearing") == -expected
+    summary = (
+        await mesh.gateway.GetPaymentSummary(
+            pg.GetPaymentSummaryRequest(merchant_id=mesh.merchant_id)
+        )
+    ).summary
+    totals = {t.currency_code: t for t in summary.currency_totals}
+    eur = totals["EUR"]
+    assert eur.captured.amount_minor - eur.refunded.amount_minor == expected
+
+
+async def test_converted_payment_posts_and_refunds_in_the_settlement_currency(
+    mesh: Mesh,
+) -> None:
+    payment = (
+        await mesh.gateway.CreatePayment(_create(mesh, amount=1000, settlement_currency_code="USD"))
+    ).payment
+    assert payment.status == pg.PAYMENT_STATUS_SUCCEEDED
+    assert payment.settlement_amount.currency_code == "USD"
+    assert payment.exchange_rate
+
+    async def usd_balance() -> int:
+        reply = await mesh.accounting.GetBalance(
+            accounting_pb2.GetBalanceRequest(account_id=_available(mesh), currency_code="USD")
+        )
+        return int(reply.balance.balance.amount_minor)
+
+    assert await usd_balance() == payment.settlement_amount.amount_minor
+    await mesh.gateway.RefundPayment(_refund(mesh, payment.payment_id, "rf-1", 333))
+    await mesh.gateway.RefundPayment(_refund(mesh, payment.payment_id, "rf-2"))
+    assert await usd_balance() == 0
+
+
+# --- reads --------------------------------------------------------------------------------
+
+
+async def test_list_pages_cover_every_payment_once_newest_first(mesh: Mesh) -> None:
+    created = [
+        (await mesh.gateway.CreatePayment(_create(mesh, f"p-{i}", amount=100 + i))).payment
+        for i in range(5)
+    ]
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = await mesh.gateway.ListPayments(
+            pg.ListPaymentsRequest(merchant_id=mesh.merchant_id, page_size=2, page_token=token)
+        )
+        assert len(page.payments) <= 2
+        seen.extend(p.payment_id for p in page.payments)
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == [p.payment_id for p in reversed(created)]
+
+
+async def test_list_filters_by_status(mesh: Mesh) -> None:
+    await mesh.gateway.CreatePayment(_create(mesh, "p-ok"))
+    declined = (
+        await mesh.gateway.CreatePayment(_create(mesh, "p-no", payment_method_token="tok_decline"))
+    ).payment
+    page = await mesh.gateway.ListPayments(
+        pg.ListPaymentsRequest(merchant_id=mesh.merchant_id, status=pg.PAYMENT_STATUS_DECLINED)
+    )
+    assert [p.payment_id for p in page.payments] == [declined.payment_id]
+    other = await mesh.gateway.ListPayments(pg.ListPaymentsRequest(merchant_id="m_nobody"))
+    assert list(other.payments) == []
+
+
+async def test_page_token_of_another_filter_is_invalid_argument(mesh: Mesh) -> None:
+    for index in range(2):
+        await mesh.gateway.CreatePayment(_create(mesh, f"p-{index}"))
+    page = await mesh.gateway.ListPayments(
+        pg.ListPaymentsRequest(merchant_id=mesh.merchant_id, page_size=1)
+    )
+    error = await _fails(
+        mesh.gateway.ListPayments(
+            pg.ListPaymentsRequest(
+                merchant_id=mesh.merchant_id,
+                status=pg.PAYMENT_STATUS_SUCCEEDED,
+                page_token=page.next_page_token,
+            )
+        )
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _reason(error) == "PAGE_TOKEN_INVALID"
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        pg.ListPaymentsRequest(merchant_id=""),
+        pg.ListPaymentsRequest(merchant_id="m_1", page_size=-1),
+        pg.ListPaymentsRequest(merchant_id="m_1", page_token="garbage!"),
+    ],
+)
+async def test_bad_list_request_is_invalid_argument(
+    mesh: Mesh, request_: pg.ListPaymentsRequest
+) -> None:
+    error = await _fails(mesh.gateway.ListPayments(request_))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_summary_counts_and_totals(mesh: Mesh) -> None:
+    paid = (await mesh.gateway.CreatePayment(_create(mesh, "p-1", amount=1000))).payment
+    await mesh.gateway.CreatePayment(_create(mesh, "p-2", payment_method_token="tok_decline"))
+    await mesh.gateway.RefundPayment(_refund(mesh, paid.payment_id, "rf-1", 250))
+    summary = (
+        await mesh.gateway.GetPaymentSummary(
+            pg.GetPaymentSummaryRequest(merchant_id=mesh.merchant_id)
+        )
+    ).summary
+    assert summary.payment_count == 2
+    assert {c.status: c.count for c in summary.status_counts} == {
+        pg.PAYMENT_STATUS_PARTIALLY_REFUNDED: 1,
+        pg.PAYMENT_STATUS_DECLINED: 1,
+    }
+    (eur,) = summary.currency_totals
+    assert (eur.captured.amount_minor, eur.refunded.amount_minor) == (1000, 250)
+
+
+# --- crash recovery -----------------------------------------------------------------------
+
+
+async def _stopped_after(mesh: Mesh, tmp_path: Path, step: str, request_id: str) -> str:
+    """Run a payment's flow outside the gateway and stop right after ``step`` is committed.
+
+    The store is left exactly as a gateway killed at that moment would leave it.
+    """
+    request = _create(mesh, request_id)
+    store = PaymentStore(tmp_path / "payment-gateway.db")
+    try:
+        started = store.begin_payment(
+            scoped_key(mesh.merchant_id, request_id),
+            without_secret(request),
+            NewPayment(
+                merchant_id=mesh.merchant_id,
+                amount=request.amount,
+                settlement_currency_code="",
+                payment_method_token=request.payment_method_token,
+                customer_ip=request.customer_ip,
+                customer_country_code="",
+                description=request.description,
+                merchant_order_reference=request.merchant_order_reference,
+                webhook_url=WEBHOOK_URL,
+            ),
+        )
+        assert isinstance(started, PaymentRecord)
+        flow = PaymentFlow(store, mesh.downstreams(), charge_cutoff_s=900)
+        assert await flow.run_payment(started.payment_id, stop_after=step) is None
+        return started.payment_id
+    finally:
+        store.close()
+
+
+async def _recovered(mesh: Mesh, payment_id: str) -> pg.Payment:
+    """Start a fresh gateway (its start runs a recovery pass) and wait for a terminal status."""
+    async with mesh.start_gateway() as address, aio.insecure_channel(address) as channel:
+        gateway = payment_gateway_pb2_grpc.PaymentGatewayServiceStub(channel)
+
+        async def done() -> bool:
+            got = await gateway.GetPayment(pg.GetPaymentRequest(payment_id=payment_id))
+            return bool(got.payment.status in TERMINAL)
+
+        await _until(done)
+        return (await gateway.GetPayment(pg.GetPaymentRequest(payment_id=payment_id))).payment
+
+
+@pytest.mark.parametrize(
+    "step",
+    [Step.CREATED, Step.ASSESSED, Step.ORDERED, Step.CHARGING, Step.CHARGED, Step.POSTED],
+)
+async def test_recovery_completes_a_payment_stopped_after_any_step_with_one_charge(
+    mesh: Mesh, tmp_path: Path, step: str
+) -> None:
+    payment_id = await _stopped_after(mesh, tmp_path, step, "crash-1")
+    payment = await _recovered(mesh, payment_id)
+    assert payment.status == pg.PAYMENT_STATUS_SUCCEEDED
+    assert len(_charges(mesh)) == 1
+    assert len(await _entries(mesh, _available(mesh))) == 1
+    assert await _balance(mesh, _available(mesh)) == 2500
+    assert len(_webhooks(mesh, payment_id)) == 1
+    order = (await mesh.orders.GetOrder(order_pb2.GetOrderRequest(order_id=payment.order_id))).order
+    assert order.status == order_pb2.ORDER_STATUS_PAID
+
+
+async def test_recovery_adopts_a_charge_made_just_before_the_crash(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    # Killed after the channel charged but before the gateway committed the charge.
+    payment_id = await _stopped_after(mesh, tmp_path, Step.CHARGING, "crash-2")
+    store = PaymentStore(tmp_path / "payment-gateway.db")
+    try:
+        flow = PaymentFlow(store, mesh.downstreams(), charge_cutoff_s=900)
+        await mesh.channel.Charge(flow._charge_request(store.payment(payment_id)))
+    finally:
+        store.close()
+    assert len(_charges(mesh)) == 1
+
+    payment = await _recovered(mesh, payment_id)
+    assert payment.status == pg.PAYMENT_STATUS_SUCCEEDED
+    assert len(_charges(mesh)) == 1
+    charges = await mesh.channel.ListCharges(
+        channel_adapter_pb2.ListChargesRequest(payment_id=payment_id)
+    )
+    assert [c.charge_id for c in charges.charges] == [payment.charge_id]
+    assert len(await _entries(mesh, _available(mesh))) == 1
+
+
+async def test_client_retry_after_recovery_replays_the_final_result(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    payment_id = await _stopped_after(mesh, tmp_path, Step.CHARGED, "crash-3")
+    recovered = await _recovered(mesh, payment_id)
+    replay = await mesh.gateway.CreatePayment(_create(mesh, "crash-3"))
+    assert replay.payment.payment_id == payment_id
+    assert replay.payment.status == recovered.status == pg.PAYMENT_STATUS_SUCCEEDED
+    assert len(_charges(mesh)) == 1
+
+
+async def test_retry_of_an_unfinished_payment_is_aborted_until_recovered(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    await _stopped_after(mesh, tmp_path, Step.ORDERED, "crash-4")
+    # The fixture's gateway already ran its start-up pass over an empty store, so nothing
+    # finishes this payment until the next pass.
+    error = await _fails(mesh.gateway.CreatePayment(_create(mesh, "crash-4")))
+    assert error.code() == grpc.StatusCode.ABORTED
+    assert _reason(error) == "IDEMPOTENCY_KEY_IN_FLIGHT"
+    assert _charges(mesh) == []
+
+
+# --- downstream faults --------------------------------------------------------------------
+
+
+def _dead_address() -> str:
+    """A loopback address nothing listens on: calls to it fail at once with UNAVAILABLE."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{probe.getsockname()[1]}"
+
+
+@contextlib.asynccontextmanager
+async def _gateway(mesh: Mesh, *, dead: str) -> AsyncIterator[Any]:
+    """A gateway whose downstream ``dead`` is down; calls to it give up after 0.3 s."""
+    policy = Path(mesh.environ["PAYMESH_VAR_DIR"]) / f"policy-{dead}.toml"
+    policy.write_text(DEFAULT_POLICY_FILE.read_text() + f'\n[targets."{dead}"]\ntimeout_s = 0.3\n')
+    overrides = {
+        f"{dead.upper().replace('-', '_')}_ADDR": _dead_address(),
+        "PAYMESH_POLICY_FILE": str(policy),
+    }
+    async with mesh.start_gateway(**overrides) as address, aio.insecure_channel(address) as ch:
+        yield payment_gateway_pb2_grpc.PaymentGatewayServiceStub(ch)
+
+
+async def test_risk_outage_fails_the_payment_without_charging(mesh: Mesh) -> None:
+    async with _gateway(mesh, dead="risk-service") as gateway:
+        payment = (await gateway.CreatePayment(_create(mesh))).payment
+    assert payment.status == pg.PAYMENT_STATUS_FAILED
+    assert payment.failure_reason == "DOWNSTREAM_UNAVAILABLE"
+    assert _charges(mesh) == []
+
+
+async def test_channel_outage_leaves_the_payment_to_recovery_which_charges_once(
+    mesh: Mesh,
+) -> None:
+    async with _gateway(mesh, dead="channel-adapter") as gateway:
+        error = await _fails(gateway.CreatePayment(_create(mesh)))
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert _reason(error) == "DOWNSTREAM_UNAVAILABLE"
+    (pending,) = (
+        await mesh.gateway.ListPayments(pg.ListPaymentsRequest(merchant_id=mesh.merchant_id))
+    ).payments
+    assert pending.status == pg.PAYMENT_STATUS_PENDING
+
+    payment = await _recovered(mesh, pending.payment_id)
+    assert payment.status == pg.PAYMENT_STATUS_SUCCEEDED
+    assert len(_charges(mesh)) == 1
+    replay = await mesh.gateway.CreatePayment(_create(mesh))
+    assert replay.payment.status == pg.PAYMENT_STATUS_SUCCEEDED
+
+
+async def test_notification_outage_does_not_fail_the_payment_and_recovery_resends_it(
+    mesh: Mesh,
+) -> None:
+    async with _gateway(mesh, dead="notification-service") as gateway:
+        payment = (await gateway.CreatePayment(_create(mesh))).payment
+    assert payment.status == pg.PAYMENT_STATUS_SUCCEEDED
+    assert _webhooks(mesh, payment.payment_id) == []
+
+    async with mesh.start_gateway():  # its start-up pass resends the pending effects
+
+        async def delivered() -> bool:
+            return len(_webhooks(mesh, payment.payment_id)) == 1
+
+        await _until(delivered)
+    events = await mesh.analytics.ListEvents(
+        analytics_pb2.ListEventsRequest(merchant_id=mesh.merchant_id)
+    )
+    assert len(events.events) == 1
+
+
+async def test_effects_of_a_payment_refunded_during_an_outage_are_all_resent_once(
+    mesh: Mesh,
+) -> None:
+    async with _gateway(mesh, dead="notification-service") as gateway:
+        payment = (await gateway.CreatePayment(_create(mesh, amount=1000))).payment
+        refunded = await gateway.RefundPayment(_refund(mesh, payment.payment_id, "rf-1", 400))
+    assert refunded.refund.status == pg.REFUND_STATUS_SUCCEEDED
+    assert _webhooks(mesh, payment.payment_id) == []
+
+    async with mesh.start_gateway():
+
+        async def delivered() -> bool:
+            return len(_webhooks(mesh, payment.payment_id)) == 2
+
+        await _until(delivered)
+    events = {w.get("event_type") or json.dumps(w) for w in _webhooks(mesh, payment.payment_id)}
+    assert len(events) == 2

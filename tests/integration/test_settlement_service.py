@@ -1,0 +1,420 @@
+"""settlement-service through real gRPC against real accounting, withdrawal and notification.
+
+A settlement moves the merchant's available balance to settling in the ledger (which refuses
+an overdraft atomically) and has withdrawal-service pay it out through the bank sandbox; a
+failed payout returns the funds; an unreachable withdrawal-service is finished on restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+import pytest
+from grpc import aio
+
+from interceptors.errors import error_info, status_from_metadata
+from paymesh.accounting.v1 import accounting_pb2, accounting_pb2_grpc
+from paymesh.common.v1 import common_pb2
+from paymesh.settlement.v1 import settlement_pb2, settlement_pb2_grpc
+from paymesh.withdrawal.v1 import withdrawal_pb2, withdrawal_pb2_grpc
+from services.accounting.__main__ import build as build_accounting
+from services.notification.__main__ import build as build_notification
+from services.partners.sandbox import Fault, SandboxState
+from services.settlement.__main__ import build as build_settlement
+from services.withdrawal.__main__ import build as build_withdrawal
+from tests.servers import running_sandbox, running_service
+
+T = TypeVar("T")
+MERCHANT = "m_settle"
+EUR = "EUR"
+AVAILABLE = f"merchants/{MERCHANT}/available"
+SETTLING = f"merchants/{MERCHANT}/settling"
+PAYOUTS = "platform/bank_payouts"
+
+
+@dataclass
+class Mesh:
+    """Stubs of a running settlement-service and its real downstreams."""
+
+    settlements: settlement_pb2_grpc.SettlementServiceAsyncStub
+    withdrawals: withdrawal_pb2_grpc.WithdrawalServiceAsyncStub
+    ledger: accounting_pb2_grpc.AccountingServiceAsyncStub
+    bank: SandboxState
+
+
+@contextlib.asynccontextmanager
+async def settlement_service(
+    environ: dict[str, str],
+) -> AsyncIterator[settlement_pb2_grpc.SettlementServiceAsyncStub]:
+    """settlement-service over ``environ``; a second start on the same var dir runs recovery."""
+    async with (
+        running_service("settlement-service", build_settlement, environ=environ) as address,
+        aio.insecure_channel(address) as channel,
+    ):
+        yield settlement_pb2_grpc.SettlementServiceStub(channel)
+
+
+@contextlib.asynccontextmanager
+async def downstreams(tmp_path: Path) -> AsyncIterator[tuple[dict[str, str], SandboxState]]:
+    """Sandbox, accounting, notification and withdrawal; yields settlement-service's environ."""
+    with running_sandbox() as (sandbox, state):
+        base = {"PAYMESH_VAR_DIR": str(tmp_path), "PARTNER_SANDBOX_ADDR": sandbox}
+        async with (
+            running_service("accounting-service", build_accounting, environ=base) as ledger,
+            running_service(
+                "notification-service", build_notification, environ=base
+            ) as notifications,
+        ):
+            payouts_env = {
+                **base,
+                "ACCOUNTING_SERVICE_ADDR": ledger,
+                "NOTIFICATION_SERVICE_ADDR": notifications,
+            }
+            async with running_service(
+                "withdrawal-service", build_withdrawal, environ=payouts_env
+            ) as withdrawals:
+                yield (
+                    {
+                        **base,
+                        "ACCOUNTING_SERVICE_ADDR": ledger,
+                        "WITHDRAWAL_SERVICE_ADDR": withdrawals,
+                    },
+                    state,
+                )
+
+
+@pytest.fixture
+async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
+    async with (
+        downstreams(tmp_path) as (environ, bank),
+        settlement_service(environ) as settlements,
+        aio.insecure_channel(environ["ACCOUNTING_SERVICE_ADDR"]) as ledger_channel,
+        aio.insecure_channel(environ["WITHDRAWAL_SERVICE_ADDR"]) as withdrawal_channel,
+    ):
+        yield Mesh(
+            settlements=settlements,
+            withdrawals=withdrawal_pb2_grpc.WithdrawalServiceStub(withdrawal_channel),
+            ledger=accounting_pb2_grpc.AccountingServiceStub(ledger_channel),
+            bank=bank,
+        )
+
+
+# -- helpers ------------------------------------------------------------------------------
+def _money(amount: int, currency: str = EUR) -> common_pb2.Money:
+    return common_pb2.Money(amount_minor=amount, currency_code=currency)
+
+
+async def fund(ledger: accounting_pb2_grpc.AccountingServiceAsyncStub, amount: int) -> None:
+    """Credit the merchant's available balance as a captured payment would."""
+    await ledger.PostTransaction(
+        accounting_pb2.PostTransactionRequest(
+            request_id="fund",
+            transaction_id="txn:fund",
+            kind=accounting_pb2.TRANSACTION_KIND_PAYMENT,
+            postings=[
+                accounting_pb2.Posting(
+                    account_id="platform/psp_clearing",
+                    direction=accounting_pb2.ENTRY_DIRECTION_DEBIT,
+                    amount=_money(amount),
+                ),
+                accounting_pb2.Posting(
+                    account_id=AVAILABLE,
+                    direction=accounting_pb2.ENTRY_DIRECTION_CREDIT,
+                    amount=_money(amount),
+                ),
+            ],
+        )
+    )
+
+
+async def balance(ledger: accounting_pb2_grpc.AccountingServiceAsyncStub, account: str) -> int:
+    reply = await ledger.GetBalance(
+        accounting_pb2.GetBalanceRequest(account_id=account, currency_code=EUR)
+    )
+    return reply.balance.balance.amount_minor
+
+
+def _settle(request_id: str, amount: int | None = None) -> settlement_pb2.CreateSettlementRequest:
+    request = settlement_pb2.CreateSettlementRequest(
+        request_id=request_id,
+        merchant_id=MERCHANT,
+        currency_code=EUR,
+        bank_account_reference="FR7630006000011234567890189",
+    )
+    if amount is not None:
+        request.amount.CopyFrom(_money(amount))
+    return request
+
+
+def reason(error: aio.AioRpcError) -> str:
+    info = error_info(
+        status_from_metadata(error.code(), error.details() or "", tuple(error.trailing_metadata()))
+    )
+    return info.reason if info else ""
+
+
+def free_address() -> str:
+    """A loopback address nothing listens on (the port was free a moment ago)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{probe.getsockname()[1]}"
+
+
+async def eventually(
+    read: Callable[[], Awaitable[T]], done: Callable[[T], bool], *, timeout_s: float = 10.0
+) -> T:
+    """Poll ``read`` until ``done`` holds or the deadline passes (then the last value)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        value = await read()
+        if done(value) or loop.time() > deadline:
+            return value
+        await asyncio.sleep(0.05)
+
+
+# -- tests --------------------------------------------------------------------------------
+async def test_settleable_balance_is_the_available_ledger_balance(mesh: Mesh) -> None:
+    await fund(mesh.ledger, 12_345)
+
+    reply = await mesh.settlements.GetSettleableBalance(
+        settlement_pb2.GetSettleableBalanceRequest(merchant_id=MERCHANT, currency_code=EUR)
+    )
+
+    assert reply.settleable_amount == _money(12_345)
+    assert reply.as_of_time.seconds > 0
+
+
+async def test_settleable_balance_of_an_unused_account_is_zero(mesh: Mesh) -> None:
+    reply = await mesh.settlements.GetSettleableBalance(
+        settlement_pb2.GetSettleableBalanceRequest(merchant_id="m_new", currency_code="JPY")
+    )
+
+    assert reply.settleable_amount == _money(0, "JPY")
+
+
+async def test_settling_the_whole_balance_pays_it_out_through_a_withdrawal(mesh: Mesh) -> None:
+    await fund(mesh.ledger, 5_000)
+
+    reply = await mesh.settlements.CreateSettlement(_settle("s1"))
+
+    settlement = reply.settlement
+    assert settlement.status == settlement_pb2.SETTLEMENT_STATUS_COMPLETED
+    assert settlement.amount == _money(5_000)
+    assert settlement.ledger_transaction_id == f"txn:{settlement.settlement_id}"
+    withdrawal = (
+        await mesh.withdrawals.GetWithdrawal(
+            withdrawal_pb2.GetWithdrawalRequest(withdrawal_id=settlement.withdrawal_id)
+        )
+    ).withdrawal
+    assert withdrawal.status == withdrawal_pb2.WITHDRAWAL_STATUS_COMPLETED
+    assert withdrawal.settlement_id == settlement.settlement_id
+    assert (await balance(mesh.ledger, AVAILABLE), await balance(mesh.ledger, SETTLING)) == (0, 0)
+    assert await balance(mesh.ledger, PAYOUTS) == 5_000
+    assert len(mesh.bank.transfers) == 1
+
+
+async def test_partial_settlement_leaves_the_rest_available(mesh: Mesh) -> None:
+    await fund(mesh.ledger, 5_000)
+
+    reply = await mesh.settlements.CreateSettlement(_settle("s1", 1_200))
+
+    assert reply.settlement.status == settlement_pb2.SETTLEMENT_STATUS_COMPLETED
+    assert await balance(mesh.ledger, AVAILABLE) == 3_800
+    assert await balance(mesh.ledger, PAYOUTS) == 1_200
+
+
+async def test_settling_more_than_available_is_failed_precondition(mesh: Mesh) -> None:
+    await fund(mesh.ledger, 1_000)
+
+    with pytest.raises(aio.AioRpcError) as caught:
+        await mesh.settlements.CreateSettlement(_settle("s1", 1_001))
+
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert reason(caught.value) == "INSUFFICIENT_BALANCE"
+    assert await balance(mesh.ledger, AVAILABLE) == 1_000
+    assert mesh.bank.transfers == {}
+    listed = await mesh.settlements.ListSettlements(
+        settlement_pb2.ListSettlementsRequest(merchant_id=MERCHANT)
+    )
+    assert list(listed.settlements) == []
+
+
+async def test_settling_an_empty_balance_is_failed_precondition(mesh: Mesh) -> None:
+    with pytest.raises(aio.AioRpcError) as caught:
+        await mesh.settlements.CreateSettlement(_settle("s1"))
+
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert reason(caught.value) == "INSUFFICIENT_BALANCE"
+
+
+async def test_replayed_request_id_settles_and_pays_once(mesh: Mesh) -> None:
+    await fund(mesh.ledger, 5_000)
+
+    first = await mesh.settlements.CreateSettlement(_settle("s1"))
+    again = await mesh.settlements.CreateSettlement(_settle("s1"))
+
+    assert again.settlement == first.settlement
+    assert len(mesh.bank.transfers) == 1
+    assert await balance(mesh.ledger, PAYOUTS) == 5_000
+
+
+async def test_request_id_reused_with_another_body_is_invalid_argument(mesh: Mesh) -> None:
+    await fund(mesh.ledger, 5_000)
+    await mesh.settlements.CreateSettlement(_settle("s1", 100))
+
+    with pytest.raises(aio.AioRpcError) as caught:
+        await mesh.settlements.CreateSettlement(_settle("s1", 200))
+
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert reason(caught.value) == "IDEMPOTENCY_KEY_REUSED"
+
+
+async def test_concurrent_settlements_never_overdraw_the_balance(mesh: Mesh) -> None:
+    await fund(mesh.ledger, 10_000)
+
+    results = await asyncio.gather(
+        *(mesh.settlements.CreateSettlement(_settle(f"s{i}", 3_000)) for i in range(6)),
+        return_exceptions=True,
+    )
+
+    accepted = [
+        r.settlement for r in results if isinstance(r, settlement_pb2.CreateSettlementResponse)
+    ]
+    refused = [r for r in results if isinstance(r, aio.AioRpcError)]
+    assert all(e.code() == grpc.StatusCode.FAILED_PRECONDITION for e in refused)
+    assert len(accepted) == 3  # 3 x 3 000 fits in 10 000, a fourth does not
+    assert await balance(mesh.ledger, AVAILABLE) == 1_000
+    assert await balance(mesh.ledger, PAYOUTS) == 9_000
+
+
+async def test_failed_payout_fails_the_settlement_and_returns_the_funds(mesh: Mesh) -> None:
+    await fund(mesh.ledger, 4_000)
+    with mesh.bank.lock:
+        mesh.bank.faults["bank-transfer"] = Fault(error_rate=1.0, status=422)
+
+    reply = await mesh.settlements.CreateSettlement(_settle("s1"))
+
+    assert reply.settlement.status == settlement_pb2.SETTLEMENT_STATUS_FAILED
+    assert reply.settlement.failure_reason == "CHANNEL_DECLINED"
+    assert await balance(mesh.ledger, AVAILABLE) == 4_000
+    assert (await balance(mesh.ledger, SETTLING), await balance(mesh.ledger, PAYOUTS)) == (0, 0)
+
+
+async def test_recovery_at_start_completes_a_settlement_left_pending(tmp_path: Path) -> None:
+    async with (
+        downstreams(tmp_path) as (environ, bank),
+        aio.insecure_channel(environ["ACCOUNTING_SERVICE_ADDR"]) as channel,
+    ):
+        ledger = accounting_pb2_grpc.AccountingServiceStub(channel)
+        await fund(ledger, 2_000)
+        cut_off = {**environ, "WITHDRAWAL_SERVICE_ADDR": free_address()}
+        async with settlement_service(cut_off) as settlements:
+            pending = await settlements.CreateSettlement(_settle("s1"))
+        assert pending.settlement.status == settlement_pb2.SETTLEMENT_STATUS_PENDING
+        assert await balance(ledger, SETTLING) == 2_000
+
+        async with settlement_service(environ) as settlements:
+            request = settlement_pb2.GetSettlementRequest(
+                settlement_id=pending.settlement.settlement_id
+            )
+            final = await eventually(
+                lambda: settlements.GetSettlement(request),
+                lambda r: r.settlement.status != settlement_pb2.SETTLEMENT_STATUS_PENDING,
+            )
+
+        assert final.settlement.status == settlement_pb2.SETTLEMENT_STATUS_COMPLETED
+        assert len(bank.transfers) == 1
+        assert (await balance(ledger, SETTLING), await balance(ledger, PAYOUTS)) == (0, 2_000)
+
+
+def _bad(**changes: object) -> settlement_pb2.CreateSettlementRequest:
+    request = _settle("s1", 100)
+    for name, value in changes.items():
+        if name == "amount_minor":
+            request.amount.amount_minor = value  # type: ignore[assignment]  # test table
+        elif name == "amount_currency":
+            request.amount.currency_code = value  # type: ignore[assignment]  # test table
+        else:
+            setattr(request, name, value)
+    return request
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"amount_minor": 0}, "amount.amount_minor"),
+        ({"amount_minor": -1}, "amount.amount_minor"),
+        ({"amount_minor": 10**13}, "amount.amount_minor"),
+        ({"amount_currency": "USD"}, "amount.currency_code"),
+        ({"currency_code": "XXX"}, "currency_code"),
+        ({"request_id": ""}, "request_id"),
+        ({"merchant_id": ""}, "merchant_id"),
+        ({"bank_account_reference": " "}, "bank_account_reference"),
+    ],
+)
+async def test_bad_input_is_invalid_argument_naming_the_field(
+    mesh: Mesh, changes: dict[str, object], field: str
+) -> None:
+    with pytest.raises(aio.AioRpcError) as caught:
+        await mesh.settlements.CreateSettlement(_bad(**changes))
+
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in (caught.value.details() or "")
+
+
+async def test_unknown_settlement_is_not_found(mesh: Mesh) -> None:
+    with pytest.raises(aio.AioRpcError) as caught:
+        await mesh.settlements.GetSettlement(
+            settlement_pb2.GetSettlementRequest(settlement_id="stl_missing")
+        )
+
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_pages_cover_every_settlement_once_newest_first(mesh: Mesh) -> None:
+    await fund(mesh.ledger, 500)
+    created = [
+        (await mesh.settlements.CreateSettlement(_settle(f"s{i}", 100))).settlement.settlement_id
+        for i in range(5)
+    ]
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = await mesh.settlements.ListSettlements(
+            settlement_pb2.ListSettlementsRequest(
+                merchant_id=MERCHANT, page_size=2, page_token=token
+            )
+        )
+        seen.extend(s.settlement_id for s in page.settlements)
+        token = page.next_page_token
+        if not token:
+            break
+
+    assert seen == created[::-1]
+
+
+async def test_page_token_of_another_merchant_is_rejected(mesh: Mesh) -> None:
+    await fund(mesh.ledger, 200)
+    for index in range(2):
+        await mesh.settlements.CreateSettlement(_settle(f"s{index}", 100))
+    page = await mesh.settlements.ListSettlements(
+        settlement_pb2.ListSettlementsRequest(merchant_id=MERCHANT, page_size=1)
+    )
+
+    with pytest.raises(aio.AioRpcError) as caught:
+        await mesh.settlements.ListSettlements(
+            settlement_pb2.ListSettlementsRequest(
+                merchant_id="m_other", page_token=page.next_page_token
+            )
+        )
+
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert reason(caught.value) == "PAGE_TOKEN_INVALID"

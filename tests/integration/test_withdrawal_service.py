@@ -1,0 +1,440 @@
+"""withdrawal-service through real gRPC against the real ledger, notifications and bank sandbox.
+
+Payouts reserve in accounting-service before the bank call, so concurrent withdrawals never
+exceed the balance; bank refusals reverse the reservation; outages leave PENDING withdrawals
+that a replay or the recovery pass at start completes, with the bank paid once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+import pytest
+from grpc import aio
+
+from interceptors.errors import error_info, status_from_metadata
+from paymesh.accounting.v1 import accounting_pb2, accounting_pb2_grpc
+from paymesh.common.v1 import common_pb2
+from paymesh.notification.v1 import notification_pb2, notification_pb2_grpc
+from paymesh.withdrawal.v1 import withdrawal_pb2, withdrawal_pb2_grpc
+from services.accounting.__main__ import build as build_accounting
+from services.notification.__main__ import build as build_notification
+from services.partners.sandbox import Fault, SandboxState
+from services.withdrawal.__main__ import build as build_withdrawal
+from tests.servers import running_sandbox, running_service
+
+T = TypeVar("T")
+MERCHANT = "m_payout"
+EUR = "EUR"
+
+
+@dataclass
+class Mesh:
+    """The stubs of a running withdrawal-service and its real downstreams."""
+
+    withdrawals: withdrawal_pb2_grpc.WithdrawalServiceAsyncStub
+    ledger: accounting_pb2_grpc.AccountingServiceAsyncStub
+    notifications: notification_pb2_grpc.NotificationServiceAsyncStub
+    bank: SandboxState
+    environ: dict[str, str]
+
+
+@contextlib.asynccontextmanager
+async def withdrawal_service(
+    environ: dict[str, str],
+) -> AsyncIterator[withdrawal_pb2_grpc.WithdrawalServiceAsyncStub]:
+    """withdrawal-service over ``environ``; a second start on the same var dir runs recovery."""
+    async with (
+        running_service("withdrawal-service", build_withdrawal, environ=environ) as address,
+        aio.insecure_channel(address) as channel,
+    ):
+        yield withdrawal_pb2_grpc.WithdrawalServiceStub(channel)
+
+
+@contextlib.asynccontextmanager
+async def downstreams(tmp_path: Path) -> AsyncIterator[tuple[dict[str, str], SandboxState]]:
+    """The sandbox, accounting- and notification-service; yields withdrawal-service's environ."""
+    with running_sandbox() as (sandbox, state):
+        base = {"PAYMESH_VAR_DIR": str(tmp_path), "PARTNER_SANDBOX_ADDR": sandbox}
+        async with (
+            running_service("accounting-service", build_accounting, environ=base) as ledger,
+            running_service(
+                "notification-service", build_notification, environ=base
+            ) as notifications,
+        ):
+            yield (
+                {
+                    **base,
+                    "ACCOUNTING_SERVICE_ADDR": ledger,
+                    "NOTIFICATION_SERVICE_ADDR": notifications,
+                },
+                state,
+            )
+
+
+@pytest.fixture
+async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
+    async with (
+        downstreams(tmp_path) as (environ, bank),
+        withdrawal_service(environ) as withdrawals,
+        aio.insecure_channel(environ["ACCOUNTING_SERVICE_ADDR"]) as ledger_channel,
+        aio.insecure_channel(environ["NOTIFICATION_SERVICE_ADDR"]) as notify_channel,
+    ):
+        yield Mesh(
+            withdrawals=withdrawals,
+            ledger=accounting_pb2_grpc.AccountingServiceStub(ledger_channel),
+            notifications=notification_pb2_grpc.NotificationServiceStub(notify_channel),
+            bank=bank,
+            environ=environ,
+        )
+
+
+# -- helpers ------------------------------------------------------------------------------
+def _money(amount: int, currency: str = EUR) -> common_pb2.Money:
+    return common_pb2.Money(amount_minor=amount, currency_code=currency)
+
+
+async def fund(
+    ledger: accounting_pb2_grpc.AccountingServiceAsyncStub,
+    amount: int,
+    *,
+    account: str = f"merchants/{MERCHANT}/available",
+    tag: str = "1",
+) -> None:
+    """Credit ``account`` as a captured payment would (DEBIT platform/psp_clearing)."""
+    await ledger.PostTransaction(
+        accounting_pb2.PostTransactionRequest(
+            request_id=f"fund-{tag}",
+            transaction_id=f"txn:fund-{tag}",
+            kind=accounting_pb2.TRANSACTION_KIND_PAYMENT,
+            postings=[
+                accounting_pb2.Posting(
+                    account_id="platform/psp_clearing",
+                    direction=accounting_pb2.ENTRY_DIRECTION_DEBIT,
+                    amount=_money(amount),
+                ),
+                accounting_pb2.Posting(
+                    account_id=account,
+                    direction=accounting_pb2.ENTRY_DIRECTION_CREDIT,
+                    amount=_money(amount),
+                ),
+            ],
+        )
+    )
+
+
+async def balance(ledger: accounting_pb2_grpc.AccountingServiceAsyncStub, account: str) -> int:
+    reply = await ledger.GetBalance(
+        accounting_pb2.GetBalanceRequest(account_id=account, currency_code=EUR)
+    )
+    return reply.balance.balance.amount_minor
+
+
+def _withdraw(
+    request_id: str, amount: int, *, settlement_id: str = ""
+) -> withdrawal_pb2.CreateWithdrawalRequest:
+    return withdrawal_pb2.CreateWithdrawalRequest(
+        request_id=request_id,
+        merchant_id=MERCHANT,
+        amount=_money(amount),
+        bank_account_reference="DE89370400440532013000",
+        settlement_id=settlement_id,
+    )
+
+
+def reason(error: aio.AioRpcError) -> str:
+    info = error_info(
+        status_from_metadata(error.code(), error.details() or "", tuple(error.trailing_metadata()))
+    )
+    return info.reason if info else ""
+
+
+def fail_bank(bank: SandboxState, status: int) -> None:
+    with bank.lock:
+        bank.faults["bank-transfer"] = Fault(error_rate=1.0, status=status)
+
+
+def heal_bank(bank: SandboxState) -> None:
+    with bank.lock:
+        bank.faults.clear()
+
+
+async def eventually(
+    read: Callable[[], Awaitable[T]], done: Callable[[T], bool], *, timeout_s: float = 10.0
+) -> T:
+    """Poll ``read`` until ``done`` holds or the deadline passes (then the last value)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        value = await read()
+        if done(value) or loop.time() > deadline:
+            return value
+        await asyncio.sleep(0.05)
+
+
+# -- tests --------------------------------------------------------------------------------
+async def test_withdrawal_pays_out_through_the_bank_and_posts_the_ledger(mesh: Mesh) -> None:
+    await fund(mesh.ledger, 10_000)
+
+    reply = await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 4_000))
+
+    withdrawal = reply.withdrawal
+    assert withdrawal.status == withdrawal_pb2.WITHDRAWAL_STATUS_COMPLETED
+    assert withdrawal.ledger_transaction_id == f"txn:{withdrawal.withdrawal_id}"
+    assert await balance(mesh.ledger, f"merchants/{MERCHANT}/available") == 6_000
+    assert await balance(mesh.ledger, "platform/bank_payouts") == 4_000
+    assert list(mesh.bank.transfers) == [withdrawal.bank_transfer_reference]
+    assert mesh.bank.transfer_keys == {withdrawal.withdrawal_id: withdrawal.bank_transfer_reference}
+
+
+async def test_completed_withdrawal_notifies_the_merchant(mesh: Mesh) -> None:
+    await fund(mesh.ledger, 1_000)
+    await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 1_000))
+
+    listed = await mesh.notifications.ListNotifications(
+        notification_pb2.ListNotificationsRequest(merchant_id=MERCHANT)
+    )
+
+    assert [n.event_type for n in listed.notifications] == ["withdrawal.completed"]
+
+
+async def test_withdrawal_above_the_balance_is_failed_precondition(mesh: Mesh) -> None:
+    await fund(mesh.ledger, 1_000)
+
+    with pytest.raises(aio.AioRpcError) as caught:
+        await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 1_001))
+
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert reason(caught.value) == "INSUFFICIENT_BALANCE"
+    assert mesh.bank.transfers == {}
+    listed = await mesh.withdrawals.ListWithdrawals(
+        withdrawal_pb2.ListWithdrawalsRequest(merchant_id=MERCHANT)
+    )
+    assert list(listed.withdrawals) == []
+
+
+async def test_refused_request_id_may_be_retried_once_funds_arrive(mesh: Mesh) -> None:
+    with pytest.raises(aio.AioRpcError):
+        await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 500))
+    await fund(mesh.ledger, 500)
+
+    reply = await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 500))
+
+    assert reply.withdrawal.status == withdrawal_pb2.WITHDRAWAL_STATUS_COMPLETED
+
+
+async def test_concurrent_withdrawals_never_exceed_the_balance(mesh: Mesh) -> None:
+    await fund(mesh.ledger, 10_000)
+
+    results = await asyncio.gather(
+        *(mesh.withdrawals.CreateWithdrawal(_withdraw(f"w{i}", 1_500)) for i in range(10)),
+        return_exceptions=True,
+    )
+
+    accepted = [
+        r.withdrawal for r in results if isinstance(r, withdrawal_pb2.CreateWithdrawalResponse)
+    ]
+    refused = [r for r in results if isinstance(r, aio.AioRpcError)]
+    assert len(accepted) + len(refused) == 10
+    assert all(e.code() == grpc.StatusCode.FAILED_PRECONDITION for e in refused)
+    assert all(w.status == withdrawal_pb2.WITHDRAWAL_STATUS_COMPLETED for w in accepted)
+    assert len(accepted) == 6  # 6 x 1 500 fits in 10 000, a seventh does not
+    assert await balance(mesh.ledger, f"merchants/{MERCHANT}/available") == 10_000 - 9_000
+    assert len(mesh.bank.transfers) == len(accepted)
+
+
+async def test_replayed_request_id_returns_the_same_withdrawal_and_pays_once(
+    mesh: Mesh,
+) -> None:
+    await fund(mesh.ledger, 5_000)
+
+    first = await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 2_000))
+    again = await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 2_000))
+
+    assert again.withdrawal == first.withdrawal
+    assert len(mesh.bank.transfers) == 1
+    assert await balance(mesh.ledger, f"merchants/{MERCHANT}/available") == 3_000
+
+
+async def test_request_id_reused_with_another_body_is_invalid_argument(mesh: Mesh) -> None:
+    await fund(mesh.ledger, 5_000)
+    await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 2_000))
+
+    with pytest.raises(aio.AioRpcError) as caught:
+        await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 2_001))
+
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert reason(caught.value) == "IDEMPOTENCY_KEY_REUSED"
+
+
+async def test_bank_refusal_fails_the_withdrawal_and_reverses_the_reservation(
+    mesh: Mesh,
+) -> None:
+    await fund(mesh.ledger, 3_000)
+    fail_bank(mesh.bank, 422)
+
+    reply = await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 2_000))
+
+    withdrawal = reply.withdrawal
+    assert withdrawal.status == withdrawal_pb2.WITHDRAWAL_STATUS_FAILED
+    assert withdrawal.failure_reason == "CHANNEL_DECLINED"
+    reversal = await mesh.ledger.GetTransaction(
+        accounting_pb2.GetTransactionRequest(
+            transaction_id=f"txn:{withdrawal.withdrawal_id}:reversal"
+        )
+    )
+    assert reversal.transaction.kind == accounting_pb2.TRANSACTION_KIND_REVERSAL
+    assert await balance(mesh.ledger, f"merchants/{MERCHANT}/available") == 3_000
+    assert await balance(mesh.ledger, "platform/bank_payouts") == 0
+
+
+async def test_unreachable_bank_leaves_pending_until_a_replay_completes_it(mesh: Mesh) -> None:
+    await fund(mesh.ledger, 3_000)
+    fail_bank(mesh.bank, 503)
+    pending = await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 2_000))
+    assert pending.withdrawal.status == withdrawal_pb2.WITHDRAWAL_STATUS_PENDING
+    assert await balance(mesh.ledger, f"merchants/{MERCHANT}/available") == 1_000
+
+    heal_bank(mesh.bank)
+    replay = await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 2_000))
+
+    assert replay.withdrawal.status == withdrawal_pb2.WITHDRAWAL_STATUS_COMPLETED
+    assert len(mesh.bank.transfers) == 1
+    assert await balance(mesh.ledger, "platform/bank_payouts") == 2_000
+
+
+async def test_recovery_at_start_completes_a_pending_withdrawal(tmp_path: Path) -> None:
+    async with (
+        downstreams(tmp_path) as (environ, bank),
+        aio.insecure_channel(environ["ACCOUNTING_SERVICE_ADDR"]) as channel,
+    ):
+        ledger = accounting_pb2_grpc.AccountingServiceStub(channel)
+        await fund(ledger, 3_000)
+        fail_bank(bank, 503)
+        async with withdrawal_service(environ) as withdrawals:
+            pending = await withdrawals.CreateWithdrawal(_withdraw("w1", 2_000))
+        assert pending.withdrawal.status == withdrawal_pb2.WITHDRAWAL_STATUS_PENDING
+        heal_bank(bank)
+
+        async with withdrawal_service(environ) as withdrawals:
+            request = withdrawal_pb2.GetWithdrawalRequest(
+                withdrawal_id=pending.withdrawal.withdrawal_id
+            )
+            final = await eventually(
+                lambda: withdrawals.GetWithdrawal(request),
+                lambda r: r.withdrawal.status != withdrawal_pb2.WITHDRAWAL_STATUS_PENDING,
+            )
+
+        assert final.withdrawal.status == withdrawal_pb2.WITHDRAWAL_STATUS_COMPLETED
+        assert len(bank.transfers) == 1
+        assert await balance(ledger, "platform/bank_payouts") == 2_000
+
+
+async def test_withdrawal_of_a_settlement_debits_the_settling_account(mesh: Mesh) -> None:
+    await fund(mesh.ledger, 2_500, account=f"merchants/{MERCHANT}/settling")
+
+    reply = await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 2_500, settlement_id="stl_1"))
+
+    assert reply.withdrawal.status == withdrawal_pb2.WITHDRAWAL_STATUS_COMPLETED
+    assert reply.withdrawal.settlement_id == "stl_1"
+    assert await balance(mesh.ledger, f"merchants/{MERCHANT}/settling") == 0
+    assert await balance(mesh.ledger, f"merchants/{MERCHANT}/available") == 0
+
+
+async def test_second_withdrawal_of_one_settlement_is_already_exists(mesh: Mesh) -> None:
+    await fund(mesh.ledger, 5_000, account=f"merchants/{MERCHANT}/settling")
+    await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 2_500, settlement_id="stl_1"))
+
+    with pytest.raises(aio.AioRpcError) as caught:
+        await mesh.withdrawals.CreateWithdrawal(_withdraw("w2", 2_500, settlement_id="stl_1"))
+
+    assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert len(mesh.bank.transfers) == 1
+
+
+def _bad(**changes: object) -> withdrawal_pb2.CreateWithdrawalRequest:
+    request = _withdraw("w1", 100)
+    for name, value in changes.items():
+        if name == "amount_minor":
+            request.amount.amount_minor = value  # type: ignore[assignment]  # test table
+        elif name == "currency_code":
+            request.amount.currency_code = value  # type: ignore[assignment]  # test table
+        else:
+            setattr(request, name, value)
+    return request
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"amount_minor": 0}, "amount.amount_minor"),
+        ({"amount_minor": -5}, "amount.amount_minor"),
+        ({"amount_minor": 10**13}, "amount.amount_minor"),
+        ({"currency_code": "XXX"}, "amount.currency_code"),
+        ({"request_id": ""}, "request_id"),
+        ({"merchant_id": "no spaces"}, "merchant_id"),
+        ({"bank_account_reference": ""}, "bank_account_reference"),
+        ({"bank_account_reference": "x" * 65}, "bank_account_reference"),
+        ({"settlement_id": "bad/id"}, "settlement_id"),
+    ],
+)
+async def test_bad_input_is_invalid_argument_naming_the_field(
+    mesh: Mesh, changes: dict[str, object], field: str
+) -> None:
+    with pytest.raises(aio.AioRpcError) as caught:
+        await mesh.withdrawals.CreateWithdrawal(_bad(**changes))
+
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in (caught.value.details() or "")
+
+
+async def test_unknown_withdrawal_is_not_found(mesh: Mesh) -> None:
+    with pytest.raises(aio.AioRpcError) as caught:
+        await mesh.withdrawals.GetWithdrawal(
+            withdrawal_pb2.GetWithdrawalRequest(withdrawal_id="wd_missing")
+        )
+
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_pages_cover_every_withdrawal_once_newest_first(mesh: Mesh) -> None:
+    await fund(mesh.ledger, 700)
+    created = [
+        (await mesh.withdrawals.CreateWithdrawal(_withdraw(f"w{i}", 100))).withdrawal.withdrawal_id
+        for i in range(7)
+    ]
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = await mesh.withdrawals.ListWithdrawals(
+            withdrawal_pb2.ListWithdrawalsRequest(
+                merchant_id=MERCHANT, page_size=3, page_token=token
+            )
+        )
+        seen.extend(w.withdrawal_id for w in page.withdrawals)
+        token = page.next_page_token
+        if not token:
+            break
+
+    assert seen == created[::-1]
+
+
+async def test_list_filters_by_status(mesh: Mesh) -> None:
+    await fund(mesh.ledger, 1_000)
+    await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 100))
+    fail_bank(mesh.bank, 422)
+    failed = await mesh.withdrawals.CreateWithdrawal(_withdraw("w2", 100))
+
+    listed = await mesh.withdrawals.ListWithdrawals(
+        withdrawal_pb2.ListWithdrawalsRequest(
+            merchant_id=MERCHANT, status=withdrawal_pb2.WITHDRAWAL_STATUS_FAILED
+        )
+    )
+
+    assert [w.withdrawal_id for w in listed.withdrawals] == [failed.withdrawal.withdrawal_id]

@@ -1,0 +1,116 @@
+"""PolicyConfig: defaults, per-target and per-method overrides, validation naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from interceptors.policy import (
+    DEFAULT_POLICY_FILE,
+    POLICY_FILE_VAR,
+    CallPolicy,
+    PolicyConfig,
+    PolicyError,
+    RetryPolicy,
+)
+
+METHOD = "/paymesh.order.v1.OrderService/GetOrder"
+
+
+def test_seed_defaults_match_the_issue() -> None:
+    policy = CallPolicy()
+    assert (policy.retry.max_attempts, policy.retry.initial_backoff_s) == (4, 0.05)
+    assert (policy.retry.backoff_multiplier, policy.retry.max_backoff_s) == (2.0, 1.0)
+    assert (policy.breaker.minimum_calls, policy.breaker.failure_rate) == (5, 0.6)
+    assert (policy.breaker.window_s, policy.breaker.open_s) == (60.0, 30.0)
+    assert policy.breaker.half_open_calls == 3
+    assert policy.budget.retry_ratio == 0.2
+
+
+def test_target_overrides_defaults() -> None:
+    config = PolicyConfig.from_mapping(
+        {"defaults": {"timeout_s": 3.0}, "targets": {"order-service": {"timeout_s": 1.0}}}
+    )
+    assert config.policy_for("order-service", METHOD).timeout_s == 1.0
+    assert config.policy_for("risk-service", METHOD).timeout_s == 3.0
+
+
+def test_method_overrides_target() -> None:
+    config = PolicyConfig.from_mapping(
+        {
+            "targets": {"order-service": {"timeout_s": 1.0, "retry": {"max_attempts": 2}}},
+            "methods": {METHOD: {"timeout_s": 0.2}},
+        }
+    )
+    policy = config.policy_for("order-service", METHOD)
+    assert (policy.timeout_s, policy.retry.max_attempts) == (0.2, 2)
+
+
+def test_unknown_key_names_its_path() -> None:
+    with pytest.raises(PolicyError) as caught:
+        PolicyConfig.from_mapping({"targets": {"order-service": {"retry": {"max_atempts": 2}}}})
+    assert caught.value.key == "targets.order-service.retry.max_atempts"
+
+
+def test_unknown_top_level_key_is_refused() -> None:
+    with pytest.raises(PolicyError, match="defualts"):
+        PolicyConfig.from_mapping({"defualts": {}})
+
+
+def test_negative_timeout_names_its_path() -> None:
+    with pytest.raises(PolicyError) as caught:
+        PolicyConfig.from_mapping({"defaults": {"timeout_s": -1}})
+    assert caught.value.key == "defaults.timeout_s"
+
+
+def test_max_attempts_below_one_names_its_path() -> None:
+    with pytest.raises(PolicyError) as caught:
+        PolicyConfig.from_mapping({"methods": {METHOD: {"retry": {"max_attempts": 0}}}})
+    assert caught.value.key == f"methods.{METHOD}.retry.max_attempts"
+
+
+def test_breaker_per_method_is_refused() -> None:
+    with pytest.raises(PolicyError) as caught:
+        PolicyConfig.from_mapping({"methods": {METHOD: {"breaker": {"open_s": 1}}}})
+    assert caught.value.key == f"methods.{METHOD}.breaker"
+
+
+def test_wrong_type_is_refused() -> None:
+    with pytest.raises(PolicyError) as caught:
+        PolicyConfig.from_mapping({"defaults": {"timeout_s": "5s"}})
+    assert caught.value.key == "defaults.timeout_s"
+
+
+def test_unknown_target_is_refused_when_targets_are_known() -> None:
+    with pytest.raises(PolicyError) as caught:
+        PolicyConfig.from_mapping(
+            {"targets": {"oder-service": {}}}, known_targets={"order-service"}
+        )
+    assert caught.value.key == "targets.oder-service"
+
+
+def test_retry_policy_validates_in_post_init() -> None:
+    with pytest.raises(PolicyError):
+        RetryPolicy(max_attempts=0)
+
+
+def test_default_file_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(POLICY_FILE_VAR, raising=False)
+    config = PolicyConfig.load()
+    assert DEFAULT_POLICY_FILE.exists()
+    assert config.defaults.retry.max_attempts == 4
+
+
+def test_env_var_points_at_another_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text("[defaults]\ntimeout_s = 1.5\n")
+    monkeypatch.setenv(POLICY_FILE_VAR, str(path))
+    assert PolicyConfig.load().defaults.timeout_s == 1.5
+
+
+def test_bad_file_error_names_key_and_file(tmp_path: Path) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text("[defaults.retry]\nmax_attempts = 0\n")
+    with pytest.raises(PolicyError, match=r"defaults\.retry\.max_attempts.*policy\.toml"):
+        PolicyConfig.load(str(path))
