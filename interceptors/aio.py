@@ -90,6 +90,29 @@ def replace_details(details: aio.ClientCallDetails, **changes: Any) -> aio.Clien
     return aio.ClientCallDetails(**fields)
 
 
+#: How long a retry after UNAVAILABLE waits for the target's channel to (re)connect. It covers
+#: grpcio's reconnect backoff (capped at this in chain.RECONNECT_OPTIONS) without letting a
+#: target that is really down hold the call for its whole deadline.
+RECONNECT_WAIT_S = 1.0
+
+
+async def wait_connected(channel: aio.Channel, timeout_s: float) -> bool:
+    """Wait up to ``timeout_s`` for ``channel`` to be READY, asking it to connect."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    state = channel.get_state(try_to_connect=True)
+    while state != grpc.ChannelConnectivity.READY:
+        left = deadline - loop.time()
+        if left <= 0:
+            return False
+        try:
+            await asyncio.wait_for(channel.wait_for_state_change(state), left)
+        except TimeoutError:
+            return False
+        state = channel.get_state(try_to_connect=True)
+    return True
+
+
 class _Layer:
     def __init__(self, runtime: ChainRuntime, target: str) -> None:
         self.runtime = runtime
@@ -198,6 +221,7 @@ class RetryInterceptor(_Layer, aio.UnaryUnaryClientInterceptor):
         )
         base = [(k, v) for k, v in (details.metadata or ()) if k != PREVIOUS_ATTEMPTS_KEY]
         wait_for_ready = details.wait_for_ready
+        waited_for_connection = False
         while True:
             left = run.start_attempt()
             metadata = aio.Metadata(*base)
@@ -237,11 +261,17 @@ class RetryInterceptor(_Layer, aio.UnaryUnaryClientInterceptor):
                         reason=reason,
                     ) from err
             runtime.telemetry.inc("retries_total", target=self.target, method=method)
-            if code == grpc.StatusCode.UNAVAILABLE:
-                # A reconnecting channel fails calls at once; let the retry wait for it instead
-                # of burning out in grpcio's reconnect backoff (bounded by the deadline).
-                wait_for_ready = True
             await runtime.sleep(decision.delay_s)
+            if code == grpc.StatusCode.UNAVAILABLE and not waited_for_connection:
+                # A reconnecting channel fails calls at once; wait once, briefly, for it to
+                # connect instead of burning the retries out in grpcio's reconnect backoff.
+                waited_for_connection = True
+                waiter = runtime.connection_waiters.get(self.target)
+                if waiter is None:
+                    wait_for_ready = True  # a channel we did not make: bounded by the deadline
+                else:
+                    left = run.deadline_at - runtime.clock()
+                    await waiter(max(0.0, min(RECONNECT_WAIT_S, left)))
 
 
 class BreakerInterceptor(_Layer, aio.UnaryUnaryClientInterceptor):

@@ -134,6 +134,8 @@ class TargetBreaker:
             horizon = now - self.policy.window_s
             while self._window and self._window[0][0] <= horizon:
                 self._window.popleft()
+            if outcome is not Outcome.FAILURE:
+                return  # only a failure can tip the rate over the threshold
             failures = sum(1 for _, failed in self._window if failed)
             calls = len(self._window)
             if calls >= self.policy.minimum_calls and failures >= self.policy.failure_rate * calls:

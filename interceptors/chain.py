@@ -23,7 +23,7 @@ from typing import Any
 from grpc import aio
 from grpc_interceptor import ClientInterceptor
 
-from interceptors.aio import aio_chain
+from interceptors.aio import RECONNECT_WAIT_S, aio_chain, wait_connected
 from interceptors.breaker import BreakerRegistry
 from interceptors.http import PartnerClient
 from interceptors.policy import PolicyConfig
@@ -36,7 +36,7 @@ from interceptors.telemetry import ChainTelemetry
 RECONNECT_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.max_reconnect_backoff_ms", int(RECONNECT_WAIT_S * 1000)),
     # The chain retries; grpcio's own service-config retries would multiply ours.
     ("grpc.enable_retries", 0),
 )
@@ -56,6 +56,19 @@ class ClientChain:
     def aio_interceptors(self, target: str) -> list[aio.ClientInterceptor]:
         """Interceptors of an aio channel to ``target`` (``insecure_channel(interceptors=...)``)."""
         return aio_chain(self.runtime, target)
+
+    def aio_channel(self, target: str, address: str) -> aio.Channel:
+        """An insecure aio channel to ``target`` at ``address`` with the chain on it.
+
+        Retries after UNAVAILABLE wait (briefly) for this channel to reconnect.
+        """
+        channel = aio.insecure_channel(
+            address, options=self.channel_options(), interceptors=self.aio_interceptors(target)
+        )
+        self.runtime.connection_waiters[target] = lambda timeout_s: wait_connected(
+            channel, timeout_s
+        )
+        return channel
 
     def sync_interceptors(self, target: str) -> list[ClientInterceptor]:
         """Interceptors for ``grpc.intercept_channel(channel, *...)`` to ``target``."""

@@ -52,6 +52,8 @@ class ChainRuntime:
         self._lock = threading.Lock()
         self._budgets: dict[str, RetryBudget] = {}
         self._policies: dict[tuple[str, str], CallPolicy] = {}
+        #: Per target, waits up to the given seconds for its channel to connect; True if it did.
+        self.connection_waiters: dict[str, Callable[[float], Awaitable[bool]]] = {}
 
     def _on_transition(self, target: str, old: str, new: str) -> None:
         self.telemetry.inc("breaker_transitions_total", target=target, old=old, new=new)

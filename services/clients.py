@@ -56,11 +56,7 @@ class ClientFactory:
             )
         channel = self._channels.get(target)
         if channel is None:
-            channel = aio.insecure_channel(
-                self._topology.address(target),
-                options=self._chain.channel_options(),
-                interceptors=self._chain.aio_interceptors(target),
-            )
+            channel = self._chain.aio_channel(target, self._topology.address(target))
             self._channels[target] = channel
         return channel
 

@@ -221,9 +221,7 @@ async def stub_for(
     chain: ClientChain, address: str, target: str = TARGET
 ) -> AsyncIterator[testing_pb2_grpc.TestServiceStub]:
     """A TestService stub on an aio channel made the way the client factory makes them."""
-    channel = aio.insecure_channel(
-        address, interceptors=chain.aio_interceptors(target), options=chain.channel_options()
-    )
+    channel = chain.aio_channel(target, address)
     try:
         yield testing_pb2_grpc.TestServiceStub(channel)
     finally:

@@ -115,7 +115,7 @@ async def test_stop_lets_calls_in_flight_finish_and_turns_health_not_serving(
     )
     address = await ready
     async with aio.insecure_channel(address) as channel:
-        in_flight = asyncio.create_task(
+        in_flight = asyncio.ensure_future(
             order_pb2_grpc.OrderServiceStub(channel).GetOrder(
                 order_pb2.GetOrderRequest(order_id="o1"), timeout=10
             )

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from services.topology import (
+    PARTNER_SANDBOX_PORT,
     PARTNERS,
     SERVICES,
     Topology,
@@ -123,7 +124,14 @@ def test_parse_hostport_accepts_ipv6_brackets() -> None:
     assert parse_hostport("[::1]:40004", variable="X") == ("[::1]", 40004)
 
 
-_PORT_LITERAL = re.compile(r"(?<![\w.])(?:[1-9]\d{3,4})(?![\w.])")
+#: ``host:port`` in a string (localhost:8004, 127.0.0.1:40004, [::1]:40004, order.svc:9000).
+_HOST_PORT = re.compile(
+    r"(?:localhost|\d+\.\d+\.\d+\.\d+|\]|[a-z][\w-]*\.[a-z][\w.-]*):(\d{2,5})\b"
+)
+#: A number given to something named like a port or address (port=8004, ORDER_PORT = 8004).
+_NAMED_PORT = re.compile(r"(?i)\w*(?:port|addr)\w*\s*(?::\s*\w+\s*)?[=:]\s*[\"']?(\d{2,5})\b")
+#: Every port the topology declares, wherever it appears as a literal.
+_DECLARED = {str(p) for s in SERVICES for p in (s.port, s.admin_port)} | {str(PARTNER_SANDBOX_PORT)}
 _ALLOWED = {ROOT / "services" / "topology.py"}
 
 
@@ -131,12 +139,11 @@ def _port_literals(path: Path) -> list[str]:
     hits = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         code = line.split("#", 1)[0]
-        for match in _PORT_LITERAL.finditer(code):
-            value = int(match.group())
-            if 1024 <= value <= 65535 and (
-                "port" in code.lower() or ":" in code or "addr" in code.lower()
-            ):
-                hits.append(f"{path.name}:{number}: {line.strip()}")
+        found = [m.group(1) for m in _HOST_PORT.finditer(code)]
+        found += [m.group(1) for m in _NAMED_PORT.finditer(code)]
+        found += [n for n in re.findall(r"(?<![\w.])\d{4,5}(?![\w.])", code) if n in _DECLARED]
+        if any(n != "0" and int(n) > 0 for n in found):
+            hits.append(f"{path.name}:{number}: {line.strip()}")
     return hits
 
 
@@ -153,7 +160,27 @@ def test_no_port_literal_outside_the_topology() -> None:
     assert not hits, "port literals outside services/topology.py:\n" + "\n".join(hits)
 
 
-def test_port_literal_scan_catches_a_drifted_port(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "line",
+    [
+        'ORDER_URL = "http://localhost:8004"',
+        'target = "127.0.0.1:40004"',
+        "order_port = 8004",
+        "channel = grpc.insecure_channel(f'{host}:{40005}')",
+        "DEFAULT = 40006",
+    ],
+)
+def test_port_literal_scan_catches_a_drifted_port(tmp_path: Path, line: str) -> None:
     drifted = tmp_path / "order_client.py"
-    drifted.write_text('ORDER_URL = "http://localhost:8004"\n')
+    drifted.write_text(line + "\n")
     assert _port_literals(drifted)
+
+
+@pytest.mark.parametrize(
+    "line",
+    ['"not an ISO 4217 code"', "max_entries: int = 4096", '"ISO 3166-1 alpha-2"', "x = a[:80]"],
+)
+def test_port_literal_scan_ignores_other_numbers(tmp_path: Path, line: str) -> None:
+    source = tmp_path / "rules.py"
+    source.write_text(line + "\n")
+    assert not _port_literals(source)
