@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -46,6 +46,8 @@ _INFRA_CODES = frozenset(
     }
 )
 
+_GRPC_INFRA = ("/grpc.health.", "/grpc.reflection.")
+
 CallObserver = Callable[[str, grpc.StatusCode, float], None]
 
 
@@ -62,6 +64,22 @@ class ServerPolicyInterceptor(AsyncServerInterceptor):
         self._domain = domain
         self._clock = clock
         self._observers = observers
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        # Health and reflection are gRPC's own long-lived streams: they carry no domain
+        # errors, and wrapping them turns their cancellation at shutdown into logged noise.
+        if handler_call_details.method.startswith(_GRPC_INFRA):
+            return await continuation(handler_call_details)
+        handler: grpc.RpcMethodHandler[Any, Any] | None = await super().intercept_service(  # type: ignore[no-untyped-call]  # untyped in grpc-interceptor
+            continuation, handler_call_details
+        )
+        return handler
 
     async def intercept(
         self,
