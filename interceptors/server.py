@@ -8,6 +8,7 @@ with pushback ``-1`` so that only the bottom layer of the mesh retries.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -29,6 +30,7 @@ from interceptors.errors import (
     status_code,
     status_from_metadata,
 )
+from interceptors.faults import FaultInjector
 
 log = logging.getLogger("paymesh.access")
 
@@ -60,8 +62,10 @@ class ServerPolicyInterceptor(AsyncServerInterceptor):
         domain: str,
         clock: Callable[[], float] = time.monotonic,
         observers: tuple[CallObserver, ...] = (),
+        faults: FaultInjector | None = None,
     ) -> None:
         self._domain = domain
+        self._faults = faults
         self._clock = clock
         self._observers = observers
 
@@ -91,11 +95,13 @@ class ServerPolicyInterceptor(AsyncServerInterceptor):
         started = self._clock()
         token = set_incoming_deadline(context.time_remaining(), clock=self._clock)
         try:
-            response = method(request_or_iterator, context)
-            if hasattr(response, "__aiter__"):
-                # Streams (health Watch, reflection) map their errors while iterating.
-                return self._stream(response, context, method_name, started)
             try:
+                if self._faults is not None:
+                    await self._inject(method_name)
+                response = method(request_or_iterator, context)
+                if hasattr(response, "__aiter__"):
+                    # Streams map their errors while iterating.
+                    return self._stream(response, context, method_name, started)
                 result = await response
             except aio.AbortError:
                 raise  # the servicer set its status itself
@@ -106,6 +112,21 @@ class ServerPolicyInterceptor(AsyncServerInterceptor):
             return result
         finally:
             reset_incoming_deadline(token)
+
+    async def _inject(self, method_name: str) -> None:
+        assert self._faults is not None
+        injection = self._faults.injection(method_name)
+        if injection is None:
+            return
+        if injection.delay_s:
+            await asyncio.sleep(injection.delay_s)
+        if injection.code is not None:
+            error = ServiceError(
+                f"fault injected into {method_name}: {injection.code.name}",
+                reason="FAULT_INJECTED",
+            )
+            error.code = injection.code
+            raise error
 
     async def _stream(
         self,

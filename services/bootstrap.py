@@ -26,10 +26,12 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from interceptors.chain import build_client_chain
+from interceptors.faults import Fault, FaultInjector
 from interceptors.policy import PolicyConfig, PolicyError
 from interceptors.server import ServerPolicyInterceptor
+from services.admin import AdminRequest, AdminResponse, AdminServer
 from services.clients import ClientFactory
-from services.topology import Topology, TopologyError, env_prefix
+from services.topology import Topology, TopologyError, env_prefix, parse_hostport
 
 log = logging.getLogger("paymesh.bootstrap")
 
@@ -71,6 +73,10 @@ class ServiceContext:
     """The validated topology, overrides applied."""
     clients: ClientFactory
     """Makes every downstream stub and partner client through the policy chain."""
+    admin: AdminServer = field(default_factory=AdminServer)
+    """The admin HTTP endpoint; a service may add routes before it starts."""
+    faults: FaultInjector = field(default_factory=FaultInjector)
+    """Faults injected into this service's handlers (switched through ``/faults``)."""
     environ: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     """Environment the service was started with."""
     on_stop: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
@@ -135,6 +141,32 @@ def _add_reflection(server: aio.Server, names: Sequence[str]) -> None:
     server.add_generic_rpc_handlers((v1_handler,))
 
 
+def _admin_routes(context: ServiceContext) -> None:
+    """``/healthz``, ``/breakers`` (the chain's breaker and budget states) and ``/faults``
+    (GET the faults, PUT a JSON list of faults, DELETE them)."""
+
+    def healthz(request: AdminRequest) -> AdminResponse:
+        return AdminResponse.of_json({"service": context.name, "status": "ok"})
+
+    def faults(request: AdminRequest) -> AdminResponse:
+        if request.method == "PUT":
+            body = request.json()
+            if not isinstance(body, list):
+                raise ValueError("PUT /faults takes a JSON list of fault objects")
+            context.faults.set([Fault.from_mapping(item) for item in body])
+        elif request.method == "DELETE":
+            context.faults.clear()
+        return AdminResponse.of_json({"faults": context.faults.snapshot()})
+
+    def breakers(request: AdminRequest) -> AdminResponse:
+        return AdminResponse.of_json(context.clients.chain.diagnostics())
+
+    context.admin.route("GET", "/healthz", healthz)
+    context.admin.route("GET", "/breakers", breakers)
+    for method in ("GET", "PUT", "DELETE"):
+        context.admin.route(method, "/faults", faults)
+
+
 def configure_logging(name: str) -> None:
     """One line per record, naming the service; level from ``PAYMESH_LOG_LEVEL``."""
     logging.basicConfig(
@@ -188,8 +220,9 @@ async def serve(
     built = build(context)
     registrations = await built if inspect.isawaitable(built) else built
 
+    _admin_routes(context)
     server = aio.server(
-        interceptors=[ServerPolicyInterceptor(domain=name)],
+        interceptors=[ServerPolicyInterceptor(domain=name, faults=context.faults)],
         # A taken port must be an error, never a silent second listener.
         options=[("grpc.so_reuseport", 0)],
     )
@@ -217,9 +250,22 @@ async def serve(
     if bound == 0:
         raise StartupError(f"{name} cannot listen on {address} (is the port taken?)")
     await server.start()
+    admin_host, admin_port = parse_hostport(
+        topology.admin_address(name), variable=f"{spec.env_prefix}_ADMIN_ADDR"
+    )
+    try:
+        admin_bound = await context.admin.start(admin_host, admin_port)
+    except OSError as exc:
+        await server.stop(None)
+        raise StartupError(
+            f"{name} cannot serve its admin endpoint on {admin_host}:{admin_port}: {exc}"
+        ) from exc
     for service_name in ("", *names):
         await health.set(service_name, health_pb2.HealthCheckResponse.SERVING)
-    print(f"{READY_MARKER} service={name} address={host}:{bound}", flush=True)
+    print(
+        f"{READY_MARKER} service={name} address={host}:{bound} admin={admin_host}:{admin_bound}",
+        flush=True,
+    )
     if on_ready is not None:
         on_ready(f"{host}:{bound}")
     log.info("serving %s on %s:%d", ", ".join(names), host, bound)
@@ -233,6 +279,7 @@ async def serve(
     log.info("stopping: health NOT_SERVING, %.1fs grace for calls in flight", grace)
     await health.enter_graceful_shutdown()
     await server.stop(grace)
+    await context.admin.stop()
     await clients.close()
     for callback in context.on_stop:
         result = callback()

@@ -23,6 +23,7 @@ async def running_service(
     """
     env = dict(environ or {})
     env[f"{env_prefix(name)}_ADDR"] = "127.0.0.1:0"
+    env.setdefault(f"{env_prefix(name)}_ADMIN_ADDR", "127.0.0.1:0")
     ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
     stop = asyncio.Event()
     task = asyncio.create_task(
