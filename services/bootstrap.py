@@ -9,6 +9,7 @@ factory, SIGTERM/SIGINT handling) lives here once.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import inspect
 import logging
 import os
@@ -39,6 +40,7 @@ log = logging.getLogger("paymesh.bootstrap")
 READY_MARKER = "PAYMESH_READY"
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 DEFAULT_GRACE_S = 5.0
+_PR_SET_PDEATHSIG = 1
 #: Exit code of a start-up that failed on configuration (bad override, taken port, ...).
 EXIT_CONFIG = 2
 
@@ -288,8 +290,24 @@ async def serve(
     log.info("stopped")
 
 
+def die_with_supervisor() -> None:
+    """When started by the launcher, get SIGTERM if it dies (Linux PDEATHSIG), so no orphan
+    outlives ``make run`` however it ends."""
+    supervisor = os.environ.get("PAYMESH_SUPERVISED")
+    if not supervisor or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        return
+    if str(os.getppid()) != supervisor:  # it died before we asked
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def run(name: str, build: Builder, *, credentials: grpc.ServerCredentials | None = None) -> None:
     """Entry point of ``python -m services.<name>``: serve, exit 0 on a clean stop."""
+    die_with_supervisor()
     configure_logging(name)
     try:
         asyncio.run(serve(name, build, credentials=credentials))

@@ -2,12 +2,12 @@
 
 ``make run`` uses it through ``python -m services``; the integration and chaos tests use
 :class:`Mesh` directly with :func:`ephemeral_environ` so they never collide with a running
-``make run``. Children die with the supervisor (PDEATHSIG), so no orphan outlives it.
+``make run``. Children die with the supervisor (see ``die_with_supervisor``), so no orphan
+outlives it.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import socket
@@ -31,19 +31,12 @@ from services.topology import (
 
 SANDBOX = "partner-sandbox"
 SANDBOX_MODULE = "services.partners"
-_PR_SET_PDEATHSIG = 1
+#: Tells a child that a supervisor started it, so it dies with that supervisor.
+SUPERVISED_VAR = "PAYMESH_SUPERVISED"
 
 
 class MeshError(RuntimeError):
     """The mesh could not start; the message names the service and the cause."""
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
 
 
 def free_port(host: str = LOOPBACK) -> int:
@@ -157,14 +150,15 @@ class Mesh:
         member = self.members[name]
         member.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = member.log_path.open("ab")
+        # No preexec_fn: a fork that runs Python code in a process with gRPC threads can
+        # abort the child; the child arranges to die with us itself (SUPERVISED_VAR).
         member.process = subprocess.Popen(
             [self._python, "-m", member.module],
-            env=self.environ,
+            env={**self.environ, SUPERVISED_VAR: str(os.getpid())},
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
         )
         log.close()
         return member

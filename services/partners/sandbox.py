@@ -25,6 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from services.bootstrap import die_with_supervisor
 from services.topology import PARTNER_SANDBOX_VAR, Topology, parse_hostport
 
 log = logging.getLogger("paymesh.partners")
@@ -368,6 +369,7 @@ class SandboxServer(ThreadingHTTPServer):
 
 def main() -> None:
     """Serve until SIGTERM/SIGINT."""
+    die_with_supervisor()
     logging.basicConfig(
         level="INFO", format="%(asctime)s partner-sandbox %(levelname)s %(message)s"
     )
