@@ -1,0 +1,354 @@
+"""The payment platform end to end through real processes: every seed edge live over gRPC.
+
+Onboarding → payment → refund → dashboard → settlement → withdrawal, each service's state
+checked afterwards through its own RPCs; the dashboard answering partially while one of
+its downstream processes is stopped; and the gateway killed with -9 in the middle of a
+payment, recovering on restart with at most one charge and a balanced ledger.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from paymesh.accounting.v1 import accounting_pb2, accounting_pb2_grpc
+from paymesh.analytics.v1 import analytics_pb2, analytics_pb2_grpc
+from paymesh.channel_adapter.v1 import channel_adapter_pb2, channel_adapter_pb2_grpc
+from paymesh.common.v1 import common_pb2
+from paymesh.merchant.v1 import merchant_pb2, merchant_pb2_grpc
+from paymesh.merchant_auth.v1 import merchant_auth_pb2, merchant_auth_pb2_grpc
+from paymesh.notification.v1 import notification_pb2, notification_pb2_grpc
+from paymesh.order.v1 import order_pb2, order_pb2_grpc
+from paymesh.payment_gateway.v1 import payment_gateway_pb2 as gw
+from paymesh.payment_gateway.v1 import payment_gateway_pb2_grpc
+from paymesh.settlement.v1 import settlement_pb2, settlement_pb2_grpc
+from paymesh.withdrawal.v1 import withdrawal_pb2, withdrawal_pb2_grpc
+from services.launcher import Mesh, ephemeral_environ
+from services.topology import Topology
+
+pytestmark = pytest.mark.slow
+BUF = Path(sys.executable).parent / "buf"
+TERMINAL = {
+    gw.PAYMENT_STATUS_SUCCEEDED,
+    gw.PAYMENT_STATUS_DECLINED,
+    gw.PAYMENT_STATUS_FAILED,
+    gw.PAYMENT_STATUS_VOIDED,
+}
+
+
+@dataclass
+class Clients:
+    """Stubs of every service of a running mesh, over plain channels (a caller's view)."""
+
+    mesh: Mesh
+    channels: list[grpc.Channel]
+
+    def _channel(self, name: str) -> grpc.Channel:
+        channel = grpc.insecure_channel(self.mesh.members[name].address)
+        self.channels.append(channel)
+        return channel
+
+    def __post_init__(self) -> None:
+        self.merchants = merchant_pb2_grpc.MerchantServiceStub(self._channel("merchant-service"))
+        self.auth = merchant_auth_pb2_grpc.MerchantAuthServiceStub(
+            self._channel("merchant-auth-service")
+        )
+        self.gateway = payment_gateway_pb2_grpc.PaymentGatewayServiceStub(
+            self._channel("payment-gateway")
+        )
+        self.orders = order_pb2_grpc.OrderServiceStub(self._channel("order-service"))
+        self.channel = channel_adapter_pb2_grpc.ChannelAdapterServiceStub(
+            self._channel("channel-adapter")
+        )
+        self.ledger = accounting_pb2_grpc.AccountingServiceStub(self._channel("accounting-service"))
+        self.notifications = notification_pb2_grpc.NotificationServiceStub(
+            self._channel("notification-service")
+        )
+        self.analytics = analytics_pb2_grpc.AnalyticsServiceStub(self._channel("analytics-service"))
+        self.settlements = settlement_pb2_grpc.SettlementServiceStub(
+            self._channel("settlement-service")
+        )
+        self.withdrawals = withdrawal_pb2_grpc.WithdrawalServiceStub(
+            self._channel("withdrawal-service")
+        )
+
+    def sandbox(self, path: str) -> object:
+        address = Topology(environ=self.mesh.environ).sandbox_address()
+        with urllib.request.urlopen(f"http://{address}{path}", timeout=10) as reply:
+            return json.loads(reply.read())
+
+    def admin(self, name: str, method: str, path: str, body: object = None) -> object:
+        address = Topology(environ=self.mesh.environ).admin_address(name)
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(f"http://{address}{path}", data=data, method=method)
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return json.loads(reply.read())
+
+
+@pytest.fixture(scope="module")
+def clients(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clients]:
+    mesh = Mesh(environ=ephemeral_environ(), var_dir=tmp_path_factory.mktemp("flow"))
+    mesh.start(timeout_s=90)
+    made = Clients(mesh, [])
+    try:
+        yield made
+    finally:
+        for channel in made.channels:
+            channel.close()
+        mesh.stop()
+
+
+def _onboard(clients: Clients, name: str = "Kaffeehaus Zentral") -> tuple[str, str]:
+    merchant = clients.merchants.CreateMerchant(
+        merchant_pb2.CreateMerchantRequest(
+            request_id=f"onboard-{uuid.uuid4().hex[:12]}",
+            name=name,
+            email="billing@kaffeehaus.example",
+            country_code="DE",
+            default_currency_code="EUR",
+            webhook_url="http://127.0.0.1/webhooks",
+        ),
+        timeout=10,
+    ).merchant
+    issued = clients.auth.IssueApiKey(
+        merchant_auth_pb2.IssueApiKeyRequest(
+            request_id=f"key-{uuid.uuid4().hex[:12]}", merchant_id=merchant.merchant_id
+        ),
+        timeout=10,
+    )
+    return merchant.merchant_id, issued.secret
+
+
+def _payment(
+    merchant_id: str, api_key: str, request_id: str, amount: int = 4200
+) -> gw.CreatePaymentRequest:
+    return gw.CreatePaymentRequest(
+        request_id=request_id,
+        merchant_id=merchant_id,
+        api_key=api_key,
+        amount=common_pb2.Money(amount_minor=amount, currency_code="EUR"),
+        payment_method_token="tok_visa",
+        customer_ip="192.0.2.10",
+        customer_country_code="DE",
+        description="two flat whites",
+    )
+
+
+def _balance(clients: Clients, account: str, currency: str = "EUR") -> int:
+    reply = clients.ledger.GetBalance(
+        accounting_pb2.GetBalanceRequest(account_id=account, currency_code=currency), timeout=10
+    )
+    return int(reply.balance.balance.amount_minor)
+
+
+def test_onboarding_payment_refund_dashboard_settlement_withdrawal(clients: Clients) -> None:
+    merchant_id, api_key = _onboard(clients)
+    who = clients.auth.AuthenticateApiKey(
+        merchant_auth_pb2.AuthenticateApiKeyRequest(api_key=api_key), timeout=10
+    )
+    assert (who.merchant_id, who.active) == (merchant_id, True)
+
+    payment = clients.gateway.CreatePayment(
+        _payment(merchant_id, api_key, "order-1001"), timeout=30
+    ).payment
+    assert payment.status == gw.PAYMENT_STATUS_SUCCEEDED, payment.failure_reason
+    order = clients.orders.GetOrder(
+        order_pb2.GetOrderRequest(order_id=payment.order_id), timeout=10
+    )
+    assert order.order.status == order_pb2.ORDER_STATUS_PAID
+    charges = clients.channel.ListCharges(
+        channel_adapter_pb2.ListChargesRequest(payment_id=payment.payment_id), timeout=10
+    ).charges
+    assert len(charges) == 1
+    transaction = clients.ledger.GetTransaction(
+        accounting_pb2.GetTransactionRequest(transaction_id=payment.ledger_transaction_id),
+        timeout=10,
+    ).transaction
+    assert transaction.transaction_id == payment.ledger_transaction_id
+    assert _balance(clients, f"merchants/{merchant_id}/available") == 4200
+
+    refund = clients.gateway.RefundPayment(
+        gw.RefundPaymentRequest(
+            request_id="refund-1",
+            payment_id=payment.payment_id,
+            api_key=api_key,
+            amount=common_pb2.Money(amount_minor=1200, currency_code="EUR"),
+            reason="one coffee spilled",
+        ),
+        timeout=30,
+    )
+    assert refund.payment.status == gw.PAYMENT_STATUS_PARTIALLY_REFUNDED
+    assert _balance(clients, f"merchants/{merchant_id}/available") == 3000
+
+    dashboard = clients.merchants.GetMerchantDashboard(
+        merchant_pb2.GetMerchantDashboardRequest(merchant_id=merchant_id), timeout=30
+    )
+    sections = [dashboard.payments, dashboard.balances, dashboard.stats, dashboard.risk]
+    sections.append(dashboard.notifications)
+    assert all(
+        s.section.availability == merchant_pb2.SECTION_AVAILABILITY_AVAILABLE for s in sections
+    ), [s.section for s in sections]
+    stats = clients.analytics.GetMerchantStats(
+        analytics_pb2.GetMerchantStatsRequest(merchant_id=merchant_id), timeout=10
+    ).stats
+    assert stats.success_rate_bps == 10000
+    sent = clients.notifications.ListNotifications(
+        notification_pb2.ListNotificationsRequest(merchant_id=merchant_id), timeout=10
+    ).notifications
+    assert len(sent) >= 2  # payment succeeded, payment refunded
+
+    settlement = clients.settlements.CreateSettlement(
+        settlement_pb2.CreateSettlementRequest(
+            request_id="settle-1",
+            merchant_id=merchant_id,
+            currency_code="EUR",
+            bank_account_reference="DE89370400440532013000",
+        ),
+        timeout=30,
+    ).settlement
+    assert settlement.amount.amount_minor == 3000
+    assert settlement.status == settlement_pb2.SETTLEMENT_STATUS_COMPLETED, settlement
+    withdrawal = clients.withdrawals.GetWithdrawal(
+        withdrawal_pb2.GetWithdrawalRequest(withdrawal_id=settlement.withdrawal_id), timeout=10
+    ).withdrawal
+    assert withdrawal.status == withdrawal_pb2.WITHDRAWAL_STATUS_COMPLETED
+    assert _balance(clients, f"merchants/{merchant_id}/available") == 0
+    assert _balance(clients, "platform/bank_payouts") >= 3000
+
+
+def test_create_payment_through_buf_curl_and_replay(clients: Clients) -> None:
+    merchant_id, api_key = _onboard(clients, "Buf Curl Bakery")
+    body = {
+        "request_id": "curl-1",
+        "merchant_id": merchant_id,
+        "api_key": api_key,
+        "amount": {"amount_minor": "990", "currency_code": "EUR"},
+        "payment_method_token": "tok_visa",
+        "customer_ip": "192.0.2.44",
+        "customer_country_code": "DE",
+    }
+    url = (
+        f"http://{clients.mesh.members['payment-gateway'].address}"
+        "/paymesh.payment_gateway.v1.PaymentGatewayService/CreatePayment"
+    )
+    command = [str(BUF), "curl", "--protocol", "grpc", "--http2-prior-knowledge", "-d"]
+    first = subprocess.run(
+        [*command, json.dumps(body), url], capture_output=True, text=True, check=False, timeout=60
+    )
+    again = subprocess.run(
+        [*command, json.dumps(body), url], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert first.returncode == 0, first.stderr
+    paid = json.loads(first.stdout)["payment"]
+    assert paid["status"] == "PAYMENT_STATUS_SUCCEEDED"
+    assert json.loads(again.stdout)["payment"]["paymentId"] == paid["paymentId"]
+    charges = clients.sandbox(f"/payment-channel/charges?reference={paid['paymentId']}")
+    assert isinstance(charges, dict)
+    assert len(charges["charges"]) == 1
+
+
+def test_dashboard_answers_partially_while_a_downstream_process_is_stopped(
+    clients: Clients,
+) -> None:
+    merchant_id, _ = _onboard(clients, "Partial Pantry")
+    clients.mesh.signal("analytics-service", signal.SIGTERM)
+    assert clients.mesh.members["analytics-service"].process is not None
+    clients.mesh.members["analytics-service"].process.wait(timeout=30)
+    try:
+        dashboard = clients.merchants.GetMerchantDashboard(
+            merchant_pb2.GetMerchantDashboardRequest(merchant_id=merchant_id), timeout=30
+        )
+        assert dashboard.stats.section.availability == merchant_pb2.SECTION_AVAILABILITY_UNAVAILABLE
+        assert dashboard.stats.section.reason in {"DOWNSTREAM_UNAVAILABLE", "CIRCUIT_OPEN"}
+        assert (
+            dashboard.payments.section.availability == merchant_pb2.SECTION_AVAILABILITY_AVAILABLE
+        )
+        assert (
+            dashboard.balances.section.availability == merchant_pb2.SECTION_AVAILABILITY_AVAILABLE
+        )
+    finally:
+        clients.mesh.start_member("analytics-service")
+        clients.mesh.wait_ready(["analytics-service"], timeout_s=60)
+
+
+@pytest.mark.parametrize(
+    ("service", "method"),
+    [
+        ("order-service", "/paymesh.order.v1.OrderService/CreateOrder"),
+        ("channel-adapter", "/paymesh.channel_adapter.v1.ChannelAdapterService/Charge"),
+        ("accounting-service", "/paymesh.accounting.v1.AccountingService/PostTransaction"),
+    ],
+    ids=["before-order", "during-charge", "before-ledger"],
+)
+def test_gateway_killed_mid_payment_recovers_with_at_most_one_charge(
+    clients: Clients, service: str, method: str
+) -> None:
+    merchant_id, api_key = _onboard(clients, f"Crash Cafe {service}")
+    request = _payment(merchant_id, api_key, f"crash-{service}", amount=777)
+    # Hold the payment at one step: the downstream answers only after a delay.
+    clients.admin(service, "PUT", "/faults", [{"method": method, "delay_ms": 3000}])
+    outcome: list[object] = []
+
+    def pay() -> None:
+        try:
+            outcome.append(clients.gateway.CreatePayment(request, timeout=30))
+        except grpc.RpcError as exc:
+            outcome.append(exc)
+
+    caller = threading.Thread(target=pay)
+    caller.start()
+    deadline = time.monotonic() + 20
+    payments: list[gw.Payment] = []
+    while not payments and time.monotonic() < deadline:
+        payments = list(
+            clients.gateway.ListPayments(
+                gw.ListPaymentsRequest(merchant_id=merchant_id), timeout=10
+            ).payments
+        )
+        time.sleep(0.05)
+    assert payments, "the payment was never recorded"
+    time.sleep(0.5)  # the gateway is now waiting on the delayed step
+    clients.mesh.signal("payment-gateway", signal.SIGKILL)
+    caller.join(timeout=30)
+    clients.admin(service, "DELETE", "/faults")
+    assert isinstance(outcome[0], grpc.RpcError)  # the caller saw the connection drop
+
+    clients.mesh.start_member("payment-gateway")
+    clients.mesh.wait_ready(["payment-gateway"], timeout_s=60)
+    payment_id = payments[0].payment_id
+    final = payments[0]
+    deadline = time.monotonic() + 60
+    while final.status not in TERMINAL and time.monotonic() < deadline:
+        final = clients.gateway.GetPayment(
+            gw.GetPaymentRequest(payment_id=payment_id), timeout=10
+        ).payment
+        time.sleep(0.1)
+    assert final.status in TERMINAL, final
+
+    # The merchant's retry with the same key replays the outcome instead of paying again.
+    replay = clients.gateway.CreatePayment(request, timeout=30).payment
+    assert (replay.payment_id, replay.status) == (payment_id, final.status)
+
+    charges = clients.sandbox(f"/payment-channel/charges?reference={payment_id}")
+    assert isinstance(charges, dict)
+    captured = [c for c in charges["charges"] if c["status"] in ("captured", "partially_refunded")]
+    available = _balance(clients, f"merchants/{merchant_id}/available")
+    if final.status == gw.PAYMENT_STATUS_SUCCEEDED:
+        assert len(captured) == 1
+        assert available == final.settlement_amount.amount_minor
+    else:
+        assert captured == []
+        assert available == 0
+    assert len(charges["charges"]) <= 1
