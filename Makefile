@@ -18,7 +18,7 @@ help:
 	@echo "make breaking   buf breaking against BREAKING_AGAINST (default: main)"
 	@echo "make bench      benchmarks, printed as ratios"
 	@echo "make chaos      fault injection against the running mesh"
-	@echo "make status     one table of every service and edge"
+	@echo "make status     one table of every service and edge (ARGS=--json, ARGS=--watch)"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -2,19 +2,22 @@
 
 Outermost first: telemetry -> deadline -> retry -> breaker -> the call. Each is a
 ``UnaryUnaryClientInterceptor`` of its own (grpc.aio applies an object implementing several
-call kinds to unary-unary only, grpc issue 31442); streams get the deadline only, since a
-stream cannot be replayed safely once messages flowed.
+call kinds to unary-unary only, grpc issue 31442); streams get the call span and the deadline
+only, since a stream cannot be replayed safely once messages flowed. Spans: the telemetry
+layer runs inside the instrumentation's call span, the retry layer opens one per attempt.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
 from grpc import aio
+from opentelemetry import trace
 
 from interceptors.breaker import BreakerOpen, Outcome
 from interceptors.deadline import DeadlineExhausted, outgoing_deadline
@@ -28,6 +31,16 @@ from interceptors.errors import (
 from interceptors.retry import AttemptFailure, RetryRun, breaker_outcome
 from interceptors.runtime import ChainRuntime
 from interceptors.safety import method_name, request_is_safe
+from interceptors.telemetry import CallRecord
+from interceptors.tracing import (
+    circuit_open,
+    client_interceptors,
+    fail_span,
+    inject,
+    propagation_fields,
+    start_attempt,
+    stopped,
+)
 
 log = logging.getLogger("paymesh.chain")
 
@@ -120,27 +133,66 @@ class _Layer:
 
 
 class TelemetryInterceptor(_Layer, aio.UnaryUnaryClientInterceptor):
-    """Outermost: one count (and one debug line) per call with its final code."""
+    """Outermost: the call's span and, inside it, one count (and one debug line) per call."""
+
+    def __init__(self, runtime: ChainRuntime, target: str) -> None:
+        super().__init__(runtime, target)
+        self._traced, _ = client_interceptors(runtime.tracer_provider)
 
     async def intercept_unary_unary(
         self, continuation: Continuation, client_call_details: aio.ClientCallDetails, request: Any
     ) -> Any:
+        opened: list[trace.Span] = []
+        parent = trace.get_current_span()
+        counted = functools.partial(self._counted, continuation, parent, opened)
+        try:
+            return await self._traced.intercept_unary_unary(counted, client_call_details, request)
+        except BaseException as exc:
+            # The instrumentation ends its span when the call object completes, but this chain
+            # raises failures instead of returning a failed call: end the span here, after it
+            # recorded the error (it records an RpcError only).
+            for span in opened:
+                if not isinstance(exc, grpc.RpcError):
+                    fail_span(span, type(exc).__name__, str(exc), None)
+                span.end()
+            raise
+
+    async def _counted(
+        self,
+        continuation: Continuation,
+        parent: trace.Span,
+        opened: list[trace.Span],
+        client_call_details: aio.ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        span = trace.get_current_span()
+        if span is not parent:  # the instrumentation made one (it skips filtered calls)
+            opened.append(span)
         method = method_name(client_call_details.method)
         telemetry, clock = self.runtime.telemetry, self.runtime.clock
         started = clock()
-        code = grpc.StatusCode.OK
+        code, error = grpc.StatusCode.OK, ""
         try:
             call = await continuation(client_call_details, request)
             await call
             return call
         except aio.AioRpcError as err:
-            code = err.code()
+            code, error = err.code(), err.details() or ""
             raise
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
+        except BaseException as exc:
+            cancelled = isinstance(exc, asyncio.CancelledError)
+            code = grpc.StatusCode.CANCELLED if cancelled else grpc.StatusCode.UNKNOWN
             raise
         finally:
-            telemetry.inc("calls_total", target=self.target, method=method, code=code.name)
+            telemetry.record_call(
+                CallRecord(
+                    target=self.target,
+                    method=method,
+                    code=code.name,
+                    duration_s=clock() - started,
+                    error=error,
+                )
+            )
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 telemetry.inc("deadline_exceeded_total", target=self.target, method=method)
             log.debug(
@@ -193,22 +245,43 @@ class DeadlineInterceptor(_DeadlineLayer, aio.UnaryUnaryClientInterceptor):
 
 
 class StreamDeadlineInterceptor(_DeadlineLayer, aio.UnaryStreamClientInterceptor):
-    """The deadline of server-streaming calls (registered apart: one object per call kind)."""
+    """The span and deadline of server-streaming calls (one object per call kind)."""
+
+    def __init__(self, runtime: ChainRuntime, target: str) -> None:
+        super().__init__(runtime, target)
+        _, self._traced = client_interceptors(runtime.tracer_provider)
 
     async def intercept_unary_stream(
+        self, continuation: Continuation, client_call_details: aio.ClientCallDetails, request: Any
+    ) -> Any:
+        return await self._traced.intercept_unary_stream(
+            functools.partial(self._with_deadline, continuation), client_call_details, request
+        )
+
+    async def _with_deadline(
         self, continuation: Continuation, client_call_details: aio.ClientCallDetails, request: Any
     ) -> Any:
         return await continuation(self._details(client_call_details), request)
 
 
 class RetryInterceptor(_Layer, aio.UnaryUnaryClientInterceptor):
-    """Repeats a failed attempt only when safe, within the deadline and the target's budget."""
+    """Repeats a failed attempt only when safe, within the deadline and the target's budget.
+
+    Each attempt is a child span of the call's span and carries its own ``traceparent``.
+    """
+
+    def __init__(self, runtime: ChainRuntime, target: str) -> None:
+        super().__init__(runtime, target)
+        #: Dropped from the call's metadata: each attempt sends its own.
+        self._replaced_keys = propagation_fields() | {PREVIOUS_ATTEMPTS_KEY}
 
     async def intercept_unary_unary(
         self, continuation: Continuation, client_call_details: aio.ClientCallDetails, request: Any
     ) -> Any:
         runtime, details = self.runtime, client_call_details
         method = method_name(details.method)
+        call_span = trace.get_current_span()
+        attempt_name = method.lstrip("/") + " attempt"
         policy = runtime.policy(self.target, method)
         timeout = details.timeout if details.timeout is not None else policy.timeout_s
         run = RetryRun(
@@ -219,30 +292,40 @@ class RetryInterceptor(_Layer, aio.UnaryUnaryClientInterceptor):
             clock=runtime.clock,
             rng=runtime.rng,
         )
-        base = [(k, v) for k, v in (details.metadata or ()) if k != PREVIOUS_ATTEMPTS_KEY]
+        replaced = self._replaced_keys
+        base = [(k, v) for k, v in (details.metadata or ()) if k not in replaced]
         wait_for_ready = details.wait_for_ready
         waited_for_connection = False
         while True:
             left = run.start_attempt()
+            span = start_attempt(
+                runtime.tracer, attempt_name, target=self.target, attempt=run.attempts
+            )
             metadata = aio.Metadata(*base)
             if run.attempts > 1:
                 metadata.add(PREVIOUS_ATTEMPTS_KEY, str(run.attempts - 1))
+            inject(metadata, trace.set_span_in_context(span))
             attempt = replace_details(
                 details, timeout=left, metadata=metadata, wait_for_ready=wait_for_ready
             )
             runtime.telemetry.inc("attempts_total", target=self.target, method=method)
             try:
-                call = await continuation(attempt, request)
-                await call
+                with trace.use_span(span, record_exception=False, set_status_on_exception=False):
+                    call = await continuation(attempt, request)
+                    await call
+                if run.attempts > 1:
+                    stopped(call_span, attempts=run.attempts)
                 return call
             except CallError as err:  # raised below us: the breaker refused this attempt
                 err.attempts = run.attempts - 1
                 runtime.telemetry.inc(
                     "retry_stops_total", target=self.target, method=method, reason=err.stop_reason
                 )
+                stopped(call_span, attempts=err.attempts, reason=err.stop_reason)
                 raise
             except aio.AioRpcError as err:
                 code, text, trailing = err.code(), err.details() or "", err.trailing_metadata()
+                fail_span(span, code.name, text, code.value[0])
                 decision = run.after_failure(attempt_failure(code, text, trailing))
                 if not decision.retry:
                     reason = decision.stop_reason or "not_retryable"
@@ -251,6 +334,7 @@ class RetryInterceptor(_Layer, aio.UnaryUnaryClientInterceptor):
                     )
                     if reason == "budget":
                         runtime.telemetry.inc("budget_exhausted_total", target=self.target)
+                    stopped(call_span, attempts=run.attempts, reason=reason)
                     raise give_up(
                         code=code,
                         details=text,
@@ -260,6 +344,8 @@ class RetryInterceptor(_Layer, aio.UnaryUnaryClientInterceptor):
                         run=run,
                         reason=reason,
                     ) from err
+            finally:
+                span.end()
             runtime.telemetry.inc("retries_total", target=self.target, method=method)
             await runtime.sleep(decision.delay_s)
             if code == grpc.StatusCode.UNAVAILABLE and not waited_for_connection:
@@ -286,6 +372,9 @@ class BreakerInterceptor(_Layer, aio.UnaryUnaryClientInterceptor):
         except BreakerOpen as exc:
             method = method_name(client_call_details.method)
             self.runtime.telemetry.inc("breaker_rejections_total", target=self.target)
+            span = trace.get_current_span()
+            circuit_open(span, target=self.target, retry_after_s=exc.retry_after_s)
+            fail_span(span, grpc.StatusCode.UNAVAILABLE.name, str(exc), None)
             raise circuit_open_error(
                 caller=self.runtime.caller,
                 target=self.target,

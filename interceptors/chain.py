@@ -3,14 +3,19 @@
 The call stack of every outgoing unary call, outermost first::
 
     stub.Method(request)
-      TelemetryInterceptor      counts the call and its final code, logs one line
+      TelemetryInterceptor      the call's CLIENT span (opentelemetry-instrumentation-grpc);
+                                inside it, counts the call and its final code, logs one line
         DeadlineInterceptor     one overall deadline: min(policy, incoming left - margin)
-          RetryInterceptor      repeats only safe calls, with backoff, within deadline and budget
+          RetryInterceptor      repeats only safe calls, with backoff, within deadline and budget;
+                                one child span per attempt (``paymesh.attempt``), whose
+                                ``traceparent`` the attempt carries to the target
             BreakerInterceptor  every attempt passes the target's breaker; open fails fast
+                                (a ``circuit_open`` event on the attempt span)
               the call          grpc.aio (or sync) channel, reconnect backoff tuned
 
 ``build_client_chain`` is called once per process; the client factory asks it for the
-interceptors and channel options of each target, and for partner HTTP clients.
+interceptors and channel options of each target, and for partner HTTP clients (which make
+the same call and attempt spans).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any
 
 from grpc import aio
 from grpc_interceptor import ClientInterceptor
+from opentelemetry import trace
 
 from interceptors.aio import RECONNECT_WAIT_S, aio_chain, wait_connected
 from interceptors.breaker import BreakerRegistry
@@ -105,9 +111,20 @@ def build_client_chain(
     sleep: AsyncSleep = asyncio.sleep,
     sync_sleep: SyncSleep = time.sleep,
     rng: Random = random.random,
+    tracer_provider: trace.TracerProvider | None = None,
 ) -> ClientChain:
-    """The chain of the process serving ``caller``; build it once and share it."""
+    """The chain of the process serving ``caller``; build it once and share it.
+
+    Spans go to ``tracer_provider`` (services.tracing makes one per service); None uses the
+    global provider, a no-op unless the process set one.
+    """
     runtime = ChainRuntime(
-        caller=caller, config=config, clock=clock, sleep=sleep, sync_sleep=sync_sleep, rng=rng
+        caller=caller,
+        config=config,
+        clock=clock,
+        sleep=sleep,
+        sync_sleep=sync_sleep,
+        rng=rng,
+        tracer_provider=tracer_provider,
     )
     return ClientChain(runtime)

@@ -2,8 +2,9 @@
 
 Retried only when safe (GET, HEAD, PUT, DELETE, OPTIONS, or an ``Idempotency-Key``); one
 breaker and one budget per partner. HTTP statuses map onto gRPC's code names so the core
-rules apply unchanged. A small HTTP/1.1 client over asyncio streams keeps it stdlib-only and
-cancellable (a thread running http.client cannot be cancelled).
+rules apply unchanged. Spans as in the gRPC chain: one per request, one child per attempt,
+whose ``traceparent`` header the attempt sends. A small HTTP/1.1 client over asyncio streams
+keeps it stdlib-only and cancellable (a thread running http.client cannot be cancelled).
 """
 
 from __future__ import annotations
@@ -16,12 +17,23 @@ from typing import Any, NamedTuple
 from urllib.parse import urlencode, urlsplit
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 
 from interceptors.breaker import BreakerOpen, Outcome
 from interceptors.deadline import DeadlineExhausted, outgoing_deadline
 from interceptors.errors import PartnerCallError
 from interceptors.retry import AttemptFailure, RetryRun, breaker_outcome
 from interceptors.runtime import ChainRuntime
+from interceptors.telemetry import CallRecord
+from interceptors.tracing import (
+    TARGET_ATTRIBUTE,
+    circuit_open,
+    fail_span,
+    inject,
+    start_attempt,
+    stopped,
+)
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 _CODES = {
@@ -124,11 +136,50 @@ class PartnerClient:
         timeout_s: float | None = None,
         headers: dict[str, str] | None = None,
     ) -> PartnerResponse:
-        """Send one request (retried when safe); the body is decoded JSON when it is JSON."""
+        """Send one request (retried when safe); the body is decoded JSON when it is JSON.
+
+        One CLIENT span per request, one child per attempt (its ``traceparent`` sent along).
+        """
         method = method.upper()
         if query:
             path = f"{path}?{urlencode(query)}"
+        with self.runtime.tracer.start_as_current_span(
+            f"{method} {self.partner}",
+            kind=SpanKind.CLIENT,
+            attributes={
+                TARGET_ATTRIBUTE: self.partner,
+                "http.request.method": method,
+                "url.full": self.base_url + path,
+            },
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            try:
+                return await self._request(
+                    method,
+                    path,
+                    json=json,
+                    idempotency_key=idempotency_key,
+                    timeout_s=timeout_s,
+                    headers=headers,
+                )
+            except PartnerCallError as err:
+                fail_span(span, err.code().name, err.details() or "", None)
+                stopped(span, attempts=err.attempts, reason=err.stop_reason)
+                raise
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any,
+        idempotency_key: str | None,
+        timeout_s: float | None,
+        headers: dict[str, str] | None,
+    ) -> PartnerResponse:
         runtime, name = self.runtime, f"{method} {path}"
+        started = runtime.clock()
         policy = runtime.config.target_policy(self.partner)
         try:
             deadline = outgoing_deadline(
@@ -158,6 +209,14 @@ class PartnerClient:
             try:
                 permit = breaker.admit()
             except BreakerOpen as exc:
+                circuit_open(
+                    trace.get_current_span(), target=self.partner, retry_after_s=exc.retry_after_s
+                )
+                # Counted like the gRPC chain counts a rejected call: a failed call, stopped.
+                self._record(name, "UNAVAILABLE", started, str(exc))
+                runtime.telemetry.inc(
+                    "retry_stops_total", target=self.partner, method=name, reason="breaker_open"
+                )
                 raise self._error(
                     "UNAVAILABLE", str(exc), run.attempts, "breaker_open", None, name
                 ) from None
@@ -165,6 +224,13 @@ class PartnerClient:
             runtime.telemetry.inc("attempts_total", target=self.partner, method=name)
             if run.attempts > 1:
                 sent["X-Previous-Attempts"] = str(run.attempts - 1)
+            span = start_attempt(
+                runtime.tracer,
+                f"{method} {self.partner} attempt",
+                target=self.partner,
+                attempt=run.attempts,
+            )
+            inject(sent, trace.set_span_in_context(span))
             response, detail = None, ""
             try:
                 response = await asyncio.wait_for(
@@ -177,17 +243,19 @@ class PartnerClient:
                 code, detail = "UNAVAILABLE", f"{type(exc).__name__}: {exc}"
             except BaseException:
                 breaker.record(permit, Outcome.IGNORED)  # cancelled: says nothing of the partner
+                span.end()
                 raise
             breaker.record(permit, breaker_outcome(code))
+            _end_attempt(span, code, detail, response)
             if response is not None and (
                 response.status < 500 and response.status not in (408, 429)
             ):
-                runtime.telemetry.inc("calls_total", target=self.partner, method=name, code=code)
+                self._record(name, code, started, "")
                 return PartnerResponse(response.status, _decode(response))
             decision = run.after_failure(self._failure(code, response))
             if not decision.retry:
                 reason = decision.stop_reason or "not_retryable"
-                runtime.telemetry.inc("calls_total", target=self.partner, method=name, code=code)
+                self._record(name, code, started, detail)
                 runtime.telemetry.inc(
                     "retry_stops_total", target=self.partner, method=name, reason=reason
                 )
@@ -195,6 +263,17 @@ class PartnerClient:
                 raise self._error(code, detail, run.attempts, reason, status, name)
             runtime.telemetry.inc("retries_total", target=self.partner, method=name)
             await runtime.sleep(decision.delay_s)
+
+    def _record(self, name: str, code: str, started: float, error: str) -> None:
+        self.runtime.telemetry.record_call(
+            CallRecord(
+                target=self.partner,
+                method=name,
+                code=code,
+                duration_s=self.runtime.clock() - started,
+                error=error,
+            )
+        )
 
     def _failure(self, code: str, response: _Response | None) -> AttemptFailure:
         pushback = None
@@ -217,6 +296,14 @@ class PartnerClient:
             attempts=attempts,
             stop_reason=reason,
         )
+
+
+def _end_attempt(span: trace.Span, code: str, detail: str, response: _Response | None) -> None:
+    if response is not None:
+        span.set_attribute("http.response.status_code", response.status)
+    if response is None or response.status >= 500 or response.status in (408, 429):
+        fail_span(span, code, detail, None)
+    span.end()
 
 
 def _decode(response: _Response) -> Any:

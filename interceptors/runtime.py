@@ -2,7 +2,8 @@
 
 Built once per process by ``build_client_chain``; the gRPC (aio and sync) and HTTP adapters
 all read the same instance, so one target has one breaker and one budget whatever the
-transport. Clock, sleeps and randomness are injected here for exact tests. No gRPC import.
+transport. Clock, sleeps, randomness and the tracer provider are injected here for exact
+tests. No gRPC import (the OpenTelemetry API only).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import random
 import threading
 import time
 from collections.abc import Awaitable, Callable
+
+from opentelemetry import trace
 
 from interceptors.breaker import BreakerRegistry
 from interceptors.budget import RetryBudget
@@ -36,6 +39,7 @@ class ChainRuntime:
         sleep: AsyncSleep = asyncio.sleep,
         sync_sleep: SyncSleep = time.sleep,
         rng: Random = random.random,
+        tracer_provider: trace.TracerProvider | None = None,
     ) -> None:
         self.caller = caller
         self.config = config
@@ -43,6 +47,9 @@ class ChainRuntime:
         self.sleep = sleep
         self.sync_sleep = sync_sleep
         self.rng = rng
+        #: Spans of this process's calls; None means the global provider (a no-op by default).
+        self.tracer_provider = tracer_provider
+        self.tracer = trace.get_tracer("paymesh.chain", tracer_provider=tracer_provider)
         self.telemetry = ChainTelemetry(caller=caller)
         self.breakers = BreakerRegistry(
             lambda target: config.target_policy(target).breaker,

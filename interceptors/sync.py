@@ -23,6 +23,7 @@ from interceptors.errors import CallError, circuit_open_error
 from interceptors.retry import RetryRun, breaker_outcome
 from interceptors.runtime import ChainRuntime
 from interceptors.safety import method_name, request_is_safe
+from interceptors.telemetry import CallRecord
 
 log = logging.getLogger("paymesh.chain")
 
@@ -70,9 +71,18 @@ class SyncTelemetryInterceptor(_SyncLayer):
 
     def intercept(self, method: Method, request: Any, call_details: grpc.ClientCallDetails) -> Any:
         name = method_name(call_details.method)
+        started = self.runtime.clock()
         outcome = method(request, call_details)
         code = outcome.code()
-        self.runtime.telemetry.inc("calls_total", target=self.target, method=name, code=code.name)
+        self.runtime.telemetry.record_call(
+            CallRecord(
+                target=self.target,
+                method=name,
+                code=code.name,
+                duration_s=self.runtime.clock() - started,
+                error="" if code == grpc.StatusCode.OK else outcome.details() or "",
+            )
+        )
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             self.runtime.telemetry.inc("deadline_exceeded_total", target=self.target, method=name)
         return _settled(outcome)

@@ -1,8 +1,8 @@
 """In-process counters of the client chain, the seed of its Prometheus series.
 
 Every layer reports here (attempts, retries, stop reasons, budget exhaustion, breaker
-transitions, deadlines exceeded and propagated); hooks let a metrics exporter or a tracer
-follow each increment later. No gRPC import.
+transitions, deadlines exceeded and propagated, and each finished call with its duration);
+hooks let a metrics exporter or a tracer follow each increment later. No gRPC import.
 """
 
 from __future__ import annotations
@@ -10,10 +10,31 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 Labels = tuple[tuple[str, str], ...]
 #: Called on each increment with (series name, labels, amount).
 CounterHook = Callable[[str, Mapping[str, str], int], None]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CallRecord:
+    """One finished call as its caller saw it, retries and backoff included."""
+
+    target: str
+    """Mesh name of the service or partner called."""
+    method: str
+    """Full gRPC method (``/pkg.Service/Method``) or ``VERB /path`` of a partner call."""
+    code: str
+    """Final status code name (``OK``, ``UNAVAILABLE``, ...)."""
+    duration_s: float
+    """Seconds from the call's start to its final answer."""
+    error: str = ""
+    """Details of the final error; empty when the call succeeded."""
+
+
+#: Called once per finished call.
+CallHook = Callable[[CallRecord], None]
 
 
 class ChainTelemetry:
@@ -24,10 +45,21 @@ class ChainTelemetry:
         self._hooks = list(hooks)
         self._lock = threading.Lock()
         self._counters: Counter[tuple[str, Labels]] = Counter()
+        self._call_hooks: list[CallHook] = []
 
     def add_hook(self, hook: CounterHook) -> None:
         """Follow every increment from now on (a Prometheus exporter, a test)."""
         self._hooks.append(hook)
+
+    def add_call_hook(self, hook: CallHook) -> None:
+        """Follow every finished call from now on (latency histograms, recent-call windows)."""
+        self._call_hooks.append(hook)
+
+    def record_call(self, record: CallRecord) -> None:
+        """Count a finished call in ``calls_total`` and hand it to the call hooks."""
+        self.inc("calls_total", target=record.target, method=record.method, code=record.code)
+        for hook in self._call_hooks:
+            hook(record)
 
     def inc(self, name: str, amount: int = 1, **labels: str) -> None:
         """Add ``amount`` to series ``name`` with ``labels``."""

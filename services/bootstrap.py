@@ -25,14 +25,21 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+from opentelemetry.sdk.trace import SpanProcessor
 
 from interceptors.chain import build_client_chain
 from interceptors.faults import Fault, FaultInjector
 from interceptors.policy import PolicyConfig, PolicyError
 from interceptors.server import ServerPolicyInterceptor
+from interceptors.tracing import server_interceptor
+from paymesh.mesh.v1 import mesh_pb2_grpc
 from services.admin import AdminRequest, AdminResponse, AdminServer
 from services.clients import ClientFactory
+from services.diagnostics import DIAGNOSTICS_SERVICE, DiagnosticsServicer, ReadinessMonitor
+from services.metrics import ServiceMetrics
+from services.recent import RecentCalls
 from services.topology import Topology, TopologyError, env_prefix, parse_hostport
+from services.tracing import TraceIdFilter, log_format, service_tracer_provider
 
 log = logging.getLogger("paymesh.bootstrap")
 
@@ -83,6 +90,8 @@ class ServiceContext:
     """Environment the service was started with."""
     on_stop: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
     """Callbacks run after the server stopped (close stores, flush, ...)."""
+    database: Path | None = None
+    """The SQLite file, once the builder asked for it; its readiness is the service's."""
 
     @property
     def var_dir(self) -> Path:
@@ -100,6 +109,7 @@ class ServiceContext:
         else:
             raise StartupError(f"{var}={url!r}: only sqlite:///path URLs are supported")
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.database = path
         return path
 
 
@@ -170,13 +180,15 @@ def _admin_routes(context: ServiceContext) -> None:
 
 
 def configure_logging(name: str) -> None:
-    """One line per record, naming the service; level from ``PAYMESH_LOG_LEVEL``."""
+    """One line per record, naming the service and trace; level from ``PAYMESH_LOG_LEVEL``."""
     logging.basicConfig(
         level=os.environ.get("PAYMESH_LOG_LEVEL", "INFO").upper(),
-        format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s",
+        format=log_format(name),
         stream=sys.stderr,
         force=True,
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(TraceIdFilter())
 
 
 async def serve(
@@ -189,8 +201,11 @@ async def serve(
     grace_s: float | None = None,
     stop: asyncio.Event | None = None,
     on_ready: Callable[[str], None] | None = None,
+    span_processors: Sequence[SpanProcessor] = (),
 ) -> None:
     """Run service ``name`` until ``stop`` is set (or SIGTERM/SIGINT), then stop gracefully.
+
+    Spans go where the ``OTEL_*`` variables say, and to ``span_processors`` (tests).
 
     Raises:
         StartupError: the address is taken or invalid, or the builder refused to start.
@@ -214,7 +229,10 @@ async def serve(
         if grace_s is not None
         else float(os.environ.get("PAYMESH_GRACE_S", DEFAULT_GRACE_S))
     )
-    chain = build_client_chain(caller=name, config=policy)
+    tracer_provider = service_tracer_provider(
+        name, topology.environ, span_processors=span_processors
+    )
+    chain = build_client_chain(caller=name, config=policy, tracer_provider=tracer_provider)
     clients = ClientFactory(caller=name, topology=topology, chain=chain)
     context = ServiceContext(
         name=name, topology=topology, clients=clients, environ=dict(topology.environ)
@@ -223,8 +241,18 @@ async def serve(
     registrations = await built if inspect.isawaitable(built) else built
 
     _admin_routes(context)
+    metrics, recent = ServiceMetrics(service=name), RecentCalls()
+    metrics.follow_chain(chain.telemetry, chain.breakers.states, (*spec.calls, *spec.partners))
+    chain.telemetry.add_call_hook(recent.record_call)
+    chain.telemetry.add_hook(recent.count)
+    context.admin.route("GET", "/metrics", metrics.handle)
     server = aio.server(
-        interceptors=[ServerPolicyInterceptor(domain=name, faults=context.faults)],
+        interceptors=[
+            server_interceptor(tracer_provider),  # first: the policy's work is in the span
+            ServerPolicyInterceptor(
+                domain=name, faults=context.faults, observers=(metrics.observe_server,)
+            ),
+        ],
         # A taken port must be an error, never a silent second listener.
         options=[("grpc.so_reuseport", 0)],
     )
@@ -234,9 +262,19 @@ async def serve(
     missing = set(spec.proto_services) - set(names)
     if missing:
         raise StartupError(f"{name} must serve {sorted(missing)} as the topology declares")
+    diagnostics = DiagnosticsServicer(
+        spec=spec,
+        topology=topology,
+        breaker_states=chain.breakers.states,
+        recent=recent,
+        database=context.database,
+        channel_options=chain.channel_options(),
+    )
+    mesh_pb2_grpc.add_DiagnosticsServiceServicer_to_server(diagnostics, server)
     health = MeshHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    _add_reflection(server, (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
+    health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+    _add_reflection(server, (*names, DIAGNOSTICS_SERVICE, health_name))
 
     address = f"{host}:{port}"
     try:
@@ -264,6 +302,13 @@ async def serve(
         ) from exc
     for service_name in ("", *names):
         await health.set(service_name, health_pb2.HealthCheckResponse.SERVING)
+    readiness = ReadinessMonitor(
+        health=health,
+        services=names,
+        database=context.database,
+        interval_s=float(topology.environ.get("PAYMESH_READINESS_INTERVAL_S", 5.0)),
+    )
+    await readiness.start()
     print(
         f"{READY_MARKER} service={name} address={host}:{bound} admin={admin_host}:{admin_bound}",
         flush=True,
@@ -279,14 +324,17 @@ async def serve(
             loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     log.info("stopping: health NOT_SERVING, %.1fs grace for calls in flight", grace)
+    await readiness.stop()
     await health.enter_graceful_shutdown()
     await server.stop(grace)
     await context.admin.stop()
     await clients.close()
+    await diagnostics.close()
     for callback in context.on_stop:
         result = callback()
         if inspect.isawaitable(result):
             await result
+    tracer_provider.shutdown()  # flushes the spans still batched for the exporter
     log.info("stopped")
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
-from collections.abc import Mapping
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
 
 from interceptors.errors import FieldViolation, InvalidArgument
 
@@ -36,6 +37,16 @@ MAX_TEXT_LENGTH = 500
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+#: SQLite's INTEGER range: a cursor outside it could not even be bound to a query.
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+T = TypeVar("T")
+#: The type of each field of a page position: ``int``, ``float`` or ``str``.
+PositionFields = Mapping[str, type[int] | type[float] | type[str]]
+#: A position of a row created at ``t`` nanoseconds with id ``id``.
+NANOS_AND_ID: PositionFields = {"t": int, "id": str}
+#: A position of a row created at ``t`` seconds (a float) with id ``id``.
+SECONDS_AND_ID: PositionFields = {"t": float, "id": str}
 
 
 class MoneyLike(Protocol):
@@ -137,3 +148,53 @@ def decode_page_token(token: str, filters: Mapping[str, Any]) -> dict[str, Any] 
             "page_token", "was issued for a different filter", reason="PAGE_TOKEN_INVALID"
         )
     return position
+
+
+def _forged_token() -> InvalidArgument:
+    return invalid("page_token", "is not a token this service issued", reason="PAGE_TOKEN_INVALID")
+
+
+def _position_value(value: Any, kind: type[int] | type[float] | type[str]) -> int | float | str:
+    """``value`` as ``kind``; a value a token of ours could not hold is a forged token."""
+    if isinstance(value, bool):
+        raise _forged_token()
+    if kind is str and isinstance(value, str):
+        return value
+    if kind is int and isinstance(value, int) and _INT64_MIN <= value <= _INT64_MAX:
+        return value
+    if kind is float and isinstance(value, int | float) and math.isfinite(value):
+        return float(value)
+    raise _forged_token()
+
+
+def page_position(
+    token: str, filters: Mapping[str, Any], fields: PositionFields
+) -> tuple[Any, ...] | None:
+    """The position a token points at, one typed value per field, ``None`` for the first page.
+
+    A token that is not ours, or whose fields are missing or of the wrong type, is
+    INVALID_ARGUMENT ``PAGE_TOKEN_INVALID``; so is one issued for different ``filters``.
+    """
+    position = decode_page_token(token, filters)
+    if position is None:
+        return None
+    if not fields.keys() <= position.keys():
+        raise _forged_token()
+    return tuple(_position_value(position[name], kind) for name, kind in fields.items())
+
+
+def page_of(
+    items: Sequence[T],
+    size: int,
+    filters: Mapping[str, Any],
+    position_of: Callable[[T], Mapping[str, Any]],
+) -> tuple[list[T], str]:
+    """One page of ``items`` (fetched with a limit of ``size + 1``) and the next page's token.
+
+    The token is empty on the last page; otherwise it holds ``position_of`` the page's last
+    item under ``filters``.
+    """
+    if len(items) <= size:
+        return list(items), ""
+    page = list(items[:size])
+    return page, encode_page_token(position_of(page[-1]), filters)

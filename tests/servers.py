@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+
+from opentelemetry.sdk.trace import SpanProcessor
 
 from services.bootstrap import Builder, serve
 from services.partners.sandbox import SandboxServer, SandboxState
@@ -14,12 +16,18 @@ from services.topology import Topology, env_prefix
 
 @contextlib.asynccontextmanager
 async def running_service(
-    name: str, build: Builder, *, environ: Mapping[str, str] | None = None, grace_s: float = 1.0
+    name: str,
+    build: Builder,
+    *,
+    environ: Mapping[str, str] | None = None,
+    grace_s: float = 1.0,
+    span_processors: Sequence[SpanProcessor] = (),
 ) -> AsyncIterator[str]:
     """Serve ``name`` on an ephemeral port; yields its ``host:port``.
 
     ``environ`` sets the topology overrides (addresses of the downstreams the service
     calls, ``PAYMESH_VAR_DIR``, ...); the service's own address is forced to port 0.
+    ``span_processors`` receive the service's spans (an in-memory exporter's processor).
     """
     env = dict(environ or {})
     env[f"{env_prefix(name)}_ADDR"] = "127.0.0.1:0"
@@ -32,6 +40,7 @@ async def running_service(
             build,
             topology=Topology(environ=env),
             grace_s=grace_s,
+            span_processors=span_processors,
             stop=stop,
             on_ready=ready.set_result,
         )

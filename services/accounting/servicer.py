@@ -2,25 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
-
 from paymesh.accounting.v1 import accounting_pb2, accounting_pb2_grpc
 from services import validation as v
 from services.accounting import ledger
 from services.accounting.store import LedgerStore
 from services.bootstrap import Context
-
-T = TypeVar("T", int, str)
-
-
-def _token_field(position: dict[str, Any], key: str, kind: type[T]) -> T:
-    """One field of a decoded page token; a token whose fields were tampered with is invalid."""
-    value = position.get(key)
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise v.invalid(
-            "page_token", "is not a token this service issued", reason="PAGE_TOKEN_INVALID"
-        )
-    return value
 
 
 class AccountingServicer(accounting_pb2_grpc.AccountingServiceServicer):
@@ -64,18 +50,18 @@ class AccountingServicer(accounting_pb2_grpc.AccountingServiceServicer):
             v.require_currency("currency_code", request.currency_code)
         size = v.page_size(request.page_size)
         filters = {"account_id": request.account_id, "currency_code": request.currency_code}
-        position = v.decode_page_token(request.page_token, filters)
-        after_seq = _token_field(position, "seq", int) if position is not None else 0
-        found = self._store.entries(
-            account_id=request.account_id,
-            currency_code=request.currency_code,
-            after_seq=after_seq,
-            limit=size + 1,
+        position = v.page_position(request.page_token, filters, {"seq": int})
+        found, next_token = v.page_of(
+            self._store.entries(
+                account_id=request.account_id,
+                currency_code=request.currency_code,
+                after_seq=position[0] if position is not None else 0,
+                limit=size + 1,
+            ),
+            size,
+            filters,
+            lambda last: {"seq": last[0]},
         )
-        next_token = ""
-        if len(found) > size:
-            found = found[:size]
-            next_token = v.encode_page_token({"seq": found[-1][0]}, filters)
         return accounting_pb2.ListEntriesResponse(
             entries=[entry for _, entry in found], next_page_token=next_token
         )
@@ -95,18 +81,11 @@ class AccountingServicer(accounting_pb2_grpc.AccountingServiceServicer):
         v.require_id("merchant_id", request.merchant_id)
         size = v.page_size(request.page_size)
         filters = {"merchant_id": request.merchant_id}
-        position = v.decode_page_token(request.page_token, filters)
-        after = (
-            (_token_field(position, "account", str), _token_field(position, "currency", str))
-            if position is not None
-            else None
+        after = v.page_position(request.page_token, filters, {"account": str, "currency": str})
+        balances, next_token = v.page_of(
+            self._store.merchant_balances(request.merchant_id, after=after, limit=size + 1),
+            size,
+            filters,
+            lambda last: {"account": last.account_id, "currency": last.balance.currency_code},
         )
-        balances = self._store.merchant_balances(request.merchant_id, after=after, limit=size + 1)
-        next_token = ""
-        if len(balances) > size:
-            balances = balances[:size]
-            last = balances[-1]
-            next_token = v.encode_page_token(
-                {"account": last.account_id, "currency": last.balance.currency_code}, filters
-            )
         return accounting_pb2.ListBalancesResponse(balances=balances, next_page_token=next_token)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
-
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from paymesh.analytics.v1 import analytics_pb2, analytics_pb2_grpc
@@ -11,7 +9,6 @@ from services import validation as v
 from services.analytics.store import EventStore
 from services.bootstrap import Context
 
-T = TypeVar("T", int, str)
 # google.protobuf.Timestamp's valid range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
 _MIN_SECONDS = -62_135_596_800
 _MAX_SECONDS = 253_402_300_799
@@ -29,16 +26,6 @@ def _require_event_type(field: str, value: int, *, allow_unspecified: bool) -> i
         value == analytics_pb2.EVENT_TYPE_UNSPECIFIED and not allow_unspecified
     ):
         raise v.invalid(field, f"{value} is not a concrete EventType")
-    return value
-
-
-def _token_field(position: dict[str, Any], key: str, kind: type[T]) -> T:
-    """One field of a decoded page token; a token whose fields were tampered with is invalid."""
-    value = position.get(key)
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise v.invalid(
-            "page_token", "is not a token this service issued", reason="PAGE_TOKEN_INVALID"
-        )
     return value
 
 
@@ -80,23 +67,16 @@ class AnalyticsServicer(analytics_pb2_grpc.AnalyticsServiceServicer):
         _require_event_type("event_type", request.event_type, allow_unspecified=True)
         size = v.page_size(request.page_size)
         filters = {"merchant_id": request.merchant_id, "event_type": request.event_type}
-        position = v.decode_page_token(request.page_token, filters)
-        before = (
-            (_token_field(position, "t", int), _token_field(position, "id", str))
-            if position is not None
-            else None
+        before = v.page_position(request.page_token, filters, v.NANOS_AND_ID)
+        events, next_token = v.page_of(
+            self._store.list(
+                merchant_id=request.merchant_id,
+                event_type=request.event_type,
+                before=before,
+                limit=size + 1,
+            ),
+            size,
+            filters,
+            lambda last: {"t": last.occur_time.ToNanoseconds(), "id": last.event_id},
         )
-        events = self._store.list(
-            merchant_id=request.merchant_id,
-            event_type=request.event_type,
-            before=before,
-            limit=size + 1,
-        )
-        next_token = ""
-        if len(events) > size:
-            events = events[:size]
-            last = events[-1]
-            next_token = v.encode_page_token(
-                {"t": last.occur_time.ToNanoseconds(), "id": last.event_id}, filters
-            )
         return analytics_pb2.ListEventsResponse(events=events, next_page_token=next_token)

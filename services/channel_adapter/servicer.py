@@ -359,18 +359,15 @@ class ChannelAdapterServicer(pb_grpc.ChannelAdapterServiceServicer):
         v.require_id("payment_id", request.payment_id)
         size = v.page_size(request.page_size)
         filters = {"payment_id": request.payment_id}
-        position = v.decode_page_token(request.page_token, filters)
-        if position is None:
+        after = v.page_position(request.page_token, filters, v.SECONDS_AND_ID)
+        if after is None:
             await self._reconcile(request.payment_id)
-        after = (float(position["t"]), str(position["id"])) if position else None
-        charges = self._store.list(payment_id=request.payment_id, after=after, limit=size + 1)
-        next_token = ""
-        if len(charges) > size:
-            charges = charges[:size]
-            last = charges[-1]
-            next_token = v.encode_page_token(
-                {"t": last.create_time.ToNanoseconds() / 1e9, "id": last.charge_id}, filters
-            )
+        charges, next_token = v.page_of(
+            self._store.list(payment_id=request.payment_id, after=after, limit=size + 1),
+            size,
+            filters,
+            lambda last: {"t": last.create_time.ToNanoseconds() / 1e9, "id": last.charge_id},
+        )
         return pb.ListChargesResponse(charges=charges, next_page_token=next_token)
 
     async def _reconcile(self, payment_id: str) -> None:

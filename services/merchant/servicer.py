@@ -55,21 +55,13 @@ class MerchantServicer(merchant_pb2_grpc.MerchantServiceServicer):
             raise v.invalid("status", f"{request.status} is not a MerchantStatus")
         size = v.page_size(request.page_size)
         filters = {"status": request.status}
-        position = v.decode_page_token(request.page_token, filters)
-        try:
-            before = (int(position["t"]), str(position["id"])) if position else None
-        except (KeyError, TypeError, ValueError) as exc:
-            raise v.invalid(
-                "page_token", "is not a token this service issued", reason="PAGE_TOKEN_INVALID"
-            ) from exc
-        merchants = self._store.list(status=request.status, before=before, limit=size + 1)
-        next_token = ""
-        if len(merchants) > size:
-            merchants = merchants[:size]
-            last = merchants[-1]
-            next_token = v.encode_page_token(
-                {"t": last.create_time.ToNanoseconds(), "id": last.merchant_id}, filters
-            )
+        before = v.page_position(request.page_token, filters, v.NANOS_AND_ID)
+        merchants, next_token = v.page_of(
+            self._store.list(status=request.status, before=before, limit=size + 1),
+            size,
+            filters,
+            lambda last: {"t": last.create_time.ToNanoseconds(), "id": last.merchant_id},
+        )
         return merchant_pb2.ListMerchantsResponse(merchants=merchants, next_page_token=next_token)
 
     async def UpdateMerchantStatus(

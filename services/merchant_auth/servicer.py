@@ -98,19 +98,11 @@ class MerchantAuthServicer(merchant_auth_pb2_grpc.MerchantAuthServiceServicer):
         v.require_id("merchant_id", request.merchant_id)
         size = v.page_size(request.page_size)
         filters = {"merchant_id": request.merchant_id}
-        position = v.decode_page_token(request.page_token, filters)
-        try:
-            before = (int(position["t"]), str(position["id"])) if position else None
-        except (KeyError, TypeError, ValueError) as exc:
-            raise v.invalid(
-                "page_token", "is not a token this service issued", reason="PAGE_TOKEN_INVALID"
-            ) from exc
-        api_keys = self._store.list(merchant_id=request.merchant_id, before=before, limit=size + 1)
-        next_token = ""
-        if len(api_keys) > size:
-            api_keys = api_keys[:size]
-            last = api_keys[-1]
-            next_token = v.encode_page_token(
-                {"t": last.create_time.ToNanoseconds(), "id": last.key_id}, filters
-            )
+        before = v.page_position(request.page_token, filters, v.NANOS_AND_ID)
+        api_keys, next_token = v.page_of(
+            self._store.list(merchant_id=request.merchant_id, before=before, limit=size + 1),
+            size,
+            filters,
+            lambda last: {"t": last.create_time.ToNanoseconds(), "id": last.key_id},
+        )
         return pb.ListApiKeysResponse(api_keys=api_keys, next_page_token=next_token)

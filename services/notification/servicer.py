@@ -116,22 +116,18 @@ class NotificationServicer(pb_grpc.NotificationServiceServicer):
             raise v.invalid("delivery_status", f"{request.delivery_status} is not a DeliveryStatus")
         size = v.page_size(request.page_size)
         filters = {"merchant_id": request.merchant_id, "status": request.delivery_status}
-        position = v.decode_page_token(request.page_token, filters)
-        before = (float(position["t"]), str(position["id"])) if position else None
-        found = self._store.list(
-            merchant_id=request.merchant_id,
-            status=request.delivery_status,
-            before=before,
-            limit=size + 1,
+        before = v.page_position(request.page_token, filters, v.SECONDS_AND_ID)
+        found, next_token = v.page_of(
+            self._store.list(
+                merchant_id=request.merchant_id,
+                status=request.delivery_status,
+                before=before,
+                limit=size + 1,
+            ),
+            size,
+            filters,
+            lambda last: {"t": last.create_time.ToNanoseconds() / 1e9, "id": last.notification_id},
         )
-        next_token = ""
-        if len(found) > size:
-            found = found[:size]
-            last = found[-1]
-            next_token = v.encode_page_token(
-                {"t": last.create_time.ToNanoseconds() / 1e9, "id": last.notification_id},
-                filters,
-            )
         return pb.ListNotificationsResponse(notifications=found, next_page_token=next_token)
 
 

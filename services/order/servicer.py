@@ -41,18 +41,15 @@ class OrderServicer(order_pb2_grpc.OrderServiceServicer):
             raise v.invalid("status", f"{request.status} is not an OrderStatus")
         size = v.page_size(request.page_size)
         filters = {"merchant_id": request.merchant_id, "status": request.status}
-        position = v.decode_page_token(request.page_token, filters)
-        after = (float(position["t"]), str(position["id"])) if position else None
-        orders = self._store.list(
-            merchant_id=request.merchant_id, status=request.status, after=after, limit=size + 1
+        after = v.page_position(request.page_token, filters, v.SECONDS_AND_ID)
+        orders, next_token = v.page_of(
+            self._store.list(
+                merchant_id=request.merchant_id, status=request.status, after=after, limit=size + 1
+            ),
+            size,
+            filters,
+            lambda last: {"t": last.create_time.ToNanoseconds() / 1e9, "id": last.order_id},
         )
-        next_token = ""
-        if len(orders) > size:
-            orders = orders[:size]
-            last = orders[-1]
-            next_token = v.encode_page_token(
-                {"t": last.create_time.ToNanoseconds() / 1e9, "id": last.order_id}, filters
-            )
         return order_pb2.ListOrdersResponse(orders=orders, next_page_token=next_token)
 
     async def UpdateOrderStatus(

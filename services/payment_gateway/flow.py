@@ -15,11 +15,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc import aio
 
-from interceptors.errors import error_info, status_from_metadata
 from paymesh.accounting.v1 import accounting_pb2, accounting_pb2_grpc
 from paymesh.analytics.v1 import analytics_pb2, analytics_pb2_grpc
 from paymesh.channel_adapter.v1 import channel_adapter_pb2 as ca
@@ -30,7 +28,9 @@ from paymesh.notification.v1 import notification_pb2, notification_pb2_grpc
 from paymesh.order.v1 import order_pb2, order_pb2_grpc
 from paymesh.payment_gateway.v1 import payment_gateway_pb2 as pg
 from paymesh.risk.v1 import risk_pb2, risk_pb2_grpc
+from services import downstream
 from services.clients import ClientFactory
+from services.downstream import is_ambiguous as is_transient
 from services.payment_gateway import ledger
 from services.payment_gateway.store import (
     PaymentRecord,
@@ -55,21 +55,6 @@ if TYPE_CHECKING:  # the Async stub classes exist only in the .pyi files
 
 log = logging.getLogger("paymesh.payment_gateway.flow")
 
-#: Codes after which the outcome of a call is unknown or may change on retry; anything else is
-#: the callee's definite answer. INTERNAL and UNKNOWN count as unknown: the callee may have
-#: acted before it failed, so a charge must not be assumed absent.
-TRANSIENT_CODES = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.ABORTED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.UNKNOWN,
-    }
-)
-
 EVENT_TYPES = {
     pg.PAYMENT_STATUS_SUCCEEDED: ("payment.succeeded", analytics_pb2.EVENT_TYPE_PAYMENT_SUCCEEDED),
     pg.PAYMENT_STATUS_DECLINED: ("payment.declined", analytics_pb2.EVENT_TYPE_PAYMENT_DECLINED),
@@ -78,17 +63,9 @@ EVENT_TYPES = {
 }
 
 
-def is_transient(error: aio.AioRpcError) -> bool:
-    """Whether a failed call's outcome is unknown or may change, so it is retried later."""
-    return error.code() in TRANSIENT_CODES
-
-
 def reason_of(error: aio.AioRpcError, default: str = "DOWNSTREAM_UNAVAILABLE") -> str:
     """The ErrorInfo reason a callee sent, or ``default`` when it sent none."""
-    trailing = tuple(error.trailing_metadata() or ())
-    status = status_from_metadata(error.code(), error.details() or "", trailing)
-    info = error_info(status)
-    return info.reason if info is not None and info.reason else default
+    return downstream.reason_of(error, default)
 
 
 class PaymentPending(Exception):

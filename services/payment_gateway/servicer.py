@@ -186,25 +186,19 @@ class PaymentGatewayServicer(payment_gateway_pb2_grpc.PaymentGatewayServiceServi
             raise v.invalid("status", f"{request.status} is not a PaymentStatus")
         size = v.page_size(request.page_size)
         filters = {"merchant_id": request.merchant_id, "status": int(request.status)}
-        position = v.decode_page_token(request.page_token, filters)
-        before = None
-        if position is not None:
-            try:
-                before = (float(position["t"]), str(position["id"]))
-            except (KeyError, TypeError, ValueError):
-                raise v.invalid(
-                    "page_token", "is not a token this service issued", reason="PAGE_TOKEN_INVALID"
-                ) from None
-        rows = self._store.list_payments(
-            merchant_id=request.merchant_id, status=request.status, before=before, limit=size + 1
-        )
-        next_token = ""
-        if len(rows) > size:
-            rows = rows[:size]
+        before = v.page_position(request.page_token, filters, v.SECONDS_AND_ID)
+        rows, next_token = v.page_of(
+            self._store.list_payments(
+                merchant_id=request.merchant_id,
+                status=request.status,
+                before=before,
+                limit=size + 1,
+            ),
+            size,
+            filters,
             # The stored float goes into the token as is, so the cursor is exact.
-            next_token = v.encode_page_token(
-                {"t": rows[-1].create_time, "id": rows[-1].payment_id}, filters
-            )
+            lambda last: {"t": last.create_time, "id": last.payment_id},
+        )
         return pg.ListPaymentsResponse(
             payments=[payment_message(r) for r in rows], next_page_token=next_token
         )

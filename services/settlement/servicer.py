@@ -9,40 +9,26 @@ recovery pass to finish with the same deterministic ids.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Mapping
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc import aio
 
-from interceptors.errors import FailedPrecondition, error_info, status_from_metadata
+from interceptors.errors import FailedPrecondition
 from paymesh.accounting.v1 import accounting_pb2, accounting_pb2_grpc
 from paymesh.common.v1 import common_pb2
 from paymesh.settlement.v1 import settlement_pb2, settlement_pb2_grpc
 from paymesh.withdrawal.v1 import withdrawal_pb2, withdrawal_pb2_grpc
 from services import validation as v
 from services.bootstrap import Context
+from services.downstream import is_ambiguous, reason_of
+from services.resumable import StepDriver, Stepper
 from services.settlement.store import Record, SettlementStore, Step
 
 log = logging.getLogger("paymesh.settlement")
-
-#: Codes after which a downstream write may or may not have happened: retry, never assume.
-AMBIGUOUS_CODES = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.ABORTED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-    }
-)
-
-_Stepper = Callable[[Record], Awaitable[Record]]
 
 
 def settlement_id_for(request_id: str) -> str:
@@ -58,13 +44,6 @@ def available_account(merchant_id: str) -> str:
 def settling_account(merchant_id: str) -> str:
     """The merchant's ledger account of money in settlement, not yet paid out."""
     return f"merchants/{merchant_id}/settling"
-
-
-def reason_of(exc: aio.AioRpcError) -> str:
-    """The ErrorInfo reason a downstream sent, else its status code name."""
-    status = status_from_metadata(exc.code(), exc.details() or "", tuple(exc.trailing_metadata()))
-    info = error_info(status)
-    return info.reason if info is not None and info.reason else exc.code().name
 
 
 def _require_bank_account(value: str) -> None:
@@ -86,10 +65,7 @@ class SettlementServicer(settlement_pb2_grpc.SettlementServiceServicer):
         self._store = store
         self._ledger = ledger
         self._withdrawals = withdrawals
-        # One task per settlement being driven: a replay or the recovery pass joins it
-        # instead of running the same steps twice.
-        self._work: dict[str, asyncio.Task[Record]] = {}
-        self._recovery: asyncio.Task[None] | None = None
+        self._driver = StepDriver(store, self._steps, log=log)
 
     # -- RPCs ---------------------------------------------------------------
     async def GetSettleableBalance(
@@ -131,10 +107,10 @@ class SettlementServicer(settlement_pb2_grpc.SettlementServiceServicer):
                 amount = existing.settlement.amount.amount_minor
             else:
                 amount = await self._whole_balance(request.merchant_id, request.currency_code)
-        begun = self._store.begin(request, settlement_id, amount, running=self._work.__contains__)
+        begun = self._store.begin(request, settlement_id, amount, running=self._driver.running)
         record = begun.record
         if not (begun.replayed and record.step is Step.DONE):
-            record = await self._process(record, first=not begun.replayed)
+            record = await self._driver.run(record, first=not begun.replayed)
         return settlement_pb2.CreateSettlementResponse(settlement=record.settlement)
 
     async def GetSettlement(
@@ -152,18 +128,18 @@ class SettlementServicer(settlement_pb2_grpc.SettlementServiceServicer):
             raise v.invalid("status", f"{request.status} is not a SettlementStatus")
         size = v.page_size(request.page_size)
         filters = {"merchant_id": request.merchant_id, "status": request.status}
-        position = v.decode_page_token(request.page_token, filters)
-        before = (int(position["t"]), str(position["id"])) if position else None
-        settlements = self._store.list(
-            merchant_id=request.merchant_id, status=request.status, before=before, limit=size + 1
+        before = v.page_position(request.page_token, filters, v.NANOS_AND_ID)
+        settlements, next_token = v.page_of(
+            self._store.list(
+                merchant_id=request.merchant_id,
+                status=request.status,
+                before=before,
+                limit=size + 1,
+            ),
+            size,
+            filters,
+            lambda last: {"t": last.create_time.ToNanoseconds(), "id": last.settlement_id},
         )
-        next_token = ""
-        if len(settlements) > size:
-            settlements = settlements[:size]
-            last = settlements[-1]
-            next_token = v.encode_page_token(
-                {"t": last.create_time.ToNanoseconds(), "id": last.settlement_id}, filters
-            )
         return settlement_pb2.ListSettlementsResponse(
             settlements=settlements, next_page_token=next_token
         )
@@ -171,22 +147,11 @@ class SettlementServicer(settlement_pb2_grpc.SettlementServiceServicer):
     # -- recovery and shutdown -----------------------------------------------
     def start_recovery(self) -> None:
         """Drive every unfinished settlement in the background (called once at start)."""
-        self._recovery = asyncio.create_task(self.recover())
-
-    async def recover(self) -> None:
-        """Resume each unfinished settlement with its own ids; failures wait for the next pass."""
-        for record in self._store.unfinished():
-            try:
-                await self._process(record, first=False)
-            except Exception:
-                log.exception("recovery of settlement %s failed", record.settlement.settlement_id)
+        self._driver.start_recovery()
 
     async def close(self) -> None:
         """Stop the recovery pass and the work in flight; their rows stay resumable."""
-        tasks = [*self._work.values(), *([self._recovery] if self._recovery else [])]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._driver.close()
 
     # -- the steps --------------------------------------------------------------
     async def _settleable(self, merchant_id: str, currency_code: str) -> int:
@@ -209,40 +174,17 @@ class SettlementServicer(settlement_pb2_grpc.SettlementServiceServicer):
         # A larger balance is settled over several settlements (a payout has a maximum).
         return min(amount, v.MAX_AMOUNT_MINOR)
 
-    async def _process(self, record: Record, *, first: bool) -> Record:
-        """Drive the settlement in its own task: a caller hanging up cannot stop it mid-step."""
-        settlement_id = record.settlement.settlement_id
-        task = self._work.get(settlement_id)
-        if task is None:
-            task = asyncio.create_task(self._drive(settlement_id, first=first))
-            self._work[settlement_id] = task
-            task.add_done_callback(lambda done: self._forget(settlement_id, done))
-        return await asyncio.shield(task)
-
-    def _forget(self, settlement_id: str, task: asyncio.Task[Record]) -> None:
-        self._work.pop(settlement_id, None)
-        if not task.cancelled():
-            task.exception()  # the awaiting handler reports it; do not log it as lost
-
-    async def _drive(self, settlement_id: str, *, first: bool) -> Record:
-        record = self._store.get(settlement_id)  # the latest state, not a caller's snapshot
+    def _steps(self, first: bool) -> Mapping[Step, Stepper[Record]]:
+        """The step functions; only a new request's first refusal leaves no trace."""
 
         async def reserve(current: Record) -> Record:
             return await self._reserve(current, first=first)
 
-        steps: dict[Step, _Stepper] = {
+        return {
             Step.RESERVE: reserve,
             Step.WITHDRAW: self._withdraw,
             Step.REVERSE: self._reverse,
         }
-        while record.step is not Step.DONE:
-            after = await steps[record.step](record)
-            stuck = after.step is record.step
-            record = after
-            if stuck:
-                break  # an outage: a replay or the next recovery pass resumes here
-        self._store.settle_claim(record)
-        return record
 
     async def _reserve(self, record: Record, *, first: bool) -> Record:
         """Move the amount from available to settling; the ledger refuses an overdraft."""
@@ -261,7 +203,7 @@ class SettlementServicer(settlement_pb2_grpc.SettlementServiceServicer):
                 )
             )
         except aio.AioRpcError as exc:
-            if exc.code() in AMBIGUOUS_CODES:
+            if is_ambiguous(exc):
                 log.warning("settlement %s not posted yet: %s", settlement.settlement_id, exc)
                 return record
             if first:
@@ -297,7 +239,7 @@ class SettlementServicer(settlement_pb2_grpc.SettlementServiceServicer):
                 )
             )
         except aio.AioRpcError as exc:
-            if exc.code() in AMBIGUOUS_CODES:
+            if is_ambiguous(exc):
                 log.warning("withdrawal of %s not confirmed: %s", settlement.settlement_id, exc)
                 return record
             log.warning("withdrawal of %s refused: %s", settlement.settlement_id, exc)

@@ -14,13 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
-from interceptors.errors import Aborted, NotFound
 from paymesh.common.v1 import common_pb2
 from paymesh.settlement.v1 import settlement_pb2
 from services import idempotency
-from services.database import open_database, transaction
+from services.database import transaction
+from services.resumable import Begun, StepStore, timestamp
 
 METHOD = "CreateSettlement"
 
@@ -73,56 +71,21 @@ class Record:
     request_id: str
     """The request id that created it."""
 
-
-@dataclass(frozen=True, slots=True)
-class Begun:
-    """The outcome of :meth:`SettlementStore.begin`."""
-
-    record: Record
-    """The settlement, new or existing."""
-    replayed: bool
-    """True when the request id had been seen: ``record`` is the earlier settlement."""
+    @property
+    def key(self) -> str:
+        """The settlement id."""
+        return self.settlement.settlement_id
 
 
-def _timestamp(nanos: int) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromNanoseconds(nanos)
-    return stamp
-
-
-def _record(row: sqlite3.Row) -> Record:
-    settlement = settlement_pb2.Settlement(
-        settlement_id=row["settlement_id"],
-        merchant_id=row["merchant_id"],
-        amount=common_pb2.Money(
-            amount_minor=row["amount_minor"], currency_code=row["currency_code"]
-        ),
-        status=row["status"],
-        bank_account_reference=row["bank_account_reference"],
-        ledger_transaction_id=row["ledger_transaction_id"],
-        withdrawal_id=row["withdrawal_id"],
-        failure_reason=row["failure_reason"],
-        create_time=_timestamp(row["create_time_ns"]),
-        update_time=_timestamp(row["update_time_ns"]),
-    )
-    return Record(settlement=settlement, step=Step(row["step"]), request_id=row["request_id"])
-
-
-class SettlementStore:
+class SettlementStore(StepStore[Record, settlement_pb2.Settlement]):
     """Settlements in SQLite, idempotent by request id."""
 
+    table = "settlements"
+    id_column = "settlement_id"
+    method = METHOD
+
     def __init__(self, path: Path | str, *, clock_ns: Callable[[], int] = time.time_ns) -> None:
-        self._conn = open_database(path, SCHEMA)
-        self._clock_ns = clock_ns
-
-    def close(self) -> None:
-        """Close the database."""
-        self._conn.close()
-
-    def find(self, settlement_id: str) -> Record | None:
-        """The settlement, or ``None`` if there is none."""
-        row = self._row(settlement_id)
-        return None if row is None else _record(row)
+        super().__init__(path, SCHEMA, clock_ns=clock_ns)
 
     def begin(
         self,
@@ -131,7 +94,7 @@ class SettlementStore:
         amount_minor: int,
         *,
         running: Callable[[str], bool],
-    ) -> Begun:
+    ) -> Begun[Record]:
         """Claim the request id and insert the PENDING settlement in one transaction.
 
         Args:
@@ -146,15 +109,9 @@ class SettlementStore:
             Aborted: the first request with this id is still being executed.
         """
         with transaction(self._conn) as conn:
-            try:
-                claim = idempotency.claim(conn, METHOD, request.request_id, request)
-            except Aborted:
-                existing = self._row(settlement_id)
-                if existing is None or running(settlement_id):
-                    raise
-                return Begun(record=_record(existing), replayed=True)
-            if claim.replay is not None:
-                return Begun(record=self._require(settlement_id), replayed=True)
+            earlier = self._claim(conn, request, request.request_id, settlement_id, running)
+            if earlier is not None:
+                return earlier
             now = self._clock_ns()
             conn.execute(
                 "INSERT INTO settlements (settlement_id, request_id, merchant_id, amount_minor,"
@@ -175,15 +132,6 @@ class SettlementStore:
             )
             return Begun(record=self._require(settlement_id), replayed=False)
 
-    def abandon(self, record: Record) -> None:
-        """Forget a settlement the ledger refused before any effect, and free its request id."""
-        with transaction(self._conn) as conn:
-            conn.execute(
-                "DELETE FROM settlements WHERE settlement_id = ?",
-                (record.settlement.settlement_id,),
-            )
-            idempotency.release(conn, METHOD, record.request_id)
-
     def advance(
         self,
         record: Record,
@@ -195,78 +143,34 @@ class SettlementStore:
         failure_reason: str | None = None,
     ) -> Record:
         """Persist the next step (and whatever fields it set); returns the updated record."""
-        current = record.settlement
-        with transaction(self._conn) as conn:
-            conn.execute(
-                "UPDATE settlements SET step=?, status=?, ledger_transaction_id=?,"
-                " withdrawal_id=?, failure_reason=?, update_time_ns=? WHERE settlement_id=?",
-                (
-                    step,
-                    current.status if status is None else status,
-                    _or(ledger_transaction_id, current.ledger_transaction_id),
-                    _or(withdrawal_id, current.withdrawal_id),
-                    _or(failure_reason, current.failure_reason),
-                    self._clock_ns(),
-                    current.settlement_id,
-                ),
-            )
-        return self._require(current.settlement_id)
+        return self._update(
+            record,
+            step=step,
+            status=status,
+            ledger_transaction_id=ledger_transaction_id,
+            withdrawal_id=withdrawal_id,
+            failure_reason=failure_reason,
+        )
 
-    def settle_claim(self, record: Record) -> None:
-        """Mark the request id done, so replays return the settlement instead of ABORTED."""
-        with transaction(self._conn) as conn:
-            idempotency.complete(
-                conn,
-                METHOD,
-                record.request_id,
-                settlement_pb2.CreateSettlementResponse(settlement=record.settlement),
-            )
+    def _record(self, row: sqlite3.Row) -> Record:
+        settlement = settlement_pb2.Settlement(
+            settlement_id=row["settlement_id"],
+            merchant_id=row["merchant_id"],
+            amount=common_pb2.Money(
+                amount_minor=row["amount_minor"], currency_code=row["currency_code"]
+            ),
+            status=row["status"],
+            bank_account_reference=row["bank_account_reference"],
+            ledger_transaction_id=row["ledger_transaction_id"],
+            withdrawal_id=row["withdrawal_id"],
+            failure_reason=row["failure_reason"],
+            create_time=timestamp(row["create_time_ns"]),
+            update_time=timestamp(row["update_time_ns"]),
+        )
+        return Record(settlement=settlement, step=Step(row["step"]), request_id=row["request_id"])
 
-    def get(self, settlement_id: str) -> Record:
-        """The settlement; NotFound if there is none."""
-        return self._require(settlement_id)
+    def _message(self, record: Record) -> settlement_pb2.Settlement:
+        return record.settlement
 
-    def unfinished(self) -> list[Record]:
-        """Settlements with work left, oldest first (for the recovery pass)."""
-        rows = self._conn.execute(
-            "SELECT * FROM settlements WHERE step != 'done' ORDER BY create_time_ns, settlement_id"
-        ).fetchall()
-        return [_record(row) for row in rows]
-
-    def list(
-        self, *, merchant_id: str, status: int, before: tuple[int, str] | None, limit: int
-    ) -> list[settlement_pb2.Settlement]:
-        """A merchant's settlements newest first, before the ``(create_time_ns, id)`` cursor."""
-        clauses = ["merchant_id = ?"]
-        params: list[object] = [merchant_id]
-        if status:
-            clauses.append("status = ?")
-            params.append(status)
-        if before is not None:
-            clauses.append("(create_time_ns, settlement_id) < (?, ?)")
-            params.extend(before)
-        rows = self._conn.execute(
-            f"SELECT * FROM settlements WHERE {' AND '.join(clauses)}"
-            " ORDER BY create_time_ns DESC, settlement_id DESC LIMIT ?",
-            (*params, limit),
-        ).fetchall()
-        return [_record(row).settlement for row in rows]
-
-    def _row(self, settlement_id: str) -> sqlite3.Row | None:
-        row: sqlite3.Row | None = self._conn.execute(
-            "SELECT * FROM settlements WHERE settlement_id = ?", (settlement_id,)
-        ).fetchone()
-        return row
-
-    def _require(self, settlement_id: str) -> Record:
-        row = self._row(settlement_id)
-        if row is None:
-            raise NotFound(
-                f"settlement {settlement_id!r} does not exist",
-                metadata={"settlement_id": settlement_id},
-            )
-        return _record(row)
-
-
-def _or(value: str | None, current: str) -> str:
-    return current if value is None else value
+    def _response(self, record: Record) -> settlement_pb2.CreateSettlementResponse:
+        return settlement_pb2.CreateSettlementResponse(settlement=record.settlement)

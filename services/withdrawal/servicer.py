@@ -9,22 +9,23 @@ the same deterministic ids, so nothing is posted or transferred twice.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Mapping
 
 import grpc
 from grpc import aio
 
-from interceptors.errors import FailedPrecondition, error_info, status_from_metadata
+from interceptors.errors import FailedPrecondition
 from paymesh.accounting.v1 import accounting_pb2, accounting_pb2_grpc
 from paymesh.notification.v1 import notification_pb2, notification_pb2_grpc
 from paymesh.withdrawal.v1 import withdrawal_pb2, withdrawal_pb2_grpc
 from services import validation as v
 from services.bootstrap import Context
 from services.clients import PartnerClient, PartnerError
+from services.downstream import is_ambiguous, reason_of
+from services.resumable import StepDriver, Stepper
 from services.withdrawal.store import Record, Step, WithdrawalStore
 
 log = logging.getLogger("paymesh.withdrawal")
@@ -33,22 +34,8 @@ log = logging.getLogger("paymesh.withdrawal")
 PAYOUT_ACCOUNT = "platform/bank_payouts"
 #: failure_reason of a withdrawal the bank partner refused (the nearest ErrorReason).
 BANK_REFUSED_REASON = "CHANNEL_DECLINED"
-#: Codes after which a downstream write may or may not have happened: retry, never assume.
-AMBIGUOUS_CODES = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.ABORTED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-    }
-)
 #: HTTP statuses of the bank that say "not now" rather than "no".
 _BANK_NOT_FINAL = frozenset({408, 409, 429})
-
-_Stepper = Callable[[Record], Awaitable[Record]]
 
 
 def withdrawal_id_for(request_id: str) -> str:
@@ -60,13 +47,6 @@ def source_account(withdrawal: withdrawal_pb2.Withdrawal) -> str:
     """The account a withdrawal debits: ``settling`` for a settlement, else ``available``."""
     ledger = "settling" if withdrawal.settlement_id else "available"
     return f"merchants/{withdrawal.merchant_id}/{ledger}"
-
-
-def reason_of(exc: aio.AioRpcError) -> str:
-    """The ErrorInfo reason a downstream sent, else its status code name."""
-    status = status_from_metadata(exc.code(), exc.details() or "", tuple(exc.trailing_metadata()))
-    info = error_info(status)
-    return info.reason if info is not None and info.reason else exc.code().name
 
 
 def _require_bank_account(value: str) -> None:
@@ -90,10 +70,7 @@ class WithdrawalServicer(withdrawal_pb2_grpc.WithdrawalServiceServicer):
         self._ledger = ledger
         self._notifications = notifications
         self._bank = bank
-        # One task per withdrawal being driven: a replay or the recovery pass joins it
-        # instead of running the same steps twice.
-        self._work: dict[str, asyncio.Task[Record]] = {}
-        self._recovery: asyncio.Task[None] | None = None
+        self._driver = StepDriver(store, self._steps, log=log)
 
     # -- RPCs ---------------------------------------------------------------
     async def CreateWithdrawal(
@@ -106,11 +83,11 @@ class WithdrawalServicer(withdrawal_pb2_grpc.WithdrawalServiceServicer):
         if request.settlement_id:
             v.require_id("settlement_id", request.settlement_id)
         begun = self._store.begin(
-            request, withdrawal_id_for(request.request_id), running=self._work.__contains__
+            request, withdrawal_id_for(request.request_id), running=self._driver.running
         )
         record = begun.record
         if not (begun.replayed and record.step is Step.DONE):
-            record = await self._process(record, first=not begun.replayed)
+            record = await self._driver.run(record, first=not begun.replayed)
         return withdrawal_pb2.CreateWithdrawalResponse(withdrawal=record.withdrawal)
 
     async def GetWithdrawal(
@@ -128,18 +105,18 @@ class WithdrawalServicer(withdrawal_pb2_grpc.WithdrawalServiceServicer):
             raise v.invalid("status", f"{request.status} is not a WithdrawalStatus")
         size = v.page_size(request.page_size)
         filters = {"merchant_id": request.merchant_id, "status": request.status}
-        position = v.decode_page_token(request.page_token, filters)
-        before = (int(position["t"]), str(position["id"])) if position else None
-        withdrawals = self._store.list(
-            merchant_id=request.merchant_id, status=request.status, before=before, limit=size + 1
+        before = v.page_position(request.page_token, filters, v.NANOS_AND_ID)
+        withdrawals, next_token = v.page_of(
+            self._store.list(
+                merchant_id=request.merchant_id,
+                status=request.status,
+                before=before,
+                limit=size + 1,
+            ),
+            size,
+            filters,
+            lambda last: {"t": last.create_time.ToNanoseconds(), "id": last.withdrawal_id},
         )
-        next_token = ""
-        if len(withdrawals) > size:
-            withdrawals = withdrawals[:size]
-            last = withdrawals[-1]
-            next_token = v.encode_page_token(
-                {"t": last.create_time.ToNanoseconds(), "id": last.withdrawal_id}, filters
-            )
         return withdrawal_pb2.ListWithdrawalsResponse(
             withdrawals=withdrawals, next_page_token=next_token
         )
@@ -147,59 +124,25 @@ class WithdrawalServicer(withdrawal_pb2_grpc.WithdrawalServiceServicer):
     # -- recovery and shutdown -----------------------------------------------
     def start_recovery(self) -> None:
         """Drive every unfinished withdrawal in the background (called once at start)."""
-        self._recovery = asyncio.create_task(self.recover())
-
-    async def recover(self) -> None:
-        """Resume each unfinished withdrawal with its own ids; failures wait for the next pass."""
-        for record in self._store.unfinished():
-            try:
-                await self._process(record, first=False)
-            except Exception:
-                log.exception("recovery of withdrawal %s failed", record.withdrawal.withdrawal_id)
+        self._driver.start_recovery()
 
     async def close(self) -> None:
         """Stop the recovery pass and the work in flight; their rows stay resumable."""
-        tasks = [*self._work.values(), *([self._recovery] if self._recovery else [])]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._driver.close()
 
     # -- the steps --------------------------------------------------------------
-    async def _process(self, record: Record, *, first: bool) -> Record:
-        """Drive the withdrawal in its own task: a caller hanging up cannot stop it mid-step."""
-        withdrawal_id = record.withdrawal.withdrawal_id
-        task = self._work.get(withdrawal_id)
-        if task is None:
-            task = asyncio.create_task(self._drive(withdrawal_id, first=first))
-            self._work[withdrawal_id] = task
-            task.add_done_callback(lambda done: self._forget(withdrawal_id, done))
-        return await asyncio.shield(task)
-
-    def _forget(self, withdrawal_id: str, task: asyncio.Task[Record]) -> None:
-        self._work.pop(withdrawal_id, None)
-        if not task.cancelled():
-            task.exception()  # the awaiting handler reports it; do not log it as lost
-
-    async def _drive(self, withdrawal_id: str, *, first: bool) -> Record:
-        record = self._store.get(withdrawal_id)  # the latest state, not a caller's snapshot
+    def _steps(self, first: bool) -> Mapping[Step, Stepper[Record]]:
+        """The step functions; only a new request's first refusal leaves no trace."""
 
         async def reserve(current: Record) -> Record:
             return await self._reserve(current, first=first)
 
-        steps: dict[Step, _Stepper] = {
+        return {
             Step.RESERVE: reserve,
             Step.TRANSFER: self._transfer,
             Step.REVERSE: self._reverse,
             Step.NOTIFY: self._notify,
         }
-        while record.step is not Step.DONE:
-            after = await steps[record.step](record)
-            if after.step is record.step:
-                record = after
-                break  # an outage: a replay or the next recovery pass resumes here
-            record = after
-        self._store.settle_claim(record)
-        return record
 
     async def _reserve(self, record: Record, *, first: bool) -> Record:
         """Move the amount out of the merchant's account; the ledger refuses an overdraft."""
@@ -219,7 +162,7 @@ class WithdrawalServicer(withdrawal_pb2_grpc.WithdrawalServiceServicer):
                 )
             )
         except aio.AioRpcError as exc:
-            if exc.code() in AMBIGUOUS_CODES:
+            if is_ambiguous(exc):
                 log.warning("reservation of %s not confirmed: %s", withdrawal.withdrawal_id, exc)
                 return record
             if first:
@@ -330,7 +273,7 @@ class WithdrawalServicer(withdrawal_pb2_grpc.WithdrawalServiceServicer):
                 )
             )
         except aio.AioRpcError as exc:
-            if exc.code() in AMBIGUOUS_CODES:
+            if is_ambiguous(exc):
                 log.warning("notification of %s not sent yet: %s", withdrawal.withdrawal_id, exc)
                 return record
             log.warning("notification of %s refused, dropped: %s", withdrawal.withdrawal_id, exc)

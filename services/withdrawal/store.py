@@ -14,13 +14,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
-from interceptors.errors import Aborted, AlreadyExists, NotFound
+from interceptors.errors import AlreadyExists
 from paymesh.common.v1 import common_pb2
 from paymesh.withdrawal.v1 import withdrawal_pb2
 from services import idempotency
-from services.database import open_database, transaction
+from services.database import transaction
+from services.resumable import Begun, StepStore, timestamp
 
 METHOD = "CreateWithdrawal"
 
@@ -79,52 +78,21 @@ class Record:
     request_id: str
     """The request id that created it."""
 
-
-@dataclass(frozen=True, slots=True)
-class Begun:
-    """The outcome of :meth:`WithdrawalStore.begin`."""
-
-    record: Record
-    """The withdrawal, new or existing."""
-    replayed: bool
-    """True when the request id had been seen: ``record`` is the earlier withdrawal."""
+    @property
+    def key(self) -> str:
+        """The withdrawal id."""
+        return self.withdrawal.withdrawal_id
 
 
-def _timestamp(nanos: int) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromNanoseconds(nanos)
-    return stamp
-
-
-def _record(row: sqlite3.Row) -> Record:
-    withdrawal = withdrawal_pb2.Withdrawal(
-        withdrawal_id=row["withdrawal_id"],
-        merchant_id=row["merchant_id"],
-        amount=common_pb2.Money(
-            amount_minor=row["amount_minor"], currency_code=row["currency_code"]
-        ),
-        bank_account_reference=row["bank_account_reference"],
-        settlement_id=row["settlement_id"],
-        status=row["status"],
-        bank_transfer_reference=row["bank_transfer_reference"],
-        ledger_transaction_id=row["ledger_transaction_id"],
-        failure_reason=row["failure_reason"],
-        create_time=_timestamp(row["create_time_ns"]),
-        update_time=_timestamp(row["update_time_ns"]),
-    )
-    return Record(withdrawal=withdrawal, step=Step(row["step"]), request_id=row["request_id"])
-
-
-class WithdrawalStore:
+class WithdrawalStore(StepStore[Record, withdrawal_pb2.Withdrawal]):
     """Withdrawals in SQLite, idempotent by request id and by settlement id."""
 
-    def __init__(self, path: Path | str, *, clock_ns: Callable[[], int] = time.time_ns) -> None:
-        self._conn = open_database(path, SCHEMA)
-        self._clock_ns = clock_ns
+    table = "withdrawals"
+    id_column = "withdrawal_id"
+    method = METHOD
 
-    def close(self) -> None:
-        """Close the database."""
-        self._conn.close()
+    def __init__(self, path: Path | str, *, clock_ns: Callable[[], int] = time.time_ns) -> None:
+        super().__init__(path, SCHEMA, clock_ns=clock_ns)
 
     def begin(
         self,
@@ -132,7 +100,7 @@ class WithdrawalStore:
         withdrawal_id: str,
         *,
         running: Callable[[str], bool],
-    ) -> Begun:
+    ) -> Begun[Record]:
         """Claim the request id and insert the PENDING withdrawal in one transaction.
 
         Args:
@@ -147,15 +115,9 @@ class WithdrawalStore:
             AlreadyExists: the settlement already has a withdrawal of another request.
         """
         with transaction(self._conn) as conn:
-            try:
-                claim = idempotency.claim(conn, METHOD, request.request_id, request)
-            except Aborted:
-                existing = self._row(withdrawal_id)
-                if existing is None or running(withdrawal_id):
-                    raise
-                return Begun(record=_record(existing), replayed=True)
-            if claim.replay is not None:
-                return Begun(record=self._require(withdrawal_id), replayed=True)
+            earlier = self._claim(conn, request, request.request_id, withdrawal_id, running)
+            if earlier is not None:
+                return earlier
             if request.settlement_id:
                 other = conn.execute(
                     "SELECT withdrawal_id FROM withdrawals WHERE settlement_id = ?",
@@ -191,15 +153,6 @@ class WithdrawalStore:
             )
             return Begun(record=self._require(withdrawal_id), replayed=False)
 
-    def abandon(self, record: Record) -> None:
-        """Forget a withdrawal the ledger refused before any effect, and free its request id."""
-        with transaction(self._conn) as conn:
-            conn.execute(
-                "DELETE FROM withdrawals WHERE withdrawal_id = ?",
-                (record.withdrawal.withdrawal_id,),
-            )
-            idempotency.release(conn, METHOD, record.request_id)
-
     def advance(
         self,
         record: Record,
@@ -211,79 +164,35 @@ class WithdrawalStore:
         failure_reason: str | None = None,
     ) -> Record:
         """Persist the next step (and whatever fields it set); returns the updated record."""
-        current = record.withdrawal
-        with transaction(self._conn) as conn:
-            conn.execute(
-                "UPDATE withdrawals SET step=?, status=?, bank_transfer_reference=?,"
-                " ledger_transaction_id=?, failure_reason=?, update_time_ns=?"
-                " WHERE withdrawal_id=?",
-                (
-                    step,
-                    current.status if status is None else status,
-                    _or(bank_transfer_reference, current.bank_transfer_reference),
-                    _or(ledger_transaction_id, current.ledger_transaction_id),
-                    _or(failure_reason, current.failure_reason),
-                    self._clock_ns(),
-                    current.withdrawal_id,
-                ),
-            )
-            return self._require(current.withdrawal_id)
+        return self._update(
+            record,
+            step=step,
+            status=status,
+            bank_transfer_reference=bank_transfer_reference,
+            ledger_transaction_id=ledger_transaction_id,
+            failure_reason=failure_reason,
+        )
 
-    def settle_claim(self, record: Record) -> None:
-        """Mark the request id done, so replays return the withdrawal instead of ABORTED."""
-        with transaction(self._conn) as conn:
-            idempotency.complete(
-                conn,
-                METHOD,
-                record.request_id,
-                withdrawal_pb2.CreateWithdrawalResponse(withdrawal=record.withdrawal),
-            )
+    def _record(self, row: sqlite3.Row) -> Record:
+        withdrawal = withdrawal_pb2.Withdrawal(
+            withdrawal_id=row["withdrawal_id"],
+            merchant_id=row["merchant_id"],
+            amount=common_pb2.Money(
+                amount_minor=row["amount_minor"], currency_code=row["currency_code"]
+            ),
+            bank_account_reference=row["bank_account_reference"],
+            settlement_id=row["settlement_id"],
+            status=row["status"],
+            bank_transfer_reference=row["bank_transfer_reference"],
+            ledger_transaction_id=row["ledger_transaction_id"],
+            failure_reason=row["failure_reason"],
+            create_time=timestamp(row["create_time_ns"]),
+            update_time=timestamp(row["update_time_ns"]),
+        )
+        return Record(withdrawal=withdrawal, step=Step(row["step"]), request_id=row["request_id"])
 
-    def get(self, withdrawal_id: str) -> Record:
-        """The withdrawal; NotFound if there is none."""
-        return self._require(withdrawal_id)
+    def _message(self, record: Record) -> withdrawal_pb2.Withdrawal:
+        return record.withdrawal
 
-    def unfinished(self) -> list[Record]:
-        """Withdrawals with work left, oldest first (for the recovery pass)."""
-        rows = self._conn.execute(
-            "SELECT * FROM withdrawals WHERE step != 'done' ORDER BY create_time_ns, withdrawal_id"
-        ).fetchall()
-        return [_record(row) for row in rows]
-
-    def list(
-        self, *, merchant_id: str, status: int, before: tuple[int, str] | None, limit: int
-    ) -> list[withdrawal_pb2.Withdrawal]:
-        """A merchant's withdrawals newest first, before the ``(create_time_ns, id)`` cursor."""
-        clauses = ["merchant_id = ?"]
-        params: list[object] = [merchant_id]
-        if status:
-            clauses.append("status = ?")
-            params.append(status)
-        if before is not None:
-            clauses.append("(create_time_ns, withdrawal_id) < (?, ?)")
-            params.extend(before)
-        rows = self._conn.execute(
-            f"SELECT * FROM withdrawals WHERE {' AND '.join(clauses)}"
-            " ORDER BY create_time_ns DESC, withdrawal_id DESC LIMIT ?",
-            (*params, limit),
-        ).fetchall()
-        return [_record(row).withdrawal for row in rows]
-
-    def _row(self, withdrawal_id: str) -> sqlite3.Row | None:
-        row: sqlite3.Row | None = self._conn.execute(
-            "SELECT * FROM withdrawals WHERE withdrawal_id = ?", (withdrawal_id,)
-        ).fetchone()
-        return row
-
-    def _require(self, withdrawal_id: str) -> Record:
-        row = self._row(withdrawal_id)
-        if row is None:
-            raise NotFound(
-                f"withdrawal {withdrawal_id!r} does not exist",
-                metadata={"withdrawal_id": withdrawal_id},
-            )
-        return _record(row)
-
-
-def _or(value: str | None, current: str) -> str:
-    return current if value is None else value
+    def _response(self, record: Record) -> withdrawal_pb2.CreateWithdrawalResponse:
+        return withdrawal_pb2.CreateWithdrawalResponse(withdrawal=record.withdrawal)

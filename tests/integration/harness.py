@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 from grpc import aio
+from opentelemetry.trace import TracerProvider
 
 from interceptors.chain import ClientChain, build_client_chain
 from interceptors.errors import PUSHBACK_KEY, STATUS_DETAILS_KEY, rich_status
@@ -200,10 +201,13 @@ def make_chain(
     caller: str = "test-caller",
     clock: Callable[[], float] = time.monotonic,
     rng: Callable[[], float] = lambda: 0.0,
+    tracer_provider: TracerProvider | None = None,
 ) -> ClientChain:
     """A chain whose ``[defaults]`` table is ``policy``; no jitter unless ``rng`` says so."""
     config = PolicyConfig.from_mapping({"defaults": policy or {}})
-    return build_client_chain(caller=caller, config=config, clock=clock, rng=rng)
+    return build_client_chain(
+        caller=caller, config=config, clock=clock, rng=rng, tracer_provider=tracer_provider
+    )
 
 
 @contextlib.asynccontextmanager

@@ -5,6 +5,7 @@ Contract every PayMesh service serves about itself: the state of its dependencie
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -124,8 +125,11 @@ class Dependency(_message.Message):
     P99_LATENCY_MS_FIELD_NUMBER: _builtins.int
     LAST_ERROR_FIELD_NUMBER: _builtins.int
     LAST_ERROR_TIME_FIELD_NUMBER: _builtins.int
+    RECENT_RETRY_COUNT_FIELD_NUMBER: _builtins.int
+    RECENT_WINDOW_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_CODE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """Topology name of the dependency, e.g. "order-service", "exchange-rate-partner", "database"."""
+    """Topology name of the dependency, e.g. "order-service", "exchange-rate" (a partner), "database"."""
     kind: Global___DependencyKind.ValueType
     """What kind of dependency it is."""
     target: _builtins.str
@@ -142,9 +146,17 @@ class Dependency(_message.Message):
     """99th percentile latency of recent calls, in milliseconds."""
     last_error: _builtins.str
     """Message of the most recent failed call, empty if none."""
+    recent_retry_count: _builtins.int
+    """Retries this caller sent to the dependency in the same recent window."""
+    last_error_code: _builtins.str
+    """Status code name of the most recent failed call, e.g. "UNAVAILABLE"; empty if none."""
     @_builtins.property
     def last_error_time(self) -> _timestamp_pb2.Timestamp:
         """When the most recent failed call happened, unset if none."""
+
+    @_builtins.property
+    def recent_window(self) -> _duration_pb2.Duration:
+        """Length of the recent window the figures cover (shorter than configured just after start)."""
 
     def __init__(
         self,
@@ -159,10 +171,13 @@ class Dependency(_message.Message):
         p99_latency_ms: _builtins.int = ...,
         last_error: _builtins.str = ...,
         last_error_time: _timestamp_pb2.Timestamp | None = ...,
+        recent_retry_count: _builtins.int = ...,
+        recent_window: _duration_pb2.Duration | None = ...,
+        last_error_code: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["last_error_time", b"last_error_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_error_time", b"last_error_time", "recent_window", b"recent_window"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["breaker_state", b"breaker_state", "error_rate_bps", b"error_rate_bps", "health", b"health", "kind", b"kind", "last_error", b"last_error", "last_error_time", b"last_error_time", "name", b"name", "p99_latency_ms", b"p99_latency_ms", "recent_call_count", b"recent_call_count", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breaker_state", b"breaker_state", "error_rate_bps", b"error_rate_bps", "health", b"health", "kind", b"kind", "last_error", b"last_error", "last_error_code", b"last_error_code", "last_error_time", b"last_error_time", "name", b"name", "p99_latency_ms", b"p99_latency_ms", "recent_call_count", b"recent_call_count", "recent_retry_count", b"recent_retry_count", "recent_window", b"recent_window", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,116 @@
+"""``make bench``: every benchmark in one run, each in its own processes, figures as ratios.
+
+1. chain overhead (bare stub vs the full chain), 2. open-breaker rejection through the stub
+(both from ``bench.chain_overhead``), 3. outage of one hop for the old BreakerClient, gRPC's
+own retries and the chain (``bench.outage``), 4. mesh throughput (``bench.mesh_throughput``).
+Each prints its figures and ends with one JSON line; this collects them into
+``bench/results/latest.json`` and draws ``bench/results/latest.png``. Never pass/fail on speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+
+def _run(module: str, *args: str) -> dict[str, Any]:
+    """Run ``python -m module``, echo its output, return its last JSON line."""
+    print(f"\n== {module} {' '.join(args)}", flush=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    last: dict[str, Any] | None = None
+    for line in process.stdout:
+        print(line, end="", flush=True)
+        if line.startswith("{"):
+            last = json.loads(line)
+    if process.wait() != 0 or last is None:
+        raise SystemExit(f"bench: {module} failed (exit {process.returncode})")
+    return last
+
+
+def _machine() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cores": os.cpu_count(),
+        "cpu": model,
+        "python": platform.python_version(),
+        "system": platform.platform(),
+    }
+
+
+def main(quick: bool) -> int:
+    started = time.monotonic()
+    overhead = _run("bench.chain_overhead", "--calls", "1000" if quick else "4000")
+    rejection = {
+        "bench": "open_breaker_rejection",
+        "median_us": overhead["open_breaker"]["median_us"],
+        "p99_us": overhead["open_breaker"]["p99_us"],
+        "goal_median_us": 50,
+    }
+    print(
+        f"open-breaker rejection through the stub: median {rejection['median_us']:.1f} us, "
+        f"p99 {rejection['p99_us']:.1f} us (goal median <= 50 us)"
+    )
+    print(json.dumps(rejection), flush=True)
+    outage = _run("bench.outage", *(["--duration", "4"] if quick else []))
+    throughput = _run("bench.mesh_throughput", "--seconds", "3" if quick else "8")
+    results = {
+        "machine": _machine(),
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "wall_s": round(time.monotonic() - started, 1),
+        "chain_overhead": overhead,
+        "open_breaker_rejection": rejection,
+        "outage": outage,
+        "mesh_throughput": throughput,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
+    from bench.plot import plot_results
+
+    plot_results(results, RESULTS / "latest.png")
+    print(f"\nresults: {RESULTS / 'latest.json'}, plot: {RESULTS / 'latest.png'}")
+    summary = {
+        "bench": "summary",
+        "cores": results["machine"]["cores"],
+        "chain_overhead_ratio_median": overhead["ratio_median"],
+        "open_breaker_median_us": rejection["median_us"],
+        "outage_p99_s": {
+            mode: {c: r["p99_s"] for c, r in per.items()}
+            for mode, per in outage["results"].items()
+        },
+        "create_payment_rps": {
+            c: r["rps"] for c, r in throughput["create_payment"].items()
+        },
+        "echo_one_hop_rps": throughput["echo_one_hop"]["64"]["rps"],
+        "wall_s": results["wall_s"],
+    }
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="shorter runs, for a smoke check")
+    sys.exit(main(parser.parse_args().quick))

@@ -1,0 +1,419 @@
+"""Outage of one hop, three clients on the same workload: the old BreakerClient, gRPC's own
+service-config retries with the same numbers, and PayMesh's chain.
+
+Two outages: ``down`` (the target is SIGKILLed after warm-up: connection refused) and ``hang``
+(the target accepts every call, performs its side effect, and never answers). The workload is
+open-loop, like merchants: calls arrive at a fixed rate whatever the answers, alternating a read
+(``Read``, NO_SIDE_EFFECTS) and a write without idempotency key (``WriteUnsafe``), each with a
+unique text the target counts, so a write executed twice is a duplicate side effect. Every
+duration of every client is multiplied by ``--time-scale`` (printed), so the run stays short
+while the ratios between the clients keep. Server, orchestrator and each client are separate
+processes. Prints a table, then one JSON line. ``python -m bench.outage [--time-scale 0.1]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc import aio
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "gen")]
+
+from bench.old_breaker_client import OldBreakerClient, OldBreakerConfig  # noqa: E402
+from paymesh.testing.v1 import testing_pb2, testing_pb2_grpc  # noqa: E402
+
+CLIENTS = ("old_breaker_client", "grpc_native_retry", "paymesh_chain")
+MODES = ("down", "hang")
+STATS_TEXT = "__stats__"
+#: The mesh's deadline (services/policy.toml timeout_s) and the seed's numbers, unscaled.
+CALLER_DEADLINE_S = 5.0
+SCHEDULING_MARGIN_S = 0.02
+#: gRPC's attempt counter: one trace line per attempt the retry filter creates.
+ATTEMPT_TRACE_MARK = "created attempt"
+
+
+# --- the target ---------------------------------------------------------------------------
+
+
+class _Target(testing_pb2_grpc.TestServiceServicer):
+    def __init__(self) -> None:
+        self.hanging = False
+        self.executions: collections.Counter[str] = collections.Counter()
+
+    async def _hang_if_asked(self) -> None:
+        if self.hanging:
+            await asyncio.sleep(3600)  # cancelled when the caller gives up
+
+    async def Read(self, request: Any, context: Any) -> testing_pb2.ReadResponse:
+        if request.text == STATS_TEXT:
+            return testing_pb2.ReadResponse(text=json.dumps(self.executions))
+        await self._hang_if_asked()
+        return testing_pb2.ReadResponse(text=request.text)
+
+    async def WriteUnsafe(self, request: Any, context: Any) -> testing_pb2.WriteUnsafeResponse:
+        self.executions[request.text] += 1  # the side effect happens before the hang
+        await self._hang_if_asked()
+        return testing_pb2.WriteUnsafeResponse(text=request.text)
+
+
+async def _serve() -> None:
+    target = _Target()
+    server = aio.server()
+    testing_pb2_grpc.add_TestServiceServicer_to_server(target, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+
+    def hang() -> None:
+        target.hanging = True
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, hang)
+    print(port, flush=True)
+    await server.wait_for_termination()
+
+
+# --- the three clients --------------------------------------------------------------------
+
+
+def _native_service_config(scale: float) -> str:
+    """gRPC retryPolicy with the seed's numbers: 4 attempts, 1-2-4 s backoff, 30 s per attempt."""
+    policy = {
+        "maxAttempts": 4,
+        "initialBackoff": f"{1.0 * scale:.3f}s",
+        "maxBackoff": f"{4.0 * scale:.3f}s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE", "INTERNAL", "UNKNOWN", "DEADLINE_EXCEEDED"],
+        # Needs grpc.experimental.enable_hedging; a timed-out attempt is retried.
+        "perAttemptRecvTimeout": f"{30.0 * scale:.3f}s",
+    }
+    return json.dumps(
+        {
+            "methodConfig": [
+                {"name": [{"service": "paymesh.testing.v1.TestService"}], "retryPolicy": policy}
+            ]
+        }
+    )
+
+
+def _chain_policy(scale: float) -> dict[str, Any]:
+    """services/policy.toml's defaults with every duration multiplied by ``scale``."""
+    return {
+        "timeout_s": CALLER_DEADLINE_S * scale,
+        "deadline_margin_s": 0.05 * scale,
+        "retry": {"max_attempts": 4, "initial_backoff_s": 0.05 * scale, "max_backoff_s": scale},
+        "budget": {"retry_ratio": 0.2, "min_retries": 10, "window_s": 10.0 * scale},
+        "breaker": {
+            "minimum_calls": 5,
+            "failure_rate": 0.6,
+            "window_s": 60.0 * scale,
+            "open_s": 30.0 * scale,
+            "half_open_calls": 3,
+        },
+    }
+
+
+class _CountAttempts(aio.UnaryUnaryClientInterceptor):
+    """Innermost: counts the attempts the chain hands to the transport."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        self.count += 1
+        return await continuation(details, request)
+
+
+class _Client:
+    """One client of the bench: ``call(method, text)`` and how many attempts it sent."""
+
+    def __init__(self, name: str, address: str, scale: float) -> None:
+        self.name = name
+        self.old: OldBreakerClient | None = None
+        self.counter: _CountAttempts | None = None
+        if name == "old_breaker_client":
+            self.old = OldBreakerClient(OldBreakerConfig.scaled(scale))
+            self.channel = aio.insecure_channel(address, options=[("grpc.enable_retries", 0)])
+        elif name == "grpc_native_retry":
+            self.channel = aio.insecure_channel(
+                address,
+                options=[
+                    ("grpc.service_config", _native_service_config(scale)),
+                    ("grpc.enable_retries", 1),
+                    ("grpc.experimental.enable_hedging", 1),
+                ],
+            )
+            # No per-call deadline in the old numbers; the whole call gets what the old
+            # client's worst case takes: 4 attempts of 30 s plus 1 + 2 + 4 s of backoff.
+            self.native_timeout_s = (4 * 30.0 + 7.0) * scale
+        else:
+            from interceptors.aio import wait_connected
+            from interceptors.chain import build_client_chain
+            from interceptors.policy import PolicyConfig
+
+            chain = build_client_chain(
+                caller="bench",
+                config=PolicyConfig.from_mapping({"defaults": _chain_policy(scale)}),
+            )
+            self.counter = _CountAttempts()
+            self.channel = aio.insecure_channel(
+                address,
+                options=chain.channel_options(),
+                interceptors=[*chain.aio_interceptors("bench-target"), self.counter],
+            )
+            # As ClientChain.aio_channel does: a retry after UNAVAILABLE waits briefly to connect.
+            chain.runtime.connection_waiters["bench-target"] = lambda t: wait_connected(
+                self.channel, t
+            )
+        self.stub = testing_pb2_grpc.TestServiceStub(self.channel)
+
+    async def call(self, method: str, text: str) -> None:
+        if method == "Read":
+            request: Any = testing_pb2.ReadRequest(text=text)
+            invoke = self.stub.Read
+        else:
+            request = testing_pb2.WriteUnsafeRequest(text=text)
+            invoke = self.stub.WriteUnsafe
+        if self.old is not None:
+
+            async def attempt(timeout_s: float) -> Any:
+                return await invoke(request, timeout=timeout_s)
+
+            await self.old.call(attempt)
+        elif self.counter is None:
+            await invoke(request, timeout=self.native_timeout_s)
+        else:
+            await invoke(request)  # the chain's own deadline
+
+    def attempts_sent(self) -> int | None:
+        if self.old is not None:
+            return self.old.attempts_sent
+        if self.counter is not None:
+            return self.counter.count
+        return None  # read from gRPC's retry trace by the orchestrator
+
+
+def _percentile(ordered: list[float], q: float) -> float:
+    if not ordered:
+        return 0.0
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
+
+
+async def _run_client(name: str, address: str, scale: float, rate: float, duration: float) -> None:
+    client = _Client(name, address, scale)
+    for i in range(20):  # warm-up: connected, breaker closed, nothing failing
+        await client.call("Read" if i % 2 == 0 else "WriteUnsafe", f"warm{i}")
+    warm_attempts = client.attempts_sent() or 0
+    print("ready", flush=True)
+    sys.stdin.readline()  # the orchestrator has injected the fault
+
+    results: list[tuple[float, str]] = []
+
+    async def one(i: int) -> None:
+        method = "Read" if i % 2 == 0 else "WriteUnsafe"
+        started = time.perf_counter()
+        code = "OK"
+        try:
+            await client.call(method, f"{method[0].lower()}{i}")
+        except aio.AioRpcError as err:
+            code = err.code().name
+        except Exception as err:  # the old breaker's own errors
+            code = type(err).__name__
+        results.append((time.perf_counter() - started, code))
+
+    calls = int(rate * duration)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    tasks = []
+    for i in range(calls):
+        await asyncio.sleep(max(0.0, t0 + i / rate - loop.time()))
+        tasks.append(asyncio.create_task(one(i)))
+    await asyncio.gather(*tasks)
+    await client.channel.close()
+
+    latencies = sorted(r[0] for r in results)
+    deadline = CALLER_DEADLINE_S * scale + SCHEDULING_MARGIN_S
+    attempts = client.attempts_sent()
+    summary = {
+        "calls": calls,
+        "ok": sum(1 for r in results if r[1] == "OK"),
+        "codes": dict(collections.Counter(r[1] for r in results)),
+        "p50_s": _percentile(latencies, 0.50),
+        "p99_s": _percentile(latencies, 0.99),
+        "max_s": latencies[-1] if latencies else 0.0,
+        "past_deadline": sum(1 for x in latencies if x > deadline),
+        "attempts_sent": None if attempts is None else attempts - warm_attempts,
+        "wall_s": loop.time() - t0,
+    }
+    print(json.dumps(summary), flush=True)
+
+
+# --- the orchestrator ---------------------------------------------------------------------
+
+
+def _start_target() -> tuple[subprocess.Popen[str], str]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench.outage", "--serve"],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert process.stdout is not None
+    return process, f"127.0.0.1:{process.stdout.readline().strip()}"
+
+
+def _executions(address: str) -> dict[str, int]:
+    with grpc.insecure_channel(address) as channel:
+        reply = testing_pb2_grpc.TestServiceStub(channel).Read(
+            testing_pb2.ReadRequest(text=STATS_TEXT), timeout=5
+        )
+    return dict(json.loads(reply.text))
+
+
+def _trace_attempts(path: Path) -> int:
+    with path.open(errors="replace") as lines:
+        return sum(1 for line in lines if ATTEMPT_TRACE_MARK in line)
+
+
+def run_one(client: str, mode: str, scale: float, rate: float, duration: float) -> dict[str, Any]:
+    """One client against one outage; its figures."""
+    target, address = _start_target()
+    env = dict(os.environ)
+    if client == "grpc_native_retry":
+        env.update(GRPC_TRACE="retry", GRPC_VERBOSITY="debug")
+    with tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False) as log:
+        trace = Path(log.name)
+    try:
+        with trace.open("w") as stderr:
+            runner = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.outage",
+                    "--client",
+                    client,
+                    "--address",
+                    address,
+                    "--time-scale",
+                    str(scale),
+                    "--rate",
+                    str(rate),
+                    "--duration",
+                    str(duration),
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+                cwd=ROOT,
+                env=env,
+            )
+            assert runner.stdin is not None and runner.stdout is not None
+            line = runner.stdout.readline().strip()
+            if line != "ready":
+                runner.kill()
+                raise RuntimeError(f"{client} did not warm up: {line!r}; see {trace}")
+            time.sleep(0.2)  # let the trace of the warm-up reach the file
+            warm_trace = _trace_attempts(trace)
+            if mode == "down":
+                target.kill()
+                target.wait()
+            else:
+                target.send_signal(signal.SIGUSR1)
+            runner.stdin.write("go\n")
+            runner.stdin.flush()
+            result: dict[str, Any] = json.loads(runner.stdout.readline())
+            runner.wait(timeout=60)
+        if result["attempts_sent"] is None:
+            result["attempts_sent"] = _trace_attempts(trace) - warm_trace
+        writes = [t for t in range(int(rate * duration)) if t % 2 == 1]
+        if mode == "hang":
+            executions = _executions(address)
+            counts = [executions.get(f"w{i}", 0) for i in writes]
+            result["writes_executed"] = sum(counts)
+            result["duplicate_side_effects"] = sum(max(0, c - 1) for c in counts)
+            result["writes_with_duplicates"] = sum(1 for c in counts if c > 1)
+        else:
+            # The target is dead: nothing executes, so nothing can execute twice.
+            result["writes_executed"] = 0
+            result["duplicate_side_effects"] = 0
+            result["writes_with_duplicates"] = 0
+        result["attempts_per_call"] = result["attempts_sent"] / result["calls"]
+        return result
+    finally:
+        if target.poll() is None:
+            target.kill()
+            target.wait()
+        trace.unlink(missing_ok=True)
+
+
+def main(scale: float, rate: float, duration: float) -> dict[str, Any]:
+    """Every client against every outage; prints a table and the JSON line."""
+    print(
+        f"outage of one hop: time scale {scale:g} (every duration of every client x {scale:g}; "
+        f"caller deadline {CALLER_DEADLINE_S * scale:g} s), {rate:g} calls/s for {duration:g} s, "
+        f"half reads, half non-idempotent writes",
+        flush=True,
+    )
+    results: dict[str, dict[str, Any]] = {}
+    for mode in MODES:
+        results[mode] = {}
+        for client in CLIENTS:
+            results[mode][client] = run_one(client, mode, scale, rate, duration)
+    header = (
+        f"{'mode':5} {'client':20} {'ok':>5} {'p50 s':>7} {'p99 s':>7} {'att/call':>8} "
+        f"{'past dl':>7} {'dup fx':>6}"
+    )
+    print(header)
+    for mode, per_client in results.items():
+        for client, r in per_client.items():
+            print(
+                f"{mode:5} {client:20} {r['ok']:>5} {r['p50_s']:7.3f} {r['p99_s']:7.3f} "
+                f"{r['attempts_per_call']:8.2f} {r['past_deadline']:>7} "
+                f"{r['duplicate_side_effects']:>6}"
+            )
+    print("(seconds are scaled; divide by the time scale for the unscaled equivalent)")
+    line = {
+        "bench": "outage",
+        "time_scale": scale,
+        "rate_per_s": rate,
+        "duration_s": duration,
+        "caller_deadline_s": CALLER_DEADLINE_S * scale,
+        "results": results,
+    }
+    print(json.dumps(line), flush=True)
+    return line
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--time-scale", type=float, default=0.1)
+    parser.add_argument("--rate", type=float, default=20.0, help="calls per second")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of arrivals")
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--client", choices=CLIENTS, help=argparse.SUPPRESS)
+    parser.add_argument("--address", help=argparse.SUPPRESS)
+    options = parser.parse_args()
+    if options.serve:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(_serve())
+    elif options.client:
+        asyncio.run(
+            _run_client(
+                options.client, options.address, options.time_scale, options.rate, options.duration
+            )
+        )
+    else:
+        main(options.time_scale, options.rate, options.duration)

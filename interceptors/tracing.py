@@ -1,0 +1,122 @@
+"""Tracing of the chain and the servers: OpenTelemetry spans for calls, attempts and handlers.
+
+opentelemetry-instrumentation-grpc makes the CLIENT span of every call (inside the telemetry
+layer, outermost) and the SERVER span of every handled call (the server's first interceptor).
+The retry layer opens one CLIENT child span per attempt and injects that attempt's context
+(``traceparent``) into its metadata, so a downstream's server span hangs under the attempt
+that reached it. Only the OpenTelemetry API here: services.tracing configures the SDK.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+from grpc import aio
+from opentelemetry import propagate, trace
+from opentelemetry.context import Context
+from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
+from opentelemetry.instrumentation.grpc.filters import negate, service_prefix
+from opentelemetry.propagators.textmap import Setter
+from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+from opentelemetry.util.types import AttributeValue
+
+#: Attempt number of an attempt span, 1 for the first.
+ATTEMPT_ATTRIBUTE = "paymesh.attempt"
+#: Mesh name of the service or partner a span's call goes to.
+TARGET_ATTRIBUTE = "paymesh.target"
+#: Attempts a call made in all, set on the call's span when it made more than one or failed.
+ATTEMPTS_ATTRIBUTE = "paymesh.attempts"
+#: Why the chain stopped retrying a failed call (``attempts``, ``budget``, ``deadline``, ...).
+STOP_REASON_ATTRIBUTE = "paymesh.stop_reason"
+#: Event on the attempt span when the target's breaker refused the attempt.
+CIRCUIT_OPEN_EVENT = "circuit_open"
+#: Seconds until an open breaker lets a trial call through, on the ``circuit_open`` event.
+RETRY_AFTER_ATTRIBUTE = "paymesh.retry_after_s"
+#: OpenTelemetry semantic convention: gRPC status code of a call or attempt.
+GRPC_STATUS_ATTRIBUTE = "rpc.grpc.status_code"
+
+#: Health and reflection calls (probes, ``buf curl``) would drown the traces that matter.
+_SERVED_CALLS_FILTER = negate(service_prefix("grpc."))
+
+
+class _MetadataSetter(Setter[Any]):
+    """Writes propagation fields into aio metadata or an HTTP header dict alike."""
+
+    def set(self, carrier: Any, key: str, value: str) -> None:
+        carrier[key] = value
+
+
+_SETTER = _MetadataSetter()
+
+
+def client_interceptors(
+    tracer_provider: trace.TracerProvider | None,
+) -> tuple[aio.UnaryUnaryClientInterceptor, aio.UnaryStreamClientInterceptor]:
+    """The instrumentation's unary-unary and unary-stream client interceptors."""
+    # The instrumentation ships untyped; it returns the four aio interceptors in this order.
+    unary_unary, unary_stream, *_ = aio_client_interceptors(  # type: ignore[no-untyped-call]
+        tracer_provider=tracer_provider
+    )
+    return unary_unary, unary_stream
+
+
+def server_interceptor(tracer_provider: trace.TracerProvider | None) -> aio.ServerInterceptor:
+    """The instrumentation's server interceptor; put it first, before the policy interceptor."""
+    # The instrumentation ships untyped.
+    interceptor: aio.ServerInterceptor = aio_server_interceptor(  # type: ignore[no-untyped-call]
+        tracer_provider=tracer_provider, filter_=_SERVED_CALLS_FILTER
+    )
+    return interceptor
+
+
+def propagation_fields() -> frozenset[str]:
+    """Metadata keys the configured propagators write (``traceparent``, ``tracestate``, ...)."""
+    return frozenset(propagate.get_global_textmap().fields)
+
+
+def inject(carrier: MutableMapping[str, str] | aio.Metadata, context: Context) -> None:
+    """Write ``context``'s trace into ``carrier`` (aio metadata or HTTP headers)."""
+    propagate.inject(carrier, context=context, setter=_SETTER)
+
+
+def start_attempt(
+    tracer: Tracer,
+    name: str,
+    *,
+    target: str,
+    attempt: int,
+    attributes: Mapping[str, AttributeValue] | None = None,
+) -> trace.Span:
+    """A CLIENT span for one attempt, child of the current (call) span; the caller ends it."""
+    fields: dict[str, AttributeValue] = {TARGET_ATTRIBUTE: target, ATTEMPT_ATTRIBUTE: attempt}
+    if attributes:
+        fields.update(attributes)
+    return tracer.start_span(
+        name,
+        kind=SpanKind.CLIENT,
+        attributes=fields,
+        record_exception=False,
+        set_status_on_exception=False,
+    )
+
+
+def fail_span(span: trace.Span, code: str, description: str, code_value: int | None) -> None:
+    """Mark ``span`` failed with gRPC code name ``code`` (and its number when known)."""
+    if code_value is not None:
+        span.set_attribute(GRPC_STATUS_ATTRIBUTE, code_value)
+    span.set_status(Status(StatusCode.ERROR, f"{code}: {description}"))
+
+
+def circuit_open(span: trace.Span, *, target: str, retry_after_s: float) -> None:
+    """Record on ``span`` that the breaker of ``target`` refused the call."""
+    span.add_event(
+        CIRCUIT_OPEN_EVENT, {TARGET_ATTRIBUTE: target, RETRY_AFTER_ATTRIBUTE: retry_after_s}
+    )
+
+
+def stopped(span: trace.Span, *, attempts: int, reason: str | None = None) -> None:
+    """Note on the call's ``span`` how many attempts it took and why retrying stopped."""
+    span.set_attribute(ATTEMPTS_ATTRIBUTE, attempts)
+    if reason is not None:
+        span.set_attribute(STOP_REASON_ATTRIBUTE, reason)

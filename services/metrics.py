@@ -1,0 +1,246 @@
+"""Prometheus series of one service, served as text at ``GET /metrics`` on its admin port.
+
+Each service has its own ``CollectorRegistry`` (tests run several services in one process).
+Server RPCs come from the server interceptor's observers, client call latency from the
+chain's call hook; the chain's counters and breaker states are read at scrape time.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.registry import Collector
+
+from interceptors.breaker import CLOSED, HALF_OPEN, OPEN
+from interceptors.telemetry import CallRecord, ChainTelemetry, Labels
+from services.admin import AdminRequest, AdminResponse
+
+#: Latency buckets in seconds: loopback calls take a millisecond, partner calls up to seconds.
+LATENCY_BUCKETS_S = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+#: Value of ``paymesh_breaker_state`` per breaker state.
+BREAKER_STATE_VALUES = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChainSeries:
+    """How one counter of the chain's telemetry is exported."""
+
+    name: str
+    """Prometheus family name without ``_total`` (the client library appends it)."""
+    documentation: str
+    """HELP text."""
+    labels: tuple[str, ...]
+    """Telemetry labels exported, in order (``caller`` is prepended to each)."""
+    renames: tuple[tuple[str, str], ...] = ()
+    """Telemetry label -> Prometheus label, where they differ."""
+
+
+#: Telemetry counter name -> its Prometheus family. Counters not listed are not exported.
+CHAIN_SERIES: Mapping[str, ChainSeries] = {
+    "calls_total": ChainSeries(
+        name="paymesh_client_rpcs",
+        documentation="Outgoing calls by target, method and final code (retries included once).",
+        labels=("target", "method", "code"),
+    ),
+    "attempts_total": ChainSeries(
+        name="paymesh_client_attempts",
+        documentation="Attempts sent to a target (first attempts and retries).",
+        labels=("target", "method"),
+    ),
+    "retries_total": ChainSeries(
+        name="paymesh_client_retries",
+        documentation="Retries sent to a target, the extra load retries add.",
+        labels=("target", "method"),
+    ),
+    "retry_stops_total": ChainSeries(
+        name="paymesh_client_retry_stops",
+        documentation="Calls that failed for good, by the reason the chain stopped retrying.",
+        labels=("target", "method", "reason"),
+    ),
+    "budget_exhausted_total": ChainSeries(
+        name="paymesh_retry_budget_exhausted",
+        documentation="Retries refused because the target's retry budget was spent.",
+        labels=("target",),
+    ),
+    "breaker_transitions_total": ChainSeries(
+        name="paymesh_breaker_transitions",
+        documentation="Circuit breaker state changes by target.",
+        labels=("target", "old", "new"),
+        renames=(("old", "from_state"), ("new", "to_state")),
+    ),
+    "breaker_rejections_total": ChainSeries(
+        name="paymesh_breaker_rejections",
+        documentation="Calls refused locally because the target's breaker was open.",
+        labels=("target",),
+    ),
+    "deadline_exceeded_total": ChainSeries(
+        name="paymesh_client_deadline_exceeded",
+        documentation="Outgoing calls that ended with DEADLINE_EXCEEDED.",
+        labels=("target", "method"),
+    ),
+    "deadline_propagated_total": ChainSeries(
+        name="paymesh_client_deadline_propagated",
+        documentation="Outgoing calls whose deadline was cut to what the incoming call had left.",
+        labels=("target", "method"),
+    ),
+    "deadline_exhausted_total": ChainSeries(
+        name="paymesh_client_deadline_exhausted",
+        documentation="Outgoing calls not sent because the incoming deadline was already spent.",
+        labels=("target", "method"),
+    ),
+}
+
+_ID_SEGMENT = re.compile(r"^(?!v\d+$).*\d")
+
+
+def method_label(method: str) -> str:
+    """Bounded ``method`` label: a partner call's query and id-like path segments go.
+
+    ``GET /lookup?ip=1.2.3.4`` becomes ``GET /lookup``; ``POST /charges/ch_42/refunds``
+    becomes ``POST /charges/:id/refunds``. gRPC method names are returned unchanged.
+    """
+    if method.startswith("/"):
+        return method
+    verb, _, path = method.partition(" ")
+    path = path.split("?", 1)[0]
+    segments = [":id" if _ID_SEGMENT.match(s) else s for s in path.split("/")]
+    return f"{verb} {'/'.join(segments)}".rstrip()
+
+
+class ChainCollector(Collector):
+    """Reads the chain's counters and breaker states at scrape time."""
+
+    def __init__(
+        self,
+        *,
+        caller: str,
+        telemetry: ChainTelemetry,
+        breaker_states: Callable[[], Mapping[str, str]],
+        targets: Sequence[str],
+    ) -> None:
+        self._caller = caller
+        self._telemetry = telemetry
+        self._breaker_states = breaker_states
+        self._targets = tuple(targets)
+
+    def describe(self) -> Iterable[Metric]:
+        """Nothing up front: the families depend on which series exist at scrape time."""
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        """One family per exported telemetry counter, then the breaker state gauge."""
+        snapshot = self._telemetry.snapshot()
+        for key, series in CHAIN_SERIES.items():
+            family = CounterMetricFamily(
+                series.name,
+                series.documentation,
+                labels=("caller", *(dict(series.renames).get(x, x) for x in series.labels)),
+            )
+            for values, count in _merge(snapshot.get(key, {}), series.labels).items():
+                family.add_metric((self._caller, *values), count)
+            yield family
+        gauge = GaugeMetricFamily(
+            "paymesh_breaker_state",
+            "Circuit breaker state of each target: 0 closed, 1 half-open, 2 open.",
+            labels=("caller", "target"),
+        )
+        states = dict.fromkeys(self._targets, CLOSED) | dict(self._breaker_states())
+        for target, state in sorted(states.items()):
+            gauge.add_metric((self._caller, target), BREAKER_STATE_VALUES.get(state, 0))
+        yield gauge
+
+
+def _merge(series: Mapping[Labels, int], names: Sequence[str]) -> dict[tuple[str, ...], int]:
+    """Counts by the exported labels' values; partner methods that normalise alike add up."""
+    out: dict[tuple[str, ...], int] = defaultdict(int)
+    for labels, count in series.items():
+        values = dict(labels)
+        key = tuple(
+            method_label(values.get(n, "")) if n == "method" else values.get(n, "") for n in names
+        )
+        out[key] += count
+    return out
+
+
+class ServiceMetrics:
+    """The registry of one service and the hooks that feed it."""
+
+    def __init__(self, *, service: str) -> None:
+        self.service = service
+        self.registry = CollectorRegistry()
+        self.server_rpcs = Counter(
+            "paymesh_server_rpcs",
+            "Incoming RPCs by service, method and code.",
+            ("service", "method", "code"),
+            registry=self.registry,
+        )
+        self.server_latency = Histogram(
+            "paymesh_server_rpc_duration_seconds",
+            "Time to answer an incoming RPC.",
+            ("service", "method"),
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.client_latency = Histogram(
+            "paymesh_client_rpc_duration_seconds",
+            "Time an outgoing call took as its caller saw it (retries and backoff included).",
+            ("caller", "target", "method"),
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+
+    def observe_server(self, method: str, code: grpc.StatusCode, elapsed_s: float) -> None:
+        """A ``ServerPolicyInterceptor`` observer: count and time one incoming RPC."""
+        self.server_rpcs.labels(self.service, method, code.name).inc()
+        self.server_latency.labels(self.service, method).observe(elapsed_s)
+
+    def observe_client(self, record: CallRecord) -> None:
+        """A ``ChainTelemetry`` call hook: time one outgoing call."""
+        method = method_label(record.method)
+        self.client_latency.labels(self.service, record.target, method).observe(record.duration_s)
+
+    def follow_chain(
+        self,
+        telemetry: ChainTelemetry,
+        breaker_states: Callable[[], Mapping[str, str]],
+        targets: Sequence[str],
+    ) -> None:
+        """Export the chain's counters and breaker states, and time its calls."""
+        telemetry.add_call_hook(self.observe_client)
+        self.registry.register(
+            ChainCollector(
+                caller=self.service,
+                telemetry=telemetry,
+                breaker_states=breaker_states,
+                targets=targets,
+            )
+        )
+
+    def exposition(self) -> bytes:
+        """The registry in the Prometheus text format 0.0.4."""
+        return generate_latest(self.registry)
+
+    def handle(self, request: AdminRequest) -> AdminResponse:
+        """``GET /metrics``."""
+        return AdminResponse(200, self.exposition(), content_type=CONTENT_TYPE_PLAIN_0_0_4)

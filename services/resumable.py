@@ -1,0 +1,290 @@
+"""Resumable work: a request runs as persisted steps that a replay or a recovery pass finishes.
+
+:class:`StepStore` keeps one row per piece of work (claimed with its request id, the step it
+has reached); :class:`StepDriver` runs a record's remaining steps in its own shielded task, so
+a caller hanging up cannot stop a step midway, runs the recovery pass at start and stops the
+work in flight at close, leaving the rows resumable. Settlement and withdrawal use both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
+
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from interceptors.errors import Aborted, NotFound
+from services import idempotency
+from services.database import open_database, transaction
+
+#: The step of finished work (the value each service's ``Step.DONE`` has).
+DONE = "done"
+
+
+class StepRecord(Protocol):
+    """A stored piece of work: its id, the request id that created it and its next step."""
+
+    @property
+    def key(self) -> str:
+        """The id of the work (its primary key)."""
+        ...
+
+    @property
+    def request_id(self) -> str:
+        """The request id that created it."""
+        ...
+
+    @property
+    def step(self) -> str:
+        """What is left to do; :data:`DONE` once nothing is."""
+        ...
+
+
+RecordT = TypeVar("RecordT", bound=StepRecord)
+MessageT = TypeVar("MessageT", bound=Message)
+#: Runs one step of a record and returns it as persisted after the step.
+Stepper = Callable[[RecordT], Awaitable[RecordT]]
+
+
+@dataclass(frozen=True, slots=True)
+class Begun(Generic[RecordT]):
+    """The outcome of a store's ``begin``."""
+
+    record: RecordT
+    """The work, new or existing."""
+    replayed: bool
+    """True when the request id had been seen: ``record`` is the earlier work."""
+
+
+def timestamp(nanos: int) -> Timestamp:
+    """A protobuf Timestamp of nanoseconds since the epoch."""
+    stamp = Timestamp()
+    stamp.FromNanoseconds(nanos)
+    return stamp
+
+
+class StepStore(Generic[RecordT, MessageT]):
+    """One SQLite table of resumable work, idempotent by request id.
+
+    A subclass names its table, id column and method, turns a row into a record, and writes
+    ``begin`` (its insert) and ``advance`` (its columns) with :meth:`_claim` and :meth:`_update`.
+    The table has ``request_id``, ``merchant_id``, ``status``, ``step``, ``create_time_ns`` and
+    ``update_time_ns`` columns.
+    """
+
+    table: ClassVar[str]
+    """The table's name."""
+    id_column: ClassVar[str]
+    """Its primary key column, also the name of the id in errors."""
+    method: ClassVar[str]
+    """The RPC whose request ids it claims."""
+
+    def __init__(
+        self, path: Path | str, schema: str, *, clock_ns: Callable[[], int] = time.time_ns
+    ) -> None:
+        self._conn = open_database(path, schema)
+        self._clock_ns = clock_ns
+
+    @property
+    def noun(self) -> str:
+        """What one row is, for messages: ``settlement`` for ``settlement_id``."""
+        return self.id_column.removesuffix("_id")
+
+    def _record(self, row: sqlite3.Row) -> RecordT:
+        """The record of a row."""
+        raise NotImplementedError
+
+    def _message(self, record: RecordT) -> MessageT:
+        """The API message of a record."""
+        raise NotImplementedError
+
+    def _response(self, record: RecordT) -> Message:
+        """The response a replay of the creating request returns."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Close the database."""
+        self._conn.close()
+
+    def find(self, key: str) -> RecordT | None:
+        """The record, or ``None`` if there is none."""
+        row = self._row(key)
+        return None if row is None else self._record(row)
+
+    def get(self, key: str) -> RecordT:
+        """The record; NotFound if there is none."""
+        return self._require(key)
+
+    def abandon(self, record: RecordT) -> None:
+        """Forget work the ledger refused before any effect, and free its request id."""
+        with transaction(self._conn) as conn:
+            conn.execute(f"DELETE FROM {self.table} WHERE {self.id_column} = ?", (record.key,))
+            idempotency.release(conn, self.method, record.request_id)
+
+    def settle_claim(self, record: RecordT) -> None:
+        """Mark the request id done, so replays return the work instead of ABORTED."""
+        with transaction(self._conn) as conn:
+            idempotency.complete(conn, self.method, record.request_id, self._response(record))
+
+    def unfinished(self) -> list[RecordT]:
+        """Work with steps left, oldest first (for the recovery pass)."""
+        rows = self._conn.execute(
+            f"SELECT * FROM {self.table} WHERE step != '{DONE}'"
+            f" ORDER BY create_time_ns, {self.id_column}"
+        ).fetchall()
+        return [self._record(row) for row in rows]
+
+    def list(
+        self, *, merchant_id: str, status: int, before: tuple[int, str] | None, limit: int
+    ) -> list[MessageT]:
+        """A merchant's work newest first, before the ``(create_time_ns, id)`` cursor."""
+        clauses = ["merchant_id = ?"]
+        params: list[object] = [merchant_id]
+        if status:
+            clauses.append("status = ?")
+            params.append(status)
+        if before is not None:
+            clauses.append(f"(create_time_ns, {self.id_column}) < (?, ?)")
+            params.extend(before)
+        rows = self._conn.execute(
+            f"SELECT * FROM {self.table} WHERE {' AND '.join(clauses)}"
+            f" ORDER BY create_time_ns DESC, {self.id_column} DESC LIMIT ?",
+            (*params, limit),
+        ).fetchall()
+        return [self._message(self._record(row)) for row in rows]
+
+    def _claim(
+        self,
+        conn: sqlite3.Connection,
+        request: Message,
+        request_id: str,
+        key: str,
+        running: Callable[[str], bool],
+    ) -> Begun[RecordT] | None:
+        """Claim the request id in ``conn``'s transaction; ``None`` when the caller now owns it.
+
+        Args:
+            running: whether this process is still working on an id; an in-flight claim whose
+                work is not running was interrupted and is handed back to resume.
+
+        Raises:
+            InvalidArgument: the request id was used with a different body.
+            Aborted: the first request with this id is still being executed.
+        """
+        try:
+            claim = idempotency.claim(conn, self.method, request_id, request)
+        except Aborted:
+            existing = self._row(key)
+            if existing is None or running(key):
+                raise
+            return Begun(record=self._record(existing), replayed=True)
+        if claim.replay is not None:
+            return Begun(record=self._require(key), replayed=True)
+        return None
+
+    def _update(self, record: RecordT, *, step: str, **columns: object) -> RecordT:
+        """Persist ``step`` and each column given a value (``None`` keeps the stored one)."""
+        values = {"step": step, **{k: v for k, v in columns.items() if v is not None}}
+        values["update_time_ns"] = self._clock_ns()
+        with transaction(self._conn) as conn:
+            conn.execute(
+                f"UPDATE {self.table} SET {', '.join(f'{name}=?' for name in values)}"
+                f" WHERE {self.id_column}=?",
+                (*values.values(), record.key),
+            )
+        return self._require(record.key)
+
+    def _row(self, key: str) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = self._conn.execute(
+            f"SELECT * FROM {self.table} WHERE {self.id_column} = ?", (key,)
+        ).fetchone()
+        return row
+
+    def _require(self, key: str) -> RecordT:
+        row = self._row(key)
+        if row is None:
+            raise NotFound(f"{self.noun} {key!r} does not exist", metadata={self.id_column: key})
+        return self._record(row)
+
+
+class StepDriver(Generic[RecordT]):
+    """Runs records' remaining steps, one task per id, and the recovery pass.
+
+    Args:
+        store: where the records are persisted.
+        steps: the step functions of each not-done step; ``first`` is True for a new request
+            (whose first refusal may leave no trace).
+        log: the service's logger.
+    """
+
+    def __init__(
+        self,
+        store: StepStore[RecordT, Any],
+        steps: Callable[[bool], Mapping[Any, Stepper[RecordT]]],
+        *,
+        log: logging.Logger,
+    ) -> None:
+        self._store = store
+        self._steps = steps
+        self._log = log
+        # One task per id being driven: a replay or the recovery pass joins it instead of
+        # running the same steps twice.
+        self._work: dict[str, asyncio.Task[RecordT]] = {}
+        self._recovery: asyncio.Task[None] | None = None
+
+    def running(self, key: str) -> bool:
+        """Whether this process is driving the work ``key`` right now."""
+        return key in self._work
+
+    async def run(self, record: RecordT, *, first: bool) -> RecordT:
+        """Drive the record in its own task: a caller hanging up cannot stop it mid-step."""
+        key = record.key
+        task = self._work.get(key)
+        if task is None:
+            task = asyncio.create_task(self._drive(key, first=first))
+            self._work[key] = task
+            task.add_done_callback(lambda done: self._forget(key, done))
+        return await asyncio.shield(task)
+
+    def start_recovery(self) -> None:
+        """Drive every unfinished record in the background (called once at start)."""
+        self._recovery = asyncio.create_task(self.recover())
+
+    async def recover(self) -> None:
+        """Resume each unfinished record with its own ids; failures wait for the next pass."""
+        for record in self._store.unfinished():
+            try:
+                await self.run(record, first=False)
+            except Exception:
+                self._log.exception("recovery of %s %s failed", self._store.noun, record.key)
+
+    async def close(self) -> None:
+        """Stop the recovery pass and the work in flight; their rows stay resumable."""
+        tasks = [*self._work.values(), *([self._recovery] if self._recovery else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _forget(self, key: str, task: asyncio.Task[RecordT]) -> None:
+        self._work.pop(key, None)
+        if not task.cancelled():
+            task.exception()  # the awaiting handler reports it; do not log it as lost
+
+    async def _drive(self, key: str, *, first: bool) -> RecordT:
+        record = self._store.get(key)  # the latest state, not a caller's snapshot
+        steps = self._steps(first)
+        while record.step != DONE:
+            after = await steps[record.step](record)
+            stuck = after.step == record.step
+            record = after
+            if stuck:
+                break  # an outage: a replay or the next recovery pass resumes here
+        self._store.settle_claim(record)
+        return record

@@ -1,0 +1,260 @@
+"""The money invariants, checked after the faults against every service's own store.
+
+Each check reads state only through the owning service's RPCs (the gateway's payments, the
+order service's orders, the channel adapter's charges, the ledger's transactions and balances)
+and the partner sandbox's record of charges, and returns one pass/fail line.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+from grpc import aio
+
+from paymesh.accounting.v1 import accounting_pb2, accounting_pb2_grpc
+from paymesh.channel_adapter.v1 import channel_adapter_pb2 as ca
+from paymesh.channel_adapter.v1 import channel_adapter_pb2_grpc
+from paymesh.order.v1 import order_pb2, order_pb2_grpc
+from paymesh.payment_gateway.v1 import payment_gateway_pb2 as pg
+from paymesh.payment_gateway.v1 import payment_gateway_pb2_grpc
+from tests.chaos.load import LoadRecord, Merchant
+
+PSP_CLEARING = "platform/psp_clearing"
+TERMINAL = {
+    pg.PAYMENT_STATUS_SUCCEEDED,
+    pg.PAYMENT_STATUS_DECLINED,
+    pg.PAYMENT_STATUS_FAILED,
+    pg.PAYMENT_STATUS_REFUNDED,
+    pg.PAYMENT_STATUS_PARTIALLY_REFUNDED,
+    pg.PAYMENT_STATUS_VOIDED,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One invariant's verdict."""
+
+    name: str
+    passed: bool
+    detail: str
+
+    def line(self) -> str:
+        return f"{'PASS' if self.passed else 'FAIL'}  {self.name}: {self.detail}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "passed": self.passed, "detail": self.detail}
+
+
+async def _pages(call: Any, request: Any, field: str) -> list[Any]:
+    items: list[Any] = []
+    while True:
+        reply = await call(request, timeout=10)
+        items += list(getattr(reply, field))
+        if not reply.next_page_token:
+            return items
+        request.page_token = reply.next_page_token
+
+
+def sandbox_charges(sandbox_address: str) -> list[dict[str, Any]]:
+    """Every charge the payment channel (the sandbox) holds."""
+    with urllib.request.urlopen(
+        f"http://{sandbox_address}/payment-channel/charges", timeout=10
+    ) as reply:
+        return list(json.load(reply)["charges"])
+
+
+async def gateway_payments(gateway_address: str, merchants: list[Merchant]) -> list[Any]:
+    """Every payment of the run's merchants, from the gateway's store."""
+    async with aio.insecure_channel(gateway_address) as channel:
+        stub = payment_gateway_pb2_grpc.PaymentGatewayServiceStub(channel)
+        payments: list[Any] = []
+        for merchant in merchants:
+            payments += await _pages(
+                stub.ListPayments,
+                pg.ListPaymentsRequest(merchant_id=merchant.merchant_id, page_size=500),
+                "payments",
+            )
+    return payments
+
+
+async def check_money(
+    *,
+    addresses: dict[str, str],
+    sandbox_address: str,
+    merchants: list[Merchant],
+    record: LoadRecord,
+) -> list[Check]:
+    """Exactly once in orders, charges and ledger; charged at most once; ledger balanced."""
+    payments = await gateway_payments(addresses["payment-gateway"], merchants)
+    by_id = {p.payment_id: p for p in payments}
+    acknowledged = {r.payment_id for r in record.payments if r.final == "PAYMENT_STATUS_SUCCEEDED"}
+    succeeded = {p.payment_id for p in payments if p.status == pg.PAYMENT_STATUS_SUCCEEDED}
+    checks: list[Check] = []
+
+    unknown = acknowledged - set(by_id)
+    flipped = {pid for pid in acknowledged & set(by_id) if pid not in succeeded}
+    checks.append(
+        Check(
+            "acknowledged SUCCEEDED payments are SUCCEEDED in the gateway",
+            not unknown and not flipped,
+            f"{len(acknowledged)} acknowledged; missing {sorted(unknown)[:5]}, "
+            f"no longer succeeded {sorted(flipped)[:5]}",
+        )
+    )
+    pending = [p.payment_id for p in payments if p.status not in TERMINAL]
+    checks.append(
+        Check(
+            "every payment reached a terminal status (recovery finished the pending ones)",
+            not pending,
+            f"{len(payments)} payments, {len(pending)} not terminal {pending[:5]}",
+        )
+    )
+
+    async with (
+        aio.insecure_channel(addresses["order-service"]) as o_channel,
+        aio.insecure_channel(addresses["channel-adapter"]) as c_channel,
+        aio.insecure_channel(addresses["accounting-service"]) as a_channel,
+    ):
+        orders_stub = order_pb2_grpc.OrderServiceStub(o_channel)
+        channel_stub = channel_adapter_pb2_grpc.ChannelAdapterServiceStub(c_channel)
+        ledger = accounting_pb2_grpc.AccountingServiceStub(a_channel)
+
+        orders: list[Any] = []
+        for merchant in merchants:
+            orders += await _pages(
+                orders_stub.ListOrders,
+                order_pb2.ListOrdersRequest(merchant_id=merchant.merchant_id, page_size=500),
+                "orders",
+            )
+        orders_of = collections.Counter(o.payment_id for o in orders)
+        paid = {o.payment_id for o in orders if o.status == order_pb2.ORDER_STATUS_PAID}
+        bad_orders = sorted(
+            pid for pid in succeeded | acknowledged if orders_of[pid] != 1 or pid not in paid
+        )
+        checks.append(
+            Check(
+                "every SUCCEEDED payment has exactly one order, PAID (order-service)",
+                not bad_orders,
+                f"{len(succeeded | acknowledged)} checked against {len(orders)} orders; "
+                f"wrong: {bad_orders[:5]}",
+            )
+        )
+
+        bad_charges = []
+        for pid in sorted(succeeded | acknowledged):
+            charges = await _pages(
+                channel_stub.ListCharges, ca.ListChargesRequest(payment_id=pid), "charges"
+            )
+            succeeded_charges = [c for c in charges if c.status == ca.CHARGE_STATUS_SUCCEEDED]
+            if len(charges) != 1 or len(succeeded_charges) != 1:
+                bad_charges.append(pid)
+        checks.append(
+            Check(
+                "every SUCCEEDED payment has exactly one succeeded charge (channel-adapter)",
+                not bad_charges,
+                f"wrong: {bad_charges[:5]}",
+            )
+        )
+
+        channel = sandbox_charges(sandbox_address)
+        per_reference = collections.Counter(c["reference"] for c in channel)
+        twice = sorted(ref for ref, n in per_reference.items() if n > 1)
+        missing_at_channel = sorted(pid for pid in succeeded if per_reference[pid] != 1)
+        checks.append(
+            Check(
+                "no payment was charged twice (the channel's own charges)",
+                not twice and not missing_at_channel,
+                f"{len(channel)} charges at the channel; charged twice: {twice[:5]}; "
+                f"SUCCEEDED without exactly one: {missing_at_channel[:5]}",
+            )
+        )
+
+        bad_ledger = []
+        for pid in sorted(succeeded | acknowledged):
+            payment = by_id.get(pid)
+            try:
+                txn = (
+                    await ledger.GetTransaction(
+                        accounting_pb2.GetTransactionRequest(transaction_id=f"txn:{pid}:capture"),
+                        timeout=10,
+                    )
+                ).transaction
+            except aio.AioRpcError:
+                bad_ledger.append(pid)
+                continue
+            debit = sum(
+                e.amount.amount_minor
+                for e in txn.entries
+                if e.direction == accounting_pb2.ENTRY_DIRECTION_DEBIT
+            )
+            credit = sum(
+                e.amount.amount_minor
+                for e in txn.entries
+                if e.direction == accounting_pb2.ENTRY_DIRECTION_CREDIT
+            )
+            captured = payment.captured_amount.amount_minor if payment is not None else -1
+            if debit != credit or credit != captured:
+                bad_ledger.append(pid)
+        clearing = await _pages(
+            ledger.ListEntries,
+            accounting_pb2.ListEntriesRequest(account_id=PSP_CLEARING, page_size=500),
+            "entries",
+        )
+        captures = collections.Counter(
+            e.transaction_id for e in clearing if e.transaction_id.endswith(":capture")
+        )
+        posted_twice = sorted(t for t, n in captures.items() if n > 1)
+        expected = {f"txn:{pid}:capture" for pid in succeeded}
+        stray = sorted(set(captures) - expected)
+        checks.append(
+            Check(
+                "every SUCCEEDED payment is in the ledger exactly once (accounting-service)",
+                not bad_ledger and not posted_twice and not stray,
+                f"{len(captures)} capture transactions; bad: {bad_ledger[:5]}; "
+                f"posted twice: {posted_twice[:5]}; without a SUCCEEDED payment: {stray[:5]}",
+            )
+        )
+
+        totals: collections.Counter[str] = collections.Counter()
+        for merchant in merchants:
+            for balance in await _pages(
+                ledger.ListBalances,
+                accounting_pb2.ListBalancesRequest(
+                    merchant_id=merchant.merchant_id, page_size=500
+                ),
+                "balances",
+            ):
+                totals[balance.balance.currency_code] += balance.balance.amount_minor
+        for currency in sorted(set(totals) | {"EUR"}):
+            platform = (
+                await ledger.GetBalance(
+                    accounting_pb2.GetBalanceRequest(
+                        account_id=PSP_CLEARING, currency_code=currency
+                    ),
+                    timeout=10,
+                )
+            ).balance.balance.amount_minor
+            checks.append(
+                Check(
+                    f"the ledger balances in {currency}",
+                    totals[currency] + platform == 0,
+                    f"merchants {totals[currency]} + {PSP_CLEARING} {platform} "
+                    f"= {totals[currency] + platform}",
+                )
+            )
+    return checks
+
+
+def check_deadlines(record: LoadRecord, margin_s: float) -> Check:
+    """Every client call ended within its deadline plus a scheduling margin."""
+    late = [a for a in record.attempts if a.latency_s > a.timeout_s + margin_s]
+    worst = max((a.latency_s - a.timeout_s for a in record.attempts), default=0.0)
+    return Check(
+        f"every client call ended within its deadline (+{margin_s:g} s)",
+        not late,
+        f"{len(record.attempts)} calls, {len(late)} late; worst vs deadline {worst:+.3f} s",
+    )

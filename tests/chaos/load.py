@@ -1,0 +1,246 @@
+"""The chaos run's merchants: open-loop CreatePayment with a real merchant's retries, plus reads.
+
+Each payment gets a unique ``request_id``; a failed attempt (UNAVAILABLE, DEADLINE_EXCEEDED,
+ABORTED, ...) is retried with the same key and body after a short jittered backoff, as a
+merchant's integration would, until it gets a definite answer or gives up. Every attempt is
+recorded with its start, end, code and deadline, so the timeline and the invariants are
+computed from what the clients saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import grpc
+from grpc import aio
+
+from paymesh.common.v1 import common_pb2
+from paymesh.merchant.v1 import merchant_pb2, merchant_pb2_grpc
+from paymesh.merchant_auth.v1 import merchant_auth_pb2, merchant_auth_pb2_grpc
+from paymesh.payment_gateway.v1 import payment_gateway_pb2 as pg
+from paymesh.payment_gateway.v1 import payment_gateway_pb2_grpc
+
+#: Codes after which a merchant retries with the same request_id.
+RETRIED_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Merchant:
+    """An onboarded merchant and its API key."""
+
+    merchant_id: str
+    api_key: str
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One client call as the client saw it; times in seconds since the run's start."""
+
+    kind: str
+    """``create`` or ``read``."""
+    started: float
+    ended: float
+    code: str
+    """Final status code name."""
+    timeout_s: float
+    """The deadline the client gave the call."""
+
+    @property
+    def latency_s(self) -> float:
+        return self.ended - self.started
+
+    @property
+    def ok(self) -> bool:
+        return self.code == "OK"
+
+
+@dataclass(slots=True)
+class PaymentRun:
+    """One merchant payment across its attempts."""
+
+    request_id: str
+    merchant_id: str
+    amount_minor: int
+    attempts: int = 0
+    payment_id: str = ""
+    final: str = ""
+    """Status name of the definite answer, ``GAVE_UP``, or an error code name."""
+
+
+@dataclass(slots=True)
+class LoadRecord:
+    """Everything the load saw."""
+
+    attempts: list[Attempt] = field(default_factory=list)
+    payments: list[PaymentRun] = field(default_factory=list)
+
+
+async def onboard(merchant_address: str, auth_address: str, count: int) -> list[Merchant]:
+    """Create ``count`` merchants and an API key each (retried: the mesh has just started)."""
+    merchants = []
+    async with aio.insecure_channel(merchant_address) as m, aio.insecure_channel(auth_address) as a:
+        merchant_stub = merchant_pb2_grpc.MerchantServiceStub(m)
+        auth_stub = merchant_auth_pb2_grpc.MerchantAuthServiceStub(a)
+        for i in range(count):
+            tag = uuid.uuid4().hex[:8]
+            created = await merchant_stub.CreateMerchant(
+                merchant_pb2.CreateMerchantRequest(
+                    request_id=f"chaos-onboard-{tag}",
+                    name=f"Chaos Shop {i}",
+                    email=f"shop{i}@example.com",
+                    country_code="DE",
+                    default_currency_code="EUR",
+                    webhook_url="https://merchant.example/hooks",
+                ),
+                timeout=10,
+                wait_for_ready=True,
+            )
+            key = await auth_stub.IssueApiKey(
+                merchant_auth_pb2.IssueApiKeyRequest(
+                    request_id=f"chaos-key-{tag}",
+                    merchant_id=created.merchant.merchant_id,
+                    label="chaos",
+                ),
+                timeout=10,
+                wait_for_ready=True,
+            )
+            merchants.append(Merchant(created.merchant.merchant_id, key.secret))
+    return merchants
+
+
+class MerchantLoad:
+    """Open-loop payments and reads against the gateway until ``stop`` is set."""
+
+    def __init__(
+        self,
+        gateway_address: str,
+        merchants: list[Merchant],
+        *,
+        creates_per_s: float = 12.0,
+        reads_per_s: float = 4.0,
+        attempt_timeout_s: float = 8.0,
+        give_up_after_s: float = 45.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.gateway_address = gateway_address
+        self.merchants = merchants
+        self.creates_per_s = creates_per_s
+        self.reads_per_s = reads_per_s
+        self.attempt_timeout_s = attempt_timeout_s
+        self.give_up_after_s = give_up_after_s
+        self.rng = rng or random.Random(7)
+        self.record = LoadRecord()
+        self.t0 = time.monotonic()
+        self._succeeded: list[str] = []
+
+    def now(self) -> float:
+        """Seconds since the run's start."""
+        return time.monotonic() - self.t0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Spawn payments and reads at their rates until ``stop``; then wait for them."""
+        async with aio.insecure_channel(self.gateway_address) as channel:
+            gateway = payment_gateway_pb2_grpc.PaymentGatewayServiceStub(channel)
+            tasks: set[asyncio.Task[None]] = set()
+            n = 0
+            reads_due = 0.0
+            started = self.now()
+            while not stop.is_set():
+                due = started + n / self.creates_per_s
+                await asyncio.sleep(max(0.0, due - self.now()))
+                task = asyncio.create_task(self._payment(gateway, n))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                reads_due += self.reads_per_s / self.creates_per_s
+                while reads_due >= 1:
+                    reads_due -= 1
+                    read = asyncio.create_task(self._read(gateway))
+                    tasks.add(read)
+                    read.add_done_callback(tasks.discard)
+                n += 1
+            if tasks:
+                await asyncio.gather(*tasks)
+
+    async def _call(self, kind: str, call: asyncio.Future[object] | object) -> tuple[str, object]:
+        started = self.now()
+        code, reply = "OK", None
+        try:
+            reply = await call  # type: ignore[misc]
+        except aio.AioRpcError as err:
+            code = err.code().name
+        self.record.attempts.append(
+            Attempt(kind, started, self.now(), code, self.attempt_timeout_s)
+        )
+        return code, reply
+
+    async def _payment(self, gateway: payment_gateway_pb2_grpc.PaymentGatewayServiceStub, n: int) -> None:
+        merchant = self.merchants[n % len(self.merchants)]
+        run = PaymentRun(
+            request_id=f"chaos-{uuid.uuid4().hex}",
+            merchant_id=merchant.merchant_id,
+            amount_minor=self.rng.randrange(500, 5000),
+        )
+        self.record.payments.append(run)
+        request = pg.CreatePaymentRequest(
+            request_id=run.request_id,
+            merchant_id=merchant.merchant_id,
+            api_key=merchant.api_key,
+            amount=common_pb2.Money(amount_minor=run.amount_minor, currency_code="EUR"),
+            payment_method_token="tok_visa",
+            customer_ip="192.0.2.10",
+            description=f"chaos payment {n}",
+        )
+        first = self.now()
+        backoff = 0.25
+        while True:
+            run.attempts += 1
+            code, reply = await self._call(
+                "create", gateway.CreatePayment(request, timeout=self.attempt_timeout_s)
+            )
+            if code == "OK":
+                assert isinstance(reply, pg.CreatePaymentResponse)
+                run.payment_id = reply.payment.payment_id
+                run.final = pg.PaymentStatus.Name(reply.payment.status)
+                if reply.payment.status == pg.PAYMENT_STATUS_SUCCEEDED:
+                    self._succeeded.append(run.payment_id)
+                return
+            if grpc.StatusCode[code] not in RETRIED_CODES:
+                run.final = code
+                return
+            if self.now() - first > self.give_up_after_s:
+                run.final = "GAVE_UP"
+                return
+            await asyncio.sleep(backoff * (0.5 + self.rng.random()))
+            backoff = min(2.0, backoff * 2)
+
+    async def _read(self, gateway: payment_gateway_pb2_grpc.PaymentGatewayServiceStub) -> None:
+        if self._succeeded and self.rng.random() < 0.75:
+            payment_id = self.rng.choice(self._succeeded)
+            await self._call(
+                "read",
+                gateway.GetPayment(
+                    pg.GetPaymentRequest(payment_id=payment_id), timeout=self.attempt_timeout_s
+                ),
+            )
+        else:
+            merchant = self.rng.choice(self.merchants)
+            await self._call(
+                "read",
+                gateway.ListPayments(
+                    pg.ListPaymentsRequest(merchant_id=merchant.merchant_id, page_size=20),
+                    timeout=self.attempt_timeout_s,
+                ),
+            )

@@ -1,0 +1,300 @@
+"""A downstream process stops: the caller's Diagnostics, ``services.status --json`` and a real
+Prometheus server scraping the admin ports all show that edge down with its breaker open, while
+the caller's own liveness stays SERVING.
+
+merchant-auth-service calls merchant-service on every IssueApiKey; the policy file gives that
+edge a short timeout and a small breaker window so it opens after a few failed calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from paymesh.merchant_auth.v1 import merchant_auth_pb2, merchant_auth_pb2_grpc
+from paymesh.mesh.v1 import mesh_pb2, mesh_pb2_grpc
+from services.launcher import Mesh, ephemeral_environ, free_port
+from services.prometheus_config import render
+from services.topology import Topology
+
+pytestmark = pytest.mark.slow
+
+CALLER, DOWNSTREAM = "merchant-auth-service", "merchant-service"
+DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "paymesh.json"
+POLICY = f"""
+[targets."{DOWNSTREAM}"]
+timeout_s = 0.5
+
+[targets."{DOWNSTREAM}".retry]
+max_attempts = 2
+initial_backoff_s = 0.01
+
+[targets."{DOWNSTREAM}".breaker]
+minimum_calls = 3
+failure_rate = 0.5
+window_s = 60.0
+open_s = 300.0
+half_open_calls = 1
+"""
+
+
+#: What a call through the caller ends with while its dependency is down.
+FAILED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def _poll(what: str, check: Any, *, timeout_s: float = 30.0, every_s: float = 0.1) -> Any:
+    """``check()`` until it returns something truthy; fail naming ``what`` after the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(every_s)  # polling for a state, bounded by the deadline
+
+
+def _diagnostics(address: str) -> mesh_pb2.GetDiagnosticsResponse:
+    with grpc.insecure_channel(address) as channel:
+        stub = mesh_pb2_grpc.DiagnosticsServiceStub(channel)
+        return stub.GetDiagnostics(mesh_pb2.GetDiagnosticsRequest(), timeout=5)
+
+
+def _edge(address: str) -> mesh_pb2.Dependency:
+    return next(d for d in _diagnostics(address).dependencies if d.name == DOWNSTREAM)
+
+
+def _liveness(address: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=5
+        )
+    return int(reply.status)
+
+
+@dataclass(frozen=True, slots=True)
+class Prometheus:
+    """A Prometheus server the test started."""
+
+    url: str
+    """Base URL of its HTTP API."""
+
+    def query(self, promql: str) -> dict[str, Any]:
+        """An instant query; the decoded API answer."""
+        url = f"{self.url}/api/v1/query?{urllib.parse.urlencode({'query': promql})}"
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            answer: dict[str, Any] = json.loads(reply.read())
+        return answer
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    var_dir = tmp_path_factory.mktemp("observed-mesh")
+    policy = var_dir / "policy.toml"
+    policy.write_text(POLICY)
+    environ = ephemeral_environ()
+    environ["PAYMESH_POLICY_FILE"] = str(policy)
+    running = Mesh(environ=environ, names=(CALLER, DOWNSTREAM), var_dir=var_dir, with_sandbox=False)
+    running.start(timeout_s=60)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="module")
+def prometheus(mesh: Mesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip(
+            "the prometheus binary is not installed (Debian: apt-get install prometheus; "
+            ".ci/run installs it)"
+        )
+    workdir = tmp_path_factory.mktemp("prometheus")
+    config = workdir / "prometheus.yml"
+    config.write_text(render(Topology(environ=mesh.environ), interval_s=1))
+    address = f"127.0.0.1:{free_port()}"
+    log = (workdir / "prometheus.log").open("wb")
+    process = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={workdir / 'data'}",
+            f"--web.listen-address={address}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    server = Prometheus(f"http://{address}")
+
+    def ready() -> bool:
+        if process.poll() is not None:
+            pytest.fail(f"prometheus exited with {process.returncode}; see {workdir}")
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(f"{server.url}/-/ready", timeout=1) as reply:
+                return bool(reply.status == 200)
+        return False
+
+    try:
+        _poll("prometheus to be ready", ready)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def outage(mesh: Mesh) -> str:
+    """Stop the downstream, fail calls through the caller until its breaker opens.
+
+    Returns the caller's address.
+    """
+    caller = mesh.topology.address(CALLER)
+    process = mesh.members[DOWNSTREAM].process
+    assert process is not None
+    mesh.signal(DOWNSTREAM, signal.SIGTERM)
+    process.wait(timeout=15)
+
+    def call_fails_until_open() -> bool:
+        with grpc.insecure_channel(caller) as channel:
+            stub = merchant_auth_pb2_grpc.MerchantAuthServiceStub(channel)
+            request = merchant_auth_pb2.IssueApiKeyRequest(
+                request_id=str(uuid.uuid4()), merchant_id="m_1", label="observability"
+            )
+            with pytest.raises(grpc.RpcError) as failure:
+                stub.IssueApiKey(request, timeout=5)
+        assert isinstance(failure.value, grpc.Call)
+        assert failure.value.code() in FAILED
+        return _edge(caller).breaker_state == mesh_pb2.BREAKER_STATE_OPEN
+
+    _poll(f"the breaker {CALLER} -> {DOWNSTREAM} to open", call_fails_until_open, every_s=0)
+    return caller
+
+
+def test_prometheus_query_returns_the_open_breaker_of_the_stopped_edge(
+    prometheus: Prometheus, outage: str
+) -> None:
+    selector = f'paymesh_breaker_state{{caller="{CALLER}",target="{DOWNSTREAM}"}}'
+
+    def open_state() -> list[Any]:
+        result: list[Any] = prometheus.query(f"{selector} == 2")["data"]["result"]
+        return result
+
+    result = _poll("Prometheus to scrape the open breaker", open_state)
+
+    assert result[0]["metric"]["service"] == CALLER
+    assert result[0]["value"][1] == "2"
+    transitions = prometheus.query(
+        f'paymesh_breaker_transitions_total{{caller="{CALLER}",to_state="open"}}'
+    )["data"]["result"]
+    assert transitions and float(transitions[0]["value"][1]) >= 1
+
+
+def test_every_dashboard_query_is_valid_promql(prometheus: Prometheus) -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", ()):
+            answer = prometheus.query(target["expr"].replace("$caller", ".*"))
+            assert answer["status"] == "success", (panel["title"], answer)
+
+
+def test_diagnostics_shows_the_stopped_dependency_down_and_its_breaker_open(
+    outage: str,
+) -> None:
+    edge = _edge(outage)
+
+    assert edge.kind == mesh_pb2.DEPENDENCY_KIND_GRPC_SERVICE
+    assert edge.health == mesh_pb2.DEPENDENCY_HEALTH_UNREACHABLE
+    assert edge.breaker_state == mesh_pb2.BREAKER_STATE_OPEN
+    assert edge.recent_call_count >= 2
+    assert edge.error_rate_bps == 10_000
+    assert edge.last_error_code in {code.name for code in FAILED}
+    assert edge.last_error and edge.HasField("last_error_time")
+    assert _liveness(outage) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_status_json_shows_the_stopped_dependency_down_and_its_breaker_open(
+    mesh: Mesh, outage: str
+) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "services.status", "--json"],
+        env=mesh.environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert run.returncode == 1, run.stderr  # not every service serves
+    services = {s["name"]: s for s in json.loads(run.stdout)["services"]}
+    assert services[DOWNSTREAM]["health"] == "DOWN"
+    caller = services[CALLER]
+    assert (caller["health"], caller["liveness"]) == ("SERVING", "SERVING")
+    edge = next(e for e in caller["edges"] if e["name"] == DOWNSTREAM)
+    assert edge["health"] == "UNREACHABLE"
+    assert edge["breaker"] == "OPEN"
+    assert edge["error_rate"] == 1.0
+
+
+def test_status_table_names_the_open_edge(mesh: Mesh, outage: str) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "services.status"],
+        env=mesh.environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    line = next(row for row in run.stdout.splitlines() if f"-> {DOWNSTREAM}" in row)
+    assert "UNREACHABLE" in line and "OPEN" in line
+    assert "Traceback" not in run.stderr
+
+
+def test_status_watch_refreshes_until_ctrl_c_and_exits_cleanly() -> None:
+    nobody = ephemeral_environ()  # every address free: the whole mesh is DOWN
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "services.status", "--watch", "0.1"],
+        env=nobody,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert watch.stdout is not None
+    try:
+        refreshes = 0
+        while refreshes < 2:
+            line = watch.stdout.readline()
+            assert line, "status --watch stopped by itself"
+            refreshes += line.startswith("paymesh status at")
+            if line.startswith("merchant-service"):
+                assert "DOWN" in line
+        watch.send_signal(signal.SIGINT)
+        _, stderr = watch.communicate(timeout=10)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait()
+
+    assert watch.returncode == 0
+    assert "Traceback" not in stderr
