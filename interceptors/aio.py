@@ -1,9 +1,11 @@
 """The grpc.aio adapter: one client interceptor per layer, over the transport-agnostic core.
 
-Outermost first: telemetry -> deadline -> retry -> breaker -> the call. Each is a
-``UnaryUnaryClientInterceptor`` of its own (grpc.aio applies an object implementing several
-call kinds to unary-unary only, grpc issue 31442); streams get the call span and the deadline
-only, since a stream cannot be replayed safely once messages flowed. Spans: the telemetry
+Outermost first: telemetry -> deadline -> retry -> breaker -> the call. Each layer is a
+``UnaryUnaryClientInterceptor`` of its own, composed into one channel interceptor
+(:class:`PolicyInterceptor`) so a call pays grpc.aio's interception cost once; the stream
+interceptor is a separate object (grpc.aio applies an object implementing several call kinds
+to unary-unary only, grpc issue 31442). Streams get the call span and the deadline only,
+since a stream cannot be replayed safely once messages flowed. Spans: the telemetry
 layer runs inside the instrumentation's call span, the retry layer opens one per attempt.
 """
 
@@ -394,12 +396,34 @@ class BreakerInterceptor(_Layer, aio.UnaryUnaryClientInterceptor):
             breaker.record(permit, outcome)
 
 
+class PolicyInterceptor(aio.UnaryUnaryClientInterceptor):
+    """The unary layers run as one channel interceptor, outermost first.
+
+    Each grpc.aio interceptor on a channel costs an intercepted-call object and a task per
+    call; composing the layers here keeps one of those per call whatever their number,
+    while each layer keeps the interceptor signature (and can be tested alone).
+    """
+
+    def __init__(self, layers: list[aio.UnaryUnaryClientInterceptor]) -> None:
+        self.layers = tuple(layers)
+
+    async def intercept_unary_unary(
+        self, continuation: Continuation, client_call_details: aio.ClientCallDetails, request: Any
+    ) -> Any:
+        call: Continuation = continuation
+        for layer in reversed(self.layers):
+            call = functools.partial(layer.intercept_unary_unary, call)
+        return await call(client_call_details, request)
+
+
 def aio_chain(runtime: ChainRuntime, target: str) -> list[aio.ClientInterceptor]:
-    """The interceptors of one target's channel, outermost first."""
-    return [
-        TelemetryInterceptor(runtime, target),
-        DeadlineInterceptor(runtime, target),
-        RetryInterceptor(runtime, target),
-        BreakerInterceptor(runtime, target),
-        StreamDeadlineInterceptor(runtime, target),
-    ]
+    """The interceptors of one target's channel: the unary layers, then the stream one."""
+    unary = PolicyInterceptor(
+        [
+            TelemetryInterceptor(runtime, target),
+            DeadlineInterceptor(runtime, target),
+            RetryInterceptor(runtime, target),
+            BreakerInterceptor(runtime, target),
+        ]
+    )
+    return [unary, StreamDeadlineInterceptor(runtime, target)]

@@ -11,6 +11,7 @@ from google.rpc import status_pb2
 from interceptors.aio import (
     BreakerInterceptor,
     DeadlineInterceptor,
+    PolicyInterceptor,
     RetryInterceptor,
     StreamDeadlineInterceptor,
     TelemetryInterceptor,
@@ -36,14 +37,15 @@ NO_BREAKER = {"breaker": {"minimum_calls": 1_000_000}}
 
 
 def test_chain_order_is_telemetry_deadline_retry_breaker() -> None:
-    layers = [type(i) for i in make_chain().aio_interceptors(TARGET)]
-    assert layers == [
+    unary, stream = make_chain().aio_interceptors(TARGET)
+    assert isinstance(unary, PolicyInterceptor)
+    assert [type(layer) for layer in unary.layers] == [
         TelemetryInterceptor,
         DeadlineInterceptor,
         RetryInterceptor,
         BreakerInterceptor,
-        StreamDeadlineInterceptor,
     ]
+    assert isinstance(stream, StreamDeadlineInterceptor)
 
 
 async def test_unavailable_twice_then_ok_succeeds_on_third_attempt() -> None:
