@@ -97,12 +97,9 @@ def main(quick: bool) -> int:
         "chain_overhead_ratio_median": overhead["ratio_median"],
         "open_breaker_median_us": rejection["median_us"],
         "outage_p99_s": {
-            mode: {c: r["p99_s"] for c, r in per.items()}
-            for mode, per in outage["results"].items()
+            mode: {c: r["p99_s"] for c, r in per.items()} for mode, per in outage["results"].items()
         },
-        "create_payment_rps": {
-            c: r["rps"] for c, r in throughput["create_payment"].items()
-        },
+        "create_payment_rps": {c: r["rps"] for c, r in throughput["create_payment"].items()},
         "echo_one_hop_rps": throughput["echo_one_hop"]["64"]["rps"],
         "wall_s": results["wall_s"],
     }

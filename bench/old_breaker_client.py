@@ -1,4 +1,4 @@
-"""A faithful Python port of the seed's Go ``httpclient.BreakerClient``, the pattern PayMesh replaces.
+"""A faithful Python port of the seed's Go ``httpclient.BreakerClient``: the replaced pattern.
 
 Kept only so ``make bench`` can run the old pattern on the same workload as the chain. The numbers
 are the seed report's: a sony/gobreaker breaker (MaxRequests 3, Interval 1 min, Timeout 30 s,
@@ -177,9 +177,8 @@ class GoBreaker:
                 self._set_state(State.CLOSED, now)
         else:
             self.counts.on_failure()
-            if state is State.CLOSED and self._ready_to_trip():
-                self._set_state(State.OPEN, now)
-            elif state is State.HALF_OPEN:
+            # Closed: trip when ReadyToTrip says so; half-open: any failure reopens it.
+            if state is State.HALF_OPEN or (state is State.CLOSED and self._ready_to_trip()):
                 self._set_state(State.OPEN, now)
 
     async def execute(self, request: Callable[[], Awaitable[T]]) -> T:
@@ -198,7 +197,11 @@ class OldBreakerClient:
     """``BreakerClient.Do``: breaker.Execute around up to 1 + MaxRetries attempts of anything."""
 
     def __init__(
-        self, config: OldBreakerConfig, *, clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep
+        self,
+        config: OldBreakerConfig,
+        *,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
     ) -> None:
         self.config = config
         self.breaker = GoBreaker(config, clock)

@@ -10,7 +10,11 @@ CLIENT_LABELS = {
     "grpc_native_retry": "gRPC retryPolicy",
     "paymesh_chain": "PayMesh chain",
 }
-COLOURS = {"old_breaker_client": "#d62728", "grpc_native_retry": "#ff7f0e", "paymesh_chain": "#2ca02c"}
+COLOURS = {
+    "old_breaker_client": "#d62728",
+    "grpc_native_retry": "#ff7f0e",
+    "paymesh_chain": "#2ca02c",
+}
 
 
 def plot_results(results: dict[str, Any], path: Path) -> None:
@@ -54,10 +58,10 @@ def plot_results(results: dict[str, Any], path: Path) -> None:
     modes = list(outage["results"])
     clients = list(CLIENT_LABELS)
     width = 0.27
-    for ax, key, title, log in (
-        (axes[0][2], "p99_s", "3. outage: p99 latency, unscaled s (log)", True),
-        (axes[1][0], "attempts_per_call", "3. outage: attempts sent per call", False),
-        (axes[1][1], "duplicate_side_effects", "3. outage: duplicate writes (non-idempotent)", False),
+    for ax, key, title in (
+        (axes[0][2], "p99_s", "3. outage: p99 latency, unscaled s (log)"),
+        (axes[1][0], "attempts_per_call", "3. outage: attempts sent per call"),
+        (axes[1][1], "duplicate_side_effects", "3. outage: duplicate writes (non-idempotent)"),
     ):
         for i, client in enumerate(clients):
             values = [outage["results"][m][client][key] for m in modes]

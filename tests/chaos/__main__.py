@@ -20,12 +20,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--open-s", type=float, default=5.0, help="breaker open_s for the run (deployed: 30)"
     )
+    parser.add_argument(
+        "--window-s", type=float, default=10.0, help="breaker window_s for the run (deployed: 60)"
+    )
     parser.add_argument("--short", action="store_true", help="two faults only (what CI runs)")
     options = parser.parse_args(argv)
     faults = all_faults()
     if options.short:
         faults = [f for f in faults if f.name in ("order_service_kill9", "payment_channel_503")]
-    report = asyncio.run(run(out_dir=options.out, faults=faults, open_s=options.open_s))
+    report = asyncio.run(
+        run(out_dir=options.out, faults=faults, open_s=options.open_s, window_s=options.window_s)
+    )
     print(f"chaos: report {options.out / 'report.json'}, timeline {options.out / 'timeline.png'}")
     for fault in report["faults"]:
         ff = fault["fast_fail_ms_while_open"]

@@ -223,9 +223,7 @@ async def check_money(
         for merchant in merchants:
             for balance in await _pages(
                 ledger.ListBalances,
-                accounting_pb2.ListBalancesRequest(
-                    merchant_id=merchant.merchant_id, page_size=500
-                ),
+                accounting_pb2.ListBalancesRequest(merchant_id=merchant.merchant_id, page_size=500),
                 "balances",
             ):
                 totals[balance.balance.currency_code] += balance.balance.amount_minor

@@ -132,7 +132,7 @@ class MerchantLoad:
         creates_per_s: float = 12.0,
         reads_per_s: float = 4.0,
         attempt_timeout_s: float = 8.0,
-        give_up_after_s: float = 45.0,
+        give_up_after_s: float = 40.0,
         rng: random.Random | None = None,
     ) -> None:
         self.gateway_address = gateway_address
@@ -186,7 +186,9 @@ class MerchantLoad:
         )
         return code, reply
 
-    async def _payment(self, gateway: payment_gateway_pb2_grpc.PaymentGatewayServiceStub, n: int) -> None:
+    async def _payment(
+        self, gateway: payment_gateway_pb2_grpc.PaymentGatewayServiceStub, n: int
+    ) -> None:
         merchant = self.merchants[n % len(self.merchants)]
         run = PaymentRun(
             request_id=f"chaos-{uuid.uuid4().hex}",
@@ -204,7 +206,7 @@ class MerchantLoad:
             description=f"chaos payment {n}",
         )
         first = self.now()
-        backoff = 0.25
+        backoff = 0.5
         while True:
             run.attempts += 1
             code, reply = await self._call(
@@ -224,7 +226,7 @@ class MerchantLoad:
                 run.final = "GAVE_UP"
                 return
             await asyncio.sleep(backoff * (0.5 + self.rng.random()))
-            backoff = min(2.0, backoff * 2)
+            backoff = min(5.0, backoff * 2)
 
     async def _read(self, gateway: payment_gateway_pb2_grpc.PaymentGatewayServiceStub) -> None:
         if self._succeeded and self.rng.random() < 0.75:

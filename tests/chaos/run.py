@@ -65,26 +65,31 @@ def _restart(mesh: Mesh, name: str) -> None:
     mesh.wait_ready([name], timeout_s=60)
 
 
+def _kill_and_restart(mesh: Mesh, name: str) -> None:
+    mesh.signal(name, signal.SIGKILL)
+    _restart(mesh, name)
+
+
 def all_faults() -> list[Fault]:
     """The five faults of issue 7, in the order they run."""
     return [
         Fault(
             name="order_service_kill9",
-            description="kill -9 order-service, restart it 8 s later",
+            description="kill -9 order-service, restart it 12 s later",
             caller="payment-gateway",
             target="order-service",
             expect_open=True,
-            duration_s=8.0,
+            duration_s=12.0,
             inject=lambda mesh, topo: mesh.signal("order-service", signal.SIGKILL),
             heal=lambda mesh, topo: _restart(mesh, "order-service"),
         ),
         Fault(
             name="channel_adapter_sigstop",
-            description="SIGSTOP channel-adapter for 10 s (deadline 5 s), then SIGCONT",
+            description="SIGSTOP channel-adapter for 15 s (deadline 5 s), then SIGCONT",
             caller="payment-gateway",
             target="channel-adapter",
             expect_open=True,
-            duration_s=10.0,
+            duration_s=15.0,
             inject=lambda mesh, topo: mesh.signal("channel-adapter", signal.SIGSTOP),
             heal=lambda mesh, topo: mesh.signal("channel-adapter", signal.SIGCONT),
         ),
@@ -106,17 +111,19 @@ def all_faults() -> list[Fault]:
         ),
         Fault(
             name="payment_channel_503",
-            description="the payment-channel partner answers 503 to everything for 10 s",
+            description="the payment-channel partner answers 503 to everything for 12 s",
             caller="channel-adapter",
             target="payment-channel",
             expect_open=True,
-            duration_s=10.0,
+            duration_s=12.0,
             inject=lambda mesh, topo: _http(
                 "POST",
                 f"http://{topo.sandbox_address()}/_control/faults",
                 {"partner": "payment-channel", "error_rate": 1.0, "status": 503},
             ),
-            heal=lambda mesh, topo: _http("DELETE", f"http://{topo.sandbox_address()}/_control/faults"),
+            heal=lambda mesh, topo: _http(
+                "DELETE", f"http://{topo.sandbox_address()}/_control/faults"
+            ),
         ),
         Fault(
             name="accounting_restart",
@@ -125,11 +132,7 @@ def all_faults() -> list[Fault]:
             target="accounting-service",
             expect_open=None,
             duration_s=0.0,
-            inject=lambda mesh, topo: (
-                mesh.signal("accounting-service", signal.SIGKILL),
-                _restart(mesh, "accounting-service"),
-            )
-            and None,
+            inject=lambda mesh, topo: _kill_and_restart(mesh, "accounting-service"),
             heal=lambda mesh, topo: None,
         ),
     ]
@@ -194,7 +197,7 @@ def _open_intervals(states: list[tuple[float, str]], end: float) -> list[tuple[f
 
 
 def evaluate_fault(
-    fault: Fault, attempts: list[Attempt], poller: BreakerPoller, open_s: float
+    fault: Fault, attempts: list[Attempt], poller: BreakerPoller, open_s: float, window_s: float
 ) -> dict[str, Any]:
     """Figures and per-fault invariants of one fault window."""
     start, healed, end = fault.times["start"], fault.times["healed"], fault.times["end"]
@@ -218,7 +221,6 @@ def evaluate_fault(
             recovered_at = max(float(s), healed)
             break
     checks = []
-    window_s = 60.0
     if fault.expect_open is True:
         checks.append(
             Check(
@@ -305,12 +307,22 @@ def timeline(attempts: list[Attempt], duration: float) -> list[dict[str, Any]]:
     return rows
 
 
-def write_policy(path: Path, open_s: float) -> None:
-    """The deployed policy with the breaker's ``open_s`` shortened, validated like at start."""
+def write_policy(path: Path, open_s: float, window_s: float) -> None:
+    """The deployed policy with the breaker's times shortened, validated like at start."""
     text = DEFAULT_POLICY_FILE.read_text()
-    line = next(x for x in text.splitlines() if x.strip().startswith("open_s"))
-    path.write_text(text.replace(line, f"open_s = {open_s}  # shortened for make chaos", 1))
-    assert PolicyConfig.load(str(path)).defaults.breaker.open_s == open_s
+    head, _, breaker = text.partition("[defaults.breaker]")
+    section, sep, rest = breaker.partition("\n[")
+    lines = []
+    for line in section.splitlines():
+        key = line.split("=")[0].strip()
+        if key == "open_s":
+            line = f"open_s = {open_s}  # shortened for make chaos"
+        elif key == "window_s":
+            line = f"window_s = {window_s}  # shortened for make chaos"
+        lines.append(line)
+    path.write_text(head + "[defaults.breaker]" + "\n".join(lines) + sep + rest)
+    breaker_policy = PolicyConfig.load(str(path)).defaults.breaker
+    assert (breaker_policy.open_s, breaker_policy.window_s) == (open_s, window_s)
 
 
 async def _drain(gateway: str, merchants: list[Any], timeout_s: float) -> int:
@@ -332,17 +344,18 @@ async def run(
     faults: list[Fault] | None = None,
     lead_s: float = 5.0,
     open_s: float = 5.0,
+    window_s: float = 10.0,
     recovery_window_s: float | None = None,
-    creates_per_s: float = 12.0,
+    creates_per_s: float = 10.0,
     reads_per_s: float = 4.0,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """The whole run; returns the report (also written to ``out_dir/report.json``)."""
     faults = faults if faults is not None else all_faults()
     window_after = recovery_window_s if recovery_window_s is not None else open_s + 10.0
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before anything runs
     policy_file = out_dir / "policy.toml"
-    write_policy(policy_file, open_s)
+    write_policy(policy_file, open_s, window_s)
     environ = ephemeral_environ()
     environ[POLICY_FILE_VAR] = str(policy_file)
     environ["PAYMENT_GATEWAY_RECOVERY_INTERVAL_S"] = "2"
@@ -354,7 +367,10 @@ async def run(
     mesh = Mesh(environ=environ, var_dir=var_dir)
     topology = Topology(environ=mesh.environ)
     addresses = {name: m.address for name, m in mesh.members.items()}
-    log(f"chaos: starting the mesh ({len(mesh.members)} processes), breaker open_s = {open_s:g} s")
+    log(
+        f"chaos: starting the mesh ({len(mesh.members)} processes), breaker open_s {open_s:g} s,"
+        f" window_s {window_s:g} s (deployed: 30 s, 60 s)"
+    )
     mesh.start(timeout_s=90)
     started = time.monotonic()
     try:
@@ -401,7 +417,9 @@ async def run(
             record=load.record,
         )
         checks.append(check_deadlines(load.record, DEADLINE_MARGIN_S))
-        per_fault = [evaluate_fault(f, load.record.attempts, poller, open_s) for f in faults]
+        per_fault = [
+            evaluate_fault(f, load.record.attempts, poller, open_s, window_s) for f in faults
+        ]
         for figures in per_fault:
             checks += figures.pop("_checks")
         dead = [m.name for m in mesh.dead()]
@@ -409,7 +427,12 @@ async def run(
         codes = mesh.stop()
     runs = load.record.payments
     report: dict[str, Any] = {
-        "policy": {"file": str(policy_file), "breaker_open_s": open_s, "others": "as deployed"},
+        "policy": {
+            "file": str(policy_file),
+            "breaker_open_s": open_s,
+            "breaker_window_s": window_s,
+            "others": "as deployed (services/policy.toml)",
+        },
         "load": {
             "creates_per_s": creates_per_s,
             "reads_per_s": reads_per_s,
@@ -417,9 +440,7 @@ async def run(
             "succeeded": sum(1 for r in runs if r.final == "PAYMENT_STATUS_SUCCEEDED"),
             "finals": _count(r.final for r in runs),
             "client_attempts": len(load.record.attempts),
-            "mean_attempts_per_payment": statistics.fmean(r.attempts for r in runs)
-            if runs
-            else 0,
+            "mean_attempts_per_payment": statistics.fmean(r.attempts for r in runs) if runs else 0,
         },
         "wall_s": round(time.monotonic() - started, 1),
         "faults": per_fault,
