@@ -12,6 +12,8 @@ import hashlib
 import hmac
 import re
 import secrets
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -102,3 +104,48 @@ def _scrypt(secret: str, salt: bytes, n: int, r: int, p: int) -> bytes:
 
 def _b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode()
+
+
+class VerifiedSecrets:
+    """Secrets that passed scrypt recently, remembered in memory as SHA-256 digests.
+
+    scrypt is slow on purpose (it protects the stored hashes), and every payment is
+    authenticated: verifying each one again would make key checks the mesh's bottleneck.
+    A secret seen valid within ``ttl_s`` is checked against its digest in constant time;
+    the entry is tied to the stored hash, so a re-keyed or removed key is never matched.
+    Only this process's memory holds the digests; the database still holds scrypt only.
+    """
+
+    def __init__(
+        self,
+        *,
+        ttl_s: float = 300.0,
+        max_entries: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._ttl_s = ttl_s
+        self._max_entries = max_entries
+        self._clock = clock
+        self._entries: OrderedDict[str, tuple[bytes, str, float]] = OrderedDict()
+
+    def known_good(self, key_id: str, secret: str, stored_hash: str) -> bool:
+        """Whether ``secret`` was verified against ``stored_hash`` within the TTL."""
+        entry = self._entries.get(key_id)
+        if entry is None:
+            return False
+        digest, verified_hash, expires = entry
+        if verified_hash != stored_hash or self._clock() >= expires:
+            del self._entries[key_id]
+            return False
+        return hmac.compare_digest(digest, hashlib.sha256(secret.encode()).digest())
+
+    def remember(self, key_id: str, secret: str, stored_hash: str) -> None:
+        """Record that ``secret`` just passed scrypt against ``stored_hash``."""
+        self._entries[key_id] = (
+            hashlib.sha256(secret.encode()).digest(),
+            stored_hash,
+            self._clock() + self._ttl_s,
+        )
+        self._entries.move_to_end(key_id)
+        while len(self._entries) > self._max_entries:
+            self._entries.popitem(last=False)
