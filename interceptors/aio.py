@@ -139,13 +139,17 @@ class TelemetryInterceptor(_Layer, aio.UnaryUnaryClientInterceptor):
 
     def __init__(self, runtime: ChainRuntime, target: str) -> None:
         super().__init__(runtime, target)
-        self._traced, _ = client_interceptors(runtime.tracer_provider)
+        self._traced = (
+            client_interceptors(runtime.tracer_provider)[0] if runtime.trace_calls else None
+        )
 
     async def intercept_unary_unary(
         self, continuation: Continuation, client_call_details: aio.ClientCallDetails, request: Any
     ) -> Any:
         opened: list[trace.Span] = []
         parent = trace.get_current_span()
+        if self._traced is None:
+            return await self._counted(continuation, parent, opened, client_call_details, request)
         counted = functools.partial(self._counted, continuation, parent, opened)
         try:
             return await self._traced.intercept_unary_unary(counted, client_call_details, request)
@@ -300,8 +304,12 @@ class RetryInterceptor(_Layer, aio.UnaryUnaryClientInterceptor):
         waited_for_connection = False
         while True:
             left = run.start_attempt()
-            span = start_attempt(
-                runtime.tracer, attempt_name, target=self.target, attempt=run.attempts
+            span = (
+                start_attempt(
+                    runtime.tracer, attempt_name, target=self.target, attempt=run.attempts
+                )
+                if runtime.trace_calls
+                else call_span  # no span of its own: the incoming call's trace id goes on
             )
             metadata = aio.Metadata(*base)
             if run.attempts > 1:
@@ -347,7 +355,8 @@ class RetryInterceptor(_Layer, aio.UnaryUnaryClientInterceptor):
                         reason=reason,
                     ) from err
             finally:
-                span.end()
+                if span is not call_span:
+                    span.end()
             runtime.telemetry.inc("retries_total", target=self.target, method=method)
             await runtime.sleep(decision.delay_s)
             if code == grpc.StatusCode.UNAVAILABLE and not waited_for_connection:

@@ -112,11 +112,14 @@ def build_client_chain(
     sync_sleep: SyncSleep = time.sleep,
     rng: Random = random.random,
     tracer_provider: trace.TracerProvider | None = None,
+    trace_calls: bool | None = None,
 ) -> ClientChain:
     """The chain of the process serving ``caller``; build it once and share it.
 
     Spans go to ``tracer_provider`` (services.tracing makes one per service); None uses the
-    global provider, a no-op unless the process set one.
+    global provider, a no-op unless the process set one. ``trace_calls=False`` skips the
+    call and attempt spans (when nothing records them) but still propagates the trace id;
+    unset, calls are traced exactly when a tracer provider is given.
     """
     runtime = ChainRuntime(
         caller=caller,
@@ -126,5 +129,6 @@ def build_client_chain(
         sync_sleep=sync_sleep,
         rng=rng,
         tracer_provider=tracer_provider,
+        trace_calls=tracer_provider is not None if trace_calls is None else trace_calls,
     )
     return ClientChain(runtime)

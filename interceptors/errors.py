@@ -7,6 +7,7 @@ google.rpc.BadRequest field violations. Nothing else reaches a caller, never a t
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -296,16 +297,23 @@ class PartnerCallError(CallError):
         self.http_status = http_status
 
 
-def circuit_open_error(*, caller: str, target: str, method: str, retry_after_s: float) -> CallError:
-    """An open breaker's local refusal: UNAVAILABLE, ErrorInfo CIRCUIT_OPEN naming the target."""
-    message = f"circuit breaker of {target} is open; retry in {retry_after_s:.1f} s"
+@functools.lru_cache(maxsize=4096)
+def _circuit_open_details(caller: str, target: str, method: str) -> bytes:
+    """The serialized status detail of an open breaker's refusal (the same every time)."""
     status = rich_status(
         grpc.StatusCode.UNAVAILABLE,
-        message,
+        f"circuit breaker of {target} is open",
         domain=caller,
         reason=CIRCUIT_OPEN_REASON,
         metadata={"target": target, "method": method},
     )
+    serialized: bytes = status.SerializeToString()
+    return serialized
+
+
+def circuit_open_error(*, caller: str, target: str, method: str, retry_after_s: float) -> CallError:
+    """An open breaker's local refusal: UNAVAILABLE, ErrorInfo CIRCUIT_OPEN naming the target."""
+    message = f"circuit breaker of {target} is open; retry in {retry_after_s:.1f} s"
     return CallError(
         grpc.StatusCode.UNAVAILABLE,
         message,
@@ -313,7 +321,9 @@ def circuit_open_error(*, caller: str, target: str, method: str, retry_after_s: 
         method=method,
         attempts=0,
         stop_reason="breaker_open",
-        trailing_metadata=aio.Metadata((STATUS_DETAILS_KEY, status.SerializeToString())),
+        trailing_metadata=aio.Metadata(
+            (STATUS_DETAILS_KEY, _circuit_open_details(caller, target, method))
+        ),
     )
 
 

@@ -40,6 +40,7 @@ class ChainRuntime:
         sync_sleep: SyncSleep = time.sleep,
         rng: Random = random.random,
         tracer_provider: trace.TracerProvider | None = None,
+        trace_calls: bool = True,
     ) -> None:
         self.caller = caller
         self.config = config
@@ -50,6 +51,9 @@ class ChainRuntime:
         #: Spans of this process's calls; None means the global provider (a no-op by default).
         self.tracer_provider = tracer_provider
         self.tracer = trace.get_tracer("paymesh.chain", tracer_provider=tracer_provider)
+        #: Whether calls get spans of their own. Off when nothing records them: the trace
+        #: id of the incoming call still propagates, without paying for spans nobody sees.
+        self.trace_calls = trace_calls
         self.telemetry = ChainTelemetry(caller=caller)
         self.breakers = BreakerRegistry(
             lambda target: config.target_policy(target).breaker,

@@ -39,7 +39,12 @@ from services.diagnostics import DIAGNOSTICS_SERVICE, DiagnosticsServicer, Readi
 from services.metrics import ServiceMetrics
 from services.recent import RecentCalls
 from services.topology import Topology, TopologyError, env_prefix, parse_hostport
-from services.tracing import TraceIdFilter, log_format, service_tracer_provider
+from services.tracing import (
+    TraceIdFilter,
+    log_format,
+    records_spans,
+    service_tracer_provider,
+)
 
 log = logging.getLogger("paymesh.bootstrap")
 
@@ -232,7 +237,12 @@ async def serve(
     tracer_provider = service_tracer_provider(
         name, topology.environ, span_processors=span_processors
     )
-    chain = build_client_chain(caller=name, config=policy, tracer_provider=tracer_provider)
+    chain = build_client_chain(
+        caller=name,
+        config=policy,
+        tracer_provider=tracer_provider,
+        trace_calls=records_spans(topology.environ, span_processors=span_processors),
+    )
     clients = ClientFactory(caller=name, topology=topology, chain=chain)
     context = ServiceContext(
         name=name, topology=topology, clients=clients, environ=dict(topology.environ)

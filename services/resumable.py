@@ -8,6 +8,7 @@ work in flight at close, leaving the rows resumable. Settlement and withdrawal u
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 import sqlite3
@@ -70,7 +71,7 @@ def timestamp(nanos: int) -> Timestamp:
     return stamp
 
 
-class StepStore(Generic[RecordT, MessageT]):
+class StepStore(abc.ABC, Generic[RecordT, MessageT]):
     """One SQLite table of resumable work, idempotent by request id.
 
     A subclass names its table, id column and method, turns a row into a record, and writes
@@ -97,17 +98,17 @@ class StepStore(Generic[RecordT, MessageT]):
         """What one row is, for messages: ``settlement`` for ``settlement_id``."""
         return self.id_column.removesuffix("_id")
 
+    @abc.abstractmethod
     def _record(self, row: sqlite3.Row) -> RecordT:
         """The record of a row."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _message(self, record: RecordT) -> MessageT:
         """The API message of a record."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _response(self, record: RecordT) -> Message:
         """The response a replay of the creating request returns."""
-        raise NotImplementedError
 
     def close(self) -> None:
         """Close the database."""

@@ -52,6 +52,21 @@ def span_exporter(environ: Mapping[str, str]) -> SpanExporter | None:
     )
 
 
+def records_spans(
+    environ: Mapping[str, str], *, span_processors: Sequence[SpanProcessor] = ()
+) -> bool:
+    """Whether anyone receives this service's spans (an exporter, a processor, a sampler).
+
+    A recorded span costs about three dropped ones; record only what someone receives. A
+    dropped span still has valid ids, so logs and downstream calls carry the trace id.
+    """
+    return (
+        span_exporter(environ) is not None
+        or bool(span_processors)
+        or "OTEL_TRACES_SAMPLER" in environ
+    )
+
+
 def service_tracer_provider(
     name: str, environ: Mapping[str, str], *, span_processors: Sequence[SpanProcessor] = ()
 ) -> TracerProvider:
@@ -63,9 +78,7 @@ def service_tracer_provider(
         span_processors: Processors to add (a test's in-memory exporter).
     """
     exporter = span_exporter(environ)
-    # A recorded span costs about three dropped ones; record only what someone receives. A
-    # dropped span still has valid ids, so logs and downstream calls carry the trace id.
-    recorded = exporter is not None or bool(span_processors) or "OTEL_TRACES_SAMPLER" in environ
+    recorded = records_spans(environ, span_processors=span_processors)
     provider = TracerProvider(
         # Resource.create merges OTEL_RESOURCE_ATTRIBUTES; the mesh name wins.
         resource=Resource.create({SERVICE_NAME: name}),
