@@ -300,6 +300,8 @@ class RetryInterceptor(_Layer, aio.UnaryUnaryClientInterceptor):
         )
         replaced = self._replaced_keys
         base = [(k, v) for k, v in (details.metadata or ()) if k not in replaced]
+        # Untraced and outside any trace (a script, a benchmark): nothing to propagate.
+        propagating = runtime.trace_calls or call_span.get_span_context().is_valid
         wait_for_ready = details.wait_for_ready
         waited_for_connection = False
         while True:
@@ -314,15 +316,22 @@ class RetryInterceptor(_Layer, aio.UnaryUnaryClientInterceptor):
             metadata = aio.Metadata(*base)
             if run.attempts > 1:
                 metadata.add(PREVIOUS_ATTEMPTS_KEY, str(run.attempts - 1))
-            inject(metadata, trace.set_span_in_context(span))
+            if propagating:
+                inject(metadata, trace.set_span_in_context(span))
             attempt = replace_details(
                 details, timeout=left, metadata=metadata, wait_for_ready=wait_for_ready
             )
             runtime.telemetry.inc("attempts_total", target=self.target, method=method)
             try:
-                with trace.use_span(span, record_exception=False, set_status_on_exception=False):
+                if span is call_span:  # already the current span
                     call = await continuation(attempt, request)
                     await call
+                else:
+                    with trace.use_span(
+                        span, record_exception=False, set_status_on_exception=False
+                    ):
+                        call = await continuation(attempt, request)
+                        await call
                 if run.attempts > 1:
                     stopped(call_span, attempts=run.attempts)
                 return call
