@@ -222,3 +222,33 @@ class socket_holding:
 
     def __exit__(self, *exc: object) -> None:
         self._sock.close()
+
+
+def test_make_run_front_door_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
+    environ = ephemeral_environ()
+    environ["PAYMESH_VAR_DIR"] = str(tmp_path)
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "services"],
+        env=environ,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    assert launcher.stdout is not None
+    lines: list[str] = []
+    for line in launcher.stdout:
+        lines.append(line)
+        if "mesh is up" in line:
+            break
+    assert any("mesh is up" in line for line in lines), "".join(lines)
+    assert sum("SERVING" in line for line in lines) == len(SERVICES) + 1  # and the sandbox
+    launcher.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal sends
+    rest, _ = launcher.communicate(timeout=60)
+    assert launcher.returncode == 0, "".join(lines) + rest
+    assert "stopped" in rest
+    assert "Traceback" not in "".join(lines) + rest
+    for spec in SERVICES:
+        assert health_status(environ[spec.addr_var]) != "SERVING", spec.name
+    for log in (tmp_path / "logs").glob("*.log"):
+        assert "Traceback" not in log.read_text(), log.name
