@@ -164,9 +164,10 @@ class ServerPolicyInterceptor(AsyncServerInterceptor):
             if exc.pushback_ms is not None:
                 trailing = ((PUSHBACK_KEY, str(exc.pushback_ms)),)
             return service_error_status(exc, domain=self._domain), trailing
-        if isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call):
-            return self._downstream_status(exc)
-        if isinstance(exc, aio.AioRpcError):
+        # A downstream call's failure (CallError included) that the servicer let escape.
+        if isinstance(exc, aio.AioRpcError) or (
+            isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call)
+        ):
             return self._downstream_status(exc)
         log.exception("unhandled error in %s", method_name)
         return (

@@ -14,16 +14,12 @@ from typing import TypeVar
 from grpc import aio
 
 from interceptors.chain import ClientChain
-from interceptors.errors import PartnerCallError
-from interceptors.http import PartnerClient, PartnerResponse
+from interceptors.http import PartnerClient
 from services.topology import Topology, TopologyError
 
 StubT = TypeVar("StubT")
 
-#: What a partner call raises once the chain gives up (5xx, unreachable, breaker open).
-PartnerError = PartnerCallError
-
-__all__ = ["ClientFactory", "PartnerClient", "PartnerError", "PartnerResponse"]
+__all__ = ["ClientFactory", "PartnerClient"]
 
 
 class ClientFactory:

@@ -8,6 +8,7 @@ outlives it.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import socket
@@ -239,8 +240,6 @@ def health_status(address: str, service: str = "", *, timeout_s: float = 1.0) ->
 
 
 def _module_exists(module: str) -> bool:
-    import importlib.util
-
     return importlib.util.find_spec(module) is not None
 
 

@@ -32,17 +32,25 @@ def _first(environ: Mapping[str, str], names: Sequence[str]) -> str | None:
     return None
 
 
-def span_exporter(environ: Mapping[str, str]) -> SpanExporter | None:
-    """The OTLP exporter the environment asks for, or None (the default: nothing exported).
+def export_endpoint(environ: Mapping[str, str]) -> str | None:
+    """The OTLP endpoint spans go to, or None when the environment exports nothing.
 
-    ``OTEL_TRACES_EXPORTER=none`` and ``OTEL_SDK_DISABLED=true`` turn it off even with an
-    endpoint; headers, timeout, compression and certificates are read by the exporter itself.
+    ``OTEL_TRACES_EXPORTER=none`` and ``OTEL_SDK_DISABLED=true`` turn export off even with
+    an endpoint.
     """
     if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return None
     if environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() == "none":
         return None
-    endpoint = _first(environ, ENDPOINT_VARIABLES)
+    return _first(environ, ENDPOINT_VARIABLES)
+
+
+def span_exporter(environ: Mapping[str, str]) -> SpanExporter | None:
+    """The OTLP exporter the environment asks for, or None (the default: nothing exported).
+
+    Headers, timeout, compression and certificates are read by the exporter itself.
+    """
+    endpoint = export_endpoint(environ)
     if endpoint is None:
         return None
     insecure = _first(environ, INSECURE_VARIABLES)
@@ -61,7 +69,7 @@ def records_spans(
     dropped span still has valid ids, so logs and downstream calls carry the trace id.
     """
     return (
-        span_exporter(environ) is not None
+        export_endpoint(environ) is not None
         or bool(span_processors)
         or "OTEL_TRACES_SAMPLER" in environ
     )

@@ -23,7 +23,7 @@ from paymesh.notification.v1 import notification_pb2, notification_pb2_grpc
 from paymesh.withdrawal.v1 import withdrawal_pb2, withdrawal_pb2_grpc
 from services import validation as v
 from services.bootstrap import Context
-from services.clients import PartnerClient, PartnerError
+from services.clients import PartnerClient
 from services.downstream import is_ambiguous, reason_of
 from services.resumable import StepDriver, Stepper
 from services.withdrawal.store import Record, Step, WithdrawalStore
@@ -199,7 +199,7 @@ class WithdrawalServicer(withdrawal_pb2_grpc.WithdrawalServiceServicer):
                 },
                 idempotency_key=withdrawal.withdrawal_id,
             )
-        except (PartnerError, aio.AioRpcError) as exc:
+        except aio.AioRpcError as exc:  # PartnerCallError included: the chain gave up
             log.warning("bank transfer of %s not confirmed: %s", withdrawal.withdrawal_id, exc)
             return record
         body = reply.body if isinstance(reply.body, dict) else {}
