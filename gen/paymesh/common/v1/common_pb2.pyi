@@ -86,6 +86,18 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The page token is malformed, expired or was issued for a different filter (INVALID_ARGUMENT)."""
     ERROR_REASON_INTERNAL_ERROR: _ErrorReason.ValueType  # 25
     """An unexpected server fault; details are logged, never returned (INTERNAL)."""
+    ERROR_REASON_CALLER_NOT_AUTHORIZED: _ErrorReason.ValueType  # 26
+    """The verified caller identity is not granted this method by the topology (PERMISSION_DENIED)."""
+    ERROR_REASON_CREDENTIALS_MISSING: _ErrorReason.ValueType  # 27
+    """The call carries no usable credential: no client certificate, no API key (UNAUTHENTICATED)."""
+    ERROR_REASON_OVERLOADED: _ErrorReason.ValueType  # 28
+    """The server is at its concurrency limit and refused the call at once; retry after the RetryInfo delay (RESOURCE_EXHAUSTED)."""
+    ERROR_REASON_TOO_MANY_FAILED_ATTEMPTS: _ErrorReason.ValueType  # 29
+    """Too many failed authentication attempts for this key id or peer; retry after the RetryInfo delay (RESOURCE_EXHAUSTED)."""
+    ERROR_REASON_TLS_HANDSHAKE_FAILED: _ErrorReason.ValueType  # 30
+    """The TLS handshake with the target failed (untrusted, expired or wrong certificate) (UNAVAILABLE)."""
+    ERROR_REASON_FAULT_INJECTED: _ErrorReason.ValueType  # 31
+    """A fault was injected on purpose by the chaos tooling (any code)."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Stable machine-readable reasons put (without the ERROR_REASON_ prefix) in google.rpc.ErrorInfo.reason."""
@@ -142,6 +154,18 @@ ERROR_REASON_PAGE_TOKEN_INVALID: ErrorReason.ValueType  # 24
 """The page token is malformed, expired or was issued for a different filter (INVALID_ARGUMENT)."""
 ERROR_REASON_INTERNAL_ERROR: ErrorReason.ValueType  # 25
 """An unexpected server fault; details are logged, never returned (INTERNAL)."""
+ERROR_REASON_CALLER_NOT_AUTHORIZED: ErrorReason.ValueType  # 26
+"""The verified caller identity is not granted this method by the topology (PERMISSION_DENIED)."""
+ERROR_REASON_CREDENTIALS_MISSING: ErrorReason.ValueType  # 27
+"""The call carries no usable credential: no client certificate, no API key (UNAUTHENTICATED)."""
+ERROR_REASON_OVERLOADED: ErrorReason.ValueType  # 28
+"""The server is at its concurrency limit and refused the call at once; retry after the RetryInfo delay (RESOURCE_EXHAUSTED)."""
+ERROR_REASON_TOO_MANY_FAILED_ATTEMPTS: ErrorReason.ValueType  # 29
+"""Too many failed authentication attempts for this key id or peer; retry after the RetryInfo delay (RESOURCE_EXHAUSTED)."""
+ERROR_REASON_TLS_HANDSHAKE_FAILED: ErrorReason.ValueType  # 30
+"""The TLS handshake with the target failed (untrusted, expired or wrong certificate) (UNAVAILABLE)."""
+ERROR_REASON_FAULT_INJECTED: ErrorReason.ValueType  # 31
+"""A fault was injected on purpose by the chaos tooling (any code)."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final
