@@ -23,8 +23,10 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Sequence
 from typing import Any
 
+import grpc
 from grpc import aio
 from grpc_interceptor import ClientInterceptor
 from opentelemetry import trace
@@ -63,13 +65,25 @@ class ClientChain:
         """Interceptors of an aio channel to ``target`` (``insecure_channel(interceptors=...)``)."""
         return aio_chain(self.runtime, target)
 
-    def aio_channel(self, target: str, address: str) -> aio.Channel:
-        """An insecure aio channel to ``target`` at ``address`` with the chain on it.
+    def aio_channel(
+        self,
+        target: str,
+        address: str,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        extra_options: Sequence[tuple[str, Any]] = (),
+    ) -> aio.Channel:
+        """An aio channel to ``target`` at ``address`` with the chain on it.
 
-        Retries after UNAVAILABLE wait (briefly) for this channel to reconnect.
+        TLS with ``credentials`` (the mesh's mTLS identity), plaintext without. Retries after
+        UNAVAILABLE wait (briefly) for this channel to reconnect.
         """
-        channel = aio.insecure_channel(
-            address, options=self.channel_options(), interceptors=self.aio_interceptors(target)
+        options = [*self.channel_options(), *extra_options]
+        interceptors = self.aio_interceptors(target)
+        channel = (
+            aio.secure_channel(address, credentials, options=options, interceptors=interceptors)
+            if credentials is not None
+            else aio.insecure_channel(address, options=options, interceptors=interceptors)
         )
         self.runtime.connection_waiters[target] = lambda timeout_s: wait_connected(
             channel, timeout_s

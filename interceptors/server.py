@@ -1,7 +1,10 @@
-"""Server-side interceptor of every service: deadline capture, error mapping, access log.
+"""Server-side interceptor of every service: admission, deadline capture, error mapping, access log.
 
-One object per concern would cost an extra await per call for nothing: the three share the
-call's timing, so one ``AsyncServerInterceptor`` does them in order. A servicer raises domain
+One object per concern would cost an extra await per call for nothing: they share the
+call's timing, so one ``AsyncServerInterceptor`` does them in order. Admission first: a call
+beyond the concurrency cap is refused at once (RESOURCE_EXHAUSTED, reason OVERLOADED) instead
+of queueing to its deadline, and the gate (the topology's authorization) decides whether the
+verified caller may make it at all. A servicer raises domain
 errors (``interceptors.errors``); a downstream failure that escapes it becomes UNAVAILABLE
 with pushback ``-1`` so that only the bottom layer of the mesh retries.
 """
@@ -12,7 +15,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from google.rpc import status_pb2
@@ -23,6 +26,7 @@ from interceptors.deadline import reset_incoming_deadline, set_incoming_deadline
 from interceptors.errors import (
     PUSHBACK_KEY,
     STATUS_DETAILS_KEY,
+    ResourceExhausted,
     ServiceError,
     error_info,
     rich_status,
@@ -49,8 +53,32 @@ _INFRA_CODES = frozenset(
 )
 
 _GRPC_INFRA = ("/grpc.health.", "/grpc.reflection.")
+_HEALTH = "/grpc.health."
+#: How long a shed caller is told to wait before trying again (google.rpc.RetryInfo).
+SHED_RETRY_DELAY_S = 0.25
 
 CallObserver = Callable[[str, grpc.StatusCode, float], None]
+
+
+class Admitted(Protocol):
+    """A gate's decision for one admitted call."""
+
+    @property
+    def caller(self) -> str:
+        """Who is calling, for the access log."""
+
+    def reset(self) -> None:
+        """Undo what admission set for the servicer (the authenticated merchant)."""
+
+
+class Gate(Protocol):
+    """Authorization of incoming calls on the verified caller (``services.authz.CallGate``)."""
+
+    async def admit(self, method: str, context: Any) -> Admitted:
+        """Admit the call, or raise a ServiceError saying why not."""
+
+    def check_stream(self, method: str, context: Any) -> None:
+        """The check of gRPC's own streams (reflection): raise a ServiceError to refuse."""
 
 
 class ServerPolicyInterceptor(AsyncServerInterceptor):
@@ -63,11 +91,27 @@ class ServerPolicyInterceptor(AsyncServerInterceptor):
         clock: Callable[[], float] = time.monotonic,
         observers: tuple[CallObserver, ...] = (),
         faults: FaultInjector | None = None,
+        gate: Gate | None = None,
+        max_in_flight: int | None = None,
+        on_shed: Callable[[str], None] | None = None,
     ) -> None:
+        """``max_in_flight`` caps the calls served at once (None: no cap); ``on_shed`` is told
+        the method of each call refused for it."""
+        if max_in_flight is not None and max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
         self._domain = domain
         self._faults = faults
         self._clock = clock
         self._observers = observers
+        self._gate = gate
+        self._max_in_flight = max_in_flight
+        self._on_shed = on_shed
+        self._in_flight = 0
+
+    @property
+    def in_flight(self) -> int:
+        """Calls being served right now."""
+        return self._in_flight
 
     async def intercept_service(
         self,
@@ -78,8 +122,12 @@ class ServerPolicyInterceptor(AsyncServerInterceptor):
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         # Health and reflection are gRPC's own long-lived streams: they carry no domain
         # errors, and wrapping them turns their cancellation at shutdown into logged noise.
-        if handler_call_details.method.startswith(_GRPC_INFRA):
-            return await continuation(handler_call_details)
+        method = handler_call_details.method
+        if method.startswith(_GRPC_INFRA):
+            infra = await continuation(handler_call_details)
+            if self._gate is None or infra is None or method.startswith(_HEALTH):
+                return infra
+            return self._guarded_stream(infra, method)
         handler: grpc.RpcMethodHandler[Any, Any] | None = await super().intercept_service(  # type: ignore[no-untyped-call]  # untyped in grpc-interceptor
             continuation, handler_call_details
         )
@@ -94,8 +142,14 @@ class ServerPolicyInterceptor(AsyncServerInterceptor):
     ) -> Any:
         started = self._clock()
         token = set_incoming_deadline(context.time_remaining(), clock=self._clock)
+        admitted: Admitted | None = None
+        self._in_flight += 1
         try:
             try:
+                if self._max_in_flight is not None and self._in_flight > self._max_in_flight:
+                    self._shed(method_name)
+                if self._gate is not None:
+                    admitted = await self._gate.admit(method_name, context)
                 if self._faults is not None:
                     await self._inject(method_name)
                 response = method(request_or_iterator, context)
@@ -111,7 +165,49 @@ class ServerPolicyInterceptor(AsyncServerInterceptor):
             self._finish(context, method_name, started, grpc.StatusCode.OK)
             return result
         finally:
+            self._in_flight -= 1
+            if admitted is not None:
+                admitted.reset()
             reset_incoming_deadline(token)
+
+    def _shed(self, method_name: str) -> None:
+        if self._on_shed is not None:
+            self._on_shed(method_name)
+        raise ResourceExhausted(
+            f"{self._domain} is at its limit of {self._max_in_flight} calls in flight; "
+            f"retry in {SHED_RETRY_DELAY_S:g}s",
+            reason="OVERLOADED",
+            retry_delay_s=SHED_RETRY_DELAY_S,
+            metadata={"max_in_flight": str(self._max_in_flight)},
+        )
+
+    def _guarded_stream(
+        self, handler: grpc.RpcMethodHandler[Any, Any], method: str
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        """``handler`` (reflection, a stream-stream) behind the gate's check of the caller."""
+        gate = self._gate
+        assert gate is not None
+        inner: Any = handler.stream_stream  # typed as sync by grpc-stubs; aio servers are async
+        if inner is None:
+            return handler
+
+        async def guarded(
+            requests: AsyncIterator[Any], context: aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            try:
+                gate.check_stream(method, context)
+            except ServiceError as exc:
+                status = service_error_status(exc, domain=self._domain)
+                context.set_trailing_metadata(((STATUS_DETAILS_KEY, status.SerializeToString()),))
+                await context.abort(exc.code, status.message)
+            async for item in inner(requests, context):
+                yield item
+
+        return grpc.stream_stream_rpc_method_handler(
+            guarded,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
     async def _inject(self, method_name: str) -> None:
         assert self._faults is not None

@@ -33,11 +33,23 @@ from interceptors.policy import PolicyConfig, PolicyError
 from interceptors.server import ServerPolicyInterceptor
 from interceptors.tracing import server_interceptor
 from paymesh.mesh.v1 import mesh_pb2_grpc
-from services.admin import AdminRequest, AdminResponse, AdminServer
+from paymesh.merchant_auth.v1 import merchant_auth_pb2, merchant_auth_pb2_grpc
+from services.admin import AdminRequest, AdminResponse, AdminServer, guarded
+from services.admin_token import AdminTokenError, ControlAccess
+from services.authz import (
+    AUTHORIZATION_KEY,
+    CLIENT_PEER_KEY,
+    AuthenticatedMerchant,
+    Authenticator,
+    CallGate,
+    merchant_of,
+)
 from services.clients import ClientFactory
 from services.diagnostics import DIAGNOSTICS_SERVICE, DiagnosticsServicer, ReadinessMonitor
+from services.limits import LimitsError, ServerLimits
 from services.metrics import ServiceMetrics
 from services.recent import RecentCalls
+from services.tls import TlsConfigError, TransportSecurity
 from services.topology import Topology, TopologyError, env_prefix, parse_hostport
 from services.tracing import (
     TraceIdFilter,
@@ -52,6 +64,8 @@ log = logging.getLogger("paymesh.bootstrap")
 READY_MARKER = "PAYMESH_READY"
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 DEFAULT_GRACE_S = 5.0
+#: How often a service looks for a rotated certificate of its own (``PAYMESH_TLS_RELOAD_S``).
+DEFAULT_TLS_RELOAD_S = 30.0
 _PR_SET_PDEATHSIG = 1
 #: Exit code of a start-up that failed on configuration (bad override, taken port, ...).
 EXIT_CONFIG = 2
@@ -152,15 +166,20 @@ def _add_reflection(server: aio.Server, names: Sequence[str]) -> None:
                 servicer.ServerReflectionInfo,
                 request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
                 response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
-            )
-        },
-    )
-    server.add_generic_rpc_handlers((v1_handler,))
+           def _admin_routes(context: ServiceContext) -> None:
+    """``/healthz`` and ``/breakers`` (the chain's breaker and budget states), open to read,
+    and ``/faults`` (GET the faults, PUT a JSON list of faults, DELETE them) behind the
+    control gate: refused unless ``PAYMESH_FAULT_INJECTION=1``, then only with the admin token.
 
-
-def _admin_routes(context: ServiceContext) -> None:
-    """``/healthz``, ``/breakers`` (the chain's breaker and budget states) and ``/faults``
-    (GET the faults, PUT a JSON list of faults, DELETE them)."""
+    Raises:
+        StartupError: fault injection is enabled without a usable admin token file.
+    """
+    try:
+        access = ControlAccess.from_environ(context.environ)
+    except AdminTokenError as exc:
+        raise StartupError(str(exc)) from exc
+    if access.enabled:
+        log.warning("fault injection is ON: /faults on the admin port takes the admin token")
 
     def healthz(request: AdminRequest) -> AdminResponse:
         return AdminResponse.of_json({"service": context.name, "status": "ok"})
@@ -171,8 +190,10 @@ def _admin_routes(context: ServiceContext) -> None:
             if not isinstance(body, list):
                 raise ValueError("PUT /faults takes a JSON list of fault objects")
             context.faults.set([Fault.from_mapping(item) for item in body])
+            log.warning("faults set from %s: %s", request.peer, context.faults.snapshot())
         elif request.method == "DELETE":
             context.faults.clear()
+            log.info("faults cleared from %s", request.peer)
         return AdminResponse.of_json({"faults": context.faults.snapshot()})
 
     def breakers(request: AdminRequest) -> AdminResponse:
@@ -181,6 +202,10 @@ def _admin_routes(context: ServiceContext) -> None:
     context.admin.route("GET", "/healthz", healthz)
     context.admin.route("GET", "/breakers", breakers)
     for method in ("GET", "PUT", "DELETE"):
+        context.admin.route(method, "/faults", guarded(access, faults))
+
+
+UT", "DELETE"):
         context.admin.route(method, "/faults", faults)
 
 
@@ -202,15 +227,16 @@ async def serve(
     *,
     topology: Topology | None = None,
     policy: PolicyConfig | None = None,
-    credentials: grpc.ServerCredentials | None = None,
     grace_s: float | None = None,
     stop: asyncio.Event | None = None,
     on_ready: Callable[[str], None] | None = None,
+    on_public_ready: Callable[[str], None] | None = None,
     span_processors: Sequence[SpanProcessor] = (),
 ) -> None:
     """Run service ``name`` until ``stop`` is set (or SIGTERM/SIGINT), then stop gracefully.
 
     Spans go where the ``OTEL_*`` variables say, and to ``span_processors`` (tests).
+    ``on_ready`` is told the bound mesh address, ``on_public_ready`` the merchant-facing one.
 
     Raises:
         StartupError: the address is taken or invalid, or the builder refused to start.
@@ -219,8 +245,17 @@ async def serve(
         topology = topology or Topology()
         spec = topology.service(name)
         host, port = topology.bind_address(name)
-    except TopologyError as exc:
+        public = topology.public_address(name)
+        limits = ServerLimits.from_environ(spec.env_prefix, topology.environ)
+        security = TransportSecurity.from_environ(name, topology.environ)
+    except (TopologyError, LimitsError, TlsConfigError) as exc:
         raise StartupError(str(exc)) from exc
+    if security.plaintext:
+        log.warning(
+            "PAYMESH_INSECURE is set: %s serves PLAINTEXT, without TLS, identities or "
+            "authorization of mesh callers; never do this outside a development machine",
+            name,
+        )
     if policy is None:
         targets = {s.name for s in topology.services} | {p.name for p in topology.partners}
         try:
@@ -243,7 +278,7 @@ async def serve(
         tracer_provider=tracer_provider,
         trace_calls=records_spans(topology.environ, span_processors=span_processors),
     )
-    clients = ClientFactory(caller=name, topology=topology, chain=chain)
+    clients = ClientFactory(caller=name, topology=topology, chain=chain, security=security)
     context = ServiceContext(
         name=name, topology=topology, clients=clients, environ=dict(topology.environ)
     )
@@ -256,15 +291,28 @@ async def serve(
     chain.telemetry.add_call_hook(recent.record_call)
     chain.telemetry.add_hook(recent.count)
     context.admin.route("GET", "/metrics", metrics.handle)
+    gate = CallGate(
+        service=name,
+        topology=topology,
+        spiffe_id_of=security.spiffe_id_of,
+        authenticate=_merchant_authenticator(clients) if spec.merchant_methods else None,
+        reflection=topology.environ.get("PAYMESH_REFLECTION", "1") != "0",
+        plaintext=security.plaintext,
+    )
     server = aio.server(
         interceptors=[
             server_interceptor(tracer_provider),  # first: the policy's work is in the span
             ServerPolicyInterceptor(
-                domain=name, faults=context.faults, observers=(metrics.observe_server,)
+                domain=name,
+                faults=context.faults,
+                observers=(metrics.observe_server,),
+                gate=gate,
+                max_in_flight=limits.max_in_flight,
+                on_shed=metrics.count_shed,
             ),
         ],
         # A taken port must be an error, never a silent second listener.
-        options=[("grpc.so_reuseport", 0)],
+        options=[("grpc.so_reuseport", 0), *limits.grpc_options()],
     )
     for registration in registrations:
         registration.add_to_server(registration.servicer, server)
@@ -278,7 +326,9 @@ async def serve(
         breaker_states=chain.breakers.states,
         recent=recent,
         database=context.database,
-        channel_options=chain.channel_options(),
+        open_channel=lambda target, address: security.aio_channel(
+            target, address, options=chain.channel_options()
+        ),
     )
     mesh_pb2_grpc.add_DiagnosticsServiceServicer_to_server(diagnostics, server)
     health = MeshHealthServicer()
@@ -286,19 +336,10 @@ async def serve(
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
     _add_reflection(server, (*names, DIAGNOSTICS_SERVICE, health_name))
 
-    address = f"{host}:{port}"
-    try:
-        bound = (
-            server.add_secure_port(address, credentials)
-            if credentials is not None
-            else server.add_insecure_port(address)
-        )
-    except RuntimeError as exc:
-        raise StartupError(
-            f"{name} cannot listen on {address}: {exc} (is the port taken?)"
-        ) from exc
-    if bound == 0:
-        raise StartupError(f"{name} cannot listen on {address} (is the port taken?)")
+    bound = _listen(server, name, f"{host}:{port}", security, require_client_cert=True)
+    public_bound = (
+        _listen(server, name, public, security, require_client_cert=False) if public else None
+    )
     await server.start()
     admin_host, admin_port = parse_hostport(
         topology.admin_address(name), variable=f"{spec.env_prefix}_ADMIN_ADDR"
@@ -319,13 +360,29 @@ async def serve(
         interval_s=float(topology.environ.get("PAYMESH_READINESS_INTERVAL_S", 5.0)),
     )
     await readiness.start()
+    public_text = ""
+    if public and public_bound is not None:
+        public_host = parse_hostport(public, variable=f"{spec.env_prefix}_PUBLIC_ADDR")[0]
+        public_text = f"{public_host}:{public_bound}"
     print(
-        f"{READY_MARKER} service={name} address={host}:{bound} admin={admin_host}:{admin_bound}",
+        f"{READY_MARKER} service={name} address={host}:{bound} admin={admin_host}:{admin_bound}"
+        + (f" public={public_text}" if public_text else ""),
         flush=True,
     )
     if on_ready is not None:
         on_ready(f"{host}:{bound}")
-    log.info("serving %s on %s:%d", ", ".join(names), host, bound)
+    if on_public_ready is not None and public_text:
+        on_public_ready(public_text)
+    log.info(
+        "serving %s on %s:%d (%s)%s",
+        ", ".join(names),
+        host,
+        bound,
+        "plaintext" if security.plaintext else f"mTLS as {security.spiffe_id}",
+        f", merchant-facing TLS on {public_text}" if public_text else "",
+    )
+    reload_s = float(topology.environ.get("PAYMESH_TLS_RELOAD_S", DEFAULT_TLS_RELOAD_S))
+    rotation = asyncio.create_task(_follow_rotation(clients, reload_s))
 
     loop = asyncio.get_running_loop()
     if stop is None:  # a process of its own: signals stop it
@@ -333,6 +390,7 @@ async def serve(
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
     await stop.wait()
+    rotation.cancel()
     log.info("stopping: health NOT_SERVING, %.1fs grace for calls in flight", grace)
     await readiness.stop()
     await health.enter_graceful_shutdown()
@@ -346,6 +404,53 @@ async def serve(
             await result
     tracer_provider.shutdown()  # flushes the spans still batched for the exporter
     log.info("stopped")
+
+
+def _listen(
+    server: aio.Server,
+    name: str,
+    address: str,
+    security: TransportSecurity,
+    *,
+    require_client_cert: bool,
+) -> int:
+    """Bind ``address``: mTLS for the mesh port, server-only TLS for the merchant-facing one."""
+    try:
+        bound = (
+            server.add_insecure_port(address)
+            if security.plaintext
+            else server.add_secure_port(
+                address, security.server_credentials(require_client_cert=require_client_cert)
+            )
+        )
+    except RuntimeError as exc:
+        raise StartupError(
+            f"{name} cannot listen on {address}: {exc} (is the port taken?)"
+        ) from exc
+    if bound == 0:
+        raise StartupError(f"{name} cannot listen on {address} (is the port taken?)")
+    return bound
+
+
+def _merchant_authenticator(clients: ClientFactory) -> Authenticator:
+    """Checks merchant API keys at merchant-auth-service through the policy chain."""
+    stub = clients.stub("merchant-auth-service", merchant_auth_pb2_grpc.MerchantAuthServiceStub)
+
+    async def authenticate(secret: str, client_peer: str) -> AuthenticatedMerchant:
+        response = await stub.AuthenticateApiKey(
+            merchant_auth_pb2.AuthenticateApiKeyRequest(),
+            metadata=((AUTHORIZATION_KEY, f"Bearer {secret}"), (CLIENT_PEER_KEY, client_peer)),
+        )
+        return merchant_of(response)
+
+    return authenticate
+
+
+async def _follow_rotation(clients: ClientFactory, interval_s: float) -> None:
+    """Rebuild client channels whenever this service's certificate was rotated."""
+    while True:
+        await asyncio.sleep(interval_s)
+        clients.rotate_if_changed()
 
 
 def die_with_supervisor() -> None:
@@ -363,12 +468,12 @@ def die_with_supervisor() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def run(name: str, build: Builder, *, credentials: grpc.ServerCredentials | None = None) -> None:
+def run(name: str, build: Builder) -> None:
     """Entry point of ``python -m services.<name>``: serve, exit 0 on a clean stop."""
     die_with_supervisor()
     configure_logging(name)
     try:
-        asyncio.run(serve(name, build, credentials=credentials))
+        asyncio.run(serve(name, build))
     except StartupError as exc:
         print(f"{name}: cannot start: {exc}", file=sys.stderr, flush=True)
         sys.exit(EXIT_CONFIG)

@@ -131,7 +131,7 @@ class DiagnosticsServicer(mesh_pb2_grpc.DiagnosticsServiceServicer):
         breaker_states: Callable[[], Mapping[str, str]],
         recent: RecentCalls,
         database: Path | None,
-        channel_options: Sequence[tuple[str, Any]] = (),
+        open_channel: Callable[[str, str], aio.Channel],
         probe_timeout_s: float = PROBE_TIMEOUT_S,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -140,10 +140,10 @@ class DiagnosticsServicer(mesh_pb2_grpc.DiagnosticsServiceServicer):
         self._breaker_states = breaker_states
         self._recent = recent
         self._database = database
-        self._options = list(channel_options)
+        self._open_channel = open_channel
         self._timeout_s = probe_timeout_s
         self._wall_clock = wall_clock
-        # Health checks get channels of their own: plain, without the chain's interceptors.
+        # Health checks get channels of their own: the service's mTLS identity, no chain.
         self._channels: dict[str, aio.Channel] = {}
 
     async def GetDiagnostics(
@@ -171,7 +171,7 @@ class DiagnosticsServicer(mesh_pb2_grpc.DiagnosticsServiceServicer):
         channel = self._channels.get(target)
         if channel is None:
             address = self._topology.address(target)
-            channel = self._channels[target] = aio.insecure_channel(address, options=self._options)
+            channel = self._channels[target] = self._open_channel(target, address)
         return channel
 
     async def _service(self, name: str) -> mesh_pb2.Dependency:

@@ -202,6 +202,12 @@ class ServiceMetrics:
             buckets=LATENCY_BUCKETS_S,
             registry=self.registry,
         )
+        self.server_shed = Counter(
+            "paymesh_server_shed",
+            "Incoming RPCs refused at once because the service was at its concurrency cap.",
+            ("service", "method"),
+            registry=self.registry,
+        )
         self.client_latency = Histogram(
             "paymesh_client_rpc_duration_seconds",
             "Time an outgoing call took as its caller saw it (retries and backoff included).",
@@ -214,6 +220,10 @@ class ServiceMetrics:
         """A ``ServerPolicyInterceptor`` observer: count and time one incoming RPC."""
         self.server_rpcs.labels(self.service, method, code.name).inc()
         self.server_latency.labels(self.service, method).observe(elapsed_s)
+
+    def count_shed(self, method: str) -> None:
+        """A ``ServerPolicyInterceptor`` hook: one call refused for the concurrency cap."""
+        self.server_shed.labels(self.service, method).inc()
 
     def observe_client(self, record: CallRecord) -> None:
         """A ``ChainTelemetry`` call hook: time one outgoing call."""

@@ -38,10 +38,18 @@ class ServiceSpec:
     """HTTP port for ``/metrics`` and other operator endpoints."""
     proto_services: tuple[str, ...]
     """Full names of the gRPC services it serves."""
-    calls: tuple[str, ...] = ()
-    """Mesh services it calls; every call goes through the policy chain."""
+    calls: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """Mesh services it calls, each with the methods it is granted there (``ALL_METHODS`` for
+    the whole service). Every call goes through the policy chain; the target's server denies
+    any method not granted here to this caller's identity."""
     partners: tuple[str, ...] = ()
     """HTTP partners it calls; also through the policy chain."""
+    operator_methods: tuple[str, ...] = ()
+    """Methods the operator identity (people and tools) may call."""
+    merchant_methods: tuple[str, ...] = ()
+    """Methods merchants may call with their API key on the public port."""
+    public_port: int | None = None
+    """TLS port (server authentication only) of the merchant-facing methods, if it has any."""
 
     @property
     def env_prefix(self) -> str:
@@ -69,6 +77,10 @@ class PartnerSpec:
         return f"{env_prefix(self.name)}_PARTNER_URL"
 
 
+#: Grant of every method of a target's proto services.
+ALL_METHODS = ("*",)
+
+
 def env_prefix(name: str) -> str:
     """Environment prefix of a mesh name: upper case, ``-`` becomes ``_``."""
     return name.upper().replace("-", "_")
@@ -80,29 +92,48 @@ SERVICES: tuple[ServiceSpec, ...] = (
         module="services.merchant",
         port=40002,
         admin_port=41002,
+        public_port=42002,
         proto_services=("paymesh.merchant.v1.MerchantService",),
-        calls=(
-            "payment-gateway",
-            "accounting-service",
-            "analytics-service",
-            "risk-service",
-            "notification-service",
+        calls={
+            "payment-gateway": ("GetPaymentSummary",),
+            "accounting-service": ("ListBalances",),
+            "analytics-service": ("GetMerchantStats",),
+            "risk-service": ("GetRiskSummary",),
+            "notification-service": ("ListNotifications", "RotateWebhookSecret"),
+            "merchant-auth-service": ("AuthenticateApiKey",),
+        },
+        operator_methods=(
+            "CreateMerchant",
+            "GetMerchant",
+            "ListMerchants",
+            "UpdateMerchantStatus",
+            "GetMerchantDashboard",
         ),
+        merchant_methods=("GetMerchant", "GetMerchantDashboard", "RotateWebhookSecret"),
     ),
     ServiceSpec(
         name="payment-gateway",
         module="services.payment_gateway",
         port=40003,
         admin_port=41003,
+        public_port=42003,
         proto_services=("paymesh.payment_gateway.v1.PaymentGatewayService",),
-        calls=(
-            "merchant-auth-service",
-            "risk-service",
-            "order-service",
-            "channel-adapter",
-            "accounting-service",
-            "notification-service",
-            "analytics-service",
+        calls={
+            "merchant-auth-service": ("AuthenticateApiKey",),
+            "risk-service": ("AssessPayment",),
+            "order-service": ("CreateOrder", "GetOrder", "UpdateOrderStatus"),
+            "channel-adapter": ("Charge", "RefundCharge", "VoidCharge", "GetCharge", "ListCharges"),
+            "accounting-service": ("PostTransaction", "GetTransaction"),
+            "notification-service": ("SendNotification",),
+            "analytics-service": ("RecordEvent",),
+        },
+        operator_methods=("GetPayment", "ListPayments", "GetPaymentSummary"),
+        merchant_methods=(
+            "CreatePayment",
+            "GetPayment",
+            "ListPayments",
+            "RefundPayment",
+            "GetPaymentSummary",
         ),
     ),
     ServiceSpec(
@@ -111,6 +142,7 @@ SERVICES: tuple[ServiceSpec, ...] = (
         port=40004,
         admin_port=41004,
         proto_services=("paymesh.order.v1.OrderService",),
+        operator_methods=("GetOrder", "ListOrders"),
     ),
     ServiceSpec(
         name="channel-adapter",
@@ -119,6 +151,7 @@ SERVICES: tuple[ServiceSpec, ...] = (
         admin_port=41005,
         proto_services=("paymesh.channel_adapter.v1.ChannelAdapterService",),
         partners=("exchange-rate", "payment-channel"),
+        operator_methods=("GetCharge", "ListCharges", "GetExchangeRate"),
     ),
     ServiceSpec(
         name="risk-service",
@@ -127,6 +160,7 @@ SERVICES: tuple[ServiceSpec, ...] = (
         admin_port=41006,
         proto_services=("paymesh.risk.v1.RiskService",),
         partners=("geo-ip",),
+        operator_methods=("GetAssessment", "GetRiskSummary"),
     ),
     ServiceSpec(
         name="accounting-service",
@@ -134,6 +168,7 @@ SERVICES: tuple[ServiceSpec, ...] = (
         port=40007,
         admin_port=41007,
         proto_services=("paymesh.accounting.v1.AccountingService",),
+        operator_methods=("GetTransaction", "ListEntries", "GetBalance", "ListBalances"),
     ),
     ServiceSpec(
         name="notification-service",
@@ -142,6 +177,7 @@ SERVICES: tuple[ServiceSpec, ...] = (
         admin_port=41008,
         proto_services=("paymesh.notification.v1.NotificationService",),
         partners=("merchant-webhooks",),
+        operator_methods=("GetNotification", "ListNotifications"),
     ),
     ServiceSpec(
         name="analytics-service",
@@ -149,6 +185,7 @@ SERVICES: tuple[ServiceSpec, ...] = (
         port=40009,
         admin_port=41009,
         proto_services=("paymesh.analytics.v1.AnalyticsService",),
+        operator_methods=("GetMerchantStats", "ListEvents"),
     ),
     ServiceSpec(
         name="merchant-auth-service",
@@ -156,24 +193,44 @@ SERVICES: tuple[ServiceSpec, ...] = (
         port=40011,
         admin_port=41011,
         proto_services=("paymesh.merchant_auth.v1.MerchantAuthService",),
-        calls=("merchant-service",),
+        calls={"merchant-service": ("GetMerchant",)},
+        operator_methods=("IssueApiKey", "RevokeApiKey", "ListApiKeys"),
     ),
     ServiceSpec(
         name="settlement-service",
         module="services.settlement",
         port=40013,
         admin_port=41013,
+        public_port=42013,
         proto_services=("paymesh.settlement.v1.SettlementService",),
-        calls=("accounting-service", "withdrawal-service"),
+        calls={
+            "accounting-service": ("GetBalance", "PostTransaction"),
+            "withdrawal-service": ("CreateWithdrawal", "GetWithdrawal"),
+            "merchant-auth-service": ("AuthenticateApiKey",),
+        },
+        operator_methods=(
+            "GetSettleableBalance",
+            "CreateSettlement",
+            "GetSettlement",
+            "ListSettlements",
+        ),
+        merchant_methods=("GetSettleableBalance", "GetSettlement", "ListSettlements"),
     ),
     ServiceSpec(
         name="withdrawal-service",
         module="services.withdrawal",
         port=40014,
         admin_port=41014,
+        public_port=42014,
         proto_services=("paymesh.withdrawal.v1.WithdrawalService",),
-        calls=("accounting-service", "notification-service"),
+        calls={
+            "accounting-service": ("PostTransaction",),
+            "notification-service": ("SendNotification",),
+            "merchant-auth-service": ("AuthenticateApiKey",),
+        },
         partners=("bank-transfer",),
+        operator_methods=("GetWithdrawal", "ListWithdrawals"),
+        merchant_methods=("GetWithdrawal", "ListWithdrawals"),
     ),
 )
 
@@ -259,6 +316,17 @@ class Topology:
         parse_hostport(value, variable=var)
         return value
 
+    def public_address(self, name: str) -> str | None:
+        """``host:port`` of a service's merchant-facing TLS port (``<PREFIX>_PUBLIC_ADDR``),
+        None when it has no merchant methods."""
+        spec = self.service(name)
+        if spec.public_port is None:
+            return None
+        var = f"{spec.env_prefix}_PUBLIC_ADDR"
+        value = self.environ.get(var) or f"{LOOPBACK}:{spec.public_port}"
+        parse_hostport(value, variable=var)
+        return value
+
     def sandbox_address(self) -> str:
         """``host:port`` of the partner sandbox."""
         value = self.environ.get(PARTNER_SANDBOX_VAR) or f"{LOOPBACK}:{PARTNER_SANDBOX_PORT}"
@@ -285,7 +353,18 @@ def validate(services: tuple[ServiceSpec, ...], partners: tuple[PartnerSpec, ...
         if spec.name in names:
             raise TopologyError(f"service {spec.name!r} is declared twice")
         names.add(spec.name)
-        for port in (spec.port, spec.admin_port):
+        if bool(spec.merchant_methods) != (spec.public_port is not None):
+            raise TopologyError(
+                f"service {spec.name!r}: a public port exactly when it has merchant methods"
+            )
+        if spec.merchant_methods and "AuthenticateApiKey" not in spec.calls.get(
+            "merchant-auth-service", ()
+        ):
+            raise TopologyError(
+                f"service {spec.name!r} has merchant methods, so it must be granted "
+                "merchant-auth-service AuthenticateApiKey to check their API keys"
+            )
+        for port in (spec.port, spec.admin_port, *filter(None, (spec.public_port,))):
             if not 1 <= port <= 65535:
                 raise TopologyError(f"service {spec.name!r}: port {port} is outside 1-65535")
             if port in ports:
@@ -294,7 +373,9 @@ def validate(services: tuple[ServiceSpec, ...], partners: tuple[PartnerSpec, ...
                 )
             ports[port] = spec.name
     for spec in services:
-        for target in spec.calls:
+        for target, methods in spec.calls.items():
+            if not methods:
+                raise TopologyError(f"edge {spec.name} -> {target} grants no method")
             if target not in names:
                 raise TopologyError(f"edge {spec.name} -> {target}: {target!r} is not declared")
             if target == spec.name:

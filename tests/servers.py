@@ -1,17 +1,123 @@
-"""Run services in the test's own event loop on 127.0.0.1:0, through the real bootstrap."""
+"""Run services in the test's own event loop on 127.0.0.1:0, through the real bootstrap.
+
+Every service serves mTLS with certificates of one test PKI (made once per test run); a test
+talks to it with :func:`mesh_channel` as the operator or as any mesh service, or to a
+merchant-facing port with :func:`public_channel` (TLS without a client certificate).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import tempfile
 import threading
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar, cast
 
+import grpc
+from grpc import aio
 from opentelemetry.sdk.trace import SpanProcessor
 
+from services import pki
+from services.authz import grants
 from services.bootstrap import Builder, serve
 from services.partners.sandbox import SandboxServer, SandboxState
-from services.topology import Topology, env_prefix
+from services.tls import PKI_DIR_VAR, TransportSecurity
+from services.topology import SERVICES, Topology, env_prefix
+
+
+@functools.cache
+def test_pki_dir() -> Path:
+    """The test run's development PKI: a CA and a certificate per service and the operator."""
+    directory = Path(tempfile.mkdtemp(prefix="paymesh-pki-"))
+    pki.ensure_dev_pki(directory, [*(s.name for s in SERVICES), pki.OPERATOR])
+    return directory
+
+
+def identity(name: str = pki.OPERATOR) -> TransportSecurity:
+    """The test PKI's identity ``name`` (a mesh service or ``operator``)."""
+    return TransportSecurity.from_environ(name, {PKI_DIR_VAR: str(test_pki_dir())})
+
+
+def mesh_channel(
+    address: str, *, as_: str = pki.OPERATOR, options: Sequence[tuple[str, Any]] = ()
+) -> aio.Channel:
+    """An mTLS channel to a mesh port, presenting identity ``as_``."""
+    return aio.secure_channel(address, identity(as_).channel_credentials(), options=options)
+
+
+def sync_mesh_channel(address: str, *, as_: str = pki.OPERATOR) -> grpc.Channel:
+    """A blocking mTLS channel to a mesh port, presenting identity ``as_``."""
+    return grpc.secure_channel(address, identity(as_).channel_credentials())
+
+
+def public_channel(address: str) -> aio.Channel:
+    """A TLS channel to a merchant-facing port: the server is verified, no client certificate."""
+    ca = (test_pki_dir() / "ca.pem").read_bytes()
+    return aio.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=ca))
+
+
+StubT = TypeVar("StubT")
+
+
+class _GrantedStub:
+    """Routes each method to a channel presenting an identity the topology grants it."""
+
+    def __init__(self, address: str, stub_type: Callable[[aio.Channel], Any], service: str) -> None:
+        self._address = address
+        self._stub_type = stub_type
+        self._by_method = {
+            path.rsplit("/", 1)[1]: names for path, names in grants(Topology(), service).items()
+        }
+        self._stubs: dict[str, Any] = {}
+        self._channels: list[aio.Channel] = []
+
+    def _stub(self, name: str) -> Any:
+        stub = self._stubs.get(name)
+        if stub is None:
+            channel = mesh_channel(self._address, as_=name)
+            self._channels.append(channel)
+            stub = self._stubs[name] = self._stub_type(channel)
+        return stub
+
+    def __getattr__(self, method: str) -> Any:
+        allowed = self._by_method.get(method)
+        if not allowed:
+            raise AttributeError(f"no identity is granted {method}")
+        who = pki.OPERATOR if pki.OPERATOR in allowed else sorted(allowed)[0]
+        return getattr(self._stub(who), method)
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close()
+
+
+@contextlib.asynccontextmanager
+async def granted_stub(
+    address: str, stub_type: Callable[[aio.Channel], StubT], service: str
+) -> AsyncIterator[StubT]:
+    """A stub of ``service`` at ``address`` whose every method is called as an identity the
+    topology grants it (the operator where it may, else a mesh caller): for tests of a
+    service's behaviour; tests of authorization itself use :func:`mesh_channel` directly."""
+    stub = _GrantedStub(address, stub_type, service)
+    try:
+        yield cast(StubT, stub)
+    finally:
+        await stub.close()
+
+
+def bearer(secret: str) -> tuple[tuple[str, str]]:
+    """Call metadata carrying a merchant API key."""
+    return (("authorization", f"Bearer {secret}"),)
+
+
+class ServedAddress(str):
+    """The ``host:port`` of a running service's mesh port; ``public`` is its merchant-facing
+    TLS port, empty when it has none."""
+
+    public: str = ""
 
 
 @contextlib.asynccontextmanager
@@ -22,8 +128,8 @@ async def running_service(
     environ: Mapping[str, str] | None = None,
     grace_s: float = 1.0,
     span_processors: Sequence[SpanProcessor] = (),
-) -> AsyncIterator[str]:
-    """Serve ``name`` on an ephemeral port; yields its ``host:port``.
+) -> AsyncIterator[ServedAddress]:
+    """Serve ``name`` on an ephemeral port; yields its ``host:port`` (and ``.public``).
 
     ``environ`` sets the topology overrides (addresses of the downstreams the service
     calls, ``PAYMESH_VAR_DIR``, ...); the service's own address is forced to port 0.
@@ -32,7 +138,10 @@ async def running_service(
     env = dict(environ or {})
     env[f"{env_prefix(name)}_ADDR"] = "127.0.0.1:0"
     env.setdefault(f"{env_prefix(name)}_ADMIN_ADDR", "127.0.0.1:0")
+    env.setdefault(f"{env_prefix(name)}_PUBLIC_ADDR", "127.0.0.1:0")
+    env.setdefault(PKI_DIR_VAR, str(test_pki_dir()))
     ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    public: list[str] = []
     stop = asyncio.Event()
     task = asyncio.create_task(
         serve(
@@ -43,13 +152,16 @@ async def running_service(
             span_processors=span_processors,
             stop=stop,
             on_ready=ready.set_result,
+            on_public_ready=public.append,
         )
     )
     done, _ = await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
     if task in done:
         task.result()  # raises the start-up error
+    address = ServedAddress(ready.result())
+    address.public = public[0] if public else ""
     try:
-        yield ready.result()
+        yield address
     finally:
         stop.set()
         await task

@@ -12,7 +12,7 @@ from grpc import aio
 from paymesh.common.v1 import common_pb2
 from paymesh.order.v1 import order_pb2, order_pb2_grpc
 from services.order.__main__ import build
-from tests.servers import running_service
+from tests.servers import granted_stub, running_service
 
 
 @pytest.fixture
@@ -21,9 +21,9 @@ async def orders(tmp_path: Path) -> AsyncIterator[order_pb2_grpc.OrderServiceStu
         running_service(
             "order-service", build, environ={"PAYMESH_VAR_DIR": str(tmp_path)}
         ) as address,
-        aio.insecure_channel(address) as channel,
+        granted_stub(address, order_pb2_grpc.OrderServiceStub, "order-service") as stub,
     ):
-        yield order_pb2_grpc.OrderServiceStub(channel)
+        yield stub
 
 
 def _create(request_id: str, order_id: str, amount: int = 1250) -> order_pb2.CreateOrderRequest:
