@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services import pki, tls
 from services.topology import (
     LOOPBACK,
     PARTNER_SANDBOX_VAR,
@@ -34,6 +35,8 @@ SANDBOX = "partner-sandbox"
 SANDBOX_MODULE = "services.partners"
 #: Tells a child that a supervisor started it, so it dies with that supervisor.
 SUPERVISED_VAR = "PAYMESH_SUPERVISED"
+#: How often ``make run`` renews development certificates that near their expiry.
+RENEW_INTERVAL_S = 3600.0
 
 
 class MeshError(RuntimeError):
@@ -53,6 +56,8 @@ def ephemeral_environ(base: Mapping[str, str] | None = None) -> dict[str, str]:
     for spec in SERVICES:
         environ[spec.addr_var] = f"{LOOPBACK}:{free_port()}"
         environ[f"{spec.env_prefix}_ADMIN_ADDR"] = f"{LOOPBACK}:{free_port()}"
+        if spec.public_port is not None:
+            environ[f"{spec.env_prefix}_PUBLIC_ADDR"] = f"{LOOPBACK}:{free_port()}"
     environ[PARTNER_SANDBOX_VAR] = f"{LOOPBACK}:{free_port()}"
     return environ
 
@@ -81,6 +86,8 @@ class Member:
     """``host:port`` it serves on."""
     log_path: Path
     """File that receives its stdout and stderr."""
+    public_address: str = ""
+    """``host:port`` of its merchant-facing TLS port, empty when it has none."""
     process: subprocess.Popen[bytes] | None = None
     """The process, once started."""
 
@@ -109,6 +116,7 @@ class Mesh:
         self.var_dir = Path(var_dir or self.environ.get("PAYMESH_VAR_DIR", "var"))
         self.environ["PAYMESH_VAR_DIR"] = str(self.var_dir)
         self.topology = Topology(environ=self.environ)
+        self.pki_dir = tls.pki_dir(self.environ)
         self._python = python
         wanted = set(names) if names is not None else {s.name for s in SERVICES}
         log_dir = self.var_dir / "logs"
@@ -127,7 +135,37 @@ class Mesh:
                     module=spec.module,
                     address=self.topology.address(spec.name),
                     log_path=log_dir / f"{spec.name}.log",
+                    public_address=self.topology.public_address(spec.name) or "",
                 )
+        self._operator: tls.TransportSecurity | None = None
+
+    @property
+    def uses_dev_pki(self) -> bool:
+        """Whether this mesh runs on the development PKI under ``pki_dir``."""
+        insecure = self.environ.get(tls.INSECURE_VAR, "").strip().lower() in {"1", "true", "yes"}
+        return not insecure and not self.environ.get(tls.CERT_FILE_VAR)
+
+    def ensure_pki(self) -> list[str]:
+        """Create the development CA and every certificate, renew those near expiry.
+
+        Returns the identities (re)issued; nothing to do outside the development PKI.
+        """
+        if not self.uses_dev_pki:
+            return []
+        names = [*(s.name for s in SERVICES), pki.OPERATOR]
+        return pki.ensure_dev_pki(
+            self.pki_dir,
+            names,
+            trust_domain=self.environ.get(tls.TRUST_DOMAIN_VAR) or pki.DEFAULT_TRUST_DOMAIN,
+            namespace=self.environ.get(tls.NAMESPACE_VAR) or pki.DEFAULT_NAMESPACE,
+        )
+
+    @property
+    def operator(self) -> tls.TransportSecurity:
+        """The operator identity the launcher probes with (and tools use)."""
+        if self._operator is None:
+            self._operator = tls.operator_security(self.environ)
+        return self._operator
 
     def start(self, *, timeout_s: float = 60.0) -> None:
         """Start every member and wait until each serves; MeshError names the first failure."""
@@ -138,6 +176,11 @@ class Mesh:
         ]
         if taken:
             raise MeshError(f"port already taken for: {', '.join(taken)}")
+        try:
+            self.ensure_pki()
+            self.operator.check()
+        except (OSError, ValueError) as exc:
+            raise MeshError(f"cannot set up TLS identities: {exc}") from exc
         for member in self.members.values():
             self.start_member(member.name)
         try:
@@ -197,7 +240,7 @@ class Mesh:
                     return True
             except OSError:
                 return False
-        return health_status(member.address) == "SERVING"
+        return health_status(member.address, security=self.operator, target=name) == "SERVING"
 
     def stop(self, *, grace_s: float = 15.0) -> dict[str, int | None]:
         """SIGTERM every member, wait up to ``grace_s``, SIGKILL stragglers; exit codes."""
@@ -228,9 +271,23 @@ class Mesh:
         return [m for m in self.members.values() if m.process and m.process.poll() is not None]
 
 
-def health_status(address: str, service: str = "", *, timeout_s: float = 1.0) -> str:
-    """grpc.health.v1 Check of ``service`` at ``address``: the status name, or the error code."""
-    with grpc.insecure_channel(address) as channel:
+def health_status(
+    address: str,
+    service: str = "",
+    *,
+    security: tls.TransportSecurity | None = None,
+    target: str = "",
+    timeout_s: float = 1.0,
+) -> str:
+    """grpc.health.v1 Check of ``service`` at ``address``: the status name, or the error code.
+
+    Over mTLS as ``security`` (the operator) verifying mesh service ``target``; plaintext
+    without ``security``.
+    """
+    channel = (
+        security.sync_channel(target, address) if security else grpc.insecure_channel(address)
+    )
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
@@ -279,13 +336,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"paymesh: {exc}", file=sys.stderr, flush=True)
         return 1
     rows = [
-        (m.name, m.address, "SERVING" if mesh.is_ready(m.name) else "NOT SERVING")
+        (
+            m.name,
+            m.address,
+            m.public_address or "-",
+            "SERVING" if mesh.is_ready(m.name) else "NOT SERVING",
+        )
         for m in mesh.members.values()
     ]
-    print(render_table(rows, ("service", "address", "status")), flush=True)
+    print(render_table(rows, ("service", "mesh (mTLS)", "merchants (TLS)", "status")), flush=True)
+    security = mesh.operator
+    if security.files is not None:
+        print(
+            f"operator identity: --cacert {security.files.ca} --cert {security.files.cert} "
+            f"--key {security.files.key}",
+            flush=True,
+        )
     print("mesh is up; Ctrl-C stops it", flush=True)
     exit_code = 0
+    renewed_at = time.monotonic()
     while not stopping:
+        if time.monotonic() - renewed_at >= RENEW_INTERVAL_S:
+            renewed_at = time.monotonic()
+            renewed = mesh.ensure_pki()
+            if renewed:
+                print(f"paymesh: renewed certificates of {', '.join(renewed)}", flush=True)
         dead = mesh.dead()
         if dead:
             names = ", ".join(

@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from paymesh.mesh.v1 import mesh_pb2, mesh_pb2_grpc
 from services.launcher import render_table
+from services.tls import TlsConfigError, TransportSecurity, operator_security
 from services.topology import Topology, TopologyError
 
 #: How long one service may take to answer health; Diagnostics checks its own dependencies
@@ -138,11 +139,18 @@ async def _health(channel: aio.Channel, service: str) -> str:
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
 
-async def service_status(topology: Topology, name: str) -> ServiceStatus:
-    """Ask one service for its health and its Diagnostics report; never raises for a dead one."""
+async def service_status(
+    topology: Topology, name: str, security: TransportSecurity | None = None
+) -> ServiceStatus:
+    """Ask one service for its health and its Diagnostics report; never raises for a dead one.
+
+    The call is made as the operator identity (``security``; default: the operator of
+    ``topology``'s environment), the only identity granted Diagnostics.
+    """
     spec = topology.service(name)
     address = topology.address(name)
-    async with aio.insecure_channel(address) as channel:
+    security = security or operator_security(topology.environ)
+    async with security.aio_channel(name, address) as channel:
         liveness, readiness = await asyncio.gather(
             _health(channel, ""), _health(channel, spec.proto_services[0])
         )
@@ -175,10 +183,15 @@ async def service_status(topology: Topology, name: str) -> ServiceStatus:
     )
 
 
-async def mesh_status(topology: Topology) -> list[ServiceStatus]:
+async def mesh_status(
+    topology: Topology, security: TransportSecurity | None = None
+) -> list[ServiceStatus]:
     """Every service of the topology, asked concurrently, in topology order."""
+    security = security or operator_security(topology.environ)
     return list(
-        await asyncio.gather(*(service_status(topology, s.name) for s in topology.services))
+        await asyncio.gather(
+            *(service_status(topology, s.name, security) for s in topology.services)
+        )
     )
 
 
@@ -276,7 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         topology = Topology()
-    except TopologyError as exc:
+        operator_security(topology.environ).check()
+    except (TopologyError, TlsConfigError) as exc:
         print(f"status: {exc}", file=sys.stderr)
         return 2
     try:

@@ -90,8 +90,13 @@ class TransportSecurity:
     """SPIFFE namespace of the mesh."""
 
     @classmethod
-    def from_environ(cls, name: str, environ: Mapping[str, str]) -> TransportSecurity:
-        """The identity ``name`` runs with under ``environ``; creates the dev PKI if needed.
+    def from_environ(
+        cls, name: str, environ: Mapping[str, str], *, create: bool = True
+    ) -> TransportSecurity:
+        """The identity ``name`` runs with under ``environ``.
+
+        In development the PKI is created (or the certificate renewed) when ``create``; tools
+        pass False so they never mint a CA the running mesh does not trust.
 
         Raises:
             TlsConfigError: the variables are contradictory or name unreadable files.
@@ -115,8 +120,16 @@ class TransportSecurity:
             )
         else:
             directory = pki_dir(environ)
-            pki.ensure_dev_pki(directory, [name], trust_domain=trust_domain, namespace=namespace)
             layout = pki.PkiLayout(directory=directory)
+            if create:
+                pki.ensure_dev_pki(
+                    directory, [name], trust_domain=trust_domain, namespace=namespace
+                )
+            elif not layout.cert(name).exists():
+                raise TlsConfigError(
+                    f"no {name} certificate in {directory} (the development PKI that `make run` "
+                    f"creates); set {PKI_DIR_VAR}, or {OPERATOR_CERT_VAR}/{OPERATOR_KEY_VAR}"
+                )
             files = TlsFiles(ca=layout.ca_cert, cert=layout.cert(name), key=layout.key(name))
         security = cls(name=name, files=files, trust_domain=trust_domain, namespace=namespace)
         security.check()
@@ -248,7 +261,7 @@ def operator_security(environ: Mapping[str, str]) -> TransportSecurity:
         env.pop(CERT_FILE_VAR, None)
         env.pop(KEY_FILE_VAR, None)
         env.pop(CA_FILE_VAR, None)
-    return TransportSecurity.from_environ(pki.OPERATOR, env)
+    return TransportSecurity.from_environ(pki.OPERATOR, env, create=False)
 
 
 def peer_identity(context: Any) -> str | None:
