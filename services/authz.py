@@ -224,7 +224,9 @@ class CallGate:
                 metadata={"method": method},
             )
         if self._authenticate is None:
-            raise Unauthenticated(f"{self._service} cannot check API keys", reason="CREDENTIALS_MISSING")
+            raise Unauthenticated(
+                f"{self._service} cannot check API keys", reason="CREDENTIALS_MISSING"
+            )
         merchant = await self._authenticate(secret, str(context.peer()))
         token = _MERCHANT.set(merchant)
         return Admission(caller=f"merchant:{merchant.merchant_id}", token=token)
@@ -268,3 +270,29 @@ def merchant_of(response: Any) -> AuthenticatedMerchant:
 def table(topology: Topology) -> Mapping[str, Mapping[str, frozenset[str]]]:
     """Service -> method path -> identity names granted it (the README's who-may-call-what)."""
     return {spec.name: grants(topology, spec.name) for spec in topology.services}
+
+
+def markdown_table(topology: Topology) -> str:
+    """Who may call what, as the README's markdown table (``python -m services.authz``)."""
+    lines = [
+        "| service | method | mesh callers | operator | merchants (API key) |",
+        "|---|---|---|---|---|",
+    ]
+    for spec in topology.services:
+        merchant = method_paths(spec, spec.merchant_methods)
+        for path, names in sorted(grants(topology, spec.name).items()):
+            if path == DIAGNOSTICS_METHOD:
+                continue
+            callers = ", ".join(sorted(n for n in names if n != OPERATOR)) or "-"
+            lines.append(
+                f"| {spec.name} | {path.rsplit('/', 1)[1]} | {callers} | "
+                f"{'yes' if OPERATOR in names else '-'} | {'yes' if path in merchant else '-'} |"
+            )
+    lines.append("| every service | Diagnostics/GetDiagnostics | - | yes | - |")
+    lines.append("| every service | grpc.health.v1.Health/* | every peer | yes | yes |")
+    lines.append("| every service | grpc.reflection.* | every mesh identity | yes | - |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_table(Topology()))

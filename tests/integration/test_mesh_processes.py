@@ -1,7 +1,8 @@
 """The eleven services as real processes on free loopback ports, probed as an operator would.
 
-Health through generated stubs, reflection and a real RPC through ``buf curl``, and a clean
-SIGTERM: health turns NOT_SERVING (or the connection closes) and the process exits 0.
+Health through generated stubs, reflection and a real RPC through ``buf curl`` over mTLS with
+the operator certificate (exactly as the README shows), and a clean SIGTERM: health turns
+NOT_SERVING (or the connection closes) and the process exits 0.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.launcher import Mesh, MeshError, ephemeral_environ, health_status
+from services.tls import operator_security
 from services.topology import SERVICES, ServiceSpec
 
 BUF = Path(sys.executable).parent / "buf"
@@ -76,9 +78,12 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         running.stop()
 
 
-def _buf_curl(*args: str) -> subprocess.CompletedProcess[str]:
+def _buf_curl(mesh: Mesh, *args: str) -> subprocess.CompletedProcess[str]:
+    files = mesh.operator.files
+    assert files is not None
+    tls = ("--cacert", str(files.ca), "--cert", str(files.cert), "--key", str(files.key))
     return subprocess.run(
-        [str(BUF), "curl", "--protocol", "grpc", "--http2-prior-knowledge", *args],
+        [str(BUF), "curl", "--protocol", "grpc", *tls, *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -93,7 +98,7 @@ def _spec_ids() -> list[str]:
 @pytest.mark.parametrize("spec", SERVICES, ids=_spec_ids())
 def test_health_check_is_serving_for_overall_and_own_service(mesh: Mesh, spec: ServiceSpec) -> None:
     address = mesh.members[spec.name].address
-    with grpc.insecure_channel(address) as channel:
+    with mesh.operator.sync_channel(spec.name, address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for service in ("", *spec.proto_services):
             reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
@@ -102,7 +107,7 @@ def test_health_check_is_serving_for_overall_and_own_service(mesh: Mesh, spec: S
 
 @pytest.mark.parametrize("spec", SERVICES, ids=_spec_ids())
 def test_buf_curl_lists_every_rpc_through_reflection(mesh: Mesh, spec: ServiceSpec) -> None:
-    result = _buf_curl("--list-methods", f"http://{mesh.members[spec.name].address}")
+    result = _buf_curl(mesh, "--list-methods", f"https://{mesh.members[spec.name].address}")
     assert result.returncode == 0, result.stderr
     listed = set(result.stdout.split())
     pool = descriptor_pool.Default()
@@ -119,7 +124,7 @@ def test_buf_curl_lists_every_rpc_through_reflection(mesh: Mesh, spec: ServiceSp
 def test_buf_curl_gets_a_json_answer_from_a_real_rpc(mesh: Mesh, spec: ServiceSpec) -> None:
     method, body = READS[spec.name]
     address = mesh.members[spec.name].address
-    result = _buf_curl("-d", json.dumps(body), f"http://{address}/{method}")
+    result = _buf_curl(mesh, "-d", json.dumps(body), f"https://{address}/{method}")
     assert result.returncode == 0, result.stderr
     assert isinstance(json.loads(result.stdout), dict)
 
@@ -127,7 +132,7 @@ def test_buf_curl_gets_a_json_answer_from_a_real_rpc(mesh: Mesh, spec: ServiceSp
 def test_exchange_rate_answer_comes_from_the_partner(mesh: Mesh) -> None:
     method, body = READS["channel-adapter"]
     result = _buf_curl(
-        "-d", json.dumps(body), f"http://{mesh.members['channel-adapter'].address}/{method}"
+        mesh, "-d", json.dumps(body), f"https://{mesh.members['channel-adapter'].address}/{method}"
     )
     assert json.loads(result.stdout)["exchangeRate"]["rate"] == "151.300000"
 
@@ -142,7 +147,7 @@ def test_sigterm_turns_health_not_serving_and_exits_zero(tmp_path: Path) -> None
     single.start(timeout_s=60)
     member = single.members["order-service"]
     assert member.process is not None
-    with grpc.insecure_channel(member.address) as channel:
+    with single.operator.sync_channel("order-service", member.address) as channel:
         watch = health_pb2_grpc.HealthStub(channel).Watch(
             health_pb2.HealthCheckRequest(service=""), timeout=30
         )
@@ -159,7 +164,10 @@ def test_sigterm_turns_health_not_serving_and_exits_zero(tmp_path: Path) -> None
     assert code == 0, member.log_tail()
     assert time.monotonic() - started < 30
     assert not seen or seen[-1] == health_pb2.HealthCheckResponse.NOT_SERVING
-    assert health_status(member.address) != "SERVING"
+    assert health_status(member.address, security=single.operator, target="order-service") in (
+        "UNAVAILABLE",
+        "NOT_SERVING",
+    )
     assert "Traceback" not in member.log_path.read_text()
 
 
@@ -248,7 +256,30 @@ def test_make_run_front_door_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
     assert launcher.returncode == 0, "".join(lines) + rest
     assert "stopped" in rest
     assert "Traceback" not in "".join(lines) + rest
+    operator = operator_security(environ)
     for spec in SERVICES:
-        assert health_status(environ[spec.addr_var]) != "SERVING", spec.name
+        status = health_status(environ[spec.addr_var], security=operator, target=spec.name)
+        assert status == "UNAVAILABLE", spec.name
     for log in (tmp_path / "logs").glob("*.log"):
         assert "Traceback" not in log.read_text(), log.name
+
+
+def test_a_plaintext_client_is_refused_on_every_mesh_port(mesh: Mesh) -> None:
+    for spec in SERVICES:
+        assert health_status(mesh.members[spec.name].address) == "UNAVAILABLE", spec.name
+
+
+def test_buf_curl_without_a_client_certificate_is_refused(mesh: Mesh) -> None:
+    files = mesh.operator.files
+    assert files is not None
+    method, body = READS["order-service"]
+    result = subprocess.run(
+        [str(BUF), "curl", "--protocol", "grpc", "--cacert", str(files.ca), "-d", json.dumps(body)]
+        + [f"https://{mesh.members['order-service'].address}/{method}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "certificate" in result.stderr.lower() or "unavailable" in result.stderr.lower()
