@@ -22,8 +22,8 @@ from google.protobuf.descriptor import ServiceDescriptor
 
 from interceptors.errors import NotFound, PermissionDenied, Unauthenticated
 from services.pki import OPERATOR
-from services.topology import ALL_METHODS, ServiceSpec, Topology, TopologyError
 from services.tls import peer_identity
+from services.topology import ALL_METHODS, ServiceSpec, Topology, TopologyError
 
 #: The Diagnostics RPC every service serves; for the operator only.
 DIAGNOSTICS_METHOD = "/paymesh.mesh.v1.DiagnosticsService/GetDiagnostics"
@@ -110,7 +110,8 @@ def method_paths(spec: ServiceSpec, names: Iterable[str]) -> set[str]:
     unknown = sorted(set(wanted) - set(by_name))
     if unknown:
         raise TopologyError(
-            f"{spec.name} has no method {', '.join(unknown)}; it serves {', '.join(sorted(by_name))}"
+            f"{spec.name} has no method {', '.join(unknown)}; "
+            f"it serves {', '.join(sorted(by_name))}"
         )
     return {by_name[name] for name in wanted}
 

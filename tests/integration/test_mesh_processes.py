@@ -273,9 +273,19 @@ def test_buf_curl_without_a_client_certificate_is_refused(mesh: Mesh) -> None:
     files = mesh.operator.files
     assert files is not None
     method, body = READS["order-service"]
+    url = f"https://{mesh.members['order-service'].address}/{method}"
     result = subprocess.run(
-        [str(BUF), "curl", "--protocol", "grpc", "--cacert", str(files.ca), "-d", json.dumps(body)]
-        + [f"https://{mesh.members['order-service'].address}/{method}"],
+        [
+            str(BUF),
+            "curl",
+            "--protocol",
+            "grpc",
+            "--cacert",
+            str(files.ca),
+            "-d",
+            json.dumps(body),
+            url,
+        ],
         capture_output=True,
         text=True,
         timeout=60,
