@@ -1,7 +1,8 @@
 """``make bench``: every benchmark in one run, each in its own processes, figures as ratios.
 
 1. chain overhead (bare stub vs the full chain), 2. open-breaker rejection through the stub
-(both from ``bench.chain_overhead``), 3. outage of one hop for the old BreakerClient, gRPC's
+(both from ``bench.chain_overhead``), 2b. mTLS vs plaintext on a warm channel
+(``bench.tls_overhead``), 3. outage of one hop for the old BreakerClient, gRPC's
 own retries and the chain (``bench.outage``), 4. mesh throughput (``bench.mesh_throughput``).
 Each prints its figures and ends with one JSON line; this collects them into
 ``bench/results/latest.json`` and draws ``bench/results/latest.png``. Never pass/fail on speed.
@@ -74,6 +75,7 @@ def main(quick: bool) -> int:
         f"p99 {rejection['p99_us']:.1f} us (goal median <= 50 us)"
     )
     print(json.dumps(rejection), flush=True)
+    transport = _run("bench.tls_overhead", "--calls", "1000" if quick else "4000")
     outage = _run("bench.outage", *(["--duration", "4"] if quick else []))
     throughput = _run("bench.mesh_throughput", "--seconds", "3" if quick else "8")
     results = {
@@ -82,6 +84,7 @@ def main(quick: bool) -> int:
         "wall_s": round(time.monotonic() - started, 1),
         "chain_overhead": overhead,
         "open_breaker_rejection": rejection,
+        "tls_overhead": transport,
         "outage": outage,
         "mesh_throughput": throughput,
     }
@@ -96,6 +99,7 @@ def main(quick: bool) -> int:
         "cores": results["machine"]["cores"],
         "chain_overhead_ratio_median": overhead["ratio_median"],
         "open_breaker_median_us": rejection["median_us"],
+        "mtls_over_plaintext_ratio_median": transport["ratio_median"],
         "outage_p99_s": {
             mode: {c: r["p99_s"] for c, r in per.items()} for mode, per in outage["results"].items()
         },

@@ -80,7 +80,9 @@ async def _closed_loop(call: Any, concurrency: int, seconds: float) -> dict[str,
 
 
 async def _onboard(mesh: Mesh) -> tuple[str, str]:
-    async with aio.insecure_channel(mesh.members["merchant-service"].address) as m_channel:
+    operator = mesh.operator
+    merchant_address = mesh.members["merchant-service"].address
+    async with operator.aio_channel("merchant-service", merchant_address) as m_channel:
         merchant = (
             await merchant_pb2_grpc.MerchantServiceStub(m_channel).CreateMerchant(
                 merchant_pb2.CreateMerchantRequest(
@@ -94,7 +96,8 @@ async def _onboard(mesh: Mesh) -> tuple[str, str]:
                 timeout=10,
             )
         ).merchant
-    async with aio.insecure_channel(mesh.members["merchant-auth-service"].address) as a_channel:
+    auth_address = mesh.members["merchant-auth-service"].address
+    async with operator.aio_channel("merchant-auth-service", auth_address) as a_channel:
         key = await merchant_auth_pb2_grpc.MerchantAuthServiceStub(a_channel).IssueApiKey(
             merchant_auth_pb2.IssueApiKeyRequest(
                 request_id=f"bench-key-{uuid.uuid4().hex}",
@@ -109,7 +112,10 @@ async def _onboard(mesh: Mesh) -> tuple[str, str]:
 async def _payments(mesh: Mesh, seconds: float) -> dict[str, Any]:
     merchant_id, api_key = await _onboard(mesh)
     results: dict[str, Any] = {}
-    async with aio.insecure_channel(mesh.members["payment-gateway"].address) as channel:
+    # As a merchant calls it: the gateway's public TLS port, the API key in metadata.
+    public = mesh.members["payment-gateway"].public_address
+    key = (("authorization", f"Bearer {api_key}"),)
+    async with mesh.operator.merchant_aio_channel("payment-gateway", public) as channel:
         gateway = payment_gateway_pb2_grpc.PaymentGatewayServiceStub(channel)
 
         async def create() -> None:
@@ -117,13 +123,13 @@ async def _payments(mesh: Mesh, seconds: float) -> dict[str, Any]:
                 pg.CreatePaymentRequest(
                     request_id=uuid.uuid4().hex,
                     merchant_id=merchant_id,
-                    api_key=api_key,
                     amount=common_pb2.Money(amount_minor=1250, currency_code="EUR"),
                     payment_method_token="tok_visa",
                     customer_ip="192.0.2.10",
                     description="bench",
                 ),
                 timeout=10,
+                metadata=key,
             )
             if reply.payment.status != pg.PAYMENT_STATUS_SUCCEEDED:
                 raise RuntimeError(f"payment ended {pg.PaymentStatus.Name(reply.payment.status)}")

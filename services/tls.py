@@ -227,7 +227,6 @@ class TransportSecurity:
         """Channel arguments that make TLS verify ``target``'s certificate by its mesh name."""
         return [] if self.files is None else [("grpc.ssl_target_name_override", target)]
 
-
     def aio_channel(
         self, target: str, address: str, *, options: Sequence[tuple[str, Any]] = ()
     ) -> aio.Channel:
@@ -236,6 +235,14 @@ class TransportSecurity:
         if self.files is None:
             return aio.insecure_channel(address, options=opts)
         return aio.secure_channel(address, self.channel_credentials(), options=opts)
+
+    def merchant_aio_channel(self, target: str, address: str) -> aio.Channel:
+        """A channel as a merchant dials ``target``'s public port: it verifies the server
+        against the mesh CA and presents no certificate (the API key goes in metadata)."""
+        if self.files is None:
+            return aio.insecure_channel(address)
+        credentials = grpc.ssl_channel_credentials(root_certificates=self.files.ca.read_bytes())
+        return aio.secure_channel(address, credentials, options=self.channel_options(target))
 
     def sync_channel(
         self, target: str, address: str, *, options: Sequence[tuple[str, Any]] = ()

@@ -21,6 +21,7 @@ from paymesh.channel_adapter.v1 import channel_adapter_pb2_grpc
 from paymesh.order.v1 import order_pb2, order_pb2_grpc
 from paymesh.payment_gateway.v1 import payment_gateway_pb2 as pg
 from paymesh.payment_gateway.v1 import payment_gateway_pb2_grpc
+from services.tls import TransportSecurity
 from tests.chaos.load import LoadRecord, Merchant
 
 PSP_CLEARING = "platform/psp_clearing"
@@ -67,9 +68,11 @@ def sandbox_charges(sandbox_address: str) -> list[dict[str, Any]]:
         return list(json.load(reply)["charges"])
 
 
-async def gateway_payments(gateway_address: str, merchants: list[Merchant]) -> list[Any]:
-    """Every payment of the run's merchants, from the gateway's store."""
-    async with aio.insecure_channel(gateway_address) as channel:
+async def gateway_payments(
+    gateway_address: str, merchants: list[Merchant], operator: TransportSecurity
+) -> list[Any]:
+    """Every payment of the run's merchants, from the gateway's store (read as the operator)."""
+    async with operator.aio_channel("payment-gateway", gateway_address) as channel:
         stub = payment_gateway_pb2_grpc.PaymentGatewayServiceStub(channel)
         payments: list[Any] = []
         for merchant in merchants:
@@ -87,9 +90,10 @@ async def check_money(
     sandbox_address: str,
     merchants: list[Merchant],
     record: LoadRecord,
+    operator: TransportSecurity,
 ) -> list[Check]:
     """Exactly once in orders, charges and ledger; charged at most once; ledger balanced."""
-    payments = await gateway_payments(addresses["payment-gateway"], merchants)
+    payments = await gateway_payments(addresses["payment-gateway"], merchants, operator)
     by_id = {p.payment_id: p for p in payments}
     acknowledged = {r.payment_id for r in record.payments if r.final == "PAYMENT_STATUS_SUCCEEDED"}
     succeeded = {p.payment_id for p in payments if p.status == pg.PAYMENT_STATUS_SUCCEEDED}
@@ -115,9 +119,9 @@ async def check_money(
     )
 
     async with (
-        aio.insecure_channel(addresses["order-service"]) as o_channel,
-        aio.insecure_channel(addresses["channel-adapter"]) as c_channel,
-        aio.insecure_channel(addresses["accounting-service"]) as a_channel,
+        operator.aio_channel("order-service", addresses["order-service"]) as o_channel,
+        operator.aio_channel("channel-adapter", addresses["channel-adapter"]) as c_channel,
+        operator.aio_channel("accounting-service", addresses["accounting-service"]) as a_channel,
     ):
         orders_stub = order_pb2_grpc.OrderServiceStub(o_channel)
         channel_stub = channel_adapter_pb2_grpc.ChannelAdapterServiceStub(c_channel)

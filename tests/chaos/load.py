@@ -23,6 +23,7 @@ from paymesh.merchant.v1 import merchant_pb2, merchant_pb2_grpc
 from paymesh.merchant_auth.v1 import merchant_auth_pb2, merchant_auth_pb2_grpc
 from paymesh.payment_gateway.v1 import payment_gateway_pb2 as pg
 from paymesh.payment_gateway.v1 import payment_gateway_pb2_grpc
+from services.tls import TransportSecurity
 
 #: Codes after which a merchant retries with the same request_id.
 RETRIED_CODES = frozenset(
@@ -88,10 +89,16 @@ class LoadRecord:
     payments: list[PaymentRun] = field(default_factory=list)
 
 
-async def onboard(merchant_address: str, auth_address: str, count: int) -> list[Merchant]:
-    """Create ``count`` merchants and an API key each (retried: the mesh has just started)."""
+async def onboard(
+    merchant_address: str, auth_address: str, count: int, operator: TransportSecurity
+) -> list[Merchant]:
+    """Create ``count`` merchants and an API key each, as the operator (retried: the mesh has
+    just started)."""
     merchants = []
-    async with aio.insecure_channel(merchant_address) as m, aio.insecure_channel(auth_address) as a:
+    async with (
+        operator.aio_channel("merchant-service", merchant_address) as m,
+        operator.aio_channel("merchant-auth-service", auth_address) as a,
+    ):
         merchant_stub = merchant_pb2_grpc.MerchantServiceStub(m)
         auth_stub = merchant_auth_pb2_grpc.MerchantAuthServiceStub(a)
         for i in range(count):
@@ -129,6 +136,7 @@ class MerchantLoad:
         gateway_address: str,
         merchants: list[Merchant],
         *,
+        security: TransportSecurity,
         creates_per_s: float = 12.0,
         reads_per_s: float = 4.0,
         attempt_timeout_s: float = 8.0,
@@ -136,6 +144,7 @@ class MerchantLoad:
         rng: random.Random | None = None,
     ) -> None:
         self.gateway_address = gateway_address
+        self.security = security
         self.merchants = merchants
         self.creates_per_s = creates_per_s
         self.reads_per_s = reads_per_s
@@ -144,7 +153,7 @@ class MerchantLoad:
         self.rng = rng or random.Random(7)
         self.record = LoadRecord()
         self.t0 = time.monotonic()
-        self._succeeded: list[str] = []
+        self._succeeded: list[tuple[str, Merchant]] = []
 
     def now(self) -> float:
         """Seconds since the run's start."""
@@ -152,7 +161,9 @@ class MerchantLoad:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Spawn payments and reads at their rates until ``stop``; then wait for them."""
-        async with aio.insecure_channel(self.gateway_address) as channel:
+        # The merchant's view: the gateway's public TLS port, each merchant's key in metadata.
+        channel = self.security.merchant_aio_channel("payment-gateway", self.gateway_address)
+        async with channel:
             gateway = payment_gateway_pb2_grpc.PaymentGatewayServiceStub(channel)
             tasks: set[asyncio.Task[None]] = set()
             n = 0
@@ -199,7 +210,6 @@ class MerchantLoad:
         request = pg.CreatePaymentRequest(
             request_id=run.request_id,
             merchant_id=merchant.merchant_id,
-            api_key=merchant.api_key,
             amount=common_pb2.Money(amount_minor=run.amount_minor, currency_code="EUR"),
             payment_method_token="tok_visa",
             customer_ip="192.0.2.10",
@@ -210,14 +220,17 @@ class MerchantLoad:
         while True:
             run.attempts += 1
             code, reply = await self._call(
-                "create", gateway.CreatePayment(request, timeout=self.attempt_timeout_s)
+                "create",
+                gateway.CreatePayment(
+                    request, timeout=self.attempt_timeout_s, metadata=_bearer(merchant)
+                ),
             )
             if code == "OK":
                 assert isinstance(reply, pg.CreatePaymentResponse)
                 run.payment_id = reply.payment.payment_id
                 run.final = pg.PaymentStatus.Name(reply.payment.status)
                 if reply.payment.status == pg.PAYMENT_STATUS_SUCCEEDED:
-                    self._succeeded.append(run.payment_id)
+                    self._succeeded.append((run.payment_id, merchant))
                 return
             if grpc.StatusCode[code] not in RETRIED_CODES:
                 run.final = code
@@ -230,11 +243,13 @@ class MerchantLoad:
 
     async def _read(self, gateway: payment_gateway_pb2_grpc.PaymentGatewayServiceStub) -> None:
         if self._succeeded and self.rng.random() < 0.75:
-            payment_id = self.rng.choice(self._succeeded)
+            payment_id, owner = self.rng.choice(self._succeeded)
             await self._call(
                 "read",
                 gateway.GetPayment(
-                    pg.GetPaymentRequest(payment_id=payment_id), timeout=self.attempt_timeout_s
+                    pg.GetPaymentRequest(payment_id=payment_id),
+                    timeout=self.attempt_timeout_s,
+                    metadata=_bearer(owner),
                 ),
             )
         else:
@@ -244,5 +259,10 @@ class MerchantLoad:
                 gateway.ListPayments(
                     pg.ListPaymentsRequest(merchant_id=merchant.merchant_id, page_size=20),
                     timeout=self.attempt_timeout_s,
+                    metadata=_bearer(merchant),
                 ),
             )
+
+
+def _bearer(merchant: Merchant) -> tuple[tuple[str, str]]:
+    return (("authorization", f"Bearer {merchant.api_key}"),)

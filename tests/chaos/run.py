@@ -23,6 +23,7 @@ from typing import Any
 
 from interceptors.policy import DEFAULT_POLICY_FILE, POLICY_FILE_VAR, PolicyConfig
 from services.launcher import Mesh, ephemeral_environ
+from services.tls import TransportSecurity
 from services.topology import Topology
 from tests.chaos.invariants import Check, check_deadlines, check_money, gateway_payments
 from tests.chaos.load import Attempt, MerchantLoad, onboard
@@ -325,13 +326,15 @@ def write_policy(path: Path, open_s: float, window_s: float) -> None:
     assert (breaker_policy.open_s, breaker_policy.window_s) == (open_s, window_s)
 
 
-async def _drain(gateway: str, merchants: list[Any], timeout_s: float) -> int:
+async def _drain(
+    gateway: str, merchants: list[Any], timeout_s: float, operator: TransportSecurity
+) -> int:
     """Wait for the gateway's recovery to finish every pending payment; how many are left."""
     from tests.chaos.invariants import TERMINAL
 
     deadline = time.monotonic() + timeout_s
     while True:
-        payments = await gateway_payments(gateway, merchants)
+        payments = await gateway_payments(gateway, merchants, operator)
         left = sum(1 for p in payments if p.status not in TERMINAL)
         if left == 0 or time.monotonic() > deadline:
             return left
@@ -375,11 +378,12 @@ async def run(
     started = time.monotonic()
     try:
         merchants = await onboard(
-            addresses["merchant-service"], addresses["merchant-auth-service"], 3
+            addresses["merchant-service"], addresses["merchant-auth-service"], 3, mesh.operator
         )
         load = MerchantLoad(
-            addresses["payment-gateway"],
+            mesh.members["payment-gateway"].public_address,
             merchants,
+            security=mesh.operator,
             creates_per_s=creates_per_s,
             reads_per_s=reads_per_s,
         )
@@ -408,13 +412,14 @@ async def run(
         await poll_task
         duration = load.now()
         log(f"chaos: load stopped at {duration:.1f}s; waiting for recovery to finish payments")
-        left = await _drain(addresses["payment-gateway"], merchants, 30.0)
+        left = await _drain(addresses["payment-gateway"], merchants, 30.0, mesh.operator)
         log(f"chaos: {left} payments still pending; checking invariants")
         checks = await check_money(
             addresses=addresses,
             sandbox_address=topology.sandbox_address(),
             merchants=merchants,
             record=load.record,
+            operator=mesh.operator,
         )
         checks.append(check_deadlines(load.record, DEADLINE_MARGIN_S))
         per_fault = [
