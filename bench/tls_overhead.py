@@ -57,7 +57,34 @@ async def _latencies(stub: Any, calls: int) -> list[float]:
     return out
 
 
-async def _main(calls: int) -> dict[str, Any]:
+async def _measure(pki_dir: str, plain_port: str, secure_port: str, calls: int) -> dict[str, Any]:
+    operator = TransportSecurity.from_environ(pki.OPERATOR, {PKI_DIR_VAR: pki_dir})
+    async with (
+        aio.insecure_channel(f"127.0.0.1:{plain_port}") as plain_channel,
+        operator.aio_channel(TARGET, f"127.0.0.1:{secure_port}") as tls_channel,
+    ):
+        plain = testing_pb2_grpc.TestServiceStub(plain_channel)
+        mtls = testing_pb2_grpc.TestServiceStub(tls_channel)
+        await _latencies(plain, 200)  # warm: connections, handshakes, code paths
+        await _latencies(mtls, 200)
+        plain_samples: list[float] = []
+        mtls_samples: list[float] = []
+        for _ in range(10):
+            plain_samples += await _latencies(plain, calls // 10)
+            mtls_samples += await _latencies(mtls, calls // 10)
+    plain_us = statistics.median(plain_samples) * 1e6
+    mtls_us = statistics.median(mtls_samples) * 1e6
+    return {
+        "bench": "tls_overhead",
+        "calls": calls,
+        "plaintext_median_us": plain_us,
+        "mtls_median_us": mtls_us,
+        "ratio_median": mtls_us / plain_us,
+    }
+
+
+def main(calls: int) -> dict[str, Any]:
+    """Start the two-port server, measure both channels side by side, print the figures."""
     with tempfile.TemporaryDirectory(prefix="paymesh-bench-pki-") as pki_dir:
         pki.ensure_dev_pki(Path(pki_dir), [TARGET, pki.OPERATOR])
         server = subprocess.Popen(
@@ -65,36 +92,15 @@ async def _main(calls: int) -> dict[str, Any]:
         )
         assert server.stdout is not None
         plain_port, secure_port = server.stdout.readline().split()
-        operator = TransportSecurity.from_environ(pki.OPERATOR, {PKI_DIR_VAR: pki_dir})
         try:
-            async with (
-                aio.insecure_channel(f"127.0.0.1:{plain_port}") as plain_channel,
-                operator.aio_channel(TARGET, f"127.0.0.1:{secure_port}") as tls_channel,
-            ):
-                plain = testing_pb2_grpc.TestServiceStub(plain_channel)
-                mtls = testing_pb2_grpc.TestServiceStub(tls_channel)
-                await _latencies(plain, 200)  # warm: connections, handshakes, code paths
-                await _latencies(mtls, 200)
-                plain_samples: list[float] = []
-                mtls_samples: list[float] = []
-                for _ in range(10):
-                    plain_samples += await _latencies(plain, calls // 10)
-                    mtls_samples += await _latencies(mtls, calls // 10)
+            line = asyncio.run(_measure(pki_dir, plain_port, secure_port, calls))
         finally:
             server.terminate()
             server.wait()
-    plain_us = statistics.median(plain_samples) * 1e6
-    mtls_us = statistics.median(mtls_samples) * 1e6
-    print(f"plaintext median {plain_us:8.1f} us")
-    print(f"mTLS      median {mtls_us:8.1f} us")
-    print(f"ratio mTLS / plaintext (median, warm channel, goal <= 1.05): {mtls_us / plain_us:.3f}")
-    line = {
-        "bench": "tls_overhead",
-        "calls": calls,
-        "plaintext_median_us": plain_us,
-        "mtls_median_us": mtls_us,
-        "ratio_median": mtls_us / plain_us,
-    }
+    print(f"plaintext median {line['plaintext_median_us']:8.1f} us")
+    print(f"mTLS      median {line['mtls_median_us']:8.1f} us")
+    ratio = line["ratio_median"]
+    print(f"ratio mTLS / plaintext (median, warm channel, goal <= 1.05): {ratio:.3f}")
     print(json.dumps(line), flush=True)
     return line
 
@@ -107,4 +113,4 @@ if __name__ == "__main__":
     if options.serve:
         asyncio.run(_serve(options.serve))
     else:
-        asyncio.run(_main(options.calls))
+        main(options.calls)
