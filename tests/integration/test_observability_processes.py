@@ -30,7 +30,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from paymesh.merchant_auth.v1 import merchant_auth_pb2, merchant_auth_pb2_grpc
 from paymesh.mesh.v1 import mesh_pb2, mesh_pb2_grpc
 from services.launcher import Mesh, ephemeral_environ, free_port
+from services.pki import OPERATOR, ensure_dev_pki
 from services.prometheus_config import render
+from services.tls import operator_security
 from services.topology import Topology
 
 pytestmark = pytest.mark.slow
@@ -70,8 +72,17 @@ def _poll(what: str, check: Any, *, timeout_s: float = 30.0, every_s: float = 0.
         time.sleep(every_s)  # polling for a state, bounded by the deadline
 
 
+#: The environment of the module's mesh, so probes present its operator certificate.
+_MESH_ENV: dict[str, str] = {}
+
+
+def _channel(address: str) -> grpc.Channel:
+    """An mTLS channel to the caller service as the operator (the only one granted Diagnostics)."""
+    return operator_security(_MESH_ENV).sync_channel(CALLER, address)
+
+
 def _diagnostics(address: str) -> mesh_pb2.GetDiagnosticsResponse:
-    with grpc.insecure_channel(address) as channel:
+    with _channel(address) as channel:
         stub = mesh_pb2_grpc.DiagnosticsServiceStub(channel)
         return stub.GetDiagnostics(mesh_pb2.GetDiagnosticsRequest(), timeout=5)
 
@@ -81,7 +92,7 @@ def _edge(address: str) -> mesh_pb2.Dependency:
 
 
 def _liveness(address: str) -> int:
-    with grpc.insecure_channel(address) as channel:
+    with _channel(address) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=""), timeout=5
         )
@@ -112,6 +123,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     environ["PAYMESH_POLICY_FILE"] = str(policy)
     running = Mesh(environ=environ, names=(CALLER, DOWNSTREAM), var_dir=var_dir, with_sandbox=False)
     running.start(timeout_s=60)
+    _MESH_ENV.clear()
+    _MESH_ENV.update(running.environ)
     try:
         yield running
     finally:
@@ -178,7 +191,7 @@ def outage(mesh: Mesh) -> str:
     process.wait(timeout=15)
 
     def call_fails_until_open() -> bool:
-        with grpc.insecure_channel(caller) as channel:
+        with _channel(caller) as channel:
             stub = merchant_auth_pb2_grpc.MerchantAuthServiceStub(channel)
             request = merchant_auth_pb2.IssueApiKeyRequest(
                 request_id=str(uuid.uuid4()), merchant_id="m_1", label="observability"
@@ -271,8 +284,10 @@ def test_status_table_names_the_open_edge(mesh: Mesh, outage: str) -> None:
     assert "Traceback" not in run.stderr
 
 
-def test_status_watch_refreshes_until_ctrl_c_and_exits_cleanly() -> None:
+def test_status_watch_refreshes_until_ctrl_c_and_exits_cleanly(tmp_path: Path) -> None:
     nobody = ephemeral_environ()  # every address free: the whole mesh is DOWN
+    nobody["PAYMESH_VAR_DIR"] = str(tmp_path)
+    ensure_dev_pki(tmp_path / "pki", [OPERATOR])
     watch = subprocess.Popen(
         [sys.executable, "-m", "services.status", "--watch", "0.1"],
         env=nobody,
