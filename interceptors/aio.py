@@ -22,7 +22,14 @@ from grpc import aio
 from opentelemetry import trace
 
 from interceptors.breaker import BreakerOpen, Outcome
-from interceptors.deadline import DeadlineExhausted, outgoing_deadline
+from interceptors.deadline import (
+    DeadlineExhausted,
+    OutgoingDeadline,
+    bind_call_deadline,
+    deadline_is_callers,
+    outgoing_deadline,
+    reset_call_deadline,
+)
 from interceptors.errors import (
     PUSHBACK_KEY,
     CallError,
@@ -34,6 +41,7 @@ from interceptors.retry import AttemptFailure, RetryRun, breaker_outcome
 from interceptors.runtime import ChainRuntime
 from interceptors.safety import method_name, request_is_safe
 from interceptors.telemetry import CallRecord
+from interceptors.tls import grpc_tls_problem, tls_handshake_error
 from interceptors.tracing import (
     circuit_open,
     client_interceptors,
@@ -55,7 +63,7 @@ Continuation = Callable[[aio.ClientCallDetails, Any], Awaitable[Any]]
 def attempt_failure(
     code: grpc.StatusCode, details: str, trailing: Iterable[tuple[str, str | bytes]] | None
 ) -> AttemptFailure:
-    """The core's view of a failed attempt: code, pushback, RetryInfo."""
+    """The core's view of a failed attempt: code, pushback, RetryInfo, TLS handshake failure."""
     pushback: int | None = None
     for key, value in trailing or ():
         if key == PUSHBACK_KEY:
@@ -65,11 +73,26 @@ def attempt_failure(
             except ValueError:
                 pushback = -1  # unreadable pushback: gRPC treats it as "do not retry"
     delay = retry_delay_of(status_from_metadata(code, details, tuple(trailing or ())))
-    return AttemptFailure(code=code.name, pushback_ms=pushback, retry_delay_s=delay)
+    return AttemptFailure(
+        code=code.name,
+        pushback_ms=pushback,
+        retry_delay_s=delay,
+        tls_problem=grpc_tls_problem(code, details),
+    )
+
+
+def attempt_outcome(code: grpc.StatusCode, details: str) -> Outcome:
+    """How a finished attempt counts for the breaker, with what only the adapter can see."""
+    return breaker_outcome(
+        code.name,
+        tls_failed=grpc_tls_problem(code, details) is not None,
+        deadline_was_callers=deadline_is_callers(),
+    )
 
 
 def give_up(
     *,
+    runtime: ChainRuntime,
     code: grpc.StatusCode,
     details: str,
     trailing: Any,
@@ -77,8 +100,17 @@ def give_up(
     method: str,
     run: RetryRun,
     reason: str,
+    failure: AttemptFailure,
 ) -> CallError:
-    """The error a caller sees when the chain stops."""
+    """The error a caller sees when the chain stops (a TLS failure is reported as such)."""
+    if failure.tls_problem is not None:
+        return tls_handshake_error(
+            runtime,
+            target=target,
+            method=method,
+            problem=failure.tls_problem,
+            attempts=run.attempts,
+        )
     return CallError(
         code,
         details,
@@ -211,7 +243,9 @@ class TelemetryInterceptor(_Layer, aio.UnaryUnaryClientInterceptor):
 
 
 class _DeadlineLayer(_Layer):
-    def _details(self, details: aio.ClientCallDetails) -> aio.ClientCallDetails:
+    def _details(
+        self, details: aio.ClientCallDetails
+    ) -> tuple[aio.ClientCallDetails, OutgoingDeadline]:
         method = method_name(details.method)
         policy = self.runtime.policy(self.target, method)
         timeout = details.timeout if details.timeout is not None else policy.timeout_s
@@ -238,16 +272,25 @@ class _DeadlineLayer(_Layer):
         wait = (
             details.wait_for_ready if details.wait_for_ready is not None else policy.wait_for_ready
         )
-        return replace_details(details, timeout=deadline.timeout_s, wait_for_ready=wait)
+        return replace_details(details, timeout=deadline.timeout_s, wait_for_ready=wait), deadline
 
 
 class DeadlineInterceptor(_DeadlineLayer, aio.UnaryUnaryClientInterceptor):
-    """Gives every call its one overall deadline, propagated from the incoming call."""
+    """Gives every call its one overall deadline, propagated from the incoming call.
+
+    Which bound won stays bound for the inner layers: the breaker ignores a DEADLINE_EXCEEDED
+    when it was the caller's deadline that ran out.
+    """
 
     async def intercept_unary_unary(
         self, continuation: Continuation, client_call_details: aio.ClientCallDetails, request: Any
     ) -> Any:
-        return await continuation(self._details(client_call_details), request)
+        details, deadline = self._details(client_call_details)
+        token = bind_call_deadline(deadline)
+        try:
+            return await continuation(details, request)
+        finally:
+            reset_call_deadline(token)
 
 
 class StreamDeadlineInterceptor(_DeadlineLayer, aio.UnaryStreamClientInterceptor):
@@ -267,7 +310,8 @@ class StreamDeadlineInterceptor(_DeadlineLayer, aio.UnaryStreamClientInterceptor
     async def _with_deadline(
         self, continuation: Continuation, client_call_details: aio.ClientCallDetails, request: Any
     ) -> Any:
-        return await continuation(self._details(client_call_details), request)
+        details, _ = self._details(client_call_details)
+        return await continuation(details, request)
 
 
 class RetryInterceptor(_Layer, aio.UnaryUnaryClientInterceptor):
@@ -345,7 +389,8 @@ class RetryInterceptor(_Layer, aio.UnaryUnaryClientInterceptor):
             except aio.AioRpcError as err:
                 code, text, trailing = err.code(), err.details() or "", err.trailing_metadata()
                 fail_span(span, code.name, text, code.value[0])
-                decision = run.after_failure(attempt_failure(code, text, trailing))
+                failure = attempt_failure(code, text, trailing)
+                decision = run.after_failure(failure)
                 if not decision.retry:
                     reason = decision.stop_reason or "not_retryable"
                     runtime.telemetry.inc(
@@ -355,6 +400,7 @@ class RetryInterceptor(_Layer, aio.UnaryUnaryClientInterceptor):
                         runtime.telemetry.inc("budget_exhausted_total", target=self.target)
                     stopped(call_span, attempts=run.attempts, reason=reason)
                     raise give_up(
+                        runtime=runtime,
                         code=code,
                         details=text,
                         trailing=trailing,
@@ -362,6 +408,7 @@ class RetryInterceptor(_Layer, aio.UnaryUnaryClientInterceptor):
                         method=method,
                         run=run,
                         reason=reason,
+                        failure=failure,
                     ) from err
             finally:
                 if span is not call_span:
@@ -408,7 +455,7 @@ class BreakerInterceptor(_Layer, aio.UnaryUnaryClientInterceptor):
             outcome = Outcome.SUCCESS
             return call
         except aio.AioRpcError as err:
-            outcome = breaker_outcome(err.code().name)
+            outcome = attempt_outcome(err.code(), err.details() or "")
             raise
         finally:
             breaker.record(permit, outcome)

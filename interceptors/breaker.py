@@ -39,7 +39,8 @@ class Outcome(enum.Enum):
     FAILURE = "failure"
     """The target looks unhealthy (UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL, ...)."""
     IGNORED = "ignored"
-    """Says nothing about the target (the caller cancelled)."""
+    """Says nothing about the target (the caller cancelled, its own deadline ran out, the TLS
+    handshake failed): left out of the rate window; a half-open trial gives its slot back."""
 
 
 class BreakerOpen(Exception):

@@ -4,7 +4,8 @@ The server interceptor stores the incoming deadline (absolute, on the monotonic 
 contextvar; client calls made inside that handler read it to propagate the budget, because
 grpcio for Python does not propagate deadlines by itself. An outgoing call's timeout is
 ``min(policy or caller timeout, incoming remaining - margin)``, and one with nothing left is
-refused before it is sent. No gRPC import here.
+refused before it is sent. Which bound won is kept for the call in progress, so the breaker
+can tell a slow target from a caller in a hurry. No gRPC import here.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ class OutgoingDeadline:
     timeout_s: float
     """Seconds from now until it ends."""
     propagated: bool
-    """Whether the incoming call's deadline, not the policy's, set it."""
+    """Whether the incoming call's deadline, not the call's own timeout (explicit or policy's),
+    set it: it was the shorter bound."""
 
 
 def outgoing_deadline(
@@ -86,3 +88,30 @@ def outgoing_deadline(
     if inherited < timeout_s:
         return OutgoingDeadline(timeout_s=inherited, propagated=True)
     return OutgoingDeadline(timeout_s=timeout_s, propagated=False)
+
+
+#: The deadline of the outgoing call whose inner layers (retry, breaker) are running.
+_call_deadline: ContextVar[OutgoingDeadline | None] = ContextVar(
+    "paymesh_call_deadline", default=None
+)
+
+
+def bind_call_deadline(deadline: OutgoingDeadline) -> Token[OutgoingDeadline | None]:
+    """Record the deadline the deadline layer gave the outgoing call its inner layers run for."""
+    return _call_deadline.set(deadline)
+
+
+def reset_call_deadline(token: Token[OutgoingDeadline | None]) -> None:
+    """Forget the deadline recorded by :func:`bind_call_deadline`."""
+    _call_deadline.reset(token)
+
+
+def deadline_is_callers() -> bool:
+    """Whether the outgoing call in progress runs on its caller's propagated deadline.
+
+    True when the incoming deadline, not the call's own timeout, bounds it: a
+    DEADLINE_EXCEEDED then says the caller was in a hurry, not that the target is slow, and
+    anyone calling us could otherwise trip our breakers by sending short deadlines.
+    """
+    deadline = _call_deadline.get()
+    return deadline is not None and deadline.propagated

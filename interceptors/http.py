@@ -5,6 +5,8 @@ breaker and one budget per partner. HTTP statuses map onto gRPC's code names so 
 rules apply unchanged. Spans as in the gRPC chain: one per request, one child per attempt,
 whose ``traceparent`` header the attempt sends. A small HTTP/1.1 client over asyncio streams
 keeps it stdlib-only and cancellable (a thread running http.client cannot be cancelled).
+A failed TLS handshake (untrusted or expired certificate) is never retried nor counted by
+the breaker, as in the gRPC chain.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from interceptors.errors import PartnerCallError
 from interceptors.retry import AttemptFailure, RetryRun, breaker_outcome
 from interceptors.runtime import ChainRuntime
 from interceptors.telemetry import CallRecord
+from interceptors.tls import ssl_tls_problem, tls_handshake_error
 from interceptors.tracing import (
     TARGET_ATTRIBUTE,
     circuit_open,
@@ -76,12 +79,22 @@ class _Response:
         self.status, self.headers, self.body = status, headers, body
 
 
-async def _exchange(url: str, method: str, headers: dict[str, str], body: bytes) -> _Response:
+class _TlsHandshakeFailed(Exception):
+    """The partner's TLS handshake failed for a reason a retry cannot fix."""
+
+
+async def _exchange(
+    url: str, method: str, headers: dict[str, str], body: bytes, context: ssl.SSLContext | None
+) -> _Response:
     parts = urlsplit(url)
-    secure = parts.scheme == "https"
-    port = parts.port or (443 if secure else 80)
-    context = ssl.create_default_context() if secure else None
-    reader, writer = await asyncio.open_connection(parts.hostname, port, ssl=context)
+    port = parts.port or (443 if context is not None else 80)
+    try:
+        reader, writer = await asyncio.open_connection(parts.hostname, port, ssl=context)
+    except ssl.SSLError as exc:  # the handshake completes inside open_connection
+        problem = ssl_tls_problem(exc)
+        if problem is None:
+            raise
+        raise _TlsHandshakeFailed(problem) from exc
     try:
         target = parts.path or "/"
         if parts.query:
@@ -120,10 +133,27 @@ class PartnerClient:
     on raises PartnerCallError (a CallError) naming partner, attempts and why it stopped.
     """
 
-    def __init__(self, runtime: ChainRuntime, partner: str, base_url: str) -> None:
+    def __init__(
+        self,
+        runtime: ChainRuntime,
+        partner: str,
+        base_url: str,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.runtime = runtime
         self.partner = partner
         self.base_url = base_url.rstrip("/")
+        self._ssl_context = ssl_context
+        """Trust and identity of ``https`` requests; None: the system's trust store."""
+
+    def _tls(self) -> ssl.SSLContext | None:
+        """The TLS context of a request to the partner, None for plain ``http``."""
+        if not self.base_url.startswith("https:"):
+            return None
+        if self._ssl_context is None:
+            self._ssl_context = ssl.create_default_context()  # made once: it reads the store
+        return self._ssl_context
 
     async def request(
         self,
@@ -231,12 +261,16 @@ class PartnerClient:
                 attempt=run.attempts,
             )
             inject(sent, trace.set_span_in_context(span))
-            response, detail = None, ""
+            response, detail, tls_problem = None, "", None
             try:
                 response = await asyncio.wait_for(
-                    _exchange(self.base_url + path, method, sent, body), timeout=max(left, 0.0)
+                    _exchange(self.base_url + path, method, sent, body, self._tls()),
+                    timeout=max(left, 0.0),
                 )
                 code, detail = http_code(response.status), f"HTTP {response.status}"
+            except _TlsHandshakeFailed as exc:
+                code, detail = "UNAVAILABLE", f"TLS handshake failed: {exc}"
+                tls_problem = str(exc)
             except TimeoutError:
                 code, detail = "DEADLINE_EXCEEDED", "no answer within the deadline"
             except (OSError, ValueError, IndexError, asyncio.IncompleteReadError) as exc:
@@ -245,20 +279,36 @@ class PartnerClient:
                 breaker.record(permit, Outcome.IGNORED)  # cancelled: says nothing of the partner
                 span.end()
                 raise
-            breaker.record(permit, breaker_outcome(code))
+            breaker.record(
+                permit,
+                breaker_outcome(
+                    code,
+                    tls_failed=tls_problem is not None,
+                    deadline_was_callers=deadline.propagated,
+                ),
+            )
             _end_attempt(span, code, detail, response)
             if response is not None and (
                 response.status < 500 and response.status not in (408, 429)
             ):
                 self._record(name, code, started, "")
                 return PartnerResponse(response.status, _decode(response))
-            decision = run.after_failure(self._failure(code, response))
+            decision = run.after_failure(self._failure(code, response, tls_problem))
             if not decision.retry:
                 reason = decision.stop_reason or "not_retryable"
                 self._record(name, code, started, detail)
                 runtime.telemetry.inc(
                     "retry_stops_total", target=self.partner, method=name, reason=reason
                 )
+                if tls_problem is not None:
+                    raise tls_handshake_error(
+                        runtime,
+                        target=self.partner,
+                        method=name,
+                        problem=tls_problem,
+                        attempts=run.attempts,
+                        http=True,
+                    )
                 status = response.status if response is not None else None
                 raise self._error(code, detail, run.attempts, reason, status, name)
             runtime.telemetry.inc("retries_total", target=self.partner, method=name)
@@ -275,14 +325,16 @@ class PartnerClient:
             )
         )
 
-    def _failure(self, code: str, response: _Response | None) -> AttemptFailure:
+    def _failure(
+        self, code: str, response: _Response | None, tls_problem: str | None
+    ) -> AttemptFailure:
         pushback = None
         if response is not None and "retry-after" in response.headers:
             try:
                 pushback = int(float(response.headers["retry-after"]) * 1000)
             except ValueError:
                 pushback = None  # an HTTP date: fall back to our own backoff
-        return AttemptFailure(code=code, pushback_ms=pushback)
+        return AttemptFailure(code=code, pushback_ms=pushback, tls_problem=tls_problem)
 
     def _error(
         self, code: str, detail: str, attempts: int, reason: str, status: int | None, name: str

@@ -2,7 +2,8 @@
 
 A ``RetryRun`` follows one call across its attempts, against one overall deadline: it says
 retry (after how long) or stop (and why). Status codes are gRPC's names as strings, so the
-HTTP wrapper maps its statuses onto the same rules. No gRPC import.
+HTTP wrapper maps its statuses onto the same rules; adapters classify what the code alone
+cannot say (a TLS handshake failure, a deadline that was the caller's). No gRPC import.
 """
 
 from __future__ import annotations
@@ -30,9 +31,27 @@ BREAKER_FAILURE_CODES = frozenset(
 PUSHBACK_ONLY_CODES = frozenset({"RESOURCE_EXHAUSTED", "ABORTED"})
 
 
-def breaker_outcome(code: str) -> Outcome:
-    """How an attempt's final code counts for the target's breaker."""
-    if code == "CANCELLED":
+def breaker_outcome(
+    code: str, *, tls_failed: bool = False, deadline_was_callers: bool = False
+) -> Outcome:
+    """How an attempt's final code counts for the target's breaker.
+
+    Ignored, neither success nor failure (like resilience4j's ignored exceptions: not in the
+    rate window, and a half-open trial slot is given back), whatever says nothing about the
+    target's health: a cancellation; a TLS handshake failure (a certificate problem, which
+    no amount of waiting fixes); a DEADLINE_EXCEEDED while the caller's propagated deadline,
+    shorter than the call's own timeout, bound the call (else anyone calling us could open
+    our breakers by sending short deadlines). A DEADLINE_EXCEEDED within the call's own
+    timeout is the target being slow, and counts.
+
+    Args:
+        code: Status code name of the attempt (``OK`` for a success).
+        tls_failed: Whether the attempt failed in the TLS handshake.
+        deadline_was_callers: Whether the incoming deadline, not the call's own, bound it.
+    """
+    if code == "CANCELLED" or tls_failed:
+        return Outcome.IGNORED
+    if code == "DEADLINE_EXCEEDED" and deadline_was_callers:
         return Outcome.IGNORED
     return Outcome.FAILURE if code in BREAKER_FAILURE_CODES else Outcome.SUCCESS
 
@@ -47,6 +66,8 @@ class AttemptFailure:
     """``grpc-retry-pushback-ms`` (or HTTP Retry-After); negative means do not retry."""
     retry_delay_s: float | None = None
     """google.rpc.RetryInfo's retry_delay, when the server sent one."""
+    tls_problem: str | None = None
+    """What the TLS handshake complained of, when the attempt failed in it; never retried."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -97,6 +118,8 @@ class RetryRun:
     def after_failure(self, failure: AttemptFailure) -> Decision:
         """Whether and when to repeat the attempt that just failed."""
         code = failure.code
+        if failure.tls_problem is not None:
+            return _stop("not_retryable")  # a retry cannot fix a certificate
         if failure.pushback_ms is not None and failure.pushback_ms < 0:
             return _stop("pushback")
         if code in PUSHBACK_ONLY_CODES:

@@ -288,7 +288,8 @@ class ServerPolicyInterceptor(AsyncServerInterceptor):
             if value is not None:
                 metadata[attr] = str(value)
         if code in _INFRA_CODES:
-            reason = peer_info.reason if peer_info and peer_info.reason == "CIRCUIT_OPEN" else None
+            kept = ("CIRCUIT_OPEN", "TLS_HANDSHAKE_FAILED")
+            reason = peer_info.reason if peer_info and peer_info.reason in kept else None
             if getattr(exc, "stop_reason", None) == "breaker_open":
                 reason = "CIRCUIT_OPEN"
             out = (

@@ -16,11 +16,17 @@ import grpc
 from grpc import aio
 from grpc_interceptor import ClientCallDetails, ClientInterceptor
 
-from interceptors.aio import PREVIOUS_ATTEMPTS_KEY, attempt_failure, give_up
+from interceptors.aio import PREVIOUS_ATTEMPTS_KEY, attempt_failure, attempt_outcome, give_up
 from interceptors.breaker import BreakerOpen, Outcome
-from interceptors.deadline import DeadlineExhausted, outgoing_deadline
+from interceptors.deadline import (
+    DeadlineExhausted,
+    OutgoingDeadline,
+    bind_call_deadline,
+    outgoing_deadline,
+    reset_call_deadline,
+)
 from interceptors.errors import CallError, circuit_open_error
-from interceptors.retry import RetryRun, breaker_outcome
+from interceptors.retry import RetryRun
 from interceptors.runtime import ChainRuntime
 from interceptors.safety import method_name, request_is_safe
 from interceptors.telemetry import CallRecord
@@ -89,9 +95,12 @@ class SyncTelemetryInterceptor(_SyncLayer):
 
 
 class SyncDeadlineInterceptor(_SyncLayer):
-    """Gives every call its one overall deadline, propagated from the incoming call."""
+    """Gives every call its one overall deadline, propagated from the incoming call.
 
-    def _apply(self, details: grpc.ClientCallDetails) -> ClientCallDetails:
+    Which bound won stays bound for the inner layers (see the aio DeadlineInterceptor).
+    """
+
+    def _apply(self, details: grpc.ClientCallDetails) -> tuple[ClientCallDetails, OutgoingDeadline]:
         name = method_name(details.method)
         policy = self.runtime.policy(self.target, name)
         timeout = details.timeout if details.timeout is not None else policy.timeout_s
@@ -114,13 +123,18 @@ class SyncDeadlineInterceptor(_SyncLayer):
         wait = (
             details.wait_for_ready if details.wait_for_ready is not None else policy.wait_for_ready
         )
-        return _details(details, timeout=deadline.timeout_s, wait_for_ready=wait)
+        return _details(details, timeout=deadline.timeout_s, wait_for_ready=wait), deadline
 
     def intercept(self, method: Method, request: Any, call_details: grpc.ClientCallDetails) -> Any:
-        return _settled(method(request, self._apply(call_details)))
+        details, deadline = self._apply(call_details)
+        token = bind_call_deadline(deadline)
+        try:
+            return _settled(method(request, details))
+        finally:
+            reset_call_deadline(token)
 
     def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return continuation(self._apply(details), request)
+        return continuation(self._apply(details)[0], request)
 
 
 class SyncRetryInterceptor(_SyncLayer):
@@ -162,7 +176,8 @@ class SyncRetryInterceptor(_SyncLayer):
             if code == grpc.StatusCode.OK:
                 return outcome
             text, trailing = outcome.details() or "", tuple(outcome.trailing_metadata() or ())
-            decision = run.after_failure(attempt_failure(code, text, trailing))
+            failure = attempt_failure(code, text, trailing)
+            decision = run.after_failure(failure)
             if not decision.retry:
                 reason = decision.stop_reason or "not_retryable"
                 runtime.telemetry.inc(
@@ -171,6 +186,7 @@ class SyncRetryInterceptor(_SyncLayer):
                 if reason == "budget":
                     runtime.telemetry.inc("budget_exhausted_total", target=self.target)
                 raise give_up(
+                    runtime=runtime,
                     code=code,
                     details=text,
                     trailing=aio.Metadata.from_tuple(trailing),
@@ -178,6 +194,7 @@ class SyncRetryInterceptor(_SyncLayer):
                     method=name,
                     run=run,
                     reason=reason,
+                    failure=failure,
                 )
             runtime.telemetry.inc("retries_total", target=self.target, method=name)
             if code == grpc.StatusCode.UNAVAILABLE:
@@ -204,7 +221,11 @@ class SyncBreakerInterceptor(_SyncLayer):
         try:
             outcome = method(request, call_details)
             code = outcome.code()
-            result = Outcome.SUCCESS if code == grpc.StatusCode.OK else breaker_outcome(code.name)
+            result = (
+                Outcome.SUCCESS
+                if code == grpc.StatusCode.OK
+                else attempt_outcome(code, outcome.details() or "")
+            )
             return outcome
         finally:
             breaker.record(permit, result)

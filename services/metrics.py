@@ -109,6 +109,12 @@ CHAIN_SERIES: Mapping[str, ChainSeries] = {
         documentation="Outgoing calls not sent because the incoming deadline was already spent.",
         labels=("target", "method"),
     ),
+    "tls_handshake_failures_total": ChainSeries(
+        name="paymesh_client_tls_handshake_failures",
+        documentation="Outgoing calls whose TLS handshake failed (untrusted, expired or wrong "
+        "certificate); never retried, never counted by the breaker.",
+        labels=("target",),
+    ),
 }
 
 _ID_SEGMENT = re.compile(r"^(?!v\d+$).*\d")

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 from google.rpc import status_pb2
+from grpc import aio
 
 from interceptors.aio import (
     BreakerInterceptor,
@@ -16,14 +19,17 @@ from interceptors.aio import (
     StreamDeadlineInterceptor,
     TelemetryInterceptor,
 )
+from interceptors.chain import ClientChain
 from interceptors.errors import CallError, error_info
 from paymesh.testing.v1 import testing_pb2 as pb
+from paymesh.testing.v1 import testing_pb2_grpc
 from tests.integration.harness import (
     TARGET,
     Fault,
     RunningServer,
     ScriptedServicer,
     ShiftedClock,
+    eventually,
     make_chain,
     serving,
     start_server,
@@ -276,3 +282,77 @@ async def test_server_restart_is_survived_within_the_deadline() -> None:
     assert response.text == "back"
     for running in restarted:
         await running.server.stop(None)
+
+
+#: More calls than the breaker's minimum of 5, as many as opened merchant-auth's in review.
+CALLS = 12
+#: The target holds every call far longer than any deadline in these tests.
+HOLD_MS = 5_000
+
+
+@contextlib.asynccontextmanager
+async def relay_to_held_target(
+    chain: ClientChain,
+) -> AsyncIterator[tuple[testing_pb2_grpc.TestServiceStub, RunningServer]]:
+    """Caller -> relay (its outgoing calls through ``chain``) -> a target that holds.
+
+    The caller's channel has no chain: its deadline reaches the relay, whose server
+    interceptor captures it and whose chain propagates it to the target.
+    """
+    async with serving() as target, stub_for(chain, target.address) as onward:
+        relay = ScriptedServicer(name="relay", next_hop=onward)
+        async with serving(relay) as hop, aio.insecure_channel(hop.address) as channel:
+            yield testing_pb2_grpc.TestServiceStub(channel), target
+
+
+async def test_short_propagated_deadlines_never_open_the_targets_breaker() -> None:
+    chain = make_chain({"timeout_s": 5.0})
+    async with relay_to_held_target(chain) as (caller, _):
+        for _ in range(CALLS):
+            with pytest.raises(aio.AioRpcError) as caught:
+                await caller.Relay(pb.RelayRequest(hold_ms=HOLD_MS), timeout=0.2)
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert chain.telemetry.value("deadline_propagated_total", target=TARGET) == CALLS
+    assert chain.telemetry.value("calls_total", target=TARGET, code="DEADLINE_EXCEEDED") == CALLS
+    assert chain.breakers.states() == {TARGET: "closed"}
+
+
+async def test_timeouts_within_the_policys_own_timeout_open_the_targets_breaker() -> None:
+    chain = make_chain({"timeout_s": 0.1})
+    async with relay_to_held_target(chain) as (caller, _):
+        for _ in range(CALLS):
+            with pytest.raises(aio.AioRpcError):
+                await caller.Relay(pb.RelayRequest(hold_ms=HOLD_MS), timeout=5.0)
+    assert chain.telemetry.value("deadline_propagated_total", target=TARGET) == 0
+    assert chain.telemetry.value("calls_total", target=TARGET, code="DEADLINE_EXCEEDED") >= 1
+    assert chain.breakers.states() == {TARGET: "open"}
+
+
+async def test_calls_the_caller_cancels_never_open_the_breaker() -> None:
+    chain = make_chain()
+    async with serving() as srv, stub_for(chain, srv.address) as stub:
+        srv.servicer.default = Fault(hold_s=HOLD_MS / 1000)
+
+        async def read() -> pb.ReadResponse:
+            response: pb.ReadResponse = await stub.Read(pb.ReadRequest())
+            return response
+
+        calls = [asyncio.create_task(read()) for _ in range(CALLS)]
+        await eventually(lambda: srv.servicer.active == CALLS)
+        for call in calls:
+            call.cancel()
+        results = await asyncio.gather(*calls, return_exceptions=True)
+    assert all(isinstance(r, asyncio.CancelledError) for r in results)
+    assert chain.breakers.states() == {TARGET: "closed"}
+
+
+async def test_cancelled_status_from_the_target_never_opens_the_breaker() -> None:
+    chain = make_chain()
+    async with serving() as srv, stub_for(chain, srv.address) as stub:
+        srv.servicer.default = Fault(code=grpc.StatusCode.CANCELLED)
+        for _ in range(CALLS):
+            with pytest.raises(CallError) as caught:
+                await stub.Read(pb.ReadRequest())
+            assert caught.value.code() == grpc.StatusCode.CANCELLED
+    assert srv.servicer.count() == CALLS
+    assert chain.breakers.states() == {TARGET: "closed"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import threading
@@ -13,8 +14,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from interceptors.deadline import reset_incoming_deadline, set_incoming_deadline
 from interceptors.errors import CallError, PartnerCallError
-from tests.integration.harness import make_chain
+from tests.integration.harness import eventually, make_chain
 
 PARTNER = "exchange-rate"
 
@@ -53,13 +55,15 @@ def partner_server() -> Iterator[Partner]:
             reply = partner.script.popleft() if partner.script else partner.default
             time.sleep(reply.hold_s)  # the partner being slow, on its own thread
             payload = json.dumps({"path": self.path, "echo": body.decode() or None}).encode()
-            self.send_response(reply.status)
-            for key, value in reply.headers:
-                self.send_header(key, value)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
+            # A held reply may find its client gone (it timed out or was cancelled).
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                self.send_response(reply.status)
+                for key, value in reply.headers:
+                    self.send_header(key, value)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
 
         do_GET = do_POST = do_PUT = _answer
 
@@ -183,3 +187,50 @@ async def test_partner_retry_budget_bounds_attempts_during_an_outage() -> None:
             with pytest.raises(PartnerCallError):
                 await client.request("GET", "/rates")
     assert partner.count() <= 1.2 * calls + 2
+
+
+CALLS = 12
+#: Longer than any deadline below; short enough that the partner's threads end soon after.
+HELD = Reply(200, hold_s=2.0)
+
+
+async def test_short_propagated_deadlines_never_open_the_partners_breaker() -> None:
+    chain = make_chain({"timeout_s": 5.0})
+    with partner_server() as partner:
+        partner.default = HELD
+        client = chain.http_client(PARTNER, partner.url)
+        for _ in range(CALLS):
+            token = set_incoming_deadline(0.2)  # inside a handler whose caller gave it 200 ms
+            try:
+                with pytest.raises(PartnerCallError) as caught:
+                    await client.request("GET", "/rates")
+            finally:
+                reset_incoming_deadline(token)
+            assert caught.value.code().name == "DEADLINE_EXCEEDED"
+    assert chain.breakers.states() == {PARTNER: "closed"}
+
+
+async def test_timeouts_within_the_policys_own_timeout_open_the_partners_breaker() -> None:
+    chain = make_chain({"timeout_s": 0.1})
+    with partner_server() as partner:
+        partner.default = HELD
+        client = chain.http_client(PARTNER, partner.url)
+        for _ in range(CALLS):
+            with pytest.raises(PartnerCallError):
+                await client.request("GET", "/rates")
+    assert partner.count() <= 5  # once open, nothing more reaches the partner
+    assert chain.breakers.states() == {PARTNER: "open"}
+
+
+async def test_requests_the_caller_cancels_never_open_the_partners_breaker() -> None:
+    chain = make_chain()
+    with partner_server() as partner:
+        partner.default = HELD
+        client = chain.http_client(PARTNER, partner.url)
+        calls = [asyncio.create_task(client.request("GET", "/rates")) for _ in range(CALLS)]
+        await eventually(lambda: partner.count() == CALLS)
+        for call in calls:
+            call.cancel()
+        results = await asyncio.gather(*calls, return_exceptions=True)
+    assert all(isinstance(r, asyncio.CancelledError) for r in results)
+    assert chain.breakers.states() == {PARTNER: "closed"}

@@ -13,6 +13,7 @@ import grpc
 import pytest
 
 from interceptors.chain import ClientChain
+from interceptors.deadline import reset_incoming_deadline, set_incoming_deadline
 from interceptors.errors import CallError
 from interceptors.sync import (
     SyncBreakerInterceptor,
@@ -138,3 +139,55 @@ async def test_sync_concurrent_calls_are_not_serialized() -> None:
             *(in_thread(chain, srv.address, lambda s: s.Read(pb.ReadRequest())) for _ in range(4))
         )
     assert servicer.peak_active == 4
+
+
+CALLS = 12
+HELD = Fault(hold_s=5.0)
+
+
+def called_with_incoming_deadline(
+    seconds: float | None, calls: int
+) -> Callable[[testing_pb2_grpc.TestServiceStub], list[grpc.StatusCode]]:
+    """Make ``calls`` Reads as a handler would whose own caller gave it ``seconds``."""
+
+    def use(stub: testing_pb2_grpc.TestServiceStub) -> list[grpc.StatusCode]:
+        codes = []
+        for _ in range(calls):
+            token = set_incoming_deadline(seconds)  # what the server interceptor does
+            try:
+                stub.Read(pb.ReadRequest())
+            except CallError as err:
+                codes.append(err.code())
+            finally:
+                reset_incoming_deadline(token)
+        return codes
+
+    return use
+
+
+async def test_sync_short_propagated_deadlines_never_open_the_breaker() -> None:
+    chain = make_chain({"timeout_s": 5.0})
+    async with serving() as srv:
+        srv.servicer.default = HELD
+        codes = await in_thread(chain, srv.address, called_with_incoming_deadline(0.2, CALLS))
+    assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * CALLS
+    assert chain.telemetry.value("deadline_propagated_total", target=TARGET) == CALLS
+    assert chain.breakers.states() == {TARGET: "closed"}
+
+
+async def test_sync_timeouts_within_the_policys_own_timeout_open_the_breaker() -> None:
+    chain = make_chain({"timeout_s": 0.1})
+    async with serving() as srv:
+        srv.servicer.default = HELD
+        codes = await in_thread(chain, srv.address, called_with_incoming_deadline(5.0, CALLS))
+    assert codes[0] == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert chain.breakers.states() == {TARGET: "open"}
+
+
+async def test_sync_cancelled_status_never_opens_the_breaker() -> None:
+    chain = make_chain()
+    async with serving() as srv:
+        srv.servicer.default = Fault(code=grpc.StatusCode.CANCELLED)
+        codes = await in_thread(chain, srv.address, called_with_incoming_deadline(None, CALLS))
+    assert codes == [grpc.StatusCode.CANCELLED] * CALLS
+    assert chain.breakers.states() == {TARGET: "closed"}

@@ -144,3 +144,13 @@ def test_registry_keeps_one_breaker_per_target() -> None:
     assert registry.get("a") is registry.get("a")
     assert registry.get("a") is not registry.get("b")
     assert registry.states() == {"a": "closed", "b": "closed"}
+
+
+def test_ignored_outcomes_neither_dilute_nor_add_to_the_failure_rate() -> None:
+    b = breaker(FakeClock())
+    run(b, F, F, F, *[Outcome.IGNORED] * 20, S)
+    assert b.state == "closed"  # 3 failures in 4 counted calls: under the minimum of 5
+    run(b, S)
+    assert b.state == "closed"
+    run(b, F)
+    assert b.state == "open"  # 4 of 6 counted calls failed; the 20 ignored never counted

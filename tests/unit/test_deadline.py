@@ -6,8 +6,12 @@ import pytest
 
 from interceptors.deadline import (
     DeadlineExhausted,
+    OutgoingDeadline,
+    bind_call_deadline,
+    deadline_is_callers,
     deadline_left,
     outgoing_deadline,
+    reset_call_deadline,
     reset_incoming_deadline,
     set_incoming_deadline,
 )
@@ -57,3 +61,35 @@ def test_incoming_deadline_without_bound_leaves_none() -> None:
         assert deadline_left() is None
     finally:
         reset_incoming_deadline(token)
+
+
+def test_a_call_bound_by_the_incoming_deadline_runs_on_its_callers_deadline() -> None:
+    clock = FakeClock()
+    incoming = set_incoming_deadline(0.08, clock=clock)
+    try:
+        bound = bind_call_deadline(outgoing_deadline(5.0, margin_s=0.05, clock=clock))
+        try:
+            assert deadline_is_callers()
+        finally:
+            reset_call_deadline(bound)
+    finally:
+        reset_incoming_deadline(incoming)
+
+
+def test_a_call_bound_by_its_own_timeout_does_not_run_on_its_callers_deadline() -> None:
+    clock = FakeClock()
+    incoming = set_incoming_deadline(10.0, clock=clock)
+    try:
+        bound = bind_call_deadline(outgoing_deadline(1.0, margin_s=0.05, clock=clock))
+        try:
+            assert not deadline_is_callers()
+        finally:
+            reset_call_deadline(bound)
+    finally:
+        reset_incoming_deadline(incoming)
+
+
+def test_outside_an_outgoing_call_no_deadline_is_the_callers() -> None:
+    token = bind_call_deadline(OutgoingDeadline(timeout_s=0.03, propagated=True))
+    reset_call_deadline(token)
+    assert not deadline_is_callers()

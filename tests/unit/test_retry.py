@@ -142,3 +142,25 @@ def test_business_codes_count_as_breaker_successes(code: str) -> None:
 
 def test_cancellation_does_not_count_for_the_breaker() -> None:
     assert breaker_outcome("CANCELLED") is Outcome.IGNORED
+
+
+def test_deadline_exceeded_on_the_callers_deadline_is_ignored_by_the_breaker() -> None:
+    assert breaker_outcome("DEADLINE_EXCEEDED", deadline_was_callers=True) is Outcome.IGNORED
+
+
+def test_deadline_exceeded_within_the_calls_own_timeout_counts_as_a_failure() -> None:
+    assert breaker_outcome("DEADLINE_EXCEEDED", deadline_was_callers=False) is Outcome.FAILURE
+
+
+@pytest.mark.parametrize("code", ["UNAVAILABLE", "INTERNAL", "OK"])
+def test_the_callers_deadline_changes_only_how_deadline_exceeded_counts(code: str) -> None:
+    assert breaker_outcome(code, deadline_was_callers=True) is breaker_outcome(code)
+
+
+def test_tls_handshake_failure_is_ignored_by_the_breaker() -> None:
+    assert breaker_outcome("UNAVAILABLE", tls_failed=True) is Outcome.IGNORED
+
+
+def test_tls_handshake_failure_is_never_retried() -> None:
+    failure = AttemptFailure(code="UNAVAILABLE", tls_problem="CERTIFICATE_VERIFY_FAILED")
+    assert make_run(FakeClock()).after_failure(failure).stop_reason == "not_retryable"
