@@ -28,12 +28,20 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 from opentelemetry.sdk.trace import SpanProcessor
 
 from interceptors.chain import build_client_chain
+from interceptors.errors import (
+    ResourceExhausted,
+    ServiceError,
+    Unauthenticated,
+    error_info,
+    retry_delay_of,
+    status_from_metadata,
+)
 from interceptors.faults import Fault, FaultInjector
 from interceptors.policy import PolicyConfig, PolicyError
 from interceptors.server import ServerPolicyInterceptor
 from interceptors.tracing import server_interceptor
-from paymesh.mesh.v1 import mesh_pb2_grpc
 from paymesh.merchant_auth.v1 import merchant_auth_pb2, merchant_auth_pb2_grpc
+from paymesh.mesh.v1 import mesh_pb2_grpc
 from services.admin import AdminRequest, AdminResponse, AdminServer, guarded
 from services.admin_token import AdminTokenError, ControlAccess
 from services.authz import (
@@ -166,7 +174,13 @@ def _add_reflection(server: aio.Server, names: Sequence[str]) -> None:
                 servicer.ServerReflectionInfo,
                 request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
                 response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
-           def _admin_routes(context: ServiceContext) -> None:
+            )
+        },
+    )
+    server.add_generic_rpc_handlers((v1_handler,))
+
+
+def _admin_routes(context: ServiceContext) -> None:
     """``/healthz`` and ``/breakers`` (the chain's breaker and budget states), open to read,
     and ``/faults`` (GET the faults, PUT a JSON list of faults, DELETE them) behind the
     control gate: refused unless ``PAYMESH_FAULT_INJECTION=1``, then only with the admin token.
@@ -203,10 +217,6 @@ def _add_reflection(server: aio.Server, names: Sequence[str]) -> None:
     context.admin.route("GET", "/breakers", breakers)
     for method in ("GET", "PUT", "DELETE"):
         context.admin.route(method, "/faults", guarded(access, faults))
-
-
-UT", "DELETE"):
-        context.admin.route(method, "/faults", faults)
 
 
 def configure_logging(name: str) -> None:
@@ -437,13 +447,35 @@ def _merchant_authenticator(clients: ClientFactory) -> Authenticator:
     stub = clients.stub("merchant-auth-service", merchant_auth_pb2_grpc.MerchantAuthServiceStub)
 
     async def authenticate(secret: str, client_peer: str) -> AuthenticatedMerchant:
-        response = await stub.AuthenticateApiKey(
-            merchant_auth_pb2.AuthenticateApiKeyRequest(),
-            metadata=((AUTHORIZATION_KEY, f"Bearer {secret}"), (CLIENT_PEER_KEY, client_peer)),
-        )
+        try:
+            response = await stub.AuthenticateApiKey(
+                merchant_auth_pb2.AuthenticateApiKeyRequest(),
+                metadata=((AUTHORIZATION_KEY, f"Bearer {secret}"), (CLIENT_PEER_KEY, client_peer)),
+            )
+        except aio.AioRpcError as exc:
+            raise _refusal(exc) or exc from None
         return merchant_of(response)
 
     return authenticate
+
+
+def _refusal(exc: aio.AioRpcError) -> ServiceError | None:
+    """merchant-auth's verdict on a key, to pass on to the merchant as it is: a wrong key is
+    UNAUTHENTICATED, too many failures or an overloaded verifier RESOURCE_EXHAUSTED with its
+    RetryInfo. None for anything else, which is merchant-auth failing (UNAVAILABLE upstream)."""
+    code = exc.code()
+    if code not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.RESOURCE_EXHAUSTED):
+        return None
+    trailing = tuple(exc.trailing_metadata() or ())
+    status = status_from_metadata(code, exc.details() or "", trailing)
+    info = error_info(status)
+    kind = Unauthenticated if code == grpc.StatusCode.UNAUTHENTICATED else ResourceExhausted
+    return kind(
+        status.message or exc.details() or code.name,
+        reason=info.reason if info else None,
+        metadata=dict(info.metadata) if info else None,
+        retry_delay_s=retry_delay_of(status),
+    )
 
 
 async def _follow_rotation(clients: ClientFactory, interval_s: float) -> None:

@@ -1,1 +1,1 @@
-"""merchant-auth-service: merchant API keys, stored only as salted scrypt hashes."""
+"""merchant-auth-service: merchant API keys, stored only as peppered HMAC-SHA256 digests."""

@@ -1,27 +1,51 @@
 """Start merchant-auth-service: ``python -m services.merchant_auth``."""
 
+import time
+from collections.abc import Callable
+
 from paymesh.merchant.v1 import merchant_pb2_grpc
 from paymesh.merchant_auth.v1 import merchant_auth_pb2, merchant_auth_pb2_grpc
 from services.bootstrap import Registration, ServiceContext, run
 from services.merchant_auth.config import AuthConfig
-from services.merchant_auth.keys import ScryptHasher
+from services.merchant_auth.keys import KeyVerifier, PepperedHasher, SecretVerifier
+from services.merchant_auth.limits import VerificationGuard
 from services.merchant_auth.merchants import MerchantDirectory
+from services.merchant_auth.pepper import load_pepper
 from services.merchant_auth.servicer import MerchantAuthServicer
 from services.merchant_auth.store import ApiKeyStore
 
 NAME = "merchant-auth-service"
 
 
-def build(context: ServiceContext) -> list[Registration]:
-    """The servicer over the key store, asking merchant-service about merchants."""
+def build(
+    context: ServiceContext,
+    *,
+    limits_clock: Callable[[], float] = time.monotonic,
+    wrap_verifier: Callable[[SecretVerifier], SecretVerifier] | None = None,
+) -> list[Registration]:
+    """The servicer over the key store, asking merchant-service about merchants.
+
+    Tests give the verification limits a fake clock (``limits_clock``) and hold verifications
+    in flight around the real verifier (``wrap_verifier``).
+    """
     config = AuthConfig.from_environ(context.environ)
+    hasher = PepperedHasher(load_pepper(config.pepper_file, var_dir=context.var_dir))
     store = ApiKeyStore(context.database_path())
     context.on_stop.append(store.close)
     merchants = MerchantDirectory(
         context.clients.stub("merchant-service", merchant_pb2_grpc.MerchantServiceStub),
         stale_s=config.merchant_stale_s,
     )
-    servicer = MerchantAuthServicer(store, merchants, ScryptHasher(n=config.scrypt_n))
+    verifier: SecretVerifier = KeyVerifier(hasher)
+    if wrap_verifier is not None:
+        verifier = wrap_verifier(verifier)
+    servicer = MerchantAuthServicer(
+        store,
+        merchants,
+        hasher,
+        guard=VerificationGuard(config.limits, clock=limits_clock),
+        verifier=verifier,
+    )
     return [
         Registration(
             servicer=servicer,

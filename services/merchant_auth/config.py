@@ -2,31 +2,43 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from services.bootstrap import StartupError
+from services.merchant_auth.limits import MINIMA, VerificationLimits
+from services.merchant_auth.pepper import PEPPER_FILE_VAR
 
 STALE_VAR = "MERCHANT_AUTH_SERVICE_MERCHANT_STALE_S"
-SCRYPT_N_VAR = "MERCHANT_AUTH_SERVICE_SCRYPT_N"
 DEFAULT_STALE_S = 30.0
-DEFAULT_SCRYPT_N = 2**14
+#: The environment variable of each VerificationLimits field an operator may set.
+LIMIT_VARS = {
+    "max_in_flight": "MERCHANT_AUTH_SERVICE_MAX_VERIFICATIONS_IN_FLIGHT",
+    "overload_retry_s": "MERCHANT_AUTH_SERVICE_OVERLOAD_RETRY_S",
+    "key_failures": "MERCHANT_AUTH_SERVICE_KEY_FAILURE_LIMIT",
+    "peer_failures": "MERCHANT_AUTH_SERVICE_PEER_FAILURE_LIMIT",
+    "window_s": "MERCHANT_AUTH_SERVICE_FAILURE_WINDOW_S",
+    "known_peer_s": "MERCHANT_AUTH_SERVICE_KNOWN_PEER_S",
+    "max_tracked": "MERCHANT_AUTH_SERVICE_MAX_TRACKED",
+}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AuthConfig:
-    """How long a merchant's status may be reused in an outage, and the key hashing cost."""
+    """Outage tolerance, where the key pepper comes from, and the verification limits."""
 
     merchant_stale_s: float = DEFAULT_STALE_S
     """Seconds a remembered merchant answer may stand in while merchant-service is down."""
-    scrypt_n: int = DEFAULT_SCRYPT_N
-    """scrypt CPU/memory cost of newly issued keys (a power of two)."""
+    pepper_file: Path | None = None
+    """File holding the key pepper; ``None``: the one generated in the var directory."""
+    limits: VerificationLimits = field(default_factory=VerificationLimits)
+    """Concurrency and failure limits of AuthenticateApiKey."""
 
     def __post_init__(self) -> None:
         if self.merchant_stale_s < 0:
             raise StartupError(f"{STALE_VAR} must be zero or more, got {self.merchant_stale_s}")
-        if self.scrypt_n < 2 or self.scrypt_n & (self.scrypt_n - 1):
-            raise StartupError(f"{SCRYPT_N_VAR} must be a power of two, got {self.scrypt_n}")
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> AuthConfig:
@@ -35,10 +47,33 @@ class AuthConfig:
             stale = float(environ.get(STALE_VAR, DEFAULT_STALE_S))
         except ValueError as exc:
             raise StartupError(f"{STALE_VAR}={environ[STALE_VAR]!r} is not a number") from exc
+        pepper = environ.get(PEPPER_FILE_VAR)
+        if pepper is not None and not pepper.strip():
+            raise StartupError(f"{PEPPER_FILE_VAR} is set but empty; unset it or name a file")
+        return cls(
+            merchant_stale_s=stale,
+            pepper_file=Path(pepper) if pepper else None,
+            limits=_limits(environ),
+        )
+
+
+def _limits(environ: Mapping[str, str]) -> VerificationLimits:
+    defaults = VerificationLimits()
+    values: dict[str, float] = {}
+    for name, variable in LIMIT_VARS.items():
+        text = environ.get(variable)
+        if text is None:
+            continue
+        default = getattr(defaults, name)
+        kind = "an integer" if isinstance(default, int) else "a number"
         try:
-            cost = int(environ.get(SCRYPT_N_VAR, DEFAULT_SCRYPT_N))
+            value = int(text) if isinstance(default, int) else float(text)
         except ValueError as exc:
+            raise StartupError(f"{variable}={text!r} is not {kind}") from exc
+        if not value >= MINIMA[name]:  # also refuses nan
             raise StartupError(
-                f"{SCRYPT_N_VAR}={environ[SCRYPT_N_VAR]!r} is not an integer"
-            ) from exc
-        return cls(merchant_stale_s=stale, scrypt_n=cost)
+                f"{variable}={text!r}: must be {kind} of at least {MINIMA[name]:g}"
+                f" (default {default:g})"
+            )
+        values[name] = value
+    return dataclasses.replace(defaults, **values)  # type: ignore[arg-type]  # keys are fields

@@ -1,18 +1,22 @@
-"""merchant-auth-service RPCs: issue, authenticate, revoke and list merchant API keys."""
+"""merchant-auth-service RPCs: issue, authenticate, revoke and list merchant API keys.
+
+AuthenticateApiKey reads the secret from the call's ``authorization: Bearer`` metadata and
+asks the verification limits first, so a flood of guesses is refused before it costs work.
+"""
 
 from __future__ import annotations
 
-import asyncio
-
-from interceptors.errors import FailedPrecondition, NotFound, Unauthenticated
+from interceptors.errors import FailedPrecondition, NotFound, ResourceExhausted, Unauthenticated
 from paymesh.merchant.v1 import merchant_pb2
 from paymesh.merchant_auth.v1 import merchant_auth_pb2 as pb
 from paymesh.merchant_auth.v1 import merchant_auth_pb2_grpc
 from services import validation as v
+from services.authz import AUTHORIZATION_KEY, CLIENT_PEER_KEY
 from services.bootstrap import Context
 from services.merchant_auth import keys
+from services.merchant_auth.limits import VerificationGuard, VerificationLimits, client_peer
 from services.merchant_auth.merchants import MerchantDirectory
-from services.merchant_auth.store import ApiKeyStore
+from services.merchant_auth.store import ApiKeyStore, Credential
 
 MAX_LABEL_LENGTH = 100
 
@@ -24,13 +28,16 @@ class MerchantAuthServicer(merchant_auth_pb2_grpc.MerchantAuthServiceServicer):
         self,
         store: ApiKeyStore,
         merchants: MerchantDirectory,
-        hasher: keys.ScryptHasher,
-        verified: keys.VerifiedSecrets | None = None,
+        hasher: keys.PepperedHasher,
+        *,
+        guard: VerificationGuard | None = None,
+        verifier: keys.SecretVerifier | None = None,
     ) -> None:
         self._store = store
         self._merchants = merchants
         self._hasher = hasher
-        self._verified = verified or keys.VerifiedSecrets()
+        self._guard = guard or VerificationGuard(VerificationLimits())
+        self._verifier = verifier or keys.KeyVerifier(hasher)
 
     async def IssueApiKey(
         self, request: pb.IssueApiKeyRequest, context: Context
@@ -50,24 +57,45 @@ class MerchantAuthServicer(merchant_auth_pb2_grpc.MerchantAuthServiceServicer):
                     metadata={"merchant_id": request.merchant_id},
                 )
         key = keys.new_key()
-        # scrypt is CPU-bound by design and releases the GIL: keep it off the event loop.
-        secret_hash = await asyncio.to_thread(self._hasher.hash, key.secret)
-        return self._store.issue(request, key, secret_hash)
+        return self._store.issue(request, key, self._hasher.digest(key.secret))
 
     async def AuthenticateApiKey(
         self, request: pb.AuthenticateApiKeyRequest, context: Context
     ) -> pb.AuthenticateApiKeyResponse:
         # Messages never echo the presented secret: it may be a real key with a typo.
-        key_id = keys.key_id_of(request.api_key)
+        metadata = tuple(context.invocation_metadata() or ())
+        secret = keys.bearer_secret([value for key, value in metadata if key == AUTHORIZATION_KEY])
+        if secret is None:
+            raise Unauthenticated(
+                "AuthenticateApiKey needs the secret key as call metadata"
+                f" '{AUTHORIZATION_KEY}: Bearer <secret>'",
+                reason="CREDENTIALS_MISSING",
+            )
+        forwarded = next(
+            (value for key, value in metadata if key == CLIENT_PEER_KEY and isinstance(value, str)),
+            None,
+        )
+        peer = client_peer(forwarded, context.peer())
+        key_id = keys.key_id_of(secret)
+        self._refuse_if_limited(peer, key_id)
         if key_id is None:
-            raise Unauthenticated("api_key is not a PayMesh secret key (sk_...)")
+            self._guard.failed(peer=peer, key_id=None)
+            raise Unauthenticated("the bearer token is not a PayMesh secret key (sk_...)")
         credential = self._store.credential(key_id)
         # The key id is public (it is the displayed prefix), so answering an unknown one
         # faster than a wrong secret reveals nothing an attacker could not read anyway.
-        if credential is None or not await self._secret_matches(
-            key_id, request.api_key, credential.secret_hash
-        ):
-            raise Unauthenticated("api_key is not valid", metadata={"key_id": key_id})
+        if credential is None:
+            self._guard.failed(peer=peer, key_id=None)
+            raise Unauthenticated("the API key is not valid", metadata={"key_id": key_id})
+        verification = await self._verify(secret, credential)
+        if not verification.matches:
+            self._guard.failed(peer=peer, key_id=key_id)
+            raise Unauthenticated("the API key is not valid", metadata={"key_id": key_id})
+        self._guard.succeeded(peer=peer, key_id=key_id)
+        if verification.upgraded_hash is not None:
+            self._store.replace_hash(
+                key_id, old=credential.secret_hash, new=verification.upgraded_hash
+            )
         # Revocation is told only to a holder of the real secret.
         if credential.status == pb.API_KEY_STATUS_REVOKED:
             raise Unauthenticated(
@@ -89,13 +117,37 @@ class MerchantAuthServicer(merchant_auth_pb2_grpc.MerchantAuthServiceServicer):
             webhook_url=merchant.webhook_url,
         )
 
-    async def _secret_matches(self, key_id: str, secret: str, stored_hash: str) -> bool:
-        if self._verified.known_good(key_id, secret, stored_hash):
-            return True
-        if not await asyncio.to_thread(self._hasher.verify, secret, stored_hash):
-            return False
-        self._verified.remember(key_id, secret, stored_hash)
-        return True
+    def _refuse_if_limited(self, peer: str, key_id: str | None) -> None:
+        """RESOURCE_EXHAUSTED TOO_MANY_FAILED_ATTEMPTS if the peer or the key id is locked."""
+        refusal = self._guard.refusal(peer=peer, key_id=key_id)
+        if refusal is None:
+            return
+        if refusal.subject == "peer":
+            message = f"too many failed API key verifications from {peer}"
+            metadata = {"peer": peer}
+        else:
+            message = f"too many failed verifications of API key {key_id}"
+            metadata = {"key_id": str(key_id)}
+        raise ResourceExhausted(
+            f"{message}; retry in {refusal.retry_after_s:.0f} s",
+            reason="TOO_MANY_FAILED_ATTEMPTS",
+            metadata=metadata,
+            retry_delay_s=refusal.retry_after_s,
+        )
+
+    async def _verify(self, secret: str, credential: Credential) -> keys.Verification:
+        """The verifier's answer, if a slot is free; RESOURCE_EXHAUSTED OVERLOADED if not."""
+        in_flight = self._guard.in_flight
+        if not in_flight.try_start():
+            raise ResourceExhausted(
+                f"{in_flight.running} API key verifications are in flight already; retry shortly",
+                reason="OVERLOADED",
+                retry_delay_s=self._guard.limits.overload_retry_s,
+            )
+        try:
+            return await self._verifier.verify(secret, credential.secret_hash)
+        finally:
+            in_flight.finish()
 
     async def RevokeApiKey(
         self, request: pb.RevokeApiKeyRequest, context: Context

@@ -1,4 +1,4 @@
-"""merchant-auth-service's data: API key metadata and salted hashes, never a secret."""
+"""merchant-auth-service's data: API key metadata and peppered digests, never a secret."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ class Credential:
     status: int
     """ApiKeyStatus value."""
     secret_hash: str
-    """The scrypt hash the presented secret must match."""
+    """The stored digest the presented secret must match (``<scheme>$...``)."""
 
 
 def _timestamp(nanoseconds: int) -> Timestamp:
@@ -71,7 +71,7 @@ def _api_key(row: sqlite3.Row) -> pb.ApiKey:
 
 
 class ApiKeyStore:
-    """API keys in SQLite; writes are idempotent by request id, secrets exist only as hashes."""
+    """API keys in SQLite; writes are idempotent by request id, secrets exist only as digests."""
 
     def __init__(self, path: Path | str, *, clock_ns: Callable[[], int] = time.time_ns) -> None:
         self._conn = open_database(path, SCHEMA)
@@ -155,6 +155,19 @@ class ApiKeyStore:
             status=row["status"],
             secret_hash=row["secret_hash"],
         )
+
+    def replace_hash(self, key_id: str, *, old: str, new: str) -> bool:
+        """Store ``new`` as the key's digest if it still is ``old``; whether it was replaced.
+
+        The comparison keeps a concurrent change (another upgrade, a re-key) from being
+        overwritten with a digest derived from a superseded state.
+        """
+        with transaction(self._conn) as conn:
+            cursor = conn.execute(
+                "UPDATE api_keys SET secret_hash = ? WHERE key_id = ? AND secret_hash = ?",
+                (new, key_id, old),
+            )
+            return cursor.rowcount == 1
 
     def list(
         self, *, merchant_id: str, before: tuple[int, str] | None, limit: int

@@ -1,81 +1,56 @@
 """merchant-auth-service through real gRPC on loopback, asking a real merchant-service.
 
 Keys are issued only to active merchants, their secret is shown once and stored only as a
-hash, authentication tells the merchant and whether it is active, revocation sticks.
+peppered HMAC digest; authentication reads the secret from bearer metadata only, tells the
+merchant and whether it is active, and revocation sticks. Legacy scrypt rows still verify.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
+import logging
+import secrets
 import sqlite3
+import stat
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2, status_pb2
+from google.protobuf import descriptor_pb2
 from grpc import aio
 
-from interceptors.errors import STATUS_DETAILS_KEY
-from paymesh.merchant.v1 import merchant_pb2, merchant_pb2_grpc
+from paymesh.merchant.v1 import merchant_pb2
 from paymesh.merchant_auth.v1 import merchant_auth_pb2 as pb
-from paymesh.merchant_auth.v1 import merchant_auth_pb2_grpc
-from services.merchant.__main__ import build as build_merchant
-from services.merchant_auth.__main__ import build as build_auth
-from tests.servers import running_service
+from services.bootstrap import StartupError
+from tests.integration.merchant_auth_mesh import (
+    Mesh,
+    auth_mesh,
+    auth_service,
+    authenticate,
+    authenticate_error,
+    authenticating_channel,
+    create_merchant,
+    issue_request,
+    issued_key,
+    merchant_service,
+    reason,
+)
 
-
-@dataclass(frozen=True, slots=True)
-class Mesh:
-    """Stubs of the two services under test and where merchant-auth keeps its data."""
-
-    merchants: merchant_pb2_grpc.MerchantServiceAsyncStub
-    auth: merchant_auth_pb2_grpc.MerchantAuthServiceAsyncStub
-    auth_database: Path
-
-
-@contextlib.asynccontextmanager
-async def _auth_over(
-    merchant_address: str, tmp_path: Path, **environ: str
-) -> AsyncIterator[merchant_auth_pb2_grpc.MerchantAuthServiceAsyncStub]:
-    env = {"PAYMESH_VAR_DIR": str(tmp_path), "MERCHANT_SERVICE_ADDR": merchant_address, **environ}
-    async with (
-        running_service("merchant-auth-service", build_auth, environ=env) as address,
-        aio.insecure_channel(address) as channel,
-    ):
-        yield merchant_auth_pb2_grpc.MerchantAuthServiceStub(channel)
+AUTHENTICATE = "/paymesh.merchant_auth.v1.MerchantAuthService/AuthenticateApiKey"
 
 
 @pytest.fixture
 async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
-    async with (
-        running_service(
-            "merchant-service", build_merchant, environ={"PAYMESH_VAR_DIR": str(tmp_path)}
-        ) as merchant_address,
-        aio.insecure_channel(merchant_address) as channel,
-        _auth_over(merchant_address, tmp_path) as auth,
-    ):
-        yield Mesh(
-            merchant_pb2_grpc.MerchantServiceStub(channel),
-            auth,
-            tmp_path / "merchant-auth-service.db",
-        )
+    async with auth_mesh(tmp_path) as services:
+        yield services
 
 
 async def _merchant(mesh: Mesh, request_id: str = "m1") -> merchant_pb2.Merchant:
-    response = await mesh.merchants.CreateMerchant(
-        merchant_pb2.CreateMerchantRequest(
-            request_id=request_id,
-            name="Kaffeehaus Zentral",
-            email="billing@kaffeehaus.example",
-            country_code="AT",
-            default_currency_code="EUR",
-            webhook_url="https://kaffeehaus.example/hooks/paymesh",
-        )
-    )
-    return response.merchant
+    return await create_merchant(mesh.merchants, request_id)
 
 
 async def _suspend(mesh: Mesh, merchant_id: str) -> None:
@@ -88,27 +63,15 @@ async def _suspend(mesh: Mesh, merchant_id: str) -> None:
     )
 
 
-def _issue(
-    merchant_id: str, request_id: str = "k1", label: str = "checkout"
-) -> pb.IssueApiKeyRequest:
-    return pb.IssueApiKeyRequest(request_id=request_id, merchant_id=merchant_id, label=label)
+_issue = issue_request
 
 
-def _reason(error: aio.AioRpcError) -> str:
-    for key, value in error.trailing_metadata() or ():
-        if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
-            for detail in status_pb2.Status.FromString(value).details:
-                if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                    info = error_details_pb2.ErrorInfo()
-                    detail.Unpack(info)
-                    return str(info.reason)
-    return ""
-
-
-async def _authenticate_error(mesh: Mesh, api_key: str) -> aio.AioRpcError:
-    with pytest.raises(aio.AioRpcError) as caught:
-        await mesh.auth.AuthenticateApiKey(pb.AuthenticateApiKeyRequest(api_key=api_key))
-    return caught.value
+def _stored_hash(mesh: Mesh, key_id: str) -> str:
+    with contextlib.closing(sqlite3.connect(mesh.auth_database)) as conn:
+        row = conn.execute(
+            "SELECT secret_hash FROM api_keys WHERE key_id = ?", (key_id,)
+        ).fetchone()
+    return str(row[0])
 
 
 async def test_issued_key_authenticates_as_its_active_merchant(mesh: Mesh) -> None:
@@ -116,7 +79,7 @@ async def test_issued_key_authenticates_as_its_active_merchant(mesh: Mesh) -> No
     issued = await mesh.auth.IssueApiKey(_issue(merchant.merchant_id))
     assert issued.secret.startswith(issued.api_key.prefix)
     assert issued.api_key.status == pb.API_KEY_STATUS_ACTIVE
-    auth = await mesh.auth.AuthenticateApiKey(pb.AuthenticateApiKeyRequest(api_key=issued.secret))
+    auth = await authenticate(mesh.auth, issued.secret)
     assert auth == pb.AuthenticateApiKeyResponse(
         merchant_id=merchant.merchant_id,
         key_id=issued.api_key.key_id,
@@ -163,14 +126,14 @@ async def test_request_id_reused_with_another_body_is_invalid_argument(mesh: Mes
     with pytest.raises(aio.AioRpcError) as caught:
         await mesh.auth.IssueApiKey(_issue(merchant.merchant_id, label="other"))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert _reason(caught.value) == "IDEMPOTENCY_KEY_REUSED"
+    assert reason(caught.value) == "IDEMPOTENCY_KEY_REUSED"
 
 
 async def test_key_for_unknown_merchant_is_not_found(mesh: Mesh) -> None:
     with pytest.raises(aio.AioRpcError) as caught:
         await mesh.auth.IssueApiKey(_issue("m_missing"))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-    assert _reason(caught.value) == "MERCHANT_NOT_FOUND"
+    assert reason(caught.value) == "MERCHANT_NOT_FOUND"
 
 
 async def test_key_for_suspended_merchant_is_failed_precondition(mesh: Mesh) -> None:
@@ -179,14 +142,14 @@ async def test_key_for_suspended_merchant_is_failed_precondition(mesh: Mesh) -> 
     with pytest.raises(aio.AioRpcError) as caught:
         await mesh.auth.IssueApiKey(_issue(merchant.merchant_id))
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert _reason(caught.value) == "MERCHANT_INACTIVE"
+    assert reason(caught.value) == "MERCHANT_INACTIVE"
 
 
 async def test_key_of_a_merchant_suspended_later_authenticates_as_inactive(mesh: Mesh) -> None:
     merchant = await _merchant(mesh)
     issued = await mesh.auth.IssueApiKey(_issue(merchant.merchant_id))
     await _suspend(mesh, merchant.merchant_id)
-    auth = await mesh.auth.AuthenticateApiKey(pb.AuthenticateApiKeyRequest(api_key=issued.secret))
+    auth = await authenticate(mesh.auth, issued.secret)
     assert auth.merchant_id == merchant.merchant_id
     assert auth.active is False
 
@@ -203,11 +166,11 @@ async def test_secret_is_stored_nowhere_in_the_database(mesh: Mesh) -> None:
     assert body.encode() not in dump + blobs
 
 
-@pytest.mark.parametrize("api_key", ["", "garbage", "sk_live_abc", "Bearer sk_0123456789abcdef_x"])
+@pytest.mark.parametrize("api_key", ["garbage", "sk_live_abc", "Bearer sk_0123456789abcdef_x"])
 async def test_malformed_key_is_unauthenticated_api_key_invalid(mesh: Mesh, api_key: str) -> None:
-    error = await _authenticate_error(mesh, api_key)
+    error = await authenticate_error(mesh.auth, api_key)
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert _reason(error) == "API_KEY_INVALID"
+    assert reason(error) == "API_KEY_INVALID"
 
 
 async def test_wrong_secret_for_a_real_key_is_api_key_invalid(mesh: Mesh) -> None:
@@ -215,16 +178,16 @@ async def test_wrong_secret_for_a_real_key_is_api_key_invalid(mesh: Mesh) -> Non
     issued = await mesh.auth.IssueApiKey(_issue(merchant.merchant_id))
     last = issued.secret[-1]
     forged = issued.secret[:-1] + ("A" if last != "A" else "B")
-    error = await _authenticate_error(mesh, forged)
+    error = await authenticate_error(mesh.auth, forged)
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert _reason(error) == "API_KEY_INVALID"
+    assert reason(error) == "API_KEY_INVALID"
     assert issued.secret not in (error.details() or "")
 
 
 async def test_unknown_key_is_api_key_invalid(mesh: Mesh) -> None:
-    error = await _authenticate_error(mesh, "sk_0123456789abcdef_" + "A" * 43)
+    error = await authenticate_error(mesh.auth, "sk_0123456789abcdef_" + "A" * 43)
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert _reason(error) == "API_KEY_INVALID"
+    assert reason(error) == "API_KEY_INVALID"
 
 
 async def test_revoked_key_is_api_key_revoked(mesh: Mesh) -> None:
@@ -235,9 +198,9 @@ async def test_revoked_key_is_api_key_revoked(mesh: Mesh) -> None:
     )
     assert revoked.api_key.status == pb.API_KEY_STATUS_REVOKED
     assert revoked.api_key.HasField("revoke_time")
-    error = await _authenticate_error(mesh, issued.secret)
+    error = await authenticate_error(mesh.auth, issued.secret)
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert _reason(error) == "API_KEY_REVOKED"
+    assert reason(error) == "API_KEY_REVOKED"
 
 
 async def test_revoking_a_revoked_key_keeps_the_first_revocation(mesh: Mesh) -> None:
@@ -289,23 +252,18 @@ async def _authenticate_after_merchant_service_stops(
     tmp_path: Path, **auth_environ: str
 ) -> pb.AuthenticateApiKeyResponse:
     """Issue and authenticate a key, stop merchant-service, then authenticate again."""
-    merchant_service = contextlib.AsyncExitStack()
-    merchant_address = await merchant_service.enter_async_context(
-        running_service(
-            "merchant-service", build_merchant, environ={"PAYMESH_VAR_DIR": str(tmp_path)}
-        )
+    merchants = contextlib.AsyncExitStack()
+    merchant_address, merchants_stub = await merchants.enter_async_context(
+        merchant_service(tmp_path)
     )
-    channel = await merchant_service.enter_async_context(aio.insecure_channel(merchant_address))
-    async with _auth_over(merchant_address, tmp_path, **auth_environ) as auth:
-        mesh = Mesh(merchant_pb2_grpc.MerchantServiceStub(channel), auth, tmp_path)
+    async with auth_service(merchant_address, tmp_path, environ=auth_environ) as (auth, _):
         try:
-            merchant = await _merchant(mesh)
+            merchant = await create_merchant(merchants_stub)
             issued = await auth.IssueApiKey(_issue(merchant.merchant_id))
-            request = pb.AuthenticateApiKeyRequest(api_key=issued.secret)
-            await auth.AuthenticateApiKey(request)
+            await authenticate(auth, issued.secret)
         finally:
-            await merchant_service.aclose()
-        return await auth.AuthenticateApiKey(request)
+            await merchants.aclose()
+        return await authenticate(auth, issued.secret)
 
 
 async def test_authentication_uses_the_last_answer_while_merchant_service_is_down(
@@ -323,3 +281,194 @@ async def test_authentication_is_unavailable_once_the_last_answer_is_too_old(
             tmp_path, MERCHANT_AUTH_SERVICE_MERCHANT_STALE_S="0"
         )
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+# --- The secret travels only as bearer metadata --------------------------------------------
+
+
+def test_the_request_has_no_body_field_for_the_secret_and_reserves_the_old_one() -> None:
+    message = descriptor_pb2.DescriptorProto()
+    pb.AuthenticateApiKeyRequest.DESCRIPTOR.CopyToProto(message)
+    assert list(message.field) == []
+    assert [(r.start, r.end) for r in message.reserved_range] == [(1, 2)]
+    assert list(message.reserved_name) == ["api_key"]
+
+
+async def test_a_secret_in_the_old_body_field_is_credentials_missing(mesh: Mesh) -> None:
+    issued = await issued_key(mesh)
+    # What an old client sends: field 1 (length-delimited) holding the secret, no metadata.
+    secret = issued.secret.encode()
+    old_body = bytes([0x0A, len(secret)]) + secret
+    async with authenticating_channel(mesh.auth_address) as channel:
+        call: aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(AUTHENTICATE)
+        with pytest.raises(aio.AioRpcError) as caught:
+            await call(old_body, timeout=10)
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert reason(caught.value) == "CREDENTIALS_MISSING"
+    assert issued.secret not in (caught.value.details() or "")
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        (),
+        (("authorization", "Bearer "),),
+        (("authorization", "{secret}"),),
+        (("authorization", "Basic {secret}"),),
+        (("authorization", "Bearer {secret}"), ("authorization", "Bearer {secret}")),
+        (("x-api-key", "{secret}"),),
+    ],
+    ids=["none", "empty-bearer", "no-scheme", "basic", "twice", "other-header"],
+)
+async def test_missing_or_malformed_authorization_is_credentials_missing(
+    mesh: Mesh, metadata: tuple[tuple[str, str], ...]
+) -> None:
+    issued = await issued_key(mesh)
+    sent = tuple((key, value.format(secret=issued.secret)) for key, value in metadata)
+    with pytest.raises(aio.AioRpcError) as caught:
+        await mesh.auth.AuthenticateApiKey(pb.AuthenticateApiKeyRequest(), metadata=sent)
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert reason(caught.value) == "CREDENTIALS_MISSING"
+    assert issued.secret not in (caught.value.details() or "")
+
+
+async def test_the_bearer_scheme_name_is_case_insensitive(mesh: Mesh) -> None:
+    issued = await issued_key(mesh)
+    auth = await mesh.auth.AuthenticateApiKey(
+        pb.AuthenticateApiKeyRequest(), metadata=(("authorization", f"bearer {issued.secret}"),)
+    )
+    assert auth.key_id == issued.api_key.key_id
+
+
+async def test_no_secret_reaches_the_logs(mesh: Mesh, caplog: pytest.LogCaptureFixture) -> None:
+    issued = await issued_key(mesh)
+    forged = issued.secret[:-1] + ("A" if issued.secret[-1] != "A" else "B")
+    caplog.set_level(logging.DEBUG)
+    await authenticate(mesh.auth, issued.secret)
+    await authenticate_error(mesh.auth, forged)
+    await authenticate_error(mesh.auth, "sk_not-a-key")
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "AuthenticateApiKey" in logged  # the access log did see the calls
+    body = issued.secret.removeprefix(issued.api_key.prefix + "_")
+    for text in (body, forged.removeprefix(issued.api_key.prefix + "_"), "sk_not-a-key"):
+        assert text not in logged
+
+
+# --- Stored form: HMAC-SHA256 under the pepper; legacy scrypt rows upgrade ------------------
+
+
+async def test_new_keys_are_stored_as_tagged_hmac_sha256_digests(mesh: Mesh) -> None:
+    issued = await issued_key(mesh)
+    scheme, _, digest = _stored_hash(mesh, issued.api_key.key_id).partition("$")
+    assert scheme == "hmac-sha256"
+    assert len(base64.b64decode(digest)) == 32
+
+
+def _legacy_scrypt_hash(secret: str) -> str:
+    """A hash as the scrypt-era service wrote it: ``scrypt$n$r$p$salt$digest`` (base64)."""
+    salt = secrets.token_bytes(16)
+    n, r, p = 2**14, 8, 1
+    digest = hashlib.scrypt(
+        secret.encode(), salt=salt, n=n, r=r, p=p, maxmem=256 * n * r + 2**20, dklen=32
+    )
+    encoded = (base64.b64encode(part).decode() for part in (salt, digest))
+    return "$".join(("scrypt", str(n), str(r), str(p), *encoded))
+
+
+def _store_legacy_hash(mesh: Mesh, key_id: str, secret: str) -> str:
+    legacy = _legacy_scrypt_hash(secret)
+    with contextlib.closing(sqlite3.connect(mesh.auth_database)) as conn, conn:
+        conn.execute("UPDATE api_keys SET secret_hash = ? WHERE key_id = ?", (legacy, key_id))
+    return legacy
+
+
+async def test_a_legacy_scrypt_row_still_verifies_and_is_upgraded_to_hmac(mesh: Mesh) -> None:
+    issued = await issued_key(mesh)
+    key_id = issued.api_key.key_id
+    _store_legacy_hash(mesh, key_id, issued.secret)
+    first = await authenticate(mesh.auth, issued.secret)
+    assert first.key_id == key_id
+    assert _stored_hash(mesh, key_id).startswith("hmac-sha256$")
+    again = await authenticate(mesh.auth, issued.secret)
+    assert again == first
+
+
+async def test_a_wrong_secret_leaves_a_legacy_row_as_it_was(mesh: Mesh) -> None:
+    issued = await issued_key(mesh)
+    key_id = issued.api_key.key_id
+    legacy = _store_legacy_hash(mesh, key_id, issued.secret)
+    forged = issued.secret[:-1] + ("A" if issued.secret[-1] != "A" else "B")
+    error = await authenticate_error(mesh.auth, forged)
+    assert reason(error) == "API_KEY_INVALID"
+    assert _stored_hash(mesh, key_id) == legacy
+
+
+# --- The pepper: from a named file, or generated once (0600) and reused --------------------
+
+
+async def test_the_generated_pepper_is_private_and_reused_across_restarts(
+    tmp_path: Path,
+) -> None:
+    pepper_path = tmp_path / "merchant-auth-service.pepper"
+    async with merchant_service(tmp_path) as (merchant_address, merchants):
+        async with auth_service(merchant_address, tmp_path) as (auth, _):
+            merchant = await create_merchant(merchants)
+            issued = await auth.IssueApiKey(_issue(merchant.merchant_id))
+        pepper = pepper_path.read_bytes()
+        assert len(pepper) == 32
+        assert stat.S_IMODE(pepper_path.stat().st_mode) == 0o600
+        async with auth_service(merchant_address, tmp_path) as (auth, _):
+            restarted = await authenticate(auth, issued.secret)
+        assert restarted.key_id == issued.api_key.key_id
+        assert pepper_path.read_bytes() == pepper
+
+
+async def _issue_then_authenticate_with(
+    tmp_path: Path, first_pepper: Path, second_pepper: Path
+) -> aio.AioRpcError | pb.AuthenticateApiKeyResponse:
+    async with merchant_service(tmp_path) as (merchant_address, merchants):
+        env = {"MERCHANT_AUTH_SERVICE_KEY_PEPPER_FILE": str(first_pepper)}
+        async with auth_service(merchant_address, tmp_path, environ=env) as (auth, _):
+            merchant = await create_merchant(merchants)
+            issued = await auth.IssueApiKey(_issue(merchant.merchant_id))
+        env = {"MERCHANT_AUTH_SERVICE_KEY_PEPPER_FILE": str(second_pepper)}
+        async with auth_service(merchant_address, tmp_path, environ=env) as (auth, _):
+            try:
+                return await authenticate(auth, issued.secret)
+            except aio.AioRpcError as error:
+                return error
+
+
+def _pepper_file(path: Path) -> Path:
+    path.write_bytes(secrets.token_bytes(48))
+    path.chmod(0o600)
+    return path
+
+
+async def test_a_configured_pepper_file_is_used_instead_of_generating_one(
+    tmp_path: Path,
+) -> None:
+    pepper = _pepper_file(tmp_path / "mounted.pepper")
+    result = await _issue_then_authenticate_with(tmp_path, pepper, pepper)
+    assert isinstance(result, pb.AuthenticateApiKeyResponse)
+    assert not (tmp_path / "merchant-auth-service.pepper").exists()
+
+
+async def test_keys_do_not_verify_under_another_pepper(tmp_path: Path) -> None:
+    first, second = _pepper_file(tmp_path / "a.pepper"), _pepper_file(tmp_path / "b.pepper")
+    result = await _issue_then_authenticate_with(tmp_path, first, second)
+    assert isinstance(result, aio.AioRpcError)
+    assert reason(result) == "API_KEY_INVALID"
+
+
+@pytest.mark.parametrize("content", [None, b"too short"], ids=["missing", "short"])
+async def test_an_unusable_pepper_file_stops_start_up_naming_the_variable(
+    tmp_path: Path, content: bytes | None
+) -> None:
+    pepper = tmp_path / "mounted.pepper"
+    if content is not None:
+        pepper.write_bytes(content)
+    env = {"MERCHANT_AUTH_SERVICE_KEY_PEPPER_FILE": str(pepper)}
+    with pytest.raises(StartupError, match="MERCHANT_AUTH_SERVICE_KEY_PEPPER_FILE"):
+        async with auth_service("127.0.0.1:1", tmp_path, environ=env):
+            pass

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,paymesh/merchant_auth/v1/merchant_auth.proto\x12\x18paymesh.merchant_auth.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe6\x01\n\x06\x41piKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x02 \x01(\t\x12\x0e\n\x06prefix\x18\x03 \x01(\t\x12\r\n\x05label\x18\x04 \x01(\t\x12\x36\n\x06status\x18\x05 \x01(\x0e\x32&.paymesh.merchant_auth.v1.ApiKeyStatus\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"L\n\x12IssueApiKeyRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x02 \x01(\t\x12\r\n\x05label\x18\x03 \x01(\t\"X\n\x13IssueApiKeyResponse\x12\x31\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32 .paymesh.merchant_auth.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\",\n\x19\x41uthenticateApiKeyRequest\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\"f\n\x1a\x41uthenticateApiKeyResponse\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tive\x18\x03 \x01(\x08\x12\x13\n\x0bwebhook_url\x18\x04 \x01(\t\"I\n\x13RevokeApiKeyRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"I\n\x14RevokeApiKeyResponse\x12\x31\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32 .paymesh.merchant_auth.v1.ApiKey\"P\n\x12ListApiKeysRequest\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"b\n\x13ListApiKeysResponse\x12\x32\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32 .paymesh.merchant_auth.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*e\n\x0c\x41piKeyStatus\x12\x1e\n\x1a\x41PI_KEY_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41PI_KEY_STATUS_ACTIVE\x10\x01\x12\x1a\n\x16\x41PI_KEY_STATUS_REVOKED\x10\x02\x32\xe8\x03\n\x13MerchantAuthService\x12j\n\x0bIssueApiKey\x12,.paymesh.merchant_auth.v1.IssueApiKeyRequest\x1a-.paymesh.merchant_auth.v1.IssueApiKeyResponse\x12\x84\x01\n\x12\x41uthenticateApiKey\x12\x33.paymesh.merchant_auth.v1.AuthenticateApiKeyRequest\x1a\x34.paymesh.merchant_auth.v1.AuthenticateApiKeyResponse\"\x03\x90\x02\x01\x12m\n\x0cRevokeApiKey\x12-.paymesh.merchant_auth.v1.RevokeApiKeyRequest\x1a..paymesh.merchant_auth.v1.RevokeApiKeyResponse\x12o\n\x0bListApiKeys\x12,.paymesh.merchant_auth.v1.ListApiKeysRequest\x1a-.paymesh.merchant_auth.v1.ListApiKeysResponse\"\x03\x90\x02\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,paymesh/merchant_auth/v1/merchant_auth.proto\x12\x18paymesh.merchant_auth.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe6\x01\n\x06\x41piKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x02 \x01(\t\x12\x0e\n\x06prefix\x18\x03 \x01(\t\x12\r\n\x05label\x18\x04 \x01(\t\x12\x36\n\x06status\x18\x05 \x01(\x0e\x32&.paymesh.merchant_auth.v1.ApiKeyStatus\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"L\n\x12IssueApiKeyRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x02 \x01(\t\x12\r\n\x05label\x18\x03 \x01(\t\"X\n\x13IssueApiKeyResponse\x12\x31\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32 .paymesh.merchant_auth.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\"*\n\x19\x41uthenticateApiKeyRequestJ\x04\x08\x01\x10\x02R\x07\x61pi_key\"f\n\x1a\x41uthenticateApiKeyResponse\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tive\x18\x03 \x01(\x08\x12\x13\n\x0bwebhook_url\x18\x04 \x01(\t\"I\n\x13RevokeApiKeyRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"I\n\x14RevokeApiKeyResponse\x12\x31\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32 .paymesh.merchant_auth.v1.ApiKey\"P\n\x12ListApiKeysRequest\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"b\n\x13ListApiKeysResponse\x12\x32\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32 .paymesh.merchant_auth.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*e\n\x0c\x41piKeyStatus\x12\x1e\n\x1a\x41PI_KEY_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41PI_KEY_STATUS_ACTIVE\x10\x01\x12\x1a\n\x16\x41PI_KEY_STATUS_REVOKED\x10\x02\x32\xe8\x03\n\x13MerchantAuthService\x12j\n\x0bIssueApiKey\x12,.paymesh.merchant_auth.v1.IssueApiKeyRequest\x1a-.paymesh.merchant_auth.v1.IssueApiKeyResponse\x12\x84\x01\n\x12\x41uthenticateApiKey\x12\x33.paymesh.merchant_auth.v1.AuthenticateApiKeyRequest\x1a\x34.paymesh.merchant_auth.v1.AuthenticateApiKeyResponse\"\x03\x90\x02\x01\x12m\n\x0cRevokeApiKey\x12-.paymesh.merchant_auth.v1.RevokeApiKeyRequest\x1a..paymesh.merchant_auth.v1.RevokeApiKeyResponse\x12o\n\x0bListApiKeys\x12,.paymesh.merchant_auth.v1.ListApiKeysRequest\x1a-.paymesh.merchant_auth.v1.ListApiKeysResponse\"\x03\x90\x02\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,8 +36,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MERCHANTAUTHSERVICE'].methods_by_name['AuthenticateApiKey']._serialized_options = b'\220\002\001'
   _globals['_MERCHANTAUTHSERVICE'].methods_by_name['ListApiKeys']._loaded_options = None
   _globals['_MERCHANTAUTHSERVICE'].methods_by_name['ListApiKeys']._serialized_options = b'\220\002\001'
-  _globals['_APIKEYSTATUS']._serialized_start=990
-  _globals['_APIKEYSTATUS']._serialized_end=1091
+  _globals['_APIKEYSTATUS']._serialized_start=988
+  _globals['_APIKEYSTATUS']._serialized_end=1089
   _globals['_APIKEY']._serialized_start=108
   _globals['_APIKEY']._serialized_end=338
   _globals['_ISSUEAPIKEYREQUEST']._serialized_start=340
@@ -45,17 +45,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ISSUEAPIKEYRESPONSE']._serialized_start=418
   _globals['_ISSUEAPIKEYRESPONSE']._serialized_end=506
   _globals['_AUTHENTICATEAPIKEYREQUEST']._serialized_start=508
-  _globals['_AUTHENTICATEAPIKEYREQUEST']._serialized_end=552
-  _globals['_AUTHENTICATEAPIKEYRESPONSE']._serialized_start=554
-  _globals['_AUTHENTICATEAPIKEYRESPONSE']._serialized_end=656
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=658
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=731
-  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=733
-  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=806
-  _globals['_LISTAPIKEYSREQUEST']._serialized_start=808
-  _globals['_LISTAPIKEYSREQUEST']._serialized_end=888
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=890
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=988
-  _globals['_MERCHANTAUTHSERVICE']._serialized_start=1094
-  _globals['_MERCHANTAUTHSERVICE']._serialized_end=1582
+  _globals['_AUTHENTICATEAPIKEYREQUEST']._serialized_end=550
+  _globals['_AUTHENTICATEAPIKEYRESPONSE']._serialized_start=552
+  _globals['_AUTHENTICATEAPIKEYRESPONSE']._serialized_end=654
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=656
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=729
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=731
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=804
+  _globals['_LISTAPIKEYSREQUEST']._serialized_start=806
+  _globals['_LISTAPIKEYSREQUEST']._serialized_end=886
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=888
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=986
+  _globals['_MERCHANTAUTHSERVICE']._serialized_start=1092
+  _globals['_MERCHANTAUTHSERVICE']._serialized_end=1580
 # @@protoc_insertion_point(module_scope)

@@ -69,7 +69,7 @@ class MerchantAuthServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def AuthenticateApiKey(self, request, context):
-        """Checks a secret key and says which merchant it belongs to and whether it may be used.
+        """Checks the secret key sent as call metadata `authorization: Bearer <secret>` and says which merchant it belongs to and whether it may be used.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
