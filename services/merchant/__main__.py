@@ -32,7 +32,7 @@ def build(context: ServiceContext) -> list[Registration]:
     )
     return [
         Registration(
-            servicer=MerchantServicer(store, sources),
+            servicer=MerchantServicer(store, sources, webhook_secrets=sources.notifications),
             add_to_server=merchant_pb2_grpc.add_MerchantServiceServicer_to_server,
             service_name=merchant_pb2.DESCRIPTOR.services_by_name["MerchantService"].full_name,
         )

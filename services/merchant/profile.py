@@ -55,15 +55,15 @@ def require_email(field: str, value: str) -> str:
         raise v.invalid(
             field, f"is {len(value)} characters; at most {MAX_EMAIL_LENGTH} are allowed"
         )
-    if not _EMAIL.match(value):
-        raise v.invalid(field, f"{value[:80]!r} is not an email address (name@example.com)")
+    if not _EMAIL.fullmatch(value):  # match() and $ let a trailing newline in
+        raise v.invalid(field, f"{v.quote(value)} is not an email address (name@example.com)")
     return value
 
 
 def require_country(field: str, value: str) -> str:
     """An assigned ISO 3166-1 alpha-2 code in upper case (``DE``, ``US``)."""
     if value not in COUNTRY_CODES:
-        raise v.invalid(field, f"{value[:80]!r} is not an ISO 3166-1 alpha-2 country code")
+        raise v.invalid(field, f"{v.quote(value)} is not an ISO 3166-1 alpha-2 country code")
     return value
 
 
@@ -78,9 +78,9 @@ def optional_webhook_url(field: str, value: str) -> str:
         host = url.hostname or ""
         url.port  # noqa: B018  # parsing the port is the check: it raises if malformed
     except ValueError as exc:
-        raise v.invalid(field, f"{value[:80]!r} is not a URL") from exc
+        raise v.invalid(field, f"{v.quote(value)} is not a URL") from exc
     if not host or any(char.isspace() for char in value):
-        raise v.invalid(field, f"{value[:80]!r} is not an absolute URL with a host")
+        raise v.invalid(field, f"{v.quote(value)} is not an absolute URL with a host")
     if url.scheme == "https" or (url.scheme == "http" and host in _LOOPBACK_HOSTS):
         return value
     raise v.invalid(field, f"must be an https URL (got scheme {url.scheme!r})")

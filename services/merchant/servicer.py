@@ -1,4 +1,10 @@
-"""merchant-service RPCs: validate, then read or write the store; the dashboard fans out."""
+"""merchant-service RPCs: validate, then read or write the store; the dashboard fans out.
+
+The webhook signing secret lives at notification-service, which alone signs webhooks;
+RotateWebhookSecret here is the merchant's door to it, for the merchant's own id only.
+A merchant calling GetMerchant or GetMerchantDashboard with its API key likewise sees only
+itself: an empty merchant_id means its own, any other id is NOT_FOUND (``merchant_scope``).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,9 @@ from collections.abc import Callable
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from paymesh.merchant.v1 import merchant_pb2, merchant_pb2_grpc
+from paymesh.notification.v1 import notification_pb2, notification_pb2_grpc
 from services import validation as v
+from services.authz import merchant_scope
 from services.bootstrap import Context
 from services.merchant import profile
 from services.merchant.dashboard import DashboardSources, assemble
@@ -25,10 +33,12 @@ class MerchantServicer(merchant_pb2_grpc.MerchantServiceServicer):
         store: MerchantStore,
         sources: DashboardSources,
         *,
+        webhook_secrets: notification_pb2_grpc.NotificationServiceAsyncStub,
         clock_ns: Callable[[], int] = time.time_ns,
     ) -> None:
         self._store = store
         self._sources = sources
+        self._webhook_secrets = webhook_secrets
         self._clock_ns = clock_ns
 
     async def CreateMerchant(
@@ -45,8 +55,8 @@ class MerchantServicer(merchant_pb2_grpc.MerchantServiceServicer):
     async def GetMerchant(
         self, request: merchant_pb2.GetMerchantRequest, context: Context
     ) -> merchant_pb2.GetMerchantResponse:
-        v.require_id("merchant_id", request.merchant_id)
-        return merchant_pb2.GetMerchantResponse(merchant=self._store.get(request.merchant_id))
+        merchant_id = v.require_id("merchant_id", merchant_scope(request.merchant_id))
+        return merchant_pb2.GetMerchantResponse(merchant=self._store.get(merchant_id))
 
     async def ListMerchants(
         self, request: merchant_pb2.ListMerchantsRequest, context: Context
@@ -79,9 +89,31 @@ class MerchantServicer(merchant_pb2_grpc.MerchantServiceServicer):
     async def GetMerchantDashboard(
         self, request: merchant_pb2.GetMerchantDashboardRequest, context: Context
     ) -> merchant_pb2.GetMerchantDashboardResponse:
-        v.require_id("merchant_id", request.merchant_id)
+        merchant_id = v.require_id("merchant_id", merchant_scope(request.merchant_id))
         # Our own store first: an unknown merchant is NOT_FOUND, and no downstream is asked.
-        merchant = self._store.get(request.merchant_id)
+        # The sections are then read as merchant-service, a mesh caller, for this merchant only.
+        merchant = self._store.get(merchant_id)
         now = Timestamp()
         now.FromNanoseconds(self._clock_ns())
         return await assemble(self._sources, merchant, generate_time=now)
+
+    async def RotateWebhookSecret(
+        self, request: merchant_pb2.RotateWebhookSecretRequest, context: Context
+    ) -> merchant_pb2.RotateWebhookSecretResponse:
+        v.require_request_id("request_id", request.request_id)
+        merchant_id = v.require_id("merchant_id", merchant_scope(request.merchant_id))
+        # Our own store first: an unknown merchant is NOT_FOUND and gets no secret.
+        self._store.get(merchant_id)
+        rotated = await self._webhook_secrets.RotateWebhookSecret(
+            notification_pb2.RotateWebhookSecretRequest(
+                request_id=request.request_id,
+                merchant_id=merchant_id,
+                previous_secret_overlap=request.previous_secret_overlap,
+            )
+        )
+        response = merchant_pb2.RotateWebhookSecretResponse(
+            webhook_secret=rotated.webhook_secret, secret=rotated.secret
+        )
+        if rotated.HasField("previous_secret_expire_time"):
+            response.previous_secret_expire_time.CopyFrom(rotated.previous_secret_expire_time)
+        return response

@@ -22,6 +22,7 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from paymesh.accounting.v1 import accounting_pb2 as paymesh_dot_accounting_dot_v1_dot_accounting__pb2
 from paymesh.analytics.v1 import analytics_pb2 as paymesh_dot_analytics_dot_v1_dot_analytics__pb2
@@ -30,7 +31,7 @@ from paymesh.payment_gateway.v1 import payment_gateway_pb2 as paymesh_dot_paymen
 from paymesh.risk.v1 import risk_pb2 as paymesh_dot_risk_dot_v1_dot_risk__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"paymesh/merchant/v1/merchant.proto\x12\x13paymesh.merchant.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a&paymesh/accounting/v1/accounting.proto\x1a$paymesh/analytics/v1/analytics.proto\x1a*paymesh/notification/v1/notification.proto\x1a\x30paymesh/payment_gateway/v1/payment_gateway.proto\x1a\x1apaymesh/risk/v1/risk.proto\"\xb4\x02\n\x08Merchant\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12\x14\n\x0c\x63ountry_code\x18\x04 \x01(\t\x12\x1d\n\x15\x64\x65\x66\x61ult_currency_code\x18\x05 \x01(\t\x12\x13\n\x0bwebhook_url\x18\x06 \x01(\t\x12\x33\n\x06status\x18\x07 \x01(\x0e\x32#.paymesh.merchant.v1.MerchantStatus\x12\x15\n\rstatus_reason\x18\x08 \x01(\t\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8b\x01\n\x10\x44\x61shboardSection\x12>\n\x0c\x61vailability\x18\x01 \x01(\x0e\x32(.paymesh.merchant.v1.SectionAvailability\x12\x16\n\x0esource_service\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\"\x86\x01\n\x0fPaymentsSection\x12\x36\n\x07section\x18\x01 \x01(\x0b\x32%.paymesh.merchant.v1.DashboardSection\x12;\n\x07summary\x18\x02 \x01(\x0b\x32*.paymesh.payment_gateway.v1.PaymentSummary\"{\n\x0f\x42\x61lancesSection\x12\x36\n\x07section\x18\x01 \x01(\x0b\x32%.paymesh.merchant.v1.DashboardSection\x12\x30\n\x08\x62\x61lances\x18\x02 \x03(\x0b\x32\x1e.paymesh.accounting.v1.Balance\"z\n\x0cStatsSection\x12\x36\n\x07section\x18\x01 \x01(\x0b\x32%.paymesh.merchant.v1.DashboardSection\x12\x32\n\x05stats\x18\x02 \x01(\x0b\x32#.paymesh.analytics.v1.MerchantStats\"t\n\x0bRiskSection\x12\x36\n\x07section\x18\x01 \x01(\x0b\x32%.paymesh.merchant.v1.DashboardSection\x12-\n\x07summary\x18\x02 \x01(\x0b\x32\x1c.paymesh.risk.v1.RiskSummary\"\x93\x01\n\x14NotificationsSection\x12\x36\n\x07section\x18\x01 \x01(\x0b\x32%.paymesh.merchant.v1.DashboardSection\x12\x43\n\x14recent_notifications\x18\x02 \x03(\x0b\x32%.paymesh.notification.v1.Notification\"\x92\x01\n\x15\x43reateMerchantRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12\x14\n\x0c\x63ountry_code\x18\x04 \x01(\t\x12\x1d\n\x15\x64\x65\x66\x61ult_currency_code\x18\x05 \x01(\t\x12\x13\n\x0bwebhook_url\x18\x06 \x01(\t\"I\n\x16\x43reateMerchantResponse\x12/\n\x08merchant\x18\x01 \x01(\x0b\x32\x1d.paymesh.merchant.v1.Merchant\")\n\x12GetMerchantRequest\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\"F\n\x13GetMerchantResponse\x12/\n\x08merchant\x18\x01 \x01(\x0b\x32\x1d.paymesh.merchant.v1.Merchant\"r\n\x14ListMerchantsRequest\x12\x33\n\x06status\x18\x01 \x01(\x0e\x32#.paymesh.merchant.v1.MerchantStatus\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"b\n\x15ListMerchantsResponse\x12\x30\n\tmerchants\x18\x01 \x03(\x0b\x32\x1d.paymesh.merchant.v1.Merchant\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x8b\x01\n\x1bUpdateMerchantStatusRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x02 \x01(\t\x12\x33\n\x06status\x18\x03 \x01(\x0e\x32#.paymesh.merchant.v1.MerchantStatus\x12\x0e\n\x06reason\x18\x04 \x01(\t\"O\n\x1cUpdateMerchantStatusResponse\x12/\n\x08merchant\x18\x01 \x01(\x0b\x32\x1d.paymesh.merchant.v1.Merchant\"2\n\x1bGetMerchantDashboardRequest\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\"\x96\x03\n\x1cGetMerchantDashboardResponse\x12/\n\x08merchant\x18\x01 \x01(\x0b\x32\x1d.paymesh.merchant.v1.Merchant\x12\x36\n\x08payments\x18\x02 \x01(\x0b\x32$.paymesh.merchant.v1.PaymentsSection\x12\x36\n\x08\x62\x61lances\x18\x03 \x01(\x0b\x32$.paymesh.merchant.v1.BalancesSection\x12\x30\n\x05stats\x18\x04 \x01(\x0b\x32!.paymesh.merchant.v1.StatsSection\x12.\n\x04risk\x18\x05 \x01(\x0b\x32 .paymesh.merchant.v1.RiskSection\x12@\n\rnotifications\x18\x06 \x01(\x0b\x32).paymesh.merchant.v1.NotificationsSection\x12\x31\n\rgenerate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*l\n\x0eMerchantStatus\x12\x1f\n\x1bMERCHANT_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16MERCHANT_STATUS_ACTIVE\x10\x01\x12\x1d\n\x19MERCHANT_STATUS_SUSPENDED\x10\x02*\x85\x01\n\x13SectionAvailability\x12$\n SECTION_AVAILABILITY_UNSPECIFIED\x10\x00\x12\"\n\x1eSECTION_AVAILABILITY_AVAILABLE\x10\x01\x12$\n SECTION_AVAILABILITY_UNAVAILABLE\x10\x02\x32\xd0\x04\n\x0fMerchantService\x12i\n\x0e\x43reateMerchant\x12*.paymesh.merchant.v1.CreateMerchantRequest\x1a+.paymesh.merchant.v1.CreateMerchantResponse\x12\x65\n\x0bGetMerchant\x12\'.paymesh.merchant.v1.GetMerchantRequest\x1a(.paymesh.merchant.v1.GetMerchantResponse\"\x03\x90\x02\x01\x12k\n\rListMerchants\x12).paymesh.merchant.v1.ListMerchantsRequest\x1a*.paymesh.merchant.v1.ListMerchantsResponse\"\x03\x90\x02\x01\x12{\n\x14UpdateMerchantStatus\x12\x30.paymesh.merchant.v1.UpdateMerchantStatusRequest\x1a\x31.paymesh.merchant.v1.UpdateMerchantStatusResponse\x12\x80\x01\n\x14GetMerchantDashboard\x12\x30.paymesh.merchant.v1.GetMerchantDashboardRequest\x1a\x31.paymesh.merchant.v1.GetMerchantDashboardResponse\"\x03\x90\x02\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"paymesh/merchant/v1/merchant.proto\x12\x13paymesh.merchant.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a&paymesh/accounting/v1/accounting.proto\x1a$paymesh/analytics/v1/analytics.proto\x1a*paymesh/notification/v1/notification.proto\x1a\x30paymesh/payment_gateway/v1/payment_gateway.proto\x1a\x1apaymesh/risk/v1/risk.proto\"\xb4\x02\n\x08Merchant\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12\x14\n\x0c\x63ountry_code\x18\x04 \x01(\t\x12\x1d\n\x15\x64\x65\x66\x61ult_currency_code\x18\x05 \x01(\t\x12\x13\n\x0bwebhook_url\x18\x06 \x01(\t\x12\x33\n\x06status\x18\x07 \x01(\x0e\x32#.paymesh.merchant.v1.MerchantStatus\x12\x15\n\rstatus_reason\x18\x08 \x01(\t\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8b\x01\n\x10\x44\x61shboardSection\x12>\n\x0c\x61vailability\x18\x01 \x01(\x0e\x32(.paymesh.merchant.v1.SectionAvailability\x12\x16\n\x0esource_service\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\"\x86\x01\n\x0fPaymentsSection\x12\x36\n\x07section\x18\x01 \x01(\x0b\x32%.paymesh.merchant.v1.DashboardSection\x12;\n\x07summary\x18\x02 \x01(\x0b\x32*.paymesh.payment_gateway.v1.PaymentSummary\"{\n\x0f\x42\x61lancesSection\x12\x36\n\x07section\x18\x01 \x01(\x0b\x32%.paymesh.merchant.v1.DashboardSection\x12\x30\n\x08\x62\x61lances\x18\x02 \x03(\x0b\x32\x1e.paymesh.accounting.v1.Balance\"z\n\x0cStatsSection\x12\x36\n\x07section\x18\x01 \x01(\x0b\x32%.paymesh.merchant.v1.DashboardSection\x12\x32\n\x05stats\x18\x02 \x01(\x0b\x32#.paymesh.analytics.v1.MerchantStats\"t\n\x0bRiskSection\x12\x36\n\x07section\x18\x01 \x01(\x0b\x32%.paymesh.merchant.v1.DashboardSection\x12-\n\x07summary\x18\x02 \x01(\x0b\x32\x1c.paymesh.risk.v1.RiskSummary\"\x93\x01\n\x14NotificationsSection\x12\x36\n\x07section\x18\x01 \x01(\x0b\x32%.paymesh.merchant.v1.DashboardSection\x12\x43\n\x14recent_notifications\x18\x02 \x03(\x0b\x32%.paymesh.notification.v1.Notification\"\x92\x01\n\x15\x43reateMerchantRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12\x14\n\x0c\x63ountry_code\x18\x04 \x01(\t\x12\x1d\n\x15\x64\x65\x66\x61ult_currency_code\x18\x05 \x01(\t\x12\x13\n\x0bwebhook_url\x18\x06 \x01(\t\"I\n\x16\x43reateMerchantResponse\x12/\n\x08merchant\x18\x01 \x01(\x0b\x32\x1d.paymesh.merchant.v1.Merchant\")\n\x12GetMerchantRequest\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\"F\n\x13GetMerchantResponse\x12/\n\x08merchant\x18\x01 \x01(\x0b\x32\x1d.paymesh.merchant.v1.Merchant\"r\n\x14ListMerchantsRequest\x12\x33\n\x06status\x18\x01 \x01(\x0e\x32#.paymesh.merchant.v1.MerchantStatus\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"b\n\x15ListMerchantsResponse\x12\x30\n\tmerchants\x18\x01 \x03(\x0b\x32\x1d.paymesh.merchant.v1.Merchant\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x8b\x01\n\x1bUpdateMerchantStatusRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x02 \x01(\t\x12\x33\n\x06status\x18\x03 \x01(\x0e\x32#.paymesh.merchant.v1.MerchantStatus\x12\x0e\n\x06reason\x18\x04 \x01(\t\"O\n\x1cUpdateMerchantStatusResponse\x12/\n\x08merchant\x18\x01 \x01(\x0b\x32\x1d.paymesh.merchant.v1.Merchant\"2\n\x1bGetMerchantDashboardRequest\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\"\x96\x03\n\x1cGetMerchantDashboardResponse\x12/\n\x08merchant\x18\x01 \x01(\x0b\x32\x1d.paymesh.merchant.v1.Merchant\x12\x36\n\x08payments\x18\x02 \x01(\x0b\x32$.paymesh.merchant.v1.PaymentsSection\x12\x36\n\x08\x62\x61lances\x18\x03 \x01(\x0b\x32$.paymesh.merchant.v1.BalancesSection\x12\x30\n\x05stats\x18\x04 \x01(\x0b\x32!.paymesh.merchant.v1.StatsSection\x12.\n\x04risk\x18\x05 \x01(\x0b\x32 .paymesh.merchant.v1.RiskSection\x12@\n\rnotifications\x18\x06 \x01(\x0b\x32).paymesh.merchant.v1.NotificationsSection\x12\x31\n\rgenerate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x81\x01\n\x1aRotateWebhookSecretRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x02 \x01(\t\x12:\n\x17previous_secret_overlap\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xae\x01\n\x1bRotateWebhookSecretResponse\x12>\n\x0ewebhook_secret\x18\x01 \x01(\x0b\x32&.paymesh.notification.v1.WebhookSecret\x12\x0e\n\x06secret\x18\x02 \x01(\t\x12?\n\x1bprevious_secret_expire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*l\n\x0eMerchantStatus\x12\x1f\n\x1bMERCHANT_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16MERCHANT_STATUS_ACTIVE\x10\x01\x12\x1d\n\x19MERCHANT_STATUS_SUSPENDED\x10\x02*\x85\x01\n\x13SectionAvailability\x12$\n SECTION_AVAILABILITY_UNSPECIFIED\x10\x00\x12\"\n\x1eSECTION_AVAILABILITY_AVAILABLE\x10\x01\x12$\n SECTION_AVAILABILITY_UNAVAILABLE\x10\x02\x32\xca\x05\n\x0fMerchantService\x12i\n\x0e\x43reateMerchant\x12*.paymesh.merchant.v1.CreateMerchantRequest\x1a+.paymesh.merchant.v1.CreateMerchantResponse\x12\x65\n\x0bGetMerchant\x12\'.paymesh.merchant.v1.GetMerchantRequest\x1a(.paymesh.merchant.v1.GetMerchantResponse\"\x03\x90\x02\x01\x12k\n\rListMerchants\x12).paymesh.merchant.v1.ListMerchantsRequest\x1a*.paymesh.merchant.v1.ListMerchantsResponse\"\x03\x90\x02\x01\x12{\n\x14UpdateMerchantStatus\x12\x30.paymesh.merchant.v1.UpdateMerchantStatusRequest\x1a\x31.paymesh.merchant.v1.UpdateMerchantStatusResponse\x12\x80\x01\n\x14GetMerchantDashboard\x12\x30.paymesh.merchant.v1.GetMerchantDashboardRequest\x1a\x31.paymesh.merchant.v1.GetMerchantDashboardResponse\"\x03\x90\x02\x01\x12x\n\x13RotateWebhookSecret\x12/.paymesh.merchant.v1.RotateWebhookSecretRequest\x1a\x30.paymesh.merchant.v1.RotateWebhookSecretResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,44 +44,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MERCHANTSERVICE'].methods_by_name['ListMerchants']._serialized_options = b'\220\002\001'
   _globals['_MERCHANTSERVICE'].methods_by_name['GetMerchantDashboard']._loaded_options = None
   _globals['_MERCHANTSERVICE'].methods_by_name['GetMerchantDashboard']._serialized_options = b'\220\002\001'
-  _globals['_MERCHANTSTATUS']._serialized_start=2638
-  _globals['_MERCHANTSTATUS']._serialized_end=2746
-  _globals['_SECTIONAVAILABILITY']._serialized_start=2749
-  _globals['_SECTIONAVAILABILITY']._serialized_end=2882
-  _globals['_MERCHANT']._serialized_start=293
-  _globals['_MERCHANT']._serialized_end=601
-  _globals['_DASHBOARDSECTION']._serialized_start=604
-  _globals['_DASHBOARDSECTION']._serialized_end=743
-  _globals['_PAYMENTSSECTION']._serialized_start=746
-  _globals['_PAYMENTSSECTION']._serialized_end=880
-  _globals['_BALANCESSECTION']._serialized_start=882
-  _globals['_BALANCESSECTION']._serialized_end=1005
-  _globals['_STATSSECTION']._serialized_start=1007
-  _globals['_STATSSECTION']._serialized_end=1129
-  _globals['_RISKSECTION']._serialized_start=1131
-  _globals['_RISKSECTION']._serialized_end=1247
-  _globals['_NOTIFICATIONSSECTION']._serialized_start=1250
-  _globals['_NOTIFICATIONSSECTION']._serialized_end=1397
-  _globals['_CREATEMERCHANTREQUEST']._serialized_start=1400
-  _globals['_CREATEMERCHANTREQUEST']._serialized_end=1546
-  _globals['_CREATEMERCHANTRESPONSE']._serialized_start=1548
-  _globals['_CREATEMERCHANTRESPONSE']._serialized_end=1621
-  _globals['_GETMERCHANTREQUEST']._serialized_start=1623
-  _globals['_GETMERCHANTREQUEST']._serialized_end=1664
-  _globals['_GETMERCHANTRESPONSE']._serialized_start=1666
-  _globals['_GETMERCHANTRESPONSE']._serialized_end=1736
-  _globals['_LISTMERCHANTSREQUEST']._serialized_start=1738
-  _globals['_LISTMERCHANTSREQUEST']._serialized_end=1852
-  _globals['_LISTMERCHANTSRESPONSE']._serialized_start=1854
-  _globals['_LISTMERCHANTSRESPONSE']._serialized_end=1952
-  _globals['_UPDATEMERCHANTSTATUSREQUEST']._serialized_start=1955
-  _globals['_UPDATEMERCHANTSTATUSREQUEST']._serialized_end=2094
-  _globals['_UPDATEMERCHANTSTATUSRESPONSE']._serialized_start=2096
-  _globals['_UPDATEMERCHANTSTATUSRESPONSE']._serialized_end=2175
-  _globals['_GETMERCHANTDASHBOARDREQUEST']._serialized_start=2177
-  _globals['_GETMERCHANTDASHBOARDREQUEST']._serialized_end=2227
-  _globals['_GETMERCHANTDASHBOARDRESPONSE']._serialized_start=2230
-  _globals['_GETMERCHANTDASHBOARDRESPONSE']._serialized_end=2636
-  _globals['_MERCHANTSERVICE']._serialized_start=2885
-  _globals['_MERCHANTSERVICE']._serialized_end=3477
+  _globals['_MERCHANTSTATUS']._serialized_start=2979
+  _globals['_MERCHANTSTATUS']._serialized_end=3087
+  _globals['_SECTIONAVAILABILITY']._serialized_start=3090
+  _globals['_SECTIONAVAILABILITY']._serialized_end=3223
+  _globals['_MERCHANT']._serialized_start=325
+  _globals['_MERCHANT']._serialized_end=633
+  _globals['_DASHBOARDSECTION']._serialized_start=636
+  _globals['_DASHBOARDSECTION']._serialized_end=775
+  _globals['_PAYMENTSSECTION']._serialized_start=778
+  _globals['_PAYMENTSSECTION']._serialized_end=912
+  _globals['_BALANCESSECTION']._serialized_start=914
+  _globals['_BALANCESSECTION']._serialized_end=1037
+  _globals['_STATSSECTION']._serialized_start=1039
+  _globals['_STATSSECTION']._serialized_end=1161
+  _globals['_RISKSECTION']._serialized_start=1163
+  _globals['_RISKSECTION']._serialized_end=1279
+  _globals['_NOTIFICATIONSSECTION']._serialized_start=1282
+  _globals['_NOTIFICATIONSSECTION']._serialized_end=1429
+  _globals['_CREATEMERCHANTREQUEST']._serialized_start=1432
+  _globals['_CREATEMERCHANTREQUEST']._serialized_end=1578
+  _globals['_CREATEMERCHANTRESPONSE']._serialized_start=1580
+  _globals['_CREATEMERCHANTRESPONSE']._serialized_end=1653
+  _globals['_GETMERCHANTREQUEST']._serialized_start=1655
+  _globals['_GETMERCHANTREQUEST']._serialized_end=1696
+  _globals['_GETMERCHANTRESPONSE']._serialized_start=1698
+  _globals['_GETMERCHANTRESPONSE']._serialized_end=1768
+  _globals['_LISTMERCHANTSREQUEST']._serialized_start=1770
+  _globals['_LISTMERCHANTSREQUEST']._serialized_end=1884
+  _globals['_LISTMERCHANTSRESPONSE']._serialized_start=1886
+  _globals['_LISTMERCHANTSRESPONSE']._serialized_end=1984
+  _globals['_UPDATEMERCHANTSTATUSREQUEST']._serialized_start=1987
+  _globals['_UPDATEMERCHANTSTATUSREQUEST']._serialized_end=2126
+  _globals['_UPDATEMERCHANTSTATUSRESPONSE']._serialized_start=2128
+  _globals['_UPDATEMERCHANTSTATUSRESPONSE']._serialized_end=2207
+  _globals['_GETMERCHANTDASHBOARDREQUEST']._serialized_start=2209
+  _globals['_GETMERCHANTDASHBOARDREQUEST']._serialized_end=2259
+  _globals['_GETMERCHANTDASHBOARDRESPONSE']._serialized_start=2262
+  _globals['_GETMERCHANTDASHBOARDRESPONSE']._serialized_end=2668
+  _globals['_ROTATEWEBHOOKSECRETREQUEST']._serialized_start=2671
+  _globals['_ROTATEWEBHOOKSECRETREQUEST']._serialized_end=2800
+  _globals['_ROTATEWEBHOOKSECRETRESPONSE']._serialized_start=2803
+  _globals['_ROTATEWEBHOOKSECRETRESPONSE']._serialized_end=2977
+  _globals['_MERCHANTSERVICE']._serialized_start=3226
+  _globals['_MERCHANTSERVICE']._serialized_end=3940
 # @@protoc_insertion_point(module_scope)

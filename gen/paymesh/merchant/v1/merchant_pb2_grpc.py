@@ -60,6 +60,11 @@ class MerchantServiceStub:
                 request_serializer=paymesh_dot_merchant_dot_v1_dot_merchant__pb2.GetMerchantDashboardRequest.SerializeToString,
                 response_deserializer=paymesh_dot_merchant_dot_v1_dot_merchant__pb2.GetMerchantDashboardResponse.FromString,
                 _registered_method=True)
+        self.RotateWebhookSecret = channel.unary_unary(
+                '/paymesh.merchant.v1.MerchantService/RotateWebhookSecret',
+                request_serializer=paymesh_dot_merchant_dot_v1_dot_merchant__pb2.RotateWebhookSecretRequest.SerializeToString,
+                response_deserializer=paymesh_dot_merchant_dot_v1_dot_merchant__pb2.RotateWebhookSecretResponse.FromString,
+                _registered_method=True)
 
 
 class MerchantServiceServicer:
@@ -101,6 +106,13 @@ class MerchantServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RotateWebhookSecret(self, request, context):
+        """Replaces the merchant's webhook signing secret at notification-service and returns the new secret once per request_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MerchantServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +140,11 @@ def add_MerchantServiceServicer_to_server(servicer, server):
                     servicer.GetMerchantDashboard,
                     request_deserializer=paymesh_dot_merchant_dot_v1_dot_merchant__pb2.GetMerchantDashboardRequest.FromString,
                     response_serializer=paymesh_dot_merchant_dot_v1_dot_merchant__pb2.GetMerchantDashboardResponse.SerializeToString,
+            ),
+            'RotateWebhookSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateWebhookSecret,
+                    request_deserializer=paymesh_dot_merchant_dot_v1_dot_merchant__pb2.RotateWebhookSecretRequest.FromString,
+                    response_serializer=paymesh_dot_merchant_dot_v1_dot_merchant__pb2.RotateWebhookSecretResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +283,33 @@ class MerchantService:
             '/paymesh.merchant.v1.MerchantService/GetMerchantDashboard',
             paymesh_dot_merchant_dot_v1_dot_merchant__pb2.GetMerchantDashboardRequest.SerializeToString,
             paymesh_dot_merchant_dot_v1_dot_merchant__pb2.GetMerchantDashboardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateWebhookSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paymesh.merchant.v1.MerchantService/RotateWebhookSecret',
+            paymesh_dot_merchant_dot_v1_dot_merchant__pb2.RotateWebhookSecretRequest.SerializeToString,
+            paymesh_dot_merchant_dot_v1_dot_merchant__pb2.RotateWebhookSecretResponse.FromString,
             options,
             channel_credentials,
             insecure,

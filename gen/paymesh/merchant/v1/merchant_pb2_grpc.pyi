@@ -43,6 +43,8 @@ class MerchantServiceStub:
     """Activates or suspends a merchant."""
     GetMerchantDashboard: _grpc.UnaryUnaryMultiCallable[_merchant_pb2.GetMerchantDashboardRequest, _merchant_pb2.GetMerchantDashboardResponse]
     """Aggregates payments, balances, stats, risk and notifications; a downstream outage marks its section UNAVAILABLE instead of failing the call."""
+    RotateWebhookSecret: _grpc.UnaryUnaryMultiCallable[_merchant_pb2.RotateWebhookSecretRequest, _merchant_pb2.RotateWebhookSecretResponse]
+    """Replaces the merchant's webhook signing secret at notification-service and returns the new secret once per request_id."""
 
 @_typing.type_check_only
 class MerchantServiceAsyncStub(MerchantServiceStub):
@@ -59,6 +61,8 @@ class MerchantServiceAsyncStub(MerchantServiceStub):
     """Activates or suspends a merchant."""
     GetMerchantDashboard: _aio.UnaryUnaryMultiCallable[_merchant_pb2.GetMerchantDashboardRequest, _merchant_pb2.GetMerchantDashboardResponse]  # type: ignore[assignment]
     """Aggregates payments, balances, stats, risk and notifications; a downstream outage marks its section UNAVAILABLE instead of failing the call."""
+    RotateWebhookSecret: _aio.UnaryUnaryMultiCallable[_merchant_pb2.RotateWebhookSecretRequest, _merchant_pb2.RotateWebhookSecretResponse]  # type: ignore[assignment]
+    """Replaces the merchant's webhook signing secret at notification-service and returns the new secret once per request_id."""
 
 class MerchantServiceServicer(metaclass=_abc_1.ABCMeta):
     """Manages merchant profiles and aggregates the merchant dashboard from five downstream services."""
@@ -102,5 +106,13 @@ class MerchantServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_merchant_pb2.GetMerchantDashboardResponse, _abc.Awaitable[_merchant_pb2.GetMerchantDashboardResponse]]:
         """Aggregates payments, balances, stats, risk and notifications; a downstream outage marks its section UNAVAILABLE instead of failing the call."""
+
+    @_abc_1.abstractmethod
+    def RotateWebhookSecret(
+        self,
+        request: _merchant_pb2.RotateWebhookSecretRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_merchant_pb2.RotateWebhookSecretResponse, _abc.Awaitable[_merchant_pb2.RotateWebhookSecretResponse]]:
+        """Replaces the merchant's webhook signing secret at notification-service and returns the new secret once per request_id."""
 
 def add_MerchantServiceServicer_to_server(servicer: MerchantServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -5,6 +5,7 @@ Contract of notification-service: merchant webhooks, delivered at most once per 
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -140,9 +141,9 @@ class SendNotificationRequest(_message.Message):
     event_type: _builtins.str
     """Dot-separated event type, e.g. "payment.succeeded"."""
     payload_json: _builtins.str
-    """Webhook body as a JSON object (amounts in it are integer minor units)."""
+    """Webhook body as a JSON object of at most 64 KiB (amounts in it are integer minor units)."""
     webhook_url: _builtins.str
-    """Webhook URL to deliver to; empty means record only (status SKIPPED)."""
+    """Webhook URL to deliver to: https (plain http only to a loopback host in development), never a link-local, metadata or, in production, non-public address; empty means record only (status SKIPPED)."""
     def __init__(
         self,
         *,
@@ -291,3 +292,101 @@ class ListNotificationsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListNotificationsResponse: _TypeAlias = ListNotificationsResponse  # noqa: Y015
+
+@_typing.final
+class WebhookSecret(_message.Message):
+    """Metadata of a merchant's webhook signing secret (never the secret itself)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SECRET_ID_FIELD_NUMBER: _builtins.int
+    MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    secret_id: _builtins.str
+    """Server-assigned id of the secret."""
+    merchant_id: _builtins.str
+    """Merchant whose webhooks it signs."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was created."""
+
+    def __init__(
+        self,
+        *,
+        secret_id: _builtins.str = ...,
+        merchant_id: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "merchant_id", b"merchant_id", "secret_id", b"secret_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebhookSecret: _TypeAlias = WebhookSecret  # noqa: Y015
+
+@_typing.final
+class RotateWebhookSecretRequest(_message.Message):
+    """Request of RotateWebhookSecret."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    MERCHANT_ID_FIELD_NUMBER: _builtins.int
+    PREVIOUS_SECRET_OVERLAP_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """AIP-155 idempotency key, per merchant, the server dedupes: the same key with the same body replays the first result without the secret, a different body is INVALID_ARGUMENT."""
+    merchant_id: _builtins.str
+    """Merchant whose secret to replace."""
+    @_builtins.property
+    def previous_secret_overlap(self) -> _duration_pb2.Duration:
+        """How long the previous secret keeps signing next to the new one (webhooks then carry two v1 signatures), at most 24 hours; unset or zero retires it at once."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        merchant_id: _builtins.str = ...,
+        previous_secret_overlap: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["previous_secret_overlap", b"previous_secret_overlap"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["merchant_id", b"merchant_id", "previous_secret_overlap", b"previous_secret_overlap", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateWebhookSecretRequest: _TypeAlias = RotateWebhookSecretRequest  # noqa: Y015
+
+@_typing.final
+class RotateWebhookSecretResponse(_message.Message):
+    """Response of RotateWebhookSecret."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WEBHOOK_SECRET_FIELD_NUMBER: _builtins.int
+    SECRET_FIELD_NUMBER: _builtins.int
+    PREVIOUS_SECRET_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    secret: _builtins.str
+    """The new signing secret (whsec_...), present only in the first response; a replay of the same request_id leaves it empty."""
+    @_builtins.property
+    def webhook_secret(self) -> Global___WebhookSecret:
+        """The new secret's metadata."""
+
+    @_builtins.property
+    def previous_secret_expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the previous secret stops signing; unset if the merchant had none."""
+
+    def __init__(
+        self,
+        *,
+        webhook_secret: Global___WebhookSecret | None = ...,
+        secret: _builtins.str = ...,
+        previous_secret_expire_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["previous_secret_expire_time", b"previous_secret_expire_time", "webhook_secret", b"webhook_secret"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["previous_secret_expire_time", b"previous_secret_expire_time", "secret", b"secret", "webhook_secret", b"webhook_secret"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateWebhookSecretResponse: _TypeAlias = RotateWebhookSecretResponse  # noqa: Y015

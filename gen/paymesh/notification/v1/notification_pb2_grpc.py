@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class NotificationServiceStub:
-    """Delivers merchant webhooks and records each delivery.
+    """Delivers merchant webhooks, each signed with the merchant's secret, and records each delivery.
     """
 
     def __init__(self, channel):
@@ -50,10 +50,15 @@ class NotificationServiceStub:
                 request_serializer=paymesh_dot_notification_dot_v1_dot_notification__pb2.ListNotificationsRequest.SerializeToString,
                 response_deserializer=paymesh_dot_notification_dot_v1_dot_notification__pb2.ListNotificationsResponse.FromString,
                 _registered_method=True)
+        self.RotateWebhookSecret = channel.unary_unary(
+                '/paymesh.notification.v1.NotificationService/RotateWebhookSecret',
+                request_serializer=paymesh_dot_notification_dot_v1_dot_notification__pb2.RotateWebhookSecretRequest.SerializeToString,
+                response_deserializer=paymesh_dot_notification_dot_v1_dot_notification__pb2.RotateWebhookSecretResponse.FromString,
+                _registered_method=True)
 
 
 class NotificationServiceServicer:
-    """Delivers merchant webhooks and records each delivery.
+    """Delivers merchant webhooks, each signed with the merchant's secret, and records each delivery.
     """
 
     def SendNotification(self, request, context):
@@ -77,6 +82,13 @@ class NotificationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RotateWebhookSecret(self, request, context):
+        """Replaces a merchant's webhook signing secret (creating its first) and returns the new secret once per request_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NotificationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +107,11 @@ def add_NotificationServiceServicer_to_server(servicer, server):
                     request_deserializer=paymesh_dot_notification_dot_v1_dot_notification__pb2.ListNotificationsRequest.FromString,
                     response_serializer=paymesh_dot_notification_dot_v1_dot_notification__pb2.ListNotificationsResponse.SerializeToString,
             ),
+            'RotateWebhookSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateWebhookSecret,
+                    request_deserializer=paymesh_dot_notification_dot_v1_dot_notification__pb2.RotateWebhookSecretRequest.FromString,
+                    response_serializer=paymesh_dot_notification_dot_v1_dot_notification__pb2.RotateWebhookSecretResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'paymesh.notification.v1.NotificationService', rpc_method_handlers)
@@ -104,7 +121,7 @@ def add_NotificationServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class NotificationService:
-    """Delivers merchant webhooks and records each delivery.
+    """Delivers merchant webhooks, each signed with the merchant's secret, and records each delivery.
     """
 
     @staticmethod
@@ -178,6 +195,33 @@ class NotificationService:
             '/paymesh.notification.v1.NotificationService/ListNotifications',
             paymesh_dot_notification_dot_v1_dot_notification__pb2.ListNotificationsRequest.SerializeToString,
             paymesh_dot_notification_dot_v1_dot_notification__pb2.ListNotificationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateWebhookSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paymesh.notification.v1.NotificationService/RotateWebhookSecret',
+            paymesh_dot_notification_dot_v1_dot_notification__pb2.RotateWebhookSecretRequest.SerializeToString,
+            paymesh_dot_notification_dot_v1_dot_notification__pb2.RotateWebhookSecretResponse.FromString,
             options,
             channel_credentials,
             insecure,

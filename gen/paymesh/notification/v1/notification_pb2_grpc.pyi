@@ -27,7 +27,7 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class NotificationServiceStub:
-    """Delivers merchant webhooks and records each delivery."""
+    """Delivers merchant webhooks, each signed with the merchant's secret, and records each delivery."""
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -39,10 +39,12 @@ class NotificationServiceStub:
     """Returns one notification with its delivery state."""
     ListNotifications: _grpc.UnaryUnaryMultiCallable[_notification_pb2.ListNotificationsRequest, _notification_pb2.ListNotificationsResponse]
     """Lists a merchant's notifications, newest first, optionally filtered by delivery status."""
+    RotateWebhookSecret: _grpc.UnaryUnaryMultiCallable[_notification_pb2.RotateWebhookSecretRequest, _notification_pb2.RotateWebhookSecretResponse]
+    """Replaces a merchant's webhook signing secret (creating its first) and returns the new secret once per request_id."""
 
 @_typing.type_check_only
 class NotificationServiceAsyncStub(NotificationServiceStub):
-    """Delivers merchant webhooks and records each delivery."""
+    """Delivers merchant webhooks, each signed with the merchant's secret, and records each delivery."""
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     SendNotification: _aio.UnaryUnaryMultiCallable[_notification_pb2.SendNotificationRequest, _notification_pb2.SendNotificationResponse]  # type: ignore[assignment]
@@ -51,9 +53,11 @@ class NotificationServiceAsyncStub(NotificationServiceStub):
     """Returns one notification with its delivery state."""
     ListNotifications: _aio.UnaryUnaryMultiCallable[_notification_pb2.ListNotificationsRequest, _notification_pb2.ListNotificationsResponse]  # type: ignore[assignment]
     """Lists a merchant's notifications, newest first, optionally filtered by delivery status."""
+    RotateWebhookSecret: _aio.UnaryUnaryMultiCallable[_notification_pb2.RotateWebhookSecretRequest, _notification_pb2.RotateWebhookSecretResponse]  # type: ignore[assignment]
+    """Replaces a merchant's webhook signing secret (creating its first) and returns the new secret once per request_id."""
 
 class NotificationServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Delivers merchant webhooks and records each delivery."""
+    """Delivers merchant webhooks, each signed with the merchant's secret, and records each delivery."""
 
     @_abc_1.abstractmethod
     def SendNotification(
@@ -78,5 +82,13 @@ class NotificationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_notification_pb2.ListNotificationsResponse, _abc.Awaitable[_notification_pb2.ListNotificationsResponse]]:
         """Lists a merchant's notifications, newest first, optionally filtered by delivery status."""
+
+    @_abc_1.abstractmethod
+    def RotateWebhookSecret(
+        self,
+        request: _notification_pb2.RotateWebhookSecretRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_notification_pb2.RotateWebhookSecretResponse, _abc.Awaitable[_notification_pb2.RotateWebhookSecretResponse]]:
+        """Replaces a merchant's webhook signing secret (creating its first) and returns the new secret once per request_id."""
 
 def add_NotificationServiceServicer_to_server(servicer: NotificationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,103 @@
+"""A merchant's webhook endpoint for tests, and DNS answers a test chooses.
+
+The receiver records each request exactly as it arrived (path, headers, raw body), so a test
+checks the signature the way a merchant would; ``FixedDns`` is notification-service's resolver
+with fixed answers, counting lookups (names under ``.test`` exist nowhere else).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedWebhook:
+    """One request as the merchant's endpoint saw it."""
+
+    path: str
+    headers: dict[str, str]
+    """Header names in lower case."""
+    body: bytes
+
+
+@dataclass
+class WebhookReceiver:
+    """What the endpoint received, and the status it answers."""
+
+    port: int
+    status: int = 200
+    received: list[ReceivedWebhook] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def url(self, path: str = "/hooks", *, host: str = "127.0.0.1") -> str:
+        """The endpoint's URL over plain http with ``host`` as the name."""
+        return f"http://{host}:{self.port}{path}"
+
+    def only(self) -> ReceivedWebhook:
+        """The one request received so far."""
+        with self.lock:
+            [webhook] = self.received
+        return webhook
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Quiet."""
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        receiver = self.server.receiver
+        with receiver.lock:
+            receiver.received.append(
+                ReceivedWebhook(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+            )
+            status = receiver.status
+        data = b'{"received": true}'
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    receiver: WebhookReceiver
+
+
+@contextlib.contextmanager
+def receiving_webhooks() -> Iterator[WebhookReceiver]:
+    """A webhook endpoint on 127.0.0.1 in a thread."""
+    server = _Server(("127.0.0.1", 0), _Handler)
+    server.receiver = WebhookReceiver(port=server.server_port)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield server.receiver
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+class FixedDns:
+    """Answers the names it was given, one answer list per lookup in turn (the last repeats)."""
+
+    def __init__(self, answers: Mapping[str, Sequence[Sequence[str]]]) -> None:
+        self._answers = answers
+        self.lookups: list[str] = []
+
+    async def __call__(self, host: str, port: int) -> Sequence[str]:
+        self.lookups.append(host)
+        turns = self._answers.get(host)
+        if not turns:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return turns[min(self.lookups.count(host), len(turns)) - 1]
