@@ -2,7 +2,8 @@
 
 A servicer raises one of these; the server interceptor turns it into a status with exactly
 one google.rpc.ErrorInfo (stable ``reason``, ``domain`` = the service) and, for bad input,
-google.rpc.BadRequest field violations. Nothing else reaches a caller, never a traceback.
+google.rpc.BadRequest field violations. Nothing else reaches a caller, never a traceback,
+and every part of a status is cut to a bound, so no input can be echoed back whole.
 """
 
 from __future__ import annotations
@@ -20,6 +21,24 @@ from grpc import aio
 #: Trailing metadata key of gRPC's retry pushback; ``-1`` tells a caller not to retry.
 PUSHBACK_KEY = "grpc-retry-pushback-ms"
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+# Bounds of what a status carries, so that no path can echo a huge input into trailers: a
+# gRPC client may refuse trailers above 8 KiB and always refuses them above 16 KiB (it then
+# sees RESOURCE_EXHAUSTED, not our status). The message travels twice (grpc-message,
+# percent-encoded, and inside the details), hence the budget: at most about 7 KiB in all.
+#: UTF-8 bytes of a status message.
+MAX_MESSAGE_BYTES = 1024
+#: ErrorInfo metadata entries kept, and UTF-8 bytes of each key and value.
+MAX_METADATA_ENTRIES = 16
+MAX_METADATA_KEY_BYTES = 64
+MAX_METADATA_VALUE_BYTES = 256
+#: BadRequest field violations kept, and UTF-8 bytes of each field path and description.
+MAX_FIELD_VIOLATIONS = 16
+MAX_FIELD_BYTES = 128
+MAX_DESCRIPTION_BYTES = 512
+#: Serialized google.rpc.Status; field violations, then metadata entries, are dropped from
+#: the end until it fits.
+MAX_STATUS_BYTES = 3072
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +146,16 @@ class Unavailable(ServiceError):
     default_reason = "UNAVAILABLE"
 
 
+def truncated(text: str, limit: int) -> str:
+    """``text`` if it fits in ``limit`` UTF-8 bytes, else a prefix that does plus its length."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    mark = f"…({len(text)} chars)"
+    room = max(limit - len(mark.encode()), 0)
+    return data[:room].decode(errors="ignore") + mark
+
+
 def _packed(
     message: error_details_pb2.ErrorInfo
     | error_details_pb2.BadRequest
@@ -147,25 +176,39 @@ def rich_status(
     field_violations: Sequence[FieldViolation] = (),
     retry_delay_s: float | None = None,
 ) -> status_pb2.Status:
-    """A google.rpc.Status with exactly one ErrorInfo and the optional details."""
-    details = [
-        _packed(error_details_pb2.ErrorInfo(reason=reason, domain=domain, metadata=metadata or {}))
-    ]
-    if field_violations:
-        bad = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(
-                    field=v.field, description=v.description
-                )
-                for v in field_violations
-            ]
+    """A google.rpc.Status with exactly one ErrorInfo and the optional details.
+
+    Every part is cut to the ``MAX_*`` bounds above, whatever the caller put in it.
+    """
+    bounded = {
+        truncated(key, MAX_METADATA_KEY_BYTES): truncated(value, MAX_METADATA_VALUE_BYTES)
+        for key, value in list((metadata or {}).items())[:MAX_METADATA_ENTRIES]
+    }
+    violations = [
+        error_details_pb2.BadRequest.FieldViolation(
+            field=truncated(v.field, MAX_FIELD_BYTES),
+            description=truncated(v.description, MAX_DESCRIPTION_BYTES),
         )
-        details.append(_packed(bad))
-    if retry_delay_s is not None:
-        delay = duration_pb2.Duration()
-        delay.FromNanoseconds(int(retry_delay_s * 1e9))
-        details.append(_packed(error_details_pb2.RetryInfo(retry_delay=delay)))
-    return status_pb2.Status(code=code.value[0], message=message, details=details)
+        for v in field_violations[:MAX_FIELD_VIOLATIONS]
+    ]
+    message = truncated(message, MAX_MESSAGE_BYTES)
+    while True:
+        details = [
+            _packed(error_details_pb2.ErrorInfo(reason=reason, domain=domain, metadata=bounded))
+        ]
+        if violations:
+            details.append(_packed(error_details_pb2.BadRequest(field_violations=violations)))
+        if retry_delay_s is not None:
+            delay = duration_pb2.Duration()
+            delay.FromNanoseconds(int(retry_delay_s * 1e9))
+            details.append(_packed(error_details_pb2.RetryInfo(retry_delay=delay)))
+        status = status_pb2.Status(code=code.value[0], message=message, details=details)
+        if status.ByteSize() <= MAX_STATUS_BYTES or not (violations or bounded):
+            return status
+        if violations:
+            violations.pop()
+        else:
+            bounded.popitem()
 
 
 def service_error_status(exc: ServiceError, *, domain: str) -> status_pb2.Status:
@@ -212,6 +255,14 @@ def status_from_metadata(
 
 
 __all__ = [
+    "MAX_DESCRIPTION_BYTES",
+    "MAX_FIELD_BYTES",
+    "MAX_FIELD_VIOLATIONS",
+    "MAX_MESSAGE_BYTES",
+    "MAX_METADATA_ENTRIES",
+    "MAX_METADATA_KEY_BYTES",
+    "MAX_METADATA_VALUE_BYTES",
+    "MAX_STATUS_BYTES",
     "PUSHBACK_KEY",
     "STATUS_DETAILS_KEY",
     "Aborted",
@@ -231,6 +282,7 @@ __all__ = [
     "service_error_status",
     "status_code",
     "status_from_metadata",
+    "truncated",
 ]
 
 

@@ -3,20 +3,33 @@
 A mutating RPC claims its ``request_id`` in the same SQLite transaction as its first write
 (a unique key, not luck): the same id with the same body replays the stored response; with
 a different body it is INVALID_ARGUMENT; while the first execution is still running, a
-duplicate gets ABORTED (retryable with the same id).
+duplicate gets ABORTED (retryable with the same id). A finished record is kept for the
+:class:`Retention` period (``PAYMESH_IDEMPOTENCY_RETENTION_S``, 7 days by default); after
+that the id is new again, and claims purge such records at most once per purge interval.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import math
+import os
 import sqlite3
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
 from google.protobuf.message import Message
 
-from interceptors.errors import Aborted, FieldViolation, InvalidArgument
+from interceptors.errors import Aborted, AlreadyExists, FieldViolation, InvalidArgument
+from services.validation import quote
+
+#: Overrides :attr:`Retention.retention_s` (seconds, at least :data:`MIN_RETENTION_S`).
+RETENTION_VAR = "PAYMESH_IDEMPOTENCY_RETENTION_S"
+DEFAULT_RETENTION_S = 7 * 24 * 3600.0
+#: Retries come within minutes, but a late one must still replay: never forget within a day.
+MIN_RETENTION_S = 24 * 3600.0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS idempotency_keys (
@@ -28,9 +41,66 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
     created_at REAL NOT NULL,
     PRIMARY KEY (method, request_id)
 );
+CREATE INDEX IF NOT EXISTS idempotency_keys_done_by_age
+    ON idempotency_keys (created_at) WHERE state = 'done';
+CREATE TABLE IF NOT EXISTS idempotency_purge (
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    purged_at REAL NOT NULL
+);
 """
 
 ResponseT = TypeVar("ResponseT", bound=Message)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Retention:
+    """How long finished request ids are remembered, and how often claims purge the rest.
+
+    Only ``done`` records expire: an ``in_flight`` one is work a recovery pass still owns.
+    """
+
+    retention_s: float = DEFAULT_RETENTION_S
+    """Age (from the first claim) after which a finished record is forgotten."""
+    purge_interval_s: float = 600.0
+    """Least time between two purges of one database."""
+    purge_batch: int = 1000
+    """Most records one purge deletes, so a claim never waits on a huge delete; a full batch
+    lets the next claim purge again."""
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.retention_s) and self.retention_s >= MIN_RETENTION_S):
+            raise ValueError(
+                f"retention_s must be at least {MIN_RETENTION_S:.0f} s, got {self.retention_s}"
+            )
+        if not (math.isfinite(self.purge_interval_s) and self.purge_interval_s >= 0):
+            raise ValueError(f"purge_interval_s must be >= 0, got {self.purge_interval_s}")
+        if self.purge_batch < 1:
+            raise ValueError(f"purge_batch must be positive, got {self.purge_batch}")
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> Retention:
+        """The retention ``PAYMESH_IDEMPOTENCY_RETENTION_S`` sets, else the default.
+
+        Raises:
+            ValueError: the variable is not a number of seconds of at least a day.
+        """
+        text = environ.get(RETENTION_VAR, "").strip()
+        if not text:
+            return cls()
+        try:
+            return cls(retention_s=float(text))
+        except ValueError as exc:
+            raise ValueError(f"{RETENTION_VAR}={text!r}: {exc}") from None
+
+
+@functools.lru_cache(maxsize=4)
+def _retention_of(text: str | None) -> Retention:
+    return Retention.from_environ({} if text is None else {RETENTION_VAR: text})
+
+
+def default_retention() -> Retention:
+    """The retention of this process (from ``os.environ``)."""
+    return _retention_of(os.environ.get(RETENTION_VAR))
 
 
 def fingerprint(request: Message) -> str:
@@ -50,37 +120,112 @@ class Claim:
     """The stored response of an earlier identical request, or ``None`` if we now own it."""
 
 
-def claim(conn: sqlite3.Connection, method: str, request_id: str, request: Message) -> Claim:
+def claim(
+    conn: sqlite3.Connection,
+    method: str,
+    request_id: str,
+    request: Message,
+    *,
+    now: float | None = None,
+    retention: Retention | None = None,
+) -> Claim:
     """Claim ``request_id`` for ``method`` inside the caller's open transaction.
+
+    A finished record older than the retention counts as absent: the request is new.
+
+    Args:
+        now: the store's clock (seconds since the epoch); ``time.time()`` if not given.
+        retention: defaults to :func:`default_retention`.
 
     Raises:
         InvalidArgument: the id was used with a different body.
         Aborted: an identical request is still executing.
     """
+    now = time.time() if now is None else now
+    retention = retention or default_retention()
+    purge_expired(conn, now=now, retention=retention)
     digest = fingerprint(request)
     row = conn.execute(
-        "SELECT fingerprint, state, response FROM idempotency_keys WHERE method=? AND request_id=?",
+        "SELECT fingerprint, state, response, created_at FROM idempotency_keys"
+        " WHERE method=? AND request_id=?",
         (method, request_id),
     ).fetchone()
+    if row is not None and row["state"] == "done" and _expired(row, now, retention):
+        conn.execute(
+            "DELETE FROM idempotency_keys WHERE method=? AND request_id=?", (method, request_id)
+        )
+        row = None
     if row is None:
         conn.execute(
             "INSERT INTO idempotency_keys (method, request_id, fingerprint, state, created_at)"
             " VALUES (?, ?, ?, 'in_flight', ?)",
-            (method, request_id, digest, time.time()),
+            (method, request_id, digest, now),
         )
         return Claim(replay=None)
     if row["fingerprint"] != digest:
         raise InvalidArgument(
-            f"request_id {request_id!r} was already used with a different request body",
+            f"request_id {quote(request_id)} was already used with a different request body",
             reason="IDEMPOTENCY_KEY_REUSED",
             field_violations=[FieldViolation("request_id", "reused with a different body")],
         )
     if row["state"] != "done":
         raise Aborted(
-            f"the first request with request_id {request_id!r} is still in flight; retry later",
+            f"the first request with request_id {quote(request_id)} is still in flight;"
+            " retry later",
             reason="IDEMPOTENCY_KEY_IN_FLIGHT",
         )
     return Claim(replay=bytes(row["response"]))
+
+
+def refuse_if_kept(conn: sqlite3.Connection, table: str, column: str, request_id: str) -> None:
+    """Refuse a new claim of an id that a row of ``table`` still carries in ``column``.
+
+    A store whose rows keep their request id (a UNIQUE column) calls this after a new
+    claim: the record expired, but the work it made is still there, so the request cannot
+    run again under that id. ``table`` and ``column`` are the store's constants.
+
+    Raises:
+        AlreadyExists: a row carries the id; the caller must send a new request_id.
+    """
+    kept = conn.execute(
+        f"SELECT 1 FROM {table} WHERE {column} = ? LIMIT 1", (request_id,)
+    ).fetchone()
+    if kept is not None:
+        raise AlreadyExists(
+            f"request_id {quote(request_id)} was used longer ago than its retention and its"
+            " result is kept; send a new request_id",
+            metadata={"request_id": request_id},
+        )
+
+
+def _expired(row: sqlite3.Row, now: float, retention: Retention) -> bool:
+    return float(row["created_at"]) < now - retention.retention_s
+
+
+def purge_expired(
+    conn: sqlite3.Connection, *, now: float, retention: Retention, force: bool = False
+) -> int:
+    """Delete finished records past the retention, unless a purge ran within the interval.
+
+    Runs inside the caller's open transaction; returns how many records it deleted.
+    ``force`` purges whatever the interval (a periodic task's hook).
+    """
+    last = conn.execute("SELECT purged_at FROM idempotency_purge WHERE id = 0").fetchone()
+    # A clock that went back (now < purged_at) also purges, so it cannot stall purging.
+    if not force and last is not None and 0 <= now - last["purged_at"] < retention.purge_interval_s:
+        return 0
+    deleted = conn.execute(
+        "DELETE FROM idempotency_keys WHERE rowid IN (SELECT rowid FROM idempotency_keys"
+        " WHERE state = 'done' AND created_at < ? LIMIT ?)",
+        (now - retention.retention_s, retention.purge_batch),
+    ).rowcount
+    if deleted < retention.purge_batch:  # a full batch leaves more: purge again next claim
+        conn.execute(
+            "INSERT INTO idempotency_purge (id, purged_at) VALUES (0, ?)"
+            " ON CONFLICT (id) DO UPDATE SET purged_at = excluded.purged_at",
+            (now,),
+        )
+    return int(deleted)
 
 
 def complete(conn: sqlite3.Connection, method: str, request_id: str, response: Message) -> None:

@@ -119,9 +119,14 @@ class StepStore(abc.ABC, Generic[RecordT, MessageT]):
         row = self._row(key)
         return None if row is None else self._record(row)
 
-    def get(self, key: str) -> RecordT:
-        """The record; NotFound if there is none."""
-        return self._require(key)
+    def get(self, key: str, *, merchant_id: str = "") -> RecordT:
+        """The record; NotFound if there is none.
+
+        Args:
+            merchant_id: if given, another merchant's record is NotFound too, with the very
+                error of a missing one, so the caller learns nothing about it.
+        """
+        return self._require(key, merchant_id=merchant_id)
 
     def abandon(self, record: RecordT) -> None:
         """Forget work the ledger refused before any effect, and free its request id."""
@@ -178,9 +183,12 @@ class StepStore(abc.ABC, Generic[RecordT, MessageT]):
         Raises:
             InvalidArgument: the request id was used with a different body.
             Aborted: the first request with this id is still being executed.
+            AlreadyExists: the id's record expired but its work is kept.
         """
         try:
-            claim = idempotency.claim(conn, self.method, request_id, request)
+            claim = idempotency.claim(
+                conn, self.method, request_id, request, now=self._clock_ns() / 1e9
+            )
         except Aborted:
             existing = self._row(key)
             if existing is None or running(key):
@@ -188,6 +196,7 @@ class StepStore(abc.ABC, Generic[RecordT, MessageT]):
             return Begun(record=self._record(existing), replayed=True)
         if claim.replay is not None:
             return Begun(record=self._require(key), replayed=True)
+        idempotency.refuse_if_kept(conn, self.table, "request_id", request_id)
         return None
 
     def _update(self, record: RecordT, *, step: str, **columns: object) -> RecordT:
@@ -208,9 +217,9 @@ class StepStore(abc.ABC, Generic[RecordT, MessageT]):
         ).fetchone()
         return row
 
-    def _require(self, key: str) -> RecordT:
+    def _require(self, key: str, *, merchant_id: str = "") -> RecordT:
         row = self._row(key)
-        if row is None:
+        if row is None or (merchant_id and row["merchant_id"] != merchant_id):
             raise NotFound(f"{self.noun} {key!r} does not exist", metadata={self.id_column: key})
         return self._record(row)
 

@@ -1,20 +1,20 @@
-"""Request checks every service shares: money, ids, strings, page tokens.
+"""Request checks every service shares: money, ids, strings, addresses, page tokens.
 
 Each check raises :class:`interceptors.errors.InvalidArgument` with a BadRequest field
-violation naming the field, so bad input always reaches the caller as a precise status.
+violation naming the field, so bad input always reaches the caller as a precise status;
+a message shows bad input only through :func:`quote`, a short prefix and the length.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
+import ipaddress
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 from interceptors.errors import FieldViolation, InvalidArgument
+from services import page_tokens
 
 #: ISO 4217 codes the platform settles in, with their minor-unit exponent.
 CURRENCY_EXPONENT: Mapping[str, int] = {
@@ -34,9 +34,14 @@ CURRENCY_EXPONENT: Mapping[str, int] = {
 MAX_AMOUNT_MINOR = 10**12
 MAX_ID_LENGTH = 64
 MAX_TEXT_LENGTH = 500
+#: Longest textual IP address: an IPv4-mapped IPv6 address, ``ffff:...:255.255.255.255``.
+MAX_IP_LENGTH = 45
+#: Characters of caller input a message quotes before cutting it short.
+QUOTE_LIMIT = 32
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+_COUNTRY = re.compile(r"[A-Z]{2}")
 #: SQLite's INTEGER range: a cursor outside it could not even be bound to a query.
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
@@ -56,6 +61,13 @@ class MoneyLike(Protocol):
     currency_code: str
 
 
+def quote(value: str, limit: int = QUOTE_LIMIT) -> str:
+    """``value`` for a message: its repr, cut to ``limit`` characters plus its length."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}…({len(value)} chars)"
+
+
 def invalid(field: str, description: str, *, reason: str = "VALIDATION_FAILED") -> InvalidArgument:
     """An InvalidArgument naming one bad field."""
     return InvalidArgument(
@@ -70,7 +82,8 @@ def require_currency(field: str, code: str) -> str:
     if code not in CURRENCY_EXPONENT:
         raise invalid(
             field,
-            f"{code!r} is not a supported ISO 4217 code ({', '.join(sorted(CURRENCY_EXPONENT))})",
+            f"{quote(code)} is not a supported ISO 4217 code"
+            f" ({', '.join(sorted(CURRENCY_EXPONENT))})",
             reason="CURRENCY_UNSUPPORTED",
         )
     return code
@@ -99,9 +112,9 @@ def require_id(field: str, value: str) -> str:
     """A non-empty id of letters, digits and ``_.:-``, at most 64 characters."""
     if not value:
         raise invalid(field, "is required")
-    if not _ID.match(value):
+    if not _ID.fullmatch(value):  # not match() with "$": that lets a trailing newline in
         raise invalid(
-            field, f"must be 1-{MAX_ID_LENGTH} letters, digits or _.:- (got {value[:80]!r})"
+            field, f"must be 1-{MAX_ID_LENGTH} letters, digits or _.:- (got {quote(value)})"
         )
     return value
 
@@ -118,6 +131,27 @@ def optional_text(field: str, value: str, *, limit: int = MAX_TEXT_LENGTH) -> st
     return value
 
 
+def optional_ip(field: str, value: str) -> str:
+    """An IPv4 or IPv6 address without a zone (``%eth0``), or empty."""
+    if not value:
+        return value
+    try:
+        # ipaddress accepts a zone of any length after '%': bound the text first.
+        if len(value) > MAX_IP_LENGTH or "%" in value:
+            raise ValueError(value)
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise invalid(field, f"{quote(value)} is not an IPv4 or IPv6 address") from None
+    return value
+
+
+def optional_country_code(field: str, value: str) -> str:
+    """An ISO 3166-1 alpha-2 country code (``DE``), or empty."""
+    if value and not _COUNTRY.fullmatch(value):
+        raise invalid(field, f"{quote(value)} is not an ISO 3166-1 alpha-2 code such as 'DE'")
+    return value
+
+
 def page_size(value: int) -> int:
     """The effective page size: default for 0, clamped to the maximum, never negative."""
     if value < 0:
@@ -126,28 +160,23 @@ def page_size(value: int) -> int:
 
 
 def encode_page_token(position: Mapping[str, Any], filters: Mapping[str, Any]) -> str:
-    """An opaque token for the page after ``position`` under ``filters``."""
-    raw = json.dumps({"p": dict(position), "f": dict(filters)}, sort_keys=True).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    """An opaque, signed token for the page after ``position`` under ``filters``."""
+    return page_tokens.process_codec().encode(position, filters)
 
 
 def decode_page_token(token: str, filters: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The position a token points at (``None`` for the first page); checks the filters match."""
+    """The position a token points at (``None`` for the first page).
+
+    Raises:
+        InvalidArgument: ``PAGE_TOKEN_INVALID`` when the token is too long, not signed by
+            this deployment's key, or issued for other ``filters``.
+    """
     if not token:
         return None
     try:
-        padded = token + "=" * (-len(token) % 4)
-        data = json.loads(base64.urlsafe_b64decode(padded.encode()))
-        position, issued_for = data["p"], data["f"]
-    except (binascii.Error, ValueError, KeyError, TypeError) as exc:
-        raise invalid(
-            "page_token", "is not a token this service issued", reason="PAGE_TOKEN_INVALID"
-        ) from exc
-    if not isinstance(position, dict) or issued_for != json.loads(json.dumps(dict(filters))):
-        raise invalid(
-            "page_token", "was issued for a different filter", reason="PAGE_TOKEN_INVALID"
-        )
-    return position
+        return page_tokens.process_codec().decode(token, filters)
+    except page_tokens.PageTokenInvalid as exc:
+        raise invalid("page_token", str(exc), reason="PAGE_TOKEN_INVALID") from None
 
 
 def _forged_token() -> InvalidArgument:

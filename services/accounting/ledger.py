@@ -32,11 +32,11 @@ def require_account_id(field: str, value: str) -> str:
     """An account id: ``merchants/{merchant_id}/{ledger}`` or ``platform/{ledger}``."""
     if not value:
         raise v.invalid(field, "is required")
-    if not _ACCOUNT_ID.match(value):
+    if not _ACCOUNT_ID.fullmatch(value):
         raise v.invalid(
             field,
             "must be merchants/{merchant_id}/{ledger} or platform/{ledger}, where the ledger is"
-            f" 1-32 lower-case letters, digits or _ (got {value[:80]!r})",
+            f" 1-32 lower-case letters, digits or _ (got {v.quote(value)})",
         )
     return value
 
@@ -45,10 +45,10 @@ def require_transaction_id(field: str, value: str) -> str:
     """A caller-chosen transaction id: letters, digits and ``_.:-``, at most 128 characters."""
     if not value:
         raise v.invalid(field, "is required")
-    if not _TRANSACTION_ID.match(value):
+    if not _TRANSACTION_ID.fullmatch(value):
         raise v.invalid(
             field,
-            f"must be 1-{MAX_TRANSACTION_ID_LENGTH} letters, digits or _.:- (got {value[:80]!r})",
+            f"must be 1-{MAX_TRANSACTION_ID_LENGTH} letters, digits or _.:- (got {v.quote(value)})",
         )
     return value
 

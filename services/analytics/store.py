@@ -93,6 +93,7 @@ class EventStore:
             replay = idempotency.replayed(analytics_pb2.RecordEventResponse, claim)
             if replay is not None:
                 return replay.event
+            idempotency.refuse_if_kept(conn, "events", "event_id", request.request_id)
             now = self._clock_ns()
             occur = request.occur_time.ToNanoseconds() if request.HasField("occur_time") else now
             conn.execute(

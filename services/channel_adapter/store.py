@@ -205,6 +205,7 @@ class ChargeStore:
                     f"request_id {request.request_id!r} completed concurrently; retry to replay",
                     reason="IDEMPOTENCY_KEY_IN_FLIGHT",
                 )
+            idempotency.refuse_if_kept(conn, "charges", "request_id", request.request_id)
             now = self._clock()
             charge_id = f"ch_{uuid.uuid4().hex[:24]}"
             conn.execute(
@@ -359,6 +360,7 @@ class ChargeStore:
                     f"request_id {request.request_id!r} completed concurrently; retry to replay",
                     reason="IDEMPOTENCY_KEY_IN_FLIGHT",
                 )
+            idempotency.refuse_if_kept(conn, "charge_refunds", "request_id", request.request_id)
             row = self._require(request.charge_id)
             if row["status"] not in CAPTURED:
                 raise FailedPrecondition(

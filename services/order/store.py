@@ -73,7 +73,9 @@ class OrderStore:
     def create(self, request: order_pb2.CreateOrderRequest) -> order_pb2.Order:
         """Insert the order, or return it again for a replay of the same request."""
         with transaction(self._conn) as conn:
-            claim = idempotency.claim(conn, "CreateOrder", request.request_id, request)
+            claim = idempotency.claim(
+                conn, "CreateOrder", request.request_id, request, now=self._clock()
+            )
             replay = idempotency.replayed(order_pb2.CreateOrderResponse, claim)
             if replay is not None:
                 return replay.order
@@ -115,7 +117,9 @@ class OrderStore:
     def update_status(self, request: order_pb2.UpdateOrderStatusRequest) -> order_pb2.Order:
         """Set the order's status (idempotent by request id; the same status twice is a no-op)."""
         with transaction(self._conn) as conn:
-            claim = idempotency.claim(conn, "UpdateOrderStatus", request.request_id, request)
+            claim = idempotency.claim(
+                conn, "UpdateOrderStatus", request.request_id, request, now=self._clock()
+            )
             replay = idempotency.replayed(order_pb2.UpdateOrderStatusResponse, claim)
             if replay is not None:
                 return replay.order

@@ -110,6 +110,7 @@ class AssessmentStore:
             stored = idempotency.replayed(pb.AssessPaymentResponse, claim)
             if stored is not None:
                 return stored.assessment
+            idempotency.refuse_if_kept(conn, "assessments", "request_id", request.request_id)
             now = self._clock()
             count, total = conn.execute(
                 "SELECT COUNT(*), COALESCE(SUM(CASE WHEN currency_code = ? THEN amount_minor"

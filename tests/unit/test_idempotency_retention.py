@@ -1,0 +1,173 @@
+"""Idempotency records expire after the retention, purged by claims, on real SQLite stores."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from interceptors.errors import Aborted, AlreadyExists
+from paymesh.common.v1 import common_pb2
+from paymesh.order.v1 import order_pb2
+from paymesh.settlement.v1 import settlement_pb2
+from services import idempotency
+from services.database import open_database, transaction
+from services.order.store import OrderStore
+from services.settlement.store import SettlementStore
+from tests.unit.fakes import FakeClock
+
+DAY_S = 24 * 3600.0
+RETENTION = idempotency.Retention()
+START = 1_700_000_000.0
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(start=START)
+
+
+@pytest.fixture
+def orders(tmp_path: Path, clock: FakeClock) -> Iterator[OrderStore]:
+    store = OrderStore(tmp_path / "order.db", clock=clock)
+    store.create(
+        order_pb2.CreateOrderRequest(
+            request_id="r_create",
+            order_id="o_1",
+            merchant_id="m_1",
+            payment_id="pay_1",
+            amount=common_pb2.Money(amount_minor=1250, currency_code="EUR"),
+        )
+    )
+    yield store
+    store.close()
+
+
+def _status(
+    request_id: str, status: order_pb2.OrderStatus.ValueType, reason: str = ""
+) -> order_pb2.UpdateOrderStatusRequest:
+    return order_pb2.UpdateOrderStatusRequest(
+        request_id=request_id, order_id="o_1", status=status, reason=reason
+    )
+
+
+def _records(path: Path) -> list[tuple[str, str]]:
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute("SELECT request_id, state FROM idempotency_keys ORDER BY request_id")
+        return [(row[0], row[1]) for row in rows]
+
+
+def _claim_at(conn: sqlite3.Connection, request_id: str, now: float, *, done: bool = True) -> None:
+    request = order_pb2.UpdateOrderStatusRequest(request_id=request_id, order_id=request_id)
+    with transaction(conn):
+        idempotency.claim(conn, "Test", request_id, request, now=now, retention=RETENTION)
+        if done:
+            idempotency.complete(conn, "Test", request_id, order_pb2.UpdateOrderStatusResponse())
+
+
+def test_default_retention_is_seven_days() -> None:
+    assert idempotency.Retention.from_environ({}).retention_s == 7 * DAY_S
+
+
+def test_retention_is_read_from_the_environment() -> None:
+    environ = {idempotency.RETENTION_VAR: "172800"}
+    assert idempotency.Retention.from_environ(environ).retention_s == 2 * DAY_S
+
+
+@pytest.mark.parametrize("value", ["3600", "abc", "nan", "-1"])
+def test_retention_below_a_day_or_not_a_number_is_refused(value: str) -> None:
+    with pytest.raises(ValueError, match=idempotency.RETENTION_VAR):
+        idempotency.Retention.from_environ({idempotency.RETENTION_VAR: value})
+
+
+def test_replay_within_the_retention_returns_the_stored_response(
+    orders: OrderStore, clock: FakeClock
+) -> None:
+    paid = orders.update_status(_status("r_paid", order_pb2.ORDER_STATUS_PAID))
+    orders.update_status(_status("r_cancel", order_pb2.ORDER_STATUS_CANCELLED))
+    clock.advance(RETENTION.retention_s - 1)
+    assert orders.update_status(_status("r_paid", order_pb2.ORDER_STATUS_PAID)) == paid
+    assert orders.get("o_1").status == order_pb2.ORDER_STATUS_CANCELLED
+
+
+def test_replay_after_the_retention_is_a_new_request(orders: OrderStore, clock: FakeClock) -> None:
+    orders.update_status(_status("r_paid", order_pb2.ORDER_STATUS_PAID))
+    orders.update_status(_status("r_cancel", order_pb2.ORDER_STATUS_CANCELLED))
+    clock.advance(RETENTION.retention_s + 1)
+    again = orders.update_status(_status("r_paid", order_pb2.ORDER_STATUS_PAID))
+    assert again.status == order_pb2.ORDER_STATUS_PAID
+    assert orders.get("o_1").status == order_pb2.ORDER_STATUS_PAID
+
+
+def test_id_reused_with_another_body_after_the_retention_is_accepted(
+    orders: OrderStore, clock: FakeClock
+) -> None:
+    orders.update_status(_status("r_1", order_pb2.ORDER_STATUS_PAID))
+    clock.advance(RETENTION.retention_s + 1)
+    reused = orders.update_status(_status("r_1", order_pb2.ORDER_STATUS_CANCELLED, "late"))
+    assert reused.status_reason == "late"
+
+
+def test_claim_purges_finished_records_past_the_retention(
+    tmp_path: Path, orders: OrderStore, clock: FakeClock
+) -> None:
+    orders.update_status(_status("r_old", order_pb2.ORDER_STATUS_PAID))
+    clock.advance(2 * DAY_S)
+    orders.update_status(_status("r_recent", order_pb2.ORDER_STATUS_CANCELLED))
+    clock.advance(RETENTION.retention_s - DAY_S)
+    orders.update_status(_status("r_now", order_pb2.ORDER_STATUS_PAID))
+    assert _records(tmp_path / "order.db") == [("r_now", "done"), ("r_recent", "done")]
+
+
+def test_purge_runs_at_most_once_per_interval(tmp_path: Path) -> None:
+    conn = open_database(tmp_path / "keys.db", idempotency.SCHEMA)
+    _claim_at(conn, "a", START)
+    _claim_at(conn, "b", START + 1)
+    now = START + RETENTION.retention_s + 10
+    _claim_at(conn, "c", now)  # purges a and b
+    _claim_at(conn, "d", now + 1)
+    with transaction(conn):  # d expires at once, but the next purge is not due yet
+        conn.execute("UPDATE idempotency_keys SET created_at = ? WHERE request_id = 'd'", (START,))
+    _claim_at(conn, "e", now + RETENTION.purge_interval_s - 1)
+    assert [r for r, _ in _records(tmp_path / "keys.db")] == ["c", "d", "e"]
+    _claim_at(conn, "f", now + RETENTION.purge_interval_s)
+    assert [r for r, _ in _records(tmp_path / "keys.db")] == ["c", "e", "f"]
+
+
+def test_purge_deletes_one_batch_per_claim_until_none_are_left(tmp_path: Path) -> None:
+    conn = open_database(tmp_path / "keys.db", idempotency.SCHEMA)
+    retention = idempotency.Retention(purge_batch=2)
+    for index in range(5):
+        _claim_at(conn, f"old{index}", START)
+    now = START + retention.retention_s + 1
+    with transaction(conn):
+        deleted = [idempotency.purge_expired(conn, now=now, retention=retention) for _ in range(4)]
+    assert deleted == [2, 2, 1, 0]
+
+
+def test_in_flight_records_never_expire(tmp_path: Path) -> None:
+    conn = open_database(tmp_path / "keys.db", idempotency.SCHEMA)
+    _claim_at(conn, "work", START, done=False)
+    later = START + 10 * RETENTION.retention_s
+    with transaction(conn):
+        assert idempotency.purge_expired(conn, now=later, retention=RETENTION, force=True) == 0
+    with pytest.raises(Aborted):
+        _claim_at(conn, "work", later)
+
+
+def test_kept_work_of_an_expired_request_id_is_already_exists(tmp_path: Path) -> None:
+    clock_ns = FakeClock(start=START * 1e9)
+    store = SettlementStore(tmp_path / "settlement.db", clock_ns=lambda: int(clock_ns()))
+    request = settlement_pb2.CreateSettlementRequest(
+        request_id="r_settle",
+        merchant_id="m_1",
+        currency_code="EUR",
+        bank_account_reference="DE89",
+    )
+    begun = store.begin(request, "stl_1", 100, running=lambda _: False)
+    store.settle_claim(begun.record)
+    clock_ns.advance((RETENTION.retention_s + 1) * 1e9)
+    with pytest.raises(AlreadyExists, match="send a new request_id"):
+        store.begin(request, "stl_1", 100, running=lambda _: False)
+    store.close()
