@@ -42,6 +42,7 @@ from interceptors.server import ServerPolicyInterceptor
 from interceptors.tracing import server_interceptor
 from paymesh.merchant_auth.v1 import merchant_auth_pb2, merchant_auth_pb2_grpc
 from paymesh.mesh.v1 import mesh_pb2_grpc
+from services import idempotency, page_tokens
 from services.admin import AdminRequest, AdminResponse, AdminServer, guarded
 from services.admin_token import AdminTokenError, ControlAccess
 from services.authz import (
@@ -56,6 +57,7 @@ from services.clients import ClientFactory
 from services.diagnostics import DIAGNOSTICS_SERVICE, DiagnosticsServicer, ReadinessMonitor
 from services.limits import LimitsError, ServerLimits
 from services.metrics import ServiceMetrics
+from services.page_tokens import PageTokenKeyError
 from services.recent import RecentCalls
 from services.tls import TlsConfigError, TransportSecurity
 from services.topology import Topology, TopologyError, env_prefix, parse_hostport
@@ -258,7 +260,10 @@ async def serve(
         public = topology.public_address(name)
         limits = ServerLimits.from_environ(spec.env_prefix, topology.environ)
         security = TransportSecurity.from_environ(name, topology.environ)
-    except (TopologyError, LimitsError, TlsConfigError) as exc:
+        # Read now, so a bad key file or retention stops start-up instead of a first call.
+        page_tokens.process_codec()
+        idempotency.default_retention()
+    except (TopologyError, LimitsError, TlsConfigError, PageTokenKeyError, ValueError) as exc:
         raise StartupError(str(exc)) from exc
     if security.plaintext:
         log.warning(

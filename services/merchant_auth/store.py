@@ -101,6 +101,7 @@ class ApiKeyStore:
             replay = idempotency.replayed(pb.IssueApiKeyResponse, claim)
             if replay is not None:
                 return replay
+            idempotency.refuse_if_kept(conn, "api_keys", "issue_request_id", request.request_id)
             conn.execute(
                 "INSERT INTO api_keys (key_id, merchant_id, prefix, label, secret_hash, status,"
                 " create_time_ns, issue_request_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",

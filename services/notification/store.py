@@ -106,6 +106,7 @@ class NotificationStore:
                     "SELECT * FROM notifications WHERE request_id = ?", (request.request_id,)
                 ).fetchone()
                 return _notification(row)
+            idempotency.refuse_if_kept(conn, "notifications", "request_id", request.request_id)
             notification_id = f"ntf_{uuid.uuid4().hex[:24]}"
             status = (
                 pb.DELIVERY_STATUS_PENDING if request.webhook_url else pb.DELIVERY_STATUS_SKIPPED
