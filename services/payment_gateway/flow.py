@@ -23,7 +23,6 @@ from paymesh.analytics.v1 import analytics_pb2, analytics_pb2_grpc
 from paymesh.channel_adapter.v1 import channel_adapter_pb2 as ca
 from paymesh.channel_adapter.v1 import channel_adapter_pb2_grpc
 from paymesh.common.v1 import common_pb2
-from paymesh.merchant_auth.v1 import merchant_auth_pb2_grpc
 from paymesh.notification.v1 import notification_pb2, notification_pb2_grpc
 from paymesh.order.v1 import order_pb2, order_pb2_grpc
 from paymesh.payment_gateway.v1 import payment_gateway_pb2 as pg
@@ -48,7 +47,6 @@ if TYPE_CHECKING:  # the Async stub classes exist only in the .pyi files
     from paymesh.channel_adapter.v1.channel_adapter_pb2_grpc import (
         ChannelAdapterServiceAsyncStub,
     )
-    from paymesh.merchant_auth.v1.merchant_auth_pb2_grpc import MerchantAuthServiceAsyncStub
     from paymesh.notification.v1.notification_pb2_grpc import NotificationServiceAsyncStub
     from paymesh.order.v1.order_pb2_grpc import OrderServiceAsyncStub
     from paymesh.risk.v1.risk_pb2_grpc import RiskServiceAsyncStub
@@ -80,9 +78,11 @@ class PaymentPending(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Downstreams:
-    """The stubs of every service the gateway calls, made through the client factory."""
+    """The stubs of every service the payment flows call, made through the client factory.
 
-    auth: MerchantAuthServiceAsyncStub
+    (merchant-auth-service is called by the bootstrap's gate, before a servicer runs.)
+    """
+
     risk: RiskServiceAsyncStub
     orders: OrderServiceAsyncStub
     channel: ChannelAdapterServiceAsyncStub
@@ -94,9 +94,6 @@ class Downstreams:
     def from_clients(cls, clients: ClientFactory) -> Downstreams:
         """Stubs along the gateway's topology edges (the policy chain applies to each)."""
         return cls(
-            auth=clients.stub(
-                "merchant-auth-service", merchant_auth_pb2_grpc.MerchantAuthServiceStub
-            ),
             risk=clients.stub("risk-service", risk_pb2_grpc.RiskServiceStub),
             orders=clients.stub("order-service", order_pb2_grpc.OrderServiceStub),
             channel=clients.stub(

@@ -1,27 +1,23 @@
-"""payment-gateway RPCs: validate, authenticate the merchant's key, claim, then run the flow.
+"""payment-gateway RPCs: validate, scope to the calling merchant, claim, then run the flow.
 
-Request ids are scoped to the authenticated merchant and fingerprinted without the API key:
-a merchant that rotates its key and retries with the same request id gets the first result
-replayed, and no derivative of a secret is stored. A replay still needs a valid key of the
-same merchant (authentication runs first) but calls nothing that mutates.
+Merchants call with their API key in metadata; the bootstrap's gate has authenticated it
+before a servicer runs (:func:`services.authz.current_merchant`). Every read is scoped to
+that merchant, and another merchant's payment is NOT_FOUND with the very error of a missing
+one. Request ids are per merchant: two merchants using the same id never replay each other's
+payment, and a merchant that rotates its key and retries gets its first result replayed.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import re
-from typing import TypeVar
-
-import grpc
-from grpc import aio
 
 from interceptors.errors import PermissionDenied, Unauthenticated, Unavailable
-from paymesh.merchant_auth.v1 import merchant_auth_pb2
 from paymesh.payment_gateway.v1 import payment_gateway_pb2 as pg
 from paymesh.payment_gateway.v1 import payment_gateway_pb2_grpc
 from services import validation as v
+from services.authz import AuthenticatedMerchant, current_merchant, merchant_scope
 from services.bootstrap import Context
-from services.payment_gateway.flow import PaymentFlow, PaymentPending, reason_of
+from services.payment_gateway.flow import PaymentFlow, PaymentPending
 from services.payment_gateway.store import (
     NewPayment,
     PaymentStore,
@@ -29,8 +25,6 @@ from services.payment_gateway.store import (
     refund_message,
 )
 
-#: Longest API key accepted; anything longer is malformed input, not a key to look up.
-MAX_API_KEY_LENGTH = 256
 MAX_REFERENCE_LENGTH = 128
 _COUNTRY = re.compile(r"^[A-Z]{2}$")
 
@@ -41,23 +35,19 @@ def scoped_key(merchant_id: str, request_id: str) -> str:
 
 
 def validate_create(request: pg.CreatePaymentRequest) -> None:
-    """Raise InvalidArgument naming the first bad field of a CreatePayment request."""
+    """Raise InvalidArgument naming the first bad field of a CreatePayment request.
+
+    ``merchant_id`` is checked by :func:`services.authz.merchant_scope` instead: a merchant
+    may leave it empty, and any id but its own is NOT_FOUND.
+    """
     v.require_request_id("request_id", request.request_id)
-    v.require_id("merchant_id", request.merchant_id)
-    v.optional_text("api_key", request.api_key, limit=MAX_API_KEY_LENGTH)
     if not request.HasField("amount"):
         raise v.invalid("amount", "is required", reason="AMOUNT_INVALID")
     v.require_amount("amount", request.amount)
     if request.settlement_currency_code:
         v.require_currency("settlement_currency_code", request.settlement_currency_code)
     v.require_id("payment_method_token", request.payment_method_token)
-    if request.customer_ip:
-        try:
-            ipaddress.ip_address(request.customer_ip)
-        except ValueError:
-            raise v.invalid(
-                "customer_ip", f"{request.customer_ip[:80]!r} is not an IPv4 or IPv6 address"
-            ) from None
+    v.optional_ip("customer_ip", request.customer_ip)  # a zone (%...) could be of any length
     if request.customer_country_code and not _COUNTRY.match(request.customer_country_code):
         raise v.invalid(
             "customer_country_code",
@@ -74,74 +64,63 @@ def validate_refund(request: pg.RefundPaymentRequest) -> None:
     """Raise InvalidArgument naming the first bad field of a RefundPayment request."""
     v.require_request_id("request_id", request.request_id)
     v.require_id("payment_id", request.payment_id)
-    v.optional_text("api_key", request.api_key, limit=MAX_API_KEY_LENGTH)
     if request.HasField("amount"):
         v.require_amount("amount", request.amount)
     v.optional_text("reason", request.reason)
 
 
-RequestT = TypeVar("RequestT", pg.CreatePaymentRequest, pg.RefundPaymentRequest)
-
-
-def without_secret(request: RequestT) -> RequestT:
-    """A copy of ``request`` without its API key: what the idempotency fingerprint covers."""
-    body = type(request)()
+def for_merchant(request: pg.CreatePaymentRequest, merchant_id: str) -> pg.CreatePaymentRequest:
+    """``request`` naming ``merchant_id`` explicitly: what the idempotency fingerprint covers,
+    so a retry that names the merchant is the same body as a first try that left it empty."""
+    body = pg.CreatePaymentRequest()
     body.CopyFrom(request)
-    body.ClearField("api_key")
+    body.merchant_id = merchant_id
     return body
 
 
+def calling_merchant(method: str) -> AuthenticatedMerchant:
+    """The merchant whose API key the gate authenticated for this call.
+
+    Only merchants move money here; no mesh identity is granted these methods, so the one way
+    to get here without a merchant is a plaintext development mesh called without a key.
+
+    Raises:
+        Unauthenticated: CREDENTIALS_MISSING, the call carried no API key.
+    """
+    merchant = current_merchant()
+    if merchant is None:
+        raise Unauthenticated(
+            f"{method} needs the merchant's API key in metadata 'authorization: Bearer <key>'",
+            reason="CREDENTIALS_MISSING",
+            metadata={"method": method},
+        )
+    return merchant
+
+
 class PaymentGatewayServicer(payment_gateway_pb2_grpc.PaymentGatewayServiceServicer):
-    """Creates, reads, lists and refunds payments."""
+    """Creates, reads, lists and refunds payments, each merchant only its own."""
 
     def __init__(self, store: PaymentStore, flow: PaymentFlow) -> None:
         self._store = store
         self._flow = flow
 
-    async def _authenticate(self, api_key: str) -> merchant_auth_pb2.AuthenticateApiKeyResponse:
-        """The key's merchant, or Unauthenticated; a transport failure escapes as UNAVAILABLE."""
-        if not api_key:
-            raise Unauthenticated("api_key is required", reason="API_KEY_INVALID")
-        try:
-            return await self._flow.downstreams.auth.AuthenticateApiKey(
-                merchant_auth_pb2.AuthenticateApiKeyRequest(api_key=api_key)
-            )
-        except aio.AioRpcError as error:
-            if error.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.NOT_FOUND):
-                raise Unauthenticated(
-                    "the API key is not valid", reason=reason_of(error, "API_KEY_INVALID")
-                ) from None
-            if error.code() in (
-                grpc.StatusCode.PERMISSION_DENIED,
-                grpc.StatusCode.FAILED_PRECONDITION,
-            ):
-                raise PermissionDenied(
-                    "the merchant of this API key may not take payments",
-                    reason=reason_of(error, "MERCHANT_INACTIVE"),
-                ) from None
-            raise
-
     async def CreatePayment(
         self, request: pg.CreatePaymentRequest, context: Context
     ) -> pg.CreatePaymentResponse:
         validate_create(request)
-        identity = await self._authenticate(request.api_key)
-        if identity.merchant_id != request.merchant_id:
-            raise Unauthenticated(
-                f"the API key does not belong to merchant {request.merchant_id!r}",
-                reason="API_KEY_INVALID",
-            )
-        if not identity.active:
+        merchant = calling_merchant("CreatePayment")
+        merchant_id = merchant_scope(request.merchant_id)
+        if not merchant.active:
             raise PermissionDenied(
-                f"merchant {request.merchant_id!r} is suspended and may not take payments",
+                f"merchant {merchant_id!r} is suspended and may not take payments",
                 reason="MERCHANT_INACTIVE",
-                metadata={"merchant_id": request.merchant_id},
+                metadata={"merchant_id": merchant_id},
             )
         started = self._store.begin_payment(
-            scoped_key(request.merchant_id, request.request_id),
-            without_secret(request),
+            scoped_key(merchant_id, request.request_id),
+            for_merchant(request, merchant_id),
             NewPayment(
-                merchant_id=request.merchant_id,
+                merchant_id=merchant_id,
                 amount=request.amount,
                 settlement_currency_code=request.settlement_currency_code,
                 payment_method_token=request.payment_method_token,
@@ -149,7 +128,7 @@ class PaymentGatewayServicer(payment_gateway_pb2_grpc.PaymentGatewayServiceServi
                 customer_country_code=request.customer_country_code,
                 description=request.description,
                 merchant_order_reference=request.merchant_order_reference,
-                webhook_url=identity.webhook_url,
+                webhook_url=merchant.webhook_url,
             ),
         )
         if isinstance(started, pg.CreatePaymentResponse):
@@ -172,7 +151,8 @@ class PaymentGatewayServicer(payment_gateway_pb2_grpc.PaymentGatewayServiceServi
         self, request: pg.GetPaymentRequest, context: Context
     ) -> pg.GetPaymentResponse:
         v.require_id("payment_id", request.payment_id)
-        payment = self._store.payment(request.payment_id)
+        # merchant_scope("") is the calling merchant's id, or "" (any merchant) for the mesh.
+        payment = self._store.payment(request.payment_id, merchant_id=merchant_scope(""))
         return pg.GetPaymentResponse(
             payment=payment_message(payment),
             refunds=[refund_message(r) for r in self._store.refunds_of(payment.payment_id)],
@@ -181,15 +161,15 @@ class PaymentGatewayServicer(payment_gateway_pb2_grpc.PaymentGatewayServiceServi
     async def ListPayments(
         self, request: pg.ListPaymentsRequest, context: Context
     ) -> pg.ListPaymentsResponse:
-        v.require_id("merchant_id", request.merchant_id)
+        merchant_id = v.require_id("merchant_id", merchant_scope(request.merchant_id))
         if request.status not in pg.PaymentStatus.values():
             raise v.invalid("status", f"{request.status} is not a PaymentStatus")
         size = v.page_size(request.page_size)
-        filters = {"merchant_id": request.merchant_id, "status": int(request.status)}
+        filters = {"merchant_id": merchant_id, "status": int(request.status)}
         before = v.page_position(request.page_token, filters, v.SECONDS_AND_ID)
         rows, next_token = v.page_of(
             self._store.list_payments(
-                merchant_id=request.merchant_id,
+                merchant_id=merchant_id,
                 status=request.status,
                 before=before,
                 limit=size + 1,
@@ -207,14 +187,8 @@ class PaymentGatewayServicer(payment_gateway_pb2_grpc.PaymentGatewayServiceServi
         self, request: pg.RefundPaymentRequest, context: Context
     ) -> pg.RefundPaymentResponse:
         validate_refund(request)
-        identity = await self._authenticate(request.api_key)
-        payment = self._store.payment(request.payment_id)
-        if payment.merchant_id != identity.merchant_id:
-            # Same answer as for an unknown key: the caller learns nothing about the payment.
-            raise Unauthenticated(
-                f"the API key does not belong to the merchant of payment {request.payment_id!r}",
-                reason="API_KEY_INVALID",
-            )
+        merchant_id = calling_merchant("RefundPayment").merchant_id
+        payment = self._store.payment(request.payment_id, merchant_id=merchant_id)
         if request.HasField("amount") and request.amount.currency_code != payment.currency_code:
             raise v.invalid(
                 "amount.currency_code",
@@ -223,8 +197,8 @@ class PaymentGatewayServicer(payment_gateway_pb2_grpc.PaymentGatewayServiceServi
         # A suspended merchant may still refund: giving customers their money back is exactly
         # what should stay possible.
         started = self._store.begin_refund(
-            scoped_key(identity.merchant_id, request.request_id),
-            without_secret(request),
+            scoped_key(merchant_id, request.request_id),
+            request,
             payment_id=request.payment_id,
             amount_minor=request.amount.amount_minor if request.HasField("amount") else None,
             reason=request.reason,
@@ -245,5 +219,5 @@ class PaymentGatewayServicer(payment_gateway_pb2_grpc.PaymentGatewayServiceServi
     async def GetPaymentSummary(
         self, request: pg.GetPaymentSummaryRequest, context: Context
     ) -> pg.GetPaymentSummaryResponse:
-        v.require_id("merchant_id", request.merchant_id)
-        return pg.GetPaymentSummaryResponse(summary=self._store.summary(request.merchant_id))
+        merchant_id = v.require_id("merchant_id", merchant_scope(request.merchant_id))
+        return pg.GetPaymentSummaryResponse(summary=self._store.summary(merchant_id))

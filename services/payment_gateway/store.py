@@ -301,7 +301,8 @@ class PaymentStore:
     ) -> PaymentRecord | pg.CreatePaymentResponse:
         """Claim ``key`` and write the PENDING payment, or return the replay of a finished one.
 
-        ``request`` is what the fingerprint is taken of (the caller strips the API key).
+        ``key`` is the request id scoped to the merchant (two merchants' ids never collide);
+        ``request`` is what the fingerprint is taken of.
 
         Raises:
             InvalidArgument: the key was used with a different body.
@@ -381,9 +382,14 @@ class PaymentStore:
             "UPDATE payments SET effects_pending = 0 WHERE payment_id = ?", (payment_id,)
         )
 
-    def payment(self, payment_id: str) -> PaymentRecord:
-        """The payment row; NotFound (PAYMENT_NOT_FOUND) if there is none."""
-        return self._payment(payment_id)
+    def payment(self, payment_id: str, *, merchant_id: str = "") -> PaymentRecord:
+        """The payment row; NotFound (PAYMENT_NOT_FOUND) if there is none.
+
+        Args:
+            merchant_id: if given, a payment of another merchant is NotFound too, with the
+                very error of a missing one, so the caller learns nothing about it.
+        """
+        return self._payment(payment_id, merchant_id=merchant_id)
 
     def unfinished_payments(self) -> list[str]:
         """Ids of payments whose flow has not reached a terminal status, oldest first."""
@@ -638,11 +644,11 @@ class PaymentStore:
             f"UPDATE {table} SET {assignments} WHERE {key_column} = ?", (*fields.values(), key)
         )
 
-    def _payment(self, payment_id: str) -> PaymentRecord:
+    def _payment(self, payment_id: str, *, merchant_id: str = "") -> PaymentRecord:
         row = self._conn.execute(
             "SELECT * FROM payments WHERE payment_id = ?", (payment_id,)
         ).fetchone()
-        if row is None:
+        if row is None or (merchant_id and row["merchant_id"] != merchant_id):
             raise NotFound(
                 f"payment {payment_id!r} does not exist",
                 reason="PAYMENT_NOT_FOUND",

@@ -5,6 +5,9 @@ CreateSettlement runs as persisted steps (``store.Step``): the ledger moves the 
 settlements honest), then withdrawal-service pays it out; a failed withdrawal returns the
 funds. An outage leaves the settlement PENDING for a replay of its request id or the
 recovery pass to finish with the same deterministic ids.
+
+Merchants read their own balance and settlements with their API key: an empty merchant_id
+means their own, another merchant's id or settlement is NOT_FOUND like a missing one.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from paymesh.common.v1 import common_pb2
 from paymesh.settlement.v1 import settlement_pb2, settlement_pb2_grpc
 from paymesh.withdrawal.v1 import withdrawal_pb2, withdrawal_pb2_grpc
 from services import validation as v
+from services.authz import merchant_scope
 from services.bootstrap import Context
 from services.downstream import is_ambiguous, reason_of
 from services.resumable import StepDriver, Stepper
@@ -71,13 +75,13 @@ class SettlementServicer(settlement_pb2_grpc.SettlementServiceServicer):
     async def GetSettleableBalance(
         self, request: settlement_pb2.GetSettleableBalanceRequest, context: Context
     ) -> settlement_pb2.GetSettleableBalanceResponse:
-        v.require_id("merchant_id", request.merchant_id)
+        merchant_id = v.require_id("merchant_id", merchant_scope(request.merchant_id))
         v.require_currency("currency_code", request.currency_code)
-        amount = await self._settleable(request.merchant_id, request.currency_code)
+        amount = await self._settleable(merchant_id, request.currency_code)
         as_of = Timestamp()
         as_of.GetCurrentTime()
         return settlement_pb2.GetSettleableBalanceResponse(
-            merchant_id=request.merchant_id,
+            merchant_id=merchant_id,
             settleable_amount=common_pb2.Money(
                 amount_minor=amount, currency_code=request.currency_code
             ),
@@ -117,21 +121,22 @@ class SettlementServicer(settlement_pb2_grpc.SettlementServiceServicer):
         self, request: settlement_pb2.GetSettlementRequest, context: Context
     ) -> settlement_pb2.GetSettlementResponse:
         v.require_id("settlement_id", request.settlement_id)
-        record = self._store.get(request.settlement_id)
+        # merchant_scope("") is the calling merchant's id, or "" (any merchant) for the mesh.
+        record = self._store.get(request.settlement_id, merchant_id=merchant_scope(""))
         return settlement_pb2.GetSettlementResponse(settlement=record.settlement)
 
     async def ListSettlements(
         self, request: settlement_pb2.ListSettlementsRequest, context: Context
     ) -> settlement_pb2.ListSettlementsResponse:
-        v.require_id("merchant_id", request.merchant_id)
+        merchant_id = v.require_id("merchant_id", merchant_scope(request.merchant_id))
         if request.status not in settlement_pb2.SettlementStatus.values():
             raise v.invalid("status", f"{request.status} is not a SettlementStatus")
         size = v.page_size(request.page_size)
-        filters = {"merchant_id": request.merchant_id, "status": request.status}
+        filters = {"merchant_id": merchant_id, "status": request.status}
         before = v.page_position(request.page_token, filters, v.NANOS_AND_ID)
         settlements, next_token = v.page_of(
             self._store.list(
-                merchant_id=request.merchant_id,
+                merchant_id=merchant_id,
                 status=request.status,
                 before=before,
                 limit=size + 1,

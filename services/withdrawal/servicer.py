@@ -5,6 +5,9 @@ non-negative check on the debited account, comes before the bank call, so concur
 withdrawals can never exceed the balance; a bank refusal posts a reversal. An outage leaves
 the withdrawal PENDING for a replay of its request id or the recovery pass to finish, with
 the same deterministic ids, so nothing is posted or transferred twice.
+
+Merchants read their own withdrawals with their API key: an empty merchant_id means their
+own, another merchant's id or withdrawal is NOT_FOUND like a missing one.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from paymesh.accounting.v1 import accounting_pb2, accounting_pb2_grpc
 from paymesh.notification.v1 import notification_pb2, notification_pb2_grpc
 from paymesh.withdrawal.v1 import withdrawal_pb2, withdrawal_pb2_grpc
 from services import validation as v
+from services.authz import merchant_scope
 from services.bootstrap import Context
 from services.clients import PartnerClient
 from services.downstream import is_ambiguous, reason_of
@@ -94,21 +98,22 @@ class WithdrawalServicer(withdrawal_pb2_grpc.WithdrawalServiceServicer):
         self, request: withdrawal_pb2.GetWithdrawalRequest, context: Context
     ) -> withdrawal_pb2.GetWithdrawalResponse:
         v.require_id("withdrawal_id", request.withdrawal_id)
-        record = self._store.get(request.withdrawal_id)
+        # merchant_scope("") is the calling merchant's id, or "" (any merchant) for the mesh.
+        record = self._store.get(request.withdrawal_id, merchant_id=merchant_scope(""))
         return withdrawal_pb2.GetWithdrawalResponse(withdrawal=record.withdrawal)
 
     async def ListWithdrawals(
         self, request: withdrawal_pb2.ListWithdrawalsRequest, context: Context
     ) -> withdrawal_pb2.ListWithdrawalsResponse:
-        v.require_id("merchant_id", request.merchant_id)
+        merchant_id = v.require_id("merchant_id", merchant_scope(request.merchant_id))
         if request.status not in withdrawal_pb2.WithdrawalStatus.values():
             raise v.invalid("status", f"{request.status} is not a WithdrawalStatus")
         size = v.page_size(request.page_size)
-        filters = {"merchant_id": request.merchant_id, "status": request.status}
+        filters = {"merchant_id": merchant_id, "status": request.status}
         before = v.page_position(request.page_token, filters, v.NANOS_AND_ID)
         withdrawals, next_token = v.page_of(
             self._store.list(
-                merchant_id=request.merchant_id,
+                merchant_id=merchant_id,
                 status=request.status,
                 before=before,
                 limit=size + 1,

@@ -1,16 +1,20 @@
 """merchant-service through real gRPC on loopback: profiles, status changes, the dashboard.
 
 The dashboard's downstreams are real services (their own ``build``) where they exist; an
-outage is a downstream address where nothing listens, or a real downstream stopped.
+outage is a downstream address where nothing listens, or a real downstream stopped. The
+operator calls the mTLS mesh port; a merchant calls the public port with its API key and
+sees only itself.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -28,7 +32,14 @@ from services.notification.__main__ import build as build_notification
 from services.payment_gateway.__main__ import build as build_gateway
 from services.risk.__main__ import build as build_risk
 from services.topology import Topology, env_prefix
-from tests.servers import running_service
+from tests.integration.tenants import (
+    Directory,
+    merchant_directory,
+    merchant_stub,
+    reason,
+    refusal,
+)
+from tests.servers import granted_stub, public_channel, running_service
 
 DOWNSTREAMS = (
     "payment-gateway",
@@ -47,20 +58,26 @@ def _silent_address() -> str:
 
 
 def _environ(tmp_path: Path, **addresses: str) -> dict[str, str]:
-    """merchant-service's environ: every downstream silent unless ``addresses`` names it."""
+    """merchant-service's environ: every downstream (and merchant-auth, which checks the
+    keys of merchant calls) silent unless ``addresses`` names it."""
     environ = {"PAYMESH_VAR_DIR": str(tmp_path)}
-    for name in DOWNSTREAMS:
+    for name in (*DOWNSTREAMS, "merchant-auth-service"):
         environ[f"{env_prefix(name)}_ADDR"] = addresses.get(name) or _silent_address()
     return environ
+
+
+def _operator(address: str) -> contextlib.AbstractAsyncContextManager[Any]:
+    """merchant-service's mesh port, each method called by an identity granted it."""
+    return granted_stub(address, merchant_pb2_grpc.MerchantServiceStub, "merchant-service")
 
 
 @pytest.fixture
 async def merchants(tmp_path: Path) -> AsyncIterator[merchant_pb2_grpc.MerchantServiceAsyncStub]:
     async with (
         running_service("merchant-service", build, environ=_environ(tmp_path)) as address,
-        aio.insecure_channel(address) as channel,
+        _operator(address) as stub,
     ):
-        yield merchant_pb2_grpc.MerchantServiceStub(channel)
+        yield stub
 
 
 def _create(request_id: str = "r1", **fields: str) -> merchant_pb2.CreateMerchantRequest:
@@ -377,9 +394,8 @@ async def test_dashboard_fills_sections_of_running_downstreams_and_marks_the_res
                 tmp_path, **{"accounting-service": accounting, "analytics-service": analytics}
             ),
         ) as address,
-        aio.insecure_channel(address) as channel,
+        _operator(address) as merchants,
     ):
-        merchants = merchant_pb2_grpc.MerchantServiceStub(channel)
         created = (await merchants.CreateMerchant(_create())).merchant
         dashboard = await merchants.GetMerchantDashboard(
             merchant_pb2.GetMerchantDashboardRequest(merchant_id=created.merchant_id)
@@ -439,6 +455,8 @@ class DashboardMesh:
 
     merchants: merchant_pb2_grpc.MerchantServiceAsyncStub
     downstreams: dict[str, contextlib.AsyncExitStack]
+    public: str
+    """merchant-service's public port (merchants, with an API key)."""
 
     async def stop(self, name: str) -> None:
         """Stop downstream ``name`` (its port then refuses connections)."""
@@ -446,7 +464,9 @@ class DashboardMesh:
 
 
 @contextlib.asynccontextmanager
-async def _dashboard_mesh(tmp_path: Path) -> AsyncIterator[DashboardMesh]:
+async def _dashboard_mesh(
+    tmp_path: Path, *, merchant_auth: str = ""
+) -> AsyncIterator[DashboardMesh]:
     builders: dict[str, Builder] = {
         "payment-gateway": build_gateway,
         "accounting-service": build_accounting,
@@ -468,13 +488,15 @@ async def _dashboard_mesh(tmp_path: Path) -> AsyncIterator[DashboardMesh]:
             addresses[name] = await downstreams[name].enter_async_context(
                 running_service(name, builder, environ=environ)
             )
+        if merchant_auth:
+            addresses["merchant-auth-service"] = merchant_auth
         async with (
             running_service(
                 "merchant-service", build, environ=_environ(tmp_path, **addresses)
             ) as address,
-            aio.insecure_channel(address) as channel,
+            _operator(address) as merchants,
         ):
-            yield DashboardMesh(merchant_pb2_grpc.MerchantServiceStub(channel), downstreams)
+            yield DashboardMesh(merchants, downstreams, address.public)
     finally:
         for stack in reversed(downstreams.values()):
             await stack.aclose()
@@ -522,3 +544,174 @@ async def test_dashboard_answers_partially_while_one_downstream_process_is_stopp
     ]
     assert {s.availability for s in others} == {merchant_pb2.SECTION_AVAILABILITY_AVAILABLE}
     assert dashboard.payments.summary.merchant_id == created.merchant_id
+
+
+# -- merchants calling with their API key -----------------------------------------------------
+
+#: A well-formed merchant id no merchant has.
+MISSING_MERCHANT = "m_000000000000000000000000"
+
+
+@dataclass(slots=True)
+class MerchantFacing:
+    """merchant-service checking keys at a real merchant-auth, and the merchants it knows."""
+
+    directory: Directory
+    public: str
+    """The public port of the merchant-service under test."""
+
+    def as_merchant(self, secret: str) -> contextlib.AbstractAsyncContextManager[Any]:
+        """A stub of the public port calling with API key ``secret``."""
+        return merchant_stub(self.public, merchant_pb2_grpc.MerchantServiceStub, secret)
+
+
+@pytest.fixture
+async def facing(tmp_path: Path) -> AsyncIterator[MerchantFacing]:
+    # Same var dir as the directory's merchant-service: one database, so the merchants the
+    # directory onboards are the ones the service under test reads.
+    async with (
+        merchant_directory(tmp_path) as directory,
+        running_service(
+            "merchant-service",
+            build,
+            environ=_environ(tmp_path, **{"merchant-auth-service": directory.auth_address}),
+        ) as address,
+    ):
+        yield MerchantFacing(directory, address.public)
+
+
+async def test_merchant_reads_itself_with_an_empty_or_its_own_merchant_id(
+    facing: MerchantFacing,
+) -> None:
+    tenant = await facing.directory.onboard("Kaffeehaus")
+    async with facing.as_merchant(tenant.secret) as merchants:
+        implicit = await merchants.GetMerchant(merchant_pb2.GetMerchantRequest())
+        explicit = await merchants.GetMerchant(
+            merchant_pb2.GetMerchantRequest(merchant_id=tenant.merchant_id)
+        )
+    assert implicit.merchant.merchant_id == tenant.merchant_id
+    assert explicit == implicit
+
+
+@pytest.mark.parametrize(
+    ("method", "request_type"),
+    [
+        ("GetMerchant", merchant_pb2.GetMerchantRequest),
+        ("GetMerchantDashboard", merchant_pb2.GetMerchantDashboardRequest),
+    ],
+)
+async def test_another_merchant_is_not_found_exactly_like_a_missing_one(
+    facing: MerchantFacing, method: str, request_type: Any
+) -> None:
+    tenant = await facing.directory.onboard("Kaffeehaus")
+    other = await facing.directory.onboard("Other Shop")
+    async with facing.as_merchant(tenant.secret) as merchants:
+        call = getattr(merchants, method)
+        with pytest.raises(aio.AioRpcError) as foreign:
+            await call(request_type(merchant_id=other.merchant_id))
+        with pytest.raises(aio.AioRpcError) as missing:
+            await call(request_type(merchant_id=MISSING_MERCHANT))
+    assert foreign.value.code() == grpc.StatusCode.NOT_FOUND
+    assert reason(foreign.value) == "MERCHANT_NOT_FOUND"
+    assert refusal(foreign.value, resource_id=other.merchant_id) == refusal(
+        missing.value, resource_id=MISSING_MERCHANT
+    )
+
+
+async def test_merchant_builds_its_own_dashboard_and_not_another(
+    facing: MerchantFacing,
+) -> None:
+    tenant = await facing.directory.onboard("Kaffeehaus")
+    other = await facing.directory.onboard("Other Shop")
+    async with facing.as_merchant(tenant.secret) as merchants:
+        dashboard = await merchants.GetMerchantDashboard(merchant_pb2.GetMerchantDashboardRequest())
+        with pytest.raises(aio.AioRpcError) as caught:
+            await merchants.GetMerchantDashboard(
+                merchant_pb2.GetMerchantDashboardRequest(merchant_id=other.merchant_id)
+            )
+    assert dashboard.merchant.merchant_id == tenant.merchant_id
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_merchant_call_without_api_key_is_credentials_missing(
+    facing: MerchantFacing,
+) -> None:
+    async with public_channel(facing.public) as channel:
+        merchants = merchant_pb2_grpc.MerchantServiceStub(channel)
+        with pytest.raises(aio.AioRpcError) as caught:
+            await merchants.GetMerchant(merchant_pb2.GetMerchantRequest())
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert reason(caught.value) == "CREDENTIALS_MISSING"
+
+
+async def test_merchant_call_with_a_bad_api_key_is_unauthenticated(
+    facing: MerchantFacing,
+) -> None:
+    async with facing.as_merchant("sk_0123456789abcdef_" + "A" * 43) as merchants:
+        with pytest.raises(aio.AioRpcError) as caught:
+            await merchants.GetMerchantDashboard(merchant_pb2.GetMerchantDashboardRequest())
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert reason(caught.value) == "API_KEY_INVALID"
+
+
+@pytest.mark.parametrize("method", ["ListMerchants", "CreateMerchant", "UpdateMerchantStatus"])
+async def test_operator_methods_are_refused_to_a_merchant_key(
+    facing: MerchantFacing, method: str
+) -> None:
+    tenant = await facing.directory.onboard("Kaffeehaus")
+    requests = {
+        "ListMerchants": merchant_pb2.ListMerchantsRequest(),
+        "CreateMerchant": _create("r-evil"),
+        "UpdateMerchantStatus": merchant_pb2.UpdateMerchantStatusRequest(
+            request_id="s1",
+            merchant_id=tenant.merchant_id,
+            status=merchant_pb2.MERCHANT_STATUS_ACTIVE,
+        ),
+    }
+    async with facing.as_merchant(tenant.secret) as merchants:
+        with pytest.raises(aio.AioRpcError) as caught:
+            await getattr(merchants, method)(requests[method])
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_api_key_never_appears_in_merchant_service_logs(
+    facing: MerchantFacing, caplog: pytest.LogCaptureFixture
+) -> None:
+    tenant = await facing.directory.onboard("Kaffeehaus")
+    other = await facing.directory.onboard("Other Shop")
+    caplog.set_level(logging.DEBUG)
+    async with facing.as_merchant(tenant.secret) as merchants:
+        await merchants.GetMerchant(merchant_pb2.GetMerchantRequest())
+        await merchants.GetMerchantDashboard(merchant_pb2.GetMerchantDashboardRequest())
+        with pytest.raises(aio.AioRpcError):
+            await merchants.GetMerchant(
+                merchant_pb2.GetMerchantRequest(merchant_id=other.merchant_id)
+            )
+    assert any("rpc method=" in r.getMessage() for r in caplog.records)
+    for record in caplog.records:
+        text = " ".join((record.getMessage(), repr(record.args), record.exc_text or ""))
+        assert tenant.secret_body not in text, record
+
+
+async def test_merchant_dashboard_reads_every_section_for_the_merchant_as_a_mesh_caller(
+    tmp_path: Path,
+) -> None:
+    async with merchant_directory(tmp_path) as directory:
+        async with _dashboard_mesh(tmp_path, merchant_auth=directory.auth_address) as mesh:
+            tenant = await directory.onboard("Kaffeehaus")
+            async with merchant_stub(
+                mesh.public, merchant_pb2_grpc.MerchantServiceStub, tenant.secret
+            ) as merchants:
+                dashboard = await merchants.GetMerchantDashboard(
+                    merchant_pb2.GetMerchantDashboardRequest()
+                )
+    sections = [
+        dashboard.payments.section,
+        dashboard.balances.section,
+        dashboard.stats.section,
+        dashboard.risk.section,
+        dashboard.notifications.section,
+    ]
+    assert {s.availability for s in sections} == {merchant_pb2.SECTION_AVAILABILITY_AVAILABLE}
+    assert dashboard.payments.summary.merchant_id == tenant.merchant_id
+    assert dashboard.stats.stats.merchant_id == tenant.merchant_id

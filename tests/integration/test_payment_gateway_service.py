@@ -1,8 +1,9 @@
 """payment-gateway through real gRPC against the real downstream services and partner sandbox.
 
-Every service the gateway calls runs in-process from its own ``build``; the sandbox plays the
-payment channel, geo-IP, exchange rates and the merchants' webhook endpoints. Afterwards each
-test checks the other services' state through their own RPCs and the sandbox's records.
+Every service the gateway calls runs in-process from its own ``build``, all over mTLS; the
+sandbox plays the payment channel, geo-IP, exchange rates and the merchants' webhook
+endpoints. Merchants call the gateway's public port with their API key in metadata; tests
+read the other services' state as the operator (or a mesh identity granted the method).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import random
 import socket
 import time
@@ -20,16 +22,14 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pb2
 from grpc import aio
 
-from interceptors.errors import error_info, status_from_metadata
 from interceptors.policy import DEFAULT_POLICY_FILE
 from paymesh.accounting.v1 import accounting_pb2, accounting_pb2_grpc
 from paymesh.analytics.v1 import analytics_pb2, analytics_pb2_grpc
 from paymesh.channel_adapter.v1 import channel_adapter_pb2, channel_adapter_pb2_grpc
 from paymesh.common.v1 import common_pb2
-from paymesh.merchant.v1 import merchant_pb2, merchant_pb2_grpc
-from paymesh.merchant_auth.v1 import merchant_auth_pb2, merchant_auth_pb2_grpc
 from paymesh.notification.v1 import notification_pb2_grpc
 from paymesh.order.v1 import order_pb2, order_pb2_grpc
 from paymesh.payment_gateway.v1 import payment_gateway_pb2 as pg
@@ -38,17 +38,30 @@ from paymesh.risk.v1 import risk_pb2_grpc
 from services.accounting.__main__ import build as build_accounting
 from services.analytics.__main__ import build as build_analytics
 from services.channel_adapter.__main__ import build as build_channel_adapter
-from services.merchant.__main__ import build as build_merchant
-from services.merchant_auth.__main__ import build as build_merchant_auth
 from services.notification.__main__ import build as build_notification
 from services.order.__main__ import build as build_order
 from services.partners.sandbox import SandboxState
 from services.payment_gateway.__main__ import build as build_gateway
 from services.payment_gateway.flow import Downstreams, PaymentFlow
-from services.payment_gateway.servicer import scoped_key, without_secret
+from services.payment_gateway.servicer import for_merchant, scoped_key
 from services.payment_gateway.store import NewPayment, PaymentRecord, PaymentStore, Step
 from services.risk.__main__ import build as build_risk
-from tests.servers import running_sandbox, running_service
+from tests.integration.tenants import (
+    Directory,
+    Tenant,
+    merchant_directory,
+    merchant_stub,
+    reason,
+    refusal,
+)
+from tests.servers import (
+    ServedAddress,
+    granted_stub,
+    mesh_channel,
+    public_channel,
+    running_sandbox,
+    running_service,
+)
 
 WEBHOOK_URL = "https://merchant.example/hooks"
 TERMINAL = {
@@ -57,6 +70,9 @@ TERMINAL = {
     pg.PAYMENT_STATUS_FAILED,
     pg.PAYMENT_STATUS_VOIDED,
 }
+#: A well-formed payment id no payment has (the store's ids are ``pay_`` and 24 hex digits).
+MISSING_PAYMENT = "pay_000000000000000000000000"
+GATEWAY = "payment-gateway"
 
 
 @dataclass
@@ -64,30 +80,55 @@ class Mesh:
     """The running services, stubs to them and one onboarded merchant with its key."""
 
     gateway: Any
+    """The gateway's public port, called as the onboarded merchant."""
+    operator_gateway: Any
+    """The gateway's mesh port, called by the operator (reads only)."""
+    gateway_address: ServedAddress
     orders: Any
     channel: Any
     accounting: Any
     analytics: Any
-    merchants: Any
-    auth: Any
+    directory: Directory
     sandbox: SandboxState
-    merchant_id: str
-    api_key: str
+    tenant: Tenant
     environ: dict[str, str]
-    downstream_channels: dict[str, aio.Channel]
-    start_gateway: Callable[..., contextlib.AbstractAsyncContextManager[str]]
+    addresses: dict[str, str]
+    start_gateway: Callable[..., contextlib.AbstractAsyncContextManager[ServedAddress]]
 
-    def downstreams(self) -> Downstreams:
-        """Stubs like the gateway's own, for driving a flow outside the gateway process."""
-        c = self.downstream_channels
-        return Downstreams(
-            auth=merchant_auth_pb2_grpc.MerchantAuthServiceStub(c["merchant-auth-service"]),
-            risk=risk_pb2_grpc.RiskServiceStub(c["risk-service"]),
-            orders=order_pb2_grpc.OrderServiceStub(c["order-service"]),
-            channel=channel_adapter_pb2_grpc.ChannelAdapterServiceStub(c["channel-adapter"]),
-            accounting=accounting_pb2_grpc.AccountingServiceStub(c["accounting-service"]),
-            notifications=notification_pb2_grpc.NotificationServiceStub(c["notification-service"]),
-            analytics=analytics_pb2_grpc.AnalyticsServiceStub(c["analytics-service"]),
+    @property
+    def merchant_id(self) -> str:
+        """The onboarded merchant."""
+        return self.tenant.merchant_id
+
+    @contextlib.asynccontextmanager
+    async def downstreams(self) -> AsyncIterator[Downstreams]:
+        """Stubs like the gateway's own (as its identity), for driving a flow outside it."""
+        async with contextlib.AsyncExitStack() as stack:
+
+            def channel(name: str) -> aio.Channel:
+                opened = mesh_channel(self.addresses[name], as_=GATEWAY)
+                stack.push_async_callback(opened.close)
+                return opened
+
+            c = {name: channel(name) for name in self.addresses}
+            yield Downstreams(
+                risk=risk_pb2_grpc.RiskServiceStub(c["risk-service"]),
+                orders=order_pb2_grpc.OrderServiceStub(c["order-service"]),
+                channel=channel_adapter_pb2_grpc.ChannelAdapterServiceStub(c["channel-adapter"]),
+                accounting=accounting_pb2_grpc.AccountingServiceStub(c["accounting-service"]),
+                notifications=notification_pb2_grpc.NotificationServiceStub(
+                    c["notification-service"]
+                ),
+                analytics=analytics_pb2_grpc.AnalyticsServiceStub(c["analytics-service"]),
+            )
+
+    def as_merchant(
+        self, secret: str, address: ServedAddress | None = None
+    ) -> contextlib.AbstractAsyncContextManager[Any]:
+        """A gateway stub on the public port calling with API key ``secret``."""
+        target = address or self.gateway_address
+        return merchant_stub(
+            target.public, payment_gateway_pb2_grpc.PaymentGatewayServiceStub, secret
         )
 
 
@@ -96,12 +137,11 @@ async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
     async with contextlib.AsyncExitStack() as stack:
         sandbox_address, sandbox = stack.enter_context(running_sandbox())
         base = {"PAYMESH_VAR_DIR": str(tmp_path), "PARTNER_SANDBOX_ADDR": sandbox_address}
+        directory = await stack.enter_async_context(merchant_directory(tmp_path))
         addresses: dict[str, str] = {}
 
-        async def start(name: str, build: Any, **extra: str) -> str:
-            address = await stack.enter_async_context(
-                running_service(name, build, environ={**base, **extra})
-            )
+        async def start(name: str, build: Any) -> str:
+            address = await stack.enter_async_context(running_service(name, build, environ=base))
             addresses[name] = address
             return address
 
@@ -111,66 +151,49 @@ async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
         await start("accounting-service", build_accounting)
         await start("notification-service", build_notification)
         await start("analytics-service", build_analytics)
-        await start("merchant-service", build_merchant)
-        await start(
-            "merchant-auth-service",
-            build_merchant_auth,
-            MERCHANT_SERVICE_ADDR=addresses["merchant-service"],
-        )
         environ = {
             **base,
+            **directory.environ,
             **{f"{name.upper().replace('-', '_')}_ADDR": a for name, a in addresses.items()},
             # Passes after the first one run only when a test asks (none waits for them).
             "PAYMENT_GATEWAY_RECOVERY_INTERVAL_S": "3600",
         }
-        del environ["MERCHANT_SERVICE_ADDR"]  # not an edge of the gateway
 
-        def start_gateway(**overrides: str) -> contextlib.AbstractAsyncContextManager[str]:
-            return running_service(
-                "payment-gateway", build_gateway, environ={**environ, **overrides}
-            )
+        def start_gateway(
+            **overrides: str,
+        ) -> contextlib.AbstractAsyncContextManager[ServedAddress]:
+            return running_service(GATEWAY, build_gateway, environ={**environ, **overrides})
 
-        channels = {
-            name: await stack.enter_async_context(aio.insecure_channel(address))
-            for name, address in addresses.items()
-        }
+        async def granted(name: str, stub_type: Any) -> Any:
+            return await stack.enter_async_context(granted_stub(addresses[name], stub_type, name))
+
         gateway_address = await stack.enter_async_context(start_gateway())
-        gateway_channel = await stack.enter_async_context(aio.insecure_channel(gateway_address))
-
-        merchants = merchant_pb2_grpc.MerchantServiceStub(channels["merchant-service"])
-        auth = merchant_auth_pb2_grpc.MerchantAuthServiceStub(channels["merchant-auth-service"])
-        merchant = (
-            await merchants.CreateMerchant(
-                merchant_pb2.CreateMerchantRequest(
-                    request_id="onboard-1",
-                    name="Test Shop",
-                    email="shop@example.com",
-                    country_code="DE",
-                    default_currency_code="EUR",
-                    webhook_url=WEBHOOK_URL,
+        tenant = await directory.onboard(webhook_url=WEBHOOK_URL)
+        mesh = Mesh(
+            gateway=None,
+            operator_gateway=await stack.enter_async_context(
+                granted_stub(
+                    gateway_address, payment_gateway_pb2_grpc.PaymentGatewayServiceStub, GATEWAY
                 )
-            )
-        ).merchant
-        key = await auth.IssueApiKey(
-            merchant_auth_pb2.IssueApiKeyRequest(
-                request_id="key-1", merchant_id=merchant.merchant_id, label="test"
-            )
-        )
-        yield Mesh(
-            gateway=payment_gateway_pb2_grpc.PaymentGatewayServiceStub(gateway_channel),
-            orders=order_pb2_grpc.OrderServiceStub(channels["order-service"]),
-            channel=channel_adapter_pb2_grpc.ChannelAdapterServiceStub(channels["channel-adapter"]),
-            accounting=accounting_pb2_grpc.AccountingServiceStub(channels["accounting-service"]),
-            analytics=analytics_pb2_grpc.AnalyticsServiceStub(channels["analytics-service"]),
-            merchants=merchants,
-            auth=auth,
+            ),
+            gateway_address=gateway_address,
+            orders=await granted("order-service", order_pb2_grpc.OrderServiceStub),
+            channel=await granted(
+                "channel-adapter", channel_adapter_pb2_grpc.ChannelAdapterServiceStub
+            ),
+            accounting=await granted(
+                "accounting-service", accounting_pb2_grpc.AccountingServiceStub
+            ),
+            analytics=await granted("analytics-service", analytics_pb2_grpc.AnalyticsServiceStub),
+            directory=directory,
             sandbox=sandbox,
-            merchant_id=merchant.merchant_id,
-            api_key=key.secret,
+            tenant=tenant,
             environ=environ,
-            downstream_channels=channels,
+            addresses=addresses,
             start_gateway=start_gateway,
         )
+        mesh.gateway = await stack.enter_async_context(mesh.as_merchant(tenant.secret))
+        yield mesh
 
 
 def _create(
@@ -178,8 +201,6 @@ def _create(
 ) -> pg.CreatePaymentRequest:
     request = pg.CreatePaymentRequest(
         request_id=request_id,
-        merchant_id=mesh.merchant_id,
-        api_key=mesh.api_key,
         amount=common_pb2.Money(amount_minor=amount, currency_code="EUR"),
         payment_method_token="tok_visa",
         customer_ip="192.0.2.10",
@@ -195,17 +216,14 @@ def _refund(
     mesh: Mesh, payment_id: str, request_id: str, amount: int | None = None
 ) -> pg.RefundPaymentRequest:
     request = pg.RefundPaymentRequest(
-        request_id=request_id, payment_id=payment_id, api_key=mesh.api_key, reason="returned"
+        request_id=request_id, payment_id=payment_id, reason="returned"
     )
     if amount is not None:
         request.amount.CopyFrom(common_pb2.Money(amount_minor=amount, currency_code="EUR"))
     return request
 
 
-def _reason(error: aio.AioRpcError) -> str:
-    trailing = tuple(error.trailing_metadata() or ())
-    info = error_info(status_from_metadata(error.code(), error.details() or "", trailing))
-    return info.reason if info is not None else ""
+_reason = reason
 
 
 async def _fails(call: Awaitable[Any]) -> aio.AioRpcError:
@@ -367,13 +385,20 @@ async def test_same_request_id_with_another_body_is_invalid_argument(mesh: Mesh)
 
 async def test_replay_with_a_new_key_of_the_same_merchant_is_allowed(mesh: Mesh) -> None:
     first = await mesh.gateway.CreatePayment(_create(mesh))
-    second_key = await mesh.auth.IssueApiKey(
-        merchant_auth_pb2.IssueApiKeyRequest(
-            request_id="key-2", merchant_id=mesh.merchant_id, label="rotated"
-        )
-    )
-    again = await mesh.gateway.CreatePayment(_create(mesh, api_key=second_key.secret))
+    second_key = await mesh.directory.issue_key(mesh.merchant_id)
+    async with mesh.as_merchant(second_key) as rotated:
+        again = await rotated.CreatePayment(_create(mesh))
     assert again == first
+
+
+async def test_naming_the_own_merchant_id_is_the_same_request_as_leaving_it_empty(
+    mesh: Mesh,
+) -> None:
+    first = await mesh.gateway.CreatePayment(_create(mesh))
+    again = await mesh.gateway.CreatePayment(_create(mesh, merchant_id=mesh.merchant_id))
+    assert again == first
+    assert first.payment.merchant_id == mesh.merchant_id
+    assert len(_charges(mesh)) == 1
 
 
 # --- bad input ----------------------------------------------------------------------------
@@ -383,13 +408,11 @@ async def test_replay_with_a_new_key_of_the_same_merchant_is_allowed(mesh: Mesh)
     ("field", "value", "reason"),
     [
         ("request_id", "", "VALIDATION_FAILED"),
-        ("merchant_id", "not valid!", "VALIDATION_FAILED"),
         ("payment_method_token", "", "VALIDATION_FAILED"),
         ("customer_ip", "not-an-ip", "VALIDATION_FAILED"),
         ("customer_country_code", "deu", "VALIDATION_FAILED"),
         ("settlement_currency_code", "ABC", "CURRENCY_UNSUPPORTED"),
         ("description", "x" * 501, "VALIDATION_FAILED"),
-        ("api_key", "k" * 300, "VALIDATION_FAILED"),
     ],
 )
 async def test_bad_field_is_invalid_argument(
@@ -421,28 +444,8 @@ async def test_bad_amount_is_invalid_argument(
     assert _reason(error) == reason
 
 
-@pytest.mark.parametrize("api_key", ["", "sk_wrong_key_that_was_never_issued"])
-async def test_bad_api_key_is_unauthenticated(mesh: Mesh, api_key: str) -> None:
-    error = await _fails(mesh.gateway.CreatePayment(_create(mesh, api_key=api_key)))
-    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert _reason(error) == "API_KEY_INVALID"
-
-
-async def test_key_of_another_merchant_is_unauthenticated(mesh: Mesh) -> None:
-    error = await _fails(mesh.gateway.CreatePayment(_create(mesh, merchant_id="m_someone_else")))
-    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert _charges(mesh) == []
-
-
 async def test_suspended_merchant_is_permission_denied(mesh: Mesh) -> None:
-    await mesh.merchants.UpdateMerchantStatus(
-        merchant_pb2.UpdateMerchantStatusRequest(
-            request_id="suspend-1",
-            merchant_id=mesh.merchant_id,
-            status=merchant_pb2.MERCHANT_STATUS_SUSPENDED,
-            reason="fraud review",
-        )
-    )
+    await mesh.directory.suspend(mesh.merchant_id)
     error = await _fails(mesh.gateway.CreatePayment(_create(mesh)))
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
     assert _reason(error) == "MERCHANT_INACTIVE"
@@ -453,6 +456,171 @@ async def test_unknown_payment_is_not_found(mesh: Mesh) -> None:
     error = await _fails(mesh.gateway.GetPayment(pg.GetPaymentRequest(payment_id="pay_nope")))
     assert error.code() == grpc.StatusCode.NOT_FOUND
     assert _reason(error) == "PAYMENT_NOT_FOUND"
+
+
+# --- credentials and tenancy --------------------------------------------------------------
+
+MERCHANT_METHODS = (
+    ("CreatePayment", pg.CreatePaymentRequest(request_id="r1")),
+    ("GetPayment", pg.GetPaymentRequest(payment_id=MISSING_PAYMENT)),
+    ("ListPayments", pg.ListPaymentsRequest()),
+    ("RefundPayment", pg.RefundPaymentRequest(request_id="r1", payment_id=MISSING_PAYMENT)),
+    ("GetPaymentSummary", pg.GetPaymentSummaryRequest()),
+)
+
+
+def test_api_key_is_no_field_of_any_request_body() -> None:
+    for message in (pg.CreatePaymentRequest, pg.RefundPaymentRequest):
+        proto = descriptor_pb2.DescriptorProto()
+        message.DESCRIPTOR.CopyToProto(proto)
+        assert "api_key" not in message.DESCRIPTOR.fields_by_name
+        assert "api_key" in proto.reserved_name
+        assert [(r.start, r.end) for r in proto.reserved_range] == [(3, 4)]  # end exclusive
+
+
+@pytest.mark.parametrize(("method", "request_"), MERCHANT_METHODS)
+async def test_call_without_api_key_on_the_public_port_is_credentials_missing(
+    mesh: Mesh, method: str, request_: Any
+) -> None:
+    async with public_channel(mesh.gateway_address.public) as channel:
+        stub = payment_gateway_pb2_grpc.PaymentGatewayServiceStub(channel)
+        error = await _fails(getattr(stub, method)(request_))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert _reason(error) == "CREDENTIALS_MISSING"
+
+
+@pytest.mark.parametrize(
+    "secret", ["sk_0123456789abcdef_" + "A" * 43, "not-a-key", "sk_" + "k" * 300]
+)
+async def test_bad_api_key_is_unauthenticated_and_charges_nothing(mesh: Mesh, secret: str) -> None:
+    async with mesh.as_merchant(secret) as gateway:
+        error = await _fails(gateway.CreatePayment(_create(mesh)))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert _reason(error) == "API_KEY_INVALID"
+    assert _charges(mesh) == []
+
+
+async def test_payment_for_another_merchant_id_is_not_found(mesh: Mesh) -> None:
+    other = await mesh.directory.onboard("Other Shop")
+    error = await _fails(mesh.gateway.CreatePayment(_create(mesh, merchant_id=other.merchant_id)))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert _reason(error) == "MERCHANT_NOT_FOUND"
+    assert _charges(mesh) == []
+    listed = await mesh.operator_gateway.ListPayments(
+        pg.ListPaymentsRequest(merchant_id=other.merchant_id)
+    )
+    assert list(listed.payments) == []
+
+
+async def test_another_merchants_payment_is_not_found_exactly_like_a_missing_one(
+    mesh: Mesh,
+) -> None:
+    other = await mesh.directory.onboard("Other Shop")
+    async with mesh.as_merchant(other.secret) as theirs:
+        foreign = (await theirs.CreatePayment(_create(mesh))).payment
+    missing = await _fails(
+        mesh.gateway.GetPayment(pg.GetPaymentRequest(payment_id=MISSING_PAYMENT))
+    )
+    refused = await _fails(
+        mesh.gateway.GetPayment(pg.GetPaymentRequest(payment_id=foreign.payment_id))
+    )
+    assert refused.code() == grpc.StatusCode.NOT_FOUND
+    assert refusal(refused, resource_id=foreign.payment_id) == refusal(
+        missing, resource_id=MISSING_PAYMENT
+    )
+
+
+async def test_refund_of_another_merchants_payment_is_not_found_and_refunds_nothing(
+    mesh: Mesh,
+) -> None:
+    other = await mesh.directory.onboard("Other Shop")
+    async with mesh.as_merchant(other.secret) as theirs:
+        foreign = (await theirs.CreatePayment(_create(mesh, amount=1000))).payment
+    missing = await _fails(mesh.gateway.RefundPayment(_refund(mesh, MISSING_PAYMENT, "rf-0")))
+    refused = await _fails(mesh.gateway.RefundPayment(_refund(mesh, foreign.payment_id, "rf-1")))
+    assert refused.code() == grpc.StatusCode.NOT_FOUND
+    assert refusal(refused, resource_id=foreign.payment_id) == refusal(
+        missing, resource_id=MISSING_PAYMENT
+    )
+    got = await mesh.operator_gateway.GetPayment(
+        pg.GetPaymentRequest(payment_id=foreign.payment_id)
+    )
+    assert got.payment.status == pg.PAYMENT_STATUS_SUCCEEDED
+    assert list(got.refunds) == []
+    assert await _balance(mesh, f"merchants/{other.merchant_id}/available") == 1000
+
+
+async def test_list_and_summary_show_a_merchant_only_its_own_payments(mesh: Mesh) -> None:
+    other = await mesh.directory.onboard("Other Shop")
+    own = [(await mesh.gateway.CreatePayment(_create(mesh, f"p-{i}"))).payment for i in range(2)]
+    async with mesh.as_merchant(other.secret) as theirs:
+        await theirs.CreatePayment(_create(mesh, "p-0", amount=999))
+
+    listed = await mesh.gateway.ListPayments(pg.ListPaymentsRequest())
+    assert sorted(p.payment_id for p in listed.payments) == sorted(p.payment_id for p in own)
+    summary = (await mesh.gateway.GetPaymentSummary(pg.GetPaymentSummaryRequest())).summary
+    assert (summary.merchant_id, summary.payment_count) == (mesh.merchant_id, 2)
+
+    for call in (
+        mesh.gateway.ListPayments(pg.ListPaymentsRequest(merchant_id=other.merchant_id)),
+        mesh.gateway.GetPaymentSummary(pg.GetPaymentSummaryRequest(merchant_id=other.merchant_id)),
+    ):
+        error = await _fails(call)
+        assert error.code() == grpc.StatusCode.NOT_FOUND
+        assert _reason(error) == "MERCHANT_NOT_FOUND"
+
+
+async def test_same_request_id_of_two_merchants_makes_two_payments(mesh: Mesh) -> None:
+    other = await mesh.directory.onboard("Other Shop")
+    mine = (await mesh.gateway.CreatePayment(_create(mesh, "pay-1", amount=1000))).payment
+    async with mesh.as_merchant(other.secret) as theirs:
+        # The very same body too: a merchant must never get another merchant's payment back.
+        first = (await theirs.CreatePayment(_create(mesh, "pay-1", amount=1000))).payment
+        replay = (await theirs.CreatePayment(_create(mesh, "pay-1", amount=1000))).payment
+        refund = await theirs.RefundPayment(_refund(mesh, first.payment_id, "rf-1", 100))
+    own_refund = await mesh.gateway.RefundPayment(_refund(mesh, mine.payment_id, "rf-1", 100))
+    assert first.payment_id != mine.payment_id
+    assert (mine.merchant_id, first.merchant_id) == (mesh.merchant_id, other.merchant_id)
+    assert replay == first
+    assert refund.refund.refund_id != own_refund.refund.refund_id
+    assert own_refund.payment.payment_id == mine.payment_id
+    assert len(_charges(mesh)) == 2
+    assert await _balance(mesh, _available(mesh)) == 900
+    assert await _balance(mesh, f"merchants/{other.merchant_id}/available") == 900
+
+
+async def test_mesh_callers_read_any_merchants_payments_by_the_id_they_name(mesh: Mesh) -> None:
+    payment = (await mesh.gateway.CreatePayment(_create(mesh))).payment
+    got = await mesh.operator_gateway.GetPayment(
+        pg.GetPaymentRequest(payment_id=payment.payment_id)
+    )
+    assert got.payment == payment
+    async with mesh_channel(mesh.gateway_address, as_="merchant-service") as channel:
+        dashboard_view = payment_gateway_pb2_grpc.PaymentGatewayServiceStub(channel)
+        summary = await dashboard_view.GetPaymentSummary(
+            pg.GetPaymentSummaryRequest(merchant_id=mesh.merchant_id)
+        )
+    assert summary.summary.payment_count == 1
+
+
+async def test_api_key_never_appears_in_any_log_record(
+    mesh: Mesh, caplog: pytest.LogCaptureFixture
+) -> None:
+    wrong = "sk_0123456789abcdef_" + "Z" * 43
+    caplog.set_level(logging.DEBUG)
+    payment = (await mesh.gateway.CreatePayment(_create(mesh, amount=1000))).payment
+    await mesh.gateway.GetPayment(pg.GetPaymentRequest(payment_id=payment.payment_id))
+    await mesh.gateway.RefundPayment(_refund(mesh, payment.payment_id, "rf-1", 100))
+    await _fails(mesh.gateway.GetPayment(pg.GetPaymentRequest(payment_id=MISSING_PAYMENT)))
+    async with mesh.as_merchant(wrong) as guesser:
+        await _fails(guesser.CreatePayment(_create(mesh)))
+    records = caplog.records
+    assert any(GATEWAY in r.getMessage() or "rpc method=" in r.getMessage() for r in records)
+    body = mesh.tenant.secret_body
+    for record in records:
+        text = " ".join((record.getMessage(), repr(record.args), record.exc_text or ""))
+        assert body not in text, record
+        assert wrong[20:] not in text, record
 
 
 # --- refunds ------------------------------------------------------------------------------
@@ -498,31 +666,6 @@ async def test_refund_of_a_declined_payment_is_invalid_state(mesh: Mesh) -> None
     error = await _fails(mesh.gateway.RefundPayment(_refund(mesh, payment.payment_id, "rf-1")))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert _reason(error) == "INVALID_STATE"
-
-
-async def test_refund_with_a_key_of_another_merchant_is_unauthenticated(mesh: Mesh) -> None:
-    payment = (await mesh.gateway.CreatePayment(_create(mesh))).payment
-    other = (
-        await mesh.merchants.CreateMerchant(
-            merchant_pb2.CreateMerchantRequest(
-                request_id="onboard-2",
-                name="Other Shop",
-                email="other@example.com",
-                country_code="FR",
-                default_currency_code="EUR",
-            )
-        )
-    ).merchant
-    key = await mesh.auth.IssueApiKey(
-        merchant_auth_pb2.IssueApiKeyRequest(
-            request_id="key-other", merchant_id=other.merchant_id, label="x"
-        )
-    )
-    request = _refund(mesh, payment.payment_id, "rf-1")
-    request.api_key = key.secret
-    error = await _fails(mesh.gateway.RefundPayment(request))
-    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert await _balance(mesh, _available(mesh)) == 2500
 
 
 async def test_replayed_refund_refunds_once(mesh: Mesh) -> None:
@@ -623,7 +766,7 @@ async def test_list_filters_by_status(mesh: Mesh) -> None:
         pg.ListPaymentsRequest(merchant_id=mesh.merchant_id, status=pg.PAYMENT_STATUS_DECLINED)
     )
     assert [p.payment_id for p in page.payments] == [declined.payment_id]
-    other = await mesh.gateway.ListPayments(pg.ListPaymentsRequest(merchant_id="m_nobody"))
+    other = await mesh.operator_gateway.ListPayments(pg.ListPaymentsRequest(merchant_id="m_nobody"))
     assert list(other.payments) == []
 
 
@@ -654,7 +797,22 @@ async def test_page_token_of_another_filter_is_invalid_argument(mesh: Mesh) -> N
         pg.ListPaymentsRequest(merchant_id="m_1", page_token="garbage!"),
     ],
 )
-async def test_bad_list_request_is_invalid_argument(
+async def test_bad_list_request_of_a_mesh_caller_is_invalid_argument(
+    mesh: Mesh, request_: pg.ListPaymentsRequest
+) -> None:
+    error = await _fails(mesh.operator_gateway.ListPayments(request_))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        pg.ListPaymentsRequest(page_size=-1),
+        pg.ListPaymentsRequest(page_token="garbage!"),
+        pg.ListPaymentsRequest(status=99),  # type: ignore[arg-type]  # out of range on purpose
+    ],
+)
+async def test_bad_list_request_of_a_merchant_is_invalid_argument(
     mesh: Mesh, request_: pg.ListPaymentsRequest
 ) -> None:
     error = await _fails(mesh.gateway.ListPayments(request_))
@@ -692,7 +850,7 @@ async def _stopped_after(mesh: Mesh, tmp_path: Path, step: str, request_id: str)
     try:
         started = store.begin_payment(
             scoped_key(mesh.merchant_id, request_id),
-            without_secret(request),
+            for_merchant(request, mesh.merchant_id),
             NewPayment(
                 merchant_id=mesh.merchant_id,
                 amount=request.amount,
@@ -706,21 +864,38 @@ async def _stopped_after(mesh: Mesh, tmp_path: Path, step: str, request_id: str)
             ),
         )
         assert isinstance(started, PaymentRecord)
-        flow = PaymentFlow(store, mesh.downstreams(), charge_cutoff_s=900)
-        assert await flow.run_payment(started.payment_id, stop_after=step) is None
+        async with mesh.downstreams() as downstreams:
+            flow = PaymentFlow(store, downstreams, charge_cutoff_s=900)
+            assert await flow.run_payment(started.payment_id, stop_after=step) is None
         return started.payment_id
     finally:
         store.close()
 
 
 async def _recovered(mesh: Mesh, payment_id: str) -> pg.Payment:
-    """Start a fresh gateway (its start runs a recovery pass) and wait for a terminal status."""
-    async with mesh.start_gateway() as address, aio.insecure_channel(address) as channel:
-        gateway = payment_gateway_pb2_grpc.PaymentGatewayServiceStub(channel)
+    """Start a fresh gateway (its start runs a recovery pass) and wait for a terminal status
+    and the payment's effects (webhook, event, order status) sent.
+
+    The effects go out after the terminal status is committed; stopping the gateway in
+    between would cancel them, so the store's ``effects_pending`` is waited for too.
+    """
+    database = Path(mesh.environ["PAYMESH_VAR_DIR"]) / "payment-gateway.db"
+    async with (
+        mesh.start_gateway() as address,
+        granted_stub(
+            address, payment_gateway_pb2_grpc.PaymentGatewayServiceStub, GATEWAY
+        ) as gateway,
+    ):
 
         async def done() -> bool:
             got = await gateway.GetPayment(pg.GetPaymentRequest(payment_id=payment_id))
-            return bool(got.payment.status in TERMINAL)
+            if got.payment.status not in TERMINAL:
+                return False
+            store = PaymentStore(database)
+            try:
+                return not store.payment(payment_id).effects_pending
+            finally:
+                store.close()
 
         await _until(done)
         return (await gateway.GetPayment(pg.GetPaymentRequest(payment_id=payment_id))).payment
@@ -751,8 +926,9 @@ async def test_recovery_adopts_a_charge_made_just_before_the_crash(
     payment_id = await _stopped_after(mesh, tmp_path, Step.CHARGING, "crash-2")
     store = PaymentStore(tmp_path / "payment-gateway.db")
     try:
-        flow = PaymentFlow(store, mesh.downstreams(), charge_cutoff_s=900)
-        await mesh.channel.Charge(flow._charge_request(store.payment(payment_id)))
+        async with mesh.downstreams() as downstreams:
+            flow = PaymentFlow(store, downstreams, charge_cutoff_s=900)
+            await mesh.channel.Charge(flow._charge_request(store.payment(payment_id)))
     finally:
         store.close()
     assert len(_charges(mesh)) == 1
@@ -809,8 +985,11 @@ async def _gateway(mesh: Mesh, *, dead: str) -> AsyncIterator[Any]:
         f"{dead.upper().replace('-', '_')}_ADDR": _dead_address(),
         "PAYMESH_POLICY_FILE": str(policy),
     }
-    async with mesh.start_gateway(**overrides) as address, aio.insecure_channel(address) as ch:
-        yield payment_gateway_pb2_grpc.PaymentGatewayServiceStub(ch)
+    async with (
+        mesh.start_gateway(**overrides) as address,
+        mesh.as_merchant(mesh.tenant.secret, address) as gateway,
+    ):
+        yield gateway
 
 
 async def test_risk_outage_fails_the_payment_without_charging(mesh: Mesh) -> None:

@@ -3,6 +3,8 @@
 A settlement moves the merchant's available balance to settling in the ledger (which refuses
 an overdraft atomically) and has withdrawal-service pay it out through the bank sandbox; a
 failed payout returns the funds; an unreachable withdrawal-service is finished on restart.
+The operator and mesh identities call the mTLS port; merchants read their own balance and
+settlements on the public port with their API key, and nobody else's.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -29,7 +31,14 @@ from services.notification.__main__ import build as build_notification
 from services.partners.sandbox import Fault, SandboxState
 from services.settlement.__main__ import build as build_settlement
 from services.withdrawal.__main__ import build as build_withdrawal
-from tests.servers import running_sandbox, running_service
+from tests.integration.tenants import Directory, merchant_directory, merchant_stub, refusal
+from tests.servers import (
+    ServedAddress,
+    granted_stub,
+    public_channel,
+    running_sandbox,
+    running_service,
+)
 
 T = TypeVar("T")
 MERCHANT = "m_settle"
@@ -47,6 +56,26 @@ class Mesh:
     withdrawals: withdrawal_pb2_grpc.WithdrawalServiceAsyncStub
     ledger: accounting_pb2_grpc.AccountingServiceAsyncStub
     bank: SandboxState
+    directory: Directory
+    address: ServedAddress
+
+    def as_merchant(self, secret: str) -> contextlib.AbstractAsyncContextManager[Any]:
+        """settlement-service's public port, called with API key ``secret``."""
+        return merchant_stub(self.address.public, settlement_pb2_grpc.SettlementServiceStub, secret)
+
+
+@contextlib.asynccontextmanager
+async def served_settlement(
+    environ: dict[str, str],
+) -> AsyncIterator[tuple[settlement_pb2_grpc.SettlementServiceAsyncStub, ServedAddress]]:
+    """settlement-service over ``environ``: an operator stub and its addresses."""
+    async with (
+        running_service("settlement-service", build_settlement, environ=environ) as address,
+        granted_stub(
+            address, settlement_pb2_grpc.SettlementServiceStub, "settlement-service"
+        ) as stub,
+    ):
+        yield stub, address
 
 
 @contextlib.asynccontextmanager
@@ -54,11 +83,16 @@ async def settlement_service(
     environ: dict[str, str],
 ) -> AsyncIterator[settlement_pb2_grpc.SettlementServiceAsyncStub]:
     """settlement-service over ``environ``; a second start on the same var dir runs recovery."""
-    async with (
-        running_service("settlement-service", build_settlement, environ=environ) as address,
-        aio.insecure_channel(address) as channel,
-    ):
-        yield settlement_pb2_grpc.SettlementServiceStub(channel)
+    async with served_settlement(environ) as (stub, _):
+        yield stub
+
+
+def _ledger(environ: dict[str, str]) -> contextlib.AbstractAsyncContextManager[Any]:
+    return granted_stub(
+        environ["ACCOUNTING_SERVICE_ADDR"],
+        accounting_pb2_grpc.AccountingServiceStub,
+        "accounting-service",
+    )
 
 
 @contextlib.asynccontextmanager
@@ -93,16 +127,23 @@ async def downstreams(tmp_path: Path) -> AsyncIterator[tuple[dict[str, str], San
 @pytest.fixture
 async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
     async with (
+        merchant_directory(tmp_path) as directory,
         downstreams(tmp_path) as (environ, bank),
-        settlement_service(environ) as settlements,
-        aio.insecure_channel(environ["ACCOUNTING_SERVICE_ADDR"]) as ledger_channel,
-        aio.insecure_channel(environ["WITHDRAWAL_SERVICE_ADDR"]) as withdrawal_channel,
+        served_settlement({**environ, **directory.environ}) as (settlements, address),
+        _ledger(environ) as ledger,
+        granted_stub(
+            environ["WITHDRAWAL_SERVICE_ADDR"],
+            withdrawal_pb2_grpc.WithdrawalServiceStub,
+            "withdrawal-service",
+        ) as withdrawals,
     ):
         yield Mesh(
             settlements=settlements,
-            withdrawals=withdrawal_pb2_grpc.WithdrawalServiceStub(withdrawal_channel),
-            ledger=accounting_pb2_grpc.AccountingServiceStub(ledger_channel),
+            withdrawals=withdrawals,
+            ledger=ledger,
             bank=bank,
+            directory=directory,
+            address=address,
         )
 
 
@@ -111,12 +152,17 @@ def _money(amount: int, currency: str = EUR) -> common_pb2.Money:
     return common_pb2.Money(amount_minor=amount, currency_code=currency)
 
 
-async def fund(ledger: accounting_pb2_grpc.AccountingServiceAsyncStub, amount: int) -> None:
+async def fund(
+    ledger: accounting_pb2_grpc.AccountingServiceAsyncStub,
+    amount: int,
+    *,
+    merchant_id: str = MERCHANT,
+) -> None:
     """Credit the merchant's available balance as a captured payment would."""
     await ledger.PostTransaction(
         accounting_pb2.PostTransactionRequest(
-            request_id="fund",
-            transaction_id="txn:fund",
+            request_id=f"fund-{merchant_id}",
+            transaction_id=f"txn:fund-{merchant_id}",
             kind=accounting_pb2.TRANSACTION_KIND_PAYMENT,
             postings=[
                 accounting_pb2.Posting(
@@ -125,7 +171,7 @@ async def fund(ledger: accounting_pb2_grpc.AccountingServiceAsyncStub, amount: i
                     amount=_money(amount),
                 ),
                 accounting_pb2.Posting(
-                    account_id=AVAILABLE,
+                    account_id=f"merchants/{merchant_id}/available",
                     direction=accounting_pb2.ENTRY_DIRECTION_CREDIT,
                     amount=_money(amount),
                 ),
@@ -141,10 +187,12 @@ async def balance(ledger: accounting_pb2_grpc.AccountingServiceAsyncStub, accoun
     return reply.balance.balance.amount_minor
 
 
-def _settle(request_id: str, amount: int | None = None) -> settlement_pb2.CreateSettlementRequest:
+def _settle(
+    request_id: str, amount: int | None = None, *, merchant_id: str = MERCHANT
+) -> settlement_pb2.CreateSettlementRequest:
     request = settlement_pb2.CreateSettlementRequest(
         request_id=request_id,
-        merchant_id=MERCHANT,
+        merchant_id=merchant_id,
         currency_code=EUR,
         bank_account_reference="FR7630006000011234567890189",
     )
@@ -311,9 +359,8 @@ async def test_failed_payout_fails_the_settlement_and_returns_the_funds(mesh: Me
 async def test_recovery_at_start_completes_a_settlement_left_pending(tmp_path: Path) -> None:
     async with (
         downstreams(tmp_path) as (environ, bank),
-        aio.insecure_channel(environ["ACCOUNTING_SERVICE_ADDR"]) as channel,
+        _ledger(environ) as ledger,
     ):
-        ledger = accounting_pb2_grpc.AccountingServiceStub(channel)
         await fund(ledger, 2_000)
         cut_off = {**environ, "WITHDRAWAL_SERVICE_ADDR": free_address()}
         async with settlement_service(cut_off) as settlements:
@@ -418,3 +465,114 @@ async def test_page_token_of_another_merchant_is_rejected(mesh: Mesh) -> None:
 
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert reason(caught.value) == "PAGE_TOKEN_INVALID"
+
+
+# -- merchants calling with their API key -----------------------------------------------------
+
+#: A well-formed settlement id no settlement has.
+MISSING_SETTLEMENT = "stl_000000000000000000000000"
+
+
+async def test_merchant_reads_its_own_settleable_balance_without_naming_itself(
+    mesh: Mesh,
+) -> None:
+    tenant = await mesh.directory.onboard("Kaffeehaus")
+    await fund(mesh.ledger, 4_200, merchant_id=tenant.merchant_id)
+    async with mesh.as_merchant(tenant.secret) as settlements:
+        reply = await settlements.GetSettleableBalance(
+            settlement_pb2.GetSettleableBalanceRequest(currency_code=EUR)
+        )
+    assert (reply.merchant_id, reply.settleable_amount) == (tenant.merchant_id, _money(4_200))
+
+
+async def test_another_merchants_settleable_balance_is_not_found(mesh: Mesh) -> None:
+    tenant = await mesh.directory.onboard("Kaffeehaus")
+    other = await mesh.directory.onboard("Other Shop")
+    await fund(mesh.ledger, 9_000, merchant_id=other.merchant_id)
+    async with mesh.as_merchant(tenant.secret) as settlements:
+        with pytest.raises(aio.AioRpcError) as caught:
+            await settlements.GetSettleableBalance(
+                settlement_pb2.GetSettleableBalanceRequest(
+                    merchant_id=other.merchant_id, currency_code=EUR
+                )
+            )
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert reason(caught.value) == "MERCHANT_NOT_FOUND"
+    assert str(9_000) not in (caught.value.details() or "")
+
+
+async def test_another_merchants_settlement_is_not_found_exactly_like_a_missing_one(
+    mesh: Mesh,
+) -> None:
+    tenant = await mesh.directory.onboard("Kaffeehaus")
+    other = await mesh.directory.onboard("Other Shop")
+    await fund(mesh.ledger, 1_000, merchant_id=other.merchant_id)
+    theirs = (
+        await mesh.settlements.CreateSettlement(_settle("s1", merchant_id=other.merchant_id))
+    ).settlement
+    async with mesh.as_merchant(tenant.secret) as settlements:
+        with pytest.raises(aio.AioRpcError) as foreign:
+            await settlements.GetSettlement(
+                settlement_pb2.GetSettlementRequest(settlement_id=theirs.settlement_id)
+            )
+        with pytest.raises(aio.AioRpcError) as missing:
+            await settlements.GetSettlement(
+                settlement_pb2.GetSettlementRequest(settlement_id=MISSING_SETTLEMENT)
+            )
+    assert foreign.value.code() == grpc.StatusCode.NOT_FOUND
+    assert refusal(foreign.value, resource_id=theirs.settlement_id) == refusal(
+        missing.value, resource_id=MISSING_SETTLEMENT
+    )
+    async with mesh.as_merchant(other.secret) as settlements:
+        own = await settlements.GetSettlement(
+            settlement_pb2.GetSettlementRequest(settlement_id=theirs.settlement_id)
+        )
+    assert own.settlement == theirs
+
+
+async def test_merchant_lists_only_its_own_settlements(mesh: Mesh) -> None:
+    tenant = await mesh.directory.onboard("Kaffeehaus")
+    other = await mesh.directory.onboard("Other Shop")
+    for merchant_id in (tenant.merchant_id, other.merchant_id):
+        await fund(mesh.ledger, 500, merchant_id=merchant_id)
+    mine = (
+        await mesh.settlements.CreateSettlement(_settle("s1", merchant_id=tenant.merchant_id))
+    ).settlement
+    await mesh.settlements.CreateSettlement(_settle("s2", merchant_id=other.merchant_id))
+    async with mesh.as_merchant(tenant.secret) as settlements:
+        listed = await settlements.ListSettlements(settlement_pb2.ListSettlementsRequest())
+        with pytest.raises(aio.AioRpcError) as caught:
+            await settlements.ListSettlements(
+                settlement_pb2.ListSettlementsRequest(merchant_id=other.merchant_id)
+            )
+    assert [s.settlement_id for s in listed.settlements] == [mine.settlement_id]
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_merchant_call_without_api_key_is_credentials_missing(mesh: Mesh) -> None:
+    async with public_channel(mesh.address.public) as channel:
+        settlements = settlement_pb2_grpc.SettlementServiceStub(channel)
+        with pytest.raises(aio.AioRpcError) as caught:
+            await settlements.ListSettlements(settlement_pb2.ListSettlementsRequest())
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert reason(caught.value) == "CREDENTIALS_MISSING"
+
+
+async def test_merchant_call_with_a_bad_api_key_is_unauthenticated(mesh: Mesh) -> None:
+    async with mesh.as_merchant("sk_0123456789abcdef_" + "A" * 43) as settlements:
+        with pytest.raises(aio.AioRpcError) as caught:
+            await settlements.GetSettleableBalance(
+                settlement_pb2.GetSettleableBalanceRequest(currency_code=EUR)
+            )
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert reason(caught.value) == "API_KEY_INVALID"
+
+
+async def test_merchant_key_cannot_create_a_settlement(mesh: Mesh) -> None:
+    tenant = await mesh.directory.onboard("Kaffeehaus")
+    await fund(mesh.ledger, 1_000, merchant_id=tenant.merchant_id)
+    async with mesh.as_merchant(tenant.secret) as settlements:
+        with pytest.raises(aio.AioRpcError) as caught:
+            await settlements.CreateSettlement(_settle("s1", merchant_id=tenant.merchant_id))
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert mesh.bank.transfers == {}

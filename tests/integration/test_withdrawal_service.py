@@ -2,7 +2,9 @@
 
 Payouts reserve in accounting-service before the bank call, so concurrent withdrawals never
 exceed the balance; bank refusals reverse the reservation; outages leave PENDING withdrawals
-that a replay or the recovery pass at start completes, with the bank paid once.
+that a replay or the recovery pass at start completes, with the bank paid once. Mesh
+identities call the mTLS port; merchants read their own withdrawals on the public port with
+their API key, and nobody else's.
 """
 
 from __future__ import annotations
@@ -12,13 +14,12 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import pytest
 from grpc import aio
 
-from interceptors.errors import error_info, status_from_metadata
 from paymesh.accounting.v1 import accounting_pb2, accounting_pb2_grpc
 from paymesh.common.v1 import common_pb2
 from paymesh.notification.v1 import notification_pb2, notification_pb2_grpc
@@ -27,7 +28,20 @@ from services.accounting.__main__ import build as build_accounting
 from services.notification.__main__ import build as build_notification
 from services.partners.sandbox import Fault, SandboxState
 from services.withdrawal.__main__ import build as build_withdrawal
-from tests.servers import running_sandbox, running_service
+from tests.integration.tenants import (
+    Directory,
+    merchant_directory,
+    merchant_stub,
+    reason,
+    refusal,
+)
+from tests.servers import (
+    ServedAddress,
+    granted_stub,
+    public_channel,
+    running_sandbox,
+    running_service,
+)
 
 T = TypeVar("T")
 MERCHANT = "m_payout"
@@ -43,6 +57,27 @@ class Mesh:
     notifications: notification_pb2_grpc.NotificationServiceAsyncStub
     bank: SandboxState
     environ: dict[str, str]
+    directory: Directory
+    address: ServedAddress
+
+    def as_merchant(self, secret: str) -> contextlib.AbstractAsyncContextManager[Any]:
+        """withdrawal-service's public port, called with API key ``secret``."""
+        return merchant_stub(self.address.public, withdrawal_pb2_grpc.WithdrawalServiceStub, secret)
+
+
+@contextlib.asynccontextmanager
+async def served_withdrawal(
+    environ: dict[str, str],
+) -> AsyncIterator[tuple[withdrawal_pb2_grpc.WithdrawalServiceAsyncStub, ServedAddress]]:
+    """withdrawal-service over ``environ``: a stub (as identities granted each method) and
+    its addresses."""
+    async with (
+        running_service("withdrawal-service", build_withdrawal, environ=environ) as address,
+        granted_stub(
+            address, withdrawal_pb2_grpc.WithdrawalServiceStub, "withdrawal-service"
+        ) as stub,
+    ):
+        yield stub, address
 
 
 @contextlib.asynccontextmanager
@@ -50,11 +85,16 @@ async def withdrawal_service(
     environ: dict[str, str],
 ) -> AsyncIterator[withdrawal_pb2_grpc.WithdrawalServiceAsyncStub]:
     """withdrawal-service over ``environ``; a second start on the same var dir runs recovery."""
-    async with (
-        running_service("withdrawal-service", build_withdrawal, environ=environ) as address,
-        aio.insecure_channel(address) as channel,
-    ):
-        yield withdrawal_pb2_grpc.WithdrawalServiceStub(channel)
+    async with served_withdrawal(environ) as (stub, _):
+        yield stub
+
+
+def _ledger(environ: dict[str, str]) -> contextlib.AbstractAsyncContextManager[Any]:
+    return granted_stub(
+        environ["ACCOUNTING_SERVICE_ADDR"],
+        accounting_pb2_grpc.AccountingServiceStub,
+        "accounting-service",
+    )
 
 
 @contextlib.asynccontextmanager
@@ -81,17 +121,24 @@ async def downstreams(tmp_path: Path) -> AsyncIterator[tuple[dict[str, str], San
 @pytest.fixture
 async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
     async with (
+        merchant_directory(tmp_path) as directory,
         downstreams(tmp_path) as (environ, bank),
-        withdrawal_service(environ) as withdrawals,
-        aio.insecure_channel(environ["ACCOUNTING_SERVICE_ADDR"]) as ledger_channel,
-        aio.insecure_channel(environ["NOTIFICATION_SERVICE_ADDR"]) as notify_channel,
+        served_withdrawal({**environ, **directory.environ}) as (withdrawals, address),
+        _ledger(environ) as ledger,
+        granted_stub(
+            environ["NOTIFICATION_SERVICE_ADDR"],
+            notification_pb2_grpc.NotificationServiceStub,
+            "notification-service",
+        ) as notifications,
     ):
         yield Mesh(
             withdrawals=withdrawals,
-            ledger=accounting_pb2_grpc.AccountingServiceStub(ledger_channel),
-            notifications=notification_pb2_grpc.NotificationServiceStub(notify_channel),
+            ledger=ledger,
+            notifications=notifications,
             bank=bank,
             environ=environ,
+            directory=directory,
+            address=address,
         )
 
 
@@ -137,22 +184,15 @@ async def balance(ledger: accounting_pb2_grpc.AccountingServiceAsyncStub, accoun
 
 
 def _withdraw(
-    request_id: str, amount: int, *, settlement_id: str = ""
+    request_id: str, amount: int, *, settlement_id: str = "", merchant_id: str = MERCHANT
 ) -> withdrawal_pb2.CreateWithdrawalRequest:
     return withdrawal_pb2.CreateWithdrawalRequest(
         request_id=request_id,
-        merchant_id=MERCHANT,
+        merchant_id=merchant_id,
         amount=_money(amount),
         bank_account_reference="DE89370400440532013000",
         settlement_id=settlement_id,
     )
-
-
-def reason(error: aio.AioRpcError) -> str:
-    info = error_info(
-        status_from_metadata(error.code(), error.details() or "", tuple(error.trailing_metadata()))
-    )
-    return info.reason if info else ""
 
 
 def fail_bank(bank: SandboxState, status: int) -> None:
@@ -312,9 +352,8 @@ async def test_unreachable_bank_leaves_pending_until_a_replay_completes_it(mesh:
 async def test_recovery_at_start_completes_a_pending_withdrawal(tmp_path: Path) -> None:
     async with (
         downstreams(tmp_path) as (environ, bank),
-        aio.insecure_channel(environ["ACCOUNTING_SERVICE_ADDR"]) as channel,
+        _ledger(environ) as ledger,
     ):
-        ledger = accounting_pb2_grpc.AccountingServiceStub(channel)
         await fund(ledger, 3_000)
         fail_bank(bank, 503)
         async with withdrawal_service(environ) as withdrawals:
@@ -438,3 +477,91 @@ async def test_list_filters_by_status(mesh: Mesh) -> None:
     )
 
     assert [w.withdrawal_id for w in listed.withdrawals] == [failed.withdrawal.withdrawal_id]
+
+
+# -- merchants calling with their API key -----------------------------------------------------
+
+#: A well-formed withdrawal id no withdrawal has.
+MISSING_WITHDRAWAL = "wd_000000000000000000000000"
+
+
+async def _paid_out(mesh: Mesh, merchant_id: str, request_id: str, amount: int = 500) -> Any:
+    """A completed withdrawal of ``merchant_id`` (funded first), made by settlement-service."""
+    await fund(mesh.ledger, amount, account=f"merchants/{merchant_id}/available", tag=request_id)
+    reply = await mesh.withdrawals.CreateWithdrawal(
+        _withdraw(request_id, amount, merchant_id=merchant_id)
+    )
+    return reply.withdrawal
+
+
+async def test_another_merchants_withdrawal_is_not_found_exactly_like_a_missing_one(
+    mesh: Mesh,
+) -> None:
+    tenant = await mesh.directory.onboard("Kaffeehaus")
+    other = await mesh.directory.onboard("Other Shop")
+    theirs = await _paid_out(mesh, other.merchant_id, "w1")
+    async with mesh.as_merchant(tenant.secret) as withdrawals:
+        with pytest.raises(aio.AioRpcError) as foreign:
+            await withdrawals.GetWithdrawal(
+                withdrawal_pb2.GetWithdrawalRequest(withdrawal_id=theirs.withdrawal_id)
+            )
+        with pytest.raises(aio.AioRpcError) as missing:
+            await withdrawals.GetWithdrawal(
+                withdrawal_pb2.GetWithdrawalRequest(withdrawal_id=MISSING_WITHDRAWAL)
+            )
+    assert foreign.value.code() == grpc.StatusCode.NOT_FOUND
+    assert refusal(foreign.value, resource_id=theirs.withdrawal_id) == refusal(
+        missing.value, resource_id=MISSING_WITHDRAWAL
+    )
+    async with mesh.as_merchant(other.secret) as withdrawals:
+        own = await withdrawals.GetWithdrawal(
+            withdrawal_pb2.GetWithdrawalRequest(withdrawal_id=theirs.withdrawal_id)
+        )
+    assert own.withdrawal == theirs
+
+
+async def test_merchant_lists_only_its_own_withdrawals(mesh: Mesh) -> None:
+    tenant = await mesh.directory.onboard("Kaffeehaus")
+    other = await mesh.directory.onboard("Other Shop")
+    mine = await _paid_out(mesh, tenant.merchant_id, "w1")
+    await _paid_out(mesh, other.merchant_id, "w2")
+    async with mesh.as_merchant(tenant.secret) as withdrawals:
+        listed = await withdrawals.ListWithdrawals(withdrawal_pb2.ListWithdrawalsRequest())
+        with pytest.raises(aio.AioRpcError) as caught:
+            await withdrawals.ListWithdrawals(
+                withdrawal_pb2.ListWithdrawalsRequest(merchant_id=other.merchant_id)
+            )
+    assert [w.withdrawal_id for w in listed.withdrawals] == [mine.withdrawal_id]
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert reason(caught.value) == "MERCHANT_NOT_FOUND"
+
+
+async def test_merchant_call_without_api_key_is_credentials_missing(mesh: Mesh) -> None:
+    async with public_channel(mesh.address.public) as channel:
+        withdrawals = withdrawal_pb2_grpc.WithdrawalServiceStub(channel)
+        with pytest.raises(aio.AioRpcError) as caught:
+            await withdrawals.GetWithdrawal(
+                withdrawal_pb2.GetWithdrawalRequest(withdrawal_id=MISSING_WITHDRAWAL)
+            )
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert reason(caught.value) == "CREDENTIALS_MISSING"
+
+
+async def test_merchant_call_with_a_bad_api_key_is_unauthenticated(mesh: Mesh) -> None:
+    async with mesh.as_merchant("sk_0123456789abcdef_" + "A" * 43) as withdrawals:
+        with pytest.raises(aio.AioRpcError) as caught:
+            await withdrawals.ListWithdrawals(withdrawal_pb2.ListWithdrawalsRequest())
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert reason(caught.value) == "API_KEY_INVALID"
+
+
+async def test_merchant_key_cannot_create_a_withdrawal(mesh: Mesh) -> None:
+    tenant = await mesh.directory.onboard("Kaffeehaus")
+    await fund(mesh.ledger, 1_000, account=f"merchants/{tenant.merchant_id}/available")
+    async with mesh.as_merchant(tenant.secret) as withdrawals:
+        with pytest.raises(aio.AioRpcError) as caught:
+            await withdrawals.CreateWithdrawal(
+                _withdraw("w1", 1_000, merchant_id=tenant.merchant_id)
+            )
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert mesh.bank.transfers == {}

@@ -10,10 +10,10 @@ from interceptors.errors import Aborted, FailedPrecondition, InvalidArgument, No
 from paymesh.common.v1 import common_pb2
 from paymesh.payment_gateway.v1 import payment_gateway_pb2 as pg
 from services.payment_gateway.servicer import (
+    for_merchant,
     scoped_key,
     validate_create,
     validate_refund,
-    without_secret,
 )
 from services.payment_gateway.store import NewPayment, PaymentRecord, PaymentStore, Step
 
@@ -22,7 +22,6 @@ def _request(**overrides: object) -> pg.CreatePaymentRequest:
     request = pg.CreatePaymentRequest(
         request_id="r1",
         merchant_id="m_1",
-        api_key="sk_secret",
         amount=common_pb2.Money(amount_minor=1000, currency_code="EUR"),
         payment_method_token="tok_visa",
         customer_ip="192.0.2.10",
@@ -57,7 +56,9 @@ def store(tmp_path: Path) -> PaymentStore:
 
 def _begin(store: PaymentStore, request: pg.CreatePaymentRequest) -> PaymentRecord:
     started = store.begin_payment(
-        scoped_key(request.merchant_id, request.request_id), without_secret(request), _new(request)
+        scoped_key(request.merchant_id, request.request_id),
+        for_merchant(request, request.merchant_id),
+        _new(request),
     )
     assert isinstance(started, PaymentRecord)
     return started
@@ -93,17 +94,21 @@ def test_duplicate_while_in_flight_is_aborted_and_writes_nothing(store: PaymentS
 def test_finished_payment_is_replayed_with_its_final_response(store: PaymentStore) -> None:
     payment = _succeeded(store)
     replay = store.begin_payment(
-        scoped_key("m_1", "r1"), without_secret(_request()), _new(_request())
+        scoped_key("m_1", "r1"), for_merchant(_request(), "m_1"), _new(_request())
     )
     assert isinstance(replay, pg.CreatePaymentResponse)
     assert replay.payment.payment_id == payment.payment_id
     assert replay.payment.status == pg.PAYMENT_STATUS_SUCCEEDED
 
 
-def test_replay_ignores_a_rotated_api_key(store: PaymentStore) -> None:
+def test_replay_that_leaves_the_merchant_id_empty_is_the_same_request(
+    store: PaymentStore,
+) -> None:
     _succeeded(store)
-    rotated = _request(api_key="sk_new_key")
-    replay = store.begin_payment(scoped_key("m_1", "r1"), without_secret(rotated), _new(rotated))
+    implicit = _request(merchant_id="")
+    replay = store.begin_payment(
+        scoped_key("m_1", "r1"), for_merchant(implicit, "m_1"), _new(_request())
+    )
     assert isinstance(replay, pg.CreatePaymentResponse)
 
 
@@ -111,7 +116,7 @@ def test_same_request_id_with_another_body_is_invalid_argument(store: PaymentSto
     _begin(store, _request())
     other = _request(description="something else")
     with pytest.raises(InvalidArgument) as caught:
-        store.begin_payment(scoped_key("m_1", "r1"), without_secret(other), _new(other))
+        store.begin_payment(scoped_key("m_1", "r1"), for_merchant(other, "m_1"), _new(other))
     assert caught.value.reason == "IDEMPOTENCY_KEY_REUSED"
 
 
@@ -198,6 +203,23 @@ def test_unknown_payment_is_payment_not_found(store: PaymentStore) -> None:
     assert caught.value.reason == "PAYMENT_NOT_FOUND"
 
 
+def test_payment_of_another_merchant_is_the_not_found_of_a_missing_one(
+    store: PaymentStore,
+) -> None:
+    payment = _begin(store, _request())
+    with pytest.raises(NotFound) as foreign:
+        store.payment(payment.payment_id, merchant_id="m_2")
+    with pytest.raises(NotFound) as missing:
+        store.payment("pay_missing", merchant_id="m_2")
+
+    def shape(error: NotFound, payment_id: str) -> tuple[object, ...]:
+        masked = {k: v.replace(payment_id, "<id>") for k, v in error.metadata.items()}
+        return (error.message.replace(payment_id, "<id>"), error.reason, masked)
+
+    assert shape(foreign.value, payment.payment_id) == shape(missing.value, "pay_missing")
+    assert store.payment(payment.payment_id, merchant_id="m_1") == payment
+
+
 def test_summary_counts_statuses_and_totals_per_currency(store: PaymentStore) -> None:
     _succeeded(store)
     _begin(
@@ -217,8 +239,6 @@ def test_summary_counts_statuses_and_totals_per_currency(store: PaymentStore) ->
     [
         ("request_id", "", "VALIDATION_FAILED"),
         ("request_id", "has space", "VALIDATION_FAILED"),
-        ("merchant_id", "m" * 65, "VALIDATION_FAILED"),
-        ("api_key", "k" * 257, "VALIDATION_FAILED"),
         ("payment_method_token", "", "VALIDATION_FAILED"),
         ("customer_ip", "999.1.1.1", "VALIDATION_FAILED"),
         ("customer_country_code", "Germany", "VALIDATION_FAILED"),

@@ -394,7 +394,7 @@ class GetMerchantRequest(_message.Message):
 
     MERCHANT_ID_FIELD_NUMBER: _builtins.int
     merchant_id: _builtins.str
-    """Id of the merchant to return."""
+    """Id of the merchant to return: required for mesh callers; optional for a merchant calling with its API key, whose own it is (another merchant's id is NOT_FOUND)."""
     def __init__(
         self,
         *,
@@ -556,7 +556,7 @@ class GetMerchantDashboardRequest(_message.Message):
 
     MERCHANT_ID_FIELD_NUMBER: _builtins.int
     merchant_id: _builtins.str
-    """Merchant whose dashboard to build."""
+    """Merchant whose dashboard to build: required for mesh callers; optional for a merchant calling with its API key, whose own it is (another merchant's id is NOT_FOUND)."""
     def __init__(
         self,
         *,

@@ -392,7 +392,6 @@ class CreatePaymentRequest(_message.Message):
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     MERCHANT_ID_FIELD_NUMBER: _builtins.int
-    API_KEY_FIELD_NUMBER: _builtins.int
     AMOUNT_FIELD_NUMBER: _builtins.int
     SETTLEMENT_CURRENCY_CODE_FIELD_NUMBER: _builtins.int
     PAYMENT_METHOD_TOKEN_FIELD_NUMBER: _builtins.int
@@ -401,11 +400,9 @@ class CreatePaymentRequest(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     MERCHANT_ORDER_REFERENCE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """AIP-155 idempotency key the server dedupes: the same key with the same body replays the first result, a different body is INVALID_ARGUMENT."""
+    """AIP-155 idempotency key, per merchant, the server dedupes: the same key with the same body replays the first result, a different body is INVALID_ARGUMENT."""
     merchant_id: _builtins.str
-    """Merchant receiving the payment."""
-    api_key: _builtins.str
-    """The merchant's secret API key, checked at merchant-auth-service."""
+    """Merchant receiving the payment: optional, empty means the merchant whose API key calls; another merchant's id is NOT_FOUND."""
     settlement_currency_code: _builtins.str
     """ISO 4217 currency the merchant is credited in; empty means the amount's currency."""
     payment_method_token: _builtins.str
@@ -427,7 +424,6 @@ class CreatePaymentRequest(_message.Message):
         *,
         request_id: _builtins.str = ...,
         merchant_id: _builtins.str = ...,
-        api_key: _builtins.str = ...,
         amount: _common_pb2.Money | None = ...,
         settlement_currency_code: _builtins.str = ...,
         payment_method_token: _builtins.str = ...,
@@ -438,7 +434,7 @@ class CreatePaymentRequest(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "api_key", b"api_key", "customer_country_code", b"customer_country_code", "customer_ip", b"customer_ip", "description", b"description", "merchant_id", b"merchant_id", "merchant_order_reference", b"merchant_order_reference", "payment_method_token", b"payment_method_token", "request_id", b"request_id", "settlement_currency_code", b"settlement_currency_code"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "customer_country_code", b"customer_country_code", "customer_ip", b"customer_ip", "description", b"description", "merchant_id", b"merchant_id", "merchant_order_reference", b"merchant_order_reference", "payment_method_token", b"payment_method_token", "request_id", b"request_id", "settlement_currency_code", b"settlement_currency_code"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -476,7 +472,7 @@ class GetPaymentRequest(_message.Message):
 
     PAYMENT_ID_FIELD_NUMBER: _builtins.int
     payment_id: _builtins.str
-    """Id of the payment to return."""
+    """Id of the payment to return; for a merchant, one of its own (another merchant's is NOT_FOUND)."""
     def __init__(
         self,
         *,
@@ -531,7 +527,7 @@ class ListPaymentsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     merchant_id: _builtins.str
-    """Merchant whose payments to list; required."""
+    """Merchant whose payments to list: required for mesh callers; optional for a merchant, whose own they are (another merchant's id is NOT_FOUND)."""
     status: Global___PaymentStatus.ValueType
     """Only payments in this status; UNSPECIFIED means any status."""
     page_size: _builtins.int
@@ -590,15 +586,12 @@ class RefundPaymentRequest(_message.Message):
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     PAYMENT_ID_FIELD_NUMBER: _builtins.int
-    API_KEY_FIELD_NUMBER: _builtins.int
     AMOUNT_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """AIP-155 idempotency key the server dedupes: the same key with the same body replays the first result, a different body is INVALID_ARGUMENT."""
+    """AIP-155 idempotency key, per merchant, the server dedupes: the same key with the same body replays the first result, a different body is INVALID_ARGUMENT."""
     payment_id: _builtins.str
-    """Payment to refund."""
-    api_key: _builtins.str
-    """The merchant's secret API key; the payment must belong to its merchant."""
+    """Payment to refund: one of the calling merchant's (another merchant's is NOT_FOUND)."""
     reason: _builtins.str
     """Merchant's reason for the refund."""
     @_builtins.property
@@ -610,13 +603,12 @@ class RefundPaymentRequest(_message.Message):
         *,
         request_id: _builtins.str = ...,
         payment_id: _builtins.str = ...,
-        api_key: _builtins.str = ...,
         amount: _common_pb2.Money | None = ...,
         reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "api_key", b"api_key", "payment_id", b"payment_id", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "payment_id", b"payment_id", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -660,7 +652,7 @@ class GetPaymentSummaryRequest(_message.Message):
 
     MERCHANT_ID_FIELD_NUMBER: _builtins.int
     merchant_id: _builtins.str
-    """Merchant to summarise."""
+    """Merchant to summarise: required for mesh callers; optional for a merchant, whose own it is (another merchant's id is NOT_FOUND)."""
     def __init__(
         self,
         *,

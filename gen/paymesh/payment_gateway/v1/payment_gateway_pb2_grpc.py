@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class PaymentGatewayServiceStub:
-    """Creates, reads and refunds payments, orchestrating risk, order, channel, ledger, notification and analytics.
+    """Creates, reads and refunds payments, orchestrating risk, order, channel, ledger, notification and analytics. Merchants call it on the public port with their API key in the call's `authorization: Bearer <secret>` metadata, never in a message body; another merchant's payment is NOT_FOUND exactly like one that does not exist.
     """
 
     def __init__(self, channel):
@@ -63,18 +63,18 @@ class PaymentGatewayServiceStub:
 
 
 class PaymentGatewayServiceServicer:
-    """Creates, reads and refunds payments, orchestrating risk, order, channel, ledger, notification and analytics.
+    """Creates, reads and refunds payments, orchestrating risk, order, channel, ledger, notification and analytics. Merchants call it on the public port with their API key in the call's `authorization: Bearer <secret>` metadata, never in a message body; another merchant's payment is NOT_FOUND exactly like one that does not exist.
     """
 
     def CreatePayment(self, request, context):
-        """Authenticates the merchant's key and runs a payment to a terminal status, charging at most once per request_id.
+        """Runs a payment of the calling merchant to a terminal status, charging at most once per request_id; a suspended merchant is PERMISSION_DENIED MERCHANT_INACTIVE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetPayment(self, request, context):
-        """Returns one payment with its refunds.
+        """Returns one payment with its refunds; a merchant sees only its own.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -88,7 +88,7 @@ class PaymentGatewayServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RefundPayment(self, request, context):
-        """Refunds all or part of a payment's captured amount, never more than what remains.
+        """Refunds all or part of the calling merchant's payment, never more than what remains captured.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -138,7 +138,7 @@ def add_PaymentGatewayServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class PaymentGatewayService:
-    """Creates, reads and refunds payments, orchestrating risk, order, channel, ledger, notification and analytics.
+    """Creates, reads and refunds payments, orchestrating risk, order, channel, ledger, notification and analytics. Merchants call it on the public port with their API key in the call's `authorization: Bearer <secret>` metadata, never in a message body; another merchant's payment is NOT_FOUND exactly like one that does not exist.
     """
 
     @staticmethod

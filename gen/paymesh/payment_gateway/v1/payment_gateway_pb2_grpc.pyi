@@ -27,41 +27,41 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class PaymentGatewayServiceStub:
-    """Creates, reads and refunds payments, orchestrating risk, order, channel, ledger, notification and analytics."""
+    """Creates, reads and refunds payments, orchestrating risk, order, channel, ledger, notification and analytics. Merchants call it on the public port with their API key in the call's `authorization: Bearer <secret>` metadata, never in a message body; another merchant's payment is NOT_FOUND exactly like one that does not exist."""
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> PaymentGatewayServiceAsyncStub: ...
     CreatePayment: _grpc.UnaryUnaryMultiCallable[_payment_gateway_pb2.CreatePaymentRequest, _payment_gateway_pb2.CreatePaymentResponse]
-    """Authenticates the merchant's key and runs a payment to a terminal status, charging at most once per request_id."""
+    """Runs a payment of the calling merchant to a terminal status, charging at most once per request_id; a suspended merchant is PERMISSION_DENIED MERCHANT_INACTIVE."""
     GetPayment: _grpc.UnaryUnaryMultiCallable[_payment_gateway_pb2.GetPaymentRequest, _payment_gateway_pb2.GetPaymentResponse]
-    """Returns one payment with its refunds."""
+    """Returns one payment with its refunds; a merchant sees only its own."""
     ListPayments: _grpc.UnaryUnaryMultiCallable[_payment_gateway_pb2.ListPaymentsRequest, _payment_gateway_pb2.ListPaymentsResponse]
     """Lists a merchant's payments, newest first, optionally filtered by status."""
     RefundPayment: _grpc.UnaryUnaryMultiCallable[_payment_gateway_pb2.RefundPaymentRequest, _payment_gateway_pb2.RefundPaymentResponse]
-    """Refunds all or part of a payment's captured amount, never more than what remains."""
+    """Refunds all or part of the calling merchant's payment, never more than what remains captured."""
     GetPaymentSummary: _grpc.UnaryUnaryMultiCallable[_payment_gateway_pb2.GetPaymentSummaryRequest, _payment_gateway_pb2.GetPaymentSummaryResponse]
     """Returns per-merchant payment counts and totals, used by the dashboard."""
 
 @_typing.type_check_only
 class PaymentGatewayServiceAsyncStub(PaymentGatewayServiceStub):
-    """Creates, reads and refunds payments, orchestrating risk, order, channel, ledger, notification and analytics."""
+    """Creates, reads and refunds payments, orchestrating risk, order, channel, ledger, notification and analytics. Merchants call it on the public port with their API key in the call's `authorization: Bearer <secret>` metadata, never in a message body; another merchant's payment is NOT_FOUND exactly like one that does not exist."""
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreatePayment: _aio.UnaryUnaryMultiCallable[_payment_gateway_pb2.CreatePaymentRequest, _payment_gateway_pb2.CreatePaymentResponse]  # type: ignore[assignment]
-    """Authenticates the merchant's key and runs a payment to a terminal status, charging at most once per request_id."""
+    """Runs a payment of the calling merchant to a terminal status, charging at most once per request_id; a suspended merchant is PERMISSION_DENIED MERCHANT_INACTIVE."""
     GetPayment: _aio.UnaryUnaryMultiCallable[_payment_gateway_pb2.GetPaymentRequest, _payment_gateway_pb2.GetPaymentResponse]  # type: ignore[assignment]
-    """Returns one payment with its refunds."""
+    """Returns one payment with its refunds; a merchant sees only its own."""
     ListPayments: _aio.UnaryUnaryMultiCallable[_payment_gateway_pb2.ListPaymentsRequest, _payment_gateway_pb2.ListPaymentsResponse]  # type: ignore[assignment]
     """Lists a merchant's payments, newest first, optionally filtered by status."""
     RefundPayment: _aio.UnaryUnaryMultiCallable[_payment_gateway_pb2.RefundPaymentRequest, _payment_gateway_pb2.RefundPaymentResponse]  # type: ignore[assignment]
-    """Refunds all or part of a payment's captured amount, never more than what remains."""
+    """Refunds all or part of the calling merchant's payment, never more than what remains captured."""
     GetPaymentSummary: _aio.UnaryUnaryMultiCallable[_payment_gateway_pb2.GetPaymentSummaryRequest, _payment_gateway_pb2.GetPaymentSummaryResponse]  # type: ignore[assignment]
     """Returns per-merchant payment counts and totals, used by the dashboard."""
 
 class PaymentGatewayServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Creates, reads and refunds payments, orchestrating risk, order, channel, ledger, notification and analytics."""
+    """Creates, reads and refunds payments, orchestrating risk, order, channel, ledger, notification and analytics. Merchants call it on the public port with their API key in the call's `authorization: Bearer <secret>` metadata, never in a message body; another merchant's payment is NOT_FOUND exactly like one that does not exist."""
 
     @_abc_1.abstractmethod
     def CreatePayment(
@@ -69,7 +69,7 @@ class PaymentGatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _payment_gateway_pb2.CreatePaymentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_payment_gateway_pb2.CreatePaymentResponse, _abc.Awaitable[_payment_gateway_pb2.CreatePaymentResponse]]:
-        """Authenticates the merchant's key and runs a payment to a terminal status, charging at most once per request_id."""
+        """Runs a payment of the calling merchant to a terminal status, charging at most once per request_id; a suspended merchant is PERMISSION_DENIED MERCHANT_INACTIVE."""
 
     @_abc_1.abstractmethod
     def GetPayment(
@@ -77,7 +77,7 @@ class PaymentGatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _payment_gateway_pb2.GetPaymentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_payment_gateway_pb2.GetPaymentResponse, _abc.Awaitable[_payment_gateway_pb2.GetPaymentResponse]]:
-        """Returns one payment with its refunds."""
+        """Returns one payment with its refunds; a merchant sees only its own."""
 
     @_abc_1.abstractmethod
     def ListPayments(
@@ -93,7 +93,7 @@ class PaymentGatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _payment_gateway_pb2.RefundPaymentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_payment_gateway_pb2.RefundPaymentResponse, _abc.Awaitable[_payment_gateway_pb2.RefundPaymentResponse]]:
-        """Refunds all or part of a payment's captured amount, never more than what remains."""
+        """Refunds all or part of the calling merchant's payment, never more than what remains captured."""
 
     @_abc_1.abstractmethod
     def GetPaymentSummary(

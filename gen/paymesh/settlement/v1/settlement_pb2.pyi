@@ -122,7 +122,7 @@ class GetSettleableBalanceRequest(_message.Message):
     MERCHANT_ID_FIELD_NUMBER: _builtins.int
     CURRENCY_CODE_FIELD_NUMBER: _builtins.int
     merchant_id: _builtins.str
-    """Merchant whose balance to compute."""
+    """Merchant whose balance to compute: required for mesh callers; optional for a merchant calling with its API key, whose own it is (another merchant's id is NOT_FOUND)."""
     currency_code: _builtins.str
     """ISO 4217 currency of the balance."""
     def __init__(
@@ -245,7 +245,7 @@ class GetSettlementRequest(_message.Message):
 
     SETTLEMENT_ID_FIELD_NUMBER: _builtins.int
     settlement_id: _builtins.str
-    """Id of the settlement to return."""
+    """Id of the settlement to return; for a merchant, one of its own (another merchant's is NOT_FOUND like a missing one)."""
     def __init__(
         self,
         *,
@@ -294,7 +294,7 @@ class ListSettlementsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     merchant_id: _builtins.str
-    """Merchant whose settlements to list; required."""
+    """Merchant whose settlements to list: required for mesh callers; optional for a merchant calling with its API key, whose own it is (another merchant's id is NOT_FOUND)."""
     status: Global___SettlementStatus.ValueType
     """Only settlements in this status; UNSPECIFIED means any."""
     page_size: _builtins.int

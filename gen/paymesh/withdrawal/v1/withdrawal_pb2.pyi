@@ -189,7 +189,7 @@ class GetWithdrawalRequest(_message.Message):
 
     WITHDRAWAL_ID_FIELD_NUMBER: _builtins.int
     withdrawal_id: _builtins.str
-    """Id of the withdrawal to return."""
+    """Id of the withdrawal to return; for a merchant, one of its own (another merchant's is NOT_FOUND like a missing one)."""
     def __init__(
         self,
         *,
@@ -238,7 +238,7 @@ class ListWithdrawalsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     merchant_id: _builtins.str
-    """Merchant whose withdrawals to list; required."""
+    """Merchant whose withdrawals to list: required for mesh callers; optional for a merchant calling with its API key, whose own it is (another merchant's id is NOT_FOUND)."""
     status: Global___WithdrawalStatus.ValueType
     """Only withdrawals in this status; UNSPECIFIED means any."""
     page_size: _builtins.int
