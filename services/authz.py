@@ -76,13 +76,6 @@ def merchant_scope(requested_merchant_id: str) -> str:
     return merchant.merchant_id
 
 
-def require_own(resource_merchant_id: str, what: str, resource_id: str) -> None:
-    """NOT_FOUND when a merchant asks for a resource of another merchant (mesh callers pass)."""
-    merchant = _MERCHANT.get()
-    if merchant is not None and merchant.merchant_id != resource_merchant_id:
-        raise NotFound(f"{what} {resource_id[:64]!r} not found")
-
-
 def _descriptor(full_service: str) -> ServiceDescriptor:
     """The descriptor of ``paymesh.<svc>.v1.<Name>``, importing its generated module."""
     package = full_service.rpartition(".")[0]
