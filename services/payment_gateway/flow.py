@@ -482,6 +482,11 @@ class PaymentFlow:
             try:
                 await call
             except aio.AioRpcError as error:
+                if not is_transient(error):
+                    # Refused for good (e.g. a webhook URL that may not be reached): retrying
+                    # the very same request could never succeed.
+                    log.warning("effect of %s refused, not retried: %s", flow_id, error.details())
+                    continue
                 sent = False
                 log.warning("effect of %s not sent, will retry: %s", flow_id, error.details())
         return sent
