@@ -1,8 +1,9 @@
 """Server-side fault injection, like Envoy's fault filter: delay and abort per method at a rate.
 
-A service's faults are switched at run time through its admin endpoint (``PUT /faults``),
-so the chaos suite can make one downstream slow or failing while the mesh runs. With no
-fault set, the cost per call is one dictionary lookup.
+A service's faults are switched at run time through its admin endpoint (``PUT /faults``,
+which is off unless ``PAYMESH_FAULT_INJECTION=1`` and then takes the admin token), so the
+chaos suite can make one downstream slow or failing while the mesh runs. With no fault set,
+the cost per call is one tuple check.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from typing import Any
 import grpc
 
 _CODES = {code.name: code for code in grpc.StatusCode if code is not grpc.StatusCode.OK}
+#: Longest injected delay: beyond every deadline of ours, longer only ties up handlers.
+MAX_DELAY_MS = 60_000
+#: Most rules one service holds (each call checks them in order).
+MAX_FAULTS = 100
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -33,8 +38,8 @@ class Fault:
     def __post_init__(self) -> None:
         if not (self.method == "*" or self.method.startswith("/")):
             raise ValueError(f"method {self.method!r}: use '*', '/pkg.Service/*' or a full name")
-        if self.delay_ms < 0:
-            raise ValueError(f"delay_ms must be >= 0, got {self.delay_ms}")
+        if not 0 <= self.delay_ms <= MAX_DELAY_MS:
+            raise ValueError(f"delay_ms must be within 0..{MAX_DELAY_MS}, got {self.delay_ms}")
         if self.abort_code and self.abort_code not in _CODES:
             raise ValueError(f"abort_code {self.abort_code!r} is not a gRPC code name")
         if not 0.0 <= self.rate <= 1.0:
@@ -85,8 +90,11 @@ class FaultInjector:
         self._rng = rng
 
     def set(self, faults: Iterable[Fault]) -> None:
-        """Replace the faults."""
-        self._faults = tuple(faults)
+        """Replace the faults; ValueError (nothing replaced) beyond ``MAX_FAULTS`` rules."""
+        rules = tuple(faults)
+        if len(rules) > MAX_FAULTS:
+            raise ValueError(f"at most {MAX_FAULTS} faults, got {len(rules)}")
+        self._faults = rules
 
     def clear(self) -> None:
         """Remove every fault."""

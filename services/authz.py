@@ -163,7 +163,8 @@ class CallGate:
         self._service = service
         by_name = grants(topology, service)
         names = {name for allowed in by_name.values() for name in allowed}
-        self._name_of = {spiffe_id_of(name): name for name in names | {OPERATOR}}
+        everyone = names | {OPERATOR} | {s.name for s in topology.services}
+        self._name_of = {spiffe_id_of(name): name for name in everyone}
         self._mesh_ids = {spiffe_id_of(s.name) for s in topology.services} | {
             spiffe_id_of(OPERATOR)
         }

@@ -23,6 +23,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services import pki, tls
+from services.admin_token import with_admin_token
 from services.topology import (
     LOOPBACK,
     PARTNER_SANDBOX_VAR,
@@ -115,6 +116,8 @@ class Mesh:
         self.environ = dict(os.environ if environ is None else environ)
         self.var_dir = Path(var_dir or self.environ.get("PAYMESH_VAR_DIR", "var"))
         self.environ["PAYMESH_VAR_DIR"] = str(self.var_dir)
+        # With PAYMESH_FAULT_INJECTION=1: one admin token (var/admin.token, 0600) for every child.
+        self.environ = with_admin_token(self.environ, self.var_dir)
         self.topology = Topology(environ=self.environ)
         self.pki_dir = tls.pki_dir(self.environ)
         self._python = python
@@ -284,9 +287,7 @@ def health_status(
     Over mTLS as ``security`` (the operator) verifying mesh service ``target``; plaintext
     without ``security``.
     """
-    channel = (
-        security.sync_channel(target, address) if security else grpc.insecure_channel(address)
-    )
+    channel = security.sync_channel(target, address) if security else grpc.insecure_channel(address)
     with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:

@@ -35,6 +35,10 @@ class ServerLimits:
     """Calls one connection may have open at once."""
     max_in_flight: int = 256
     """Calls the service serves at once; the next is refused with RESOURCE_EXHAUSTED."""
+    max_pending_requests: int = 10_000
+    """Calls gRPC core queues for the event loop before resetting the excess; far above
+    ``max_in_flight``, so a burst reaches the shedding (RESOURCE_EXHAUSTED with RetryInfo)
+    instead of being reset as CANCELLED, which no caller retries."""
     handshake_timeout_s: float = 5.0
     """Time a new connection has to finish its TLS/HTTP2 handshake."""
     max_connection_age_s: float = 1800.0
@@ -83,6 +87,7 @@ class ServerLimits:
 
     def grpc_options(self) -> list[tuple[str, Any]]:
         """Server channel arguments enforcing these bounds."""
+
         def ms(seconds: float) -> int:
             return int(seconds * 1000)
 
@@ -92,6 +97,8 @@ class ServerLimits:
             ("grpc.max_metadata_size", self.max_metadata_bytes),
             ("grpc.absolute_max_metadata_size", self.max_metadata_bytes),
             ("grpc.max_concurrent_streams", self.max_concurrent_streams),
+            ("grpc.server.max_pending_requests", self.max_pending_requests),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * self.max_pending_requests),
             ("grpc.server_handshake_timeout_ms", ms(self.handshake_timeout_s)),
             ("grpc.max_connection_age_ms", ms(self.max_connection_age_s)),
             ("grpc.max_connection_age_grace_ms", ms(self.max_connection_age_grace_s)),

@@ -21,6 +21,7 @@ from grpc import aio
 from opentelemetry.sdk.trace import SpanProcessor
 
 from services import pki
+from services.admin_token import ControlAccess
 from services.authz import grants
 from services.bootstrap import Builder, serve
 from services.partners.sandbox import SandboxServer, SandboxState
@@ -34,6 +35,9 @@ def test_pki_dir() -> Path:
     directory = Path(tempfile.mkdtemp(prefix="paymesh-pki-"))
     pki.ensure_dev_pki(directory, [*(s.name for s in SERVICES), pki.OPERATOR])
     return directory
+
+
+test_pki_dir.__test__ = False  # type: ignore[attr-defined]  # a fixture helper, not a test
 
 
 def identity(name: str = pki.OPERATOR) -> TransportSecurity:
@@ -168,13 +172,14 @@ async def running_service(
 
 
 @contextlib.contextmanager
-def running_sandbox() -> Iterator[tuple[str, SandboxState]]:
+def running_sandbox(access: ControlAccess | None = None) -> Iterator[tuple[str, SandboxState]]:
     """The partner sandbox on an ephemeral port in a thread; yields its address and state.
 
     Put the address into ``PARTNER_SANDBOX_ADDR`` of a service's environ so its partner
     clients reach it; the state shows what the partners received (charges, webhooks, ...).
+    ``access`` opens its fault switches (``/_control/faults``); by default they are off.
     """
-    server = SandboxServer(("127.0.0.1", 0))
+    server = SandboxServer(("127.0.0.1", 0), access=access)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

@@ -4,7 +4,8 @@ channel (PSP), the bank and the merchants' webhook endpoints.
 It behaves like the real ones where it matters to the mesh: the PSP and the bank dedupe by
 ``Idempotency-Key``, and faults (delay, error rate, status) are switchable at run time per
 partner through ``/_control/faults``, like Envoy's fault filter, so tests and ``make chaos``
-can make a partner slow or failing.
+can make a partner slow or failing. Those switches are off unless ``PAYMESH_FAULT_INJECTION=1``
+and then take the admin token (:mod:`services.admin_token`); ``/_control/stats`` stays readable.
 """
 
 from __future__ import annotations
@@ -21,11 +22,14 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from interceptors.faults import MAX_DELAY_MS
+from services.admin import HttpLimits
+from services.admin_token import AdminTokenError, ControlAccess
 from services.bootstrap import die_with_supervisor
+from services.partners.bounded_http import BoundedHTTPServer, BoundedRequestHandler
 from services.topology import PARTNER_SANDBOX_VAR, Topology, parse_hostport
 
 log = logging.getLogger("paymesh.partners")
@@ -45,6 +49,11 @@ USD_RATES = {
 }
 #: Countries the geo-IP partner reports for the first octet of an address, for test control.
 HIGH_RISK_COUNTRIES = ("KP", "IR")
+#: The admin endpoint's bounds, but room for the whole mesh's partner calls at once (each
+#: partner call is one connection, and ``make bench`` runs 64 payments concurrently).
+SANDBOX_LIMITS = HttpLimits(max_connections=256)
+#: Control routes that switch behaviour, so sit behind the control gate.
+GUARDED_CONTROL = frozenset({("POST", "faults"), ("DELETE", "faults")})
 
 
 @dataclass(slots=True)
@@ -88,31 +97,22 @@ def _country_of(ip: str) -> str:
     return countries[int(hashlib.sha256(ip.encode()).hexdigest(), 16) % len(countries)]
 
 
-class SandboxHandler(BaseHTTPRequestHandler):
+class SandboxHandler(BoundedRequestHandler):
     """Routes ``/<partner>/...`` to the partner's behaviour."""
 
     server: SandboxServer
-    protocol_version = "HTTP/1.1"
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)
 
     # -- plumbing ---------------------------------------------------------
-    def _reply(self, status: int, body: Any) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
     def _body(self) -> dict[str, Any]:
-        length = int(self.headers.get("Content-Length") or 0)
-        if not length:
+        data = self.read_body()  # read whatever the method, so the next request starts clean
+        if not data:
             return {}
         try:
-            parsed = json.loads(self.rfile.read(length))
-        except json.JSONDecodeError:
+            parsed = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError):
             return {}
         return parsed if isinstance(parsed, dict) else {}
 
@@ -120,13 +120,25 @@ class SandboxHandler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         parts = [p for p in url.path.split("/") if p]
         query = {k: v[0] for k, v in parse_qs(url.query).items()}
-        body = self._body() if method in ("POST", "PUT") else {}
+        body = self._body()  # bounded; read even when refused, so the answer is not reset
+        if parts[:1] == ["_control"] and (method, "/".join(parts[1:])) in GUARDED_CONTROL:
+            refusal = self.server.access.refusal(self.headers.get("Authorization"))
+            if refusal is not None:
+                log.warning(
+                    "refused %s %s from %s: %s",
+                    method,
+                    url.path,
+                    self.address_string(),
+                    refusal.reason,
+                )
+                self.reply(refusal.status, refusal.as_json(), refusal.headers)
+                return
         if not parts:
-            self._reply(404, {"error": "no such partner"})
+            self.reply(404, {"error": "no such partner"})
             return
         partner, rest = parts[0], parts[1:]
         if partner == "healthz":
-            self._reply(200, {"status": "ok"})
+            self.reply(200, {"status": "ok"})
             return
         if partner == "_control":
             self._control(method, rest, body)
@@ -139,14 +151,14 @@ class SandboxHandler(BaseHTTPRequestHandler):
         if fault and fault.delay_ms:
             time.sleep(fault.delay_ms / 1000)
         if fault and failing:
-            self._reply(fault.status, {"error": f"injected fault in {partner}"})
+            self.reply(fault.status, {"error": f"injected fault in {partner}"})
             return
         handler = getattr(self, f"_partner_{partner.replace('-', '_')}", None)
         if handler is None:
-            self._reply(404, {"error": f"no partner {partner!r}"})
+            self.reply(404, {"error": f"no partner {partner!r}"})
             return
         status, reply = handler(method, rest, query, body)
-        self._reply(status, reply)
+        self.reply(status, reply)
 
     def do_GET(self) -> None:
         self._route("GET")
@@ -162,14 +174,28 @@ class SandboxHandler(BaseHTTPRequestHandler):
         state = self.server.state
         if rest == ["faults"] and method == "POST":
             partner = str(body.get("partner", ""))
-            fault = Fault(
-                delay_ms=int(body.get("delay_ms", 0)),
-                error_rate=float(body.get("error_rate", 0.0)),
-                status=int(body.get("status", 503)),
-            )
+            try:
+                fault = Fault(
+                    delay_ms=int(body.get("delay_ms", 0)),
+                    error_rate=float(body.get("error_rate", 0.0)),
+                    status=int(body.get("status", 503)),
+                )
+            except (TypeError, ValueError):
+                self.reply(400, {"error": "delay_ms, error_rate and status must be numbers"})
+                return
+            if not (
+                0 <= fault.delay_ms <= MAX_DELAY_MS
+                and 0.0 <= fault.error_rate <= 1.0
+                and 100 <= fault.status <= 599
+            ):
+                self.reply(
+                    400,
+                    {"error": f"want delay_ms 0..{MAX_DELAY_MS}, error_rate 0..1, status 100..599"},
+                )
+                return
             with state.lock:
                 state.faults[partner] = fault
-            self._reply(
+            self.reply(
                 200,
                 {
                     "partner": partner,
@@ -179,7 +205,7 @@ class SandboxHandler(BaseHTTPRequestHandler):
         elif rest == ["faults"] and method == "DELETE":
             with state.lock:
                 state.faults.clear()
-            self._reply(200, {"faults": {}})
+            self.reply(200, {"faults": {}})
         elif rest == ["stats"] and method == "GET":
             with state.lock:
                 stats = {
@@ -188,9 +214,9 @@ class SandboxHandler(BaseHTTPRequestHandler):
                     "transfers": len(state.transfers),
                     "webhooks": len(state.webhooks),
                 }
-            self._reply(200, stats)
+            self.reply(200, stats)
         else:
-            self._reply(404, {"error": "unknown control endpoint"})
+            self.reply(404, {"error": "unknown control endpoint"})
 
     # -- partners ---------------------------------------------------------
     def _partner_exchange_rate(
@@ -356,15 +382,20 @@ class SandboxHandler(BaseHTTPRequestHandler):
         return 404, {"error": "unknown merchant-webhooks endpoint"}
 
 
-class SandboxServer(ThreadingHTTPServer):
-    """The threading HTTP server with the partners' shared state."""
+class SandboxServer(BoundedHTTPServer):
+    """The bounded threading HTTP server with the partners' shared state."""
 
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int]) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        *,
+        access: ControlAccess | None = None,
+        limits: HttpLimits = SANDBOX_LIMITS,
+    ) -> None:
         self.allow_reuse_address = True
-        super().__init__(address, SandboxHandler)
+        super().__init__(address, SandboxHandler, limits=limits)
         self.state = SandboxState()
+        self.access = access or ControlAccess()  # who may switch faults: nobody by default
 
 
 def main() -> None:
@@ -376,7 +407,14 @@ def main() -> None:
     topology = Topology()
     host, port = parse_hostport(topology.sandbox_address(), variable=PARTNER_SANDBOX_VAR)
     try:
-        server = SandboxServer((host.strip("[]"), port))
+        access = ControlAccess.from_environ(topology.environ)
+    except AdminTokenError as exc:
+        print(f"partner-sandbox: cannot start: {exc}", file=sys.stderr)
+        sys.exit(2)
+    if access.enabled:
+        log.warning("fault injection is ON: /_control/faults takes the admin token")
+    try:
+        server = SandboxServer((host.strip("[]"), port), access=access)
     except OSError as exc:
         print(f"partner-sandbox: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from interceptors.policy import DEFAULT_POLICY_FILE, POLICY_FILE_VAR, PolicyConfig
+from services.admin_token import FAULT_INJECTION_VAR, admin_authorization, with_admin_token
 from services.launcher import Mesh, ephemeral_environ
 from services.tls import TransportSecurity
 from services.topology import Topology
@@ -53,12 +54,23 @@ class Fault:
     """start, healed, end: seconds since the run's start."""
 
 
-def _http(method: str, url: str, body: Any = None, timeout: float = 2.0) -> Any:
+def _http(
+    method: str,
+    url: str,
+    body: Any = None,
+    timeout: float = 2.0,
+    headers: dict[str, str] | None = None,
+) -> Any:
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method)
+    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
     request.add_header("Content-Type", "application/json")
     with urllib.request.urlopen(request, timeout=timeout) as reply:
         return json.load(reply)
+
+
+def _control(mesh: Mesh, method: str, url: str, body: Any = None) -> Any:
+    """A request to a control route (``/faults``, ``/_control/faults``): with the admin token."""
+    return _http(method, url, body, headers=admin_authorization(mesh.environ))
 
 
 def _restart(mesh: Mesh, name: str) -> None:
@@ -101,13 +113,14 @@ def all_faults() -> list[Fault]:
             target="risk-service",
             expect_open=False,
             duration_s=10.0,
-            inject=lambda mesh, topo: _http(
+            inject=lambda mesh, topo: _control(
+                mesh,
                 "PUT",
                 f"http://{topo.admin_address('risk-service')}/faults",
                 [{"method": "/paymesh.risk.v1.RiskService/*", "delay_ms": 1500, "rate": 1.0}],
             ),
-            heal=lambda mesh, topo: _http(
-                "DELETE", f"http://{topo.admin_address('risk-service')}/faults"
+            heal=lambda mesh, topo: _control(
+                mesh, "DELETE", f"http://{topo.admin_address('risk-service')}/faults"
             ),
         ),
         Fault(
@@ -117,13 +130,14 @@ def all_faults() -> list[Fault]:
             target="payment-channel",
             expect_open=True,
             duration_s=12.0,
-            inject=lambda mesh, topo: _http(
+            inject=lambda mesh, topo: _control(
+                mesh,
                 "POST",
                 f"http://{topo.sandbox_address()}/_control/faults",
                 {"partner": "payment-channel", "error_rate": 1.0, "status": 503},
             ),
-            heal=lambda mesh, topo: _http(
-                "DELETE", f"http://{topo.sandbox_address()}/_control/faults"
+            heal=lambda mesh, topo: _control(
+                mesh, "DELETE", f"http://{topo.sandbox_address()}/_control/faults"
             ),
         ),
         Fault(
@@ -367,6 +381,9 @@ async def run(
         import shutil
 
         shutil.rmtree(var_dir)
+    # The faults below switch /faults and the sandbox's /_control/faults: both need this.
+    environ[FAULT_INJECTION_VAR] = "1"
+    environ = with_admin_token(environ, var_dir)
     mesh = Mesh(environ=environ, var_dir=var_dir)
     topology = Topology(environ=mesh.environ)
     addresses = {name: m.address for name, m in mesh.members.items()}

@@ -18,8 +18,9 @@ from interceptors.errors import error_info, status_from_metadata
 from paymesh.accounting.v1 import accounting_pb2, accounting_pb2_grpc
 from paymesh.common.v1 import common_pb2
 from services.accounting.__main__ import build
-from tests.servers import running_service
+from tests.servers import granted_stub, running_service
 
+NAME = "accounting-service"
 DEBIT = accounting_pb2.ENTRY_DIRECTION_DEBIT
 CREDIT = accounting_pb2.ENTRY_DIRECTION_CREDIT
 CLEARING = "platform/psp_clearing"
@@ -33,12 +34,10 @@ Ledger = accounting_pb2_grpc.AccountingServiceStub
 @pytest.fixture
 async def ledger(tmp_path: Path) -> AsyncIterator[Ledger]:
     async with (
-        running_service(
-            "accounting-service", build, environ={"PAYMESH_VAR_DIR": str(tmp_path)}
-        ) as address,
-        aio.insecure_channel(address) as channel,
+        running_service(NAME, build, environ={"PAYMESH_VAR_DIR": str(tmp_path)}) as address,
+        granted_stub(address, accounting_pb2_grpc.AccountingServiceStub, NAME) as stub,
     ):
-        yield accounting_pb2_grpc.AccountingServiceStub(channel)
+        yield stub
 
 
 def _posting(
@@ -474,12 +473,9 @@ async def test_random_postings_keep_every_currency_summing_to_zero(
 ) -> None:
     with tempfile.TemporaryDirectory() as var_dir:
         async with (
-            running_service(
-                "accounting-service", build, environ={"PAYMESH_VAR_DIR": var_dir}
-            ) as address,
-            aio.insecure_channel(address) as channel,
+            running_service(NAME, build, environ={"PAYMESH_VAR_DIR": var_dir}) as address,
+            granted_stub(address, accounting_pb2_grpc.AccountingServiceStub, NAME) as stub,
         ):
-            stub = accounting_pb2_grpc.AccountingServiceStub(channel)
             posted: list[str] = []
             for index, (postings, guards, balanced) in enumerate(batch):
                 request = accounting_pb2.PostTransactionRequest(

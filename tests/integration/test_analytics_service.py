@@ -15,7 +15,7 @@ from interceptors.errors import error_info, status_from_metadata
 from paymesh.analytics.v1 import analytics_pb2, analytics_pb2_grpc
 from paymesh.common.v1 import common_pb2
 from services.analytics.__main__ import build
-from tests.servers import running_service
+from tests.servers import granted_stub, running_service
 
 SUCCEEDED = analytics_pb2.EVENT_TYPE_PAYMENT_SUCCEEDED
 DECLINED = analytics_pb2.EVENT_TYPE_PAYMENT_DECLINED
@@ -32,9 +32,9 @@ async def analytics(tmp_path: Path) -> AsyncIterator[Analytics]:
         running_service(
             "analytics-service", build, environ={"PAYMESH_VAR_DIR": str(tmp_path)}
         ) as address,
-        aio.insecure_channel(address) as channel,
+        granted_stub(address, analytics_pb2_grpc.AnalyticsServiceStub, "analytics-service") as stub,
     ):
-        yield analytics_pb2_grpc.AnalyticsServiceStub(channel)
+        yield stub
 
 
 def _at(seconds: int) -> Timestamp:

@@ -18,8 +18,10 @@ from paymesh.order.v1 import order_pb2, order_pb2_grpc
 from services.bootstrap import Context, Registration, ServiceContext, StartupError, serve
 from services.order.servicer import OrderServicer
 from services.order.store import OrderStore
+from services.tls import PKI_DIR_VAR
 from services.topology import Topology
-from tests.servers import running_service
+from tests import servers
+from tests.servers import granted_stub, mesh_channel, running_service
 
 ORDER_SERVICE = "paymesh.order.v1.OrderService"
 
@@ -46,6 +48,16 @@ class CrashingOrders(OrderServicer):
         raise KeyError("a bug")
 
 
+def _environ(address: str) -> dict[str, str]:
+    """Overrides of a service started with ``serve`` itself: its address, an ephemeral admin
+    port and the test PKI (never ``var/pki`` of the working tree)."""
+    return {
+        "ORDER_SERVICE_ADDR": address,
+        "ORDER_SERVICE_ADMIN_ADDR": "127.0.0.1:0",
+        PKI_DIR_VAR: str(servers.test_pki_dir()),
+    }
+
+
 def _builder(servicer_type: type[OrderServicer], tmp_path: Path, **attrs: object):  # type: ignore[no-untyped-def]
     def build(context: ServiceContext) -> list[Registration]:
         servicer = servicer_type(OrderStore(tmp_path / "orders.db"))
@@ -64,7 +76,7 @@ def _builder(servicer_type: type[OrderServicer], tmp_path: Path, **attrs: object
 
 async def test_health_lists_overall_and_own_services(tmp_path: Path) -> None:
     async with running_service("order-service", _builder(OrderServicer, tmp_path)) as address:
-        async with aio.insecure_channel(address) as channel:
+        async with mesh_channel(address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             listed = await health.List(health_pb2.HealthListRequest())
             overall = await health.Check(health_pb2.HealthCheckRequest(service=""))
@@ -78,7 +90,7 @@ async def test_health_lists_overall_and_own_services(tmp_path: Path) -> None:
 @pytest.mark.parametrize("version", ["v1alpha", "v1"])
 async def test_reflection_describes_the_service(tmp_path: Path, version: str) -> None:
     async with running_service("order-service", _builder(OrderServicer, tmp_path)) as address:
-        async with aio.insecure_channel(address) as channel:
+        async with mesh_channel(address) as channel:  # reflection is for verified identities
             method = f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo"
             call = channel.stream_stream(
                 method,
@@ -102,7 +114,7 @@ async def test_stop_lets_calls_in_flight_finish_and_turns_health_not_serving(
     started = asyncio.Event()
     stop = asyncio.Event()
     ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-    environ = {"ORDER_SERVICE_ADDR": "127.0.0.1:0"}
+    environ = _environ("127.0.0.1:0")
     server = asyncio.create_task(
         serve(
             "order-service",
@@ -114,11 +126,9 @@ async def test_stop_lets_calls_in_flight_finish_and_turns_health_not_serving(
         )
     )
     address = await ready
-    async with aio.insecure_channel(address) as channel:
+    async with granted_stub(address, order_pb2_grpc.OrderServiceStub, "order-service") as orders:
         in_flight = asyncio.ensure_future(
-            order_pb2_grpc.OrderServiceStub(channel).GetOrder(
-                order_pb2.GetOrderRequest(order_id="o1"), timeout=10
-            )
+            orders.GetOrder(order_pb2.GetOrderRequest(order_id="o1"), timeout=10)
         )
         await started.wait()
         stop.set()
@@ -130,12 +140,12 @@ async def test_stop_lets_calls_in_flight_finish_and_turns_health_not_serving(
 async def test_unexpected_exception_is_internal_with_error_info_and_no_traceback(
     tmp_path: Path,
 ) -> None:
-    async with running_service("order-service", _builder(CrashingOrders, tmp_path)) as address:
-        async with aio.insecure_channel(address) as channel:
-            with pytest.raises(aio.AioRpcError) as caught:
-                await order_pb2_grpc.OrderServiceStub(channel).GetOrder(
-                    order_pb2.GetOrderRequest(order_id="o1")
-                )
+    async with (
+        running_service("order-service", _builder(CrashingOrders, tmp_path)) as address,
+        granted_stub(address, order_pb2_grpc.OrderServiceStub, "order-service") as orders,
+    ):
+        with pytest.raises(aio.AioRpcError) as caught:
+            await orders.GetOrder(order_pb2.GetOrderRequest(order_id="o1"))
     error = caught.value
     assert error.code() == grpc.StatusCode.INTERNAL
     assert "Traceback" not in (error.details() or "")
@@ -155,7 +165,7 @@ async def test_taken_port_is_a_startup_error(tmp_path: Path) -> None:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        environ = {"ORDER_SERVICE_ADDR": f"127.0.0.1:{port}"}
+        environ = _environ(f"127.0.0.1:{port}")
         with pytest.raises(StartupError, match="cannot listen"):
             await serve(
                 "order-service",
@@ -170,6 +180,6 @@ async def test_missing_declared_service_is_a_startup_error(tmp_path: Path) -> No
         await serve(
             "order-service",
             lambda context: [],
-            topology=Topology(environ={"ORDER_SERVICE_ADDR": "127.0.0.1:0"}),
+            topology=Topology(environ=_environ("127.0.0.1:0")),
             stop=asyncio.Event(),
         )

@@ -23,9 +23,18 @@ from interceptors.errors import error_info, status_from_metadata
 from paymesh.channel_adapter.v1 import channel_adapter_pb2 as pb
 from paymesh.channel_adapter.v1 import channel_adapter_pb2_grpc as pb_grpc
 from paymesh.common.v1 import common_pb2
+from services.admin_token import (
+    FAULT_INJECTION_VAR,
+    ControlAccess,
+    admin_authorization,
+    with_admin_token,
+)
 from services.channel_adapter.__main__ import build
 from services.partners.sandbox import SandboxState
-from tests.servers import running_sandbox, running_service
+from tests.servers import granted_stub, running_sandbox, running_service
+
+#: The sandbox's address, state and the headers that open its fault switches.
+Sandbox = tuple[str, SandboxState, dict[str, str]]
 
 
 @dataclass
@@ -33,37 +42,39 @@ class Adapter:
     stub: pb_grpc.ChannelAdapterServiceStub
     sandbox: str
     state: SandboxState
+    control: dict[str, str]
 
 
 @pytest.fixture
-def sandbox() -> Iterator[tuple[str, SandboxState]]:
-    with running_sandbox() as running:
-        yield running
+def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
+    control = with_admin_token({FAULT_INJECTION_VAR: "1"}, tmp_path)
+    with running_sandbox(ControlAccess.from_environ(control)) as (address, state):
+        yield address, state, admin_authorization(control)
 
 
-async def _adapter(
-    tmp_path: Path, sandbox: tuple[str, SandboxState], **environ: str
-) -> AsyncIterator[Adapter]:
+async def _adapter(tmp_path: Path, sandbox: Sandbox, **environ: str) -> AsyncIterator[Adapter]:
     env = {"PAYMESH_VAR_DIR": str(tmp_path), "PARTNER_SANDBOX_ADDR": sandbox[0], **environ}
     async with (
         running_service("channel-adapter", build, environ=env) as address,
-        aio.insecure_channel(address) as channel,
+        granted_stub(address, pb_grpc.ChannelAdapterServiceStub, "channel-adapter") as stub,
     ):
-        yield Adapter(pb_grpc.ChannelAdapterServiceStub(channel), *sandbox)
+        yield Adapter(stub, *sandbox)
 
 
 @pytest.fixture
-async def adapter(tmp_path: Path, sandbox: tuple[str, SandboxState]) -> AsyncIterator[Adapter]:
+async def adapter(tmp_path: Path, sandbox: Sandbox) -> AsyncIterator[Adapter]:
     async for running in _adapter(tmp_path, sandbox):
         yield running
 
 
-def _post(address: str, path: str, body: dict[str, Any]) -> Any:
+def _post(
+    address: str, path: str, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> Any:
     request = urllib.request.Request(
         f"http://{address}{path}",
         data=json.dumps(body).encode(),
         method="POST",
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", **(headers or {})},
     )
     with urllib.request.urlopen(request, timeout=5) as reply:
         return json.loads(reply.read())
@@ -71,7 +82,11 @@ def _post(address: str, path: str, body: dict[str, Any]) -> Any:
 
 async def _fault(adapter: Adapter, partner: str) -> None:
     await asyncio.to_thread(
-        _post, adapter.sandbox, "/_control/faults", {"partner": partner, "error_rate": 1.0}
+        _post,
+        adapter.sandbox,
+        "/_control/faults",
+        {"partner": partner, "error_rate": 1.0},
+        adapter.control,
     )
 
 
@@ -167,9 +182,7 @@ async def test_exchange_rate_is_served_from_cache_within_ttl(adapter: Adapter) -
     assert adapter.state.requests["exchange-rate"] == 1
 
 
-async def test_zero_ttl_fetches_the_rate_every_time(
-    tmp_path: Path, sandbox: tuple[str, SandboxState]
-) -> None:
+async def test_zero_ttl_fetches_the_rate_every_time(tmp_path: Path, sandbox: Sandbox) -> None:
     async for running in _adapter(tmp_path, sandbox, CHANNEL_ADAPTER_RATE_TTL_S="0"):
         request = pb.GetExchangeRateRequest(source_currency_code="GBP", target_currency_code="EUR")
         await running.stub.GetExchangeRate(request)

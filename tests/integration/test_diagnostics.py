@@ -8,16 +8,16 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from paymesh.mesh.v1 import mesh_pb2, mesh_pb2_grpc
 from paymesh.order.v1 import order_pb2, order_pb2_grpc
+from services import pki
 from services.launcher import free_port
 from services.order.__main__ import build as build_order
 from services.risk.__main__ import build as build_risk
-from tests.servers import running_sandbox, running_service
+from tests.servers import granted_stub, mesh_channel, running_sandbox, running_service
 
 ORDER_SERVICE = "paymesh.order.v1.OrderService"
 
@@ -33,13 +33,13 @@ def _remove_database(var_dir: Path) -> None:
 
 
 async def _diagnostics(address: str) -> mesh_pb2.GetDiagnosticsResponse:
-    async with aio.insecure_channel(address) as channel:
+    async with mesh_channel(address, as_=pki.OPERATOR) as channel:  # the operator's RPC
         stub = mesh_pb2_grpc.DiagnosticsServiceStub(channel)
         return await stub.GetDiagnostics(mesh_pb2.GetDiagnosticsRequest(), timeout=5)
 
 
 async def _health(address: str, service: str) -> int:
-    async with aio.insecure_channel(address) as channel:
+    async with mesh_channel(address, as_=pki.OPERATOR) as channel:  # as the launcher probes
         stub = health_pb2_grpc.HealthStub(channel)
         reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
         return int(reply.status)
@@ -49,10 +49,10 @@ async def test_metrics_endpoint_serves_prometheus_text_counting_real_rpcs(tmp_pa
     admin = f"127.0.0.1:{free_port()}"
     environ = {"PAYMESH_VAR_DIR": str(tmp_path), "ORDER_SERVICE_ADMIN_ADDR": admin}
     async with running_service("order-service", build_order, environ=environ) as address:
-        async with aio.insecure_channel(address) as channel:
-            await order_pb2_grpc.OrderServiceStub(channel).ListOrders(
-                order_pb2.ListOrdersRequest(), timeout=5
-            )
+        async with granted_stub(
+            address, order_pb2_grpc.OrderServiceStub, "order-service"
+        ) as orders:
+            await orders.ListOrders(order_pb2.ListOrdersRequest(), timeout=5)
         content_type, text = await asyncio.to_thread(_get, f"http://{admin}/metrics")
 
     assert content_type.startswith("text/plain; version=0.0.4")

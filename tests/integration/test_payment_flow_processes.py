@@ -35,6 +35,7 @@ from paymesh.payment_gateway.v1 import payment_gateway_pb2 as gw
 from paymesh.payment_gateway.v1 import payment_gateway_pb2_grpc
 from paymesh.settlement.v1 import settlement_pb2, settlement_pb2_grpc
 from paymesh.withdrawal.v1 import withdrawal_pb2, withdrawal_pb2_grpc
+from services.admin_token import FAULT_INJECTION_VAR, admin_authorization, with_admin_token
 from services.launcher import Mesh, ephemeral_environ
 from services.topology import Topology
 
@@ -50,17 +51,33 @@ TERMINAL = {
 
 @dataclass
 class Clients:
-    """Stubs of every service of a running mesh, over plain channels (a caller's view)."""
+    """Stubs of every service of a running mesh: the operator's over mTLS, and the merchant's
+    view of the gateway and merchant-service (their public TLS ports, API key in metadata)."""
 
     mesh: Mesh
     channels: list[grpc.Channel]
 
     def _channel(self, name: str) -> grpc.Channel:
-        channel = grpc.insecure_channel(self.mesh.members[name].address)
+        channel = self.mesh.operator.sync_channel(name, self.mesh.members[name].address)
+        self.channels.append(channel)
+        return channel
+
+    def _public(self, name: str) -> grpc.Channel:
+        files = self.mesh.operator.files
+        assert files is not None
+        channel = grpc.secure_channel(
+            self.mesh.members[name].public_address,
+            grpc.ssl_channel_credentials(root_certificates=files.ca.read_bytes()),
+            options=[("grpc.ssl_target_name_override", name)],
+        )
         self.channels.append(channel)
         return channel
 
     def __post_init__(self) -> None:
+        self.pay = payment_gateway_pb2_grpc.PaymentGatewayServiceStub(
+            self._public("payment-gateway")
+        )
+        self.my_profile = merchant_pb2_grpc.MerchantServiceStub(self._public("merchant-service"))
         self.merchants = merchant_pb2_grpc.MerchantServiceStub(self._channel("merchant-service"))
         self.auth = merchant_auth_pb2_grpc.MerchantAuthServiceStub(
             self._channel("merchant-auth-service")
@@ -92,14 +109,22 @@ class Clients:
     def admin(self, name: str, method: str, path: str, body: object = None) -> object:
         address = Topology(environ=self.mesh.environ).admin_address(name)
         data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(f"http://{address}{path}", data=data, method=method)
+        request = urllib.request.Request(
+            f"http://{address}{path}",
+            data=data,
+            method=method,
+            headers=admin_authorization(self.mesh.environ),
+        )
         with urllib.request.urlopen(request, timeout=10) as reply:
             return json.loads(reply.read())
 
 
 @pytest.fixture(scope="module")
 def clients(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clients]:
-    mesh = Mesh(environ=ephemeral_environ(), var_dir=tmp_path_factory.mktemp("flow"))
+    var_dir = tmp_path_factory.mktemp("flow")
+    # test_gateway_killed_mid_payment holds a step with /faults.
+    environ = with_admin_token({**ephemeral_environ(), FAULT_INJECTION_VAR: "1"}, var_dir)
+    mesh = Mesh(environ=environ, var_dir=var_dir)
     mesh.start(timeout_s=90)
     made = Clients(mesh, [])
     try:
@@ -131,13 +156,14 @@ def _onboard(clients: Clients, name: str = "Kaffeehaus Zentral") -> tuple[str, s
     return merchant.merchant_id, issued.secret
 
 
-def _payment(
-    merchant_id: str, api_key: str, request_id: str, amount: int = 4200
-) -> gw.CreatePaymentRequest:
+def _key(api_key: str) -> tuple[tuple[str, str]]:
+    return (("authorization", f"Bearer {api_key}"),)
+
+
+def _payment(merchant_id: str, request_id: str, amount: int = 4200) -> gw.CreatePaymentRequest:
     return gw.CreatePaymentRequest(
         request_id=request_id,
         merchant_id=merchant_id,
-        api_key=api_key,
         amount=common_pb2.Money(amount_minor=amount, currency_code="EUR"),
         payment_method_token="tok_visa",
         customer_ip="192.0.2.10",
@@ -155,13 +181,13 @@ def _balance(clients: Clients, account: str, currency: str = "EUR") -> int:
 
 def test_onboarding_payment_refund_dashboard_settlement_withdrawal(clients: Clients) -> None:
     merchant_id, api_key = _onboard(clients)
-    who = clients.auth.AuthenticateApiKey(
-        merchant_auth_pb2.AuthenticateApiKeyRequest(api_key=api_key), timeout=10
+    who = clients.my_profile.GetMerchant(
+        merchant_pb2.GetMerchantRequest(), timeout=10, metadata=_key(api_key)
     )
-    assert (who.merchant_id, who.active) == (merchant_id, True)
+    assert who.merchant.merchant_id == merchant_id
 
-    payment = clients.gateway.CreatePayment(
-        _payment(merchant_id, api_key, "order-1001"), timeout=30
+    payment = clients.pay.CreatePayment(
+        _payment(merchant_id, "order-1001"), timeout=30, metadata=_key(api_key)
     ).payment
     assert payment.status == gw.PAYMENT_STATUS_SUCCEEDED, payment.failure_reason
     order = clients.orders.GetOrder(
@@ -179,15 +205,15 @@ def test_onboarding_payment_refund_dashboard_settlement_withdrawal(clients: Clie
     assert transaction.transaction_id == payment.ledger_transaction_id
     assert _balance(clients, f"merchants/{merchant_id}/available") == 4200
 
-    refund = clients.gateway.RefundPayment(
+    refund = clients.pay.RefundPayment(
         gw.RefundPaymentRequest(
             request_id="refund-1",
             payment_id=payment.payment_id,
-            api_key=api_key,
             amount=common_pb2.Money(amount_minor=1200, currency_code="EUR"),
             reason="one coffee spilled",
         ),
         timeout=30,
+        metadata=_key(api_key),
     )
     assert refund.payment.status == gw.PAYMENT_STATUS_PARTIALLY_REFUNDED
     assert _balance(clients, f"merchants/{merchant_id}/available") == 3000
@@ -229,21 +255,24 @@ def test_onboarding_payment_refund_dashboard_settlement_withdrawal(clients: Clie
 
 
 def test_create_payment_through_buf_curl_and_replay(clients: Clients) -> None:
-    merchant_id, api_key = _onboard(clients, "Buf Curl Bakery")
+    _, api_key = _onboard(clients, "Buf Curl Bakery")
     body = {
         "request_id": "curl-1",
-        "merchant_id": merchant_id,
-        "api_key": api_key,
         "amount": {"amount_minor": "990", "currency_code": "EUR"},
         "payment_method_token": "tok_visa",
         "customer_ip": "192.0.2.44",
         "customer_country_code": "DE",
     }
+    # As a merchant: the public TLS port, the mesh CA to verify it, the key as a header.
     url = (
-        f"http://{clients.mesh.members['payment-gateway'].address}"
+        f"https://{clients.mesh.members['payment-gateway'].public_address}"
         "/paymesh.payment_gateway.v1.PaymentGatewayService/CreatePayment"
     )
-    command = [str(BUF), "curl", "--protocol", "grpc", "--http2-prior-knowledge", "-d"]
+    files = clients.mesh.operator.files
+    assert files is not None
+    schema = str(Path(__file__).resolve().parents[2] / "protos")
+    command = [str(BUF), "curl", "--protocol", "grpc", "--schema", schema]
+    command += ["--cacert", str(files.ca), "-H", f"authorization: Bearer {api_key}", "-d"]
     first = subprocess.run(
         [*command, json.dumps(body), url], capture_output=True, text=True, check=False, timeout=60
     )
@@ -296,14 +325,14 @@ def test_gateway_killed_mid_payment_recovers_with_at_most_one_charge(
     clients: Clients, service: str, method: str
 ) -> None:
     merchant_id, api_key = _onboard(clients, f"Crash Cafe {service}")
-    request = _payment(merchant_id, api_key, f"crash-{service}", amount=777)
+    request = _payment(merchant_id, f"crash-{service}", amount=777)
     # Hold the payment at one step: the downstream answers only after a delay.
     clients.admin(service, "PUT", "/faults", [{"method": method, "delay_ms": 3000}])
     outcome: list[object] = []
 
     def pay() -> None:
         try:
-            outcome.append(clients.gateway.CreatePayment(request, timeout=30))
+            outcome.append(clients.pay.CreatePayment(request, timeout=30, metadata=_key(api_key)))
         except grpc.RpcError as exc:
             outcome.append(exc)
 
@@ -338,7 +367,7 @@ def test_gateway_killed_mid_payment_recovers_with_at_most_one_charge(
     assert final.status in TERMINAL, final
 
     # The merchant's retry with the same key replays the outcome instead of paying again.
-    replay = clients.gateway.CreatePayment(request, timeout=30).payment
+    replay = clients.pay.CreatePayment(request, timeout=30, metadata=_key(api_key)).payment
     assert (replay.payment_id, replay.status) == (payment_id, final.status)
 
     charges = clients.sandbox(f"/payment-channel/charges?reference={payment_id}")

@@ -20,9 +20,15 @@ from grpc import aio
 from paymesh.common.v1 import common_pb2
 from paymesh.risk.v1 import risk_pb2 as pb
 from paymesh.risk.v1 import risk_pb2_grpc as pb_grpc
+from services.admin_token import (
+    FAULT_INJECTION_VAR,
+    ControlAccess,
+    admin_authorization,
+    with_admin_token,
+)
 from services.partners.sandbox import SandboxState
 from services.risk.__main__ import build
-from tests.servers import running_sandbox, running_service
+from tests.servers import granted_stub, running_sandbox, running_service
 
 ORDINARY_IP = "192.0.2.10"
 
@@ -32,17 +38,20 @@ class Risk:
     stub: pb_grpc.RiskServiceStub
     sandbox: str
     state: SandboxState
+    control: dict[str, str]
+    """Headers that open the sandbox's fault switches."""
 
 
 @pytest.fixture
 async def risk(tmp_path: Path) -> AsyncIterator[Risk]:
-    with running_sandbox() as (sandbox, state):
+    control = with_admin_token({FAULT_INJECTION_VAR: "1"}, tmp_path)
+    with running_sandbox(ControlAccess.from_environ(control)) as (sandbox, state):
         env = {"PAYMESH_VAR_DIR": str(tmp_path), "PARTNER_SANDBOX_ADDR": sandbox}
         async with (
             running_service("risk-service", build, environ=env) as address,
-            aio.insecure_channel(address) as channel,
+            granted_stub(address, pb_grpc.RiskServiceStub, "risk-service") as stub,
         ):
-            yield Risk(pb_grpc.RiskServiceStub(channel), sandbox, state)
+            yield Risk(stub, sandbox, state, admin_authorization(control))
 
 
 def _assess(
@@ -71,7 +80,7 @@ def _codes(assessment: pb.RiskAssessment) -> list[str]:
 async def _geo_down(risk: Risk) -> None:
     body = json.dumps({"partner": "geo-ip", "error_rate": 1.0}).encode()
     request = urllib.request.Request(
-        f"http://{risk.sandbox}/_control/faults", data=body, method="POST"
+        f"http://{risk.sandbox}/_control/faults", data=body, method="POST", headers=risk.control
     )
     await asyncio.to_thread(lambda: urllib.request.urlopen(request, timeout=5).close())
 

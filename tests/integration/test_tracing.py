@@ -69,7 +69,14 @@ from tests.integration.harness import (
     stub_for,
 )
 from tests.integration.test_chain_http import PARTNER, Reply, partner_server
-from tests.servers import running_sandbox, running_service
+from tests.servers import (
+    ServedAddress,
+    bearer,
+    granted_stub,
+    public_channel,
+    running_sandbox,
+    running_service,
+)
 
 #: Every service one CreatePayment reaches (merchant-service through merchant-auth).
 PAYMENT_SERVICES = {
@@ -127,9 +134,9 @@ async def traced_mesh(tmp_path: Path) -> AsyncIterator[TracedMesh]:
     async with contextlib.AsyncExitStack() as stack:
         sandbox_address, _ = stack.enter_context(running_sandbox())
         base = {"PAYMESH_VAR_DIR": str(tmp_path), "PARTNER_SANDBOX_ADDR": sandbox_address}
-        addresses: dict[str, str] = {}
+        addresses: dict[str, ServedAddress] = {}
 
-        async def start(name: str, build: Any, **extra: str) -> str:
+        async def start(name: str, build: Any, **extra: str) -> ServedAddress:
             addresses[name] = await stack.enter_async_context(
                 running_service(name, build, environ={**base, **extra}, span_processors=processors)
             )
@@ -158,15 +165,24 @@ async def traced_mesh(tmp_path: Path) -> AsyncIterator[TracedMesh]:
             PAYMENT_GATEWAY_RECOVERY_INTERVAL_S="3600",
             **downstream,
         )
-        merchant_channel = await stack.enter_async_context(
-            aio.insecure_channel(addresses["merchant-service"])
+        merchants = await stack.enter_async_context(
+            granted_stub(
+                addresses["merchant-service"],
+                merchant_pb2_grpc.MerchantServiceStub,
+                "merchant-service",
+            )
         )
-        auth_channel = await stack.enter_async_context(
-            aio.insecure_channel(addresses["merchant-auth-service"])
+        auth = await stack.enter_async_context(
+            granted_stub(
+                addresses["merchant-auth-service"],
+                merchant_auth_pb2_grpc.MerchantAuthServiceStub,
+                "merchant-auth-service",
+            )
         )
-        gateway_channel = await stack.enter_async_context(aio.insecure_channel(gateway_address))
+        # Merchants pay on the gateway's public TLS port, their key in bearer metadata.
+        gateway_channel = await stack.enter_async_context(public_channel(gateway_address.public))
         merchant = (
-            await merchant_pb2_grpc.MerchantServiceStub(merchant_channel).CreateMerchant(
+            await merchants.CreateMerchant(
                 merchant_pb2.CreateMerchantRequest(
                     request_id="onboard-1",
                     name="Test Shop",
@@ -177,7 +193,7 @@ async def traced_mesh(tmp_path: Path) -> AsyncIterator[TracedMesh]:
                 )
             )
         ).merchant
-        key = await merchant_auth_pb2_grpc.MerchantAuthServiceStub(auth_channel).IssueApiKey(
+        key = await auth.IssueApiKey(
             merchant_auth_pb2.IssueApiKeyRequest(
                 request_id="key-1", merchant_id=merchant.merchant_id, label="test"
             )
@@ -196,13 +212,13 @@ async def _pay(mesh: TracedMesh) -> pg.Payment:
         pg.CreatePaymentRequest(
             request_id="pay-1",
             merchant_id=mesh.merchant_id,
-            api_key=mesh.api_key,
             amount=common_pb2.Money(amount_minor=2500, currency_code="EUR"),
             payment_method_token="tok_visa",
             customer_ip="192.0.2.10",
             description="two books",
             merchant_order_reference="cart-17",
-        )
+        ),
+        metadata=bearer(mesh.api_key),
     )
     return reply.payment
 
@@ -465,12 +481,12 @@ async def test_spans_reach_an_otlp_receiver_over_grpc_when_the_endpoint_is_set(
 ) -> None:
     with running_receiver() as (endpoint, receiver):
         environ = {"PAYMESH_VAR_DIR": str(tmp_path), "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}
-        async with running_service("order-service", build_order, environ=environ) as address:
-            async with aio.insecure_channel(address) as channel:
-                with pytest.raises(aio.AioRpcError):
-                    await order_pb2_grpc.OrderServiceStub(channel).GetOrder(
-                        order_pb2.GetOrderRequest(order_id="no-such-order")
-                    )
+        async with (
+            running_service("order-service", build_order, environ=environ) as address,
+            granted_stub(address, order_pb2_grpc.OrderServiceStub, "order-service") as orders,
+        ):
+            with pytest.raises(aio.AioRpcError):
+                await orders.GetOrder(order_pb2.GetOrderRequest(order_id="no-such-order"))
         # Stopping the service flushed its batch; the receiver runs in its own threads.
         wanted = ("order-service", "/paymesh.order.v1.OrderService/GetOrder")
         await eventually(lambda: wanted in receiver.spans())
