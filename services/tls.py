@@ -154,7 +154,7 @@ class TransportSecurity:
         if self.files is None:
             return
         try:
-            ca, cert, key = self.files.read()
+            _, cert, key = self.files.read()
         except OSError as exc:
             raise TlsConfigError(f"cannot read TLS file: {exc}") from exc
         problem = pki.certificate_problem(cert, key, now=datetime.datetime.now(datetime.UTC))
