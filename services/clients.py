@@ -97,7 +97,8 @@ class ClientFactory:
             return False
         self._fingerprint = current
         for channel in self._channels.values():
-            task = asyncio.get_running_loop().create_task(channel.replace(ROTATION_GRACE_S))
+            old = channel.replace()
+            task = asyncio.get_running_loop().create_task(old.close(grace=ROTATION_GRACE_S))
             self._retired.add(task)
             task.add_done_callback(self._retired.discard)
         log.info("client channels rebuilt with the rotated identity of %s", self._caller)
@@ -147,11 +148,11 @@ class RotatingChannel(aio.Channel):
         """The channel calls go to now."""
         return self._current
 
-    async def replace(self, grace_s: float) -> None:
-        """Open a new channel for new calls; close the old one after ``grace_s``."""
+    def replace(self) -> aio.Channel:
+        """Open a new channel for new calls; returns the old one for the caller to close."""
         old, self._current = self._current, self._open()
         self.generation += 1
-        await old.close(grace=grace_s)
+        return old
 
     def _multicallable(self, kind: str, method: str, kwargs: dict[str, Any]) -> Any:
         return _RotatingCallable(self, kind, method, kwargs)

@@ -27,6 +27,7 @@ from services.tls import operator_security
 from services.topology import SERVICES, ServiceSpec
 
 BUF = Path(sys.executable).parent / "buf"
+PROTOS = Path(__file__).resolve().parents[2] / "protos"
 
 #: One read RPC per service with a request it answers from its own store (or partner).
 READS: dict[str, tuple[str, dict[str, str]]] = {
@@ -280,6 +281,8 @@ def test_buf_curl_without_a_client_certificate_is_refused(mesh: Mesh) -> None:
             "curl",
             "--protocol",
             "grpc",
+            "--schema",
+            str(PROTOS),
             "--cacert",
             str(files.ca),
             "-d",

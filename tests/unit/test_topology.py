@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from services.authz import method_paths
 from services.topology import (
+    ALL_METHODS,
     PARTNER_SANDBOX_PORT,
     PARTNERS,
     SERVICES,
@@ -109,9 +111,30 @@ def test_duplicate_name_is_rejected() -> None:
 
 
 def test_edge_to_an_undeclared_service_is_rejected() -> None:
-    rogue = dataclasses.replace(SERVICES[2], calls=("ledger-service",))
+    rogue = dataclasses.replace(SERVICES[2], calls={"ledger-service": ALL_METHODS})
     with pytest.raises(TopologyError, match="'ledger-service' is not declared"):
         validate((*SERVICES[:2], rogue, *SERVICES[3:]), PARTNERS)
+
+
+def test_edge_that_grants_no_method_is_rejected() -> None:
+    rogue = dataclasses.replace(SERVICES[2], calls={"accounting-service": ()})
+    with pytest.raises(TopologyError, match="grants no method"):
+        validate((*SERVICES[:2], rogue, *SERVICES[3:]), PARTNERS)
+
+
+def test_merchant_methods_need_a_public_port_and_a_key_check() -> None:
+    no_port = dataclasses.replace(SERVICES[2], merchant_methods=("GetOrder",))
+    with pytest.raises(TopologyError, match="public port"):
+        validate((*SERVICES[:2], no_port, *SERVICES[3:]), PARTNERS)
+    no_check = dataclasses.replace(no_port, public_port=42004)
+    with pytest.raises(TopologyError, match="AuthenticateApiKey"):
+        validate((*SERVICES[:2], no_check, *SERVICES[3:]), PARTNERS)
+
+
+def test_a_grant_naming_no_method_of_the_target_stops_authorization() -> None:
+    spec = dataclasses.replace(SERVICES[2], operator_methods=("DropAllOrders",))
+    with pytest.raises(TopologyError, match="has no method DropAllOrders"):
+        method_paths(spec, spec.operator_methods)
 
 
 def test_edge_to_an_undeclared_partner_is_rejected() -> None:
