@@ -98,6 +98,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The TLS handshake with the target failed (untrusted, expired or wrong certificate) (UNAVAILABLE)."""
     ERROR_REASON_FAULT_INJECTED: _ErrorReason.ValueType  # 31
     """A fault was injected on purpose by the chaos tooling (any code)."""
+    ERROR_REASON_CONCURRENCY_LIMITED: _ErrorReason.ValueType  # 32
+    """The caller already has as many calls in flight to the target as its policy allows, so this one failed fast locally (UNAVAILABLE)."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Stable machine-readable reasons put (without the ERROR_REASON_ prefix) in google.rpc.ErrorInfo.reason."""
@@ -166,6 +168,8 @@ ERROR_REASON_TLS_HANDSHAKE_FAILED: ErrorReason.ValueType  # 30
 """The TLS handshake with the target failed (untrusted, expired or wrong certificate) (UNAVAILABLE)."""
 ERROR_REASON_FAULT_INJECTED: ErrorReason.ValueType  # 31
 """A fault was injected on purpose by the chaos tooling (any code)."""
+ERROR_REASON_CONCURRENCY_LIMITED: ErrorReason.ValueType  # 32
+"""The caller already has as many calls in flight to the target as its policy allows, so this one failed fast locally (UNAVAILABLE)."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final
