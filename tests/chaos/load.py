@@ -58,6 +58,11 @@ class Attempt:
     """Final status code name."""
     timeout_s: float
     """The deadline the client gave the call."""
+    outcome: str = ""
+    """For an answered create: the payment's status name; else the code name."""
+    answered: bool = True
+    """Whether the mesh answered (a reply or a status it sent) before the deadline it got;
+    False only when the client's own deadline expired with no answer."""
 
     @property
     def latency_s(self) -> float:
@@ -65,7 +70,13 @@ class Attempt:
 
     @property
     def ok(self) -> bool:
+        """The mesh answered OK (for a create, whatever the payment's status)."""
         return self.code == "OK"
+
+    @property
+    def succeeded(self) -> bool:
+        """Success as the merchant sees it: a read answered, a payment SUCCEEDED."""
+        return self.ok and (self.kind != "create" or self.outcome == "PAYMENT_STATUS_SUCCEEDED")
 
 
 @dataclass(slots=True)
@@ -79,6 +90,8 @@ class PaymentRun:
     payment_id: str = ""
     final: str = ""
     """Status name of the definite answer, ``GAVE_UP``, or an error code name."""
+    started_at: float | None = None
+    """When the merchant first tried it, in seconds since the run's start."""
 
 
 @dataclass(slots=True)
@@ -187,13 +200,20 @@ class MerchantLoad:
 
     async def _call(self, kind: str, call: asyncio.Future[object] | object) -> tuple[str, object]:
         started = self.now()
-        code, reply = "OK", None
+        code, reply, answered = "OK", None, True
         try:
             reply = await call  # type: ignore[misc]
         except aio.AioRpcError as err:
             code = err.code().name
+            # A status the mesh sent carries its rich details; the client's own timer does not.
+            answered = err.code() != grpc.StatusCode.DEADLINE_EXCEEDED or any(
+                key == "grpc-status-details-bin" for key, _ in err.trailing_metadata() or ()
+            )
+        outcome = code
+        if isinstance(reply, pg.CreatePaymentResponse):
+            outcome = pg.PaymentStatus.Name(reply.payment.status)
         self.record.attempts.append(
-            Attempt(kind, started, self.now(), code, self.attempt_timeout_s)
+            Attempt(kind, started, self.now(), code, self.attempt_timeout_s, outcome, answered)
         )
         return code, reply
 
@@ -205,6 +225,7 @@ class MerchantLoad:
             request_id=f"chaos-{uuid.uuid4().hex}",
             merchant_id=merchant.merchant_id,
             amount_minor=self.rng.randrange(500, 5000),
+            started_at=self.now(),
         )
         self.record.payments.append(run)
         request = pg.CreatePaymentRequest(

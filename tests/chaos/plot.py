@@ -31,7 +31,15 @@ def plot_timeline(report: dict[str, Any], faults: list[Any], path: Path) -> None
         t,
         [None if r["create_success"] is None else 100 * r["create_success"] for r in rows],
         color="#2ca02c",
-        label="CreatePayment attempts OK %",
+        label="payments SUCCEEDED %",
+    )
+    ok_ax.plot(
+        t,
+        [None if r.get("create_answered") is None else 100 * r["create_answered"] for r in rows],
+        color="#9467bd",
+        alpha=0.6,
+        linestyle="--",
+        label="CreatePayment answered OK % (any payment status)",
     )
     ok_ax.plot(
         t,

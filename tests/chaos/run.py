@@ -26,10 +26,18 @@ from services.admin_token import FAULT_INJECTION_VAR, admin_authorization, with_
 from services.launcher import Mesh, ephemeral_environ
 from services.tls import TransportSecurity
 from services.topology import Topology
-from tests.chaos.invariants import Check, check_deadlines, check_money, gateway_payments
+from tests.chaos.invariants import (
+    Check,
+    check_deadlines,
+    check_money,
+    check_success_outside_faults,
+    gateway_payments,
+)
 from tests.chaos.load import Attempt, MerchantLoad, onboard
 
-DEADLINE_MARGIN_S = 0.25
+#: Share of the payments started outside every fault window that must SUCCEED: a run in
+#: which the mesh fails everything would pass every money invariant, so this is one too.
+MIN_SUCCESS_OUTSIDE_FAULTS = 0.95
 RECOVERY_SLACK_S = 5.0
 POLL_S = 0.25
 
@@ -194,6 +202,12 @@ def _pct(values: list[float], q: float) -> float | None:
 
 
 def _rate(attempts: list[Attempt]) -> float | None:
+    """Share that succeeded as the merchant sees it (a payment SUCCEEDED, a read answered)."""
+    return sum(a.succeeded for a in attempts) / len(attempts) if attempts else None
+
+
+def _answered(attempts: list[Attempt]) -> float | None:
+    """Share the mesh answered OK, whatever the payment's status."""
     return sum(a.ok for a in attempts) / len(attempts) if attempts else None
 
 
@@ -232,7 +246,7 @@ def evaluate_fault(
     recovered_at: float | None = None
     for s in seconds:
         tail = [a for a in after if a.started >= s]
-        if tail and all(a.ok for a in tail):
+        if tail and all(a.succeeded for a in tail):
             recovered_at = max(float(s), healed)
             break
     checks = []
@@ -290,6 +304,8 @@ def evaluate_fault(
         },
         "success_rate_during": _rate(during),
         "success_rate_after": _rate(after),
+        "answered_ok_during": _answered(during),
+        "answered_ok_after": _answered(after),
         "attempts_during": len(during),
         "attempts_after": len(after),
         "recovered_after_s": None if recovered_at is None else round(recovered_at - healed, 2),
@@ -314,6 +330,7 @@ def timeline(attempts: list[Attempt], duration: float) -> list[dict[str, Any]]:
                 "t": s,
                 "creates": len(creates),
                 "create_success": _rate(creates),
+                "create_answered": _answered(creates),
                 "read_success": _rate(reads),
                 "p50_ms": _ms(_pct(latencies, 0.5)),
                 "p99_ms": _ms(_pct(latencies, 0.99)),
@@ -438,13 +455,24 @@ async def run(
             record=load.record,
             operator=mesh.operator,
         )
-        checks.append(check_deadlines(load.record, DEADLINE_MARGIN_S))
+        checks.append(check_deadlines(load.record))
+        windows = [(f.times["start"], f.times["end"]) for f in faults]
+        checks.append(
+            check_success_outside_faults(load.record, windows, MIN_SUCCESS_OUTSIDE_FAULTS)
+        )
         per_fault = [
             evaluate_fault(f, load.record.attempts, poller, open_s, window_s) for f in faults
         ]
         for figures in per_fault:
             checks += figures.pop("_checks")
         dead = [m.name for m in mesh.dead()]
+        checks.append(
+            Check(
+                "every member of the mesh is running at the end (the killed ones came back)",
+                not dead,
+                f"dead: {dead}" if dead else f"{len(mesh.members)} running",
+            )
+        )
     finally:
         codes = mesh.stop()
     runs = load.record.payments
