@@ -32,6 +32,7 @@ from interceptors.errors import (
     ResourceExhausted,
     ServiceError,
     Unauthenticated,
+    Unavailable,
     error_info,
     retry_delay_of,
     status_from_metadata,
@@ -54,7 +55,13 @@ from services.authz import (
     merchant_of,
 )
 from services.clients import ClientFactory
-from services.diagnostics import DIAGNOSTICS_SERVICE, DiagnosticsServicer, ReadinessMonitor
+from services.diagnostics import (
+    DIAGNOSTICS_SERVICE,
+    DiagnosticsServicer,
+    ReadinessMonitor,
+    healthz_max_lag_s,
+    process_health,
+)
 from services.limits import LimitsError, ServerLimits
 from services.metrics import ServiceMetrics
 from services.page_tokens import PageTokenKeyError
@@ -79,6 +86,12 @@ DEFAULT_TLS_RELOAD_S = 30.0
 _PR_SET_PDEATHSIG = 1
 #: Exit code of a start-up that failed on configuration (bad override, taken port, ...).
 EXIT_CONFIG = 2
+#: merchant-auth failures that say it could not answer (not a verdict on the key).
+AUTH_UNREACHABLE_CODES = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL}
+)
+#: RetryInfo of a merchant call merchant-auth could not check, when nothing says better.
+AUTH_UNREACHABLE_RETRY_S = 1.0
 
 
 #: The context every servicer method receives (requests and responses typed per method).
@@ -121,6 +134,10 @@ class ServiceContext:
     """Callbacks run after the server stopped (close stores, flush, ...)."""
     database: Path | None = None
     """The SQLite file, once the builder asked for it; its readiness is the service's."""
+    prechecks: dict[str, Callable[[], None]] = field(default_factory=dict)
+    """Per full method path (``/pkg.Service/Method``), a check the server runs before the
+    gate admits a call: it raises a ServiceError to refuse at once (fail fast before any
+    authentication or work); it must not block."""
 
     @property
     def var_dir(self) -> Path:
@@ -183,12 +200,14 @@ def _add_reflection(server: aio.Server, names: Sequence[str]) -> None:
 
 
 def _admin_routes(context: ServiceContext) -> None:
-    """``/healthz`` and ``/breakers`` (the chain's breaker and budget states), open to read,
+    """``/healthz`` (event loop lag, database ``SELECT 1``; 503 naming what failed) and
+    ``/breakers`` (the chain's breaker and budget states), open to read,
     and ``/faults`` (GET the faults, PUT a JSON list of faults, DELETE them) behind the
     control gate: refused unless ``PAYMESH_FAULT_INJECTION=1``, then only with the admin token.
 
     Raises:
-        StartupError: fault injection is enabled without a usable admin token file.
+        StartupError: fault injection is enabled without a usable admin token file, or
+            ``PAYMESH_HEALTHZ_MAX_LAG_S`` is not a positive number.
     """
     try:
         access = ControlAccess.from_environ(context.environ)
@@ -196,9 +215,17 @@ def _admin_routes(context: ServiceContext) -> None:
         raise StartupError(str(exc)) from exc
     if access.enabled:
         log.warning("fault injection is ON: /faults on the admin port takes the admin token")
+    try:
+        max_lag_s = healthz_max_lag_s(context.environ)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from exc
 
-    def healthz(request: AdminRequest) -> AdminResponse:
-        return AdminResponse.of_json({"service": context.name, "status": "ok"})
+    async def healthz(request: AdminRequest) -> AdminResponse:
+        # The process itself: its event loop's lag and its database (503 names what failed).
+        status, body = await process_health(
+            context.name, database=context.database, max_lag_s=max_lag_s
+        )
+        return AdminResponse.of_json(body, status)
 
     def faults(request: AdminRequest) -> AdminResponse:
         if request.method == "PUT":
@@ -324,6 +351,7 @@ async def serve(
                 gate=gate,
                 max_in_flight=limits.max_in_flight,
                 on_shed=metrics.count_shed,
+                prechecks=context.prechecks,
             ),
         ],
         # A taken port must be an error, never a silent second listener.
@@ -458,10 +486,31 @@ def _merchant_authenticator(clients: ClientFactory) -> Authenticator:
                 metadata=((AUTHORIZATION_KEY, f"Bearer {secret}"), (CLIENT_PEER_KEY, client_peer)),
             )
         except aio.AioRpcError as exc:
-            raise _refusal(exc) or exc from None
+            raise _refusal(exc) or _unreachable(exc, clients) or exc from None
         return merchant_of(response)
 
     return authenticate
+
+
+def _unreachable(exc: aio.AioRpcError, clients: ClientFactory) -> ServiceError | None:
+    """merchant-auth not answering (down, circuit open, deadline): UNAVAILABLE with RetryInfo
+    (its own, else the breaker's open time left, else a second), so the merchant knows the
+    request did nothing and when to send it again. None for merchant-auth's definite answers."""
+    if exc.code() not in AUTH_UNREACHABLE_CODES:
+        return None
+    status = status_from_metadata(
+        exc.code(), exc.details() or "", tuple(exc.trailing_metadata() or ())
+    )
+    info = error_info(status)
+    local = ("CIRCUIT_OPEN", "CONCURRENCY_LIMITED")  # refused by our own chain, nothing sent
+    reason = info.reason if info and info.reason in local else "DOWNSTREAM_UNAVAILABLE"
+    open_left = clients.chain.breakers.get("merchant-auth-service").readout().open_left_s
+    return Unavailable(
+        f"merchant-auth-service could not check the API key ({exc.details()}); nothing was done",
+        reason=reason,
+        retry_delay_s=retry_delay_of(status) or open_left or AUTH_UNREACHABLE_RETRY_S,
+        metadata={"target": "merchant-auth-service"},
+    )
 
 
 def _refusal(exc: aio.AioRpcError) -> ServiceError | None:

@@ -2,8 +2,9 @@
 
 Each dependency is asked for its own health directly, with a short timeout and never through
 the policy chain (a check must not trip, or be refused by, the breaker it reports on); the
-breaker state and recent figures are this caller's. Liveness (health ``""``) stays the
-process's own; the service's own health entries follow its database.
+breaker state and recent figures are this caller's, and the report's overall status follows
+from them. Liveness (health ``""``) stays the process's own; the service's own health entries
+follow its database; ``/healthz`` (:func:`process_health`) checks the process itself.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from interceptors.breaker import CLOSED, HALF_OPEN, OPEN
+from interceptors.breaker import CLOSED, HALF_OPEN, HALF_OPEN_READY, OPEN
 from paymesh.mesh.v1 import mesh_pb2, mesh_pb2_grpc
 from services.recent import RecentCalls
 from services.topology import ServiceSpec, Topology
@@ -37,12 +38,22 @@ DIAGNOSTICS_SERVICE = mesh_pb2.DESCRIPTOR.services_by_name["DiagnosticsService"]
 PROBE_TIMEOUT_S = 1.0
 #: How often the own database is checked for readiness.
 READINESS_INTERVAL_S = 5.0
+#: ``/healthz`` fails when the event loop takes longer than this to come back to a task that
+#: yields (``PAYMESH_HEALTHZ_MAX_LAG_S``).
+HEALTHZ_MAX_LAG_S = 1.0
+HEALTHZ_MAX_LAG_VAR = "PAYMESH_HEALTHZ_MAX_LAG_S"
 DATABASE = "database"
 
 _BREAKER_STATES = {
     CLOSED: mesh_pb2.BREAKER_STATE_CLOSED,
     HALF_OPEN: mesh_pb2.BREAKER_STATE_HALF_OPEN,
     OPEN: mesh_pb2.BREAKER_STATE_OPEN,
+    HALF_OPEN_READY: mesh_pb2.BREAKER_STATE_HALF_OPEN_READY,
+}
+_BREAKER_NAMES = {
+    mesh_pb2.BREAKER_STATE_HALF_OPEN: "HALF-OPEN",
+    mesh_pb2.BREAKER_STATE_OPEN: "OPEN",
+    mesh_pb2.BREAKER_STATE_HALF_OPEN_READY: "HALF-OPEN-READY",
 }
 
 
@@ -114,6 +125,109 @@ async def check_grpc(
     return Health.NOT_SERVING, health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
+def overall_status(
+    dependencies: Sequence[mesh_pb2.Dependency],
+) -> tuple[mesh_pb2.ServiceStatus.ValueType, str]:
+    """The report's overall status and why it is not SERVING.
+
+    NOT_SERVING when the own database does not answer (the service is not ready); DEGRADED
+    when a service or partner does not serve, or this caller's breaker for it is not closed.
+    """
+    down = [
+        f"{d.name}: {_health_name(d.health)}"
+        for d in dependencies
+        if d.kind == mesh_pb2.DEPENDENCY_KIND_DATABASE
+        and d.health != mesh_pb2.DEPENDENCY_HEALTH_SERVING
+    ]
+    if down:
+        return mesh_pb2.SERVICE_STATUS_NOT_SERVING, "; ".join(down)
+    degraded = []
+    for d in dependencies:
+        if d.kind == mesh_pb2.DEPENDENCY_KIND_DATABASE:
+            continue
+        why = [] if d.health == mesh_pb2.DEPENDENCY_HEALTH_SERVING else [_health_name(d.health)]
+        if d.breaker_state in _BREAKER_NAMES:
+            why.append(f"breaker {_BREAKER_NAMES[d.breaker_state]}")
+        if why:
+            degraded.append(f"{d.name}: {', '.join(why)}")
+    if degraded:
+        return mesh_pb2.SERVICE_STATUS_DEGRADED, "; ".join(degraded)
+    return mesh_pb2.SERVICE_STATUS_SERVING, ""
+
+
+def _health_name(value: int) -> str:
+    try:
+        return Health(value).name
+    except ValueError:
+        return "UNCHECKED"
+
+
+def healthz_max_lag_s(environ: Mapping[str, str]) -> float:
+    """``PAYMESH_HEALTHZ_MAX_LAG_S``, or the default.
+
+    Raises:
+        ValueError: it is set but not a positive number.
+    """
+    text = environ.get(HEALTHZ_MAX_LAG_VAR, "").strip()
+    if not text:
+        return HEALTHZ_MAX_LAG_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise ValueError(f"{HEALTHZ_MAX_LAG_VAR}={text!r} is not a positive number of seconds")
+    return value
+
+
+async def loop_lag_s(clock: Callable[[], float] | None = None) -> float:
+    """How long the running event loop takes to come back to a task that yields now."""
+    clock = clock or asyncio.get_running_loop().time
+    started = clock()
+    await asyncio.sleep(0)
+    return clock() - started
+
+
+async def process_health(
+    service: str,
+    *,
+    database: Path | None,
+    max_lag_s: float = HEALTHZ_MAX_LAG_S,
+    timeout_s: float = PROBE_TIMEOUT_S,
+    clock: Callable[[], float] | None = None,
+) -> tuple[int, dict[str, Any]]:
+    """``/healthz``: HTTP status and JSON body; 503 naming each check that failed.
+
+    Answered from the service's event loop, so an answer at all says it runs; the checks say
+    how late it is (``event_loop``, against ``max_lag_s``) and whether the store answers a
+    ``SELECT 1`` within ``timeout_s`` (``database``, for a service that has one).
+    """
+    lag = await loop_lag_s(clock)
+    checks: dict[str, dict[str, Any]] = {
+        "event_loop": {
+            "ok": lag <= max_lag_s,
+            "lag_ms": round(lag * 1000, 3),
+            "max_lag_ms": round(max_lag_s * 1000, 3),
+        }
+    }
+    if database is not None:
+        health, error = await check_database(database, timeout_s=timeout_s)
+        checks[DATABASE] = {
+            "ok": health is Health.SERVING,
+            "health": health.name,
+            "target": str(database),
+            "error": error,
+        }
+    failed = [name for name, check in checks.items() if not check["ok"]]
+    body = {
+        "service": service,
+        "status": "failing" if failed else "ok",
+        "failed": failed,
+        "checks": checks,
+    }
+    return (503 if failed else 200), body
+
+
 def _timestamp(epoch_s: float) -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
     stamp.FromNanoseconds(int(epoch_s * 1e9))
@@ -155,10 +269,13 @@ class DiagnosticsServicer(mesh_pb2_grpc.DiagnosticsServiceServicer):
         if self._database is not None:
             entries.append(self._own_database(self._database))
         dependencies = await asyncio.gather(*entries)
+        status, reason = overall_status(dependencies)
         return mesh_pb2.GetDiagnosticsResponse(
             service_name=self._spec.name,
             dependencies=dependencies,
             report_time=_timestamp(self._wall_clock()),
+            status=status,
+            status_reason=reason,
         )
 
     async def close(self) -> None:

@@ -1,9 +1,10 @@
 """Runs the whole mesh on one machine: one process per service, health-gated, stopped cleanly.
 
-``make run`` uses it through ``python -m services``; the integration and chaos tests use
-:class:`Mesh` directly with :func:`ephemeral_environ` so they never collide with a running
-``make run``. Children die with the supervisor (see ``die_with_supervisor``), so no orphan
-outlives it.
+``make run`` uses it through ``python -m services`` and keeps every member running with a
+:class:`~services.supervisor.Supervisor` (restart with backoff, crash loops said loudly, the
+state in ``<var>/launcher.json``); the integration and chaos tests use :class:`Mesh` directly
+with :func:`ephemeral_environ` so they never collide with a running ``make run``. Children die
+with the launcher (see ``die_with_supervisor``), so no orphan outlives it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services import pki, tls
 from services.admin_token import with_admin_token
+from services.ports import DEFAULT_TIME_WAIT_WAIT_S, PortsUnavailable, wait_until_bindable
+from services.ports import free_port as free_port  # re-exported: tests and tools use it here
+from services.ports import port_is_free as port_is_free
+from services.supervisor import (
+    HEARTBEAT_S,
+    LAUNCHER_FILE,
+    Change,
+    RestartPolicy,
+    RestartPolicyError,
+    Supervisor,
+    remove_report,
+    write_report,
+)
 from services.topology import (
     LOOPBACK,
     PARTNER_SANDBOX_VAR,
@@ -38,17 +52,12 @@ SANDBOX_MODULE = "services.partners"
 SUPERVISED_VAR = "PAYMESH_SUPERVISED"
 #: How often ``make run`` renews development certificates that near their expiry.
 RENEW_INTERVAL_S = 3600.0
+#: How often ``make run`` looks at its members (exits, restarts due, restarted ones serving).
+SUPERVISE_INTERVAL_S = 0.2
 
 
 class MeshError(RuntimeError):
     """The mesh could not start; the message names the service and the cause."""
-
-
-def free_port(host: str = LOOPBACK) -> int:
-    """A port that was free a moment ago on ``host``."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def ephemeral_environ(base: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -61,18 +70,6 @@ def ephemeral_environ(base: Mapping[str, str] | None = None) -> dict[str, str]:
             environ[f"{spec.env_prefix}_PUBLIC_ADDR"] = f"{LOOPBACK}:{free_port()}"
     environ[PARTNER_SANDBOX_VAR] = f"{LOOPBACK}:{free_port()}"
     return environ
-
-
-def port_is_free(address: str, *, variable: str) -> bool:
-    """Whether nothing listens on ``address`` (host:port)."""
-    host, port = parse_hostport(address, variable=variable)
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 @dataclass(slots=True)
@@ -91,6 +88,8 @@ class Member:
     """``host:port`` of its merchant-facing TLS port, empty when it has none."""
     process: subprocess.Popen[bytes] | None = None
     """The process, once started."""
+    started_at: float | None = None
+    """When that process was started (``time.monotonic()``)."""
 
     def log_tail(self, lines: int = 15) -> str:
         """The last lines of the member's log, for error messages."""
@@ -170,15 +169,34 @@ class Mesh:
             self._operator = tls.operator_security(self.environ)
         return self._operator
 
-    def start(self, *, timeout_s: float = 60.0) -> None:
-        """Start every member and wait until each serves; MeshError names the first failure."""
-        taken = [
-            f"{m.name} ({m.address})"
-            for m in self.members.values()
-            if not port_is_free(m.address, variable=f"address of {m.name}")
-        ]
-        if taken:
-            raise MeshError(f"port already taken for: {', '.join(taken)}")
+    def start(
+        self,
+        *,
+        timeout_s: float = 60.0,
+        time_wait_s: float = DEFAULT_TIME_WAIT_WAIT_S,
+        notify: Callable[[str], None] | None = None,
+    ) -> None:
+        """Start every member and wait until each serves; MeshError names the first failure.
+
+        A port held only by TIME-WAIT connections is waited for (up to ``time_wait_s``, told
+        to ``notify``); one a listener or another socket holds is refused at once.
+        """
+
+        def waiting(held: list[str]) -> None:
+            if notify is not None:
+                notify(
+                    f"waiting up to {time_wait_s:.0f} s for TIME-WAIT connections to leave "
+                    f"the port of: {', '.join(held)}"
+                )
+
+        try:
+            wait_until_bindable(
+                {m.name: m.address for m in self.members.values()},
+                timeout_s=time_wait_s,
+                on_wait=waiting,
+            )
+        except PortsUnavailable as exc:
+            raise MeshError(str(exc)) from None
         try:
             self.ensure_pki()
             self.operator.check()
@@ -208,6 +226,7 @@ class Mesh:
             start_new_session=True,
         )
         log.close()
+        member.started_at = time.monotonic()
         return member
 
     def wait_ready(self, names: Iterable[str], *, timeout_s: float = 60.0) -> None:
@@ -238,11 +257,7 @@ class Mesh:
         member = self.members[name]
         if name == SANDBOX:
             host, port = parse_hostport(member.address, variable=name)
-            try:
-                with socket.create_connection((host, port), timeout=0.5):
-                    return True
-            except OSError:
-                return False
+            return _accepts(host, port, timeout_s=0.5)
         return health_status(member.address, security=self.operator, target=name) == "SERVING"
 
     def stop(self, *, grace_s: float = 15.0) -> dict[str, int | None]:
@@ -273,6 +288,16 @@ class Mesh:
         """Members whose process has exited."""
         return [m for m in self.members.values() if m.process and m.process.poll() is not None]
 
+    def exit_code(self, name: str) -> int | None:
+        """Exit status of the member's process (negative: the signal); None while it runs."""
+        process = self.members[name].process
+        return None if process is None else process.poll()
+
+    def pid(self, name: str) -> int | None:
+        """Process id of the member's current (or last) process."""
+        process = self.members[name].process
+        return None if process is None else process.pid
+
 
 def health_status(
     address: str,
@@ -297,6 +322,21 @@ def health_status(
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
 
+def _accepts(host: str, port: int, *, timeout_s: float) -> bool:
+    """Whether ``host:port`` accepts a TCP connection."""
+    host = host.strip("[]")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        # The probe closes first, so its source port stays in TIME-WAIT for a minute; with
+        # SO_REUSEADDR that never keeps a server's bind (which sets it too) off that port.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.settimeout(timeout_s)
+        try:
+            sock.connect((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def _module_exists(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
@@ -312,12 +352,102 @@ def render_table(rows: Sequence[tuple[str, ...]], header: tuple[str, ...]) -> st
     return "\n".join(lines)
 
 
+def _exit_text(member: Member, supervisor: Supervisor | None) -> tuple[str, str]:
+    """The restarts and last exit columns of the start table."""
+    if supervisor is None:
+        return "0", "-"
+    report = next(m for m in supervisor.report().members if m.name == member.name)
+    exit_text = report.last_exit or "-"
+    if report.last_exit_time is not None:
+        exit_text += time.strftime(" %H:%M:%S", time.localtime(report.last_exit_time))
+    return str(report.restarts), exit_text
+
+
+def start_table(mesh: Mesh, supervisor: Supervisor | None = None) -> str:
+    """Every member: its addresses, whether it serves, its restarts and last exit."""
+    rows = [
+        (
+            m.name,
+            m.address,
+            m.public_address or "-",
+            "SERVING" if mesh.is_ready(m.name) else "NOT SERVING",
+            *_exit_text(m, supervisor),
+        )
+        for m in mesh.members.values()
+    ]
+    header = ("service", "mesh (mTLS)", "merchants (TLS)", "status", "restarts", "last exit")
+    return render_table(rows, header)
+
+
+def _say(line: str, *, error: bool = False) -> None:
+    print(f"paymesh: {line}", file=sys.stderr if error else sys.stdout, flush=True)
+
+
+def _indented_tail(member: Member, lines: int = 5) -> str:
+    tail = member.log_tail(lines)
+    return "\n".join(f"    {line}" for line in tail.splitlines()) if tail else "    (empty)"
+
+
+class _Supervision:
+    """The ``make run`` loop's part that restarts members and publishes ``launcher.json``."""
+
+    def __init__(self, mesh: Mesh, policy: RestartPolicy) -> None:
+        self.mesh = mesh
+        self.supervisor = Supervisor(
+            mesh,
+            {m.name: m.address for m in mesh.members.values()},
+            policy=policy,
+            started_at={
+                m.name: m.started_at for m in mesh.members.values() if m.started_at is not None
+            },
+        )
+        self.report_path = mesh.var_dir / LAUNCHER_FILE
+        self._awaiting: set[str] = set()  # restarted, not seen serving yet
+        self._published_at = float("-inf")
+
+    def step(self) -> None:
+        """One tick: tell each change, probe restarted members, rewrite the report if due."""
+        changes = self.supervisor.tick()
+        for change in changes:
+            member = self.mesh.members[change.name]
+            if change.change is Change.EXITED:
+                self._awaiting.discard(change.name)
+                line = change.message
+                if change.crash_looping:
+                    line += f"; its log ({member.log_path}) ends:\n{_indented_tail(member)}"
+                _say(line, error=True)
+            else:
+                _say(change.message)
+                if change.change is Change.RESTARTED:
+                    self._awaiting.add(change.name)
+        for name in sorted(self._awaiting):
+            if self.mesh.exit_code(name) is None and self.mesh.is_ready(name):
+                self._awaiting.discard(name)
+                _say(f"{name} is SERVING again")
+        if changes or time.monotonic() - self._published_at >= HEARTBEAT_S:
+            self.publish()
+
+    def publish(self) -> None:
+        """Write ``launcher.json`` now; a failure to write is told, never fatal."""
+        self._published_at = time.monotonic()
+        try:
+            write_report(self.report_path, self.supervisor.report())
+        except OSError as exc:
+            _say(f"cannot write {self.report_path}: {exc}", error=True)
+
+    def close(self) -> None:
+        """Remove ``launcher.json``: nobody supervises any more."""
+        remove_report(self.report_path)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``make run``: start everything, print the table, run until Ctrl-C, stop cleanly."""
+    """``make run``: start everything, print the table, keep it running until Ctrl-C or
+    SIGTERM, stop cleanly. Ends early only when a member cannot start the first time."""
     del argv
     try:
         mesh = Mesh()
-    except ValueError as exc:
+        policy = RestartPolicy.from_environ(mesh.environ)
+    except (ValueError, RestartPolicyError) as exc:
         print(f"paymesh: {exc}", file=sys.stderr)
         return 2
     stopping = False
@@ -332,20 +462,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"starting {len(mesh.members)} processes (logs in {mesh.var_dir / 'logs'}) ...", flush=True
     )
     try:
-        mesh.start()
+        mesh.start(notify=lambda line: _say(line, error=True))
     except MeshError as exc:
         print(f"paymesh: {exc}", file=sys.stderr, flush=True)
         return 1
-    rows = [
-        (
-            m.name,
-            m.address,
-            m.public_address or "-",
-            "SERVING" if mesh.is_ready(m.name) else "NOT SERVING",
-        )
-        for m in mesh.members.values()
-    ]
-    print(render_table(rows, ("service", "mesh (mTLS)", "merchants (TLS)", "status")), flush=True)
+    supervision = _Supervision(mesh, policy)
+    supervision.publish()
+    print(start_table(mesh, supervision.supervisor), flush=True)
     security = mesh.operator
     if security.files is not None:
         print(
@@ -353,28 +476,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"--key {security.files.key}",
             flush=True,
         )
-    print("mesh is up; Ctrl-C stops it", flush=True)
-    exit_code = 0
+    print(
+        f"mesh is up; members that exit are restarted (state in {supervision.report_path}); "
+        "Ctrl-C stops it",
+        flush=True,
+    )
     renewed_at = time.monotonic()
-    while not stopping:
-        if time.monotonic() - renewed_at >= RENEW_INTERVAL_S:
-            renewed_at = time.monotonic()
-            renewed = mesh.ensure_pki()
-            if renewed:
-                print(f"paymesh: renewed certificates of {', '.join(renewed)}", flush=True)
-        dead = mesh.dead()
-        if dead:
-            names = ", ".join(
-                f"{m.name} (exit {m.process.returncode if m.process else '?'})" for m in dead
-            )
-            print(f"paymesh: stopped unexpectedly: {names}; stopping the mesh", file=sys.stderr)
-            exit_code = 1
-            break
-        time.sleep(0.2)
-    print("stopping ...", flush=True)
-    codes = mesh.stop()
-    unclean = {name: code for name, code in codes.items() if code not in (0, None)}
-    if unclean and exit_code == 0:
+    try:
+        while not stopping:
+            if time.monotonic() - renewed_at >= RENEW_INTERVAL_S:
+                renewed_at = time.monotonic()
+                renewed = mesh.ensure_pki()
+                if renewed:
+                    _say(f"renewed certificates of {', '.join(renewed)}")
+            supervision.step()
+            time.sleep(SUPERVISE_INTERVAL_S)
+        print("stopping ...", flush=True)
+        running = {name for name in mesh.members if mesh.exit_code(name) is None}
+        codes = mesh.stop()
+    finally:
+        supervision.close()
+    # A member waiting for its restart exited long ago (and was told then); only the stop counts.
+    unclean = {name: code for name, code in codes.items() if name in running and code != 0}
+    exit_code = 0
+    if unclean:
         print(f"paymesh: unclean exit: {unclean}", file=sys.stderr)
         exit_code = 1
     print("stopped", flush=True)

@@ -2,7 +2,9 @@
 
 Fed by the policy chain's hooks (one record per finished call, one tick per retry), read by
 the Diagnostics RPC. A failure is what the breaker counts as one (the target looks
-unhealthy), so a NOT_FOUND answer does not make an edge look broken. No gRPC import.
+unhealthy), so a NOT_FOUND answer does not make an edge look broken. The last error keeps
+its time and is cleared once the edge recovered: ``recovery_calls`` answers in a row after it
+(a caller's own cancellation is no answer). No gRPC import.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ Clock = Callable[[], float]
 DEFAULT_WINDOW_S = 60.0
 #: Calls kept per target at most, so a busy edge cannot grow the window without bound.
 MAX_CALLS_PER_TARGET = 10_000
+#: Answers in a row after the last error that clear it: the edge recovered.
+DEFAULT_RECOVERY_CALLS = 3
+#: A final code that says nothing about the target either way: the caller gave up.
+_NO_ANSWER = "CANCELLED"
 
 
 def is_failure(code: str) -> bool:
@@ -45,7 +51,8 @@ class EdgeFigures:
     window_s: float
     """Seconds the figures cover: the window, or less just after start."""
     last_error: str = ""
-    """Details of the most recent failed call; empty if none ever failed."""
+    """Details of the most recent failed call; empty if none failed or the edge recovered
+    since (``recovery_calls`` answers in a row)."""
     last_error_code: str = ""
     """Status code name of that call."""
     last_error_at: float | None = None
@@ -69,6 +76,7 @@ class _Edge:
         self.last_error = ""
         self.last_error_code = ""
         self.last_error_at: float | None = None
+        self.answers_since_error = 0
 
 
 class RecentCalls:
@@ -78,12 +86,16 @@ class RecentCalls:
         self,
         *,
         window_s: float = DEFAULT_WINDOW_S,
+        recovery_calls: int = DEFAULT_RECOVERY_CALLS,
         clock: Clock = time.monotonic,
         wall_clock: Clock = time.time,
     ) -> None:
         if window_s <= 0:
             raise ValueError(f"window_s must be positive, got {window_s}")
+        if recovery_calls < 1:
+            raise ValueError(f"recovery_calls must be at least 1, got {recovery_calls}")
         self.window_s = window_s
+        self.recovery_calls = recovery_calls
         self._clock = clock
         self._wall_clock = wall_clock
         self._started = clock()
@@ -100,6 +112,12 @@ class RecentCalls:
                 edge.last_error = record.error or record.code
                 edge.last_error_code = record.code
                 edge.last_error_at = self._wall_clock()
+                edge.answers_since_error = 0
+            elif edge.last_error_at is not None and record.code != _NO_ANSWER:
+                edge.answers_since_error += 1
+                if edge.answers_since_error >= self.recovery_calls:
+                    edge.last_error, edge.last_error_code = "", ""
+                    edge.last_error_at = None
 
     def count(self, name: str, labels: Mapping[str, str], amount: int) -> None:
         """Remember retries (a ``ChainTelemetry`` counter hook; other series are ignored)."""

@@ -1,20 +1,27 @@
-"""``make status``: every service's health and each outgoing edge's breaker, errors, p99, retries.
+"""``make status``: a summary line, then every service's health, restarts and outgoing edges.
 
 Asks each service of the topology (addresses overridable by environment, as everywhere) for
-its liveness, its readiness and its Diagnostics report, all at once, and prints one table;
-``--json`` prints the same for scripts, ``--watch [seconds]`` refreshes until Ctrl-C. A service
-that does not answer is shown as DOWN. Exit status: 0 when every service serves, else 1.
+its liveness, its readiness and its Diagnostics report, all at once, reads the restarts the
+running launcher (``make run``) keeps in ``<var>/launcher.json``, and prints one table that
+fits 120 columns (an edge's last error wrapped under it); ``--json`` prints the same for
+scripts, ``--watch [seconds]`` refreshes until Ctrl-C. A service that does not answer is DOWN.
+Exit status: 0 whenever it could report, whatever the mesh's state; 2 when it could not (bad
+configuration).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from google.protobuf import duration_pb2
@@ -22,7 +29,7 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from paymesh.mesh.v1 import mesh_pb2, mesh_pb2_grpc
-from services.launcher import render_table
+from services.supervisor import LAUNCHER_FILE, LauncherReport, MemberReport, read_report
 from services.tls import TlsConfigError, TransportSecurity, operator_security
 from services.topology import Topology, TopologyError
 
@@ -33,12 +40,24 @@ DIAGNOSTICS_TIMEOUT_S = 3.0
 DOWN = "DOWN"
 NOT_READY = "NOT_READY"
 SERVING = "SERVING"
+#: The table and every line around it fit this many columns.
+WIDTH = 120
+#: Lines of an edge's last error at most; the rest is cut.
+ERROR_LINES = 2
 
 _BREAKERS = {
     mesh_pb2.BREAKER_STATE_UNSPECIFIED: "-",
     mesh_pb2.BREAKER_STATE_CLOSED: "closed",
     mesh_pb2.BREAKER_STATE_HALF_OPEN: "HALF-OPEN",
     mesh_pb2.BREAKER_STATE_OPEN: "OPEN",
+    mesh_pb2.BREAKER_STATE_HALF_OPEN_READY: "HALF-OPEN-READY",
+}
+#: Breaker names that are no breaker, or a closed one.
+_NOT_OPEN = frozenset({"-", "closed"})
+_OVERALL = {
+    mesh_pb2.SERVICE_STATUS_SERVING: SERVING,
+    mesh_pb2.SERVICE_STATUS_DEGRADED: "DEGRADED",
+    mesh_pb2.SERVICE_STATUS_NOT_SERVING: "NOT_SERVING",
 }
 _HEALTH = {
     mesh_pb2.DEPENDENCY_HEALTH_UNSPECIFIED: "-",
@@ -100,6 +119,38 @@ class ServiceStatus:
     """Why the report is missing, when it is."""
     edges: tuple[EdgeStatus, ...] = field(default_factory=tuple)
     """Its dependencies, in topology order."""
+    overall: str = ""
+    """Its Diagnostics status: SERVING, DEGRADED or NOT_SERVING; empty without a report."""
+    status_reason: str = ""
+    """Why that status is not SERVING."""
+    restarts: int | None = None
+    """Times the launcher restarted it; None when no running launcher reports it."""
+    last_exit: str = ""
+    """How its last process ended (``exit 2``, ``SIGKILL``); empty if none did."""
+    last_exit_time: str = ""
+    """When (ISO 8601, UTC); empty if never."""
+    crash_looping: bool = False
+    """Whether the launcher reports it crash-looping."""
+    next_restart_in_s: float | None = None
+    """Seconds until the launcher restarts it, while it waits for that."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Summary:
+    """The first line of the report."""
+
+    services: int
+    """Services of the topology."""
+    serving: int
+    """Of those, ready ones (SERVING or DEGRADED)."""
+    open_breakers: tuple[str, ...]
+    """Edges whose breaker is not closed (open, half-open-ready, half-open): ``caller ->
+    target``."""
+    crash_looping: tuple[str, ...]
+    """Members (services or the partner sandbox) the launcher reports crash-looping."""
+    launcher: str
+    """``running``, ``none`` (no launcher.json), ``stale`` (its launcher is gone), or
+    ``unreadable``."""
 
 
 def _seconds(duration: duration_pb2.Duration) -> float:
@@ -164,12 +215,13 @@ async def service_status(
                 error=f"health check: {liveness}",
             )
         stub = mesh_pb2_grpc.DiagnosticsServiceStub(channel)
-        error, edges = "", tuple[EdgeStatus, ...]()
+        error, edges, overall, reason = "", tuple[EdgeStatus, ...](), "", ""
         try:
             report = await stub.GetDiagnostics(
                 mesh_pb2.GetDiagnosticsRequest(), timeout=DIAGNOSTICS_TIMEOUT_S
             )
             edges = tuple(edge_status(d) for d in report.dependencies)
+            overall, reason = _OVERALL.get(report.status, ""), report.status_reason
         except aio.AioRpcError as exc:
             error = f"diagnostics: {exc.code().name}: {exc.details() or ''}"
     return ServiceStatus(
@@ -180,6 +232,8 @@ async def service_status(
         readiness=readiness,
         error=error,
         edges=edges,
+        overall=overall,
+        status_reason=reason,
     )
 
 
@@ -195,54 +249,237 @@ async def mesh_status(
     )
 
 
+def launcher_path(topology: Topology) -> Path:
+    """Where the launcher of this environment reports: ``<PAYMESH_VAR_DIR>/launcher.json``."""
+    return Path(topology.environ.get("PAYMESH_VAR_DIR", "var")) / LAUNCHER_FILE
+
+
+def read_launcher(path: Path, *, now: float | None = None) -> tuple[LauncherReport | None, str]:
+    """The running launcher's report and the summary's word for it (see :class:`Summary`)."""
+    try:
+        report = read_report(path)
+    except (OSError, ValueError):
+        return None, "unreadable"
+    if report is None:
+        return None, "none"
+    if not report.is_current(time.time() if now is None else now):
+        return None, "stale"
+    return report, "running"
+
+
+def _iso(epoch_s: float | None) -> str:
+    if epoch_s is None:
+        return ""
+    return datetime.fromtimestamp(epoch_s, tz=UTC).isoformat(timespec="seconds")
+
+
+def with_launcher(
+    statuses: Sequence[ServiceStatus], report: LauncherReport | None
+) -> list[ServiceStatus]:
+    """``statuses`` with restarts from ``report``; only members at the address asked count."""
+    members = {m.name: m for m in report.members} if report else {}
+    out = []
+    for status in statuses:
+        member = members.get(status.name)
+        if member is None or member.address != status.address:
+            out.append(status)
+            continue
+        out.append(
+            dataclasses.replace(
+                status,
+                restarts=member.restarts,
+                last_exit=member.last_exit,
+                last_exit_time=_iso(member.last_exit_time),
+                crash_looping=member.crash_looping,
+                next_restart_in_s=member.next_restart_in_s,
+            )
+        )
+    return out
+
+
+def summarize(
+    statuses: Sequence[ServiceStatus], report: LauncherReport | None, launcher: str
+) -> Summary:
+    """The summary of ``statuses`` (with restarts applied) and of the launcher's members."""
+    by_service = {s.name: s for s in statuses}
+
+    def ours(member: MemberReport) -> bool:
+        status = by_service.get(member.name)
+        return status is None or status.address == member.address
+
+    return Summary(
+        services=len(statuses),
+        serving=sum(1 for s in statuses if s.health == SERVING),
+        open_breakers=tuple(
+            f"{s.name} -> {e.name}" for s in statuses for e in s.edges if e.breaker not in _NOT_OPEN
+        ),
+        crash_looping=tuple(
+            m.name for m in (report.members if report else ()) if m.crash_looping and ours(m)
+        ),
+        launcher=launcher,
+    )
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
+def summary_line(summary: Summary, stamp: str) -> str:
+    """``paymesh status at HH:MM:SS: n/N serving, ...``; names are dropped that do not fit."""
+    head = f"paymesh status at {stamp}: {summary.serving}/{summary.services} serving"
+    breakers = _plural(len(summary.open_breakers), "open breaker")
+    looping = f"{len(summary.crash_looping)} crash-looping"
+    parts = [
+        head,
+        breakers + (f" ({', '.join(summary.open_breakers)})" if summary.open_breakers else ""),
+        looping + (f" ({', '.join(summary.crash_looping)})" if summary.crash_looping else ""),
+    ]
+    # Too long: the breakers' names go first, then the crash-looping ones (they matter more).
+    for index, short in ((1, breakers), (2, looping)):
+        if len(", ".join(parts)) <= WIDTH:
+            break
+        parts[index] = short
+    return ", ".join(parts)[:WIDTH]
+
+
+#: The line under the summary when no running launcher reports restarts.
+LAUNCHER_NOTES = {
+    "none": "restarts: unknown, no launcher.json (the mesh was not started by make run)",
+    "stale": "restarts: unknown, launcher.json is stale (the launcher that wrote it is gone)",
+    "unreadable": "restarts: unknown, launcher.json is unreadable",
+}
+
+
 HEADER = (
-    "SERVICE",
-    "ADDRESS",
+    "SERVICE / EDGE",
     "HEALTH",
-    "EDGE",
-    "DEP HEALTH",
     "BREAKER",
     "ERRORS",
     "P99",
-    "RETRIES/S",
-    "LAST ERROR",
+    "RETRY/S",
+    "RESTARTS",
+    "LAST EXIT",
 )
 
 
-def _short(text: str, width: int = 60) -> str:
+def _clock_time(iso: str) -> str:
+    if not iso:
+        return ""
+    try:
+        return datetime.fromisoformat(iso).astimezone().strftime("%H:%M:%S")
+    except ValueError:
+        return iso
+
+
+def _ago(iso: str, now: float) -> str:
+    try:
+        seconds = max(0.0, now - datetime.fromisoformat(iso).timestamp())
+    except ValueError:
+        return ""
+    if seconds < 120:
+        return f"{seconds:.0f} s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.0f} h ago"
+
+
+def _cut(text: str, width: int) -> str:
     text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def render(statuses: Sequence[ServiceStatus]) -> str:
-    """The table: one row per edge, the service's columns on its first row only."""
-    rows: list[tuple[str, ...]] = []
-    for status in statuses:
-        head = (status.name, status.address, status.health)
-        if not status.edges:
-            note = _short(status.error) if status.error else ""
-            rows.append((*head, "(no dependencies)" if not note else "", *("",) * 5, note))
-            continue
-        for index, edge in enumerate(status.edges):
-            called = edge.kind in ("service", "partner")
-            rows.append(
-                (
-                    *(head if index == 0 else ("", "", "")),
-                    f"-> {edge.name}" if called else f"   {edge.name}",
-                    edge.health,
-                    edge.breaker,
-                    f"{edge.error_rate:.0%}" if called and edge.recent_calls else "-",
-                    f"{edge.p99_ms}ms" if called and edge.recent_calls else "-",
-                    f"{edge.retries_per_s:.1f}" if called else "-",
-                    _short(edge.last_error),
-                )
+def _note(text: str, *, indent: int = 6, lines: int = ERROR_LINES) -> list[str]:
+    return textwrap.wrap(
+        " ".join(text.split()),
+        width=WIDTH,
+        initial_indent=" " * indent,
+        subsequent_indent=" " * (indent + 2),
+        max_lines=lines,
+        placeholder=" ...",
+    )
+
+
+Line = tuple[str, ...] | str  # a table row, or a note printed as it is
+
+
+def _service_lines(status: ServiceStatus, now: float) -> list[Line]:
+    health = status.health if status.health != SERVING else (status.overall or SERVING)
+    last_exit = _cut(status.last_exit, 16)
+    if status.last_exit_time:
+        last_exit += f" {_clock_time(status.last_exit_time)}"
+    restarts = "-" if status.restarts is None else str(status.restarts)
+    lines: list[Line] = [(status.name, health, "", "", "", "", restarts, last_exit or "-")]
+    if status.crash_looping:
+        due = status.next_restart_in_s
+        when = f"; next restart in {due:.0f} s" if due is not None else ""
+        lines += _note(f"CRASH-LOOPING: last exit {status.last_exit}{when}", lines=1)
+    if status.error:
+        lines += _note(f"{status.error} (at {status.address})", lines=1)
+    if not status.edges and not status.error:
+        lines.append(("  (no dependencies)", *("",) * 7))
+    for edge in status.edges:
+        called = edge.kind in ("service", "partner")
+        lines.append(
+            (
+                f"  -> {edge.name}" if called else f"     {edge.name}",
+                edge.health,
+                edge.breaker,
+                f"{edge.error_rate:.0%}" if called and edge.recent_calls else "-",
+                f"{edge.p99_ms}ms" if called and edge.recent_calls else "-",
+                f"{edge.retries_per_s:.1f}" if called else "-",
+                "",
+                "",
             )
-    return render_table(rows, HEADER)
+        )
+        if edge.last_error:
+            when = ""
+            if edge.last_error_time:
+                when = (
+                    f" at {_clock_time(edge.last_error_time)} ({_ago(edge.last_error_time, now)})"
+                )
+            lines += _note(f"last error{when}: {edge.last_error}", indent=8)
+    return lines
 
 
-def as_json(statuses: Sequence[ServiceStatus]) -> dict[str, Any]:
-    """The same as a JSON-ready dict."""
-    return {"time": time.time(), "services": [asdict(s) for s in statuses]}
+def render(
+    statuses: Sequence[ServiceStatus],
+    summary: Summary | None = None,
+    *,
+    now: float | None = None,
+) -> str:
+    """The summary line (and a note when no launcher reports restarts), then one row per
+    service and per edge, each line at most 120 wide."""
+    now = time.time() if now is None else now
+    summary = summary or summarize(statuses, None, "none")
+    lines: list[Line] = [line for status in statuses for line in _service_lines(status, now)]
+    rows = [HEADER, *(line for line in lines if isinstance(line, tuple))]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER))]
+
+    def aligned(row: tuple[str, ...]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+
+    stamp = time.strftime("%H:%M:%S", time.localtime(now))
+    out = [summary_line(summary, stamp)]
+    if summary.launcher in LAUNCHER_NOTES:
+        out.append(LAUNCHER_NOTES[summary.launcher])
+    out += [aligned(HEADER), "  ".join("-" * w for w in widths)]
+    out += [aligned(line) if isinstance(line, tuple) else line for line in lines]
+    return "\n".join(line[:WIDTH] for line in out)
+
+
+def as_json(
+    statuses: Sequence[ServiceStatus],
+    summary: Summary | None = None,
+    report: LauncherReport | None = None,
+) -> dict[str, Any]:
+    """The same as a JSON-ready dict: summary, the launcher's report, every service."""
+    summary = summary or summarize(statuses, report, "none")
+    return {
+        "time": time.time(),
+        "summary": asdict(summary),
+        "launcher": report.to_json() if report else None,
+        "services": [asdict(s) for s in statuses],
+    }
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -262,22 +499,38 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _show(statuses: Sequence[ServiceStatus], *, as_json_lines: bool, watching: bool) -> None:
+def _show(
+    statuses: Sequence[ServiceStatus],
+    summary: Summary,
+    report: LauncherReport | None,
+    *,
+    as_json_lines: bool,
+    watching: bool,
+) -> None:
     if as_json_lines:
-        print(json.dumps(as_json(statuses), sort_keys=True), flush=True)
+        print(json.dumps(as_json(statuses, summary, report), sort_keys=True), flush=True)
         return
     if watching and sys.stdout.isatty():
         print("\033[H\033[2J", end="")  # clear the screen, like watch(1)
-    stamp = time.strftime("%H:%M:%S")
-    print(f"paymesh status at {stamp}\n{render(statuses)}", flush=True)
+    print(render(statuses, summary), flush=True)
+
+
+async def report_once(
+    topology: Topology,
+) -> tuple[list[ServiceStatus], Summary, LauncherReport | None]:
+    """Ask every service and read the launcher's report: the statuses and their summary."""
+    statuses = await mesh_status(topology)
+    report, launcher = read_launcher(launcher_path(topology))
+    statuses = with_launcher(statuses, report)
+    return statuses, summarize(statuses, report, launcher), report
 
 
 async def _run(topology: Topology, args: argparse.Namespace) -> int:
     while True:
-        statuses = await mesh_status(topology)
-        _show(statuses, as_json_lines=args.json, watching=args.watch is not None)
+        statuses, summary, report = await report_once(topology)
+        _show(statuses, summary, report, as_json_lines=args.json, watching=args.watch is not None)
         if args.watch is None:
-            return 0 if all(s.health == SERVING for s in statuses) else 1
+            return 0  # it could report: what it found is in the report, not the exit status
         await asyncio.sleep(args.watch)
 
 

@@ -72,3 +72,57 @@ def test_a_target_never_called_has_empty_figures() -> None:
 
 def test_percentile_of_nothing_is_zero() -> None:
     assert percentile([], 0.99) == 0.0
+
+
+def test_the_last_error_carries_its_wall_clock_time() -> None:
+    clock = FakeClock()
+    wall = [1_700_000_000.0]
+    recent = RecentCalls(clock=clock, wall_clock=lambda: wall[0])
+    recent.record_call(_call("UNAVAILABLE", error="connection refused"))
+    wall[0] += 30.0
+    recent.record_call(_call("DEADLINE_EXCEEDED", error="deadline"))
+
+    figures = recent.figures("order-service")
+
+    assert (figures.last_error, figures.last_error_at) == ("deadline", 1_700_000_030.0)
+
+
+def test_the_last_error_clears_after_three_answers_in_a_row() -> None:
+    recent = RecentCalls(clock=FakeClock())
+    recent.record_call(_call("UNAVAILABLE", error="connection refused"))
+    recent.record_call(_call("OK"))
+    recent.record_call(_call("NOT_FOUND"))  # an answer: the target is up
+    assert recent.figures("order-service").last_error == "connection refused"
+
+    recent.record_call(_call("OK"))
+
+    figures = recent.figures("order-service")
+    assert (figures.last_error, figures.last_error_code, figures.last_error_at) == ("", "", None)
+    assert figures.failures == 1  # the window still counts the failure itself
+
+
+def test_a_failure_between_answers_starts_the_recovery_count_again() -> None:
+    recent = RecentCalls(clock=FakeClock(), recovery_calls=2)
+    recent.record_call(_call("UNAVAILABLE", error="first"))
+    recent.record_call(_call("OK"))
+    recent.record_call(_call("UNAVAILABLE", error="second"))
+    recent.record_call(_call("OK"))
+    assert recent.figures("order-service").last_error == "second"
+
+    recent.record_call(_call("OK"))
+
+    assert recent.figures("order-service").last_error == ""
+
+
+def test_calls_the_caller_cancelled_do_not_count_as_recovery() -> None:
+    recent = RecentCalls(clock=FakeClock(), recovery_calls=1)
+    recent.record_call(_call("UNAVAILABLE", error="connection refused"))
+
+    recent.record_call(_call("CANCELLED"))
+
+    assert recent.figures("order-service").last_error == "connection refused"
+
+
+def test_recovery_needs_at_least_one_call() -> None:
+    with pytest.raises(ValueError, match="recovery_calls"):
+        RecentCalls(recovery_calls=0)

@@ -95,6 +95,8 @@ class _BreakerStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BreakerS
     """A limited number of trial calls are let through."""
     BREAKER_STATE_OPEN: _BreakerState.ValueType  # 3
     """Calls fail fast locally without reaching the dependency."""
+    BREAKER_STATE_HALF_OPEN_READY: _BreakerState.ValueType  # 4
+    """Open, but its open time has passed: the next call is let through as a half-open trial."""
 
 class BreakerState(_BreakerState, metaclass=_BreakerStateEnumTypeWrapper):
     """State of this caller's circuit breaker for a dependency."""
@@ -107,7 +109,37 @@ BREAKER_STATE_HALF_OPEN: BreakerState.ValueType  # 2
 """A limited number of trial calls are let through."""
 BREAKER_STATE_OPEN: BreakerState.ValueType  # 3
 """Calls fail fast locally without reaching the dependency."""
+BREAKER_STATE_HALF_OPEN_READY: BreakerState.ValueType  # 4
+"""Open, but its open time has passed: the next call is let through as a half-open trial."""
 Global___BreakerState: _TypeAlias = BreakerState  # noqa: Y015
+
+class _ServiceStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ServiceStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ServiceStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SERVICE_STATUS_UNSPECIFIED: _ServiceStatus.ValueType  # 0
+    """Not reported."""
+    SERVICE_STATUS_SERVING: _ServiceStatus.ValueType  # 1
+    """Ready, and every dependency serves with this caller's breaker for it closed."""
+    SERVICE_STATUS_DEGRADED: _ServiceStatus.ValueType  # 2
+    """Ready, but a dependency does not serve or its breaker is not closed: calls that need it may fail."""
+    SERVICE_STATUS_NOT_SERVING: _ServiceStatus.ValueType  # 3
+    """Not ready: its own database does not answer, so its calls fail."""
+
+class ServiceStatus(_ServiceStatus, metaclass=_ServiceStatusEnumTypeWrapper):
+    """Overall status of a service, from its own readiness and the state of its dependencies."""
+
+SERVICE_STATUS_UNSPECIFIED: ServiceStatus.ValueType  # 0
+"""Not reported."""
+SERVICE_STATUS_SERVING: ServiceStatus.ValueType  # 1
+"""Ready, and every dependency serves with this caller's breaker for it closed."""
+SERVICE_STATUS_DEGRADED: ServiceStatus.ValueType  # 2
+"""Ready, but a dependency does not serve or its breaker is not closed: calls that need it may fail."""
+SERVICE_STATUS_NOT_SERVING: ServiceStatus.ValueType  # 3
+"""Not ready: its own database does not answer, so its calls fail."""
+Global___ServiceStatus: _TypeAlias = ServiceStatus  # noqa: Y015
 
 @_typing.final
 class Dependency(_message.Message):
@@ -209,8 +241,14 @@ class GetDiagnosticsResponse(_message.Message):
     SERVICE_NAME_FIELD_NUMBER: _builtins.int
     DEPENDENCIES_FIELD_NUMBER: _builtins.int
     REPORT_TIME_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    STATUS_REASON_FIELD_NUMBER: _builtins.int
     service_name: _builtins.str
     """Topology name of the reporting service, e.g. "payment-gateway"."""
+    status: Global___ServiceStatus.ValueType
+    """Overall status, computed from the own database's health and every dependency's entry."""
+    status_reason: _builtins.str
+    """Why the status is not SERVING, e.g. "order-service: UNREACHABLE, breaker OPEN"; empty when it is."""
     @_builtins.property
     def dependencies(self) -> _containers.RepeatedCompositeFieldContainer[Global___Dependency]:
         """One entry per dependency, in topology order."""
@@ -225,10 +263,12 @@ class GetDiagnosticsResponse(_message.Message):
         service_name: _builtins.str = ...,
         dependencies: _abc.Iterable[Global___Dependency] | None = ...,
         report_time: _timestamp_pb2.Timestamp | None = ...,
+        status: Global___ServiceStatus.ValueType = ...,
+        status_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["report_time", b"report_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dependencies", b"dependencies", "report_time", b"report_time", "service_name", b"service_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dependencies", b"dependencies", "report_time", b"report_time", "service_name", b"service_name", "status", b"status", "status_reason", b"status_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
