@@ -1,9 +1,11 @@
-"""Resumable work: a request runs as persisted steps that a replay or a recovery pass finishes.
+"""Resumable work: a request runs as persisted steps that a replay or the recovery loop finishes.
 
 :class:`StepStore` keeps one row per piece of work (claimed with its request id, the step it
 has reached); :class:`StepDriver` runs a record's remaining steps in its own shielded task, so
-a caller hanging up cannot stop a step midway, runs the recovery pass at start and stops the
-work in flight at close, leaving the rows resumable. Settlement and withdrawal use both.
+a caller hanging up cannot stop a step midway, runs a recovery pass at start and then every
+``<SERVICE>_RECOVERY_INTERVAL_S`` (work stuck on an outage waits for the next pass instead of
+racing a dependency that is still coming up), and stops the work in flight at close, leaving
+the rows resumable. Settlement and withdrawal use both.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
+import math
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -23,10 +26,33 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from interceptors.errors import Aborted, NotFound
 from services import idempotency
+from services.bootstrap import StartupError
 from services.database import open_database, transaction
+from services.topology import env_prefix
 
 #: The step of finished work (the value each service's ``Step.DONE`` has).
 DONE = "done"
+#: Pause between two recovery passes unless ``<SERVICE>_RECOVERY_INTERVAL_S`` says otherwise.
+DEFAULT_RECOVERY_INTERVAL_S = 10.0
+
+
+def recovery_interval_s(service: str, environ: Mapping[str, str]) -> float:
+    """``<SERVICE>_RECOVERY_INTERVAL_S`` of ``service``, else the default.
+
+    Raises:
+        StartupError: the value is not a positive number of seconds.
+    """
+    var = f"{env_prefix(service)}_RECOVERY_INTERVAL_S"
+    raw = environ.get(var)
+    if raw is None:
+        return DEFAULT_RECOVERY_INTERVAL_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise StartupError(f"{var}={raw!r}: must be a positive number of seconds")
+    return value
 
 
 class StepRecord(Protocol):
@@ -86,12 +112,56 @@ class StepStore(abc.ABC, Generic[RecordT, MessageT]):
     """Its primary key column, also the name of the id in errors."""
     method: ClassVar[str]
     """The RPC whose request ids it claims."""
+    steps: ClassVar[tuple[str, ...]]
+    """Every step value; the table's ``CHECK`` on ``step`` lists them all."""
 
     def __init__(
         self, path: Path | str, schema: str, *, clock_ns: Callable[[], int] = time.time_ns
     ) -> None:
         self._conn = open_database(path, schema)
         self._clock_ns = clock_ns
+        self._rebuild_if_steps_changed(schema)
+
+    def _rebuild_if_steps_changed(self, schema: str) -> None:
+        """Rebuild a table made by an older version whose ``CHECK`` lacks a step of this one.
+
+        SQLite cannot alter a CHECK constraint: the rows move to a table made by ``schema``
+        (its columns a superset of the old ones), in one transaction.
+        """
+        row = self._conn.execute(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (self.table,)
+        ).fetchone()
+        if row is None or all(f"'{step}'" in row["sql"] for step in self.steps):
+            return
+        old = f"{self.table}_before_upgrade"
+        columns = ", ".join(
+            info["name"] for info in self._conn.execute(f"PRAGMA table_info({self.table})")
+        )
+        indexes = [
+            index["name"]
+            for index in self._conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ?"
+                " AND sql IS NOT NULL",
+                (self.table,),
+            )
+        ]
+        script = "\n".join(
+            [
+                "BEGIN IMMEDIATE;",
+                f"ALTER TABLE {self.table} RENAME TO {old};",
+                *(f"DROP INDEX {name};" for name in indexes),
+                schema,
+                f"INSERT INTO {self.table} ({columns}) SELECT {columns} FROM {old};",
+                f"DROP TABLE {old};",
+                "COMMIT;",
+            ]
+        )
+        try:
+            self._conn.executescript(script)
+        except sqlite3.Error:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            raise
 
     @property
     def noun(self) -> str:
@@ -140,7 +210,7 @@ class StepStore(abc.ABC, Generic[RecordT, MessageT]):
             idempotency.complete(conn, self.method, record.request_id, self._response(record))
 
     def unfinished(self) -> list[RecordT]:
-        """Work with steps left, oldest first (for the recovery pass)."""
+        """Work with steps left, oldest first (for the recovery passes)."""
         rows = self._conn.execute(
             f"SELECT * FROM {self.table} WHERE step != '{DONE}'"
             f" ORDER BY create_time_ns, {self.id_column}"
@@ -225,13 +295,14 @@ class StepStore(abc.ABC, Generic[RecordT, MessageT]):
 
 
 class StepDriver(Generic[RecordT]):
-    """Runs records' remaining steps, one task per id, and the recovery pass.
+    """Runs records' remaining steps, one task per id, and the recovery loop.
 
     Args:
         store: where the records are persisted.
         steps: the step functions of each not-done step; ``first`` is True for a new request
             (whose first refusal may leave no trace).
         log: the service's logger.
+        sleep: waits between recovery passes (tests pass their own).
     """
 
     def __init__(
@@ -240,10 +311,12 @@ class StepDriver(Generic[RecordT]):
         steps: Callable[[bool], Mapping[Any, Stepper[RecordT]]],
         *,
         log: logging.Logger,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._store = store
         self._steps = steps
         self._log = log
+        self._sleep = sleep
         # One task per id being driven: a replay or the recovery pass joins it instead of
         # running the same steps twice.
         self._work: dict[str, asyncio.Task[RecordT]] = {}
@@ -263,17 +336,45 @@ class StepDriver(Generic[RecordT]):
             task.add_done_callback(lambda done: self._forget(key, done))
         return await asyncio.shield(task)
 
-    def start_recovery(self) -> None:
-        """Drive every unfinished record in the background (called once at start)."""
-        self._recovery = asyncio.create_task(self.recover())
+    def start_recovery(self, interval_s: float = DEFAULT_RECOVERY_INTERVAL_S) -> None:
+        """Run a recovery pass now and then every ``interval_s``, in the background, until close.
 
-    async def recover(self) -> None:
-        """Resume each unfinished record with its own ids; failures wait for the next pass."""
+        Raises:
+            ValueError: ``interval_s`` is not a positive number.
+        """
+        if not (math.isfinite(interval_s) and interval_s > 0):
+            raise ValueError(f"interval_s must be a positive number, got {interval_s!r}")
+        self._recovery = asyncio.create_task(self._recover_forever(interval_s))
+
+    async def _recover_forever(self, interval_s: float) -> None:
+        while True:
+            try:
+                await self.recover()
+            except Exception:  # a failed pass (the store, say) must not end the loop
+                self._log.exception("%s recovery pass failed", self._store.noun)
+            await self._sleep(interval_s)
+
+    async def recover(self) -> int:
+        """One pass: resume each unfinished record with its own ids; returns how many are left.
+
+        A record still stuck on an outage, or failing, waits for the next pass; one that a
+        request is driving right now is joined, not run twice.
+        """
+        left = 0
         for record in self._store.unfinished():
             try:
-                await self.run(record, first=False)
+                after = await self.run(record, first=False)
             except Exception:
                 self._log.exception("recovery of %s %s failed", self._store.noun, record.key)
+                left += 1
+                continue
+            if after.step != DONE:
+                left += 1
+        if left:
+            self._log.info(
+                "%d %s(s) still unfinished; next recovery pass retries", left, self._store.noun
+            )
+        return left
 
     async def close(self) -> None:
         """Stop the recovery pass and the work in flight; their rows stay resumable."""

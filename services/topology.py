@@ -176,8 +176,9 @@ SERVICES: tuple[ServiceSpec, ...] = (
         port=40008,
         admin_port=41008,
         proto_services=("paymesh.notification.v1.NotificationService",),
+        calls={"merchant-service": ("GetMerchant",)},
         partners=("merchant-webhooks",),
-        operator_methods=("GetNotification", "ListNotifications"),
+        operator_methods=("GetNotification", "ListNotifications", "RedeliverNotification"),
     ),
     ServiceSpec(
         name="analytics-service",
@@ -206,6 +207,8 @@ SERVICES: tuple[ServiceSpec, ...] = (
         calls={
             "accounting-service": ("GetBalance", "PostTransaction"),
             "withdrawal-service": ("CreateWithdrawal", "GetWithdrawal"),
+            "notification-service": ("SendNotification",),
+            "merchant-service": ("GetMerchant",),
             "merchant-auth-service": ("AuthenticateApiKey",),
         },
         operator_methods=(
@@ -226,6 +229,7 @@ SERVICES: tuple[ServiceSpec, ...] = (
         calls={
             "accounting-service": ("PostTransaction",),
             "notification-service": ("SendNotification",),
+            "merchant-service": ("GetMerchant",),
             "merchant-auth-service": ("AuthenticateApiKey",),
         },
         partners=("bank-transfer",),

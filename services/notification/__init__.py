@@ -1,1 +1,1 @@
-"""notification-service: merchant webhooks, each event delivered at most once per request id."""
+"""notification-service: merchant webhooks, one event per request id, delivered at least once."""

@@ -1,36 +1,65 @@
 """Start notification-service: ``python -m services.notification``."""
 
+import random
+import time
+from collections.abc import Callable
+
+from paymesh.merchant.v1 import merchant_pb2_grpc
 from paymesh.notification.v1 import notification_pb2, notification_pb2_grpc
 from services.bootstrap import Registration, ServiceContext, run
 from services.notification import delivery
 from services.notification.config import NotificationConfig
 from services.notification.delivery import DestinationPolicy
+from services.notification.dispatch import Dispatcher
+from services.notification.schedule import Random
 from services.notification.secret_store import SecretSealer, WebhookSecretStore
 from services.notification.servicer import MERCHANT_WEBHOOKS, NotificationServicer
 from services.notification.store import NotificationStore
+from services.notification.webhooks import WebhookSender
 
 NAME = "notification-service"
 
 
 def build(
-    context: ServiceContext, *, resolver: delivery.Resolver = delivery.system_resolver
+    context: ServiceContext,
+    *,
+    resolver: delivery.Resolver = delivery.system_resolver,
+    clock: Callable[[], float] = time.time,
+    rng: Random = random.random,
 ) -> list[Registration]:
-    """The servicer over the service's own store, its sealed secrets and the webhook client.
+    """The servicer over the service's own store, its sealed secrets and the webhook client,
+    and the delivery loop that retries failed webhooks (stopped with the service).
 
-    ``resolver`` answers DNS for webhook hosts (tests give fixed answers).
+    ``resolver`` answers DNS for webhook hosts, ``clock`` and ``rng`` drive the retry
+    schedule (tests give fixed ones).
     """
     config = NotificationConfig.from_environ(context.environ, context.var_dir)
-    store = NotificationStore(context.database_path())
+    policy = DestinationPolicy(production=config.production)
+    store = NotificationStore(context.database_path(), clock=clock)
     context.on_stop.append(store.close)
     secrets = WebhookSecretStore(context.database_path(), SecretSealer(config.sealing_key()))
     context.on_stop.append(secrets.close)
-    servicer = NotificationServicer(
-        store,
+    sender = WebhookSender(
         secrets,
         context.clients.partner(MERCHANT_WEBHOOKS),
-        policy=DestinationPolicy(production=config.production),
+        policy=policy,
         resolver=resolver,
+        clock=clock,
     )
+    dispatcher = Dispatcher(
+        store,
+        sender,
+        context.clients.stub("merchant-service", merchant_pb2_grpc.MerchantServiceStub),
+        policy=policy,
+        schedule=config.schedule,
+        settings=config.loop,
+        clock=clock,
+        rng=rng,
+    )
+    dispatcher.start()
+    # Stopped before the stores close (callbacks run in order).
+    context.on_stop.insert(0, dispatcher.close)
+    servicer = NotificationServicer(store, secrets, dispatcher, policy=policy)
     return [
         Registration(
             servicer=servicer,

@@ -3,20 +3,51 @@
 ``PAYMESH_ENV=production`` tightens where webhooks may go (see ``delivery``) and requires
 ``NOTIFICATION_SERVICE_SECRETS_KEY_FILE``: the key that seals the merchants' signing secrets,
 kept outside the database. Development makes one under the var directory on first start.
+
+The retry schedule of failed webhooks (see ``schedule``) and the delivery loop's pace, each a
+positive number of seconds (or a count):
+
+``NOTIFICATION_SERVICE_RETRY_INITIAL_S`` (10)
+    the wait after a round's first failed attempt, doubling with each further failure;
+``NOTIFICATION_SERVICE_RETRY_MAX_S`` (3600)
+    the cap of that wait;
+``NOTIFICATION_SERVICE_RETRY_HORIZON_S`` (259200, three days)
+    how long a round of attempts lasts before the notification is dead-lettered;
+``NOTIFICATION_SERVICE_DELIVERY_SCAN_S`` (1)
+    how often the delivery loop looks for due notifications;
+``NOTIFICATION_SERVICE_DELIVERY_CONCURRENCY`` (8)
+    how many attempts the loop makes at once;
+``NOTIFICATION_SERVICE_INLINE_WAIT_S`` (1)
+    how long SendNotification waits for a new notification's first attempt before it
+    answers PENDING (the attempt goes on).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.bootstrap import StartupError
+from services.notification.dispatch import (
+    DEFAULT_CONCURRENCY,
+    DEFAULT_INLINE_WAIT_S,
+    DEFAULT_SCAN_INTERVAL_S,
+    LoopSettings,
+)
+from services.notification.schedule import DeliverySchedule
 from services.tls import ENV_VAR, is_production
 
 SECRETS_KEY_FILE_VAR = "NOTIFICATION_SERVICE_SECRETS_KEY_FILE"
+RETRY_INITIAL_VAR = "NOTIFICATION_SERVICE_RETRY_INITIAL_S"
+RETRY_MAX_VAR = "NOTIFICATION_SERVICE_RETRY_MAX_S"
+RETRY_HORIZON_VAR = "NOTIFICATION_SERVICE_RETRY_HORIZON_S"
+DELIVERY_SCAN_VAR = "NOTIFICATION_SERVICE_DELIVERY_SCAN_S"
+DELIVERY_CONCURRENCY_VAR = "NOTIFICATION_SERVICE_DELIVERY_CONCURRENCY"
+INLINE_WAIT_VAR = "NOTIFICATION_SERVICE_INLINE_WAIT_S"
 DEFAULT_KEY_FILE = "notification-service-secrets.key"
 KEY_BYTES = 32
 
@@ -31,6 +62,10 @@ class NotificationConfig:
     """File holding the sealing key as 64 hex digits."""
     key_file_given: bool = False
     """Whether the key file was named explicitly (required in production)."""
+    schedule: DeliverySchedule = field(default_factory=DeliverySchedule)
+    """When failed webhooks are attempted again, and when they are dead-lettered."""
+    loop: LoopSettings = field(default_factory=LoopSettings)
+    """The delivery loop's pace."""
 
     def __post_init__(self) -> None:
         if self.production and not self.key_file_given:
@@ -41,12 +76,43 @@ class NotificationConfig:
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str], var_dir: Path) -> NotificationConfig:
-        """The settings in ``environ``; the key file defaults to one in ``var_dir``."""
+        """The settings in ``environ``; the key file defaults to one in ``var_dir``.
+
+        Raises:
+            StartupError: a schedule or loop variable is not a positive number (or the
+                maximum wait is below the initial one).
+        """
         named = environ.get(SECRETS_KEY_FILE_VAR, "").strip()
+        timing: dict[str, float] = {}
+        for var, name in (
+            (RETRY_INITIAL_VAR, "initial_backoff_s"),
+            (RETRY_MAX_VAR, "max_backoff_s"),
+            (RETRY_HORIZON_VAR, "horizon_s"),
+        ):
+            if var in environ:
+                timing[name] = _positive(environ, var)
+        try:
+            schedule = DeliverySchedule(**timing)
+        except ValueError as exc:
+            raise StartupError(
+                f"{RETRY_INITIAL_VAR}/{RETRY_MAX_VAR}/{RETRY_HORIZON_VAR}: {exc}"
+            ) from exc
+        scan_s = DEFAULT_SCAN_INTERVAL_S
+        if DELIVERY_SCAN_VAR in environ:
+            scan_s = _positive(environ, DELIVERY_SCAN_VAR)
+        concurrency = DEFAULT_CONCURRENCY
+        if DELIVERY_CONCURRENCY_VAR in environ:
+            concurrency = int(_positive(environ, DELIVERY_CONCURRENCY_VAR, whole=True))
+        inline_s = DEFAULT_INLINE_WAIT_S
+        if INLINE_WAIT_VAR in environ:
+            inline_s = _positive(environ, INLINE_WAIT_VAR)
+        loop = LoopSettings(scan_interval_s=scan_s, concurrency=concurrency, inline_wait_s=inline_s)
         return cls(
             production=is_production(environ),
             key_file=Path(named) if named else var_dir / DEFAULT_KEY_FILE,
             key_file_given=bool(named),
+            schedule=schedule,
+            loop=loop,
         )
 
     def sealing_key(self) -> bytes:
@@ -73,3 +139,16 @@ class NotificationConfig:
         if len(key) != KEY_BYTES:
             raise StartupError(f"{self.key_file} must hold {2 * KEY_BYTES} hex digits")
         return key
+
+
+def _positive(environ: Mapping[str, str], var: str, *, whole: bool = False) -> float:
+    """The positive number ``var`` holds (a whole one if ``whole``); StartupError if not."""
+    raw = environ[var]
+    try:
+        value = float(int(raw)) if whole else float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        kind = "a positive whole number" if whole else "a positive number of seconds"
+        raise StartupError(f"{var}={raw!r}: must be {kind}")
+    return value

@@ -1,25 +1,30 @@
-"""notification-service's data: one row per notification with its delivery state.
+"""notification-service's data: one row per notification, its delivery state and its schedule.
 
 The request id is claimed with the row's insert, so one request id is one notification for
-ever; delivery attempts then update the row. The notification id is the webhook's
-Idempotency-Key, so a re-attempt after a lost answer is not a second delivery.
+ever; its id, derived from the request id, is the webhook's Idempotency-Key, so a re-attempt
+after a lost answer is not a second event at the receiver. Each attempt updates the row: its
+outcome, and for a failure the next attempt time the delivery loop waits for (a row of an
+older version gains the new columns at start, and its PENDING rows become due).
 """
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from interceptors.errors import NotFound
+from interceptors.errors import FailedPrecondition, NotFound
 from paymesh.notification.v1 import notification_pb2 as pb
 from services import idempotency
 from services.database import open_database, transaction
+
+SEND_METHOD = "SendNotification"
+REDELIVER_METHOD = "RedeliverNotification"
 
 SCHEMA = (
     """
@@ -42,6 +47,25 @@ CREATE INDEX IF NOT EXISTS notifications_by_merchant
 """
     + idempotency.SCHEMA
 )
+#: Columns added after the first version, with their definitions (added to an older table).
+_ADDED_COLUMNS = {
+    "next_attempt_time": "REAL",
+    "dead_letter_time": "REAL",
+    "round_start_time": "REAL",
+    "round_failures": "INTEGER NOT NULL DEFAULT 0",
+    "url_from_merchant": "INTEGER NOT NULL DEFAULT 0",
+}
+_DUE_INDEX = f"""
+CREATE INDEX IF NOT EXISTS notifications_due ON notifications (next_attempt_time)
+    WHERE delivery_status = {pb.DELIVERY_STATUS_PENDING};
+"""
+#: Statuses RedeliverNotification refuses: there is nothing left to deliver.
+_NOT_REDELIVERABLE = (pb.DELIVERY_STATUS_DELIVERED,)
+
+
+def notification_id_for(request_id: str) -> str:
+    """The notification id of a request id: deterministic, the receiver's dedupe key."""
+    return "ntf_" + hashlib.sha256(request_id.encode()).hexdigest()[:24]
 
 
 def _timestamp(seconds: float) -> Timestamp:
@@ -64,9 +88,33 @@ def _notification(row: sqlite3.Row) -> pb.Notification:
         last_error=row["last_error"],
         create_time=_timestamp(row["create_time"]),
     )
-    if row["last_attempt_time"] is not None:
-        notification.last_attempt_time.CopyFrom(_timestamp(row["last_attempt_time"]))
+    for column in ("last_attempt_time", "next_attempt_time", "dead_letter_time"):
+        if row[column] is not None:
+            getattr(notification, column).CopyFrom(_timestamp(row[column]))
     return notification
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A notification with what its next attempt needs to know."""
+
+    notification: pb.Notification
+    """The notification as the API shows it."""
+    url_from_merchant: bool
+    """Whether the URL is the merchant's, looked up at each attempt (none was given)."""
+    round_start_time: float
+    """When the current round of attempts began (creation, or the last redelivery)."""
+    round_failures: int
+    """Failed attempts in the current round."""
+
+
+def _delivery(row: sqlite3.Row) -> Delivery:
+    return Delivery(
+        notification=_notification(row),
+        url_from_merchant=bool(row["url_from_merchant"]),
+        round_start_time=row["round_start_time"] or row["create_time"],
+        round_failures=row["round_failures"],
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +126,13 @@ class Attempt:
     response_code: int
     """HTTP status received, 0 if none."""
     error: str
-    """Why it failed, empty if it did not."""
+    """Why it failed or was skipped, empty if it was delivered."""
+    webhook_url: str = ""
+    """The URL it went to; empty keeps the stored one."""
+    next_attempt_time: float | None = None
+    """When to attempt again (PENDING only)."""
+    counted: bool = True
+    """Whether it counts as an attempt; a skip (no URL to try) does not."""
 
 
 class NotificationStore:
@@ -87,34 +141,53 @@ class NotificationStore:
     def __init__(self, path: Path | str, *, clock: Callable[[], float] = time.time) -> None:
         self._conn = open_database(path, SCHEMA)
         self._clock = clock
+        self._upgrade()
+
+    def _upgrade(self) -> None:
+        """Add the columns an older version's table lacks; its PENDING rows become due now."""
+        have = {info["name"] for info in self._conn.execute("PRAGMA table_info(notifications)")}
+        missing = [name for name in _ADDED_COLUMNS if name not in have]
+        if missing:
+            with transaction(self._conn) as conn:
+                for name in missing:
+                    conn.execute(
+                        f"ALTER TABLE notifications ADD COLUMN {name} {_ADDED_COLUMNS[name]}"
+                    )
+                conn.execute(
+                    "UPDATE notifications SET next_attempt_time = ?"
+                    " WHERE delivery_status = ? AND next_attempt_time IS NULL",
+                    (self._clock(), pb.DELIVERY_STATUS_PENDING),
+                )
+        self._conn.executescript(_DUE_INDEX)
 
     def close(self) -> None:
         """Close the database."""
         self._conn.close()
 
-    def record(self, request: pb.SendNotificationRequest) -> pb.Notification:
-        """The notification of this request id: inserted now, or the one recorded before.
+    def record(self, request: pb.SendNotificationRequest) -> tuple[pb.Notification, bool]:
+        """The notification of this request id, and whether it was inserted now.
+
+        A new one is PENDING and due at once; a repeat of the request returns the latest
+        state of the one recorded before.
 
         Raises:
             InvalidArgument: the request id was used with a different body.
         """
         with transaction(self._conn) as conn:
-            claim = idempotency.claim(conn, "SendNotification", request.request_id, request)
+            claim = idempotency.claim(conn, SEND_METHOD, request.request_id, request)
             if claim.replay is not None:
                 # The stored response is the first state; the row has the latest.
                 row = conn.execute(
                     "SELECT * FROM notifications WHERE request_id = ?", (request.request_id,)
                 ).fetchone()
-                return _notification(row)
+                return _notification(row), False
             idempotency.refuse_if_kept(conn, "notifications", "request_id", request.request_id)
-            notification_id = f"ntf_{uuid.uuid4().hex[:24]}"
-            status = (
-                pb.DELIVERY_STATUS_PENDING if request.webhook_url else pb.DELIVERY_STATUS_SKIPPED
-            )
+            notification_id = notification_id_for(request.request_id)
+            now = self._clock()
             conn.execute(
                 "INSERT INTO notifications (notification_id, request_id, merchant_id, event_type,"
-                " payload_json, webhook_url, delivery_status, create_time)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " payload_json, webhook_url, delivery_status, create_time, next_attempt_time,"
+                " round_start_time, url_from_merchant) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     notification_id,
                     request.request_id,
@@ -122,41 +195,114 @@ class NotificationStore:
                     request.event_type,
                     request.payload_json,
                     request.webhook_url,
-                    status,
-                    self._clock(),
+                    pb.DELIVERY_STATUS_PENDING,
+                    now,
+                    now,
+                    now,
+                    int(not request.webhook_url),
                 ),
             )
             notification = self.get(notification_id)
             idempotency.complete(
                 conn,
-                "SendNotification",
+                SEND_METHOD,
                 request.request_id,
                 pb.SendNotificationResponse(notification=notification),
             )
-            return notification
+            return notification, True
+
+    def delivery(self, notification_id: str) -> Delivery:
+        """The notification with its schedule state; NotFound if there is none."""
+        return _delivery(self._require(notification_id))
+
+    def due(self, now: float, *, limit: int) -> list[Delivery]:
+        """PENDING notifications whose next attempt is at or before ``now``, the most overdue
+        first."""
+        rows = self._conn.execute(
+            "SELECT * FROM notifications WHERE delivery_status = ? AND next_attempt_time <= ?"
+            " ORDER BY next_attempt_time, notification_id LIMIT ?",
+            (pb.DELIVERY_STATUS_PENDING, now, limit),
+        ).fetchall()
+        return [_delivery(row) for row in rows]
 
     def record_attempt(self, notification_id: str, attempt: Attempt) -> pb.Notification:
-        """Count one attempt and its outcome; a DELIVERED notification stays DELIVERED."""
-        with transaction(self._conn):
-            self._conn.execute(
-                "UPDATE notifications SET attempt_count = attempt_count + 1,"
-                " delivery_status = CASE WHEN delivery_status = ? THEN delivery_status ELSE ? END,"
-                " last_response_code = ?, last_error = ?, last_attempt_time = ?"
+        """Record one attempt's outcome; a DELIVERED notification stays DELIVERED."""
+        now = self._clock()
+        failed = attempt.status in (pb.DELIVERY_STATUS_PENDING, pb.DELIVERY_STATUS_DEAD_LETTERED)
+        with transaction(self._conn) as conn:
+            row = self._require(notification_id)
+            if row["delivery_status"] == pb.DELIVERY_STATUS_DELIVERED:
+                return _notification(row)
+            conn.execute(
+                "UPDATE notifications SET attempt_count = attempt_count + ?,"
+                " round_failures = round_failures + ?, delivery_status = ?,"
+                " next_attempt_time = ?, dead_letter_time = ?, last_response_code = ?,"
+                " last_error = ?, last_attempt_time = COALESCE(?, last_attempt_time),"
+                " webhook_url = COALESCE(NULLIF(?, ''), webhook_url)"
                 " WHERE notification_id = ?",
                 (
-                    pb.DELIVERY_STATUS_DELIVERED,
+                    int(attempt.counted),
+                    int(failed),
                     attempt.status,
+                    attempt.next_attempt_time
+                    if attempt.status == pb.DELIVERY_STATUS_PENDING
+                    else None,
+                    now if attempt.status == pb.DELIVERY_STATUS_DEAD_LETTERED else None,
                     attempt.response_code,
                     attempt.error,
-                    self._clock(),
+                    now if attempt.counted else None,
+                    attempt.webhook_url,
                     notification_id,
                 ),
             )
-            return self.get(notification_id)
+            return _notification(self._require(notification_id))
+
+    def redeliver(self, request: pb.RedeliverNotificationRequest) -> pb.Notification:
+        """Start a new round of attempts, due now (idempotent by request id).
+
+        Raises:
+            NotFound: there is no such notification.
+            FailedPrecondition: INVALID_STATE, it was delivered already; the request id
+                stays free.
+            InvalidArgument: the request id was used with a different body.
+        """
+        with transaction(self._conn) as conn:
+            claim = idempotency.claim(conn, REDELIVER_METHOD, request.request_id, request)
+            replay = idempotency.replayed(pb.RedeliverNotificationResponse, claim)
+            if replay is not None:
+                return replay.notification
+            row = self._require(request.notification_id)
+            if row["delivery_status"] in _NOT_REDELIVERABLE:
+                raise FailedPrecondition(
+                    f"notification {request.notification_id!r} was delivered already",
+                    reason="INVALID_STATE",
+                    metadata={
+                        "notification_id": request.notification_id,
+                        "delivery_status": pb.DeliveryStatus.Name(row["delivery_status"]),
+                    },
+                )
+            now = self._clock()
+            conn.execute(
+                "UPDATE notifications SET delivery_status = ?, next_attempt_time = ?,"
+                " round_start_time = ?, round_failures = 0, dead_letter_time = NULL"
+                " WHERE notification_id = ?",
+                (pb.DELIVERY_STATUS_PENDING, now, now, request.notification_id),
+            )
+            notification = _notification(self._require(request.notification_id))
+            idempotency.complete(
+                conn,
+                REDELIVER_METHOD,
+                request.request_id,
+                pb.RedeliverNotificationResponse(notification=notification),
+            )
+            return notification
 
     def get(self, notification_id: str) -> pb.Notification:
         """The notification; NotFound if there is none."""
-        row = self._conn.execute(
+        return _notification(self._require(notification_id))
+
+    def _require(self, notification_id: str) -> sqlite3.Row:
+        row: sqlite3.Row | None = self._conn.execute(
             "SELECT * FROM notifications WHERE notification_id = ?", (notification_id,)
         ).fetchone()
         if row is None:
@@ -164,7 +310,7 @@ class NotificationStore:
                 f"notification {notification_id!r} does not exist",
                 metadata={"notification_id": notification_id},
             )
-        return _notification(row)
+        return row
 
     def list(
         self, *, merchant_id: str, status: int, before: tuple[float, str] | None, limit: int

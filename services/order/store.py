@@ -1,4 +1,8 @@
-"""order-service's data: one row per order, keyed by the caller-chosen order id."""
+"""order-service's data: one row per order, keyed by the caller-chosen order id.
+
+A status change is checked against the order's lifecycle (``lifecycle``) inside the write
+transaction, so two concurrent updates cannot both pass the check on a stale status.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from paymesh.common.v1 import common_pb2
 from paymesh.order.v1 import order_pb2
 from services import idempotency
 from services.database import open_database, transaction
+from services.order import lifecycle
 
 SCHEMA = (
     """
@@ -115,7 +120,13 @@ class OrderStore:
             return order
 
     def update_status(self, request: order_pb2.UpdateOrderStatusRequest) -> order_pb2.Order:
-        """Set the order's status (idempotent by request id; the same status twice is a no-op)."""
+        """Set the order's status (idempotent by request id; the same status twice is a no-op).
+
+        Raises:
+            NotFound: there is no such order.
+            FailedPrecondition: INVALID_STATE, the lifecycle does not allow the change; the
+                request id stays free (nothing was written).
+        """
         with transaction(self._conn) as conn:
             claim = idempotency.claim(
                 conn, "UpdateOrderStatus", request.request_id, request, now=self._clock()
@@ -123,7 +134,8 @@ class OrderStore:
             replay = idempotency.replayed(order_pb2.UpdateOrderStatusResponse, claim)
             if replay is not None:
                 return replay.order
-            self._require(request.order_id)
+            current = self._require(request.order_id)["status"]
+            lifecycle.require_transition(request.order_id, current, request.status)
             conn.execute(
                 "UPDATE orders SET status=?, status_reason=?, update_time=? WHERE order_id=?",
                 (request.status, request.reason, self._clock(), request.order_id),

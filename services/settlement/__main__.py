@@ -1,9 +1,12 @@
 """Start settlement-service: ``python -m services.settlement``."""
 
 from paymesh.accounting.v1 import accounting_pb2_grpc
+from paymesh.merchant.v1 import merchant_pb2_grpc
+from paymesh.notification.v1 import notification_pb2_grpc
 from paymesh.settlement.v1 import settlement_pb2, settlement_pb2_grpc
 from paymesh.withdrawal.v1 import withdrawal_pb2_grpc
 from services.bootstrap import Registration, ServiceContext, run
+from services.resumable import recovery_interval_s
 from services.settlement.servicer import SettlementServicer
 from services.settlement.store import SettlementStore
 
@@ -11,7 +14,9 @@ NAME = "settlement-service"
 
 
 async def build(context: ServiceContext) -> list[Registration]:
-    """The servicer over its store, the ledger and withdrawal-service; starts recovery."""
+    """The servicer over its store, the ledger, withdrawals, merchants and notifications;
+    starts the recovery loop (every ``SETTLEMENT_SERVICE_RECOVERY_INTERVAL_S``, default 10 s)."""
+    interval_s = recovery_interval_s(NAME, context.environ)
     store = SettlementStore(context.database_path())
     servicer = SettlementServicer(
         store,
@@ -21,8 +26,12 @@ async def build(context: ServiceContext) -> list[Registration]:
         withdrawals=context.clients.stub(
             "withdrawal-service", withdrawal_pb2_grpc.WithdrawalServiceStub
         ),
+        merchants=context.clients.stub("merchant-service", merchant_pb2_grpc.MerchantServiceStub),
+        notifications=context.clients.stub(
+            "notification-service", notification_pb2_grpc.NotificationServiceStub
+        ),
     )
-    servicer.start_recovery()
+    servicer.start_recovery(interval_s)
     context.on_stop.append(servicer.close)
     context.on_stop.append(store.close)
     return [

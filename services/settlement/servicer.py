@@ -1,10 +1,13 @@
 """settlement-service RPCs: settleable balance, and settlements paid out by withdrawal-service.
 
-CreateSettlement runs as persisted steps (``store.Step``): the ledger moves the amount from
-``available`` to ``settling`` (refusing an overdraft atomically, which keeps concurrent
-settlements honest), then withdrawal-service pays it out; a failed withdrawal returns the
-funds. An outage leaves the settlement PENDING for a replay of its request id or the
-recovery pass to finish with the same deterministic ids.
+CreateSettlement first asks merchant-service whether the merchant exists and is active, then
+runs as persisted steps (``store.Step``): the ledger moves the amount from ``available`` to
+``settling`` (refusing an overdraft atomically, which keeps concurrent settlements honest),
+then withdrawal-service pays it out (settling -> payout_in_transit -> platform/bank_payouts
+once the bank confirmed, see ``services.accounting.accounts``); a failed withdrawal returns
+the funds to ``available``; the merchant is told at its webhook either way. An outage leaves
+the settlement PENDING for a replay of its request id or the recovery loop to finish with the
+same deterministic ids.
 
 Merchants read their own balance and settlements with their API key: an empty merchant_id
 means their own, another merchant's id or settlement is NOT_FOUND like a missing one.
@@ -13,6 +16,7 @@ means their own, another merchant's id or settlement is NOT_FOUND like a missing
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Mapping
 
@@ -23,10 +27,14 @@ from grpc import aio
 from interceptors.errors import FailedPrecondition
 from paymesh.accounting.v1 import accounting_pb2, accounting_pb2_grpc
 from paymesh.common.v1 import common_pb2
+from paymesh.merchant.v1 import merchant_pb2_grpc
+from paymesh.notification.v1 import notification_pb2, notification_pb2_grpc
 from paymesh.settlement.v1 import settlement_pb2, settlement_pb2_grpc
 from paymesh.withdrawal.v1 import withdrawal_pb2, withdrawal_pb2_grpc
 from services import validation as v
-from services.authz import merchant_scope
+from services.accounting import accounts
+from services.active_merchant import require_active_merchant
+from services.authz import current_merchant, merchant_scope
 from services.bootstrap import Context
 from services.downstream import is_ambiguous, reason_of
 from services.resumable import StepDriver, Stepper
@@ -42,12 +50,12 @@ def settlement_id_for(request_id: str) -> str:
 
 def available_account(merchant_id: str) -> str:
     """The merchant's ledger account of earned, not yet settled money."""
-    return f"merchants/{merchant_id}/available"
+    return accounts.available(merchant_id)
 
 
 def settling_account(merchant_id: str) -> str:
-    """The merchant's ledger account of money in settlement, not yet paid out."""
-    return f"merchants/{merchant_id}/settling"
+    """The merchant's ledger account of money in settlement, not yet handed to the bank."""
+    return accounts.settling(merchant_id)
 
 
 def _require_bank_account(value: str) -> None:
@@ -65,10 +73,14 @@ class SettlementServicer(settlement_pb2_grpc.SettlementServiceServicer):
         *,
         ledger: accounting_pb2_grpc.AccountingServiceAsyncStub,
         withdrawals: withdrawal_pb2_grpc.WithdrawalServiceAsyncStub,
+        merchants: merchant_pb2_grpc.MerchantServiceAsyncStub,
+        notifications: notification_pb2_grpc.NotificationServiceAsyncStub,
     ) -> None:
         self._store = store
         self._ledger = ledger
         self._withdrawals = withdrawals
+        self._merchants = merchants
+        self._notifications = notifications
         self._driver = StepDriver(store, self._steps, log=log)
 
     # -- RPCs ---------------------------------------------------------------
@@ -77,6 +89,9 @@ class SettlementServicer(settlement_pb2_grpc.SettlementServiceServicer):
     ) -> settlement_pb2.GetSettleableBalanceResponse:
         merchant_id = v.require_id("merchant_id", merchant_scope(request.merchant_id))
         v.require_currency("currency_code", request.currency_code)
+        if current_merchant() is None:
+            # A mesh caller may name any id; a merchant's API key already proved it exists.
+            await self._require_merchant(merchant_id, active=False)
         amount = await self._settleable(merchant_id, request.currency_code)
         as_of = Timestamp()
         as_of.GetCurrentTime()
@@ -105,8 +120,12 @@ class SettlementServicer(settlement_pb2_grpc.SettlementServiceServicer):
                 )
         _require_bank_account(request.bank_account_reference)
         settlement_id = settlement_id_for(request.request_id)
+        existing = self._store.find(settlement_id)
+        if existing is None:
+            # Before anything is written: a refusal leaves the request id free. Work already
+            # begun is finished whatever the merchant's status has become since.
+            await self._require_merchant(request.merchant_id, active=True)
         if amount is None:
-            existing = self._store.find(settlement_id)
             if existing is not None:  # a replay: begin() checks the body and returns it
                 amount = existing.settlement.amount.amount_minor
             else:
@@ -150,15 +169,23 @@ class SettlementServicer(settlement_pb2_grpc.SettlementServiceServicer):
         )
 
     # -- recovery and shutdown -----------------------------------------------
-    def start_recovery(self) -> None:
-        """Drive every unfinished settlement in the background (called once at start)."""
-        self._driver.start_recovery()
+    def start_recovery(self, interval_s: float) -> None:
+        """Drive every unfinished settlement now and then every ``interval_s``, until close."""
+        self._driver.start_recovery(interval_s)
 
     async def close(self) -> None:
         """Stop the recovery pass and the work in flight; their rows stay resumable."""
         await self._driver.close()
 
     # -- the steps --------------------------------------------------------------
+    async def _require_merchant(self, merchant_id: str, *, active: bool) -> None:
+        """NOT_FOUND for an unknown merchant; with ``active``, MERCHANT_INACTIVE if suspended."""
+        try:
+            await require_active_merchant(self._merchants, merchant_id, action="settled")
+        except FailedPrecondition:
+            if active:
+                raise
+
     async def _settleable(self, merchant_id: str, currency_code: str) -> int:
         reply = await self._ledger.GetBalance(
             accounting_pb2.GetBalanceRequest(
@@ -189,6 +216,7 @@ class SettlementServicer(settlement_pb2_grpc.SettlementServiceServicer):
             Step.RESERVE: reserve,
             Step.WITHDRAW: self._withdraw,
             Step.REVERSE: self._reverse,
+            Step.NOTIFY: self._notify,
         }
 
     async def _reserve(self, record: Record, *, first: bool) -> Record:
@@ -224,7 +252,7 @@ class SettlementServicer(settlement_pb2_grpc.SettlementServiceServicer):
                 raise
             return self._store.advance(
                 record,
-                step=Step.DONE,
+                step=Step.NOTIFY,
                 status=settlement_pb2.SETTLEMENT_STATUS_FAILED,
                 failure_reason=reason_of(exc),
             )
@@ -253,7 +281,7 @@ class SettlementServicer(settlement_pb2_grpc.SettlementServiceServicer):
         if withdrawal.status == withdrawal_pb2.WITHDRAWAL_STATUS_COMPLETED:
             return self._store.advance(
                 record,
-                step=Step.DONE,
+                step=Step.NOTIFY,
                 status=settlement_pb2.SETTLEMENT_STATUS_COMPLETED,
                 withdrawal_id=withdrawal.withdrawal_id,
             )
@@ -288,8 +316,38 @@ class SettlementServicer(settlement_pb2_grpc.SettlementServiceServicer):
             log.error("reversal of %s not posted, will retry: %s", settlement.settlement_id, exc)
             return record
         return self._store.advance(
-            record, step=Step.DONE, status=settlement_pb2.SETTLEMENT_STATUS_FAILED
+            record, step=Step.NOTIFY, status=settlement_pb2.SETTLEMENT_STATUS_FAILED
         )
+
+    async def _notify(self, record: Record) -> Record:
+        """Tell the merchant at its webhook (notification-service finds the URL and retries
+        delivery); only an outage keeps the step for a retry."""
+        settlement = record.settlement
+        completed = settlement.status == settlement_pb2.SETTLEMENT_STATUS_COMPLETED
+        payload = {
+            "settlement_id": settlement.settlement_id,
+            "withdrawal_id": settlement.withdrawal_id,
+            "amount_minor": settlement.amount.amount_minor,
+            "currency_code": settlement.amount.currency_code,
+            "status": settlement_pb2.SettlementStatus.Name(settlement.status),
+            "failure_reason": settlement.failure_reason,
+        }
+        try:
+            await self._notifications.SendNotification(
+                notification_pb2.SendNotificationRequest(
+                    request_id=f"{settlement.settlement_id}:notification",
+                    merchant_id=settlement.merchant_id,
+                    event_type="settlement.completed" if completed else "settlement.failed",
+                    # sort_keys: a resend must carry the very same body to be deduped.
+                    payload_json=json.dumps(payload, sort_keys=True),
+                )
+            )
+        except aio.AioRpcError as exc:
+            if is_ambiguous(exc):
+                log.warning("notification of %s not sent yet: %s", settlement.settlement_id, exc)
+                return record
+            log.warning("notification of %s refused, dropped: %s", settlement.settlement_id, exc)
+        return self._store.advance(record, step=Step.DONE)
 
 
 def _transaction(

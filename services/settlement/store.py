@@ -1,8 +1,9 @@
 """settlement-service's data: one row per settlement and the step it has reached.
 
 The row is written in the same transaction that claims the request id; each later step
-(posted to the ledger, withdrawal requested, funds returned) is persisted as it completes,
-so a recovery pass can finish a settlement that a crash or an outage interrupted.
+(posted to the ledger, withdrawal requested, funds returned, merchant notified) is persisted
+as it completes, so the recovery loop can finish a settlement that a crash or an outage
+interrupted.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class Step(enum.StrEnum):
     """Ask withdrawal-service to pay the settling amount out, until it is final."""
     REVERSE = "reverse"
     """The withdrawal failed: post settling -> available to return the funds."""
+    NOTIFY = "notify"
+    """Terminal status reached; tell the merchant."""
     DONE = "done"
     """Nothing left to do."""
 
@@ -46,7 +49,7 @@ CREATE TABLE IF NOT EXISTS settlements (
     currency_code TEXT NOT NULL,
     bank_account_reference TEXT NOT NULL,
     status INTEGER NOT NULL,
-    step TEXT NOT NULL CHECK (step IN ('reserve', 'withdraw', 'reverse', 'done')),
+    step TEXT NOT NULL CHECK (step IN ('reserve', 'withdraw', 'reverse', 'notify', 'done')),
     ledger_transaction_id TEXT NOT NULL DEFAULT '',
     withdrawal_id TEXT NOT NULL DEFAULT '',
     failure_reason TEXT NOT NULL DEFAULT '',
@@ -83,6 +86,7 @@ class SettlementStore(StepStore[Record, settlement_pb2.Settlement]):
     table = "settlements"
     id_column = "settlement_id"
     method = METHOD
+    steps = tuple(Step)
 
     def __init__(self, path: Path | str, *, clock_ns: Callable[[], int] = time.time_ns) -> None:
         super().__init__(path, SCHEMA, clock_ns=clock_ns)

@@ -1,9 +1,11 @@
 """Start withdrawal-service: ``python -m services.withdrawal``."""
 
 from paymesh.accounting.v1 import accounting_pb2_grpc
+from paymesh.merchant.v1 import merchant_pb2_grpc
 from paymesh.notification.v1 import notification_pb2_grpc
 from paymesh.withdrawal.v1 import withdrawal_pb2, withdrawal_pb2_grpc
 from services.bootstrap import Registration, ServiceContext, run
+from services.resumable import recovery_interval_s
 from services.withdrawal.servicer import WithdrawalServicer
 from services.withdrawal.store import WithdrawalStore
 
@@ -11,7 +13,9 @@ NAME = "withdrawal-service"
 
 
 async def build(context: ServiceContext) -> list[Registration]:
-    """The servicer over its store, the ledger, notifications and the bank; starts recovery."""
+    """The servicer over its store, the ledger, notifications, merchants and the bank; starts
+    the recovery loop (every ``WITHDRAWAL_SERVICE_RECOVERY_INTERVAL_S``, default 10 s)."""
+    interval_s = recovery_interval_s(NAME, context.environ)
     store = WithdrawalStore(context.database_path())
     servicer = WithdrawalServicer(
         store,
@@ -21,9 +25,10 @@ async def build(context: ServiceContext) -> list[Registration]:
         notifications=context.clients.stub(
             "notification-service", notification_pb2_grpc.NotificationServiceStub
         ),
+        merchants=context.clients.stub("merchant-service", merchant_pb2_grpc.MerchantServiceStub),
         bank=context.clients.partner("bank-transfer"),
     )
-    servicer.start_recovery()
+    servicer.start_recovery(interval_s)
     context.on_stop.append(servicer.close)
     context.on_stop.append(store.close)
     return [

@@ -1,10 +1,16 @@
-"""withdrawal-service RPCs: reserve in the ledger, pay through the bank partner, notify.
+"""withdrawal-service RPCs: move to payout_in_transit, pay through the bank, confirm, notify.
 
-CreateWithdrawal runs as persisted steps (``store.Step``). The ledger reservation, with a
-non-negative check on the debited account, comes before the bank call, so concurrent
-withdrawals can never exceed the balance; a bank refusal posts a reversal. An outage leaves
-the withdrawal PENDING for a replay of its request id or the recovery pass to finish, with
-the same deterministic ids, so nothing is posted or transferred twice.
+CreateWithdrawal first asks merchant-service whether the merchant exists and is active, then
+runs as persisted steps (``store.Step``). The ledger moves the amount from the source account
+(``available``, or ``settling`` for a settlement) to the merchant's ``payout_in_transit``
+with a non-negative check on the source, before the bank call, so concurrent withdrawals can
+never exceed the balance; only the bank's confirmation moves it on to
+``platform/bank_payouts``, and a bank refusal moves it back (see
+``services.accounting.accounts``), so the ledger never shows as paid out what the bank has
+not paid. An outage
+leaves the withdrawal PENDING for a replay of its request id or the recovery loop to finish,
+with the same deterministic ids, so nothing is posted or transferred twice. The merchant is
+notified at its webhook (notification-service looks the URL up).
 
 Merchants read their own withdrawals with their API key: an empty merchant_id means their
 own, another merchant's id or withdrawal is NOT_FOUND like a missing one.
@@ -22,9 +28,12 @@ from grpc import aio
 
 from interceptors.errors import FailedPrecondition
 from paymesh.accounting.v1 import accounting_pb2, accounting_pb2_grpc
+from paymesh.merchant.v1 import merchant_pb2_grpc
 from paymesh.notification.v1 import notification_pb2, notification_pb2_grpc
 from paymesh.withdrawal.v1 import withdrawal_pb2, withdrawal_pb2_grpc
 from services import validation as v
+from services.accounting import accounts
+from services.active_merchant import require_active_merchant
 from services.authz import merchant_scope
 from services.bootstrap import Context
 from services.clients import PartnerClient
@@ -34,8 +43,8 @@ from services.withdrawal.store import Record, Step, WithdrawalStore
 
 log = logging.getLogger("paymesh.withdrawal")
 
-#: Platform account the bank payouts are credited to.
-PAYOUT_ACCOUNT = "platform/bank_payouts"
+#: Platform account the bank's confirmed payouts are credited to.
+PAYOUT_ACCOUNT = accounts.BANK_PAYOUTS
 #: failure_reason of a withdrawal the bank partner refused (the nearest ErrorReason).
 BANK_REFUSED_REASON = "CHANNEL_DECLINED"
 #: HTTP statuses of the bank that say "not now" rather than "no".
@@ -49,8 +58,14 @@ def withdrawal_id_for(request_id: str) -> str:
 
 def source_account(withdrawal: withdrawal_pb2.Withdrawal) -> str:
     """The account a withdrawal debits: ``settling`` for a settlement, else ``available``."""
-    ledger = "settling" if withdrawal.settlement_id else "available"
-    return f"merchants/{withdrawal.merchant_id}/{ledger}"
+    if withdrawal.settlement_id:
+        return accounts.settling(withdrawal.merchant_id)
+    return accounts.available(withdrawal.merchant_id)
+
+
+def in_transit_account(withdrawal: withdrawal_pb2.Withdrawal) -> str:
+    """The account holding the withdrawal's money between its start and the bank's answer."""
+    return accounts.payout_in_transit(withdrawal.merchant_id)
 
 
 def _require_bank_account(value: str) -> None:
@@ -68,11 +83,13 @@ class WithdrawalServicer(withdrawal_pb2_grpc.WithdrawalServiceServicer):
         *,
         ledger: accounting_pb2_grpc.AccountingServiceAsyncStub,
         notifications: notification_pb2_grpc.NotificationServiceAsyncStub,
+        merchants: merchant_pb2_grpc.MerchantServiceAsyncStub,
         bank: PartnerClient,
     ) -> None:
         self._store = store
         self._ledger = ledger
         self._notifications = notifications
+        self._merchants = merchants
         self._bank = bank
         self._driver = StepDriver(store, self._steps, log=log)
 
@@ -86,9 +103,12 @@ class WithdrawalServicer(withdrawal_pb2_grpc.WithdrawalServiceServicer):
         _require_bank_account(request.bank_account_reference)
         if request.settlement_id:
             v.require_id("settlement_id", request.settlement_id)
-        begun = self._store.begin(
-            request, withdrawal_id_for(request.request_id), running=self._driver.running
-        )
+        withdrawal_id = withdrawal_id_for(request.request_id)
+        if self._store.find(withdrawal_id) is None:
+            # Before anything is written: a refusal leaves the request id free. Work already
+            # begun is finished whatever the merchant's status has become since.
+            await require_active_merchant(self._merchants, request.merchant_id, action="paid out")
+        begun = self._store.begin(request, withdrawal_id, running=self._driver.running)
         record = begun.record
         if not (begun.replayed and record.step is Step.DONE):
             record = await self._driver.run(record, first=not begun.replayed)
@@ -127,9 +147,9 @@ class WithdrawalServicer(withdrawal_pb2_grpc.WithdrawalServiceServicer):
         )
 
     # -- recovery and shutdown -----------------------------------------------
-    def start_recovery(self) -> None:
-        """Drive every unfinished withdrawal in the background (called once at start)."""
-        self._driver.start_recovery()
+    def start_recovery(self, interval_s: float) -> None:
+        """Drive every unfinished withdrawal now and then every ``interval_s``, until close."""
+        self._driver.start_recovery(interval_s)
 
     async def close(self) -> None:
         """Stop the recovery pass and the work in flight; their rows stay resumable."""
@@ -145,12 +165,13 @@ class WithdrawalServicer(withdrawal_pb2_grpc.WithdrawalServiceServicer):
         return {
             Step.RESERVE: reserve,
             Step.TRANSFER: self._transfer,
+            Step.CONFIRM: self._confirm,
             Step.REVERSE: self._reverse,
             Step.NOTIFY: self._notify,
         }
 
     async def _reserve(self, record: Record, *, first: bool) -> Record:
-        """Move the amount out of the merchant's account; the ledger refuses an overdraft."""
+        """Move the amount from its source to payout_in_transit; the ledger refuses an overdraft."""
         withdrawal = record.withdrawal
         source = source_account(withdrawal)
         transaction_id = f"txn:{withdrawal.withdrawal_id}"
@@ -162,7 +183,7 @@ class WithdrawalServicer(withdrawal_pb2_grpc.WithdrawalServiceServicer):
                     kind=accounting_pb2.TRANSACTION_KIND_WITHDRAWAL,
                     withdrawal=withdrawal,
                     debit=source,
-                    credit=PAYOUT_ACCOUNT,
+                    credit=in_transit_account(withdrawal),
                     non_negative=source,
                 )
             )
@@ -210,12 +231,7 @@ class WithdrawalServicer(withdrawal_pb2_grpc.WithdrawalServiceServicer):
         body = reply.body if isinstance(reply.body, dict) else {}
         reference = str(body.get("id", ""))
         if 200 <= reply.status < 300 and body.get("status") == "completed":
-            return self._store.advance(
-                record,
-                step=Step.NOTIFY,
-                status=withdrawal_pb2.WITHDRAWAL_STATUS_COMPLETED,
-                bank_transfer_reference=reference,
-            )
+            return self._store.advance(record, step=Step.CONFIRM, bank_transfer_reference=reference)
         refused = 400 <= reply.status < 500 and reply.status not in _BANK_NOT_FINAL
         if refused or body.get("status") in ("failed", "rejected", "returned"):
             log.info(
@@ -233,8 +249,30 @@ class WithdrawalServicer(withdrawal_pb2_grpc.WithdrawalServiceServicer):
         # Accepted but not final yet: asking again with the same key returns its new state.
         return self._store.advance(record, step=Step.TRANSFER, bank_transfer_reference=reference)
 
+    async def _confirm(self, record: Record) -> Record:
+        """Record the bank's confirmation: payout_in_transit -> platform/bank_payouts."""
+        withdrawal = record.withdrawal
+        try:
+            await self._ledger.PostTransaction(
+                _transaction(
+                    request_id=f"{withdrawal.withdrawal_id}:paid",
+                    transaction_id=f"txn:{withdrawal.withdrawal_id}:paid",
+                    kind=accounting_pb2.TRANSACTION_KIND_WITHDRAWAL,
+                    withdrawal=withdrawal,
+                    debit=in_transit_account(withdrawal),
+                    credit=PAYOUT_ACCOUNT,
+                )
+            )
+        except aio.AioRpcError as exc:
+            # The bank paid: the ledger must say so, so this step is retried whatever it said.
+            log.error("payout of %s not posted, will retry: %s", withdrawal.withdrawal_id, exc)
+            return record
+        return self._store.advance(
+            record, step=Step.NOTIFY, status=withdrawal_pb2.WITHDRAWAL_STATUS_COMPLETED
+        )
+
     async def _reverse(self, record: Record) -> Record:
-        """Return the reserved amount to the merchant's account after the bank refused."""
+        """Return the amount in transit to the account it came from after the bank refused."""
         withdrawal = record.withdrawal
         source = source_account(withdrawal)
         try:
@@ -244,7 +282,7 @@ class WithdrawalServicer(withdrawal_pb2_grpc.WithdrawalServiceServicer):
                     transaction_id=f"txn:{withdrawal.withdrawal_id}:reversal",
                     kind=accounting_pb2.TRANSACTION_KIND_REVERSAL,
                     withdrawal=withdrawal,
-                    debit=PAYOUT_ACCOUNT,
+                    debit=in_transit_account(withdrawal),
                     credit=source,
                 )
             )
@@ -256,7 +294,8 @@ class WithdrawalServicer(withdrawal_pb2_grpc.WithdrawalServiceServicer):
         )
 
     async def _notify(self, record: Record) -> Record:
-        """Tell the merchant; best effort, so only an outage keeps the step for a retry."""
+        """Tell the merchant at its webhook (notification-service finds the URL and retries
+        delivery); only an outage keeps the step for a retry."""
         withdrawal = record.withdrawal
         completed = withdrawal.status == withdrawal_pb2.WITHDRAWAL_STATUS_COMPLETED
         payload = {

@@ -1,8 +1,9 @@
 """withdrawal-service's data: one row per withdrawal and the step it has reached.
 
 The row is written in the same transaction that claims the request id; every later step
-(reserved in the ledger, paid by the bank, reversed, notified) is persisted as it completes,
-so a recovery pass can finish a withdrawal that a crash or an outage interrupted.
+(moved to payout_in_transit, paid by the bank, confirmed in the ledger or reversed, notified)
+is persisted as it completes, so the recovery loop can finish a withdrawal that a crash or an
+outage interrupted.
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ class Step(enum.StrEnum):
     """The next thing a withdrawal needs; ``DONE`` once nothing is left."""
 
     RESERVE = "reserve"
-    """Post the reservation to the ledger (the balance check happens there)."""
+    """Post source -> payout_in_transit to the ledger (the balance check happens there)."""
     TRANSFER = "transfer"
-    """Ask the bank partner to transfer the money."""
+    """Ask the bank partner to transfer the money, until it confirms or refuses."""
+    CONFIRM = "confirm"
+    """The bank confirmed: post payout_in_transit -> platform/bank_payouts."""
     REVERSE = "reverse"
-    """The bank refused: post the reversal that returns the funds."""
+    """The bank refused: post payout_in_transit -> source, returning the funds."""
     NOTIFY = "notify"
     """Terminal status reached; tell the merchant."""
     DONE = "done"
@@ -50,7 +53,8 @@ CREATE TABLE IF NOT EXISTS withdrawals (
     bank_account_reference TEXT NOT NULL,
     settlement_id TEXT NOT NULL,
     status INTEGER NOT NULL,
-    step TEXT NOT NULL CHECK (step IN ('reserve', 'transfer', 'reverse', 'notify', 'done')),
+    step TEXT NOT NULL
+        CHECK (step IN ('reserve', 'transfer', 'confirm', 'reverse', 'notify', 'done')),
     bank_transfer_reference TEXT NOT NULL DEFAULT '',
     ledger_transaction_id TEXT NOT NULL DEFAULT '',
     failure_reason TEXT NOT NULL DEFAULT '',
@@ -90,6 +94,7 @@ class WithdrawalStore(StepStore[Record, withdrawal_pb2.Withdrawal]):
     table = "withdrawals"
     id_column = "withdrawal_id"
     method = METHOD
+    steps = tuple(Step)
 
     def __init__(self, path: Path | str, *, clock_ns: Callable[[], int] = time.time_ns) -> None:
         super().__init__(path, SCHEMA, clock_ns=clock_ns)

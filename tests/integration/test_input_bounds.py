@@ -124,6 +124,7 @@ VALID: Mapping[str, Mapping[str, Any]] = {
         "webhookUrl": "https://example.com/hook",
     },
     "GetNotification": {"notificationId": "n_1"},
+    "RedeliverNotification": {"requestId": "r_1", "notificationId": "n_1"},
     "ListNotifications": {"merchantId": "m_1"},
     "CreateOrder": {
         "requestId": "r_1",

@@ -1,35 +1,43 @@
 """notification-service through real gRPC on loopback, delivering to real HTTP endpoints.
 
-One request id is one notification and at most one webhook delivery, ever; a failed
-delivery is recorded on the notification, and sending again re-attempts only until delivered.
-Every webhook is signed with the merchant's secret (checked here with the verifier merchants
-use); a URL that may not be reached (link-local, metadata, and in production private or
-plain http) is refused before anything is sent. Merchants under ``.example`` are played by
-the partner sandbox; every other URL is a test endpoint reached directly.
+One request id is one notification, one Idempotency-Key and, once delivered, no further
+attempt; a failed delivery is recorded on the notification with its next attempt time, and
+the delivery loop retries it (a repeated request id attempts nothing). A notification without
+a URL goes to the merchant's, asked of a real merchant-service. Every webhook is signed with
+the merchant's secret (checked here with the verifier merchants use); a URL that may not be
+reached (link-local, metadata, and in production private or plain http) is refused before
+anything is sent. Merchants under ``.example`` are played by the partner sandbox; every other
+URL is a test endpoint reached directly. Retries over days, dead letters and redelivery are
+in ``test_webhook_durability``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 from grpc import aio
 
+from paymesh.merchant.v1 import merchant_pb2, merchant_pb2_grpc
 from paymesh.notification.v1 import notification_pb2 as pb
 from paymesh.notification.v1 import notification_pb2_grpc as pb_grpc
 from services import pki
+from services.merchant.__main__ import build as build_merchant
 from services.notification import signing
 from services.notification.__main__ import build
-from services.notification.config import SECRETS_KEY_FILE_VAR
+from services.notification.config import INLINE_WAIT_VAR, SECRETS_KEY_FILE_VAR
+from services.notification.store import notification_id_for
 from services.partners.sandbox import Fault, SandboxState
 from services.tls import CA_FILE_VAR, CERT_FILE_VAR, KEY_FILE_VAR
 from tests import servers
@@ -37,6 +45,9 @@ from tests.integration.webhook_receiver import FixedDns, WebhookReceiver, receiv
 from tests.servers import granted_stub, running_sandbox, running_service
 
 NAME = "notification-service"
+T = TypeVar("T")
+#: Enough for any first attempt on loopback: the answer to SendNotification is its outcome.
+SETTLED_FIRST_ATTEMPT = {INLINE_WAIT_VAR: "10"}
 #: Names under .test exist only here: what notification-service's resolver answers for them.
 DNS = {
     "hooks.merchant.test": [["127.0.0.1"]],
@@ -53,6 +64,21 @@ class Notifier:
     state: SandboxState
     receiver: WebhookReceiver
     dns: FixedDns
+    merchants: merchant_pb2_grpc.MerchantServiceAsyncStub
+
+    async def merchant(self, webhook_url: str = "") -> str:
+        """A new merchant at merchant-service with ``webhook_url``; its id."""
+        reply = await self.merchants.CreateMerchant(
+            merchant_pb2.CreateMerchantRequest(
+                request_id=f"m-{time.monotonic_ns()}",
+                name="Shop",
+                email="shop@example.com",
+                country_code="DE",
+                default_currency_code="EUR",
+                webhook_url=webhook_url,
+            )
+        )
+        return reply.merchant.merchant_id
 
     def webhooks_down(self) -> None:
         with self.state.lock:
@@ -78,12 +104,25 @@ class Notifier:
 async def _notifier(tmp_path: Path, environ: Mapping[str, str]) -> AsyncIterator[Notifier]:
     with running_sandbox() as (sandbox, state), receiving_webhooks() as receiver:
         dns = FixedDns(DNS)
-        env = {"PAYMESH_VAR_DIR": str(tmp_path), "PARTNER_SANDBOX_ADDR": sandbox, **environ}
+        base = {"PAYMESH_VAR_DIR": str(tmp_path), "PARTNER_SANDBOX_ADDR": sandbox}
         async with (
-            running_service(NAME, functools.partial(build, resolver=dns), environ=env) as address,
-            granted_stub(address, pb_grpc.NotificationServiceStub, NAME) as stub,
+            running_service("merchant-service", build_merchant, environ=base) as merchant_address,
+            granted_stub(
+                merchant_address, merchant_pb2_grpc.MerchantServiceStub, "merchant-service"
+            ) as merchants,
         ):
-            yield Notifier(stub, state, receiver, dns)
+            env = {
+                **base,
+                "MERCHANT_SERVICE_ADDR": merchant_address,
+                **SETTLED_FIRST_ATTEMPT,
+                **environ,
+            }
+            build_with_dns = functools.partial(build, resolver=dns)
+            async with (
+                running_service(NAME, build_with_dns, environ=env) as address,
+                granted_stub(address, pb_grpc.NotificationServiceStub, NAME) as stub,
+            ):
+                yield Notifier(stub, state, receiver, dns, merchants)
 
 
 @pytest.fixture
@@ -126,6 +165,19 @@ def _send(
     )
 
 
+async def eventually(
+    read: Callable[[], Awaitable[T]], done: Callable[[T], bool], *, timeout_s: float = 10.0
+) -> T:
+    """Poll ``read`` until ``done`` holds or the deadline passes (then the last value)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        value = await read()
+        if done(value) or loop.time() > deadline:
+            return value
+        await asyncio.sleep(0.02)
+
+
 async def _refusal(stub: pb_grpc.NotificationServiceAsyncStub, url: str) -> str:
     """The details of the INVALID_ARGUMENT a send to ``url`` gets."""
     with pytest.raises(aio.AioRpcError) as caught:
@@ -163,39 +215,91 @@ async def test_request_id_reused_with_another_body_is_invalid_argument(
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def test_empty_webhook_url_is_recorded_as_skipped(notifier: Notifier) -> None:
-    sent = (await notifier.stub.SendNotification(_send(url=""))).notification
+async def test_notification_id_is_derived_from_the_request_id(notifier: Notifier) -> None:
+    sent = (await notifier.stub.SendNotification(_send("evt_42"))).notification
+    other = (await notifier.stub.SendNotification(_send("evt_43"))).notification
+    assert sent.notification_id.startswith("ntf_")
+    assert sent.notification_id != other.notification_id
+    assert sent.notification_id == notification_id_for("evt_42")
+
+
+async def test_notification_without_a_url_goes_to_the_merchants_webhook(
+    notifier: Notifier,
+) -> None:
+    merchant = await notifier.merchant(notifier.receiver.url())
+    sent = (await notifier.stub.SendNotification(_send(merchant=merchant, url=""))).notification
+    assert sent.delivery_status == pb.DELIVERY_STATUS_DELIVERED
+    assert sent.webhook_url == notifier.receiver.url()
+    assert notifier.receiver.only().headers["idempotency-key"] == sent.notification_id
+
+
+async def test_merchant_without_a_webhook_url_is_skipped(notifier: Notifier) -> None:
+    merchant = await notifier.merchant()
+    sent = (await notifier.stub.SendNotification(_send(merchant=merchant, url=""))).notification
     assert (sent.delivery_status, sent.attempt_count) == (pb.DELIVERY_STATUS_SKIPPED, 0)
-    assert not notifier.state.webhooks
+    assert "no webhook URL" in sent.last_error
+    assert not sent.HasField("next_attempt_time")
+    assert not notifier.state.webhooks and not notifier.receiver.received
 
 
-async def test_failed_delivery_is_recorded_not_raised(notifier: Notifier) -> None:
+async def test_unknown_merchant_without_a_url_is_skipped(notifier: Notifier) -> None:
+    sent = (await notifier.stub.SendNotification(_send(merchant="m_nobody", url=""))).notification
+    assert sent.delivery_status == pb.DELIVERY_STATUS_SKIPPED
+    assert "does not exist" in sent.last_error
+
+
+async def test_unreachable_merchant_service_leaves_the_notification_pending(
+    tmp_path: Path,
+) -> None:
+    async with _notifier(tmp_path, {"MERCHANT_SERVICE_ADDR": "127.0.0.1:1"}) as notifier:
+        sent = (await notifier.stub.SendNotification(_send(url=""))).notification
+    assert (sent.delivery_status, sent.attempt_count) == (pb.DELIVERY_STATUS_PENDING, 1)
+    assert "merchant-service" in sent.last_error
+    assert sent.next_attempt_time.ToNanoseconds() > sent.last_attempt_time.ToNanoseconds()
+
+
+async def test_failed_delivery_is_recorded_with_its_next_attempt(notifier: Notifier) -> None:
     notifier.webhooks_down()
     sent = (await notifier.stub.SendNotification(_send())).notification
     assert sent.delivery_status == pb.DELIVERY_STATUS_PENDING
     assert sent.attempt_count == 1
     assert "merchant-webhooks" in sent.last_error
+    # The first retry waits between half and all of the initial 10 s.
+    wait_s = (sent.next_attempt_time.ToNanoseconds() - sent.last_attempt_time.ToNanoseconds()) / 1e9
+    assert 5.0 <= wait_s <= 10.0
 
 
-async def test_resend_after_a_failure_delivers_once(notifier: Notifier) -> None:
+async def test_repeated_send_after_a_failure_attempts_nothing(notifier: Notifier) -> None:
     notifier.webhooks_down()
-    await notifier.stub.SendNotification(_send())
+    first = (await notifier.stub.SendNotification(_send())).notification
+    requests = notifier.state.requests["merchant-webhooks"]
     notifier.webhooks_up()
-    sent = (await notifier.stub.SendNotification(_send())).notification
-    assert (sent.delivery_status, sent.attempt_count) == (pb.DELIVERY_STATUS_DELIVERED, 2)
-    await notifier.stub.SendNotification(_send())
-    assert len(notifier.state.webhooks) == 1
+    again = (await notifier.stub.SendNotification(_send())).notification
+    assert again == first
+    assert notifier.state.requests["merchant-webhooks"] == requests
 
 
-async def test_delivery_is_given_up_after_the_last_attempt(notifier: Notifier) -> None:
-    notifier.webhooks_down()
-    for _ in range(5):
+async def test_loop_delivers_a_failed_notification_once_the_partner_is_back(
+    tmp_path: Path,
+) -> None:
+    fast = {
+        "NOTIFICATION_SERVICE_RETRY_INITIAL_S": "0.05",
+        "NOTIFICATION_SERVICE_RETRY_MAX_S": "0.2",
+    }
+    fast["NOTIFICATION_SERVICE_DELIVERY_SCAN_S"] = "0.02"
+    async with _notifier(tmp_path, fast) as notifier:
+        notifier.webhooks_down()
         sent = (await notifier.stub.SendNotification(_send())).notification
-    assert (sent.delivery_status, sent.attempt_count) == (pb.DELIVERY_STATUS_FAILED, 5)
-    got = await notifier.stub.GetNotification(
-        pb.GetNotificationRequest(notification_id=sent.notification_id)
-    )
-    assert got.notification == sent
+        assert sent.delivery_status == pb.DELIVERY_STATUS_PENDING
+        notifier.webhooks_up()
+        request = pb.GetNotificationRequest(notification_id=sent.notification_id)
+        final = await eventually(
+            lambda: notifier.stub.GetNotification(request),
+            lambda r: r.notification.delivery_status == pb.DELIVERY_STATUS_DELIVERED,
+        )
+        assert final.notification.attempt_count >= 2
+        assert not final.notification.HasField("next_attempt_time")
+        assert [w["idempotency_key"] for w in notifier.state.webhooks] == [sent.notification_id]
 
 
 async def test_list_pages_newest_first_and_filters_by_status(notifier: Notifier) -> None:

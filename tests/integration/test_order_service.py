@@ -1,4 +1,5 @@
-"""order-service through real gRPC on loopback: idempotent writes, paging, precise errors."""
+"""order-service through real gRPC on loopback: idempotent writes, paging, precise errors,
+and status changes that follow the order lifecycle (any other is FAILED_PRECONDITION)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from grpc import aio
 from paymesh.common.v1 import common_pb2
 from paymesh.order.v1 import order_pb2, order_pb2_grpc
 from services.order.__main__ import build
+from tests.integration.tenants import reason
 from tests.servers import granted_stub, running_service
 
 
@@ -112,3 +114,101 @@ async def test_page_token_of_another_filter_is_rejected(
             order_pb2.ListOrdersRequest(merchant_id="m_2", page_token=page.next_page_token)
         )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# -- the order lifecycle ----------------------------------------------------------------
+
+
+def _status(
+    request_id: str, status: order_pb2.OrderStatus.ValueType, order_id: str = "o1"
+) -> order_pb2.UpdateOrderStatusRequest:
+    return order_pb2.UpdateOrderStatusRequest(
+        request_id=request_id, order_id=order_id, status=status, reason="test"
+    )
+
+
+async def _walk(
+    orders: order_pb2_grpc.OrderServiceStub, *statuses: order_pb2.OrderStatus.ValueType
+) -> order_pb2.Order:
+    """Create order o1 and move it through ``statuses``; the order after the last."""
+    order = (await orders.CreateOrder(_create("create", "o1"))).order
+    for index, status in enumerate(statuses):
+        order = (await orders.UpdateOrderStatus(_status(f"walk-{index}", status))).order
+    return order
+
+
+async def test_paid_order_is_refunded_in_parts_then_wholly(
+    orders: order_pb2_grpc.OrderServiceStub,
+) -> None:
+    order = await _walk(
+        orders,
+        order_pb2.ORDER_STATUS_PAID,
+        order_pb2.ORDER_STATUS_PARTIALLY_REFUNDED,
+        order_pb2.ORDER_STATUS_PARTIALLY_REFUNDED,
+        order_pb2.ORDER_STATUS_REFUNDED,
+    )
+    assert order.status == order_pb2.ORDER_STATUS_REFUNDED
+
+
+async def test_setting_the_current_status_again_is_a_no_op(
+    orders: order_pb2_grpc.OrderServiceStub,
+) -> None:
+    paid = await _walk(orders, order_pb2.ORDER_STATUS_PAID)
+    again = await orders.UpdateOrderStatus(_status("again", order_pb2.ORDER_STATUS_PAID))
+    assert again.order.status == paid.status == order_pb2.ORDER_STATUS_PAID
+
+
+@pytest.mark.parametrize(
+    ("path", "refused"),
+    [
+        (
+            (order_pb2.ORDER_STATUS_PAID, order_pb2.ORDER_STATUS_REFUNDED),
+            order_pb2.ORDER_STATUS_PAID,
+        ),
+        ((), order_pb2.ORDER_STATUS_REFUNDED),
+        ((), order_pb2.ORDER_STATUS_PARTIALLY_REFUNDED),
+        ((order_pb2.ORDER_STATUS_CANCELLED,), order_pb2.ORDER_STATUS_PAID),
+        ((order_pb2.ORDER_STATUS_PAID,), order_pb2.ORDER_STATUS_CANCELLED),
+        ((order_pb2.ORDER_STATUS_PAID,), order_pb2.ORDER_STATUS_CREATED),
+        (
+            (order_pb2.ORDER_STATUS_PAID, order_pb2.ORDER_STATUS_REFUNDED),
+            order_pb2.ORDER_STATUS_PARTIALLY_REFUNDED,
+        ),
+        (
+            (order_pb2.ORDER_STATUS_PAID, order_pb2.ORDER_STATUS_PARTIALLY_REFUNDED),
+            order_pb2.ORDER_STATUS_PAID,
+        ),
+    ],
+    ids=[
+        "refunded-to-paid",
+        "created-to-refunded",
+        "created-to-partially-refunded",
+        "cancelled-to-paid",
+        "paid-to-cancelled",
+        "paid-to-created",
+        "refunded-to-partially-refunded",
+        "partially-refunded-to-paid",
+    ],
+)
+async def test_change_outside_the_lifecycle_is_failed_precondition_invalid_state(
+    orders: order_pb2_grpc.OrderServiceStub,
+    path: tuple[order_pb2.OrderStatus.ValueType, ...],
+    refused: order_pb2.OrderStatus.ValueType,
+) -> None:
+    before = await _walk(orders, *path)
+    with pytest.raises(aio.AioRpcError) as caught:
+        await orders.UpdateOrderStatus(_status("bad", refused))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert reason(caught.value) == "INVALID_STATE"
+    after = await orders.GetOrder(order_pb2.GetOrderRequest(order_id="o1"))
+    assert after.order == before
+
+
+async def test_refused_change_leaves_its_request_id_free(
+    orders: order_pb2_grpc.OrderServiceStub,
+) -> None:
+    await _walk(orders)
+    with pytest.raises(aio.AioRpcError):
+        await orders.UpdateOrderStatus(_status("r-upd", order_pb2.ORDER_STATUS_REFUNDED))
+    paid = await orders.UpdateOrderStatus(_status("r-upd", order_pb2.ORDER_STATUS_PAID))
+    assert paid.order.status == order_pb2.ORDER_STATUS_PAID

@@ -41,11 +41,34 @@ from tests.servers import (
 )
 
 T = TypeVar("T")
-MERCHANT = "m_settle"
 EUR = "EUR"
-AVAILABLE = f"merchants/{MERCHANT}/available"
-SETTLING = f"merchants/{MERCHANT}/settling"
 PAYOUTS = "platform/bank_payouts"
+#: The onboarded merchants' webhook: a ``.example`` host, played by the partner sandbox.
+WEBHOOK_URL = "https://settled.example/hooks"
+
+
+def available(merchant_id: str) -> str:
+    return f"merchants/{merchant_id}/available"
+
+
+def settling(merchant_id: str) -> str:
+    return f"merchants/{merchant_id}/settling"
+
+
+def in_transit(merchant_id: str) -> str:
+    return f"merchants/{merchant_id}/payout_in_transit"
+
+
+def fast_recovery(var_dir: Path) -> dict[str, str]:
+    """Recovery passes of settlements and withdrawals every 0.1 s, and breakers that
+    half-open after 0.3 s (not 30 s), so work left by an outage completes in a test's time."""
+    policy = var_dir / "fast-breakers.toml"
+    policy.write_text("[defaults.breaker]\nopen_s = 0.3\n")
+    return {
+        "SETTLEMENT_SERVICE_RECOVERY_INTERVAL_S": "0.1",
+        "WITHDRAWAL_SERVICE_RECOVERY_INTERVAL_S": "0.1",
+        "PAYMESH_POLICY_FILE": str(policy),
+    }
 
 
 @dataclass
@@ -58,6 +81,10 @@ class Mesh:
     bank: SandboxState
     directory: Directory
     address: ServedAddress
+    merchant: str
+    """An active merchant with a webhook URL, onboarded at merchant-service."""
+    environ: dict[str, str]
+    """settlement-service's environment (its downstreams' addresses)."""
 
     def as_merchant(self, secret: str) -> contextlib.AbstractAsyncContextManager[Any]:
         """settlement-service's public port, called with API key ``secret``."""
@@ -96,10 +123,18 @@ def _ledger(environ: dict[str, str]) -> contextlib.AbstractAsyncContextManager[A
 
 
 @contextlib.asynccontextmanager
-async def downstreams(tmp_path: Path) -> AsyncIterator[tuple[dict[str, str], SandboxState]]:
-    """Sandbox, accounting, notification and withdrawal; yields settlement-service's environ."""
+async def downstreams(
+    tmp_path: Path, directory: Directory
+) -> AsyncIterator[tuple[dict[str, str], SandboxState]]:
+    """Sandbox, accounting, notification and withdrawal (and the directory's merchants);
+    yields settlement-service's environ."""
     with running_sandbox() as (sandbox, state):
-        base = {"PAYMESH_VAR_DIR": str(tmp_path), "PARTNER_SANDBOX_ADDR": sandbox}
+        base = {
+            "PAYMESH_VAR_DIR": str(tmp_path),
+            "PARTNER_SANDBOX_ADDR": sandbox,
+            "MERCHANT_SERVICE_ADDR": directory.merchant_address,
+            **fast_recovery(tmp_path),
+        }
         async with (
             running_service("accounting-service", build_accounting, environ=base) as ledger,
             running_service(
@@ -117,8 +152,10 @@ async def downstreams(tmp_path: Path) -> AsyncIterator[tuple[dict[str, str], San
                 yield (
                     {
                         **base,
+                        **directory.environ,
                         "ACCOUNTING_SERVICE_ADDR": ledger,
                         "WITHDRAWAL_SERVICE_ADDR": withdrawals,
+                        "NOTIFICATION_SERVICE_ADDR": notifications,
                     },
                     state,
                 )
@@ -128,8 +165,8 @@ async def downstreams(tmp_path: Path) -> AsyncIterator[tuple[dict[str, str], San
 async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
     async with (
         merchant_directory(tmp_path) as directory,
-        downstreams(tmp_path) as (environ, bank),
-        served_settlement({**environ, **directory.environ}) as (settlements, address),
+        downstreams(tmp_path, directory) as (environ, bank),
+        served_settlement(environ) as (settlements, address),
         _ledger(environ) as ledger,
         granted_stub(
             environ["WITHDRAWAL_SERVICE_ADDR"],
@@ -137,6 +174,7 @@ async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
             "withdrawal-service",
         ) as withdrawals,
     ):
+        tenant = await directory.onboard("Settled Shop", webhook_url=WEBHOOK_URL)
         yield Mesh(
             settlements=settlements,
             withdrawals=withdrawals,
@@ -144,6 +182,8 @@ async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
             bank=bank,
             directory=directory,
             address=address,
+            merchant=tenant.merchant_id,
+            environ=environ,
         )
 
 
@@ -156,7 +196,7 @@ async def fund(
     ledger: accounting_pb2_grpc.AccountingServiceAsyncStub,
     amount: int,
     *,
-    merchant_id: str = MERCHANT,
+    merchant_id: str,
 ) -> None:
     """Credit the merchant's available balance as a captured payment would."""
     await ledger.PostTransaction(
@@ -188,7 +228,7 @@ async def balance(ledger: accounting_pb2_grpc.AccountingServiceAsyncStub, accoun
 
 
 def _settle(
-    request_id: str, amount: int | None = None, *, merchant_id: str = MERCHANT
+    request_id: str, amount: int | None = None, *, merchant_id: str
 ) -> settlement_pb2.CreateSettlementRequest:
     request = settlement_pb2.CreateSettlementRequest(
         request_id=request_id,
@@ -206,6 +246,22 @@ def reason(error: aio.AioRpcError) -> str:
         status_from_metadata(error.code(), error.details() or "", tuple(error.trailing_metadata()))
     )
     return info.reason if info else ""
+
+
+def fail_bank(bank: SandboxState, status: int = 503) -> None:
+    with bank.lock:
+        bank.faults["bank-transfer"] = Fault(error_rate=1.0, status=status)
+
+
+def heal_bank(bank: SandboxState) -> None:
+    with bank.lock:
+        bank.faults.clear()
+
+
+def _webhooks(mesh: Mesh) -> list[dict[str, Any]]:
+    """What the merchant's webhook (played by the sandbox) received."""
+    with mesh.bank.lock:
+        return [w for w in mesh.bank.webhooks if w.get("merchant_id") == mesh.merchant]
 
 
 def free_address() -> str:
@@ -230,10 +286,10 @@ async def eventually(
 
 # -- tests --------------------------------------------------------------------------------
 async def test_settleable_balance_is_the_available_ledger_balance(mesh: Mesh) -> None:
-    await fund(mesh.ledger, 12_345)
+    await fund(mesh.ledger, 12_345, merchant_id=mesh.merchant)
 
     reply = await mesh.settlements.GetSettleableBalance(
-        settlement_pb2.GetSettleableBalanceRequest(merchant_id=MERCHANT, currency_code=EUR)
+        settlement_pb2.GetSettleableBalanceRequest(merchant_id=mesh.merchant, currency_code=EUR)
     )
 
     assert reply.settleable_amount == _money(12_345)
@@ -242,16 +298,16 @@ async def test_settleable_balance_is_the_available_ledger_balance(mesh: Mesh) ->
 
 async def test_settleable_balance_of_an_unused_account_is_zero(mesh: Mesh) -> None:
     reply = await mesh.settlements.GetSettleableBalance(
-        settlement_pb2.GetSettleableBalanceRequest(merchant_id="m_new", currency_code="JPY")
+        settlement_pb2.GetSettleableBalanceRequest(merchant_id=mesh.merchant, currency_code="JPY")
     )
 
     assert reply.settleable_amount == _money(0, "JPY")
 
 
 async def test_settling_the_whole_balance_pays_it_out_through_a_withdrawal(mesh: Mesh) -> None:
-    await fund(mesh.ledger, 5_000)
+    await fund(mesh.ledger, 5_000, merchant_id=mesh.merchant)
 
-    reply = await mesh.settlements.CreateSettlement(_settle("s1"))
+    reply = await mesh.settlements.CreateSettlement(_settle("s1", merchant_id=mesh.merchant))
 
     settlement = reply.settlement
     assert settlement.status == settlement_pb2.SETTLEMENT_STATUS_COMPLETED
@@ -264,50 +320,53 @@ async def test_settling_the_whole_balance_pays_it_out_through_a_withdrawal(mesh:
     ).withdrawal
     assert withdrawal.status == withdrawal_pb2.WITHDRAWAL_STATUS_COMPLETED
     assert withdrawal.settlement_id == settlement.settlement_id
-    assert (await balance(mesh.ledger, AVAILABLE), await balance(mesh.ledger, SETTLING)) == (0, 0)
+    assert (
+        await balance(mesh.ledger, available(mesh.merchant)),
+        await balance(mesh.ledger, settling(mesh.merchant)),
+    ) == (0, 0)
     assert await balance(mesh.ledger, PAYOUTS) == 5_000
     assert len(mesh.bank.transfers) == 1
 
 
 async def test_partial_settlement_leaves_the_rest_available(mesh: Mesh) -> None:
-    await fund(mesh.ledger, 5_000)
+    await fund(mesh.ledger, 5_000, merchant_id=mesh.merchant)
 
-    reply = await mesh.settlements.CreateSettlement(_settle("s1", 1_200))
+    reply = await mesh.settlements.CreateSettlement(_settle("s1", 1_200, merchant_id=mesh.merchant))
 
     assert reply.settlement.status == settlement_pb2.SETTLEMENT_STATUS_COMPLETED
-    assert await balance(mesh.ledger, AVAILABLE) == 3_800
+    assert await balance(mesh.ledger, available(mesh.merchant)) == 3_800
     assert await balance(mesh.ledger, PAYOUTS) == 1_200
 
 
 async def test_settling_more_than_available_is_failed_precondition(mesh: Mesh) -> None:
-    await fund(mesh.ledger, 1_000)
+    await fund(mesh.ledger, 1_000, merchant_id=mesh.merchant)
 
     with pytest.raises(aio.AioRpcError) as caught:
-        await mesh.settlements.CreateSettlement(_settle("s1", 1_001))
+        await mesh.settlements.CreateSettlement(_settle("s1", 1_001, merchant_id=mesh.merchant))
 
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert reason(caught.value) == "INSUFFICIENT_BALANCE"
-    assert await balance(mesh.ledger, AVAILABLE) == 1_000
+    assert await balance(mesh.ledger, available(mesh.merchant)) == 1_000
     assert mesh.bank.transfers == {}
     listed = await mesh.settlements.ListSettlements(
-        settlement_pb2.ListSettlementsRequest(merchant_id=MERCHANT)
+        settlement_pb2.ListSettlementsRequest(merchant_id=mesh.merchant)
     )
     assert list(listed.settlements) == []
 
 
 async def test_settling_an_empty_balance_is_failed_precondition(mesh: Mesh) -> None:
     with pytest.raises(aio.AioRpcError) as caught:
-        await mesh.settlements.CreateSettlement(_settle("s1"))
+        await mesh.settlements.CreateSettlement(_settle("s1", merchant_id=mesh.merchant))
 
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert reason(caught.value) == "INSUFFICIENT_BALANCE"
 
 
 async def test_replayed_request_id_settles_and_pays_once(mesh: Mesh) -> None:
-    await fund(mesh.ledger, 5_000)
+    await fund(mesh.ledger, 5_000, merchant_id=mesh.merchant)
 
-    first = await mesh.settlements.CreateSettlement(_settle("s1"))
-    again = await mesh.settlements.CreateSettlement(_settle("s1"))
+    first = await mesh.settlements.CreateSettlement(_settle("s1", merchant_id=mesh.merchant))
+    again = await mesh.settlements.CreateSettlement(_settle("s1", merchant_id=mesh.merchant))
 
     assert again.settlement == first.settlement
     assert len(mesh.bank.transfers) == 1
@@ -315,21 +374,24 @@ async def test_replayed_request_id_settles_and_pays_once(mesh: Mesh) -> None:
 
 
 async def test_request_id_reused_with_another_body_is_invalid_argument(mesh: Mesh) -> None:
-    await fund(mesh.ledger, 5_000)
-    await mesh.settlements.CreateSettlement(_settle("s1", 100))
+    await fund(mesh.ledger, 5_000, merchant_id=mesh.merchant)
+    await mesh.settlements.CreateSettlement(_settle("s1", 100, merchant_id=mesh.merchant))
 
     with pytest.raises(aio.AioRpcError) as caught:
-        await mesh.settlements.CreateSettlement(_settle("s1", 200))
+        await mesh.settlements.CreateSettlement(_settle("s1", 200, merchant_id=mesh.merchant))
 
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert reason(caught.value) == "IDEMPOTENCY_KEY_REUSED"
 
 
 async def test_concurrent_settlements_never_overdraw_the_balance(mesh: Mesh) -> None:
-    await fund(mesh.ledger, 10_000)
+    await fund(mesh.ledger, 10_000, merchant_id=mesh.merchant)
 
     results = await asyncio.gather(
-        *(mesh.settlements.CreateSettlement(_settle(f"s{i}", 3_000)) for i in range(6)),
+        *(
+            mesh.settlements.CreateSettlement(_settle(f"s{i}", 3_000, merchant_id=mesh.merchant))
+            for i in range(6)
+        ),
         return_exceptions=True,
     )
 
@@ -339,34 +401,39 @@ async def test_concurrent_settlements_never_overdraw_the_balance(mesh: Mesh) -> 
     refused = [r for r in results if isinstance(r, aio.AioRpcError)]
     assert all(e.code() == grpc.StatusCode.FAILED_PRECONDITION for e in refused)
     assert len(accepted) == 3  # 3 x 3 000 fits in 10 000, a fourth does not
-    assert await balance(mesh.ledger, AVAILABLE) == 1_000
+    assert await balance(mesh.ledger, available(mesh.merchant)) == 1_000
     assert await balance(mesh.ledger, PAYOUTS) == 9_000
 
 
 async def test_failed_payout_fails_the_settlement_and_returns_the_funds(mesh: Mesh) -> None:
-    await fund(mesh.ledger, 4_000)
+    await fund(mesh.ledger, 4_000, merchant_id=mesh.merchant)
     with mesh.bank.lock:
         mesh.bank.faults["bank-transfer"] = Fault(error_rate=1.0, status=422)
 
-    reply = await mesh.settlements.CreateSettlement(_settle("s1"))
+    reply = await mesh.settlements.CreateSettlement(_settle("s1", merchant_id=mesh.merchant))
 
     assert reply.settlement.status == settlement_pb2.SETTLEMENT_STATUS_FAILED
     assert reply.settlement.failure_reason == "CHANNEL_DECLINED"
-    assert await balance(mesh.ledger, AVAILABLE) == 4_000
-    assert (await balance(mesh.ledger, SETTLING), await balance(mesh.ledger, PAYOUTS)) == (0, 0)
+    assert await balance(mesh.ledger, available(mesh.merchant)) == 4_000
+    assert (
+        await balance(mesh.ledger, settling(mesh.merchant)),
+        await balance(mesh.ledger, PAYOUTS),
+    ) == (0, 0)
 
 
 async def test_recovery_at_start_completes_a_settlement_left_pending(tmp_path: Path) -> None:
     async with (
-        downstreams(tmp_path) as (environ, bank),
+        merchant_directory(tmp_path) as directory,
+        downstreams(tmp_path, directory) as (environ, bank),
         _ledger(environ) as ledger,
     ):
-        await fund(ledger, 2_000)
+        merchant = (await directory.onboard()).merchant_id
+        await fund(ledger, 2_000, merchant_id=merchant)
         cut_off = {**environ, "WITHDRAWAL_SERVICE_ADDR": free_address()}
         async with settlement_service(cut_off) as settlements:
-            pending = await settlements.CreateSettlement(_settle("s1"))
+            pending = await settlements.CreateSettlement(_settle("s1", merchant_id=merchant))
         assert pending.settlement.status == settlement_pb2.SETTLEMENT_STATUS_PENDING
-        assert await balance(ledger, SETTLING) == 2_000
+        assert await balance(ledger, settling(merchant)) == 2_000
 
         async with settlement_service(environ) as settlements:
             request = settlement_pb2.GetSettlementRequest(
@@ -379,11 +446,139 @@ async def test_recovery_at_start_completes_a_settlement_left_pending(tmp_path: P
 
         assert final.settlement.status == settlement_pb2.SETTLEMENT_STATUS_COMPLETED
         assert len(bank.transfers) == 1
-        assert (await balance(ledger, SETTLING), await balance(ledger, PAYOUTS)) == (0, 2_000)
+        assert (await balance(ledger, settling(merchant)), await balance(ledger, PAYOUTS)) == (
+            0,
+            2_000,
+        )
+
+
+# -- a bank outage: the loops finish the work, the ledger shows where the money is -------------
+
+
+async def test_settlement_left_pending_by_a_bank_outage_completes_by_itself(mesh: Mesh) -> None:
+    await fund(mesh.ledger, 3_000, merchant_id=mesh.merchant)
+    fail_bank(mesh.bank)
+    pending = (
+        await mesh.settlements.CreateSettlement(_settle("s1", merchant_id=mesh.merchant))
+    ).settlement
+    assert pending.status == settlement_pb2.SETTLEMENT_STATUS_PENDING
+    # Handed to the bank, not paid out: the money is in transit, and nowhere else.
+    assert [
+        await balance(mesh.ledger, account)
+        for account in (
+            available(mesh.merchant),
+            settling(mesh.merchant),
+            in_transit(mesh.merchant),
+            PAYOUTS,
+        )
+    ] == [0, 0, 3_000, 0]
+
+    heal_bank(mesh.bank)
+    request = settlement_pb2.GetSettlementRequest(settlement_id=pending.settlement_id)
+    final = await eventually(
+        lambda: mesh.settlements.GetSettlement(request),
+        lambda r: r.settlement.status == settlement_pb2.SETTLEMENT_STATUS_COMPLETED,
+    )
+
+    assert final.settlement.status == settlement_pb2.SETTLEMENT_STATUS_COMPLETED
+    assert [
+        await balance(mesh.ledger, account)
+        for account in (
+            available(mesh.merchant),
+            settling(mesh.merchant),
+            in_transit(mesh.merchant),
+            PAYOUTS,
+        )
+    ] == [0, 0, 0, 3_000]
+    assert len(mesh.bank.transfers) == 1
+
+
+async def test_merchant_hears_of_its_settlement_and_its_payout(mesh: Mesh) -> None:
+    await fund(mesh.ledger, 1_000, merchant_id=mesh.merchant)
+    settlement = (
+        await mesh.settlements.CreateSettlement(_settle("s1", merchant_id=mesh.merchant))
+    ).settlement
+
+    webhooks = await eventually(lambda: asyncio.sleep(0, _webhooks(mesh)), lambda w: len(w) >= 2)
+
+    by_type = {w["event_type"]: w["payload"] for w in webhooks}
+    assert set(by_type) == {"settlement.completed", "withdrawal.completed"}
+    assert by_type["settlement.completed"]["settlement_id"] == settlement.settlement_id
+    assert by_type["settlement.completed"]["withdrawal_id"] == settlement.withdrawal_id
+    assert by_type["withdrawal.completed"]["settlement_id"] == settlement.settlement_id
+
+
+async def test_merchant_hears_of_a_failed_settlement(mesh: Mesh) -> None:
+    await fund(mesh.ledger, 1_000, merchant_id=mesh.merchant)
+    fail_bank(mesh.bank, 422)
+    settlement = (
+        await mesh.settlements.CreateSettlement(_settle("s1", merchant_id=mesh.merchant))
+    ).settlement
+    assert settlement.status == settlement_pb2.SETTLEMENT_STATUS_FAILED
+
+    webhooks = await eventually(lambda: asyncio.sleep(0, _webhooks(mesh)), lambda w: len(w) >= 2)
+
+    by_type = {w["event_type"]: w["payload"] for w in webhooks}
+    assert set(by_type) == {"settlement.failed", "withdrawal.failed"}
+    assert by_type["settlement.failed"]["failure_reason"] == "CHANNEL_DECLINED"
+
+
+# -- only an existing, active merchant is settled ----------------------------------------------
+
+
+@pytest.mark.parametrize("amount", [None, 100], ids=["whole-balance", "amount"])
+async def test_unknown_merchant_is_not_found(mesh: Mesh, amount: int | None) -> None:
+    with pytest.raises(aio.AioRpcError) as caught:
+        await mesh.settlements.CreateSettlement(_settle("s1", amount, merchant_id="m_nobody"))
+
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert reason(caught.value) == "MERCHANT_NOT_FOUND"
+
+
+async def test_settleable_balance_of_an_unknown_merchant_is_not_found(mesh: Mesh) -> None:
+    with pytest.raises(aio.AioRpcError) as caught:
+        await mesh.settlements.GetSettleableBalance(
+            settlement_pb2.GetSettleableBalanceRequest(merchant_id="m_nobody", currency_code=EUR)
+        )
+
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert reason(caught.value) == "MERCHANT_NOT_FOUND"
+
+
+async def test_suspended_merchant_cannot_be_settled_but_sees_its_balance(mesh: Mesh) -> None:
+    await fund(mesh.ledger, 2_000, merchant_id=mesh.merchant)
+    await mesh.directory.suspend(mesh.merchant)
+
+    with pytest.raises(aio.AioRpcError) as caught:
+        await mesh.settlements.CreateSettlement(_settle("s1", merchant_id=mesh.merchant))
+
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert reason(caught.value) == "MERCHANT_INACTIVE"
+    assert await balance(mesh.ledger, available(mesh.merchant)) == 2_000
+    assert mesh.bank.transfers == {}
+    reply = await mesh.settlements.GetSettleableBalance(
+        settlement_pb2.GetSettleableBalanceRequest(merchant_id=mesh.merchant, currency_code=EUR)
+    )
+    assert reply.settleable_amount == _money(2_000)
+
+
+async def test_unreachable_merchant_service_is_unavailable_and_leaves_the_request_id_free(
+    mesh: Mesh,
+) -> None:
+    await fund(mesh.ledger, 700, merchant_id=mesh.merchant)
+    cut_off = {**mesh.environ, "MERCHANT_SERVICE_ADDR": free_address()}
+    async with settlement_service(cut_off) as settlements:
+        with pytest.raises(aio.AioRpcError) as caught:
+            await settlements.CreateSettlement(_settle("s1", merchant_id=mesh.merchant))
+
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert reason(caught.value) == "DOWNSTREAM_UNAVAILABLE"
+    reply = await mesh.settlements.CreateSettlement(_settle("s1", merchant_id=mesh.merchant))
+    assert reply.settlement.status == settlement_pb2.SETTLEMENT_STATUS_COMPLETED
 
 
 def _bad(**changes: object) -> settlement_pb2.CreateSettlementRequest:
-    request = _settle("s1", 100)
+    request = _settle("s1", 100, merchant_id="m_1")
     for name, value in changes.items():
         if name == "amount_minor":
             request.amount.amount_minor = value  # type: ignore[assignment]  # test table
@@ -427,9 +622,13 @@ async def test_unknown_settlement_is_not_found(mesh: Mesh) -> None:
 
 
 async def test_pages_cover_every_settlement_once_newest_first(mesh: Mesh) -> None:
-    await fund(mesh.ledger, 500)
+    await fund(mesh.ledger, 500, merchant_id=mesh.merchant)
     created = [
-        (await mesh.settlements.CreateSettlement(_settle(f"s{i}", 100))).settlement.settlement_id
+        (
+            await mesh.settlements.CreateSettlement(
+                _settle(f"s{i}", 100, merchant_id=mesh.merchant)
+            )
+        ).settlement.settlement_id
         for i in range(5)
     ]
     seen: list[str] = []
@@ -437,7 +636,7 @@ async def test_pages_cover_every_settlement_once_newest_first(mesh: Mesh) -> Non
     while True:
         page = await mesh.settlements.ListSettlements(
             settlement_pb2.ListSettlementsRequest(
-                merchant_id=MERCHANT, page_size=2, page_token=token
+                merchant_id=mesh.merchant, page_size=2, page_token=token
             )
         )
         seen.extend(s.settlement_id for s in page.settlements)
@@ -449,11 +648,13 @@ async def test_pages_cover_every_settlement_once_newest_first(mesh: Mesh) -> Non
 
 
 async def test_page_token_of_another_merchant_is_rejected(mesh: Mesh) -> None:
-    await fund(mesh.ledger, 200)
+    await fund(mesh.ledger, 200, merchant_id=mesh.merchant)
     for index in range(2):
-        await mesh.settlements.CreateSettlement(_settle(f"s{index}", 100))
+        await mesh.settlements.CreateSettlement(
+            _settle(f"s{index}", 100, merchant_id=mesh.merchant)
+        )
     page = await mesh.settlements.ListSettlements(
-        settlement_pb2.ListSettlementsRequest(merchant_id=MERCHANT, page_size=1)
+        settlement_pb2.ListSettlementsRequest(merchant_id=mesh.merchant, page_size=1)
     )
 
     with pytest.raises(aio.AioRpcError) as caught:

@@ -1,10 +1,13 @@
-"""withdrawal-service through real gRPC against the real ledger, notifications and bank sandbox.
+"""withdrawal-service through real gRPC against the real ledger, merchants, notifications and
+bank sandbox.
 
-Payouts reserve in accounting-service before the bank call, so concurrent withdrawals never
-exceed the balance; bank refusals reverse the reservation; outages leave PENDING withdrawals
-that a replay or the recovery pass at start completes, with the bank paid once. Mesh
-identities call the mTLS port; merchants read their own withdrawals on the public port with
-their API key, and nobody else's.
+The merchant must exist and be active. Payouts move the money to the merchant's
+payout_in_transit account before the bank call, so concurrent withdrawals never exceed the
+balance, and to platform/bank_payouts only once the bank confirmed; bank refusals move it
+back; outages leave PENDING withdrawals (the ledger showing them in transit, not paid) that a
+replay or the recovery loop completes, with the bank paid once. The merchant's webhook hears
+of each. Mesh identities call the mTLS port; merchants read their own withdrawals on the
+public port with their API key, and nobody else's.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
 from grpc import aio
 
 from paymesh.accounting.v1 import accounting_pb2, accounting_pb2_grpc
@@ -34,6 +38,7 @@ from tests.integration.tenants import (
     merchant_stub,
     reason,
     refusal,
+    rich_status,
 )
 from tests.servers import (
     ServedAddress,
@@ -44,8 +49,26 @@ from tests.servers import (
 )
 
 T = TypeVar("T")
-MERCHANT = "m_payout"
 EUR = "EUR"
+PAYOUTS = "platform/bank_payouts"
+#: The onboarded merchants' webhook: a ``.example`` host, played by the partner sandbox.
+WEBHOOK_URL = "https://payouts.example/hooks"
+
+
+def fast_recovery(var_dir: Path) -> dict[str, str]:
+    """Recovery passes every 0.1 s, and breakers that half-open after 0.3 s (not 30 s), so a
+    withdrawal left by an outage completes within a test's time once the bank is back."""
+    policy = var_dir / "fast-breakers.toml"
+    policy.write_text("[defaults.breaker]\nopen_s = 0.3\n")
+    return {"WITHDRAWAL_SERVICE_RECOVERY_INTERVAL_S": "0.1", "PAYMESH_POLICY_FILE": str(policy)}
+
+
+def available(merchant_id: str) -> str:
+    return f"merchants/{merchant_id}/available"
+
+
+def in_transit(merchant_id: str) -> str:
+    return f"merchants/{merchant_id}/payout_in_transit"
 
 
 @dataclass
@@ -59,6 +82,8 @@ class Mesh:
     environ: dict[str, str]
     directory: Directory
     address: ServedAddress
+    merchant: str
+    """An active merchant with a webhook URL, onboarded at merchant-service."""
 
     def as_merchant(self, secret: str) -> contextlib.AbstractAsyncContextManager[Any]:
         """withdrawal-service's public port, called with API key ``secret``."""
@@ -98,10 +123,17 @@ def _ledger(environ: dict[str, str]) -> contextlib.AbstractAsyncContextManager[A
 
 
 @contextlib.asynccontextmanager
-async def downstreams(tmp_path: Path) -> AsyncIterator[tuple[dict[str, str], SandboxState]]:
-    """The sandbox, accounting- and notification-service; yields withdrawal-service's environ."""
+async def downstreams(
+    tmp_path: Path, directory: Directory
+) -> AsyncIterator[tuple[dict[str, str], SandboxState]]:
+    """The sandbox, accounting- and notification-service (and the directory's merchants);
+    yields withdrawal-service's environ."""
     with running_sandbox() as (sandbox, state):
-        base = {"PAYMESH_VAR_DIR": str(tmp_path), "PARTNER_SANDBOX_ADDR": sandbox}
+        base = {
+            "PAYMESH_VAR_DIR": str(tmp_path),
+            "PARTNER_SANDBOX_ADDR": sandbox,
+            "MERCHANT_SERVICE_ADDR": directory.merchant_address,
+        }
         async with (
             running_service("accounting-service", build_accounting, environ=base) as ledger,
             running_service(
@@ -111,6 +143,7 @@ async def downstreams(tmp_path: Path) -> AsyncIterator[tuple[dict[str, str], San
             yield (
                 {
                     **base,
+                    **directory.environ,
                     "ACCOUNTING_SERVICE_ADDR": ledger,
                     "NOTIFICATION_SERVICE_ADDR": notifications,
                 },
@@ -122,8 +155,8 @@ async def downstreams(tmp_path: Path) -> AsyncIterator[tuple[dict[str, str], San
 async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
     async with (
         merchant_directory(tmp_path) as directory,
-        downstreams(tmp_path) as (environ, bank),
-        served_withdrawal({**environ, **directory.environ}) as (withdrawals, address),
+        downstreams(tmp_path, directory) as (environ, bank),
+        served_withdrawal({**environ, **fast_recovery(tmp_path)}) as (withdrawals, address),
         _ledger(environ) as ledger,
         granted_stub(
             environ["NOTIFICATION_SERVICE_ADDR"],
@@ -131,6 +164,7 @@ async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
             "notification-service",
         ) as notifications,
     ):
+        tenant = await directory.onboard("Payout Shop", webhook_url=WEBHOOK_URL)
         yield Mesh(
             withdrawals=withdrawals,
             ledger=ledger,
@@ -139,6 +173,7 @@ async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
             environ=environ,
             directory=directory,
             address=address,
+            merchant=tenant.merchant_id,
         )
 
 
@@ -151,7 +186,7 @@ async def fund(
     ledger: accounting_pb2_grpc.AccountingServiceAsyncStub,
     amount: int,
     *,
-    account: str = f"merchants/{MERCHANT}/available",
+    account: str,
     tag: str = "1",
 ) -> None:
     """Credit ``account`` as a captured payment would (DEBIT platform/psp_clearing)."""
@@ -184,7 +219,7 @@ async def balance(ledger: accounting_pb2_grpc.AccountingServiceAsyncStub, accoun
 
 
 def _withdraw(
-    request_id: str, amount: int, *, settlement_id: str = "", merchant_id: str = MERCHANT
+    request_id: str, amount: int, *, merchant_id: str, settlement_id: str = ""
 ) -> withdrawal_pb2.CreateWithdrawalRequest:
     return withdrawal_pb2.CreateWithdrawalRequest(
         request_id=request_id,
@@ -220,60 +255,65 @@ async def eventually(
 
 # -- tests --------------------------------------------------------------------------------
 async def test_withdrawal_pays_out_through_the_bank_and_posts_the_ledger(mesh: Mesh) -> None:
-    await fund(mesh.ledger, 10_000)
+    await fund(mesh.ledger, 10_000, account=available(mesh.merchant))
 
-    reply = await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 4_000))
+    reply = await mesh.withdrawals.CreateWithdrawal(
+        _withdraw("w1", 4_000, merchant_id=mesh.merchant)
+    )
 
     withdrawal = reply.withdrawal
     assert withdrawal.status == withdrawal_pb2.WITHDRAWAL_STATUS_COMPLETED
     assert withdrawal.ledger_transaction_id == f"txn:{withdrawal.withdrawal_id}"
-    assert await balance(mesh.ledger, f"merchants/{MERCHANT}/available") == 6_000
+    assert await balance(mesh.ledger, f"merchants/{mesh.merchant}/available") == 6_000
     assert await balance(mesh.ledger, "platform/bank_payouts") == 4_000
     assert list(mesh.bank.transfers) == [withdrawal.bank_transfer_reference]
     assert mesh.bank.transfer_keys == {withdrawal.withdrawal_id: withdrawal.bank_transfer_reference}
 
 
 async def test_completed_withdrawal_notifies_the_merchant(mesh: Mesh) -> None:
-    await fund(mesh.ledger, 1_000)
-    await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 1_000))
+    await fund(mesh.ledger, 1_000, account=available(mesh.merchant))
+    await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 1_000, merchant_id=mesh.merchant))
 
     listed = await mesh.notifications.ListNotifications(
-        notification_pb2.ListNotificationsRequest(merchant_id=MERCHANT)
+        notification_pb2.ListNotificationsRequest(merchant_id=mesh.merchant)
     )
 
     assert [n.event_type for n in listed.notifications] == ["withdrawal.completed"]
 
 
 async def test_withdrawal_above_the_balance_is_failed_precondition(mesh: Mesh) -> None:
-    await fund(mesh.ledger, 1_000)
+    await fund(mesh.ledger, 1_000, account=available(mesh.merchant))
 
     with pytest.raises(aio.AioRpcError) as caught:
-        await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 1_001))
+        await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 1_001, merchant_id=mesh.merchant))
 
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert reason(caught.value) == "INSUFFICIENT_BALANCE"
     assert mesh.bank.transfers == {}
     listed = await mesh.withdrawals.ListWithdrawals(
-        withdrawal_pb2.ListWithdrawalsRequest(merchant_id=MERCHANT)
+        withdrawal_pb2.ListWithdrawalsRequest(merchant_id=mesh.merchant)
     )
     assert list(listed.withdrawals) == []
 
 
 async def test_refused_request_id_may_be_retried_once_funds_arrive(mesh: Mesh) -> None:
     with pytest.raises(aio.AioRpcError):
-        await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 500))
-    await fund(mesh.ledger, 500)
+        await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 500, merchant_id=mesh.merchant))
+    await fund(mesh.ledger, 500, account=available(mesh.merchant))
 
-    reply = await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 500))
+    reply = await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 500, merchant_id=mesh.merchant))
 
     assert reply.withdrawal.status == withdrawal_pb2.WITHDRAWAL_STATUS_COMPLETED
 
 
 async def test_concurrent_withdrawals_never_exceed_the_balance(mesh: Mesh) -> None:
-    await fund(mesh.ledger, 10_000)
+    await fund(mesh.ledger, 10_000, account=available(mesh.merchant))
 
     results = await asyncio.gather(
-        *(mesh.withdrawals.CreateWithdrawal(_withdraw(f"w{i}", 1_500)) for i in range(10)),
+        *(
+            mesh.withdrawals.CreateWithdrawal(_withdraw(f"w{i}", 1_500, merchant_id=mesh.merchant))
+            for i in range(10)
+        ),
         return_exceptions=True,
     )
 
@@ -285,29 +325,33 @@ async def test_concurrent_withdrawals_never_exceed_the_balance(mesh: Mesh) -> No
     assert all(e.code() == grpc.StatusCode.FAILED_PRECONDITION for e in refused)
     assert all(w.status == withdrawal_pb2.WITHDRAWAL_STATUS_COMPLETED for w in accepted)
     assert len(accepted) == 6  # 6 x 1 500 fits in 10 000, a seventh does not
-    assert await balance(mesh.ledger, f"merchants/{MERCHANT}/available") == 10_000 - 9_000
+    assert await balance(mesh.ledger, f"merchants/{mesh.merchant}/available") == 10_000 - 9_000
     assert len(mesh.bank.transfers) == len(accepted)
 
 
 async def test_replayed_request_id_returns_the_same_withdrawal_and_pays_once(
     mesh: Mesh,
 ) -> None:
-    await fund(mesh.ledger, 5_000)
+    await fund(mesh.ledger, 5_000, account=available(mesh.merchant))
 
-    first = await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 2_000))
-    again = await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 2_000))
+    first = await mesh.withdrawals.CreateWithdrawal(
+        _withdraw("w1", 2_000, merchant_id=mesh.merchant)
+    )
+    again = await mesh.withdrawals.CreateWithdrawal(
+        _withdraw("w1", 2_000, merchant_id=mesh.merchant)
+    )
 
     assert again.withdrawal == first.withdrawal
     assert len(mesh.bank.transfers) == 1
-    assert await balance(mesh.ledger, f"merchants/{MERCHANT}/available") == 3_000
+    assert await balance(mesh.ledger, f"merchants/{mesh.merchant}/available") == 3_000
 
 
 async def test_request_id_reused_with_another_body_is_invalid_argument(mesh: Mesh) -> None:
-    await fund(mesh.ledger, 5_000)
-    await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 2_000))
+    await fund(mesh.ledger, 5_000, account=available(mesh.merchant))
+    await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 2_000, merchant_id=mesh.merchant))
 
     with pytest.raises(aio.AioRpcError) as caught:
-        await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 2_001))
+        await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 2_001, merchant_id=mesh.merchant))
 
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert reason(caught.value) == "IDEMPOTENCY_KEY_REUSED"
@@ -316,10 +360,12 @@ async def test_request_id_reused_with_another_body_is_invalid_argument(mesh: Mes
 async def test_bank_refusal_fails_the_withdrawal_and_reverses_the_reservation(
     mesh: Mesh,
 ) -> None:
-    await fund(mesh.ledger, 3_000)
+    await fund(mesh.ledger, 3_000, account=available(mesh.merchant))
     fail_bank(mesh.bank, 422)
 
-    reply = await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 2_000))
+    reply = await mesh.withdrawals.CreateWithdrawal(
+        _withdraw("w1", 2_000, merchant_id=mesh.merchant)
+    )
 
     withdrawal = reply.withdrawal
     assert withdrawal.status == withdrawal_pb2.WITHDRAWAL_STATUS_FAILED
@@ -330,19 +376,23 @@ async def test_bank_refusal_fails_the_withdrawal_and_reverses_the_reservation(
         )
     )
     assert reversal.transaction.kind == accounting_pb2.TRANSACTION_KIND_REVERSAL
-    assert await balance(mesh.ledger, f"merchants/{MERCHANT}/available") == 3_000
+    assert await balance(mesh.ledger, f"merchants/{mesh.merchant}/available") == 3_000
     assert await balance(mesh.ledger, "platform/bank_payouts") == 0
 
 
 async def test_unreachable_bank_leaves_pending_until_a_replay_completes_it(mesh: Mesh) -> None:
-    await fund(mesh.ledger, 3_000)
+    await fund(mesh.ledger, 3_000, account=available(mesh.merchant))
     fail_bank(mesh.bank, 503)
-    pending = await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 2_000))
+    pending = await mesh.withdrawals.CreateWithdrawal(
+        _withdraw("w1", 2_000, merchant_id=mesh.merchant)
+    )
     assert pending.withdrawal.status == withdrawal_pb2.WITHDRAWAL_STATUS_PENDING
-    assert await balance(mesh.ledger, f"merchants/{MERCHANT}/available") == 1_000
+    assert await balance(mesh.ledger, f"merchants/{mesh.merchant}/available") == 1_000
 
     heal_bank(mesh.bank)
-    replay = await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 2_000))
+    replay = await mesh.withdrawals.CreateWithdrawal(
+        _withdraw("w1", 2_000, merchant_id=mesh.merchant)
+    )
 
     assert replay.withdrawal.status == withdrawal_pb2.WITHDRAWAL_STATUS_COMPLETED
     assert len(mesh.bank.transfers) == 1
@@ -351,13 +401,17 @@ async def test_unreachable_bank_leaves_pending_until_a_replay_completes_it(mesh:
 
 async def test_recovery_at_start_completes_a_pending_withdrawal(tmp_path: Path) -> None:
     async with (
-        downstreams(tmp_path) as (environ, bank),
+        merchant_directory(tmp_path) as directory,
+        downstreams(tmp_path, directory) as (environ, bank),
         _ledger(environ) as ledger,
     ):
-        await fund(ledger, 3_000)
+        merchant = (await directory.onboard()).merchant_id
+        await fund(ledger, 3_000, account=available(merchant))
         fail_bank(bank, 503)
         async with withdrawal_service(environ) as withdrawals:
-            pending = await withdrawals.CreateWithdrawal(_withdraw("w1", 2_000))
+            pending = await withdrawals.CreateWithdrawal(
+                _withdraw("w1", 2_000, merchant_id=merchant)
+            )
         assert pending.withdrawal.status == withdrawal_pb2.WITHDRAWAL_STATUS_PENDING
         heal_bank(bank)
 
@@ -376,29 +430,171 @@ async def test_recovery_at_start_completes_a_pending_withdrawal(tmp_path: Path) 
 
 
 async def test_withdrawal_of_a_settlement_debits_the_settling_account(mesh: Mesh) -> None:
-    await fund(mesh.ledger, 2_500, account=f"merchants/{MERCHANT}/settling")
+    await fund(mesh.ledger, 2_500, account=f"merchants/{mesh.merchant}/settling")
 
-    reply = await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 2_500, settlement_id="stl_1"))
+    reply = await mesh.withdrawals.CreateWithdrawal(
+        _withdraw("w1", 2_500, settlement_id="stl_1", merchant_id=mesh.merchant)
+    )
 
     assert reply.withdrawal.status == withdrawal_pb2.WITHDRAWAL_STATUS_COMPLETED
     assert reply.withdrawal.settlement_id == "stl_1"
-    assert await balance(mesh.ledger, f"merchants/{MERCHANT}/settling") == 0
-    assert await balance(mesh.ledger, f"merchants/{MERCHANT}/available") == 0
+    assert await balance(mesh.ledger, f"merchants/{mesh.merchant}/settling") == 0
+    assert await balance(mesh.ledger, f"merchants/{mesh.merchant}/available") == 0
 
 
 async def test_second_withdrawal_of_one_settlement_is_already_exists(mesh: Mesh) -> None:
-    await fund(mesh.ledger, 5_000, account=f"merchants/{MERCHANT}/settling")
-    await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 2_500, settlement_id="stl_1"))
+    await fund(mesh.ledger, 5_000, account=f"merchants/{mesh.merchant}/settling")
+    await mesh.withdrawals.CreateWithdrawal(
+        _withdraw("w1", 2_500, settlement_id="stl_1", merchant_id=mesh.merchant)
+    )
 
     with pytest.raises(aio.AioRpcError) as caught:
-        await mesh.withdrawals.CreateWithdrawal(_withdraw("w2", 2_500, settlement_id="stl_1"))
+        await mesh.withdrawals.CreateWithdrawal(
+            _withdraw("w2", 2_500, settlement_id="stl_1", merchant_id=mesh.merchant)
+        )
 
     assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
     assert len(mesh.bank.transfers) == 1
 
 
+# -- the ledger shows money in transit until the bank confirms; the loop finishes outages --------
+
+
+async def test_withdrawal_is_in_transit_until_the_bank_confirms_then_paid_out(mesh: Mesh) -> None:
+    await fund(mesh.ledger, 3_000, account=available(mesh.merchant))
+    fail_bank(mesh.bank, 503)
+    pending = (
+        await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 2_000, merchant_id=mesh.merchant))
+    ).withdrawal
+    assert pending.status == withdrawal_pb2.WITHDRAWAL_STATUS_PENDING
+    assert (
+        await balance(mesh.ledger, available(mesh.merchant)),
+        await balance(mesh.ledger, in_transit(mesh.merchant)),
+        await balance(mesh.ledger, PAYOUTS),
+    ) == (1_000, 2_000, 0)
+
+    heal_bank(mesh.bank)
+    request = withdrawal_pb2.GetWithdrawalRequest(withdrawal_id=pending.withdrawal_id)
+    final = await eventually(
+        lambda: mesh.withdrawals.GetWithdrawal(request),
+        lambda r: r.withdrawal.status != withdrawal_pb2.WITHDRAWAL_STATUS_PENDING,
+    )
+
+    assert final.withdrawal.status == withdrawal_pb2.WITHDRAWAL_STATUS_COMPLETED
+    assert (
+        await balance(mesh.ledger, in_transit(mesh.merchant)),
+        await balance(mesh.ledger, PAYOUTS),
+    ) == (0, 2_000)
+    paid = await mesh.ledger.GetTransaction(
+        accounting_pb2.GetTransactionRequest(transaction_id=f"txn:{pending.withdrawal_id}:paid")
+    )
+    assert [e.account_id for e in paid.transaction.entries] == [in_transit(mesh.merchant), PAYOUTS]
+    assert len(mesh.bank.transfers) == 1
+
+
+async def test_recovery_loop_retries_until_the_bank_is_back(tmp_path: Path) -> None:
+    async with (
+        merchant_directory(tmp_path) as directory,
+        downstreams(tmp_path, directory) as (environ, bank),
+        _ledger(environ) as ledger,
+    ):
+        merchant = (await directory.onboard()).merchant_id
+        await fund(ledger, 1_000, account=available(merchant))
+        fail_bank(bank, 503)
+        async with withdrawal_service({**environ, **fast_recovery(tmp_path)}) as withdrawals:
+            pending = (
+                await withdrawals.CreateWithdrawal(_withdraw("w1", 1_000, merchant_id=merchant))
+            ).withdrawal
+            # Passes keep asking the bank while it is down ...
+            asked = bank.requests.get("bank-transfer", 0)
+            await eventually(
+                lambda: asyncio.sleep(0, bank.requests.get("bank-transfer", 0)),
+                lambda seen: seen > asked,
+            )
+            request = withdrawal_pb2.GetWithdrawalRequest(withdrawal_id=pending.withdrawal_id)
+            still = await withdrawals.GetWithdrawal(request)
+            assert still.withdrawal.status == withdrawal_pb2.WITHDRAWAL_STATUS_PENDING
+            assert await balance(ledger, PAYOUTS) == 0
+            # ... and a pass after it is back completes the withdrawal, with no replay.
+            heal_bank(bank)
+            final = await eventually(
+                lambda: withdrawals.GetWithdrawal(request),
+                lambda r: r.withdrawal.status == withdrawal_pb2.WITHDRAWAL_STATUS_COMPLETED,
+            )
+        assert final.withdrawal.status == withdrawal_pb2.WITHDRAWAL_STATUS_COMPLETED
+        assert len(bank.transfers) == 1
+        assert await balance(ledger, PAYOUTS) == 1_000
+
+
+async def test_completed_withdrawal_reaches_the_merchants_webhook(mesh: Mesh) -> None:
+    await fund(mesh.ledger, 1_000, account=available(mesh.merchant))
+    withdrawal = (
+        await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 1_000, merchant_id=mesh.merchant))
+    ).withdrawal
+
+    def delivered() -> list[dict[str, Any]]:
+        with mesh.bank.lock:
+            return [w for w in mesh.bank.webhooks if w.get("merchant_id") == mesh.merchant]
+
+    webhooks = await eventually(lambda: asyncio.sleep(0, delivered()), bool)
+    [webhook] = webhooks
+    assert webhook["event_type"] == "withdrawal.completed"
+    assert webhook["payload"]["withdrawal_id"] == withdrawal.withdrawal_id
+    assert webhook["payload"]["status"] == "WITHDRAWAL_STATUS_COMPLETED"
+    listed = await mesh.notifications.ListNotifications(
+        notification_pb2.ListNotificationsRequest(merchant_id=mesh.merchant)
+    )
+    [notification] = listed.notifications
+    assert notification.delivery_status == notification_pb2.DELIVERY_STATUS_DELIVERED
+    assert notification.webhook_url == WEBHOOK_URL
+    assert webhook["idempotency_key"] == notification.notification_id
+
+
+# -- only an existing, active merchant is paid out ---------------------------------------------
+
+
+async def test_unknown_merchant_is_not_found_and_nothing_moves(mesh: Mesh) -> None:
+    with pytest.raises(aio.AioRpcError) as caught:
+        await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 100, merchant_id="m_nobody"))
+
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert reason(caught.value) == "MERCHANT_NOT_FOUND"
+    assert await balance(mesh.ledger, in_transit("m_nobody")) == 0
+    assert mesh.bank.transfers == {}
+
+
+async def test_suspended_merchant_cannot_be_paid_out(mesh: Mesh) -> None:
+    await fund(mesh.ledger, 1_000, account=available(mesh.merchant))
+    await mesh.directory.suspend(mesh.merchant)
+
+    with pytest.raises(aio.AioRpcError) as caught:
+        await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 500, merchant_id=mesh.merchant))
+
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert reason(caught.value) == "MERCHANT_INACTIVE"
+    assert await balance(mesh.ledger, available(mesh.merchant)) == 1_000
+    assert mesh.bank.transfers == {}
+
+
+async def test_unreachable_merchant_service_is_unavailable_and_leaves_the_request_id_free(
+    mesh: Mesh,
+) -> None:
+    await fund(mesh.ledger, 500, account=available(mesh.merchant))
+    cut_off = {**mesh.environ, "MERCHANT_SERVICE_ADDR": "127.0.0.1:1"}
+    async with withdrawal_service(cut_off) as withdrawals:
+        with pytest.raises(aio.AioRpcError) as caught:
+            await withdrawals.CreateWithdrawal(_withdraw("w1", 500, merchant_id=mesh.merchant))
+
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert reason(caught.value) == "DOWNSTREAM_UNAVAILABLE"
+    details = rich_status(caught.value).details
+    assert any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in details)
+    reply = await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 500, merchant_id=mesh.merchant))
+    assert reply.withdrawal.status == withdrawal_pb2.WITHDRAWAL_STATUS_COMPLETED
+
+
 def _bad(**changes: object) -> withdrawal_pb2.CreateWithdrawalRequest:
-    request = _withdraw("w1", 100)
+    request = _withdraw("w1", 100, merchant_id="m_1")
     for name, value in changes.items():
         if name == "amount_minor":
             request.amount.amount_minor = value  # type: ignore[assignment]  # test table
@@ -443,9 +639,13 @@ async def test_unknown_withdrawal_is_not_found(mesh: Mesh) -> None:
 
 
 async def test_pages_cover_every_withdrawal_once_newest_first(mesh: Mesh) -> None:
-    await fund(mesh.ledger, 700)
+    await fund(mesh.ledger, 700, account=available(mesh.merchant))
     created = [
-        (await mesh.withdrawals.CreateWithdrawal(_withdraw(f"w{i}", 100))).withdrawal.withdrawal_id
+        (
+            await mesh.withdrawals.CreateWithdrawal(
+                _withdraw(f"w{i}", 100, merchant_id=mesh.merchant)
+            )
+        ).withdrawal.withdrawal_id
         for i in range(7)
     ]
     seen: list[str] = []
@@ -453,7 +653,7 @@ async def test_pages_cover_every_withdrawal_once_newest_first(mesh: Mesh) -> Non
     while True:
         page = await mesh.withdrawals.ListWithdrawals(
             withdrawal_pb2.ListWithdrawalsRequest(
-                merchant_id=MERCHANT, page_size=3, page_token=token
+                merchant_id=mesh.merchant, page_size=3, page_token=token
             )
         )
         seen.extend(w.withdrawal_id for w in page.withdrawals)
@@ -465,14 +665,16 @@ async def test_pages_cover_every_withdrawal_once_newest_first(mesh: Mesh) -> Non
 
 
 async def test_list_filters_by_status(mesh: Mesh) -> None:
-    await fund(mesh.ledger, 1_000)
-    await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 100))
+    await fund(mesh.ledger, 1_000, account=available(mesh.merchant))
+    await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 100, merchant_id=mesh.merchant))
     fail_bank(mesh.bank, 422)
-    failed = await mesh.withdrawals.CreateWithdrawal(_withdraw("w2", 100))
+    failed = await mesh.withdrawals.CreateWithdrawal(
+        _withdraw("w2", 100, merchant_id=mesh.merchant)
+    )
 
     listed = await mesh.withdrawals.ListWithdrawals(
         withdrawal_pb2.ListWithdrawalsRequest(
-            merchant_id=MERCHANT, status=withdrawal_pb2.WITHDRAWAL_STATUS_FAILED
+            merchant_id=mesh.merchant, status=withdrawal_pb2.WITHDRAWAL_STATUS_FAILED
         )
     )
 

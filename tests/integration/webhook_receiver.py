@@ -1,8 +1,10 @@
 """A merchant's webhook endpoint for tests, and DNS answers a test chooses.
 
 The receiver records each request exactly as it arrived (path, headers, raw body), so a test
-checks the signature the way a merchant would; ``FixedDns`` is notification-service's resolver
-with fixed answers, counting lookups (names under ``.test`` exist nowhere else).
+checks the signature the way a merchant would; it can answer failures first, answer late, or
+be stopped and started again on the same port (a partner down, then back). ``FixedDns`` is
+notification-service's resolver with fixed answers, counting lookups (names under ``.test``
+exist nowhere else).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -33,6 +37,12 @@ class WebhookReceiver:
     status: int = 200
     received: list[ReceivedWebhook] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    failures_first: int = 0
+    """Requests still to answer 503 before ``status`` is answered."""
+    delay_s: float = 0.0
+    """Wait before answering each request (a slow endpoint)."""
+    answered: list[int] = field(default_factory=list)
+    """The status of each answer, in order."""
 
     def url(self, path: str = "/hooks", *, host: str = "127.0.0.1") -> str:
         """The endpoint's URL over plain http with ``host`` as the name."""
@@ -43,6 +53,17 @@ class WebhookReceiver:
         with self.lock:
             [webhook] = self.received
         return webhook
+
+    def keys(self) -> Counter[str]:
+        """How many requests arrived per Idempotency-Key."""
+        with self.lock:
+            return Counter(w.headers.get("idempotency-key", "") for w in self.received)
+
+    def accepted_keys(self) -> Counter[str]:
+        """How many requests per Idempotency-Key were answered 2xx."""
+        with self.lock:
+            pairs = zip(self.received, self.answered, strict=True)
+            return Counter(w.headers.get("idempotency-key", "") for w, s in pairs if s < 300)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -55,11 +76,17 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         receiver = self.server.receiver
+        if receiver.delay_s:
+            time.sleep(receiver.delay_s)
         with receiver.lock:
             receiver.received.append(
                 ReceivedWebhook(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
             )
             status = receiver.status
+            if receiver.failures_first > 0:
+                receiver.failures_first -= 1
+                status = 503
+            receiver.answered.append(status)
         data = b'{"received": true}'
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -74,10 +101,11 @@ class _Server(ThreadingHTTPServer):
 
 
 @contextlib.contextmanager
-def receiving_webhooks() -> Iterator[WebhookReceiver]:
-    """A webhook endpoint on 127.0.0.1 in a thread."""
-    server = _Server(("127.0.0.1", 0), _Handler)
-    server.receiver = WebhookReceiver(port=server.server_port)
+def receiving_webhooks(receiver: WebhookReceiver | None = None) -> Iterator[WebhookReceiver]:
+    """A webhook endpoint on 127.0.0.1 in a thread; given ``receiver`` (one stopped before),
+    it listens on that one's port again and goes on recording into it."""
+    server = _Server(("127.0.0.1", receiver.port if receiver else 0), _Handler)
+    server.receiver = receiver or WebhookReceiver(port=server.server_port)
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:

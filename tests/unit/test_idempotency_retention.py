@@ -85,19 +85,22 @@ def test_replay_within_the_retention_returns_the_stored_response(
     orders: OrderStore, clock: FakeClock
 ) -> None:
     paid = orders.update_status(_status("r_paid", order_pb2.ORDER_STATUS_PAID))
-    orders.update_status(_status("r_cancel", order_pb2.ORDER_STATUS_CANCELLED))
+    orders.update_status(_status("r_refund", order_pb2.ORDER_STATUS_PARTIALLY_REFUNDED))
     clock.advance(RETENTION.retention_s - 1)
     assert orders.update_status(_status("r_paid", order_pb2.ORDER_STATUS_PAID)) == paid
-    assert orders.get("o_1").status == order_pb2.ORDER_STATUS_CANCELLED
+    assert orders.get("o_1").status == order_pb2.ORDER_STATUS_PARTIALLY_REFUNDED
 
 
 def test_replay_after_the_retention_is_a_new_request(orders: OrderStore, clock: FakeClock) -> None:
+    # Statuses the lifecycle allows in any order: PARTIALLY_REFUNDED may be set again.
     orders.update_status(_status("r_paid", order_pb2.ORDER_STATUS_PAID))
-    orders.update_status(_status("r_cancel", order_pb2.ORDER_STATUS_CANCELLED))
+    first = _status("r_first", order_pb2.ORDER_STATUS_PARTIALLY_REFUNDED, "first")
+    orders.update_status(first)
+    orders.update_status(_status("r_second", order_pb2.ORDER_STATUS_PARTIALLY_REFUNDED, "second"))
     clock.advance(RETENTION.retention_s + 1)
-    again = orders.update_status(_status("r_paid", order_pb2.ORDER_STATUS_PAID))
-    assert again.status == order_pb2.ORDER_STATUS_PAID
-    assert orders.get("o_1").status == order_pb2.ORDER_STATUS_PAID
+    again = orders.update_status(first)
+    assert again.status_reason == "first"
+    assert orders.get("o_1").status_reason == "first"  # executed again, not replayed
 
 
 def test_id_reused_with_another_body_after_the_retention_is_accepted(
@@ -105,7 +108,7 @@ def test_id_reused_with_another_body_after_the_retention_is_accepted(
 ) -> None:
     orders.update_status(_status("r_1", order_pb2.ORDER_STATUS_PAID))
     clock.advance(RETENTION.retention_s + 1)
-    reused = orders.update_status(_status("r_1", order_pb2.ORDER_STATUS_CANCELLED, "late"))
+    reused = orders.update_status(_status("r_1", order_pb2.ORDER_STATUS_PARTIALLY_REFUNDED, "late"))
     assert reused.status_reason == "late"
 
 
@@ -114,9 +117,9 @@ def test_claim_purges_finished_records_past_the_retention(
 ) -> None:
     orders.update_status(_status("r_old", order_pb2.ORDER_STATUS_PAID))
     clock.advance(2 * DAY_S)
-    orders.update_status(_status("r_recent", order_pb2.ORDER_STATUS_CANCELLED))
+    orders.update_status(_status("r_recent", order_pb2.ORDER_STATUS_PARTIALLY_REFUNDED))
     clock.advance(RETENTION.retention_s - DAY_S)
-    orders.update_status(_status("r_now", order_pb2.ORDER_STATUS_PAID))
+    orders.update_status(_status("r_now", order_pb2.ORDER_STATUS_PARTIALLY_REFUNDED))
     assert _records(tmp_path / "order.db") == [("r_now", "done"), ("r_recent", "done")]
 
 

@@ -5,7 +5,8 @@ Contract of accounting-service: the double-entry ledger.
 
 Account ids are paths: `merchants/{merchant_id}/{ledger}` for accounts a merchant owns (ListBalances
 finds them by this prefix) and `platform/{ledger}` for the platform's own, e.g.
-`merchants/m_123/available`, `platform/channel_clearing`. An account exists once an entry names it.
+`merchants/m_123/available`, `merchants/m_123/payout_in_transit`, `platform/bank_payouts`
+(services/accounting/accounts.py lists every account the mesh posts to). An account exists once an entry names it.
 A balance is always credits minus debits, per account and currency.
 """
 

@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class NotificationServiceStub:
-    """Delivers merchant webhooks, each signed with the merchant's secret, and records each delivery.
+    """Delivers merchant webhooks, each signed with the merchant's secret, retrying until delivered or dead-lettered.
     """
 
     def __init__(self, channel):
@@ -55,14 +55,19 @@ class NotificationServiceStub:
                 request_serializer=paymesh_dot_notification_dot_v1_dot_notification__pb2.RotateWebhookSecretRequest.SerializeToString,
                 response_deserializer=paymesh_dot_notification_dot_v1_dot_notification__pb2.RotateWebhookSecretResponse.FromString,
                 _registered_method=True)
+        self.RedeliverNotification = channel.unary_unary(
+                '/paymesh.notification.v1.NotificationService/RedeliverNotification',
+                request_serializer=paymesh_dot_notification_dot_v1_dot_notification__pb2.RedeliverNotificationRequest.SerializeToString,
+                response_deserializer=paymesh_dot_notification_dot_v1_dot_notification__pb2.RedeliverNotificationResponse.FromString,
+                _registered_method=True)
 
 
 class NotificationServiceServicer:
-    """Delivers merchant webhooks, each signed with the merchant's secret, and records each delivery.
+    """Delivers merchant webhooks, each signed with the merchant's secret, retrying until delivered or dead-lettered.
     """
 
     def SendNotification(self, request, context):
-        """Records a notification and delivers it to the merchant's webhook, once per request_id.
+        """Records a notification once per request_id, makes its first delivery attempt, and retries it with backoff until delivered.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -84,6 +89,13 @@ class NotificationServiceServicer:
 
     def RotateWebhookSecret(self, request, context):
         """Replaces a merchant's webhook signing secret (creating its first) and returns the new secret once per request_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RedeliverNotification(self, request, context):
+        """Gives an undelivered notification (dead-lettered, failed, skipped or pending) a new round of attempts, starting now; for operators.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -112,6 +124,11 @@ def add_NotificationServiceServicer_to_server(servicer, server):
                     request_deserializer=paymesh_dot_notification_dot_v1_dot_notification__pb2.RotateWebhookSecretRequest.FromString,
                     response_serializer=paymesh_dot_notification_dot_v1_dot_notification__pb2.RotateWebhookSecretResponse.SerializeToString,
             ),
+            'RedeliverNotification': grpc.unary_unary_rpc_method_handler(
+                    servicer.RedeliverNotification,
+                    request_deserializer=paymesh_dot_notification_dot_v1_dot_notification__pb2.RedeliverNotificationRequest.FromString,
+                    response_serializer=paymesh_dot_notification_dot_v1_dot_notification__pb2.RedeliverNotificationResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'paymesh.notification.v1.NotificationService', rpc_method_handlers)
@@ -121,7 +138,7 @@ def add_NotificationServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class NotificationService:
-    """Delivers merchant webhooks, each signed with the merchant's secret, and records each delivery.
+    """Delivers merchant webhooks, each signed with the merchant's secret, retrying until delivered or dead-lettered.
     """
 
     @staticmethod
@@ -222,6 +239,33 @@ class NotificationService:
             '/paymesh.notification.v1.NotificationService/RotateWebhookSecret',
             paymesh_dot_notification_dot_v1_dot_notification__pb2.RotateWebhookSecretRequest.SerializeToString,
             paymesh_dot_notification_dot_v1_dot_notification__pb2.RotateWebhookSecretResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RedeliverNotification(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paymesh.notification.v1.NotificationService/RedeliverNotification',
+            paymesh_dot_notification_dot_v1_dot_notification__pb2.RedeliverNotificationRequest.SerializeToString,
+            paymesh_dot_notification_dot_v1_dot_notification__pb2.RedeliverNotificationResponse.FromString,
             options,
             channel_credentials,
             insecure,

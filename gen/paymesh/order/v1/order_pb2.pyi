@@ -316,7 +316,7 @@ class UpdateOrderStatusRequest(_message.Message):
     order_id: _builtins.str
     """Order to update."""
     status: Global___OrderStatus.ValueType
-    """New status."""
+    """New status: one the current status may move to (see UpdateOrderStatus), or the current one."""
     reason: _builtins.str
     """Why the status changes."""
     def __init__(

@@ -83,7 +83,7 @@ class OrderServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateOrderStatus(self, request, context):
-        """Moves an order to a new status.
+        """Moves an order to a new status along its lifecycle (CREATED -> PAID or CANCELLED; PAID -> PARTIALLY_REFUNDED or REFUNDED; PARTIALLY_REFUNDED -> PARTIALLY_REFUNDED or REFUNDED); the current status again is a no-op, any other change FAILED_PRECONDITION (INVALID_STATE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

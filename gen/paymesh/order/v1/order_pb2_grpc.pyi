@@ -40,7 +40,7 @@ class OrderServiceStub:
     ListOrders: _grpc.UnaryUnaryMultiCallable[_order_pb2.ListOrdersRequest, _order_pb2.ListOrdersResponse]
     """Lists a merchant's orders, newest first, optionally filtered by status."""
     UpdateOrderStatus: _grpc.UnaryUnaryMultiCallable[_order_pb2.UpdateOrderStatusRequest, _order_pb2.UpdateOrderStatusResponse]
-    """Moves an order to a new status."""
+    """Moves an order to a new status along its lifecycle (CREATED -> PAID or CANCELLED; PAID -> PARTIALLY_REFUNDED or REFUNDED; PARTIALLY_REFUNDED -> PARTIALLY_REFUNDED or REFUNDED); the current status again is a no-op, any other change FAILED_PRECONDITION (INVALID_STATE)."""
 
 @_typing.type_check_only
 class OrderServiceAsyncStub(OrderServiceStub):
@@ -54,7 +54,7 @@ class OrderServiceAsyncStub(OrderServiceStub):
     ListOrders: _aio.UnaryUnaryMultiCallable[_order_pb2.ListOrdersRequest, _order_pb2.ListOrdersResponse]  # type: ignore[assignment]
     """Lists a merchant's orders, newest first, optionally filtered by status."""
     UpdateOrderStatus: _aio.UnaryUnaryMultiCallable[_order_pb2.UpdateOrderStatusRequest, _order_pb2.UpdateOrderStatusResponse]  # type: ignore[assignment]
-    """Moves an order to a new status."""
+    """Moves an order to a new status along its lifecycle (CREATED -> PAID or CANCELLED; PAID -> PARTIALLY_REFUNDED or REFUNDED; PARTIALLY_REFUNDED -> PARTIALLY_REFUNDED or REFUNDED); the current status again is a no-op, any other change FAILED_PRECONDITION (INVALID_STATE)."""
 
 class OrderServiceServicer(metaclass=_abc_1.ABCMeta):
     """Records orders and their status."""
@@ -89,6 +89,6 @@ class OrderServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _order_pb2.UpdateOrderStatusRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_order_pb2.UpdateOrderStatusResponse, _abc.Awaitable[_order_pb2.UpdateOrderStatusResponse]]:
-        """Moves an order to a new status."""
+        """Moves an order to a new status along its lifecycle (CREATED -> PAID or CANCELLED; PAID -> PARTIALLY_REFUNDED or REFUNDED; PARTIALLY_REFUNDED -> PARTIALLY_REFUNDED or REFUNDED); the current status again is a no-op, any other change FAILED_PRECONDITION (INVALID_STATE)."""
 
 def add_OrderServiceServicer_to_server(servicer: OrderServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -30,7 +30,7 @@ class _SettlementStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Sett
     SETTLEMENT_STATUS_UNSPECIFIED: _SettlementStatus.ValueType  # 0
     """Not set; as a list filter it means any status."""
     SETTLEMENT_STATUS_PENDING: _SettlementStatus.ValueType  # 1
-    """Posted in the ledger, withdrawal not yet finished."""
+    """Posted in the ledger, withdrawal not yet finished; finished by the recovery loop."""
     SETTLEMENT_STATUS_COMPLETED: _SettlementStatus.ValueType  # 2
     """The withdrawal completed."""
     SETTLEMENT_STATUS_FAILED: _SettlementStatus.ValueType  # 3
@@ -42,7 +42,7 @@ class SettlementStatus(_SettlementStatus, metaclass=_SettlementStatusEnumTypeWra
 SETTLEMENT_STATUS_UNSPECIFIED: SettlementStatus.ValueType  # 0
 """Not set; as a list filter it means any status."""
 SETTLEMENT_STATUS_PENDING: SettlementStatus.ValueType  # 1
-"""Posted in the ledger, withdrawal not yet finished."""
+"""Posted in the ledger, withdrawal not yet finished; finished by the recovery loop."""
 SETTLEMENT_STATUS_COMPLETED: SettlementStatus.ValueType  # 2
 """The withdrawal completed."""
 SETTLEMENT_STATUS_FAILED: SettlementStatus.ValueType  # 3

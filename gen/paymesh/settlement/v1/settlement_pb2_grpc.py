@@ -62,14 +62,14 @@ class SettlementServiceServicer:
     """
 
     def GetSettleableBalance(self, request, context):
-        """Returns how much of a merchant's balance in one currency can be settled now.
+        """Returns how much of a merchant's balance in one currency can be settled now; an unknown merchant is NOT_FOUND (MERCHANT_NOT_FOUND).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CreateSettlement(self, request, context):
-        """Settles all or part of the settleable balance: posts it in the ledger and requests the withdrawal.
+        """Settles all or part of the settleable balance: posts it in the ledger and requests the withdrawal; the merchant must exist (else NOT_FOUND, MERCHANT_NOT_FOUND) and be active (else FAILED_PRECONDITION, MERCHANT_INACTIVE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -34,9 +34,9 @@ class SettlementServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> SettlementServiceAsyncStub: ...
     GetSettleableBalance: _grpc.UnaryUnaryMultiCallable[_settlement_pb2.GetSettleableBalanceRequest, _settlement_pb2.GetSettleableBalanceResponse]
-    """Returns how much of a merchant's balance in one currency can be settled now."""
+    """Returns how much of a merchant's balance in one currency can be settled now; an unknown merchant is NOT_FOUND (MERCHANT_NOT_FOUND)."""
     CreateSettlement: _grpc.UnaryUnaryMultiCallable[_settlement_pb2.CreateSettlementRequest, _settlement_pb2.CreateSettlementResponse]
-    """Settles all or part of the settleable balance: posts it in the ledger and requests the withdrawal."""
+    """Settles all or part of the settleable balance: posts it in the ledger and requests the withdrawal; the merchant must exist (else NOT_FOUND, MERCHANT_NOT_FOUND) and be active (else FAILED_PRECONDITION, MERCHANT_INACTIVE)."""
     GetSettlement: _grpc.UnaryUnaryMultiCallable[_settlement_pb2.GetSettlementRequest, _settlement_pb2.GetSettlementResponse]
     """Returns one settlement."""
     ListSettlements: _grpc.UnaryUnaryMultiCallable[_settlement_pb2.ListSettlementsRequest, _settlement_pb2.ListSettlementsResponse]
@@ -48,9 +48,9 @@ class SettlementServiceAsyncStub(SettlementServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetSettleableBalance: _aio.UnaryUnaryMultiCallable[_settlement_pb2.GetSettleableBalanceRequest, _settlement_pb2.GetSettleableBalanceResponse]  # type: ignore[assignment]
-    """Returns how much of a merchant's balance in one currency can be settled now."""
+    """Returns how much of a merchant's balance in one currency can be settled now; an unknown merchant is NOT_FOUND (MERCHANT_NOT_FOUND)."""
     CreateSettlement: _aio.UnaryUnaryMultiCallable[_settlement_pb2.CreateSettlementRequest, _settlement_pb2.CreateSettlementResponse]  # type: ignore[assignment]
-    """Settles all or part of the settleable balance: posts it in the ledger and requests the withdrawal."""
+    """Settles all or part of the settleable balance: posts it in the ledger and requests the withdrawal; the merchant must exist (else NOT_FOUND, MERCHANT_NOT_FOUND) and be active (else FAILED_PRECONDITION, MERCHANT_INACTIVE)."""
     GetSettlement: _aio.UnaryUnaryMultiCallable[_settlement_pb2.GetSettlementRequest, _settlement_pb2.GetSettlementResponse]  # type: ignore[assignment]
     """Returns one settlement."""
     ListSettlements: _aio.UnaryUnaryMultiCallable[_settlement_pb2.ListSettlementsRequest, _settlement_pb2.ListSettlementsResponse]  # type: ignore[assignment]
@@ -65,7 +65,7 @@ class SettlementServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _settlement_pb2.GetSettleableBalanceRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_settlement_pb2.GetSettleableBalanceResponse, _abc.Awaitable[_settlement_pb2.GetSettleableBalanceResponse]]:
-        """Returns how much of a merchant's balance in one currency can be settled now."""
+        """Returns how much of a merchant's balance in one currency can be settled now; an unknown merchant is NOT_FOUND (MERCHANT_NOT_FOUND)."""
 
     @_abc_1.abstractmethod
     def CreateSettlement(
@@ -73,7 +73,7 @@ class SettlementServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _settlement_pb2.CreateSettlementRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_settlement_pb2.CreateSettlementResponse, _abc.Awaitable[_settlement_pb2.CreateSettlementResponse]]:
-        """Settles all or part of the settleable balance: posts it in the ledger and requests the withdrawal."""
+        """Settles all or part of the settleable balance: posts it in the ledger and requests the withdrawal; the merchant must exist (else NOT_FOUND, MERCHANT_NOT_FOUND) and be active (else FAILED_PRECONDITION, MERCHANT_INACTIVE)."""
 
     @_abc_1.abstractmethod
     def GetSettlement(

@@ -30,11 +30,11 @@ class _WithdrawalStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_With
     WITHDRAWAL_STATUS_UNSPECIFIED: _WithdrawalStatus.ValueType  # 0
     """Not set; as a list filter it means any status."""
     WITHDRAWAL_STATUS_PENDING: _WithdrawalStatus.ValueType  # 1
-    """Funds reserved, transfer not yet confirmed by the bank partner."""
+    """Funds moved to the merchant's payout_in_transit account, transfer not yet confirmed by the bank partner; finished by the recovery loop."""
     WITHDRAWAL_STATUS_COMPLETED: _WithdrawalStatus.ValueType  # 2
-    """The bank partner confirmed the transfer and the ledger records it."""
+    """The bank partner confirmed the transfer and the ledger moved it from payout_in_transit to platform/bank_payouts."""
     WITHDRAWAL_STATUS_FAILED: _WithdrawalStatus.ValueType  # 3
-    """The transfer failed and the reserved funds were released."""
+    """The transfer failed and the funds in transit were returned to the account they came from."""
 
 class WithdrawalStatus(_WithdrawalStatus, metaclass=_WithdrawalStatusEnumTypeWrapper):
     """Lifecycle status of a withdrawal."""
@@ -42,11 +42,11 @@ class WithdrawalStatus(_WithdrawalStatus, metaclass=_WithdrawalStatusEnumTypeWra
 WITHDRAWAL_STATUS_UNSPECIFIED: WithdrawalStatus.ValueType  # 0
 """Not set; as a list filter it means any status."""
 WITHDRAWAL_STATUS_PENDING: WithdrawalStatus.ValueType  # 1
-"""Funds reserved, transfer not yet confirmed by the bank partner."""
+"""Funds moved to the merchant's payout_in_transit account, transfer not yet confirmed by the bank partner; finished by the recovery loop."""
 WITHDRAWAL_STATUS_COMPLETED: WithdrawalStatus.ValueType  # 2
-"""The bank partner confirmed the transfer and the ledger records it."""
+"""The bank partner confirmed the transfer and the ledger moved it from payout_in_transit to platform/bank_payouts."""
 WITHDRAWAL_STATUS_FAILED: WithdrawalStatus.ValueType  # 3
-"""The transfer failed and the reserved funds were released."""
+"""The transfer failed and the funds in transit were returned to the account they came from."""
 Global___WithdrawalStatus: _TypeAlias = WithdrawalStatus  # noqa: Y015
 
 @_typing.final
@@ -79,7 +79,7 @@ class Withdrawal(_message.Message):
     bank_transfer_reference: _builtins.str
     """The bank partner's reference for the transfer, empty until it accepts it."""
     ledger_transaction_id: _builtins.str
-    """Ledger transaction that records the payout, empty until posted."""
+    """Ledger transaction that moved the funds into payout_in_transit, empty until posted (the bank's confirmation is txn:{withdrawal_id}:paid)."""
     failure_reason: _builtins.str
     """Why the withdrawal failed (an ErrorReason name), empty otherwise."""
     @_builtins.property

@@ -57,7 +57,7 @@ class WithdrawalServiceServicer:
     """
 
     def CreateWithdrawal(self, request, context):
-        """Pays out an amount that never exceeds the available balance, even under concurrent requests.
+        """Pays out an amount that never exceeds the available balance, even under concurrent requests; the merchant must exist (else NOT_FOUND, MERCHANT_NOT_FOUND) and be active (else FAILED_PRECONDITION, MERCHANT_INACTIVE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

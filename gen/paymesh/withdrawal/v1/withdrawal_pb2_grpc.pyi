@@ -34,7 +34,7 @@ class WithdrawalServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> WithdrawalServiceAsyncStub: ...
     CreateWithdrawal: _grpc.UnaryUnaryMultiCallable[_withdrawal_pb2.CreateWithdrawalRequest, _withdrawal_pb2.CreateWithdrawalResponse]
-    """Pays out an amount that never exceeds the available balance, even under concurrent requests."""
+    """Pays out an amount that never exceeds the available balance, even under concurrent requests; the merchant must exist (else NOT_FOUND, MERCHANT_NOT_FOUND) and be active (else FAILED_PRECONDITION, MERCHANT_INACTIVE)."""
     GetWithdrawal: _grpc.UnaryUnaryMultiCallable[_withdrawal_pb2.GetWithdrawalRequest, _withdrawal_pb2.GetWithdrawalResponse]
     """Returns one withdrawal."""
     ListWithdrawals: _grpc.UnaryUnaryMultiCallable[_withdrawal_pb2.ListWithdrawalsRequest, _withdrawal_pb2.ListWithdrawalsResponse]
@@ -46,7 +46,7 @@ class WithdrawalServiceAsyncStub(WithdrawalServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateWithdrawal: _aio.UnaryUnaryMultiCallable[_withdrawal_pb2.CreateWithdrawalRequest, _withdrawal_pb2.CreateWithdrawalResponse]  # type: ignore[assignment]
-    """Pays out an amount that never exceeds the available balance, even under concurrent requests."""
+    """Pays out an amount that never exceeds the available balance, even under concurrent requests; the merchant must exist (else NOT_FOUND, MERCHANT_NOT_FOUND) and be active (else FAILED_PRECONDITION, MERCHANT_INACTIVE)."""
     GetWithdrawal: _aio.UnaryUnaryMultiCallable[_withdrawal_pb2.GetWithdrawalRequest, _withdrawal_pb2.GetWithdrawalResponse]  # type: ignore[assignment]
     """Returns one withdrawal."""
     ListWithdrawals: _aio.UnaryUnaryMultiCallable[_withdrawal_pb2.ListWithdrawalsRequest, _withdrawal_pb2.ListWithdrawalsResponse]  # type: ignore[assignment]
@@ -61,7 +61,7 @@ class WithdrawalServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _withdrawal_pb2.CreateWithdrawalRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_withdrawal_pb2.CreateWithdrawalResponse, _abc.Awaitable[_withdrawal_pb2.CreateWithdrawalResponse]]:
-        """Pays out an amount that never exceeds the available balance, even under concurrent requests."""
+        """Pays out an amount that never exceeds the available balance, even under concurrent requests; the merchant must exist (else NOT_FOUND, MERCHANT_NOT_FOUND) and be active (else FAILED_PRECONDITION, MERCHANT_INACTIVE)."""
 
     @_abc_1.abstractmethod
     def GetWithdrawal(
