@@ -3,8 +3,9 @@
 One object per concern would cost an extra await per call for nothing: they share the
 call's timing, so one ``AsyncServerInterceptor`` does them in order. Admission first: a call
 beyond the concurrency cap is refused at once (RESOURCE_EXHAUSTED, reason OVERLOADED) instead
-of queueing to its deadline, and the gate (the topology's authorization) decides whether the
-verified caller may make it at all. A servicer raises domain
+of queueing to its deadline, a method's precheck may refuse it before any work (a dependency
+known to be down), and the gate (the topology's authorization) decides whether the verified
+caller may make it at all. A servicer raises domain
 errors (``interceptors.errors``); a downstream failure that escapes it becomes UNAVAILABLE
 with pushback ``-1`` so that only the bottom layer of the mesh retries.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 import grpc
@@ -94,9 +95,11 @@ class ServerPolicyInterceptor(AsyncServerInterceptor):
         gate: Gate | None = None,
         max_in_flight: int | None = None,
         on_shed: Callable[[str], None] | None = None,
+        prechecks: Mapping[str, Callable[[], None]] | None = None,
     ) -> None:
         """``max_in_flight`` caps the calls served at once (None: no cap); ``on_shed`` is told
-        the method of each call refused for it."""
+        the method of each call refused for it; ``prechecks`` maps a full method path to a
+        check run before the gate, which raises a ServiceError to refuse the call."""
         if max_in_flight is not None and max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
         self._domain = domain
@@ -106,6 +109,8 @@ class ServerPolicyInterceptor(AsyncServerInterceptor):
         self._gate = gate
         self._max_in_flight = max_in_flight
         self._on_shed = on_shed
+        # Read at each call (not copied): a service registers its prechecks while it builds.
+        self._prechecks: Mapping[str, Callable[[], None]] = {} if prechecks is None else prechecks
         self._in_flight = 0
 
     @property
@@ -148,6 +153,9 @@ class ServerPolicyInterceptor(AsyncServerInterceptor):
             try:
                 if self._max_in_flight is not None and self._in_flight > self._max_in_flight:
                     self._shed(method_name)
+                precheck = self._prechecks.get(method_name)
+                if precheck is not None:
+                    precheck()  # before the gate: refusing must cost no authentication
                 if self._gate is not None:
                     admitted = await self._gate.admit(method_name, context)
                 if self._faults is not None:

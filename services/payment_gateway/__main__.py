@@ -4,44 +4,82 @@ import asyncio
 import contextlib
 
 from paymesh.payment_gateway.v1 import payment_gateway_pb2, payment_gateway_pb2_grpc
+from services.admin import AdminRequest, AdminResponse
 from services.bootstrap import Registration, ServiceContext, run
 from services.payment_gateway.config import GatewayConfig
+from services.payment_gateway.dependencies import (
+    CREATE_PAYMENT_NEEDS,
+    REFUND_PAYMENT_NEEDS,
+    DependencyWatch,
+)
 from services.payment_gateway.flow import Downstreams, PaymentFlow
+from services.payment_gateway.outbox import OutboxRelay
 from services.payment_gateway.recovery import Recovery
 from services.payment_gateway.servicer import PaymentGatewayServicer
 from services.payment_gateway.store import PaymentStore
 
 NAME = "payment-gateway"
+SERVICE = payment_gateway_pb2.DESCRIPTOR.services_by_name["PaymentGatewayService"].full_name
+CREATE_PAYMENT = f"/{SERVICE}/CreatePayment"
+REFUND_PAYMENT = f"/{SERVICE}/RefundPayment"
 
 
 async def build(context: ServiceContext) -> list[Registration]:
-    """The servicer over the gateway's store, plus the crash recovery loop.
+    """The servicer over the gateway's store, the outbox relay and the recovery loop.
 
-    The first recovery pass starts right away (in the background, so a downstream that is
-    not up yet delays nothing); it finishes whatever a killed process left unfinished.
+    Relay and recovery start right away, in the background: a downstream that is not up yet
+    delays nothing, and each waits for it with backoff. CreatePayment and RefundPayment get a
+    precheck that refuses them before the gate while a dependency's breaker is open.
+    ``GET /outbox`` on the admin port shows what still waits for delivery.
     """
     config = GatewayConfig.from_environ(context.environ)
     store = PaymentStore(context.database_path())
+    downstreams = Downstreams.from_clients(context.clients)
+    watch = DependencyWatch(context.clients.chain.breakers)
+    relay = OutboxRelay(store.outbox, downstreams.outbox_routes(), policy=config.relay_policy())
     flow = PaymentFlow(
-        store, Downstreams.from_clients(context.clients), charge_cutoff_s=config.charge_cutoff_s
+        store,
+        downstreams,
+        charge_cutoff_s=config.charge_cutoff_s,
+        on_outbox=relay.kick,
+        watch=watch,
     )
-    recovery = Recovery(store, flow)
-    loop_task = asyncio.create_task(recovery.run_forever(config.recovery_interval_s))
+    recovery = Recovery(store, flow, schedule=config.recovery_schedule(), watch=watch)
+    tasks = [
+        asyncio.create_task(relay.run_forever(), name="outbox-relay"),
+        asyncio.create_task(recovery.run_forever(), name="recovery"),
+    ]
+
+    def refuse_payment() -> None:
+        watch.refuse_if_down(CREATE_PAYMENT_NEEDS, action="CreatePayment")
+
+    def refuse_refund() -> None:
+        watch.refuse_if_down(REFUND_PAYMENT_NEEDS, action="RefundPayment")
+
+    context.prechecks[CREATE_PAYMENT] = refuse_payment
+    context.prechecks[REFUND_PAYMENT] = refuse_refund
+
+    def outbox(request: AdminRequest) -> AdminResponse:
+        return AdminResponse.of_json(store.outbox.summary())
+
+    context.admin.route("GET", "/outbox", outbox)
 
     async def stop() -> None:
-        loop_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await loop_task
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         store.close()
 
     context.on_stop.append(stop)
     return [
         Registration(
-            servicer=PaymentGatewayServicer(store, flow),
+            servicer=PaymentGatewayServicer(
+                store, flow, pending_retry_s=config.recovery_interval_s
+            ),
             add_to_server=payment_gateway_pb2_grpc.add_PaymentGatewayServiceServicer_to_server,
-            service_name=payment_gateway_pb2.DESCRIPTOR.services_by_name[
-                "PaymentGatewayService"
-            ].full_name,
+            service_name=SERVICE,
         )
     ]
 

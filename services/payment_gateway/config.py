@@ -1,45 +1,66 @@
 """payment-gateway's settings, read once at start from its environment.
 
-``PAYMENT_GATEWAY_RECOVERY_INTERVAL_S`` (default 30): pause between recovery passes.
+``PAYMENT_GATEWAY_RECOVERY_INTERVAL_S`` (default 30): longest pause between recovery passes.
+``PAYMENT_GATEWAY_RECOVERY_MAX_BACKOFF_S`` (default 300): cap of the backoff of a payment or
+refund whose downstream keeps failing.
 ``PAYMENT_GATEWAY_CHARGE_CUTOFF_S`` (default 900): recovery never sends a first charge for a
 payment older than this; a payment that old with no charge at the channel ends FAILED.
+``PAYMENT_GATEWAY_OUTBOX_INTERVAL_S`` (default 5): longest pause of the outbox relay between
+two looks at its rows (a commit wakes it at once).
+``PAYMENT_GATEWAY_OUTBOX_MAX_BACKOFF_S`` (default 60): cap of the relay's backoff while a
+destination keeps failing; it retries forever.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from services.bootstrap import StartupError
+from services.payment_gateway.outbox import RelayPolicy
+from services.payment_gateway.recovery import RecoverySchedule
 
 RECOVERY_INTERVAL_VAR = "PAYMENT_GATEWAY_RECOVERY_INTERVAL_S"
+RECOVERY_MAX_BACKOFF_VAR = "PAYMENT_GATEWAY_RECOVERY_MAX_BACKOFF_S"
 CHARGE_CUTOFF_VAR = "PAYMENT_GATEWAY_CHARGE_CUTOFF_S"
+OUTBOX_INTERVAL_VAR = "PAYMENT_GATEWAY_OUTBOX_INTERVAL_S"
+OUTBOX_MAX_BACKOFF_VAR = "PAYMENT_GATEWAY_OUTBOX_MAX_BACKOFF_S"
+_VARIABLES = {
+    "recovery_interval_s": RECOVERY_INTERVAL_VAR,
+    "recovery_max_backoff_s": RECOVERY_MAX_BACKOFF_VAR,
+    "charge_cutoff_s": CHARGE_CUTOFF_VAR,
+    "outbox_interval_s": OUTBOX_INTERVAL_VAR,
+    "outbox_max_backoff_s": OUTBOX_MAX_BACKOFF_VAR,
+}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GatewayConfig:
-    """Timing of the gateway's crash recovery."""
+    """Timing of the gateway's recovery and outbox delivery."""
 
     recovery_interval_s: float = 30.0
-    """Pause between two recovery passes (the first runs at start)."""
+    """Longest pause between two recovery passes (the first runs at start)."""
+    recovery_max_backoff_s: float = 300.0
+    """Cap of the jittered backoff of an item whose downstream keeps failing."""
     charge_cutoff_s: float = 900.0
     """Age after which recovery no longer sends a first charge for an unfinished payment."""
+    outbox_interval_s: float = 5.0
+    """Longest pause of the outbox relay between two looks at its rows."""
+    outbox_max_backoff_s: float = 60.0
+    """Cap of the relay's jittered backoff while a destination keeps failing."""
 
     def __post_init__(self) -> None:
-        for name in ("recovery_interval_s", "charge_cutoff_s"):
-            value = getattr(self, name)
+        for item in fields(self):
+            value = getattr(self, item.name)
             if not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+                raise ValueError(f"{item.name} must be a positive number of seconds, got {value!r}")
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> GatewayConfig:
         """The settings from the environment; StartupError naming the variable if one is bad."""
         values: dict[str, float] = {}
-        for var, name in (
-            (RECOVERY_INTERVAL_VAR, "recovery_interval_s"),
-            (CHARGE_CUTOFF_VAR, "charge_cutoff_s"),
-        ):
+        for name, var in _VARIABLES.items():
             raw = environ.get(var)
             if raw is None:
                 continue
@@ -51,3 +72,21 @@ class GatewayConfig:
                 raise StartupError(f"{var}={raw!r}: must be a positive number of seconds")
             values[name] = value
         return cls(**values)
+
+    def recovery_schedule(self) -> RecoverySchedule:
+        """The recovery loop's pacing."""
+        return RecoverySchedule(
+            interval_s=self.recovery_interval_s,
+            initial_backoff_s=min(
+                RecoverySchedule().initial_backoff_s, self.recovery_max_backoff_s
+            ),
+            max_backoff_s=self.recovery_max_backoff_s,
+        )
+
+    def relay_policy(self) -> RelayPolicy:
+        """The outbox relay's pacing."""
+        return RelayPolicy(
+            interval_s=self.outbox_interval_s,
+            initial_backoff_s=min(RelayPolicy().initial_backoff_s, self.outbox_max_backoff_s),
+            max_backoff_s=self.outbox_max_backoff_s,
+        )

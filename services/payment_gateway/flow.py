@@ -3,11 +3,18 @@
 Every mutating downstream call carries a request id derived from the payment or refund id, so
 running a flow again from any committed step (after a crash, or in the recovery pass) repeats
 nothing: the channel dedupes the charge by its key, the ledger by the transaction id, and so on.
+A terminal status writes its announcements to the outbox in the same transaction; the flow
+only wakes the relay, it never waits for them.
+
+A live CreatePayment whose risk or order step fails without an answer has moved no money:
+the payment is abandoned (its row and claim deleted, :class:`PaymentNotStarted`) so the
+merchant's retry with the same request id runs afresh. The recovery pass leaves such a
+payment pending instead, to be resumed once the dependency answers (abandoning it only past
+the charge cutoff, when it could not be charged anyway).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -15,9 +22,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from google.protobuf.timestamp_pb2 import Timestamp
 from grpc import aio
 
+from interceptors.errors import (
+    CIRCUIT_OPEN_REASON,
+    CONCURRENCY_LIMITED_REASON,
+    retry_delay_of,
+    status_from_metadata,
+)
 from paymesh.accounting.v1 import accounting_pb2, accounting_pb2_grpc
 from paymesh.analytics.v1 import analytics_pb2, analytics_pb2_grpc
 from paymesh.channel_adapter.v1 import channel_adapter_pb2 as ca
@@ -30,7 +42,10 @@ from paymesh.risk.v1 import risk_pb2, risk_pb2_grpc
 from services import downstream
 from services.clients import ClientFactory
 from services.downstream import is_ambiguous as is_transient
-from services.payment_gateway import ledger
+from services.payment_gateway import events, ledger
+from services.payment_gateway.dependencies import DependencyWatch
+from services.payment_gateway.events import order_id_of
+from services.payment_gateway.outbox import Route
 from services.payment_gateway.store import (
     PaymentRecord,
     PaymentStore,
@@ -40,6 +55,8 @@ from services.payment_gateway.store import (
     payment_message,
     refund_message,
 )
+
+__all__ = ["Downstreams", "PaymentFlow", "PaymentNotStarted", "PaymentPending", "order_id_of"]
 
 if TYPE_CHECKING:  # the Async stub classes exist only in the .pyi files
     from paymesh.accounting.v1.accounting_pb2_grpc import AccountingServiceAsyncStub
@@ -53,12 +70,22 @@ if TYPE_CHECKING:  # the Async stub classes exist only in the .pyi files
 
 log = logging.getLogger("paymesh.payment_gateway.flow")
 
-EVENT_TYPES = {
-    pg.PAYMENT_STATUS_SUCCEEDED: ("payment.succeeded", analytics_pb2.EVENT_TYPE_PAYMENT_SUCCEEDED),
-    pg.PAYMENT_STATUS_DECLINED: ("payment.declined", analytics_pb2.EVENT_TYPE_PAYMENT_DECLINED),
-    pg.PAYMENT_STATUS_FAILED: ("payment.failed", analytics_pb2.EVENT_TYPE_PAYMENT_FAILED),
-    pg.PAYMENT_STATUS_VOIDED: ("payment.voided", analytics_pb2.EVENT_TYPE_PAYMENT_VOIDED),
+#: The downstream the next step of a payment calls first; recovery waits while it is down.
+STEP_TARGETS = {
+    Step.CREATED: "risk-service",
+    Step.ASSESSED: "order-service",
+    Step.CHARGING: "channel-adapter",
+    Step.CHARGED: "accounting-service",
+    Step.POSTED: "order-service",
+    Step.VOIDING: "channel-adapter",
 }
+#: The same for refunds.
+REFUND_STEP_TARGETS = {
+    RefundStep.CREATED: "channel-adapter",
+    RefundStep.REFUNDED: "accounting-service",
+}
+#: RetryInfo of a payment not started when neither the failure nor a breaker says when.
+NOT_STARTED_RETRY_S = 1.0
 
 
 def reason_of(error: aio.AioRpcError, default: str = "DOWNSTREAM_UNAVAILABLE") -> str:
@@ -73,6 +100,22 @@ class PaymentPending(Exception):
         super().__init__(f"{payment_id} is pending at step {step!r}: {cause}")
         self.payment_id = payment_id
         self.step = step
+        self.cause = cause
+
+
+class PaymentNotStarted(Exception):
+    """A live payment's dependency failed before any side effect; the payment was abandoned
+    (its row and request id claim are gone), so the same request may be sent again."""
+
+    def __init__(
+        self, payment_id: str, *, target: str, reason: str, retry_after_s: float, cause: str
+    ) -> None:
+        super().__init__(f"{payment_id} not started: {target} failed ({cause})")
+        self.payment_id = payment_id
+        self.target = target
+        self.reason = reason
+        """CIRCUIT_OPEN, CONCURRENCY_LIMITED (refused locally) or DOWNSTREAM_UNAVAILABLE."""
+        self.retry_after_s = retry_after_s
         self.cause = cause
 
 
@@ -108,10 +151,21 @@ class Downstreams:
             analytics=clients.stub("analytics-service", analytics_pb2_grpc.AnalyticsServiceStub),
         )
 
-
-def order_id_of(payment_id: str) -> str:
-    """The order id recorded for a payment: deterministic, so a re-run finds the same order."""
-    return f"ord_{payment_id.removeprefix('pay_')}"
+    def outbox_routes(self) -> dict[str, Route]:
+        """How the outbox relay sends each kind of message the flows write."""
+        return {
+            events.SEND_NOTIFICATION: Route(
+                events.NOTIFICATIONS,
+                notification_pb2.SendNotificationRequest,
+                self.notifications.SendNotification,
+            ),
+            events.RECORD_EVENT: Route(
+                events.ANALYTICS, analytics_pb2.RecordEventRequest, self.analytics.RecordEvent
+            ),
+            events.UPDATE_ORDER_STATUS: Route(
+                events.ORDERS, order_pb2.UpdateOrderStatusRequest, self.orders.UpdateOrderStatus
+            ),
+        }
 
 
 class PaymentFlow:
@@ -124,6 +178,8 @@ class PaymentFlow:
         *,
         charge_cutoff_s: float,
         clock: Callable[[], float] = time.time,
+        on_outbox: Callable[[], None] = lambda: None,
+        watch: DependencyWatch | None = None,
     ) -> None:
         """Args:
         store: the gateway's own store.
@@ -131,11 +187,15 @@ class PaymentFlow:
         charge_cutoff_s: recovery never sends a first charge for a payment older than this;
             with no charge at the channel by then it ends FAILED instead.
         clock: time source.
+        on_outbox: called after a transaction wrote outbox rows (wakes the relay).
+        watch: the breakers, to tell a merchant when to retry a payment not started.
         """
         self._store = store
         self._down = downstreams
         self._charge_cutoff_s = charge_cutoff_s
         self._clock = clock
+        self._on_outbox = on_outbox
+        self._watch = watch
         self._driving: set[str] = set()
 
     @property
@@ -161,12 +221,15 @@ class PaymentFlow:
     async def run_payment(
         self, payment_id: str, *, recovering: bool = False, stop_after: str | None = None
     ) -> pg.Payment | None:
-        """Drive a payment from its committed step to a terminal status, then send its effects.
+        """Drive a payment from its committed step to a terminal status (its announcements
+        are in the outbox by then; they are not waited for).
 
         ``stop_after`` stops once that step is committed (returns ``None``): it leaves the
         store exactly as a process killed right after that step would.
 
         Raises:
+            PaymentNotStarted: (not ``recovering``) risk or order failed without an answer;
+                the payment is gone and its request id free.
             PaymentPending: a step's outcome is unknown; the payment stays PENDING.
         """
         payment = self._store.payment(payment_id)
@@ -174,17 +237,14 @@ class PaymentFlow:
             if payment.step == stop_after:
                 return None
             payment = await self._step(payment, recovering=recovering)
-        message = payment_message(payment)
-        if payment.effects_pending:
-            await self.send_payment_effects(payment)
-        return message
+        return payment_message(payment)
 
     async def _step(self, p: PaymentRecord, *, recovering: bool) -> PaymentRecord:
         match p.step:
             case Step.CREATED:
-                return await self._assess(p)
+                return await self._assess(p, recovering=recovering)
             case Step.ASSESSED:
-                return await self._order(p)
+                return await self._order(p, recovering=recovering)
             case Step.ORDERED:
                 # Committed before the channel is called: from here a charge may exist, so a
                 # fault no longer means "nothing charged".
@@ -203,9 +263,40 @@ class PaymentFlow:
         self, p: PaymentRecord, status: pg.PaymentStatus.ValueType, **fields: object
     ) -> PaymentRecord:
         self._store.finish(p.payment_id, status, **fields)
+        self._on_outbox()
         return self._store.payment(p.payment_id)
 
-    async def _assess(self, p: PaymentRecord) -> PaymentRecord:
+    def _before_side_effects(
+        self, p: PaymentRecord, target: str, error: aio.AioRpcError, *, recovering: bool
+    ) -> Exception:
+        """What a transient failure of ``target`` at a step before the channel raises.
+
+        Live, the payment is abandoned and the merchant told when to retry. In recovery it
+        stays pending for the next pass, unless it is older than the charge cutoff: then it
+        could never be charged anyway, and is abandoned too.
+        """
+        cause = error.details() or error.code().name
+        if recovering and self._clock() - p.create_time <= self._charge_cutoff_s:
+            return PaymentPending(p.payment_id, p.step, cause)
+        status = status_from_metadata(error.code(), cause, tuple(error.trailing_metadata() or ()))
+        reason = reason_of(error)
+        if reason not in (CIRCUIT_OPEN_REASON, CONCURRENCY_LIMITED_REASON):
+            reason = "DOWNSTREAM_UNAVAILABLE"
+        delay = retry_delay_of(status)
+        if delay is None and self._watch is not None:
+            delay = self._watch.open_left_s(target) or None  # our breaker may just have opened
+        self._store.abandon(p.payment_id, reason=f"{target} {reason}")
+        self._on_outbox()
+        log.info("payment %s not started: %s %s (%s)", p.payment_id, target, reason, cause)
+        return PaymentNotStarted(
+            p.payment_id,
+            target=target,
+            reason=reason,
+            retry_after_s=NOT_STARTED_RETRY_S if delay is None else delay,
+            cause=cause,
+        )
+
+    async def _assess(self, p: PaymentRecord, *, recovering: bool) -> PaymentRecord:
         try:
             reply = await self._down.risk.AssessPayment(
                 risk_pb2.AssessPaymentRequest(
@@ -218,8 +309,12 @@ class PaymentFlow:
                 )
             )
         except aio.AioRpcError as error:
-            # Nothing is charged before the charging step, so any fault ends the payment.
-            log.warning("risk failed for %s: %s", p.payment_id, error.details())
+            if is_transient(error):
+                raise self._before_side_effects(
+                    p, "risk-service", error, recovering=recovering
+                ) from error
+            # risk-service's definite refusal: a retry of the same payment gets the same.
+            log.warning("risk refused %s: %s", p.payment_id, error.details())
             return self._finish(p, pg.PAYMENT_STATUS_FAILED, failure_reason=reason_of(error))
         assessment = reply.assessment
         facts = {
@@ -233,7 +328,7 @@ class PaymentFlow:
             )
         return self._store.advance(p.payment_id, Step.ASSESSED, **facts)
 
-    async def _order(self, p: PaymentRecord) -> PaymentRecord:
+    async def _order(self, p: PaymentRecord, *, recovering: bool) -> PaymentRecord:
         order_id = order_id_of(p.payment_id)
         try:
             await self._down.orders.CreateOrder(
@@ -248,7 +343,11 @@ class PaymentFlow:
                 )
             )
         except aio.AioRpcError as error:
-            log.warning("order failed for %s: %s", p.payment_id, error.details())
+            if is_transient(error):
+                raise self._before_side_effects(
+                    p, "order-service", error, recovering=recovering
+                ) from error
+            log.warning("order refused for %s: %s", p.payment_id, error.details())
             return self._finish(p, pg.PAYMENT_STATUS_FAILED, failure_reason=reason_of(error))
         return self._store.advance(p.payment_id, Step.ORDERED, order_id=order_id)
 
@@ -399,102 +498,11 @@ class PaymentFlow:
             log.error("order %s not marked PAID: %s", p.order_id, error.details())
         return self._finish(p, pg.PAYMENT_STATUS_SUCCEEDED)
 
-    async def send_payment_effects(self, p: PaymentRecord) -> bool:
-        """Order cancellation, webhook and analytics event of a finished payment (best effort).
-
-        Returns whether all were sent; if not, the payment stays marked and recovery resends
-        them with the same request ids (each callee dedupes them).
-        """
-        status = pg.PaymentStatus.ValueType(p.status)
-        if p.captured_minor and status not in (pg.PAYMENT_STATUS_VOIDED,):
-            # Refunded before these effects got through: they still announce the success, with
-            # the very body of the first attempt so the callees dedupe the resend.
-            status = pg.PAYMENT_STATUS_SUCCEEDED
-        event, event_type = EVENT_TYPES[status]
-        amount = p.amount
-        if status == pg.PAYMENT_STATUS_SUCCEEDED:
-            amount = common_pb2.Money(amount_minor=p.captured_minor, currency_code=p.currency_code)
-        payload = {
-            "event": event,
-            "payment_id": p.payment_id,
-            "merchant_id": p.merchant_id,
-            "status": pg.PaymentStatus.Name(status).removeprefix("PAYMENT_STATUS_"),
-            "amount_minor": p.amount_minor,
-            "currency_code": p.currency_code,
-            "captured_minor": p.captured_minor,
-            "order_id": p.order_id,
-            "merchant_order_reference": p.merchant_order_reference,
-            "decline_reason": p.decline_reason,
-            "failure_reason": p.failure_reason,
-        }
-        calls = []
-        if p.order_id and status != pg.PAYMENT_STATUS_SUCCEEDED:
-            calls.append(
-                self._down.orders.UpdateOrderStatus(
-                    order_pb2.UpdateOrderStatusRequest(
-                        request_id=f"{p.payment_id}:order-cancel",
-                        order_id=p.order_id,
-                        status=order_pb2.ORDER_STATUS_CANCELLED,
-                        reason=p.decline_reason or p.failure_reason,
-                    )
-                )
-            )
-        sent = await self._effects(
-            p.payment_id,
-            [
-                *calls,
-                self._notify(p.payment_id, p.merchant_id, p.webhook_url, event, payload),
-                self._down.analytics.RecordEvent(
-                    analytics_pb2.RecordEventRequest(
-                        request_id=f"{p.payment_id}:analytics",
-                        merchant_id=p.merchant_id,
-                        event_type=event_type,
-                        payment_id=p.payment_id,
-                        amount=amount,
-                        occur_time=_stamp(p.finish_time),
-                    )
-                ),
-            ],
-        )
-        if sent:
-            self._store.effects_done(p.payment_id)
-        return sent
-
-    def _notify(
-        self, flow_id: str, merchant_id: str, url: str, event: str, payload: dict[str, object]
-    ) -> aio.UnaryUnaryCall[
-        notification_pb2.SendNotificationRequest, notification_pb2.SendNotificationResponse
-    ]:
-        return self._down.notifications.SendNotification(
-            notification_pb2.SendNotificationRequest(
-                request_id=f"{flow_id}:notify",
-                merchant_id=merchant_id,
-                event_type=event,
-                # sort_keys: a resent webhook must have the very same body to be deduped.
-                payload_json=json.dumps(payload, sort_keys=True),
-                webhook_url=url,
-            )
-        )
-
-    async def _effects(self, flow_id: str, calls: list[aio.UnaryUnaryCall]) -> bool:  # type: ignore[type-arg]  # calls of several message types
-        sent = True
-        for call in calls:
-            try:
-                await call
-            except aio.AioRpcError as error:
-                if not is_transient(error):
-                    # Refused for good (e.g. a webhook URL that may not be reached): retrying
-                    # the very same request could never succeed.
-                    log.warning("effect of %s refused, not retried: %s", flow_id, error.details())
-                    continue
-                sent = False
-                log.warning("effect of %s not sent, will retry: %s", flow_id, error.details())
-        return sent
-
     # --- refunds ----------------------------------------------------------------------------
 
     async def run_refund(self, refund_id: str) -> pg.RefundPaymentResponse:
-        """Drive a refund from its committed step to a terminal status, then its effects.
+        """Drive a refund from its committed step to a terminal status (announced through
+        the outbox).
 
         Raises:
             PaymentPending: a step's outcome is unknown; the refund stays PENDING.
@@ -502,8 +510,6 @@ class PaymentFlow:
         refund = self._store.refund(refund_id)
         while refund.step != RefundStep.FINISHED:
             refund = await self._refund_step(refund)
-        if refund.effects_pending:
-            await self.send_refund_effects(refund)
         payment = self._store.payment(refund.payment_id)
         return pg.RefundPaymentResponse(
             refund=refund_message(refund), payment=payment_message(payment)
@@ -531,6 +537,7 @@ class PaymentFlow:
                     pg.REFUND_STATUS_FAILED,
                     failure_reason=reason_of(error, "INTERNAL_ERROR"),
                 )
+                self._on_outbox()
                 return self._store.refund(r.refund_id)
             return self._store.advance_refund(
                 r.refund_id, RefundStep.REFUNDED, channel_refund_id=reply.refund.charge_refund_id
@@ -560,55 +567,6 @@ class PaymentFlow:
             )
         if r.step == RefundStep.POSTED:
             self._store.finish_refund(r.refund_id, pg.REFUND_STATUS_SUCCEEDED)
+            self._on_outbox()
             return self._store.refund(r.refund_id)
         raise ValueError(f"refund {r.refund_id} has unknown step {r.step!r}")
-
-    async def send_refund_effects(self, r: RefundRecord) -> bool:
-        """Order status, webhook and analytics event of a succeeded refund (best effort)."""
-        payment = self._store.payment(r.payment_id)
-        payload = {
-            "event": "payment.refunded",
-            "refund_id": r.refund_id,
-            "payment_id": r.payment_id,
-            "merchant_id": r.merchant_id,
-            "amount_minor": r.amount_minor,
-            "currency_code": r.currency_code,
-            "reason": r.reason,
-        }
-        sent = await self._effects(
-            r.refund_id,
-            [
-                self._down.orders.UpdateOrderStatus(
-                    order_pb2.UpdateOrderStatusRequest(
-                        request_id=f"{r.refund_id}:order",
-                        order_id=payment.order_id,
-                        status=order_pb2.OrderStatus.ValueType(r.order_status),
-                        reason=f"refund {r.refund_id}",
-                    )
-                ),
-                self._notify(
-                    r.refund_id, r.merchant_id, payment.webhook_url, "payment.refunded", payload
-                ),
-                self._down.analytics.RecordEvent(
-                    analytics_pb2.RecordEventRequest(
-                        request_id=f"{r.refund_id}:analytics",
-                        merchant_id=r.merchant_id,
-                        event_type=analytics_pb2.EVENT_TYPE_PAYMENT_REFUNDED,
-                        payment_id=r.payment_id,
-                        amount=common_pb2.Money(
-                            amount_minor=r.amount_minor, currency_code=r.currency_code
-                        ),
-                        occur_time=_stamp(r.finish_time),
-                    )
-                ),
-            ],
-        )
-        if sent:
-            self._store.refund_effects_done(r.refund_id)
-        return sent
-
-
-def _stamp(seconds: float) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
-    return stamp

@@ -5,6 +5,11 @@ before a servicer runs (:func:`services.authz.current_merchant`). Every read is 
 that merchant, and another merchant's payment is NOT_FOUND with the very error of a missing
 one. Request ids are per merchant: two merchants using the same id never replay each other's
 payment, and a merchant that rotates its key and retries gets its first result replayed.
+
+A dependency that fails before any side effect is UNAVAILABLE with RetryInfo and leaves the
+request id free; one that fails after (a charge may exist) is UNAVAILABLE too, while the
+payment stays pending for recovery and a retry replays its final result. The answer never
+waits for webhooks or events: the outbox delivers them.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from paymesh.payment_gateway.v1 import payment_gateway_pb2_grpc
 from services import validation as v
 from services.authz import AuthenticatedMerchant, current_merchant, merchant_scope
 from services.bootstrap import Context
-from services.payment_gateway.flow import PaymentFlow, PaymentPending
+from services.payment_gateway.flow import PaymentFlow, PaymentNotStarted, PaymentPending
 from services.payment_gateway.store import (
     NewPayment,
     PaymentStore,
@@ -26,6 +31,8 @@ from services.payment_gateway.store import (
 )
 
 MAX_REFERENCE_LENGTH = 128
+#: RetryInfo of a payment or refund left pending, when the caller set no recovery interval.
+PENDING_RETRY_S = 30.0
 _COUNTRY = re.compile(r"^[A-Z]{2}$")
 
 
@@ -100,9 +107,14 @@ def calling_merchant(method: str) -> AuthenticatedMerchant:
 class PaymentGatewayServicer(payment_gateway_pb2_grpc.PaymentGatewayServiceServicer):
     """Creates, reads, lists and refunds payments, each merchant only its own."""
 
-    def __init__(self, store: PaymentStore, flow: PaymentFlow) -> None:
+    def __init__(
+        self, store: PaymentStore, flow: PaymentFlow, *, pending_retry_s: float = PENDING_RETRY_S
+    ) -> None:
+        """``pending_retry_s``: the RetryInfo of an answer that left work to recovery (its
+        next pass has it done by then, if the dependency is back)."""
         self._store = store
         self._flow = flow
+        self._pending_retry_s = pending_retry_s
 
     async def CreatePayment(
         self, request: pg.CreatePaymentRequest, context: Context
@@ -137,11 +149,21 @@ class PaymentGatewayServicer(payment_gateway_pb2_grpc.PaymentGatewayServiceServi
         with self._flow.driving(started.payment_id):
             try:
                 payment = await self._flow.run_payment(started.payment_id)
+            except PaymentNotStarted as refused:
+                raise Unavailable(
+                    f"payment not started: {refused.target} is unavailable ({refused.cause});"
+                    " nothing was charged and the request_id is free: retry the same request"
+                    f" in {refused.retry_after_s:.1f} s",
+                    reason=refused.reason,
+                    retry_delay_s=refused.retry_after_s,
+                    metadata={"target": refused.target},
+                ) from None
             except PaymentPending as pending:
                 raise Unavailable(
                     f"payment {pending.payment_id} is still pending ({pending.cause}); it will be"
                     " completed by recovery: retry with the same request_id to get its result",
                     reason="DOWNSTREAM_UNAVAILABLE",
+                    retry_delay_s=self._pending_retry_s,
                     metadata={"payment_id": pending.payment_id, "step": pending.step},
                 ) from None
         assert payment is not None  # run without stop_after always reaches a terminal status
@@ -213,6 +235,7 @@ class PaymentGatewayServicer(payment_gateway_pb2_grpc.PaymentGatewayServiceServi
                     f"refund {pending.payment_id} is still pending ({pending.cause}); it will be"
                     " completed by recovery: retry with the same request_id to get its result",
                     reason="DOWNSTREAM_UNAVAILABLE",
+                    retry_delay_s=self._pending_retry_s,
                     metadata={"refund_id": pending.payment_id, "step": pending.step},
                 ) from None
 

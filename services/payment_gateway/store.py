@@ -1,9 +1,10 @@
-"""payment-gateway's data: payments and refunds with the step each has reached.
+"""payment-gateway's data: payments and refunds with the step each has reached, and its outbox.
 
 A payment's row is written in the same transaction that claims its request id, and its
 ``step`` is committed after every downstream step, so after a crash the recovery pass knows
-exactly where each unfinished payment stopped. Reaching a terminal status and completing
-the idempotency claim with the final response happen in one transaction.
+exactly where each unfinished payment stopped. Reaching a terminal status, completing the
+idempotency claim with the final response and writing the outbox rows that announce it
+(webhook, analytics event, order status) happen in one transaction.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from paymesh.common.v1 import common_pb2
 from paymesh.payment_gateway.v1 import payment_gateway_pb2 as pg
 from services import idempotency
 from services.database import open_database, transaction
+from services.payment_gateway import outbox
+from services.payment_gateway.events import abandoned_order, payment_events, refund_events
 from services.payment_gateway.ledger import (
     order_status_for,
     refund_settlement_share,
@@ -98,7 +101,6 @@ CREATE TABLE IF NOT EXISTS payments (
     risk_score INTEGER NOT NULL DEFAULT 0,
     decline_reason TEXT NOT NULL DEFAULT '',
     failure_reason TEXT NOT NULL DEFAULT '',
-    effects_pending INTEGER NOT NULL DEFAULT 0,
     create_time REAL NOT NULL,
     update_time REAL NOT NULL,
     finish_time REAL NOT NULL DEFAULT 0
@@ -122,7 +124,6 @@ CREATE TABLE IF NOT EXISTS refunds (
     ledger_transaction_id TEXT NOT NULL DEFAULT '',
     failure_reason TEXT NOT NULL DEFAULT '',
     order_status INTEGER NOT NULL DEFAULT 0,
-    effects_pending INTEGER NOT NULL DEFAULT 0,
     create_time REAL NOT NULL,
     update_time REAL NOT NULL,
     finish_time REAL NOT NULL DEFAULT 0
@@ -130,7 +131,11 @@ CREATE TABLE IF NOT EXISTS refunds (
 CREATE INDEX IF NOT EXISTS refunds_by_payment ON refunds (payment_id, create_time);
 """
     + idempotency.SCHEMA
+    + outbox.SCHEMA
 )
+#: The column of databases written before the outbox: 1 while a finished payment's or
+#: refund's webhook, event and order status were still to be sent (see ``_adopt_legacy``).
+_LEGACY_EFFECTS_COLUMN = "effects_pending"
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +169,6 @@ class PaymentRecord:
     risk_score: int
     decline_reason: str
     failure_reason: str
-    effects_pending: int
     create_time: float
     update_time: float
     finish_time: float
@@ -194,7 +198,6 @@ class RefundRecord:
     ledger_transaction_id: str
     failure_reason: str
     order_status: int
-    effects_pending: int
     create_time: float
     update_time: float
     finish_time: float
@@ -202,6 +205,17 @@ class RefundRecord:
 
 _PAYMENT_COLUMNS = frozenset(f.name for f in dataclasses.fields(PaymentRecord))
 _REFUND_COLUMNS = frozenset(f.name for f in dataclasses.fields(RefundRecord))
+
+
+def _payment_record(row: sqlite3.Row) -> PaymentRecord:
+    # By name: a database of an older version may have columns this one no longer reads.
+    return PaymentRecord(**{name: row[name] for name in _PAYMENT_COLUMNS})
+
+
+def _refund_record(row: sqlite3.Row) -> RefundRecord:
+    return RefundRecord(**{name: row[name] for name in _REFUND_COLUMNS})
+
+
 _REFUNDABLE = (pg.PAYMENT_STATUS_SUCCEEDED, pg.PAYMENT_STATUS_PARTIALLY_REFUNDED)
 #: Refund statuses that hold part of the captured amount (a pending refund reserves it).
 _HOLDING = (pg.REFUND_STATUS_PENDING, pg.REFUND_STATUS_SUCCEEDED)
@@ -289,6 +303,9 @@ class PaymentStore:
         self._conn = open_database(path, SCHEMA)
         self._clock = clock
         self._new_id = new_id or (lambda prefix: f"{prefix}_{uuid.uuid4().hex[:24]}")
+        self.outbox = outbox.Outbox(self._conn, clock=clock)
+        """The messages the store's transactions wrote, for the relay to send."""
+        self._adopt_legacy()
 
     def close(self) -> None:
         """Close the database."""
@@ -307,12 +324,14 @@ class PaymentStore:
         Raises:
             InvalidArgument: the key was used with a different body.
             Aborted: the first request with this key is still in flight.
+            AlreadyExists: the key's record outlived its retention but its payment is kept.
         """
         with transaction(self._conn) as conn:
-            claim = idempotency.claim(conn, CREATE_METHOD, key, request)
+            claim = idempotency.claim(conn, CREATE_METHOD, key, request, now=self._clock())
             replay = idempotency.replayed(pg.CreatePaymentResponse, claim)
             if replay is not None:
                 return replay
+            idempotency.refuse_if_kept(conn, "payments", "idempotency_key", key)
             now = self._clock()
             payment_id = self._new_id("pay")
             conn.execute(
@@ -361,7 +380,6 @@ class PaymentStore:
                 conn=conn,
                 status=status,
                 step=Step.FINISHED,
-                effects_pending=1,
                 finish_time=now,
                 **fields,
             )
@@ -373,14 +391,31 @@ class PaymentStore:
                 record.idempotency_key,
                 pg.CreatePaymentResponse(payment=payment),
             )
+            self.outbox.add(conn, payment_id, payment_events(record))
             return payment
 
-    def effects_done(self, payment_id: str) -> None:
-        """The webhook, analytics event and order status of a finished payment were sent."""
-        # update_time is left alone: it is the time of the payment's last change.
-        self._conn.execute(
-            "UPDATE payments SET effects_pending = 0 WHERE payment_id = ?", (payment_id,)
-        )
+    def abandon(self, payment_id: str, *, reason: str) -> None:
+        """Forget a payment that failed before any side effect, and free its request id.
+
+        Only a payment that has not reached the channel can be abandoned. One whose order may
+        have been created (its CreateOrder went unanswered) leaves an outbox row that cancels
+        that order, so nothing it started stays open.
+
+        Raises:
+            FailedPrecondition: INVALID_STATE, the payment is past its order step.
+        """
+        with transaction(self._conn) as conn:
+            record = self._payment(payment_id)
+            if record.step not in (Step.CREATED, Step.ASSESSED):
+                raise FailedPrecondition(
+                    f"payment {payment_id!r} is at step {record.step!r}; it cannot be abandoned",
+                    reason="INVALID_STATE",
+                    metadata={"payment_id": payment_id},
+                )
+            if record.step == Step.ASSESSED:
+                self.outbox.add(conn, payment_id, abandoned_order(record, reason))
+            conn.execute("DELETE FROM payments WHERE payment_id = ?", (payment_id,))
+            idempotency.release(conn, CREATE_METHOD, record.idempotency_key)
 
     def payment(self, payment_id: str, *, merchant_id: str = "") -> PaymentRecord:
         """The payment row; NotFound (PAYMENT_NOT_FOUND) if there is none.
@@ -395,15 +430,6 @@ class PaymentStore:
         """Ids of payments whose flow has not reached a terminal status, oldest first."""
         rows = self._conn.execute(
             "SELECT payment_id FROM payments WHERE step != ? ORDER BY create_time",
-            (Step.FINISHED,),
-        ).fetchall()
-        return [row["payment_id"] for row in rows]
-
-    def payments_with_pending_effects(self) -> list[str]:
-        """Ids of finished payments whose webhook, event or order status still has to be sent."""
-        rows = self._conn.execute(
-            "SELECT payment_id FROM payments WHERE step = ? AND effects_pending = 1"
-            " ORDER BY create_time",
             (Step.FINISHED,),
         ).fetchall()
         return [row["payment_id"] for row in rows]
@@ -425,7 +451,7 @@ class PaymentStore:
             " ORDER BY create_time DESC, payment_id DESC LIMIT ?",
             (*params, limit),
         ).fetchall()
-        return [PaymentRecord(**dict(row)) for row in rows]
+        return [_payment_record(row) for row in rows]
 
     def summary(self, merchant_id: str) -> pg.PaymentSummary:
         """Counts per status and totals per currency of a merchant's payments."""
@@ -477,10 +503,11 @@ class PaymentStore:
             FailedPrecondition: INVALID_STATE (not refundable) or REFUND_EXCEEDS_CAPTURED.
         """
         with transaction(self._conn) as conn:
-            claim = idempotency.claim(conn, REFUND_METHOD, key, request)
+            claim = idempotency.claim(conn, REFUND_METHOD, key, request, now=self._clock())
             replay = idempotency.replayed(pg.RefundPaymentResponse, claim)
             if replay is not None:
                 return replay
+            idempotency.refuse_if_kept(conn, "refunds", "idempotency_key", key)
             payment = self._payment(payment_id)
             if payment.status not in _REFUNDABLE:
                 state = pg.PaymentStatus.Name(pg.PaymentStatus.ValueType(payment.status))
@@ -578,21 +605,15 @@ class PaymentStore:
                 step=RefundStep.FINISHED,
                 failure_reason=failure_reason,
                 order_status=order_status,
-                effects_pending=1 if status == pg.REFUND_STATUS_SUCCEEDED else 0,
                 finish_time=now,
             )
+            finished, payment = self._refund(refund_id), self._payment(refund.payment_id)
             response = pg.RefundPaymentResponse(
-                refund=refund_message(self._refund(refund_id)),
-                payment=payment_message(self._payment(refund.payment_id)),
+                refund=refund_message(finished), payment=payment_message(payment)
             )
             idempotency.complete(conn, REFUND_METHOD, refund.idempotency_key, response)
+            self.outbox.add(conn, refund_id, refund_events(finished, payment))
             return response
-
-    def refund_effects_done(self, refund_id: str) -> None:
-        """The webhook, analytics event and order status of a finished refund were sent."""
-        self._conn.execute(
-            "UPDATE refunds SET effects_pending = 0 WHERE refund_id = ?", (refund_id,)
-        )
 
     def refund(self, refund_id: str) -> RefundRecord:
         """The refund row; NotFound if there is none."""
@@ -604,7 +625,7 @@ class PaymentStore:
             "SELECT * FROM refunds WHERE payment_id = ? ORDER BY create_time, refund_id",
             (payment_id,),
         ).fetchall()
-        return [RefundRecord(**dict(row)) for row in rows]
+        return [_refund_record(row) for row in rows]
 
     def unfinished_refunds(self) -> list[str]:
         """Ids of refunds whose flow has not reached a terminal status, oldest first."""
@@ -614,16 +635,38 @@ class PaymentStore:
         ).fetchall()
         return [row["refund_id"] for row in rows]
 
-    def refunds_with_pending_effects(self) -> list[str]:
-        """Ids of succeeded refunds whose webhook, event or order status still has to be sent."""
-        rows = self._conn.execute(
-            "SELECT refund_id FROM refunds WHERE step = ? AND effects_pending = 1"
-            " ORDER BY create_time",
-            (RefundStep.FINISHED,),
-        ).fetchall()
-        return [row["refund_id"] for row in rows]
-
     # --- rows -------------------------------------------------------------------------------
+
+    def _adopt_legacy(self) -> None:
+        """Move the unsent effects of a database written before the outbox into the outbox.
+
+        Such a database marks them with ``effects_pending``; their outbox rows get today's
+        event ids, so a destination that had taken some of them under the old ids may see
+        those once more.
+        """
+        for table, key, record_of in (
+            ("payments", "payment_id", _payment_record),
+            ("refunds", "refund_id", _refund_record),
+        ):
+            columns = {r["name"] for r in self._conn.execute(f"PRAGMA table_info({table})")}
+            if _LEGACY_EFFECTS_COLUMN not in columns:
+                continue
+            with transaction(self._conn) as conn:
+                for row in conn.execute(
+                    f"SELECT * FROM {table} WHERE {_LEGACY_EFFECTS_COLUMN} = 1 AND step = ?",
+                    (Step.FINISHED,),
+                ).fetchall():
+                    record = record_of(row)
+                    if isinstance(record, PaymentRecord):
+                        events = payment_events(record)
+                    else:
+                        events = refund_events(record, self._payment(record.payment_id))
+                    self.outbox.add(conn, row[key], events)
+                conn.execute(
+                    f"UPDATE {table} SET {_LEGACY_EFFECTS_COLUMN} = 0"
+                    f" WHERE {_LEGACY_EFFECTS_COLUMN} = 1 AND step = ?",
+                    (Step.FINISHED,),
+                )
 
     def _update(
         self,
@@ -654,7 +697,7 @@ class PaymentStore:
                 reason="PAYMENT_NOT_FOUND",
                 metadata={"payment_id": payment_id},
             )
-        return PaymentRecord(**dict(row))
+        return _payment_record(row)
 
     def _refund(self, refund_id: str) -> RefundRecord:
         row = self._conn.execute(
@@ -664,4 +707,4 @@ class PaymentStore:
             raise NotFound(
                 f"refund {refund_id!r} does not exist", metadata={"refund_id": refund_id}
             )
-        return RefundRecord(**dict(row))
+        return _refund_record(row)

@@ -16,7 +16,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,6 +172,13 @@ def _payment(merchant_id: str, request_id: str, amount: int = 4200) -> gw.Create
     )
 
 
+def _eventually(check: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached before the deadline"
+        time.sleep(0.05)
+
+
 def _balance(clients: Clients, account: str, currency: str = "EUR") -> int:
     reply = clients.ledger.GetBalance(
         accounting_pb2.GetBalanceRequest(account_id=account, currency_code=currency), timeout=10
@@ -226,14 +233,19 @@ def test_onboarding_payment_refund_dashboard_settlement_withdrawal(clients: Clie
     assert all(
         s.section.availability == merchant_pb2.SECTION_AVAILABILITY_AVAILABLE for s in sections
     ), [s.section for s in sections]
-    stats = clients.analytics.GetMerchantStats(
-        analytics_pb2.GetMerchantStatsRequest(merchant_id=merchant_id), timeout=10
-    ).stats
-    assert stats.success_rate_bps == 10000
-    sent = clients.notifications.ListNotifications(
-        notification_pb2.ListNotificationsRequest(merchant_id=merchant_id), timeout=10
-    ).notifications
-    assert len(sent) >= 2  # payment succeeded, payment refunded
+
+    # Events and webhooks leave the gateway's outbox after its answers: wait for them.
+    def announced() -> bool:
+        stats = clients.analytics.GetMerchantStats(
+            analytics_pb2.GetMerchantStatsRequest(merchant_id=merchant_id), timeout=10
+        ).stats
+        sent = clients.notifications.ListNotifications(
+            notification_pb2.ListNotificationsRequest(merchant_id=merchant_id), timeout=10
+        ).notifications
+        # The payment's success and its refund, in analytics and as webhooks.
+        return stats.success_rate_bps == 10000 and len(sent) >= 2
+
+    _eventually(announced)
 
     settlement = clients.settlements.CreateSettlement(
         settlement_pb2.CreateSettlementRequest(

@@ -4,6 +4,8 @@ Every service the gateway calls runs in-process from its own ``build``, all over
 sandbox plays the payment channel, geo-IP, exchange rates and the merchants' webhook
 endpoints. Merchants call the gateway's public port with their API key in metadata; tests
 read the other services' state as the operator (or a mesh identity granted the method).
+Webhooks, analytics events and order status changes leave through the gateway's outbox
+after the answer, so a test waits for them (:func:`_announced`) before it counts them.
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ import contextlib
 import json
 import logging
 import random
+import re
 import socket
+import sqlite3
+import statistics
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,26 +28,31 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import descriptor_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
 
+from interceptors.errors import STATUS_DETAILS_KEY, retry_delay_of
 from interceptors.policy import DEFAULT_POLICY_FILE
 from paymesh.accounting.v1 import accounting_pb2, accounting_pb2_grpc
 from paymesh.analytics.v1 import analytics_pb2, analytics_pb2_grpc
 from paymesh.channel_adapter.v1 import channel_adapter_pb2, channel_adapter_pb2_grpc
 from paymesh.common.v1 import common_pb2
-from paymesh.notification.v1 import notification_pb2_grpc
+from paymesh.notification.v1 import notification_pb2, notification_pb2_grpc
 from paymesh.order.v1 import order_pb2, order_pb2_grpc
 from paymesh.payment_gateway.v1 import payment_gateway_pb2 as pg
 from paymesh.payment_gateway.v1 import payment_gateway_pb2_grpc
 from paymesh.risk.v1 import risk_pb2_grpc
 from services.accounting.__main__ import build as build_accounting
 from services.analytics.__main__ import build as build_analytics
+from services.bootstrap import ServiceContext
 from services.channel_adapter.__main__ import build as build_channel_adapter
 from services.notification.__main__ import build as build_notification
 from services.order.__main__ import build as build_order
 from services.partners.sandbox import SandboxState
 from services.payment_gateway.__main__ import build as build_gateway
+from services.payment_gateway.events import event_id
 from services.payment_gateway.flow import Downstreams, PaymentFlow
+from services.payment_gateway.outbox import PENDING, SENT, OutboxRow
 from services.payment_gateway.servicer import for_merchant, scoped_key
 from services.payment_gateway.store import NewPayment, PaymentRecord, PaymentStore, Step
 from services.risk.__main__ import build as build_risk
@@ -88,6 +98,7 @@ class Mesh:
     channel: Any
     accounting: Any
     analytics: Any
+    notifications: Any
     directory: Directory
     sandbox: SandboxState
     tenant: Tenant
@@ -160,9 +171,9 @@ async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
         }
 
         def start_gateway(
-            **overrides: str,
+            *, build: Any = build_gateway, **overrides: str
         ) -> contextlib.AbstractAsyncContextManager[ServedAddress]:
-            return running_service(GATEWAY, build_gateway, environ={**environ, **overrides})
+            return running_service(GATEWAY, build, environ={**environ, **overrides})
 
         async def granted(name: str, stub_type: Any) -> Any:
             return await stack.enter_async_context(granted_stub(addresses[name], stub_type, name))
@@ -185,6 +196,9 @@ async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
                 "accounting-service", accounting_pb2_grpc.AccountingServiceStub
             ),
             analytics=await granted("analytics-service", analytics_pb2_grpc.AnalyticsServiceStub),
+            notifications=await granted(
+                "notification-service", notification_pb2_grpc.NotificationServiceStub
+            ),
             directory=directory,
             sandbox=sandbox,
             tenant=tenant,
@@ -268,6 +282,54 @@ def _available(mesh: Mesh) -> str:
     return f"merchants/{mesh.merchant_id}/available"
 
 
+def _database(mesh: Mesh) -> Path:
+    return Path(mesh.environ["PAYMESH_VAR_DIR"]) / "payment-gateway.db"
+
+
+def _outbox(mesh: Mesh, flow_id: str | None = None) -> list[OutboxRow]:
+    """The gateway's outbox rows (of one payment or refund), read from its database."""
+    store = PaymentStore(_database(mesh))
+    try:
+        return store.outbox.rows(flow_id=flow_id)
+    finally:
+        store.close()
+
+
+async def _announced(mesh: Mesh, *flow_ids: str) -> None:
+    """Wait until the outbox delivered every message of these payments or refunds."""
+
+    async def delivered() -> bool:
+        return all(r.state != PENDING for f in flow_ids for r in _outbox(mesh, f))
+
+    await _until(delivered)
+
+
+def _rows(mesh: Mesh, sql: str) -> int:
+    """``SELECT COUNT(*)`` of the gateway's database."""
+    with contextlib.closing(sqlite3.connect(_database(mesh))) as conn:
+        return int(conn.execute(sql).fetchone()[0])
+
+
+def _status_of(error: aio.AioRpcError) -> status_pb2.Status:
+    for key, value in error.trailing_metadata() or ():
+        if key == STATUS_DETAILS_KEY:
+            return status_pb2.Status.FromString(value)
+    raise AssertionError(f"no rich status in {error}")
+
+
+def _retry_delay(error: aio.AioRpcError) -> float | None:
+    return retry_delay_of(_status_of(error))
+
+
+def _error_metadata(error: aio.AioRpcError) -> dict[str, str]:
+    for detail in _status_of(error).details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return dict(info.metadata)
+    return {}
+
+
 # --- CreatePayment ------------------------------------------------------------------------
 
 
@@ -302,11 +364,13 @@ async def test_payment_succeeds_with_order_one_charge_balanced_ledger_and_webhoo
     assert debits == credits == 2500
     assert await _balance(mesh, _available(mesh)) == 2500
     assert await _balance(mesh, "platform/psp_clearing") == -2500
+    await _announced(mesh, payment.payment_id)
     assert len(_webhooks(mesh, payment.payment_id)) == 1
 
 
 async def test_succeeded_payment_is_recorded_in_analytics(mesh: Mesh) -> None:
     payment = (await mesh.gateway.CreatePayment(_create(mesh))).payment
+    await _announced(mesh, payment.payment_id)
     events = await mesh.analytics.ListEvents(
         analytics_pb2.ListEventsRequest(merchant_id=mesh.merchant_id)
     )
@@ -333,6 +397,7 @@ async def test_channel_decline_ends_declined_and_cancels_the_order(mesh: Mesh) -
     assert payment.status == pg.PAYMENT_STATUS_DECLINED
     assert payment.decline_reason == "CHANNEL_DECLINED"
     assert payment.captured_amount.amount_minor == 0
+    await _announced(mesh, payment.payment_id)
     order = (await mesh.orders.GetOrder(order_pb2.GetOrderRequest(order_id=payment.order_id))).order
     assert order.status == order_pb2.ORDER_STATUS_CANCELLED
     assert await _entries(mesh, _available(mesh)) == []
@@ -361,6 +426,7 @@ async def test_twenty_concurrent_duplicates_make_one_payment_one_charge_one_post
     assert len(listed.payments) == 1
     assert len(_charges(mesh)) == 1
     assert len(await _entries(mesh, _available(mesh))) == 1
+    await _announced(mesh, replay.payment.payment_id)
     assert len(_webhooks(mesh, replay.payment.payment_id)) == 1
 
 
@@ -372,6 +438,7 @@ async def test_replay_returns_the_first_result_without_calling_downstream_again(
     again = await mesh.gateway.CreatePayment(_create(mesh))
     assert again == first
     assert len(_charges(mesh)) == charges_before
+    await _announced(mesh, first.payment.payment_id)
     assert len(_webhooks(mesh, first.payment.payment_id)) == 1
 
 
@@ -643,6 +710,7 @@ async def test_partial_then_full_refund_reverses_the_ledger(mesh: Mesh) -> None:
 
     got = await mesh.gateway.GetPayment(pg.GetPaymentRequest(payment_id=payment.payment_id))
     assert [r.amount.amount_minor for r in got.refunds] == [300, 700]
+    await _announced(mesh, partial.refund.refund_id, rest.refund.refund_id)
     order = (await mesh.orders.GetOrder(order_pb2.GetOrderRequest(order_id=payment.order_id))).order
     assert order.status == order_pb2.ORDER_STATUS_REFUNDED
     with mesh.sandbox.lock:
@@ -874,12 +942,8 @@ async def _stopped_after(mesh: Mesh, tmp_path: Path, step: str, request_id: str)
 
 async def _recovered(mesh: Mesh, payment_id: str) -> pg.Payment:
     """Start a fresh gateway (its start runs a recovery pass) and wait for a terminal status
-    and the payment's effects (webhook, event, order status) sent.
-
-    The effects go out after the terminal status is committed; stopping the gateway in
-    between would cancel them, so the store's ``effects_pending`` is waited for too.
+    and the payment's announcements (webhook, event, order status) delivered by its outbox.
     """
-    database = Path(mesh.environ["PAYMESH_VAR_DIR"]) / "payment-gateway.db"
     async with (
         mesh.start_gateway() as address,
         granted_stub(
@@ -891,11 +955,8 @@ async def _recovered(mesh: Mesh, payment_id: str) -> pg.Payment:
             got = await gateway.GetPayment(pg.GetPaymentRequest(payment_id=payment_id))
             if got.payment.status not in TERMINAL:
                 return False
-            store = PaymentStore(database)
-            try:
-                return not store.payment(payment_id).effects_pending
-            finally:
-                store.close()
+            rows = _outbox(mesh, payment_id)
+            return bool(rows) and all(r.state != PENDING for r in rows)
 
         await _until(done)
         return (await gateway.GetPayment(pg.GetPaymentRequest(payment_id=payment_id))).payment
@@ -976,28 +1037,132 @@ def _dead_address() -> str:
         return f"127.0.0.1:{probe.getsockname()[1]}"
 
 
+@contextlib.contextmanager
+def _hanging_address() -> Iterator[str]:
+    """A loopback address that accepts connections and never answers (a hung process)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+
+
 @contextlib.asynccontextmanager
-async def _gateway(mesh: Mesh, *, dead: str) -> AsyncIterator[Any]:
-    """A gateway whose downstream ``dead`` is down; calls to it give up after 0.3 s."""
-    policy = Path(mesh.environ["PAYMESH_VAR_DIR"]) / f"policy-{dead}.toml"
-    policy.write_text(DEFAULT_POLICY_FILE.read_text() + f'\n[targets."{dead}"]\ntimeout_s = 0.3\n')
-    overrides = {
-        f"{dead.upper().replace('-', '_')}_ADDR": _dead_address(),
-        "PAYMESH_POLICY_FILE": str(policy),
+async def _gateway(
+    mesh: Mesh,
+    *,
+    dead: str,
+    address: str | None = None,
+    timeout_s: float = 0.3,
+    policy: str = "",
+    build: Any = build_gateway,
+    **overrides: str,
+) -> AsyncIterator[Any]:
+    """A gateway whose downstream ``dead`` is down (or at ``address``); calls to it give up
+    after ``timeout_s``; ``policy`` is appended to the policy file."""
+    policy_file = Path(mesh.environ["PAYMESH_VAR_DIR"]) / f"policy-{dead}.toml"
+    policy_file.write_text(
+        DEFAULT_POLICY_FILE.read_text()
+        + f'\n[targets."{dead}"]\ntimeout_s = {timeout_s}\n'
+        + policy
+    )
+    environ = {
+        f"{dead.upper().replace('-', '_')}_ADDR": address or _dead_address(),
+        "PAYMESH_POLICY_FILE": str(policy_file),
+        **overrides,
     }
     async with (
-        mesh.start_gateway(**overrides) as address,
-        mesh.as_merchant(mesh.tenant.secret, address) as gateway,
+        mesh.start_gateway(build=build, **environ) as served,
+        mesh.as_merchant(mesh.tenant.secret, served) as gateway,
     ):
         yield gateway
 
 
-async def test_risk_outage_fails_the_payment_without_charging(mesh: Mesh) -> None:
+def _capturing(contexts: list[ServiceContext]) -> Any:
+    """The gateway's build, keeping its ServiceContext (its client chain) for the test."""
+
+    async def build(context: ServiceContext) -> Any:
+        contexts.append(context)
+        return await build_gateway(context)
+
+    return build
+
+
+def _trips(target: str) -> str:
+    """Policy lines that open ``target``'s breaker after two failures in a row."""
+    return f'[targets."{target}".breaker]\nconsecutive_failures = 2\nminimum_calls = 2\n'
+
+
+#: The calls a CreatePayment makes before any charge (the outbox's own calls are others).
+AUTHENTICATE = "/paymesh.merchant_auth.v1.MerchantAuthService/AuthenticateApiKey"
+ASSESS = "/paymesh.risk.v1.RiskService/AssessPayment"
+CREATE_ORDER = "/paymesh.order.v1.OrderService/CreateOrder"
+
+
+def _calls(context: ServiceContext, *methods: str) -> dict[str, int]:
+    """Calls the gateway's client chain made, by method."""
+    telemetry = context.clients.chain.telemetry
+    return {m: telemetry.value("calls_total", method=m) for m in methods}
+
+
+async def test_risk_outage_answers_unavailable_and_leaves_the_request_id_free(
+    mesh: Mesh,
+) -> None:
     async with _gateway(mesh, dead="risk-service") as gateway:
-        payment = (await gateway.CreatePayment(_create(mesh))).payment
-    assert payment.status == pg.PAYMENT_STATUS_FAILED
-    assert payment.failure_reason == "DOWNSTREAM_UNAVAILABLE"
+        error = await _fails(gateway.CreatePayment(_create(mesh)))
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert _reason(error) in {"DOWNSTREAM_UNAVAILABLE", "CIRCUIT_OPEN"}
+    assert (_retry_delay(error) or 0) > 0
+    assert _error_metadata(error)["target"] == "risk-service"
+    assert _rows(mesh, "SELECT COUNT(*) FROM payments") == 0
+    assert _rows(mesh, "SELECT COUNT(*) FROM idempotency_keys") == 0
+    assert _outbox(mesh) == []
     assert _charges(mesh) == []
+
+    # The very same request, once risk answers, is a payment like any other.
+    payment = (await mesh.gateway.CreatePayment(_create(mesh))).payment
+    assert payment.status == pg.PAYMENT_STATUS_SUCCEEDED
+    assert len(_charges(mesh)) == 1
+
+
+async def test_merchant_auth_outage_answers_unavailable_with_retry_info_and_does_nothing(
+    mesh: Mesh,
+) -> None:
+    async with _gateway(mesh, dead="merchant-auth-service") as gateway:
+        error = await _fails(gateway.CreatePayment(_create(mesh)))
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert _reason(error) in {"DOWNSTREAM_UNAVAILABLE", "CIRCUIT_OPEN"}
+    assert _error_metadata(error)["target"] == "merchant-auth-service"
+    assert (_retry_delay(error) or 0) > 0
+    assert _rows(mesh, "SELECT COUNT(*) FROM idempotency_keys") == 0
+    payment = (await mesh.gateway.CreatePayment(_create(mesh))).payment
+    assert payment.status == pg.PAYMENT_STATUS_SUCCEEDED
+
+
+async def test_order_outage_frees_the_request_id_and_cancels_the_order_it_may_have_made(
+    mesh: Mesh,
+) -> None:
+    async with _gateway(mesh, dead="order-service") as gateway:
+        error = await _fails(gateway.CreatePayment(_create(mesh)))
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert _reason(error) in {"DOWNSTREAM_UNAVAILABLE", "CIRCUIT_OPEN"}
+    assert _error_metadata(error)["target"] == "order-service"
+    assert _rows(mesh, "SELECT COUNT(*) FROM payments") == 0
+    (cleanup,) = _outbox(mesh)
+    assert (cleanup.target, cleanup.state, cleanup.missing_ok) == ("order-service", PENDING, 1)
+    assert cleanup.event_id.endswith("_order.abandoned")
+
+    payment = (await mesh.gateway.CreatePayment(_create(mesh))).payment
+    assert payment.status == pg.PAYMENT_STATUS_SUCCEEDED
+    # The order was never made: order-service's NOT_FOUND ends the cleanup as delivered.
+    await _announced(mesh, cleanup.flow_id)
+    assert [r.state for r in _outbox(mesh, cleanup.flow_id)] == [SENT]
+
+
+async def test_declined_payment_stays_declined_under_its_request_id(mesh: Mesh) -> None:
+    first = await mesh.gateway.CreatePayment(_create(mesh, payment_method_token="tok_decline"))
+    assert first.payment.status == pg.PAYMENT_STATUS_DECLINED
+    again = await mesh.gateway.CreatePayment(_create(mesh, payment_method_token="tok_decline"))
+    assert again == first
 
 
 async def test_channel_outage_leaves_the_payment_to_recovery_which_charges_once(
@@ -1007,6 +1172,7 @@ async def test_channel_outage_leaves_the_payment_to_recovery_which_charges_once(
         error = await _fails(gateway.CreatePayment(_create(mesh)))
     assert error.code() == grpc.StatusCode.UNAVAILABLE
     assert _reason(error) == "DOWNSTREAM_UNAVAILABLE"
+    assert (_retry_delay(error) or 0) > 0
     (pending,) = (
         await mesh.gateway.ListPayments(pg.ListPaymentsRequest(merchant_id=mesh.merchant_id))
     ).payments
@@ -1019,27 +1185,72 @@ async def test_channel_outage_leaves_the_payment_to_recovery_which_charges_once(
     assert replay.payment.status == pg.PAYMENT_STATUS_SUCCEEDED
 
 
-async def test_notification_outage_does_not_fail_the_payment_and_recovery_resends_it(
+# --- the outbox ---------------------------------------------------------------------------
+
+
+async def test_webhook_request_id_is_the_stable_event_id_which_its_payload_carries(
+    mesh: Mesh,
+) -> None:
+    payment = (await mesh.gateway.CreatePayment(_create(mesh))).payment
+    await _announced(mesh, payment.payment_id)
+    evt = event_id(payment.payment_id, "payment.succeeded")
+    assert evt == f"evt_{payment.payment_id}_payment.succeeded"
+    listed = await mesh.notifications.ListNotifications(
+        notification_pb2.ListNotificationsRequest(merchant_id=mesh.merchant_id)
+    )
+    (notification,) = listed.notifications
+    assert notification.request_id == evt
+    assert json.loads(notification.payload_json)["event_id"] == evt
+    assert {(r.event_id, r.target, r.state) for r in _outbox(mesh, payment.payment_id)} == {
+        (evt, "notification-service", SENT),
+        (evt, "analytics-service", SENT),
+    }
+
+
+async def test_answer_does_not_wait_for_a_notification_service_that_hangs(mesh: Mesh) -> None:
+    with _hanging_address() as hung:
+        # Before the outbox, the webhook was sent before the answer: 30 s, past the 10 s asked.
+        async with _gateway(
+            mesh, dead="notification-service", address=hung, timeout_s=30
+        ) as gateway:
+            reply = await gateway.CreatePayment(_create(mesh), timeout=10)
+            assert reply.payment.status == pg.PAYMENT_STATUS_SUCCEEDED
+            (webhook,) = [
+                r
+                for r in _outbox(mesh, reply.payment.payment_id)
+                if r.target != "analytics-service"
+            ]
+            assert webhook.state == PENDING
+
+
+async def test_events_wait_in_the_outbox_while_notification_is_down_then_go_out_once(
     mesh: Mesh,
 ) -> None:
     async with _gateway(mesh, dead="notification-service") as gateway:
         payment = (await gateway.CreatePayment(_create(mesh))).payment
+
+        async def attempted() -> bool:
+            rows = _outbox(mesh, payment.payment_id)
+            return any(r.target == "notification-service" and r.attempts for r in rows)
+
+        await _until(attempted)
     assert payment.status == pg.PAYMENT_STATUS_SUCCEEDED
     assert _webhooks(mesh, payment.payment_id) == []
+    (waiting,) = [r for r in _outbox(mesh, payment.payment_id) if r.state == PENDING]
+    assert waiting.target == "notification-service"
+    assert waiting.last_error.startswith(("UNAVAILABLE", "DEADLINE_EXCEEDED"))
+    assert waiting.next_attempt_time >= waiting.create_time
 
-    async with mesh.start_gateway():  # its start-up pass resends the pending effects
-
-        async def delivered() -> bool:
-            return len(_webhooks(mesh, payment.payment_id)) == 1
-
-        await _until(delivered)
+    async with mesh.start_gateway():  # its relay picks up the rows at start
+        await _announced(mesh, payment.payment_id)
+    assert len(_webhooks(mesh, payment.payment_id)) == 1
     events = await mesh.analytics.ListEvents(
         analytics_pb2.ListEventsRequest(merchant_id=mesh.merchant_id)
     )
     assert len(events.events) == 1
 
 
-async def test_effects_of_a_payment_refunded_during_an_outage_are_all_resent_once(
+async def test_announcements_of_a_payment_refunded_during_an_outage_all_go_out_once(
     mesh: Mesh,
 ) -> None:
     async with _gateway(mesh, dead="notification-service") as gateway:
@@ -1049,10 +1260,111 @@ async def test_effects_of_a_payment_refunded_during_an_outage_are_all_resent_onc
     assert _webhooks(mesh, payment.payment_id) == []
 
     async with mesh.start_gateway():
+        await _announced(mesh, payment.payment_id, refunded.refund.refund_id)
+    kinds = sorted(str(w.get("event_type")) for w in _webhooks(mesh, payment.payment_id))
+    assert kinds == ["payment.refunded", "payment.succeeded"]
+    order = (await mesh.orders.GetOrder(order_pb2.GetOrderRequest(order_id=payment.order_id))).order
+    assert order.status == order_pb2.ORDER_STATUS_PARTIALLY_REFUNDED
 
-        async def delivered() -> bool:
-            return len(_webhooks(mesh, payment.payment_id)) == 2
 
-        await _until(delivered)
-    events = {w.get("event_type") or json.dumps(w) for w in _webhooks(mesh, payment.payment_id)}
-    assert len(events) == 2
+# --- fail fast ----------------------------------------------------------------------------
+
+
+async def test_open_breaker_refuses_create_payment_before_authenticating_or_writing(
+    mesh: Mesh, caplog: pytest.LogCaptureFixture
+) -> None:
+    contexts: list[ServiceContext] = []
+    async with _gateway(
+        mesh, dead="order-service", policy=_trips("order-service"), build=_capturing(contexts)
+    ) as gateway:
+        (context,) = contexts
+        breakers = context.clients.chain.breakers
+        for attempt in range(5):  # the order step fails until its breaker opens
+            await _fails(gateway.CreatePayment(_create(mesh, f"ff-trip-{attempt}")))
+            if breakers.states().get("order-service") == "open":
+                break
+        assert breakers.states()["order-service"] == "open"
+        called = _calls(context, AUTHENTICATE, ASSESS, CREATE_ORDER)
+        assert all(called.values())  # the tripping calls went all the way
+        tables = ("payments", "idempotency_keys", "outbox")
+        written = {t: _rows(mesh, f"SELECT COUNT(*) FROM {t}") for t in tables}
+
+        caplog.set_level(logging.INFO, logger="paymesh.access")
+        refusals = 20
+        for index in range(refusals):
+            error = await _fails(gateway.CreatePayment(_create(mesh, f"ff-{index}")))
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+            assert _reason(error) == "CIRCUIT_OPEN"
+            assert _error_metadata(error)["target"] == "order-service"
+            assert 0 < (_retry_delay(error) or 0) <= 30
+        assert _calls(context, AUTHENTICATE, ASSESS, CREATE_ORDER) == called
+        assert {t: _rows(mesh, f"SELECT COUNT(*) FROM {t}") for t in tables} == written
+    durations = [
+        float(found.group(1))
+        for record in caplog.records
+        if (
+            found := re.search(
+                r"/CreatePayment code=UNAVAILABLE duration_ms=([\d.]+)", record.getMessage()
+            )
+        )
+    ][-refusals:]
+    assert len(durations) == refusals
+    print(
+        f"\nfail-fast CreatePayment, time in the server over {refusals} calls:"
+        f" median {statistics.median(durations):.2f} ms, max {max(durations):.2f} ms"
+    )
+
+
+async def test_open_channel_breaker_refuses_refund_payment_before_reserving_anything(
+    mesh: Mesh,
+) -> None:
+    payment = (await mesh.gateway.CreatePayment(_create(mesh, amount=1000))).payment
+    contexts: list[ServiceContext] = []
+    async with _gateway(
+        mesh, dead="channel-adapter", policy=_trips("channel-adapter"), build=_capturing(contexts)
+    ) as gateway:
+        breakers = contexts[0].clients.chain.breakers
+        for attempt in range(5):
+            await _fails(
+                gateway.RefundPayment(_refund(mesh, payment.payment_id, f"rf-{attempt}", 1))
+            )
+            if breakers.states().get("channel-adapter") == "open":
+                break
+        refunds = _rows(mesh, "SELECT COUNT(*) FROM refunds")
+        error = await _fails(gateway.RefundPayment(_refund(mesh, payment.payment_id, "rf-x", 1)))
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert _reason(error) == "CIRCUIT_OPEN"
+    assert _error_metadata(error)["target"] == "channel-adapter"
+    assert _rows(mesh, "SELECT COUNT(*) FROM refunds") == refunds
+
+
+# --- the recovery loop --------------------------------------------------------------------
+
+
+async def test_recovery_waits_out_a_risk_outage_then_finishes_the_payment(
+    mesh: Mesh, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    payment_id = await _stopped_after(mesh, tmp_path, Step.CREATED, "wait-1")
+    contexts: list[ServiceContext] = []
+    async with _gateway(
+        mesh,
+        dead="risk-service",
+        build=_capturing(contexts),
+        PAYMENT_GATEWAY_RECOVERY_INTERVAL_S="0.05",
+    ):
+
+        async def retried() -> bool:  # passes after the first, each after its backoff
+            return _calls(contexts[0], ASSESS)[ASSESS] >= 2
+
+        await _until(retried)
+        got = await mesh.operator_gateway.GetPayment(pg.GetPaymentRequest(payment_id=payment_id))
+        # Racing a dependency at start once ended payments FAILED: now they wait.
+        assert got.payment.status == pg.PAYMENT_STATUS_PENDING
+    noisy = [
+        r for r in caplog.records if r.levelno >= logging.ERROR and "payment_gateway" in r.name
+    ]
+    assert noisy == []
+
+    payment = await _recovered(mesh, payment_id)
+    assert payment.status == pg.PAYMENT_STATUS_SUCCEEDED
+    assert len(_charges(mesh)) == 1

@@ -8,23 +8,63 @@ from grpc import aio
 
 from interceptors.errors import STATUS_DETAILS_KEY, rich_status
 from services.bootstrap import StartupError
-from services.payment_gateway.config import CHARGE_CUTOFF_VAR, RECOVERY_INTERVAL_VAR, GatewayConfig
+from services.payment_gateway.config import (
+    CHARGE_CUTOFF_VAR,
+    OUTBOX_INTERVAL_VAR,
+    OUTBOX_MAX_BACKOFF_VAR,
+    RECOVERY_INTERVAL_VAR,
+    RECOVERY_MAX_BACKOFF_VAR,
+    GatewayConfig,
+)
 from services.payment_gateway.flow import is_transient, reason_of
 
 
 def test_defaults_apply_without_variables() -> None:
-    assert GatewayConfig.from_environ({}) == GatewayConfig()
+    config = GatewayConfig.from_environ({})
+    assert config == GatewayConfig()
+    assert (config.recovery_interval_s, config.recovery_max_backoff_s) == (30.0, 300.0)
+    assert (config.outbox_interval_s, config.outbox_max_backoff_s) == (5.0, 60.0)
+    assert config.charge_cutoff_s == 900.0
 
 
 def test_variables_override_the_defaults() -> None:
-    config = GatewayConfig.from_environ({RECOVERY_INTERVAL_VAR: "5", CHARGE_CUTOFF_VAR: "60"})
+    config = GatewayConfig.from_environ(
+        {
+            RECOVERY_INTERVAL_VAR: "5",
+            RECOVERY_MAX_BACKOFF_VAR: "40",
+            CHARGE_CUTOFF_VAR: "60",
+            OUTBOX_INTERVAL_VAR: "2",
+            OUTBOX_MAX_BACKOFF_VAR: "20",
+        }
+    )
     assert (config.recovery_interval_s, config.charge_cutoff_s) == (5.0, 60.0)
+    schedule, relay = config.recovery_schedule(), config.relay_policy()
+    assert (schedule.interval_s, schedule.max_backoff_s) == (5.0, 40.0)
+    assert (relay.interval_s, relay.max_backoff_s) == (2.0, 20.0)
 
 
+def test_a_backoff_cap_below_the_first_backoff_lowers_the_first_backoff() -> None:
+    config = GatewayConfig.from_environ(
+        {RECOVERY_MAX_BACKOFF_VAR: "0.2", OUTBOX_MAX_BACKOFF_VAR: "0.1"}
+    )
+    assert config.recovery_schedule().initial_backoff_s == 0.2
+    assert config.relay_policy().initial_backoff_s == 0.1
+
+
+@pytest.mark.parametrize(
+    "var",
+    [
+        RECOVERY_INTERVAL_VAR,
+        RECOVERY_MAX_BACKOFF_VAR,
+        CHARGE_CUTOFF_VAR,
+        OUTBOX_INTERVAL_VAR,
+        OUTBOX_MAX_BACKOFF_VAR,
+    ],
+)
 @pytest.mark.parametrize("raw", ["0", "-1", "soon", "nan", "inf"])
-def test_bad_value_stops_start_up_naming_the_variable(raw: str) -> None:
-    with pytest.raises(StartupError, match=RECOVERY_INTERVAL_VAR):
-        GatewayConfig.from_environ({RECOVERY_INTERVAL_VAR: raw})
+def test_bad_value_stops_start_up_naming_the_variable(var: str, raw: str) -> None:
+    with pytest.raises(StartupError, match=var):
+        GatewayConfig.from_environ({var: raw})
 
 
 def _error(code: grpc.StatusCode, reason: str | None = None) -> aio.AioRpcError:

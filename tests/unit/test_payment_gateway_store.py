@@ -1,14 +1,30 @@
-"""payment-gateway's store and request checks: claims, replays, refund reservations, bad input."""
+"""payment-gateway's store and request checks: claims, replays, refund reservations, bad input,
+and the outbox rows its transactions write."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import sqlite3
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from interceptors.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
+from interceptors.errors import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
 from paymesh.common.v1 import common_pb2
+from paymesh.notification.v1 import notification_pb2
+from paymesh.order.v1 import order_pb2
 from paymesh.payment_gateway.v1 import payment_gateway_pb2 as pg
+from services import validation as v
+from services.payment_gateway import store as store_module
 from services.payment_gateway.servicer import (
     for_merchant,
     scoped_key,
@@ -16,6 +32,7 @@ from services.payment_gateway.servicer import (
     validate_refund,
 )
 from services.payment_gateway.store import NewPayment, PaymentRecord, PaymentStore, Step
+from tests.unit.fakes import FakeClock
 
 
 def _request(**overrides: object) -> pg.CreatePaymentRequest:
@@ -281,3 +298,145 @@ def test_refund_with_zero_amount_is_invalid_argument() -> None:
     )
     with pytest.raises(InvalidArgument):
         validate_refund(request)
+
+
+# --- the outbox ---------------------------------------------------------------------------
+
+
+def _announced(store: PaymentStore, flow_id: str) -> list[tuple[str, str]]:
+    return [(r.event_id, r.target) for r in store.outbox.rows(flow_id=flow_id)]
+
+
+def test_a_terminal_payment_writes_its_announcements_with_its_status(store: PaymentStore) -> None:
+    payment = _succeeded(store)
+    evt = f"evt_{payment.payment_id}_payment.succeeded"
+    assert _announced(store, payment.payment_id) == [
+        (evt, "notification-service"),
+        (evt, "analytics-service"),
+    ]
+    webhook = notification_pb2.SendNotificationRequest.FromString(
+        store.outbox.rows(flow_id=payment.payment_id)[0].request
+    )
+    assert webhook.request_id == evt
+    assert json.loads(webhook.payload_json)["event_id"] == evt
+    v.require_request_id("request_id", evt)  # a valid id at every destination
+
+
+def test_a_declined_payment_with_an_order_also_cancels_the_order(store: PaymentStore) -> None:
+    payment = _begin(store, _request())
+    store.advance(payment.payment_id, Step.ORDERED, order_id="ord_1")
+    store.finish(payment.payment_id, pg.PAYMENT_STATUS_DECLINED, decline_reason="CHANNEL_DECLINED")
+    evt = f"evt_{payment.payment_id}_payment.declined"
+    assert (evt, "order-service") in _announced(store, payment.payment_id)
+    assert store.outbox.rows()[-1].missing_ok == 0
+
+
+def test_status_and_announcements_commit_together_or_not_at_all(
+    store: PaymentStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    payment = _begin(store, _request())
+
+    def broken(record: PaymentRecord) -> list[Any]:
+        raise RuntimeError("the process dies between the status and its announcement")
+
+    monkeypatch.setattr(store_module, "payment_events", broken)
+    with pytest.raises(RuntimeError):
+        store.finish(payment.payment_id, pg.PAYMENT_STATUS_SUCCEEDED)
+    assert store.payment(payment.payment_id).step == Step.CREATED
+    assert store.outbox.rows() == []
+    with pytest.raises(Aborted):  # the claim is still in flight, not completed
+        _begin(store, _request())
+
+
+def test_refunds_announce_success_and_failure(store: PaymentStore) -> None:
+    payment = _succeeded(store)
+    store.advance(payment.payment_id, Step.FINISHED, order_id="ord_1")
+    done = []
+    for index, status in enumerate((pg.REFUND_STATUS_SUCCEEDED, pg.REFUND_STATUS_FAILED)):
+        refund = store.begin_refund(
+            f"m_1/rf{index}",
+            pg.RefundPaymentRequest(request_id=f"rf{index}"),
+            payment_id=payment.payment_id,
+            amount_minor=100,
+            reason="",
+        )
+        assert not isinstance(refund, pg.RefundPaymentResponse)
+        store.finish_refund(refund.refund_id, status, failure_reason="" if index == 0 else "X")
+        done.append(refund.refund_id)
+    succeeded, failed = done
+    assert _announced(store, succeeded) == [
+        (f"evt_{succeeded}_payment.refunded", "order-service"),
+        (f"evt_{succeeded}_payment.refunded", "notification-service"),
+        (f"evt_{succeeded}_payment.refunded", "analytics-service"),
+    ]
+    assert _announced(store, failed) == [(f"evt_{failed}_refund.failed", "notification-service")]
+
+
+def test_abandoned_payment_is_gone_and_its_request_id_free(store: PaymentStore) -> None:
+    payment = _begin(store, _request())
+    store.abandon(payment.payment_id, reason="risk-service DOWNSTREAM_UNAVAILABLE")
+    with pytest.raises(NotFound):
+        store.payment(payment.payment_id)
+    assert store.outbox.rows() == []  # risk failed: no order can exist
+    again = _begin(store, _request())
+    assert again.payment_id != payment.payment_id
+
+
+def test_abandoning_after_the_order_call_cancels_the_order_it_may_have_made(
+    store: PaymentStore,
+) -> None:
+    payment = _begin(store, _request())
+    store.advance(payment.payment_id, Step.ASSESSED)
+    store.abandon(payment.payment_id, reason="order-service DOWNSTREAM_UNAVAILABLE")
+    (cleanup,) = store.outbox.rows()
+    request = order_pb2.UpdateOrderStatusRequest.FromString(cleanup.request)
+    assert (request.order_id, request.status) == (
+        f"ord_{payment.payment_id.removeprefix('pay_')}",
+        order_pb2.ORDER_STATUS_CANCELLED,
+    )
+    assert cleanup.missing_ok == 1
+
+
+def test_a_payment_that_may_have_been_charged_cannot_be_abandoned(store: PaymentStore) -> None:
+    payment = _begin(store, _request())
+    store.advance(payment.payment_id, Step.CHARGING)
+    with pytest.raises(FailedPrecondition):
+        store.abandon(payment.payment_id, reason="x")
+    assert store.unfinished_payments() == [payment.payment_id]
+
+
+def test_effects_pending_of_an_older_database_move_into_the_outbox_once(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    first = PaymentStore(path)
+    payment = _begin(first, _request())
+    first.close()
+    with contextlib.closing(sqlite3.connect(path)) as conn:  # the schema before the outbox
+        for table in ("payments", "refunds"):
+            conn.execute(
+                f"ALTER TABLE {table} ADD COLUMN effects_pending INTEGER NOT NULL DEFAULT 0"
+            )
+        conn.execute(
+            "UPDATE payments SET status = ?, step = 'finished', effects_pending = 1",
+            (pg.PAYMENT_STATUS_SUCCEEDED,),
+        )
+        conn.commit()
+    for _ in range(2):  # a second start finds nothing left to move
+        reopened = PaymentStore(path)
+        assert [r.target for r in reopened.outbox.rows()] == [
+            "notification-service",
+            "analytics-service",
+        ]
+        assert reopened.payment(payment.payment_id).status == pg.PAYMENT_STATUS_SUCCEEDED
+        reopened.close()
+
+
+def test_request_id_past_its_retention_is_refused_while_its_payment_is_kept(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock(start=time.time())
+    store = PaymentStore(tmp_path / "gateway.db", clock=clock)
+    _succeeded(store)
+    clock.advance(8 * 24 * 3600)  # the default retention is 7 days
+    with pytest.raises(AlreadyExists):
+        _begin(store, _request())
+    store.close()

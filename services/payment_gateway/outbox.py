@@ -1,0 +1,434 @@
+"""A transactional outbox: messages committed with the state change that causes them, then relayed.
+
+A store writes each message as a row of ``outbox`` inside the very transaction that commits
+the change (so a crash can never keep the change and lose the message, or the reverse), with
+a stable event id that is the request id at the destination. :class:`OutboxRelay` sends the
+rows: one worker per destination, woken by :meth:`OutboxRelay.kick` after a commit and by its
+own timer, retrying failures with exponential backoff and jitter until the destination takes
+the message (at-least-once; the destination dedupes by the request id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import random
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+from grpc import aio
+from opentelemetry import context as otel_context
+from opentelemetry import propagate
+
+from interceptors.backoff import backoff_delay_s
+from interceptors.policy import RetryPolicy
+
+log = logging.getLogger("paymesh.outbox")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id TEXT NOT NULL,
+    target TEXT NOT NULL,
+    method TEXT NOT NULL,
+    flow_id TEXT NOT NULL,
+    request BLOB NOT NULL,
+    trace_context TEXT NOT NULL DEFAULT '{}',
+    missing_ok INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'sent', 'refused')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_time REAL NOT NULL,
+    last_error TEXT NOT NULL DEFAULT '',
+    create_time REAL NOT NULL,
+    done_time REAL NOT NULL DEFAULT 0,
+    UNIQUE (event_id, method)
+);
+CREATE INDEX IF NOT EXISTS outbox_pending
+    ON outbox (target, next_attempt_time, seq) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS outbox_by_flow ON outbox (flow_id);
+CREATE INDEX IF NOT EXISTS outbox_done ON outbox (done_time) WHERE state != 'pending';
+"""
+
+PENDING, SENT, REFUSED = "pending", "sent", "refused"
+#: Answers that can never change for the same request: the row is given up (and logged).
+#: Anything else (UNAVAILABLE, DEADLINE_EXCEEDED, but also PERMISSION_DENIED or UNIMPLEMENTED,
+#: which an operator or a deploy fixes) is retried: an event must not be lost to a misconfiguration.
+REFUSED_CODES = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.NOT_FOUND,
+    }
+)
+#: Bytes of a delivery error kept on the row.
+MAX_ERROR_CHARS = 500
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutboxMessage:
+    """One message to write with a state change."""
+
+    event_id: str
+    """Stable id of the event; the request id of the call at the destination."""
+    target: str
+    """Mesh name of the destination service."""
+    method: str
+    """Full gRPC method path (``/pkg.Service/Method``) the relay calls."""
+    request: Message
+    """The request, sent byte for byte the same on every attempt."""
+    missing_ok: bool = False
+    """NOT_FOUND means there is nothing left to change (a cleanup): it counts as delivered."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """One row of ``outbox``."""
+
+    seq: int
+    event_id: str
+    target: str
+    method: str
+    flow_id: str
+    request: bytes
+    trace_context: str
+    missing_ok: int
+    state: str
+    attempts: int
+    next_attempt_time: float
+    last_error: str
+    create_time: float
+    done_time: float
+
+
+class Outbox:
+    """The ``outbox`` table of one store's database (its connection, its clock)."""
+
+    def __init__(self, conn: sqlite3.Connection, *, clock: Callable[[], float] = time.time) -> None:
+        self._conn = conn
+        self._clock = clock
+
+    def add(
+        self, conn: sqlite3.Connection, flow_id: str, messages: Iterable[OutboxMessage]
+    ) -> None:
+        """Write ``messages`` inside the caller's open transaction; a message already written
+        (same event id and method) is kept as it is.
+
+        The current trace context is stored with each row, so the relay's calls continue the
+        trace of the request that caused them.
+        """
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        trace_context = json.dumps(carrier, sort_keys=True)
+        now = self._clock()
+        conn.executemany(
+            "INSERT OR IGNORE INTO outbox (event_id, target, method, flow_id, request,"
+            " trace_context, missing_ok, next_attempt_time, create_time)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    m.event_id,
+                    m.target,
+                    m.method,
+                    flow_id,
+                    m.request.SerializeToString(deterministic=True),
+                    trace_context,
+                    int(m.missing_ok),
+                    now,
+                    now,
+                )
+                for m in messages
+            ],
+        )
+
+    def due(self, target: str, *, limit: int) -> list[OutboxRow]:
+        """Undelivered rows of ``target`` whose next attempt is due, in the order written."""
+        rows = self._conn.execute(
+            "SELECT * FROM outbox WHERE target = ? AND state = ? AND next_attempt_time <= ?"
+            " ORDER BY seq LIMIT ?",
+            (target, PENDING, self._clock(), limit),
+        ).fetchall()
+        return [OutboxRow(**dict(row)) for row in rows]
+
+    def next_attempt_time(self, target: str) -> float | None:
+        """When the earliest undelivered row of ``target`` is due, None if there is none."""
+        row = self._conn.execute(
+            "SELECT MIN(next_attempt_time) AS t FROM outbox WHERE target = ? AND state = ?",
+            (target, PENDING),
+        ).fetchone()
+        return None if row["t"] is None else float(row["t"])
+
+    def delivered(self, seq: int) -> None:
+        """The destination took the row's message."""
+        self._done(seq, SENT, "")
+
+    def refused(self, seq: int, error: str) -> None:
+        """The destination refused the message for good; it is not sent again."""
+        self._done(seq, REFUSED, error)
+
+    def retry_later(self, seq: int, *, at: float, error: str) -> None:
+        """Count a failed attempt and schedule the next one."""
+        self._conn.execute(
+            "UPDATE outbox SET attempts = attempts + 1, next_attempt_time = ?, last_error = ?"
+            " WHERE seq = ?",
+            (at, error[:MAX_ERROR_CHARS], seq),
+        )
+
+    def rows(self, *, flow_id: str | None = None, state: str | None = None) -> list[OutboxRow]:
+        """Rows in the order written, optionally of one payment or refund and one state."""
+        clauses, params = [], []
+        if flow_id is not None:
+            clauses.append("flow_id = ?")
+            params.append(flow_id)
+        if state is not None:
+            clauses.append("state = ?")
+            params.append(state)
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        found = self._conn.execute(f"SELECT * FROM outbox{where} ORDER BY seq", params).fetchall()
+        return [OutboxRow(**dict(row)) for row in found]
+
+    def summary(self) -> dict[str, Any]:
+        """Per destination: rows waiting, the oldest, most attempts, next attempt, last error;
+        and how many rows were refused for good (an operator's view of delivery)."""
+        targets: dict[str, Any] = {}
+        for row in self._conn.execute(
+            "SELECT target, COUNT(*) AS n, MIN(create_time) AS oldest, MAX(attempts) AS attempts,"
+            " MIN(next_attempt_time) AS next FROM outbox WHERE state = ? GROUP BY target",
+            (PENDING,),
+        ):
+            last = self._conn.execute(
+                "SELECT last_error FROM outbox WHERE target = ? AND state = ? AND last_error != ''"
+                " ORDER BY seq LIMIT 1",
+                (row["target"], PENDING),
+            ).fetchone()
+            targets[row["target"]] = {
+                "pending": row["n"],
+                "oldest_create_time": row["oldest"],
+                "max_attempts": row["attempts"],
+                "next_attempt_time": row["next"],
+                "last_error": last["last_error"] if last else "",
+            }
+        refused = self._conn.execute(
+            "SELECT COUNT(*) AS n FROM outbox WHERE state = ?", (REFUSED,)
+        ).fetchone()["n"]
+        return {"pending": targets, "refused": refused}
+
+    def purge(self, *, before: float, limit: int = 1000) -> int:
+        """Delete at most ``limit`` delivered or refused rows finished before ``before``."""
+        return int(
+            self._conn.execute(
+                "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox"
+                " WHERE state != ? AND done_time < ? LIMIT ?)",
+                (PENDING, before, limit),
+            ).rowcount
+        )
+
+    def _done(self, seq: int, state: str, error: str) -> None:
+        self._conn.execute(
+            "UPDATE outbox SET state = ?, last_error = ?, done_time = ?,"
+            " attempts = attempts + 1 WHERE seq = ?",
+            (state, error[:MAX_ERROR_CHARS], self._clock(), seq),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RelayPolicy:
+    """How the relay paces its deliveries and retries."""
+
+    interval_s: float = 5.0
+    """Longest sleep of a worker between two looks at its rows (commits wake it at once)."""
+    initial_backoff_s: float = 0.5
+    """Upper bound of the jittered pause after a destination's first failure."""
+    max_backoff_s: float = 60.0
+    """Cap of that bound, however long the destination has been failing."""
+    batch: int = 100
+    """Rows a worker reads at once."""
+    retention_s: float = 7 * 24 * 3600.0
+    """How long delivered and refused rows are kept (for audit) before they are purged."""
+    purge_interval_s: float = 600.0
+    """Least time between two purges."""
+
+    def __post_init__(self) -> None:
+        for name in ("interval_s", "initial_backoff_s", "max_backoff_s", "retention_s"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        if self.max_backoff_s < self.initial_backoff_s:
+            raise ValueError("max_backoff_s must be at least initial_backoff_s")
+        if self.batch < 1:
+            raise ValueError(f"batch must be positive, got {self.batch}")
+        if not math.isfinite(self.purge_interval_s) or self.purge_interval_s < 0:
+            raise ValueError(f"purge_interval_s must be >= 0, got {self.purge_interval_s!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """How the relay sends the rows of one method."""
+
+    target: str
+    """Mesh name of the destination (one worker per destination)."""
+    request_type: type[Message]
+    """The request message the rows hold."""
+    send: Callable[[Any], Awaitable[object]]
+    """The stub method (through the client chain, with its timeout and retries)."""
+
+
+class OutboxRelay:
+    """Sends outbox rows to their destinations, forever, at least once.
+
+    Each destination has its own worker, so one that hangs delays nobody else's messages.
+    A worker sends its due rows in the order written; after a failure it pauses the whole
+    destination with exponential backoff and full jitter (doubling per consecutive failure
+    up to ``max_backoff_s``), so a destination that is down sees one attempt per pause, not
+    one per waiting row. It logs the first failure and the recovery, not every attempt.
+    """
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        routes: Mapping[str, Route],
+        *,
+        policy: RelayPolicy | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self._outbox = outbox
+        self._routes = dict(routes)
+        self._policy = policy or RelayPolicy()
+        self._schedule = RetryPolicy(
+            initial_backoff_s=self._policy.initial_backoff_s,
+            max_backoff_s=self._policy.max_backoff_s,
+        )
+        self._clock = clock
+        self._rng = rng
+        self._targets = sorted({route.target for route in self._routes.values()})
+        self._kicks = {target: asyncio.Event() for target in self._targets}
+        self._failures = dict.fromkeys(self._targets, 0)
+        self._paused_until = dict.fromkeys(self._targets, 0.0)
+        self._purged_at = -math.inf
+
+    @property
+    def targets(self) -> list[str]:
+        """The destinations the relay has a worker for."""
+        return list(self._targets)
+
+    def kick(self) -> None:
+        """Rows were committed: wake every worker (one that is pausing keeps its pause)."""
+        for event in self._kicks.values():
+            event.set()
+
+    async def run_forever(self) -> None:
+        """Run every destination's worker until cancelled."""
+        await asyncio.gather(*(self._work(target) for target in self._targets))
+
+    async def deliver_due(self, target: str) -> float:
+        """Send ``target``'s due rows; returns the seconds until its next row is due (at most
+        ``interval_s``)."""
+        self._purge_if_due()
+        paused = self._paused_until[target] - self._clock()
+        if paused > 0:
+            return min(paused, self._policy.interval_s)
+        while rows := self._outbox.due(target, limit=self._policy.batch):
+            for row in rows:
+                if not await self._deliver(row):
+                    return min(self._paused_until[target] - self._clock(), self._policy.interval_s)
+        upcoming = self._outbox.next_attempt_time(target)
+        if upcoming is None:
+            return self._policy.interval_s
+        return max(0.0, min(upcoming - self._clock(), self._policy.interval_s))
+
+    async def _work(self, target: str) -> None:
+        kicked = self._kicks[target]
+        while True:
+            kicked.clear()
+            try:
+                wait_s = await self.deliver_due(target)
+            except Exception:  # a broken pass must not end delivery; the next one retries
+                log.exception("outbox: delivery to %s failed", target)
+                wait_s = self._policy.interval_s
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(kicked.wait(), timeout=wait_s)
+
+    async def _deliver(self, row: OutboxRow) -> bool:
+        """One attempt at ``row``; False when its destination failed and is now paused."""
+        route = self._routes.get(row.method)
+        if route is None:
+            log.error("outbox: no route for %s (event %s); not sent", row.method, row.event_id)
+            self._outbox.refused(row.seq, f"no route for {row.method}")
+            return True
+        try:
+            request = route.request_type.FromString(row.request)
+        except DecodeError as exc:
+            log.error("outbox: event %s is not a %s: %s", row.event_id, route.request_type, exc)
+            self._outbox.refused(row.seq, f"undecodable request: {exc}")
+            return True
+        token = otel_context.attach(propagate.extract(json.loads(row.trace_context or "{}")))
+        try:
+            await route.send(request)
+        except aio.AioRpcError as error:
+            return self._failed(row, error.code(), error.details() or "")
+        except Exception as exc:  # a bug in a send must not lose the row: retry it later
+            log.exception("outbox: sending event %s raised", row.event_id)
+            return self._failed(row, grpc.StatusCode.UNKNOWN, repr(exc))
+        finally:
+            otel_context.detach(token)
+        self._outbox.delivered(row.seq)
+        self._recovered(row.target)
+        return True
+
+    def _failed(self, row: OutboxRow, code: grpc.StatusCode, details: str) -> bool:
+        error = f"{code.name}: {details}"
+        if code == grpc.StatusCode.ALREADY_EXISTS or (
+            code == grpc.StatusCode.NOT_FOUND and row.missing_ok
+        ):
+            # The request id is known (its record outlived its retention) or there is
+            # nothing left to change: the message has had its effect.
+            self._outbox.delivered(row.seq)
+            self._recovered(row.target)
+            return True
+        if code in REFUSED_CODES:
+            log.warning("outbox: %s refused event %s for good: %s", row.target, row.event_id, error)
+            self._outbox.refused(row.seq, error)
+            self._recovered(row.target)
+            return True
+        failures = self._failures[row.target] = self._failures[row.target] + 1
+        pause = backoff_delay_s(self._schedule, failures, self._rng)
+        at = self._clock() + pause
+        self._paused_until[row.target] = at
+        self._outbox.retry_later(row.seq, at=at, error=error)
+        if failures == 1:
+            log.warning(
+                "outbox: %s not reachable (%s); its events wait, next attempt in %.1f s",
+                row.target,
+                error,
+                pause,
+            )
+        else:
+            log.debug("outbox: %s still failing (%d): %s", row.target, failures, error)
+        return False
+
+    def _recovered(self, target: str) -> None:
+        if self._failures[target]:
+            log.info(
+                "outbox: %s reachable again after %d failed attempts",
+                target,
+                self._failures[target],
+            )
+            self._failures[target] = 0
+
+    def _purge_if_due(self) -> None:
+        now = self._clock()
+        if 0 <= now - self._purged_at < self._policy.purge_interval_s:
+            return
+        self._purged_at = now
+        purged = self._outbox.purge(before=now - self._policy.retention_s)
+        if purged:
+            log.info("outbox: purged %d delivered rows older than the retention", purged)

@@ -1,0 +1,292 @@
+"""The outbox relay against scripted destinations: delivery, backoff, refusals, isolation."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf.message import Message
+from grpc import aio
+
+from paymesh.notification.v1 import notification_pb2
+from services.database import open_database, transaction
+from services.payment_gateway.outbox import (
+    PENDING,
+    REFUSED,
+    SCHEMA,
+    SENT,
+    Outbox,
+    OutboxMessage,
+    OutboxRelay,
+    OutboxRow,
+    RelayPolicy,
+    Route,
+)
+from tests.unit.fakes import FakeClock
+
+NOTIFY = "/test.Notifications/Send"
+ANALYTICS = "/test.Analytics/Record"
+
+
+class Destination:
+    """A destination that answers with the codes it is told, then OK; records what it got."""
+
+    def __init__(self) -> None:
+        self.received: list[str] = []
+        self.failures: list[grpc.StatusCode] = []
+        self.hang = False
+
+    async def send(self, request: Message) -> object:
+        assert isinstance(request, notification_pb2.SendNotificationRequest)
+        if self.hang:
+            await asyncio.Event().wait()
+        if self.failures:
+            code = self.failures.pop(0)
+            raise aio.AioRpcError(code, aio.Metadata(), aio.Metadata(), f"scripted {code.name}")
+        self.received.append(request.request_id)
+        return object()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(start=time.time())
+
+
+class CountingOutbox(Outbox):
+    """An outbox that counts how often a worker looked for due rows."""
+
+    def __init__(self, conn: sqlite3.Connection, *, clock: FakeClock) -> None:
+        super().__init__(conn, clock=clock)
+        self.conn = conn
+        self.looks = 0
+
+    def due(self, target: str, *, limit: int) -> list[OutboxRow]:
+        self.looks += 1
+        return super().due(target, limit=limit)
+
+
+@pytest.fixture
+def outbox(tmp_path: Path, clock: FakeClock) -> Iterator[CountingOutbox]:
+    conn = open_database(tmp_path / "outbox.db", SCHEMA)
+    yield CountingOutbox(conn, clock=clock)
+    conn.close()
+
+
+async def _until(check: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 5
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached before the deadline"
+        await asyncio.sleep(0.01)
+
+
+def _message(event_id: str, method: str = NOTIFY, *, missing_ok: bool = False) -> OutboxMessage:
+    target = "notifications" if method == NOTIFY else "analytics"
+    return OutboxMessage(
+        event_id=event_id,
+        target=target,
+        method=method,
+        request=notification_pb2.SendNotificationRequest(request_id=event_id, merchant_id="m_1"),
+        missing_ok=missing_ok,
+    )
+
+
+def _write(outbox: CountingOutbox, *messages: OutboxMessage) -> None:
+    with transaction(outbox.conn) as conn:
+        outbox.add(conn, "pay_1", messages)
+
+
+def _relay(
+    outbox: CountingOutbox,
+    clock: FakeClock,
+    *destinations: tuple[str, Destination],
+    **policy: float,
+) -> OutboxRelay:
+    routes = {
+        method: Route(
+            "notifications" if method == NOTIFY else "analytics",
+            notification_pb2.SendNotificationRequest,
+            destination.send,
+        )
+        for method, destination in destinations
+    }
+    return OutboxRelay(
+        outbox,
+        routes,
+        policy=RelayPolicy(**policy),  # type: ignore[arg-type]  # numbers of the test
+        clock=clock,
+        rng=lambda: 1.0,  # the jitter's upper bound: the backoff is exact
+    )
+
+
+async def test_due_rows_are_sent_in_order_and_marked_sent_once(
+    outbox: CountingOutbox, clock: FakeClock
+) -> None:
+    destination = Destination()
+    _write(outbox, _message("evt_1"), _message("evt_2"))
+    relay = _relay(outbox, clock, (NOTIFY, destination))
+    await relay.deliver_due("notifications")
+    await relay.deliver_due("notifications")
+    assert destination.received == ["evt_1", "evt_2"]
+    assert [(r.state, r.attempts) for r in outbox.rows()] == [(SENT, 1), (SENT, 1)]
+
+
+def test_a_message_written_twice_is_one_row(outbox: CountingOutbox) -> None:
+    _write(outbox, _message("evt_1"))
+    _write(outbox, _message("evt_1"))
+    assert len(outbox.rows()) == 1
+
+
+async def test_failing_destination_is_retried_with_doubling_backoff_and_paused_meanwhile(
+    outbox: CountingOutbox, clock: FakeClock
+) -> None:
+    destination = Destination()
+    destination.failures = [grpc.StatusCode.UNAVAILABLE] * 3
+    _write(outbox, _message("evt_1"), _message("evt_2"))
+    relay = _relay(outbox, clock, (NOTIFY, destination), initial_backoff_s=1.0, max_backoff_s=3.0)
+
+    waits = []
+    for _ in range(3):
+        waits.append(await relay.deliver_due("notifications"))
+        head, behind = outbox.rows()
+        # Only the head was tried: a destination that is down sees one attempt per pause.
+        assert (head.state, behind.attempts) == (PENDING, 0)
+        assert head.last_error == "UNAVAILABLE: scripted UNAVAILABLE"
+        assert head.next_attempt_time == pytest.approx(clock() + waits[-1])
+        assert await relay.deliver_due("notifications") == pytest.approx(waits[-1])  # paused
+        clock.advance(waits[-1])
+    assert waits == pytest.approx([1.0, 2.0, 3.0])  # doubling, capped at max_backoff_s
+    assert outbox.rows()[0].attempts == 3
+    await relay.deliver_due("notifications")
+    assert destination.received == ["evt_1", "evt_2"]
+    assert [r.state for r in outbox.rows()] == [SENT, SENT]
+
+
+async def test_the_backoff_starts_over_once_the_destination_answers(
+    outbox: CountingOutbox, clock: FakeClock
+) -> None:
+    destination = Destination()
+    destination.failures = [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE]
+    _write(outbox, _message("evt_1"))
+    relay = _relay(outbox, clock, (NOTIFY, destination), initial_backoff_s=1.0)
+    clock.advance(await relay.deliver_due("notifications"))
+    clock.advance(await relay.deliver_due("notifications"))
+    await relay.deliver_due("notifications")
+    destination.failures = [grpc.StatusCode.UNAVAILABLE]
+    _write(outbox, _message("evt_2"))
+    assert await relay.deliver_due("notifications") == pytest.approx(1.0)
+
+
+async def test_a_definite_refusal_is_kept_as_refused_and_not_sent_again(
+    outbox: CountingOutbox, clock: FakeClock
+) -> None:
+    destination = Destination()
+    destination.failures = [grpc.StatusCode.INVALID_ARGUMENT]
+    _write(outbox, _message("evt_1"), _message("evt_2"))
+    relay = _relay(outbox, clock, (NOTIFY, destination))
+    await relay.deliver_due("notifications")
+    await relay.deliver_due("notifications")
+    refused, sent = outbox.rows()
+    assert (refused.state, refused.last_error) == (
+        REFUSED,
+        "INVALID_ARGUMENT: scripted INVALID_ARGUMENT",
+    )
+    assert sent.state == SENT
+    assert destination.received == ["evt_2"]
+    assert outbox.summary() == {"pending": {}, "refused": 1}
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INTERNAL])
+async def test_a_misconfiguration_or_fault_is_retried_not_lost(
+    outbox: CountingOutbox, clock: FakeClock, code: grpc.StatusCode
+) -> None:
+    destination = Destination()
+    destination.failures = [code]
+    _write(outbox, _message("evt_1"))
+    relay = _relay(outbox, clock, (NOTIFY, destination))
+    clock.advance(await relay.deliver_due("notifications"))
+    await relay.deliver_due("notifications")
+    assert destination.received == ["evt_1"]
+
+
+async def test_already_exists_and_a_missing_ok_not_found_count_as_delivered(
+    outbox: CountingOutbox, clock: FakeClock
+) -> None:
+    destination = Destination()
+    destination.failures = [grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.NOT_FOUND]
+    _write(outbox, _message("evt_1"), _message("evt_2", missing_ok=True))
+    relay = _relay(outbox, clock, (NOTIFY, destination))
+    await relay.deliver_due("notifications")
+    assert [r.state for r in outbox.rows()] == [SENT, SENT]
+
+
+async def test_a_hung_destination_delays_no_other_destination(
+    outbox: CountingOutbox, clock: FakeClock
+) -> None:
+    hung, analytics = Destination(), Destination()
+    hung.hang = True
+    _write(outbox, _message("evt_1"), _message("evt_1", ANALYTICS))
+    relay = _relay(outbox, clock, (NOTIFY, hung), (ANALYTICS, analytics), interval_s=3600)
+    worker = asyncio.create_task(relay.run_forever())
+    try:
+        await _until(lambda: bool(analytics.received))
+        assert analytics.received == ["evt_1"]
+        assert [r.state for r in outbox.rows()] == [PENDING, SENT]
+    finally:
+        worker.cancel()
+        await asyncio.gather(worker, return_exceptions=True)
+
+
+async def test_a_kick_wakes_a_worker_long_before_its_interval(
+    outbox: CountingOutbox, clock: FakeClock
+) -> None:
+    destination = Destination()
+    relay = _relay(outbox, clock, (NOTIFY, destination), interval_s=3600)
+    worker = asyncio.create_task(relay.run_forever())
+    try:
+        await _until(lambda: outbox.looks > 0)  # it found nothing and sleeps for an hour
+        _write(outbox, _message("evt_1"))
+        relay.kick()
+        await _until(lambda: bool(destination.received))
+        assert destination.received == ["evt_1"]
+    finally:
+        worker.cancel()
+        await asyncio.gather(worker, return_exceptions=True)
+
+
+async def test_delivered_rows_are_purged_after_the_retention(
+    outbox: CountingOutbox, clock: FakeClock
+) -> None:
+    destination = Destination()
+    _write(outbox, _message("evt_1"))
+    relay = _relay(outbox, clock, (NOTIFY, destination), retention_s=100, purge_interval_s=0)
+    await relay.deliver_due("notifications")
+    _write(outbox, _message("evt_2", ANALYTICS))  # no worker sends it: it stays pending
+    clock.advance(101)
+    await relay.deliver_due("notifications")
+    assert [r.event_id for r in outbox.rows()] == ["evt_2"]
+
+
+def test_summary_shows_what_waits_per_destination(outbox: CountingOutbox, clock: FakeClock) -> None:
+    _write(outbox, _message("evt_1"), _message("evt_2"))
+    (row, _) = outbox.rows()
+    outbox.retry_later(row.seq, at=clock() + 5, error="UNAVAILABLE: down")
+    pending = outbox.summary()["pending"]["notifications"]
+    assert (pending["pending"], pending["max_attempts"], pending["last_error"]) == (
+        2,
+        1,
+        "UNAVAILABLE: down",
+    )
+
+
+def test_relay_policy_defaults_are_safe_and_bad_values_refused() -> None:
+    policy = RelayPolicy()
+    assert (policy.interval_s, policy.initial_backoff_s, policy.max_backoff_s) == (5.0, 0.5, 60.0)
+    assert policy.retention_s == 7 * 24 * 3600
+    for bad in ({"interval_s": 0}, {"max_backoff_s": 0.1}, {"batch": 0}, {"retention_s": -1}):
+        with pytest.raises(ValueError):
+            RelayPolicy(**bad)  # type: ignore[arg-type]  # bad on purpose
