@@ -1,6 +1,15 @@
 """PayMesh's policy chain: client-side deadline, retry and breaker; server-side mapping."""
 
-from interceptors.breaker import BreakerOpen, BreakerRegistry, Outcome, TargetBreaker
+from interceptors.breaker import (
+    HALF_OPEN_READY,
+    BreakerOpen,
+    BreakerReadout,
+    BreakerRegistry,
+    CallRefused,
+    ConcurrencyLimited,
+    Outcome,
+    TargetBreaker,
+)
 from interceptors.budget import RetryBudget
 from interceptors.chain import RECONNECT_OPTIONS, ClientChain, build_client_chain
 from interceptors.deadline import (
@@ -11,7 +20,12 @@ from interceptors.deadline import (
     outgoing_deadline,
     set_incoming_deadline,
 )
-from interceptors.errors import CIRCUIT_OPEN_REASON, CallError, PartnerCallError
+from interceptors.errors import (
+    CIRCUIT_OPEN_REASON,
+    CONCURRENCY_LIMITED_REASON,
+    CallError,
+    PartnerCallError,
+)
 from interceptors.http import PartnerClient, PartnerResponse
 from interceptors.policy import (
     BreakerPolicy,
@@ -26,15 +40,20 @@ from interceptors.telemetry import ChainTelemetry
 
 __all__ = [
     "CIRCUIT_OPEN_REASON",
+    "CONCURRENCY_LIMITED_REASON",
+    "HALF_OPEN_READY",
     "RECONNECT_OPTIONS",
     "BreakerOpen",
     "BreakerPolicy",
+    "BreakerReadout",
     "BreakerRegistry",
     "BudgetPolicy",
     "CallError",
     "CallPolicy",
+    "CallRefused",
     "ChainTelemetry",
     "ClientChain",
+    "ConcurrencyLimited",
     "DeadlineExhausted",
     "Outcome",
     "OutgoingDeadline",

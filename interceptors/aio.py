@@ -21,7 +21,7 @@ import grpc
 from grpc import aio
 from opentelemetry import trace
 
-from interceptors.breaker import BreakerOpen, Outcome
+from interceptors.breaker import BreakerOpen, ConcurrencyLimited, Outcome
 from interceptors.deadline import (
     DeadlineExhausted,
     OutgoingDeadline,
@@ -34,11 +34,12 @@ from interceptors.errors import (
     PUSHBACK_KEY,
     CallError,
     circuit_open_error,
+    concurrency_limited_error,
     retry_delay_of,
     status_from_metadata,
 )
 from interceptors.retry import AttemptFailure, RetryRun, breaker_outcome
-from interceptors.runtime import ChainRuntime
+from interceptors.runtime import AbortableAttempt, ChainRuntime
 from interceptors.safety import method_name, request_is_safe
 from interceptors.telemetry import CallRecord
 from interceptors.tls import grpc_tls_problem, tls_handshake_error
@@ -379,8 +380,8 @@ class RetryInterceptor(_Layer, aio.UnaryUnaryClientInterceptor):
                 if run.attempts > 1:
                     stopped(call_span, attempts=run.attempts)
                 return call
-            except CallError as err:  # raised below us: the breaker refused this attempt
-                err.attempts = run.attempts - 1
+            except CallError as err:  # raised below us: the breaker refused or failed it
+                err.attempts += run.attempts - 1  # it counted the attempt if it was sent
                 runtime.telemetry.inc(
                     "retry_stops_total", target=self.target, method=method, reason=err.stop_reason
                 )
@@ -428,14 +429,20 @@ class RetryInterceptor(_Layer, aio.UnaryUnaryClientInterceptor):
 
 
 class BreakerInterceptor(_Layer, aio.UnaryUnaryClientInterceptor):
-    """Innermost: every attempt passes the target's breaker; open fails fast, locally."""
+    """Innermost: every attempt passes the target's breaker; open fails fast, locally.
+
+    So does a target with its limit of attempts in flight. When the breaker opens, the
+    attempts still in flight are cancelled and fail as CIRCUIT_OPEN: nobody waits for a
+    target judged unhealthy (a hung one would hold each until its deadline).
+    """
 
     async def intercept_unary_unary(
         self, continuation: Continuation, client_call_details: aio.ClientCallDetails, request: Any
     ) -> Any:
         breaker = self.runtime.breakers.get(self.target)
+        abortable = AbortableAttempt(asyncio.get_running_loop())
         try:
-            permit = breaker.admit()
+            permit = breaker.admit(abortable.abort)
         except BreakerOpen as exc:
             method = method_name(client_call_details.method)
             self.runtime.telemetry.inc("breaker_rejections_total", target=self.target)
@@ -448,17 +455,49 @@ class BreakerInterceptor(_Layer, aio.UnaryUnaryClientInterceptor):
                 method=method,
                 retry_after_s=exc.retry_after_s,
             ) from None
+        except ConcurrencyLimited as exc:
+            self.runtime.telemetry.inc("concurrency_limited_total", target=self.target)
+            fail_span(trace.get_current_span(), grpc.StatusCode.UNAVAILABLE.name, str(exc), None)
+            raise concurrency_limited_error(
+                caller=self.runtime.caller,
+                target=self.target,
+                method=method_name(client_call_details.method),
+                limit=exc.limit,
+                retry_after_s=exc.retry_after_s,
+            ) from None
         outcome = Outcome.IGNORED  # cancelled, or an error of ours: says nothing of the target
         try:
             call = await continuation(client_call_details, request)
+            abortable.attach(call)
             await call
             outcome = Outcome.SUCCESS
             return call
         except aio.AioRpcError as err:
             outcome = attempt_outcome(err.code(), err.details() or "")
+            if err.code() == grpc.StatusCode.CANCELLED and abortable.caused():
+                raise self._aborted(client_call_details, breaker.policy.open_s) from None
             raise
+        except asyncio.CancelledError:
+            if not abortable.caused():
+                raise  # the caller cancelled: not ours to turn into an error
+            raise self._aborted(client_call_details, breaker.policy.open_s) from None
         finally:
             breaker.record(permit, outcome)
+
+    def _aborted(self, details: aio.ClientCallDetails, open_s: float) -> CallError:
+        """The error of an attempt failed in flight because the breaker opened meanwhile."""
+        self.runtime.telemetry.inc("breaker_aborted_total", target=self.target)
+        error = circuit_open_error(
+            caller=self.runtime.caller,
+            target=self.target,
+            method=method_name(details.method),
+            retry_after_s=open_s,
+            in_flight=True,
+        )
+        span = trace.get_current_span()
+        circuit_open(span, target=self.target, retry_after_s=open_s)
+        fail_span(span, grpc.StatusCode.UNAVAILABLE.name, error.details() or "", None)
+        return error
 
 
 class PolicyInterceptor(aio.UnaryUnaryClientInterceptor):

@@ -10,7 +10,9 @@ The call stack of every outgoing unary call, outermost first::
                                 one child span per attempt (``paymesh.attempt``), whose
                                 ``traceparent`` the attempt carries to the target
             BreakerInterceptor  every attempt passes the target's breaker; open fails fast
-                                (a ``circuit_open`` event on the attempt span)
+                                (a ``circuit_open`` event on the attempt span), so does a
+                                target with ``max_concurrent_calls`` in flight; opening
+                                fails the attempts still in flight
               the call          grpc.aio (or sync) channel, reconnect backoff tuned
 
 ``build_client_chain`` is called once per process; the client factory asks it for the
@@ -113,8 +115,17 @@ class ClientChain:
         return self.runtime.telemetry
 
     def diagnostics(self) -> dict[str, Any]:
-        """Breaker states and budget figures per target, for a status page."""
-        return {"breakers": self.breakers.states(), "budgets": self.runtime.budgets()}
+        """Breaker states, their figures and budget figures per target, for a status page.
+
+        ``breakers`` maps target to state (``half-open-ready``: open, its open time passed);
+        ``breaker_details`` adds the time left open, the calls in flight and why it last opened.
+        """
+        readouts = self.breakers.readouts()
+        return {
+            "breakers": {target: r.state for target, r in readouts.items()},
+            "breaker_details": {target: r.as_dict() for target, r in readouts.items()},
+            "budgets": self.runtime.budgets(),
+        }
 
 
 def build_client_chain(

@@ -289,10 +289,20 @@ __all__ = [
 # --- What a client call raises when the policy chain gives up ---------------------------------
 
 STOP_REASONS = frozenset(
-    {"not_retryable", "attempts_exhausted", "deadline", "budget", "breaker_open", "pushback"}
+    {
+        "not_retryable",
+        "attempts_exhausted",
+        "deadline",
+        "budget",
+        "breaker_open",
+        "pushback",
+        "concurrency_limited",
+    }
 )
 #: ErrorInfo reason of a call refused locally by an open circuit breaker.
 CIRCUIT_OPEN_REASON = "CIRCUIT_OPEN"
+#: ErrorInfo reason of a call refused locally: its target's limit of calls in flight was reached.
+CONCURRENCY_LIMITED_REASON = "CONCURRENCY_LIMITED"
 
 
 class CallError(aio.AioRpcError):
@@ -363,20 +373,74 @@ def _circuit_open_details(caller: str, target: str, method: str) -> bytes:
     return serialized
 
 
-def circuit_open_error(*, caller: str, target: str, method: str, retry_after_s: float) -> CallError:
-    """An open breaker's local refusal: UNAVAILABLE, ErrorInfo CIRCUIT_OPEN naming the target."""
-    message = f"circuit breaker of {target} is open; retry in {retry_after_s:.1f} s"
+def circuit_open_error(
+    *, caller: str, target: str, method: str, retry_after_s: float, in_flight: bool = False
+) -> CallError:
+    """An open breaker's local refusal: UNAVAILABLE, ErrorInfo CIRCUIT_OPEN naming the target.
+
+    ``in_flight``: the attempt was sent, and failed when the breaker opened while it waited
+    (``attempts`` is then 1, else 0: nothing was sent).
+    """
+    message = (
+        f"circuit breaker of {target} opened while the call was in flight; not waiting for it"
+        if in_flight
+        else f"circuit breaker of {target} is open; retry in {retry_after_s:.1f} s"
+    )
     return CallError(
         grpc.StatusCode.UNAVAILABLE,
         message,
         target=target,
         method=method,
-        attempts=0,
+        attempts=1 if in_flight else 0,
         stop_reason="breaker_open",
         trailing_metadata=aio.Metadata(
             (STATUS_DETAILS_KEY, _circuit_open_details(caller, target, method))
         ),
     )
+
+
+@functools.lru_cache(maxsize=4096)
+def _concurrency_limited_details(
+    caller: str, target: str, method: str, limit: int, retry_after_s: float
+) -> bytes:
+    status = rich_status(
+        grpc.StatusCode.UNAVAILABLE,
+        f"{limit} calls to {target} are in flight already",
+        domain=caller,
+        reason=CONCURRENCY_LIMITED_REASON,
+        metadata={"target": target, "method": method, "limit": str(limit)},
+        retry_delay_s=retry_after_s,
+    )
+    serialized: bytes = status.SerializeToString()
+    return serialized
+
+
+def concurrency_limited_error(
+    *,
+    caller: str,
+    target: str,
+    method: str,
+    limit: int,
+    retry_after_s: float,
+    attempts: int = 0,
+    http: bool = False,
+) -> CallError:
+    """The local refusal of a call beyond its target's limit in flight: UNAVAILABLE, ErrorInfo
+    CONCURRENCY_LIMITED naming target and limit, RetryInfo ``retry_after_s``; this attempt was
+    not sent (``attempts`` counts the earlier ones). A PartnerCallError when ``http``."""
+    message = f"{limit} calls to {target} are in flight already; retry in {retry_after_s:.1f} s"
+    details = _concurrency_limited_details(caller, target, method, limit, retry_after_s)
+    trailing = aio.Metadata((STATUS_DETAILS_KEY, details))
+    fields: dict[str, Any] = {
+        "target": target,
+        "method": method,
+        "attempts": attempts,
+        "stop_reason": "concurrency_limited",
+        "trailing_metadata": trailing,
+    }
+    if http:
+        return PartnerCallError(grpc.StatusCode.UNAVAILABLE, message, http_status=None, **fields)
+    return CallError(grpc.StatusCode.UNAVAILABLE, message, **fields)
 
 
 def retry_delay_of(status: status_pb2.Status) -> float | None:
@@ -391,9 +455,11 @@ def retry_delay_of(status: status_pb2.Status) -> float | None:
 
 __all__ += [
     "CIRCUIT_OPEN_REASON",
+    "CONCURRENCY_LIMITED_REASON",
     "STOP_REASONS",
     "CallError",
     "PartnerCallError",
     "circuit_open_error",
+    "concurrency_limited_error",
     "retry_delay_of",
 ]

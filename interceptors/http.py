@@ -22,11 +22,11 @@ import grpc
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
-from interceptors.breaker import BreakerOpen, Outcome
+from interceptors.breaker import BreakerOpen, ConcurrencyLimited, Outcome
 from interceptors.deadline import DeadlineExhausted, outgoing_deadline
-from interceptors.errors import PartnerCallError
+from interceptors.errors import PartnerCallError, concurrency_limited_error
 from interceptors.retry import AttemptFailure, RetryRun, breaker_outcome
-from interceptors.runtime import ChainRuntime
+from interceptors.runtime import AbortableAttempt, ChainRuntime
 from interceptors.telemetry import CallRecord
 from interceptors.tls import ssl_tls_problem, tls_handshake_error
 from interceptors.tracing import (
@@ -236,8 +236,27 @@ class PartnerClient:
         )
         breaker = runtime.breakers.get(self.partner)
         while True:
+            attempt = AbortableAttempt(asyncio.get_running_loop())
             try:
-                permit = breaker.admit()
+                permit = breaker.admit(attempt.abort)
+            except ConcurrencyLimited as exc:
+                self._record(name, "UNAVAILABLE", started, str(exc))
+                runtime.telemetry.inc("concurrency_limited_total", target=self.partner)
+                runtime.telemetry.inc(
+                    "retry_stops_total",
+                    target=self.partner,
+                    method=name,
+                    reason="concurrency_limited",
+                )
+                raise concurrency_limited_error(
+                    caller=runtime.caller,
+                    target=self.partner,
+                    method=name,
+                    limit=exc.limit,
+                    retry_after_s=exc.retry_after_s,
+                    attempts=run.attempts,
+                    http=True,
+                ) from None
             except BreakerOpen as exc:
                 circuit_open(
                     trace.get_current_span(), target=self.partner, retry_after_s=exc.retry_after_s
@@ -263,10 +282,11 @@ class PartnerClient:
             inject(sent, trace.set_span_in_context(span))
             response, detail, tls_problem = None, "", None
             try:
-                response = await asyncio.wait_for(
-                    _exchange(self.base_url + path, method, sent, body, self._tls()),
-                    timeout=max(left, 0.0),
+                exchange = asyncio.ensure_future(
+                    _exchange(self.base_url + path, method, sent, body, self._tls())
                 )
+                attempt.attach(exchange)
+                response = await asyncio.wait_for(exchange, timeout=max(left, 0.0))
                 code, detail = http_code(response.status), f"HTTP {response.status}"
             except _TlsHandshakeFailed as exc:
                 code, detail = "UNAVAILABLE", f"TLS handshake failed: {exc}"
@@ -275,8 +295,14 @@ class PartnerClient:
                 code, detail = "DEADLINE_EXCEEDED", "no answer within the deadline"
             except (OSError, ValueError, IndexError, asyncio.IncompleteReadError) as exc:
                 code, detail = "UNAVAILABLE", f"{type(exc).__name__}: {exc}"
+            except asyncio.CancelledError:
+                breaker.record(permit, Outcome.IGNORED)  # says nothing of the partner
+                if not attempt.caused():
+                    span.end()
+                    raise  # the caller cancelled
+                raise self._aborted(span, name, started, run.attempts) from None
             except BaseException:
-                breaker.record(permit, Outcome.IGNORED)  # cancelled: says nothing of the partner
+                breaker.record(permit, Outcome.IGNORED)  # says nothing of the partner
                 span.end()
                 raise
             breaker.record(
@@ -313,6 +339,22 @@ class PartnerClient:
                 raise self._error(code, detail, run.attempts, reason, status, name)
             runtime.telemetry.inc("retries_total", target=self.partner, method=name)
             await runtime.sleep(decision.delay_s)
+
+    def _aborted(
+        self, span: trace.Span, name: str, started: float, attempts: int
+    ) -> PartnerCallError:
+        """The error of an attempt failed in flight because the breaker opened meanwhile."""
+        runtime = self.runtime
+        detail = f"circuit breaker of {self.partner} opened while the call was in flight"
+        runtime.telemetry.inc("breaker_aborted_total", target=self.partner)
+        open_s = runtime.breakers.get(self.partner).policy.open_s
+        circuit_open(span, target=self.partner, retry_after_s=open_s)
+        _end_attempt(span, "UNAVAILABLE", detail, None)
+        self._record(name, "UNAVAILABLE", started, detail)
+        runtime.telemetry.inc(
+            "retry_stops_total", target=self.partner, method=name, reason="breaker_open"
+        )
+        return self._error("UNAVAILABLE", detail, attempts, "breaker_open", None, name)
 
     def _record(self, name: str, code: str, started: float, error: str) -> None:
         self.runtime.telemetry.record_call(

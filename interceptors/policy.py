@@ -34,6 +34,11 @@ def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
         raise PolicyError(name, f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
+def _at_least_one(name: str, value: int) -> None:
+    if value < 1:
+        raise PolicyError(name, f"must be >= 1, got {value!r}")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RetryPolicy:
     """How often and how patiently a failed call is repeated (only when safe)."""
@@ -78,7 +83,11 @@ class BudgetPolicy:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BreakerPolicy:
-    """When a target's breaker opens and how it probes for recovery."""
+    """When a target's breaker opens, how it probes for recovery, and its calls in flight.
+
+    Any one rule trips it: the failure rate of the time window, ``consecutive_failures``
+    in a row, or the slow-call rate of the last calls.
+    """
 
     minimum_calls: int = 5
     """Calls within the window before the failure rate can trip it."""
@@ -89,17 +98,34 @@ class BreakerPolicy:
     open_s: float = 30.0
     """How long it stays open before admitting trial calls."""
     half_open_calls: int = 3
-    """Trial calls admitted when half-open; all must succeed to close."""
+    """Trial calls admitted when half-open; all must succeed, none slowly, to close."""
+    consecutive_failures: int = 5
+    """Failures in a row that trip it, whatever the window still holds (Envoy's
+    ``consecutive_5xx``, Finagle's failure accrual: 5)."""
+    slow_call_duration_s: float = 2.5
+    """A call this slow is slow, even if it succeeds; one still in flight counts as slow as
+    soon as it has run this long (a hung target never finishes one)."""
+    slow_call_rate: float = 0.6
+    """Share of slow calls among the last ``slow_call_window_calls`` that trips it."""
+    slow_call_window_calls: int = 5
+    """Calls the slow-call rate is taken over (count-based, as resilience4j's COUNT_BASED
+    window); a window not yet full counts its empty places as fast calls."""
+    max_concurrent_calls: int = 64
+    """Attempts in flight to the target beyond which a call is refused at once, locally
+    (Envoy's ``max_requests``, resilience4j's bulkhead ``maxConcurrentCalls``)."""
 
     def __post_init__(self) -> None:
-        if self.minimum_calls < 1:
-            raise PolicyError("minimum_calls", f"must be >= 1, got {self.minimum_calls!r}")
-        if not 0 < self.failure_rate <= 1:
-            raise PolicyError("failure_rate", f"must be in (0, 1], got {self.failure_rate!r}")
+        for name in ("minimum_calls", "half_open_calls", "consecutive_failures"):
+            _at_least_one(name, getattr(self, name))
+        for name in ("slow_call_window_calls", "max_concurrent_calls"):
+            _at_least_one(name, getattr(self, name))
+        for name in ("failure_rate", "slow_call_rate"):
+            value = getattr(self, name)
+            if not 0 < value <= 1:
+                raise PolicyError(name, f"must be in (0, 1], got {value!r}")
         _positive("window_s", self.window_s)
         _positive("open_s", self.open_s, allow_zero=True)
-        if self.half_open_calls < 1:
-            raise PolicyError("half_open_calls", f"must be >= 1, got {self.half_open_calls!r}")
+        _positive("slow_call_duration_s", self.slow_call_duration_s)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -20,7 +20,13 @@ from interceptors.policy import RetryPolicy
 
 Clock = Callable[[], float]
 StopReason = Literal[
-    "not_retryable", "attempts_exhausted", "deadline", "budget", "breaker_open", "pushback"
+    "not_retryable",
+    "attempts_exhausted",
+    "deadline",
+    "budget",
+    "breaker_open",
+    "pushback",
+    "concurrency_limited",
 ]
 
 #: Codes that say the target, not the request, is unhealthy: they count against its breaker.

@@ -9,10 +9,12 @@ tests. No gRPC import (the OpenTelemetry API only).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from opentelemetry import trace
 
@@ -25,6 +27,51 @@ Clock = Callable[[], float]
 AsyncSleep = Callable[[float], Awaitable[None]]
 SyncSleep = Callable[[float], None]
 Random = Callable[[], float]
+
+
+class Cancellable(Protocol):
+    """What an attempt in flight is: a grpc.aio call or an asyncio task."""
+
+    def cancel(self) -> bool:
+        """Stop it; who awaits it sees CancelledError."""
+        ...
+
+
+class AbortableAttempt:
+    """An attempt in flight that the breaker fails at once if it opens meanwhile.
+
+    ``abort`` is the breaker's AbortHook: it may run on any thread (the breakers are shared
+    with the sync adapter), so it only schedules the cancellation on the attempt's loop.
+    """
+
+    __slots__ = ("_attempt", "_loop", "aborted")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._attempt: Cancellable | None = None
+        self.aborted = False
+        """Whether the breaker failed it: a CancelledError then is ours, not the caller's."""
+
+    def abort(self) -> None:
+        """Cancel the attempt soon, on its own loop."""
+        self.aborted = True
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            self._loop.call_soon_threadsafe(self._cancel)
+
+    def attach(self, attempt: Cancellable) -> None:
+        """The attempt, once made; cancelled at once if the breaker opened already."""
+        self._attempt = attempt
+        if self.aborted:
+            attempt.cancel()
+
+    def caused(self) -> bool:
+        """Whether a CancelledError caught now came from ``abort``, not from the caller."""
+        task = asyncio.current_task()
+        return self.aborted and not (task is not None and task.cancelling())
+
+    def _cancel(self) -> None:
+        if self._attempt is not None:
+            self._attempt.cancel()
 
 
 class ChainRuntime:
@@ -59,6 +106,7 @@ class ChainRuntime:
             lambda target: config.target_policy(target).breaker,
             clock=clock,
             on_transition=self._on_transition,
+            on_trip=self._on_trip,
         )
         self._lock = threading.Lock()
         self._budgets: dict[str, RetryBudget] = {}
@@ -68,6 +116,9 @@ class ChainRuntime:
 
     def _on_transition(self, target: str, old: str, new: str) -> None:
         self.telemetry.inc("breaker_transitions_total", target=target, old=old, new=new)
+
+    def _on_trip(self, target: str, rule: str) -> None:
+        self.telemetry.inc("breaker_trips_total", target=target, rule=rule)
 
     def policy(self, target: str, method: str) -> CallPolicy:
         """The policy of one call (resolved once per target and method)."""

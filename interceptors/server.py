@@ -296,7 +296,7 @@ class ServerPolicyInterceptor(AsyncServerInterceptor):
             if value is not None:
                 metadata[attr] = str(value)
         if code in _INFRA_CODES:
-            kept = ("CIRCUIT_OPEN", "TLS_HANDSHAKE_FAILED")
+            kept = ("CIRCUIT_OPEN", "TLS_HANDSHAKE_FAILED", "CONCURRENCY_LIMITED")
             reason = peer_info.reason if peer_info and peer_info.reason in kept else None
             if getattr(exc, "stop_reason", None) == "breaker_open":
                 reason = "CIRCUIT_OPEN"

@@ -17,7 +17,7 @@ from grpc import aio
 from grpc_interceptor import ClientCallDetails, ClientInterceptor
 
 from interceptors.aio import PREVIOUS_ATTEMPTS_KEY, attempt_failure, attempt_outcome, give_up
-from interceptors.breaker import BreakerOpen, Outcome
+from interceptors.breaker import BreakerOpen, ConcurrencyLimited, Outcome
 from interceptors.deadline import (
     DeadlineExhausted,
     OutgoingDeadline,
@@ -25,7 +25,7 @@ from interceptors.deadline import (
     outgoing_deadline,
     reset_call_deadline,
 )
-from interceptors.errors import CallError, circuit_open_error
+from interceptors.errors import CallError, circuit_open_error, concurrency_limited_error
 from interceptors.retry import RetryRun
 from interceptors.runtime import ChainRuntime
 from interceptors.safety import method_name, request_is_safe
@@ -167,7 +167,7 @@ class SyncRetryInterceptor(_SyncLayer):
             runtime.telemetry.inc("attempts_total", target=self.target, method=name)
             outcome = method(request, attempt)
             if isinstance(outcome, CallError):  # the breaker refused this attempt
-                outcome.attempts = run.attempts - 1
+                outcome.attempts += run.attempts - 1
                 runtime.telemetry.inc(
                     "retry_stops_total", target=self.target, method=name, reason=outcome.stop_reason
                 )
@@ -203,7 +203,12 @@ class SyncRetryInterceptor(_SyncLayer):
 
 
 class SyncBreakerInterceptor(_SyncLayer):
-    """Innermost: every attempt passes the target's breaker; open fails fast, locally."""
+    """Innermost: every attempt passes the target's breaker; open fails fast, locally.
+
+    So does a target with its limit of attempts in flight. A blocking call cannot be failed
+    from outside, so, unlike the aio adapter's, an attempt in flight when the breaker opens
+    waits for its answer or its deadline.
+    """
 
     def intercept(self, method: Method, request: Any, call_details: grpc.ClientCallDetails) -> Any:
         breaker = self.runtime.breakers.get(self.target)
@@ -215,6 +220,15 @@ class SyncBreakerInterceptor(_SyncLayer):
                 caller=self.runtime.caller,
                 target=self.target,
                 method=method_name(call_details.method),
+                retry_after_s=exc.retry_after_s,
+            ) from None
+        except ConcurrencyLimited as exc:
+            self.runtime.telemetry.inc("concurrency_limited_total", target=self.target)
+            raise concurrency_limited_error(
+                caller=self.runtime.caller,
+                target=self.target,
+                method=method_name(call_details.method),
+                limit=exc.limit,
                 retry_after_s=exc.retry_after_s,
             ) from None
         result = Outcome.IGNORED

@@ -18,7 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.registry import Collector
 
-from interceptors.breaker import CLOSED, HALF_OPEN, OPEN
+from interceptors.breaker import CLOSED, HALF_OPEN, HALF_OPEN_READY, OPEN
 from interceptors.telemetry import CallRecord, ChainTelemetry, Labels
 from services.admin import AdminRequest, AdminResponse
 
@@ -38,8 +38,9 @@ LATENCY_BUCKETS_S = (
     5.0,
     10.0,
 )
-#: Value of ``paymesh_breaker_state`` per breaker state.
-BREAKER_STATE_VALUES = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
+#: Value of ``paymesh_breaker_state`` per breaker state; half-open-ready (open, its open time
+#: passed, the next call a trial) reads as half-open.
+BREAKER_STATE_VALUES = {CLOSED: 0, HALF_OPEN: 1, HALF_OPEN_READY: 1, OPEN: 2}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -92,6 +93,24 @@ CHAIN_SERIES: Mapping[str, ChainSeries] = {
     "breaker_rejections_total": ChainSeries(
         name="paymesh_breaker_rejections",
         documentation="Calls refused locally because the target's breaker was open.",
+        labels=("target",),
+    ),
+    "breaker_trips_total": ChainSeries(
+        name="paymesh_breaker_trips",
+        documentation="Times a target's breaker opened, by the rule that opened it "
+        "(failure_rate, consecutive_failures, slow_call_rate, trial_failed, trial_slow).",
+        labels=("target", "rule"),
+    ),
+    "breaker_aborted_total": ChainSeries(
+        name="paymesh_breaker_aborted_calls",
+        documentation="Calls in flight failed at once (CIRCUIT_OPEN) because the target's "
+        "breaker opened while they waited.",
+        labels=("target",),
+    ),
+    "concurrency_limited_total": ChainSeries(
+        name="paymesh_client_concurrency_limited",
+        documentation="Calls refused locally (CONCURRENCY_LIMITED) because the target had its "
+        "limit of calls in flight; not counted by the breaker.",
         labels=("target",),
     ),
     "deadline_exceeded_total": ChainSeries(
@@ -168,7 +187,8 @@ class ChainCollector(Collector):
             yield family
         gauge = GaugeMetricFamily(
             "paymesh_breaker_state",
-            "Circuit breaker state of each target: 0 closed, 1 half-open, 2 open.",
+            "Circuit breaker state of each target: 0 closed, 1 half-open (or open with its open "
+            "time passed), 2 open.",
             labels=("caller", "target"),
         )
         states = dict.fromkeys(self._targets, CLOSED) | dict(self._breaker_states())

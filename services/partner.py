@@ -40,10 +40,10 @@ async def call_partner(
             method, path, query=query, json=json, idempotency_key=idempotency_key
         )
     except CallError as exc:
-        breaker_open = exc.stop_reason == "breaker_open"
+        local = {"breaker_open": "CIRCUIT_OPEN", "concurrency_limited": "CONCURRENCY_LIMITED"}
         raise Unavailable(
             f"partner {client.partner} is unavailable: {exc.details()}",
-            reason="CIRCUIT_OPEN" if breaker_open else reason,
+            reason=local.get(exc.stop_reason or "", reason),
             metadata={"partner": client.partner, "stop_reason": exc.stop_reason or ""},
             pushback_ms=-1,
         ) from exc

@@ -20,9 +20,10 @@ from interceptors.aio import (
     TelemetryInterceptor,
 )
 from interceptors.chain import ClientChain
-from interceptors.errors import CallError, error_info
+from interceptors.errors import CallError, error_info, retry_delay_of
 from paymesh.testing.v1 import testing_pb2 as pb
 from paymesh.testing.v1 import testing_pb2_grpc
+from tests.integration.gated import GatedServicer
 from tests.integration.harness import (
     TARGET,
     Fault,
@@ -39,7 +40,7 @@ from tests.integration.harness import (
 UNAVAILABLE = Fault(code=grpc.StatusCode.UNAVAILABLE)
 #: The server reads its remaining time off the wall clock; allow the two clocks to disagree a bit.
 CLOCK_SKEW_S = 0.05
-NO_BREAKER = {"breaker": {"minimum_calls": 1_000_000}}
+NO_BREAKER = {"breaker": {"minimum_calls": 1_000_000, "consecutive_failures": 1_000_000}}
 
 
 def test_chain_order_is_telemetry_deadline_retry_breaker() -> None:
@@ -356,3 +357,105 @@ async def test_cancelled_status_from_the_target_never_opens_the_breaker() -> Non
             assert caught.value.code() == grpc.StatusCode.CANCELLED
     assert srv.servicer.count() == CALLS
     assert chain.breakers.states() == {TARGET: "closed"}
+
+
+# --- hang detection: consecutive failures, slow calls in flight, the limit in flight ---------
+
+
+async def _read(stub: testing_pb2_grpc.TestServiceStub) -> pb.ReadResponse:
+    response: pb.ReadResponse = await stub.Read(pb.ReadRequest())
+    return response
+
+
+def _reason_and_delay(error: CallError) -> tuple[str, float | None]:
+    status = status_pb2.Status.FromString(
+        dict(error.trailing_metadata())["grpc-status-details-bin"]
+    )
+    info = error_info(status)
+    assert info is not None
+    return info.reason, retry_delay_of(status)
+
+
+async def test_five_failures_in_a_row_open_it_though_the_window_holds_successes() -> None:
+    chain = make_chain({"retry": {"max_attempts": 1}})
+    async with serving() as srv, stub_for(chain, srv.address) as stub:
+        for _ in range(20):
+            await stub.Read(pb.ReadRequest())
+        srv.servicer.default = UNAVAILABLE
+        for _ in range(10):
+            with pytest.raises(CallError):
+                await stub.Read(pb.ReadRequest())
+    assert srv.servicer.count() == 20 + 5  # 5 of 25 failed: far under the failure rate
+    assert chain.breakers.states() == {TARGET: "open"}
+    assert chain.telemetry.value("breaker_trips_total", rule="consecutive_failures") == 1
+
+
+async def test_calls_beyond_the_targets_limit_in_flight_are_refused_at_once() -> None:
+    chain = make_chain({"breaker": {"max_concurrent_calls": 2}})
+    servicer = GatedServicer()
+    async with serving(servicer) as srv, stub_for(chain, srv.address) as stub:
+        held = [asyncio.create_task(_read(stub)) for _ in range(2)]
+        await eventually(lambda: servicer.held == 2)
+        with pytest.raises(CallError) as caught:
+            await stub.Read(pb.ReadRequest())
+        assert servicer.held == 2  # the refused call never reached the target
+        servicer.gate.set()
+        await asyncio.gather(*held)
+        await stub.Read(pb.ReadRequest())  # a slot is free again
+    error = caught.value
+    assert (error.code(), error.stop_reason, error.attempts) == (
+        grpc.StatusCode.UNAVAILABLE,
+        "concurrency_limited",
+        0,
+    )
+    assert _reason_and_delay(error) == ("CONCURRENCY_LIMITED", 2.5)
+    assert servicer.count() == 3
+    assert chain.telemetry.value("concurrency_limited_total", target=TARGET) == 1
+    assert chain.breakers.states() == {TARGET: "closed"}  # a refusal is not a failure
+
+
+async def test_a_hung_target_opens_the_breaker_and_fails_the_calls_in_flight() -> None:
+    clock = ShiftedClock()
+    chain = make_chain({"timeout_s": 30.0}, clock=clock)
+    servicer = GatedServicer()  # never opened: the target answers nothing
+    async with serving(servicer) as srv, stub_for(chain, srv.address) as stub:
+        hung = [asyncio.create_task(_read(stub)) for _ in range(3)]
+        await eventually(lambda: servicer.held == 3)
+        clock.advance(2.5)  # the three have run the slow-call duration, on the breaker's clock
+        with pytest.raises(CallError) as refused:
+            await stub.Read(pb.ReadRequest())
+        results = await asyncio.gather(*hung, return_exceptions=True)
+        await eventually(lambda: servicer.held == 0)  # the target saw them cancelled
+    assert refused.value.stop_reason == "breaker_open"
+    assert refused.value.attempts == 0
+    assert all(isinstance(r, CallError) for r in results)
+    failed = [r for r in results if isinstance(r, CallError)]
+    assert {(r.code(), r.stop_reason, r.attempts) for r in failed} == {
+        (grpc.StatusCode.UNAVAILABLE, "breaker_open", 1)
+    }
+    assert {_reason_and_delay(r)[0] for r in failed} == {"CIRCUIT_OPEN"}
+    assert chain.breakers.states() == {TARGET: "open"}
+    assert chain.telemetry.value("breaker_trips_total", rule="slow_call_rate") == 1
+    assert chain.telemetry.value("breaker_aborted_total", target=TARGET) == 3
+
+
+async def test_a_slow_call_within_the_slow_duration_keeps_the_breaker_closed() -> None:
+    chain = make_chain({"breaker": {"slow_call_duration_s": 1.0}})
+    async with serving() as srv, stub_for(chain, srv.address) as stub:
+        srv.servicer.default = Fault(hold_s=0.3)  # slow, but under the threshold
+        await asyncio.gather(*(stub.Read(pb.ReadRequest()) for _ in range(10)))
+    assert chain.breakers.states() == {TARGET: "closed"}
+    assert chain.breakers.readouts()[TARGET].slow_calls == 0
+
+
+async def test_a_call_its_caller_cancels_stays_cancelled_and_frees_its_slot() -> None:
+    chain = make_chain({"timeout_s": 30.0})
+    servicer = GatedServicer()
+    async with serving(servicer) as srv, stub_for(chain, srv.address) as stub:
+        held = asyncio.create_task(_read(stub))
+        await eventually(lambda: servicer.held == 1)
+        held.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await held
+    assert chain.telemetry.value("breaker_aborted_total", target=TARGET) == 0
+    assert chain.breakers.readouts()[TARGET].in_flight == 0

@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from google.rpc import status_pb2
 
 from interceptors.deadline import reset_incoming_deadline, set_incoming_deadline
-from interceptors.errors import CallError, PartnerCallError
-from tests.integration.harness import eventually, make_chain
+from interceptors.errors import CallError, PartnerCallError, error_info, retry_delay_of
+from tests.integration.harness import ShiftedClock, eventually, make_chain
 
 PARTNER = "exchange-rate"
 
@@ -38,6 +39,8 @@ class Partner:
     default: Reply = field(default_factory=Reply)
     seen: list[tuple[str, str, dict[str, str], float]] = field(default_factory=list)
     url: str = ""
+    gate: threading.Event | None = None
+    """When set to an Event, every request is held until it is set (or 10 s passed)."""
 
     def count(self) -> int:
         return len(self.seen)
@@ -53,6 +56,8 @@ def partner_server() -> Iterator[Partner]:
             body = self.rfile.read(length) if length else b""
             partner.seen.append((self.command, self.path, dict(self.headers), time.monotonic()))
             reply = partner.script.popleft() if partner.script else partner.default
+            if partner.gate is not None:
+                partner.gate.wait(10.0)  # a partner that stopped answering, until released
             time.sleep(reply.hold_s)  # the partner being slow, on its own thread
             payload = json.dumps({"path": self.path, "echo": body.decode() or None}).encode()
             # A held reply may find its client gone (it timed out or was cancelled).
@@ -148,7 +153,12 @@ async def test_retry_after_is_honoured_as_pushback() -> None:
 
 
 async def test_partner_deadline_is_overall_across_retries() -> None:
-    chain = make_chain({"retry": {"max_attempts": 50}, "breaker": {"minimum_calls": 1_000_000}})
+    chain = make_chain(
+        {
+            "retry": {"max_attempts": 50},
+            "breaker": {"minimum_calls": 1_000_000, "consecutive_failures": 1_000_000},
+        }
+    )
     with partner_server() as partner:
         partner.default = Reply(503, hold_s=0.1)
         client = chain.http_client(PARTNER, partner.url)
@@ -177,7 +187,10 @@ async def test_unreachable_partner_is_unavailable() -> None:
 
 
 async def test_partner_retry_budget_bounds_attempts_during_an_outage() -> None:
-    policy = {"budget": {"min_retries": 2}, "breaker": {"minimum_calls": 1_000_000}}
+    policy = {
+        "budget": {"min_retries": 2},
+        "breaker": {"minimum_calls": 1_000_000, "consecutive_failures": 1_000_000},
+    }
     chain = make_chain(policy)
     calls = 20
     with partner_server() as partner:
@@ -234,3 +247,74 @@ async def test_requests_the_caller_cancels_never_open_the_partners_breaker() -> 
         results = await asyncio.gather(*calls, return_exceptions=True)
     assert all(isinstance(r, asyncio.CancelledError) for r in results)
     assert chain.breakers.states() == {PARTNER: "closed"}
+
+
+# --- hang detection: consecutive failures, slow requests in flight, the limit in flight ------
+
+
+async def test_partner_five_failures_in_a_row_open_it_though_the_window_holds_successes() -> None:
+    chain = make_chain({"retry": {"max_attempts": 1}})
+    with partner_server() as partner:
+        client = chain.http_client(PARTNER, partner.url)
+        for _ in range(20):
+            await client.request("GET", "/rates")
+        partner.default = Reply(503)
+        for _ in range(10):
+            with pytest.raises(PartnerCallError):
+                await client.request("GET", "/rates")
+    assert partner.count() == 20 + 5
+    assert chain.breakers.states() == {PARTNER: "open"}
+    assert chain.telemetry.value("breaker_trips_total", rule="consecutive_failures") == 1
+
+
+async def test_partner_requests_beyond_its_limit_in_flight_are_refused_at_once() -> None:
+    chain = make_chain({"breaker": {"max_concurrent_calls": 2}})
+    with partner_server() as partner:
+        partner.gate = threading.Event()
+        client = chain.http_client(PARTNER, partner.url)
+        held = [asyncio.create_task(client.request("GET", "/rates")) for _ in range(2)]
+        await eventually(lambda: partner.count() == 2)
+        with pytest.raises(PartnerCallError) as caught:
+            await client.request("GET", "/rates")
+        assert partner.count() == 2  # the refused request never reached the partner
+        partner.gate.set()
+        await asyncio.gather(*held)
+    error = caught.value
+    assert (error.code().name, error.stop_reason, error.attempts, error.http_status) == (
+        "UNAVAILABLE",
+        "concurrency_limited",
+        0,
+        None,
+    )
+    status = status_pb2.Status.FromString(
+        dict(error.trailing_metadata())["grpc-status-details-bin"]
+    )
+    info = error_info(status)
+    assert info is not None
+    assert (info.reason, retry_delay_of(status)) == ("CONCURRENCY_LIMITED", 2.5)
+    assert chain.telemetry.value("concurrency_limited_total", target=PARTNER) == 1
+    assert chain.breakers.states() == {PARTNER: "closed"}
+
+
+async def test_a_hung_partner_opens_the_breaker_and_fails_the_requests_in_flight() -> None:
+    clock = ShiftedClock()
+    chain = make_chain({"timeout_s": 30.0}, clock=clock)
+    with partner_server() as partner:
+        partner.gate = threading.Event()  # never set while the test waits: no answer comes
+        client = chain.http_client(PARTNER, partner.url)
+        hung = [asyncio.create_task(client.request("GET", "/rates")) for _ in range(3)]
+        await eventually(lambda: partner.count() == 3)
+        clock.advance(2.5)  # the three have run the slow-call duration, on the breaker's clock
+        with pytest.raises(PartnerCallError) as refused:
+            await client.request("GET", "/rates")
+        results = await asyncio.gather(*hung, return_exceptions=True)
+        partner.gate.set()
+    assert refused.value.stop_reason == "breaker_open"
+    failed = [r for r in results if isinstance(r, PartnerCallError)]
+    assert len(failed) == 3
+    assert {(r.code().name, r.stop_reason, r.attempts) for r in failed} == {
+        ("UNAVAILABLE", "breaker_open", 1)
+    }
+    assert chain.breakers.states() == {PARTNER: "open"}
+    assert chain.telemetry.value("breaker_aborted_total", target=PARTNER) == 3
+    assert chain.breakers.readouts()[PARTNER].in_flight == 0

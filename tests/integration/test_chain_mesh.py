@@ -23,7 +23,7 @@ from tests.integration.harness import (
 )
 
 CLOCK_SKEW_S = 0.05
-NO_BREAKER = {"breaker": {"minimum_calls": 1_000_000}}
+NO_BREAKER = {"breaker": {"minimum_calls": 1_000_000, "consecutive_failures": 1_000_000}}
 
 
 @dataclass

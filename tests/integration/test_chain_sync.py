@@ -11,10 +11,11 @@ from typing import TypeVar
 
 import grpc
 import pytest
+from google.rpc import status_pb2
 
 from interceptors.chain import ClientChain
 from interceptors.deadline import reset_incoming_deadline, set_incoming_deadline
-from interceptors.errors import CallError
+from interceptors.errors import CallError, error_info, retry_delay_of
 from interceptors.sync import (
     SyncBreakerInterceptor,
     SyncDeadlineInterceptor,
@@ -23,7 +24,15 @@ from interceptors.sync import (
 )
 from paymesh.testing.v1 import testing_pb2 as pb
 from paymesh.testing.v1 import testing_pb2_grpc
-from tests.integration.harness import TARGET, Fault, ScriptedServicer, make_chain, serving
+from tests.integration.gated import GatedServicer
+from tests.integration.harness import (
+    TARGET,
+    Fault,
+    ScriptedServicer,
+    eventually,
+    make_chain,
+    serving,
+)
 
 UNAVAILABLE = Fault(code=grpc.StatusCode.UNAVAILABLE)
 T = TypeVar("T")
@@ -117,7 +126,12 @@ async def test_sync_pushback_is_honoured() -> None:
 
 
 async def test_sync_retry_budget_bounds_attempts_during_an_outage() -> None:
-    chain = make_chain({"budget": {"min_retries": 2}, "breaker": {"minimum_calls": 1_000_000}})
+    chain = make_chain(
+        {
+            "budget": {"min_retries": 2},
+            "breaker": {"minimum_calls": 1_000_000, "consecutive_failures": 1_000_000},
+        }
+    )
     calls = 20
 
     def outage(stub: testing_pb2_grpc.TestServiceStub) -> None:
@@ -190,4 +204,58 @@ async def test_sync_cancelled_status_never_opens_the_breaker() -> None:
         srv.servicer.default = Fault(code=grpc.StatusCode.CANCELLED)
         codes = await in_thread(chain, srv.address, called_with_incoming_deadline(None, CALLS))
     assert codes == [grpc.StatusCode.CANCELLED] * CALLS
+    assert chain.breakers.states() == {TARGET: "closed"}
+
+
+# --- hang detection: consecutive failures, the limit in flight -------------------------------
+
+
+async def test_sync_five_failures_in_a_row_open_it_though_the_window_holds_successes() -> None:
+    chain = make_chain({"retry": {"max_attempts": 1}})
+
+    def calls(stub: testing_pb2_grpc.TestServiceStub) -> None:
+        for _ in range(10):
+            with pytest.raises(CallError):
+                stub.Read(pb.ReadRequest())
+
+    async with serving() as srv:
+        await in_thread(chain, srv.address, lambda s: [s.Read(pb.ReadRequest()) for _ in range(20)])
+        srv.servicer.default = UNAVAILABLE
+        await in_thread(chain, srv.address, calls)
+    assert srv.servicer.count() == 20 + 5
+    assert chain.breakers.states() == {TARGET: "open"}
+    assert chain.telemetry.value("breaker_trips_total", rule="consecutive_failures") == 1
+
+
+async def test_sync_calls_beyond_the_targets_limit_in_flight_are_refused_at_once() -> None:
+    chain = make_chain({"breaker": {"max_concurrent_calls": 2}})
+    servicer = GatedServicer()
+    async with serving(servicer) as srv:
+        held = [
+            asyncio.ensure_future(in_thread(chain, srv.address, lambda s: s.Read(pb.ReadRequest())))
+            for _ in range(2)
+        ]
+        await eventually(lambda: servicer.held == 2)
+
+        def refused(stub: testing_pb2_grpc.TestServiceStub) -> CallError:
+            with pytest.raises(CallError) as caught:
+                stub.Read(pb.ReadRequest())
+            return caught.value
+
+        error = await in_thread(chain, srv.address, refused)
+        assert servicer.held == 2  # the refused call never reached the target
+        servicer.gate.set()
+        await asyncio.gather(*held)
+    assert (error.code(), error.stop_reason, error.attempts) == (
+        grpc.StatusCode.UNAVAILABLE,
+        "concurrency_limited",
+        0,
+    )
+    status = status_pb2.Status.FromString(
+        dict(error.trailing_metadata())["grpc-status-details-bin"]
+    )
+    info = error_info(status)
+    assert info is not None
+    assert (info.reason, retry_delay_of(status)) == ("CONCURRENCY_LIMITED", 2.5)
+    assert chain.telemetry.value("concurrency_limited_total", target=TARGET) == 1
     assert chain.breakers.states() == {TARGET: "closed"}

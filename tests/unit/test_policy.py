@@ -114,3 +114,46 @@ def test_bad_file_error_names_key_and_file(tmp_path: Path) -> None:
     path.write_text("[defaults.retry]\nmax_attempts = 0\n")
     with pytest.raises(PolicyError, match=r"defaults\.retry\.max_attempts.*policy\.toml"):
         PolicyConfig.load(str(path))
+
+
+def test_hang_detection_defaults() -> None:
+    breaker = CallPolicy().breaker
+    assert breaker.consecutive_failures == 5
+    assert (breaker.slow_call_duration_s, breaker.slow_call_rate) == (2.5, 0.6)
+    assert (breaker.slow_call_window_calls, breaker.max_concurrent_calls) == (5, 64)
+
+
+def test_deployed_file_keeps_the_defaults_and_gives_partners_more_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(POLICY_FILE_VAR, raising=False)
+    config = PolicyConfig.load()
+    assert config.defaults.breaker == CallPolicy().breaker
+    assert config.target_policy("bank-transfer").breaker.slow_call_duration_s == 5.0
+    assert config.target_policy("merchant-webhooks").breaker.slow_call_duration_s == 5.0
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("consecutive_failures", 0),
+        ("slow_call_duration_s", 0),
+        ("slow_call_rate", 0),
+        ("slow_call_rate", 1.5),
+        ("slow_call_window_calls", 0),
+        ("max_concurrent_calls", 0),
+        ("max_concurrent_calls", 1.5),
+    ],
+)
+def test_bad_hang_detection_value_names_its_path(key: str, value: float) -> None:
+    with pytest.raises(PolicyError) as caught:
+        PolicyConfig.from_mapping({"targets": {"order-service": {"breaker": {key: value}}}})
+    assert caught.value.key == f"targets.order-service.breaker.{key}"
+
+
+def test_concurrency_limit_per_target_overrides_the_default() -> None:
+    config = PolicyConfig.from_mapping(
+        {"targets": {"order-service": {"breaker": {"max_concurrent_calls": 8}}}}
+    )
+    assert config.target_policy("order-service").breaker.max_concurrent_calls == 8
+    assert config.target_policy("risk-service").breaker.max_concurrent_calls == 64
