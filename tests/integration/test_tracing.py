@@ -232,8 +232,18 @@ def _payment_trace(mesh: TracedMesh) -> list[ReadableSpan]:
 
 
 async def _settled_trace(mesh: TracedMesh, wanted: set[str]) -> list[ReadableSpan]:
-    """The payment's spans once every service in ``wanted`` reported (some work is async)."""
-    await eventually(lambda: wanted <= {service_of(s) for s in _payment_trace(mesh)}, within_s=10.0)
+    """The payment's spans once every service in ``wanted`` reported and every reported
+    span's parent has ended too (the outbox sends events after the reply, so a child can be
+    exported before the client span around it ends)."""
+
+    def settled() -> bool:
+        spans = _payment_trace(mesh)
+        ids = {s.context.span_id for s in spans}
+        return wanted <= {service_of(s) for s in spans} and all(
+            s.parent.span_id in ids for s in spans if s.parent is not None
+        )
+
+    await eventually(settled, within_s=10.0)
     return _payment_trace(mesh)
 
 
