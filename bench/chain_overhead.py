@@ -63,7 +63,7 @@ def _chain(policy: dict[str, Any]) -> Any:
     )
 
 
-async def _latencies(stub: Any, calls: int) -> list[float]:
+async def latencies(stub: Any, calls: int) -> list[float]:
     out = []
     request = testing_pb2.ReadRequest(text="x")
     for _ in range(calls):
@@ -93,13 +93,13 @@ async def _overhead(address: str, calls: int) -> dict[str, Any]:
         testing_pb2_grpc.TestServiceStub(bare_channel),
         testing_pb2_grpc.TestServiceStub(chain_channel),
     )
-    await _latencies(bare, 200)
-    await _latencies(chained, 200)
+    await latencies(bare, 200)
+    await latencies(chained, 200)
     bare_samples: list[float] = []
     chain_samples: list[float] = []
     for _ in range(10):  # interleave so drift hits both alike
-        bare_samples += await _latencies(bare, calls // 10)
-        chain_samples += await _latencies(chained, calls // 10)
+        bare_samples += await latencies(bare, calls // 10)
+        chain_samples += await latencies(chained, calls // 10)
     await bare_channel.close()
     await chain_channel.close()
     b, c = _summary(bare_samples), _summary(chain_samples)

@@ -15,7 +15,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from grpc import aio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "gen")]
 
+from bench.chain_overhead import latencies  # noqa: E402
 from paymesh.testing.v1 import testing_pb2, testing_pb2_grpc  # noqa: E402
 from services import pki  # noqa: E402
 from services.tls import PKI_DIR_VAR, TransportSecurity  # noqa: E402
@@ -47,16 +47,6 @@ async def _serve(pki_dir: str) -> None:
     await server.wait_for_termination()
 
 
-async def _latencies(stub: Any, calls: int) -> list[float]:
-    out = []
-    request = testing_pb2.ReadRequest(text="x")
-    for _ in range(calls):
-        started = time.perf_counter()
-        await stub.Read(request, timeout=5)
-        out.append(time.perf_counter() - started)
-    return out
-
-
 async def _measure(pki_dir: str, plain_port: str, secure_port: str, calls: int) -> dict[str, Any]:
     operator = TransportSecurity.from_environ(pki.OPERATOR, {PKI_DIR_VAR: pki_dir})
     async with (
@@ -65,13 +55,13 @@ async def _measure(pki_dir: str, plain_port: str, secure_port: str, calls: int) 
     ):
         plain = testing_pb2_grpc.TestServiceStub(plain_channel)
         mtls = testing_pb2_grpc.TestServiceStub(tls_channel)
-        await _latencies(plain, 200)  # warm: connections, handshakes, code paths
-        await _latencies(mtls, 200)
+        await latencies(plain, 200)  # warm: connections, handshakes, code paths
+        await latencies(mtls, 200)
         plain_samples: list[float] = []
         mtls_samples: list[float] = []
         for _ in range(10):
-            plain_samples += await _latencies(plain, calls // 10)
-            mtls_samples += await _latencies(mtls, calls // 10)
+            plain_samples += await latencies(plain, calls // 10)
+            mtls_samples += await latencies(mtls, calls // 10)
     plain_us = statistics.median(plain_samples) * 1e6
     mtls_us = statistics.median(mtls_samples) * 1e6
     return {

@@ -11,12 +11,14 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
+
+from interceptors.retry import StopReason
 
 #: Trailing metadata key of gRPC's retry pushback; ``-1`` tells a caller not to retry.
 PUSHBACK_KEY = "grpc-retry-pushback-ms"
@@ -288,17 +290,8 @@ __all__ = [
 
 # --- What a client call raises when the policy chain gives up ---------------------------------
 
-STOP_REASONS = frozenset(
-    {
-        "not_retryable",
-        "attempts_exhausted",
-        "deadline",
-        "budget",
-        "breaker_open",
-        "pushback",
-        "concurrency_limited",
-    }
-)
+#: Why the chain stopped trying, as the core names it (``interceptors.retry.StopReason``).
+STOP_REASONS = frozenset(get_args(StopReason))
 #: ErrorInfo reason of a call refused locally by an open circuit breaker.
 CIRCUIT_OPEN_REASON = "CIRCUIT_OPEN"
 #: ErrorInfo reason of a call refused locally: its target's limit of calls in flight was reached.
