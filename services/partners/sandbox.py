@@ -82,6 +82,8 @@ class SandboxState:
     transfer_keys: dict[str, str] = field(default_factory=dict)
     webhooks: list[dict[str, Any]] = field(default_factory=list)
     webhook_keys: set[str] = field(default_factory=set)
+    #: Deliveries accepted per Idempotency-Key, repeats included (``/received`` shows them).
+    webhook_accepted: dict[str, int] = field(default_factory=dict)
     rng: random.Random = field(default_factory=random.Random)
 
 
@@ -373,11 +375,18 @@ class SandboxHandler(BoundedRequestHandler):
                     state.webhooks.append({**body, "idempotency_key": key, "received_at": _now()})
                     if key:
                         state.webhook_keys.add(key)
+                if key:
+                    state.webhook_accepted[key] = state.webhook_accepted.get(key, 0) + 1
             return 200, {"received": True, "duplicate": duplicate}
         if method == "GET" and rest == ["received"]:
             merchant = query.get("merchant_id")
             with state.lock:
-                found = [w for w in state.webhooks if merchant in (None, w.get("merchant_id"))]
+                # "accepted": how often this key was delivered and answered 200 (1 if no key).
+                found = [
+                    {**w, "accepted": state.webhook_accepted.get(w["idempotency_key"], 1)}
+                    for w in state.webhooks
+                    if merchant in (None, w.get("merchant_id"))
+                ]
             return 200, {"deliveries": found}
         return 404, {"error": "unknown merchant-webhooks endpoint"}
 

@@ -22,10 +22,12 @@ from paymesh.channel_adapter.v1 import channel_adapter_pb2_grpc
 from paymesh.order.v1 import order_pb2, order_pb2_grpc
 from paymesh.payment_gateway.v1 import payment_gateway_pb2 as pg
 from paymesh.payment_gateway.v1 import payment_gateway_pb2_grpc
+from services.accounting import accounts
 from services.tls import TransportSecurity
 from tests.chaos.load import LoadRecord, Merchant
 
-PSP_CLEARING = "platform/psp_clearing"
+PSP_CLEARING = accounts.PSP_CLEARING
+BANK_PAYOUTS = accounts.BANK_PAYOUTS
 UNCHARGED = {pg.PAYMENT_STATUS_DECLINED, pg.PAYMENT_STATUS_FAILED, pg.PAYMENT_STATUS_VOIDED}
 CAPTURED_CHARGES = {
     ca.CHARGE_STATUS_SUCCEEDED,
@@ -57,10 +59,11 @@ class Check:
         return {"name": self.name, "passed": self.passed, "detail": self.detail}
 
 
-async def _pages(call: Any, request: Any, field: str) -> list[Any]:
+async def pages(call: Any, request: Any, field: str, *, rpc_timeout_s: float = 10) -> list[Any]:
+    """Every item of a paged List RPC, each page asked with ``rpc_timeout_s``."""
     items: list[Any] = []
     while True:
-        reply = await call(request, timeout=10)
+        reply = await call(request, timeout=rpc_timeout_s)
         items += list(getattr(reply, field))
         if not reply.next_page_token:
             return items
@@ -83,7 +86,7 @@ async def gateway_payments(
         stub = payment_gateway_pb2_grpc.PaymentGatewayServiceStub(channel)
         payments: list[Any] = []
         for merchant in merchants:
-            payments += await _pages(
+            payments += await pages(
                 stub.ListPayments,
                 pg.ListPaymentsRequest(merchant_id=merchant.merchant_id, page_size=500),
                 "payments",
@@ -108,6 +111,7 @@ async def check_money(
     uncharged = {p.payment_id for p in payments if p.status in UNCHARGED}
     checks: list[Check] = []
 
+    checks.append(check_requests(record, payments))
     unknown = acknowledged - set(by_id)
     flipped = {pid for pid in acknowledged & set(by_id) if pid not in succeeded}
     checks.append(
@@ -138,7 +142,7 @@ async def check_money(
 
         orders: list[Any] = []
         for merchant in merchants:
-            orders += await _pages(
+            orders += await pages(
                 orders_stub.ListOrders,
                 order_pb2.ListOrdersRequest(merchant_id=merchant.merchant_id, page_size=500),
                 "orders",
@@ -159,7 +163,7 @@ async def check_money(
 
         bad_charges = []
         for pid in sorted(succeeded | acknowledged):
-            charges = await _pages(
+            charges = await pages(
                 channel_stub.ListCharges, ca.ListChargesRequest(payment_id=pid), "charges"
             )
             succeeded_charges = [c for c in charges if c.status == ca.CHARGE_STATUS_SUCCEEDED]
@@ -175,7 +179,7 @@ async def check_money(
 
         wrongly_charged = []
         for pid in sorted(uncharged):
-            charges = await _pages(
+            charges = await pages(
                 channel_stub.ListCharges, ca.ListChargesRequest(payment_id=pid), "charges"
             )
             if any(c.status in CAPTURED_CHARGES for c in charges):
@@ -249,7 +253,7 @@ async def check_money(
                 f"{len(uncharged)} checked; posted: {wrongly_posted[:5]}",
             )
         )
-        clearing = await _pages(
+        clearing = await pages(
             ledger.ListEntries,
             accounting_pb2.ListEntriesRequest(account_id=PSP_CLEARING, page_size=500),
             "entries",
@@ -271,30 +275,65 @@ async def check_money(
 
         totals: collections.Counter[str] = collections.Counter()
         for merchant in merchants:
-            for balance in await _pages(
+            for balance in await pages(
                 ledger.ListBalances,
                 accounting_pb2.ListBalancesRequest(merchant_id=merchant.merchant_id, page_size=500),
                 "balances",
             ):
                 totals[balance.balance.currency_code] += balance.balance.amount_minor
         for currency in sorted(set(totals) | {"EUR"}):
-            platform = (
-                await ledger.GetBalance(
-                    accounting_pb2.GetBalanceRequest(
-                        account_id=PSP_CLEARING, currency_code=currency
-                    ),
-                    timeout=10,
-                )
-            ).balance.balance.amount_minor
+            platform = {}
+            for account_id in (PSP_CLEARING, BANK_PAYOUTS):
+                platform[account_id] = (
+                    await ledger.GetBalance(
+                        accounting_pb2.GetBalanceRequest(
+                            account_id=account_id, currency_code=currency
+                        ),
+                        timeout=10,
+                    )
+                ).balance.balance.amount_minor
+            net = totals[currency] + sum(platform.values())
             checks.append(
                 Check(
-                    f"the ledger balances in {currency}",
-                    totals[currency] + platform == 0,
-                    f"merchants {totals[currency]} + {PSP_CLEARING} {platform} "
-                    f"= {totals[currency] + platform}",
+                    f"the ledger balances in {currency} at the end",
+                    net == 0,
+                    f"merchants {totals[currency]} + "
+                    + " + ".join(f"{a} {v}" for a, v in platform.items())
+                    + f" = {net}",
                 )
             )
     return checks
+
+
+def check_requests(record: LoadRecord, payments: list[Any]) -> Check:
+    """Each merchant request made at most one payment, which kept the status it was answered.
+
+    A transient UNAVAILABLE leaves nothing behind, so its retry makes the request's only
+    payment: more payments than the requests that never got an answer would mean one was left.
+    """
+    by_id = {p.payment_id: p for p in payments}
+    answered = [r for r in record.payments if r.payment_id]
+    answered_ids = [r.payment_id for r in answered]
+    shared = len(answered_ids) - len(set(answered_ids))
+    unanswered = len(record.payments) - len(answered)
+    extra = len(set(by_id) - set(answered_ids))
+    changed = [
+        r.payment_id
+        for r in answered
+        if r.payment_id in by_id and pg.PaymentStatus.Name(by_id[r.payment_id].status) != r.final
+    ]
+    missing = [pid for pid in answered_ids if pid not in by_id]
+    transient = sum(r.transient for r in record.payments)
+    kept = sum(r.transient_kept for r in record.payments)
+    return Check(
+        "each merchant request made at most one payment, kept as it was answered",
+        not shared and extra <= unanswered and not changed and not missing,
+        f"{len(record.payments)} requests ({transient} UNAVAILABLE answers with RetryInfo "
+        f"retried: {transient - kept} left the key free, {kept} kept the payment PENDING), "
+        f"{len(answered)} answered, {len(payments)} payments; {extra} payments of the "
+        f"{unanswered} unanswered requests; answered with another status: {changed[:3]}; "
+        f"answered but missing: {missing[:3]}; one payment for two requests: {shared}",
+    )
 
 
 def check_deadlines(record: LoadRecord) -> Check:
@@ -328,7 +367,8 @@ def check_success_outside_faults(
     succeeded = sum(1 for r in outside if r.final == "PAYMENT_STATUS_SUCCEEDED")
     share = succeeded / len(outside) if outside else 0.0
     return Check(
-        f"at least {minimum:.0%} of the payments started outside the fault windows SUCCEEDED",
+        f"at least {minimum:.0%} of the payments started outside the windows of the faults "
+        "on their path SUCCEEDED",
         bool(outside) and share >= minimum,
         f"{succeeded} of {len(outside)} ({share:.1%})",
     )

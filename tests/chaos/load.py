@@ -1,15 +1,19 @@
 """The chaos run's merchants: open-loop CreatePayment with a real merchant's retries, plus reads.
 
 Each payment gets a unique ``request_id``; a failed attempt (UNAVAILABLE, DEADLINE_EXCEEDED,
-ABORTED, ...) is retried with the same key and body after a short jittered backoff, as a
-merchant's integration would, until it gets a definite answer or gives up. Every attempt is
-recorded with its start, end, code and deadline, so the timeline and the invariants are
-computed from what the clients saw.
+ABORTED, ...) is retried with the same key and body after a jittered backoff, no sooner than
+the answer's ``google.rpc.RetryInfo`` asks, as a merchant's integration would, until it gets a
+definite answer or gives up. An UNAVAILABLE before any side effect keeps no payment (the key
+stays free, the retry runs afresh); one after a charge may exist names the payment it kept
+PENDING (the retry joins it). Either way only the request's final answer counts. Every attempt
+is recorded with its start, end, code, ErrorInfo reason and deadline, so the timeline and the
+invariants are computed from what the clients saw.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 import uuid
@@ -18,6 +22,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc import aio
 
+from interceptors.errors import error_info, retry_delay_of, status_from_metadata
 from paymesh.common.v1 import common_pb2
 from paymesh.merchant.v1 import merchant_pb2, merchant_pb2_grpc
 from paymesh.merchant_auth.v1 import merchant_auth_pb2, merchant_auth_pb2_grpc
@@ -36,6 +41,8 @@ RETRIED_CODES = frozenset(
         grpc.StatusCode.UNKNOWN,
     }
 )
+#: The longest a merchant waits between two attempts, whatever RetryInfo asks.
+MAX_RETRY_WAIT_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +70,15 @@ class Attempt:
     answered: bool = True
     """Whether the mesh answered (a reply or a status it sent) before the deadline it got;
     False only when the client's own deadline expired with no answer."""
+    reason: str = ""
+    """The error's google.rpc.ErrorInfo reason (``CIRCUIT_OPEN``, ...), empty if none."""
+    retry_delay_s: float | None = None
+    """The error's google.rpc.RetryInfo delay, None if it carried none."""
+    detail: str = ""
+    """The error's message (its first 160 characters)."""
+    kept_payment: str = ""
+    """The payment an UNAVAILABLE answer says was kept PENDING (ErrorInfo ``payment_id``);
+    empty when nothing was kept and the key was left free."""
 
     @property
     def latency_s(self) -> float:
@@ -90,6 +106,10 @@ class PaymentRun:
     payment_id: str = ""
     final: str = ""
     """Status name of the definite answer, ``GAVE_UP``, or an error code name."""
+    transient: int = 0
+    """Attempts answered UNAVAILABLE with RetryInfo before the final answer."""
+    transient_kept: int = 0
+    """Of those, the ones that kept the payment PENDING (the rest left the key free)."""
     started_at: float | None = None
     """When the merchant first tried it, in seconds since the run's start."""
 
@@ -167,6 +187,7 @@ class MerchantLoad:
         self.record = LoadRecord()
         self.t0 = time.monotonic()
         self._succeeded: list[tuple[str, Merchant]] = []
+        self._gateways: dict[str, payment_gateway_pb2_grpc.PaymentGatewayServiceStub] = {}
 
     def now(self) -> float:
         """Seconds since the run's start."""
@@ -174,10 +195,16 @@ class MerchantLoad:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Spawn payments and reads at their rates until ``stop``; then wait for them."""
-        # The merchant's view: the gateway's public TLS port, each merchant's key in metadata.
-        channel = self.security.merchant_aio_channel("payment-gateway", self.gateway_address)
-        async with channel:
-            gateway = payment_gateway_pb2_grpc.PaymentGatewayServiceStub(channel)
+        # The merchant's view: the gateway's public TLS port, each merchant's key in metadata,
+        # each merchant on its own connection (as separate integrations are).
+        async with contextlib.AsyncExitStack() as stack:
+            for merchant in self.merchants:
+                channel = await stack.enter_async_context(
+                    self.security.merchant_aio_channel("payment-gateway", self.gateway_address)
+                )
+                self._gateways[merchant.merchant_id] = (
+                    payment_gateway_pb2_grpc.PaymentGatewayServiceStub(channel)
+                )
             tasks: set[asyncio.Task[None]] = set()
             n = 0
             reads_due = 0.0
@@ -185,42 +212,61 @@ class MerchantLoad:
             while not stop.is_set():
                 due = started + n / self.creates_per_s
                 await asyncio.sleep(max(0.0, due - self.now()))
-                task = asyncio.create_task(self._payment(gateway, n))
+                task = asyncio.create_task(self._payment(n))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
                 reads_due += self.reads_per_s / self.creates_per_s
                 while reads_due >= 1:
                     reads_due -= 1
-                    read = asyncio.create_task(self._read(gateway))
+                    read = asyncio.create_task(self._read())
                     tasks.add(read)
                     read.add_done_callback(tasks.discard)
                 n += 1
             if tasks:
                 await asyncio.gather(*tasks)
 
-    async def _call(self, kind: str, call: asyncio.Future[object] | object) -> tuple[str, object]:
+    async def _call(
+        self, kind: str, call: asyncio.Future[object] | object
+    ) -> tuple[Attempt, object]:
         started = self.now()
-        code, reply, answered = "OK", None, True
+        code, reply, answered, reason, delay, detail, kept = "OK", None, True, "", None, "", ""
         try:
             reply = await call  # type: ignore[misc]
         except aio.AioRpcError as err:
             code = err.code().name
+            trailing = tuple(err.trailing_metadata() or ())
             # A status the mesh sent carries its rich details; the client's own timer does not.
             answered = err.code() != grpc.StatusCode.DEADLINE_EXCEEDED or any(
-                key == "grpc-status-details-bin" for key, _ in err.trailing_metadata() or ()
+                key == "grpc-status-details-bin" for key, _ in trailing
             )
+            status = status_from_metadata(err.code(), err.details() or "", trailing)
+            info = error_info(status)
+            reason = info.reason if info is not None else ""
+            kept = info.metadata.get("payment_id", "") if info is not None else ""
+            delay = retry_delay_of(status)
+            detail = (err.details() or "")[:160]
         outcome = code
         if isinstance(reply, pg.CreatePaymentResponse):
             outcome = pg.PaymentStatus.Name(reply.payment.status)
-        self.record.attempts.append(
-            Attempt(kind, started, self.now(), code, self.attempt_timeout_s, outcome, answered)
+        attempt = Attempt(
+            kind,
+            started,
+            self.now(),
+            code,
+            self.attempt_timeout_s,
+            outcome,
+            answered,
+            reason,
+            delay,
+            detail,
+            kept,
         )
-        return code, reply
+        self.record.attempts.append(attempt)
+        return attempt, reply
 
-    async def _payment(
-        self, gateway: payment_gateway_pb2_grpc.PaymentGatewayServiceStub, n: int
-    ) -> None:
+    async def _payment(self, n: int) -> None:
         merchant = self.merchants[n % len(self.merchants)]
+        gateway = self._gateways[merchant.merchant_id]
         run = PaymentRun(
             request_id=f"chaos-{uuid.uuid4().hex}",
             merchant_id=merchant.merchant_id,
@@ -240,12 +286,13 @@ class MerchantLoad:
         backoff = 0.5
         while True:
             run.attempts += 1
-            code, reply = await self._call(
+            attempt, reply = await self._call(
                 "create",
                 gateway.CreatePayment(
                     request, timeout=self.attempt_timeout_s, metadata=_bearer(merchant)
                 ),
             )
+            code = attempt.code
             if code == "OK":
                 assert isinstance(reply, pg.CreatePaymentResponse)
                 run.payment_id = reply.payment.payment_id
@@ -256,18 +303,25 @@ class MerchantLoad:
             if grpc.StatusCode[code] not in RETRIED_CODES:
                 run.final = code
                 return
+            if code == "UNAVAILABLE" and attempt.retry_delay_s is not None:
+                run.transient += 1
+                run.transient_kept += bool(attempt.kept_payment)
             if self.now() - first > self.give_up_after_s:
                 run.final = "GAVE_UP"
                 return
-            await asyncio.sleep(backoff * (0.5 + self.rng.random()))
+            # Jittered backoff, but never sooner than the mesh asked (an open breaker's time
+            # left), a little later at random so the merchants do not all come back at once.
+            asked = (attempt.retry_delay_s or 0.0) * (1 + 0.2 * self.rng.random())
+            wait = max(backoff * (0.5 + self.rng.random()), asked)
+            await asyncio.sleep(min(wait, MAX_RETRY_WAIT_S))
             backoff = min(5.0, backoff * 2)
 
-    async def _read(self, gateway: payment_gateway_pb2_grpc.PaymentGatewayServiceStub) -> None:
+    async def _read(self) -> None:
         if self._succeeded and self.rng.random() < 0.75:
             payment_id, owner = self.rng.choice(self._succeeded)
             await self._call(
                 "read",
-                gateway.GetPayment(
+                self._gateways[owner.merchant_id].GetPayment(
                     pg.GetPaymentRequest(payment_id=payment_id),
                     timeout=self.attempt_timeout_s,
                     metadata=_bearer(owner),
@@ -277,7 +331,7 @@ class MerchantLoad:
             merchant = self.rng.choice(self.merchants)
             await self._call(
                 "read",
-                gateway.ListPayments(
+                self._gateways[merchant.merchant_id].ListPayments(
                     pg.ListPaymentsRequest(merchant_id=merchant.merchant_id, page_size=20),
                     timeout=self.attempt_timeout_s,
                     metadata=_bearer(merchant),
