@@ -110,7 +110,7 @@ class BreakerPolicy:
     slow_call_window_calls: int = 5
     """Calls the slow-call rate is taken over (count-based, as resilience4j's COUNT_BASED
     window); a window not yet full counts its empty places as fast calls."""
-    max_concurrent_calls: int = 64
+    max_concurrent_calls: int = 100
     """Attempts in flight to the target beyond which a call is refused at once, locally
     (Envoy's ``max_requests``, resilience4j's bulkhead ``maxConcurrentCalls``)."""
 

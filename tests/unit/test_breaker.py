@@ -392,9 +392,9 @@ def test_the_limit_holds_while_half_open() -> None:
     assert (b.state, b.readout().in_flight) == ("half-open", 1)
 
 
-def test_the_default_limit_is_64() -> None:
+def test_the_default_limit_is_100() -> None:
     b = breaker(FakeClock())
-    for _ in range(64):
+    for _ in range(100):
         b.admit()
     with pytest.raises(ConcurrencyLimited):
         b.admit()
@@ -436,7 +436,7 @@ def test_readout_shows_calls_in_flight_and_how_long_the_oldest_waits() -> None:
     assert (reading.in_flight, reading.oldest_in_flight_s, reading.max_concurrent_calls) == (
         2,
         1.5,
-        64,
+        100,
     )
 
 

@@ -120,7 +120,7 @@ def test_hang_detection_defaults() -> None:
     breaker = CallPolicy().breaker
     assert breaker.consecutive_failures == 5
     assert (breaker.slow_call_duration_s, breaker.slow_call_rate) == (2.5, 0.6)
-    assert (breaker.slow_call_window_calls, breaker.max_concurrent_calls) == (5, 64)
+    assert (breaker.slow_call_window_calls, breaker.max_concurrent_calls) == (5, 100)
 
 
 def test_deployed_file_keeps_the_defaults_and_gives_partners_more_time(
@@ -156,4 +156,4 @@ def test_concurrency_limit_per_target_overrides_the_default() -> None:
         {"targets": {"order-service": {"breaker": {"max_concurrent_calls": 8}}}}
     )
     assert config.target_policy("order-service").breaker.max_concurrent_calls == 8
-    assert config.target_policy("risk-service").breaker.max_concurrent_calls == 64
+    assert config.target_policy("risk-service").breaker.max_concurrent_calls == 100
