@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import random
 import socket
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -49,11 +50,22 @@ class PortState(enum.Enum):
     """A listener or another bound socket holds it (or the kernel does not say what does)."""
 
 
-def free_port(host: str = LOOPBACK) -> int:
-    """A port that was free a moment ago on ``host``."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+#: Ports handed out for test and chaos meshes: below Linux's ephemeral range (32768-60999),
+#: so no outgoing connection can take one as its source port between pick and bind.
+PICK_RANGE = (20000, 32767)
+
+
+def free_port(host: str = LOOPBACK, *, rng: Callable[[int, int], int] = random.randint) -> int:
+    """A port below the ephemeral range that was free a moment ago on ``host``."""
+    for _ in range(200):
+        port = rng(*PICK_RANGE)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise OSError(f"no free port in {PICK_RANGE[0]}-{PICK_RANGE[1]} on {host}")
 
 
 def socket_states(port: int, tables: Iterable[Path] = TCP_TABLES) -> list[str] | None:

@@ -21,21 +21,26 @@ HOST = "127.0.0.1"
 
 
 def _time_wait_port(*, client_reuse: bool) -> int:
-    """A port that a closed client connection left in TIME-WAIT as its source port."""
-    with socket.socket() as listener:
-        listener.bind((HOST, 0))
-        listener.listen()
-        client = socket.socket()
-        if client_reuse:
-            client.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        client.connect(listener.getsockname())
-        port = int(client.getsockname()[1])
-        accepted, _ = listener.accept()
-        client.close()  # the client closes first: its side goes to TIME-WAIT
-        accepted.close()
-    states = socket_states(port)
-    assert states == ["06"], f"expected one TIME-WAIT socket on {port}, found {states}"
-    return port
+    """A port that a closed client connection left in TIME-WAIT as its source port.
+
+    Another connection of the machine may hold the same port number too (the kernel's
+    tables are matched by port): take a port that only our TIME-WAIT holds.
+    """
+    for _ in range(20):
+        with socket.socket() as listener:
+            listener.bind((HOST, 0))
+            listener.listen()
+            client = socket.socket()
+            if client_reuse:
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            client.connect(listener.getsockname())
+            port = int(client.getsockname()[1])
+            accepted, _ = listener.accept()
+            client.close()  # the client closes first: its side goes to TIME-WAIT
+            accepted.close()
+        if socket_states(port) == ["06"]:
+            return port
+    raise AssertionError("no port held by exactly one TIME-WAIT socket in 20 tries")
 
 
 async def _grpc_server_binds(port: int) -> bool:
