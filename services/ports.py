@@ -55,10 +55,17 @@ class PortState(enum.Enum):
 PICK_RANGE = (20000, 32767)
 
 
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = LOOPBACK, *, rng: Callable[[int, int], int] = random.randint) -> int:
-    """A port below the ephemeral range that was free a moment ago on ``host``."""
+    """A port below the ephemeral range that was free a moment ago on ``host`` and that this
+    process has not handed out before (a mesh's many picks never collide)."""
     for _ in range(200):
         port = rng(*PICK_RANGE)
+        if port in _handed_out:
+            continue
+        _handed_out.add(port)
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             try:
                 sock.bind((host, port))
