@@ -62,10 +62,10 @@ test: lint typecheck gen-check
 	$(BIN)/pytest -q
 
 run: $(STAMP)
-	@$(PY) -m services
+	@$(PY) -m services.tools.launcher
 
 status: $(STAMP)
-	@$(PY) -m services.status $(ARGS)
+	@$(PY) -m services.tools.status $(ARGS)
 
 bench: $(STAMP)
 	$(PY) -m bench

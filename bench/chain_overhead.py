@@ -27,8 +27,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "gen")]
 from interceptors.chain import build_client_chain  # noqa: E402
 from interceptors.errors import CallError  # noqa: E402
 from interceptors.policy import PolicyConfig  # noqa: E402
-from interceptors.server import ServerPolicyInterceptor  # noqa: E402
 from paymesh.testing.v1 import testing_pb2, testing_pb2_grpc  # noqa: E402
+from services.mesh.server import ServerPolicyInterceptor  # noqa: E402
 
 
 class _Servicer(testing_pb2_grpc.TestServiceServicer):

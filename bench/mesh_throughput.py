@@ -35,7 +35,7 @@ from paymesh.merchant_auth.v1 import merchant_auth_pb2, merchant_auth_pb2_grpc  
 from paymesh.payment_gateway.v1 import payment_gateway_pb2 as pg  # noqa: E402
 from paymesh.payment_gateway.v1 import payment_gateway_pb2_grpc  # noqa: E402
 from paymesh.testing.v1 import testing_pb2, testing_pb2_grpc  # noqa: E402
-from services.launcher import Mesh, ephemeral_environ  # noqa: E402
+from services.tools.launcher import Mesh, ephemeral_environ  # noqa: E402
 
 CONCURRENCY = (1, 8, 32, 64)
 

@@ -39,7 +39,7 @@ from paymesh.testing.v1 import testing_pb2, testing_pb2_grpc  # noqa: E402
 CLIENTS = ("old_breaker_client", "grpc_native_retry", "paymesh_chain")
 MODES = ("down", "hang")
 STATS_TEXT = "__stats__"
-#: The mesh's deadline (services/policy.toml timeout_s) and the seed's numbers, unscaled.
+#: The mesh's deadline (services/mesh/policy.toml timeout_s) and the seed's numbers, unscaled.
 CALLER_DEADLINE_S = 5.0
 SCHEDULING_MARGIN_S = 0.02
 #: gRPC's attempt counter: one trace line per attempt the retry filter creates.
@@ -109,7 +109,7 @@ def _native_service_config(scale: float) -> str:
 
 
 def _chain_policy(scale: float) -> dict[str, Any]:
-    """services/policy.toml's defaults with every duration multiplied by ``scale``."""
+    """services/mesh/policy.toml's defaults with every duration multiplied by ``scale``."""
     return {
         "timeout_s": CALLER_DEADLINE_S * scale,
         "deadline_margin_s": 0.05 * scale,

@@ -25,8 +25,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "gen")]
 
 from bench.chain_overhead import latencies  # noqa: E402
 from paymesh.testing.v1 import testing_pb2, testing_pb2_grpc  # noqa: E402
-from services import pki  # noqa: E402
-from services.tls import PKI_DIR_VAR, TransportSecurity  # noqa: E402
+from services.mesh import pki  # noqa: E402
+from services.mesh.tls import PKI_DIR_VAR, TransportSecurity  # noqa: E402
 
 TARGET = "order-service"  # any mesh identity: the server presents its certificate
 

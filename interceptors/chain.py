@@ -141,7 +141,7 @@ def build_client_chain(
 ) -> ClientChain:
     """The chain of the process serving ``caller``; build it once and share it.
 
-    Spans go to ``tracer_provider`` (services.tracing makes one per service); None uses the
+    Spans go to ``tracer_provider`` (services.mesh.tracing makes one per service); None uses the
     global provider, a no-op unless the process set one. ``trace_calls=False`` skips the
     call and attempt spans (when nothing records them) but still propagates the trace id;
     unset, calls are traced exactly when a tracer provider is given.

@@ -1,7 +1,7 @@
 """Policy value objects of the client chain and the one configuration they are loaded from.
 
 Defaults, then per target service, then per method (``/pkg.Service/Method``) overrides, read
-from TOML (``services/policy.toml``, or ``$PAYMESH_POLICY_FILE``) and validated at start: an
+from TOML (``services/mesh/policy.toml``, or ``$PAYMESH_POLICY_FILE``) and validated at start: an
 unknown key or a bad value is a ``PolicyError`` naming its key path. No gRPC import here.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 
 #: Environment variable that points the chain at another policy file.
 POLICY_FILE_VAR = "PAYMESH_POLICY_FILE"
-DEFAULT_POLICY_FILE = Path(__file__).resolve().parent.parent / "services" / "policy.toml"
+DEFAULT_POLICY_FILE = Path(__file__).resolve().parent.parent / "services" / "mesh" / "policy.toml"
 
 
 class PolicyError(ValueError):

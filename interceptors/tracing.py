@@ -4,7 +4,7 @@ opentelemetry-instrumentation-grpc makes the CLIENT span of every call (inside t
 layer, outermost) and the SERVER span of every handled call (the server's first interceptor).
 The retry layer opens one CLIENT child span per attempt and injects that attempt's context
 (``traceparent``) into its metadata, so a downstream's server span hangs under the attempt
-that reached it. Only the OpenTelemetry API here: services.tracing configures the SDK.
+that reached it. Only the OpenTelemetry API here: services.mesh.tracing configures the SDK.
 """
 
 from __future__ import annotations

@@ -20,13 +20,13 @@ import grpc
 from grpc import aio
 from opentelemetry.sdk.trace import SpanProcessor
 
-from services import pki
-from services.admin_token import ControlAccess
-from services.authz import grants
-from services.bootstrap import Builder, serve
-from services.partners.sandbox import SandboxServer, SandboxState
-from services.tls import PKI_DIR_VAR, TransportSecurity
-from services.topology import SERVICES, Topology, env_prefix
+from services.mesh import pki
+from services.mesh.admin_token import ControlAccess
+from services.mesh.authz import grants
+from services.mesh.bootstrap import Builder, serve
+from services.mesh.tls import PKI_DIR_VAR, TransportSecurity
+from services.mesh.topology import SERVICES, Topology, env_prefix
+from services.tools.sandbox.app import SandboxServer, SandboxState
 
 
 @functools.cache

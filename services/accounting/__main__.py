@@ -3,7 +3,7 @@
 from paymesh.accounting.v1 import accounting_pb2, accounting_pb2_grpc
 from services.accounting.servicer import AccountingServicer
 from services.accounting.store import LedgerStore
-from services.bootstrap import Registration, ServiceContext, run
+from services.mesh.bootstrap import Registration, ServiceContext, run
 
 NAME = "accounting-service"
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from interceptors.errors import FieldViolation, InvalidArgument
 from paymesh.accounting.v1 import accounting_pb2
-from services import validation as v
+from services.mesh import validation as v
 
 DEBIT = accounting_pb2.ENTRY_DIRECTION_DEBIT
 CREDIT = accounting_pb2.ENTRY_DIRECTION_CREDIT

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from paymesh.accounting.v1 import accounting_pb2, accounting_pb2_grpc
-from services import validation as v
 from services.accounting import ledger
 from services.accounting.store import LedgerStore
-from services.bootstrap import Context
+from services.mesh import validation as v
+from services.mesh.bootstrap import Context
 
 
 class AccountingServicer(accounting_pb2_grpc.AccountingServiceServicer):

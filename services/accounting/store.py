@@ -17,9 +17,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from interceptors.errors import AlreadyExists, FailedPrecondition, NotFound
 from paymesh.accounting.v1 import accounting_pb2
 from paymesh.common.v1 import common_pb2
-from services import idempotency
 from services.accounting.ledger import CREDIT, DEBIT, content_fingerprint, merchant_account_range
-from services.database import open_database, transaction
+from services.storage import idempotency
+from services.storage.database import open_database, transaction
 
 SCHEMA = (
     f"""

@@ -3,7 +3,7 @@
 from paymesh.analytics.v1 import analytics_pb2, analytics_pb2_grpc
 from services.analytics.servicer import AnalyticsServicer
 from services.analytics.store import EventStore
-from services.bootstrap import Registration, ServiceContext, run
+from services.mesh.bootstrap import Registration, ServiceContext, run
 
 NAME = "analytics-service"
 

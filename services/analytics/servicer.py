@@ -5,9 +5,9 @@ from __future__ import annotations
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from paymesh.analytics.v1 import analytics_pb2, analytics_pb2_grpc
-from services import validation as v
 from services.analytics.store import EventStore
-from services.bootstrap import Context
+from services.mesh import validation as v
+from services.mesh.bootstrap import Context
 
 # google.protobuf.Timestamp's valid range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
 _MIN_SECONDS = -62_135_596_800

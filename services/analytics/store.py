@@ -15,8 +15,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from paymesh.analytics.v1 import analytics_pb2
 from paymesh.common.v1 import common_pb2
-from services import idempotency
-from services.database import open_database, transaction
+from services.storage import idempotency
+from services.storage.database import open_database, transaction
 
 SUCCEEDED = analytics_pb2.EVENT_TYPE_PAYMENT_SUCCEEDED
 DECLINED = analytics_pb2.EVENT_TYPE_PAYMENT_DECLINED

@@ -1,7 +1,6 @@
 """Start channel-adapter: ``python -m services.channel_adapter``."""
 
 from paymesh.channel_adapter.v1 import channel_adapter_pb2, channel_adapter_pb2_grpc
-from services.bootstrap import Registration, ServiceContext, run
 from services.channel_adapter.config import AdapterConfig
 from services.channel_adapter.servicer import (
     EXCHANGE_RATE,
@@ -9,6 +8,7 @@ from services.channel_adapter.servicer import (
     ChannelAdapterServicer,
 )
 from services.channel_adapter.store import ChargeStore
+from services.mesh.bootstrap import Registration, ServiceContext, run
 
 NAME = "channel-adapter"
 

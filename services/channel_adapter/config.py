@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from services.bootstrap import StartupError
+from services.mesh.bootstrap import StartupError
 
 RATE_TTL_VAR = "CHANNEL_ADAPTER_RATE_TTL_S"
 DEFAULT_RATE_TTL_S = 60.0

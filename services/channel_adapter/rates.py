@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal
 
-from services.validation import CURRENCY_EXPONENT
+from services.mesh.validation import CURRENCY_EXPONENT
 
 #: Enough digits for any amount below 10**12 minor units times any plausible rate.
 _PRECISION = 50

@@ -21,8 +21,6 @@ from interceptors.http import PartnerClient
 from paymesh.channel_adapter.v1 import channel_adapter_pb2 as pb
 from paymesh.channel_adapter.v1 import channel_adapter_pb2_grpc as pb_grpc
 from paymesh.common.v1 import common_pb2
-from services import validation as v
-from services.bootstrap import Context
 from services.channel_adapter.rates import Quote, RateCache, convert, parse_rate
 from services.channel_adapter.store import (
     CAPTURED,
@@ -32,7 +30,9 @@ from services.channel_adapter.store import (
     Conversion,
     PendingCharge,
 )
-from services.partner import call_partner, path_of
+from services.mesh import validation as v
+from services.mesh.bootstrap import Context
+from services.mesh.partner import call_partner, path_of
 
 EXCHANGE_RATE = "exchange-rate"
 PAYMENT_CHANNEL = "payment-channel"

@@ -22,8 +22,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from interceptors.errors import Aborted, FailedPrecondition, NotFound
 from paymesh.channel_adapter.v1 import channel_adapter_pb2 as pb
 from paymesh.common.v1 import common_pb2
-from services import idempotency
-from services.database import open_database, transaction
+from services.storage import idempotency
+from services.storage.database import open_database, transaction
 
 SCHEMA = (
     """

@@ -6,10 +6,10 @@ from paymesh.merchant.v1 import merchant_pb2, merchant_pb2_grpc
 from paymesh.notification.v1 import notification_pb2_grpc
 from paymesh.payment_gateway.v1 import payment_gateway_pb2_grpc
 from paymesh.risk.v1 import risk_pb2_grpc
-from services.bootstrap import Registration, ServiceContext, run
 from services.merchant.dashboard import DashboardSources
 from services.merchant.servicer import MerchantServicer
 from services.merchant.store import MerchantStore
+from services.mesh.bootstrap import Registration, ServiceContext, run
 
 NAME = "merchant-service"
 

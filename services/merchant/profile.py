@@ -1,6 +1,6 @@
 """Checks of a merchant profile's fields: name, email, country, webhook URL.
 
-Each check raises InvalidArgument with a field violation (via services.validation), so a
+Each check raises InvalidArgument with a field violation (via services.mesh.validation), so a
 bad profile reaches the caller as a precise status naming the field.
 """
 
@@ -10,7 +10,7 @@ import re
 import unicodedata
 import urllib.parse
 
-from services import validation as v
+from services.mesh import validation as v
 
 MAX_NAME_LENGTH = 200
 #: RFC 5321 caps a forward path at 254 characters.

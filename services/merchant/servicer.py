@@ -15,12 +15,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from paymesh.merchant.v1 import merchant_pb2, merchant_pb2_grpc
 from paymesh.notification.v1 import notification_pb2, notification_pb2_grpc
-from services import validation as v
-from services.authz import merchant_scope
-from services.bootstrap import Context
 from services.merchant import profile
 from services.merchant.dashboard import DashboardSources, assemble
 from services.merchant.store import MerchantStore
+from services.mesh import validation as v
+from services.mesh.authz import merchant_scope
+from services.mesh.bootstrap import Context
 
 _SETTABLE_STATUSES = (merchant_pb2.MERCHANT_STATUS_ACTIVE, merchant_pb2.MERCHANT_STATUS_SUSPENDED)
 

@@ -12,8 +12,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from interceptors.errors import NotFound
 from paymesh.merchant.v1 import merchant_pb2
-from services import idempotency
-from services.database import open_database, transaction
+from services.storage import idempotency
+from services.storage.database import open_database, transaction
 
 SCHEMA = (
     """

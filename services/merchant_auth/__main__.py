@@ -5,7 +5,6 @@ from collections.abc import Callable
 
 from paymesh.merchant.v1 import merchant_pb2_grpc
 from paymesh.merchant_auth.v1 import merchant_auth_pb2, merchant_auth_pb2_grpc
-from services.bootstrap import Registration, ServiceContext, run
 from services.merchant_auth.config import AuthConfig
 from services.merchant_auth.keys import KeyVerifier, PepperedHasher, SecretVerifier
 from services.merchant_auth.limits import VerificationGuard
@@ -13,6 +12,7 @@ from services.merchant_auth.merchants import MerchantDirectory
 from services.merchant_auth.pepper import load_pepper
 from services.merchant_auth.servicer import MerchantAuthServicer
 from services.merchant_auth.store import ApiKeyStore
+from services.mesh.bootstrap import Registration, ServiceContext, run
 
 NAME = "merchant-auth-service"
 

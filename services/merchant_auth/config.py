@@ -7,9 +7,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.bootstrap import StartupError
 from services.merchant_auth.limits import MINIMA, VerificationLimits
 from services.merchant_auth.pepper import PEPPER_FILE_VAR
+from services.mesh.bootstrap import StartupError
 
 STALE_VAR = "MERCHANT_AUTH_SERVICE_MERCHANT_STALE_S"
 DEFAULT_STALE_S = 30.0

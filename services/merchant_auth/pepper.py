@@ -15,8 +15,8 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
-from services.bootstrap import StartupError
 from services.merchant_auth.keys import MIN_PEPPER_BYTES
+from services.mesh.bootstrap import StartupError
 
 log = logging.getLogger("paymesh.merchant_auth")
 

@@ -10,13 +10,13 @@ from interceptors.errors import FailedPrecondition, NotFound, ResourceExhausted,
 from paymesh.merchant.v1 import merchant_pb2
 from paymesh.merchant_auth.v1 import merchant_auth_pb2 as pb
 from paymesh.merchant_auth.v1 import merchant_auth_pb2_grpc
-from services import validation as v
-from services.authz import AUTHORIZATION_KEY, CLIENT_PEER_KEY
-from services.bootstrap import Context
 from services.merchant_auth import keys
 from services.merchant_auth.limits import VerificationGuard, VerificationLimits, client_peer
 from services.merchant_auth.merchants import MerchantDirectory
 from services.merchant_auth.store import ApiKeyStore, Credential
+from services.mesh import validation as v
+from services.mesh.authz import AUTHORIZATION_KEY, CLIENT_PEER_KEY
+from services.mesh.bootstrap import Context
 
 MAX_LABEL_LENGTH = 100
 

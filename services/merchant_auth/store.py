@@ -12,9 +12,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from interceptors.errors import NotFound
 from paymesh.merchant_auth.v1 import merchant_auth_pb2 as pb
-from services import idempotency
-from services.database import open_database, transaction
 from services.merchant_auth.keys import NewKey
+from services.storage import idempotency
+from services.storage.database import open_database, transaction
 
 SCHEMA = (
     """

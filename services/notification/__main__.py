@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from paymesh.merchant.v1 import merchant_pb2_grpc
 from paymesh.notification.v1 import notification_pb2, notification_pb2_grpc
-from services.bootstrap import Registration, ServiceContext, run
+from services.mesh.bootstrap import Registration, ServiceContext, run
 from services.notification import delivery
 from services.notification.config import NotificationConfig
 from services.notification.delivery import DestinationPolicy

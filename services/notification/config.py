@@ -31,7 +31,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.bootstrap import StartupError
+from services.mesh.bootstrap import StartupError
+from services.mesh.tls import ENV_VAR, is_production
 from services.notification.dispatch import (
     DEFAULT_CONCURRENCY,
     DEFAULT_INLINE_WAIT_S,
@@ -39,7 +40,6 @@ from services.notification.dispatch import (
     LoopSettings,
 )
 from services.notification.schedule import DeliverySchedule
-from services.tls import ENV_VAR, is_production
 
 SECRETS_KEY_FILE_VAR = "NOTIFICATION_SERVICE_SECRETS_KEY_FILE"
 RETRY_INITIAL_VAR = "NOTIFICATION_SERVICE_RETRY_INITIAL_S"

@@ -21,9 +21,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from paymesh.notification.v1 import notification_pb2 as pb
-from services import idempotency
-from services.database import open_database, transaction
 from services.notification import signing
+from services.storage import idempotency
+from services.storage.database import open_database, transaction
 
 SCHEMA = (
     """

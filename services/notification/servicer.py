@@ -21,8 +21,8 @@ import re
 
 from paymesh.notification.v1 import notification_pb2 as pb
 from paymesh.notification.v1 import notification_pb2_grpc as pb_grpc
-from services import validation as v
-from services.bootstrap import Context
+from services.mesh import validation as v
+from services.mesh.bootstrap import Context
 from services.notification import delivery
 from services.notification.delivery import DestinationPolicy, RefusedDestination
 from services.notification.dispatch import Dispatcher

@@ -20,8 +20,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from interceptors.errors import FailedPrecondition, NotFound
 from paymesh.notification.v1 import notification_pb2 as pb
-from services import idempotency
-from services.database import open_database, transaction
+from services.storage import idempotency
+from services.storage.database import open_database, transaction
 
 SEND_METHOD = "SendNotification"
 REDELIVER_METHOD = "RedeliverNotification"

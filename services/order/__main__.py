@@ -1,7 +1,7 @@
 """Start order-service: ``python -m services.order``."""
 
 from paymesh.order.v1 import order_pb2, order_pb2_grpc
-from services.bootstrap import Registration, ServiceContext, run
+from services.mesh.bootstrap import Registration, ServiceContext, run
 from services.order.servicer import OrderServicer
 from services.order.store import OrderStore
 

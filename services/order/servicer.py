@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from paymesh.order.v1 import order_pb2, order_pb2_grpc
-from services import validation as v
-from services.bootstrap import Context
+from services.mesh import validation as v
+from services.mesh.bootstrap import Context
 from services.order.store import OrderStore
 
 

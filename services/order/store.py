@@ -16,9 +16,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from interceptors.errors import AlreadyExists, NotFound
 from paymesh.common.v1 import common_pb2
 from paymesh.order.v1 import order_pb2
-from services import idempotency
-from services.database import open_database, transaction
 from services.order import lifecycle
+from services.storage import idempotency
+from services.storage.database import open_database, transaction
 
 SCHEMA = (
     """

@@ -4,8 +4,8 @@ import asyncio
 import contextlib
 
 from paymesh.payment_gateway.v1 import payment_gateway_pb2, payment_gateway_pb2_grpc
-from services.admin import AdminRequest, AdminResponse
-from services.bootstrap import Registration, ServiceContext, run
+from services.mesh.admin import AdminRequest, AdminResponse
+from services.mesh.bootstrap import Registration, ServiceContext, run
 from services.payment_gateway.config import GatewayConfig
 from services.payment_gateway.dependencies import (
     CREATE_PAYMENT_NEEDS,

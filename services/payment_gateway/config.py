@@ -17,7 +17,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
-from services.bootstrap import StartupError
+from services.mesh.bootstrap import StartupError
 from services.payment_gateway.outbox import RelayPolicy
 from services.payment_gateway.recovery import RecoverySchedule
 

@@ -39,9 +39,9 @@ from paymesh.notification.v1 import notification_pb2, notification_pb2_grpc
 from paymesh.order.v1 import order_pb2, order_pb2_grpc
 from paymesh.payment_gateway.v1 import payment_gateway_pb2 as pg
 from paymesh.risk.v1 import risk_pb2, risk_pb2_grpc
-from services import downstream
-from services.clients import ClientFactory
-from services.downstream import is_ambiguous as is_transient
+from services.mesh import downstream
+from services.mesh.clients import ClientFactory
+from services.mesh.downstream import is_ambiguous as is_transient
 from services.payment_gateway import events, ledger
 from services.payment_gateway.dependencies import DependencyWatch
 from services.payment_gateway.events import order_id_of

@@ -1,7 +1,7 @@
 """payment-gateway RPCs: validate, scope to the calling merchant, claim, then run the flow.
 
 Merchants call with their API key in metadata; the bootstrap's gate has authenticated it
-before a servicer runs (:func:`services.authz.current_merchant`). Every read is scoped to
+before a servicer runs (:func:`services.mesh.authz.current_merchant`). Every read is scoped to
 that merchant, and another merchant's payment is NOT_FOUND with the very error of a missing
 one. Request ids are per merchant: two merchants using the same id never replay each other's
 payment, and a merchant that rotates its key and retries gets its first result replayed.
@@ -19,9 +19,9 @@ import re
 from interceptors.errors import PermissionDenied, Unauthenticated, Unavailable
 from paymesh.payment_gateway.v1 import payment_gateway_pb2 as pg
 from paymesh.payment_gateway.v1 import payment_gateway_pb2_grpc
-from services import validation as v
-from services.authz import AuthenticatedMerchant, current_merchant, merchant_scope
-from services.bootstrap import Context
+from services.mesh import validation as v
+from services.mesh.authz import AuthenticatedMerchant, current_merchant, merchant_scope
+from services.mesh.bootstrap import Context
 from services.payment_gateway.flow import PaymentFlow, PaymentNotStarted, PaymentPending
 from services.payment_gateway.store import (
     NewPayment,
@@ -44,7 +44,7 @@ def scoped_key(merchant_id: str, request_id: str) -> str:
 def validate_create(request: pg.CreatePaymentRequest) -> None:
     """Raise InvalidArgument naming the first bad field of a CreatePayment request.
 
-    ``merchant_id`` is checked by :func:`services.authz.merchant_scope` instead: a merchant
+    ``merchant_id`` is checked by :func:`services.mesh.authz.merchant_scope` instead: a merchant
     may leave it empty, and any id but its own is NOT_FOUND.
     """
     v.require_request_id("request_id", request.request_id)

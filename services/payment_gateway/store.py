@@ -23,8 +23,6 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from interceptors.errors import FailedPrecondition, NotFound
 from paymesh.common.v1 import common_pb2
 from paymesh.payment_gateway.v1 import payment_gateway_pb2 as pg
-from services import idempotency
-from services.database import open_database, transaction
 from services.payment_gateway import outbox
 from services.payment_gateway.events import abandoned_order, payment_events, refund_events
 from services.payment_gateway.ledger import (
@@ -32,6 +30,8 @@ from services.payment_gateway.ledger import (
     refund_settlement_share,
     status_after_refunds,
 )
+from services.storage import idempotency
+from services.storage.database import open_database, transaction
 
 CREATE_METHOD = "CreatePayment"
 REFUND_METHOD = "RefundPayment"

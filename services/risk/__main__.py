@@ -1,7 +1,7 @@
 """Start risk-service: ``python -m services.risk``."""
 
 from paymesh.risk.v1 import risk_pb2, risk_pb2_grpc
-from services.bootstrap import Registration, ServiceContext, run
+from services.mesh.bootstrap import Registration, ServiceContext, run
 from services.risk.geo import GEO_IP, GeoLookup
 from services.risk.servicer import RiskServicer
 from services.risk.store import AssessmentStore

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from interceptors.errors import Unavailable
 from interceptors.http import PartnerClient
-from services.partner import call_partner
+from services.mesh.partner import call_partner
 from services.risk.rules import Geo
 
 GEO_IP = "geo-ip"

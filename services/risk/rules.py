@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from paymesh.risk.v1 import risk_pb2 as pb
-from services.validation import CURRENCY_EXPONENT
+from services.mesh.validation import CURRENCY_EXPONENT
 
 #: Decisions as plain ints, ordered by strictness so the strictest is the ``max``.
 APPROVE: int = pb.RISK_DECISION_APPROVE

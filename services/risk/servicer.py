@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from paymesh.risk.v1 import risk_pb2 as pb
 from paymesh.risk.v1 import risk_pb2_grpc as pb_grpc
-from services import validation as v
-from services.bootstrap import Context
+from services.mesh import validation as v
+from services.mesh.bootstrap import Context
 from services.risk.geo import GeoLookup
 from services.risk.store import AssessmentStore
 

@@ -5,10 +5,10 @@ from paymesh.merchant.v1 import merchant_pb2_grpc
 from paymesh.notification.v1 import notification_pb2_grpc
 from paymesh.settlement.v1 import settlement_pb2, settlement_pb2_grpc
 from paymesh.withdrawal.v1 import withdrawal_pb2_grpc
-from services.bootstrap import Registration, ServiceContext, run
-from services.resumable import recovery_interval_s
+from services.mesh.bootstrap import Registration, ServiceContext, run
 from services.settlement.servicer import SettlementServicer
 from services.settlement.store import SettlementStore
+from services.storage.resumable import recovery_interval_s
 
 NAME = "settlement-service"
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from paymesh.common.v1 import common_pb2
 from paymesh.settlement.v1 import settlement_pb2
-from services import idempotency
-from services.database import transaction
-from services.resumable import Begun, StepStore, timestamp
+from services.storage import idempotency
+from services.storage.database import transaction
+from services.storage.resumable import Begun, StepStore, timestamp
 
 METHOD = "CreateSettlement"
 

@@ -4,8 +4,8 @@ from paymesh.accounting.v1 import accounting_pb2_grpc
 from paymesh.merchant.v1 import merchant_pb2_grpc
 from paymesh.notification.v1 import notification_pb2_grpc
 from paymesh.withdrawal.v1 import withdrawal_pb2, withdrawal_pb2_grpc
-from services.bootstrap import Registration, ServiceContext, run
-from services.resumable import recovery_interval_s
+from services.mesh.bootstrap import Registration, ServiceContext, run
+from services.storage.resumable import recovery_interval_s
 from services.withdrawal.servicer import WithdrawalServicer
 from services.withdrawal.store import WithdrawalStore
 

@@ -31,14 +31,14 @@ from paymesh.accounting.v1 import accounting_pb2, accounting_pb2_grpc
 from paymesh.merchant.v1 import merchant_pb2_grpc
 from paymesh.notification.v1 import notification_pb2, notification_pb2_grpc
 from paymesh.withdrawal.v1 import withdrawal_pb2, withdrawal_pb2_grpc
-from services import validation as v
 from services.accounting import accounts
-from services.active_merchant import require_active_merchant
-from services.authz import merchant_scope
-from services.bootstrap import Context
-from services.clients import PartnerClient
-from services.downstream import is_ambiguous, reason_of
-from services.resumable import StepDriver, Stepper
+from services.mesh import validation as v
+from services.mesh.active_merchant import require_active_merchant
+from services.mesh.authz import merchant_scope
+from services.mesh.bootstrap import Context
+from services.mesh.clients import PartnerClient
+from services.mesh.downstream import is_ambiguous, reason_of
+from services.storage.resumable import StepDriver, Stepper
 from services.withdrawal.store import Record, Step, WithdrawalStore
 
 log = logging.getLogger("paymesh.withdrawal")

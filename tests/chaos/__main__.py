@@ -1,7 +1,8 @@
 """``make chaos``: every fault of issues 7 and 15 against the mesh; exit 1 if an invariant fails.
 
 ``python -m tests.chaos [--out var/chaos] [--open-s 5] [--short]``. The mesh runs under its
-real launcher (``python -m services``). Bounded: about four and a half minutes for the full
+real launcher
+(``python -m services.tools.launcher``). Bounded: about four and a half minutes for the full
 run (two faults with ``--short``: one), then it stops by itself.
 """
 

@@ -23,7 +23,7 @@ from paymesh.order.v1 import order_pb2, order_pb2_grpc
 from paymesh.payment_gateway.v1 import payment_gateway_pb2 as pg
 from paymesh.payment_gateway.v1 import payment_gateway_pb2_grpc
 from services.accounting import accounts
-from services.tls import TransportSecurity
+from services.mesh.tls import TransportSecurity
 from tests.chaos.load import LoadRecord, Merchant
 
 PSP_CLEARING = accounts.PSP_CLEARING

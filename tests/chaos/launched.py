@@ -1,9 +1,9 @@
-"""The mesh as ``make run`` runs it: ``python -m services``, its members kept up by the launcher.
+"""The mesh as ``make run`` runs it, its members kept up by the launcher.
 
 The chaos run restarts nothing itself. It reads each member's pid from the launcher's
 ``<var>/launcher.json`` to signal it (only a process whose parent is that launcher), and after a
 kill -9 waits for the launcher to bring the member back: a new pid in the report, one restart
-more, then health SERVING. A :class:`~services.launcher.Mesh` built from the same environment
+more, then health SERVING. A :class:`~services.tools.launcher.Mesh` built from the same environment
 (never started here) gives the addresses and the operator identity.
 """
 
@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.launcher import Member, Mesh, MeshError
-from services.supervisor import LAUNCHER_FILE, LauncherReport, MemberReport, read_report
-from services.tls import TransportSecurity
+from services.mesh.tls import TransportSecurity
+from services.tools.launcher import Member, Mesh, MeshError
+from services.tools.supervisor import LAUNCHER_FILE, LauncherReport, MemberReport, read_report
 
 POLL_S = 0.1
 
@@ -62,7 +62,7 @@ def _round(value: float | None) -> float | None:
 
 
 class LaunchedMesh:
-    """``python -m services`` as a child process, driven through its ``launcher.json``."""
+    """``python -m services.tools.launcher`` as a child, driven through ``launcher.json``."""
 
     def __init__(
         self,
@@ -104,7 +104,7 @@ class LaunchedMesh:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self._process = subprocess.Popen(
-                [self._python, "-m", "services"],
+                [self._python, "-m", "services.tools.launcher"],
                 env=self.environ,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -28,7 +28,7 @@ from paymesh.merchant.v1 import merchant_pb2, merchant_pb2_grpc
 from paymesh.merchant_auth.v1 import merchant_auth_pb2, merchant_auth_pb2_grpc
 from paymesh.payment_gateway.v1 import payment_gateway_pb2 as pg
 from paymesh.payment_gateway.v1 import payment_gateway_pb2_grpc
-from services.tls import TransportSecurity
+from services.mesh.tls import TransportSecurity
 
 #: Codes after which a merchant retries with the same request_id.
 RETRIED_CODES = frozenset(

@@ -28,8 +28,8 @@ from paymesh.common.v1 import common_pb2
 from paymesh.settlement.v1 import settlement_pb2, settlement_pb2_grpc
 from paymesh.withdrawal.v1 import withdrawal_pb2, withdrawal_pb2_grpc
 from services.accounting import accounts
+from services.mesh.tls import TransportSecurity
 from services.settlement.servicer import settlement_id_for
-from services.tls import TransportSecurity
 from tests.chaos.invariants import Check, pages
 from tests.chaos.load import Merchant
 

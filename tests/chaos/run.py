@@ -1,6 +1,7 @@
 """The chaos run: the mesh under its real launcher, steady merchant load, one fault at a time.
 
-The mesh runs as ``make run`` runs it (``python -m services``); the run signals members by
+The mesh runs as ``make run`` runs it
+(``python -m services.tools.launcher``); the run signals members by
 the pids in the launcher's ``launcher.json`` and never restarts one itself: a member killed
 with -9 must come back by the launcher's hand. Each fault has a quiet lead-in, the fault
 itself and a recovery window; the callers' ``/breakers`` are polled throughout so the faulted
@@ -33,11 +34,11 @@ from paymesh.accounting.v1 import accounting_pb2, accounting_pb2_grpc
 from paymesh.notification.v1 import notification_pb2
 from paymesh.withdrawal.v1 import withdrawal_pb2
 from services.accounting import accounts
-from services.admin_token import FAULT_INJECTION_VAR, admin_authorization, with_admin_token
-from services.launcher import ephemeral_environ
-from services.supervisor import LauncherReport, RestartPolicy
-from services.tls import TransportSecurity
-from services.topology import Topology
+from services.mesh.admin_token import FAULT_INJECTION_VAR, admin_authorization, with_admin_token
+from services.mesh.tls import TransportSecurity
+from services.mesh.topology import Topology
+from services.tools.launcher import ephemeral_environ
+from services.tools.supervisor import LauncherReport, RestartPolicy
 from tests.chaos.invariants import (
     TERMINAL,
     Check,
@@ -629,7 +630,7 @@ async def run(
     topology = Topology(environ=mesh.environ)
     addresses = {name: m.address for name, m in mesh.members.items()}
     log(
-        f"chaos: starting the mesh under its launcher (python -m services, "
+        f"chaos: starting the mesh under its launcher (python -m services.tools.launcher, "
         f"{len(mesh.members)} processes), breaker open_s {open_s:g} s, window_s {window_s:g} s "
         "(deployed: 30 s, 60 s); "
         + ", ".join(f"{k}={v} (deployed {d})" for k, (v, d) in RUN_TIMINGS.items())
@@ -795,7 +796,7 @@ async def run(
             "breaker_window_s": window_s,
             "environment": {k: v for k, (v, _) in RUN_TIMINGS.items()},
             "deployed": {k: d for k, (_, d) in RUN_TIMINGS.items()},
-            "others": "as deployed (services/policy.toml and the services' defaults)",
+            "others": "as deployed (services/mesh/policy.toml and the services' defaults)",
         },
         "load": {
             "creates_per_s": creates_per_s,

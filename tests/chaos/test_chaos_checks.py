@@ -17,7 +17,7 @@ from paymesh.common.v1 import common_pb2
 from paymesh.notification.v1 import notification_pb2
 from paymesh.payment_gateway.v1 import payment_gateway_pb2 as pg
 from services.accounting import accounts
-from services.tls import TransportSecurity
+from services.mesh.tls import TransportSecurity
 from tests.chaos.invariants import check_requests
 from tests.chaos.launched import Comeback
 from tests.chaos.load import LoadRecord, Merchant, PaymentRun

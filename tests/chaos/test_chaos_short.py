@@ -1,7 +1,8 @@
 """The short chaos run CI executes: kill -9 order-service under the real launcher, then a
 partner answering 503s.
 
-The whole mesh as ``python -m services`` under steady merchant load (``tests/chaos/run.py``):
+The whole mesh as
+``python -m services.tools.launcher`` under steady merchant load (``tests/chaos/run.py``):
 the killed member must come back by the launcher's hand, and every money, webhook and ledger
 invariant and each fault's breaker and recovery check must pass. No speed is asserted: the
 recovery limit is the breaker's open time plus slack, a property of the policy, and the

@@ -16,8 +16,8 @@ from typing import Any
 
 from paymesh.notification.v1 import notification_pb2, notification_pb2_grpc
 from paymesh.payment_gateway.v1 import payment_gateway_pb2 as pg
+from services.mesh.tls import TransportSecurity
 from services.payment_gateway.events import PAYMENT_EVENTS, event_id
-from services.tls import TransportSecurity
 from tests.chaos.invariants import TERMINAL, Check, pages
 from tests.chaos.load import Merchant
 

@@ -23,8 +23,8 @@ from opentelemetry.trace import TracerProvider
 from interceptors.chain import ClientChain, build_client_chain
 from interceptors.errors import PUSHBACK_KEY, STATUS_DETAILS_KEY, rich_status
 from interceptors.policy import PolicyConfig
-from interceptors.server import ServerPolicyInterceptor
 from paymesh.testing.v1 import testing_pb2, testing_pb2_grpc
+from services.mesh.server import ServerPolicyInterceptor
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

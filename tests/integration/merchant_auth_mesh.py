@@ -21,9 +21,9 @@ from interceptors.errors import STATUS_DETAILS_KEY, error_info, retry_delay_of
 from paymesh.merchant.v1 import merchant_pb2, merchant_pb2_grpc
 from paymesh.merchant_auth.v1 import merchant_auth_pb2 as pb
 from paymesh.merchant_auth.v1 import merchant_auth_pb2_grpc
-from services.bootstrap import Builder
 from services.merchant.__main__ import build as build_merchant
 from services.merchant_auth.__main__ import build as build_auth
+from services.mesh.bootstrap import Builder
 from tests.servers import granted_stub, mesh_channel, running_service
 
 #: The address a test's mesh caller forwards for its merchant unless told otherwise.

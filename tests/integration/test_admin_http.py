@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from services.admin import (
+from services.mesh.admin import (
     MAX_BODY_BYTES,
     MAX_CONNECTIONS,
     MAX_HEADER_BYTES,

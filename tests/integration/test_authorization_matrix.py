@@ -22,8 +22,8 @@ from google.protobuf import descriptor_pool, message_factory
 from grpc import aio
 
 from interceptors.errors import error_info, status_from_metadata
-from services import pki
-from services.topology import ALL_METHODS, SERVICES, ServiceSpec
+from services.mesh import pki
+from services.mesh.topology import ALL_METHODS, SERVICES, ServiceSpec
 from tests.servers import mesh_channel, public_channel, running_service
 
 DIAGNOSTICS = "/paymesh.mesh.v1.DiagnosticsService/GetDiagnostics"

@@ -15,11 +15,11 @@ from grpc_reflection.v1alpha import reflection_pb2
 
 from interceptors.errors import STATUS_DETAILS_KEY
 from paymesh.order.v1 import order_pb2, order_pb2_grpc
-from services.bootstrap import Context, Registration, ServiceContext, StartupError, serve
+from services.mesh.bootstrap import Context, Registration, ServiceContext, StartupError, serve
+from services.mesh.tls import PKI_DIR_VAR
+from services.mesh.topology import Topology
 from services.order.servicer import OrderServicer
 from services.order.store import OrderStore
-from services.tls import PKI_DIR_VAR
-from services.topology import Topology
 from tests import servers
 from tests.servers import granted_stub, mesh_channel, running_service
 

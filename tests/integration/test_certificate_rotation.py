@@ -15,11 +15,11 @@ from grpc import aio
 from interceptors.chain import build_client_chain
 from interceptors.policy import PolicyConfig
 from paymesh.order.v1 import order_pb2, order_pb2_grpc
-from services import pki
-from services.clients import ClientFactory, RotatingChannel
+from services.mesh import pki
+from services.mesh.clients import ClientFactory, RotatingChannel
+from services.mesh.tls import PKI_DIR_VAR, TransportSecurity
+from services.mesh.topology import Topology
 from services.order.__main__ import build
-from services.tls import PKI_DIR_VAR, TransportSecurity
-from services.topology import Topology
 from tests.servers import running_service, test_pki_dir
 
 

@@ -86,7 +86,7 @@ def _result(outcome: BaseException | None, took_s: float) -> Result:
 async def test_a_hung_target_holds_at_most_five_calls_to_their_deadline_then_heals() -> None:
     clock = ShiftedClock()
     chain = make_chain({"timeout_s": DEADLINE_S}, clock=clock)  # the deployed breaker policy
-    deployed = PolicyConfig.load(str(ROOT / "services" / "policy.toml")).defaults.breaker
+    deployed = PolicyConfig.load(str(ROOT / "services" / "mesh" / "policy.toml")).defaults.breaker
     assert chain.runtime.config.defaults.breaker == deployed == BreakerPolicy()
     async with target_process() as (pid, address), stub_for(chain, address) as stub:
         for n in range(40):  # the window holds successes, as in the seed's run

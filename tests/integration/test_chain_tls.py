@@ -1,6 +1,6 @@
 """TLS handshake failures through the chain: reported, sent once, never held against breakers.
 
-Real TLS servers on 127.0.0.1 with certificates of a development PKI (``services.pki``); the
+Real TLS servers on 127.0.0.1 with certificates of a development PKI (``services.mesh.pki``); the
 client trusts a second, unrelated CA (or the server's certificate has expired), exactly what a
 mis-rolled certificate looks like.
 """
@@ -25,10 +25,10 @@ from grpc import aio
 from interceptors.chain import ClientChain
 from interceptors.errors import CallError, PartnerCallError, error_info, status_from_metadata
 from interceptors.http import PartnerClient
-from interceptors.server import ServerPolicyInterceptor
 from paymesh.testing.v1 import testing_pb2 as pb
 from paymesh.testing.v1 import testing_pb2_grpc
-from services.pki import PkiLayout, ensure_dev_pki, issue_leaf_with, spiffe_id
+from services.mesh.pki import PkiLayout, ensure_dev_pki, issue_leaf_with, spiffe_id
+from services.mesh.server import ServerPolicyInterceptor
 from tests.integration.harness import TARGET, RunningServer, ScriptedServicer, make_chain
 
 CALLS = 12

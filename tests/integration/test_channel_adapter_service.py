@@ -23,14 +23,14 @@ from interceptors.errors import error_info, status_from_metadata
 from paymesh.channel_adapter.v1 import channel_adapter_pb2 as pb
 from paymesh.channel_adapter.v1 import channel_adapter_pb2_grpc as pb_grpc
 from paymesh.common.v1 import common_pb2
-from services.admin_token import (
+from services.channel_adapter.__main__ import build
+from services.mesh.admin_token import (
     FAULT_INJECTION_VAR,
     ControlAccess,
     admin_authorization,
     with_admin_token,
 )
-from services.channel_adapter.__main__ import build
-from services.partners.sandbox import SandboxState
+from services.tools.sandbox.app import SandboxState
 from tests.servers import granted_stub, running_sandbox, running_service
 
 #: The sandbox's address, state and the headers that open its fault switches.

@@ -22,11 +22,11 @@ from paymesh.common.v1 import common_pb2
 from paymesh.mesh.v1 import mesh_pb2, mesh_pb2_grpc
 from paymesh.order.v1 import order_pb2, order_pb2_grpc
 from paymesh.risk.v1 import risk_pb2, risk_pb2_grpc
-from services import pki
-from services.bootstrap import StartupError
-from services.launcher import free_port
+from services.mesh import pki
+from services.mesh.bootstrap import StartupError
 from services.order.__main__ import build as build_order
 from services.risk.__main__ import build as build_risk
+from services.tools.launcher import free_port
 from tests.servers import granted_stub, mesh_channel, running_sandbox, running_service
 
 ORDER_SERVICE = "paymesh.order.v1.OrderService"

@@ -22,15 +22,15 @@ import pytest
 from grpc import aio
 
 from paymesh.order.v1 import order_pb2, order_pb2_grpc
-from services.admin_token import (
+from services.mesh.admin_token import (
     ADMIN_TOKEN_FILE_VAR,
     FAULT_INJECTION_VAR,
     admin_authorization,
     with_admin_token,
 )
-from services.bootstrap import StartupError
-from services.launcher import free_port
+from services.mesh.bootstrap import StartupError
 from services.order.__main__ import build
+from services.tools.launcher import free_port
 from tests.servers import mesh_channel, running_service
 
 GET_ORDER = "/paymesh.order.v1.OrderService/GetOrder"

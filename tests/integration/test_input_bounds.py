@@ -27,9 +27,9 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
 
 from interceptors.errors import MAX_MESSAGE_BYTES, MAX_STATUS_BYTES, STATUS_DETAILS_KEY
-from services import page_tokens, pki
-from services.authz import grants
-from services.topology import Topology, env_prefix
+from services.mesh import page_tokens, pki
+from services.mesh.authz import grants
+from services.mesh.topology import Topology, env_prefix
 from tests.integration.tenants import Tenant, merchant_directory
 from tests.servers import ServedAddress, mesh_channel, public_channel, running_service
 

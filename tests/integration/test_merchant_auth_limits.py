@@ -20,9 +20,9 @@ import pytest
 from grpc import aio
 
 from paymesh.merchant_auth.v1 import merchant_auth_pb2 as pb
-from services.bootstrap import StartupError
 from services.merchant_auth.__main__ import build as build_auth
 from services.merchant_auth.keys import SecretVerifier, Verification
+from services.mesh.bootstrap import StartupError
 from tests.integration.merchant_auth_mesh import (
     MERCHANT_PEER,
     Mesh,

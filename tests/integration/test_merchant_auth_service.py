@@ -25,7 +25,7 @@ from grpc import aio
 
 from paymesh.merchant.v1 import merchant_pb2
 from paymesh.merchant_auth.v1 import merchant_auth_pb2 as pb
-from services.bootstrap import StartupError
+from services.mesh.bootstrap import StartupError
 from tests.integration.merchant_auth_mesh import (
     Mesh,
     auth_mesh,

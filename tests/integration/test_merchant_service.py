@@ -25,13 +25,13 @@ from interceptors.errors import STATUS_DETAILS_KEY, circuit_open_error, rich_sta
 from paymesh.merchant.v1 import merchant_pb2, merchant_pb2_grpc
 from services.accounting.__main__ import build as build_accounting
 from services.analytics.__main__ import build as build_analytics
-from services.bootstrap import Builder
 from services.merchant.__main__ import build
 from services.merchant.dashboard import unavailable_section
+from services.mesh.bootstrap import Builder
+from services.mesh.topology import Topology, env_prefix
 from services.notification.__main__ import build as build_notification
 from services.payment_gateway.__main__ import build as build_gateway
 from services.risk.__main__ import build as build_risk
-from services.topology import Topology, env_prefix
 from tests.integration.tenants import (
     Directory,
     merchant_directory,

@@ -3,7 +3,8 @@
 Health through generated stubs, reflection and a real RPC through ``buf curl`` over mTLS with
 the operator certificate (exactly as the README shows), and a clean SIGTERM: health turns
 NOT_SERVING (or the connection closes) and the process exits 0. Under the real launcher
-(``python -m services``, as ``make run``): a member killed with SIGKILL comes back SERVING by
+(``python -m services.tools.launcher``, as ``make run``):
+a member killed with SIGKILL comes back SERVING by
 itself while the others keep serving, and one that cannot stay up is reported crash-looping
 while the launcher keeps running.
 """
@@ -29,9 +30,9 @@ import pytest
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.launcher import Mesh, MeshError, ephemeral_environ, health_status
-from services.tls import TransportSecurity, operator_security
-from services.topology import SERVICES, ServiceSpec
+from services.mesh.tls import TransportSecurity, operator_security
+from services.mesh.topology import SERVICES, ServiceSpec
+from services.tools.launcher import Mesh, MeshError, ephemeral_environ, health_status
 
 BUF = Path(sys.executable).parent / "buf"
 PROTOS = Path(__file__).resolve().parents[2] / "protos"
@@ -210,7 +211,7 @@ def test_make_run_front_door_reports_a_taken_port_and_exits_nonzero(tmp_path: Pa
     environ["PAYMESH_VAR_DIR"] = str(tmp_path)
     with socket_holding(environ["RISK_SERVICE_ADDR"]):
         result = subprocess.run(
-            [sys.executable, "-m", "services"],
+            [sys.executable, "-m", "services.tools.launcher"],
             env=environ,
             capture_output=True,
             text=True,
@@ -244,7 +245,7 @@ def test_make_run_front_door_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
     environ = ephemeral_environ()
     environ["PAYMESH_VAR_DIR"] = str(tmp_path)
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "services"],
+        [sys.executable, "-m", "services.tools.launcher"],
         env=environ,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -324,14 +325,14 @@ def _poll(what: str, check: Callable[[], T | None], *, timeout_s: float = 60.0) 
 
 
 class Launcher:
-    """``python -m services`` as ``make run`` starts it, its stdout and stderr read as they come."""
+    """The launcher as ``make run`` starts it, its stdout and stderr read as they come."""
 
     def __init__(self, var_dir: Path) -> None:
         self.environ = ephemeral_environ()
         self.environ["PAYMESH_VAR_DIR"] = str(var_dir)
         self.var_dir = var_dir
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "services"],
+            [sys.executable, "-m", "services.tools.launcher"],
             env=self.environ,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -381,7 +382,7 @@ class Launcher:
 
     def status(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "services.status", *args],
+            [sys.executable, "-m", "services.tools.status", *args],
             env=self.environ,
             capture_output=True,
             text=True,

@@ -28,14 +28,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 
 from interceptors.errors import error_info, retry_delay_of, status_from_metadata
-from interceptors.faults import Fault, FaultInjector
 from paymesh.accounting.v1 import accounting_pb2, accounting_pb2_grpc
 from paymesh.common.v1 import common_pb2
-from services import pki
 from services.accounting.__main__ import build as build_accounting
-from services.bootstrap import Registration, ServiceContext
 from services.merchant.__main__ import build as build_merchant
-from services.topology import SERVICES
+from services.mesh import pki
+from services.mesh.bootstrap import Registration, ServiceContext
+from services.mesh.faults import Fault, FaultInjector
+from services.mesh.topology import SERVICES
 from tests import servers
 from tests.servers import ServedAddress, mesh_channel, public_channel, running_service
 

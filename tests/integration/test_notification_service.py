@@ -32,14 +32,14 @@ from grpc import aio
 from paymesh.merchant.v1 import merchant_pb2, merchant_pb2_grpc
 from paymesh.notification.v1 import notification_pb2 as pb
 from paymesh.notification.v1 import notification_pb2_grpc as pb_grpc
-from services import pki
 from services.merchant.__main__ import build as build_merchant
+from services.mesh import pki
+from services.mesh.tls import CA_FILE_VAR, CERT_FILE_VAR, KEY_FILE_VAR
 from services.notification import signing
 from services.notification.__main__ import build
 from services.notification.config import INLINE_WAIT_VAR, SECRETS_KEY_FILE_VAR
 from services.notification.store import notification_id_for
-from services.partners.sandbox import Fault, SandboxState
-from services.tls import CA_FILE_VAR, CERT_FILE_VAR, KEY_FILE_VAR
+from services.tools.sandbox.app import Fault, SandboxState
 from tests import servers
 from tests.integration.webhook_receiver import FixedDns, WebhookReceiver, receiving_webhooks
 from tests.servers import granted_stub, running_sandbox, running_service

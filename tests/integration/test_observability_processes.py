@@ -1,4 +1,4 @@
-"""A downstream process stops: the caller's Diagnostics (DEGRADED), ``services.status`` (its
+"""A downstream process stops: the caller's Diagnostics (DEGRADED), ``services.tools.status`` (its
 summary line, exit status 0) and a real Prometheus server scraping the admin ports all show that
 edge down with its breaker open, while the caller's own liveness stays SERVING.
 
@@ -29,11 +29,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from paymesh.merchant_auth.v1 import merchant_auth_pb2, merchant_auth_pb2_grpc
 from paymesh.mesh.v1 import mesh_pb2, mesh_pb2_grpc
-from services.launcher import Mesh, ephemeral_environ, free_port
-from services.pki import OPERATOR, ensure_dev_pki
-from services.prometheus_config import render
-from services.tls import operator_security
-from services.topology import Topology
+from services.mesh.pki import OPERATOR, ensure_dev_pki
+from services.mesh.tls import operator_security
+from services.mesh.topology import Topology
+from services.tools.launcher import Mesh, ephemeral_environ, free_port
+from services.tools.prometheus_config import render
 
 pytestmark = pytest.mark.slow
 
@@ -255,7 +255,7 @@ def test_status_json_shows_the_stopped_dependency_down_and_its_breaker_open(
     mesh: Mesh, outage: str
 ) -> None:
     run = subprocess.run(
-        [sys.executable, "-m", "services.status", "--json"],
+        [sys.executable, "-m", "services.tools.status", "--json"],
         env=mesh.environ,
         capture_output=True,
         text=True,
@@ -285,7 +285,7 @@ def test_status_json_shows_the_stopped_dependency_down_and_its_breaker_open(
 
 def test_status_table_names_the_open_edge(mesh: Mesh, outage: str) -> None:
     run = subprocess.run(
-        [sys.executable, "-m", "services.status"],
+        [sys.executable, "-m", "services.tools.status"],
         env=mesh.environ,
         capture_output=True,
         text=True,
@@ -313,7 +313,7 @@ def test_status_exits_zero_and_says_so_when_nothing_answers(tmp_path: Path) -> N
     ensure_dev_pki(tmp_path / "pki", [OPERATOR])
 
     run = subprocess.run(
-        [sys.executable, "-m", "services.status"],
+        [sys.executable, "-m", "services.tools.status"],
         env=nobody,
         capture_output=True,
         text=True,
@@ -332,7 +332,7 @@ def test_status_exits_nonzero_only_when_it_cannot_report(tmp_path: Path) -> None
     broken["ORDER_SERVICE_ADDR"] = "not-an-address"
 
     run = subprocess.run(
-        [sys.executable, "-m", "services.status"],
+        [sys.executable, "-m", "services.tools.status"],
         env=broken,
         capture_output=True,
         text=True,
@@ -348,7 +348,7 @@ def test_status_watch_refreshes_until_ctrl_c_and_exits_cleanly(tmp_path: Path) -
     nobody["PAYMESH_VAR_DIR"] = str(tmp_path)
     ensure_dev_pki(tmp_path / "pki", [OPERATOR])
     watch = subprocess.Popen(
-        [sys.executable, "-m", "services.status", "--watch", "0.1"],
+        [sys.executable, "-m", "services.tools.status", "--watch", "0.1"],
         env=nobody,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

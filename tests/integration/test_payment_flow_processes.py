@@ -35,9 +35,9 @@ from paymesh.payment_gateway.v1 import payment_gateway_pb2 as gw
 from paymesh.payment_gateway.v1 import payment_gateway_pb2_grpc
 from paymesh.settlement.v1 import settlement_pb2, settlement_pb2_grpc
 from paymesh.withdrawal.v1 import withdrawal_pb2, withdrawal_pb2_grpc
-from services.admin_token import FAULT_INJECTION_VAR, admin_authorization, with_admin_token
-from services.launcher import Mesh, ephemeral_environ
-from services.topology import Topology
+from services.mesh.admin_token import FAULT_INJECTION_VAR, admin_authorization, with_admin_token
+from services.mesh.topology import Topology
+from services.tools.launcher import Mesh, ephemeral_environ
 
 pytestmark = pytest.mark.slow
 BUF = Path(sys.executable).parent / "buf"

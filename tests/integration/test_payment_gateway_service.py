@@ -44,11 +44,10 @@ from paymesh.payment_gateway.v1 import payment_gateway_pb2_grpc
 from paymesh.risk.v1 import risk_pb2_grpc
 from services.accounting.__main__ import build as build_accounting
 from services.analytics.__main__ import build as build_analytics
-from services.bootstrap import ServiceContext
 from services.channel_adapter.__main__ import build as build_channel_adapter
+from services.mesh.bootstrap import ServiceContext
 from services.notification.__main__ import build as build_notification
 from services.order.__main__ import build as build_order
-from services.partners.sandbox import SandboxState
 from services.payment_gateway.__main__ import build as build_gateway
 from services.payment_gateway.events import event_id
 from services.payment_gateway.flow import Downstreams, PaymentFlow
@@ -56,6 +55,7 @@ from services.payment_gateway.outbox import PENDING, SENT, OutboxRow
 from services.payment_gateway.servicer import for_merchant, scoped_key
 from services.payment_gateway.store import NewPayment, PaymentRecord, PaymentStore, Step
 from services.risk.__main__ import build as build_risk
+from services.tools.sandbox.app import SandboxState
 from tests.integration.tenants import (
     Directory,
     Tenant,

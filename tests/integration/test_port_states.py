@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from grpc import aio
 
-from services.launcher import Mesh, MeshError, ephemeral_environ
-from services.ports import PortState, can_bind, port_is_free, port_state, socket_states
+from services.tools.launcher import Mesh, MeshError, ephemeral_environ
+from services.tools.ports import PortState, can_bind, port_is_free, port_state, socket_states
 
 HOST = "127.0.0.1"
 

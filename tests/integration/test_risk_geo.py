@@ -11,9 +11,9 @@ import pytest
 
 from interceptors.chain import build_client_chain
 from interceptors.policy import PolicyConfig
-from services.partners.sandbox import Fault, SandboxState
 from services.risk.geo import GeoLookup
 from services.risk.rules import Geo
+from services.tools.sandbox.app import Fault, SandboxState
 from tests.servers import running_sandbox
 
 # One attempt, no breaker trips: each lookup is one request the sandbox can count.

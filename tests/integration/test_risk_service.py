@@ -20,14 +20,14 @@ from grpc import aio
 from paymesh.common.v1 import common_pb2
 from paymesh.risk.v1 import risk_pb2 as pb
 from paymesh.risk.v1 import risk_pb2_grpc as pb_grpc
-from services.admin_token import (
+from services.mesh.admin_token import (
     FAULT_INJECTION_VAR,
     ControlAccess,
     admin_authorization,
     with_admin_token,
 )
-from services.partners.sandbox import SandboxState
 from services.risk.__main__ import build
+from services.tools.sandbox.app import SandboxState
 from tests.servers import granted_stub, running_sandbox, running_service
 
 ORDINARY_IP = "192.0.2.10"

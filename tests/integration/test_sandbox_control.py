@@ -23,22 +23,22 @@ from typing import Any
 
 import pytest
 
-from services.admin import (
+from services.mesh.admin import (
     MAX_BODY_BYTES,
     MAX_HEADER_BYTES,
     MAX_HEADER_COUNT,
     MAX_REQUEST_LINE_BYTES,
     HttpLimits,
 )
-from services.admin_token import (
+from services.mesh.admin_token import (
     ADMIN_TOKEN_FILE_VAR,
     FAULT_INJECTION_VAR,
     ControlAccess,
     admin_authorization,
     with_admin_token,
 )
-from services.partners.bounded_http import LISTEN_BACKLOG
-from services.partners.sandbox import SANDBOX_LIMITS, SandboxServer, SandboxState
+from services.tools.sandbox.app import SANDBOX_LIMITS, SandboxServer, SandboxState
+from services.tools.sandbox.bounded_http import LISTEN_BACKLOG
 
 SHORT = replace(SANDBOX_LIMITS, head_timeout_s=0.5, body_timeout_s=0.5, linger_s=0.5)
 FAULT = {"partner": "geo-ip", "error_rate": 1.0, "status": 503}
@@ -150,7 +150,7 @@ def test_sandbox_with_fault_injection_but_no_token_file_refuses_to_start() -> No
     }
     env.pop(ADMIN_TOKEN_FILE_VAR, None)
     done = subprocess.run(
-        [sys.executable, "-m", "services.partners"],
+        [sys.executable, "-m", "services.tools.sandbox"],
         cwd=root,
         env=env,
         capture_output=True,

@@ -28,8 +28,8 @@ from paymesh.settlement.v1 import settlement_pb2, settlement_pb2_grpc
 from paymesh.withdrawal.v1 import withdrawal_pb2, withdrawal_pb2_grpc
 from services.accounting.__main__ import build as build_accounting
 from services.notification.__main__ import build as build_notification
-from services.partners.sandbox import Fault, SandboxState
 from services.settlement.__main__ import build as build_settlement
+from services.tools.sandbox.app import Fault, SandboxState
 from services.withdrawal.__main__ import build as build_withdrawal
 from tests.integration.tenants import Directory, merchant_directory, merchant_stub, refusal
 from tests.servers import (

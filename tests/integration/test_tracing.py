@@ -32,7 +32,6 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from interceptors.chain import ClientChain
 from interceptors.errors import CallError
-from interceptors.server import ServerPolicyInterceptor
 from interceptors.tracing import (
     ATTEMPT_ATTRIBUTE,
     ATTEMPTS_ATTRIBUTE,
@@ -54,11 +53,12 @@ from services.analytics.__main__ import build as build_analytics
 from services.channel_adapter.__main__ import build as build_channel_adapter
 from services.merchant.__main__ import build as build_merchant
 from services.merchant_auth.__main__ import build as build_merchant_auth
+from services.mesh.server import ServerPolicyInterceptor
+from services.mesh.tracing import TraceIdFilter, log_format, service_tracer_provider, span_exporter
 from services.notification.__main__ import build as build_notification
 from services.order.__main__ import build as build_order
 from services.payment_gateway.__main__ import build as build_gateway
 from services.risk.__main__ import build as build_risk
-from services.tracing import TraceIdFilter, log_format, service_tracer_provider, span_exporter
 from tests.integration.harness import (
     TARGET,
     Fault,

@@ -30,7 +30,7 @@ from paymesh.notification.v1 import notification_pb2, notification_pb2_grpc
 from paymesh.withdrawal.v1 import withdrawal_pb2, withdrawal_pb2_grpc
 from services.accounting.__main__ import build as build_accounting
 from services.notification.__main__ import build as build_notification
-from services.partners.sandbox import Fault, SandboxState
+from services.tools.sandbox.app import Fault, SandboxState
 from services.withdrawal.__main__ import build as build_withdrawal
 from tests.integration.tenants import (
     Directory,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from services.admin_token import (
+from services.mesh.admin_token import (
     ADMIN_TOKEN_FILE,
     ADMIN_TOKEN_FILE_VAR,
     FAULT_INJECTION_VAR,

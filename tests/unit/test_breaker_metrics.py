@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from interceptors.breaker import ConcurrencyLimited, Outcome
 from interceptors.policy import PolicyConfig
 from interceptors.runtime import ChainRuntime
-from services.metrics import ServiceMetrics
+from services.mesh.metrics import ServiceMetrics
 from tests.unit.fakes import FakeClock
 
 EDGE = {"caller": "payment-gateway", "target": "order-service"}

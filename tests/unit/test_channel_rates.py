@@ -6,9 +6,9 @@ from decimal import Decimal
 
 import pytest
 
-from services.bootstrap import StartupError
 from services.channel_adapter.config import AdapterConfig
 from services.channel_adapter.rates import Quote, RateCache, convert, parse_rate
+from services.mesh.bootstrap import StartupError
 
 
 @pytest.mark.parametrize(

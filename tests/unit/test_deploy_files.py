@@ -11,9 +11,9 @@ import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from interceptors.telemetry import CallRecord, ChainTelemetry
-from services.metrics import CHAIN_SERIES, ServiceMetrics
-from services.prometheus_config import render
-from services.topology import Topology
+from services.mesh.metrics import CHAIN_SERIES, ServiceMetrics
+from services.mesh.topology import Topology
+from services.tools.prometheus_config import render
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
@@ -46,7 +46,7 @@ def test_prometheus_config_is_the_one_the_topology_gives() -> None:
     expected = render(Topology(environ={}))
 
     assert (DEPLOY / "prometheus.yml").read_text() == expected, (
-        "deploy/prometheus.yml is stale: python -m services.prometheus_config > "
+        "deploy/prometheus.yml is stale: python -m services.tools.prometheus_config > "
         "deploy/prometheus.yml (with no *_ADMIN_ADDR overrides set)"
     )
 

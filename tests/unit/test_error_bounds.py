@@ -9,7 +9,7 @@ from google.rpc import error_details_pb2
 from interceptors import errors
 from interceptors.errors import FieldViolation, InvalidArgument, rich_status
 from paymesh.common.v1 import common_pb2
-from services import validation as v
+from services.mesh import validation as v
 
 MEGABYTE = 1024 * 1024
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from interceptors.faults import MAX_DELAY_MS, MAX_FAULTS, Fault, FaultInjector
+from services.mesh.faults import MAX_DELAY_MS, MAX_FAULTS, Fault, FaultInjector
 
 
 def test_delay_beyond_the_maximum_is_refused() -> None:

@@ -12,10 +12,10 @@ from interceptors.errors import Aborted, AlreadyExists
 from paymesh.common.v1 import common_pb2
 from paymesh.order.v1 import order_pb2
 from paymesh.settlement.v1 import settlement_pb2
-from services import idempotency
-from services.database import open_database, transaction
 from services.order.store import OrderStore
 from services.settlement.store import SettlementStore
+from services.storage import idempotency
+from services.storage.database import open_database, transaction
 from tests.unit.fakes import FakeClock
 
 DAY_S = 24 * 3600.0

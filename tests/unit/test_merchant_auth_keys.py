@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from services.bootstrap import StartupError
 from services.merchant_auth.keys import (
     KeyVerifier,
     PepperedHasher,
@@ -19,6 +18,7 @@ from services.merchant_auth.keys import (
     new_key,
 )
 from services.merchant_auth.pepper import load_pepper
+from services.mesh.bootstrap import StartupError
 
 PEPPER = bytes(range(32))
 SECRET = new_key().secret

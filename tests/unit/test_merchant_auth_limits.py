@@ -6,7 +6,6 @@ import dataclasses
 
 import pytest
 
-from services.bootstrap import StartupError
 from services.merchant_auth.config import LIMIT_VARS, AuthConfig
 from services.merchant_auth.limits import (
     FailureWindow,
@@ -18,6 +17,7 @@ from services.merchant_auth.limits import (
     client_peer,
     peer_address,
 )
+from services.mesh.bootstrap import StartupError
 from tests.unit.fakes import FakeClock
 
 

@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from interceptors.breaker import BreakerRegistry, Outcome
 from interceptors.policy import BreakerPolicy
 from interceptors.telemetry import CallRecord, ChainTelemetry
-from services.metrics import ServiceMetrics, method_label
+from services.mesh.metrics import ServiceMetrics, method_label
 from tests.unit.fakes import FakeClock
 
 GET_ORDER = "/paymesh.order.v1.OrderService/GetOrder"

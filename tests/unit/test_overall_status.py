@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from paymesh.mesh.v1 import mesh_pb2
-from services.diagnostics import (
+from services.mesh.diagnostics import (
     HEALTHZ_MAX_LAG_S,
     healthz_max_lag_s,
     overall_status,

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from interceptors.errors import InvalidArgument
-from services import page_tokens
-from services import validation as v
+from services.mesh import page_tokens
+from services.mesh import validation as v
 
 FILTERS = {"merchant_id": "m1", "status": 0}
 

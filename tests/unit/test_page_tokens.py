@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from services import page_tokens
+from services.mesh import page_tokens
 
 FILTERS = {"merchant_id": "m1"}
 

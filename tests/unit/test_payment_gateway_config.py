@@ -7,7 +7,7 @@ import pytest
 from grpc import aio
 
 from interceptors.errors import STATUS_DETAILS_KEY, rich_status
-from services.bootstrap import StartupError
+from services.mesh.bootstrap import StartupError
 from services.payment_gateway.config import (
     CHARGE_CUTOFF_VAR,
     OUTBOX_INTERVAL_VAR,

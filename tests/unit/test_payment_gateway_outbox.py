@@ -14,7 +14,6 @@ from google.protobuf.message import Message
 from grpc import aio
 
 from paymesh.notification.v1 import notification_pb2
-from services.database import open_database, transaction
 from services.payment_gateway.outbox import (
     PENDING,
     REFUSED,
@@ -27,6 +26,7 @@ from services.payment_gateway.outbox import (
     RelayPolicy,
     Route,
 )
+from services.storage.database import open_database, transaction
 from tests.unit.fakes import FakeClock
 
 NOTIFY = "/test.Notifications/Send"

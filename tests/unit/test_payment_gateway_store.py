@@ -23,7 +23,7 @@ from paymesh.common.v1 import common_pb2
 from paymesh.notification.v1 import notification_pb2
 from paymesh.order.v1 import order_pb2
 from paymesh.payment_gateway.v1 import payment_gateway_pb2 as pg
-from services import validation as v
+from services.mesh import validation as v
 from services.payment_gateway import store as store_module
 from services.payment_gateway.servicer import (
     for_merchant,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.ports import (
+from services.tools.ports import (
     DEFAULT_TIME_WAIT_WAIT_S,
     RECHECK_INTERVAL_S,
     TIME_WAIT_S,

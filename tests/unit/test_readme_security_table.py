@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from services.authz import markdown_table
-from services.topology import Topology
+from services.mesh.authz import markdown_table
+from services.mesh.topology import Topology
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -16,6 +16,6 @@ def test_readme_table_of_grants_matches_the_topology() -> None:
     assert start in text and end in text, "README lost its authz-table markers"
     shown = text.split(start, 1)[1].split(end, 1)[0]
     assert shown == markdown_table(Topology(environ={})), (
-        "README's table drifted from the topology: paste `python -m services.authz` between "
+        "README's table drifted from the topology: paste `python -m services.mesh.authz` between "
         "the authz-table markers"
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from interceptors.telemetry import CallRecord
-from services.recent import RecentCalls, percentile
+from services.mesh.recent import RecentCalls, percentile
 from tests.unit.fakes import FakeClock
 
 METHOD = "/paymesh.order.v1.OrderService/GetOrder"

@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from services.status import (
+from services.mesh.topology import SERVICES
+from services.tools.status import (
     WIDTH,
     EdgeStatus,
     ServiceStatus,
@@ -15,8 +16,7 @@ from services.status import (
     summary_line,
     with_launcher,
 )
-from services.supervisor import LauncherReport, MemberReport
-from services.topology import SERVICES
+from services.tools.supervisor import LauncherReport, MemberReport
 
 NOW = 1_700_000_000.0
 LONG_ERROR = (

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from services.bootstrap import StartupError
-from services.resumable import DEFAULT_RECOVERY_INTERVAL_S, recovery_interval_s
+from services.mesh.bootstrap import StartupError
 from services.settlement.store import SettlementStore
 from services.settlement.store import Step as SettlementStep
+from services.storage.resumable import DEFAULT_RECOVERY_INTERVAL_S, recovery_interval_s
 from services.withdrawal.store import Step, WithdrawalStore
 
 #: The withdrawals table as the version before the ``confirm`` step made it.

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from services.supervisor import (
+from services.tools.supervisor import (
     Change,
     LauncherReport,
     RestartPolicy,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from services.bootstrap import StartupError
+from services.mesh.bootstrap import StartupError
 from services.notification.config import NotificationConfig
 from services.notification.dispatch import LoopSettings
 from services.notification.schedule import DeliverySchedule

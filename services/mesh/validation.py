@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 from interceptors.errors import FieldViolation, InvalidArgument
-from services import page_tokens
+from services.mesh import page_tokens
 
 #: ISO 4217 codes the platform settles in, with their minor-unit exponent.
 CURRENCY_EXPONENT: Mapping[str, int] = {

@@ -28,8 +28,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from interceptors.breaker import CLOSED, HALF_OPEN, HALF_OPEN_READY, OPEN
 from paymesh.mesh.v1 import mesh_pb2, mesh_pb2_grpc
-from services.recent import RecentCalls
-from services.topology import ServiceSpec, Topology
+from services.mesh.recent import RecentCalls
+from services.mesh.topology import ServiceSpec, Topology
 
 log = logging.getLogger("paymesh.diagnostics")
 

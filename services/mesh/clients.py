@@ -20,8 +20,8 @@ from grpc import aio
 
 from interceptors.chain import ClientChain
 from interceptors.http import PartnerClient
-from services.tls import TransportSecurity
-from services.topology import Topology, TopologyError
+from services.mesh.tls import TransportSecurity
+from services.mesh.topology import Topology, TopologyError
 
 log = logging.getLogger("paymesh.clients")
 #: Time calls in flight on a replaced channel get before it is closed.

@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector
 
 from interceptors.breaker import CLOSED, HALF_OPEN, HALF_OPEN_READY, OPEN
 from interceptors.telemetry import CallRecord, ChainTelemetry, Labels
-from services.admin import AdminRequest, AdminResponse
+from services.mesh.admin import AdminRequest, AdminResponse
 
 #: Latency buckets in seconds: loopback calls take a millisecond, partner calls up to seconds.
 LATENCY_BUCKETS_S = (

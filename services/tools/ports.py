@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
-from services.topology import LOOPBACK, parse_hostport
+from services.mesh.topology import LOOPBACK, parse_hostport
 
 #: The kernel's TCP tables (Linux); a missing one is simply not read.
 TCP_TABLES = (Path("/proc/net/tcp"), Path("/proc/net/tcp6"))

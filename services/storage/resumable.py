@@ -25,10 +25,10 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from interceptors.errors import Aborted, NotFound
-from services import idempotency
-from services.bootstrap import StartupError
-from services.database import open_database, transaction
-from services.topology import env_prefix
+from services.mesh.bootstrap import StartupError
+from services.mesh.topology import env_prefix
+from services.storage import idempotency
+from services.storage.database import open_database, transaction
 
 #: The step of finished work (the value each service's ``Step.DONE`` has).
 DONE = "done"

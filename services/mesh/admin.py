@@ -18,7 +18,7 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from services.admin_token import ControlAccess
+from services.mesh.admin_token import ControlAccess
 
 log = logging.getLogger("paymesh.admin")
 

@@ -13,7 +13,7 @@ from grpc import aio
 
 from interceptors.errors import FailedPrecondition, NotFound, Unavailable
 from paymesh.merchant.v1 import merchant_pb2, merchant_pb2_grpc
-from services.downstream import is_ambiguous
+from services.mesh.downstream import is_ambiguous
 
 #: RetryInfo of a refusal because merchant-service could not answer.
 RETRY_DELAY_S = 1.0

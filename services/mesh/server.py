@@ -35,7 +35,7 @@ from interceptors.errors import (
     status_code,
     status_from_metadata,
 )
-from interceptors.faults import FaultInjector
+from services.mesh.faults import FaultInjector
 
 log = logging.getLogger("paymesh.access")
 
@@ -73,7 +73,7 @@ class Admitted(Protocol):
 
 
 class Gate(Protocol):
-    """Authorization of incoming calls on the verified caller (``services.authz.CallGate``)."""
+    """Authorization of incoming calls on the verified caller (``services.mesh.authz.CallGate``)."""
 
     async def admit(self, method: str, context: Any) -> Admitted:
         """Admit the call, or raise a ServiceError saying why not."""

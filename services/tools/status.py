@@ -29,9 +29,9 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from paymesh.mesh.v1 import mesh_pb2, mesh_pb2_grpc
-from services.supervisor import LAUNCHER_FILE, LauncherReport, MemberReport, read_report
-from services.tls import TlsConfigError, TransportSecurity, operator_security
-from services.topology import Topology, TopologyError
+from services.mesh.tls import TlsConfigError, TransportSecurity, operator_security
+from services.mesh.topology import Topology, TopologyError
+from services.tools.supervisor import LAUNCHER_FILE, LauncherReport, MemberReport, read_report
 
 #: How long one service may take to answer health; Diagnostics checks its own dependencies
 #: (a second at most each, concurrently), so it gets more.
@@ -484,7 +484,7 @@ def as_json(
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m services.status",
+        prog="python -m services.tools.status",
         description="Health of every service and of each outgoing edge of the mesh.",
     )
     parser.add_argument("--json", action="store_true", help="print JSON (one line per refresh)")
@@ -535,7 +535,7 @@ async def _run(topology: Topology, args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m services.status``."""
+    """Entry point of ``python -m services.tools.status``."""
     args = _parser().parse_args(argv)
     if args.watch is not None and args.watch <= 0:
         print("status: --watch takes a positive number of seconds", file=sys.stderr)

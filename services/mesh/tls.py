@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from services import pki
+from services.mesh import pki
 
 log = logging.getLogger("paymesh.tls")
 

@@ -37,16 +37,14 @@ from interceptors.errors import (
     retry_delay_of,
     status_from_metadata,
 )
-from interceptors.faults import Fault, FaultInjector
 from interceptors.policy import PolicyConfig, PolicyError
-from interceptors.server import ServerPolicyInterceptor
 from interceptors.tracing import server_interceptor
 from paymesh.merchant_auth.v1 import merchant_auth_pb2, merchant_auth_pb2_grpc
 from paymesh.mesh.v1 import mesh_pb2_grpc
-from services import idempotency, page_tokens
-from services.admin import AdminRequest, AdminResponse, AdminServer, guarded
-from services.admin_token import AdminTokenError, ControlAccess
-from services.authz import (
+from services.mesh import page_tokens
+from services.mesh.admin import AdminRequest, AdminResponse, AdminServer, guarded
+from services.mesh.admin_token import AdminTokenError, ControlAccess
+from services.mesh.authz import (
     AUTHORIZATION_KEY,
     CLIENT_PEER_KEY,
     AuthenticatedMerchant,
@@ -54,26 +52,29 @@ from services.authz import (
     CallGate,
     merchant_of,
 )
-from services.clients import ClientFactory
-from services.diagnostics import (
+from services.mesh.clients import ClientFactory
+from services.mesh.diagnostics import (
     DIAGNOSTICS_SERVICE,
     DiagnosticsServicer,
     ReadinessMonitor,
     healthz_max_lag_s,
     process_health,
 )
-from services.limits import LimitsError, ServerLimits
-from services.metrics import ServiceMetrics
-from services.page_tokens import PageTokenKeyError
-from services.recent import RecentCalls
-from services.tls import TlsConfigError, TransportSecurity
-from services.topology import Topology, TopologyError, env_prefix, parse_hostport
-from services.tracing import (
+from services.mesh.faults import Fault, FaultInjector
+from services.mesh.limits import LimitsError, ServerLimits
+from services.mesh.metrics import ServiceMetrics
+from services.mesh.page_tokens import PageTokenKeyError
+from services.mesh.recent import RecentCalls
+from services.mesh.server import ServerPolicyInterceptor
+from services.mesh.tls import TlsConfigError, TransportSecurity
+from services.mesh.topology import Topology, TopologyError, env_prefix, parse_hostport
+from services.mesh.tracing import (
     TraceIdFilter,
     log_format,
     records_spans,
     service_tracer_provider,
 )
+from services.storage import idempotency
 
 log = logging.getLogger("paymesh.bootstrap")
 

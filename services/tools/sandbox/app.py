@@ -5,7 +5,8 @@ It behaves like the real ones where it matters to the mesh: the PSP and the bank
 ``Idempotency-Key``, and faults (delay, error rate, status) are switchable at run time per
 partner through ``/_control/faults``, like Envoy's fault filter, so tests and ``make chaos``
 can make a partner slow or failing. Those switches are off unless ``PAYMESH_FAULT_INJECTION=1``
-and then take the admin token (:mod:`services.admin_token`); ``/_control/stats`` stays readable.
+and then take the admin token (:mod:`services.mesh.admin_token`); ``/_control/stats``
+stays readable.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from interceptors.faults import MAX_DELAY_MS
-from services.admin import HttpLimits
-from services.admin_token import AdminTokenError, ControlAccess
-from services.bootstrap import die_with_supervisor
-from services.partners.bounded_http import BoundedHTTPServer, BoundedRequestHandler
-from services.topology import PARTNER_SANDBOX_VAR, Topology, parse_hostport
+from services.mesh.admin import HttpLimits
+from services.mesh.admin_token import AdminTokenError, ControlAccess
+from services.mesh.bootstrap import die_with_supervisor
+from services.mesh.faults import MAX_DELAY_MS
+from services.mesh.topology import PARTNER_SANDBOX_VAR, Topology, parse_hostport
+from services.tools.sandbox.bounded_http import BoundedHTTPServer, BoundedRequestHandler
 
 log = logging.getLogger("paymesh.partners")
 

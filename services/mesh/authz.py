@@ -21,9 +21,9 @@ from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import ServiceDescriptor
 
 from interceptors.errors import NotFound, PermissionDenied, Unauthenticated
-from services.pki import OPERATOR
-from services.tls import peer_identity
-from services.topology import ALL_METHODS, ServiceSpec, Topology, TopologyError
+from services.mesh.pki import OPERATOR
+from services.mesh.tls import peer_identity
+from services.mesh.topology import ALL_METHODS, ServiceSpec, Topology, TopologyError
 
 #: The Diagnostics RPC every service serves; for the operator only.
 DIAGNOSTICS_METHOD = "/paymesh.mesh.v1.DiagnosticsService/GetDiagnostics"
@@ -268,7 +268,7 @@ def table(topology: Topology) -> Mapping[str, Mapping[str, frozenset[str]]]:
 
 
 def markdown_table(topology: Topology) -> str:
-    """Who may call what, as the README's markdown table (``python -m services.authz``)."""
+    """Who may call what, as the README's markdown table (``python -m services.mesh.authz``)."""
     lines = [
         "| service | method | mesh callers | operator | merchants (API key) |",
         "|---|---|---|---|---|",

@@ -23,7 +23,7 @@ from typing import TypeVar
 from google.protobuf.message import Message
 
 from interceptors.errors import Aborted, AlreadyExists, FieldViolation, InvalidArgument
-from services.validation import quote
+from services.mesh.validation import quote
 
 #: Overrides :attr:`Retention.retention_s` (seconds, at least :data:`MIN_RETENTION_S`).
 RETENTION_VAR = "PAYMESH_IDEMPOTENCY_RETENTION_S"

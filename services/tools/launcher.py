@@ -1,7 +1,8 @@
 """Runs the whole mesh on one machine: one process per service, health-gated, stopped cleanly.
 
-``make run`` uses it through ``python -m services`` and keeps every member running with a
-:class:`~services.supervisor.Supervisor` (restart with backoff, crash loops said loudly, the
+``make run`` runs it (``python -m services.tools.launcher``) and keeps every
+member running with a
+:class:`~services.tools.supervisor.Supervisor` (restart with backoff, crash loops said loudly, the
 state in ``<var>/launcher.json``); the integration and chaos tests use :class:`Mesh` directly
 with :func:`ephemeral_environ` so they never collide with a running ``make run``. Children die
 with the launcher (see ``die_with_supervisor``), so no orphan outlives it.
@@ -23,12 +24,19 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services import pki, tls
-from services.admin_token import with_admin_token
-from services.ports import DEFAULT_TIME_WAIT_WAIT_S, PortsUnavailable, wait_until_bindable
-from services.ports import free_port as free_port  # re-exported: tests and tools use it here
-from services.ports import port_is_free as port_is_free
-from services.supervisor import (
+from services.mesh import pki, tls
+from services.mesh.admin_token import with_admin_token
+from services.mesh.topology import (
+    LOOPBACK,
+    PARTNER_SANDBOX_VAR,
+    SERVICES,
+    Topology,
+    parse_hostport,
+)
+from services.tools.ports import DEFAULT_TIME_WAIT_WAIT_S, PortsUnavailable, wait_until_bindable
+from services.tools.ports import free_port as free_port  # re-exported: tests and tools use it here
+from services.tools.ports import port_is_free as port_is_free
+from services.tools.supervisor import (
     HEARTBEAT_S,
     LAUNCHER_FILE,
     Change,
@@ -38,16 +46,9 @@ from services.supervisor import (
     remove_report,
     write_report,
 )
-from services.topology import (
-    LOOPBACK,
-    PARTNER_SANDBOX_VAR,
-    SERVICES,
-    Topology,
-    parse_hostport,
-)
 
 SANDBOX = "partner-sandbox"
-SANDBOX_MODULE = "services.partners"
+SANDBOX_MODULE = "services.tools.sandbox"
 #: Tells a child that a supervisor started it, so it dies with that supervisor.
 SUPERVISED_VAR = "PAYMESH_SUPERVISED"
 #: How often ``make run`` renews development certificates that near their expiry.
@@ -504,3 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         exit_code = 1
     print("stopped", flush=True)
     return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,7 +2,7 @@
 
 The stdlib reads a request line up to 64 KiB, a hundred header lines of 64 KiB each and a body
 as slowly as it arrives, on one thread per connection without limit. Here the head is read
-line by line against :class:`~services.admin.HttpLimits` under one deadline, the body under
+line by line against :class:`~services.mesh.admin.HttpLimits` under one deadline, the body under
 another, at most ``max_connections`` are served at once (one more gets 503), errors are JSON,
 and a refused request's unread rest is drained briefly so the refusal is not lost to a reset.
 """
@@ -20,7 +20,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from services.admin import HttpLimits, RequestRefused
+from services.mesh.admin import HttpLimits, RequestRefused
 
 #: Pending connections the kernel queues before accepting (socketserver's default 5 drops bursts).
 LISTEN_BACKLOG = 128

@@ -1,6 +1,6 @@
 """Prometheus scrape configuration of the mesh, written from the topology's admin addresses.
 
-``python -m services.prometheus_config > deploy/prometheus.yml`` writes the static file for
+``python -m services.tools.prometheus_config > deploy/prometheus.yml`` writes the static file for
 ``make run``; a unit test fails when the file and the topology disagree, so it cannot drift.
 Tests call :func:`render` with their own (ephemeral) topology and a shorter interval.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from services.topology import Topology
+from services.mesh.topology import Topology
 
 JOB = "paymesh"
 DEFAULT_INTERVAL_S = 5
@@ -20,7 +20,7 @@ def render(topology: Topology, *, interval_s: float = DEFAULT_INTERVAL_S) -> str
     interval = f"{interval_s:g}s"
     lines = [
         "# Scrapes the admin endpoint (/metrics) of every service of `make run`.",
-        "# Generated from services/topology.py: python -m services.prometheus_config",
+        "# Generated from services/mesh/topology.py: python -m services.tools.prometheus_config",
         "global:",
         f"  scrape_interval: {interval}",
         f"  evaluation_interval: {interval}",

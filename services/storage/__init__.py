@@ -1,0 +1,4 @@
+"""Storage every service stands on.
+
+The store base, idempotent operations and the resumable step driver.
+"""
