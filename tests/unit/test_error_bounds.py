@@ -7,9 +7,10 @@ import pytest
 from google.rpc import error_details_pb2
 
 from interceptors import errors
-from interceptors.errors import FieldViolation, InvalidArgument, rich_status
+from interceptors.errors import rich_status
 from paymesh.common.v1 import common_pb2
 from services.mesh import validation as v
+from services.mesh.errors import FieldViolation, InvalidArgument
 
 MEGABYTE = 1024 * 1024
 
