@@ -27,8 +27,6 @@ from interceptors.errors import (
     CONCURRENCY_LIMITED_REASON,
     CallError,
     Reason,
-    retry_delay_of,
-    status_from_metadata,
 )
 from paymesh.accounting.v1 import accounting_pb2, accounting_pb2_grpc
 from paymesh.analytics.v1 import analytics_pb2, analytics_pb2_grpc
@@ -278,11 +276,10 @@ class PaymentFlow:
         cause = error.details() or error.code().name
         if recovering and self._clock() - p.create_time <= self._charge_cutoff_s:
             return PaymentPending(p.payment_id, p.step, cause)
-        status = status_from_metadata(error.code(), cause, tuple(error.trailing_metadata() or ()))
         reason = reason_of(error)
         if reason not in (CIRCUIT_OPEN_REASON, CONCURRENCY_LIMITED_REASON):
             reason = Reason.DOWNSTREAM_UNAVAILABLE
-        delay = retry_delay_of(status)
+        delay = error.retry_delay_s
         if delay is None and self._watch is not None:
             delay = self._watch.open_left_s(target) or None  # our breaker may just have opened
         self._store.abandon(p.payment_id, reason=f"{target} {reason}")
