@@ -27,6 +27,12 @@ class CodeTraits:
     """Escaping a servicer, says a dependency failed: the caller sees UNAVAILABLE."""
     definite: bool = False
     """The callee's final answer for this request: repeating it can never change it."""
+    unreachable: bool = False
+    """The callee gave no answer at all (not reached, or not within the deadline)."""
+    no_verdict: bool = False
+    """Not a verdict on the request: the callee was unreachable or failed inside."""
+    reason: str = "DOWNSTREAM_UNAVAILABLE"
+    """ErrorReason of a status with this code that came without one (sent by gRPC itself)."""
 
 
 _T = CodeTraits
@@ -35,24 +41,37 @@ TABLE: MappingProxyType[str, CodeTraits] = MappingProxyType(
     {
         "CANCELLED": _T(outcome_unknown=True, dependency_fault=True),
         "UNKNOWN": _T(target_unhealthy=True, outcome_unknown=True, dependency_fault=True),
-        "INVALID_ARGUMENT": _T(definite=True),
+        "INVALID_ARGUMENT": _T(definite=True, reason="INVALID_ARGUMENT"),
         "DEADLINE_EXCEEDED": _T(
-            target_unhealthy=True, retryable=True, outcome_unknown=True, dependency_fault=True
+            target_unhealthy=True,
+            retryable=True,
+            outcome_unknown=True,
+            dependency_fault=True,
+            unreachable=True,
+            no_verdict=True,
+            reason="DEADLINE_EXHAUSTED",
         ),
-        "NOT_FOUND": _T(definite=True),
-        "ALREADY_EXISTS": _T(),
-        "PERMISSION_DENIED": _T(),
+        "NOT_FOUND": _T(definite=True, reason="NOT_FOUND"),
+        "ALREADY_EXISTS": _T(reason="ALREADY_EXISTS"),
+        "PERMISSION_DENIED": _T(reason="PERMISSION_DENIED"),
         "RESOURCE_EXHAUSTED": _T(pushback_only=True, outcome_unknown=True, dependency_fault=True),
-        "FAILED_PRECONDITION": _T(definite=True),
+        "FAILED_PRECONDITION": _T(definite=True, reason="FAILED_PRECONDITION"),
         "ABORTED": _T(pushback_only=True, outcome_unknown=True, dependency_fault=True),
-        "OUT_OF_RANGE": _T(definite=True),
-        "UNIMPLEMENTED": _T(),
-        "INTERNAL": _T(target_unhealthy=True, outcome_unknown=True, dependency_fault=True),
-        "UNAVAILABLE": _T(
-            target_unhealthy=True, retryable=True, outcome_unknown=True, dependency_fault=True
+        "OUT_OF_RANGE": _T(definite=True, reason="OUT_OF_RANGE"),
+        "UNIMPLEMENTED": _T(reason="UNIMPLEMENTED"),
+        "INTERNAL": _T(
+            target_unhealthy=True, outcome_unknown=True, dependency_fault=True, no_verdict=True
         ),
-        "DATA_LOSS": _T(target_unhealthy=True, dependency_fault=True),
-        "UNAUTHENTICATED": _T(),
+        "UNAVAILABLE": _T(
+            target_unhealthy=True,
+            retryable=True,
+            outcome_unknown=True,
+            dependency_fault=True,
+            unreachable=True,
+            no_verdict=True,
+        ),
+        "DATA_LOSS": _T(target_unhealthy=True, dependency_fault=True, reason="DATA_LOSS"),
+        "UNAUTHENTICATED": _T(reason="UNAUTHENTICATED"),
     }
 )
 
@@ -74,6 +93,10 @@ OUTCOME_UNKNOWN = codes_where("outcome_unknown")
 DEPENDENCY_FAULT = codes_where("dependency_fault")
 #: Codes that are a callee's final answer.
 DEFINITE = codes_where("definite")
+#: Codes that say the callee could not be asked: an answer remembered from it may stand in.
+UNREACHABLE = codes_where("unreachable")
+#: Codes that say the callee could not judge the request (down, out of time, broken inside).
+NO_VERDICT = codes_where("no_verdict")
 
 #: HTTP status of a partner's answer to the gRPC code it means (google.rpc.Code's mapping).
 HTTP_STATUS_CODES: MappingProxyType[int, str] = MappingProxyType(

@@ -14,13 +14,13 @@ import ssl
 import grpc
 from grpc import aio
 
-from interceptors.errors import STATUS_DETAILS_KEY, CallError, PartnerCallError, rich_status
+from interceptors.errors import STATUS_DETAILS_KEY, CallError, PartnerCallError, Reason, rich_status
 from interceptors.runtime import ChainRuntime
 
 log = logging.getLogger("paymesh.chain")
 
 #: ErrorInfo reason of a call that failed in the TLS handshake (ErrorReason in common.proto).
-TLS_HANDSHAKE_FAILED_REASON = "TLS_HANDSHAKE_FAILED"
+TLS_HANDSHAKE_FAILED_REASON = Reason.TLS_HANDSHAKE_FAILED
 
 #: How grpc core words a failed handshake (grpc 1.85: ``Tls handshake failed
 #: (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: ...:CERTIFICATE_VERIFY_FAILED: certificate has

@@ -11,9 +11,10 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from interceptors.errors import FieldViolation, InvalidArgument
+from interceptors.errors import Reason
 from paymesh.accounting.v1 import accounting_pb2
 from services.mesh import validation as v
+from services.mesh.errors import FieldViolation, InvalidArgument
 
 DEBIT = accounting_pb2.ENTRY_DIRECTION_DEBIT
 CREDIT = accounting_pb2.ENTRY_DIRECTION_CREDIT
@@ -93,7 +94,7 @@ def check_postings(postings: Sequence[accounting_pb2.Posting]) -> None:
         raise v.invalid(
             "postings",
             f"a transaction needs at least two postings, got {len(postings)}",
-            reason="LEDGER_UNBALANCED",
+            reason=Reason.LEDGER_UNBALANCED,
         )
     if len(postings) > MAX_POSTINGS:
         raise v.invalid("postings", f"at most {MAX_POSTINGS} postings, got {len(postings)}")
@@ -114,7 +115,7 @@ def check_postings(postings: Sequence[accounting_pb2.Posting]) -> None:
         ]
         raise InvalidArgument(
             "transaction does not balance: " + "; ".join(f.description for f in violations),
-            reason="LEDGER_UNBALANCED",
+            reason=Reason.LEDGER_UNBALANCED,
             field_violations=violations,
         )
 

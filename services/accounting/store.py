@@ -14,10 +14,11 @@ from pathlib import Path
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from interceptors.errors import AlreadyExists, FailedPrecondition, NotFound
+from interceptors.errors import Reason
 from paymesh.accounting.v1 import accounting_pb2
 from paymesh.common.v1 import common_pb2
 from services.accounting.ledger import CREDIT, DEBIT, content_fingerprint, merchant_account_range
+from services.mesh.errors import AlreadyExists, FailedPrecondition, NotFound
 from services.storage import idempotency
 from services.storage.database import open_database, transaction
 
@@ -243,7 +244,7 @@ class LedgerStore:
                 raise FailedPrecondition(
                     f"account {account_id!r} would end at {balance} {currency_code} minor units;"
                     " it must not go below zero",
-                    reason="INSUFFICIENT_BALANCE",
+                    reason=Reason.INSUFFICIENT_BALANCE,
                     metadata={
                         "account_id": account_id,
                         "currency_code": currency_code,

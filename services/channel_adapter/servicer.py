@@ -16,7 +16,7 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from interceptors.errors import Aborted, FailedPrecondition, Unavailable
+from interceptors.errors import Reason
 from interceptors.http import PartnerClient
 from paymesh.channel_adapter.v1 import channel_adapter_pb2 as pb
 from paymesh.channel_adapter.v1 import channel_adapter_pb2_grpc as pb_grpc
@@ -32,6 +32,7 @@ from services.channel_adapter.store import (
 )
 from services.mesh import validation as v
 from services.mesh.bootstrap import Context
+from services.mesh.errors import Aborted, FailedPrecondition, Unavailable
 from services.mesh.partner import call_partner, path_of
 
 EXCHANGE_RATE = "exchange-rate"
@@ -100,7 +101,7 @@ class ChannelAdapterServicer(pb_grpc.ChannelAdapterServiceServicer):
             raise Aborted(
                 f"the first {method} with request_id {request_id!r} is still in flight;"
                 " retry later",
-                reason="IDEMPOTENCY_KEY_IN_FLIGHT",
+                reason=Reason.IDEMPOTENCY_KEY_IN_FLIGHT,
             )
         self._running.add(key)
         try:
@@ -115,7 +116,7 @@ class ChannelAdapterServicer(pb_grpc.ChannelAdapterServiceServicer):
             "GET",
             "/rates",
             query={"from": source, "to": target},
-            reason="EXCHANGE_RATE_UNAVAILABLE",
+            reason=Reason.EXCHANGE_RATE_UNAVAILABLE,
         )
         try:
             if status != 200 or not isinstance(body, dict):
@@ -125,7 +126,7 @@ class ChannelAdapterServicer(pb_grpc.ChannelAdapterServiceServicer):
         except ValueError as exc:
             raise Unavailable(
                 f"partner {EXCHANGE_RATE} gave no usable rate for {source}/{target}: {exc}",
-                reason="EXCHANGE_RATE_UNAVAILABLE",
+                reason=Reason.EXCHANGE_RATE_UNAVAILABLE,
                 metadata={"partner": EXCHANGE_RATE},
             ) from exc
         return Quote(source=source, target=target, rate=rate, as_of_s=as_of)
@@ -140,7 +141,7 @@ class ChannelAdapterServicer(pb_grpc.ChannelAdapterServiceServicer):
                 "amount.amount_minor",
                 f"{amount.amount_minor} {amount.currency_code} is {converted} {target} minor"
                 f" units at {quote.rate}, outside 1..{v.MAX_AMOUNT_MINOR}",
-                reason="AMOUNT_INVALID",
+                reason=Reason.AMOUNT_INVALID,
             )
         return Conversion(converted, target, str(quote.rate))
 
@@ -244,7 +245,7 @@ class ChannelAdapterServicer(pb_grpc.ChannelAdapterServiceServicer):
             raise FailedPrecondition(
                 f"the channel refused the refund of charge {charge.charge_id!r}"
                 f" (HTTP {status}): {error}",
-                reason="REFUND_EXCEEDS_CAPTURED" if status == 422 else "INVALID_STATE",
+                reason=Reason.REFUND_EXCEEDS_CAPTURED if status == 422 else Reason.INVALID_STATE,
                 metadata={"charge_id": charge.charge_id, "partner": PAYMENT_CHANNEL},
             )
 
@@ -270,7 +271,7 @@ class ChannelAdapterServicer(pb_grpc.ChannelAdapterServiceServicer):
                     self._store.release_void(request.request_id)
                     raise Aborted(
                         f"charge {charge.charge_id!r} is being sent to the channel; retry later",
-                        reason="IDEMPOTENCY_KEY_IN_FLIGHT",
+                        reason=Reason.IDEMPOTENCY_KEY_IN_FLIGHT,
                         metadata={"charge_id": charge.charge_id},
                     )
                 charge = await self._resolve_pending(charge)
@@ -302,7 +303,7 @@ class ChannelAdapterServicer(pb_grpc.ChannelAdapterServiceServicer):
             return
         raise FailedPrecondition(
             f"the channel refused to void charge {charge.charge_id!r} (HTTP {status})",
-            reason="INVALID_STATE",
+            reason=Reason.INVALID_STATE,
             metadata={"charge_id": charge.charge_id, "partner": PAYMENT_CHANNEL},
         )
 
@@ -318,7 +319,7 @@ class ChannelAdapterServicer(pb_grpc.ChannelAdapterServiceServicer):
             raise Unavailable(
                 f"partner {PAYMENT_CHANNEL} did not list the charges of {payment_id!r}"
                 f" (HTTP {status})",
-                reason="DOWNSTREAM_UNAVAILABLE",
+                reason=Reason.DOWNSTREAM_UNAVAILABLE,
                 metadata={"partner": PAYMENT_CHANNEL},
             )
         # A malformed entry cannot be matched or adopted; skipping it beats failing recovery.

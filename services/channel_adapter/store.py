@@ -19,9 +19,10 @@ from typing import Literal
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from interceptors.errors import Aborted, FailedPrecondition, NotFound
+from interceptors.errors import Reason
 from paymesh.channel_adapter.v1 import channel_adapter_pb2 as pb
 from paymesh.common.v1 import common_pb2
+from services.mesh.errors import Aborted, FailedPrecondition, NotFound
 from services.storage import idempotency
 from services.storage.database import open_database, transaction
 
@@ -203,7 +204,7 @@ class ChargeStore:
                 # Finished by a concurrent duplicate after this one peeked.
                 raise Aborted(
                     f"request_id {request.request_id!r} completed concurrently; retry to replay",
-                    reason="IDEMPOTENCY_KEY_IN_FLIGHT",
+                    reason=Reason.IDEMPOTENCY_KEY_IN_FLIGHT,
                 )
             idempotency.refuse_if_kept(conn, "charges", "request_id", request.request_id)
             now = self._clock()
@@ -239,7 +240,7 @@ class ChargeStore:
         if row is None:
             raise Aborted(
                 f"request_id {request_id!r} is in flight; retry later",
-                reason="IDEMPOTENCY_KEY_IN_FLIGHT",
+                reason=Reason.IDEMPOTENCY_KEY_IN_FLIGHT,
             )
         return PendingCharge(_charge(row), row["payment_method_token"])
 
@@ -358,7 +359,7 @@ class ChargeStore:
             if claim.replay is not None:
                 raise Aborted(
                     f"request_id {request.request_id!r} completed concurrently; retry to replay",
-                    reason="IDEMPOTENCY_KEY_IN_FLIGHT",
+                    reason=Reason.IDEMPOTENCY_KEY_IN_FLIGHT,
                 )
             idempotency.refuse_if_kept(conn, "charge_refunds", "request_id", request.request_id)
             row = self._require(request.charge_id)
@@ -366,14 +367,14 @@ class ChargeStore:
                 raise FailedPrecondition(
                     f"charge {request.charge_id!r} is {pb.ChargeStatus.Name(row['status'])};"
                     " only a captured charge can be refunded",
-                    reason="INVALID_STATE",
+                    reason=Reason.INVALID_STATE,
                     metadata={"charge_id": request.charge_id},
                 )
             if request.amount.currency_code != row["currency_code"]:
                 raise FailedPrecondition(
                     f"refund currency {request.amount.currency_code} differs from the charge"
                     f" currency {row['currency_code']}",
-                    reason="CURRENCY_UNSUPPORTED",
+                    reason=Reason.CURRENCY_UNSUPPORTED,
                     metadata={"charge_id": request.charge_id},
                 )
             reserved = conn.execute(
@@ -386,7 +387,7 @@ class ChargeStore:
                 raise FailedPrecondition(
                     f"refund of {request.amount.amount_minor} exceeds the {left} minor units"
                     f" of charge {request.charge_id!r} that are captured and not refunded",
-                    reason="REFUND_EXCEEDS_CAPTURED",
+                    reason=Reason.REFUND_EXCEEDS_CAPTURED,
                     metadata={"charge_id": request.charge_id, "refundable_minor": str(left)},
                 )
             refund_id = f"chr_{uuid.uuid4().hex[:24]}"
@@ -414,7 +415,7 @@ class ChargeStore:
         if row is None:
             raise Aborted(
                 f"request_id {request_id!r} is in flight; retry later",
-                reason="IDEMPOTENCY_KEY_IN_FLIGHT",
+                reason=Reason.IDEMPOTENCY_KEY_IN_FLIGHT,
             )
         return _refund(row)
 
@@ -467,7 +468,7 @@ class ChargeStore:
             if claim.replay is not None:
                 raise Aborted(
                     f"request_id {request.request_id!r} completed concurrently; retry to replay",
-                    reason="IDEMPOTENCY_KEY_IN_FLIGHT",
+                    reason=Reason.IDEMPOTENCY_KEY_IN_FLIGHT,
                 )
             return charge
 

@@ -12,11 +12,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
-from grpc import aio
 
-from interceptors.errors import CIRCUIT_OPEN_REASON, error_info, status_from_metadata
+from interceptors.errors import CIRCUIT_OPEN_REASON, CallError, DeadlineExceededError, Reason
 from paymesh.accounting.v1 import accounting_pb2, accounting_pb2_grpc
 from paymesh.analytics.v1 import analytics_pb2, analytics_pb2_grpc
 from paymesh.merchant.v1 import merchant_pb2
@@ -56,20 +54,18 @@ class _Outcome(Generic[ResponseT]):
     response: ResponseT | None
 
 
-def _reason_of(error: aio.AioRpcError) -> str:
+def _reason_of(error: CallError) -> str:
     """The ErrorReason name a failed call carries, else one derived from its code."""
-    if getattr(error, "stop_reason", None) == "breaker_open":
+    if error.stop_reason == "breaker_open":
         return CIRCUIT_OPEN_REASON
-    trailing = tuple(error.trailing_metadata() or ())
-    info = error_info(status_from_metadata(error.code(), error.details() or "", trailing))
-    if info is not None and info.reason:
-        return str(info.reason)
-    if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return "DEADLINE_EXHAUSTED"
-    return "DOWNSTREAM_UNAVAILABLE"
+    if error.reason:
+        return error.reason
+    if isinstance(error, DeadlineExceededError):
+        return Reason.DEADLINE_EXHAUSTED
+    return Reason.DOWNSTREAM_UNAVAILABLE
 
 
-def unavailable_section(source: str, error: aio.AioRpcError) -> merchant_pb2.DashboardSection:
+def unavailable_section(source: str, error: CallError) -> merchant_pb2.DashboardSection:
     """The header of a section whose downstream call failed with ``error``."""
     return merchant_pb2.DashboardSection(
         availability=merchant_pb2.SECTION_AVAILABILITY_UNAVAILABLE,
@@ -89,7 +85,7 @@ async def _read(source: str, call: Callable[[], Awaitable[ResponseT]]) -> _Outco
     """
     try:
         response = await call()
-    except aio.AioRpcError as error:
+    except CallError as error:
         return _Outcome(unavailable_section(source, error), None)
     available = merchant_pb2.DashboardSection(
         availability=merchant_pb2.SECTION_AVAILABILITY_AVAILABLE, source_service=source

@@ -10,8 +10,9 @@ from pathlib import Path
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from interceptors.errors import NotFound
+from interceptors.errors import Reason
 from paymesh.merchant.v1 import merchant_pb2
+from services.mesh.errors import NotFound
 from services.storage import idempotency
 from services.storage.database import open_database, transaction
 
@@ -67,7 +68,7 @@ def not_found(merchant_id: str) -> NotFound:
     """The error of an unknown merchant id."""
     return NotFound(
         f"merchant {merchant_id!r} does not exist",
-        reason="MERCHANT_NOT_FOUND",
+        reason=Reason.MERCHANT_NOT_FOUND,
         metadata={"merchant_id": merchant_id},
     )
 

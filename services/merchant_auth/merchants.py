@@ -12,14 +12,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-import grpc
-from grpc import aio
-
-from interceptors.errors import NotFound
+from interceptors.codes import UNREACHABLE
+from interceptors.errors import CallError, NotFoundError, Reason
 from paymesh.merchant.v1 import merchant_pb2, merchant_pb2_grpc
+from services.mesh.errors import NotFound
 
 #: Codes that say merchant-service is unhealthy, not that the answer is "no".
-_OUTAGE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+_OUTAGE_CODES = UNREACHABLE
 #: Merchants remembered at most; the least recently asked are forgotten first.
 MAX_REMEMBERED = 10_000
 
@@ -49,21 +48,21 @@ class MerchantDirectory:
 
         Raises:
             NotFound: merchant-service does not know the merchant (MERCHANT_NOT_FOUND).
-            grpc.aio.AioRpcError: merchant-service failed and no usable memory exists.
+            CallError: merchant-service failed and no usable memory exists.
         """
         try:
             response = await self._merchants.GetMerchant(
                 merchant_pb2.GetMerchantRequest(merchant_id=merchant_id)
             )
-        except aio.AioRpcError as error:
-            if error.code() == grpc.StatusCode.NOT_FOUND:
-                self._remembered.pop(merchant_id, None)
-                raise NotFound(
-                    f"merchant {merchant_id!r} does not exist",
-                    reason="MERCHANT_NOT_FOUND",
-                    metadata={"merchant_id": merchant_id},
-                ) from error
-            if allow_stale and error.code() in _OUTAGE_CODES:
+        except NotFoundError as error:
+            self._remembered.pop(merchant_id, None)
+            raise NotFound(
+                f"merchant {merchant_id!r} does not exist",
+                reason=Reason.MERCHANT_NOT_FOUND,
+                metadata={"merchant_id": merchant_id},
+            ) from error
+        except CallError as error:
+            if allow_stale and error.code().name in _OUTAGE_CODES:
                 remembered = self._remembered.get(merchant_id)
                 if remembered is not None and self._clock() - remembered[0] <= self._stale_s:
                     return remembered[1]

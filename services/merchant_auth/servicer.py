@@ -6,7 +6,7 @@ asks the verification limits first, so a flood of guesses is refused before it c
 
 from __future__ import annotations
 
-from interceptors.errors import FailedPrecondition, NotFound, ResourceExhausted, Unauthenticated
+from interceptors.errors import Reason
 from paymesh.merchant.v1 import merchant_pb2
 from paymesh.merchant_auth.v1 import merchant_auth_pb2 as pb
 from paymesh.merchant_auth.v1 import merchant_auth_pb2_grpc
@@ -17,6 +17,7 @@ from services.merchant_auth.store import ApiKeyStore, Credential
 from services.mesh import validation as v
 from services.mesh.authz import AUTHORIZATION_KEY, CLIENT_PEER_KEY
 from services.mesh.bootstrap import Context
+from services.mesh.errors import FailedPrecondition, NotFound, ResourceExhausted, Unauthenticated
 
 MAX_LABEL_LENGTH = 100
 
@@ -53,7 +54,7 @@ class MerchantAuthServicer(merchant_auth_pb2_grpc.MerchantAuthServiceServicer):
                 raise FailedPrecondition(
                     f"merchant {request.merchant_id!r} is not active; keys are issued only to "
                     "active merchants",
-                    reason="MERCHANT_INACTIVE",
+                    reason=Reason.MERCHANT_INACTIVE,
                     metadata={"merchant_id": request.merchant_id},
                 )
         key = keys.new_key()
@@ -69,7 +70,7 @@ class MerchantAuthServicer(merchant_auth_pb2_grpc.MerchantAuthServiceServicer):
             raise Unauthenticated(
                 "AuthenticateApiKey needs the secret key as call metadata"
                 f" '{AUTHORIZATION_KEY}: Bearer <secret>'",
-                reason="CREDENTIALS_MISSING",
+                reason=Reason.CREDENTIALS_MISSING,
             )
         forwarded = next(
             (value for key, value in metadata if key == CLIENT_PEER_KEY and isinstance(value, str)),
@@ -100,7 +101,7 @@ class MerchantAuthServicer(merchant_auth_pb2_grpc.MerchantAuthServiceServicer):
         if credential.status == pb.API_KEY_STATUS_REVOKED:
             raise Unauthenticated(
                 f"API key {key_id} was revoked",
-                reason="API_KEY_REVOKED",
+                reason=Reason.API_KEY_REVOKED,
                 metadata={"key_id": key_id},
             )
         try:
@@ -130,7 +131,7 @@ class MerchantAuthServicer(merchant_auth_pb2_grpc.MerchantAuthServiceServicer):
             metadata = {"key_id": str(key_id)}
         raise ResourceExhausted(
             f"{message}; retry in {refusal.retry_after_s:.0f} s",
-            reason="TOO_MANY_FAILED_ATTEMPTS",
+            reason=Reason.TOO_MANY_FAILED_ATTEMPTS,
             metadata=metadata,
             retry_delay_s=refusal.retry_after_s,
         )
@@ -141,7 +142,7 @@ class MerchantAuthServicer(merchant_auth_pb2_grpc.MerchantAuthServiceServicer):
         if not in_flight.try_start():
             raise ResourceExhausted(
                 f"{in_flight.running} API key verifications are in flight already; retry shortly",
-                reason="OVERLOADED",
+                reason=Reason.OVERLOADED,
                 retry_delay_s=self._guard.limits.overload_retry_s,
             )
         try:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from interceptors.errors import NotFound
 from paymesh.merchant_auth.v1 import merchant_auth_pb2 as pb
 from services.merchant_auth.keys import NewKey
+from services.mesh.errors import NotFound
 from services.storage import idempotency
 from services.storage.database import open_database, transaction
 

@@ -8,12 +8,10 @@ with a retry delay, the request id left free for the retry.
 
 from __future__ import annotations
 
-import grpc
-from grpc import aio
-
-from interceptors.errors import FailedPrecondition, NotFound, Unavailable
+from interceptors.errors import CallError, NotFoundError, Reason
 from paymesh.merchant.v1 import merchant_pb2, merchant_pb2_grpc
 from services.mesh.downstream import is_ambiguous
+from services.mesh.errors import FailedPrecondition, NotFound, Unavailable
 
 #: RetryInfo of a refusal because merchant-service could not answer.
 RETRY_DELAY_S = 1.0
@@ -38,19 +36,19 @@ async def require_active_merchant(
         reply = await merchants.GetMerchant(
             merchant_pb2.GetMerchantRequest(merchant_id=merchant_id)
         )
-    except aio.AioRpcError as exc:
-        if exc.code() == grpc.StatusCode.NOT_FOUND:
-            raise NotFound(
-                f"merchant {merchant_id!r} does not exist",
-                reason="MERCHANT_NOT_FOUND",
-                metadata=metadata,
-            ) from None
+    except NotFoundError:
+        raise NotFound(
+            f"merchant {merchant_id!r} does not exist",
+            reason=Reason.MERCHANT_NOT_FOUND,
+            metadata=metadata,
+        ) from None
+    except CallError as exc:
         if not is_ambiguous(exc):
             raise
-        breaker_open = getattr(exc, "stop_reason", None) == "breaker_open"
+        breaker_open = exc.stop_reason == "breaker_open"
         raise Unavailable(
             f"merchant-service cannot confirm merchant {merchant_id!r} now: {exc.details()}",
-            reason="CIRCUIT_OPEN" if breaker_open else "DOWNSTREAM_UNAVAILABLE",
+            reason=Reason.CIRCUIT_OPEN if breaker_open else Reason.DOWNSTREAM_UNAVAILABLE,
             metadata={**metadata, "target": "merchant-service"},
             retry_delay_s=RETRY_DELAY_S,
             pushback_ms=-1,
@@ -59,7 +57,7 @@ async def require_active_merchant(
     if merchant.status != merchant_pb2.MERCHANT_STATUS_ACTIVE:
         raise FailedPrecondition(
             f"merchant {merchant_id!r} is suspended and cannot be {action}",
-            reason="MERCHANT_INACTIVE",
+            reason=Reason.MERCHANT_INACTIVE,
             metadata=metadata,
         )
     return merchant

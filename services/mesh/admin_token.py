@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from interceptors.errors import Reason
+
 #: ``1`` switches the control routes on (still behind the admin token); unset or ``0``: off.
 FAULT_INJECTION_VAR = "PAYMESH_FAULT_INJECTION"
 #: The file holding the admin token; required when fault injection is enabled.
@@ -134,13 +136,13 @@ class ControlAccess:
         if not self.enabled:
             return Refusal(
                 status=403,
-                reason="FAULT_INJECTION_DISABLED",
+                reason=Reason.FAULT_INJECTION_DISABLED,
                 message=f"control routes are off; start the service with {FAULT_INJECTION_VAR}=1",
             )
         if not authorization:
             return Refusal(
                 status=401,
-                reason="CREDENTIALS_MISSING",
+                reason=Reason.CREDENTIALS_MISSING,
                 message="send Authorization: Bearer <admin token>",
             )
         scheme, _, presented = authorization.strip().partition(" ")
@@ -148,7 +150,7 @@ class ControlAccess:
         if scheme.lower() != "bearer" or not valid:
             return Refusal(
                 status=401,
-                reason="ADMIN_TOKEN_INVALID",
+                reason=Reason.ADMIN_TOKEN_INVALID,
                 message=f"the bearer token is not the admin token ({ADMIN_TOKEN_FILE_VAR})",
             )
         return None

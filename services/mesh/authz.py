@@ -20,7 +20,8 @@ from typing import Any, Protocol
 from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import ServiceDescriptor
 
-from interceptors.errors import NotFound, PermissionDenied, Unauthenticated
+from interceptors.errors import Reason
+from services.mesh.errors import NotFound, PermissionDenied, Unauthenticated
 from services.mesh.pki import OPERATOR
 from services.mesh.tls import peer_identity
 from services.mesh.topology import ALL_METHODS, ServiceSpec, Topology, TopologyError
@@ -71,7 +72,7 @@ def merchant_scope(requested_merchant_id: str) -> str:
     if requested_merchant_id and requested_merchant_id != merchant.merchant_id:
         raise NotFound(
             f"merchant {requested_merchant_id[:64]!r} not found",
-            reason="MERCHANT_NOT_FOUND",
+            reason=Reason.MERCHANT_NOT_FOUND,
         )
     return merchant.merchant_id
 
@@ -215,12 +216,12 @@ class CallGate:
         if secret is None:
             raise Unauthenticated(
                 f"{method} needs the merchant's API key in metadata 'authorization: Bearer <key>'",
-                reason="CREDENTIALS_MISSING",
+                reason=Reason.CREDENTIALS_MISSING,
                 metadata={"method": method},
             )
         if self._authenticate is None:
             raise Unauthenticated(
-                f"{self._service} cannot check API keys", reason="CREDENTIALS_MISSING"
+                f"{self._service} cannot check API keys", reason=Reason.CREDENTIALS_MISSING
             )
         merchant = await self._authenticate(secret, str(context.peer()))
         token = _MERCHANT.set(merchant)
@@ -231,13 +232,13 @@ class CallGate:
             return Unauthenticated(
                 f"{method} of {self._service} is not merchant-facing; it needs a mesh identity "
                 "(mTLS client certificate)",
-                reason="CREDENTIALS_MISSING",
+                reason=Reason.CREDENTIALS_MISSING,
                 metadata={"method": method, "service": self._service},
             )
         caller = self._name_of.get(peer_id, peer_id)
         return PermissionDenied(
             f"{caller} is not granted {method} on {self._service}",
-            reason="CALLER_NOT_AUTHORIZED",
+            reason=Reason.CALLER_NOT_AUTHORIZED,
             metadata={"caller": caller, "method": method, "service": self._service},
         )
 

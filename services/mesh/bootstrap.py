@@ -28,14 +28,14 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 from opentelemetry.sdk.trace import SpanProcessor
 
 from interceptors.chain import build_client_chain
+from interceptors.codes import NO_VERDICT
 from interceptors.errors import (
-    ResourceExhausted,
-    ServiceError,
-    Unauthenticated,
-    Unavailable,
-    error_info,
+    CallError,
+    Reason,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+    known_reason,
     retry_delay_of,
-    status_from_metadata,
 )
 from interceptors.policy import PolicyConfig, PolicyError
 from interceptors.tracing import server_interceptor
@@ -60,6 +60,7 @@ from services.mesh.diagnostics import (
     healthz_max_lag_s,
     process_health,
 )
+from services.mesh.errors import ResourceExhausted, ServiceError, Unauthenticated, Unavailable
 from services.mesh.faults import Fault, FaultInjector
 from services.mesh.limits import LimitsError, ServerLimits
 from services.mesh.metrics import ServiceMetrics
@@ -88,9 +89,7 @@ _PR_SET_PDEATHSIG = 1
 #: Exit code of a start-up that failed on configuration (bad override, taken port, ...).
 EXIT_CONFIG = 2
 #: merchant-auth failures that say it could not answer (not a verdict on the key).
-AUTH_UNREACHABLE_CODES = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL}
-)
+AUTH_UNREACHABLE_CODES = NO_VERDICT
 #: RetryInfo of a merchant call merchant-auth could not check, when nothing says better.
 AUTH_UNREACHABLE_RETRY_S = 1.0
 
@@ -486,25 +485,22 @@ def _merchant_authenticator(clients: ClientFactory) -> Authenticator:
                 merchant_auth_pb2.AuthenticateApiKeyRequest(),
                 metadata=((AUTHORIZATION_KEY, f"Bearer {secret}"), (CLIENT_PEER_KEY, client_peer)),
             )
-        except aio.AioRpcError as exc:
+        except CallError as exc:
             raise _refusal(exc) or _unreachable(exc, clients) or exc from None
         return merchant_of(response)
 
     return authenticate
 
 
-def _unreachable(exc: aio.AioRpcError, clients: ClientFactory) -> ServiceError | None:
+def _unreachable(exc: CallError, clients: ClientFactory) -> ServiceError | None:
     """merchant-auth not answering (down, circuit open, deadline): UNAVAILABLE with RetryInfo
     (its own, else the breaker's open time left, else a second), so the merchant knows the
     request did nothing and when to send it again. None for merchant-auth's definite answers."""
-    if exc.code() not in AUTH_UNREACHABLE_CODES:
+    if exc.code().name not in AUTH_UNREACHABLE_CODES:
         return None
-    status = status_from_metadata(
-        exc.code(), exc.details() or "", tuple(exc.trailing_metadata() or ())
-    )
-    info = error_info(status)
-    local = ("CIRCUIT_OPEN", "CONCURRENCY_LIMITED")  # refused by our own chain, nothing sent
-    reason = info.reason if info and info.reason in local else "DOWNSTREAM_UNAVAILABLE"
+    status = exc.status
+    local = (Reason.CIRCUIT_OPEN, Reason.CONCURRENCY_LIMITED)  # refused by our chain: not sent
+    reason = Reason(exc.reason) if exc.reason in local else Reason.DOWNSTREAM_UNAVAILABLE
     open_left = clients.chain.breakers.get("merchant-auth-service").readout().open_left_s
     return Unavailable(
         f"merchant-auth-service could not check the API key ({exc.details()}); nothing was done",
@@ -514,22 +510,18 @@ def _unreachable(exc: aio.AioRpcError, clients: ClientFactory) -> ServiceError |
     )
 
 
-def _refusal(exc: aio.AioRpcError) -> ServiceError | None:
+def _refusal(exc: CallError) -> ServiceError | None:
     """merchant-auth's verdict on a key, to pass on to the merchant as it is: a wrong key is
     UNAUTHENTICATED, too many failures or an overloaded verifier RESOURCE_EXHAUSTED with its
     RetryInfo. None for anything else, which is merchant-auth failing (UNAVAILABLE upstream)."""
-    code = exc.code()
-    if code not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.RESOURCE_EXHAUSTED):
+    if not isinstance(exc, UnauthenticatedError | ResourceExhaustedError):
         return None
-    trailing = tuple(exc.trailing_metadata() or ())
-    status = status_from_metadata(code, exc.details() or "", trailing)
-    info = error_info(status)
-    kind = Unauthenticated if code == grpc.StatusCode.UNAUTHENTICATED else ResourceExhausted
+    kind = Unauthenticated if isinstance(exc, UnauthenticatedError) else ResourceExhausted
     return kind(
-        status.message or exc.details() or code.name,
-        reason=info.reason if info else None,
-        metadata=dict(info.metadata) if info else None,
-        retry_delay_s=retry_delay_of(status),
+        exc.status.message or exc.details() or exc.code().name,
+        reason=known_reason(exc.reason, exc.code()) if exc.reason else None,
+        metadata=exc.metadata or None,
+        retry_delay_s=exc.retry_delay_s,
     )
 
 

@@ -21,12 +21,12 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from interceptors.breaker import CLOSED, HALF_OPEN, HALF_OPEN_READY, OPEN
+from interceptors.errors import CallError, NotFoundError, wrap_errors
 from paymesh.mesh.v1 import mesh_pb2, mesh_pb2_grpc
 from services.mesh.recent import RecentCalls
 from services.mesh.topology import ServiceSpec, Topology
@@ -113,12 +113,12 @@ async def check_grpc(
     channel: aio.Channel, service: str, *, timeout_s: float = PROBE_TIMEOUT_S
 ) -> tuple[Health, str]:
     """grpc.health.v1 Check of ``service`` over ``channel``."""
-    stub = health_pb2_grpc.HealthStub(channel)
+    check = wrap_errors(health_pb2_grpc.HealthStub(channel).Check, target=service)
     try:
-        reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
-    except aio.AioRpcError as exc:
-        if exc.code() == grpc.StatusCode.NOT_FOUND:
-            return Health.NOT_SERVING, f"{service} is not registered"
+        reply = await check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+    except NotFoundError:
+        return Health.NOT_SERVING, f"{service} is not registered"
+    except CallError as exc:
         return Health.UNREACHABLE, f"{exc.code().name}: {exc.details() or ''}"
     if reply.status == health_pb2.HealthCheckResponse.SERVING:
         return Health.SERVING, ""

@@ -6,36 +6,25 @@ settlement-service, withdrawal-service), so they agree on when a write must be r
 
 from __future__ import annotations
 
-import grpc
-from grpc import aio
-
-from interceptors.errors import error_info, status_from_metadata
+from interceptors.codes import OUTCOME_UNKNOWN
+from interceptors.errors import CallError, Reason, known_reason, reason_for_code
 
 #: Codes after which a downstream write may or may not have happened, or the answer may change
 #: on retry: retry, never assume. INTERNAL and UNKNOWN count too: the callee may have acted
 #: before it failed. Any other code is the callee's definite answer.
-AMBIGUOUS_CODES = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.ABORTED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-    }
-)
+AMBIGUOUS_CODES = OUTCOME_UNKNOWN
 
 
-def is_ambiguous(error: aio.AioRpcError) -> bool:
+def is_ambiguous(error: CallError) -> bool:
     """Whether a failed call's outcome is unknown or may change, so it is retried later."""
-    return error.code() in AMBIGUOUS_CODES
+    return error.traits.outcome_unknown
 
 
-def reason_of(error: aio.AioRpcError, default: str | None = None) -> str:
-    """The ErrorInfo reason the callee sent, else ``default``, else the status code's name."""
-    trailing = tuple(error.trailing_metadata() or ())
-    info = error_info(status_from_metadata(error.code(), error.details() or "", trailing))
-    if info is not None and info.reason:
-        return str(info.reason)
-    return error.code().name if default is None else default
+def reason_of(error: CallError, default: Reason | None = None) -> Reason:
+    """The ErrorInfo reason the callee sent, else ``default``, else the reason of its code.
+
+    A reason the contract does not know counts as none.
+    """
+    if error.reason:
+        return known_reason(error.reason, error.code())
+    return reason_for_code(error.code()) if default is None else default

@@ -11,8 +11,9 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
-from interceptors.errors import CallError, Unavailable
+from interceptors.errors import CallError, Reason
 from interceptors.http import PartnerClient
+from services.mesh.errors import Unavailable
 
 
 def path_of(template: str, *segments: str) -> str:
@@ -28,7 +29,7 @@ async def call_partner(
     query: Mapping[str, str] | None = None,
     json: Mapping[str, Any] | None = None,
     idempotency_key: str | None = None,
-    reason: str = "DOWNSTREAM_UNAVAILABLE",
+    reason: Reason = Reason.DOWNSTREAM_UNAVAILABLE,
 ) -> tuple[int, Any]:
     """Send one request through the chain; the answer's ``(status, body)`` below 5xx.
 
@@ -40,7 +41,10 @@ async def call_partner(
             method, path, query=query, json=json, idempotency_key=idempotency_key
         )
     except CallError as exc:
-        local = {"breaker_open": "CIRCUIT_OPEN", "concurrency_limited": "CONCURRENCY_LIMITED"}
+        local = {
+            "breaker_open": Reason.CIRCUIT_OPEN,
+            "concurrency_limited": Reason.CONCURRENCY_LIMITED,
+        }
         raise Unavailable(
             f"partner {client.partner} is unavailable: {exc.details()}",
             reason=local.get(exc.stop_reason or "", reason),

@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from interceptors.retry import BREAKER_FAILURE_CODES
+from interceptors.codes import TARGET_UNHEALTHY
 from interceptors.telemetry import CallRecord
 
 Clock = Callable[[], float]
@@ -33,7 +33,7 @@ _NO_ANSWER = "CANCELLED"
 
 def is_failure(code: str) -> bool:
     """Whether a final code says the target, not the request, is at fault."""
-    return code in BREAKER_FAILURE_CODES
+    return code in TARGET_UNHEALTHY
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

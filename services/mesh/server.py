@@ -6,7 +6,7 @@ beyond the concurrency cap is refused at once (RESOURCE_EXHAUSTED, reason OVERLO
 of queueing to its deadline, a method's precheck may refuse it before any work (a dependency
 known to be down), and the gate (the topology's authorization) decides whether the verified
 caller may make it at all. A servicer raises domain
-errors (``interceptors.errors``); a downstream failure that escapes it becomes UNAVAILABLE
+errors (``services.mesh.errors``); a downstream failure that escapes it becomes UNAVAILABLE
 with pushback ``-1`` so that only the bottom layer of the mesh retries.
 """
 
@@ -23,35 +23,22 @@ from google.rpc import status_pb2
 from grpc import aio
 from grpc_interceptor.server import AsyncServerInterceptor
 
+from interceptors.codes import DEPENDENCY_FAULT
 from interceptors.deadline import reset_incoming_deadline, set_incoming_deadline
 from interceptors.errors import (
     PUSHBACK_KEY,
     STATUS_DETAILS_KEY,
-    ResourceExhausted,
-    ServiceError,
-    error_info,
+    DeadlineExceededError,
+    Reason,
+    from_grpc_error,
+    known_reason,
     rich_status,
-    service_error_status,
     status_code,
-    status_from_metadata,
 )
+from services.mesh.errors import ResourceExhausted, ServiceError, service_error_status
 from services.mesh.faults import FaultInjector
 
 log = logging.getLogger("paymesh.access")
-
-#: Downstream codes that say the dependency, not the request, is at fault.
-_INFRA_CODES = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.ABORTED,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.DATA_LOSS,
-        grpc.StatusCode.CANCELLED,
-    }
-)
 
 _GRPC_INFRA = ("/grpc.health.", "/grpc.reflection.")
 _HEALTH = "/grpc.health."
@@ -184,7 +171,7 @@ class ServerPolicyInterceptor(AsyncServerInterceptor):
         raise ResourceExhausted(
             f"{self._domain} is at its limit of {self._max_in_flight} calls in flight; "
             f"retry in {SHED_RETRY_DELAY_S:g}s",
-            reason="OVERLOADED",
+            reason=Reason.OVERLOADED,
             retry_delay_s=SHED_RETRY_DELAY_S,
             metadata={"max_in_flight": str(self._max_in_flight)},
         )
@@ -227,7 +214,7 @@ class ServerPolicyInterceptor(AsyncServerInterceptor):
         if injection.code is not None:
             error = ServiceError(
                 f"fault injected into {method_name}: {injection.code.name}",
-                reason="FAULT_INJECTED",
+                reason=Reason.FAULT_INJECTED,
             )
             error.code = injection.code
             raise error
@@ -268,10 +255,9 @@ class ServerPolicyInterceptor(AsyncServerInterceptor):
             if exc.pushback_ms is not None:
                 trailing = ((PUSHBACK_KEY, str(exc.pushback_ms)),)
             return service_error_status(exc, domain=self._domain), trailing
-        # A downstream call's failure (CallError included) that the servicer let escape.
-        if isinstance(exc, aio.AioRpcError) or (
-            isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call)
-        ):
+        # A downstream call's failure (a typed CallError through the chain) that the
+        # servicer let escape.
+        if isinstance(exc, grpc.RpcError) and isinstance(exc, aio.AioRpcError | grpc.Call):
             return self._downstream_status(exc)
         log.exception("unhandled error in %s", method_name)
         return (
@@ -279,48 +265,40 @@ class ServerPolicyInterceptor(AsyncServerInterceptor):
                 grpc.StatusCode.INTERNAL,
                 f"internal error in {self._domain}; the failure was logged",
                 domain=self._domain,
-                reason="INTERNAL_ERROR",
+                reason=Reason.INTERNAL_ERROR,
             ),
             (),
         )
 
-    def _downstream_status(self, exc: Any) -> tuple[status_pb2.Status, tuple[tuple[str, str], ...]]:
-        code: grpc.StatusCode = exc.code()
-        details = exc.details() or ""
-        peer = status_from_metadata(code, details, exc.trailing_metadata())
-        peer_info = error_info(peer)
-        target = getattr(exc, "target", None) or (peer_info.domain if peer_info else "downstream")
-        metadata = {"target": str(target)}
-        for attr in ("method", "attempts", "stop_reason"):
-            value = getattr(exc, attr, None)
-            if value is not None:
-                metadata[attr] = str(value)
-        if code in _INFRA_CODES:
-            kept = ("CIRCUIT_OPEN", "TLS_HANDSHAKE_FAILED", "CONCURRENCY_LIMITED")
-            reason = peer_info.reason if peer_info and peer_info.reason in kept else None
-            if getattr(exc, "stop_reason", None) == "breaker_open":
-                reason = "CIRCUIT_OPEN"
-            out = (
-                grpc.StatusCode.DEADLINE_EXCEEDED
-                if code == grpc.StatusCode.DEADLINE_EXCEEDED
-                else grpc.StatusCode.UNAVAILABLE
+    def _downstream_status(
+        self, exc: grpc.RpcError
+    ) -> tuple[status_pb2.Status, tuple[tuple[str, str], ...]]:
+        error = from_grpc_error(exc)
+        code, details = error.code(), error.details() or ""
+        target = error.target or error.domain or "downstream"
+        metadata = {"target": target}
+        if error.target:  # the chain's facts: only a CallError made by the chain has them
+            metadata.update(
+                method=error.method, attempts=str(error.attempts), stop_reason=error.stop_reason
             )
+        if code.name in DEPENDENCY_FAULT:
+            kept = (Reason.CIRCUIT_OPEN, Reason.TLS_HANDSHAKE_FAILED, Reason.CONCURRENCY_LIMITED)
+            reason = Reason(error.reason) if error.reason in kept else None
+            if error.stop_reason == "breaker_open":
+                reason = Reason.CIRCUIT_OPEN
+            deadline = isinstance(error, DeadlineExceededError)
             status = rich_status(
-                out,
+                grpc.StatusCode.DEADLINE_EXCEEDED if deadline else grpc.StatusCode.UNAVAILABLE,
                 f"{target} failed: {details}",
                 domain=self._domain,
                 reason=reason
-                or (
-                    "DEADLINE_EXHAUSTED"
-                    if out == grpc.StatusCode.DEADLINE_EXCEEDED
-                    else "DOWNSTREAM_UNAVAILABLE"
-                ),
+                or (Reason.DEADLINE_EXHAUSTED if deadline else Reason.DOWNSTREAM_UNAVAILABLE),
                 metadata=metadata,
             )
             # The layer below already retried as much as the policy allows: tell our
             # callers not to multiply it.
             return status, ((PUSHBACK_KEY, "-1"),)
-        reason = peer_info.reason if peer_info else code.name
+        reason = known_reason(error.reason, code)
         return (
             rich_status(code, details, domain=self._domain, reason=reason, metadata=metadata),
             (),

@@ -1,6 +1,6 @@
 """Request checks every service shares: money, ids, strings, addresses, page tokens.
 
-Each check raises :class:`interceptors.errors.InvalidArgument` with a BadRequest field
+Each check raises :class:`services.mesh.errors.InvalidArgument` with a BadRequest field
 violation naming the field, so bad input always reaches the caller as a precise status;
 a message shows bad input only through :func:`quote`, a short prefix and the length.
 """
@@ -13,8 +13,9 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
-from interceptors.errors import FieldViolation, InvalidArgument
+from interceptors.errors import Reason
 from services.mesh import page_tokens
+from services.mesh.errors import FieldViolation, InvalidArgument
 
 #: ISO 4217 codes the platform settles in, with their minor-unit exponent.
 CURRENCY_EXPONENT: Mapping[str, int] = {
@@ -68,7 +69,9 @@ def quote(value: str, limit: int = QUOTE_LIMIT) -> str:
     return f"{value[:limit]!r}…({len(value)} chars)"
 
 
-def invalid(field: str, description: str, *, reason: str = "VALIDATION_FAILED") -> InvalidArgument:
+def invalid(
+    field: str, description: str, *, reason: Reason = Reason.VALIDATION_FAILED
+) -> InvalidArgument:
     """An InvalidArgument naming one bad field."""
     return InvalidArgument(
         f"{field}: {description}",
@@ -84,7 +87,7 @@ def require_currency(field: str, code: str) -> str:
             field,
             f"{quote(code)} is not a supported ISO 4217 code"
             f" ({', '.join(sorted(CURRENCY_EXPONENT))})",
-            reason="CURRENCY_UNSUPPORTED",
+            reason=Reason.CURRENCY_UNSUPPORTED,
         )
     return code
 
@@ -97,13 +100,13 @@ def require_amount(field: str, money: MoneyLike, *, allow_zero: bool = False) ->
         raise invalid(
             f"{field}.amount_minor",
             f"must be {'zero or more' if allow_zero else 'positive'}, got {amount}",
-            reason="AMOUNT_INVALID",
+            reason=Reason.AMOUNT_INVALID,
         )
     if amount > MAX_AMOUNT_MINOR:
         raise invalid(
             f"{field}.amount_minor",
             f"{amount} exceeds the maximum of {MAX_AMOUNT_MINOR} minor units",
-            reason="AMOUNT_INVALID",
+            reason=Reason.AMOUNT_INVALID,
         )
     return amount
 
@@ -176,11 +179,13 @@ def decode_page_token(token: str, filters: Mapping[str, Any]) -> dict[str, Any] 
     try:
         return page_tokens.process_codec().decode(token, filters)
     except page_tokens.PageTokenInvalid as exc:
-        raise invalid("page_token", str(exc), reason="PAGE_TOKEN_INVALID") from None
+        raise invalid("page_token", str(exc), reason=Reason.PAGE_TOKEN_INVALID) from None
 
 
 def _forged_token() -> InvalidArgument:
-    return invalid("page_token", "is not a token this service issued", reason="PAGE_TOKEN_INVALID")
+    return invalid(
+        "page_token", "is not a token this service issued", reason=Reason.PAGE_TOKEN_INVALID
+    )
 
 
 def _position_value(value: Any, kind: type[int] | type[float] | type[str]) -> int | float | str:

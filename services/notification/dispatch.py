@@ -20,9 +20,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import grpc
-from grpc import aio
-
+from interceptors.errors import CallError, NotFoundError
 from paymesh.merchant.v1 import merchant_pb2, merchant_pb2_grpc
 from paymesh.notification.v1 import notification_pb2 as pb
 from services.notification import delivery
@@ -222,9 +220,9 @@ class Dispatcher:
             reply = await self._merchants.GetMerchant(
                 merchant_pb2.GetMerchantRequest(merchant_id=merchant_id)
             )
-        except aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                raise _NoUrl(f"merchant {merchant_id!r} does not exist") from None
+        except NotFoundError:
+            raise _NoUrl(f"merchant {merchant_id!r} does not exist") from None
+        except CallError as exc:
             raise _LookupFailed(
                 f"merchant-service did not give the webhook URL of {merchant_id!r}: "
                 f"{exc.code().name}: {exc.details()}"

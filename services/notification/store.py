@@ -18,8 +18,9 @@ from pathlib import Path
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from interceptors.errors import FailedPrecondition, NotFound
+from interceptors.errors import Reason
 from paymesh.notification.v1 import notification_pb2 as pb
+from services.mesh.errors import FailedPrecondition, NotFound
 from services.storage import idempotency
 from services.storage.database import open_database, transaction
 
@@ -275,7 +276,7 @@ class NotificationStore:
             if row["delivery_status"] in _NOT_REDELIVERABLE:
                 raise FailedPrecondition(
                     f"notification {request.notification_id!r} was delivered already",
-                    reason="INVALID_STATE",
+                    reason=Reason.INVALID_STATE,
                     metadata={
                         "notification_id": request.notification_id,
                         "delivery_status": pb.DeliveryStatus.Name(row["delivery_status"]),

@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TypeAlias
 
-from interceptors.errors import FailedPrecondition
+from interceptors.errors import Reason
 from paymesh.order.v1 import order_pb2
+from services.mesh.errors import FailedPrecondition
 
 Status: TypeAlias = order_pb2.OrderStatus.ValueType
 
@@ -52,7 +53,7 @@ def require_transition(order_id: str, current: Status, new: Status) -> None:
     raise FailedPrecondition(
         f"order {order_id!r} is {_name(current)} and cannot become {_name(new)}; "
         + (f"it may become {', '.join(allowed)}" if allowed else "that status is final"),
-        reason="INVALID_STATE",
+        reason=Reason.INVALID_STATE,
         metadata={
             "order_id": order_id,
             "status": _name(current),

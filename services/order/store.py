@@ -13,9 +13,9 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from interceptors.errors import AlreadyExists, NotFound
 from paymesh.common.v1 import common_pb2
 from paymesh.order.v1 import order_pb2
+from services.mesh.errors import AlreadyExists, NotFound
 from services.order import lifecycle
 from services.storage import idempotency
 from services.storage.database import open_database, transaction

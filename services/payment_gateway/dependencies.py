@@ -13,7 +13,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from interceptors.breaker import OPEN, BreakerRegistry
-from interceptors.errors import CIRCUIT_OPEN_REASON, Unavailable
+from interceptors.errors import CIRCUIT_OPEN_REASON
+from services.mesh.errors import Unavailable
 
 #: Every service a CreatePayment needs to succeed: the gate's key check, then the flow's steps.
 #: Webhooks and analytics are not among them: the outbox delivers those later.

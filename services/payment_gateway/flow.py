@@ -22,13 +22,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from grpc import aio
-
 from interceptors.errors import (
     CIRCUIT_OPEN_REASON,
     CONCURRENCY_LIMITED_REASON,
-    retry_delay_of,
-    status_from_metadata,
+    CallError,
+    Reason,
 )
 from paymesh.accounting.v1 import accounting_pb2, accounting_pb2_grpc
 from paymesh.analytics.v1 import analytics_pb2, analytics_pb2_grpc
@@ -88,7 +86,7 @@ REFUND_STEP_TARGETS = {
 NOT_STARTED_RETRY_S = 1.0
 
 
-def reason_of(error: aio.AioRpcError, default: str = "DOWNSTREAM_UNAVAILABLE") -> str:
+def reason_of(error: CallError, default: Reason = Reason.DOWNSTREAM_UNAVAILABLE) -> Reason:
     """The ErrorInfo reason a callee sent, or ``default`` when it sent none."""
     return downstream.reason_of(error, default)
 
@@ -108,7 +106,7 @@ class PaymentNotStarted(Exception):
     (its row and request id claim are gone), so the same request may be sent again."""
 
     def __init__(
-        self, payment_id: str, *, target: str, reason: str, retry_after_s: float, cause: str
+        self, payment_id: str, *, target: str, reason: Reason, retry_after_s: float, cause: str
     ) -> None:
         super().__init__(f"{payment_id} not started: {target} failed ({cause})")
         self.payment_id = payment_id
@@ -256,7 +254,7 @@ class PaymentFlow:
             case Step.POSTED:
                 return await self._mark_paid(p)
             case Step.VOIDING:
-                return await self._void(p, p.failure_reason or "INTERNAL_ERROR")
+                return await self._void(p, p.failure_reason or Reason.INTERNAL_ERROR)
         raise ValueError(f"payment {p.payment_id} has unknown step {p.step!r}")
 
     def _finish(
@@ -267,7 +265,7 @@ class PaymentFlow:
         return self._store.payment(p.payment_id)
 
     def _before_side_effects(
-        self, p: PaymentRecord, target: str, error: aio.AioRpcError, *, recovering: bool
+        self, p: PaymentRecord, target: str, error: CallError, *, recovering: bool
     ) -> Exception:
         """What a transient failure of ``target`` at a step before the channel raises.
 
@@ -278,11 +276,10 @@ class PaymentFlow:
         cause = error.details() or error.code().name
         if recovering and self._clock() - p.create_time <= self._charge_cutoff_s:
             return PaymentPending(p.payment_id, p.step, cause)
-        status = status_from_metadata(error.code(), cause, tuple(error.trailing_metadata() or ()))
         reason = reason_of(error)
         if reason not in (CIRCUIT_OPEN_REASON, CONCURRENCY_LIMITED_REASON):
-            reason = "DOWNSTREAM_UNAVAILABLE"
-        delay = retry_delay_of(status)
+            reason = Reason.DOWNSTREAM_UNAVAILABLE
+        delay = error.retry_delay_s
         if delay is None and self._watch is not None:
             delay = self._watch.open_left_s(target) or None  # our breaker may just have opened
         self._store.abandon(p.payment_id, reason=f"{target} {reason}")
@@ -308,7 +305,7 @@ class PaymentFlow:
                     customer_country_code=p.customer_country_code,
                 )
             )
-        except aio.AioRpcError as error:
+        except CallError as error:
             if is_transient(error):
                 raise self._before_side_effects(
                     p, "risk-service", error, recovering=recovering
@@ -324,7 +321,7 @@ class PaymentFlow:
         }
         if assessment.decision == risk_pb2.RISK_DECISION_DECLINE:
             return self._finish(
-                p, pg.PAYMENT_STATUS_DECLINED, decline_reason="RISK_DECLINED", **facts
+                p, pg.PAYMENT_STATUS_DECLINED, decline_reason=Reason.RISK_DECLINED, **facts
             )
         return self._store.advance(p.payment_id, Step.ASSESSED, **facts)
 
@@ -342,7 +339,7 @@ class PaymentFlow:
                     description=p.description,
                 )
             )
-        except aio.AioRpcError as error:
+        except CallError as error:
             if is_transient(error):
                 raise self._before_side_effects(
                     p, "order-service", error, recovering=recovering
@@ -380,21 +377,21 @@ class PaymentFlow:
                 charge = await self._existing_charge(p)
                 if charge is None:
                     return self._finish(
-                        p, pg.PAYMENT_STATUS_FAILED, failure_reason="DOWNSTREAM_UNAVAILABLE"
+                        p, pg.PAYMENT_STATUS_FAILED, failure_reason=Reason.DOWNSTREAM_UNAVAILABLE
                     )
             else:
                 charge = (await self._down.channel.Charge(self._charge_request(p))).charge
-        except aio.AioRpcError as error:
+        except CallError as error:
             if is_transient(error):
                 raise PaymentPending(p.payment_id, p.step, error.details() or "") from error
-            return await self._charge_refused(p, reason_of(error, "INTERNAL_ERROR"))
+            return await self._charge_refused(p, reason_of(error, Reason.INTERNAL_ERROR))
         return await self._charge_outcome(p, charge)
 
     async def _charge_refused(self, p: PaymentRecord, reason: str) -> PaymentRecord:
         """The adapter refused the charge outright; make sure no charge exists before FAILED."""
         try:
             charge = await self._existing_charge(p)
-        except aio.AioRpcError as error:
+        except CallError as error:
             raise PaymentPending(p.payment_id, p.step, error.details() or "") from error
         if charge is not None:
             return await self._charge_outcome(p, charge)
@@ -423,21 +420,21 @@ class PaymentFlow:
                 p,
                 pg.PAYMENT_STATUS_DECLINED,
                 charge_id=charge.charge_id,
-                decline_reason="CHANNEL_DECLINED",
+                decline_reason=Reason.CHANNEL_DECLINED,
             )
         if charge.status == ca.CHARGE_STATUS_FAILED:
             return self._finish(
                 p,
                 pg.PAYMENT_STATUS_FAILED,
                 charge_id=charge.charge_id,
-                failure_reason=charge.failure_reason or "DOWNSTREAM_UNAVAILABLE",
+                failure_reason=charge.failure_reason or Reason.DOWNSTREAM_UNAVAILABLE,
             )
         if charge.status == ca.CHARGE_STATUS_VOIDED:
             return self._finish(
                 p,
                 pg.PAYMENT_STATUS_VOIDED,
                 charge_id=charge.charge_id,
-                failure_reason="INTERNAL_ERROR",
+                failure_reason=Reason.INTERNAL_ERROR,
             )
         raise PaymentPending(
             p.payment_id, p.step, f"charge is {ca.ChargeStatus.Name(charge.status)}"
@@ -459,13 +456,13 @@ class PaymentFlow:
                     postings=ledger.capture_postings(p.merchant_id, settled),
                 )
             )
-        except aio.AioRpcError as error:
+        except CallError as error:
             if is_transient(error):
                 raise PaymentPending(p.payment_id, p.step, error.details() or "") from error
             # The ledger refuses this capture for good: give the customer's money back.
             log.error("ledger refused %s: %s; voiding", transaction_id, error.details())
             voiding = self._store.advance(
-                p.payment_id, Step.VOIDING, failure_reason=reason_of(error, "INTERNAL_ERROR")
+                p.payment_id, Step.VOIDING, failure_reason=reason_of(error, Reason.INTERNAL_ERROR)
             )
             return await self._void(voiding, voiding.failure_reason)
         return self._store.advance(p.payment_id, Step.POSTED, ledger_transaction_id=transaction_id)
@@ -477,7 +474,7 @@ class PaymentFlow:
                     request_id=f"{p.payment_id}:void", charge_id=p.charge_id, reason=reason
                 )
             )
-        except aio.AioRpcError as error:
+        except CallError as error:
             raise PaymentPending(p.payment_id, p.step, error.details() or "") from error
         return self._finish(p, pg.PAYMENT_STATUS_VOIDED, failure_reason=reason)
 
@@ -491,7 +488,7 @@ class PaymentFlow:
                     reason="payment succeeded",
                 )
             )
-        except aio.AioRpcError as error:
+        except CallError as error:
             if is_transient(error):
                 raise PaymentPending(p.payment_id, p.step, error.details() or "") from error
             # The money moved and is in the ledger; a refused order update must not undo that.
@@ -529,13 +526,13 @@ class PaymentFlow:
                         reason=r.reason,
                     )
                 )
-            except aio.AioRpcError as error:
+            except CallError as error:
                 if is_transient(error):
                     raise PaymentPending(r.refund_id, r.step, error.details() or "") from error
                 self._store.finish_refund(
                     r.refund_id,
                     pg.REFUND_STATUS_FAILED,
-                    failure_reason=reason_of(error, "INTERNAL_ERROR"),
+                    failure_reason=reason_of(error, Reason.INTERNAL_ERROR),
                 )
                 self._on_outbox()
                 return self._store.refund(r.refund_id)
@@ -558,7 +555,7 @@ class PaymentFlow:
                         postings=ledger.refund_postings(r.merchant_id, settled),
                     )
                 )
-            except aio.AioRpcError as error:
+            except CallError as error:
                 # The channel already gave the money back, so the ledger must record it: the
                 # refund stays pending (and is retried) whatever the ledger said.
                 raise PaymentPending(r.refund_id, r.step, error.details() or "") from error

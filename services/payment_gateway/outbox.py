@@ -24,11 +24,12 @@ from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError, Message
-from grpc import aio
 from opentelemetry import context as otel_context
 from opentelemetry import propagate
 
 from interceptors.backoff import backoff_delay_s
+from interceptors.codes import DEFINITE
+from interceptors.errors import AlreadyExistsError, CallError, NotFoundError, UnknownError
 from interceptors.policy import RetryPolicy
 
 log = logging.getLogger("paymesh.outbox")
@@ -61,14 +62,7 @@ PENDING, SENT, REFUSED = "pending", "sent", "refused"
 #: Answers that can never change for the same request: the row is given up (and logged).
 #: Anything else (UNAVAILABLE, DEADLINE_EXCEEDED, but also PERMISSION_DENIED or UNIMPLEMENTED,
 #: which an operator or a deploy fixes) is retried: an event must not be lost to a misconfiguration.
-REFUSED_CODES = frozenset(
-    {
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.FAILED_PRECONDITION,
-        grpc.StatusCode.OUT_OF_RANGE,
-        grpc.StatusCode.NOT_FOUND,
-    }
-)
+REFUSED_CODES = DEFINITE
 #: Bytes of a delivery error kept on the row.
 MAX_ERROR_CHARS = 500
 
@@ -373,28 +367,37 @@ class OutboxRelay:
         token = otel_context.attach(propagate.extract(json.loads(row.trace_context or "{}")))
         try:
             await route.send(request)
-        except aio.AioRpcError as error:
-            return self._failed(row, error.code(), error.details() or "")
+        except CallError as error:
+            return self._failed(row, error)
         except Exception as exc:  # a bug in a send must not lose the row: retry it later
             log.exception("outbox: sending event %s raised", row.event_id)
-            return self._failed(row, grpc.StatusCode.UNKNOWN, repr(exc))
+            bug = UnknownError(
+                grpc.StatusCode.UNKNOWN,
+                repr(exc),
+                target=row.target,
+                method=row.method,
+                attempts=1,
+                stop_reason="not_retryable",
+            )
+            return self._failed(row, bug)
         finally:
             otel_context.detach(token)
         self._outbox.delivered(row.seq)
         self._recovered(row.target)
         return True
 
-    def _failed(self, row: OutboxRow, code: grpc.StatusCode, details: str) -> bool:
-        error = f"{code.name}: {details}"
-        if code == grpc.StatusCode.ALREADY_EXISTS or (
-            code == grpc.StatusCode.NOT_FOUND and row.missing_ok
+    def _failed(self, row: OutboxRow, failure: CallError) -> bool:
+        code = failure.code()
+        error = f"{code.name}: {failure.details() or ''}"
+        if isinstance(failure, AlreadyExistsError) or (
+            isinstance(failure, NotFoundError) and row.missing_ok
         ):
             # The request id is known (its record outlived its retention) or there is
             # nothing left to change: the message has had its effect.
             self._outbox.delivered(row.seq)
             self._recovered(row.target)
             return True
-        if code in REFUSED_CODES:
+        if code.name in REFUSED_CODES:
             log.warning("outbox: %s refused event %s for good: %s", row.target, row.event_id, error)
             self._outbox.refused(row.seq, error)
             self._recovered(row.target)

@@ -22,8 +22,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from interceptors.backoff import backoff_delay_s
-from interceptors.errors import NotFound
 from interceptors.policy import RetryPolicy
+from services.mesh.errors import NotFound
 from services.payment_gateway.dependencies import DependencyWatch
 from services.payment_gateway.flow import (
     REFUND_STEP_TARGETS,

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import re
 
-from interceptors.errors import PermissionDenied, Unauthenticated, Unavailable
+from interceptors.errors import Reason
 from paymesh.payment_gateway.v1 import payment_gateway_pb2 as pg
 from paymesh.payment_gateway.v1 import payment_gateway_pb2_grpc
 from services.mesh import validation as v
 from services.mesh.authz import AuthenticatedMerchant, current_merchant, merchant_scope
 from services.mesh.bootstrap import Context
+from services.mesh.errors import PermissionDenied, Unauthenticated, Unavailable
 from services.payment_gateway.flow import PaymentFlow, PaymentNotStarted, PaymentPending
 from services.payment_gateway.store import (
     NewPayment,
@@ -49,7 +50,7 @@ def validate_create(request: pg.CreatePaymentRequest) -> None:
     """
     v.require_request_id("request_id", request.request_id)
     if not request.HasField("amount"):
-        raise v.invalid("amount", "is required", reason="AMOUNT_INVALID")
+        raise v.invalid("amount", "is required", reason=Reason.AMOUNT_INVALID)
     v.require_amount("amount", request.amount)
     if request.settlement_currency_code:
         v.require_currency("settlement_currency_code", request.settlement_currency_code)
@@ -98,7 +99,7 @@ def calling_merchant(method: str) -> AuthenticatedMerchant:
     if merchant is None:
         raise Unauthenticated(
             f"{method} needs the merchant's API key in metadata 'authorization: Bearer <key>'",
-            reason="CREDENTIALS_MISSING",
+            reason=Reason.CREDENTIALS_MISSING,
             metadata={"method": method},
         )
     return merchant
@@ -125,7 +126,7 @@ class PaymentGatewayServicer(payment_gateway_pb2_grpc.PaymentGatewayServiceServi
         if not merchant.active:
             raise PermissionDenied(
                 f"merchant {merchant_id!r} is suspended and may not take payments",
-                reason="MERCHANT_INACTIVE",
+                reason=Reason.MERCHANT_INACTIVE,
                 metadata={"merchant_id": merchant_id},
             )
         started = self._store.begin_payment(
@@ -162,7 +163,7 @@ class PaymentGatewayServicer(payment_gateway_pb2_grpc.PaymentGatewayServiceServi
                 raise Unavailable(
                     f"payment {pending.payment_id} is still pending ({pending.cause}); it will be"
                     " completed by recovery: retry with the same request_id to get its result",
-                    reason="DOWNSTREAM_UNAVAILABLE",
+                    reason=Reason.DOWNSTREAM_UNAVAILABLE,
                     retry_delay_s=self._pending_retry_s,
                     metadata={"payment_id": pending.payment_id, "step": pending.step},
                 ) from None
@@ -234,7 +235,7 @@ class PaymentGatewayServicer(payment_gateway_pb2_grpc.PaymentGatewayServiceServi
                 raise Unavailable(
                     f"refund {pending.payment_id} is still pending ({pending.cause}); it will be"
                     " completed by recovery: retry with the same request_id to get its result",
-                    reason="DOWNSTREAM_UNAVAILABLE",
+                    reason=Reason.DOWNSTREAM_UNAVAILABLE,
                     retry_delay_s=self._pending_retry_s,
                     metadata={"refund_id": pending.payment_id, "step": pending.step},
                 ) from None

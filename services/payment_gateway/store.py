@@ -20,9 +20,10 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from interceptors.errors import FailedPrecondition, NotFound
+from interceptors.errors import Reason
 from paymesh.common.v1 import common_pb2
 from paymesh.payment_gateway.v1 import payment_gateway_pb2 as pg
+from services.mesh.errors import FailedPrecondition, NotFound
 from services.payment_gateway import outbox
 from services.payment_gateway.events import abandoned_order, payment_events, refund_events
 from services.payment_gateway.ledger import (
@@ -409,7 +410,7 @@ class PaymentStore:
             if record.step not in (Step.CREATED, Step.ASSESSED):
                 raise FailedPrecondition(
                     f"payment {payment_id!r} is at step {record.step!r}; it cannot be abandoned",
-                    reason="INVALID_STATE",
+                    reason=Reason.INVALID_STATE,
                     metadata={"payment_id": payment_id},
                 )
             if record.step == Step.ASSESSED:
@@ -514,7 +515,7 @@ class PaymentStore:
                 raise FailedPrecondition(
                     f"payment {payment_id!r} is {state}; only"
                     " SUCCEEDED or PARTIALLY_REFUNDED payments can be refunded",
-                    reason="INVALID_STATE",
+                    reason=Reason.INVALID_STATE,
                     metadata={"payment_id": payment_id},
                 )
             held = conn.execute(
@@ -529,7 +530,7 @@ class PaymentStore:
                 raise FailedPrecondition(
                     f"refund of {amount} {payment.currency_code} exceeds the {refundable} still"
                     f" refundable of the {payment.captured_minor} captured",
-                    reason="REFUND_EXCEEDS_CAPTURED",
+                    reason=Reason.REFUND_EXCEEDS_CAPTURED,
                     metadata={"payment_id": payment_id, "refundable_minor": str(refundable)},
                 )
             settlement = refund_settlement_share(
@@ -694,7 +695,7 @@ class PaymentStore:
         if row is None or (merchant_id and row["merchant_id"] != merchant_id):
             raise NotFound(
                 f"payment {payment_id!r} does not exist",
-                reason="PAYMENT_NOT_FOUND",
+                reason=Reason.PAYMENT_NOT_FOUND,
                 metadata={"payment_id": payment_id},
             )
         return _payment_record(row)

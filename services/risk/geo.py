@@ -10,8 +10,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from interceptors.errors import Unavailable
 from interceptors.http import PartnerClient
+from services.mesh.errors import Unavailable
 from services.mesh.partner import call_partner
 from services.risk.rules import Geo
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from interceptors.errors import NotFound
 from paymesh.common.v1 import common_pb2
 from paymesh.risk.v1 import risk_pb2 as pb
+from services.mesh.errors import NotFound
 from services.risk.rules import Geo, RiskRules, Velocity, assess
 from services.storage import idempotency
 from services.storage.database import open_database, transaction

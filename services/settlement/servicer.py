@@ -20,11 +20,9 @@ import json
 import logging
 from collections.abc import Mapping
 
-import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
-from grpc import aio
 
-from interceptors.errors import FailedPrecondition
+from interceptors.errors import CallError, FailedPreconditionError, Reason
 from paymesh.accounting.v1 import accounting_pb2, accounting_pb2_grpc
 from paymesh.common.v1 import common_pb2
 from paymesh.merchant.v1 import merchant_pb2_grpc
@@ -37,6 +35,7 @@ from services.mesh.active_merchant import require_active_merchant
 from services.mesh.authz import current_merchant, merchant_scope
 from services.mesh.bootstrap import Context
 from services.mesh.downstream import is_ambiguous, reason_of
+from services.mesh.errors import FailedPrecondition
 from services.settlement.store import Record, SettlementStore, Step
 from services.storage.resumable import StepDriver, Stepper
 
@@ -116,7 +115,7 @@ class SettlementServicer(settlement_pb2_grpc.SettlementServiceServicer):
                 raise v.invalid(
                     "amount.currency_code",
                     f"must equal currency_code {request.currency_code!r}",
-                    reason="CURRENCY_UNSUPPORTED",
+                    reason=Reason.CURRENCY_UNSUPPORTED,
                 )
         _require_bank_account(request.bank_account_reference)
         settlement_id = settlement_id_for(request.request_id)
@@ -200,7 +199,7 @@ class SettlementServicer(settlement_pb2_grpc.SettlementServiceServicer):
         if amount <= 0:
             raise FailedPrecondition(
                 f"{available_account(merchant_id)} holds no {currency_code} to settle",
-                reason="INSUFFICIENT_BALANCE",
+                reason=Reason.INSUFFICIENT_BALANCE,
                 metadata={"account_id": available_account(merchant_id)},
             )
         # A larger balance is settled over several settlements (a payout has a maximum).
@@ -235,14 +234,14 @@ class SettlementServicer(settlement_pb2_grpc.SettlementServiceServicer):
                     credit=settling_account(settlement.merchant_id),
                 )
             )
-        except aio.AioRpcError as exc:
+        except CallError as exc:
             if is_ambiguous(exc):
                 log.warning("settlement %s not posted yet: %s", settlement.settlement_id, exc)
                 return record
             if first:
                 # Nothing happened anywhere: the request leaves no trace and may be retried.
                 self._store.abandon(record)
-                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                if isinstance(exc, FailedPreconditionError):
                     raise FailedPrecondition(
                         f"{available} cannot settle {settlement.amount.amount_minor} "
                         f"{settlement.amount.currency_code}: {exc.details()}",
@@ -271,7 +270,7 @@ class SettlementServicer(settlement_pb2_grpc.SettlementServiceServicer):
                     settlement_id=settlement.settlement_id,
                 )
             )
-        except aio.AioRpcError as exc:
+        except CallError as exc:
             if is_ambiguous(exc):
                 log.warning("withdrawal of %s not confirmed: %s", settlement.settlement_id, exc)
                 return record
@@ -290,7 +289,7 @@ class SettlementServicer(settlement_pb2_grpc.SettlementServiceServicer):
                 record,
                 step=Step.REVERSE,
                 withdrawal_id=withdrawal.withdrawal_id,
-                failure_reason=withdrawal.failure_reason or "INTERNAL_ERROR",
+                failure_reason=withdrawal.failure_reason or Reason.INTERNAL_ERROR,
             )
         # Still pending there: asking again with the same request id resumes it.
         return self._store.advance(
@@ -312,7 +311,7 @@ class SettlementServicer(settlement_pb2_grpc.SettlementServiceServicer):
                     credit=available_account(settlement.merchant_id),
                 )
             )
-        except aio.AioRpcError as exc:
+        except CallError as exc:
             log.error("reversal of %s not posted, will retry: %s", settlement.settlement_id, exc)
             return record
         return self._store.advance(
@@ -342,7 +341,7 @@ class SettlementServicer(settlement_pb2_grpc.SettlementServiceServicer):
                     payload_json=json.dumps(payload, sort_keys=True),
                 )
             )
-        except aio.AioRpcError as exc:
+        except CallError as exc:
             if is_ambiguous(exc):
                 log.warning("notification of %s not sent yet: %s", settlement.settlement_id, exc)
                 return record

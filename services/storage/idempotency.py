@@ -22,7 +22,8 @@ from typing import TypeVar
 
 from google.protobuf.message import Message
 
-from interceptors.errors import Aborted, AlreadyExists, FieldViolation, InvalidArgument
+from interceptors.errors import Reason
+from services.mesh.errors import Aborted, AlreadyExists, FieldViolation, InvalidArgument
 from services.mesh.validation import quote
 
 #: Overrides :attr:`Retention.retention_s` (seconds, at least :data:`MIN_RETENTION_S`).
@@ -165,14 +166,14 @@ def claim(
     if row["fingerprint"] != digest:
         raise InvalidArgument(
             f"request_id {quote(request_id)} was already used with a different request body",
-            reason="IDEMPOTENCY_KEY_REUSED",
+            reason=Reason.IDEMPOTENCY_KEY_REUSED,
             field_violations=[FieldViolation("request_id", "reused with a different body")],
         )
     if row["state"] != "done":
         raise Aborted(
             f"the first request with request_id {quote(request_id)} is still in flight;"
             " retry later",
-            reason="IDEMPOTENCY_KEY_IN_FLIGHT",
+            reason=Reason.IDEMPOTENCY_KEY_IN_FLIGHT,
         )
     return Claim(replay=bytes(row["response"]))
 

@@ -24,8 +24,8 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from interceptors.errors import Aborted, NotFound
 from services.mesh.bootstrap import StartupError
+from services.mesh.errors import Aborted, NotFound
 from services.mesh.topology import env_prefix
 from services.storage import idempotency
 from services.storage.database import open_database, transaction

@@ -23,10 +23,7 @@ import json
 import logging
 from collections.abc import Mapping
 
-import grpc
-from grpc import aio
-
-from interceptors.errors import FailedPrecondition
+from interceptors.errors import CallError, FailedPreconditionError, Reason
 from paymesh.accounting.v1 import accounting_pb2, accounting_pb2_grpc
 from paymesh.merchant.v1 import merchant_pb2_grpc
 from paymesh.notification.v1 import notification_pb2, notification_pb2_grpc
@@ -38,6 +35,7 @@ from services.mesh.authz import merchant_scope
 from services.mesh.bootstrap import Context
 from services.mesh.clients import PartnerClient
 from services.mesh.downstream import is_ambiguous, reason_of
+from services.mesh.errors import FailedPrecondition
 from services.storage.resumable import StepDriver, Stepper
 from services.withdrawal.store import Record, Step, WithdrawalStore
 
@@ -46,7 +44,7 @@ log = logging.getLogger("paymesh.withdrawal")
 #: Platform account the bank's confirmed payouts are credited to.
 PAYOUT_ACCOUNT = accounts.BANK_PAYOUTS
 #: failure_reason of a withdrawal the bank partner refused (the nearest ErrorReason).
-BANK_REFUSED_REASON = "CHANNEL_DECLINED"
+BANK_REFUSED_REASON = Reason.CHANNEL_DECLINED
 #: HTTP statuses of the bank that say "not now" rather than "no".
 _BANK_NOT_FINAL = frozenset({408, 409, 429})
 
@@ -187,14 +185,14 @@ class WithdrawalServicer(withdrawal_pb2_grpc.WithdrawalServiceServicer):
                     non_negative=source,
                 )
             )
-        except aio.AioRpcError as exc:
+        except CallError as exc:
             if is_ambiguous(exc):
                 log.warning("reservation of %s not confirmed: %s", withdrawal.withdrawal_id, exc)
                 return record
             if first:
                 # Nothing happened anywhere: the request leaves no trace and may be retried.
                 self._store.abandon(record)
-                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                if isinstance(exc, FailedPreconditionError):
                     raise FailedPrecondition(
                         f"{source} cannot pay out {withdrawal.amount.amount_minor} "
                         f"{withdrawal.amount.currency_code}: {exc.details()}",
@@ -225,7 +223,7 @@ class WithdrawalServicer(withdrawal_pb2_grpc.WithdrawalServiceServicer):
                 },
                 idempotency_key=withdrawal.withdrawal_id,
             )
-        except aio.AioRpcError as exc:  # PartnerCallError included: the chain gave up
+        except CallError as exc:  # a PartnerCallError: the chain gave up
             log.warning("bank transfer of %s not confirmed: %s", withdrawal.withdrawal_id, exc)
             return record
         body = reply.body if isinstance(reply.body, dict) else {}
@@ -263,7 +261,7 @@ class WithdrawalServicer(withdrawal_pb2_grpc.WithdrawalServiceServicer):
                     credit=PAYOUT_ACCOUNT,
                 )
             )
-        except aio.AioRpcError as exc:
+        except CallError as exc:
             # The bank paid: the ledger must say so, so this step is retried whatever it said.
             log.error("payout of %s not posted, will retry: %s", withdrawal.withdrawal_id, exc)
             return record
@@ -286,7 +284,7 @@ class WithdrawalServicer(withdrawal_pb2_grpc.WithdrawalServiceServicer):
                     credit=source,
                 )
             )
-        except aio.AioRpcError as exc:
+        except CallError as exc:
             log.error("reversal of %s not posted, will retry: %s", withdrawal.withdrawal_id, exc)
             return record
         return self._store.advance(
@@ -316,7 +314,7 @@ class WithdrawalServicer(withdrawal_pb2_grpc.WithdrawalServiceServicer):
                     payload_json=json.dumps(payload, sort_keys=True),
                 )
             )
-        except aio.AioRpcError as exc:
+        except CallError as exc:
             if is_ambiguous(exc):
                 log.warning("notification of %s not sent yet: %s", withdrawal.withdrawal_id, exc)
                 return record

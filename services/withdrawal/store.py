@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from interceptors.errors import AlreadyExists
 from paymesh.common.v1 import common_pb2
 from paymesh.withdrawal.v1 import withdrawal_pb2
+from services.mesh.errors import AlreadyExists
 from services.storage import idempotency
 from services.storage.database import transaction
 from services.storage.resumable import Begun, StepStore, timestamp

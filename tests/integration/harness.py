@@ -21,7 +21,7 @@ from grpc import aio
 from opentelemetry.trace import TracerProvider
 
 from interceptors.chain import ClientChain, build_client_chain
-from interceptors.errors import PUSHBACK_KEY, STATUS_DETAILS_KEY, rich_status
+from interceptors.errors import PUSHBACK_KEY, STATUS_DETAILS_KEY, Reason, rich_status
 from interceptors.policy import PolicyConfig
 from paymesh.testing.v1 import testing_pb2, testing_pb2_grpc
 from services.mesh.server import ServerPolicyInterceptor
@@ -104,7 +104,7 @@ class ScriptedServicer(testing_pb2_grpc.TestServiceServicer):
                 fault.code,
                 f"scripted {fault.code.name}",
                 domain=self.name,
-                reason="SCRIPTED",
+                reason=Reason.FAULT_INJECTED,
                 retry_delay_s=fault.retry_delay_s,
             )
             trailing.append((STATUS_DETAILS_KEY, status.SerializeToString()))

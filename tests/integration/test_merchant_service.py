@@ -21,7 +21,14 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
 
-from interceptors.errors import STATUS_DETAILS_KEY, circuit_open_error, rich_status
+from interceptors.errors import (
+    STATUS_DETAILS_KEY,
+    CallError,
+    Reason,
+    circuit_open_error,
+    from_grpc_error,
+    rich_status,
+)
 from paymesh.merchant.v1 import merchant_pb2, merchant_pb2_grpc
 from services.accounting.__main__ import build as build_accounting
 from services.analytics.__main__ import build as build_analytics
@@ -410,13 +417,13 @@ async def test_dashboard_fills_sections_of_running_downstreams_and_marks_the_res
         assert section.section.reason in {"DOWNSTREAM_UNAVAILABLE", "CIRCUIT_OPEN"}
 
 
-def _failed_call(code: grpc.StatusCode, reason: str | None = None) -> aio.AioRpcError:
-    """A failed call as a stub raises it, with the peer's ErrorInfo when ``reason`` is given."""
+def _failed_call(code: grpc.StatusCode, reason: Reason | None = None) -> CallError:
+    """A failed call as the chain raises it, with the peer's ErrorInfo when ``reason``."""
     trailing = aio.Metadata()
     if reason is not None:
         status = rich_status(code, "peer says no", domain="risk-service", reason=reason)
         trailing = aio.Metadata((STATUS_DETAILS_KEY, status.SerializeToString()))
-    return aio.AioRpcError(code, aio.Metadata(), trailing, "peer says no", None)
+    return from_grpc_error(aio.AioRpcError(code, aio.Metadata(), trailing, "peer says no", None))
 
 
 @pytest.mark.parametrize(
@@ -425,7 +432,7 @@ def _failed_call(code: grpc.StatusCode, reason: str | None = None) -> aio.AioRpc
         (_failed_call(grpc.StatusCode.UNAVAILABLE), "DOWNSTREAM_UNAVAILABLE"),
         (_failed_call(grpc.StatusCode.DEADLINE_EXCEEDED), "DEADLINE_EXHAUSTED"),
         (
-            _failed_call(grpc.StatusCode.UNAVAILABLE, "RETRY_BUDGET_EXHAUSTED"),
+            _failed_call(grpc.StatusCode.UNAVAILABLE, Reason.RETRY_BUDGET_EXHAUSTED),
             "RETRY_BUDGET_EXHAUSTED",
         ),
         (
@@ -440,7 +447,7 @@ def _failed_call(code: grpc.StatusCode, reason: str | None = None) -> aio.AioRpc
     ],
 )
 def test_unavailable_section_names_the_reason_of_the_failed_call(
-    error: aio.AioRpcError, reason: str
+    error: CallError, reason: str
 ) -> None:
     section = unavailable_section("risk-service", error)
     assert section.availability == merchant_pb2.SECTION_AVAILABILITY_UNAVAILABLE

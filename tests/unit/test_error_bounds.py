@@ -7,9 +7,10 @@ import pytest
 from google.rpc import error_details_pb2
 
 from interceptors import errors
-from interceptors.errors import FieldViolation, InvalidArgument, rich_status
+from interceptors.errors import Reason, rich_status
 from paymesh.common.v1 import common_pb2
 from services.mesh import validation as v
+from services.mesh.errors import FieldViolation, InvalidArgument
 
 MEGABYTE = 1024 * 1024
 
@@ -87,7 +88,7 @@ def test_status_bounds_a_huge_message_metadata_and_violations() -> None:
         grpc.StatusCode.INVALID_ARGUMENT,
         huge,
         domain="order-service",
-        reason="VALIDATION_FAILED",
+        reason=Reason.VALIDATION_FAILED,
         metadata={f"{i}{huge[:10_000]}": huge for i in range(100)},
         field_violations=[FieldViolation(huge, huge)] * 100,
         retry_delay_s=1.0,
@@ -107,7 +108,7 @@ def test_status_of_a_small_error_is_unchanged() -> None:
         grpc.StatusCode.INVALID_ARGUMENT,
         "order_id: is required",
         domain="order-service",
-        reason="VALIDATION_FAILED",
+        reason=Reason.VALIDATION_FAILED,
         metadata={"order_id": "o_1"},
         field_violations=[FieldViolation("order_id", "is required")],
     )

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from interceptors.errors import Aborted, AlreadyExists
 from paymesh.common.v1 import common_pb2
 from paymesh.order.v1 import order_pb2
 from paymesh.settlement.v1 import settlement_pb2
+from services.mesh.errors import Aborted, AlreadyExists
 from services.order.store import OrderStore
 from services.settlement.store import SettlementStore
 from services.storage import idempotency

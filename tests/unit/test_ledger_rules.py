@@ -6,11 +6,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from interceptors.errors import InvalidArgument
 from paymesh.accounting.v1 import accounting_pb2
 from paymesh.common.v1 import common_pb2
 from services.accounting import ledger
 from services.analytics.store import success_rate_bps
+from services.mesh.errors import InvalidArgument
 
 
 def _posting(

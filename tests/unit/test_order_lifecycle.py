@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from interceptors.errors import FailedPrecondition
 from paymesh.order.v1 import order_pb2
 from paymesh.payment_gateway.v1 import payment_gateway_pb2 as pg
+from services.mesh.errors import FailedPrecondition
 from services.order import lifecycle
 from services.payment_gateway.ledger import order_status_for
 

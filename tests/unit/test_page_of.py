@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from interceptors.errors import InvalidArgument
 from services.mesh import page_tokens
 from services.mesh import validation as v
+from services.mesh.errors import InvalidArgument
 
 FILTERS = {"merchant_id": "m1", "status": 0}
 

@@ -6,7 +6,7 @@ import grpc
 import pytest
 from grpc import aio
 
-from interceptors.errors import STATUS_DETAILS_KEY, rich_status
+from interceptors.errors import STATUS_DETAILS_KEY, CallError, Reason, from_grpc_error, rich_status
 from services.mesh.bootstrap import StartupError
 from services.payment_gateway.config import (
     CHARGE_CUTOFF_VAR,
@@ -67,12 +67,13 @@ def test_bad_value_stops_start_up_naming_the_variable(var: str, raw: str) -> Non
         GatewayConfig.from_environ({var: raw})
 
 
-def _error(code: grpc.StatusCode, reason: str | None = None) -> aio.AioRpcError:
+def _error(code: grpc.StatusCode, reason: Reason | None = None) -> CallError:
+    """A failed call as the chain raises it, with the callee's ErrorInfo when ``reason``."""
     trailing = aio.Metadata()
     if reason is not None:
         status = rich_status(code, "boom", domain="x", reason=reason)
         trailing = aio.Metadata((STATUS_DETAILS_KEY, status.SerializeToString()))
-    return aio.AioRpcError(code, aio.Metadata(), trailing, "boom")
+    return from_grpc_error(aio.AioRpcError(code, aio.Metadata(), trailing, "boom"))
 
 
 @pytest.mark.parametrize(
@@ -91,6 +92,6 @@ def test_definite_answers_are_not_transient(code: grpc.StatusCode) -> None:
 
 
 def test_reason_comes_from_the_callee_error_info() -> None:
-    error = _error(grpc.StatusCode.FAILED_PRECONDITION, "EXCHANGE_RATE_UNAVAILABLE")
+    error = _error(grpc.StatusCode.FAILED_PRECONDITION, Reason.EXCHANGE_RATE_UNAVAILABLE)
     assert reason_of(error) == "EXCHANGE_RATE_UNAVAILABLE"
     assert reason_of(_error(grpc.StatusCode.UNAVAILABLE)) == "DOWNSTREAM_UNAVAILABLE"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from interceptors.breaker import BreakerRegistry, Outcome
-from interceptors.errors import Unavailable
 from interceptors.policy import BreakerPolicy
+from services.mesh.errors import Unavailable
 from services.payment_gateway.dependencies import (
     CREATE_PAYMENT_NEEDS,
     DependencyWatch,

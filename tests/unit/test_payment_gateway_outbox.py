@@ -13,6 +13,7 @@ import pytest
 from google.protobuf.message import Message
 from grpc import aio
 
+from interceptors.errors import from_grpc_error
 from paymesh.notification.v1 import notification_pb2
 from services.payment_gateway.outbox import (
     PENDING,
@@ -47,7 +48,9 @@ class Destination:
             await asyncio.Event().wait()
         if self.failures:
             code = self.failures.pop(0)
-            raise aio.AioRpcError(code, aio.Metadata(), aio.Metadata(), f"scripted {code.name}")
+            raise from_grpc_error(
+                aio.AioRpcError(code, aio.Metadata(), aio.Metadata(), f"scripted {code.name}")
+            )
         self.received.append(request.request_id)
         return object()
 

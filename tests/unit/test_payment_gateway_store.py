@@ -12,18 +12,18 @@ from typing import Any
 
 import pytest
 
-from interceptors.errors import (
+from paymesh.common.v1 import common_pb2
+from paymesh.notification.v1 import notification_pb2
+from paymesh.order.v1 import order_pb2
+from paymesh.payment_gateway.v1 import payment_gateway_pb2 as pg
+from services.mesh import validation as v
+from services.mesh.errors import (
     Aborted,
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
 )
-from paymesh.common.v1 import common_pb2
-from paymesh.notification.v1 import notification_pb2
-from paymesh.order.v1 import order_pb2
-from paymesh.payment_gateway.v1 import payment_gateway_pb2 as pg
-from services.mesh import validation as v
 from services.payment_gateway import store as store_module
 from services.payment_gateway.servicer import (
     for_merchant,

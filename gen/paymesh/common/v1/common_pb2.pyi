@@ -100,6 +100,30 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """A fault was injected on purpose by the chaos tooling (any code)."""
     ERROR_REASON_CONCURRENCY_LIMITED: _ErrorReason.ValueType  # 32
     """The caller already has as many calls in flight to the target as its policy allows, so this one failed fast locally (UNAVAILABLE)."""
+    ERROR_REASON_FAILED_PRECONDITION: _ErrorReason.ValueType  # 33
+    """The system is not in a state the request needs, and no more specific reason applies (FAILED_PRECONDITION)."""
+    ERROR_REASON_PERMISSION_DENIED: _ErrorReason.ValueType  # 34
+    """The caller is known but may not do this, and no more specific reason applies (PERMISSION_DENIED)."""
+    ERROR_REASON_OUT_OF_RANGE: _ErrorReason.ValueType  # 35
+    """A value is past the range the operation accepts (OUT_OF_RANGE)."""
+    ERROR_REASON_ABORTED: _ErrorReason.ValueType  # 36
+    """A concurrent operation conflicts; retry with the same idempotency key (ABORTED)."""
+    ERROR_REASON_RESOURCE_EXHAUSTED: _ErrorReason.ValueType  # 37
+    """A quota or capacity is used up, and no more specific reason applies (RESOURCE_EXHAUSTED)."""
+    ERROR_REASON_UNAVAILABLE: _ErrorReason.ValueType  # 38
+    """The service cannot serve now, and no more specific reason applies (UNAVAILABLE)."""
+    ERROR_REASON_INVALID_ARGUMENT: _ErrorReason.ValueType  # 39
+    """A downstream refused the request as malformed without a reason of its own, e.g. gRPC itself (INVALID_ARGUMENT)."""
+    ERROR_REASON_UNAUTHENTICATED: _ErrorReason.ValueType  # 40
+    """A downstream refused the caller's credentials without a reason of its own (UNAUTHENTICATED)."""
+    ERROR_REASON_UNIMPLEMENTED: _ErrorReason.ValueType  # 41
+    """The method does not exist at the callee, e.g. an older deploy (UNIMPLEMENTED)."""
+    ERROR_REASON_DATA_LOSS: _ErrorReason.ValueType  # 42
+    """A downstream reported unrecoverable data loss without a reason of its own (DATA_LOSS)."""
+    ERROR_REASON_ADMIN_TOKEN_INVALID: _ErrorReason.ValueType  # 43
+    """The admin endpoint's bearer token is not the admin token (HTTP 401 on the admin endpoint)."""
+    ERROR_REASON_FAULT_INJECTION_DISABLED: _ErrorReason.ValueType  # 44
+    """The admin endpoint's fault-injection routes are switched off in this process (HTTP 403 on the admin endpoint)."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Stable machine-readable reasons put (without the ERROR_REASON_ prefix) in google.rpc.ErrorInfo.reason."""
@@ -170,6 +194,30 @@ ERROR_REASON_FAULT_INJECTED: ErrorReason.ValueType  # 31
 """A fault was injected on purpose by the chaos tooling (any code)."""
 ERROR_REASON_CONCURRENCY_LIMITED: ErrorReason.ValueType  # 32
 """The caller already has as many calls in flight to the target as its policy allows, so this one failed fast locally (UNAVAILABLE)."""
+ERROR_REASON_FAILED_PRECONDITION: ErrorReason.ValueType  # 33
+"""The system is not in a state the request needs, and no more specific reason applies (FAILED_PRECONDITION)."""
+ERROR_REASON_PERMISSION_DENIED: ErrorReason.ValueType  # 34
+"""The caller is known but may not do this, and no more specific reason applies (PERMISSION_DENIED)."""
+ERROR_REASON_OUT_OF_RANGE: ErrorReason.ValueType  # 35
+"""A value is past the range the operation accepts (OUT_OF_RANGE)."""
+ERROR_REASON_ABORTED: ErrorReason.ValueType  # 36
+"""A concurrent operation conflicts; retry with the same idempotency key (ABORTED)."""
+ERROR_REASON_RESOURCE_EXHAUSTED: ErrorReason.ValueType  # 37
+"""A quota or capacity is used up, and no more specific reason applies (RESOURCE_EXHAUSTED)."""
+ERROR_REASON_UNAVAILABLE: ErrorReason.ValueType  # 38
+"""The service cannot serve now, and no more specific reason applies (UNAVAILABLE)."""
+ERROR_REASON_INVALID_ARGUMENT: ErrorReason.ValueType  # 39
+"""A downstream refused the request as malformed without a reason of its own, e.g. gRPC itself (INVALID_ARGUMENT)."""
+ERROR_REASON_UNAUTHENTICATED: ErrorReason.ValueType  # 40
+"""A downstream refused the caller's credentials without a reason of its own (UNAUTHENTICATED)."""
+ERROR_REASON_UNIMPLEMENTED: ErrorReason.ValueType  # 41
+"""The method does not exist at the callee, e.g. an older deploy (UNIMPLEMENTED)."""
+ERROR_REASON_DATA_LOSS: ErrorReason.ValueType  # 42
+"""A downstream reported unrecoverable data loss without a reason of its own (DATA_LOSS)."""
+ERROR_REASON_ADMIN_TOKEN_INVALID: ErrorReason.ValueType  # 43
+"""The admin endpoint's bearer token is not the admin token (HTTP 401 on the admin endpoint)."""
+ERROR_REASON_FAULT_INJECTION_DISABLED: ErrorReason.ValueType  # 44
+"""The admin endpoint's fault-injection routes are switched off in this process (HTTP 403 on the admin endpoint)."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final
