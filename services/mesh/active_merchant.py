@@ -14,6 +14,7 @@ from grpc import aio
 from interceptors.errors import FailedPrecondition, NotFound, Unavailable
 from paymesh.merchant.v1 import merchant_pb2, merchant_pb2_grpc
 from services.mesh.downstream import is_ambiguous
+from services.mesh.topology import Target
 
 #: RetryInfo of a refusal because merchant-service could not answer.
 RETRY_DELAY_S = 1.0
@@ -51,7 +52,7 @@ async def require_active_merchant(
         raise Unavailable(
             f"merchant-service cannot confirm merchant {merchant_id!r} now: {exc.details()}",
             reason="CIRCUIT_OPEN" if breaker_open else "DOWNSTREAM_UNAVAILABLE",
-            metadata={**metadata, "target": "merchant-service"},
+            metadata={**metadata, "target": Target.MERCHANT},
             retry_delay_s=RETRY_DELAY_S,
             pushback_ms=-1,
         ) from exc
