@@ -284,7 +284,7 @@ def load_config(
             readiness_interval_s=seconds_var(
                 environ, "PAYMESH_READINESS_INTERVAL_S", READINESS_INTERVAL_S
             ),
-            reflection=environ.get("PAYMESH_REFLECTION", "1") != "0",
+            reflection=_reflection_on(environ),
             control=ControlAccess.from_environ(environ),
             healthz_max_lag_s=healthz_max_lag_s(environ),
         )
@@ -313,10 +313,21 @@ def load_config(
 
 def _load_policy(topology: Topology) -> PolicyConfig:
     targets = {s.name for s in topology.services} | {p.name for p in topology.partners}
+    path = topology.environ.get("PAYMESH_POLICY_FILE")
     try:
-        return PolicyConfig.load(topology.environ.get("PAYMESH_POLICY_FILE"), known_targets=targets)
+        return PolicyConfig.load(path, known_targets=targets)
     except PolicyError as exc:
-        raise StartupError(f"bad policy configuration: {exc}") from exc
+        named = f"PAYMESH_POLICY_FILE={path!r}: " if path else ""
+        raise StartupError(f"{named}bad policy configuration: {exc}") from exc
+
+
+def _reflection_on(environ: Mapping[str, str]) -> bool:
+    """``PAYMESH_REFLECTION``: ``0`` switches reflection off, ``1`` (the default) on."""
+    raw = environ.get("PAYMESH_REFLECTION", "")
+    value = raw.strip() or "1"
+    if value not in ("0", "1"):
+        raise StartupError(f"PAYMESH_REFLECTION={raw!r} is not 0 (off) or 1 (on, the default)")
+    return value == "1"
 
 
 def _grace_s(environ: Mapping[str, str]) -> float:

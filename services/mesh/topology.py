@@ -350,7 +350,7 @@ class Topology:
         for key, value in self.environ.items():
             if key.endswith(_ADDR_SUFFIXES) and key not in self._known_variables():
                 raise TopologyError(
-                    f"{key} names no service or partner of the topology; "
+                    f"{key}={value!r} names no service or partner of the topology; "
                     f"known: {', '.join(sorted(self._known_variables()))}"
                 )
             if key in self._known_variables() and key.endswith("_ADDR"):

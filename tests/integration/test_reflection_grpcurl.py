@@ -137,3 +137,11 @@ async def test_error_shows_its_decoded_error_info(order_service: str) -> None:
     assert '"@type":"type.googleapis.com/google.rpc.ErrorInfo"' in err, err
     assert '"reason":"NOT_FOUND"' in err, err
     assert '"domain":"order-service"' in err, err
+
+
+async def test_reflection_switched_off_is_refused_even_to_the_operator(tmp_path: Path) -> None:
+    environ = {"PAYMESH_VAR_DIR": str(tmp_path), "PAYMESH_REFLECTION": "0"}
+    async with running_service("order-service", build, environ=environ) as address:
+        code, _, err = await _grpcurl(address, "list")
+    assert code != 0
+    assert "code = PermissionDenied" in err, err
