@@ -30,7 +30,8 @@ ERROR_DETAIL_FILES = tuple(m.DESCRIPTOR.name for m in (status_pb2, error_details
 
 def ensure_v1_descriptor(pool: descriptor_pool.DescriptorPool) -> None:
     """Add ``grpc.reflection.v1`` to ``pool``: v1alpha renamed, as the two are field for field
-    the same protocol (grpcio-reflection ships only v1alpha's descriptor)."""
+    the same protocol (grpcio-reflection 1.85 ships only v1alpha's descriptor). A pool that
+    already has the file (a later grpcio-reflection's own v1 module imported first) is kept."""
     try:
         pool.FindFileByName(V1_FILE)
         return
