@@ -1,6 +1,5 @@
 """Start channel-adapter: ``python -m services.channel_adapter``."""
 
-from paymesh.channel_adapter.v1 import channel_adapter_pb2, channel_adapter_pb2_grpc
 from services.channel_adapter.config import AdapterConfig
 from services.channel_adapter.servicer import (
     EXCHANGE_RATE,
@@ -8,12 +7,13 @@ from services.channel_adapter.servicer import (
     ChannelAdapterServicer,
 )
 from services.channel_adapter.store import ChargeStore
-from services.mesh.bootstrap import Registration, ServiceContext, run
+from services.mesh.bootstrap import ServiceContext, run
+from services.mesh.topology import Target
 
-NAME = "channel-adapter"
+NAME = Target.CHANNEL_ADAPTER
 
 
-def build(context: ServiceContext) -> list[Registration]:
+def build(context: ServiceContext) -> list[object]:
     """The servicer over the service's own store and its two partners."""
     config = AdapterConfig.from_environ(context.environ)
     store = ChargeStore(context.database_path())
@@ -24,15 +24,7 @@ def build(context: ServiceContext) -> list[Registration]:
         rates=context.clients.partner(EXCHANGE_RATE),
         rate_ttl_s=config.rate_ttl_s,
     )
-    return [
-        Registration(
-            servicer=servicer,
-            add_to_server=channel_adapter_pb2_grpc.add_ChannelAdapterServiceServicer_to_server,
-            service_name=channel_adapter_pb2.DESCRIPTOR.services_by_name[
-                "ChannelAdapterService"
-            ].full_name,
-        )
-    ]
+    return [servicer]
 
 
 if __name__ == "__main__":

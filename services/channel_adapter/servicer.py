@@ -34,9 +34,10 @@ from services.mesh import validation as v
 from services.mesh.bootstrap import Context
 from services.mesh.errors import Aborted, FailedPrecondition, Unavailable
 from services.mesh.partner import call_partner, path_of
+from services.mesh.topology import Partner
 
-EXCHANGE_RATE = "exchange-rate"
-PAYMENT_CHANNEL = "payment-channel"
+EXCHANGE_RATE = Partner.EXCHANGE_RATE
+PAYMENT_CHANNEL = Partner.PAYMENT_CHANNEL
 MAX_TOKEN_LENGTH = 200
 
 

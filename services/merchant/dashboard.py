@@ -21,6 +21,7 @@ from paymesh.merchant.v1 import merchant_pb2
 from paymesh.notification.v1 import notification_pb2, notification_pb2_grpc
 from paymesh.payment_gateway.v1 import payment_gateway_pb2, payment_gateway_pb2_grpc
 from paymesh.risk.v1 import risk_pb2, risk_pb2_grpc
+from services.mesh.topology import Target
 
 #: How many notifications the dashboard shows.
 RECENT_NOTIFICATIONS = 10
@@ -106,7 +107,7 @@ async def assemble(
     async with asyncio.TaskGroup() as group:
         payments = group.create_task(
             _read(
-                "payment-gateway",
+                Target.PAYMENT_GATEWAY,
                 lambda: sources.payments.GetPaymentSummary(
                     payment_gateway_pb2.GetPaymentSummaryRequest(merchant_id=merchant_id)
                 ),
@@ -114,7 +115,7 @@ async def assemble(
         )
         balances = group.create_task(
             _read(
-                "accounting-service",
+                Target.ACCOUNTING,
                 lambda: sources.accounting.ListBalances(
                     accounting_pb2.ListBalancesRequest(
                         merchant_id=merchant_id, page_size=BALANCES_PAGE_SIZE
@@ -124,7 +125,7 @@ async def assemble(
         )
         stats = group.create_task(
             _read(
-                "analytics-service",
+                Target.ANALYTICS,
                 lambda: sources.analytics.GetMerchantStats(
                     analytics_pb2.GetMerchantStatsRequest(merchant_id=merchant_id)
                 ),
@@ -132,7 +133,7 @@ async def assemble(
         )
         risk = group.create_task(
             _read(
-                "risk-service",
+                Target.RISK,
                 lambda: sources.risk.GetRiskSummary(
                     risk_pb2.GetRiskSummaryRequest(merchant_id=merchant_id)
                 ),
@@ -140,7 +141,7 @@ async def assemble(
         )
         notifications = group.create_task(
             _read(
-                "notification-service",
+                Target.NOTIFICATION,
                 lambda: sources.notifications.ListNotifications(
                     notification_pb2.ListNotificationsRequest(
                         merchant_id=merchant_id, page_size=RECENT_NOTIFICATIONS

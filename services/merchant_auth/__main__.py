@@ -4,7 +4,6 @@ import time
 from collections.abc import Callable
 
 from paymesh.merchant.v1 import merchant_pb2_grpc
-from paymesh.merchant_auth.v1 import merchant_auth_pb2, merchant_auth_pb2_grpc
 from services.merchant_auth.config import AuthConfig
 from services.merchant_auth.keys import KeyVerifier, PepperedHasher, SecretVerifier
 from services.merchant_auth.limits import VerificationGuard
@@ -12,9 +11,10 @@ from services.merchant_auth.merchants import MerchantDirectory
 from services.merchant_auth.pepper import load_pepper
 from services.merchant_auth.servicer import MerchantAuthServicer
 from services.merchant_auth.store import ApiKeyStore
-from services.mesh.bootstrap import Registration, ServiceContext, run
+from services.mesh.bootstrap import ServiceContext, run
+from services.mesh.topology import Target
 
-NAME = "merchant-auth-service"
+NAME = Target.MERCHANT_AUTH
 
 
 def build(
@@ -22,7 +22,7 @@ def build(
     *,
     limits_clock: Callable[[], float] = time.monotonic,
     wrap_verifier: Callable[[SecretVerifier], SecretVerifier] | None = None,
-) -> list[Registration]:
+) -> list[object]:
     """The servicer over the key store, asking merchant-service about merchants.
 
     Tests give the verification limits a fake clock (``limits_clock``) and hold verifications
@@ -33,7 +33,7 @@ def build(
     store = ApiKeyStore(context.database_path())
     context.on_stop.append(store.close)
     merchants = MerchantDirectory(
-        context.clients.stub("merchant-service", merchant_pb2_grpc.MerchantServiceStub),
+        context.clients.stub(Target.MERCHANT, merchant_pb2_grpc.MerchantServiceStub),
         stale_s=config.merchant_stale_s,
     )
     verifier: SecretVerifier = KeyVerifier(hasher)
@@ -46,15 +46,7 @@ def build(
         guard=VerificationGuard(config.limits, clock=limits_clock),
         verifier=verifier,
     )
-    return [
-        Registration(
-            servicer=servicer,
-            add_to_server=merchant_auth_pb2_grpc.add_MerchantAuthServiceServicer_to_server,
-            service_name=merchant_auth_pb2.DESCRIPTOR.services_by_name[
-                "MerchantAuthService"
-            ].full_name,
-        )
-    ]
+    return [servicer]
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from interceptors.errors import CallError, NotFoundError, Reason
 from paymesh.merchant.v1 import merchant_pb2, merchant_pb2_grpc
 from services.mesh.downstream import is_ambiguous
 from services.mesh.errors import FailedPrecondition, NotFound, Unavailable
+from services.mesh.topology import Target
 
 #: RetryInfo of a refusal because merchant-service could not answer.
 RETRY_DELAY_S = 1.0
@@ -49,7 +50,7 @@ async def require_active_merchant(
         raise Unavailable(
             f"merchant-service cannot confirm merchant {merchant_id!r} now: {exc.details()}",
             reason=Reason.CIRCUIT_OPEN if breaker_open else Reason.DOWNSTREAM_UNAVAILABLE,
-            metadata={**metadata, "target": "merchant-service"},
+            metadata={**metadata, "target": Target.MERCHANT},
             retry_delay_s=RETRY_DELAY_S,
             pushback_ms=-1,
         ) from exc

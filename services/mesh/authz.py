@@ -12,19 +12,23 @@ merchant is then :func:`current_merchant` for the servicer.
 from __future__ import annotations
 
 import contextvars
-import importlib
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import ServiceDescriptor
 
 from interceptors.errors import Reason
 from services.mesh.errors import NotFound, PermissionDenied, Unauthenticated
 from services.mesh.pki import OPERATOR
 from services.mesh.tls import peer_identity
-from services.mesh.topology import ALL_METHODS, ServiceSpec, Topology, TopologyError
+from services.mesh.topology import (
+    ALL_METHODS,
+    ServiceSpec,
+    Topology,
+    TopologyError,
+    generated_module,
+)
 
 #: The Diagnostics RPC every service serves; for the operator only.
 DIAGNOSTICS_METHOD = "/paymesh.mesh.v1.DiagnosticsService/GetDiagnostics"
@@ -77,15 +81,9 @@ def merchant_scope(requested_merchant_id: str) -> str:
     return merchant.merchant_id
 
 
-def _descriptor(full_service: str) -> ServiceDescriptor:
-    """The descriptor of ``paymesh.<svc>.v1.<Name>``, importing its generated module."""
-    package = full_service.rpartition(".")[0]
-    module = f"{package}.{package.split('.')[1]}_pb2"
-    try:
-        importlib.import_module(module)
-        return descriptor_pool.Default().FindServiceByName(full_service)
-    except (ImportError, KeyError) as exc:
-        raise TopologyError(f"no generated descriptor for {full_service} ({module})") from exc
+def service_descriptors(spec: ServiceSpec) -> tuple[ServiceDescriptor, ...]:
+    """The descriptors of the proto services ``spec`` serves, from its generated module."""
+    return tuple(generated_module(spec.proto).DESCRIPTOR.services_by_name.values())
 
 
 def method_paths(spec: ServiceSpec, names: Iterable[str]) -> set[str]:
@@ -95,9 +93,9 @@ def method_paths(spec: ServiceSpec, names: Iterable[str]) -> set[str]:
         TopologyError: a name is not a method of the service (a typo in a grant).
     """
     by_name: dict[str, str] = {}
-    for full in spec.proto_services:
-        for method in _descriptor(full).methods:
-            by_name[method.name] = f"/{full}/{method.name}"
+    for service in service_descriptors(spec):
+        for method in service.methods:
+            by_name[method.name] = f"/{service.full_name}/{method.name}"
     wanted = list(names)
     if tuple(wanted) == ALL_METHODS:
         return set(by_name.values())

@@ -1,9 +1,11 @@
 """One start-up for every service: gRPC aio server, health, reflection, signals, graceful stop.
 
-A service's ``__main__`` calls :func:`run` with its name and a builder that returns its
-servicers; everything else (binding without SO_REUSEPORT, grpc.health.v1 with List,
-reflection v1alpha and v1 from one descriptor pool, the server interceptor, the client
-factory, SIGTERM/SIGINT handling) lives here once.
+A service's ``__main__`` calls :func:`run` with its topology name and a builder that returns
+its servicers; :func:`serve` is the steps, each a function below: load the configuration,
+connect (identity, tracing, client chain), build the servicers, make the server, register
+(servicers, Diagnostics, health, reflection), listen, start the admin endpoint, go serving,
+wait for the stop, drain. What a servicer serves is found from the topology's generated
+module, never typed in the service.
 """
 
 from __future__ import annotations
@@ -12,20 +14,19 @@ import asyncio
 import ctypes
 import inspect
 import logging
+import math
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
-from opentelemetry.sdk.trace import SpanProcessor
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 
 from interceptors.chain import build_client_chain
 from interceptors.codes import NO_VERDICT
@@ -41,7 +42,7 @@ from interceptors.policy import PolicyConfig, PolicyError
 from interceptors.tracing import server_interceptor
 from paymesh.merchant_auth.v1 import merchant_auth_pb2, merchant_auth_pb2_grpc
 from paymesh.mesh.v1 import mesh_pb2_grpc
-from services.mesh import page_tokens
+from services.mesh import page_tokens, reflection
 from services.mesh.admin import AdminRequest, AdminResponse, AdminServer, guarded
 from services.mesh.admin_token import AdminTokenError, ControlAccess
 from services.mesh.authz import (
@@ -55,6 +56,7 @@ from services.mesh.authz import (
 from services.mesh.clients import ClientFactory
 from services.mesh.diagnostics import (
     DIAGNOSTICS_SERVICE,
+    READINESS_INTERVAL_S,
     DiagnosticsServicer,
     ReadinessMonitor,
     healthz_max_lag_s,
@@ -68,7 +70,15 @@ from services.mesh.page_tokens import PageTokenKeyError
 from services.mesh.recent import RecentCalls
 from services.mesh.server import ServerPolicyInterceptor
 from services.mesh.tls import TlsConfigError, TransportSecurity
-from services.mesh.topology import Topology, TopologyError, env_prefix, parse_hostport
+from services.mesh.topology import (
+    ServiceSpec,
+    Target,
+    Topology,
+    TopologyError,
+    env_prefix,
+    generated_module,
+    parse_hostport,
+)
 from services.mesh.tracing import (
     TraceIdFilter,
     log_format,
@@ -81,7 +91,6 @@ log = logging.getLogger("paymesh.bootstrap")
 
 #: Printed on stdout once serving, so a supervisor can learn an ephemeral port.
 READY_MARKER = "PAYMESH_READY"
-REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 DEFAULT_GRACE_S = 5.0
 #: How often a service looks for a rotated certificate of its own (``PAYMESH_TLS_RELOAD_S``).
 DEFAULT_TLS_RELOAD_S = 30.0
@@ -159,7 +168,10 @@ class ServiceContext:
         return path
 
 
-Builder = Callable[[ServiceContext], Sequence[Registration] | Awaitable[Sequence[Registration]]]
+#: What a builder returns: its servicers (each matched to the proto service whose generated
+#: ``XxxServicer`` base it extends), or Registrations for anything else it serves.
+Served = Sequence[object]
+Builder = Callable[[ServiceContext], Served | Awaitable[Served]]
 
 
 class MeshHealthServicer(health_aio.HealthServicer):  # type: ignore[misc]  # untyped base
@@ -175,50 +187,469 @@ class MeshHealthServicer(health_aio.HealthServicer):  # type: ignore[misc]  # un
         return health_pb2.HealthListResponse(statuses=statuses)
 
 
-def _add_reflection(server: aio.Server, names: Sequence[str]) -> None:
-    """Serve reflection as v1alpha and, from the same servicer, as v1.
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StartConfig:
+    """Everything a service reads from its environment at start, checked before anything runs."""
 
-    grpcio-reflection ships only v1alpha; v1 has the same messages field for field, so the
-    v1alpha servicer answers v1 requests unchanged (newer grpcurl asks v1 first).
+    name: str
+    """Mesh name of the service."""
+    topology: Topology
+    """The validated topology, overrides applied."""
+    spec: ServiceSpec
+    """The service's own entry."""
+    host: str
+    """Host of the mesh port (mTLS)."""
+    port: int
+    """Mesh port to bind; 0 for any free one."""
+    public: str | None
+    """``host:port`` of the merchant-facing port, None when it has none."""
+    admin_host: str
+    """Host of the admin HTTP endpoint."""
+    admin_port: int
+    """Admin port to bind; 0 for any free one."""
+    limits: ServerLimits
+    """Server limits (``<NAME>_MAX_*``)."""
+    security: TransportSecurity
+    """The service's identity: its certificate, or plaintext in development."""
+    policy: PolicyConfig
+    """Policy of every outgoing call."""
+    grace_s: float
+    """Time calls in flight get on stop (``PAYMESH_GRACE_S``)."""
+    tls_reload_s: float
+    """How often to look for a rotated certificate (``PAYMESH_TLS_RELOAD_S``)."""
+    readiness_interval_s: float
+    """How often readiness checks the database (``PAYMESH_READINESS_INTERVAL_S``)."""
+    reflection: bool
+    """Whether reflection is served (``PAYMESH_REFLECTION``, off with ``0``)."""
+    control: ControlAccess
+    """The gate in front of ``/faults``."""
+    healthz_max_lag_s: float
+    """Event-loop lag at which ``/healthz`` answers 503."""
+
+
+def seconds_var(environ: Mapping[str, str], var: str, default: float) -> float:
+    """A positive number of seconds from ``var``, else ``default``.
+
+    Raises:
+        StartupError: it is set but not a positive, finite number (the message names it).
     """
-    # v1 is served but not listed: its descriptor is not in the pool, and listing a name that
-    # cannot be described makes grpcurl and buf curl give up on the whole listing.
-    all_names = (*names, reflection.SERVICE_NAME)
-    servicer = reflection.aio.ReflectionServicer(all_names)
-    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
-    v1_handler = grpc.method_handlers_generic_handler(
-        REFLECTION_V1,
-        {
-            "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
-                servicer.ServerReflectionInfo,
-                request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
-                response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
-            )
-        },
+    raw = environ.get(var)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise StartupError(f"{var}={raw!r} is not a positive number of seconds (default {default})")
+    return value
+
+
+def load_config(
+    name: str,
+    topology: Topology | None = None,
+    *,
+    policy: PolicyConfig | None = None,
+    grace_s: float | None = None,
+) -> StartConfig:
+    """Step 1: read and check every setting of the service; nothing is started yet.
+
+    Raises:
+        StartupError: a variable is invalid; the message names it, its value and what is allowed.
+    """
+    try:
+        topology = topology or Topology()
+        spec = topology.service(name)
+        environ = topology.environ
+        host, port = topology.bind_address(name)
+        admin_host, admin_port = parse_hostport(
+            topology.admin_address(name), variable=f"{spec.env_prefix}_ADMIN_ADDR"
+        )
+        config = StartConfig(
+            name=name,
+            topology=topology,
+            spec=spec,
+            host=host,
+            port=port,
+            public=topology.public_address(name),
+            admin_host=admin_host,
+            admin_port=admin_port,
+            limits=ServerLimits.from_environ(spec.env_prefix, environ),
+            security=TransportSecurity.from_environ(name, environ),
+            policy=policy or _load_policy(topology),
+            grace_s=grace_s if grace_s is not None else _grace_s(environ),
+            tls_reload_s=seconds_var(environ, "PAYMESH_TLS_RELOAD_S", DEFAULT_TLS_RELOAD_S),
+            readiness_interval_s=seconds_var(
+                environ, "PAYMESH_READINESS_INTERVAL_S", READINESS_INTERVAL_S
+            ),
+            reflection=_reflection_on(environ),
+            control=ControlAccess.from_environ(environ),
+            healthz_max_lag_s=healthz_max_lag_s(environ),
+        )
+        # Read now, so a bad key file or retention stops start-up instead of a first call.
+        page_tokens.process_codec()
+        idempotency.default_retention()
+    except (
+        TopologyError,
+        LimitsError,
+        TlsConfigError,
+        PageTokenKeyError,
+        AdminTokenError,
+        ValueError,
+    ) as exc:
+        raise StartupError(str(exc)) from exc
+    if config.security.plaintext:
+        log.warning(
+            "PAYMESH_INSECURE is set: %s serves PLAINTEXT, without TLS, identities or "
+            "authorization of mesh callers; never do this outside a development machine",
+            name,
+        )
+    if config.control.enabled:
+        log.warning("fault injection is ON: /faults on the admin port takes the admin token")
+    return config
+
+
+def _load_policy(topology: Topology) -> PolicyConfig:
+    targets = {s.name for s in topology.services} | {p.name for p in topology.partners}
+    path = topology.environ.get("PAYMESH_POLICY_FILE")
+    try:
+        return PolicyConfig.load(path, known_targets=targets)
+    except PolicyError as exc:
+        named = f"PAYMESH_POLICY_FILE={path!r}: " if path else ""
+        raise StartupError(f"{named}bad policy configuration: {exc}") from exc
+
+
+def _reflection_on(environ: Mapping[str, str]) -> bool:
+    """``PAYMESH_REFLECTION``: ``0`` switches reflection off, ``1`` (the default) on."""
+    raw = environ.get("PAYMESH_REFLECTION", "")
+    value = raw.strip() or "1"
+    if value not in ("0", "1"):
+        raise StartupError(f"PAYMESH_REFLECTION={raw!r} is not 0 (off) or 1 (on, the default)")
+    return value == "1"
+
+
+def _grace_s(environ: Mapping[str, str]) -> float:
+    """``PAYMESH_GRACE_S``: zero or more seconds (zero cancels calls in flight at once)."""
+    raw = environ.get("PAYMESH_GRACE_S")
+    if raw is None or not raw.strip():
+        return DEFAULT_GRACE_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (value >= 0 and math.isfinite(value)):
+        raise StartupError(
+            f"PAYMESH_GRACE_S={raw!r} is not a number of seconds >= 0 (default {DEFAULT_GRACE_S})"
+        )
+    return value
+
+
+@dataclass(slots=True, kw_only=True)
+class _Runtime:
+    """What the steps after configuration share: the context, tracing and observation."""
+
+    config: StartConfig
+    context: ServiceContext
+    tracer_provider: TracerProvider
+    metrics: ServiceMetrics
+    recent: RecentCalls
+
+
+def connect(config: StartConfig, span_processors: Sequence[SpanProcessor]) -> _Runtime:
+    """Step 2: tracing, the client policy chain and the client factory under the service's
+    identity, and the context its builder gets."""
+    name, environ = config.name, config.topology.environ
+    tracer_provider = service_tracer_provider(name, environ, span_processors=span_processors)
+    chain = build_client_chain(
+        caller=name,
+        config=config.policy,
+        tracer_provider=tracer_provider,
+        trace_calls=records_spans(environ, span_processors=span_processors),
     )
-    server.add_generic_rpc_handlers((v1_handler,))
+    clients = ClientFactory(
+        caller=name, topology=config.topology, chain=chain, security=config.security
+    )
+    context = ServiceContext(
+        name=name, topology=config.topology, clients=clients, environ=dict(environ)
+    )
+    metrics, recent = ServiceMetrics(service=name), RecentCalls()
+    spec = config.spec
+    metrics.follow_chain(chain.telemetry, chain.breakers.states, (*spec.calls, *spec.partners))
+    chain.telemetry.add_call_hook(recent.record_call)
+    chain.telemetry.add_hook(recent.count)
+    return _Runtime(
+        config=config,
+        context=context,
+        tracer_provider=tracer_provider,
+        metrics=metrics,
+        recent=recent,
+    )
 
 
-def _admin_routes(context: ServiceContext) -> None:
+async def build_servicers(build: Builder, context: ServiceContext) -> list[Registration]:
+    """Step 3: run the service's builder and turn its servicers into registrations."""
+    built = build(context)
+    served = await built if inspect.isawaitable(built) else built
+    return registrations_for(context.topology.service(context.name), served)
+
+
+def registrations_for(spec: ServiceSpec, served: Served) -> list[Registration]:
+    """Each servicer matched to the service of ``spec``'s generated module it implements.
+
+    The generated ``<module>_grpc`` has, per proto service ``X``, the base ``XServicer`` and
+    ``add_XServicer_to_server``; the full name for health and reflection is the descriptor's.
+
+    Raises:
+        StartupError: a servicer implements none of them, or one the topology declares is
+            not served.
+    """
+    module = generated_module(spec.proto)
+    stubs = generated_module(f"{spec.proto}_grpc")
+    registrations: list[Registration] = []
+    for item in served:
+        if isinstance(item, Registration):
+            registrations.append(item)
+            continue
+        for service in module.DESCRIPTOR.services_by_name.values():
+            if isinstance(item, getattr(stubs, f"{service.name}Servicer")):
+                add = getattr(stubs, f"add_{service.name}Servicer_to_server")
+                registrations.append(
+                    Registration(servicer=item, add_to_server=add, service_name=service.full_name)
+                )
+                break
+        else:
+            raise StartupError(
+                f"{spec.name}: {type(item).__name__} implements no service of {spec.proto} "
+                f"({', '.join(spec.proto_services)}); extend its generated XxxServicer base"
+            )
+    missing = set(spec.proto_services) - {r.service_name for r in registrations}
+    if missing:
+        raise StartupError(f"{spec.name} must serve {sorted(missing)} as the topology declares")
+    return registrations
+
+
+def make_server(runtime: _Runtime) -> aio.Server:
+    """Step 4: the aio server with its interceptors (tracing, then policy and the gate)."""
+    config, context, metrics = runtime.config, runtime.context, runtime.metrics
+    gate = CallGate(
+        service=config.name,
+        topology=config.topology,
+        spiffe_id_of=config.security.spiffe_id_of,
+        authenticate=(
+            _merchant_authenticator(context.clients) if config.spec.merchant_methods else None
+        ),
+        reflection=config.reflection,
+        plaintext=config.security.plaintext,
+    )
+    return aio.server(
+        interceptors=[
+            server_interceptor(runtime.tracer_provider),  # first: the policy's work is in the span
+            ServerPolicyInterceptor(
+                domain=config.name,
+                faults=context.faults,
+                observers=(metrics.observe_server,),
+                gate=gate,
+                max_in_flight=config.limits.max_in_flight,
+                on_shed=metrics.count_shed,
+                prechecks=context.prechecks,
+            ),
+        ],
+        # A taken port must be an error, never a silent second listener.
+        options=[("grpc.so_reuseport", 0), *config.limits.grpc_options()],
+    )
+
+
+def register(
+    server: aio.Server, runtime: _Runtime, registrations: Sequence[Registration]
+) -> tuple[MeshHealthServicer, DiagnosticsServicer]:
+    """Step 5: the service's servicers, Diagnostics, health and reflection on ``server``."""
+    config, context = runtime.config, runtime.context
+    for registration in registrations:
+        registration.add_to_server(registration.servicer, server)
+    chain = context.clients.chain
+    diagnostics = DiagnosticsServicer(
+        spec=config.spec,
+        topology=config.topology,
+        breaker_states=chain.breakers.states,
+        recent=runtime.recent,
+        database=context.database,
+        open_channel=lambda target, address: config.security.aio_channel(
+            target, address, options=chain.channel_options()
+        ),
+    )
+    mesh_pb2_grpc.add_DiagnosticsServiceServicer_to_server(diagnostics, server)
+    health = MeshHealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+    names = [r.service_name for r in registrations]
+    reflection.add_to_server(server, (*names, DIAGNOSTICS_SERVICE, health_name))
+    return health, diagnostics
+
+
+async def listen(server: aio.Server, config: StartConfig) -> tuple[int, str]:
+    """Step 6: bind the mesh port (mTLS) and the merchant-facing one (TLS), then start.
+
+    Returns:
+        The bound mesh port and the bound ``host:port`` of the public one ("" if none).
+    """
+    address = f"{config.host}:{config.port}"
+    bound = _listen(server, config.name, address, config.security, require_client_cert=True)
+    public_text = ""
+    if config.public:
+        public_bound = _listen(
+            server, config.name, config.public, config.security, require_client_cert=False
+        )
+        public_host = parse_hostport(
+            config.public, variable=f"{config.spec.env_prefix}_PUBLIC_ADDR"
+        )[0]
+        public_text = f"{public_host}:{public_bound}"
+    await server.start()
+    return bound, public_text
+
+
+async def start_admin(server: aio.Server, runtime: _Runtime) -> int:
+    """Step 7: the admin HTTP endpoint (``/metrics``, ``/healthz``, ``/breakers``, ``/faults``
+    and the service's own routes); returns its bound port."""
+    config, context = runtime.config, runtime.context
+    _admin_routes(context, config)
+    context.admin.route("GET", "/metrics", runtime.metrics.handle)
+    admin_host, admin_port = config.admin_host, config.admin_port
+    try:
+        admin_bound = await context.admin.start(admin_host, admin_port)
+    except OSError as exc:
+        await server.stop(None)
+        raise StartupError(
+            f"{config.name} cannot serve its admin endpoint on {admin_host}:{admin_port}: {exc}"
+        ) from exc
+    return admin_bound
+
+
+async def stop_admin(context: ServiceContext) -> None:
+    """Stop the admin HTTP endpoint."""
+    await context.admin.stop()
+
+
+async def go_serving(
+    health: MeshHealthServicer, runtime: _Runtime, names: Sequence[str]
+) -> ReadinessMonitor:
+    """Step 8: health SERVING for the process and each service; readiness follows the database."""
+    for service_name in ("", *names):
+        await health.set(service_name, health_pb2.HealthCheckResponse.SERVING)
+    readiness = ReadinessMonitor(
+        health=health,
+        services=names,
+        database=runtime.context.database,
+        interval_s=runtime.config.readiness_interval_s,
+    )
+    await readiness.start()
+    return readiness
+
+
+def announce(
+    config: StartConfig, names: Sequence[str], bound: int, public: str, admin: int
+) -> None:
+    """The ready line on stdout (a supervisor learns the ports from it) and the log line."""
+    address = f"{config.host}:{bound}"
+    print(
+        f"{READY_MARKER} service={config.name} address={address} "
+        f"admin={config.admin_host}:{admin}" + (f" public={public}" if public else ""),
+        flush=True,
+    )
+    security = config.security
+    log.info(
+        "serving %s on %s (%s)%s",
+        ", ".join(names),
+        address,
+        "plaintext" if security.plaintext else f"mTLS as {security.spiffe_id}",
+        f", merchant-facing TLS on {public}" if public else "",
+    )
+
+
+async def wait_for_stop(stop: asyncio.Event | None) -> None:
+    """Step 9: wait for ``stop``, or for SIGTERM/SIGINT when the process is the service."""
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+
+
+async def drain(
+    server: aio.Server,
+    runtime: _Runtime,
+    *,
+    health: MeshHealthServicer,
+    readiness: ReadinessMonitor,
+    diagnostics: DiagnosticsServicer,
+) -> None:
+    """Step 10: health NOT_SERVING, calls in flight get the grace period, then everything the
+    service opened is closed in order (admin, clients, the builder's ``on_stop``, tracing)."""
+    context = runtime.context
+    log.info(
+        "stopping: health NOT_SERVING, %.1fs grace for calls in flight", runtime.config.grace_s
+    )
+    await readiness.stop()
+    await health.enter_graceful_shutdown()
+    await server.stop(runtime.config.grace_s)
+    await stop_admin(context)
+    await context.clients.close()
+    await diagnostics.close()
+    for callback in context.on_stop:
+        result = callback()
+        if inspect.isawaitable(result):
+            await result
+    runtime.tracer_provider.shutdown()  # flushes the spans still batched for the exporter
+    log.info("stopped")
+
+
+async def serve(
+    name: str,
+    build: Builder,
+    *,
+    topology: Topology | None = None,
+    policy: PolicyConfig | None = None,
+    grace_s: float | None = None,
+    stop: asyncio.Event | None = None,
+    on_ready: Callable[[str], None] | None = None,
+    on_public_ready: Callable[[str], None] | None = None,
+    span_processors: Sequence[SpanProcessor] = (),
+) -> None:
+    """Run service ``name`` until ``stop`` is set (or SIGTERM/SIGINT), then stop gracefully.
+
+    Spans go where the ``OTEL_*`` variables say, and to ``span_processors`` (tests).
+    ``on_ready`` is told the bound mesh address, ``on_public_ready`` the merchant-facing one.
+
+    Raises:
+        StartupError: the address is taken or invalid, or the builder refused to start.
+    """
+    config = load_config(name, topology, policy=policy, grace_s=grace_s)
+    runtime = connect(config, span_processors)
+    registrations = await build_servicers(build, runtime.context)
+    names = [r.service_name for r in registrations]
+    server = make_server(runtime)
+    health, diagnostics = register(server, runtime, registrations)
+    bound, public = await listen(server, config)
+    admin_bound = await start_admin(server, runtime)
+    readiness = await go_serving(health, runtime, names)
+    announce(config, names, bound, public, admin_bound)
+    if on_ready is not None:
+        on_ready(f"{config.host}:{bound}")
+    if on_public_ready is not None and public:
+        on_public_ready(public)
+    rotation = asyncio.create_task(_follow_rotation(runtime.context.clients, config.tls_reload_s))
+    await wait_for_stop(stop)
+    rotation.cancel()
+    await drain(server, runtime, health=health, readiness=readiness, diagnostics=diagnostics)
+
+
+def _admin_routes(context: ServiceContext, config: StartConfig) -> None:
     """``/healthz`` (event loop lag, database ``SELECT 1``; 503 naming what failed) and
     ``/breakers`` (the chain's breaker and budget states), open to read,
     and ``/faults`` (GET the faults, PUT a JSON list of faults, DELETE them) behind the
     control gate: refused unless ``PAYMESH_FAULT_INJECTION=1``, then only with the admin token.
-
-    Raises:
-        StartupError: fault injection is enabled without a usable admin token file, or
-            ``PAYMESH_HEALTHZ_MAX_LAG_S`` is not a positive number.
     """
-    try:
-        access = ControlAccess.from_environ(context.environ)
-    except AdminTokenError as exc:
-        raise StartupError(str(exc)) from exc
-    if access.enabled:
-        log.warning("fault injection is ON: /faults on the admin port takes the admin token")
-    try:
-        max_lag_s = healthz_max_lag_s(context.environ)
-    except ValueError as exc:
-        raise StartupError(str(exc)) from exc
+    access, max_lag_s = config.control, config.healthz_max_lag_s
 
     async def healthz(request: AdminRequest) -> AdminResponse:
         # The process itself: its event loop's lag and its database (503 names what failed).
@@ -248,205 +679,39 @@ def _admin_routes(context: ServiceContext) -> None:
         context.admin.route(method, "/faults", guarded(access, faults))
 
 
-def configure_logging(name: str) -> None:
-    """One line per record, naming the service and trace; level from ``PAYMESH_LOG_LEVEL``."""
+#: Names ``PAYMESH_LOG_LEVEL`` may take.
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def log_level(environ: Mapping[str, str]) -> str:
+    """``PAYMESH_LOG_LEVEL`` (any case), default INFO.
+
+    Raises:
+        StartupError: it names no log level.
+    """
+    raw = environ.get("PAYMESH_LOG_LEVEL", "")
+    level = raw.strip().upper() or "INFO"
+    if level not in LOG_LEVELS:
+        raise StartupError(
+            f"PAYMESH_LOG_LEVEL={raw!r} is not a log level; one of {', '.join(LOG_LEVELS)}"
+        )
+    return level
+
+
+def configure_logging(name: str, environ: Mapping[str, str] | None = None) -> None:
+    """One line per record, naming the service and trace; level from ``PAYMESH_LOG_LEVEL``.
+
+    Raises:
+        StartupError: ``PAYMESH_LOG_LEVEL`` names no log level.
+    """
     logging.basicConfig(
-        level=os.environ.get("PAYMESH_LOG_LEVEL", "INFO").upper(),
+        level=log_level(os.environ if environ is None else environ),
         format=log_format(name),
         stream=sys.stderr,
         force=True,
     )
     for handler in logging.getLogger().handlers:
         handler.addFilter(TraceIdFilter())
-
-
-async def serve(
-    name: str,
-    build: Builder,
-    *,
-    topology: Topology | None = None,
-    policy: PolicyConfig | None = None,
-    grace_s: float | None = None,
-    stop: asyncio.Event | None = None,
-    on_ready: Callable[[str], None] | None = None,
-    on_public_ready: Callable[[str], None] | None = None,
-    span_processors: Sequence[SpanProcessor] = (),
-) -> None:
-    """Run service ``name`` until ``stop`` is set (or SIGTERM/SIGINT), then stop gracefully.
-
-    Spans go where the ``OTEL_*`` variables say, and to ``span_processors`` (tests).
-    ``on_ready`` is told the bound mesh address, ``on_public_ready`` the merchant-facing one.
-
-    Raises:
-        StartupError: the address is taken or invalid, or the builder refused to start.
-    """
-    try:
-        topology = topology or Topology()
-        spec = topology.service(name)
-        host, port = topology.bind_address(name)
-        public = topology.public_address(name)
-        limits = ServerLimits.from_environ(spec.env_prefix, topology.environ)
-        security = TransportSecurity.from_environ(name, topology.environ)
-        # Read now, so a bad key file or retention stops start-up instead of a first call.
-        page_tokens.process_codec()
-        idempotency.default_retention()
-    except (TopologyError, LimitsError, TlsConfigError, PageTokenKeyError, ValueError) as exc:
-        raise StartupError(str(exc)) from exc
-    if security.plaintext:
-        log.warning(
-            "PAYMESH_INSECURE is set: %s serves PLAINTEXT, without TLS, identities or "
-            "authorization of mesh callers; never do this outside a development machine",
-            name,
-        )
-    if policy is None:
-        targets = {s.name for s in topology.services} | {p.name for p in topology.partners}
-        try:
-            policy = PolicyConfig.load(
-                topology.environ.get("PAYMESH_POLICY_FILE"), known_targets=targets
-            )
-        except PolicyError as exc:
-            raise StartupError(f"bad policy configuration: {exc}") from exc
-    grace = (
-        grace_s
-        if grace_s is not None
-        else float(os.environ.get("PAYMESH_GRACE_S", DEFAULT_GRACE_S))
-    )
-    tracer_provider = service_tracer_provider(
-        name, topology.environ, span_processors=span_processors
-    )
-    chain = build_client_chain(
-        caller=name,
-        config=policy,
-        tracer_provider=tracer_provider,
-        trace_calls=records_spans(topology.environ, span_processors=span_processors),
-    )
-    clients = ClientFactory(caller=name, topology=topology, chain=chain, security=security)
-    context = ServiceContext(
-        name=name, topology=topology, clients=clients, environ=dict(topology.environ)
-    )
-    built = build(context)
-    registrations = await built if inspect.isawaitable(built) else built
-
-    _admin_routes(context)
-    metrics, recent = ServiceMetrics(service=name), RecentCalls()
-    metrics.follow_chain(chain.telemetry, chain.breakers.states, (*spec.calls, *spec.partners))
-    chain.telemetry.add_call_hook(recent.record_call)
-    chain.telemetry.add_hook(recent.count)
-    context.admin.route("GET", "/metrics", metrics.handle)
-    gate = CallGate(
-        service=name,
-        topology=topology,
-        spiffe_id_of=security.spiffe_id_of,
-        authenticate=_merchant_authenticator(clients) if spec.merchant_methods else None,
-        reflection=topology.environ.get("PAYMESH_REFLECTION", "1") != "0",
-        plaintext=security.plaintext,
-    )
-    server = aio.server(
-        interceptors=[
-            server_interceptor(tracer_provider),  # first: the policy's work is in the span
-            ServerPolicyInterceptor(
-                domain=name,
-                faults=context.faults,
-                observers=(metrics.observe_server,),
-                gate=gate,
-                max_in_flight=limits.max_in_flight,
-                on_shed=metrics.count_shed,
-                prechecks=context.prechecks,
-            ),
-        ],
-        # A taken port must be an error, never a silent second listener.
-        options=[("grpc.so_reuseport", 0), *limits.grpc_options()],
-    )
-    for registration in registrations:
-        registration.add_to_server(registration.servicer, server)
-    names = [r.service_name for r in registrations]
-    missing = set(spec.proto_services) - set(names)
-    if missing:
-        raise StartupError(f"{name} must serve {sorted(missing)} as the topology declares")
-    diagnostics = DiagnosticsServicer(
-        spec=spec,
-        topology=topology,
-        breaker_states=chain.breakers.states,
-        recent=recent,
-        database=context.database,
-        open_channel=lambda target, address: security.aio_channel(
-            target, address, options=chain.channel_options()
-        ),
-    )
-    mesh_pb2_grpc.add_DiagnosticsServiceServicer_to_server(diagnostics, server)
-    health = MeshHealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-    _add_reflection(server, (*names, DIAGNOSTICS_SERVICE, health_name))
-
-    bound = _listen(server, name, f"{host}:{port}", security, require_client_cert=True)
-    public_bound = (
-        _listen(server, name, public, security, require_client_cert=False) if public else None
-    )
-    await server.start()
-    admin_host, admin_port = parse_hostport(
-        topology.admin_address(name), variable=f"{spec.env_prefix}_ADMIN_ADDR"
-    )
-    try:
-        admin_bound = await context.admin.start(admin_host, admin_port)
-    except OSError as exc:
-        await server.stop(None)
-        raise StartupError(
-            f"{name} cannot serve its admin endpoint on {admin_host}:{admin_port}: {exc}"
-        ) from exc
-    for service_name in ("", *names):
-        await health.set(service_name, health_pb2.HealthCheckResponse.SERVING)
-    readiness = ReadinessMonitor(
-        health=health,
-        services=names,
-        database=context.database,
-        interval_s=float(topology.environ.get("PAYMESH_READINESS_INTERVAL_S", 5.0)),
-    )
-    await readiness.start()
-    public_text = ""
-    if public and public_bound is not None:
-        public_host = parse_hostport(public, variable=f"{spec.env_prefix}_PUBLIC_ADDR")[0]
-        public_text = f"{public_host}:{public_bound}"
-    print(
-        f"{READY_MARKER} service={name} address={host}:{bound} admin={admin_host}:{admin_bound}"
-        + (f" public={public_text}" if public_text else ""),
-        flush=True,
-    )
-    if on_ready is not None:
-        on_ready(f"{host}:{bound}")
-    if on_public_ready is not None and public_text:
-        on_public_ready(public_text)
-    log.info(
-        "serving %s on %s:%d (%s)%s",
-        ", ".join(names),
-        host,
-        bound,
-        "plaintext" if security.plaintext else f"mTLS as {security.spiffe_id}",
-        f", merchant-facing TLS on {public_text}" if public_text else "",
-    )
-    reload_s = float(topology.environ.get("PAYMESH_TLS_RELOAD_S", DEFAULT_TLS_RELOAD_S))
-    rotation = asyncio.create_task(_follow_rotation(clients, reload_s))
-
-    loop = asyncio.get_running_loop()
-    if stop is None:  # a process of its own: signals stop it
-        stop = asyncio.Event()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-    rotation.cancel()
-    log.info("stopping: health NOT_SERVING, %.1fs grace for calls in flight", grace)
-    await readiness.stop()
-    await health.enter_graceful_shutdown()
-    await server.stop(grace)
-    await context.admin.stop()
-    await clients.close()
-    await diagnostics.close()
-    for callback in context.on_stop:
-        result = callback()
-        if inspect.isawaitable(result):
-            await result
-    tracer_provider.shutdown()  # flushes the spans still batched for the exporter
-    log.info("stopped")
 
 
 def _listen(
@@ -477,7 +742,7 @@ def _listen(
 
 def _merchant_authenticator(clients: ClientFactory) -> Authenticator:
     """Checks merchant API keys at merchant-auth-service through the policy chain."""
-    stub = clients.stub("merchant-auth-service", merchant_auth_pb2_grpc.MerchantAuthServiceStub)
+    stub = clients.stub(Target.MERCHANT_AUTH, merchant_auth_pb2_grpc.MerchantAuthServiceStub)
 
     async def authenticate(secret: str, client_peer: str) -> AuthenticatedMerchant:
         try:
@@ -501,12 +766,12 @@ def _unreachable(exc: CallError, clients: ClientFactory) -> ServiceError | None:
     status = exc.status
     local = (Reason.CIRCUIT_OPEN, Reason.CONCURRENCY_LIMITED)  # refused by our chain: not sent
     reason = Reason(exc.reason) if exc.reason in local else Reason.DOWNSTREAM_UNAVAILABLE
-    open_left = clients.chain.breakers.get("merchant-auth-service").readout().open_left_s
+    open_left = clients.chain.breakers.get(Target.MERCHANT_AUTH).readout().open_left_s
     return Unavailable(
         f"merchant-auth-service could not check the API key ({exc.details()}); nothing was done",
         reason=reason,
         retry_delay_s=retry_delay_of(status) or open_left or AUTH_UNREACHABLE_RETRY_S,
-        metadata={"target": "merchant-auth-service"},
+        metadata={"target": Target.MERCHANT_AUTH},
     )
 
 
@@ -548,10 +813,11 @@ def die_with_supervisor() -> None:
 
 
 def run(name: str, build: Builder) -> None:
-    """Entry point of ``python -m services.<name>``: serve, exit 0 on a clean stop."""
+    """Entry point of ``python -m services.<name>``: serve, exit 0 on a clean stop, exit
+    ``EXIT_CONFIG`` with one line naming the problem when the configuration is bad."""
     die_with_supervisor()
-    configure_logging(name)
     try:
+        configure_logging(name)
         asyncio.run(serve(name, build))
     except StartupError as exc:
         print(f"{name}: cannot start: {exc}", file=sys.stderr, flush=True)

@@ -2,8 +2,10 @@
 
 Stubs are bound to one shared ``grpc.aio`` channel per target, built with the policy chain's
 interceptors and channel options and the service's mTLS identity; partner clients are the
-chain's HTTP wrapper. Both exist only along edges the topology declares, so a service cannot
-quietly call something the topology does not know about, nor call anything outside the chain.
+chain's HTTP wrapper. Targets are the topology's constants (``Target.ORDER``,
+``Partner.GEO_IP``), never strings; both exist only along edges the topology declares, so a
+service cannot quietly call something the topology does not know about, nor call anything
+outside the chain.
 When the identity's certificate is rotated, :meth:`ClientFactory.rotate_if_changed` rebuilds
 every channel; stubs made earlier follow, because they are bound to a :class:`RotatingChannel`.
 """
@@ -21,7 +23,7 @@ from grpc import aio
 from interceptors.chain import ClientChain
 from interceptors.http import PartnerClient
 from services.mesh.tls import TransportSecurity
-from services.mesh.topology import Topology, TopologyError
+from services.mesh.topology import Partner, Target, Topology, TopologyError
 
 log = logging.getLogger("paymesh.clients")
 #: Time calls in flight on a replaced channel get before it is closed.
@@ -63,7 +65,7 @@ class ClientFactory:
         """The policy chain every call of this factory passes through."""
         return self._chain
 
-    def channel(self, target: str) -> aio.Channel:
+    def channel(self, target: Target) -> aio.Channel:
         """The shared channel to ``target``; TopologyError if the edge is not declared."""
         if target not in self._spec.calls:
             raise TopologyError(
@@ -104,11 +106,11 @@ class ClientFactory:
         log.info("client channels rebuilt with the rotated identity of %s", self._caller)
         return True
 
-    def stub(self, target: str, stub_type: Callable[[aio.Channel], StubT]) -> StubT:
+    def stub(self, target: Target, stub_type: Callable[[aio.Channel], StubT]) -> StubT:
         """A generated stub of ``stub_type`` bound to ``target``'s channel."""
         return stub_type(self.channel(target))
 
-    def partner(self, name: str) -> PartnerClient:
+    def partner(self, name: Partner) -> PartnerClient:
         """The client of HTTP partner ``name``; TopologyError if the edge is not declared."""
         if name not in self._spec.partners:
             raise TopologyError(

@@ -79,7 +79,8 @@ class ServerLimits:
             try:
                 changes[item.name] = kind(raw)
             except ValueError as exc:
-                raise LimitsError(f"{var}={raw!r} is not a {kind.__name__}") from exc
+                noun = "whole number" if kind is int else "number"
+                raise LimitsError(f"{var}={raw!r} is not a positive {noun}") from exc
         try:
             return cls(**changes)
         except LimitsError as exc:

@@ -1,17 +1,24 @@
-"""The mesh's one topology: every service's name, ports, proto service and outgoing edges.
+"""The mesh's one topology: every service's name, ports, generated API and outgoing edges.
 
-This is the only place a port number is written. Every address elsewhere is read from
-here, overridable per service by environment (``ORDER_SERVICE_ADDR=host:port``; the
-variable is the service name upper-cased with ``-`` as ``_`` plus ``_ADDR``).
+This is the only place a port number or a mesh name is written: services and partners are
+the typed constants :class:`Target` and :class:`Partner`, and what a service serves is read
+from the generated module its entry names. Every address elsewhere is read from here,
+overridable per service by environment (``ORDER_SERVICE_ADDR=host:port``; the variable is
+the service name upper-cased with ``-`` as ``_`` plus ``_ADDR``). Adding a service:
+``services/README.md``.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import ipaddress
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
+from types import ModuleType
 
 LOOPBACK = "127.0.0.1"
 
@@ -22,6 +29,49 @@ _ADDR_SUFFIXES = ("_SERVICE_ADDR", "_GATEWAY_ADDR", "_ADAPTER_ADDR", "_PARTNER_U
 
 class TopologyError(ValueError):
     """The topology or an override of it is invalid; the message names what and where."""
+
+
+class MeshName(StrEnum):
+    """A name of the mesh; it is its string everywhere (``str``, f-strings, ``repr``, JSON,
+    metadata), so messages and stored values read the same as the plain name."""
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+class Target(MeshName):
+    """The mesh services by name, as callers write them: ``clients.stub(Target.ORDER, ...)``."""
+
+    MERCHANT = "merchant-service"
+    PAYMENT_GATEWAY = "payment-gateway"
+    ORDER = "order-service"
+    CHANNEL_ADAPTER = "channel-adapter"
+    RISK = "risk-service"
+    ACCOUNTING = "accounting-service"
+    NOTIFICATION = "notification-service"
+    ANALYTICS = "analytics-service"
+    MERCHANT_AUTH = "merchant-auth-service"
+    SETTLEMENT = "settlement-service"
+    WITHDRAWAL = "withdrawal-service"
+
+
+class Partner(MeshName):
+    """The external HTTP partners by name: ``clients.partner(Partner.GEO_IP)``."""
+
+    EXCHANGE_RATE = "exchange-rate"
+    PAYMENT_CHANNEL = "payment-channel"
+    GEO_IP = "geo-ip"
+    MERCHANT_WEBHOOKS = "merchant-webhooks"
+    BANK_TRANSFER = "bank-transfer"
+
+
+@functools.cache
+def generated_module(module: str) -> ModuleType:
+    """The generated ``*_pb2`` module ``module``; TopologyError if it does not exist."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise TopologyError(f"no generated module {module} (did `make gen` run?)") from exc
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -36,8 +86,9 @@ class ServiceSpec:
     """gRPC port on the loopback when nothing overrides it."""
     admin_port: int
     """HTTP port for ``/metrics`` and other operator endpoints."""
-    proto_services: tuple[str, ...]
-    """Full names of the gRPC services it serves."""
+    proto: str
+    """Its generated ``*_pb2`` module (``paymesh.order.v1.order_pb2``): every service that
+    proto file declares is what it serves; the names come from the descriptor."""
     calls: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     """Mesh services it calls, each with the methods it is granted there (``ALL_METHODS`` for
     the whole service). Every call goes through the policy chain; the target's server denies
@@ -50,6 +101,17 @@ class ServiceSpec:
     """Methods merchants may call with their API key on the public port."""
     public_port: int | None = None
     """TLS port (server authentication only) of the merchant-facing methods, if it has any."""
+
+    @property
+    def proto_services(self) -> tuple[str, ...]:
+        """Full names of the gRPC services it serves, from its generated module."""
+        names = tuple(
+            service.full_name
+            for service in generated_module(self.proto).DESCRIPTOR.services_by_name.values()
+        )
+        if not names:
+            raise TopologyError(f"service {self.name!r}: {self.proto} declares no service")
+        return names
 
     @property
     def env_prefix(self) -> str:
@@ -88,19 +150,19 @@ def env_prefix(name: str) -> str:
 
 SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec(
-        name="merchant-service",
+        name=Target.MERCHANT,
         module="services.merchant",
         port=40002,
         admin_port=41002,
         public_port=42002,
-        proto_services=("paymesh.merchant.v1.MerchantService",),
+        proto="paymesh.merchant.v1.merchant_pb2",
         calls={
-            "payment-gateway": ("GetPaymentSummary",),
-            "accounting-service": ("ListBalances",),
-            "analytics-service": ("GetMerchantStats",),
-            "risk-service": ("GetRiskSummary",),
-            "notification-service": ("ListNotifications", "RotateWebhookSecret"),
-            "merchant-auth-service": ("AuthenticateApiKey",),
+            Target.PAYMENT_GATEWAY: ("GetPaymentSummary",),
+            Target.ACCOUNTING: ("ListBalances",),
+            Target.ANALYTICS: ("GetMerchantStats",),
+            Target.RISK: ("GetRiskSummary",),
+            Target.NOTIFICATION: ("ListNotifications", "RotateWebhookSecret"),
+            Target.MERCHANT_AUTH: ("AuthenticateApiKey",),
         },
         operator_methods=(
             "CreateMerchant",
@@ -112,20 +174,26 @@ SERVICES: tuple[ServiceSpec, ...] = (
         merchant_methods=("GetMerchant", "GetMerchantDashboard", "RotateWebhookSecret"),
     ),
     ServiceSpec(
-        name="payment-gateway",
+        name=Target.PAYMENT_GATEWAY,
         module="services.payment_gateway",
         port=40003,
         admin_port=41003,
         public_port=42003,
-        proto_services=("paymesh.payment_gateway.v1.PaymentGatewayService",),
+        proto="paymesh.payment_gateway.v1.payment_gateway_pb2",
         calls={
-            "merchant-auth-service": ("AuthenticateApiKey",),
-            "risk-service": ("AssessPayment",),
-            "order-service": ("CreateOrder", "GetOrder", "UpdateOrderStatus"),
-            "channel-adapter": ("Charge", "RefundCharge", "VoidCharge", "GetCharge", "ListCharges"),
-            "accounting-service": ("PostTransaction", "GetTransaction"),
-            "notification-service": ("SendNotification",),
-            "analytics-service": ("RecordEvent",),
+            Target.MERCHANT_AUTH: ("AuthenticateApiKey",),
+            Target.RISK: ("AssessPayment",),
+            Target.ORDER: ("CreateOrder", "GetOrder", "UpdateOrderStatus"),
+            Target.CHANNEL_ADAPTER: (
+                "Charge",
+                "RefundCharge",
+                "VoidCharge",
+                "GetCharge",
+                "ListCharges",
+            ),
+            Target.ACCOUNTING: ("PostTransaction", "GetTransaction"),
+            Target.NOTIFICATION: ("SendNotification",),
+            Target.ANALYTICS: ("RecordEvent",),
         },
         operator_methods=("GetPayment", "ListPayments", "GetPaymentSummary"),
         merchant_methods=(
@@ -137,79 +205,79 @@ SERVICES: tuple[ServiceSpec, ...] = (
         ),
     ),
     ServiceSpec(
-        name="order-service",
+        name=Target.ORDER,
         module="services.order",
         port=40004,
         admin_port=41004,
-        proto_services=("paymesh.order.v1.OrderService",),
+        proto="paymesh.order.v1.order_pb2",
         operator_methods=("GetOrder", "ListOrders"),
     ),
     ServiceSpec(
-        name="channel-adapter",
+        name=Target.CHANNEL_ADAPTER,
         module="services.channel_adapter",
         port=40005,
         admin_port=41005,
-        proto_services=("paymesh.channel_adapter.v1.ChannelAdapterService",),
-        partners=("exchange-rate", "payment-channel"),
+        proto="paymesh.channel_adapter.v1.channel_adapter_pb2",
+        partners=(Partner.EXCHANGE_RATE, Partner.PAYMENT_CHANNEL),
         operator_methods=("GetCharge", "ListCharges", "GetExchangeRate"),
     ),
     ServiceSpec(
-        name="risk-service",
+        name=Target.RISK,
         module="services.risk",
         port=40006,
         admin_port=41006,
-        proto_services=("paymesh.risk.v1.RiskService",),
-        partners=("geo-ip",),
+        proto="paymesh.risk.v1.risk_pb2",
+        partners=(Partner.GEO_IP,),
         operator_methods=("GetAssessment", "GetRiskSummary"),
     ),
     ServiceSpec(
-        name="accounting-service",
+        name=Target.ACCOUNTING,
         module="services.accounting",
         port=40007,
         admin_port=41007,
-        proto_services=("paymesh.accounting.v1.AccountingService",),
+        proto="paymesh.accounting.v1.accounting_pb2",
         operator_methods=("GetTransaction", "ListEntries", "GetBalance", "ListBalances"),
     ),
     ServiceSpec(
-        name="notification-service",
+        name=Target.NOTIFICATION,
         module="services.notification",
         port=40008,
         admin_port=41008,
-        proto_services=("paymesh.notification.v1.NotificationService",),
-        calls={"merchant-service": ("GetMerchant",)},
-        partners=("merchant-webhooks",),
+        proto="paymesh.notification.v1.notification_pb2",
+        calls={Target.MERCHANT: ("GetMerchant",)},
+        partners=(Partner.MERCHANT_WEBHOOKS,),
         operator_methods=("GetNotification", "ListNotifications", "RedeliverNotification"),
     ),
     ServiceSpec(
-        name="analytics-service",
+        name=Target.ANALYTICS,
         module="services.analytics",
         port=40009,
         admin_port=41009,
-        proto_services=("paymesh.analytics.v1.AnalyticsService",),
+        proto="paymesh.analytics.v1.analytics_pb2",
         operator_methods=("GetMerchantStats", "ListEvents"),
     ),
     ServiceSpec(
-        name="merchant-auth-service",
+        name=Target.MERCHANT_AUTH,
         module="services.merchant_auth",
         port=40011,
         admin_port=41011,
-        proto_services=("paymesh.merchant_auth.v1.MerchantAuthService",),
-        calls={"merchant-service": ("GetMerchant",)},
+        proto="paymesh.merchant_auth.v1.merchant_auth_pb2",
+        calls={Target.MERCHANT: ("GetMerchant",)},
         operator_methods=("IssueApiKey", "RevokeApiKey", "ListApiKeys"),
     ),
     ServiceSpec(
-        name="settlement-service",
+        name=Target.SETTLEMENT,
         module="services.settlement",
         port=40013,
         admin_port=41013,
         public_port=42013,
-        proto_services=("paymesh.settlement.v1.SettlementService",),
+        proto="paymesh.settlement.v1.settlement_pb2",
         calls={
-            "accounting-service": ("GetBalance", "PostTransaction"),
-            "withdrawal-service": ("CreateWithdrawal", "GetWithdrawal"),
-            "notification-service": ("SendNotification",),
-            "merchant-service": ("GetMerchant",),
-            "merchant-auth-service": ("AuthenticateApiKey",),
+            Target.ACCOUNTING: ("GetBalance", "PostTransaction"),
+            Target.WITHDRAWAL: ("CreateWithdrawal", "GetWithdrawal"),
+            Target.NOTIFICATION: ("SendNotification",),
+            Target.MERCHANT: ("GetMerchant",),
+            Target.MERCHANT_AUTH: ("AuthenticateApiKey",),
         },
         operator_methods=(
             "GetSettleableBalance",
@@ -220,30 +288,30 @@ SERVICES: tuple[ServiceSpec, ...] = (
         merchant_methods=("GetSettleableBalance", "GetSettlement", "ListSettlements"),
     ),
     ServiceSpec(
-        name="withdrawal-service",
+        name=Target.WITHDRAWAL,
         module="services.withdrawal",
         port=40014,
         admin_port=41014,
         public_port=42014,
-        proto_services=("paymesh.withdrawal.v1.WithdrawalService",),
+        proto="paymesh.withdrawal.v1.withdrawal_pb2",
         calls={
-            "accounting-service": ("PostTransaction",),
-            "notification-service": ("SendNotification",),
-            "merchant-service": ("GetMerchant",),
-            "merchant-auth-service": ("AuthenticateApiKey",),
+            Target.ACCOUNTING: ("PostTransaction",),
+            Target.NOTIFICATION: ("SendNotification",),
+            Target.MERCHANT: ("GetMerchant",),
+            Target.MERCHANT_AUTH: ("AuthenticateApiKey",),
         },
-        partners=("bank-transfer",),
+        partners=(Partner.BANK_TRANSFER,),
         operator_methods=("GetWithdrawal", "ListWithdrawals"),
         merchant_methods=("GetWithdrawal", "ListWithdrawals"),
     ),
 )
 
 PARTNERS: tuple[PartnerSpec, ...] = (
-    PartnerSpec(name="exchange-rate", path="/exchange-rate"),
-    PartnerSpec(name="payment-channel", path="/payment-channel"),
-    PartnerSpec(name="geo-ip", path="/geo-ip"),
-    PartnerSpec(name="merchant-webhooks", path="/merchant-webhooks"),
-    PartnerSpec(name="bank-transfer", path="/bank-transfer"),
+    PartnerSpec(name=Partner.EXCHANGE_RATE, path="/exchange-rate"),
+    PartnerSpec(name=Partner.PAYMENT_CHANNEL, path="/payment-channel"),
+    PartnerSpec(name=Partner.GEO_IP, path="/geo-ip"),
+    PartnerSpec(name=Partner.MERCHANT_WEBHOOKS, path="/merchant-webhooks"),
+    PartnerSpec(name=Partner.BANK_TRANSFER, path="/bank-transfer"),
 )
 
 #: The local partner sandbox (one HTTP server for every partner) of ``make run``.
@@ -282,7 +350,7 @@ class Topology:
         for key, value in self.environ.items():
             if key.endswith(_ADDR_SUFFIXES) and key not in self._known_variables():
                 raise TopologyError(
-                    f"{key} names no service or partner of the topology; "
+                    f"{key}={value!r} names no service or partner of the topology; "
                     f"known: {', '.join(sorted(self._known_variables()))}"
                 )
             if key in self._known_variables() and key.endswith("_ADDR"):
@@ -357,12 +425,13 @@ def validate(services: tuple[ServiceSpec, ...], partners: tuple[PartnerSpec, ...
         if spec.name in names:
             raise TopologyError(f"service {spec.name!r} is declared twice")
         names.add(spec.name)
+        _ = spec.proto_services  # TopologyError unless its generated module declares services
         if bool(spec.merchant_methods) != (spec.public_port is not None):
             raise TopologyError(
                 f"service {spec.name!r}: a public port exactly when it has merchant methods"
             )
         if spec.merchant_methods and "AuthenticateApiKey" not in spec.calls.get(
-            "merchant-auth-service", ()
+            Target.MERCHANT_AUTH, ()
         ):
             raise TopologyError(
                 f"service {spec.name!r} has merchant methods, so it must be granted "

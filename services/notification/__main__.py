@@ -5,8 +5,8 @@ import time
 from collections.abc import Callable
 
 from paymesh.merchant.v1 import merchant_pb2_grpc
-from paymesh.notification.v1 import notification_pb2, notification_pb2_grpc
-from services.mesh.bootstrap import Registration, ServiceContext, run
+from services.mesh.bootstrap import ServiceContext, run
+from services.mesh.topology import Target
 from services.notification import delivery
 from services.notification.config import NotificationConfig
 from services.notification.delivery import DestinationPolicy
@@ -17,7 +17,7 @@ from services.notification.servicer import MERCHANT_WEBHOOKS, NotificationServic
 from services.notification.store import NotificationStore
 from services.notification.webhooks import WebhookSender
 
-NAME = "notification-service"
+NAME = Target.NOTIFICATION
 
 
 def build(
@@ -26,7 +26,7 @@ def build(
     resolver: delivery.Resolver = delivery.system_resolver,
     clock: Callable[[], float] = time.time,
     rng: Random = random.random,
-) -> list[Registration]:
+) -> list[object]:
     """The servicer over the service's own store, its sealed secrets and the webhook client,
     and the delivery loop that retries failed webhooks (stopped with the service).
 
@@ -49,7 +49,7 @@ def build(
     dispatcher = Dispatcher(
         store,
         sender,
-        context.clients.stub("merchant-service", merchant_pb2_grpc.MerchantServiceStub),
+        context.clients.stub(Target.MERCHANT, merchant_pb2_grpc.MerchantServiceStub),
         policy=policy,
         schedule=config.schedule,
         settings=config.loop,
@@ -60,15 +60,7 @@ def build(
     # Stopped before the stores close (callbacks run in order).
     context.on_stop.insert(0, dispatcher.close)
     servicer = NotificationServicer(store, secrets, dispatcher, policy=policy)
-    return [
-        Registration(
-            servicer=servicer,
-            add_to_server=notification_pb2_grpc.add_NotificationServiceServicer_to_server,
-            service_name=notification_pb2.DESCRIPTOR.services_by_name[
-                "NotificationService"
-            ].full_name,
-        )
-    ]
+    return [servicer]
 
 
 if __name__ == "__main__":

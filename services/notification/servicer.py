@@ -23,13 +23,14 @@ from paymesh.notification.v1 import notification_pb2 as pb
 from paymesh.notification.v1 import notification_pb2_grpc as pb_grpc
 from services.mesh import validation as v
 from services.mesh.bootstrap import Context
+from services.mesh.topology import Partner
 from services.notification import delivery
 from services.notification.delivery import DestinationPolicy, RefusedDestination
 from services.notification.dispatch import Dispatcher
 from services.notification.secret_store import WebhookSecretStore
 from services.notification.store import NotificationStore
 
-MERCHANT_WEBHOOKS = "merchant-webhooks"
+MERCHANT_WEBHOOKS = Partner.MERCHANT_WEBHOOKS
 #: Cap of a payload, as sent to us and as it appears in the signed body.
 MAX_PAYLOAD_BYTES = 64 * 1024
 #: Longest a previous secret may keep signing after a rotation.

@@ -3,9 +3,10 @@
 import asyncio
 import contextlib
 
-from paymesh.payment_gateway.v1 import payment_gateway_pb2, payment_gateway_pb2_grpc
+from paymesh.payment_gateway.v1 import payment_gateway_pb2
 from services.mesh.admin import AdminRequest, AdminResponse
-from services.mesh.bootstrap import Registration, ServiceContext, run
+from services.mesh.bootstrap import ServiceContext, run
+from services.mesh.topology import Target
 from services.payment_gateway.config import GatewayConfig
 from services.payment_gateway.dependencies import (
     CREATE_PAYMENT_NEEDS,
@@ -18,13 +19,13 @@ from services.payment_gateway.recovery import Recovery
 from services.payment_gateway.servicer import PaymentGatewayServicer
 from services.payment_gateway.store import PaymentStore
 
-NAME = "payment-gateway"
+NAME = Target.PAYMENT_GATEWAY
 SERVICE = payment_gateway_pb2.DESCRIPTOR.services_by_name["PaymentGatewayService"].full_name
 CREATE_PAYMENT = f"/{SERVICE}/CreatePayment"
 REFUND_PAYMENT = f"/{SERVICE}/RefundPayment"
 
 
-async def build(context: ServiceContext) -> list[Registration]:
+async def build(context: ServiceContext) -> list[object]:
     """The servicer over the gateway's store, the outbox relay and the recovery loop.
 
     Relay and recovery start right away, in the background: a downstream that is not up yet
@@ -73,15 +74,7 @@ async def build(context: ServiceContext) -> list[Registration]:
         store.close()
 
     context.on_stop.append(stop)
-    return [
-        Registration(
-            servicer=PaymentGatewayServicer(
-                store, flow, pending_retry_s=config.recovery_interval_s
-            ),
-            add_to_server=payment_gateway_pb2_grpc.add_PaymentGatewayServiceServicer_to_server,
-            service_name=SERVICE,
-        )
-    ]
+    return [PaymentGatewayServicer(store, flow, pending_retry_s=config.recovery_interval_s)]
 
 
 if __name__ == "__main__":

@@ -15,18 +15,19 @@ from dataclasses import dataclass
 from interceptors.breaker import OPEN, BreakerRegistry
 from interceptors.errors import CIRCUIT_OPEN_REASON
 from services.mesh.errors import Unavailable
+from services.mesh.topology import Target
 
 #: Every service a CreatePayment needs to succeed: the gate's key check, then the flow's steps.
 #: Webhooks and analytics are not among them: the outbox delivers those later.
 CREATE_PAYMENT_NEEDS = (
-    "merchant-auth-service",
-    "risk-service",
-    "order-service",
-    "channel-adapter",
-    "accounting-service",
+    Target.MERCHANT_AUTH,
+    Target.RISK,
+    Target.ORDER,
+    Target.CHANNEL_ADAPTER,
+    Target.ACCOUNTING,
 )
 #: Every service a RefundPayment needs to succeed.
-REFUND_PAYMENT_NEEDS = ("merchant-auth-service", "channel-adapter", "accounting-service")
+REFUND_PAYMENT_NEEDS = (Target.MERCHANT_AUTH, Target.CHANNEL_ADAPTER, Target.ACCOUNTING)
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,12 +20,13 @@ from paymesh.common.v1 import common_pb2
 from paymesh.notification.v1 import notification_pb2
 from paymesh.order.v1 import order_pb2
 from paymesh.payment_gateway.v1 import payment_gateway_pb2 as pg
+from services.mesh.topology import Target
 from services.payment_gateway.outbox import OutboxMessage
 
 if TYPE_CHECKING:  # the store imports this module to write the events of its transactions
     from services.payment_gateway.store import PaymentRecord, RefundRecord
 
-NOTIFICATIONS, ANALYTICS, ORDERS = "notification-service", "analytics-service", "order-service"
+NOTIFICATIONS, ANALYTICS, ORDERS = Target.NOTIFICATION, Target.ANALYTICS, Target.ORDER
 
 
 def _path(file: FileDescriptor, service: str, method: str) -> str:

@@ -40,6 +40,7 @@ from paymesh.risk.v1 import risk_pb2, risk_pb2_grpc
 from services.mesh import downstream
 from services.mesh.clients import ClientFactory
 from services.mesh.downstream import is_ambiguous as is_transient
+from services.mesh.topology import Target
 from services.payment_gateway import events, ledger
 from services.payment_gateway.dependencies import DependencyWatch
 from services.payment_gateway.events import order_id_of
@@ -70,17 +71,17 @@ log = logging.getLogger("paymesh.payment_gateway.flow")
 
 #: The downstream the next step of a payment calls first; recovery waits while it is down.
 STEP_TARGETS = {
-    Step.CREATED: "risk-service",
-    Step.ASSESSED: "order-service",
-    Step.CHARGING: "channel-adapter",
-    Step.CHARGED: "accounting-service",
-    Step.POSTED: "order-service",
-    Step.VOIDING: "channel-adapter",
+    Step.CREATED: Target.RISK,
+    Step.ASSESSED: Target.ORDER,
+    Step.CHARGING: Target.CHANNEL_ADAPTER,
+    Step.CHARGED: Target.ACCOUNTING,
+    Step.POSTED: Target.ORDER,
+    Step.VOIDING: Target.CHANNEL_ADAPTER,
 }
 #: The same for refunds.
 REFUND_STEP_TARGETS = {
-    RefundStep.CREATED: "channel-adapter",
-    RefundStep.REFUNDED: "accounting-service",
+    RefundStep.CREATED: Target.CHANNEL_ADAPTER,
+    RefundStep.REFUNDED: Target.ACCOUNTING,
 }
 #: RetryInfo of a payment not started when neither the failure nor a breaker says when.
 NOT_STARTED_RETRY_S = 1.0
@@ -135,18 +136,16 @@ class Downstreams:
     def from_clients(cls, clients: ClientFactory) -> Downstreams:
         """Stubs along the gateway's topology edges (the policy chain applies to each)."""
         return cls(
-            risk=clients.stub("risk-service", risk_pb2_grpc.RiskServiceStub),
-            orders=clients.stub("order-service", order_pb2_grpc.OrderServiceStub),
+            risk=clients.stub(Target.RISK, risk_pb2_grpc.RiskServiceStub),
+            orders=clients.stub(Target.ORDER, order_pb2_grpc.OrderServiceStub),
             channel=clients.stub(
-                "channel-adapter", channel_adapter_pb2_grpc.ChannelAdapterServiceStub
+                Target.CHANNEL_ADAPTER, channel_adapter_pb2_grpc.ChannelAdapterServiceStub
             ),
-            accounting=clients.stub(
-                "accounting-service", accounting_pb2_grpc.AccountingServiceStub
-            ),
+            accounting=clients.stub(Target.ACCOUNTING, accounting_pb2_grpc.AccountingServiceStub),
             notifications=clients.stub(
-                "notification-service", notification_pb2_grpc.NotificationServiceStub
+                Target.NOTIFICATION, notification_pb2_grpc.NotificationServiceStub
             ),
-            analytics=clients.stub("analytics-service", analytics_pb2_grpc.AnalyticsServiceStub),
+            analytics=clients.stub(Target.ANALYTICS, analytics_pb2_grpc.AnalyticsServiceStub),
         )
 
     def outbox_routes(self) -> dict[str, Route]:
@@ -308,7 +307,7 @@ class PaymentFlow:
         except CallError as error:
             if is_transient(error):
                 raise self._before_side_effects(
-                    p, "risk-service", error, recovering=recovering
+                    p, Target.RISK, error, recovering=recovering
                 ) from error
             # risk-service's definite refusal: a retry of the same payment gets the same.
             log.warning("risk refused %s: %s", p.payment_id, error.details())
@@ -342,7 +341,7 @@ class PaymentFlow:
         except CallError as error:
             if is_transient(error):
                 raise self._before_side_effects(
-                    p, "order-service", error, recovering=recovering
+                    p, Target.ORDER, error, recovering=recovering
                 ) from error
             log.warning("order refused for %s: %s", p.payment_id, error.details())
             return self._finish(p, pg.PAYMENT_STATUS_FAILED, failure_reason=reason_of(error))

@@ -13,9 +13,10 @@ from collections.abc import Callable
 from interceptors.http import PartnerClient
 from services.mesh.errors import Unavailable
 from services.mesh.partner import call_partner
+from services.mesh.topology import Partner
 from services.risk.rules import Geo
 
-GEO_IP = "geo-ip"
+GEO_IP = Partner.GEO_IP
 
 
 class GeoLookup:

@@ -18,7 +18,7 @@ from paymesh.order.v1 import order_pb2, order_pb2_grpc
 from services.mesh import pki
 from services.mesh.clients import ClientFactory, RotatingChannel
 from services.mesh.tls import PKI_DIR_VAR, TransportSecurity
-from services.mesh.topology import Topology
+from services.mesh.topology import Target, Topology
 from services.order.__main__ import build
 from tests.servers import running_service, test_pki_dir
 
@@ -75,8 +75,8 @@ async def test_client_channels_are_rebuilt_when_the_callers_certificate_rotates(
         clients = ClientFactory(
             caller="payment-gateway", topology=topology, chain=chain, security=security
         )
-        stub = clients.stub("order-service", order_pb2_grpc.OrderServiceStub)
-        channel = clients.channel("order-service")
+        stub = clients.stub(Target.ORDER, order_pb2_grpc.OrderServiceStub)
+        channel = clients.channel(Target.ORDER)
         assert isinstance(channel, RotatingChannel)
         request = order_pb2.GetOrderRequest(order_id="o_missing")
         with pytest.raises(aio.AioRpcError) as before:

@@ -29,7 +29,7 @@ from grpc import aio
 from interceptors.errors import MAX_MESSAGE_BYTES, MAX_STATUS_BYTES, STATUS_DETAILS_KEY
 from services.mesh import page_tokens, pki
 from services.mesh.authz import grants
-from services.mesh.topology import Topology, env_prefix
+from services.mesh.topology import SERVICES, Topology, env_prefix
 from tests.integration.tenants import Tenant, merchant_directory
 from tests.servers import ServedAddress, mesh_channel, public_channel, running_service
 
@@ -40,19 +40,8 @@ HUGE = "x" * 100_000
 NOWHERE = "127.0.0.1:1"
 CALL_TIMEOUT_S = 10.0
 
-BUILDERS = {
-    "accounting-service": "services.accounting.__main__",
-    "analytics-service": "services.analytics.__main__",
-    "channel-adapter": "services.channel_adapter.__main__",
-    "merchant-service": "services.merchant.__main__",
-    "merchant-auth-service": "services.merchant_auth.__main__",
-    "notification-service": "services.notification.__main__",
-    "order-service": "services.order.__main__",
-    "payment-gateway": "services.payment_gateway.__main__",
-    "risk-service": "services.risk.__main__",
-    "settlement-service": "services.settlement.__main__",
-    "withdrawal-service": "services.withdrawal.__main__",
-}
+#: Each service's start module, as the topology names it.
+BUILDERS = {spec.name: f"{spec.module}.__main__" for spec in SERVICES}
 
 _MONEY = {"amountMinor": "1250", "currencyCode": "EUR"}
 _ACCOUNT = "merchants/m_1/available"
