@@ -228,11 +228,19 @@ def test_onboarding_payment_refund_dashboard_settlement_withdrawal(clients: Clie
     dashboard = clients.merchants.GetMerchantDashboard(
         merchant_pb2.GetMerchantDashboardRequest(merchant_id=merchant_id), timeout=30
     )
-    sections = [dashboard.payments, dashboard.balances, dashboard.stats, dashboard.risk]
-    sections.append(dashboard.notifications)
-    assert all(
-        s.section.availability == merchant_pb2.SECTION_AVAILABILITY_AVAILABLE for s in sections
-    ), [s.section for s in sections]
+    sections = [
+        part.section
+        for part in (
+            dashboard.payments,
+            dashboard.balances,
+            dashboard.stats,
+            dashboard.risk,
+            dashboard.notifications,
+        )
+    ]
+    assert all(s.availability == merchant_pb2.SECTION_AVAILABILITY_AVAILABLE for s in sections), (
+        sections
+    )
 
     # Events and webhooks leave the gateway's outbox after its answers: wait for them.
     def announced() -> bool:

@@ -61,11 +61,11 @@ from tests.integration.tenants import (
     Tenant,
     merchant_directory,
     merchant_stub,
-    reason,
     refusal,
 )
 from tests.servers import (
     ServedAddress,
+    error_reason,
     granted_stub,
     mesh_channel,
     public_channel,
@@ -235,9 +235,6 @@ def _refund(
     if amount is not None:
         request.amount.CopyFrom(common_pb2.Money(amount_minor=amount, currency_code="EUR"))
     return request
-
-
-_reason = reason
 
 
 async def _fails(call: Awaitable[Any]) -> aio.AioRpcError:
@@ -413,7 +410,7 @@ async def test_twenty_concurrent_duplicates_make_one_payment_one_charge_one_post
     errors = [r for r in results if isinstance(r, BaseException)]
     assert answers, errors
     assert all(isinstance(e, aio.AioRpcError) for e in errors)
-    assert {(e.code(), _reason(e)) for e in errors if isinstance(e, aio.AioRpcError)} <= {
+    assert {(e.code(), error_reason(e)) for e in errors if isinstance(e, aio.AioRpcError)} <= {
         (grpc.StatusCode.ABORTED, "IDEMPOTENCY_KEY_IN_FLIGHT")
     }
     payment_ids = {a.payment.payment_id for a in answers}
@@ -446,7 +443,7 @@ async def test_same_request_id_with_another_body_is_invalid_argument(mesh: Mesh)
     await mesh.gateway.CreatePayment(_create(mesh))
     error = await _fails(mesh.gateway.CreatePayment(_create(mesh, amount=999)))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert _reason(error) == "IDEMPOTENCY_KEY_REUSED"
+    assert error_reason(error) == "IDEMPOTENCY_KEY_REUSED"
     assert len(_charges(mesh)) == 1
 
 
@@ -485,9 +482,10 @@ async def test_naming_the_own_merchant_id_is_the_same_request_as_leaving_it_empt
 async def test_bad_field_is_invalid_argument(
     mesh: Mesh, field: str, value: str, reason: str
 ) -> None:
-    error = await _fails(mesh.gateway.CreatePayment(_create(mesh, **{field: value})))
+    bad: dict[str, Any] = {field: value}
+    error = await _fails(mesh.gateway.CreatePayment(_create(mesh, **bad)))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert _reason(error) == reason
+    assert error_reason(error) == reason
     assert _charges(mesh) == []
 
 
@@ -508,21 +506,21 @@ async def test_bad_amount_is_invalid_argument(
     request.amount.CopyFrom(common_pb2.Money(amount_minor=amount, currency_code=currency))
     error = await _fails(mesh.gateway.CreatePayment(request))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert _reason(error) == reason
+    assert error_reason(error) == reason
 
 
 async def test_suspended_merchant_is_permission_denied(mesh: Mesh) -> None:
     await mesh.directory.suspend(mesh.merchant_id)
     error = await _fails(mesh.gateway.CreatePayment(_create(mesh)))
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert _reason(error) == "MERCHANT_INACTIVE"
+    assert error_reason(error) == "MERCHANT_INACTIVE"
     assert _charges(mesh) == []
 
 
 async def test_unknown_payment_is_not_found(mesh: Mesh) -> None:
     error = await _fails(mesh.gateway.GetPayment(pg.GetPaymentRequest(payment_id="pay_nope")))
     assert error.code() == grpc.StatusCode.NOT_FOUND
-    assert _reason(error) == "PAYMENT_NOT_FOUND"
+    assert error_reason(error) == "PAYMENT_NOT_FOUND"
 
 
 # --- credentials and tenancy --------------------------------------------------------------
@@ -553,7 +551,7 @@ async def test_call_without_api_key_on_the_public_port_is_credentials_missing(
         stub = payment_gateway_pb2_grpc.PaymentGatewayServiceStub(channel)
         error = await _fails(getattr(stub, method)(request_))
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert _reason(error) == "CREDENTIALS_MISSING"
+    assert error_reason(error) == "CREDENTIALS_MISSING"
 
 
 @pytest.mark.parametrize(
@@ -563,7 +561,7 @@ async def test_bad_api_key_is_unauthenticated_and_charges_nothing(mesh: Mesh, se
     async with mesh.as_merchant(secret) as gateway:
         error = await _fails(gateway.CreatePayment(_create(mesh)))
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert _reason(error) == "API_KEY_INVALID"
+    assert error_reason(error) == "API_KEY_INVALID"
     assert _charges(mesh) == []
 
 
@@ -571,7 +569,7 @@ async def test_payment_for_another_merchant_id_is_not_found(mesh: Mesh) -> None:
     other = await mesh.directory.onboard("Other Shop")
     error = await _fails(mesh.gateway.CreatePayment(_create(mesh, merchant_id=other.merchant_id)))
     assert error.code() == grpc.StatusCode.NOT_FOUND
-    assert _reason(error) == "MERCHANT_NOT_FOUND"
+    assert error_reason(error) == "MERCHANT_NOT_FOUND"
     assert _charges(mesh) == []
     listed = await mesh.operator_gateway.ListPayments(
         pg.ListPaymentsRequest(merchant_id=other.merchant_id)
@@ -634,7 +632,7 @@ async def test_list_and_summary_show_a_merchant_only_its_own_payments(mesh: Mesh
     ):
         error = await _fails(call)
         assert error.code() == grpc.StatusCode.NOT_FOUND
-        assert _reason(error) == "MERCHANT_NOT_FOUND"
+        assert error_reason(error) == "MERCHANT_NOT_FOUND"
 
 
 async def test_same_request_id_of_two_merchants_makes_two_payments(mesh: Mesh) -> None:
@@ -723,7 +721,7 @@ async def test_refund_above_captured_is_failed_precondition(mesh: Mesh) -> None:
     await mesh.gateway.RefundPayment(_refund(mesh, payment.payment_id, "rf-1", 600))
     error = await _fails(mesh.gateway.RefundPayment(_refund(mesh, payment.payment_id, "rf-2", 401)))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert _reason(error) == "REFUND_EXCEEDS_CAPTURED"
+    assert error_reason(error) == "REFUND_EXCEEDS_CAPTURED"
     assert await _balance(mesh, _available(mesh)) == 400
 
 
@@ -733,7 +731,7 @@ async def test_refund_of_a_declined_payment_is_invalid_state(mesh: Mesh) -> None
     ).payment
     error = await _fails(mesh.gateway.RefundPayment(_refund(mesh, payment.payment_id, "rf-1")))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert _reason(error) == "INVALID_STATE"
+    assert error_reason(error) == "INVALID_STATE"
 
 
 async def test_replayed_refund_refunds_once(mesh: Mesh) -> None:
@@ -768,7 +766,7 @@ async def test_ledger_balances_after_a_random_mix_of_payments_and_refunds(mesh: 
                 expected -= ask
             else:
                 error = await _fails(mesh.gateway.RefundPayment(request))
-                assert _reason(error) == "REFUND_EXCEEDS_CAPTURED"
+                assert error_reason(error) == "REFUND_EXCEEDS_CAPTURED"
     assert await _balance(mesh, _available(mesh)) == expected
     assert await _balance(mesh, "platform/psp_clearing") == -expected
     summary = (
@@ -854,7 +852,7 @@ async def test_page_token_of_another_filter_is_invalid_argument(mesh: Mesh) -> N
         )
     )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert _reason(error) == "PAGE_TOKEN_INVALID"
+    assert error_reason(error) == "PAGE_TOKEN_INVALID"
 
 
 @pytest.mark.parametrize(
@@ -1023,7 +1021,7 @@ async def test_retry_of_an_unfinished_payment_is_aborted_until_recovered(
     # finishes this payment until the next pass.
     error = await _fails(mesh.gateway.CreatePayment(_create(mesh, "crash-4")))
     assert error.code() == grpc.StatusCode.ABORTED
-    assert _reason(error) == "IDEMPOTENCY_KEY_IN_FLIGHT"
+    assert error_reason(error) == "IDEMPOTENCY_KEY_IN_FLIGHT"
     assert _charges(mesh) == []
 
 
@@ -1110,7 +1108,7 @@ async def test_risk_outage_answers_unavailable_and_leaves_the_request_id_free(
     async with _gateway(mesh, dead="risk-service") as gateway:
         error = await _fails(gateway.CreatePayment(_create(mesh)))
     assert error.code() == grpc.StatusCode.UNAVAILABLE
-    assert _reason(error) in {"DOWNSTREAM_UNAVAILABLE", "CIRCUIT_OPEN"}
+    assert error_reason(error) in {"DOWNSTREAM_UNAVAILABLE", "CIRCUIT_OPEN"}
     assert (_retry_delay(error) or 0) > 0
     assert _error_metadata(error)["target"] == "risk-service"
     assert _rows(mesh, "SELECT COUNT(*) FROM payments") == 0
@@ -1130,7 +1128,7 @@ async def test_merchant_auth_outage_answers_unavailable_with_retry_info_and_does
     async with _gateway(mesh, dead="merchant-auth-service") as gateway:
         error = await _fails(gateway.CreatePayment(_create(mesh)))
     assert error.code() == grpc.StatusCode.UNAVAILABLE
-    assert _reason(error) in {"DOWNSTREAM_UNAVAILABLE", "CIRCUIT_OPEN"}
+    assert error_reason(error) in {"DOWNSTREAM_UNAVAILABLE", "CIRCUIT_OPEN"}
     assert _error_metadata(error)["target"] == "merchant-auth-service"
     assert (_retry_delay(error) or 0) > 0
     assert _rows(mesh, "SELECT COUNT(*) FROM idempotency_keys") == 0
@@ -1144,7 +1142,7 @@ async def test_order_outage_frees_the_request_id_and_cancels_the_order_it_may_ha
     async with _gateway(mesh, dead="order-service") as gateway:
         error = await _fails(gateway.CreatePayment(_create(mesh)))
     assert error.code() == grpc.StatusCode.UNAVAILABLE
-    assert _reason(error) in {"DOWNSTREAM_UNAVAILABLE", "CIRCUIT_OPEN"}
+    assert error_reason(error) in {"DOWNSTREAM_UNAVAILABLE", "CIRCUIT_OPEN"}
     assert _error_metadata(error)["target"] == "order-service"
     assert _rows(mesh, "SELECT COUNT(*) FROM payments") == 0
     (cleanup,) = _outbox(mesh)
@@ -1171,7 +1169,7 @@ async def test_channel_outage_leaves_the_payment_to_recovery_which_charges_once(
     async with _gateway(mesh, dead="channel-adapter") as gateway:
         error = await _fails(gateway.CreatePayment(_create(mesh)))
     assert error.code() == grpc.StatusCode.UNAVAILABLE
-    assert _reason(error) == "DOWNSTREAM_UNAVAILABLE"
+    assert error_reason(error) == "DOWNSTREAM_UNAVAILABLE"
     assert (_retry_delay(error) or 0) > 0
     (pending,) = (
         await mesh.gateway.ListPayments(pg.ListPaymentsRequest(merchant_id=mesh.merchant_id))
@@ -1294,7 +1292,7 @@ async def test_open_breaker_refuses_create_payment_before_authenticating_or_writ
         for index in range(refusals):
             error = await _fails(gateway.CreatePayment(_create(mesh, f"ff-{index}")))
             assert error.code() == grpc.StatusCode.UNAVAILABLE
-            assert _reason(error) == "CIRCUIT_OPEN"
+            assert error_reason(error) == "CIRCUIT_OPEN"
             assert _error_metadata(error)["target"] == "order-service"
             assert 0 < (_retry_delay(error) or 0) <= 30
         assert _calls(context, AUTHENTICATE, ASSESS, CREATE_ORDER) == called
@@ -1333,7 +1331,7 @@ async def test_open_channel_breaker_refuses_refund_payment_before_reserving_anyt
         refunds = _rows(mesh, "SELECT COUNT(*) FROM refunds")
         error = await _fails(gateway.RefundPayment(_refund(mesh, payment.payment_id, "rf-x", 1)))
     assert error.code() == grpc.StatusCode.UNAVAILABLE
-    assert _reason(error) == "CIRCUIT_OPEN"
+    assert error_reason(error) == "CIRCUIT_OPEN"
     assert _error_metadata(error)["target"] == "channel-adapter"
     assert _rows(mesh, "SELECT COUNT(*) FROM refunds") == refunds
 
