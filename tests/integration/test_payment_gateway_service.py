@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import random
@@ -31,7 +32,7 @@ from google.protobuf import descriptor_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
 
-from interceptors.errors import STATUS_DETAILS_KEY, retry_delay_of
+from interceptors.errors import STATUS_DETAILS_KEY, FailedPrecondition, retry_delay_of
 from interceptors.policy import DEFAULT_POLICY_FILE
 from paymesh.accounting.v1 import accounting_pb2, accounting_pb2_grpc
 from paymesh.analytics.v1 import analytics_pb2, analytics_pb2_grpc
@@ -55,6 +56,7 @@ from services.payment_gateway.outbox import PENDING, SENT, OutboxRow
 from services.payment_gateway.servicer import for_merchant, scoped_key
 from services.payment_gateway.store import NewPayment, PaymentRecord, PaymentStore, Step
 from services.risk.__main__ import build as build_risk
+from services.tools.sandbox.app import Fault as SandboxFault
 from services.tools.sandbox.app import SandboxState
 from tests.integration.tenants import (
     Directory,
@@ -1366,3 +1368,178 @@ async def test_recovery_waits_out_a_risk_outage_then_finishes_the_payment(
     payment = await _recovered(mesh, payment_id)
     assert payment.status == pg.PAYMENT_STATUS_SUCCEEDED
     assert len(_charges(mesh)) == 1
+
+
+# --- voids, refused charges, failed and recovered refunds ----------------------------------
+
+
+def _refusing(build: Any, method: str, refuse: Callable[[Any], Exception | None]) -> Any:
+    """``build`` of a real service whose ``method`` raises ``refuse(request)`` when that is an
+    exception (and answers as usual when it is None): a downstream that fails on command."""
+
+    async def refusing_build(context: ServiceContext) -> Any:
+        registrations = build(context)
+        if inspect.isawaitable(registrations):
+            registrations = await registrations
+        servicer = registrations[0].servicer
+        answer = getattr(servicer, method)
+
+        async def refusing_method(request: Any, call_context: Any) -> Any:
+            error = refuse(request)
+            if error is not None:
+                raise error
+            return await answer(request, call_context)
+
+        setattr(servicer, method, refusing_method)
+        return registrations
+
+    return refusing_build
+
+
+@contextlib.asynccontextmanager
+async def _refusing_downstream(
+    mesh: Mesh, tmp_path: Path, name: str, build: Any, method: str, refuse: Any
+) -> AsyncIterator[ServedAddress]:
+    """A second instance of downstream ``name`` (its own var dir) refusing as ``refuse`` says."""
+    var_dir = tmp_path / f"refusing-{name}"
+    var_dir.mkdir()
+    environ = {**mesh.environ, "PAYMESH_VAR_DIR": str(var_dir)}
+    async with running_service(name, _refusing(build, method, refuse), environ=environ) as address:
+        yield address
+
+
+def _captures(request: accounting_pb2.PostTransactionRequest) -> Exception | None:
+    if request.kind != accounting_pb2.TRANSACTION_KIND_PAYMENT:
+        return None
+    return FailedPrecondition("the ledger refuses this capture", reason="LEDGER_UNBALANCED")
+
+
+async def test_capture_the_ledger_refuses_voids_the_charge_and_posts_nothing(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    async with (
+        _refusing_downstream(
+            mesh, tmp_path, "accounting-service", build_accounting, "PostTransaction", _captures
+        ) as ledger_address,
+        _gateway(mesh, dead="accounting-service", address=ledger_address, timeout_s=10) as gateway,
+        granted_stub(
+            ledger_address, accounting_pb2_grpc.AccountingServiceStub, "accounting-service"
+        ) as refusing_ledger,
+    ):
+        payment = (await gateway.CreatePayment(_create(mesh))).payment
+        assert payment.status == pg.PAYMENT_STATUS_VOIDED
+        assert payment.failure_reason == "LEDGER_UNBALANCED"
+        assert not payment.ledger_transaction_id
+        # The authorisation is undone at the channel, and neither ledger holds an entry.
+        (charge,) = _charges(mesh)
+        assert (charge["status"], charge["refunded_minor"]) == ("voided", 2500)
+        listed = await mesh.channel.ListCharges(
+            channel_adapter_pb2.ListChargesRequest(payment_id=payment.payment_id)
+        )
+        assert [c.status for c in listed.charges] == [channel_adapter_pb2.CHARGE_STATUS_VOIDED]
+        entries = await refusing_ledger.ListEntries(
+            accounting_pb2.ListEntriesRequest(account_id=_available(mesh), page_size=10)
+        )
+        assert list(entries.entries) == []
+    assert await _entries(mesh, _available(mesh)) == []
+    await _announced(mesh, payment.payment_id)
+    order = (await mesh.orders.GetOrder(order_pb2.GetOrderRequest(order_id=payment.order_id))).order
+    assert order.status == order_pb2.ORDER_STATUS_CANCELLED
+    got = await mesh.gateway.GetPayment(pg.GetPaymentRequest(payment_id=payment.payment_id))
+    assert got.payment.status == pg.PAYMENT_STATUS_VOIDED
+    # A voided payment is not refundable: nothing was captured for the merchant.
+    error = await _fails(mesh.gateway.RefundPayment(_refund(mesh, payment.payment_id, "rf-1")))
+    assert error_reason(error) == "INVALID_STATE"
+
+
+async def test_charge_the_channel_adapter_refuses_fails_the_payment_with_its_reason(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    def refuse(request: channel_adapter_pb2.ChargeRequest) -> Exception:
+        return FailedPrecondition("no charges today", reason="CURRENCY_UNSUPPORTED")
+
+    async with (
+        _refusing_downstream(
+            mesh, tmp_path, "channel-adapter", build_channel_adapter, "Charge", refuse
+        ) as channel_address,
+        _gateway(mesh, dead="channel-adapter", address=channel_address, timeout_s=10) as gateway,
+    ):
+        payment = (await gateway.CreatePayment(_create(mesh))).payment
+    assert payment.status == pg.PAYMENT_STATUS_FAILED
+    assert payment.failure_reason == "CURRENCY_UNSUPPORTED"
+    assert not payment.charge_id
+    assert _charges(mesh) == []
+    assert await _entries(mesh, _available(mesh)) == []
+    await _announced(mesh, payment.payment_id)
+    order = (await mesh.orders.GetOrder(order_pb2.GetOrderRequest(order_id=payment.order_id))).order
+    assert order.status == order_pb2.ORDER_STATUS_CANCELLED
+
+
+async def test_charge_the_channel_refuses_fails_the_payment_and_posts_nothing(
+    mesh: Mesh,
+) -> None:
+    with mesh.sandbox.lock:
+        mesh.sandbox.faults["payment-channel"] = SandboxFault(error_rate=1.0, status=400)
+    payment = (await mesh.gateway.CreatePayment(_create(mesh))).payment
+    assert payment.status == pg.PAYMENT_STATUS_FAILED
+    assert "HTTP 400" in payment.failure_reason
+    assert _charges(mesh) == []
+    assert await _entries(mesh, _available(mesh)) == []
+
+
+async def test_refund_the_channel_refuses_fails_and_leaves_payment_and_ledger_as_they_were(
+    mesh: Mesh,
+) -> None:
+    payment = (await mesh.gateway.CreatePayment(_create(mesh, amount=1000))).payment
+    with mesh.sandbox.lock:
+        mesh.sandbox.faults["payment-channel"] = SandboxFault(error_rate=1.0, status=409)
+    refused = await mesh.gateway.RefundPayment(_refund(mesh, payment.payment_id, "rf-1", 300))
+    assert refused.refund.status == pg.REFUND_STATUS_FAILED
+    assert refused.refund.failure_reason == "INVALID_STATE"
+    assert not refused.refund.ledger_transaction_id
+    assert refused.payment.status == pg.PAYMENT_STATUS_SUCCEEDED
+    assert refused.payment.refunded_amount.amount_minor == 0
+    assert await _balance(mesh, _available(mesh)) == 1000
+    with mesh.sandbox.lock:
+        assert mesh.sandbox.refunds == {}
+        mesh.sandbox.faults.clear()
+    # Nothing stayed reserved: the whole amount can still be refunded.
+    refund = await mesh.gateway.RefundPayment(_refund(mesh, payment.payment_id, "rf-2"))
+    assert refund.refund.status == pg.REFUND_STATUS_SUCCEEDED
+    assert refund.refund.amount.amount_minor == 1000
+    assert await _balance(mesh, _available(mesh)) == 0
+
+
+async def test_recovery_finishes_a_refund_left_unposted_by_a_ledger_outage(mesh: Mesh) -> None:
+    payment = (await mesh.gateway.CreatePayment(_create(mesh, amount=1000))).payment
+    request = _refund(mesh, payment.payment_id, "rf-1", 400)
+    async with _gateway(mesh, dead="accounting-service") as gateway:
+        error = await _fails(gateway.RefundPayment(request))
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_reason(error) == "DOWNSTREAM_UNAVAILABLE"
+    # The channel gave the money back; the ledger has not heard of it yet.
+    assert _rows(mesh, "SELECT COUNT(*) FROM refunds WHERE step = 'refunded'") == 1
+    with mesh.sandbox.lock:
+        assert [r["amount_minor"] for r in mesh.sandbox.refunds.values()] == [400]
+    assert await _balance(mesh, _available(mesh)) == 1000
+
+    async with (
+        mesh.start_gateway() as address,  # its start runs a recovery pass
+        granted_stub(
+            address, payment_gateway_pb2_grpc.PaymentGatewayServiceStub, GATEWAY
+        ) as gateway,
+    ):
+
+        async def refunded() -> bool:
+            got = await gateway.GetPayment(pg.GetPaymentRequest(payment_id=payment.payment_id))
+            return [r.status for r in got.refunds] == [pg.REFUND_STATUS_SUCCEEDED]
+
+        await _until(refunded)
+    assert _rows(mesh, "SELECT COUNT(*) FROM refunds WHERE step = 'refunded'") == 0
+    assert await _balance(mesh, _available(mesh)) == 600
+    with mesh.sandbox.lock:
+        assert len(mesh.sandbox.refunds) == 1  # recovery posted it; it did not refund again
+    replay = await mesh.gateway.RefundPayment(request)
+    assert replay.refund.status == pg.REFUND_STATUS_SUCCEEDED
+    assert replay.payment.status == pg.PAYMENT_STATUS_PARTIALLY_REFUNDED
+    assert replay.payment.refunded_amount.amount_minor == 400
