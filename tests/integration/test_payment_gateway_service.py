@@ -1503,6 +1503,8 @@ async def test_refund_the_channel_refuses_fails_and_leaves_payment_and_ledger_as
     with mesh.sandbox.lock:
         assert mesh.sandbox.refunds == {}
         mesh.sandbox.faults.clear()
+    await _announced(mesh, refused.refund.refund_id)
+    assert "refund.failed" in json.dumps(_webhooks(mesh, refused.refund.refund_id))
     # Nothing stayed reserved: the whole amount can still be refunded.
     refund = await mesh.gateway.RefundPayment(_refund(mesh, payment.payment_id, "rf-2"))
     assert refund.refund.status == pg.REFUND_STATUS_SUCCEEDED
@@ -1522,6 +1524,16 @@ async def test_recovery_finishes_a_refund_left_unposted_by_a_ledger_outage(mesh:
     with mesh.sandbox.lock:
         assert [r["amount_minor"] for r in mesh.sandbox.refunds.values()] == [400]
     assert await _balance(mesh, _available(mesh)) == 1000
+    # Until recovery finished it, its request id is in flight and its amount reserved.
+    in_flight = await _fails(mesh.gateway.RefundPayment(request))
+    assert (in_flight.code(), error_reason(in_flight)) == (
+        grpc.StatusCode.ABORTED,
+        "IDEMPOTENCY_KEY_IN_FLIGHT",
+    )
+    too_much = await _fails(
+        mesh.gateway.RefundPayment(_refund(mesh, payment.payment_id, "rf-2", 601))
+    )
+    assert error_reason(too_much) == "REFUND_EXCEEDS_CAPTURED"
 
     async with (
         mesh.start_gateway() as address,  # its start runs a recovery pass
