@@ -53,7 +53,7 @@ lint: $(STAMP)
 	$(BIN)/buf format --diff --exit-code
 
 typecheck: $(STAMP)
-	$(BIN)/mypy interceptors services
+	$(BIN)/mypy interceptors services tests bench
 
 breaking: $(STAMP)
 	$(BIN)/buf breaking --against '$(BREAKING_AGAINST)'

@@ -78,7 +78,7 @@ def main(quick: bool) -> int:
     transport = _run("bench.tls_overhead", "--calls", "1000" if quick else "4000")
     outage = _run("bench.outage", *(["--duration", "4"] if quick else []))
     throughput = _run("bench.mesh_throughput", "--seconds", "3" if quick else "8")
-    results = {
+    results: dict[str, Any] = {
         "machine": _machine(),
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "wall_s": round(time.monotonic() - started, 1),

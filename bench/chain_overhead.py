@@ -43,7 +43,10 @@ class _Servicer(testing_pb2_grpc.TestServiceServicer):
 
 async def _serve(failing: bool) -> None:
     server = aio.server(interceptors=[ServerPolicyInterceptor(domain="bench-target")])
-    testing_pb2_grpc.add_TestServiceServicer_to_server(_Servicer(failing), server)
+    testing_pb2_grpc.add_TestServiceServicer_to_server(
+        _Servicer(failing),  # type: ignore[abstract]  # serves only what the benchmark calls; the rest answer UNIMPLEMENTED
+        server,
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     print(port, flush=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import grpc
+from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
 from opentelemetry.sdk.trace import SpanProcessor
 
@@ -159,7 +160,8 @@ async def running_service(
             on_public_ready=public.append,
         )
     )
-    done, _ = await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+    started: set[asyncio.Future[Any]] = {task, ready}
+    done, _ = await asyncio.wait(started, return_when=asyncio.FIRST_COMPLETED)
     if task in done:
         task.result()  # raises the start-up error
     address = ServedAddress(ready.result())
@@ -169,6 +171,79 @@ async def running_service(
     finally:
         stop.set()
         await task
+
+
+class ServicesUnderTest:
+    """Services a test runs through the real bootstrap, and stubs to them, all closed when the
+    test ends (the ``services`` fixture of ``tests/conftest.py``).
+
+    Every service gets the test's own ``PAYMESH_VAR_DIR`` unless ``environ`` names another.
+    """
+
+    def __init__(self, stack: contextlib.AsyncExitStack, var_dir: Path) -> None:
+        self._stack = stack
+        self.var_dir = var_dir
+
+    async def start(
+        self,
+        name: str,
+        build: Builder,
+        *,
+        environ: Mapping[str, str] | None = None,
+        grace_s: float = 1.0,
+        span_processors: Sequence[SpanProcessor] = (),
+    ) -> ServedAddress:
+        """Serve ``name`` (see :func:`running_service`) until the test ends; its address."""
+        env = {"PAYMESH_VAR_DIR": str(self.var_dir), **(environ or {})}
+        return await self._stack.enter_async_context(
+            running_service(
+                name, build, environ=env, grace_s=grace_s, span_processors=span_processors
+            )
+        )
+
+    async def stub(
+        self, address: str, stub_type: Callable[[aio.Channel], StubT], service: str
+    ) -> StubT:
+        """A :func:`granted_stub` of ``service`` at ``address``, closed when the test ends."""
+        return await self._stack.enter_async_context(granted_stub(address, stub_type, service))
+
+    async def serve(
+        self,
+        name: str,
+        build: Builder,
+        stub_type: Callable[[aio.Channel], StubT],
+        *,
+        environ: Mapping[str, str] | None = None,
+    ) -> StubT:
+        """Serve ``name`` and return a granted stub to it: the usual service under test."""
+        address = await self.start(name, build, environ=environ)
+        return await self.stub(address, stub_type, name)
+
+
+def rich_status_of(error: grpc.RpcError) -> status_pb2.Status:
+    """The google.rpc.Status a failed call carries in ``grpc-status-details-bin``, else a bare
+    one with the call's code and message."""
+    assert isinstance(error, grpc.Call | aio.AioRpcError), f"not a call's error: {error!r}"
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
+            return status_pb2.Status.FromString(value)
+    return status_pb2.Status(code=error.code().value[0], message=error.details() or "")
+
+
+def error_info_of(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
+    """The google.rpc.ErrorInfo a failed call carries, None if it carries none."""
+    for detail in rich_status_of(error).details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    return None
+
+
+def error_reason(error: grpc.RpcError) -> str:
+    """The ErrorInfo reason of a failed call (``ORDER_NOT_FOUND``, ...), empty if it has none."""
+    info = error_info_of(error)
+    return info.reason if info is not None else ""
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+from pathlib import Path
 
 from paymesh.payment_gateway.v1 import payment_gateway_pb2
 from services.mesh.admin import AdminRequest, AdminResponse
@@ -13,7 +14,7 @@ from services.payment_gateway.dependencies import (
     REFUND_PAYMENT_NEEDS,
     DependencyWatch,
 )
-from services.payment_gateway.flow import Downstreams, PaymentFlow
+from services.payment_gateway.flow import HOLD_FILE_VAR, Downstreams, PaymentFlow
 from services.payment_gateway.outbox import OutboxRelay
 from services.payment_gateway.recovery import Recovery
 from services.payment_gateway.servicer import PaymentGatewayServicer
@@ -44,6 +45,7 @@ async def build(context: ServiceContext) -> list[object]:
         charge_cutoff_s=config.charge_cutoff_s,
         on_outbox=relay.kick,
         watch=watch,
+        hold_file=Path(held) if (held := context.environ.get(HOLD_FILE_VAR)) else None,
     )
     recovery = Recovery(store, flow, schedule=config.recovery_schedule(), watch=watch)
     tasks = [

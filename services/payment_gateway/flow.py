@@ -15,11 +15,13 @@ the charge cutoff, when it could not be charged anyway).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from interceptors.errors import (
@@ -85,6 +87,10 @@ REFUND_STEP_TARGETS = {
 }
 #: RetryInfo of a payment not started when neither the failure nor a breaker says when.
 NOT_STARTED_RETRY_S = 1.0
+#: Test hook, unset in every deployment: a file naming a payment step (``charging``, ...).
+#: A payment whose flow reaches that committed step waits there for good, so a kill -9 test
+#: kills the process at exactly that step (tests/integration/test_payment_flow_processes.py).
+HOLD_FILE_VAR = "PAYMENT_GATEWAY_TEST_HOLD_FILE"
 
 
 def reason_of(error: CallError, default: Reason = Reason.DOWNSTREAM_UNAVAILABLE) -> Reason:
@@ -177,6 +183,7 @@ class PaymentFlow:
         clock: Callable[[], float] = time.time,
         on_outbox: Callable[[], None] = lambda: None,
         watch: DependencyWatch | None = None,
+        hold_file: Path | None = None,
     ) -> None:
         """Args:
         store: the gateway's own store.
@@ -186,6 +193,7 @@ class PaymentFlow:
         clock: time source.
         on_outbox: called after a transaction wrote outbox rows (wakes the relay).
         watch: the breakers, to tell a merchant when to retry a payment not started.
+        hold_file: test hook (:data:`HOLD_FILE_VAR`): hold payments at the step it names.
         """
         self._store = store
         self._down = downstreams
@@ -193,6 +201,7 @@ class PaymentFlow:
         self._clock = clock
         self._on_outbox = on_outbox
         self._watch = watch
+        self._hold_file = hold_file
         self._driving: set[str] = set()
 
     @property
@@ -233,8 +242,17 @@ class PaymentFlow:
         while payment.step != Step.FINISHED:
             if payment.step == stop_after:
                 return None
+            await self._hold_if_named(payment)
             payment = await self._step(payment, recovering=recovering)
         return payment_message(payment)
+
+    async def _hold_if_named(self, p: PaymentRecord) -> None:
+        """Test hook (:data:`HOLD_FILE_VAR`): wait for good while the hold file names p's step."""
+        if self._hold_file is None or not self._hold_file.is_file():
+            return
+        if self._hold_file.read_text().strip() == p.step:
+            log.warning("payment %s held at step %s (test hook)", p.payment_id, p.step)
+            await asyncio.Event().wait()
 
     async def _step(self, p: PaymentRecord, *, recovering: bool) -> PaymentRecord:
         match p.step:

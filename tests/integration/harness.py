@@ -223,7 +223,7 @@ async def serving(servicer: ScriptedServicer | None = None) -> AsyncIterator[Run
 @contextlib.asynccontextmanager
 async def stub_for(
     chain: ClientChain, address: str, target: str = TARGET
-) -> AsyncIterator[testing_pb2_grpc.TestServiceStub]:
+) -> AsyncIterator[testing_pb2_grpc.TestServiceAsyncStub]:
     """A TestService stub on an aio channel made the way the client factory makes them."""
     channel = chain.aio_channel(target, address)
     try:

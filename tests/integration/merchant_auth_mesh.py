@@ -14,17 +14,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import error_details_pb2
 from grpc import aio
 
-from interceptors.errors import STATUS_DETAILS_KEY, error_info, retry_delay_of
+from interceptors.errors import error_info, retry_delay_of
 from paymesh.merchant.v1 import merchant_pb2, merchant_pb2_grpc
 from paymesh.merchant_auth.v1 import merchant_auth_pb2 as pb
 from paymesh.merchant_auth.v1 import merchant_auth_pb2_grpc
 from services.merchant.__main__ import build as build_merchant
 from services.merchant_auth.__main__ import build as build_auth
 from services.mesh.bootstrap import Builder
-from tests.servers import granted_stub, mesh_channel, running_service
+from tests.servers import granted_stub, mesh_channel, rich_status_of, running_service
 
 #: The address a test's mesh caller forwards for its merchant unless told otherwise.
 MERCHANT_PEER = "ipv4:192.0.2.10:51000"
@@ -163,20 +163,6 @@ async def authenticate_error(
     with pytest.raises(aio.AioRpcError) as caught:
         await authenticate(auth, secret, peer=peer)
     return caught.value
-
-
-def rich_status_of(error: aio.AioRpcError) -> status_pb2.Status:
-    """The google.rpc.Status a failed call carried."""
-    for key, value in error.trailing_metadata() or ():
-        if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
-            return status_pb2.Status.FromString(value)
-    return status_pb2.Status()
-
-
-def reason(error: aio.AioRpcError) -> str:
-    """ErrorInfo.reason of a failed call, empty if none."""
-    info = error_info(rich_status_of(error))
-    return info.reason if info is not None else ""
 
 
 def error_metadata(error: aio.AioRpcError) -> dict[str, str]:

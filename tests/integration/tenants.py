@@ -164,12 +164,6 @@ def rich_status(error: aio.AioRpcError) -> status_pb2.Status:
     return status_pb2.Status()
 
 
-def reason(error: aio.AioRpcError) -> str:
-    """ErrorInfo.reason of a failed call, empty if none."""
-    info = error_info(rich_status(error))
-    return info.reason if info is not None else ""
-
-
 def refusal(error: aio.AioRpcError, *, resource_id: str = "") -> tuple[object, ...]:
     """All a refusal tells the caller (code, message, ErrorInfo, other details), with
     ``resource_id`` written as ``<id>`` so refusals about two ids can be compared."""

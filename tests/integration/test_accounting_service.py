@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Sequence
-from pathlib import Path
+from collections.abc import Awaitable, Sequence
+from typing import TypeAlias
 
 import grpc
 import pytest
@@ -14,11 +14,16 @@ from grpc import aio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from interceptors.errors import error_info, status_from_metadata
 from paymesh.accounting.v1 import accounting_pb2, accounting_pb2_grpc
 from paymesh.common.v1 import common_pb2
 from services.accounting.__main__ import build
-from tests.servers import granted_stub, running_service
+from tests.servers import (
+    ServicesUnderTest,
+    error_reason,
+    granted_stub,
+    rich_status_of,
+    running_service,
+)
 
 NAME = "accounting-service"
 DEBIT = accounting_pb2.ENTRY_DIRECTION_DEBIT
@@ -28,20 +33,19 @@ PAYOUTS = "platform/bank_payouts"
 AVAILABLE = "merchants/m_1/available"
 SETTLING = "merchants/m_1/settling"
 
-Ledger = accounting_pb2_grpc.AccountingServiceStub
+Ledger: TypeAlias = "accounting_pb2_grpc.AccountingServiceAsyncStub"  # a typing-only class
 
 
 @pytest.fixture
-async def ledger(tmp_path: Path) -> AsyncIterator[Ledger]:
-    async with (
-        running_service(NAME, build, environ={"PAYMESH_VAR_DIR": str(tmp_path)}) as address,
-        granted_stub(address, accounting_pb2_grpc.AccountingServiceStub, NAME) as stub,
-    ):
-        yield stub
+async def ledger(services: ServicesUnderTest) -> Ledger:
+    return await services.serve(NAME, build, accounting_pb2_grpc.AccountingServiceStub)
 
 
 def _posting(
-    account: str, direction: int, amount: int, currency: str = "EUR"
+    account: str,
+    direction: accounting_pb2.EntryDirection.ValueType,
+    amount: int,
+    currency: str = "EUR",
 ) -> accounting_pb2.Posting:
     return accounting_pb2.Posting(
         account_id=account,
@@ -58,7 +62,7 @@ def _transfer(
     credit: str = AVAILABLE,
     amount: int = 1000,
     currency: str = "EUR",
-    kind: int = accounting_pb2.TRANSACTION_KIND_PAYMENT,
+    kind: accounting_pb2.TransactionKind.ValueType = accounting_pb2.TRANSACTION_KIND_PAYMENT,
     non_negative: Sequence[str] = (),
 ) -> accounting_pb2.PostTransactionRequest:
     return accounting_pb2.PostTransactionRequest(
@@ -87,16 +91,9 @@ async def _rejected(call: Awaitable[object]) -> aio.AioRpcError:
     return caught.value
 
 
-def _reason(error: aio.AioRpcError) -> str:
-    status = status_from_metadata(error.code(), error.details() or "", error.trailing_metadata())
-    info = error_info(status)
-    return info.reason if info is not None else ""
-
-
 def _violations(error: aio.AioRpcError) -> list[str]:
-    status = status_from_metadata(error.code(), error.details() or "", error.trailing_metadata())
     fields: list[str] = []
-    for detail in status.details:
+    for detail in rich_status_of(error).details:
         if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
             bad = error_details_pb2.BadRequest()
             detail.Unpack(bad)
@@ -156,7 +153,7 @@ async def test_request_id_reused_for_another_transaction_is_invalid_argument(
     await ledger.PostTransaction(_transfer("r1", "txn:pay_1:capture"))
     error = await _rejected(ledger.PostTransaction(_transfer("r1", "txn:pay_2:capture")))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert _reason(error) == "IDEMPOTENCY_KEY_REUSED"
+    assert error_reason(error) == "IDEMPOTENCY_KEY_REUSED"
 
 
 async def test_unbalanced_transaction_is_rejected_with_a_violation_per_currency(
@@ -169,7 +166,7 @@ async def test_unbalanced_transaction_is_rejected_with_a_violation_per_currency(
     request.postings[1].amount.amount_minor = 999
     error = await _rejected(ledger.PostTransaction(request))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert _reason(error) == "LEDGER_UNBALANCED"
+    assert error_reason(error) == "LEDGER_UNBALANCED"
     assert _violations(error) == [
         "postings: EUR: debits 1000 != credits 999",
         "postings: USD: debits 500 != credits 499",
@@ -184,7 +181,7 @@ async def test_totals_balanced_only_across_currencies_are_unbalanced(ledger: Led
     request = _transfer("r1", "txn:fx")
     request.postings[1].amount.currency_code = "USD"
     error = await _rejected(ledger.PostTransaction(request))
-    assert _reason(error) == "LEDGER_UNBALANCED"
+    assert error_reason(error) == "LEDGER_UNBALANCED"
 
 
 async def test_single_posting_is_unbalanced(ledger: Ledger) -> None:
@@ -192,7 +189,7 @@ async def test_single_posting_is_unbalanced(ledger: Ledger) -> None:
     del request.postings[1]
     error = await _rejected(ledger.PostTransaction(request))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert _reason(error) == "LEDGER_UNBALANCED"
+    assert error_reason(error) == "LEDGER_UNBALANCED"
 
 
 async def test_multi_currency_transaction_balanced_per_currency_is_posted(ledger: Ledger) -> None:
@@ -258,7 +255,7 @@ async def test_withdrawal_beyond_balance_is_insufficient_and_writes_nothing(
     )
     error = await _rejected(ledger.PostTransaction(overdraw))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert _reason(error) == "INSUFFICIENT_BALANCE"
+    assert error_reason(error) == "INSUFFICIENT_BALANCE"
     assert await _balance(ledger, AVAILABLE) == 1000
     assert await _balance(ledger, PAYOUTS) == 0
     missing = await _rejected(
@@ -396,7 +393,7 @@ async def test_entry_page_token_of_another_account_is_rejected(ledger: Ledger) -
         )
     )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert _reason(error) == "PAGE_TOKEN_INVALID"
+    assert error_reason(error) == "PAGE_TOKEN_INVALID"
 
 
 async def test_list_balances_covers_only_the_merchants_own_accounts(ledger: Ledger) -> None:
@@ -495,7 +492,7 @@ async def test_random_postings_keep_every_currency_summing_to_zero(
                     )
                     assert error.code() == expected
                     if not balanced:
-                        assert _reason(error) == "LEDGER_UNBALANCED"
+                        assert error_reason(error) == "LEDGER_UNBALANCED"
                 else:
                     assert balanced
                     posted.append(request.transaction_id)

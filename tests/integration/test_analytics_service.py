@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
-from pathlib import Path
+from collections.abc import Awaitable
+from typing import TypeAlias
 
 import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc import aio
 
-from interceptors.errors import error_info, status_from_metadata
 from paymesh.analytics.v1 import analytics_pb2, analytics_pb2_grpc
 from paymesh.common.v1 import common_pb2
 from services.analytics.__main__ import build
-from tests.servers import granted_stub, running_service
+from tests.servers import ServicesUnderTest, error_reason
 
 SUCCEEDED = analytics_pb2.EVENT_TYPE_PAYMENT_SUCCEEDED
 DECLINED = analytics_pb2.EVENT_TYPE_PAYMENT_DECLINED
@@ -23,18 +22,12 @@ FAILED = analytics_pb2.EVENT_TYPE_PAYMENT_FAILED
 REFUNDED = analytics_pb2.EVENT_TYPE_PAYMENT_REFUNDED
 VOIDED = analytics_pb2.EVENT_TYPE_PAYMENT_VOIDED
 
-Analytics = analytics_pb2_grpc.AnalyticsServiceStub
+Analytics: TypeAlias = "analytics_pb2_grpc.AnalyticsServiceAsyncStub"  # a typing-only class
 
 
 @pytest.fixture
-async def analytics(tmp_path: Path) -> AsyncIterator[Analytics]:
-    async with (
-        running_service(
-            "analytics-service", build, environ={"PAYMESH_VAR_DIR": str(tmp_path)}
-        ) as address,
-        granted_stub(address, analytics_pb2_grpc.AnalyticsServiceStub, "analytics-service") as stub,
-    ):
-        yield stub
+async def analytics(services: ServicesUnderTest) -> Analytics:
+    return await services.serve("analytics-service", build, analytics_pb2_grpc.AnalyticsServiceStub)
 
 
 def _at(seconds: int) -> Timestamp:
@@ -43,7 +36,7 @@ def _at(seconds: int) -> Timestamp:
 
 def _event(
     event_id: str,
-    event_type: int = SUCCEEDED,
+    event_type: analytics_pb2.EventType.ValueType = SUCCEEDED,
     *,
     merchant_id: str = "m_1",
     amount: int = 1000,
@@ -73,12 +66,6 @@ async def _rejected(call: Awaitable[object]) -> aio.AioRpcError:
     with pytest.raises(aio.AioRpcError) as caught:
         await call
     return caught.value
-
-
-def _reason(error: aio.AioRpcError) -> str:
-    status = status_from_metadata(error.code(), error.details() or "", error.trailing_metadata())
-    info = error_info(status)
-    return info.reason if info is not None else ""
 
 
 async def test_recorded_event_carries_its_request_id_and_times(analytics: Analytics) -> None:
@@ -119,7 +106,7 @@ async def test_event_id_reused_with_another_body_is_invalid_argument(
     await analytics.RecordEvent(_event("ev_1"))
     error = await _rejected(analytics.RecordEvent(_event("ev_1", amount=5)))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert _reason(error) == "IDEMPOTENCY_KEY_REUSED"
+    assert error_reason(error) == "IDEMPOTENCY_KEY_REUSED"
     assert (await _stats(analytics)).event_count == 1
 
 
@@ -231,7 +218,7 @@ async def test_page_token_of_another_filter_is_rejected(analytics: Analytics) ->
         )
     )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert _reason(error) == "PAGE_TOKEN_INVALID"
+    assert error_reason(error) == "PAGE_TOKEN_INVALID"
 
 
 def _without_merchant() -> analytics_pb2.RecordEventRequest:

@@ -15,16 +15,16 @@ import contextlib
 import importlib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from google.protobuf import descriptor_pool, message_factory
 from grpc import aio
 
-from interceptors.errors import error_info, status_from_metadata
 from services.mesh import pki
 from services.mesh.topology import ALL_METHODS, SERVICES, ServiceSpec
-from tests.servers import mesh_channel, public_channel, running_service
+from tests.servers import ServedAddress, error_reason, mesh_channel, public_channel, running_service
 
 DIAGNOSTICS = "/paymesh.mesh.v1.DiagnosticsService/GetDiagnostics"
 #: Nothing listens here: downstream calls of an admitted request fail fast, off the mesh.
@@ -56,7 +56,7 @@ def _expected(target: ServiceSpec, path: str, caller: str) -> bool:
 
 
 async def _outcome(channel: aio.Channel, path: str, request: type) -> tuple[grpc.StatusCode, str]:
-    call = channel.unary_unary(
+    call: aio.UnaryUnaryMultiCallable[Any, bytes] = channel.unary_unary(
         path,
         request_serializer=lambda message: message.SerializeToString(),
         response_deserializer=lambda raw: raw,
@@ -64,15 +64,12 @@ async def _outcome(channel: aio.Channel, path: str, request: type) -> tuple[grpc
     try:
         await call(request(), timeout=10)
     except aio.AioRpcError as exc:
-        info = error_info(
-            status_from_metadata(exc.code(), exc.details() or "", exc.trailing_metadata())
-        )
-        return exc.code(), info.reason if info else ""
+        return exc.code(), error_reason(exc)
     return grpc.StatusCode.OK, ""
 
 
 @contextlib.asynccontextmanager
-async def _serving(spec: ServiceSpec, var_dir: Path) -> AsyncIterator[str]:
+async def _serving(spec: ServiceSpec, var_dir: Path) -> AsyncIterator[ServedAddress]:
     environ = {"PAYMESH_VAR_DIR": str(var_dir), "PARTNER_SANDBOX_ADDR": NOWHERE}
     for other in SERVICES:
         if other.name != spec.name:

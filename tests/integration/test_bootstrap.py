@@ -126,13 +126,27 @@ async def test_stop_lets_calls_in_flight_finish_and_turns_health_not_serving(
         )
     )
     address = await ready
-    async with granted_stub(address, order_pb2_grpc.OrderServiceStub, "order-service") as orders:
+    async with (
+        granted_stub(address, order_pb2_grpc.OrderServiceStub, "order-service") as orders,
+        mesh_channel(address) as channel,
+    ):
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service=""), timeout=10
+        )
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
         in_flight = asyncio.ensure_future(
             orders.GetOrder(order_pb2.GetOrderRequest(order_id="o1"), timeout=10)
         )
         await started.wait()
         stop.set()
+        update = await asyncio.wait_for(watch.read(), timeout=5)
+        # Observed while the call is still in flight and the server still running: health
+        # turns first, then the grace period lets the call finish.
+        assert update != aio.EOF
+        assert update.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert not in_flight.done() and not server.done()
         reply = await in_flight
+        watch.cancel()
     await asyncio.wait_for(server, timeout=10)
     assert reply.order.order_id == "o1"
 

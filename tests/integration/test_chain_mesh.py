@@ -33,7 +33,7 @@ class Mesh:
     a: ScriptedServicer
     b: ScriptedServicer
     c: ScriptedServicer
-    client: testing_pb2_grpc.TestServiceStub
+    client: testing_pb2_grpc.TestServiceAsyncStub
 
 
 @contextlib.asynccontextmanager

@@ -23,13 +23,14 @@ import pytest
 from grpc import aio
 
 from interceptors.chain import ClientChain
-from interceptors.errors import CallError, PartnerCallError, error_info, status_from_metadata
+from interceptors.errors import CallError, PartnerCallError
 from interceptors.http import PartnerClient
 from paymesh.testing.v1 import testing_pb2 as pb
 from paymesh.testing.v1 import testing_pb2_grpc
 from services.mesh.pki import PkiLayout, ensure_dev_pki, issue_leaf_with, spiffe_id
 from services.mesh.server import ServerPolicyInterceptor
 from tests.integration.harness import TARGET, RunningServer, ScriptedServicer, make_chain
+from tests.servers import error_reason
 
 CALLS = 12
 PARTNER = "exchange-rate"
@@ -82,7 +83,7 @@ async def tls_serving(identity: tuple[bytes, bytes]) -> AsyncIterator[RunningSer
 @contextlib.asynccontextmanager
 async def tls_stub(
     chain: ClientChain, address: str, credentials: grpc.ChannelCredentials
-) -> AsyncIterator[testing_pb2_grpc.TestServiceStub]:
+) -> AsyncIterator[testing_pb2_grpc.TestServiceAsyncStub]:
     """A stub on a TLS aio channel with the chain on it."""
     channel = aio.secure_channel(
         address,
@@ -94,15 +95,6 @@ async def tls_stub(
         yield testing_pb2_grpc.TestServiceStub(channel)
     finally:
         await channel.close()
-
-
-def reason_of(error: CallError) -> str | None:
-    """The ErrorInfo reason a failed call carries."""
-    status = status_from_metadata(
-        error.code(), error.details() or "", tuple(error.trailing_metadata() or ())
-    )
-    info = error_info(status)
-    return info.reason if info else None
 
 
 def tls_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -137,7 +129,7 @@ async def test_untrusted_certificate_fails_once_with_tls_handshake_failed(
         1,
         "not_retryable",
     )
-    assert reason_of(error) == "TLS_HANDSHAKE_FAILED"
+    assert error_reason(error) == "TLS_HANDSHAKE_FAILED"
     assert "CERTIFICATE_VERIFY_FAILED" in (error.details() or "")
     assert srv.servicer.count() == 0
     [warning] = tls_warnings(caplog)
@@ -154,7 +146,7 @@ async def test_untrusted_certificate_never_opens_the_breaker(
             for _ in range(CALLS):
                 with pytest.raises(CallError) as caught:
                     await stub.Read(pb.ReadRequest())
-                assert (caught.value.attempts, reason_of(caught.value)) == (
+                assert (caught.value.attempts, error_reason(caught.value)) == (
                     1,
                     "TLS_HANDSHAKE_FAILED",
                 )
@@ -171,7 +163,7 @@ async def test_expired_certificate_is_a_tls_handshake_failure_naming_the_expiry(
         async with tls_stub(chain, srv.address, credentials) as stub:
             with pytest.raises(CallError) as caught:
                 await stub.Read(pb.ReadRequest())
-    assert (caught.value.attempts, reason_of(caught.value)) == (1, "TLS_HANDSHAKE_FAILED")
+    assert (caught.value.attempts, error_reason(caught.value)) == (1, "TLS_HANDSHAKE_FAILED")
     assert "certificate has expired" in (caught.value.details() or "")
 
 
@@ -196,7 +188,7 @@ async def test_sync_untrusted_certificate_fails_once_and_never_opens_the_breaker
 
     async with tls_serving(certificates.identity()) as srv:
         errors = await asyncio.to_thread(calls, srv.address)
-    assert [(e.attempts, reason_of(e)) for e in errors] == [(1, "TLS_HANDSHAKE_FAILED")] * CALLS
+    assert [(e.attempts, error_reason(e)) for e in errors] == [(1, "TLS_HANDSHAKE_FAILED")] * CALLS
     assert "CERTIFICATE_VERIFY_FAILED" in (errors[0].details() or "")
     assert chain.breakers.states() == {TARGET: "closed"}
 
@@ -252,7 +244,7 @@ async def test_partner_with_an_untrusted_certificate_fails_once_and_never_opens_
             with pytest.raises(PartnerCallError) as caught:
                 await client.request("GET", "/rates")
             errors.append(caught.value)
-    assert [(e.attempts, e.http_status, reason_of(e)) for e in errors] == [
+    assert [(e.attempts, e.http_status, error_reason(e)) for e in errors] == [
         (1, None, "TLS_HANDSHAKE_FAILED")
     ] * CALLS
     assert "certificate verify failed" in (errors[0].details() or "")

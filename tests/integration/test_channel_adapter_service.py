@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
@@ -19,7 +19,6 @@ import grpc
 import pytest
 from grpc import aio
 
-from interceptors.errors import error_info, status_from_metadata
 from paymesh.channel_adapter.v1 import channel_adapter_pb2 as pb
 from paymesh.channel_adapter.v1 import channel_adapter_pb2_grpc as pb_grpc
 from paymesh.common.v1 import common_pb2
@@ -31,7 +30,7 @@ from services.mesh.admin_token import (
     with_admin_token,
 )
 from services.tools.sandbox.app import SandboxState
-from tests.servers import granted_stub, running_sandbox, running_service
+from tests.servers import ServicesUnderTest, error_info_of, running_sandbox
 
 #: The sandbox's address, state and the headers that open its fault switches.
 Sandbox = tuple[str, SandboxState, dict[str, str]]
@@ -39,7 +38,7 @@ Sandbox = tuple[str, SandboxState, dict[str, str]]
 
 @dataclass
 class Adapter:
-    stub: pb_grpc.ChannelAdapterServiceStub
+    stub: pb_grpc.ChannelAdapterServiceAsyncStub
     sandbox: str
     state: SandboxState
     control: dict[str, str]
@@ -52,19 +51,17 @@ def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
         yield address, state, admin_authorization(control)
 
 
-async def _adapter(tmp_path: Path, sandbox: Sandbox, **environ: str) -> AsyncIterator[Adapter]:
-    env = {"PAYMESH_VAR_DIR": str(tmp_path), "PARTNER_SANDBOX_ADDR": sandbox[0], **environ}
-    async with (
-        running_service("channel-adapter", build, environ=env) as address,
-        granted_stub(address, pb_grpc.ChannelAdapterServiceStub, "channel-adapter") as stub,
-    ):
-        yield Adapter(stub, *sandbox)
+async def _adapter(services: ServicesUnderTest, sandbox: Sandbox, **environ: str) -> Adapter:
+    env = {"PARTNER_SANDBOX_ADDR": sandbox[0], **environ}
+    stub = await services.serve(
+        "channel-adapter", build, pb_grpc.ChannelAdapterServiceStub, environ=env
+    )
+    return Adapter(stub, *sandbox)
 
 
 @pytest.fixture
-async def adapter(tmp_path: Path, sandbox: Sandbox) -> AsyncIterator[Adapter]:
-    async for running in _adapter(tmp_path, sandbox):
-        yield running
+async def adapter(services: ServicesUnderTest, sandbox: Sandbox) -> Adapter:
+    return await _adapter(services, sandbox)
 
 
 def _post(
@@ -118,8 +115,7 @@ def _money(amount: int, currency: str = "EUR") -> common_pb2.Money:
 
 
 def _reason(error: aio.AioRpcError) -> tuple[str, dict[str, str]]:
-    status = status_from_metadata(error.code(), error.details() or "", error.trailing_metadata())
-    info = error_info(status)
+    info = error_info_of(error)
     assert info is not None
     return info.reason, dict(info.metadata)
 
@@ -182,13 +178,15 @@ async def test_exchange_rate_is_served_from_cache_within_ttl(adapter: Adapter) -
     assert adapter.state.requests["exchange-rate"] == 1
 
 
-async def test_zero_ttl_fetches_the_rate_every_time(tmp_path: Path, sandbox: Sandbox) -> None:
-    async for running in _adapter(tmp_path, sandbox, CHANNEL_ADAPTER_RATE_TTL_S="0"):
-        request = pb.GetExchangeRateRequest(source_currency_code="GBP", target_currency_code="EUR")
-        await running.stub.GetExchangeRate(request)
-        again = (await running.stub.GetExchangeRate(request)).exchange_rate
-        assert not again.from_cache
-        assert running.state.requests["exchange-rate"] == 2
+async def test_zero_ttl_fetches_the_rate_every_time(
+    services: ServicesUnderTest, sandbox: Sandbox
+) -> None:
+    running = await _adapter(services, sandbox, CHANNEL_ADAPTER_RATE_TTL_S="0")
+    request = pb.GetExchangeRateRequest(source_currency_code="GBP", target_currency_code="EUR")
+    await running.stub.GetExchangeRate(request)
+    again = (await running.stub.GetExchangeRate(request)).exchange_rate
+    assert not again.from_cache
+    assert running.state.requests["exchange-rate"] == 2
 
 
 async def test_partial_then_full_refund_refunds_the_charge(adapter: Adapter) -> None:

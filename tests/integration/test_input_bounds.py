@@ -31,7 +31,7 @@ from services.mesh import page_tokens, pki
 from services.mesh.authz import grants
 from services.mesh.topology import SERVICES, Topology, env_prefix
 from tests.integration.tenants import Tenant, merchant_directory
-from tests.servers import ServedAddress, mesh_channel, public_channel, running_service
+from tests.servers import ServedAddress, error_reason, mesh_channel, public_channel, running_service
 
 #: Far above every field limit (the largest, a notification payload, is 64 KiB) and the
 #: 16 KiB a peer accepts in trailers, yet under the servers' 256 KiB message limit.
@@ -366,15 +366,6 @@ def _violations(status: status_pb2.Status) -> list[str]:
     return fields
 
 
-def _reason(status: status_pb2.Status) -> str:
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return str(info.reason)
-    return ""
-
-
 def _problem(
     error: aio.AioRpcError | None, expected: grpc.StatusCode, field_path: str
 ) -> str | None:
@@ -457,7 +448,7 @@ async def test_forged_page_token_is_page_token_invalid_on_every_list_rpc(
                 error = await _call(caller, service, method, request)
                 checked += 1
                 problem = _problem(error, grpc.StatusCode.INVALID_ARGUMENT, "page_token")
-                reason = _reason(_status(error)) if error is not None else ""
+                reason = error_reason(error) if error is not None else ""
                 if problem is None and reason != "PAGE_TOKEN_INVALID":
                     problem = f"reason {reason}"
                 if problem is not None:

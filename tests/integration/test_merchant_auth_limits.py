@@ -32,9 +32,9 @@ from tests.integration.merchant_auth_mesh import (
     authenticate_error,
     error_metadata,
     issued_key,
-    reason,
     retry_delay_s,
 )
+from tests.servers import error_reason
 from tests.unit.fakes import FakeClock
 
 ATTACKER = "ipv4:198.51.100.7:40000"
@@ -105,7 +105,7 @@ def _peer(index: int) -> str:
 def _assert_too_many(error: BaseException, *, retry_s: float, **metadata: str) -> None:
     assert isinstance(error, aio.AioRpcError), error
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert reason(error) == "TOO_MANY_FAILED_ATTEMPTS"
+    assert error_reason(error) == "TOO_MANY_FAILED_ATTEMPTS"
     assert retry_delay_s(error) == pytest.approx(retry_s)
     assert metadata.items() <= error_metadata(error).items()
 
@@ -113,7 +113,7 @@ def _assert_too_many(error: BaseException, *, retry_s: float, **metadata: str) -
 def _assert_invalid(error: BaseException) -> None:
     assert isinstance(error, aio.AioRpcError), error
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert reason(error) == "API_KEY_INVALID"
+    assert error_reason(error) == "API_KEY_INVALID"
 
 
 async def _fail(mesh: Mesh, secret: str, times: int, *, peer: str | None = ATTACKER) -> None:
@@ -145,10 +145,10 @@ async def test_a_flood_of_wrong_secrets_for_a_real_key_leaves_its_merchant_authe
     assert len(answered) + len(errors) == len(outcomes)
     assert len(answered) == 30
     assert {o.key_id for o in answered} == {issued.api_key.key_id}
-    invalid = [e for e in errors if reason(e) == "API_KEY_INVALID"]
+    invalid = [e for e in errors if error_reason(e) == "API_KEY_INVALID"]
     assert len(invalid) == 10  # the default key-id limit; after it, no verification work
     for error in errors:
-        if reason(error) != "API_KEY_INVALID":
+        if error_reason(error) != "API_KEY_INVALID":
             _assert_too_many(error, retry_s=60.0, key_id=issued.api_key.key_id)
 
 
@@ -289,7 +289,7 @@ async def test_verifications_beyond_the_in_flight_limit_are_shed_at_once(
         await _until(lambda: held.waiting == limit)
         shed = await authenticate_error(mesh.auth, issued.secret)
         assert shed.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert reason(shed) == "OVERLOADED"
+        assert error_reason(shed) == "OVERLOADED"
         assert retry_delay_s(shed) == pytest.approx(retry_s)
         held.gate.set()
         answered = await asyncio.gather(*in_flight)

@@ -37,8 +37,8 @@ from tests.integration.merchant_auth_mesh import (
     issue_request,
     issued_key,
     merchant_service,
-    reason,
 )
+from tests.servers import error_reason
 
 AUTHENTICATE = "/paymesh.merchant_auth.v1.MerchantAuthService/AuthenticateApiKey"
 
@@ -126,14 +126,14 @@ async def test_request_id_reused_with_another_body_is_invalid_argument(mesh: Mes
     with pytest.raises(aio.AioRpcError) as caught:
         await mesh.auth.IssueApiKey(_issue(merchant.merchant_id, label="other"))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert reason(caught.value) == "IDEMPOTENCY_KEY_REUSED"
+    assert error_reason(caught.value) == "IDEMPOTENCY_KEY_REUSED"
 
 
 async def test_key_for_unknown_merchant_is_not_found(mesh: Mesh) -> None:
     with pytest.raises(aio.AioRpcError) as caught:
         await mesh.auth.IssueApiKey(_issue("m_missing"))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-    assert reason(caught.value) == "MERCHANT_NOT_FOUND"
+    assert error_reason(caught.value) == "MERCHANT_NOT_FOUND"
 
 
 async def test_key_for_suspended_merchant_is_failed_precondition(mesh: Mesh) -> None:
@@ -142,7 +142,7 @@ async def test_key_for_suspended_merchant_is_failed_precondition(mesh: Mesh) -> 
     with pytest.raises(aio.AioRpcError) as caught:
         await mesh.auth.IssueApiKey(_issue(merchant.merchant_id))
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert reason(caught.value) == "MERCHANT_INACTIVE"
+    assert error_reason(caught.value) == "MERCHANT_INACTIVE"
 
 
 async def test_key_of_a_merchant_suspended_later_authenticates_as_inactive(mesh: Mesh) -> None:
@@ -170,7 +170,7 @@ async def test_secret_is_stored_nowhere_in_the_database(mesh: Mesh) -> None:
 async def test_malformed_key_is_unauthenticated_api_key_invalid(mesh: Mesh, api_key: str) -> None:
     error = await authenticate_error(mesh.auth, api_key)
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert reason(error) == "API_KEY_INVALID"
+    assert error_reason(error) == "API_KEY_INVALID"
 
 
 async def test_wrong_secret_for_a_real_key_is_api_key_invalid(mesh: Mesh) -> None:
@@ -180,14 +180,14 @@ async def test_wrong_secret_for_a_real_key_is_api_key_invalid(mesh: Mesh) -> Non
     forged = issued.secret[:-1] + ("A" if last != "A" else "B")
     error = await authenticate_error(mesh.auth, forged)
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert reason(error) == "API_KEY_INVALID"
+    assert error_reason(error) == "API_KEY_INVALID"
     assert issued.secret not in (error.details() or "")
 
 
 async def test_unknown_key_is_api_key_invalid(mesh: Mesh) -> None:
     error = await authenticate_error(mesh.auth, "sk_0123456789abcdef_" + "A" * 43)
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert reason(error) == "API_KEY_INVALID"
+    assert error_reason(error) == "API_KEY_INVALID"
 
 
 async def test_revoked_key_is_api_key_revoked(mesh: Mesh) -> None:
@@ -200,7 +200,7 @@ async def test_revoked_key_is_api_key_revoked(mesh: Mesh) -> None:
     assert revoked.api_key.HasField("revoke_time")
     error = await authenticate_error(mesh.auth, issued.secret)
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert reason(error) == "API_KEY_REVOKED"
+    assert error_reason(error) == "API_KEY_REVOKED"
 
 
 async def test_revoking_a_revoked_key_keeps_the_first_revocation(mesh: Mesh) -> None:
@@ -304,7 +304,7 @@ async def test_a_secret_in_the_old_body_field_is_credentials_missing(mesh: Mesh)
         with pytest.raises(aio.AioRpcError) as caught:
             await call(old_body, timeout=10)
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert reason(caught.value) == "CREDENTIALS_MISSING"
+    assert error_reason(caught.value) == "CREDENTIALS_MISSING"
     assert issued.secret not in (caught.value.details() or "")
 
 
@@ -328,7 +328,7 @@ async def test_missing_or_malformed_authorization_is_credentials_missing(
     with pytest.raises(aio.AioRpcError) as caught:
         await mesh.auth.AuthenticateApiKey(pb.AuthenticateApiKeyRequest(), metadata=sent)
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert reason(caught.value) == "CREDENTIALS_MISSING"
+    assert error_reason(caught.value) == "CREDENTIALS_MISSING"
     assert issued.secret not in (caught.value.details() or "")
 
 
@@ -399,7 +399,7 @@ async def test_a_wrong_secret_leaves_a_legacy_row_as_it_was(mesh: Mesh) -> None:
     legacy = _store_legacy_hash(mesh, key_id, issued.secret)
     forged = issued.secret[:-1] + ("A" if issued.secret[-1] != "A" else "B")
     error = await authenticate_error(mesh.auth, forged)
-    assert reason(error) == "API_KEY_INVALID"
+    assert error_reason(error) == "API_KEY_INVALID"
     assert _stored_hash(mesh, key_id) == legacy
 
 
@@ -458,7 +458,7 @@ async def test_keys_do_not_verify_under_another_pepper(tmp_path: Path) -> None:
     first, second = _pepper_file(tmp_path / "a.pepper"), _pepper_file(tmp_path / "b.pepper")
     result = await _issue_then_authenticate_with(tmp_path, first, second)
     assert isinstance(result, aio.AioRpcError)
-    assert reason(result) == "API_KEY_INVALID"
+    assert error_reason(result) == "API_KEY_INVALID"
 
 
 @pytest.mark.parametrize("content", [None, b"too short"], ids=["missing", "short"])

@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import error_details_pb2
 from grpc import aio
 
 from interceptors.errors import (
@@ -43,10 +43,16 @@ from tests.integration.tenants import (
     Directory,
     merchant_directory,
     merchant_stub,
-    reason,
     refusal,
 )
-from tests.servers import granted_stub, public_channel, running_service
+from tests.servers import (
+    ServicesUnderTest,
+    error_reason,
+    granted_stub,
+    public_channel,
+    rich_status_of,
+    running_service,
+)
 
 DOWNSTREAMS = (
     "payment-gateway",
@@ -79,12 +85,12 @@ def _operator(address: str) -> contextlib.AbstractAsyncContextManager[Any]:
 
 
 @pytest.fixture
-async def merchants(tmp_path: Path) -> AsyncIterator[merchant_pb2_grpc.MerchantServiceAsyncStub]:
-    async with (
-        running_service("merchant-service", build, environ=_environ(tmp_path)) as address,
-        _operator(address) as stub,
-    ):
-        yield stub
+async def merchants(
+    tmp_path: Path, services: ServicesUnderTest
+) -> merchant_pb2_grpc.MerchantServiceAsyncStub:
+    return await services.serve(
+        "merchant-service", build, merchant_pb2_grpc.MerchantServiceStub, environ=_environ(tmp_path)
+    )
 
 
 def _create(request_id: str = "r1", **fields: str) -> merchant_pb2.CreateMerchantRequest:
@@ -101,20 +107,13 @@ def _create(request_id: str = "r1", **fields: str) -> merchant_pb2.CreateMerchan
 
 def _details(error: aio.AioRpcError) -> tuple[str, list[str]]:
     """The ErrorInfo reason and the BadRequest field names of a failed call."""
-    reason, fields = "", []
-    for key, value in error.trailing_metadata() or ():
-        if key != STATUS_DETAILS_KEY or not isinstance(value, bytes):
-            continue
-        for detail in status_pb2.Status.FromString(value).details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                reason = info.reason
-            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                bad = error_details_pb2.BadRequest()
-                detail.Unpack(bad)
-                fields = [violation.field for violation in bad.field_violations]
-    return reason, fields
+    fields: list[str] = []
+    for detail in rich_status_of(error).details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            fields = [violation.field for violation in bad.field_violations]
+    return error_reason(error), fields
 
 
 async def test_created_merchant_is_active_with_a_server_generated_id(
@@ -619,7 +618,7 @@ async def test_another_merchant_is_not_found_exactly_like_a_missing_one(
         with pytest.raises(aio.AioRpcError) as missing:
             await call(request_type(merchant_id=MISSING_MERCHANT))
     assert foreign.value.code() == grpc.StatusCode.NOT_FOUND
-    assert reason(foreign.value) == "MERCHANT_NOT_FOUND"
+    assert error_reason(foreign.value) == "MERCHANT_NOT_FOUND"
     assert refusal(foreign.value, resource_id=other.merchant_id) == refusal(
         missing.value, resource_id=MISSING_MERCHANT
     )
@@ -648,7 +647,7 @@ async def test_merchant_call_without_api_key_is_credentials_missing(
         with pytest.raises(aio.AioRpcError) as caught:
             await merchants.GetMerchant(merchant_pb2.GetMerchantRequest())
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert reason(caught.value) == "CREDENTIALS_MISSING"
+    assert error_reason(caught.value) == "CREDENTIALS_MISSING"
 
 
 async def test_merchant_call_with_a_bad_api_key_is_unauthenticated(
@@ -658,7 +657,7 @@ async def test_merchant_call_with_a_bad_api_key_is_unauthenticated(
         with pytest.raises(aio.AioRpcError) as caught:
             await merchants.GetMerchantDashboard(merchant_pb2.GetMerchantDashboardRequest())
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert reason(caught.value) == "API_KEY_INVALID"
+    assert error_reason(caught.value) == "API_KEY_INVALID"
 
 
 @pytest.mark.parametrize("method", ["ListMerchants", "CreateMerchant", "UpdateMerchantStatus"])

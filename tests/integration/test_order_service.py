@@ -3,9 +3,6 @@ and status changes that follow the order lifecycle (any other is FAILED_PRECONDI
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import grpc
 import pytest
 from grpc import aio
@@ -13,19 +10,12 @@ from grpc import aio
 from paymesh.common.v1 import common_pb2
 from paymesh.order.v1 import order_pb2, order_pb2_grpc
 from services.order.__main__ import build
-from tests.integration.tenants import reason
-from tests.servers import granted_stub, running_service
+from tests.servers import ServicesUnderTest, error_reason
 
 
 @pytest.fixture
-async def orders(tmp_path: Path) -> AsyncIterator[order_pb2_grpc.OrderServiceStub]:
-    async with (
-        running_service(
-            "order-service", build, environ={"PAYMESH_VAR_DIR": str(tmp_path)}
-        ) as address,
-        granted_stub(address, order_pb2_grpc.OrderServiceStub, "order-service") as stub,
-    ):
-        yield stub
+async def orders(services: ServicesUnderTest) -> order_pb2_grpc.OrderServiceAsyncStub:
+    return await services.serve("order-service", build, order_pb2_grpc.OrderServiceStub)
 
 
 def _create(request_id: str, order_id: str, amount: int = 1250) -> order_pb2.CreateOrderRequest:
@@ -39,7 +29,7 @@ def _create(request_id: str, order_id: str, amount: int = 1250) -> order_pb2.Cre
 
 
 async def test_replayed_create_returns_the_first_order(
-    orders: order_pb2_grpc.OrderServiceStub,
+    orders: order_pb2_grpc.OrderServiceAsyncStub,
 ) -> None:
     first = await orders.CreateOrder(_create("r1", "o1"))
     again = await orders.CreateOrder(_create("r1", "o1"))
@@ -49,7 +39,7 @@ async def test_replayed_create_returns_the_first_order(
 
 
 async def test_same_order_id_with_different_content_is_already_exists(
-    orders: order_pb2_grpc.OrderServiceStub,
+    orders: order_pb2_grpc.OrderServiceAsyncStub,
 ) -> None:
     await orders.CreateOrder(_create("r1", "o1"))
     with pytest.raises(aio.AioRpcError) as caught:
@@ -58,7 +48,7 @@ async def test_same_order_id_with_different_content_is_already_exists(
 
 
 async def test_request_id_reused_with_another_body_is_invalid_argument(
-    orders: order_pb2_grpc.OrderServiceStub,
+    orders: order_pb2_grpc.OrderServiceAsyncStub,
 ) -> None:
     await orders.CreateOrder(_create("r1", "o1"))
     with pytest.raises(aio.AioRpcError) as caught:
@@ -71,7 +61,7 @@ async def test_request_id_reused_with_another_body_is_invalid_argument(
     ("amount", "currency"), [(0, "EUR"), (-1, "EUR"), (10**15, "EUR"), (100, "XXX")]
 )
 async def test_bad_money_is_invalid_argument(
-    orders: order_pb2_grpc.OrderServiceStub, amount: int, currency: str
+    orders: order_pb2_grpc.OrderServiceAsyncStub, amount: int, currency: str
 ) -> None:
     request = _create("r1", "o1")
     request.amount.amount_minor = amount
@@ -81,13 +71,13 @@ async def test_bad_money_is_invalid_argument(
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def test_unknown_order_is_not_found(orders: order_pb2_grpc.OrderServiceStub) -> None:
+async def test_unknown_order_is_not_found(orders: order_pb2_grpc.OrderServiceAsyncStub) -> None:
     with pytest.raises(aio.AioRpcError) as caught:
         await orders.GetOrder(order_pb2.GetOrderRequest(order_id="missing"))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-async def test_pages_cover_every_order_once(orders: order_pb2_grpc.OrderServiceStub) -> None:
+async def test_pages_cover_every_order_once(orders: order_pb2_grpc.OrderServiceAsyncStub) -> None:
     for index in range(7):
         await orders.CreateOrder(_create(f"r{index}", f"o{index}"))
     seen: list[str] = []
@@ -104,7 +94,7 @@ async def test_pages_cover_every_order_once(orders: order_pb2_grpc.OrderServiceS
 
 
 async def test_page_token_of_another_filter_is_rejected(
-    orders: order_pb2_grpc.OrderServiceStub,
+    orders: order_pb2_grpc.OrderServiceAsyncStub,
 ) -> None:
     for index in range(3):
         await orders.CreateOrder(_create(f"r{index}", f"o{index}"))
@@ -128,7 +118,7 @@ def _status(
 
 
 async def _walk(
-    orders: order_pb2_grpc.OrderServiceStub, *statuses: order_pb2.OrderStatus.ValueType
+    orders: order_pb2_grpc.OrderServiceAsyncStub, *statuses: order_pb2.OrderStatus.ValueType
 ) -> order_pb2.Order:
     """Create order o1 and move it through ``statuses``; the order after the last."""
     order = (await orders.CreateOrder(_create("create", "o1"))).order
@@ -138,7 +128,7 @@ async def _walk(
 
 
 async def test_paid_order_is_refunded_in_parts_then_wholly(
-    orders: order_pb2_grpc.OrderServiceStub,
+    orders: order_pb2_grpc.OrderServiceAsyncStub,
 ) -> None:
     order = await _walk(
         orders,
@@ -151,7 +141,7 @@ async def test_paid_order_is_refunded_in_parts_then_wholly(
 
 
 async def test_setting_the_current_status_again_is_a_no_op(
-    orders: order_pb2_grpc.OrderServiceStub,
+    orders: order_pb2_grpc.OrderServiceAsyncStub,
 ) -> None:
     paid = await _walk(orders, order_pb2.ORDER_STATUS_PAID)
     again = await orders.UpdateOrderStatus(_status("again", order_pb2.ORDER_STATUS_PAID))
@@ -191,7 +181,7 @@ async def test_setting_the_current_status_again_is_a_no_op(
     ],
 )
 async def test_change_outside_the_lifecycle_is_failed_precondition_invalid_state(
-    orders: order_pb2_grpc.OrderServiceStub,
+    orders: order_pb2_grpc.OrderServiceAsyncStub,
     path: tuple[order_pb2.OrderStatus.ValueType, ...],
     refused: order_pb2.OrderStatus.ValueType,
 ) -> None:
@@ -199,13 +189,13 @@ async def test_change_outside_the_lifecycle_is_failed_precondition_invalid_state
     with pytest.raises(aio.AioRpcError) as caught:
         await orders.UpdateOrderStatus(_status("bad", refused))
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert reason(caught.value) == "INVALID_STATE"
+    assert error_reason(caught.value) == "INVALID_STATE"
     after = await orders.GetOrder(order_pb2.GetOrderRequest(order_id="o1"))
     assert after.order == before
 
 
 async def test_refused_change_leaves_its_request_id_free(
-    orders: order_pb2_grpc.OrderServiceStub,
+    orders: order_pb2_grpc.OrderServiceAsyncStub,
 ) -> None:
     await _walk(orders)
     with pytest.raises(aio.AioRpcError):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import random
@@ -31,7 +32,7 @@ from google.protobuf import descriptor_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
 
-from interceptors.errors import STATUS_DETAILS_KEY, retry_delay_of
+from interceptors.errors import STATUS_DETAILS_KEY, FailedPrecondition, retry_delay_of
 from interceptors.policy import DEFAULT_POLICY_FILE
 from paymesh.accounting.v1 import accounting_pb2, accounting_pb2_grpc
 from paymesh.analytics.v1 import analytics_pb2, analytics_pb2_grpc
@@ -55,17 +56,18 @@ from services.payment_gateway.outbox import PENDING, SENT, OutboxRow
 from services.payment_gateway.servicer import for_merchant, scoped_key
 from services.payment_gateway.store import NewPayment, PaymentRecord, PaymentStore, Step
 from services.risk.__main__ import build as build_risk
+from services.tools.sandbox.app import Fault as SandboxFault
 from services.tools.sandbox.app import SandboxState
 from tests.integration.tenants import (
     Directory,
     Tenant,
     merchant_directory,
     merchant_stub,
-    reason,
     refusal,
 )
 from tests.servers import (
     ServedAddress,
+    error_reason,
     granted_stub,
     mesh_channel,
     public_channel,
@@ -235,9 +237,6 @@ def _refund(
     if amount is not None:
         request.amount.CopyFrom(common_pb2.Money(amount_minor=amount, currency_code="EUR"))
     return request
-
-
-_reason = reason
 
 
 async def _fails(call: Awaitable[Any]) -> aio.AioRpcError:
@@ -413,7 +412,7 @@ async def test_twenty_concurrent_duplicates_make_one_payment_one_charge_one_post
     errors = [r for r in results if isinstance(r, BaseException)]
     assert answers, errors
     assert all(isinstance(e, aio.AioRpcError) for e in errors)
-    assert {(e.code(), _reason(e)) for e in errors if isinstance(e, aio.AioRpcError)} <= {
+    assert {(e.code(), error_reason(e)) for e in errors if isinstance(e, aio.AioRpcError)} <= {
         (grpc.StatusCode.ABORTED, "IDEMPOTENCY_KEY_IN_FLIGHT")
     }
     payment_ids = {a.payment.payment_id for a in answers}
@@ -446,7 +445,7 @@ async def test_same_request_id_with_another_body_is_invalid_argument(mesh: Mesh)
     await mesh.gateway.CreatePayment(_create(mesh))
     error = await _fails(mesh.gateway.CreatePayment(_create(mesh, amount=999)))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert _reason(error) == "IDEMPOTENCY_KEY_REUSED"
+    assert error_reason(error) == "IDEMPOTENCY_KEY_REUSED"
     assert len(_charges(mesh)) == 1
 
 
@@ -485,9 +484,10 @@ async def test_naming_the_own_merchant_id_is_the_same_request_as_leaving_it_empt
 async def test_bad_field_is_invalid_argument(
     mesh: Mesh, field: str, value: str, reason: str
 ) -> None:
-    error = await _fails(mesh.gateway.CreatePayment(_create(mesh, **{field: value})))
+    bad: dict[str, Any] = {field: value}
+    error = await _fails(mesh.gateway.CreatePayment(_create(mesh, **bad)))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert _reason(error) == reason
+    assert error_reason(error) == reason
     assert _charges(mesh) == []
 
 
@@ -508,21 +508,21 @@ async def test_bad_amount_is_invalid_argument(
     request.amount.CopyFrom(common_pb2.Money(amount_minor=amount, currency_code=currency))
     error = await _fails(mesh.gateway.CreatePayment(request))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert _reason(error) == reason
+    assert error_reason(error) == reason
 
 
 async def test_suspended_merchant_is_permission_denied(mesh: Mesh) -> None:
     await mesh.directory.suspend(mesh.merchant_id)
     error = await _fails(mesh.gateway.CreatePayment(_create(mesh)))
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert _reason(error) == "MERCHANT_INACTIVE"
+    assert error_reason(error) == "MERCHANT_INACTIVE"
     assert _charges(mesh) == []
 
 
 async def test_unknown_payment_is_not_found(mesh: Mesh) -> None:
     error = await _fails(mesh.gateway.GetPayment(pg.GetPaymentRequest(payment_id="pay_nope")))
     assert error.code() == grpc.StatusCode.NOT_FOUND
-    assert _reason(error) == "PAYMENT_NOT_FOUND"
+    assert error_reason(error) == "PAYMENT_NOT_FOUND"
 
 
 # --- credentials and tenancy --------------------------------------------------------------
@@ -553,7 +553,7 @@ async def test_call_without_api_key_on_the_public_port_is_credentials_missing(
         stub = payment_gateway_pb2_grpc.PaymentGatewayServiceStub(channel)
         error = await _fails(getattr(stub, method)(request_))
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert _reason(error) == "CREDENTIALS_MISSING"
+    assert error_reason(error) == "CREDENTIALS_MISSING"
 
 
 @pytest.mark.parametrize(
@@ -563,7 +563,7 @@ async def test_bad_api_key_is_unauthenticated_and_charges_nothing(mesh: Mesh, se
     async with mesh.as_merchant(secret) as gateway:
         error = await _fails(gateway.CreatePayment(_create(mesh)))
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert _reason(error) == "API_KEY_INVALID"
+    assert error_reason(error) == "API_KEY_INVALID"
     assert _charges(mesh) == []
 
 
@@ -571,7 +571,7 @@ async def test_payment_for_another_merchant_id_is_not_found(mesh: Mesh) -> None:
     other = await mesh.directory.onboard("Other Shop")
     error = await _fails(mesh.gateway.CreatePayment(_create(mesh, merchant_id=other.merchant_id)))
     assert error.code() == grpc.StatusCode.NOT_FOUND
-    assert _reason(error) == "MERCHANT_NOT_FOUND"
+    assert error_reason(error) == "MERCHANT_NOT_FOUND"
     assert _charges(mesh) == []
     listed = await mesh.operator_gateway.ListPayments(
         pg.ListPaymentsRequest(merchant_id=other.merchant_id)
@@ -634,7 +634,7 @@ async def test_list_and_summary_show_a_merchant_only_its_own_payments(mesh: Mesh
     ):
         error = await _fails(call)
         assert error.code() == grpc.StatusCode.NOT_FOUND
-        assert _reason(error) == "MERCHANT_NOT_FOUND"
+        assert error_reason(error) == "MERCHANT_NOT_FOUND"
 
 
 async def test_same_request_id_of_two_merchants_makes_two_payments(mesh: Mesh) -> None:
@@ -723,7 +723,7 @@ async def test_refund_above_captured_is_failed_precondition(mesh: Mesh) -> None:
     await mesh.gateway.RefundPayment(_refund(mesh, payment.payment_id, "rf-1", 600))
     error = await _fails(mesh.gateway.RefundPayment(_refund(mesh, payment.payment_id, "rf-2", 401)))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert _reason(error) == "REFUND_EXCEEDS_CAPTURED"
+    assert error_reason(error) == "REFUND_EXCEEDS_CAPTURED"
     assert await _balance(mesh, _available(mesh)) == 400
 
 
@@ -733,7 +733,7 @@ async def test_refund_of_a_declined_payment_is_invalid_state(mesh: Mesh) -> None
     ).payment
     error = await _fails(mesh.gateway.RefundPayment(_refund(mesh, payment.payment_id, "rf-1")))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert _reason(error) == "INVALID_STATE"
+    assert error_reason(error) == "INVALID_STATE"
 
 
 async def test_replayed_refund_refunds_once(mesh: Mesh) -> None:
@@ -768,7 +768,7 @@ async def test_ledger_balances_after_a_random_mix_of_payments_and_refunds(mesh: 
                 expected -= ask
             else:
                 error = await _fails(mesh.gateway.RefundPayment(request))
-                assert _reason(error) == "REFUND_EXCEEDS_CAPTURED"
+                assert error_reason(error) == "REFUND_EXCEEDS_CAPTURED"
     assert await _balance(mesh, _available(mesh)) == expected
     assert await _balance(mesh, "platform/psp_clearing") == -expected
     summary = (
@@ -854,7 +854,7 @@ async def test_page_token_of_another_filter_is_invalid_argument(mesh: Mesh) -> N
         )
     )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert _reason(error) == "PAGE_TOKEN_INVALID"
+    assert error_reason(error) == "PAGE_TOKEN_INVALID"
 
 
 @pytest.mark.parametrize(
@@ -1023,7 +1023,7 @@ async def test_retry_of_an_unfinished_payment_is_aborted_until_recovered(
     # finishes this payment until the next pass.
     error = await _fails(mesh.gateway.CreatePayment(_create(mesh, "crash-4")))
     assert error.code() == grpc.StatusCode.ABORTED
-    assert _reason(error) == "IDEMPOTENCY_KEY_IN_FLIGHT"
+    assert error_reason(error) == "IDEMPOTENCY_KEY_IN_FLIGHT"
     assert _charges(mesh) == []
 
 
@@ -1110,7 +1110,7 @@ async def test_risk_outage_answers_unavailable_and_leaves_the_request_id_free(
     async with _gateway(mesh, dead="risk-service") as gateway:
         error = await _fails(gateway.CreatePayment(_create(mesh)))
     assert error.code() == grpc.StatusCode.UNAVAILABLE
-    assert _reason(error) in {"DOWNSTREAM_UNAVAILABLE", "CIRCUIT_OPEN"}
+    assert error_reason(error) in {"DOWNSTREAM_UNAVAILABLE", "CIRCUIT_OPEN"}
     assert (_retry_delay(error) or 0) > 0
     assert _error_metadata(error)["target"] == "risk-service"
     assert _rows(mesh, "SELECT COUNT(*) FROM payments") == 0
@@ -1130,7 +1130,7 @@ async def test_merchant_auth_outage_answers_unavailable_with_retry_info_and_does
     async with _gateway(mesh, dead="merchant-auth-service") as gateway:
         error = await _fails(gateway.CreatePayment(_create(mesh)))
     assert error.code() == grpc.StatusCode.UNAVAILABLE
-    assert _reason(error) in {"DOWNSTREAM_UNAVAILABLE", "CIRCUIT_OPEN"}
+    assert error_reason(error) in {"DOWNSTREAM_UNAVAILABLE", "CIRCUIT_OPEN"}
     assert _error_metadata(error)["target"] == "merchant-auth-service"
     assert (_retry_delay(error) or 0) > 0
     assert _rows(mesh, "SELECT COUNT(*) FROM idempotency_keys") == 0
@@ -1144,7 +1144,7 @@ async def test_order_outage_frees_the_request_id_and_cancels_the_order_it_may_ha
     async with _gateway(mesh, dead="order-service") as gateway:
         error = await _fails(gateway.CreatePayment(_create(mesh)))
     assert error.code() == grpc.StatusCode.UNAVAILABLE
-    assert _reason(error) in {"DOWNSTREAM_UNAVAILABLE", "CIRCUIT_OPEN"}
+    assert error_reason(error) in {"DOWNSTREAM_UNAVAILABLE", "CIRCUIT_OPEN"}
     assert _error_metadata(error)["target"] == "order-service"
     assert _rows(mesh, "SELECT COUNT(*) FROM payments") == 0
     (cleanup,) = _outbox(mesh)
@@ -1171,7 +1171,7 @@ async def test_channel_outage_leaves_the_payment_to_recovery_which_charges_once(
     async with _gateway(mesh, dead="channel-adapter") as gateway:
         error = await _fails(gateway.CreatePayment(_create(mesh)))
     assert error.code() == grpc.StatusCode.UNAVAILABLE
-    assert _reason(error) == "DOWNSTREAM_UNAVAILABLE"
+    assert error_reason(error) == "DOWNSTREAM_UNAVAILABLE"
     assert (_retry_delay(error) or 0) > 0
     (pending,) = (
         await mesh.gateway.ListPayments(pg.ListPaymentsRequest(merchant_id=mesh.merchant_id))
@@ -1294,7 +1294,7 @@ async def test_open_breaker_refuses_create_payment_before_authenticating_or_writ
         for index in range(refusals):
             error = await _fails(gateway.CreatePayment(_create(mesh, f"ff-{index}")))
             assert error.code() == grpc.StatusCode.UNAVAILABLE
-            assert _reason(error) == "CIRCUIT_OPEN"
+            assert error_reason(error) == "CIRCUIT_OPEN"
             assert _error_metadata(error)["target"] == "order-service"
             assert 0 < (_retry_delay(error) or 0) <= 30
         assert _calls(context, AUTHENTICATE, ASSESS, CREATE_ORDER) == called
@@ -1333,7 +1333,7 @@ async def test_open_channel_breaker_refuses_refund_payment_before_reserving_anyt
         refunds = _rows(mesh, "SELECT COUNT(*) FROM refunds")
         error = await _fails(gateway.RefundPayment(_refund(mesh, payment.payment_id, "rf-x", 1)))
     assert error.code() == grpc.StatusCode.UNAVAILABLE
-    assert _reason(error) == "CIRCUIT_OPEN"
+    assert error_reason(error) == "CIRCUIT_OPEN"
     assert _error_metadata(error)["target"] == "channel-adapter"
     assert _rows(mesh, "SELECT COUNT(*) FROM refunds") == refunds
 
@@ -1368,3 +1368,190 @@ async def test_recovery_waits_out_a_risk_outage_then_finishes_the_payment(
     payment = await _recovered(mesh, payment_id)
     assert payment.status == pg.PAYMENT_STATUS_SUCCEEDED
     assert len(_charges(mesh)) == 1
+
+
+# --- voids, refused charges, failed and recovered refunds ----------------------------------
+
+
+def _refusing(build: Any, method: str, refuse: Callable[[Any], Exception | None]) -> Any:
+    """``build`` of a real service whose ``method`` raises ``refuse(request)`` when that is an
+    exception (and answers as usual when it is None): a downstream that fails on command."""
+
+    async def refusing_build(context: ServiceContext) -> Any:
+        registrations = build(context)
+        if inspect.isawaitable(registrations):
+            registrations = await registrations
+        servicer = registrations[0].servicer
+        answer = getattr(servicer, method)
+
+        async def refusing_method(request: Any, call_context: Any) -> Any:
+            error = refuse(request)
+            if error is not None:
+                raise error
+            return await answer(request, call_context)
+
+        setattr(servicer, method, refusing_method)
+        return registrations
+
+    return refusing_build
+
+
+@contextlib.asynccontextmanager
+async def _refusing_downstream(
+    mesh: Mesh, tmp_path: Path, name: str, build: Any, method: str, refuse: Any
+) -> AsyncIterator[ServedAddress]:
+    """A second instance of downstream ``name`` (its own var dir) refusing as ``refuse`` says."""
+    var_dir = tmp_path / f"refusing-{name}"
+    var_dir.mkdir()
+    environ = {**mesh.environ, "PAYMESH_VAR_DIR": str(var_dir)}
+    async with running_service(name, _refusing(build, method, refuse), environ=environ) as address:
+        yield address
+
+
+def _captures(request: accounting_pb2.PostTransactionRequest) -> Exception | None:
+    if request.kind != accounting_pb2.TRANSACTION_KIND_PAYMENT:
+        return None
+    return FailedPrecondition("the ledger refuses this capture", reason="LEDGER_UNBALANCED")
+
+
+async def test_capture_the_ledger_refuses_voids_the_charge_and_posts_nothing(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    async with (
+        _refusing_downstream(
+            mesh, tmp_path, "accounting-service", build_accounting, "PostTransaction", _captures
+        ) as ledger_address,
+        _gateway(mesh, dead="accounting-service", address=ledger_address, timeout_s=10) as gateway,
+        granted_stub(
+            ledger_address, accounting_pb2_grpc.AccountingServiceStub, "accounting-service"
+        ) as refusing_ledger,
+    ):
+        payment = (await gateway.CreatePayment(_create(mesh))).payment
+        assert payment.status == pg.PAYMENT_STATUS_VOIDED
+        assert payment.failure_reason == "LEDGER_UNBALANCED"
+        assert not payment.ledger_transaction_id
+        # The authorisation is undone at the channel, and neither ledger holds an entry.
+        (charge,) = _charges(mesh)
+        assert (charge["status"], charge["refunded_minor"]) == ("voided", 2500)
+        listed = await mesh.channel.ListCharges(
+            channel_adapter_pb2.ListChargesRequest(payment_id=payment.payment_id)
+        )
+        assert [c.status for c in listed.charges] == [channel_adapter_pb2.CHARGE_STATUS_VOIDED]
+        entries = await refusing_ledger.ListEntries(
+            accounting_pb2.ListEntriesRequest(account_id=_available(mesh), page_size=10)
+        )
+        assert list(entries.entries) == []
+    assert await _entries(mesh, _available(mesh)) == []
+    await _announced(mesh, payment.payment_id)
+    order = (await mesh.orders.GetOrder(order_pb2.GetOrderRequest(order_id=payment.order_id))).order
+    assert order.status == order_pb2.ORDER_STATUS_CANCELLED
+    got = await mesh.gateway.GetPayment(pg.GetPaymentRequest(payment_id=payment.payment_id))
+    assert got.payment.status == pg.PAYMENT_STATUS_VOIDED
+    # A voided payment is not refundable: nothing was captured for the merchant.
+    error = await _fails(mesh.gateway.RefundPayment(_refund(mesh, payment.payment_id, "rf-1")))
+    assert error_reason(error) == "INVALID_STATE"
+
+
+async def test_charge_the_channel_adapter_refuses_fails_the_payment_with_its_reason(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    def refuse(request: channel_adapter_pb2.ChargeRequest) -> Exception:
+        return FailedPrecondition("no charges today", reason="CURRENCY_UNSUPPORTED")
+
+    async with (
+        _refusing_downstream(
+            mesh, tmp_path, "channel-adapter", build_channel_adapter, "Charge", refuse
+        ) as channel_address,
+        _gateway(mesh, dead="channel-adapter", address=channel_address, timeout_s=10) as gateway,
+    ):
+        payment = (await gateway.CreatePayment(_create(mesh))).payment
+    assert payment.status == pg.PAYMENT_STATUS_FAILED
+    assert payment.failure_reason == "CURRENCY_UNSUPPORTED"
+    assert not payment.charge_id
+    assert _charges(mesh) == []
+    assert await _entries(mesh, _available(mesh)) == []
+    await _announced(mesh, payment.payment_id)
+    order = (await mesh.orders.GetOrder(order_pb2.GetOrderRequest(order_id=payment.order_id))).order
+    assert order.status == order_pb2.ORDER_STATUS_CANCELLED
+
+
+async def test_charge_the_channel_refuses_fails_the_payment_and_posts_nothing(
+    mesh: Mesh,
+) -> None:
+    with mesh.sandbox.lock:
+        mesh.sandbox.faults["payment-channel"] = SandboxFault(error_rate=1.0, status=400)
+    payment = (await mesh.gateway.CreatePayment(_create(mesh))).payment
+    assert payment.status == pg.PAYMENT_STATUS_FAILED
+    assert "HTTP 400" in payment.failure_reason
+    assert _charges(mesh) == []
+    assert await _entries(mesh, _available(mesh)) == []
+
+
+async def test_refund_the_channel_refuses_fails_and_leaves_payment_and_ledger_as_they_were(
+    mesh: Mesh,
+) -> None:
+    payment = (await mesh.gateway.CreatePayment(_create(mesh, amount=1000))).payment
+    with mesh.sandbox.lock:
+        mesh.sandbox.faults["payment-channel"] = SandboxFault(error_rate=1.0, status=409)
+    refused = await mesh.gateway.RefundPayment(_refund(mesh, payment.payment_id, "rf-1", 300))
+    assert refused.refund.status == pg.REFUND_STATUS_FAILED
+    assert refused.refund.failure_reason == "INVALID_STATE"
+    assert not refused.refund.ledger_transaction_id
+    assert refused.payment.status == pg.PAYMENT_STATUS_SUCCEEDED
+    assert refused.payment.refunded_amount.amount_minor == 0
+    assert await _balance(mesh, _available(mesh)) == 1000
+    with mesh.sandbox.lock:
+        assert mesh.sandbox.refunds == {}
+        mesh.sandbox.faults.clear()
+    await _announced(mesh, refused.refund.refund_id)
+    assert "refund.failed" in json.dumps(_webhooks(mesh, refused.refund.refund_id))
+    # Nothing stayed reserved: the whole amount can still be refunded.
+    refund = await mesh.gateway.RefundPayment(_refund(mesh, payment.payment_id, "rf-2"))
+    assert refund.refund.status == pg.REFUND_STATUS_SUCCEEDED
+    assert refund.refund.amount.amount_minor == 1000
+    assert await _balance(mesh, _available(mesh)) == 0
+
+
+async def test_recovery_finishes_a_refund_left_unposted_by_a_ledger_outage(mesh: Mesh) -> None:
+    payment = (await mesh.gateway.CreatePayment(_create(mesh, amount=1000))).payment
+    request = _refund(mesh, payment.payment_id, "rf-1", 400)
+    async with _gateway(mesh, dead="accounting-service") as gateway:
+        error = await _fails(gateway.RefundPayment(request))
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_reason(error) == "DOWNSTREAM_UNAVAILABLE"
+    # The channel gave the money back; the ledger has not heard of it yet.
+    assert _rows(mesh, "SELECT COUNT(*) FROM refunds WHERE step = 'refunded'") == 1
+    with mesh.sandbox.lock:
+        assert [r["amount_minor"] for r in mesh.sandbox.refunds.values()] == [400]
+    assert await _balance(mesh, _available(mesh)) == 1000
+    # Until recovery finished it, its request id is in flight and its amount reserved.
+    in_flight = await _fails(mesh.gateway.RefundPayment(request))
+    assert (in_flight.code(), error_reason(in_flight)) == (
+        grpc.StatusCode.ABORTED,
+        "IDEMPOTENCY_KEY_IN_FLIGHT",
+    )
+    too_much = await _fails(
+        mesh.gateway.RefundPayment(_refund(mesh, payment.payment_id, "rf-2", 601))
+    )
+    assert error_reason(too_much) == "REFUND_EXCEEDS_CAPTURED"
+
+    async with (
+        mesh.start_gateway() as address,  # its start runs a recovery pass
+        granted_stub(
+            address, payment_gateway_pb2_grpc.PaymentGatewayServiceStub, GATEWAY
+        ) as gateway,
+    ):
+
+        async def refunded() -> bool:
+            got = await gateway.GetPayment(pg.GetPaymentRequest(payment_id=payment.payment_id))
+            return [r.status for r in got.refunds] == [pg.REFUND_STATUS_SUCCEEDED]
+
+        await _until(refunded)
+    assert _rows(mesh, "SELECT COUNT(*) FROM refunds WHERE step = 'refunded'") == 0
+    assert await _balance(mesh, _available(mesh)) == 600
+    with mesh.sandbox.lock:
+        assert len(mesh.sandbox.refunds) == 1  # recovery posted it; it did not refund again
+    replay = await mesh.gateway.RefundPayment(request)
+    assert replay.refund.status == pg.REFUND_STATUS_SUCCEEDED
+    assert replay.payment.status == pg.PAYMENT_STATUS_PARTIALLY_REFUNDED
+    assert replay.payment.refunded_amount.amount_minor == 400

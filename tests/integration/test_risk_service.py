@@ -28,14 +28,14 @@ from services.mesh.admin_token import (
 )
 from services.risk.__main__ import build
 from services.tools.sandbox.app import SandboxState
-from tests.servers import granted_stub, running_sandbox, running_service
+from tests.servers import ServicesUnderTest, running_sandbox
 
 ORDINARY_IP = "192.0.2.10"
 
 
 @dataclass
 class Risk:
-    stub: pb_grpc.RiskServiceStub
+    stub: pb_grpc.RiskServiceAsyncStub
     sandbox: str
     state: SandboxState
     control: dict[str, str]
@@ -43,15 +43,16 @@ class Risk:
 
 
 @pytest.fixture
-async def risk(tmp_path: Path) -> AsyncIterator[Risk]:
+async def risk(tmp_path: Path, services: ServicesUnderTest) -> AsyncIterator[Risk]:
     control = with_admin_token({FAULT_INJECTION_VAR: "1"}, tmp_path)
     with running_sandbox(ControlAccess.from_environ(control)) as (sandbox, state):
-        env = {"PAYMESH_VAR_DIR": str(tmp_path), "PARTNER_SANDBOX_ADDR": sandbox}
-        async with (
-            running_service("risk-service", build, environ=env) as address,
-            granted_stub(address, pb_grpc.RiskServiceStub, "risk-service") as stub,
-        ):
-            yield Risk(stub, sandbox, state, admin_authorization(control))
+        stub = await services.serve(
+            "risk-service",
+            build,
+            pb_grpc.RiskServiceStub,
+            environ={"PARTNER_SANDBOX_ADDR": sandbox},
+        )
+        yield Risk(stub, sandbox, state, admin_authorization(control))
 
 
 def _assess(

@@ -118,11 +118,13 @@ def test_fault_switch_without_the_token_is_401(control: dict[str, str]) -> None:
 
 
 def test_fault_switch_with_the_token_makes_the_partner_fail(control: dict[str, str]) -> None:
-    with _sandbox(ControlAccess.from_environ(control)) as (port, _):
+    with _sandbox(ControlAccess.from_environ(control)) as (port, state):
         token = admin_authorization(control)
         assert _request(port, "POST", "/_control/faults", FAULT, token)[0] == 200
+        assert state.faults != {}
         assert _request(port, "GET", "/geo-ip/lookup?ip=192.0.2.1")[0] == 503
         assert _request(port, "DELETE", "/_control/faults", None, token)[0] == 200
+        assert state.faults == {}
         assert _request(port, "GET", "/geo-ip/lookup?ip=192.0.2.1")[0] == 200
 
 

@@ -21,7 +21,6 @@ import grpc
 import pytest
 from grpc import aio
 
-from interceptors.errors import error_info, status_from_metadata
 from paymesh.accounting.v1 import accounting_pb2, accounting_pb2_grpc
 from paymesh.common.v1 import common_pb2
 from paymesh.settlement.v1 import settlement_pb2, settlement_pb2_grpc
@@ -34,6 +33,7 @@ from services.withdrawal.__main__ import build as build_withdrawal
 from tests.integration.tenants import Directory, merchant_directory, merchant_stub, refusal
 from tests.servers import (
     ServedAddress,
+    error_reason,
     granted_stub,
     public_channel,
     running_sandbox,
@@ -241,13 +241,6 @@ def _settle(
     return request
 
 
-def reason(error: aio.AioRpcError) -> str:
-    info = error_info(
-        status_from_metadata(error.code(), error.details() or "", tuple(error.trailing_metadata()))
-    )
-    return info.reason if info else ""
-
-
 def fail_bank(bank: SandboxState, status: int = 503) -> None:
     with bank.lock:
         bank.faults["bank-transfer"] = Fault(error_rate=1.0, status=status)
@@ -345,7 +338,7 @@ async def test_settling_more_than_available_is_failed_precondition(mesh: Mesh) -
         await mesh.settlements.CreateSettlement(_settle("s1", 1_001, merchant_id=mesh.merchant))
 
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert reason(caught.value) == "INSUFFICIENT_BALANCE"
+    assert error_reason(caught.value) == "INSUFFICIENT_BALANCE"
     assert await balance(mesh.ledger, available(mesh.merchant)) == 1_000
     assert mesh.bank.transfers == {}
     listed = await mesh.settlements.ListSettlements(
@@ -359,7 +352,7 @@ async def test_settling_an_empty_balance_is_failed_precondition(mesh: Mesh) -> N
         await mesh.settlements.CreateSettlement(_settle("s1", merchant_id=mesh.merchant))
 
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert reason(caught.value) == "INSUFFICIENT_BALANCE"
+    assert error_reason(caught.value) == "INSUFFICIENT_BALANCE"
 
 
 async def test_replayed_request_id_settles_and_pays_once(mesh: Mesh) -> None:
@@ -381,7 +374,7 @@ async def test_request_id_reused_with_another_body_is_invalid_argument(mesh: Mes
         await mesh.settlements.CreateSettlement(_settle("s1", 200, merchant_id=mesh.merchant))
 
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert reason(caught.value) == "IDEMPOTENCY_KEY_REUSED"
+    assert error_reason(caught.value) == "IDEMPOTENCY_KEY_REUSED"
 
 
 async def test_concurrent_settlements_never_overdraw_the_balance(mesh: Mesh) -> None:
@@ -532,7 +525,7 @@ async def test_unknown_merchant_is_not_found(mesh: Mesh, amount: int | None) -> 
         await mesh.settlements.CreateSettlement(_settle("s1", amount, merchant_id="m_nobody"))
 
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-    assert reason(caught.value) == "MERCHANT_NOT_FOUND"
+    assert error_reason(caught.value) == "MERCHANT_NOT_FOUND"
 
 
 async def test_settleable_balance_of_an_unknown_merchant_is_not_found(mesh: Mesh) -> None:
@@ -542,7 +535,7 @@ async def test_settleable_balance_of_an_unknown_merchant_is_not_found(mesh: Mesh
         )
 
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-    assert reason(caught.value) == "MERCHANT_NOT_FOUND"
+    assert error_reason(caught.value) == "MERCHANT_NOT_FOUND"
 
 
 async def test_suspended_merchant_cannot_be_settled_but_sees_its_balance(mesh: Mesh) -> None:
@@ -553,7 +546,7 @@ async def test_suspended_merchant_cannot_be_settled_but_sees_its_balance(mesh: M
         await mesh.settlements.CreateSettlement(_settle("s1", merchant_id=mesh.merchant))
 
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert reason(caught.value) == "MERCHANT_INACTIVE"
+    assert error_reason(caught.value) == "MERCHANT_INACTIVE"
     assert await balance(mesh.ledger, available(mesh.merchant)) == 2_000
     assert mesh.bank.transfers == {}
     reply = await mesh.settlements.GetSettleableBalance(
@@ -572,7 +565,7 @@ async def test_unreachable_merchant_service_is_unavailable_and_leaves_the_reques
             await settlements.CreateSettlement(_settle("s1", merchant_id=mesh.merchant))
 
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert reason(caught.value) == "DOWNSTREAM_UNAVAILABLE"
+    assert error_reason(caught.value) == "DOWNSTREAM_UNAVAILABLE"
     reply = await mesh.settlements.CreateSettlement(_settle("s1", merchant_id=mesh.merchant))
     assert reply.settlement.status == settlement_pb2.SETTLEMENT_STATUS_COMPLETED
 
@@ -665,7 +658,7 @@ async def test_page_token_of_another_merchant_is_rejected(mesh: Mesh) -> None:
         )
 
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert reason(caught.value) == "PAGE_TOKEN_INVALID"
+    assert error_reason(caught.value) == "PAGE_TOKEN_INVALID"
 
 
 # -- merchants calling with their API key -----------------------------------------------------
@@ -698,7 +691,7 @@ async def test_another_merchants_settleable_balance_is_not_found(mesh: Mesh) -> 
                 )
             )
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-    assert reason(caught.value) == "MERCHANT_NOT_FOUND"
+    assert error_reason(caught.value) == "MERCHANT_NOT_FOUND"
     assert str(9_000) not in (caught.value.details() or "")
 
 
@@ -756,7 +749,7 @@ async def test_merchant_call_without_api_key_is_credentials_missing(mesh: Mesh) 
         with pytest.raises(aio.AioRpcError) as caught:
             await settlements.ListSettlements(settlement_pb2.ListSettlementsRequest())
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert reason(caught.value) == "CREDENTIALS_MISSING"
+    assert error_reason(caught.value) == "CREDENTIALS_MISSING"
 
 
 async def test_merchant_call_with_a_bad_api_key_is_unauthenticated(mesh: Mesh) -> None:
@@ -766,7 +759,7 @@ async def test_merchant_call_with_a_bad_api_key_is_unauthenticated(mesh: Mesh) -
                 settlement_pb2.GetSettleableBalanceRequest(currency_code=EUR)
             )
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert reason(caught.value) == "API_KEY_INVALID"
+    assert error_reason(caught.value) == "API_KEY_INVALID"
 
 
 async def test_merchant_key_cannot_create_a_settlement(mesh: Mesh) -> None:

@@ -121,7 +121,7 @@ def traced_chain(
 
 @dataclass
 class TracedMesh:
-    gateway: payment_gateway_pb2_grpc.PaymentGatewayServiceStub
+    gateway: payment_gateway_pb2_grpc.PaymentGatewayServiceAsyncStub
     merchant_id: str
     api_key: str
     exporter: InMemorySpanExporter
@@ -477,7 +477,8 @@ def running_receiver() -> Iterator[tuple[str, TraceReceiver]]:
     # would block a receiver sharing the test's event loop.
     receiver = TraceReceiver()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
+    # opentelemetry-proto ships no type hints for its generated grpc module.
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)  # type: ignore[no-untyped-call]
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:

@@ -36,9 +36,8 @@ from services.notification.config import (
     RETRY_MAX_VAR,
 )
 from services.notification.schedule import DeliverySchedule
-from tests.integration.tenants import reason
 from tests.integration.webhook_receiver import receiving_webhooks
-from tests.servers import granted_stub, running_service
+from tests.servers import error_reason, granted_stub, running_service
 
 NAME = "notification-service"
 T = TypeVar("T")
@@ -294,7 +293,7 @@ async def test_operator_redelivers_a_dead_lettered_event(tmp_path: Path) -> None
     assert final.attempt_count == dead.attempt_count + 1
     assert replay == again  # one request id, one new round
     assert delivered.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert reason(delivered.value) == "INVALID_STATE"
+    assert error_reason(delivered.value) == "INVALID_STATE"
     assert receiver.accepted_keys() == {sent.notification_id: 1}
 
 

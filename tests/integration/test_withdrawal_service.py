@@ -36,12 +36,12 @@ from tests.integration.tenants import (
     Directory,
     merchant_directory,
     merchant_stub,
-    reason,
     refusal,
     rich_status,
 )
 from tests.servers import (
     ServedAddress,
+    error_reason,
     granted_stub,
     public_channel,
     running_sandbox,
@@ -288,7 +288,7 @@ async def test_withdrawal_above_the_balance_is_failed_precondition(mesh: Mesh) -
         await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 1_001, merchant_id=mesh.merchant))
 
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert reason(caught.value) == "INSUFFICIENT_BALANCE"
+    assert error_reason(caught.value) == "INSUFFICIENT_BALANCE"
     assert mesh.bank.transfers == {}
     listed = await mesh.withdrawals.ListWithdrawals(
         withdrawal_pb2.ListWithdrawalsRequest(merchant_id=mesh.merchant)
@@ -354,7 +354,7 @@ async def test_request_id_reused_with_another_body_is_invalid_argument(mesh: Mes
         await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 2_001, merchant_id=mesh.merchant))
 
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert reason(caught.value) == "IDEMPOTENCY_KEY_REUSED"
+    assert error_reason(caught.value) == "IDEMPOTENCY_KEY_REUSED"
 
 
 async def test_bank_refusal_fails_the_withdrawal_and_reverses_the_reservation(
@@ -558,7 +558,7 @@ async def test_unknown_merchant_is_not_found_and_nothing_moves(mesh: Mesh) -> No
         await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 100, merchant_id="m_nobody"))
 
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-    assert reason(caught.value) == "MERCHANT_NOT_FOUND"
+    assert error_reason(caught.value) == "MERCHANT_NOT_FOUND"
     assert await balance(mesh.ledger, in_transit("m_nobody")) == 0
     assert mesh.bank.transfers == {}
 
@@ -571,7 +571,7 @@ async def test_suspended_merchant_cannot_be_paid_out(mesh: Mesh) -> None:
         await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 500, merchant_id=mesh.merchant))
 
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert reason(caught.value) == "MERCHANT_INACTIVE"
+    assert error_reason(caught.value) == "MERCHANT_INACTIVE"
     assert await balance(mesh.ledger, available(mesh.merchant)) == 1_000
     assert mesh.bank.transfers == {}
 
@@ -586,7 +586,7 @@ async def test_unreachable_merchant_service_is_unavailable_and_leaves_the_reques
             await withdrawals.CreateWithdrawal(_withdraw("w1", 500, merchant_id=mesh.merchant))
 
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert reason(caught.value) == "DOWNSTREAM_UNAVAILABLE"
+    assert error_reason(caught.value) == "DOWNSTREAM_UNAVAILABLE"
     details = rich_status(caught.value).details
     assert any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in details)
     reply = await mesh.withdrawals.CreateWithdrawal(_withdraw("w1", 500, merchant_id=mesh.merchant))
@@ -735,7 +735,7 @@ async def test_merchant_lists_only_its_own_withdrawals(mesh: Mesh) -> None:
             )
     assert [w.withdrawal_id for w in listed.withdrawals] == [mine.withdrawal_id]
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-    assert reason(caught.value) == "MERCHANT_NOT_FOUND"
+    assert error_reason(caught.value) == "MERCHANT_NOT_FOUND"
 
 
 async def test_merchant_call_without_api_key_is_credentials_missing(mesh: Mesh) -> None:
@@ -746,7 +746,7 @@ async def test_merchant_call_without_api_key_is_credentials_missing(mesh: Mesh) 
                 withdrawal_pb2.GetWithdrawalRequest(withdrawal_id=MISSING_WITHDRAWAL)
             )
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert reason(caught.value) == "CREDENTIALS_MISSING"
+    assert error_reason(caught.value) == "CREDENTIALS_MISSING"
 
 
 async def test_merchant_call_with_a_bad_api_key_is_unauthenticated(mesh: Mesh) -> None:
@@ -754,7 +754,7 @@ async def test_merchant_call_with_a_bad_api_key_is_unauthenticated(mesh: Mesh) -
         with pytest.raises(aio.AioRpcError) as caught:
             await withdrawals.ListWithdrawals(withdrawal_pb2.ListWithdrawalsRequest())
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert reason(caught.value) == "API_KEY_INVALID"
+    assert error_reason(caught.value) == "API_KEY_INVALID"
 
 
 async def test_merchant_key_cannot_create_a_withdrawal(mesh: Mesh) -> None:

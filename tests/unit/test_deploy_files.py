@@ -31,7 +31,7 @@ def exported_sample_names() -> set[str]:
     """Every sample name a service exposes once each series has a value."""
     telemetry = ChainTelemetry(caller="payment-gateway")
     for key, series in CHAIN_SERIES.items():
-        telemetry.inc(key, **dict.fromkeys(series.labels, "x"))
+        telemetry.inc(key, 1, **dict.fromkeys(series.labels, "x"))
     metrics = ServiceMetrics(service="payment-gateway")
     metrics.follow_chain(telemetry, dict, ("order-service",))
     metrics.observe_client(

@@ -14,7 +14,10 @@ from services.mesh.errors import InvalidArgument
 
 
 def _posting(
-    account: str, direction: int, amount: int, currency: str = "EUR"
+    account: str,
+    direction: accounting_pb2.EntryDirection.ValueType,
+    amount: int,
+    currency: str = "EUR",
 ) -> accounting_pb2.Posting:
     return accounting_pb2.Posting(
         account_id=account,

@@ -8,6 +8,7 @@ from grpc import aio
 
 from interceptors.errors import STATUS_DETAILS_KEY, CallError, Reason, from_grpc_error, rich_status
 from services.mesh.bootstrap import StartupError
+from services.mesh.downstream import is_ambiguous as is_transient
 from services.payment_gateway.config import (
     CHARGE_CUTOFF_VAR,
     OUTBOX_INTERVAL_VAR,
@@ -16,7 +17,7 @@ from services.payment_gateway.config import (
     RECOVERY_MAX_BACKOFF_VAR,
     GatewayConfig,
 )
-from services.payment_gateway.flow import is_transient, reason_of
+from services.payment_gateway.flow import reason_of
 
 
 def test_defaults_apply_without_variables() -> None:

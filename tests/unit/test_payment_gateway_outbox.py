@@ -292,4 +292,4 @@ def test_relay_policy_defaults_are_safe_and_bad_values_refused() -> None:
     assert policy.retention_s == 7 * 24 * 3600
     for bad in ({"interval_s": 0}, {"max_backoff_s": 0.1}, {"batch": 0}, {"retention_s": -1}):
         with pytest.raises(ValueError):
-            RelayPolicy(**bad)  # type: ignore[arg-type]  # bad on purpose
+            RelayPolicy(**bad)
