@@ -33,7 +33,7 @@ from paymesh.common.v1 import common_pb2
 from services.accounting.__main__ import build as build_accounting
 from services.merchant.__main__ import build as build_merchant
 from services.mesh import pki
-from services.mesh.bootstrap import Registration, ServiceContext
+from services.mesh.bootstrap import Served, ServiceContext
 from services.mesh.faults import Fault, FaultInjector
 from services.mesh.topology import SERVICES
 from tests import servers
@@ -336,10 +336,10 @@ PARKED_TIMEOUT_S = 90.0
 SHED_TIMEOUT_S = 30.0
 
 
-def _capturing(faults: list[FaultInjector]) -> Callable[[ServiceContext], list[Registration]]:
+def _capturing(faults: list[FaultInjector]) -> Callable[[ServiceContext], Served]:
     """accounting-service's builder, handing the test the service's fault injector."""
 
-    def build(context: ServiceContext) -> list[Registration]:
+    def build(context: ServiceContext) -> Served:
         faults.append(context.faults)
         return build_accounting(context)
 

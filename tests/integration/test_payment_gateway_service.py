@@ -32,7 +32,7 @@ from google.protobuf import descriptor_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
 
-from interceptors.errors import STATUS_DETAILS_KEY, FailedPrecondition, retry_delay_of
+from interceptors.errors import STATUS_DETAILS_KEY, Reason, retry_delay_of
 from interceptors.policy import DEFAULT_POLICY_FILE
 from paymesh.accounting.v1 import accounting_pb2, accounting_pb2_grpc
 from paymesh.analytics.v1 import analytics_pb2, analytics_pb2_grpc
@@ -47,6 +47,7 @@ from services.accounting.__main__ import build as build_accounting
 from services.analytics.__main__ import build as build_analytics
 from services.channel_adapter.__main__ import build as build_channel_adapter
 from services.mesh.bootstrap import ServiceContext
+from services.mesh.errors import FailedPrecondition
 from services.notification.__main__ import build as build_notification
 from services.order.__main__ import build as build_order
 from services.payment_gateway.__main__ import build as build_gateway
@@ -1411,7 +1412,7 @@ async def _refusing_downstream(
 def _captures(request: accounting_pb2.PostTransactionRequest) -> Exception | None:
     if request.kind != accounting_pb2.TRANSACTION_KIND_PAYMENT:
         return None
-    return FailedPrecondition("the ledger refuses this capture", reason="LEDGER_UNBALANCED")
+    return FailedPrecondition("the ledger refuses this capture", reason=Reason.LEDGER_UNBALANCED)
 
 
 async def test_capture_the_ledger_refuses_voids_the_charge_and_posts_nothing(
@@ -1456,7 +1457,7 @@ async def test_charge_the_channel_adapter_refuses_fails_the_payment_with_its_rea
     mesh: Mesh, tmp_path: Path
 ) -> None:
     def refuse(request: channel_adapter_pb2.ChargeRequest) -> Exception:
-        return FailedPrecondition("no charges today", reason="CURRENCY_UNSUPPORTED")
+        return FailedPrecondition("no charges today", reason=Reason.CURRENCY_UNSUPPORTED)
 
     async with (
         _refusing_downstream(
