@@ -46,7 +46,7 @@ from paymesh.risk.v1 import risk_pb2_grpc
 from services.accounting.__main__ import build as build_accounting
 from services.analytics.__main__ import build as build_analytics
 from services.channel_adapter.__main__ import build as build_channel_adapter
-from services.mesh.bootstrap import ServiceContext
+from services.mesh.bootstrap import Registration, ServiceContext
 from services.mesh.errors import FailedPrecondition
 from services.notification.__main__ import build as build_notification
 from services.order.__main__ import build as build_order
@@ -1382,7 +1382,8 @@ def _refusing(build: Any, method: str, refuse: Callable[[Any], Exception | None]
         registrations = build(context)
         if inspect.isawaitable(registrations):
             registrations = await registrations
-        servicer = registrations[0].servicer
+        first = registrations[0]
+        servicer = first.servicer if isinstance(first, Registration) else first
         answer = getattr(servicer, method)
 
         async def refusing_method(request: Any, call_context: Any) -> Any:
