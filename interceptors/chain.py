@@ -2,22 +2,26 @@
 
 The call stack of every outgoing unary call, outermost first::
 
-    stub.Method(request)
-      TelemetryInterceptor      the call's CLIENT span (opentelemetry-instrumentation-grpc);
-                                inside it, counts the call and its final code, logs one line
-        DeadlineInterceptor     one overall deadline: min(policy, incoming left - margin)
-          RetryInterceptor      repeats only safe calls, with backoff, within deadline and budget;
-                                one child span per attempt (``paymesh.attempt``), whose
-                                ``traceparent`` the attempt carries to the target
-            BreakerInterceptor  every attempt passes the target's breaker; open fails fast
-                                (a ``circuit_open`` event on the attempt span), so does a
-                                target with ``max_concurrent_calls`` in flight; opening
-                                fails the attempts still in flight
-              the call          grpc.aio (or sync) channel, reconnect backoff tuned
+    stub.Method(request)                gRPC (aio or sync)   client.request(...)  HTTP partner
+      PolicyInterceptor (aio.py)        the call's CLIENT span (opentelemetry-instrumentation-
+      / SyncPolicyInterceptor (sync.py) grpc; PartnerClient opens its own), then one loop:
+        attempts.run_call / run_call_sync   the same for every transport:
+          deadline                      one overall deadline: min(policy, incoming left - margin)
+          per attempt:
+            breaker                     every attempt passes the target's breaker; open fails
+                                        fast (a ``circuit_open`` event on an attempt span), so
+                                        does a target with ``max_concurrent_calls`` in flight;
+                                        opening fails the attempts still in flight
+            the attempt                 the adapter's one call (grpc channel, reconnect backoff
+                                        tuned; aiohttp's pool), with its own span
+                                        (``paymesh.attempt`` attribute) and ``traceparent``
+            classify                    the adapter says what its status means
+            retry decision              retry.RetryRun: only safe calls, the policy's retryable
+                                        codes, within deadline and the target's budget; sleep
+          observer (observe.py)         every event above counted, logged and traced, once
 
 ``build_client_chain`` is called once per process; the client factory asks it for the
-interceptors and channel options of each target, and for partner HTTP clients (which make
-the same call and attempt spans).
+interceptors and channel options of each target, and for partner HTTP clients.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 Stubs are bound to one shared ``grpc.aio`` channel per target, built with the policy chain's
 interceptors and channel options and the service's mTLS identity; partner clients are the
-chain's HTTP wrapper. Both exist only along edges the topology declares, so a service cannot
-quietly call something the topology does not know about, nor call anything outside the chain.
+chain's HTTP adapter (one aiohttp connection pool each, closed with the factory). Both exist
+only along edges the topology declares, so a service cannot quietly call something the
+topology does not know about, nor call anything outside the chain.
 When the identity's certificate is rotated, :meth:`ClientFactory.rotate_if_changed` rebuilds
 every channel; stubs made earlier follow, because they are bound to a :class:`RotatingChannel`.
 """
@@ -122,12 +123,15 @@ class ClientFactory:
         return client
 
     async def close(self) -> None:
-        """Close every channel; calls in flight are cancelled."""
+        """Close every channel and partner connection pool; calls in flight are cancelled."""
         channels, self._channels = self._channels, {}
+        partners, self._partners = self._partners, {}
         for task in list(self._retired):
             task.cancel()
         for channel in channels.values():
             await channel.close()
+        for client in partners.values():
+            await client.aclose()
 
 
 class RotatingChannel(aio.Channel):

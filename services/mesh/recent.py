@@ -16,7 +16,8 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from interceptors.retry import BREAKER_FAILURE_CODES
+from interceptors.codes import TARGET_UNHEALTHY
+from interceptors.observe import RETRIES
 from interceptors.telemetry import CallRecord
 
 Clock = Callable[[], float]
@@ -33,7 +34,7 @@ _NO_ANSWER = "CANCELLED"
 
 def is_failure(code: str) -> bool:
     """Whether a final code says the target, not the request, is at fault."""
-    return code in BREAKER_FAILURE_CODES
+    return code in TARGET_UNHEALTHY
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -121,7 +122,7 @@ class RecentCalls:
 
     def count(self, name: str, labels: Mapping[str, str], amount: int) -> None:
         """Remember retries (a ``ChainTelemetry`` counter hook; other series are ignored)."""
-        if name != "retries_total" or "target" not in labels:
+        if name != RETRIES or "target" not in labels:
             return
         now = self._clock()
         with self._lock:
