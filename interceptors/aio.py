@@ -2,8 +2,8 @@
 
 One unary-unary channel interceptor (:class:`PolicyInterceptor`) runs the call's CLIENT span
 (opentelemetry-instrumentation-grpc) around the core's attempt loop (``attempts.run_call``);
-this module only sends an attempt (its timeout, ``traceparent``, previous-attempts count) and
-says what its status means (code, pushback, RetryInfo, TLS handshake failure). The stream
+this module only sends an attempt (its timeout, ``traceparent``, previous-attempts count);
+``grpc_outcome`` says what its status means (code, pushback, RetryInfo, TLS failure). The stream
 interceptor is a separate object (grpc.aio applies an object implementing several call kinds
 to unary-unary only, grpc issue 31442): streams get the call span and the deadline only, since
 a stream cannot be replayed safely once messages flowed.
@@ -13,140 +13,22 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 from grpc import aio
 from opentelemetry import trace
 
-from interceptors.attempts import Attempt, Call, run_call
-from interceptors.breaker import CallRefused, ConcurrencyLimited
-from interceptors.deadline import DeadlineExhausted, outgoing_deadline
-from interceptors.errors import (
-    PUSHBACK_KEY,
-    CallError,
-    circuit_open_error,
-    concurrency_limited_error,
-    retry_delay_of,
-    status_from_metadata,
-)
+from interceptors.attempts import Attempt, Call, run_call, stream_timeout
+from interceptors.deadline import DeadlineExhausted
+from interceptors.grpc_outcome import PREVIOUS_ATTEMPTS_KEY, GrpcOutcomes
 from interceptors.retry import AttemptFailure
 from interceptors.runtime import ChainRuntime
 from interceptors.safety import method_name, request_is_safe
-from interceptors.tls import grpc_tls_problem, tls_handshake_error
 from interceptors.tracing import client_interceptors, fail_span, inject, propagation_fields
 
-#: Metadata key gRPC's own retries send with the number of earlier attempts.
-PREVIOUS_ATTEMPTS_KEY = "grpc-previous-rpc-attempts"
-
 Continuation = Callable[[aio.ClientCallDetails, Any], Awaitable[Any]]
-
-
-def attempt_failure(
-    code: grpc.StatusCode, details: str, trailing: Iterable[tuple[str, str | bytes]] | None
-) -> AttemptFailure:
-    """The core's view of a failed attempt: code, pushback, RetryInfo, TLS handshake failure."""
-    pushback: int | None = None
-    for key, value in trailing or ():
-        if key == PUSHBACK_KEY:
-            text = value.decode() if isinstance(value, bytes) else value
-            try:
-                pushback = int(text)
-            except ValueError:
-                pushback = -1  # unreadable pushback: gRPC treats it as "do not retry"
-    delay = retry_delay_of(status_from_metadata(code, details, tuple(trailing or ())))
-    return AttemptFailure(
-        code=code.name,
-        pushback_ms=pushback,
-        retry_delay_s=delay,
-        tls_problem=grpc_tls_problem(code, details),
-        detail=details,
-    )
-
-
-class GrpcOutcomes:
-    """What a gRPC attempt's status means, and the CallError a caller sees (aio and sync)."""
-
-    def __init__(self, runtime: ChainRuntime, target: str, method: str) -> None:
-        self.runtime = runtime
-        self.target = target
-        self.method = method
-
-    def classify(self, error: BaseException) -> AttemptFailure | None:
-        if not isinstance(error, aio.AioRpcError | grpc.Call):  # a sync failure is a Call too
-            return None
-        return attempt_failure(error.code(), error.details() or "", error.trailing_metadata())
-
-    def answer_code(self, result: Any) -> str:
-        return "OK"
-
-    def deadline_exhausted(self, problem: str) -> BaseException:
-        return CallError(
-            grpc.StatusCode.DEADLINE_EXCEEDED,
-            problem,
-            target=self.target,
-            method=self.method,
-            attempts=0,
-            stop_reason="deadline",
-        )
-
-    def refused(self, refusal: CallRefused, attempts: int) -> BaseException:
-        runtime, target, method = self.runtime, self.target, self.method
-        if isinstance(refusal, ConcurrencyLimited):
-            return concurrency_limited_error(
-                caller=runtime.caller,
-                target=target,
-                method=method,
-                limit=refusal.limit,
-                retry_after_s=refusal.retry_after_s,
-                attempts=attempts,
-            )
-        error = circuit_open_error(
-            caller=runtime.caller,
-            target=target,
-            method=method,
-            retry_after_s=refusal.retry_after_s,
-        )
-        error.attempts = attempts
-        return error
-
-    def aborted(self, attempts: int, open_s: float) -> BaseException:
-        error = circuit_open_error(
-            caller=self.runtime.caller,
-            target=self.target,
-            method=self.method,
-            retry_after_s=open_s,
-            in_flight=True,
-        )
-        error.attempts = attempts
-        return error
-
-    def gave_up(
-        self, failure: AttemptFailure, error: BaseException, attempts: int, reason: str
-    ) -> BaseException:
-        if failure.tls_problem is not None:
-            return tls_handshake_error(
-                self.runtime,
-                target=self.target,
-                method=self.method,
-                problem=failure.tls_problem,
-                attempts=attempts,
-            )
-        trailing = (
-            error.trailing_metadata() if isinstance(error, aio.AioRpcError | grpc.Call) else None
-        )
-        return CallError(
-            grpc.StatusCode[failure.code],
-            failure.detail,
-            target=self.target,
-            method=self.method,
-            attempts=attempts,
-            stop_reason=reason,
-            trailing_metadata=trailing
-            if isinstance(trailing, aio.Metadata)
-            else aio.Metadata.from_tuple(tuple(trailing or ())),
-        )
 
 
 def replace_details(details: aio.ClientCallDetails, **changes: Any) -> aio.ClientCallDetails:
@@ -303,16 +185,14 @@ def stream_details(
 ) -> aio.ClientCallDetails:
     """A stream's details with the one overall deadline (no retry: see the module)."""
     method = method_name(details.method)
-    policy = runtime.policy(target, method)
-    timeout = details.timeout if details.timeout is not None else policy.timeout_s
     try:
-        deadline = outgoing_deadline(
-            timeout, margin_s=policy.deadline_margin_s, clock=runtime.clock
-        )
+        timeout = stream_timeout(runtime, target, method, details.timeout)
     except DeadlineExhausted as exc:
         raise GrpcOutcomes(runtime, target, method).deadline_exhausted(str(exc)) from None
-    wait = details.wait_for_ready if details.wait_for_ready is not None else policy.wait_for_ready
-    return replace_details(details, timeout=deadline.timeout_s, wait_for_ready=wait)
+    wait = details.wait_for_ready
+    if wait is None:
+        wait = runtime.policy(target, method).wait_for_ready
+    return replace_details(details, timeout=timeout, wait_for_ready=wait)
 
 
 class StreamDeadlineInterceptor(aio.UnaryStreamClientInterceptor):

@@ -29,7 +29,15 @@ from interceptors.policy import CallPolicy
 from interceptors.retry import AttemptFailure, RetryRun, StopReason, breaker_outcome
 from interceptors.runtime import AbortableAttempt, Cancellable, ChainRuntime
 
-__all__ = ["AsyncTransport", "Attempt", "Call", "SyncTransport", "run_call", "run_call_sync"]
+__all__ = [
+    "AsyncTransport",
+    "Attempt",
+    "Call",
+    "SyncTransport",
+    "run_call",
+    "run_call_sync",
+    "stream_timeout",
+]
 
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
@@ -250,3 +258,26 @@ def run_call_sync(transport: SyncTransport[T], call: Call, runtime: ChainRuntime
             transport.before_retry(run.failure, run.left_s())
     finally:
         run.close()
+
+
+def stream_timeout(
+    runtime: ChainRuntime, target: str, method: str, timeout_s: float | None
+) -> float:
+    """The one overall deadline of a stream, reported; streams get no retry and no breaker,
+    since a stream cannot be replayed safely once messages flowed.
+
+    Raises:
+        DeadlineExhausted: nothing is left of the incoming deadline; nothing was sent.
+    """
+    policy = runtime.policy(target, method)
+    try:
+        deadline = outgoing_deadline(
+            policy.timeout_s if timeout_s is None else timeout_s,
+            margin_s=policy.deadline_margin_s,
+            clock=runtime.clock,
+        )
+    except DeadlineExhausted:
+        runtime.observer.stream_deadline_exhausted(target, method)
+        raise
+    runtime.observer.stream_deadline(target, method, propagated=deadline.propagated)
+    return deadline.timeout_s

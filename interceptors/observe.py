@@ -121,6 +121,12 @@ class Observer(Protocol):
     def start_call(self, call: Call) -> CallReport:
         """A report for one call that starts now."""
 
+    def stream_deadline(self, target: str, method: str, *, propagated: bool) -> None:
+        """A stream got its deadline (streams are not retried: see ``attempts.stream_timeout``)."""
+
+    def stream_deadline_exhausted(self, target: str, method: str) -> None:
+        """A stream was not opened: nothing was left of the incoming deadline."""
+
     def breaker_transition(self, target: str, old: str, new: str) -> None:
         """The breaker of ``target`` changed state."""
 
@@ -146,6 +152,13 @@ class ChainObserver:
 
     def start_call(self, call: Call) -> CallReport:
         return _ChainCallReport(self, call)
+
+    def stream_deadline(self, target: str, method: str, *, propagated: bool) -> None:
+        if propagated:
+            self.telemetry.inc(DEADLINE_PROPAGATED, target=target, method=method)
+
+    def stream_deadline_exhausted(self, target: str, method: str) -> None:
+        self.telemetry.inc(DEADLINE_EXHAUSTED, target=target, method=method)
 
     def breaker_transition(self, target: str, old: str, new: str) -> None:
         self.telemetry.inc(BREAKER_TRANSITIONS, target=target, old=old, new=new)

@@ -16,9 +16,9 @@ from typing import Any
 import grpc
 from grpc_interceptor import ClientCallDetails, ClientInterceptor
 
-from interceptors.aio import PREVIOUS_ATTEMPTS_KEY, GrpcOutcomes
-from interceptors.attempts import Attempt, Call, run_call_sync
-from interceptors.deadline import DeadlineExhausted, outgoing_deadline
+from interceptors.attempts import Attempt, Call, run_call_sync, stream_timeout
+from interceptors.deadline import DeadlineExhausted
+from interceptors.grpc_outcome import PREVIOUS_ATTEMPTS_KEY, GrpcOutcomes
 from interceptors.retry import AttemptFailure
 from interceptors.runtime import ChainRuntime
 from interceptors.safety import method_name, request_is_safe
@@ -117,21 +117,15 @@ class SyncPolicyInterceptor(ClientInterceptor):
         return continuation(details, requests)
 
     def _stream_details(self, details: grpc.ClientCallDetails) -> ClientCallDetails:
-        name = method_name(details.method)
-        policy = self.runtime.policy(self.target, name)
-        timeout = details.timeout if details.timeout is not None else policy.timeout_s
+        runtime, name = self.runtime, method_name(details.method)
         try:
-            deadline = outgoing_deadline(
-                timeout, margin_s=policy.deadline_margin_s, clock=self.runtime.clock
-            )
+            timeout = stream_timeout(runtime, self.target, name, details.timeout)
         except DeadlineExhausted as exc:
-            raise GrpcOutcomes(self.runtime, self.target, name).deadline_exhausted(
-                str(exc)
-            ) from None
-        wait = (
-            details.wait_for_ready if details.wait_for_ready is not None else policy.wait_for_ready
-        )
-        return _details(details, timeout=deadline.timeout_s, wait_for_ready=wait)
+            raise GrpcOutcomes(runtime, self.target, name).deadline_exhausted(str(exc)) from None
+        wait = details.wait_for_ready
+        if wait is None:
+            wait = runtime.policy(self.target, name).wait_for_ready
+        return _details(details, timeout=timeout, wait_for_ready=wait)
 
 
 def sync_chain(runtime: ChainRuntime, target: str) -> list[ClientInterceptor]:
