@@ -24,6 +24,8 @@ class Answer:
     headers: tuple[tuple[str, str], ...] = (("Content-Type", "application/json"),)
     chunked: bool = False
     """Send the body chunked (no Content-Length)."""
+    hold_s: float = 0.0
+    """Seconds the partner takes before answering."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +63,8 @@ class ScriptedPartner:
         self.seen.append(Seen(request.method, request.path_qs, dict(request.headers), port))
         await request.read()
         answer = self.script.popleft() if self.script else self.default
+        if answer.hold_s:
+            await asyncio.sleep(answer.hold_s)
         response = web.StreamResponse(status=answer.status, headers=dict(answer.headers))
         if answer.chunked:
             response.enable_chunked_encoding()

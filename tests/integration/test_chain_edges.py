@@ -7,13 +7,16 @@ chain against a real grpc.aio server whose servicer fails and a real HTTP server
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import pytest
 
 from interceptors.chain import ClientChain, build_client_chain
+from interceptors.deadline import reset_incoming_deadline, set_incoming_deadline
 from interceptors.errors import CallError, PartnerCallError
 from interceptors.policy import PolicyConfig
 from paymesh.testing.v1 import testing_pb2 as pb
@@ -98,6 +101,50 @@ async def test_grpc_and_http_edges_report_the_same_counters_for_the_same_failure
     assert [(e.code(), e.attempts, e.stop_reason) for e in grpc_errors] == [
         (e.code(), e.attempts, e.stop_reason) for e in http_errors
     ]
+
+
+@contextlib.contextmanager
+def caller_deadline(seconds: float) -> Iterator[None]:
+    """As inside a handler whose caller gave it ``seconds`` (shorter than the policy's)."""
+    token = set_incoming_deadline(seconds)
+    try:
+        yield
+    finally:
+        reset_incoming_deadline(token)
+
+
+async def test_both_edges_count_a_propagated_deadline_that_ran_out_alike() -> None:
+    config = PolicyConfig.from_mapping({"defaults": {"retry": {"max_attempts": 1}}})
+    chain, metrics = chain_and_metrics(config)
+    async with serving() as srv, scripted_partner() as partner:
+        srv.servicer.default = Fault(hold_s=2.0)
+        partner.default = Answer(hold_s=2.0)
+        client = chain.http_client(PARTNER, partner.url)
+        try:
+            async with stub_for(chain, srv.address) as stub:
+                for _ in range(2):
+                    with caller_deadline(0.3), pytest.raises(CallError) as caught:
+                        await stub.Read(pb.ReadRequest())
+                    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            for _ in range(2):
+                with caller_deadline(0.3), pytest.raises(PartnerCallError) as raised:
+                    await client.request("GET", "/rates")
+                assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        finally:
+            await client.aclose()
+    expected = {
+        "paymesh_client_rpcs_total": 2,
+        "paymesh_client_attempts_total": 2,
+        "paymesh_client_deadline_propagated_total": 2,
+        "paymesh_client_deadline_exceeded_total": 2,
+        "paymesh_client_retry_stops_total": 2,
+    }
+    for side in (edge_counters(metrics, TARGET), edge_counters(metrics, PARTNER)):
+        stops = sum(v for k, v in side.items() if k.startswith("paymesh_client_retry_stops"))
+        counted = {k: v for k, v in side.items() if not k.startswith("paymesh_client_retry_stops")}
+        assert {**counted, "paymesh_client_retry_stops_total": stops} == expected
+    # The caller's short deadline says nothing of the targets: neither breaker counted it.
+    assert chain.breakers.states() == {TARGET: "closed", PARTNER: "closed"}
 
 
 async def test_partner_route_takes_its_methods_policy() -> None:
