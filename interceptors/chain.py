@@ -1,23 +1,28 @@
 """Builds the client policy chain of one process, in its one documented order.
 
-The call stack of every outgoing unary call, outermost first::
+The call stack of every outgoing unary call, outermost first (gRPC or an HTTP partner)::
 
-    stub.Method(request)
-      TelemetryInterceptor      the call's CLIENT span (opentelemetry-instrumentation-grpc);
-                                inside it, counts the call and its final code, logs one line
-        DeadlineInterceptor     one overall deadline: min(policy, incoming left - margin)
-          RetryInterceptor      repeats only safe calls, with backoff, within deadline and budget;
-                                one child span per attempt (``paymesh.attempt``), whose
-                                ``traceparent`` the attempt carries to the target
-            BreakerInterceptor  every attempt passes the target's breaker; open fails fast
-                                (a ``circuit_open`` event on the attempt span), so does a
-                                target with ``max_concurrent_calls`` in flight; opening
-                                fails the attempts still in flight
-              the call          grpc.aio (or sync) channel, reconnect backoff tuned
+    stub.Method(request) / partner.request(...)
+      the adapter's entry        aio.PolicyInterceptor: the call's CLIENT span (opentelemetry-
+                                 instrumentation-grpc); sync.SyncPolicyInterceptor (grpc-
+                                 interceptor, no span); http.PartnerClient: its own CLIENT span
+        attempts.run_call        the one loop (run_call_sync for the sync adapter):
+          deadline               one overall deadline: min(policy, incoming left - margin)
+          for each attempt:
+            breaker              the target's breaker admits it; open fails fast (a
+                                 ``circuit_open`` event on an attempt span), so does a target
+                                 with ``max_concurrent_calls`` in flight; opening fails the
+                                 attempts still in flight (aio and HTTP)
+            the attempt          the adapter's one call (grpc channel, reconnect backoff tuned;
+                                 aiohttp's keep-alive pool) in its own span (``paymesh.attempt``
+                                 attribute), whose ``traceparent`` it carries
+            classify             the adapter says what its outcome means (grpc_outcome, http)
+            decide, sleep        retry.RetryRun: safe calls only, the policy's retryable codes,
+                                 within the deadline and the target's budget
+          observe.ChainObserver  every event above counted, logged and traced, once
 
 ``build_client_chain`` is called once per process; the client factory asks it for the
-interceptors and channel options of each target, and for partner HTTP clients (which make
-the same call and attempt spans).
+interceptors and channel options of each target, and for partner HTTP clients.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ class CodeTraits:
 
 
 _T = CodeTraits
-#: Every gRPC status code but OK, with its traits.
+#: Every gRPC status code but OK, with its traits, in google.rpc.Code's order (CANCELLED = 1).
 TABLE: MappingProxyType[str, CodeTraits] = MappingProxyType(
     {
         "CANCELLED": _T(outcome_unknown=True, dependency_fault=True),
@@ -73,6 +73,12 @@ TABLE: MappingProxyType[str, CodeTraits] = MappingProxyType(
         "DATA_LOSS": _T(target_unhealthy=True, dependency_fault=True, reason="DATA_LOSS"),
         "UNAUTHENTICATED": _T(reason="UNAUTHENTICATED"),
     }
+)
+
+
+#: Number of each code name (google.rpc.Code): its place in :data:`TABLE`, OK being 0.
+NUMBERS: MappingProxyType[str, int] = MappingProxyType(
+    {"OK": 0, **{name: number for number, name in enumerate(TABLE, start=1)}}
 )
 
 

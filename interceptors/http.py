@@ -1,68 +1,58 @@
-"""The HTTP partner wrapper: partner calls go through the same deadline, retry and breaker core.
+"""The HTTP partner adapter: aiohttp makes one attempt, the core's loop does the rest.
 
-Retried only when safe (GET, HEAD, PUT, DELETE, OPTIONS, or an ``Idempotency-Key``); one
-breaker and one budget per partner. HTTP statuses map onto gRPC's code names so the core
-rules apply unchanged. Spans as in the gRPC chain: one per request, one child per attempt,
-whose ``traceparent`` header the attempt sends. A small HTTP/1.1 client over asyncio streams
-keeps it stdlib-only and cancellable (a thread running http.client cannot be cancelled).
-A failed TLS handshake (untrusted or expired certificate) is never retried nor counted by
-the breaker, as in the gRPC chain.
+Retried only when safe (GET, HEAD, PUT, DELETE, OPTIONS, or an ``Idempotency-Key``), through
+the same loop as gRPC calls (``attempts.run_call``): one breaker and one budget per partner,
+the same counters and spans. HTTP statuses map onto gRPC's code names (``codes.http_code``),
+so the core's rules apply unchanged; ``[methods]`` policy names a route like a method
+(``/<partner>/<VERB> <path>``, see :func:`route_of`). Each partner has one aiohttp session: a
+keep-alive connection pool, TLS for ``https`` URLs, the attempt's share of the deadline as its
+timeout, and a bound on the answer's size. A failed TLS handshake (untrusted or expired
+certificate) is never retried nor counted by the breaker, as in the gRPC chain.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json as jsonlib
+import re
 import ssl
 from collections.abc import Mapping
 from typing import Any, NamedTuple
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
+import aiohttp
 import grpc
-from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
-from interceptors.breaker import BreakerOpen, ConcurrencyLimited, Outcome
-from interceptors.deadline import DeadlineExhausted, outgoing_deadline
-from interceptors.errors import PartnerCallError, concurrency_limited_error
-from interceptors.retry import AttemptFailure, RetryRun, breaker_outcome
-from interceptors.runtime import AbortableAttempt, ChainRuntime
-from interceptors.telemetry import CallRecord
+from interceptors.attempts import Attempt, Call, run_call
+from interceptors.breaker import CallRefused, ConcurrencyLimited
+from interceptors.codes import http_code
+from interceptors.errors import PartnerCallError, circuit_open_error, concurrency_limited_error
+from interceptors.policy import partner_route
+from interceptors.retry import AttemptFailure
+from interceptors.runtime import ChainRuntime
 from interceptors.tls import ssl_tls_problem, tls_handshake_error
-from interceptors.tracing import (
-    TARGET_ATTRIBUTE,
-    circuit_open,
-    fail_span,
-    inject,
-    start_attempt,
-    stopped,
-)
+from interceptors.tracing import TARGET_ATTRIBUTE, inject
+
+__all__ = ["SAFE_METHODS", "PartnerClient", "PartnerResponse", "http_code", "route_of"]
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
-_CODES = {
-    400: "INVALID_ARGUMENT",
-    401: "UNAUTHENTICATED",
-    403: "PERMISSION_DENIED",
-    404: "NOT_FOUND",
-    408: "DEADLINE_EXCEEDED",
-    409: "ABORTED",
-    412: "FAILED_PRECONDITION",
-    422: "INVALID_ARGUMENT",
-    429: "RESOURCE_EXHAUSTED",
-    499: "CANCELLED",
-    500: "INTERNAL",
-    501: "UNIMPLEMENTED",
-    502: "UNAVAILABLE",
-    503: "UNAVAILABLE",
-    504: "DEADLINE_EXCEEDED",
-}
+#: Largest answer body read from a partner (gRPC's default receive limit): beyond, the
+#: attempt fails RESOURCE_EXHAUSTED, as a gRPC call receiving too large a message does.
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+#: Idle keep-alive connections are closed after this many seconds.
+KEEPALIVE_S = 30.0
+#: HTTP statuses that are failed attempts, not answers: the loop may retry them.
+_FAILED_STATUSES = frozenset({408, 429})
+_ID_SEGMENT = re.compile(r"^(?!v\d+$).*\d")
 
 
-def http_code(status: int) -> str:
-    """gRPC code name of an HTTP status (the mapping of google.rpc.Code)."""
-    if 200 <= status < 300:
-        return "OK"
-    return _CODES.get(status, "FAILED_PRECONDITION" if status < 500 else "UNKNOWN")
+def route_of(path: str) -> str:
+    """The route of a request path: its query dropped, id-like segments (with a digit, but
+    not a version like ``v2``) as ``:id``. ``/charges/ch_42/refunds?x=1`` is
+    ``/charges/:id/refunds``; metrics label partner calls by it too."""
+    segments = [":id" if _ID_SEGMENT.match(s) else s for s in path.split("?", 1)[0].split("/")]
+    return "/".join(segments)
 
 
 class PartnerResponse(NamedTuple):
@@ -74,63 +64,171 @@ class PartnerResponse(NamedTuple):
     """Decoded JSON when the answer is JSON, else the raw bytes."""
 
 
-class _Response:
-    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
-        self.status, self.headers, self.body = status, headers, body
+class ResponseTooLarge(Exception):
+    """The partner's answer is larger than the client reads."""
 
 
-class _TlsHandshakeFailed(Exception):
-    """The partner's TLS handshake failed for a reason a retry cannot fix."""
+class _Response(NamedTuple):
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
 
 
-async def _exchange(
-    url: str, method: str, headers: dict[str, str], body: bytes, context: ssl.SSLContext | None
-) -> _Response:
-    parts = urlsplit(url)
-    port = parts.port or (443 if context is not None else 80)
-    try:
-        reader, writer = await asyncio.open_connection(parts.hostname, port, ssl=context)
-    except ssl.SSLError as exc:  # the handshake completes inside open_connection
-        problem = ssl_tls_problem(exc)
-        if problem is None:
-            raise
-        raise _TlsHandshakeFailed(problem) from exc
-    try:
-        target = parts.path or "/"
-        if parts.query:
-            target += "?" + parts.query
-        lines = [f"{method} {target} HTTP/1.1", f"Host: {parts.netloc}", "Connection: close"]
-        lines += [f"{k}: {v}" for k, v in headers.items()]
-        lines.append(f"Content-Length: {len(body)}")
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
-        await writer.drain()
-        status_line = (await reader.readline()).decode("latin-1")
-        status = int(status_line.split()[1])
-        received: dict[str, str] = {}
-        while (line := (await reader.readline()).decode("latin-1").strip()) != "":
-            key, _, value = line.partition(":")
-            received[key.strip().lower()] = value.strip()
-        if received.get("transfer-encoding", "").lower() == "chunked":
-            data = bytearray()
-            while (size := int((await reader.readline()).split(b";")[0], 16)) > 0:
-                data += await reader.readexactly(size)
-                await reader.readline()
-            payload = bytes(data)
-        elif "content-length" in received:
-            payload = await reader.readexactly(int(received["content-length"]))
-        else:
-            payload = await reader.read()
-        return _Response(status, received, payload)
-    finally:
-        writer.close()
+class _FailedAnswer(Exception):
+    """A 5xx, 408 or 429: an attempt that failed, with the answer that says how."""
+
+    def __init__(self, response: _Response) -> None:
+        super().__init__(f"HTTP {response.status}")
+        self.response = response
+
+
+def _tls_problem(error: BaseException) -> str | None:
+    """The complaint of a TLS handshake that failed for a reason a retry cannot fix."""
+    if isinstance(error, aiohttp.ClientConnectorCertificateError):
+        cause = error.certificate_error
+        return ssl_tls_problem(cause) if isinstance(cause, ssl.SSLError) else str(cause)
+    if isinstance(error, aiohttp.ClientSSLError) and isinstance(error.os_error, ssl.SSLError):
+        return ssl_tls_problem(error.os_error)
+    return None
+
+
+class _Exchange:
+    """One partner request's attempts (the loop's transport)."""
+
+    def __init__(
+        self, client: PartnerClient, verb: str, path: str, body: bytes, headers: dict[str, str]
+    ) -> None:
+        self.client = client
+        self.verb, self.path, self.body, self.headers = verb, path, body, headers
+        self.name = f"{verb} {path}"
+
+    async def attempt(self, attempt: Attempt) -> _Response:
+        sent = dict(self.headers)
+        if attempt.number > 1:
+            sent["X-Previous-Attempts"] = str(attempt.number - 1)
+        if attempt.trace_context is not None:
+            inject(sent, attempt.trace_context)
+        # Its own task, so an opening breaker can fail it without cancelling the caller.
+        exchange = asyncio.ensure_future(
+            self.client.send(self.verb, self.path, sent, self.body, attempt.timeout_s)
+        )
+        attempt.attach(exchange)
+        response = await exchange
+        if attempt.span is not None:
+            attempt.span.set_attribute("http.response.status_code", response.status)
+        if response.status >= 500 or response.status in _FAILED_STATUSES:
+            raise _FailedAnswer(response)
+        return response
+
+    async def before_retry(self, failure: AttemptFailure, left_s: float) -> None:
+        return None  # the pool reconnects by itself
+
+    def classify(self, error: BaseException) -> AttemptFailure | None:
+        if isinstance(error, _FailedAnswer):
+            return self._failed_answer(error.response)
+        problem = _tls_problem(error)
+        if problem is not None:
+            return AttemptFailure(
+                code="UNAVAILABLE", detail=f"TLS handshake failed: {problem}", tls_problem=problem
+            )
+        if isinstance(error, TimeoutError):
+            return AttemptFailure(code="DEADLINE_EXCEEDED", detail="no answer within the deadline")
+        if isinstance(error, ResponseTooLarge):
+            return AttemptFailure(code="RESOURCE_EXHAUSTED", detail=str(error))
+        if isinstance(error, aiohttp.ClientError | OSError | ValueError):
+            return AttemptFailure(code="UNAVAILABLE", detail=f"{type(error).__name__}: {error}")
+        return None
+
+    @staticmethod
+    def _failed_answer(response: _Response) -> AttemptFailure:
+        pushback = None
+        if "retry-after" in response.headers:
+            try:
+                pushback = int(float(response.headers["retry-after"]) * 1000)
+            except ValueError:
+                pushback = None  # an HTTP date: fall back to our own backoff
+        return AttemptFailure(
+            code=http_code(response.status),
+            pushback_ms=pushback,
+            detail=f"HTTP {response.status}",
+        )
+
+    def answer_code(self, result: _Response) -> str:
+        return http_code(result.status)
+
+    def _error(
+        self, code: str, detail: str, attempts: int, reason: str, **fields: Any
+    ) -> PartnerCallError:
+        partner = self.client.partner
+        return PartnerCallError(
+            grpc.StatusCode[code],
+            f"{partner}: {detail}",
+            http_status=fields.pop("http_status", None),
+            target=partner,
+            method=self.name,
+            attempts=attempts,
+            stop_reason=reason,
+            **fields,
+        )
+
+    def deadline_exhausted(self, problem: str) -> BaseException:
+        return self._error("DEADLINE_EXCEEDED", problem, 0, "deadline")
+
+    def refused(self, refusal: CallRefused, attempts: int) -> BaseException:
+        runtime, partner = self.client.runtime, self.client.partner
+        if isinstance(refusal, ConcurrencyLimited):
+            return concurrency_limited_error(
+                caller=runtime.caller,
+                target=partner,
+                method=self.name,
+                limit=refusal.limit,
+                retry_after_s=refusal.retry_after_s,
+                attempts=attempts,
+                http=True,
+            )
+        local = circuit_open_error(
+            caller=runtime.caller,
+            target=partner,
+            method=self.name,
+            retry_after_s=refusal.retry_after_s,
+        )
+        return self._error(
+            "UNAVAILABLE",
+            str(refusal),
+            attempts,
+            "breaker_open",
+            trailing_metadata=local.trailing_metadata(),
+        )
+
+    def aborted(self, attempts: int, open_s: float) -> BaseException:
+        partner = self.client.partner
+        detail = f"circuit breaker of {partner} opened while the call was in flight"
+        return self._error("UNAVAILABLE", detail, attempts, "breaker_open")
+
+    def gave_up(
+        self, failure: AttemptFailure, error: BaseException, attempts: int, reason: str
+    ) -> BaseException:
+        if failure.tls_problem is not None:
+            return tls_handshake_error(
+                self.client.runtime,
+                target=self.client.partner,
+                method=self.name,
+                problem=failure.tls_problem,
+                attempts=attempts,
+                http=True,
+            )
+        status = error.response.status if isinstance(error, _FailedAnswer) else None
+        return self._error(failure.code, failure.detail, attempts, reason, http_status=status)
 
 
 class PartnerClient:
     """Calls one HTTP partner through the chain; ``request`` returns a PartnerResponse.
 
     A response below 500 (429 and 408 apart) is an answer and is returned, whatever its status;
-    a 5xx, 429, 408, a connection failure, a timeout or an open breaker that the chain gives up
-    on raises PartnerCallError (a CallError) naming partner, attempts and why it stopped.
+    a 5xx, 429, 408, a connection failure, a timeout, an oversized answer or an open breaker
+    that the chain gives up on raises PartnerCallError (a CallError) naming partner, attempts
+    and why it stopped. ``aclose`` closes its connection pool (the client factory does it at
+    shutdown).
     """
 
     def __init__(
@@ -140,20 +238,69 @@ class PartnerClient:
         base_url: str,
         *,
         ssl_context: ssl.SSLContext | None = None,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
     ) -> None:
         self.runtime = runtime
         self.partner = partner
         self.base_url = base_url.rstrip("/")
+        self.max_response_bytes = max_response_bytes
         self._ssl_context = ssl_context
         """Trust and identity of ``https`` requests; None: the system's trust store."""
+        self._session: aiohttp.ClientSession | None = None
+        self._session_loop: asyncio.AbstractEventLoop | None = None
 
-    def _tls(self) -> ssl.SSLContext | None:
-        """The TLS context of a request to the partner, None for plain ``http``."""
+    def _tls(self) -> ssl.SSLContext | bool:
+        """The TLS context of a request to the partner (True: none needed, plain ``http``)."""
         if not self.base_url.startswith("https:"):
-            return None
+            return True
         if self._ssl_context is None:
             self._ssl_context = ssl.create_default_context()  # made once: it reads the store
         return self._ssl_context
+
+    def _pool(self) -> aiohttp.ClientSession:
+        """The partner's session (its keep-alive pool), made on first use in this loop."""
+        loop = asyncio.get_running_loop()
+        session = self._session
+        if session is None or session.closed or self._session_loop is not loop:
+            # As many connections as the breaker lets attempts be in flight: none queues here.
+            limit = self.runtime.config.target_policy(self.partner).breaker.max_concurrent_calls
+            connector = aiohttp.TCPConnector(limit=limit, keepalive_timeout=KEEPALIVE_S)
+            session = aiohttp.ClientSession(
+                connector=connector, timeout=aiohttp.ClientTimeout(total=None)
+            )
+            self._session, self._session_loop = session, loop
+        return session
+
+    async def aclose(self) -> None:
+        """Close the connection pool; a later request opens a new one."""
+        session, self._session = self._session, None
+        if session is not None and not session.closed:
+            await session.close()
+
+    async def send(
+        self, verb: str, path: str, headers: dict[str, str], body: bytes, timeout_s: float
+    ) -> _Response:
+        """One HTTP exchange within ``timeout_s``, its answer read whole (up to the limit)."""
+        limit = self.max_response_bytes
+        async with self._pool().request(
+            verb,
+            self.base_url + path,
+            headers=headers,
+            data=body or None,
+            ssl=self._tls(),
+            timeout=aiohttp.ClientTimeout(total=timeout_s),
+            allow_redirects=False,
+        ) as response:
+            declared = response.content_length
+            if declared is not None and declared > limit:
+                raise ResponseTooLarge(f"answer of {declared} bytes exceeds the {limit}-byte limit")
+            payload = bytearray()
+            async for chunk in response.content.iter_chunked(64 * 1024):
+                payload += chunk
+                if len(payload) > limit:
+                    raise ResponseTooLarge(f"answer exceeds the {limit}-byte limit")
+            headers_read = {k.lower(): v for k, v in response.headers.items()}
+            return _Response(response.status, headers_read, bytes(payload))
 
     async def request(
         self,
@@ -165,60 +312,15 @@ class PartnerClient:
         idempotency_key: str | None = None,
         timeout_s: float | None = None,
         headers: dict[str, str] | None = None,
+        route: str | None = None,
     ) -> PartnerResponse:
         """Send one request (retried when safe); the body is decoded JSON when it is JSON.
 
-        One CLIENT span per request, one child per attempt (its ``traceparent`` sent along).
+        ``route`` names the request in ``[methods]`` policy (``/<partner>/<VERB> <route>``);
+        by default :func:`route_of` the path. One CLIENT span per request, one child per
+        attempt (its ``traceparent`` sent along).
         """
         method = method.upper()
-        if query:
-            path = f"{path}?{urlencode(query)}"
-        with self.runtime.tracer.start_as_current_span(
-            f"{method} {self.partner}",
-            kind=SpanKind.CLIENT,
-            attributes={
-                TARGET_ATTRIBUTE: self.partner,
-                "http.request.method": method,
-                "url.full": self.base_url + path,
-            },
-            record_exception=False,
-            set_status_on_exception=False,
-        ) as span:
-            try:
-                return await self._request(
-                    method,
-                    path,
-                    json=json,
-                    idempotency_key=idempotency_key,
-                    timeout_s=timeout_s,
-                    headers=headers,
-                )
-            except PartnerCallError as err:
-                fail_span(span, err.code().name, err.details() or "", None)
-                stopped(span, attempts=err.attempts, reason=err.stop_reason)
-                raise
-
-    async def _request(
-        self,
-        method: str,
-        path: str,
-        *,
-        json: Any,
-        idempotency_key: str | None,
-        timeout_s: float | None,
-        headers: dict[str, str] | None,
-    ) -> PartnerResponse:
-        runtime, name = self.runtime, f"{method} {path}"
-        started = runtime.clock()
-        policy = runtime.config.target_policy(self.partner)
-        try:
-            deadline = outgoing_deadline(
-                timeout_s or policy.timeout_s,
-                margin_s=policy.deadline_margin_s,
-                clock=runtime.clock,
-            )
-        except DeadlineExhausted as exc:
-            raise self._error("DEADLINE_EXCEEDED", str(exc), 0, "deadline", None, name) from None
         sent = dict(headers or {})
         body = b""
         if json is not None:
@@ -226,178 +328,36 @@ class PartnerClient:
             sent["Content-Type"] = "application/json"
         if idempotency_key:
             sent["Idempotency-Key"] = idempotency_key
-        run = RetryRun(
-            policy=policy.retry,
-            safe=method in SAFE_METHODS or bool(idempotency_key),
-            deadline_at=runtime.clock() + deadline.timeout_s,
-            budget=runtime.budget(self.partner),
-            clock=runtime.clock,
-            rng=runtime.rng,
-        )
-        breaker = runtime.breakers.get(self.partner)
-        while True:
-            attempt = AbortableAttempt(asyncio.get_running_loop())
-            try:
-                permit = breaker.admit(attempt.abort)
-            except ConcurrencyLimited as exc:
-                self._record(name, "UNAVAILABLE", started, str(exc))
-                runtime.telemetry.inc("concurrency_limited_total", target=self.partner)
-                runtime.telemetry.inc(
-                    "retry_stops_total",
-                    target=self.partner,
-                    method=name,
-                    reason="concurrency_limited",
-                )
-                raise concurrency_limited_error(
-                    caller=runtime.caller,
-                    target=self.partner,
-                    method=name,
-                    limit=exc.limit,
-                    retry_after_s=exc.retry_after_s,
-                    attempts=run.attempts,
-                    http=True,
-                ) from None
-            except BreakerOpen as exc:
-                circuit_open(
-                    trace.get_current_span(), target=self.partner, retry_after_s=exc.retry_after_s
-                )
-                # Counted like the gRPC chain counts a rejected call: a failed call, stopped.
-                self._record(name, "UNAVAILABLE", started, str(exc))
-                runtime.telemetry.inc(
-                    "retry_stops_total", target=self.partner, method=name, reason="breaker_open"
-                )
-                raise self._error(
-                    "UNAVAILABLE", str(exc), run.attempts, "breaker_open", None, name
-                ) from None
-            left = run.start_attempt()
-            runtime.telemetry.inc("attempts_total", target=self.partner, method=name)
-            if run.attempts > 1:
-                sent["X-Previous-Attempts"] = str(run.attempts - 1)
-            span = start_attempt(
-                runtime.tracer,
-                f"{method} {self.partner} attempt",
-                target=self.partner,
-                attempt=run.attempts,
-            )
-            inject(sent, trace.set_span_in_context(span))
-            response, detail, tls_problem = None, "", None
-            try:
-                exchange = asyncio.ensure_future(
-                    _exchange(self.base_url + path, method, sent, body, self._tls())
-                )
-                attempt.attach(exchange)
-                response = await asyncio.wait_for(exchange, timeout=max(left, 0.0))
-                code, detail = http_code(response.status), f"HTTP {response.status}"
-            except _TlsHandshakeFailed as exc:
-                code, detail = "UNAVAILABLE", f"TLS handshake failed: {exc}"
-                tls_problem = str(exc)
-            except TimeoutError:
-                code, detail = "DEADLINE_EXCEEDED", "no answer within the deadline"
-            except (OSError, ValueError, IndexError, asyncio.IncompleteReadError) as exc:
-                code, detail = "UNAVAILABLE", f"{type(exc).__name__}: {exc}"
-            except asyncio.CancelledError:
-                breaker.record(permit, Outcome.IGNORED)  # says nothing of the partner
-                if not attempt.caused():
-                    span.end()
-                    raise  # the caller cancelled
-                raise self._aborted(span, name, started, run.attempts) from None
-            except BaseException:
-                breaker.record(permit, Outcome.IGNORED)  # says nothing of the partner
-                span.end()
-                raise
-            breaker.record(
-                permit,
-                breaker_outcome(
-                    code,
-                    tls_failed=tls_problem is not None,
-                    deadline_was_callers=deadline.propagated,
-                ),
-            )
-            _end_attempt(span, code, detail, response)
-            if response is not None and (
-                response.status < 500 and response.status not in (408, 429)
-            ):
-                self._record(name, code, started, "")
-                return PartnerResponse(response.status, _decode(response))
-            decision = run.after_failure(self._failure(code, response, tls_problem))
-            if not decision.retry:
-                reason = decision.stop_reason or "not_retryable"
-                self._record(name, code, started, detail)
-                runtime.telemetry.inc(
-                    "retry_stops_total", target=self.partner, method=name, reason=reason
-                )
-                if tls_problem is not None:
-                    raise tls_handshake_error(
-                        runtime,
-                        target=self.partner,
-                        method=name,
-                        problem=tls_problem,
-                        attempts=run.attempts,
-                        http=True,
-                    )
-                status = response.status if response is not None else None
-                raise self._error(code, detail, run.attempts, reason, status, name)
-            runtime.telemetry.inc("retries_total", target=self.partner, method=name)
-            await runtime.sleep(decision.delay_s)
-
-    def _aborted(
-        self, span: trace.Span, name: str, started: float, attempts: int
-    ) -> PartnerCallError:
-        """The error of an attempt failed in flight because the breaker opened meanwhile."""
-        runtime = self.runtime
-        detail = f"circuit breaker of {self.partner} opened while the call was in flight"
-        runtime.telemetry.inc("breaker_aborted_total", target=self.partner)
-        open_s = runtime.breakers.get(self.partner).policy.open_s
-        circuit_open(span, target=self.partner, retry_after_s=open_s)
-        _end_attempt(span, "UNAVAILABLE", detail, None)
-        self._record(name, "UNAVAILABLE", started, detail)
-        runtime.telemetry.inc(
-            "retry_stops_total", target=self.partner, method=name, reason="breaker_open"
-        )
-        return self._error("UNAVAILABLE", detail, attempts, "breaker_open", None, name)
-
-    def _record(self, name: str, code: str, started: float, error: str) -> None:
-        self.runtime.telemetry.record_call(
-            CallRecord(
-                target=self.partner,
-                method=name,
-                code=code,
-                duration_s=self.runtime.clock() - started,
-                error=error,
-            )
-        )
-
-    def _failure(
-        self, code: str, response: _Response | None, tls_problem: str | None
-    ) -> AttemptFailure:
-        pushback = None
-        if response is not None and "retry-after" in response.headers:
-            try:
-                pushback = int(float(response.headers["retry-after"]) * 1000)
-            except ValueError:
-                pushback = None  # an HTTP date: fall back to our own backoff
-        return AttemptFailure(code=code, pushback_ms=pushback, tls_problem=tls_problem)
-
-    def _error(
-        self, code: str, detail: str, attempts: int, reason: str, status: int | None, name: str
-    ) -> PartnerCallError:
-        return PartnerCallError(
-            grpc.StatusCode[code],
-            f"{self.partner}: {detail}",
-            http_status=status,
+        route_path = route or route_of(path)
+        if query:
+            path = f"{path}?{urlencode(query)}"
+        exchange = _Exchange(self, method, path, body, sent)
+        call = Call(
             target=self.partner,
-            method=name,
-            attempts=attempts,
-            stop_reason=reason,
+            method=exchange.name,
+            route=partner_route(self.partner, method, route_path),
+            safe=method in SAFE_METHODS or bool(idempotency_key),
+            timeout_s=timeout_s or None,
+            attempt_name=f"{method} {self.partner} attempt",
+            rpc_system="http",
         )
-
-
-def _end_attempt(span: trace.Span, code: str, detail: str, response: _Response | None) -> None:
-    if response is not None:
-        span.set_attribute("http.response.status_code", response.status)
-    if response is None or response.status >= 500 or response.status in (408, 429):
-        fail_span(span, code, detail, None)
-    span.end()
+        runtime = self.runtime
+        if not runtime.trace_calls:
+            response = await run_call(exchange, call, runtime)
+        else:
+            with runtime.tracer.start_as_current_span(
+                f"{method} {self.partner}",
+                kind=SpanKind.CLIENT,
+                attributes={
+                    TARGET_ATTRIBUTE: self.partner,
+                    "http.request.method": method,
+                    "url.full": self.base_url + path,
+                },
+                record_exception=False,
+                set_status_on_exception=False,
+            ):
+                response = await run_call(exchange, call, runtime)
+        return PartnerResponse(response.status, _decode(response))
 
 
 def _decode(response: _Response) -> Any:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from interceptors import codes
+
 #: Environment variable that points the chain at another policy file.
 POLICY_FILE_VAR = "PAYMESH_POLICY_FILE"
 DEFAULT_POLICY_FILE = Path(__file__).resolve().parent.parent / "services" / "mesh" / "policy.toml"
@@ -51,8 +53,22 @@ class RetryPolicy:
     """Growth of that bound per retry."""
     max_backoff_s: float = 1.0
     """Cap of the bound, whatever the retry number."""
+    retryable_codes: frozenset[str] = codes.DEFAULT_RETRYABLE
+    """Code names retried without a server-given delay (UNAVAILABLE, and DEADLINE_EXCEEDED
+    while the overall deadline has time left); RESOURCE_EXHAUSTED and ABORTED are retried
+    anyway when the server pushed back with a delay."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.retryable_codes, str):
+            raise PolicyError("retryable_codes", "must be a list of status code names")
+        unknown = sorted(set(self.retryable_codes) - set(codes.TABLE))
+        if unknown:
+            raise PolicyError(
+                "retryable_codes",
+                f"unknown status code {unknown[0]!r}; known: {', '.join(codes.TABLE)}",
+            )
+        if not isinstance(self.retryable_codes, frozenset):
+            object.__setattr__(self, "retryable_codes", frozenset(self.retryable_codes))
         if self.max_attempts < 1:
             raise PolicyError("max_attempts", f"must be >= 1, got {self.max_attempts!r}")
         _positive("initial_backoff_s", self.initial_backoff_s, allow_zero=True)
@@ -196,6 +212,10 @@ def _section(base: Any, data: Any, path: str) -> Any:
 
 
 def _scalar(value: Any, path: str, kind: type[Any]) -> Any:
+    if kind is frozenset:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise PolicyError(path, f"must be a list of status code names, got {value!r}")
+        return frozenset(value)
     if kind is bool:
         if not isinstance(value, bool):
             raise PolicyError(path, f"must be true or false, got {value!r}")
@@ -216,12 +236,17 @@ class PolicyConfig:
     targets: Mapping[str, CallPolicy] = field(default_factory=dict)
     """Per target service (mesh name or HTTP partner), defaults applied."""
     methods: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    """Raw per-method tables (``/pkg.Service/Method``), applied over the target's policy."""
+    """Raw per-method tables, applied over the target's policy: a gRPC method
+    (``/pkg.Service/Method``) or a partner route (``/<partner>/<VERB> <path>``, see
+    :func:`partner_route`)."""
 
     def __post_init__(self) -> None:
         for method in self.methods:
-            if not (method.startswith("/") and method.count("/") == 2):
-                raise PolicyError(f"methods.{method}", "must be spelled /pkg.Service/Method")
+            if not is_method_name(method):
+                raise PolicyError(
+                    f"methods.{method}",
+                    "must be spelled /pkg.Service/Method or /<partner>/<VERB> <path>",
+                )
 
     @classmethod
     def from_mapping(
@@ -270,6 +295,30 @@ class PolicyConfig:
         if table is None:
             return base
         return _merge(base, table, f"methods.{method}", per_method=True)
+
+
+#: Verbs a partner route may name.
+HTTP_VERBS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def partner_route(partner: str, verb: str, path: str) -> str:
+    """The method name of a partner call, as ``[methods]`` spells it: ``/<partner>/<VERB> <path>``.
+
+    Named like a gRPC method (``/<service>/<method>``), with the partner as the service and
+    the verb and path template as the method: ``/exchange-rate/GET /rates/{}``.
+    """
+    return f"/{partner}/{verb.upper()} {path}"
+
+
+def is_method_name(name: str) -> bool:
+    """Whether ``name`` is a gRPC method or a partner route, as ``[methods]`` keys are."""
+    service, slash, rest = name[1:].partition("/")
+    if not (name.startswith("/") and service and slash and rest):
+        return False
+    verb, space, path = rest.partition(" ")
+    if space:
+        return verb in HTTP_VERBS and path.startswith("/")
+    return "/" not in rest
 
 
 def _table(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from interceptors import codes
 from interceptors.backoff import Random, backoff_delay_s
 from interceptors.breaker import Outcome
 from interceptors.budget import RetryBudget
@@ -29,12 +30,10 @@ StopReason = Literal[
     "concurrency_limited",
 ]
 
-#: Codes that say the target, not the request, is unhealthy: they count against its breaker.
-BREAKER_FAILURE_CODES = frozenset(
-    {"UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL", "UNKNOWN", "DATA_LOSS"}
-)
-#: Codes retried only when the server pushed back with a delay.
-PUSHBACK_ONLY_CODES = frozenset({"RESOURCE_EXHAUSTED", "ABORTED"})
+#: Codes that say the target, not the request, is unhealthy (the table's column).
+BREAKER_FAILURE_CODES = codes.TARGET_UNHEALTHY
+#: Codes retried only when the server pushed back with a delay (the table's column).
+PUSHBACK_ONLY_CODES = codes.PUSHBACK_ONLY
 
 
 def breaker_outcome(
@@ -74,6 +73,8 @@ class AttemptFailure:
     """google.rpc.RetryInfo's retry_delay, when the server sent one."""
     tls_problem: str | None = None
     """What the TLS handshake complained of, when the attempt failed in it; never retried."""
+    detail: str = ""
+    """What the attempt's error said, for the caller's error, the span and the call log."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -128,13 +129,13 @@ class RetryRun:
             return _stop("not_retryable")  # a retry cannot fix a certificate
         if failure.pushback_ms is not None and failure.pushback_ms < 0:
             return _stop("pushback")
-        if code in PUSHBACK_ONLY_CODES:
+        if code in self.policy.retryable_codes:
+            if code == "DEADLINE_EXCEEDED" and self._clock() >= self.deadline_at:
+                return _stop("deadline")
+        elif code in PUSHBACK_ONLY_CODES:
             if failure.pushback_ms is None and failure.retry_delay_s is None:
                 return _stop("not_retryable")
-        elif code == "DEADLINE_EXCEEDED":
-            if self._clock() >= self.deadline_at:
-                return _stop("deadline")
-        elif code != "UNAVAILABLE":
+        else:
             return _stop("not_retryable")
         if not self.safe:
             return _stop("not_retryable")

@@ -1,4 +1,4 @@
-"""What every adapter of one process shares: policy, breakers, budgets, telemetry, time.
+"""What every adapter of one process shares: policy, breakers, budgets, the observer, time.
 
 Built once per process by ``build_client_chain``; the gRPC (aio and sync) and HTTP adapters
 all read the same instance, so one target has one breaker and one budget whatever the
@@ -20,6 +20,7 @@ from opentelemetry import trace
 
 from interceptors.breaker import BreakerRegistry
 from interceptors.budget import RetryBudget
+from interceptors.observe import ChainObserver, Observer
 from interceptors.policy import CallPolicy, PolicyConfig
 from interceptors.telemetry import ChainTelemetry
 
@@ -75,7 +76,7 @@ class AbortableAttempt:
 
 
 class ChainRuntime:
-    """Policy lookups (cached), the breaker and budget of each target, and the counters."""
+    """Policy lookups (cached), the breaker and budget of each target, and the observer."""
 
     def __init__(
         self,
@@ -102,23 +103,23 @@ class ChainRuntime:
         #: id of the incoming call still propagates, without paying for spans nobody sees.
         self.trace_calls = trace_calls
         self.telemetry = ChainTelemetry(caller=caller)
+        #: Where every call, attempt and breaker event is reported (counters, spans, logs).
+        self.observer: Observer = ChainObserver(
+            telemetry=self.telemetry, tracer=self.tracer, trace_calls=trace_calls, clock=clock
+        )
         self.breakers = BreakerRegistry(
             lambda target: config.target_policy(target).breaker,
             clock=clock,
-            on_transition=self._on_transition,
-            on_trip=self._on_trip,
+            on_transition=lambda target, old, new: self.observer.breaker_transition(
+                target, old, new
+            ),
+            on_trip=lambda target, rule: self.observer.breaker_tripped(target, rule),
         )
         self._lock = threading.Lock()
         self._budgets: dict[str, RetryBudget] = {}
         self._policies: dict[tuple[str, str], CallPolicy] = {}
         #: Per target, waits up to the given seconds for its channel to connect; True if it did.
         self.connection_waiters: dict[str, Callable[[float], Awaitable[bool]]] = {}
-
-    def _on_transition(self, target: str, old: str, new: str) -> None:
-        self.telemetry.inc("breaker_transitions_total", target=target, old=old, new=new)
-
-    def _on_trip(self, target: str, rule: str) -> None:
-        self.telemetry.inc("breaker_trips_total", target=target, rule=rule)
 
     def policy(self, target: str, method: str) -> CallPolicy:
         """The policy of one call (resolved once per target and method)."""

@@ -1,8 +1,9 @@
 """In-process counters of the client chain, the seed of its Prometheus series.
 
-Every layer reports here (attempts, retries, stop reasons, budget exhaustion, breaker
-transitions, deadlines exceeded and propagated, and each finished call with its duration);
-hooks let a metrics exporter or a tracer follow each increment later. No gRPC import.
+The chain's observer (``observe.ChainObserver``, which names every series) counts here:
+attempts, retries, stop reasons, budget exhaustion, breaker events, deadlines, and each
+finished call with its duration; hooks let a metrics exporter or a recent-calls window
+follow each increment. No gRPC import.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 Labels = tuple[tuple[str, str], ...]
+#: Series of finished calls, by target, method and final code (see ``record_call``).
+CALLS = "calls_total"
 #: Called on each increment with (series name, labels, amount).
 CounterHook = Callable[[str, Mapping[str, str], int], None]
 
@@ -57,7 +60,7 @@ class ChainTelemetry:
 
     def record_call(self, record: CallRecord) -> None:
         """Count a finished call in ``calls_total`` and hand it to the call hooks."""
-        self.inc("calls_total", target=record.target, method=record.method, code=record.code)
+        self.inc(CALLS, target=record.target, method=record.method, code=record.code)
         for hook in self._call_hooks:
             hook(record)
 

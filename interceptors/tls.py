@@ -8,7 +8,6 @@ says so only in an UNAVAILABLE's details; the HTTP client sees an ``ssl.SSLError
 
 from __future__ import annotations
 
-import logging
 import ssl
 
 import grpc
@@ -16,8 +15,6 @@ from grpc import aio
 
 from interceptors.errors import STATUS_DETAILS_KEY, CallError, PartnerCallError, Reason, rich_status
 from interceptors.runtime import ChainRuntime
-
-log = logging.getLogger("paymesh.chain")
 
 #: ErrorInfo reason of a call that failed in the TLS handshake (ErrorReason in common.proto).
 TLS_HANDSHAKE_FAILED_REASON = Reason.TLS_HANDSHAKE_FAILED
@@ -65,13 +62,11 @@ def tls_handshake_error(
     attempts: int,
     http: bool = False,
 ) -> CallError:
-    """Log the failure (one WARNING), count it, and return the error the caller sees.
+    """The error the caller sees (the loop's observer logs one WARNING and counts it).
 
     UNAVAILABLE, ``stop_reason`` ``not_retryable``, one ErrorInfo with reason
     ``TLS_HANDSHAKE_FAILED`` naming target and method; the message quotes the problem.
     """
-    log.warning("TLS handshake with %s failed (%s): %s", target, method, problem)
-    runtime.telemetry.inc("tls_handshake_failures_total", target=target)
     message = f"TLS handshake with {target} failed: {problem}"
     status = rich_status(
         grpc.StatusCode.UNAVAILABLE,

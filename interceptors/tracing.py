@@ -1,25 +1,26 @@
 """Tracing of the chain and the servers: OpenTelemetry spans for calls, attempts and handlers.
 
-opentelemetry-instrumentation-grpc makes the CLIENT span of every call (inside the telemetry
-layer, outermost) and the SERVER span of every handled call (the server's first interceptor).
-The retry layer opens one CLIENT child span per attempt and injects that attempt's context
-(``traceparent``) into its metadata, so a downstream's server span hangs under the attempt
-that reached it. Only the OpenTelemetry API here: services.mesh.tracing configures the SDK.
+opentelemetry-instrumentation-grpc makes the CLIENT span of every call (outermost in the
+chain) and the SERVER span of every handled call (the server's first interceptor). The attempt
+loop's observer opens one CLIENT child span per attempt, whose context (``traceparent``) the
+attempt carries, so a downstream's server span hangs under the attempt that reached it. Only
+the OpenTelemetry API at import (the instrumentation is imported where it is used):
+services.mesh.tracing configures the SDK.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from grpc import aio
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
-from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
-from opentelemetry.instrumentation.grpc.filters import negate, service_prefix
 from opentelemetry.propagators.textmap import Setter
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from opentelemetry.util.types import AttributeValue
+
+if TYPE_CHECKING:  # the gRPC instrumentation is imported where it is used: the core has no gRPC
+    from grpc import aio
 
 #: Attempt number of an attempt span, 1 for the first.
 ATTEMPT_ATTRIBUTE = "paymesh.attempt"
@@ -36,9 +37,6 @@ RETRY_AFTER_ATTRIBUTE = "paymesh.retry_after_s"
 #: OpenTelemetry semantic convention: gRPC status code of a call or attempt.
 GRPC_STATUS_ATTRIBUTE = "rpc.grpc.status_code"
 
-#: Health and reflection calls (probes, ``buf curl``) would drown the traces that matter.
-_SERVED_CALLS_FILTER = negate(service_prefix("grpc."))
-
 
 class _MetadataSetter(Setter[Any]):
     """Writes propagation fields into aio metadata or an HTTP header dict alike."""
@@ -54,6 +52,8 @@ def client_interceptors(
     tracer_provider: trace.TracerProvider | None,
 ) -> tuple[aio.UnaryUnaryClientInterceptor, aio.UnaryStreamClientInterceptor]:
     """The instrumentation's unary-unary and unary-stream client interceptors."""
+    from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
     # The instrumentation ships untyped; it returns the four aio interceptors in this order.
     unary_unary, unary_stream, *_ = aio_client_interceptors(  # type: ignore[no-untyped-call]
         tracer_provider=tracer_provider
@@ -62,10 +62,17 @@ def client_interceptors(
 
 
 def server_interceptor(tracer_provider: trace.TracerProvider | None) -> aio.ServerInterceptor:
-    """The instrumentation's server interceptor; put it first, before the policy interceptor."""
+    """The instrumentation's server interceptor; put it first, before the policy interceptor.
+
+    Health and reflection calls (probes, ``buf curl``) are not traced: they would drown the
+    traces that matter.
+    """
+    from opentelemetry.instrumentation.grpc import aio_server_interceptor
+    from opentelemetry.instrumentation.grpc.filters import negate, service_prefix
+
     # The instrumentation ships untyped.
     interceptor: aio.ServerInterceptor = aio_server_interceptor(  # type: ignore[no-untyped-call]
-        tracer_provider=tracer_provider, filter_=_SERVED_CALLS_FILTER
+        tracer_provider=tracer_provider, filter_=negate(service_prefix("grpc."))
     )
     return interceptor
 

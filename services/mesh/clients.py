@@ -2,10 +2,10 @@
 
 Stubs are bound to one shared ``grpc.aio`` channel per target, built with the policy chain's
 interceptors and channel options and the service's mTLS identity; partner clients are the
-chain's HTTP wrapper. Targets are the topology's constants (``Target.ORDER``,
-``Partner.GEO_IP``), never strings; both exist only along edges the topology declares, so a
-service cannot quietly call something the topology does not know about, nor call anything
-outside the chain.
+chain's HTTP adapter (one aiohttp connection pool each, closed with the factory). Targets are
+the topology's constants (``Target.ORDER``, ``Partner.GEO_IP``), never strings; both exist
+only along edges the topology declares, so a service cannot quietly call something the
+topology does not know about, nor call anything outside the chain.
 When the identity's certificate is rotated, :meth:`ClientFactory.rotate_if_changed` rebuilds
 every channel; stubs made earlier follow, because they are bound to a :class:`RotatingChannel`.
 """
@@ -124,12 +124,15 @@ class ClientFactory:
         return client
 
     async def close(self) -> None:
-        """Close every channel; calls in flight are cancelled."""
+        """Close every channel and partner connection pool; calls in flight are cancelled."""
         channels, self._channels = self._channels, {}
+        partners, self._partners = self._partners, {}
         for task in list(self._retired):
             task.cancel()
         for channel in channels.values():
             await channel.close()
+        for client in partners.values():
+            await client.aclose()
 
 
 class RotatingChannel(aio.Channel):

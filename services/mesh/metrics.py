@@ -7,7 +7,6 @@ chain's call hook; the chain's counters and breaker states are read at scrape ti
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,7 +17,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.registry import Collector
 
+from interceptors import observe
 from interceptors.breaker import CLOSED, HALF_OPEN, HALF_OPEN_READY, OPEN
+from interceptors.http import route_of
 from interceptors.telemetry import CallRecord, ChainTelemetry, Labels
 from services.mesh.admin import AdminRequest, AdminResponse
 
@@ -57,86 +58,84 @@ class ChainSeries:
     """Telemetry label -> Prometheus label, where they differ."""
 
 
-#: Telemetry counter name -> its Prometheus family. Counters not listed are not exported.
+#: The observer's counter -> its Prometheus family. Counters not listed are not exported.
 CHAIN_SERIES: Mapping[str, ChainSeries] = {
-    "calls_total": ChainSeries(
+    observe.CALLS: ChainSeries(
         name="paymesh_client_rpcs",
         documentation="Outgoing calls by target, method and final code (retries included once).",
         labels=("target", "method", "code"),
     ),
-    "attempts_total": ChainSeries(
+    observe.ATTEMPTS: ChainSeries(
         name="paymesh_client_attempts",
         documentation="Attempts sent to a target (first attempts and retries).",
         labels=("target", "method"),
     ),
-    "retries_total": ChainSeries(
+    observe.RETRIES: ChainSeries(
         name="paymesh_client_retries",
         documentation="Retries sent to a target, the extra load retries add.",
         labels=("target", "method"),
     ),
-    "retry_stops_total": ChainSeries(
+    observe.RETRY_STOPS: ChainSeries(
         name="paymesh_client_retry_stops",
         documentation="Calls that failed for good, by the reason the chain stopped retrying.",
         labels=("target", "method", "reason"),
     ),
-    "budget_exhausted_total": ChainSeries(
+    observe.BUDGET_EXHAUSTED: ChainSeries(
         name="paymesh_retry_budget_exhausted",
         documentation="Retries refused because the target's retry budget was spent.",
         labels=("target",),
     ),
-    "breaker_transitions_total": ChainSeries(
+    observe.BREAKER_TRANSITIONS: ChainSeries(
         name="paymesh_breaker_transitions",
         documentation="Circuit breaker state changes by target.",
         labels=("target", "old", "new"),
         renames=(("old", "from_state"), ("new", "to_state")),
     ),
-    "breaker_rejections_total": ChainSeries(
+    observe.BREAKER_REJECTIONS: ChainSeries(
         name="paymesh_breaker_rejections",
         documentation="Calls refused locally because the target's breaker was open.",
         labels=("target",),
     ),
-    "breaker_trips_total": ChainSeries(
+    observe.BREAKER_TRIPS: ChainSeries(
         name="paymesh_breaker_trips",
         documentation="Times a target's breaker opened, by the rule that opened it "
         "(failure_rate, consecutive_failures, slow_call_rate, trial_failed, trial_slow).",
         labels=("target", "rule"),
     ),
-    "breaker_aborted_total": ChainSeries(
+    observe.BREAKER_ABORTED: ChainSeries(
         name="paymesh_breaker_aborted_calls",
         documentation="Calls in flight failed at once (CIRCUIT_OPEN) because the target's "
         "breaker opened while they waited.",
         labels=("target",),
     ),
-    "concurrency_limited_total": ChainSeries(
+    observe.CONCURRENCY_LIMITED: ChainSeries(
         name="paymesh_client_concurrency_limited",
         documentation="Calls refused locally (CONCURRENCY_LIMITED) because the target had its "
         "limit of calls in flight; not counted by the breaker.",
         labels=("target",),
     ),
-    "deadline_exceeded_total": ChainSeries(
+    observe.DEADLINE_EXCEEDED: ChainSeries(
         name="paymesh_client_deadline_exceeded",
         documentation="Outgoing calls that ended with DEADLINE_EXCEEDED.",
         labels=("target", "method"),
     ),
-    "deadline_propagated_total": ChainSeries(
+    observe.DEADLINE_PROPAGATED: ChainSeries(
         name="paymesh_client_deadline_propagated",
         documentation="Outgoing calls whose deadline was cut to what the incoming call had left.",
         labels=("target", "method"),
     ),
-    "deadline_exhausted_total": ChainSeries(
+    observe.DEADLINE_EXHAUSTED: ChainSeries(
         name="paymesh_client_deadline_exhausted",
         documentation="Outgoing calls not sent because the incoming deadline was already spent.",
         labels=("target", "method"),
     ),
-    "tls_handshake_failures_total": ChainSeries(
+    observe.TLS_HANDSHAKE_FAILURES: ChainSeries(
         name="paymesh_client_tls_handshake_failures",
         documentation="Outgoing calls whose TLS handshake failed (untrusted, expired or wrong "
         "certificate); never retried, never counted by the breaker.",
         labels=("target",),
     ),
 }
-
-_ID_SEGMENT = re.compile(r"^(?!v\d+$).*\d")
 
 
 def method_label(method: str) -> str:
@@ -148,9 +147,7 @@ def method_label(method: str) -> str:
     if method.startswith("/"):
         return method
     verb, _, path = method.partition(" ")
-    path = path.split("?", 1)[0]
-    segments = [":id" if _ID_SEGMENT.match(s) else s for s in path.split("/")]
-    return f"{verb} {'/'.join(segments)}".rstrip()
+    return f"{verb} {route_of(path)}".rstrip()
 
 
 class ChainCollector(Collector):

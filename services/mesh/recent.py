@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from interceptors.codes import TARGET_UNHEALTHY
+from interceptors.observe import RETRIES
 from interceptors.telemetry import CallRecord
 
 Clock = Callable[[], float]
@@ -121,7 +122,7 @@ class RecentCalls:
 
     def count(self, name: str, labels: Mapping[str, str], amount: int) -> None:
         """Remember retries (a ``ChainTelemetry`` counter hook; other series are ignored)."""
-        if name != "retries_total" or "target" not in labels:
+        if name != RETRIES or "target" not in labels:
             return
         now = self._clock()
         with self._lock:

@@ -1,10 +1,12 @@
 """``make status``: a summary line, then every service's health, restarts and outgoing edges.
 
 Asks each service of the topology (addresses overridable by environment, as everywhere) for
-its liveness, its readiness and its Diagnostics report, all at once, reads the restarts the
-running launcher (``make run``) keeps in ``<var>/launcher.json``, and prints one table that
-fits 120 columns (an edge's last error wrapped under it); ``--json`` prints the same for
-scripts, ``--watch [seconds]`` refreshes until Ctrl-C. A service that does not answer is DOWN.
+its liveness, its readiness and its Diagnostics report, all services at once, as the operator
+through the policy chain's sync adapter (grpc-interceptor over the one attempt loop); reads
+the restarts the running launcher (``make run``) keeps in ``<var>/launcher.json``, and prints
+one table that fits 120 columns (an edge's last error wrapped under it); ``--json`` prints
+the same for scripts, ``--watch [seconds]`` refreshes until Ctrl-C. A service that does not
+answer is DOWN.
 Exit status: 0 whenever it could report, whatever the mesh's state; 2 when it could not (bad
 configuration).
 """
@@ -24,11 +26,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import grpc
 from google.protobuf import duration_pb2
-from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from interceptors.chain import ClientChain, build_client_chain
+from interceptors.errors import CallError
+from interceptors.policy import PolicyConfig
 from paymesh.mesh.v1 import mesh_pb2, mesh_pb2_grpc
+from services.mesh import pki
 from services.mesh.tls import TlsConfigError, TransportSecurity, operator_security
 from services.mesh.topology import Topology, TopologyError
 from services.tools.supervisor import LAUNCHER_FILE, LauncherReport, MemberReport, read_report
@@ -179,32 +185,48 @@ def edge_status(dependency: mesh_pb2.Dependency) -> EdgeStatus:
     )
 
 
-async def _health(channel: aio.Channel, service: str) -> str:
+def _health(channel: grpc.Channel, service: str) -> str:
     stub = health_pb2_grpc.HealthStub(channel)
     try:
-        reply = await stub.Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=HEALTH_TIMEOUT_S
-        )
-    except aio.AioRpcError as exc:
-        return exc.code().name
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=HEALTH_TIMEOUT_S)
+    except grpc.RpcError as exc:
+        return exc.code().name if isinstance(exc, CallError | grpc.Call) else "UNKNOWN"
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
 
+def tool_chain() -> ClientChain:
+    """The operator's policy chain for one status round (the sync adapter over the one loop).
+
+    Made afresh each round, so a service that came back shows at once, not after an open
+    breaker's time.
+    """
+    return build_client_chain(caller=pki.OPERATOR, config=PolicyConfig.load())
+
+
 async def service_status(
-    topology: Topology, name: str, security: TransportSecurity | None = None
+    topology: Topology,
+    name: str,
+    security: TransportSecurity | None = None,
+    chain: ClientChain | None = None,
 ) -> ServiceStatus:
     """Ask one service for its health and its Diagnostics report; never raises for a dead one.
 
     The call is made as the operator identity (``security``; default: the operator of
-    ``topology``'s environment), the only identity granted Diagnostics.
+    ``topology``'s environment), the only identity granted Diagnostics, through ``chain``'s
+    sync interceptors (default: :func:`tool_chain`), in a thread.
     """
+    security = security or operator_security(topology.environ)
+    return await asyncio.to_thread(_service_status, topology, name, security, chain or tool_chain())
+
+
+def _service_status(
+    topology: Topology, name: str, security: TransportSecurity, chain: ClientChain
+) -> ServiceStatus:
     spec = topology.service(name)
     address = topology.address(name)
-    security = security or operator_security(topology.environ)
-    async with security.aio_channel(name, address) as channel:
-        liveness, readiness = await asyncio.gather(
-            _health(channel, ""), _health(channel, spec.proto_services[0])
-        )
+    with security.sync_channel(name, address, options=chain.channel_options()) as plain:
+        channel = grpc.intercept_channel(plain, *chain.sync_interceptors(name))
+        liveness, readiness = _health(channel, ""), _health(channel, spec.proto_services[0])
         if liveness != SERVING:
             return ServiceStatus(
                 name=name,
@@ -217,13 +239,15 @@ async def service_status(
         stub = mesh_pb2_grpc.DiagnosticsServiceStub(channel)
         error, edges, overall, reason = "", tuple[EdgeStatus, ...](), "", ""
         try:
-            report = await stub.GetDiagnostics(
+            report = stub.GetDiagnostics(
                 mesh_pb2.GetDiagnosticsRequest(), timeout=DIAGNOSTICS_TIMEOUT_S
             )
             edges = tuple(edge_status(d) for d in report.dependencies)
             overall, reason = _OVERALL.get(report.status, ""), report.status_reason
-        except aio.AioRpcError as exc:
-            error = f"diagnostics: {exc.code().name}: {exc.details() or ''}"
+        except grpc.RpcError as exc:
+            code = exc.code().name if isinstance(exc, CallError | grpc.Call) else "UNKNOWN"
+            details = exc.details() if isinstance(exc, CallError | grpc.Call) else str(exc)
+            error = f"diagnostics: {code}: {details or ''}"
     return ServiceStatus(
         name=name,
         address=address,
@@ -240,11 +264,12 @@ async def service_status(
 async def mesh_status(
     topology: Topology, security: TransportSecurity | None = None
 ) -> list[ServiceStatus]:
-    """Every service of the topology, asked concurrently, in topology order."""
+    """Every service of the topology, asked concurrently (one chain), in topology order."""
     security = security or operator_security(topology.environ)
+    chain = tool_chain()
     return list(
         await asyncio.gather(
-            *(service_status(topology, s.name, security) for s in topology.services)
+            *(service_status(topology, s.name, security, chain) for s in topology.services)
         )
     )
 

@@ -25,9 +25,6 @@ CALLER = "test-caller"
 NO_BREAKER = {"breaker": {"minimum_calls": 1_000_000, "consecutive_failures": 1_000_000}}
 #: The HTTP edge reports these series apart from the gRPC edge until one observer owns every
 #: counter (issue 14, point 1); strict, so the fix shows up as a pass to be unmarked.
-HTTP_DRIFT = pytest.mark.xfail(
-    strict=True, reason="the HTTP chain does not count this series yet (issue 14, point 1)"
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,13 +88,13 @@ async def test_calls_failing_until_the_breaker_opens_are_counted(transport: str)
     assert run.value("paymesh_breaker_state") == 2
 
 
-@pytest.mark.parametrize("transport", ["grpc", pytest.param("http", marks=HTTP_DRIFT)])
+@pytest.mark.parametrize("transport", ["grpc", "http"])
 async def test_calls_the_open_breaker_refused_are_counted(transport: str) -> None:
     run = await _failing_workload(transport, {"retry": {"max_attempts": 3}}, calls=8)
     assert run.value("paymesh_breaker_rejections_total") == 7
 
 
-@pytest.mark.parametrize("transport", ["grpc", pytest.param("http", marks=HTTP_DRIFT)])
+@pytest.mark.parametrize("transport", ["grpc", "http"])
 async def test_retries_the_budget_refused_are_counted(transport: str) -> None:
     policy = {"budget": {"retry_ratio": 0.2, "min_retries": 3}, **NO_BREAKER}
     run = await _failing_workload(transport, policy, calls=20)

@@ -8,18 +8,36 @@ import json
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from google.rpc import status_pb2
 
+from interceptors.chain import ClientChain
 from interceptors.deadline import reset_incoming_deadline, set_incoming_deadline
 from interceptors.errors import CallError, PartnerCallError, error_info, retry_delay_of
+from interceptors.http import PartnerClient
 from tests.integration.harness import ShiftedClock, eventually, make_chain
 
 PARTNER = "exchange-rate"
+
+
+@pytest.fixture(autouse=True)
+async def _pools_closed(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[None]:
+    """Every partner client a test makes has its connection pool closed after it."""
+    made: list[PartnerClient] = []
+    make = ClientChain.http_client
+
+    def recorded(chain: ClientChain, partner: str, base_url: str) -> PartnerClient:
+        made.append(make(chain, partner, base_url))
+        return made[-1]
+
+    monkeypatch.setattr(ClientChain, "http_client", recorded)
+    yield
+    for client in made:
+        await client.aclose()
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,12 +16,7 @@ from google.rpc import status_pb2
 from interceptors.chain import ClientChain
 from interceptors.deadline import reset_incoming_deadline, set_incoming_deadline
 from interceptors.errors import CallError, error_info, retry_delay_of
-from interceptors.sync import (
-    SyncBreakerInterceptor,
-    SyncDeadlineInterceptor,
-    SyncRetryInterceptor,
-    SyncTelemetryInterceptor,
-)
+from interceptors.sync import SyncPolicyInterceptor
 from paymesh.testing.v1 import testing_pb2 as pb
 from paymesh.testing.v1 import testing_pb2_grpc
 from tests.integration.gated import GatedServicer
@@ -49,14 +44,9 @@ async def in_thread(
     return await asyncio.to_thread(run)
 
 
-def test_sync_chain_order_is_telemetry_deadline_retry_breaker() -> None:
+def test_sync_chain_is_one_grpc_interceptor_client_interceptor_over_the_loop() -> None:
     layers = [type(i) for i in make_chain().sync_interceptors(TARGET)]
-    assert layers == [
-        SyncTelemetryInterceptor,
-        SyncDeadlineInterceptor,
-        SyncRetryInterceptor,
-        SyncBreakerInterceptor,
-    ]
+    assert layers == [SyncPolicyInterceptor]
 
 
 async def test_sync_unavailable_twice_then_ok_succeeds_on_third_attempt() -> None:

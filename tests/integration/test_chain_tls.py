@@ -229,6 +229,7 @@ async def test_partner_with_a_trusted_certificate_answers(certificates: Certific
     with https_partner(certificates.mesh.cert(TARGET), certificates.mesh.key(TARGET)) as url:
         partner = PartnerClient(make_chain().runtime, PARTNER, url, ssl_context=trusted)
         status, body = await partner.request("GET", "/rates")
+        await partner.aclose()
     assert (status, body) == (200, {"rate": "1.1"})
 
 
@@ -244,6 +245,7 @@ async def test_partner_with_an_untrusted_certificate_fails_once_and_never_opens_
             with pytest.raises(PartnerCallError) as caught:
                 await client.request("GET", "/rates")
             errors.append(caught.value)
+        await client.aclose()
     assert [(e.attempts, e.http_status, error_reason(e)) for e in errors] == [
         (1, None, "TLS_HANDSHAKE_FAILED")
     ] * CALLS

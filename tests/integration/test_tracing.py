@@ -359,7 +359,9 @@ async def test_partner_retry_attempts_are_child_spans_whose_traceparent_is_sent(
     client = traced_chain(exporter, {"retry": {"initial_backoff_s": 0.0}})
     with partner_server() as partner:
         partner.script.extend([Reply(status=503), Reply(status=200)])
-        reply = await client.http_client(PARTNER, partner.url).request("GET", "/rates")
+        http = client.http_client(PARTNER, partner.url)
+        reply = await http.request("GET", "/rates")
+        await http.aclose()
     assert reply.status == 200
     spans = exporter.get_finished_spans()
     (request,) = [s for s in spans if s.name == f"GET {PARTNER}"]

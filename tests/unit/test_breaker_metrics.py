@@ -1,18 +1,23 @@
 """The hang-detection series of a real chain runtime: trips by rule, calls failed in flight,
-calls refused at the limit in flight, and the breaker gauge of a half-open-ready breaker."""
+calls refused at the limit in flight (counted by running the attempt loop), and the breaker
+gauge of a half-open-ready breaker."""
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from interceptors.attempts import Call, run_call, run_call_sync
 from interceptors.breaker import ConcurrencyLimited, Outcome
 from interceptors.policy import PolicyConfig
 from interceptors.runtime import ChainRuntime
 from services.mesh.metrics import ServiceMetrics
-from tests.unit.fakes import FakeClock
+from tests.unit.fakes import AsyncScripted, FakeClock, GaveUp, Scripted
 
 EDGE = {"caller": "payment-gateway", "target": "order-service"}
+CALL = Call(target="order-service", method="/pkg.S/Read", safe=True, attempt_name="a")
 
 
 def _runtime(clock: FakeClock, **breaker: int) -> tuple[ChainRuntime, ServiceMetrics]:
@@ -41,20 +46,27 @@ def test_a_trip_is_counted_by_the_rule_that_opened_the_breaker() -> None:
     assert _value(metrics, "paymesh_breaker_trips_total", **rule) == 1
 
 
-def test_calls_failed_in_flight_when_it_opened_are_counted() -> None:
+async def test_calls_failed_in_flight_when_it_opened_are_counted() -> None:
     runtime, metrics = _runtime(FakeClock())
-    runtime.telemetry.inc("breaker_aborted_total", 3, target="order-service")
+    hung = [asyncio.create_task(run_call(AsyncScripted("HANG"), CALL, runtime)) for _ in range(3)]
+    await asyncio.sleep(0)  # all three in flight
+    breaker = runtime.breakers.get("order-service")
+    for _ in range(5):
+        breaker.record(breaker.admit(), Outcome.FAILURE)
+    results = await asyncio.gather(*hung, return_exceptions=True)
 
+    assert [getattr(r, "what", r) for r in results] == ["aborted"] * 3
     assert _value(metrics, "paymesh_breaker_aborted_calls_total", **EDGE) == 3
 
 
 def test_calls_refused_at_the_limit_in_flight_are_exported() -> None:
     runtime, metrics = _runtime(FakeClock(), max_concurrent_calls=1)
     breaker = runtime.breakers.get("order-service")
-    breaker.admit()
+    breaker.admit()  # the one call in flight
+    with pytest.raises(GaveUp):
+        run_call_sync(Scripted("OK"), CALL, runtime)
     with pytest.raises(ConcurrencyLimited):
         breaker.admit()
-    runtime.telemetry.inc("concurrency_limited_total", target="order-service")  # the adapter's
 
     assert _value(metrics, "paymesh_client_concurrency_limited_total", **EDGE) == 1
 

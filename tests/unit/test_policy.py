@@ -13,6 +13,7 @@ from interceptors.policy import (
     PolicyConfig,
     PolicyError,
     RetryPolicy,
+    partner_route,
 )
 
 METHOD = "/paymesh.order.v1.OrderService/GetOrder"
@@ -157,3 +158,61 @@ def test_concurrency_limit_per_target_overrides_the_default() -> None:
     )
     assert config.target_policy("order-service").breaker.max_concurrent_calls == 8
     assert config.target_policy("risk-service").breaker.max_concurrent_calls == 100
+
+
+def test_retryable_codes_are_set_per_method_in_toml(tmp_path: Path) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text(f'[methods."{METHOD}".retry]\nretryable_codes = ["UNAVAILABLE", "INTERNAL"]\n')
+    config = PolicyConfig.load(str(path))
+    assert config.policy_for("order-service", METHOD).retry.retryable_codes == {
+        "UNAVAILABLE",
+        "INTERNAL",
+    }
+    assert config.defaults.retry.retryable_codes == {"UNAVAILABLE", "DEADLINE_EXCEEDED"}
+
+
+def test_unknown_retryable_code_names_its_path() -> None:
+    with pytest.raises(PolicyError, match="UNAVAILBLE") as caught:
+        PolicyConfig.from_mapping({"defaults": {"retry": {"retryable_codes": ["UNAVAILBLE"]}}})
+    assert caught.value.key == "defaults.retry.retryable_codes"
+
+
+@pytest.mark.parametrize("value", ["UNAVAILABLE", [14], ["OK"]])
+def test_retryable_codes_must_be_a_list_of_code_names(value: object) -> None:
+    with pytest.raises(PolicyError) as caught:
+        PolicyConfig.from_mapping({"defaults": {"retry": {"retryable_codes": value}}})
+    assert caught.value.key == "defaults.retry.retryable_codes"
+
+
+def test_retry_policy_refuses_an_unknown_code_in_code_too() -> None:
+    with pytest.raises(PolicyError):
+        RetryPolicy(retryable_codes=frozenset({"UNAVAILABLE", "TRY_AGAIN"}))
+
+
+R = "/charges/:id/void"
+PARTNER_ROUTE = "/payment-channel/POST /charges/:id/void"
+
+
+def test_a_partner_route_is_a_method_of_the_methods_table() -> None:
+    config = PolicyConfig.from_mapping(
+        {"methods": {PARTNER_ROUTE: {"timeout_s": 2.0, "retry": {"max_attempts": 1}}}}
+    )
+    policy = config.policy_for("payment-channel", partner_route("payment-channel", "post", R))
+    assert (policy.timeout_s, policy.retry.max_attempts) == (2.0, 1)
+    assert config.policy_for("payment-channel", "/payment-channel/GET /charges").timeout_s == 5.0
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "/payment-channel/FETCH /charges",  # no such verb
+        "/payment-channel/GET charges",  # the path is not absolute
+        "/payment-channel/",
+        "/paymesh.order.v1.OrderService/Get/Order",
+        "paymesh.order.v1.OrderService/GetOrder",
+    ],
+)
+def test_a_misspelt_method_or_route_is_refused(name: str) -> None:
+    with pytest.raises(PolicyError) as caught:
+        PolicyConfig.from_mapping({"methods": {name: {"timeout_s": 1.0}}})
+    assert caught.value.key == f"methods.{name}"

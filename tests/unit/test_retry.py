@@ -6,6 +6,7 @@ import pytest
 
 from interceptors.breaker import Outcome
 from interceptors.budget import RetryBudget
+from interceptors.codes import DEFAULT_RETRYABLE
 from interceptors.policy import BudgetPolicy, RetryPolicy
 from interceptors.retry import AttemptFailure, RetryRun, breaker_outcome
 from tests.unit.fakes import FakeClock
@@ -164,3 +165,38 @@ def test_tls_handshake_failure_is_ignored_by_the_breaker() -> None:
 def test_tls_handshake_failure_is_never_retried() -> None:
     failure = AttemptFailure(code="UNAVAILABLE", tls_problem="CERTIFICATE_VERIFY_FAILED")
     assert make_run(FakeClock()).after_failure(failure).stop_reason == "not_retryable"
+
+
+def run_with_codes(*codes: str) -> RetryRun:
+    clock = FakeClock()
+    run = RetryRun(
+        policy=RetryPolicy(retryable_codes=frozenset(codes)),
+        safe=True,
+        deadline_at=clock() + 5.0,
+        budget=RetryBudget("t", BudgetPolicy(), clock=clock),
+        clock=clock,
+        rng=lambda: 1.0,
+    )
+    run.start_attempt()
+    return run
+
+
+def test_a_code_the_policy_makes_retryable_is_retried() -> None:
+    assert run_with_codes("UNAVAILABLE", "INTERNAL").after_failure(AttemptFailure(code="INTERNAL"))
+
+
+def test_a_code_the_policy_leaves_out_is_not_retried() -> None:
+    decision = run_with_codes("DEADLINE_EXCEEDED").after_failure(AttemptFailure(code="UNAVAILABLE"))
+    assert decision.stop_reason == "not_retryable"
+
+
+def test_pushback_only_codes_keep_needing_pushback_whatever_the_retryable_codes() -> None:
+    run = run_with_codes("INTERNAL")
+    assert run.after_failure(AttemptFailure(code="ABORTED")).stop_reason == "not_retryable"
+    assert run.after_failure(AttemptFailure(code="ABORTED", pushback_ms=10)).retry
+
+
+def test_default_retryable_codes_are_the_tables() -> None:
+    assert (
+        RetryPolicy().retryable_codes == DEFAULT_RETRYABLE == {"UNAVAILABLE", "DEADLINE_EXCEEDED"}
+    )
