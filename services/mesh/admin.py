@@ -21,6 +21,7 @@ from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
+from multidict import CIMultiDict
 
 from services.mesh.admin_token import ControlAccess
 
@@ -208,11 +209,8 @@ def _serve_route(handler: Route) -> Callable[[web.Request], Awaitable[web.Stream
         except Exception:
             log.exception("admin route %s %s failed", request.method, request.path)
             return json_error(500, "internal error; see the service log")
-        return web.Response(
-            status=answer.status,
-            body=answer.body,
-            headers={"Content-Type": answer.content_type, **dict(answer.headers)},
-        )
+        headers = CIMultiDict([("Content-Type", answer.content_type), *answer.headers])
+        return web.Response(status=answer.status, body=answer.body, headers=headers)
 
     return serve
 
@@ -313,7 +311,8 @@ class BoundedHttpServer:
         # Weak, so a connection that never reaches connection_made cannot hold a slot.
         self._serving: weakref.WeakSet[asyncio.BaseProtocol] = weakref.WeakSet()
         self._refusing: weakref.WeakSet[asyncio.BaseProtocol] = weakref.WeakSet()
-        self._stopping = False
+        self.stopping = False
+        """Set by :meth:`stop`: connections close at once, without lingering."""
 
     async def start(self, host: str, port: int) -> int:
         """Listen on ``host:port`` (0 for any free port); returns the bound port."""
@@ -330,7 +329,7 @@ class BoundedHttpServer:
 
     async def stop(self) -> None:
         """Stop listening, let requests in flight finish briefly, end every connection."""
-        self._stopping = True
+        self.stopping = True
         listener, self._listener = self._listener, None
         if listener is not None:
             listener.close()
@@ -366,7 +365,8 @@ class BoundedHttpServer:
         self._serving.add(protocol)
         return protocol
 
-    def _lost(self, protocol: asyncio.BaseProtocol) -> None:
+    def release(self, protocol: asyncio.BaseProtocol) -> None:
+        """A connection is gone: its slot is free."""
         self._serving.discard(protocol)
         self._refusing.discard(protocol)
 
@@ -383,6 +383,8 @@ def refusal_bytes(status: int, message: str) -> bytes:
 
 
 _HEAD_END = b"\r\n\r\n"
+#: What a request line holds besides its target: method, two spaces, version, CRLF.
+_REQUEST_LINE_FRAME = 64
 
 
 class _LingeringTransport:
@@ -407,7 +409,7 @@ class _LingeringTransport:
             return
         self._closing = True
         transport = self._transport
-        if self._owner._stopping or transport.is_closing() or not transport.can_write_eof():
+        if self._owner.stopping or transport.is_closing() or not transport.can_write_eof():
             transport.close()
             return
         with contextlib.suppress(OSError, RuntimeError):
@@ -441,10 +443,15 @@ class _BoundedProtocol(web.RequestHandler):
         """Bytes of the awaited head received so far, up to its blank line."""
         self._head_tail = b""
         """The last bytes received of it, to find a blank line split between two reads."""
+        self._head_line_bytes = 0
+        """Length of its request line once it has ended, else 0: which limit a head too long
+        broke (414 or 431)."""
         self._lingering: _LingeringTransport | None = None
         limits = owner.limits
-        # Request line (target plus method, version and CRLF), fields, the blank line.
-        self._max_head_bytes = limits.max_request_line_bytes + limits.max_header_bytes + 64
+        # Request line (target and its frame), fields, the blank line.
+        self._max_head_bytes = (
+            limits.max_request_line_bytes + _REQUEST_LINE_FRAME + limits.max_header_bytes + 2
+        )
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._lingering = _LingeringTransport(cast(asyncio.Transport, transport), self._owner)
@@ -464,6 +471,8 @@ class _BoundedProtocol(web.RequestHandler):
         aiohttp bounds each field and their number, not the head as a whole: this keeps what
         one connection makes the parser hold to the request line and header limits.
         """
+        if not self._head_line_bytes and (newline := data.find(b"\n")) >= 0:
+            self._head_line_bytes = self._head_bytes + newline + 1
         seen = self._head_tail + data
         end = seen.find(_HEAD_END)
         if end < 0:
@@ -474,7 +483,8 @@ class _BoundedProtocol(web.RequestHandler):
             self._head_tail = _HEAD_END  # the head is complete: nothing more to count
         if self._head_bytes <= self._max_head_bytes:
             return True
-        if b"\n" in seen or self._head_bytes > len(seen):  # the request line has ended
+        line_limit = self._owner.limits.max_request_line_bytes + _REQUEST_LINE_FRAME
+        if 0 < self._head_line_bytes <= line_limit:
             status, what = 431, "request head"
         else:
             status, what = 414, "request line"
@@ -496,7 +506,7 @@ class _BoundedProtocol(web.RequestHandler):
         self._stop_head_timer()
         if self._lingering is not None:
             self._lingering.cancel_linger()
-        self._owner._lost(self)
+        self._owner.release(self)
         super().connection_lost(exc)
 
     def head_received(self) -> None:
@@ -539,7 +549,7 @@ class _BoundedProtocol(web.RequestHandler):
     def _await_head(self) -> None:
         self._stop_head_timer()
         self._awaiting_head = True
-        self._head_bytes, self._head_tail = 0, b""
+        self._head_bytes, self._head_tail, self._head_line_bytes = 0, b"", 0
         self._head_timer = asyncio.get_running_loop().call_later(
             self._owner.limits.head_timeout_s, self._head_late
         )
@@ -590,7 +600,7 @@ class _Busy(asyncio.Protocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._lingering is not None:
             self._lingering.cancel_linger()
-        self._owner._lost(self)
+        self._owner.release(self)
 
     def abort(self) -> None:
         if self._transport is not None:

@@ -138,6 +138,23 @@ async def test_request_line_over_the_limit_is_414() -> None:
     assert "request line" in body["error"]
 
 
+async def test_request_line_far_over_the_limit_in_one_write_is_414() -> None:
+    # More than the whole head may hold, in one segment: refused before the parser holds it.
+    target = b"/echo?" + b"a" * (4 * (MAX_REQUEST_LINE_BYTES + MAX_HEADER_BYTES))
+    async with _serving() as port:
+        status, body = await _exchange(port, b"GET %b HTTP/1.1\r\nHost: a\r\n\r\n" % target)
+    assert status == 414
+    assert "request line" in body["error"]
+
+
+async def test_head_far_over_the_byte_limit_in_one_write_is_431() -> None:
+    fields = b"".join(b"X-Big-%d: %b\r\n" % (i, b"b" * (MAX_HEADER_BYTES // 2)) for i in range(8))
+    async with _serving() as port:
+        status, body = await _exchange(port, b"GET /echo HTTP/1.1\r\nHost: a\r\n%b\r\n" % fields)
+    assert status == 431
+    assert "head" in body["error"]
+
+
 async def test_one_header_field_too_many_is_431() -> None:
     headers = b"".join(b"X-N%d: 1\r\n" % i for i in range(MAX_HEADER_COUNT))  # and Host
     async with _serving() as port:
