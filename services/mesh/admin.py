@@ -309,8 +309,8 @@ class BoundedHttpServer:
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=STOP_GRACE_S)
         self._listener: asyncio.Server | None = None
         # Weak, so a connection that never reaches connection_made cannot hold a slot.
-        self._serving: weakref.WeakSet[asyncio.BaseProtocol] = weakref.WeakSet()
-        self._refusing: weakref.WeakSet[asyncio.BaseProtocol] = weakref.WeakSet()
+        self._serving: weakref.WeakSet[_BoundedProtocol] = weakref.WeakSet()
+        self._refusing: weakref.WeakSet[_Busy] = weakref.WeakSet()
         self.stopping = False
         """Set by :meth:`stop`: connections close at once, without lingering."""
 
@@ -334,8 +334,8 @@ class BoundedHttpServer:
         if listener is not None:
             listener.close()
         await self._runner.cleanup()
-        for protocol in list(self._refusing):
-            cast(_Busy, protocol).abort()
+        for busy in list(self._refusing):
+            busy.abort()
         if listener is not None:
             await listener.wait_closed()
 
@@ -365,10 +365,12 @@ class BoundedHttpServer:
         self._serving.add(protocol)
         return protocol
 
-    def release(self, protocol: asyncio.BaseProtocol) -> None:
+    def release(self, protocol: _BoundedProtocol | _Busy) -> None:
         """A connection is gone: its slot is free."""
-        self._serving.discard(protocol)
-        self._refusing.discard(protocol)
+        if isinstance(protocol, _Busy):
+            self._refusing.discard(protocol)
+        else:
+            self._serving.discard(protocol)
 
 
 def refusal_bytes(status: int, message: str) -> bytes:
