@@ -8,6 +8,7 @@ merchant-facing port with :func:`public_channel` (TLS without a client certifica
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import tempfile
@@ -22,12 +23,13 @@ from grpc import aio
 from opentelemetry.sdk.trace import SpanProcessor
 
 from services.mesh import pki
+from services.mesh.admin import HttpLimits
 from services.mesh.admin_token import ControlAccess
 from services.mesh.authz import grants
 from services.mesh.bootstrap import Builder, serve
 from services.mesh.tls import PKI_DIR_VAR, TransportSecurity
 from services.mesh.topology import SERVICES, Topology, env_prefix
-from services.tools.sandbox.app import SandboxServer, SandboxState
+from services.tools.sandbox.app import SANDBOX_LIMITS, Sandbox, SandboxState
 
 
 @functools.cache
@@ -247,19 +249,36 @@ def error_reason(error: grpc.RpcError) -> str:
 
 
 @contextlib.contextmanager
-def running_sandbox(access: ControlAccess | None = None) -> Iterator[tuple[str, SandboxState]]:
-    """The partner sandbox on an ephemeral port in a thread; yields its address and state.
+def running_sandbox(
+    access: ControlAccess | None = None, *, limits: HttpLimits = SANDBOX_LIMITS
+) -> Iterator[tuple[str, SandboxState]]:
+    """The partner sandbox on an ephemeral port, on its own event loop in a thread; yields
+    its address and state.
 
     Put the address into ``PARTNER_SANDBOX_ADDR`` of a service's environ so its partner
     clients reach it; the state shows what the partners received (charges, webhooks, ...).
     ``access`` opens its fault switches (``/_control/faults``); by default they are off.
     """
-    server = SandboxServer(("127.0.0.1", 0), access=access)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    sandbox = Sandbox(access=access, limits=limits)
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+    started: concurrent.futures.Future[int] = concurrent.futures.Future()
+
+    async def serve() -> None:
+        try:
+            started.set_result(await sandbox.start("127.0.0.1", 0))
+        except BaseException as exc:
+            started.set_exception(exc)
+            raise
+        await stop.wait()
+        await sandbox.stop()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
     thread.start()
     try:
-        yield f"127.0.0.1:{server.server_port}", server.state
+        port = started.result(timeout=30)
+        yield f"127.0.0.1:{port}", sandbox.state
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(timeout=30)
+        loop.close()

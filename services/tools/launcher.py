@@ -10,7 +10,9 @@ with the launcher (see ``die_with_supervisor``), so no orphan outlives it.
 
 from __future__ import annotations
 
+import http.client
 import importlib.util
+import json
 import os
 import signal
 import socket
@@ -254,11 +256,12 @@ class Mesh:
             time.sleep(0.05)
 
     def is_ready(self, name: str) -> bool:
-        """Whether a member answers: health SERVING for a service, a TCP accept for the sandbox."""
+        """Whether a member answers: health SERVING for a service; for the sandbox, its
+        ``/healthz`` answering as the sandbox (any other HTTP server on its port is not it)."""
         member = self.members[name]
         if name == SANDBOX:
             host, port = parse_hostport(member.address, variable=name)
-            return _accepts(host, port, timeout_s=0.5)
+            return answers_as_sandbox(host, port, timeout_s=0.5)
         return health_status(member.address, security=self.operator, target=name) == "SERVING"
 
     def stop(self, *, grace_s: float = 15.0) -> dict[str, int | None]:
@@ -323,19 +326,31 @@ def health_status(
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
 
-def _accepts(host: str, port: int, *, timeout_s: float) -> bool:
-    """Whether ``host:port`` accepts a TCP connection."""
+def answers_as_sandbox(host: str, port: int, *, timeout_s: float) -> bool:
+    """Whether ``GET /healthz`` on ``host:port`` answers 200 ``{"status": "ok", "service":
+    "partner-sandbox"}``, as the partner sandbox does."""
     host = host.strip("[]")
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        # The probe closes first, so its source port stays in TIME-WAIT for a minute; with
+    connection = http.client.HTTPConnection(host, port, timeout=timeout_s)
+    try:
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        connection.sock = sock
+        # If the probe closes first, its source port stays in TIME-WAIT for a minute; with
         # SO_REUSEADDR that never keeps a server's bind (which sets it too) off that port.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.settimeout(timeout_s)
-        try:
-            sock.connect((host, port))
-        except OSError:
-            return False
-    return True
+        sock.connect((host, port))
+        connection.request("GET", "/healthz")
+        reply = connection.getresponse()
+        body = json.loads(reply.read())
+    except (OSError, ValueError, http.client.HTTPException):
+        return False
+    finally:
+        connection.close()
+    return (
+        reply.status == 200
+        and isinstance(body, dict)
+        and (body.get("status"), body.get("service")) == ("ok", SANDBOX)
+    )
 
 
 def _module_exists(module: str) -> bool:

@@ -89,10 +89,12 @@ async def test_metrics_endpoint_serves_prometheus_text_counting_real_rpcs(tmp_pa
 async def test_diagnostics_reports_a_reachable_partner_and_the_own_database(
     tmp_path: Path,
 ) -> None:
-    with running_sandbox() as (sandbox, _state):
+    with running_sandbox() as (sandbox, state):
         environ = {"PAYMESH_VAR_DIR": str(tmp_path), "PARTNER_SANDBOX_ADDR": sandbox}
         async with running_service("risk-service", build_risk, environ=environ) as address:
             report = await _diagnostics(address)
+        # The probe reached the geo-IP partner's health route, not just any HTTP answer.
+        assert state.health_probes == {"geo-ip": 1}
 
     assert report.service_name == "risk-service"
     by_name = {d.name: d for d in report.dependencies}

@@ -6,11 +6,14 @@ It behaves like the real ones where it matters to the mesh: the PSP and the bank
 partner through ``/_control/faults``, like Envoy's fault filter, so tests and ``make chaos``
 can make a partner slow or failing. Those switches are off unless ``PAYMESH_FAULT_INJECTION=1``
 and then take the admin token (:mod:`services.mesh.admin_token`); ``/_control/stats``
-stays readable.
+stays readable. ``GET /healthz`` and ``GET /<partner>/healthz`` answer as the sandbox (its
+name, the partner's name), so a probe can tell it from any other HTTP server.
+It runs on aiohttp within the admin endpoint's bounds (:class:`BoundedHttpServer`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import json
@@ -19,22 +22,24 @@ import random
 import signal
 import sys
 import threading
-import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
-from services.mesh.admin import HttpLimits
+from aiohttp import web
+
+from services.mesh.admin import BoundedHttpServer, HttpLimits, bounded_app, peer_of
 from services.mesh.admin_token import AdminTokenError, ControlAccess
 from services.mesh.bootstrap import die_with_supervisor
 from services.mesh.faults import MAX_DELAY_MS
-from services.mesh.topology import PARTNER_SANDBOX_VAR, Topology, parse_hostport
-from services.tools.sandbox.bounded_http import BoundedHTTPServer, BoundedRequestHandler
+from services.mesh.topology import PARTNER_SANDBOX_VAR, PARTNERS, Topology, parse_hostport
 
 log = logging.getLogger("paymesh.partners")
 
+#: The name the sandbox answers ``/healthz`` with, and logs and reports under.
+SANDBOX_NAME = "partner-sandbox"
 #: Units of each currency per 1 USD, as decimal strings (never floats on the wire).
 USD_RATES = {
     "USD": "1",
@@ -50,11 +55,16 @@ USD_RATES = {
 }
 #: Countries the geo-IP partner reports for the first octet of an address, for test control.
 HIGH_RISK_COUNTRIES = ("KP", "IR")
-#: The admin endpoint's bounds, but room for the whole mesh's partner calls at once (each
-#: partner call is one connection, and ``make bench`` runs 64 payments concurrently).
+#: The admin endpoint's bounds, but room for the whole mesh's partner calls at once
+#: (``make bench`` runs 64 payments concurrently, each with several partner calls).
 SANDBOX_LIMITS = HttpLimits(max_connections=256)
+#: Pending connections the kernel queues before they are accepted: a burst of the whole
+#: mesh's partner calls waits there instead of being dropped (a 1 s SYN retransmit each).
+LISTEN_BACKLOG = 1024
 #: Control routes that switch behaviour, so sit behind the control gate.
 GUARDED_CONTROL = frozenset({("POST", "faults"), ("DELETE", "faults")})
+#: Methods the partners answer; any other is 501.
+METHODS = frozenset({"GET", "POST", "DELETE"})
 
 
 @dataclass(slots=True)
@@ -71,7 +81,7 @@ class Fault:
 
 @dataclass(slots=True)
 class SandboxState:
-    """Everything the partners remember, guarded by one lock."""
+    """Everything the partners remember, guarded by one lock (tests read it from their thread)."""
 
     lock: threading.Lock = field(default_factory=threading.Lock)
     faults: dict[str, Fault] = field(default_factory=dict)
@@ -85,6 +95,8 @@ class SandboxState:
     webhook_keys: set[str] = field(default_factory=set)
     #: Deliveries accepted per Idempotency-Key, repeats included (``/received`` shows them).
     webhook_accepted: dict[str, int] = field(default_factory=dict)
+    #: ``GET /<partner>/healthz`` answered per partner (the probes of Diagnostics).
+    health_probes: dict[str, int] = field(default_factory=dict)
     rng: random.Random = field(default_factory=random.Random)
 
 
@@ -100,81 +112,119 @@ def _country_of(ip: str) -> str:
     return countries[int(hashlib.sha256(ip.encode()).hexdigest(), 16) % len(countries)]
 
 
-class SandboxHandler(BoundedRequestHandler):
-    """Routes ``/<partner>/...`` to the partner's behaviour."""
+@dataclass(frozen=True, slots=True)
+class PartnerCall:
+    """One request to a partner, as its behaviour needs it."""
 
-    server: SandboxServer
+    method: str
+    """HTTP method, upper case."""
+    rest: list[str]
+    """Path segments after the partner's own."""
+    query: dict[str, str]
+    """Query parameters (first value wins)."""
+    body: dict[str, Any]
+    """The JSON object body; empty when there is none or it is not an object."""
+    idempotency_key: str
+    """The ``Idempotency-Key`` header, empty without one."""
 
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s " + format, self.address_string(), *args)
+
+def _json(status: int, body: Any, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _json_object(data: bytes) -> dict[str, Any]:
+    if not data:
+        return {}
+    try:
+        parsed = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
+class Sandbox:
+    """The partners and their shared state, served on aiohttp; ``/<partner>/...`` routes to
+    the partner's behaviour."""
+
+    def __init__(
+        self,
+        *,
+        access: ControlAccess | None = None,
+        limits: HttpLimits = SANDBOX_LIMITS,
+        backlog: int = LISTEN_BACKLOG,
+    ) -> None:
+        self.state = SandboxState()
+        self.access = access or ControlAccess()  # who may switch faults: nobody by default
+        self.limits = limits
+        self.backlog = backlog
+        self._partners = {p.path.strip("/"): p.name for p in PARTNERS}
+        self._http: BoundedHttpServer | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen on ``host:port`` (0 for any free port); returns the bound port."""
+        app = bounded_app(self.limits)
+        app.router.add_route("*", "/{path:.*}", self._route)
+        self._http = BoundedHttpServer(app, self.limits, backlog=self.backlog)
+        return await self._http.start(host, port)
+
+    async def stop(self) -> None:
+        """Stop listening and end open connections."""
+        http, self._http = self._http, None
+        if http is not None:
+            await http.stop()
 
     # -- plumbing ---------------------------------------------------------
-    def _body(self) -> dict[str, Any]:
-        data = self.read_body()  # read whatever the method, so the next request starts clean
-        if not data:
-            return {}
-        try:
-            parsed = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return {}
-        return parsed if isinstance(parsed, dict) else {}
-
-    def _route(self, method: str) -> None:
-        url = urlsplit(self.path)
-        parts = [p for p in url.path.split("/") if p]
-        query = {k: v[0] for k, v in parse_qs(url.query).items()}
-        body = self._body()  # bounded; read even when refused, so the answer is not reset
+    async def _route(self, request: web.Request) -> web.Response:
+        method = request.method
+        if method not in METHODS:
+            return _json(501, {"error": f"unsupported method {method}"})
+        parts = [p for p in request.path.split("/") if p]
+        query: dict[str, str] = {}
+        for name, value in request.query.items():
+            if value:
+                query.setdefault(name, value)  # first wins, blanks dropped
+        body = _json_object(await request.read())  # read already, within the bounds
         if parts[:1] == ["_control"] and (method, "/".join(parts[1:])) in GUARDED_CONTROL:
-            refusal = self.server.access.refusal(self.headers.get("Authorization"))
+            refusal = self.access.refusal(request.headers.get("Authorization"))
             if refusal is not None:
                 log.warning(
                     "refused %s %s from %s: %s",
                     method,
-                    url.path,
-                    self.address_string(),
+                    request.path,
+                    peer_of(request) or "?",
                     refusal.reason,
                 )
-                self.reply(refusal.status, refusal.as_json(), refusal.headers)
-                return
+                return _json(refusal.status, refusal.as_json(), dict(refusal.headers))
         if not parts:
-            self.reply(404, {"error": "no such partner"})
-            return
+            return _json(404, {"error": "no such partner"})
         partner, rest = parts[0], parts[1:]
         if partner == "healthz":
-            self.reply(200, {"status": "ok"})
-            return
+            return _json(200, {"status": "ok", "service": SANDBOX_NAME})
         if partner == "_control":
-            self._control(method, rest, body)
-            return
-        state = self.server.state
+            return _json(*self._control(method, rest, body))
+        state = self.state
         with state.lock:
             state.requests[partner] = state.requests.get(partner, 0) + 1
             fault = state.faults.get(partner)
             failing = fault is not None and state.rng.random() < fault.error_rate
         if fault and fault.delay_ms:
-            time.sleep(fault.delay_ms / 1000)
+            await asyncio.sleep(fault.delay_ms / 1000)
         if fault and failing:
-            self.reply(fault.status, {"error": f"injected fault in {partner}"})
-            return
+            return _json(fault.status, {"error": f"injected fault in {partner}"})
         handler = getattr(self, f"_partner_{partner.replace('-', '_')}", None)
         if handler is None:
-            self.reply(404, {"error": f"no partner {partner!r}"})
-            return
-        status, reply = handler(method, rest, query, body)
-        self.reply(status, reply)
-
-    def do_GET(self) -> None:
-        self._route("GET")
-
-    def do_POST(self) -> None:
-        self._route("POST")
-
-    def do_DELETE(self) -> None:
-        self._route("DELETE")
+            return _json(404, {"error": f"no partner {partner!r}"})
+        if method == "GET" and rest == ["healthz"]:
+            with state.lock:
+                state.health_probes[partner] = state.health_probes.get(partner, 0) + 1
+            name = self._partners.get(partner, partner)
+            return _json(200, {"status": "ok", "partner": name, "service": SANDBOX_NAME})
+        call = PartnerCall(method, rest, query, body, request.headers.get("Idempotency-Key", ""))
+        return _json(*handler(call))
 
     # -- control ----------------------------------------------------------
-    def _control(self, method: str, rest: list[str], body: dict[str, Any]) -> None:
-        state = self.server.state
+    def _control(self, method: str, rest: list[str], body: dict[str, Any]) -> tuple[int, Any]:
+        state = self.state
         if rest == ["faults"] and method == "POST":
             partner = str(body.get("partner", ""))
             try:
@@ -184,47 +234,36 @@ class SandboxHandler(BoundedRequestHandler):
                     status=int(body.get("status", 503)),
                 )
             except (TypeError, ValueError):
-                self.reply(400, {"error": "delay_ms, error_rate and status must be numbers"})
-                return
+                return 400, {"error": "delay_ms, error_rate and status must be numbers"}
             if not (
                 0 <= fault.delay_ms <= MAX_DELAY_MS
                 and 0.0 <= fault.error_rate <= 1.0
                 and 100 <= fault.status <= 599
             ):
-                self.reply(
-                    400,
-                    {"error": f"want delay_ms 0..{MAX_DELAY_MS}, error_rate 0..1, status 100..599"},
-                )
-                return
+                return 400, {
+                    "error": f"want delay_ms 0..{MAX_DELAY_MS}, error_rate 0..1, status 100..599"
+                }
             with state.lock:
                 state.faults[partner] = fault
-            self.reply(
-                200,
-                {
-                    "partner": partner,
-                    "fault": dataclasses.asdict(fault),
-                },
-            )
-        elif rest == ["faults"] and method == "DELETE":
+            return 200, {"partner": partner, "fault": dataclasses.asdict(fault)}
+        if rest == ["faults"] and method == "DELETE":
             with state.lock:
                 state.faults.clear()
-            self.reply(200, {"faults": {}})
-        elif rest == ["stats"] and method == "GET":
+            return 200, {"faults": {}}
+        if rest == ["stats"] and method == "GET":
             with state.lock:
-                stats = {
+                return 200, {
                     "requests": dict(state.requests),
+                    "health_probes": dict(state.health_probes),
                     "charges": len(state.charges),
                     "transfers": len(state.transfers),
                     "webhooks": len(state.webhooks),
                 }
-            self.reply(200, stats)
-        else:
-            self.reply(404, {"error": "unknown control endpoint"})
+        return 404, {"error": "unknown control endpoint"}
 
     # -- partners ---------------------------------------------------------
-    def _partner_exchange_rate(
-        self, method: str, rest: list[str], query: dict[str, str], body: dict[str, Any]
-    ) -> tuple[int, Any]:
+    def _partner_exchange_rate(self, call: PartnerCall) -> tuple[int, Any]:
+        method, rest, query = call.method, call.rest, call.query
         source, target = query.get("from", "").upper(), query.get("to", "").upper()
         if method != "GET" or rest != ["rates"]:
             return 404, {"error": "GET /rates?from=XXX&to=YYY"}
@@ -235,9 +274,8 @@ class SandboxHandler(BoundedRequestHandler):
         rate = Decimal(USD_RATES[target]) / Decimal(USD_RATES[source])
         return 200, {"from": source, "to": target, "rate": f"{rate:.6f}", "as_of": _now()}
 
-    def _partner_geo_ip(
-        self, method: str, rest: list[str], query: dict[str, str], body: dict[str, Any]
-    ) -> tuple[int, Any]:
+    def _partner_geo_ip(self, call: PartnerCall) -> tuple[int, Any]:
+        method, rest, query = call.method, call.rest, call.query
         ip = query.get("ip", "")
         if method != "GET" or rest != ["lookup"] or not ip:
             return 400, {"error": "GET /lookup?ip=ADDRESS"}
@@ -254,11 +292,11 @@ class SandboxHandler(BoundedRequestHandler):
         store: dict[str, dict[str, Any]],
         keys: dict[str, str],
         prefix: str,
-        body: dict[str, Any],
+        call: PartnerCall,
         build: Any,
     ) -> tuple[int, Any]:
-        key = self.headers.get("Idempotency-Key", "")
-        state = self.server.state
+        key, body = call.idempotency_key, call.body
+        state = self.state
         with state.lock:
             if key and key in keys:
                 return 200, store[keys[key]]
@@ -268,10 +306,9 @@ class SandboxHandler(BoundedRequestHandler):
                 keys[key] = record["id"]
         return 201, record
 
-    def _partner_payment_channel(
-        self, method: str, rest: list[str], query: dict[str, str], body: dict[str, Any]
-    ) -> tuple[int, Any]:
-        state = self.server.state
+    def _partner_payment_channel(self, call: PartnerCall) -> tuple[int, Any]:
+        method, rest, query, body = call.method, call.rest, call.query, call.body
+        state = self.state
         if method == "POST" and rest == ["charges"]:
             amount, currency = int(body.get("amount_minor", 0)), str(body.get("currency", ""))
             if amount <= 0 or currency not in USD_RATES:
@@ -290,7 +327,7 @@ class SandboxHandler(BoundedRequestHandler):
                     "created_at": _now(),
                 }
 
-            return self._idempotent_create(state.charges, state.charge_keys, "ch", body, build)
+            return self._idempotent_create(state.charges, state.charge_keys, "ch", call, build)
         if method == "GET" and rest == ["charges"]:
             reference = query.get("reference")
             with state.lock:
@@ -306,7 +343,7 @@ class SandboxHandler(BoundedRequestHandler):
             and rest[0] == "charges"
             and rest[2] in ("refunds", "void")
         ):
-            key = self.headers.get("Idempotency-Key", "")
+            key = call.idempotency_key
             with state.lock:
                 charge = state.charges.get(rest[1])
                 if charge is None:
@@ -338,10 +375,9 @@ class SandboxHandler(BoundedRequestHandler):
             return 201, refund
         return 404, {"error": "unknown payment-channel endpoint"}
 
-    def _partner_bank_transfer(
-        self, method: str, rest: list[str], query: dict[str, str], body: dict[str, Any]
-    ) -> tuple[int, Any]:
-        state = self.server.state
+    def _partner_bank_transfer(self, call: PartnerCall) -> tuple[int, Any]:
+        method, rest, body = call.method, call.rest, call.body
+        state = self.state
         if method == "POST" and rest == ["transfers"]:
             amount = int(body.get("amount_minor", 0))
             if amount <= 0 or not body.get("account"):
@@ -357,19 +393,18 @@ class SandboxHandler(BoundedRequestHandler):
                     "created_at": _now(),
                 }
 
-            return self._idempotent_create(state.transfers, state.transfer_keys, "tr", body, build)
+            return self._idempotent_create(state.transfers, state.transfer_keys, "tr", call, build)
         if method == "GET" and len(rest) == 2 and rest[0] == "transfers":
             with state.lock:
                 transfer = state.transfers.get(rest[1])
             return (200, transfer) if transfer else (404, {"error": "no such transfer"})
         return 404, {"error": "unknown bank-transfer endpoint"}
 
-    def _partner_merchant_webhooks(
-        self, method: str, rest: list[str], query: dict[str, str], body: dict[str, Any]
-    ) -> tuple[int, Any]:
-        state = self.server.state
+    def _partner_merchant_webhooks(self, call: PartnerCall) -> tuple[int, Any]:
+        method, rest, query, body = call.method, call.rest, call.query, call.body
+        state = self.state
         if method == "POST" and rest == ["deliver"]:
-            key = self.headers.get("Idempotency-Key", "")
+            key = call.idempotency_key
             with state.lock:
                 duplicate = bool(key) and key in state.webhook_keys
                 if not duplicate:
@@ -392,49 +427,36 @@ class SandboxHandler(BoundedRequestHandler):
         return 404, {"error": "unknown merchant-webhooks endpoint"}
 
 
-class SandboxServer(BoundedHTTPServer):
-    """The bounded threading HTTP server with the partners' shared state."""
-
-    def __init__(
-        self,
-        address: tuple[str, int],
-        *,
-        access: ControlAccess | None = None,
-        limits: HttpLimits = SANDBOX_LIMITS,
-    ) -> None:
-        self.allow_reuse_address = True
-        super().__init__(address, SandboxHandler, limits=limits)
-        self.state = SandboxState()
-        self.access = access or ControlAccess()  # who may switch faults: nobody by default
-
-
 def main() -> None:
     """Serve until SIGTERM/SIGINT."""
     die_with_supervisor()
     logging.basicConfig(
-        level="INFO", format="%(asctime)s partner-sandbox %(levelname)s %(message)s"
+        level="INFO", format=f"%(asctime)s {SANDBOX_NAME} %(levelname)s %(message)s"
     )
     topology = Topology()
     host, port = parse_hostport(topology.sandbox_address(), variable=PARTNER_SANDBOX_VAR)
     try:
         access = ControlAccess.from_environ(topology.environ)
     except AdminTokenError as exc:
-        print(f"partner-sandbox: cannot start: {exc}", file=sys.stderr)
+        print(f"{SANDBOX_NAME}: cannot start: {exc}", file=sys.stderr)
         sys.exit(2)
     if access.enabled:
         log.warning("fault injection is ON: /_control/faults takes the admin token")
+    sys.exit(asyncio.run(_serve(host, port, access)))
+
+
+async def _serve(host: str, port: int, access: ControlAccess) -> int:
+    sandbox = Sandbox(access=access)
     try:
-        server = SandboxServer((host.strip("[]"), port), access=access)
+        bound = await sandbox.start(host, port)
     except OSError as exc:
-        print(f"partner-sandbox: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
-        sys.exit(2)
-
-    def stop(signum: int, frame: object) -> None:
-        threading.Thread(target=server.shutdown, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    print(f"PAYMESH_READY service=partner-sandbox address={host}:{server.server_port}", flush=True)
-    server.serve_forever()
-    server.server_close()
-    sys.exit(0)
+        print(f"{SANDBOX_NAME}: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
+        return 2
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    print(f"PAYMESH_READY service={SANDBOX_NAME} address={host}:{bound}", flush=True)
+    await stop.wait()
+    await sandbox.stop()
+    return 0
