@@ -40,8 +40,10 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 #: Largest answer body read from a partner (gRPC's default receive limit): beyond, the
 #: attempt fails RESOURCE_EXHAUSTED, as a gRPC call receiving too large a message does.
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
-#: Idle keep-alive connections are closed after this many seconds.
-KEEPALIVE_S = 30.0
+#: Idle keep-alive connections are closed after this many seconds: below the idle timeout of
+#: common servers (5 s and up; the sandbox's 10 s), so a connection the partner is closing is
+#: never picked for a request that cannot be retried.
+KEEPALIVE_S = 4.0
 #: HTTP statuses that are failed attempts, not answers: the loop may retry them.
 _FAILED_STATUSES = frozenset({408, 429})
 _ID_SEGMENT = re.compile(r"^(?!v\d+$).*\d")
