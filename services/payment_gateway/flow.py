@@ -55,6 +55,7 @@ from services.payment_gateway.store import (
     payment_message,
     refund_message,
 )
+from services.storage.sql import ns_to_seconds
 
 __all__ = ["Downstreams", "PaymentFlow", "PaymentNotStarted", "PaymentPending", "order_id_of"]
 
@@ -276,7 +277,7 @@ class PaymentFlow:
         could never be charged anyway, and is abandoned too.
         """
         cause = error.details() or error.code().name
-        if recovering and self._clock() - p.create_time <= self._charge_cutoff_s:
+        if recovering and self._clock() - ns_to_seconds(p.create_time_ns) <= self._charge_cutoff_s:
             return PaymentPending(p.payment_id, p.step, cause)
         status = status_from_metadata(error.code(), cause, tuple(error.trailing_metadata() or ()))
         reason = reason_of(error)
@@ -374,7 +375,10 @@ class PaymentFlow:
 
     async def _charge(self, p: PaymentRecord, *, recovering: bool) -> PaymentRecord:
         try:
-            if recovering and self._clock() - p.create_time > self._charge_cutoff_s:
+            if (
+                recovering
+                and self._clock() - ns_to_seconds(p.create_time_ns) > self._charge_cutoff_s
+            ):
                 # Too late to charge a customer who never got an answer: use only a charge
                 # that already exists, otherwise end the payment without charging.
                 charge = await self._existing_charge(p)

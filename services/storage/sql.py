@@ -395,7 +395,13 @@ class Database(Statements):
                 sources = (column.removesuffix("_ns"), *_OLDER_NAMES.get(column, ()))
                 source = next((name for name in sources if old.get(name) == "REAL"), None)
                 if column.endswith("_ns") and column not in old and source is not None:
-                    values[column] = f"CAST(ROUND({source} * 1000000000) AS INTEGER)"
+                    # Whole seconds in integers, then the fraction: exact to the nanosecond
+                    # the old float held (one float product would round to ~256 ns).
+                    whole = f"CAST({source} AS INTEGER)"
+                    values[column] = (
+                        f"{whole} * 1000000000"
+                        f" + CAST(ROUND(({source} - {whole}) * 1000000000) AS INTEGER)"
+                    )
             if any(column not in old for column in values):
                 plans[table] = values
         if plans:
