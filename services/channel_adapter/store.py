@@ -13,7 +13,6 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from google.protobuf.message import Message
 
@@ -21,7 +20,7 @@ from interceptors.errors import Aborted, FailedPrecondition, NotFound
 from paymesh.channel_adapter.v1 import channel_adapter_pb2 as pb
 from paymesh.common.v1 import common_pb2
 from services.storage import idempotency
-from services.storage.sql import Database, Row, Statements, seconds_to_ns, timestamp
+from services.storage.sql import Database, Earlier, Row, Statements, seconds_to_ns, timestamp
 
 SCHEMA = (
     """
@@ -109,14 +108,15 @@ def _refund(row: Row) -> pb.ChargeRefund:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class Peek:
-    """What an earlier request with the same id left behind."""
+#: What an earlier request with the same id left behind.
+Peek = Earlier
 
-    state: Literal["new", "done", "in_flight"]
-    """No earlier request, a completed one, or one that started and did not finish."""
-    response: bytes | None = None
-    """The stored response when ``done``."""
+
+def _completed_concurrently(request_id: str) -> Aborted:
+    return Aborted(
+        f"request_id {request_id!r} completed concurrently; retry to replay",
+        reason="IDEMPOTENCY_KEY_IN_FLIGHT",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,33 +181,19 @@ class ChargeStore:
         Raises:
             InvalidArgument: the id was used with a different body.
         """
-        with self._db.transaction() as tx:
-            try:
-                claim = idempotency.claim(
-                    tx, method, request_id, request, now_ns=self._db.clock_ns()
-                )
-            except Aborted:
-                return Peek("in_flight")
-            if claim.replay is not None:
-                return Peek("done", claim.replay)
-            # Claimed only to run the checks; the real claim comes with the first write.
-            idempotency.release(tx, method, request_id)
-            return Peek("new")
+        # Looked up only to run the checks; the real claim comes with the first write.
+        return self._db.earlier(method, request, request_id=request_id)
 
     # -- charges -----------------------------------------------------------
     def start_charge(self, request: pb.ChargeRequest, conversion: Conversion) -> PendingCharge:
         """Claim the request id and write the PENDING charge in one transaction."""
         with self._db.transaction() as tx:
-            claim = idempotency.claim(
-                tx, "Charge", request.request_id, request, now_ns=self._db.clock_ns()
-            )
-            if claim.replay is not None:
-                # Finished by a concurrent duplicate after this one peeked.
-                raise Aborted(
-                    f"request_id {request.request_id!r} completed concurrently; retry to replay",
-                    reason="IDEMPOTENCY_KEY_IN_FLIGHT",
-                )
-            idempotency.refuse_if_kept(tx, "charges", "request_id", request.request_id)
+            kept_in = ("charges", "request_id")
+            if (
+                self._db.claim(tx, "Charge", request, pb.ChargeResponse, kept_in=kept_in)
+                is not None
+            ):
+                raise _completed_concurrently(request.request_id)  # after this one peeked
             now = self._db.clock_ns()
             charge_id = f"ch_{uuid.uuid4().hex[:24]}"
             tx.run(
@@ -332,7 +318,7 @@ class ChargeStore:
     def _complete_charge(self, tx: Statements, charge_id: str) -> pb.Charge:
         charge = _charge(self._require(charge_id))
         if charge.request_id:
-            idempotency.complete(tx, "Charge", charge.request_id, pb.ChargeResponse(charge=charge))
+            self._db.complete(tx, "Charge", charge.request_id, pb.ChargeResponse(charge=charge))
         return charge
 
     def set_status(self, charge_id: str, status: int) -> pb.Charge:
@@ -354,15 +340,12 @@ class ChargeStore:
                 amount exceeds what is captured and not yet refunded (or being refunded).
         """
         with self._db.transaction() as tx:
-            claim = idempotency.claim(
-                tx, "RefundCharge", request.request_id, request, now_ns=self._db.clock_ns()
+            kept_in = ("charge_refunds", "request_id")
+            replay = self._db.claim(
+                tx, "RefundCharge", request, pb.RefundChargeResponse, kept_in=kept_in
             )
-            if claim.replay is not None:
-                raise Aborted(
-                    f"request_id {request.request_id!r} completed concurrently; retry to replay",
-                    reason="IDEMPOTENCY_KEY_IN_FLIGHT",
-                )
-            idempotency.refuse_if_kept(tx, "charge_refunds", "request_id", request.request_id)
+            if replay is not None:
+                raise _completed_concurrently(request.request_id)
             row = self._require(request.charge_id)
             if row["status"] not in CAPTURED:
                 raise FailedPrecondition(
@@ -447,7 +430,7 @@ class ChargeStore:
                 refund=_refund(self._refund_row(refund_id)),
                 charge=_charge(self._require(refund["charge_id"])),
             )
-            idempotency.complete(tx, "RefundCharge", request_id, response)
+            self._db.complete(tx, "RefundCharge", request_id, response)
             return response
 
     def abandon_refund(self, refund_id: str, request_id: str) -> None:
@@ -457,33 +440,27 @@ class ChargeStore:
                 "DELETE FROM charge_refunds WHERE charge_refund_id = ? AND state = 'pending'",
                 (refund_id,),
             )
-            idempotency.release(tx, "RefundCharge", request_id)
+            self._db.release(tx, "RefundCharge", request_id)
 
     # -- voids -------------------------------------------------------------
     def claim_void(self, request: pb.VoidChargeRequest) -> pb.Charge:
         """Claim the VoidCharge request id; the charge to void (NotFound if none)."""
         with self._db.transaction() as tx:
             charge = _charge(self._require(request.charge_id))
-            claim = idempotency.claim(
-                tx, "VoidCharge", request.request_id, request, now_ns=self._db.clock_ns()
-            )
-            if claim.replay is not None:
-                raise Aborted(
-                    f"request_id {request.request_id!r} completed concurrently; retry to replay",
-                    reason="IDEMPOTENCY_KEY_IN_FLIGHT",
-                )
+            if self._db.claim(tx, "VoidCharge", request, pb.VoidChargeResponse) is not None:
+                raise _completed_concurrently(request.request_id)
             return charge
 
     def release_void(self, request_id: str) -> None:
         """Free a VoidCharge request id that did nothing (so a retry runs afresh)."""
         with self._db.transaction() as tx:
-            idempotency.release(tx, "VoidCharge", request_id)
+            self._db.release(tx, "VoidCharge", request_id)
 
     def complete_void(self, request_id: str, charge_id: str) -> pb.Charge:
         """Store the VoidCharge response with the charge as it now is."""
         with self._db.transaction() as tx:
             charge = _charge(self._require(charge_id))
-            idempotency.complete(tx, "VoidCharge", request_id, pb.VoidChargeResponse(charge=charge))
+            self._db.complete(tx, "VoidCharge", request_id, pb.VoidChargeResponse(charge=charge))
             return charge
 
     # -- reads -------------------------------------------------------------

@@ -322,10 +322,16 @@ class PaymentStore:
             AlreadyExists: the key's record outlived its retention but its payment is kept.
         """
         with self._db.transaction() as tx:
-            claim = idempotency.claim(tx, CREATE_METHOD, key, request, now_ns=self._db.clock_ns())
-            if claim.replay is not None:
-                return pg.CreatePaymentResponse.FromString(claim.replay)
-            idempotency.refuse_if_kept(tx, "payments", "idempotency_key", key)
+            replay = self._db.claim(
+                tx,
+                CREATE_METHOD,
+                request,
+                pg.CreatePaymentResponse,
+                request_id=key,
+                kept_in=("payments", "idempotency_key"),
+            )
+            if replay is not None:
+                return replay
             now = self._db.clock_ns()
             payment_id = self._new_id("pay")
             tx.run(
@@ -379,7 +385,7 @@ class PaymentStore:
             )
             record = self._payment(payment_id)
             payment = payment_message(record)
-            idempotency.complete(
+            self._db.complete(
                 tx,
                 CREATE_METHOD,
                 record.idempotency_key,
@@ -409,7 +415,7 @@ class PaymentStore:
             if record.step == Step.ASSESSED:
                 self.outbox.add(tx, payment_id, abandoned_order(record, reason))
             tx.run("DELETE FROM payments WHERE payment_id = ?", (payment_id,))
-            idempotency.release(tx, CREATE_METHOD, record.idempotency_key)
+            self._db.release(tx, CREATE_METHOD, record.idempotency_key)
 
     def payment(self, payment_id: str, *, merchant_id: str = "") -> PaymentRecord:
         """The payment row; NotFound (PAYMENT_NOT_FOUND) if there is none.
@@ -494,10 +500,16 @@ class PaymentStore:
             FailedPrecondition: INVALID_STATE (not refundable) or REFUND_EXCEEDS_CAPTURED.
         """
         with self._db.transaction() as tx:
-            claim = idempotency.claim(tx, REFUND_METHOD, key, request, now_ns=self._db.clock_ns())
-            if claim.replay is not None:
-                return pg.RefundPaymentResponse.FromString(claim.replay)
-            idempotency.refuse_if_kept(tx, "refunds", "idempotency_key", key)
+            replay = self._db.claim(
+                tx,
+                REFUND_METHOD,
+                request,
+                pg.RefundPaymentResponse,
+                request_id=key,
+                kept_in=("refunds", "idempotency_key"),
+            )
+            if replay is not None:
+                return replay
             payment = self._payment(payment_id)
             if payment.status not in _REFUNDABLE:
                 state = pg.PaymentStatus.Name(pg.PaymentStatus.ValueType(payment.status))
@@ -601,7 +613,7 @@ class PaymentStore:
             response = pg.RefundPaymentResponse(
                 refund=refund_message(finished), payment=payment_message(payment)
             )
-            idempotency.complete(tx, REFUND_METHOD, refund.idempotency_key, response)
+            self._db.complete(tx, REFUND_METHOD, refund.idempotency_key, response)
             self.outbox.add(tx, refund_id, refund_events(finished, payment))
             return response
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
+from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
 
 from interceptors.errors import Aborted, NotFound
@@ -163,12 +164,12 @@ class StepStore(abc.ABC, Generic[RecordT, MessageT]):
         """Forget work the ledger refused before any effect, and free its request id."""
         with self._db.transaction() as tx:
             tx.run(f"DELETE FROM {self.table} WHERE {self.id_column} = ?", (record.key,))
-            idempotency.release(tx, self.method, record.request_id)
+            self._db.release(tx, self.method, record.request_id)
 
     def settle_claim(self, record: RecordT) -> None:
         """Mark the request id done, so replays return the work instead of ABORTED."""
         with self._db.transaction() as tx:
-            idempotency.complete(tx, self.method, record.request_id, self._response(record))
+            self._db.complete(tx, self.method, record.request_id, self._response(record))
 
     def unfinished(self) -> list[RecordT]:
         """Work with steps left, oldest first (for the recovery passes)."""
@@ -219,17 +220,17 @@ class StepStore(abc.ABC, Generic[RecordT, MessageT]):
         request_id = idempotency.request_id_of(request)
         with self._db.transaction() as tx:
             try:
-                claim = idempotency.claim(
-                    tx, self.method, request_id, request, now_ns=self._db.clock_ns()
+                # Only whether it is a replay matters: the record is the answer.
+                replay = self._db.claim(
+                    tx, self.method, request, Empty, kept_in=(self.table, "request_id")
                 )
             except Aborted:
                 existing = self._row(key)
                 if existing is None or running(key):
                     raise
                 return Begun(record=self._record(existing), replayed=True)
-            if claim.replay is not None:
+            if replay is not None:
                 return Begun(record=self._require(key), replayed=True)
-            idempotency.refuse_if_kept(tx, self.table, "request_id", request_id)
             now = self._db.clock_ns()
             row = {
                 self.id_column: key,

@@ -18,12 +18,15 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from interceptors.errors import Aborted
+from services.mesh.validation import quote
 from services.storage import idempotency
 
 #: A row read back: its columns by name (``row["order_id"]``).
@@ -75,6 +78,16 @@ def seconds_to_ns(seconds: float) -> int:
 def ns_to_seconds(nanos: int) -> float:
     """Seconds of a time column, for code that schedules in seconds."""
     return nanos / 1_000_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Earlier:
+    """What an earlier request with the same id left behind."""
+
+    state: Literal["new", "done", "in_flight"]
+    """No earlier request, a completed one, or one that started and has not finished."""
+    response: bytes | None = None
+    """The stored response when ``done``."""
 
 
 class Statements:
@@ -289,16 +302,69 @@ class Database(Statements):
         """
         key = idempotency.request_id_of(request) if request_id is None else request_id
         with self.transaction() as tx:
-            claim = idempotency.claim(tx, method, key, request, now_ns=self.clock_ns())
-            if claim.replay is not None:
-                return response_type.FromString(claim.replay)
-            if kept_in is not None:
-                idempotency.refuse_if_kept(tx, *kept_in, key)
-            response = run(tx)
-            idempotency.complete(
-                tx, method, key, response if recorded is None else recorded(response)
+            earlier = self.claim(
+                tx, method, request, response_type, request_id=key, kept_in=kept_in
             )
+            if earlier is not None:
+                return earlier
+            response = run(tx)
+            self.complete(tx, method, key, response if recorded is None else recorded(response))
             return response
+
+    # -- work that spans a call elsewhere: claimed in one transaction, completed in a later one
+
+    def claim(
+        self,
+        tx: Statements,
+        method: str,
+        request: Message,
+        response_type: type[ResponseT],
+        *,
+        request_id: str | None = None,
+        kept_in: tuple[str, str] | None = None,
+    ) -> ResponseT | None:
+        """Claim the request id inside ``tx``; the stored response if it is a replay.
+
+        ``None`` means the caller now owns the id: it records the reply with
+        :meth:`complete` (or frees the id with :meth:`release`) in a later transaction.
+        Arguments and errors as :meth:`idempotent`'s.
+        """
+        key = idempotency.request_id_of(request) if request_id is None else request_id
+        claimed = idempotency.claim(tx, method, key, request, now_ns=self.clock_ns())
+        if claimed.replay is not None:
+            return response_type.FromString(claimed.replay)
+        if kept_in is not None:
+            idempotency.refuse_if_kept(tx, *kept_in, key)
+        return None
+
+    @staticmethod
+    def complete(tx: Statements, method: str, request_id: str, response: Message) -> None:
+        """Record the reply of a claimed request id; replays return it from now on."""
+        idempotency.complete(tx, method, request_id, response)
+
+    @staticmethod
+    def release(tx: Statements, method: str, request_id: str) -> None:
+        """Free a claimed request id whose work had no effect, so a retry runs anew."""
+        idempotency.release(tx, method, request_id)
+
+    def earlier(self, method: str, request: Message, *, request_id: str | None = None) -> Earlier:
+        """What an earlier request with this id left, without claiming it.
+
+        For work that must look before it calls elsewhere; the claim comes with its write.
+
+        Raises:
+            InvalidArgument: the id was used with a different body.
+        """
+        key = idempotency.request_id_of(request) if request_id is None else request_id
+        with self.transaction() as tx:
+            try:
+                claimed = idempotency.claim(tx, method, key, request, now_ns=self.clock_ns())
+            except Aborted:
+                return Earlier("in_flight")
+            if claimed.replay is not None:
+                return Earlier("done", claimed.replay)
+            idempotency.release(tx, method, key)
+            return Earlier("new")
 
     def replay(
         self,
@@ -310,19 +376,18 @@ class Database(Statements):
     ) -> ResponseT | None:
         """The stored response of an earlier identical request, without claiming the id.
 
-        For work that must look before it calls elsewhere; the claim comes with the write.
-
         Raises:
             InvalidArgument: the id was used with a different body.
             Aborted: an identical request is still executing.
         """
-        key = idempotency.request_id_of(request) if request_id is None else request_id
-        with self.transaction() as tx:
-            claim = idempotency.claim(tx, method, key, request, now_ns=self.clock_ns())
-            if claim.replay is None:
-                idempotency.release(tx, method, key)
-                return None
-            return response_type.FromString(claim.replay)
+        found = self.earlier(method, request, request_id=request_id)
+        if found.state == "in_flight":
+            key = idempotency.request_id_of(request) if request_id is None else request_id
+            raise Aborted(
+                f"the first request with request_id {quote(key)} is still in flight; retry later",
+                reason="IDEMPOTENCY_KEY_IN_FLIGHT",
+            )
+        return None if found.response is None else response_type.FromString(found.response)
 
     # -- schema upkeep, for files an older version made ---------------------------------
 
