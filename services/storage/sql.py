@@ -419,16 +419,30 @@ class Database(Statements):
         copies = [
             f"INSERT INTO {table} ({', '.join(values)})"
             f" SELECT {', '.join(values.values())} FROM {table}_before_upgrade;"
-            f" DROP TABLE {table}_before_upgrade;"
             for table, values in tables.items()
         ]
-        script = "\n".join(["BEGIN IMMEDIATE;", *renamed, schema, *copies, "COMMIT;"])
+        drops = [f"DROP TABLE {table}_before_upgrade;" for table in reversed(list(tables))]
+        script = "\n".join(["BEGIN IMMEDIATE;", *renamed, schema, *copies, *drops])
+        # SQLite's own recipe for a rebuild: foreign keys off (rows move between tables
+        # whose parents are being rebuilt too) and a rename that leaves the references of
+        # other tables alone (they name the table, which the rebuilt one is again).
+        self._conn.execute("PRAGMA foreign_keys=OFF")
+        self._conn.execute("PRAGMA legacy_alter_table=ON")
         try:
-            self._conn.executescript(script)
+            self._conn.executescript(script)  # leaves its transaction open, to check first
+            broken = self.all("PRAGMA foreign_key_check")
+            if broken:
+                raise DatabaseError(
+                    f"rebuilding {', '.join(tables)} would break {len(broken)} references"
+                )
+            self._conn.execute("COMMIT")
         except sqlite3.Error:
             if self._conn.in_transaction:
                 self._conn.execute("ROLLBACK")
             raise
+        finally:
+            self._conn.execute("PRAGMA legacy_alter_table=OFF")
+            self._conn.execute("PRAGMA foreign_keys=ON")
 
     def _columns(self, conn: sqlite3.Connection, table: str) -> dict[str, str]:
         return {

@@ -286,3 +286,44 @@ def test_only_sqlite_urls_name_a_file() -> None:
     assert path_of_url("sqlite:////abs/order.db") == Path("/abs/order.db")
     with pytest.raises(UnsupportedDatabaseUrl, match="only sqlite:///path"):
         path_of_url("postgres://nowhere/orders")
+
+
+#: A parent with times in seconds and a child that references it, as an older version made them.
+PARENT_AND_CHILD_SECONDS = """
+CREATE TABLE parents (parent_id TEXT PRIMARY KEY, create_time REAL NOT NULL);
+CREATE TABLE children (
+    child_id TEXT PRIMARY KEY,
+    parent_id TEXT NOT NULL REFERENCES parents (parent_id),
+    create_time REAL NOT NULL
+);
+INSERT INTO parents VALUES ('p_1', 1.5);
+INSERT INTO children VALUES ('c_1', 'p_1', 2.5);
+"""
+PARENT_AND_CHILD = """
+CREATE TABLE IF NOT EXISTS parents (parent_id TEXT PRIMARY KEY, create_time_ns INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS children (
+    child_id TEXT PRIMARY KEY,
+    parent_id TEXT NOT NULL REFERENCES parents (parent_id),
+    create_time_ns INTEGER NOT NULL
+);
+"""
+
+
+def test_an_upgrade_keeps_rows_and_references_between_rebuilt_tables(tmp_path: Path) -> None:
+    path = tmp_path / "family.db"
+    with contextlib.closing(sqlite3.connect(path)) as old, old:
+        old.executescript(PARENT_AND_CHILD_SECONDS)
+    db = Database(path, PARENT_AND_CHILD)
+    try:
+        child = db.one("SELECT * FROM children")
+        assert child is not None
+        assert (child["parent_id"], child["create_time_ns"]) == ("p_1", 2_500_000_000)
+        with db.transaction() as tx:  # the child still references the (rebuilt) parents
+            tx.insert("children", {"child_id": "c_2", "parent_id": "p_1", "create_time_ns": 3})
+        with pytest.raises(sqlite3.IntegrityError), db.transaction() as tx:
+            tx.insert("children", {"child_id": "c_3", "parent_id": "p_x", "create_time_ns": 4})
+        children_sql = db.table_sql("children") or ""
+        assert "REFERENCES parents" in children_sql
+        assert "_before_upgrade" not in children_sql
+    finally:
+        db.close()
