@@ -302,15 +302,17 @@ class ChargeStore:
             )
         tx.run(
             "UPDATE charges SET status = ?, channel_reference = ?, decline_reason = ?,"
-            " failure_reason = ?, refunded_minor = MAX(refunded_minor, ?), update_time_ns = ?"
+            " failure_reason = ?, update_time_ns = ?,"
+            " refunded_minor = CASE WHEN refunded_minor > ? THEN refunded_minor ELSE ? END"
             " WHERE charge_id = ?",
             (
                 outcome.status,
                 outcome.channel_reference or None,
                 outcome.decline_reason,
                 outcome.failure_reason,
-                outcome.refunded_minor,
                 self._db.clock_ns(),
+                outcome.refunded_minor,
+                outcome.refunded_minor,
                 charge_id,
             ),
         )

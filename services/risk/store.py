@@ -169,8 +169,10 @@ class AssessmentStore:
         """Counts per decision, mean score and last time for one merchant (zeros if none)."""
         row = self._db.aggregate(
             "SELECT COUNT(*) AS n, COALESCE(SUM(score), 0) AS total, MAX(create_time_ns) AS last,"
-            " SUM(decision = ?) AS approve, SUM(decision = ?) AS review,"
-            " SUM(decision = ?) AS decline FROM assessments WHERE merchant_id = ?",
+            " COUNT(*) FILTER (WHERE decision = ?) AS approve,"
+            " COUNT(*) FILTER (WHERE decision = ?) AS review,"
+            " COUNT(*) FILTER (WHERE decision = ?) AS decline"
+            " FROM assessments WHERE merchant_id = ?",
             (
                 pb.RISK_DECISION_APPROVE,
                 pb.RISK_DECISION_REVIEW,

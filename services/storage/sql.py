@@ -6,7 +6,9 @@ keyset pages through :meth:`Statements.page`, writes through one :meth:`Database
 and "claim the request id, run, record the reply, replay on repeat" through
 :meth:`Database.idempotent`. Every time column holds integer nanoseconds since the epoch
 (``*_ns``), the unit of protobuf ``Timestamp``. SQLite is the engine behind it today; a second
-engine implements :class:`Statements` and :class:`Database` and no store or servicer changes.
+engine implements :class:`Statements` and :class:`Database` (translating the ``?``
+placeholders) and no servicer changes. What stays engine-specific is named: each store's
+``SCHEMA`` (its DDL) and, here only, the pragmas, the catalogue reads and the in-place upgrade.
 
 Stores are synchronous: a handler runs a store method on the event loop, one at a time per
 process; ``BEGIN IMMEDIATE`` makes each write atomic and unique keys make claims race-free.
