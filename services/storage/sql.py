@@ -65,6 +65,21 @@ def path_of_url(url: str) -> Path:
     return Path(url.removeprefix(SQLITE_SCHEME))
 
 
+def probe(path: Path, timeout_s: float) -> None:
+    """Read the database at ``path`` once, never creating it (a service's health probe).
+
+    Raises:
+        DatabaseError: the file is missing, locked past ``timeout_s`` or unreadable.
+    """
+    # mode=rw: a missing file is a failure, not a new empty database.
+    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True, timeout=timeout_s)
+    try:
+        # Reading the schema touches the file, so a corrupt one fails here too.
+        conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+    finally:
+        conn.close()
+
+
 def timestamp(nanos: int) -> Timestamp:
     """The protobuf Timestamp of a time column (nanoseconds since the epoch)."""
     stamp = Timestamp()
