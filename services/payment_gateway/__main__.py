@@ -70,6 +70,7 @@ async def build(context: ServiceContext) -> list[Registration]:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await flow.close()
         store.close()
 
     context.on_stop.append(stop)

@@ -15,6 +15,7 @@ the charge cutoff, when it could not be charged anyway).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -55,6 +56,7 @@ from services.payment_gateway.store import (
     payment_message,
     refund_message,
 )
+from services.storage.resumable import StepRunner
 from services.storage.sql import ns_to_seconds
 
 __all__ = ["Downstreams", "PaymentFlow", "PaymentNotStarted", "PaymentPending", "order_id_of"]
@@ -170,7 +172,9 @@ class Downstreams:
 
 
 class PaymentFlow:
-    """Runs payments and refunds step by step; at most one driver per payment at a time."""
+    """Runs payments and refunds step by step on the shared step runner: one task per
+    payment or refund, shielded from the caller, so a client hanging up cannot stop a step
+    midway and nothing runs the same steps twice."""
 
     def __init__(
         self,
@@ -198,6 +202,12 @@ class PaymentFlow:
         self._on_outbox = on_outbox
         self._watch = watch
         self._driving: set[str] = set()
+        self._payments: StepRunner[PaymentRecord] = StepRunner(
+            load=store.payment, done=lambda p: p.step == Step.FINISHED, step_of=_step_of
+        )
+        self._refunds: StepRunner[RefundRecord] = StepRunner(
+            load=store.refund, done=lambda r: r.step == RefundStep.FINISHED, step_of=_step_of
+        )
 
     @property
     def downstreams(self) -> Downstreams:
@@ -206,7 +216,16 @@ class PaymentFlow:
 
     def is_driving(self, flow_id: str) -> bool:
         """Whether some task is running the flow of this payment or refund right now."""
-        return flow_id in self._driving
+        return (
+            flow_id in self._driving
+            or self._payments.running(flow_id)
+            or self._refunds.running(flow_id)
+        )
+
+    async def close(self) -> None:
+        """Stop the flows in flight; each stays at its last committed step for recovery."""
+        await self._payments.close()
+        await self._refunds.close()
 
     @contextmanager
     def driving(self, flow_id: str) -> Iterator[None]:
@@ -233,6 +252,10 @@ class PaymentFlow:
                 the payment is gone and its request id free.
             PaymentPending: a step's outcome is unknown; the payment stays PENDING.
         """
+        if stop_after is None:
+            step = functools.partial(self._step, recovering=recovering)
+            return payment_message(await self._payments.run(payment_id, step))
+        # The crash tests' hook: in the caller's task, stopping once that step is committed.
         payment = self._store.payment(payment_id)
         while payment.step != Step.FINISHED:
             if payment.step == stop_after:
@@ -511,9 +534,7 @@ class PaymentFlow:
         Raises:
             PaymentPending: a step's outcome is unknown; the refund stays PENDING.
         """
-        refund = self._store.refund(refund_id)
-        while refund.step != RefundStep.FINISHED:
-            refund = await self._refund_step(refund)
+        refund = await self._refunds.run(refund_id, self._refund_step)
         payment = self._store.payment(refund.payment_id)
         return pg.RefundPaymentResponse(
             refund=refund_message(refund), payment=payment_message(payment)
@@ -574,3 +595,7 @@ class PaymentFlow:
             self._on_outbox()
             return self._store.refund(r.refund_id)
         raise ValueError(f"refund {r.refund_id} has unknown step {r.step!r}")
+
+
+def _step_of(record: PaymentRecord | RefundRecord) -> str:
+    return record.step

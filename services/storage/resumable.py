@@ -1,11 +1,15 @@
 """Resumable work: a request runs as persisted steps that a replay or the recovery loop finishes.
 
-:class:`StepStore` keeps one row per piece of work (claimed with its request id, the step it
-has reached); :class:`StepDriver` runs a record's remaining steps in its own shielded task, so
-a caller hanging up cannot stop a step midway, runs a recovery pass at start and then every
-``<SERVICE>_RECOVERY_INTERVAL_S`` (work stuck on an outage waits for the next pass instead of
-racing a dependency that is still coming up), and stops the work in flight at close, leaving
-the rows resumable. Settlement and withdrawal use both.
+:class:`StepRunner` is the one step driver: it runs a piece of work's remaining steps in its
+own shielded task, one task per id, so a caller hanging up cannot stop a step midway and a
+replay or a recovery pass joins the work instead of repeating it. :class:`StepStore` keeps one
+row per piece of work (claimed with its request id, the step it has reached);
+:class:`StepDriver` runs such records on the runner, runs a recovery pass at start and then
+every ``<SERVICE>_RECOVERY_INTERVAL_S`` (work stuck on an outage waits for the next pass
+instead of racing a dependency that is still coming up), and stops the work in flight at
+close, leaving the rows resumable. Settlement and withdrawal use the driver; the gateway's
+payments and refunds run on the runner under their own recovery schedule (breaker-aware, with
+per-item backoff).
 """
 
 from __future__ import annotations
@@ -261,6 +265,93 @@ class StepStore(abc.ABC, Generic[RecordT, MessageT]):
         return self._record(row)
 
 
+WorkT = TypeVar("WorkT")
+
+
+class StepRunner(Generic[WorkT]):
+    """Runs a piece of work's remaining steps in its own task, one task per id.
+
+    The task is shielded from its caller: a caller hanging up cannot stop a step midway,
+    and a second caller (a replay, a recovery pass) joins the task instead of running the
+    same steps twice. Each step commits what it did before the next begins, so work stopped
+    at close (or by a crash) resumes from its last committed step.
+
+    Args:
+        load: the latest stored state of the work with an id.
+        done: whether nothing is left to do.
+        step_of: the step the work has reached (one that does not move ends the run: an
+            outage, left for a replay or the next recovery pass).
+    """
+
+    def __init__(
+        self,
+        *,
+        load: Callable[[str], WorkT],
+        done: Callable[[WorkT], bool],
+        step_of: Callable[[WorkT], str],
+    ) -> None:
+        self._load = load
+        self._done = done
+        self._step_of = step_of
+        self._work: dict[str, asyncio.Task[WorkT]] = {}
+
+    def running(self, key: str) -> bool:
+        """Whether a task is driving the work ``key`` right now."""
+        return key in self._work
+
+    async def run(
+        self,
+        key: str,
+        step: Callable[[WorkT], Awaitable[WorkT]],
+        *,
+        then: Callable[[WorkT], None] | None = None,
+    ) -> WorkT:
+        """Drive ``key`` to done (or until a step does not move) in its own task.
+
+        Args:
+            step: runs the work's next step and returns it as persisted after it.
+            then: called in the task with the work as the run left it.
+
+        Raises:
+            Exception: whatever a step raised (the work stays at its last committed step).
+        """
+        task = self._work.get(key)
+        if task is None:
+            task = asyncio.create_task(self._drive(key, step, then))
+            self._work[key] = task
+            task.add_done_callback(lambda finished: self._forget(key, finished))
+        return await asyncio.shield(task)
+
+    async def close(self) -> None:
+        """Stop the work in flight; it stays resumable from its last committed step."""
+        tasks = list(self._work.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _forget(self, key: str, task: asyncio.Task[WorkT]) -> None:
+        self._work.pop(key, None)
+        if not task.cancelled():
+            task.exception()  # the awaiting caller reports it; do not log it as lost
+
+    async def _drive(
+        self,
+        key: str,
+        step: Callable[[WorkT], Awaitable[WorkT]],
+        then: Callable[[WorkT], None] | None,
+    ) -> WorkT:
+        work = self._load(key)  # the latest state, not a caller's snapshot
+        while not self._done(work):
+            after = await step(work)
+            stuck = self._step_of(after) == self._step_of(work)
+            work = after
+            if stuck:
+                break
+        if then is not None:
+            then(work)
+        return work
+
+
 class StepDriver(Generic[RecordT]):
     """Runs records' remaining steps, one task per id, and the recovery loop.
 
@@ -284,24 +375,26 @@ class StepDriver(Generic[RecordT]):
         self._steps = steps
         self._log = log
         self._sleep = sleep
-        # One task per id being driven: a replay or the recovery pass joins it instead of
-        # running the same steps twice.
-        self._work: dict[str, asyncio.Task[RecordT]] = {}
+        self._runner: StepRunner[RecordT] = StepRunner(
+            load=store.get, done=lambda record: record.step == DONE, step_of=_step_of
+        )
         self._recovery: asyncio.Task[None] | None = None
 
     def running(self, key: str) -> bool:
         """Whether this process is driving the work ``key`` right now."""
-        return key in self._work
+        return self._runner.running(key)
 
     async def run(self, record: RecordT, *, first: bool) -> RecordT:
-        """Drive the record in its own task: a caller hanging up cannot stop it mid-step."""
-        key = record.key
-        task = self._work.get(key)
-        if task is None:
-            task = asyncio.create_task(self._drive(key, first=first))
-            self._work[key] = task
-            task.add_done_callback(lambda done: self._forget(key, done))
-        return await asyncio.shield(task)
+        """Drive the record in its own task: a caller hanging up cannot stop it mid-step.
+
+        At the end, the request id's claim is settled, so replays return the work.
+        """
+        steps = self._steps(first)
+
+        async def step(current: RecordT) -> RecordT:
+            return await steps[current.step](current)
+
+        return await self._runner.run(record.key, step, then=self._store.settle_claim)
 
     def start_recovery(self, interval_s: float = DEFAULT_RECOVERY_INTERVAL_S) -> None:
         """Run a recovery pass now and then every ``interval_s``, in the background, until close.
@@ -345,24 +438,11 @@ class StepDriver(Generic[RecordT]):
 
     async def close(self) -> None:
         """Stop the recovery pass and the work in flight; their rows stay resumable."""
-        tasks = [*self._work.values(), *([self._recovery] if self._recovery else [])]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._recovery is not None:
+            self._recovery.cancel()
+            await asyncio.gather(self._recovery, return_exceptions=True)
+        await self._runner.close()
 
-    def _forget(self, key: str, task: asyncio.Task[RecordT]) -> None:
-        self._work.pop(key, None)
-        if not task.cancelled():
-            task.exception()  # the awaiting handler reports it; do not log it as lost
 
-    async def _drive(self, key: str, *, first: bool) -> RecordT:
-        record = self._store.get(key)  # the latest state, not a caller's snapshot
-        steps = self._steps(first)
-        while record.step != DONE:
-            after = await steps[record.step](record)
-            stuck = after.step == record.step
-            record = after
-            if stuck:
-                break  # an outage: a replay or the next recovery pass resumes here
-        self._store.settle_claim(record)
-        return record
+def _step_of(record: StepRecord) -> str:
+    return record.step
