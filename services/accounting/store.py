@@ -7,12 +7,9 @@ all of it is on disk or none of it is, which keeps concurrent withdrawals from o
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from interceptors.errors import Reason
 from paymesh.accounting.v1 import accounting_pb2
@@ -20,7 +17,7 @@ from paymesh.common.v1 import common_pb2
 from services.accounting.ledger import CREDIT, DEBIT, content_fingerprint, merchant_account_range
 from services.mesh.errors import AlreadyExists, FailedPrecondition, NotFound
 from services.storage import idempotency
-from services.storage.database import open_database, transaction
+from services.storage.sql import Database, Row, Statements, timestamp
 
 SCHEMA = (
     f"""
@@ -62,28 +59,22 @@ GROUP BY account_id, currency_code
 """
 
 
-def _timestamp(nanoseconds: int) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromNanoseconds(nanoseconds)
-    return stamp
-
-
 def _money(amount_minor: int, currency_code: str) -> common_pb2.Money:
     return common_pb2.Money(amount_minor=amount_minor, currency_code=currency_code)
 
 
-def _entry(row: sqlite3.Row) -> accounting_pb2.LedgerEntry:
+def _entry(row: Row) -> accounting_pb2.LedgerEntry:
     return accounting_pb2.LedgerEntry(
         entry_id=f"ent_{row['seq']}",
         transaction_id=row["transaction_id"],
         account_id=row["account_id"],
         direction=row["direction"],
         amount=_money(row["amount_minor"], row["currency_code"]),
-        create_time=_timestamp(row["create_time_ns"]),
+        create_time=timestamp(row["create_time_ns"]),
     )
 
 
-def _balance(row: sqlite3.Row) -> accounting_pb2.Balance:
+def _balance(row: Row) -> accounting_pb2.Balance:
     code = row["currency_code"]
     return accounting_pb2.Balance(
         account_id=row["account_id"],
@@ -91,20 +82,19 @@ def _balance(row: sqlite3.Row) -> accounting_pb2.Balance:
         debit_total=_money(row["debit_minor"], code),
         credit_total=_money(row["credit_minor"], code),
         entry_count=row["entry_count"],
-        update_time=_timestamp(row["latest_ns"]),
+        update_time=timestamp(row["latest_ns"]),
     )
 
 
 class LedgerStore:
-    """The double-entry ledger in SQLite; posting is idempotent by request id and transaction id."""
+    """The double-entry ledger; posting is idempotent by request id and transaction id."""
 
     def __init__(self, path: Path | str, *, clock_ns: Callable[[], int] = time.time_ns) -> None:
-        self._conn = open_database(path, SCHEMA)
-        self._clock_ns = clock_ns
+        self._db = Database(path, SCHEMA, clock_ns=clock_ns)
 
     def close(self) -> None:
         """Close the database."""
-        self._conn.close()
+        self._db.close()
 
     def post(self, request: accounting_pb2.PostTransactionRequest) -> accounting_pb2.Transaction:
         """Post a checked, balanced transaction, or return it again for a replay.
@@ -115,59 +105,58 @@ class LedgerStore:
                 would end below zero; nothing is written.
         """
         fingerprint = content_fingerprint(request)
-        with transaction(self._conn) as conn:
-            claim = idempotency.claim(conn, "PostTransaction", request.request_id, request)
-            replay = idempotency.replayed(accounting_pb2.PostTransactionResponse, claim)
-            if replay is not None:
-                return replay.transaction
-            existing = conn.execute(
+
+        def run(tx: Statements) -> accounting_pb2.PostTransactionResponse:
+            existing = tx.one(
                 "SELECT fingerprint FROM transactions WHERE transaction_id = ?",
                 (request.transaction_id,),
-            ).fetchone()
+            )
             if existing is None:
-                self._insert(conn, request, fingerprint)
+                self._insert(tx, request, fingerprint)
                 currencies = sorted({p.amount.currency_code for p in request.postings})
                 for account_id in dict.fromkeys(request.non_negative_account_ids):
-                    self._require_non_negative(conn, account_id, currencies)
+                    self._require_non_negative(tx, account_id, currencies)
             elif existing["fingerprint"] != fingerprint:
                 raise AlreadyExists(
                     f"transaction {request.transaction_id!r} exists with different content",
                     metadata={"transaction_id": request.transaction_id},
                 )
             # else: a retry under a new request id; the stored transaction answers it.
-            posted = self._load(request.transaction_id)
-            idempotency.complete(
-                conn,
-                "PostTransaction",
-                request.request_id,
-                accounting_pb2.PostTransactionResponse(transaction=posted),
+            return accounting_pb2.PostTransactionResponse(
+                transaction=self._load(tx, request.transaction_id)
             )
-            return posted
+
+        return self._db.idempotent(
+            "PostTransaction", request, accounting_pb2.PostTransactionResponse, run
+        ).transaction
 
     def get(self, transaction_id: str) -> accounting_pb2.Transaction:
         """The transaction with its entries; NotFound if there is none."""
-        return self._load(transaction_id)
+        return self._load(self._db, transaction_id)
 
     def entries(
         self, *, account_id: str, currency_code: str, after_seq: int, limit: int
     ) -> list[tuple[int, accounting_pb2.LedgerEntry]]:
         """An account's entries oldest first after ``after_seq``, each with its sequence number."""
-        where = "account_id = ? AND seq > ?"
-        params: list[object] = [account_id, after_seq]
+        where: dict[str, object] = {"account_id": account_id}
         if currency_code:
-            where += " AND currency_code = ?"
-            params.append(currency_code)
-        rows = self._conn.execute(
-            f"SELECT * FROM entries WHERE {where} ORDER BY seq LIMIT ?", (*params, limit)
-        ).fetchall()
+            where["currency_code"] = currency_code
+        rows = self._db.page(
+            "entries",
+            order=("seq",),
+            cursor=(after_seq,),
+            limit=limit,
+            where=where,
+            newest_first=False,
+        )
         return [(int(row["seq"]), _entry(row)) for row in rows]
 
     def balance(self, account_id: str, currency_code: str) -> accounting_pb2.Balance:
         """The account's balance in the currency; zero with no entries if it was never used."""
-        row = self._conn.execute(
+        row = self._db.one(
             _BALANCES.format(where="account_id = ? AND currency_code = ?"),
             (account_id, currency_code),
-        ).fetchone()
+        )
         if row is None:
             zero = _money(0, currency_code)
             return accounting_pb2.Balance(
@@ -185,49 +174,48 @@ class LedgerStore:
         if after is not None:
             where += " AND (account_id, currency_code) > (?, ?)"
             params.extend(after)
-        rows = self._conn.execute(
+        rows = self._db.all(
             _BALANCES.format(where=where) + " ORDER BY account_id, currency_code LIMIT ?",
             (*params, limit),
-        ).fetchall()
+        )
         return [_balance(row) for row in rows]
 
     def _insert(
         self,
-        conn: sqlite3.Connection,
+        tx: Statements,
         request: accounting_pb2.PostTransactionRequest,
         fingerprint: str,
     ) -> None:
-        now = self._clock_ns()
-        conn.execute(
-            "INSERT INTO transactions VALUES (?, ?, ?, ?, ?, ?)",
-            (
-                request.transaction_id,
-                request.kind,
-                request.reference_id,
-                request.description,
-                fingerprint,
-                now,
-            ),
+        now = self._db.clock_ns()
+        tx.insert(
+            "transactions",
+            {
+                "transaction_id": request.transaction_id,
+                "kind": request.kind,
+                "reference_id": request.reference_id,
+                "description": request.description,
+                "fingerprint": fingerprint,
+                "create_time_ns": now,
+            },
         )
-        conn.executemany(
-            "INSERT INTO entries (transaction_id, position, account_id, direction, amount_minor,"
-            " currency_code, create_time_ns) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        tx.insert_many(
+            "entries",
             [
-                (
-                    request.transaction_id,
-                    position,
-                    posting.account_id,
-                    posting.direction,
-                    posting.amount.amount_minor,
-                    posting.amount.currency_code,
-                    now,
-                )
+                {
+                    "transaction_id": request.transaction_id,
+                    "position": position,
+                    "account_id": posting.account_id,
+                    "direction": posting.direction,
+                    "amount_minor": posting.amount.amount_minor,
+                    "currency_code": posting.amount.currency_code,
+                    "create_time_ns": now,
+                }
                 for position, posting in enumerate(request.postings)
             ],
         )
 
     def _require_non_negative(
-        self, conn: sqlite3.Connection, account_id: str, currencies: Sequence[str]
+        self, tx: Statements, account_id: str, currencies: Sequence[str]
     ) -> None:
         """Raise INSUFFICIENT_BALANCE if the account is below zero in one of ``currencies``.
 
@@ -235,10 +223,10 @@ class LedgerStore:
         the account", not "the account must be clean in every currency it ever held".
         """
         for currency_code in currencies:
-            row = conn.execute(
+            row = tx.one(
                 _BALANCES.format(where="account_id = ? AND currency_code = ?"),
                 (account_id, currency_code),
-            ).fetchone()
+            )
             balance = 0 if row is None else row["credit_minor"] - row["debit_minor"]
             if balance < 0:
                 raise FailedPrecondition(
@@ -252,23 +240,21 @@ class LedgerStore:
                     },
                 )
 
-    def _load(self, transaction_id: str) -> accounting_pb2.Transaction:
-        row = self._conn.execute(
-            "SELECT * FROM transactions WHERE transaction_id = ?", (transaction_id,)
-        ).fetchone()
+    def _load(self, db: Statements, transaction_id: str) -> accounting_pb2.Transaction:
+        row = db.one("SELECT * FROM transactions WHERE transaction_id = ?", (transaction_id,))
         if row is None:
             raise NotFound(
                 f"transaction {transaction_id!r} does not exist",
                 metadata={"transaction_id": transaction_id},
             )
-        entries = self._conn.execute(
+        entries = db.all(
             "SELECT * FROM entries WHERE transaction_id = ? ORDER BY position", (transaction_id,)
-        ).fetchall()
+        )
         return accounting_pb2.Transaction(
             transaction_id=row["transaction_id"],
             kind=row["kind"],
             reference_id=row["reference_id"],
             description=row["description"],
             entries=[_entry(entry) for entry in entries],
-            create_time=_timestamp(row["create_time_ns"]),
+            create_time=timestamp(row["create_time_ns"]),
         )

@@ -6,17 +6,14 @@ key, so a replayed event is never counted twice. Statistics are integer SQL sums
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from paymesh.analytics.v1 import analytics_pb2
 from paymesh.common.v1 import common_pb2
 from services.storage import idempotency
-from services.storage.database import open_database, transaction
+from services.storage.sql import Database, Row, Statements, timestamp
 
 SUCCEEDED = analytics_pb2.EVENT_TYPE_PAYMENT_SUCCEEDED
 DECLINED = analytics_pb2.EVENT_TYPE_PAYMENT_DECLINED
@@ -43,25 +40,19 @@ CREATE INDEX IF NOT EXISTS events_by_merchant_type
 )
 
 
-def _timestamp(nanoseconds: int) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromNanoseconds(nanoseconds)
-    return stamp
-
-
 def _money(amount_minor: int, currency_code: str) -> common_pb2.Money:
     return common_pb2.Money(amount_minor=amount_minor, currency_code=currency_code)
 
 
-def _event(row: sqlite3.Row) -> analytics_pb2.Event:
+def _event(row: Row) -> analytics_pb2.Event:
     return analytics_pb2.Event(
         event_id=row["event_id"],
         merchant_id=row["merchant_id"],
         event_type=row["event_type"],
         payment_id=row["payment_id"],
         amount=_money(row["amount_minor"], row["currency_code"]),
-        occur_time=_timestamp(row["occur_time_ns"]),
-        create_time=_timestamp(row["create_time_ns"]),
+        occur_time=timestamp(row["occur_time_ns"]),
+        create_time=timestamp(row["create_time_ns"]),
     )
 
 
@@ -76,51 +67,46 @@ def success_rate_bps(succeeded: int, declined: int, failed: int) -> int:
 
 
 class EventStore:
-    """Events in SQLite; recording is idempotent by the request id (the event id)."""
+    """Events on the store base; recording is idempotent by the request id (the event id)."""
 
     def __init__(self, path: Path | str, *, clock_ns: Callable[[], int] = time.time_ns) -> None:
-        self._conn = open_database(path, SCHEMA)
-        self._clock_ns = clock_ns
+        self._db = Database(path, SCHEMA, clock_ns=clock_ns)
 
     def close(self) -> None:
         """Close the database."""
-        self._conn.close()
+        self._db.close()
 
     def record(self, request: analytics_pb2.RecordEventRequest) -> analytics_pb2.Event:
         """Insert the event, or return it again for a replay of the same request."""
-        with transaction(self._conn) as conn:
-            claim = idempotency.claim(conn, "RecordEvent", request.request_id, request)
-            replay = idempotency.replayed(analytics_pb2.RecordEventResponse, claim)
-            if replay is not None:
-                return replay.event
-            idempotency.refuse_if_kept(conn, "events", "event_id", request.request_id)
-            now = self._clock_ns()
+
+        def run(tx: Statements) -> analytics_pb2.RecordEventResponse:
+            now = self._db.clock_ns()
             occur = request.occur_time.ToNanoseconds() if request.HasField("occur_time") else now
-            conn.execute(
-                "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    request.request_id,
-                    request.merchant_id,
-                    request.event_type,
-                    request.payment_id,
-                    request.amount.amount_minor,
-                    request.amount.currency_code,
-                    occur,
-                    now,
-                ),
+            tx.insert(
+                "events",
+                {
+                    "event_id": request.request_id,
+                    "merchant_id": request.merchant_id,
+                    "event_type": request.event_type,
+                    "payment_id": request.payment_id,
+                    "amount_minor": request.amount.amount_minor,
+                    "currency_code": request.amount.currency_code,
+                    "occur_time_ns": occur,
+                    "create_time_ns": now,
+                },
             )
-            event = _event(
-                conn.execute(
-                    "SELECT * FROM events WHERE event_id = ?", (request.request_id,)
-                ).fetchone()
-            )
-            idempotency.complete(
-                conn,
-                "RecordEvent",
-                request.request_id,
-                analytics_pb2.RecordEventResponse(event=event),
-            )
-            return event
+            row = tx.one("SELECT * FROM events WHERE event_id = ?", (request.request_id,))
+            if row is None:  # inserted just above, in this transaction
+                raise RuntimeError(f"event {request.request_id!r} vanished on insert")
+            return analytics_pb2.RecordEventResponse(event=_event(row))
+
+        return self._db.idempotent(
+            "RecordEvent",
+            request,
+            analytics_pb2.RecordEventResponse,
+            run,
+            kept_in=("events", "event_id"),
+        ).event
 
     def stats(self, merchant_id: str, *, since_ns: int | None) -> analytics_pb2.MerchantStats:
         """The merchant's counts, volumes and success rate over events at or after ``since_ns``."""
@@ -129,7 +115,7 @@ class EventStore:
         if since_ns is not None:
             where += " AND occur_time_ns >= ?"
             params.append(since_ns)
-        totals = self._conn.execute(
+        totals = self._db.aggregate(
             f"""SELECT COUNT(*) AS events,
                        COUNT(*) FILTER (WHERE event_type = {SUCCEEDED}) AS succeeded,
                        COUNT(*) FILTER (WHERE event_type = {DECLINED}) AS declined,
@@ -138,8 +124,8 @@ class EventStore:
                        MIN(occur_time_ns) AS first_ns, MAX(occur_time_ns) AS last_ns
                 FROM events WHERE {where}""",
             params,
-        ).fetchone()
-        volumes = self._conn.execute(
+        )
+        volumes = self._db.all(
             f"""SELECT currency_code,
                        SUM(CASE WHEN event_type = {SUCCEEDED} THEN amount_minor ELSE 0 END)
                            AS succeeded_minor,
@@ -148,7 +134,7 @@ class EventStore:
                 FROM events WHERE {where} AND event_type IN ({SUCCEEDED}, {REFUNDED})
                 GROUP BY currency_code ORDER BY currency_code""",
             params,
-        ).fetchall()
+        )
         stats = analytics_pb2.MerchantStats(
             merchant_id=merchant_id,
             event_count=totals["events"],
@@ -169,25 +155,22 @@ class EventStore:
             ],
         )
         if totals["first_ns"] is not None:
-            stats.first_event_time.CopyFrom(_timestamp(totals["first_ns"]))
-            stats.last_event_time.CopyFrom(_timestamp(totals["last_ns"]))
+            stats.first_event_time.CopyFrom(timestamp(totals["first_ns"]))
+            stats.last_event_time.CopyFrom(timestamp(totals["last_ns"]))
         return stats
 
     def list(
         self, *, merchant_id: str, event_type: int, before: tuple[int, str] | None, limit: int
     ) -> list[analytics_pb2.Event]:
         """The merchant's events newest first, before the ``(occur_time_ns, event_id)`` cursor."""
-        where = "merchant_id = ?"
-        params: list[object] = [merchant_id]
+        where: dict[str, object] = {"merchant_id": merchant_id}
         if event_type:
-            where += " AND event_type = ?"
-            params.append(event_type)
-        if before is not None:
-            where += " AND (occur_time_ns, event_id) < (?, ?)"
-            params.extend(before)
-        rows = self._conn.execute(
-            f"SELECT * FROM events WHERE {where}"
-            " ORDER BY occur_time_ns DESC, event_id DESC LIMIT ?",
-            (*params, limit),
-        ).fetchall()
+            where["event_type"] = event_type
+        rows = self._db.page(
+            "events",
+            order=("occur_time_ns", "event_id"),
+            cursor=before,
+            limit=limit,
+            where=where,
+        )
         return [_event(row) for row in rows]

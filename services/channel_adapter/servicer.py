@@ -361,14 +361,14 @@ class ChannelAdapterServicer(pb_grpc.ChannelAdapterServiceServicer):
         v.require_id("payment_id", request.payment_id)
         size = v.page_size(request.page_size)
         filters = {"payment_id": request.payment_id}
-        after = v.page_position(request.page_token, filters, v.SECONDS_AND_ID)
+        after = v.page_position(request.page_token, filters, v.NANOS_AND_ID)
         if after is None:
             await self._reconcile(request.payment_id)
         charges, next_token = v.page_of(
             self._store.list(payment_id=request.payment_id, after=after, limit=size + 1),
             size,
             filters,
-            lambda last: {"t": last.create_time.ToNanoseconds() / 1e9, "id": last.charge_id},
+            lambda last: {"t": last.create_time.ToNanoseconds(), "id": last.charge_id},
         )
         return pb.ListChargesResponse(charges=charges, next_page_token=next_token)
 

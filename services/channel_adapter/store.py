@@ -8,23 +8,20 @@ second charge: the channel dedupes by the same key and ``channel_reference`` is 
 
 from __future__ import annotations
 
-import sqlite3
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from google.protobuf.message import Message
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from interceptors.errors import Reason
 from paymesh.channel_adapter.v1 import channel_adapter_pb2 as pb
 from paymesh.common.v1 import common_pb2
 from services.mesh.errors import Aborted, FailedPrecondition, NotFound
 from services.storage import idempotency
-from services.storage.database import open_database, transaction
+from services.storage.sql import Database, Earlier, Row, Statements, seconds_to_ns, timestamp
 
 SCHEMA = (
     """
@@ -46,10 +43,10 @@ CREATE TABLE IF NOT EXISTS charges (
         CHECK (refunded_minor >= 0 AND refunded_minor <= amount_minor),
     decline_reason TEXT NOT NULL DEFAULT '',
     failure_reason TEXT NOT NULL DEFAULT '',
-    create_time REAL NOT NULL,
-    update_time REAL NOT NULL
+    create_time_ns INTEGER NOT NULL,
+    update_time_ns INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS charges_by_payment ON charges (payment_id, create_time, charge_id);
+CREATE INDEX IF NOT EXISTS charges_by_payment ON charges (payment_id, create_time_ns, charge_id);
 CREATE TABLE IF NOT EXISTS charge_refunds (
     charge_refund_id TEXT PRIMARY KEY,
     request_id TEXT NOT NULL UNIQUE,
@@ -59,9 +56,9 @@ CREATE TABLE IF NOT EXISTS charge_refunds (
     state TEXT NOT NULL CHECK (state IN ('pending', 'succeeded')),
     channel_reference TEXT UNIQUE,
     reason TEXT NOT NULL,
-    create_time REAL NOT NULL
+    create_time_ns INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS refunds_by_charge ON charge_refunds (charge_id, create_time);
+CREATE INDEX IF NOT EXISTS refunds_by_charge ON charge_refunds (charge_id, create_time_ns);
 """
     + idempotency.SCHEMA
 )
@@ -78,17 +75,11 @@ CHANNEL_STATUS = {
 }
 
 
-def _timestamp(seconds: float) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
-    return stamp
-
-
 def _money(amount_minor: int, currency: str) -> common_pb2.Money:
     return common_pb2.Money(amount_minor=amount_minor, currency_code=currency)
 
 
-def _charge(row: sqlite3.Row) -> pb.Charge:
+def _charge(row: Row) -> pb.Charge:
     return pb.Charge(
         charge_id=row["charge_id"],
         payment_id=row["payment_id"],
@@ -102,30 +93,31 @@ def _charge(row: sqlite3.Row) -> pb.Charge:
         refunded_amount=_money(row["refunded_minor"], row["currency_code"]),
         decline_reason=row["decline_reason"],
         failure_reason=row["failure_reason"],
-        create_time=_timestamp(row["create_time"]),
-        update_time=_timestamp(row["update_time"]),
+        create_time=timestamp(row["create_time_ns"]),
+        update_time=timestamp(row["update_time_ns"]),
     )
 
 
-def _refund(row: sqlite3.Row) -> pb.ChargeRefund:
+def _refund(row: Row) -> pb.ChargeRefund:
     return pb.ChargeRefund(
         charge_refund_id=row["charge_refund_id"],
         charge_id=row["charge_id"],
         amount=_money(row["amount_minor"], row["currency_code"]),
         channel_reference=row["channel_reference"] or "",
         reason=row["reason"],
-        create_time=_timestamp(row["create_time"]),
+        create_time=timestamp(row["create_time_ns"]),
     )
 
 
-@dataclass(frozen=True, slots=True)
-class Peek:
-    """What an earlier request with the same id left behind."""
+#: What an earlier request with the same id left behind.
+Peek = Earlier
 
-    state: Literal["new", "done", "in_flight"]
-    """No earlier request, a completed one, or one that started and did not finish."""
-    response: bytes | None = None
-    """The stored response when ``done``."""
+
+def _completed_concurrently(request_id: str) -> Aborted:
+    return Aborted(
+        f"request_id {request_id!r} completed concurrently; retry to replay",
+        reason=Reason.IDEMPOTENCY_KEY_IN_FLIGHT,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,15 +159,21 @@ class ChannelOutcome:
 
 
 class ChargeStore:
-    """Charges and refunds in SQLite; each write idempotent by request id and channel id."""
+    """Charges and refunds; each write idempotent by request id and channel id.
+
+    A charge, refund or void spans a channel call, so its request id is claimed with the
+    first write, completed with the last, and released if the channel refused it.
+
+    Args:
+        clock: seconds since the epoch (tests pass their own); stored as nanoseconds.
+    """
 
     def __init__(self, path: Path | str, *, clock: Callable[[], float] = time.time) -> None:
-        self._conn = open_database(path, SCHEMA)
-        self._clock = clock
+        self._db = Database(path, SCHEMA, clock_ns=lambda: seconds_to_ns(clock()))
 
     def close(self) -> None:
         """Close the database."""
-        self._conn.close()
+        self._db.close()
 
     # -- idempotency -------------------------------------------------------
     def peek(self, method: str, request_id: str, request: Message) -> Peek:
@@ -184,35 +182,25 @@ class ChargeStore:
         Raises:
             InvalidArgument: the id was used with a different body.
         """
-        with transaction(self._conn) as conn:
-            try:
-                claim = idempotency.claim(conn, method, request_id, request)
-            except Aborted:
-                return Peek("in_flight")
-            if claim.replay is not None:
-                return Peek("done", claim.replay)
-            # Claimed only to run the checks; the real claim comes with the first write.
-            idempotency.release(conn, method, request_id)
-            return Peek("new")
+        # Looked up only to run the checks; the real claim comes with the first write.
+        return self._db.earlier(method, request, request_id=request_id)
 
     # -- charges -----------------------------------------------------------
     def start_charge(self, request: pb.ChargeRequest, conversion: Conversion) -> PendingCharge:
         """Claim the request id and write the PENDING charge in one transaction."""
-        with transaction(self._conn) as conn:
-            claim = idempotency.claim(conn, "Charge", request.request_id, request)
-            if claim.replay is not None:
-                # Finished by a concurrent duplicate after this one peeked.
-                raise Aborted(
-                    f"request_id {request.request_id!r} completed concurrently; retry to replay",
-                    reason=Reason.IDEMPOTENCY_KEY_IN_FLIGHT,
-                )
-            idempotency.refuse_if_kept(conn, "charges", "request_id", request.request_id)
-            now = self._clock()
+        with self._db.transaction() as tx:
+            kept_in = ("charges", "request_id")
+            if (
+                self._db.claim(tx, "Charge", request, pb.ChargeResponse, kept_in=kept_in)
+                is not None
+            ):
+                raise _completed_concurrently(request.request_id)  # after this one peeked
+            now = self._db.clock_ns()
             charge_id = f"ch_{uuid.uuid4().hex[:24]}"
-            conn.execute(
+            tx.run(
                 "INSERT INTO charges (charge_id, request_id, payment_id, merchant_id,"
                 " amount_minor, currency_code, settlement_minor, settlement_currency_code,"
-                " exchange_rate, payment_method_token, status, create_time, update_time)"
+                " exchange_rate, payment_method_token, status, create_time_ns, update_time_ns)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     charge_id,
@@ -234,9 +222,7 @@ class ChargeStore:
 
     def pending_charge(self, request_id: str) -> PendingCharge:
         """The charge an unfinished Charge request wrote, to send again."""
-        row = self._conn.execute(
-            "SELECT * FROM charges WHERE request_id = ?", (request_id,)
-        ).fetchone()
+        row = self._db.one("SELECT * FROM charges WHERE request_id = ?", (request_id,))
         if row is None:
             raise Aborted(
                 f"request_id {request_id!r} is in flight; retry later",
@@ -246,11 +232,11 @@ class ChargeStore:
 
     def finish_charge(self, charge_id: str, outcome: ChannelOutcome) -> pb.Charge:
         """Record the channel's answer (if still PENDING) and complete the Charge request."""
-        with transaction(self._conn) as conn:
+        with self._db.transaction() as tx:
             row = self._require(charge_id)
             if row["status"] == pb.CHARGE_STATUS_PENDING:
-                self._apply(conn, charge_id, outcome)
-            return self._complete_charge(conn, charge_id)
+                self._apply(tx, charge_id, outcome)
+            return self._complete_charge(tx, charge_id)
 
     def resolve_unsent(self, charge_id: str) -> pb.Charge:
         """A PENDING charge the channel never received: VOIDED, and its request completed.
@@ -258,90 +244,92 @@ class ChargeStore:
         Completing the Charge request id means a late retry replays VOIDED instead of
         charging a payment that recovery already gave up.
         """
-        with transaction(self._conn) as conn:
-            conn.execute(
-                "UPDATE charges SET status = ?, failure_reason = ?, update_time = ?"
+        with self._db.transaction() as tx:
+            tx.run(
+                "UPDATE charges SET status = ?, failure_reason = ?, update_time_ns = ?"
                 " WHERE charge_id = ? AND status = ?",
                 (
                     pb.CHARGE_STATUS_VOIDED,
                     "voided before the channel received it",
-                    self._clock(),
+                    self._db.clock_ns(),
                     charge_id,
                     pb.CHARGE_STATUS_PENDING,
                 ),
             )
-            return self._complete_charge(conn, charge_id)
+            return self._complete_charge(tx, charge_id)
 
     def link(self, charge_id: str, outcome: ChannelOutcome) -> pb.Charge:
         """Attach a PENDING charge to the channel charge found for it; complete its request."""
-        with transaction(self._conn) as conn:
-            self._apply(conn, charge_id, outcome)
-            return self._complete_charge(conn, charge_id)
+        with self._db.transaction() as tx:
+            self._apply(tx, charge_id, outcome)
+            return self._complete_charge(tx, charge_id)
 
     def adopt(self, payment_id: str, amount: common_pb2.Money, outcome: ChannelOutcome) -> None:
         """Record a channel charge that has no local row (our own write was lost)."""
-        now = self._clock()
-        with transaction(self._conn) as conn:
-            conn.execute(
-                "INSERT OR IGNORE INTO charges (charge_id, request_id, payment_id, merchant_id,"
-                " amount_minor, currency_code, settlement_minor, settlement_currency_code,"
-                " exchange_rate, payment_method_token, status, channel_reference,"
-                " refunded_minor, decline_reason, failure_reason, create_time, update_time)"
-                " VALUES (?, NULL, ?, '', ?, ?, ?, ?, '', '', ?, ?, ?, ?, '', ?, ?)",
-                (
-                    f"ch_{outcome.channel_reference}",
-                    payment_id,
-                    amount.amount_minor,
-                    amount.currency_code,
-                    amount.amount_minor,
-                    amount.currency_code,
-                    outcome.status,
-                    outcome.channel_reference,
-                    outcome.refunded_minor,
-                    outcome.decline_reason,
-                    now,
-                    now,
-                ),
+        now = self._db.clock_ns()
+        with self._db.transaction() as tx:
+            tx.insert(
+                "charges",
+                {
+                    "charge_id": f"ch_{outcome.channel_reference}",
+                    "request_id": None,
+                    "payment_id": payment_id,
+                    "merchant_id": "",
+                    "amount_minor": amount.amount_minor,
+                    "currency_code": amount.currency_code,
+                    "settlement_minor": amount.amount_minor,
+                    "settlement_currency_code": amount.currency_code,
+                    "exchange_rate": "",
+                    "payment_method_token": "",
+                    "status": outcome.status,
+                    "channel_reference": outcome.channel_reference,
+                    "refunded_minor": outcome.refunded_minor,
+                    "decline_reason": outcome.decline_reason,
+                    "failure_reason": "",
+                    "create_time_ns": now,
+                    "update_time_ns": now,
+                },
+                unless_exists=True,
             )
 
-    def _apply(self, conn: sqlite3.Connection, charge_id: str, outcome: ChannelOutcome) -> None:
+    def _apply(self, tx: Statements, charge_id: str, outcome: ChannelOutcome) -> None:
         if outcome.channel_reference:
             # A charge adopted from the channel while this one was unresolved is the same
             # charge: the row with the request id wins.
-            conn.execute(
+            tx.run(
                 "DELETE FROM charges WHERE channel_reference = ? AND request_id IS NULL"
                 " AND charge_id != ?",
                 (outcome.channel_reference, charge_id),
             )
-        conn.execute(
+        tx.run(
             "UPDATE charges SET status = ?, channel_reference = ?, decline_reason = ?,"
-            " failure_reason = ?, refunded_minor = MAX(refunded_minor, ?), update_time = ?"
+            " failure_reason = ?, update_time_ns = ?,"
+            " refunded_minor = CASE WHEN refunded_minor > ? THEN refunded_minor ELSE ? END"
             " WHERE charge_id = ?",
             (
                 outcome.status,
                 outcome.channel_reference or None,
                 outcome.decline_reason,
                 outcome.failure_reason,
+                self._db.clock_ns(),
                 outcome.refunded_minor,
-                self._clock(),
+                outcome.refunded_minor,
                 charge_id,
             ),
         )
 
-    def _complete_charge(self, conn: sqlite3.Connection, charge_id: str) -> pb.Charge:
+    def _complete_charge(self, tx: Statements, charge_id: str) -> pb.Charge:
         charge = _charge(self._require(charge_id))
         if charge.request_id:
-            idempotency.complete(
-                conn, "Charge", charge.request_id, pb.ChargeResponse(charge=charge)
-            )
+            self._db.complete(tx, "Charge", charge.request_id, pb.ChargeResponse(charge=charge))
         return charge
 
     def set_status(self, charge_id: str, status: int) -> pb.Charge:
         """Set a charge's status after the channel confirmed it."""
-        with transaction(self._conn) as conn:
-            conn.execute(
-                "UPDATE charges SET status = ?, update_time = ? WHERE charge_id = ?",
-                (status, self._clock(), charge_id),
+        with self._db.transaction() as tx:
+            tx.run(
+                "UPDATE charges SET status = ?, update_time_ns = ? WHERE charge_id = ?",
+                (status, self._db.clock_ns(), charge_id),
             )
             return _charge(self._require(charge_id))
 
@@ -354,14 +342,13 @@ class ChargeStore:
             FailedPrecondition: the charge is not captured, the currency differs, or the
                 amount exceeds what is captured and not yet refunded (or being refunded).
         """
-        with transaction(self._conn) as conn:
-            claim = idempotency.claim(conn, "RefundCharge", request.request_id, request)
-            if claim.replay is not None:
-                raise Aborted(
-                    f"request_id {request.request_id!r} completed concurrently; retry to replay",
-                    reason=Reason.IDEMPOTENCY_KEY_IN_FLIGHT,
-                )
-            idempotency.refuse_if_kept(conn, "charge_refunds", "request_id", request.request_id)
+        with self._db.transaction() as tx:
+            kept_in = ("charge_refunds", "request_id")
+            replay = self._db.claim(
+                tx, "RefundCharge", request, pb.RefundChargeResponse, kept_in=kept_in
+            )
+            if replay is not None:
+                raise _completed_concurrently(request.request_id)
             row = self._require(request.charge_id)
             if row["status"] not in CAPTURED:
                 raise FailedPrecondition(
@@ -377,11 +364,12 @@ class ChargeStore:
                     reason=Reason.CURRENCY_UNSUPPORTED,
                     metadata={"charge_id": request.charge_id},
                 )
-            reserved = conn.execute(
-                "SELECT COALESCE(SUM(amount_minor), 0) FROM charge_refunds"
+            pending = tx.aggregate(
+                "SELECT COALESCE(SUM(amount_minor), 0) AS reserved FROM charge_refunds"
                 " WHERE charge_id = ? AND state = 'pending'",
                 (request.charge_id,),
-            ).fetchone()[0]
+            )
+            reserved = pending["reserved"]
             left = row["amount_minor"] - row["refunded_minor"] - reserved
             if request.amount.amount_minor > left:
                 raise FailedPrecondition(
@@ -391,9 +379,9 @@ class ChargeStore:
                     metadata={"charge_id": request.charge_id, "refundable_minor": str(left)},
                 )
             refund_id = f"chr_{uuid.uuid4().hex[:24]}"
-            conn.execute(
+            tx.run(
                 "INSERT INTO charge_refunds (charge_refund_id, request_id, charge_id,"
-                " amount_minor, currency_code, state, reason, create_time)"
+                " amount_minor, currency_code, state, reason, create_time_ns)"
                 " VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)",
                 (
                     refund_id,
@@ -402,16 +390,14 @@ class ChargeStore:
                     request.amount.amount_minor,
                     request.amount.currency_code,
                     request.reason,
-                    self._clock(),
+                    self._db.clock_ns(),
                 ),
             )
             return _refund(self._refund_row(refund_id))
 
     def pending_refund(self, request_id: str) -> pb.ChargeRefund:
         """The refund an unfinished RefundCharge request reserved, to send again."""
-        row = self._conn.execute(
-            "SELECT * FROM charge_refunds WHERE request_id = ?", (request_id,)
-        ).fetchone()
+        row = self._db.one("SELECT * FROM charge_refunds WHERE request_id = ?", (request_id,))
         if row is None:
             raise Aborted(
                 f"request_id {request_id!r} is in flight; retry later",
@@ -423,10 +409,10 @@ class ChargeStore:
         self, refund_id: str, request_id: str, channel_reference: str
     ) -> pb.RefundChargeResponse:
         """Record the channel's refund, move the charge's refunded total, complete the request."""
-        with transaction(self._conn) as conn:
+        with self._db.transaction() as tx:
             refund = self._refund_row(refund_id)
             if refund["state"] == "pending":
-                conn.execute(
+                tx.run(
                     "UPDATE charge_refunds SET state = 'succeeded', channel_reference = ?"
                     " WHERE charge_refund_id = ?",
                     (channel_reference, refund_id),
@@ -438,52 +424,46 @@ class ChargeStore:
                     if refunded == charge["amount_minor"]
                     else pb.CHARGE_STATUS_PARTIALLY_REFUNDED
                 )
-                conn.execute(
-                    "UPDATE charges SET refunded_minor = ?, status = ?, update_time = ?"
+                tx.run(
+                    "UPDATE charges SET refunded_minor = ?, status = ?, update_time_ns = ?"
                     " WHERE charge_id = ?",
-                    (refunded, status, self._clock(), refund["charge_id"]),
+                    (refunded, status, self._db.clock_ns(), refund["charge_id"]),
                 )
             response = pb.RefundChargeResponse(
                 refund=_refund(self._refund_row(refund_id)),
                 charge=_charge(self._require(refund["charge_id"])),
             )
-            idempotency.complete(conn, "RefundCharge", request_id, response)
+            self._db.complete(tx, "RefundCharge", request_id, response)
             return response
 
     def abandon_refund(self, refund_id: str, request_id: str) -> None:
         """The channel refused the refund: drop the reservation and free the request id."""
-        with transaction(self._conn) as conn:
-            conn.execute(
+        with self._db.transaction() as tx:
+            tx.run(
                 "DELETE FROM charge_refunds WHERE charge_refund_id = ? AND state = 'pending'",
                 (refund_id,),
             )
-            idempotency.release(conn, "RefundCharge", request_id)
+            self._db.release(tx, "RefundCharge", request_id)
 
     # -- voids -------------------------------------------------------------
     def claim_void(self, request: pb.VoidChargeRequest) -> pb.Charge:
         """Claim the VoidCharge request id; the charge to void (NotFound if none)."""
-        with transaction(self._conn) as conn:
+        with self._db.transaction() as tx:
             charge = _charge(self._require(request.charge_id))
-            claim = idempotency.claim(conn, "VoidCharge", request.request_id, request)
-            if claim.replay is not None:
-                raise Aborted(
-                    f"request_id {request.request_id!r} completed concurrently; retry to replay",
-                    reason=Reason.IDEMPOTENCY_KEY_IN_FLIGHT,
-                )
+            if self._db.claim(tx, "VoidCharge", request, pb.VoidChargeResponse) is not None:
+                raise _completed_concurrently(request.request_id)
             return charge
 
     def release_void(self, request_id: str) -> None:
         """Free a VoidCharge request id that did nothing (so a retry runs afresh)."""
-        with transaction(self._conn) as conn:
-            idempotency.release(conn, "VoidCharge", request_id)
+        with self._db.transaction() as tx:
+            self._db.release(tx, "VoidCharge", request_id)
 
     def complete_void(self, request_id: str, charge_id: str) -> pb.Charge:
         """Store the VoidCharge response with the charge as it now is."""
-        with transaction(self._conn) as conn:
+        with self._db.transaction() as tx:
             charge = _charge(self._require(charge_id))
-            idempotency.complete(
-                conn, "VoidCharge", request_id, pb.VoidChargeResponse(charge=charge)
-            )
+            self._db.complete(tx, "VoidCharge", request_id, pb.VoidChargeResponse(charge=charge))
             return charge
 
     # -- reads -------------------------------------------------------------
@@ -493,19 +473,19 @@ class ChargeStore:
 
     def refunds(self, charge_id: str) -> list[pb.ChargeRefund]:
         """The charge's completed refunds, oldest first."""
-        rows = self._conn.execute(
+        rows = self._db.all(
             "SELECT * FROM charge_refunds WHERE charge_id = ? AND state = 'succeeded'"
-            " ORDER BY create_time, charge_refund_id",
+            " ORDER BY create_time_ns, charge_refund_id",
             (charge_id,),
-        ).fetchall()
+        )
         return [_refund(row) for row in rows]
 
     def for_payment(self, payment_id: str) -> list[pb.Charge]:
         """Every charge of a payment, oldest first."""
-        rows = self._conn.execute(
-            "SELECT * FROM charges WHERE payment_id = ? ORDER BY create_time, charge_id",
+        rows = self._db.all(
+            "SELECT * FROM charges WHERE payment_id = ? ORDER BY create_time_ns, charge_id",
             (payment_id,),
-        ).fetchall()
+        )
         return [_charge(row) for row in rows]
 
     def known_references(self, references: list[str]) -> set[str]:
@@ -513,38 +493,33 @@ class ChargeStore:
         if not references:
             return set()
         marks = ", ".join("?" * len(references))
-        rows = self._conn.execute(
+        rows = self._db.all(
             f"SELECT channel_reference FROM charges WHERE channel_reference IN ({marks})",
             references,
-        ).fetchall()
+        )
         return {row[0] for row in rows}
 
     def list(
-        self, *, payment_id: str, after: tuple[float, str] | None, limit: int
+        self, *, payment_id: str, after: tuple[int, str] | None, limit: int
     ) -> list[pb.Charge]:
-        """A payment's charges oldest first, after the ``(create_time, charge_id)`` cursor."""
-        clauses, params = ["payment_id = ?"], [payment_id]
-        sql_params: list[object] = list(params)
-        if after is not None:
-            clauses.append("(create_time, charge_id) > (?, ?)")
-            sql_params.extend(after)
-        rows = self._conn.execute(
-            f"SELECT * FROM charges WHERE {' AND '.join(clauses)}"
-            " ORDER BY create_time, charge_id LIMIT ?",
-            (*sql_params, limit),
-        ).fetchall()
+        """A payment's charges oldest first, after the ``(create_time_ns, charge_id)`` cursor."""
+        rows = self._db.page(
+            "charges",
+            order=("create_time_ns", "charge_id"),
+            cursor=after,
+            limit=limit,
+            where={"payment_id": payment_id},
+            newest_first=False,
+        )
         return [_charge(row) for row in rows]
 
-    def _refund_row(self, refund_id: str) -> sqlite3.Row:
-        row: sqlite3.Row = self._conn.execute(
-            "SELECT * FROM charge_refunds WHERE charge_refund_id = ?", (refund_id,)
-        ).fetchone()
+    def _refund_row(self, refund_id: str) -> Row:
+        row = self._db.one("SELECT * FROM charge_refunds WHERE charge_refund_id = ?", (refund_id,))
+        assert row is not None  # callers pass the id of a refund they read or wrote
         return row
 
-    def _require(self, charge_id: str) -> sqlite3.Row:
-        row: sqlite3.Row | None = self._conn.execute(
-            "SELECT * FROM charges WHERE charge_id = ?", (charge_id,)
-        ).fetchone()
+    def _require(self, charge_id: str) -> Row:
+        row = self._db.one("SELECT * FROM charges WHERE charge_id = ?", (charge_id,))
         if row is None:
             raise NotFound(
                 f"charge {charge_id!r} does not exist", metadata={"charge_id": charge_id}

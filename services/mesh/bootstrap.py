@@ -85,7 +85,7 @@ from services.mesh.tracing import (
     records_spans,
     service_tracer_provider,
 )
-from services.storage import idempotency
+from services.storage import idempotency, sql
 
 log = logging.getLogger("paymesh.bootstrap")
 
@@ -159,10 +159,11 @@ class ServiceContext:
         url = self.environ.get(var)
         if url is None:
             path = self.var_dir / f"{self.name}.db"
-        elif url.startswith("sqlite:///"):
-            path = Path(url.removeprefix("sqlite:///"))
         else:
-            raise StartupError(f"{var}={url!r}: only sqlite:///path URLs are supported")
+            try:
+                path = sql.path_of_url(url)
+            except sql.UnsupportedDatabaseUrl as exc:
+                raise StartupError(f"{var}={exc}") from None
         path.parent.mkdir(parents=True, exist_ok=True)
         self.database = path
         return path

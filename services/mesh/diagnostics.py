@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import enum
 import logging
-import sqlite3
 import time
 import urllib.error
 import urllib.request
@@ -30,6 +29,7 @@ from interceptors.errors import CallError, NotFoundError, wrap_errors
 from paymesh.mesh.v1 import mesh_pb2, mesh_pb2_grpc
 from services.mesh.recent import RecentCalls
 from services.mesh.topology import ServiceSpec, Topology
+from services.storage import sql
 
 log = logging.getLogger("paymesh.diagnostics")
 
@@ -65,23 +65,13 @@ class Health(enum.IntEnum):
     UNREACHABLE = mesh_pb2.DEPENDENCY_HEALTH_UNREACHABLE
 
 
-def _select_one(path: Path, timeout_s: float) -> None:
-    # mode=rw: a missing file is a failure, not a new empty database.
-    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True, timeout=timeout_s)
-    try:
-        # Reading the schema touches the file, so a corrupt one fails here too.
-        conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
-    finally:
-        conn.close()
-
-
 async def check_database(path: Path, *, timeout_s: float = PROBE_TIMEOUT_S) -> tuple[Health, str]:
     """``SELECT 1`` on the SQLite file at ``path``: its health and the error, if any."""
     try:
-        await asyncio.wait_for(asyncio.to_thread(_select_one, path, timeout_s), timeout_s)
+        await asyncio.wait_for(asyncio.to_thread(sql.probe, path, timeout_s), timeout_s)
     except TimeoutError:
         return Health.UNREACHABLE, f"no answer from {path} within {timeout_s:.1f}s"
-    except sqlite3.Error as exc:
+    except sql.DatabaseError as exc:
         return Health.NOT_SERVING, f"{type(exc).__name__}: {exc}"
     return Health.SERVING, ""
 

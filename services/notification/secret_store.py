@@ -10,7 +10,6 @@ the response kept for AIP-155 replays has none.
 from __future__ import annotations
 
 import os
-import sqlite3
 import time
 import uuid
 from collections.abc import Callable
@@ -18,12 +17,11 @@ from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from paymesh.notification.v1 import notification_pb2 as pb
 from services.notification import signing
 from services.storage import idempotency
-from services.storage.database import open_database, transaction
+from services.storage.sql import Database, Row, Statements, seconds_to_ns, timestamp
 
 SCHEMA = (
     """
@@ -31,18 +29,14 @@ CREATE TABLE IF NOT EXISTS webhook_secrets (
     secret_id TEXT PRIMARY KEY,
     merchant_id TEXT NOT NULL,
     sealed BLOB NOT NULL,
-    create_time REAL NOT NULL,
-    retire_time REAL
+    create_time_ns INTEGER NOT NULL,
+    retire_time_ns INTEGER
 );
 CREATE UNIQUE INDEX IF NOT EXISTS webhook_secrets_current
-    ON webhook_secrets (merchant_id) WHERE retire_time IS NULL;
+    ON webhook_secrets (merchant_id) WHERE retire_time_ns IS NULL;
 """
     + idempotency.SCHEMA
 )
-_INSERT = (
-    "INSERT INTO webhook_secrets (secret_id, merchant_id, sealed, create_time) VALUES (?, ?, ?, ?)"
-)
-_INSERT_UNLESS_EXISTS = _INSERT + " ON CONFLICT DO NOTHING"
 _SEALED_VERSION = b"\x01"
 
 
@@ -77,12 +71,6 @@ class SecretSealer:
         )
 
 
-def _timestamp(seconds: float) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
-    return stamp
-
-
 def _context(merchant_id: str, secret_id: str) -> str:
     return f"{merchant_id}/{secret_id}"
 
@@ -98,36 +86,35 @@ class WebhookSecretStore:
         clock: Callable[[], float] = time.time,
         new_secret: Callable[[], str] = signing.new_secret,
     ) -> None:
-        self._conn = open_database(path, SCHEMA)
+        self._db = Database(path, SCHEMA, clock_ns=lambda: seconds_to_ns(clock()))
         self._sealer = sealer
-        self._clock = clock
         self._new_secret = new_secret
 
     def close(self) -> None:
         """Close the database."""
-        self._conn.close()
+        self._db.close()
 
     def signing_secrets(self, merchant_id: str) -> list[str]:
         """The secrets to sign with, current first; a merchant without one gets it now."""
-        now = self._clock()
+        now = self._db.clock_ns()
         rows = self._signing_rows(merchant_id, now)
         if not rows:
-            with transaction(self._conn) as conn:
+            with self._db.transaction() as tx:
                 # A concurrent first use may have made one: the unique index keeps that one.
-                self._insert_current(conn, merchant_id, now, unless_exists=True)
+                self._insert_current(tx, merchant_id, now, unless_exists=True)
             rows = self._signing_rows(merchant_id, now)
         return [
             self._sealer.unseal(row["sealed"], _context(merchant_id, row["secret_id"]))
             for row in rows
         ]
 
-    def _signing_rows(self, merchant_id: str, now: float) -> list[sqlite3.Row]:
-        return self._conn.execute(
+    def _signing_rows(self, merchant_id: str, now: int) -> list[Row]:
+        return self._db.all(
             "SELECT secret_id, sealed FROM webhook_secrets WHERE merchant_id = ?"
-            " AND (retire_time IS NULL OR retire_time > ?)"
-            " ORDER BY retire_time IS NOT NULL, create_time DESC",
+            " AND (retire_time_ns IS NULL OR retire_time_ns > ?)"
+            " ORDER BY retire_time_ns IS NOT NULL, create_time_ns DESC",
             (merchant_id, now),
-        ).fetchall()
+        )
 
     def rotate(
         self, request: pb.RotateWebhookSecretRequest, *, overlap_s: float
@@ -140,44 +127,64 @@ class WebhookSecretStore:
         Raises:
             InvalidArgument: the request id was used with a different body.
         """
-        now = self._clock()
         key = f"{request.merchant_id}/{request.request_id}"
-        with transaction(self._conn) as conn:
-            claim = idempotency.claim(conn, "RotateWebhookSecret", key, request)
-            replay = idempotency.replayed(pb.RotateWebhookSecretResponse, claim)
-            if replay is not None:
-                return replay
-            conn.execute(
-                "DELETE FROM webhook_secrets WHERE merchant_id = ? AND retire_time IS NOT NULL",
+
+        def run(tx: Statements) -> pb.RotateWebhookSecretResponse:
+            now = self._db.clock_ns()
+            retire = now + seconds_to_ns(overlap_s)
+            tx.run(
+                "DELETE FROM webhook_secrets WHERE merchant_id = ? AND retire_time_ns IS NOT NULL",
                 (request.merchant_id,),
             )
-            previous = conn.execute(
-                "UPDATE webhook_secrets SET retire_time = ? WHERE merchant_id = ?"
-                " AND retire_time IS NULL",
-                (now + overlap_s, request.merchant_id),
-            ).rowcount
-            secret_id, secret = self._insert_current(conn, request.merchant_id, now)
+            previous = tx.run(
+                "UPDATE webhook_secrets SET retire_time_ns = ? WHERE merchant_id = ?"
+                " AND retire_time_ns IS NULL",
+                (retire, request.merchant_id),
+            )
+            secret_id, secret = self._insert_current(tx, request.merchant_id, now)
             response = pb.RotateWebhookSecretResponse(
+                secret=secret,
                 webhook_secret=pb.WebhookSecret(
                     secret_id=secret_id,
                     merchant_id=request.merchant_id,
-                    create_time=_timestamp(now),
-                )
+                    create_time=timestamp(now),
+                ),
             )
             if previous:
-                response.previous_secret_expire_time.CopyFrom(_timestamp(now + overlap_s))
-            idempotency.complete(conn, "RotateWebhookSecret", key, response)
-        response.secret = secret
-        return response
+                response.previous_secret_expire_time.CopyFrom(timestamp(retire))
+            return response
+
+        def without_secret(
+            rotated: pb.RotateWebhookSecretResponse,
+        ) -> pb.RotateWebhookSecretResponse:
+            kept = pb.RotateWebhookSecretResponse()
+            kept.CopyFrom(rotated)
+            kept.ClearField("secret")
+            return kept
+
+        return self._db.idempotent(
+            "RotateWebhookSecret",
+            request,
+            pb.RotateWebhookSecretResponse,
+            run,
+            request_id=key,
+            recorded=without_secret,
+        )
 
     def _insert_current(
-        self, conn: sqlite3.Connection, merchant_id: str, now: float, *, unless_exists: bool = False
+        self, tx: Statements, merchant_id: str, now: int, *, unless_exists: bool = False
     ) -> tuple[str, str]:
         secret_id = f"whs_{uuid.uuid4().hex[:24]}"
         secret = self._new_secret()
         sealed = self._sealer.seal(secret, _context(merchant_id, secret_id))
-        conn.execute(
-            _INSERT_UNLESS_EXISTS if unless_exists else _INSERT,
-            (secret_id, merchant_id, sealed, now),
+        tx.insert(
+            "webhook_secrets",
+            {
+                "secret_id": secret_id,
+                "merchant_id": merchant_id,
+                "sealed": sealed,
+                "create_time_ns": now,
+            },
+            unless_exists=unless_exists,
         )
         return secret_id, secret

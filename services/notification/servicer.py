@@ -116,7 +116,7 @@ class NotificationServicer(pb_grpc.NotificationServiceServicer):
             raise v.invalid("delivery_status", f"{request.delivery_status} is not a DeliveryStatus")
         size = v.page_size(request.page_size)
         filters = {"merchant_id": request.merchant_id, "status": request.delivery_status}
-        before = v.page_position(request.page_token, filters, v.SECONDS_AND_ID)
+        before = v.page_position(request.page_token, filters, v.NANOS_AND_ID)
         found, next_token = v.page_of(
             self._store.list(
                 merchant_id=request.merchant_id,
@@ -126,7 +126,7 @@ class NotificationServicer(pb_grpc.NotificationServiceServicer):
             ),
             size,
             filters,
-            lambda last: {"t": last.create_time.ToNanoseconds() / 1e9, "id": last.notification_id},
+            lambda last: {"t": last.create_time.ToNanoseconds(), "id": last.notification_id},
         )
         return pb.ListNotificationsResponse(notifications=found, next_page_token=next_token)
 

@@ -4,25 +4,30 @@ The request id is claimed with the row's insert, so one request id is one notifi
 ever; its id, derived from the request id, is the webhook's Idempotency-Key, so a re-attempt
 after a lost answer is not a second event at the receiver. Each attempt updates the row: its
 outcome, and for a failure the next attempt time the delivery loop waits for (a row of an
-older version gains the new columns at start, and its PENDING rows become due).
+older version is upgraded at open, and its PENDING rows become due). Times are stored in
+nanoseconds; this module's callers schedule in seconds.
 """
 
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from interceptors.errors import Reason
 from paymesh.notification.v1 import notification_pb2 as pb
 from services.mesh.errors import FailedPrecondition, NotFound
 from services.storage import idempotency
-from services.storage.database import open_database, transaction
+from services.storage.sql import (
+    Database,
+    Row,
+    Statements,
+    ns_to_seconds,
+    seconds_to_ns,
+    timestamp,
+)
 
 SEND_METHOD = "SendNotification"
 REDELIVER_METHOD = "RedeliverNotification"
@@ -40,26 +45,23 @@ CREATE TABLE IF NOT EXISTS notifications (
     attempt_count INTEGER NOT NULL DEFAULT 0 CHECK (attempt_count >= 0),
     last_response_code INTEGER NOT NULL DEFAULT 0,
     last_error TEXT NOT NULL DEFAULT '',
-    last_attempt_time REAL,
-    create_time REAL NOT NULL
+    last_attempt_time_ns INTEGER,
+    create_time_ns INTEGER NOT NULL,
+    next_attempt_time_ns INTEGER,
+    dead_letter_time_ns INTEGER,
+    round_start_time_ns INTEGER,
+    round_failures INTEGER NOT NULL DEFAULT 0,
+    url_from_merchant INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS notifications_by_merchant
-    ON notifications (merchant_id, create_time, notification_id);
+    ON notifications (merchant_id, create_time_ns, notification_id);
+"""
+    + f"""
+CREATE INDEX IF NOT EXISTS notifications_due ON notifications (next_attempt_time_ns)
+    WHERE delivery_status = {pb.DELIVERY_STATUS_PENDING};
 """
     + idempotency.SCHEMA
 )
-#: Columns added after the first version, with their definitions (added to an older table).
-_ADDED_COLUMNS = {
-    "next_attempt_time": "REAL",
-    "dead_letter_time": "REAL",
-    "round_start_time": "REAL",
-    "round_failures": "INTEGER NOT NULL DEFAULT 0",
-    "url_from_merchant": "INTEGER NOT NULL DEFAULT 0",
-}
-_DUE_INDEX = f"""
-CREATE INDEX IF NOT EXISTS notifications_due ON notifications (next_attempt_time)
-    WHERE delivery_status = {pb.DELIVERY_STATUS_PENDING};
-"""
 #: Statuses RedeliverNotification refuses: there is nothing left to deliver.
 _NOT_REDELIVERABLE = (pb.DELIVERY_STATUS_DELIVERED,)
 
@@ -69,13 +71,7 @@ def notification_id_for(request_id: str) -> str:
     return "ntf_" + hashlib.sha256(request_id.encode()).hexdigest()[:24]
 
 
-def _timestamp(seconds: float) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
-    return stamp
-
-
-def _notification(row: sqlite3.Row) -> pb.Notification:
+def _notification(row: Row) -> pb.Notification:
     notification = pb.Notification(
         notification_id=row["notification_id"],
         request_id=row["request_id"],
@@ -87,11 +83,11 @@ def _notification(row: sqlite3.Row) -> pb.Notification:
         attempt_count=row["attempt_count"],
         last_response_code=row["last_response_code"],
         last_error=row["last_error"],
-        create_time=_timestamp(row["create_time"]),
+        create_time=timestamp(row["create_time_ns"]),
     )
-    for column in ("last_attempt_time", "next_attempt_time", "dead_letter_time"):
-        if row[column] is not None:
-            getattr(notification, column).CopyFrom(_timestamp(row[column]))
+    for field in ("last_attempt_time", "next_attempt_time", "dead_letter_time"):
+        if row[f"{field}_ns"] is not None:
+            getattr(notification, field).CopyFrom(timestamp(row[f"{field}_ns"]))
     return notification
 
 
@@ -109,11 +105,11 @@ class Delivery:
     """Failed attempts in the current round."""
 
 
-def _delivery(row: sqlite3.Row) -> Delivery:
+def _delivery(row: Row) -> Delivery:
     return Delivery(
         notification=_notification(row),
         url_from_merchant=bool(row["url_from_merchant"]),
-        round_start_time=row["round_start_time"] or row["create_time"],
+        round_start_time=ns_to_seconds(row["round_start_time_ns"] or row["create_time_ns"]),
         round_failures=row["round_failures"],
     )
 
@@ -137,33 +133,25 @@ class Attempt:
 
 
 class NotificationStore:
-    """Notifications in SQLite; one per request id."""
+    """Notifications, one per request id.
+
+    Args:
+        clock: seconds since the epoch (the delivery loop's clock; tests pass their own).
+    """
 
     def __init__(self, path: Path | str, *, clock: Callable[[], float] = time.time) -> None:
-        self._conn = open_database(path, SCHEMA)
-        self._clock = clock
-        self._upgrade()
-
-    def _upgrade(self) -> None:
-        """Add the columns an older version's table lacks; its PENDING rows become due now."""
-        have = {info["name"] for info in self._conn.execute("PRAGMA table_info(notifications)")}
-        missing = [name for name in _ADDED_COLUMNS if name not in have]
-        if missing:
-            with transaction(self._conn) as conn:
-                for name in missing:
-                    conn.execute(
-                        f"ALTER TABLE notifications ADD COLUMN {name} {_ADDED_COLUMNS[name]}"
-                    )
-                conn.execute(
-                    "UPDATE notifications SET next_attempt_time = ?"
-                    " WHERE delivery_status = ? AND next_attempt_time IS NULL",
-                    (self._clock(), pb.DELIVERY_STATUS_PENDING),
-                )
-        self._conn.executescript(_DUE_INDEX)
+        self._db = Database(path, SCHEMA, clock_ns=lambda: seconds_to_ns(clock()))
+        with self._db.transaction() as tx:
+            # Rows of a version before the schedule have no next attempt: due now.
+            tx.run(
+                "UPDATE notifications SET next_attempt_time_ns = ?"
+                " WHERE delivery_status = ? AND next_attempt_time_ns IS NULL",
+                (self._db.clock_ns(), pb.DELIVERY_STATUS_PENDING),
+            )
 
     def close(self) -> None:
         """Close the database."""
-        self._conn.close()
+        self._db.close()
 
     def record(self, request: pb.SendNotificationRequest) -> tuple[pb.Notification, bool]:
         """The notification of this request id, and whether it was inserted now.
@@ -174,43 +162,40 @@ class NotificationStore:
         Raises:
             InvalidArgument: the request id was used with a different body.
         """
-        with transaction(self._conn) as conn:
-            claim = idempotency.claim(conn, SEND_METHOD, request.request_id, request)
-            if claim.replay is not None:
-                # The stored response is the first state; the row has the latest.
-                row = conn.execute(
-                    "SELECT * FROM notifications WHERE request_id = ?", (request.request_id,)
-                ).fetchone()
-                return _notification(row), False
-            idempotency.refuse_if_kept(conn, "notifications", "request_id", request.request_id)
+        inserted = False
+
+        def run(tx: Statements) -> pb.SendNotificationResponse:
+            nonlocal inserted
             notification_id = notification_id_for(request.request_id)
-            now = self._clock()
-            conn.execute(
-                "INSERT INTO notifications (notification_id, request_id, merchant_id, event_type,"
-                " payload_json, webhook_url, delivery_status, create_time, next_attempt_time,"
-                " round_start_time, url_from_merchant) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    notification_id,
-                    request.request_id,
-                    request.merchant_id,
-                    request.event_type,
-                    request.payload_json,
-                    request.webhook_url,
-                    pb.DELIVERY_STATUS_PENDING,
-                    now,
-                    now,
-                    now,
-                    int(not request.webhook_url),
-                ),
+            now = self._db.clock_ns()
+            tx.insert(
+                "notifications",
+                {
+                    "notification_id": notification_id,
+                    "request_id": request.request_id,
+                    "merchant_id": request.merchant_id,
+                    "event_type": request.event_type,
+                    "payload_json": request.payload_json,
+                    "webhook_url": request.webhook_url,
+                    "delivery_status": pb.DELIVERY_STATUS_PENDING,
+                    "create_time_ns": now,
+                    "next_attempt_time_ns": now,
+                    "round_start_time_ns": now,
+                    "url_from_merchant": int(not request.webhook_url),
+                },
             )
-            notification = self.get(notification_id)
-            idempotency.complete(
-                conn,
-                SEND_METHOD,
-                request.request_id,
-                pb.SendNotificationResponse(notification=notification),
-            )
-            return notification, True
+            inserted = True
+            return pb.SendNotificationResponse(notification=self.get(notification_id))
+
+        first = self._db.idempotent(
+            SEND_METHOD,
+            request,
+            pb.SendNotificationResponse,
+            run,
+            kept_in=("notifications", "request_id"),
+        ).notification
+        # A replay's stored response is the first state; the row has the latest.
+        return (first, True) if inserted else (self.get(first.notification_id), False)
 
     def delivery(self, notification_id: str) -> Delivery:
         """The notification with its schedule state; NotFound if there is none."""
@@ -219,34 +204,35 @@ class NotificationStore:
     def due(self, now: float, *, limit: int) -> list[Delivery]:
         """PENDING notifications whose next attempt is at or before ``now``, the most overdue
         first."""
-        rows = self._conn.execute(
-            "SELECT * FROM notifications WHERE delivery_status = ? AND next_attempt_time <= ?"
-            " ORDER BY next_attempt_time, notification_id LIMIT ?",
-            (pb.DELIVERY_STATUS_PENDING, now, limit),
-        ).fetchall()
+        rows = self._db.all(
+            "SELECT * FROM notifications WHERE delivery_status = ? AND next_attempt_time_ns <= ?"
+            " ORDER BY next_attempt_time_ns, notification_id LIMIT ?",
+            (pb.DELIVERY_STATUS_PENDING, seconds_to_ns(now), limit),
+        )
         return [_delivery(row) for row in rows]
 
     def record_attempt(self, notification_id: str, attempt: Attempt) -> pb.Notification:
         """Record one attempt's outcome; a DELIVERED notification stays DELIVERED."""
-        now = self._clock()
+        now = self._db.clock_ns()
         failed = attempt.status in (pb.DELIVERY_STATUS_PENDING, pb.DELIVERY_STATUS_DEAD_LETTERED)
-        with transaction(self._conn) as conn:
+        with self._db.transaction() as tx:
             row = self._require(notification_id)
             if row["delivery_status"] == pb.DELIVERY_STATUS_DELIVERED:
                 return _notification(row)
-            conn.execute(
+            tx.run(
                 "UPDATE notifications SET attempt_count = attempt_count + ?,"
                 " round_failures = round_failures + ?, delivery_status = ?,"
-                " next_attempt_time = ?, dead_letter_time = ?, last_response_code = ?,"
-                " last_error = ?, last_attempt_time = COALESCE(?, last_attempt_time),"
+                " next_attempt_time_ns = ?, dead_letter_time_ns = ?, last_response_code = ?,"
+                " last_error = ?, last_attempt_time_ns = COALESCE(?, last_attempt_time_ns),"
                 " webhook_url = COALESCE(NULLIF(?, ''), webhook_url)"
                 " WHERE notification_id = ?",
                 (
                     int(attempt.counted),
                     int(failed),
                     attempt.status,
-                    attempt.next_attempt_time
+                    seconds_to_ns(attempt.next_attempt_time)
                     if attempt.status == pb.DELIVERY_STATUS_PENDING
+                    and attempt.next_attempt_time is not None
                     else None,
                     now if attempt.status == pb.DELIVERY_STATUS_DEAD_LETTERED else None,
                     attempt.response_code,
@@ -267,11 +253,8 @@ class NotificationStore:
                 stays free.
             InvalidArgument: the request id was used with a different body.
         """
-        with transaction(self._conn) as conn:
-            claim = idempotency.claim(conn, REDELIVER_METHOD, request.request_id, request)
-            replay = idempotency.replayed(pb.RedeliverNotificationResponse, claim)
-            if replay is not None:
-                return replay.notification
+
+        def run(tx: Statements) -> pb.RedeliverNotificationResponse:
             row = self._require(request.notification_id)
             if row["delivery_status"] in _NOT_REDELIVERABLE:
                 raise FailedPrecondition(
@@ -282,30 +265,28 @@ class NotificationStore:
                         "delivery_status": pb.DeliveryStatus.Name(row["delivery_status"]),
                     },
                 )
-            now = self._clock()
-            conn.execute(
-                "UPDATE notifications SET delivery_status = ?, next_attempt_time = ?,"
-                " round_start_time = ?, round_failures = 0, dead_letter_time = NULL"
+            now = self._db.clock_ns()
+            tx.run(
+                "UPDATE notifications SET delivery_status = ?, next_attempt_time_ns = ?,"
+                " round_start_time_ns = ?, round_failures = 0, dead_letter_time_ns = NULL"
                 " WHERE notification_id = ?",
                 (pb.DELIVERY_STATUS_PENDING, now, now, request.notification_id),
             )
             notification = _notification(self._require(request.notification_id))
-            idempotency.complete(
-                conn,
-                REDELIVER_METHOD,
-                request.request_id,
-                pb.RedeliverNotificationResponse(notification=notification),
-            )
-            return notification
+            return pb.RedeliverNotificationResponse(notification=notification)
+
+        return self._db.idempotent(
+            REDELIVER_METHOD, request, pb.RedeliverNotificationResponse, run
+        ).notification
 
     def get(self, notification_id: str) -> pb.Notification:
         """The notification; NotFound if there is none."""
         return _notification(self._require(notification_id))
 
-    def _require(self, notification_id: str) -> sqlite3.Row:
-        row: sqlite3.Row | None = self._conn.execute(
+    def _require(self, notification_id: str) -> Row:
+        row = self._db.one(
             "SELECT * FROM notifications WHERE notification_id = ?", (notification_id,)
-        ).fetchone()
+        )
         if row is None:
             raise NotFound(
                 f"notification {notification_id!r} does not exist",
@@ -314,20 +295,17 @@ class NotificationStore:
         return row
 
     def list(
-        self, *, merchant_id: str, status: int, before: tuple[float, str] | None, limit: int
+        self, *, merchant_id: str, status: int, before: tuple[int, str] | None, limit: int
     ) -> list[pb.Notification]:
-        """A merchant's notifications newest first, before the ``(create_time, id)`` cursor."""
-        clauses = ["merchant_id = ?"]
-        params: list[object] = [merchant_id]
+        """A merchant's notifications newest first, before the ``(create_time_ns, id)`` cursor."""
+        where: dict[str, object] = {"merchant_id": merchant_id}
         if status:
-            clauses.append("delivery_status = ?")
-            params.append(status)
-        if before is not None:
-            clauses.append("(create_time, notification_id) < (?, ?)")
-            params.extend(before)
-        rows = self._conn.execute(
-            f"SELECT * FROM notifications WHERE {' AND '.join(clauses)}"
-            " ORDER BY create_time DESC, notification_id DESC LIMIT ?",
-            (*params, limit),
-        ).fetchall()
+            where["delivery_status"] = status
+        rows = self._db.page(
+            "notifications",
+            order=("create_time_ns", "notification_id"),
+            cursor=before,
+            limit=limit,
+            where=where,
+        )
         return [_notification(row) for row in rows]

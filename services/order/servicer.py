@@ -41,14 +41,17 @@ class OrderServicer(order_pb2_grpc.OrderServiceServicer):
             raise v.invalid("status", f"{request.status} is not an OrderStatus")
         size = v.page_size(request.page_size)
         filters = {"merchant_id": request.merchant_id, "status": request.status}
-        after = v.page_position(request.page_token, filters, v.SECONDS_AND_ID)
+        before = v.page_position(request.page_token, filters, v.NANOS_AND_ID)
         orders, next_token = v.page_of(
             self._store.list(
-                merchant_id=request.merchant_id, status=request.status, after=after, limit=size + 1
+                merchant_id=request.merchant_id,
+                status=request.status,
+                before=before,
+                limit=size + 1,
             ),
             size,
             filters,
-            lambda last: {"t": last.create_time.ToNanoseconds() / 1e9, "id": last.order_id},
+            lambda last: {"t": last.create_time.ToNanoseconds(), "id": last.order_id},
         )
         return order_pb2.ListOrdersResponse(orders=orders, next_page_token=next_token)
 

@@ -6,19 +6,16 @@ transaction, so two concurrent updates cannot both pass the check on a stale sta
 
 from __future__ import annotations
 
-import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from paymesh.common.v1 import common_pb2
 from paymesh.order.v1 import order_pb2
 from services.mesh.errors import AlreadyExists, NotFound
 from services.order import lifecycle
 from services.storage import idempotency
-from services.storage.database import open_database, transaction
+from services.storage.sql import Database, Row, Statements, seconds_to_ns, timestamp
 
 SCHEMA = (
     """
@@ -32,22 +29,16 @@ CREATE TABLE IF NOT EXISTS orders (
     merchant_order_reference TEXT NOT NULL,
     description TEXT NOT NULL,
     status_reason TEXT NOT NULL DEFAULT '',
-    create_time REAL NOT NULL,
-    update_time REAL NOT NULL
+    create_time_ns INTEGER NOT NULL,
+    update_time_ns INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS orders_by_merchant ON orders (merchant_id, create_time, order_id);
+CREATE INDEX IF NOT EXISTS orders_by_merchant ON orders (merchant_id, create_time_ns, order_id);
 """
     + idempotency.SCHEMA
 )
 
 
-def _timestamp(seconds: float) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
-    return stamp
-
-
-def _order(row: sqlite3.Row) -> order_pb2.Order:
+def _order(row: Row) -> order_pb2.Order:
     return order_pb2.Order(
         order_id=row["order_id"],
         merchant_id=row["merchant_id"],
@@ -59,32 +50,30 @@ def _order(row: sqlite3.Row) -> order_pb2.Order:
         merchant_order_reference=row["merchant_order_reference"],
         description=row["description"],
         status_reason=row["status_reason"],
-        create_time=_timestamp(row["create_time"]),
-        update_time=_timestamp(row["update_time"]),
+        create_time=timestamp(row["create_time_ns"]),
+        update_time=timestamp(row["update_time_ns"]),
     )
 
 
 class OrderStore:
-    """Orders in SQLite; every write is idempotent by its request id and order id."""
+    """Orders on the store base; every write is idempotent by its request id and order id.
 
-    def __init__(self, path: Path | str, *, clock: Any = time.time) -> None:
-        self._conn = open_database(path, SCHEMA)
-        self._clock = clock
+    Args:
+        clock: seconds since the epoch (tests pass their own); stored as nanoseconds.
+    """
+
+    def __init__(self, path: Path | str, *, clock: Callable[[], float] = time.time) -> None:
+        self._db = Database(path, SCHEMA, clock_ns=lambda: seconds_to_ns(clock()))
 
     def close(self) -> None:
         """Close the database."""
-        self._conn.close()
+        self._db.close()
 
     def create(self, request: order_pb2.CreateOrderRequest) -> order_pb2.Order:
         """Insert the order, or return it again for a replay of the same request."""
-        with transaction(self._conn) as conn:
-            claim = idempotency.claim(
-                conn, "CreateOrder", request.request_id, request, now=self._clock()
-            )
-            replay = idempotency.replayed(order_pb2.CreateOrderResponse, claim)
-            if replay is not None:
-                return replay.order
-            existing = self._row(request.order_id)
+
+        def run(tx: Statements) -> order_pb2.CreateOrderResponse:
+            existing = self._row(tx, request.order_id)
             if existing is not None:
                 order = _order(existing)
                 if (order.merchant_id, order.payment_id, order.amount) != (
@@ -96,28 +85,26 @@ class OrderStore:
                         f"order {request.order_id!r} exists with different content",
                         metadata={"order_id": request.order_id},
                     )
-            else:
-                now = self._clock()
-                conn.execute(
-                    "INSERT INTO orders VALUES (?, ?, ?, ?, ?, ?, ?, ?, '', ?, ?)",
-                    (
-                        request.order_id,
-                        request.merchant_id,
-                        request.payment_id,
-                        request.amount.amount_minor,
-                        request.amount.currency_code,
-                        order_pb2.ORDER_STATUS_CREATED,
-                        request.merchant_order_reference,
-                        request.description,
-                        now,
-                        now,
-                    ),
-                )
-                order = _order(self._require(request.order_id))
-            idempotency.complete(
-                conn, "CreateOrder", request.request_id, order_pb2.CreateOrderResponse(order=order)
+                return order_pb2.CreateOrderResponse(order=order)
+            now = self._db.clock_ns()
+            tx.insert(
+                "orders",
+                {
+                    "order_id": request.order_id,
+                    "merchant_id": request.merchant_id,
+                    "payment_id": request.payment_id,
+                    "amount_minor": request.amount.amount_minor,
+                    "currency_code": request.amount.currency_code,
+                    "status": order_pb2.ORDER_STATUS_CREATED,
+                    "merchant_order_reference": request.merchant_order_reference,
+                    "description": request.description,
+                    "create_time_ns": now,
+                    "update_time_ns": now,
+                },
             )
-            return order
+            return order_pb2.CreateOrderResponse(order=_order(self._require(tx, request.order_id)))
+
+        return self._db.idempotent("CreateOrder", request, order_pb2.CreateOrderResponse, run).order
 
     def update_status(self, request: order_pb2.UpdateOrderStatusRequest) -> order_pb2.Order:
         """Set the order's status (idempotent by request id; the same status twice is a no-op).
@@ -127,62 +114,50 @@ class OrderStore:
             FailedPrecondition: INVALID_STATE, the lifecycle does not allow the change; the
                 request id stays free (nothing was written).
         """
-        with transaction(self._conn) as conn:
-            claim = idempotency.claim(
-                conn, "UpdateOrderStatus", request.request_id, request, now=self._clock()
-            )
-            replay = idempotency.replayed(order_pb2.UpdateOrderStatusResponse, claim)
-            if replay is not None:
-                return replay.order
-            current = self._require(request.order_id)["status"]
+
+        def run(tx: Statements) -> order_pb2.UpdateOrderStatusResponse:
+            current = self._require(tx, request.order_id)["status"]
             lifecycle.require_transition(request.order_id, current, request.status)
-            conn.execute(
-                "UPDATE orders SET status=?, status_reason=?, update_time=? WHERE order_id=?",
-                (request.status, request.reason, self._clock(), request.order_id),
+            tx.update(
+                "orders",
+                {
+                    "status": request.status,
+                    "status_reason": request.reason,
+                    "update_time_ns": self._db.clock_ns(),
+                },
+                order_id=request.order_id,
             )
-            order = _order(self._require(request.order_id))
-            idempotency.complete(
-                conn,
-                "UpdateOrderStatus",
-                request.request_id,
-                order_pb2.UpdateOrderStatusResponse(order=order),
-            )
-            return order
+            order = _order(self._require(tx, request.order_id))
+            return order_pb2.UpdateOrderStatusResponse(order=order)
+
+        return self._db.idempotent(
+            "UpdateOrderStatus", request, order_pb2.UpdateOrderStatusResponse, run
+        ).order
 
     def get(self, order_id: str) -> order_pb2.Order:
         """The order; NotFound if there is none."""
-        return _order(self._require(order_id))
+        return _order(self._require(self._db, order_id))
 
     def list(
-        self, *, merchant_id: str, status: int, after: tuple[float, str] | None, limit: int
+        self, *, merchant_id: str, status: int, before: tuple[int, str] | None, limit: int
     ) -> list[order_pb2.Order]:
-        """Orders oldest first, filtered, starting after the ``(create_time, order_id)`` cursor."""
-        clauses: list[str] = ["1=1"]
-        params: list[object] = []
+        """Orders newest first, filtered, past the ``(create_time_ns, order_id)`` cursor."""
+        where: dict[str, object] = {}
         if merchant_id:
-            clauses.append("merchant_id = ?")
-            params.append(merchant_id)
+            where["merchant_id"] = merchant_id
         if status:
-            clauses.append("status = ?")
-            params.append(status)
-        if after is not None:
-            clauses.append("(create_time, order_id) > (?, ?)")
-            params.extend(after)
-        rows = self._conn.execute(
-            f"SELECT * FROM orders WHERE {' AND '.join(clauses)}"
-            " ORDER BY create_time, order_id LIMIT ?",
-            (*params, limit),
-        ).fetchall()
+            where["status"] = status
+        rows = self._db.page(
+            "orders", order=("create_time_ns", "order_id"), cursor=before, limit=limit, where=where
+        )
         return [_order(row) for row in rows]
 
-    def _row(self, order_id: str) -> sqlite3.Row | None:
-        row: sqlite3.Row | None = self._conn.execute(
-            "SELECT * FROM orders WHERE order_id = ?", (order_id,)
-        ).fetchone()
-        return row
+    @staticmethod
+    def _row(db: Statements, order_id: str) -> Row | None:
+        return db.one("SELECT * FROM orders WHERE order_id = ?", (order_id,))
 
-    def _require(self, order_id: str) -> sqlite3.Row:
-        row = self._row(order_id)
+    def _require(self, db: Statements, order_id: str) -> Row:
+        row = self._row(db, order_id)
         if row is None:
             raise NotFound(f"order {order_id!r} does not exist", metadata={"order_id": order_id})
         return row

@@ -73,6 +73,7 @@ async def build(context: ServiceContext) -> list[object]:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await flow.close()
         store.close()
 
     context.on_stop.append(stop)

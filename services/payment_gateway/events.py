@@ -13,7 +13,6 @@ import json
 from typing import TYPE_CHECKING
 
 from google.protobuf.descriptor import FileDescriptor
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from paymesh.analytics.v1 import analytics_pb2
 from paymesh.common.v1 import common_pb2
@@ -22,6 +21,7 @@ from paymesh.order.v1 import order_pb2
 from paymesh.payment_gateway.v1 import payment_gateway_pb2 as pg
 from services.mesh.topology import Target
 from services.payment_gateway.outbox import OutboxMessage
+from services.storage.sql import timestamp
 
 if TYPE_CHECKING:  # the store imports this module to write the events of its transactions
     from services.payment_gateway.store import PaymentRecord, RefundRecord
@@ -53,12 +53,6 @@ ORDER_ABANDONED = "order.abandoned"
 def event_id(flow_id: str, event: str) -> str:
     """The stable id of ``event`` of a payment or refund (at most 64 characters)."""
     return f"evt_{flow_id}_{event}"
-
-
-def _stamp(seconds: float) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
-    return stamp
 
 
 def _webhook(
@@ -135,7 +129,7 @@ def payment_events(p: PaymentRecord) -> list[OutboxMessage]:
                 event_type=analytics_type,
                 payment_id=p.payment_id,
                 amount=amount,
-                occur_time=_stamp(p.finish_time),
+                occur_time=timestamp(p.finish_time_ns),
             ),
         ),
     ]
@@ -183,7 +177,7 @@ def refund_events(r: RefundRecord, payment: PaymentRecord) -> list[OutboxMessage
                     amount=common_pb2.Money(
                         amount_minor=r.amount_minor, currency_code=r.currency_code
                     ),
-                    occur_time=_stamp(r.finish_time),
+                    occur_time=timestamp(r.finish_time_ns),
                 ),
             )
         )

@@ -16,6 +16,7 @@ the charge cutoff, when it could not be charged anyway).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -56,6 +57,8 @@ from services.payment_gateway.store import (
     payment_message,
     refund_message,
 )
+from services.storage.resumable import StepRunner
+from services.storage.sql import ns_to_seconds
 
 __all__ = ["Downstreams", "PaymentFlow", "PaymentNotStarted", "PaymentPending", "order_id_of"]
 
@@ -172,7 +175,9 @@ class Downstreams:
 
 
 class PaymentFlow:
-    """Runs payments and refunds step by step; at most one driver per payment at a time."""
+    """Runs payments and refunds step by step on the shared step runner: one task per
+    payment or refund, shielded from the caller, so a client hanging up cannot stop a step
+    midway and nothing runs the same steps twice."""
 
     def __init__(
         self,
@@ -203,6 +208,12 @@ class PaymentFlow:
         self._watch = watch
         self._hold_file = hold_file
         self._driving: set[str] = set()
+        self._payments: StepRunner[PaymentRecord] = StepRunner(
+            load=store.payment, done=lambda p: p.step == Step.FINISHED, step_of=_step_of
+        )
+        self._refunds: StepRunner[RefundRecord] = StepRunner(
+            load=store.refund, done=lambda r: r.step == RefundStep.FINISHED, step_of=_step_of
+        )
 
     @property
     def downstreams(self) -> Downstreams:
@@ -211,7 +222,16 @@ class PaymentFlow:
 
     def is_driving(self, flow_id: str) -> bool:
         """Whether some task is running the flow of this payment or refund right now."""
-        return flow_id in self._driving
+        return (
+            flow_id in self._driving
+            or self._payments.running(flow_id)
+            or self._refunds.running(flow_id)
+        )
+
+    async def close(self) -> None:
+        """Stop the flows in flight; each stays at its last committed step for recovery."""
+        await self._payments.close()
+        await self._refunds.close()
 
     @contextmanager
     def driving(self, flow_id: str) -> Iterator[None]:
@@ -238,11 +258,14 @@ class PaymentFlow:
                 the payment is gone and its request id free.
             PaymentPending: a step's outcome is unknown; the payment stays PENDING.
         """
+        if stop_after is None:
+            step = functools.partial(self._step, recovering=recovering)
+            return payment_message(await self._payments.run(payment_id, step))
+        # The crash tests' hook: in the caller's task, stopping once that step is committed.
         payment = self._store.payment(payment_id)
         while payment.step != Step.FINISHED:
             if payment.step == stop_after:
                 return None
-            await self._hold_if_named(payment)
             payment = await self._step(payment, recovering=recovering)
         return payment_message(payment)
 
@@ -255,6 +278,7 @@ class PaymentFlow:
             await asyncio.Event().wait()
 
     async def _step(self, p: PaymentRecord, *, recovering: bool) -> PaymentRecord:
+        await self._hold_if_named(p)
         match p.step:
             case Step.CREATED:
                 return await self._assess(p, recovering=recovering)
@@ -291,7 +315,7 @@ class PaymentFlow:
         could never be charged anyway, and is abandoned too.
         """
         cause = error.details() or error.code().name
-        if recovering and self._clock() - p.create_time <= self._charge_cutoff_s:
+        if recovering and self._clock() - ns_to_seconds(p.create_time_ns) <= self._charge_cutoff_s:
             return PaymentPending(p.payment_id, p.step, cause)
         reason = reason_of(error)
         if reason not in (CIRCUIT_OPEN_REASON, CONCURRENCY_LIMITED_REASON):
@@ -388,7 +412,10 @@ class PaymentFlow:
 
     async def _charge(self, p: PaymentRecord, *, recovering: bool) -> PaymentRecord:
         try:
-            if recovering and self._clock() - p.create_time > self._charge_cutoff_s:
+            if (
+                recovering
+                and self._clock() - ns_to_seconds(p.create_time_ns) > self._charge_cutoff_s
+            ):
                 # Too late to charge a customer who never got an answer: use only a charge
                 # that already exists, otherwise end the payment without charging.
                 charge = await self._existing_charge(p)
@@ -521,9 +548,7 @@ class PaymentFlow:
         Raises:
             PaymentPending: a step's outcome is unknown; the refund stays PENDING.
         """
-        refund = self._store.refund(refund_id)
-        while refund.step != RefundStep.FINISHED:
-            refund = await self._refund_step(refund)
+        refund = await self._refunds.run(refund_id, self._refund_step)
         payment = self._store.payment(refund.payment_id)
         return pg.RefundPaymentResponse(
             refund=refund_message(refund), payment=payment_message(payment)
@@ -584,3 +609,7 @@ class PaymentFlow:
             self._on_outbox()
             return self._store.refund(r.refund_id)
         raise ValueError(f"refund {r.refund_id} has unknown step {r.step!r}")
+
+
+def _step_of(record: PaymentRecord | RefundRecord) -> str:
+    return record.step

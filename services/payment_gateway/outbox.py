@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import random
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from interceptors.backoff import backoff_delay_s
 from interceptors.codes import DEFINITE
 from interceptors.errors import AlreadyExistsError, CallError, NotFoundError, UnknownError
 from interceptors.policy import RetryPolicy
+from services.storage.sql import Database, Row, Statements, ns_to_seconds, seconds_to_ns
 
 log = logging.getLogger("paymesh.outbox")
 
@@ -46,16 +46,16 @@ CREATE TABLE IF NOT EXISTS outbox (
     missing_ok INTEGER NOT NULL DEFAULT 0,
     state TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'sent', 'refused')),
     attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt_time REAL NOT NULL,
+    next_attempt_time_ns INTEGER NOT NULL,
     last_error TEXT NOT NULL DEFAULT '',
-    create_time REAL NOT NULL,
-    done_time REAL NOT NULL DEFAULT 0,
+    create_time_ns INTEGER NOT NULL,
+    done_time_ns INTEGER NOT NULL DEFAULT 0,
     UNIQUE (event_id, method)
 );
 CREATE INDEX IF NOT EXISTS outbox_pending
-    ON outbox (target, next_attempt_time, seq) WHERE state = 'pending';
+    ON outbox (target, next_attempt_time_ns, seq) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS outbox_by_flow ON outbox (flow_id);
-CREATE INDEX IF NOT EXISTS outbox_done ON outbox (done_time) WHERE state != 'pending';
+CREATE INDEX IF NOT EXISTS outbox_done ON outbox (done_time_ns) WHERE state != 'pending';
 """
 
 PENDING, SENT, REFUSED = "pending", "sent", "refused"
@@ -85,7 +85,7 @@ class OutboxMessage:
 
 @dataclass(frozen=True, slots=True)
 class OutboxRow:
-    """One row of ``outbox``."""
+    """One row of ``outbox``, its times in seconds (the relay's clock)."""
 
     seq: int
     event_id: str
@@ -102,17 +102,38 @@ class OutboxRow:
     create_time: float
     done_time: float
 
+    @classmethod
+    def of(cls, row: Row) -> OutboxRow:
+        """The row as stored (times in nanoseconds)."""
+        return cls(
+            seq=row["seq"],
+            event_id=row["event_id"],
+            target=row["target"],
+            method=row["method"],
+            flow_id=row["flow_id"],
+            request=row["request"],
+            trace_context=row["trace_context"],
+            missing_ok=row["missing_ok"],
+            state=row["state"],
+            attempts=row["attempts"],
+            next_attempt_time=ns_to_seconds(row["next_attempt_time_ns"]),
+            last_error=row["last_error"],
+            create_time=ns_to_seconds(row["create_time_ns"]),
+            done_time=ns_to_seconds(row["done_time_ns"]),
+        )
+
 
 class Outbox:
-    """The ``outbox`` table of one store's database (its connection, its clock)."""
+    """The ``outbox`` table of one store's database (its connection, its clock in seconds)."""
 
-    def __init__(self, conn: sqlite3.Connection, *, clock: Callable[[], float] = time.time) -> None:
-        self._conn = conn
+    def __init__(self, db: Database, *, clock: Callable[[], float] = time.time) -> None:
+        self._db = db
         self._clock = clock
 
-    def add(
-        self, conn: sqlite3.Connection, flow_id: str, messages: Iterable[OutboxMessage]
-    ) -> None:
+    def _now_ns(self) -> int:
+        return seconds_to_ns(self._clock())
+
+    def add(self, tx: Statements, flow_id: str, messages: Iterable[OutboxMessage]) -> None:
         """Write ``messages`` inside the caller's open transaction; a message already written
         (same event id and method) is kept as it is.
 
@@ -122,43 +143,42 @@ class Outbox:
         carrier: dict[str, str] = {}
         propagate.inject(carrier)
         trace_context = json.dumps(carrier, sort_keys=True)
-        now = self._clock()
-        conn.executemany(
-            "INSERT OR IGNORE INTO outbox (event_id, target, method, flow_id, request,"
-            " trace_context, missing_ok, next_attempt_time, create_time)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        now = self._now_ns()
+        tx.insert_many(
+            "outbox",
             [
-                (
-                    m.event_id,
-                    m.target,
-                    m.method,
-                    flow_id,
-                    m.request.SerializeToString(deterministic=True),
-                    trace_context,
-                    int(m.missing_ok),
-                    now,
-                    now,
-                )
+                {
+                    "event_id": m.event_id,
+                    "target": m.target,
+                    "method": m.method,
+                    "flow_id": flow_id,
+                    "request": m.request.SerializeToString(deterministic=True),
+                    "trace_context": trace_context,
+                    "missing_ok": int(m.missing_ok),
+                    "next_attempt_time_ns": now,
+                    "create_time_ns": now,
+                }
                 for m in messages
             ],
+            unless_exists=True,
         )
 
     def due(self, target: str, *, limit: int) -> list[OutboxRow]:
         """Undelivered rows of ``target`` whose next attempt is due, in the order written."""
-        rows = self._conn.execute(
-            "SELECT * FROM outbox WHERE target = ? AND state = ? AND next_attempt_time <= ?"
+        rows = self._db.all(
+            "SELECT * FROM outbox WHERE target = ? AND state = ? AND next_attempt_time_ns <= ?"
             " ORDER BY seq LIMIT ?",
-            (target, PENDING, self._clock(), limit),
-        ).fetchall()
-        return [OutboxRow(**dict(row)) for row in rows]
+            (target, PENDING, self._now_ns(), limit),
+        )
+        return [OutboxRow.of(row) for row in rows]
 
     def next_attempt_time(self, target: str) -> float | None:
         """When the earliest undelivered row of ``target`` is due, None if there is none."""
-        row = self._conn.execute(
-            "SELECT MIN(next_attempt_time) AS t FROM outbox WHERE target = ? AND state = ?",
+        row = self._db.aggregate(
+            "SELECT MIN(next_attempt_time_ns) AS t FROM outbox WHERE target = ? AND state = ?",
             (target, PENDING),
-        ).fetchone()
-        return None if row["t"] is None else float(row["t"])
+        )
+        return None if row["t"] is None else ns_to_seconds(row["t"])
 
     def delivered(self, seq: int) -> None:
         """The destination took the row's message."""
@@ -170,15 +190,16 @@ class Outbox:
 
     def retry_later(self, seq: int, *, at: float, error: str) -> None:
         """Count a failed attempt and schedule the next one."""
-        self._conn.execute(
-            "UPDATE outbox SET attempts = attempts + 1, next_attempt_time = ?, last_error = ?"
+        self._db.run(
+            "UPDATE outbox SET attempts = attempts + 1, next_attempt_time_ns = ?, last_error = ?"
             " WHERE seq = ?",
-            (at, error[:MAX_ERROR_CHARS], seq),
+            (seconds_to_ns(at), error[:MAX_ERROR_CHARS], seq),
         )
 
     def rows(self, *, flow_id: str | None = None, state: str | None = None) -> list[OutboxRow]:
         """Rows in the order written, optionally of one payment or refund and one state."""
-        clauses, params = [], []
+        clauses: list[str] = []
+        params: list[object] = []
         if flow_id is not None:
             clauses.append("flow_id = ?")
             params.append(flow_id)
@@ -186,50 +207,49 @@ class Outbox:
             clauses.append("state = ?")
             params.append(state)
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-        found = self._conn.execute(f"SELECT * FROM outbox{where} ORDER BY seq", params).fetchall()
-        return [OutboxRow(**dict(row)) for row in found]
+        found = self._db.all(f"SELECT * FROM outbox{where} ORDER BY seq", params)
+        return [OutboxRow.of(row) for row in found]
 
     def summary(self) -> dict[str, Any]:
         """Per destination: rows waiting, the oldest, most attempts, next attempt, last error;
         and how many rows were refused for good (an operator's view of delivery)."""
         targets: dict[str, Any] = {}
-        for row in self._conn.execute(
-            "SELECT target, COUNT(*) AS n, MIN(create_time) AS oldest, MAX(attempts) AS attempts,"
-            " MIN(next_attempt_time) AS next FROM outbox WHERE state = ? GROUP BY target",
+        for row in self._db.all(
+            "SELECT target, COUNT(*) AS n, MIN(create_time_ns) AS oldest,"
+            " MAX(attempts) AS attempts, MIN(next_attempt_time_ns) AS next"
+            " FROM outbox WHERE state = ? GROUP BY target",
             (PENDING,),
         ):
-            last = self._conn.execute(
+            last = self._db.one(
                 "SELECT last_error FROM outbox WHERE target = ? AND state = ? AND last_error != ''"
                 " ORDER BY seq LIMIT 1",
                 (row["target"], PENDING),
-            ).fetchone()
+            )
             targets[row["target"]] = {
                 "pending": row["n"],
-                "oldest_create_time": row["oldest"],
+                "oldest_create_time": ns_to_seconds(row["oldest"]),
                 "max_attempts": row["attempts"],
-                "next_attempt_time": row["next"],
+                "next_attempt_time": ns_to_seconds(row["next"]),
                 "last_error": last["last_error"] if last else "",
             }
-        refused = self._conn.execute(
+        refused = self._db.aggregate(
             "SELECT COUNT(*) AS n FROM outbox WHERE state = ?", (REFUSED,)
-        ).fetchone()["n"]
+        )["n"]
         return {"pending": targets, "refused": refused}
 
     def purge(self, *, before: float, limit: int = 1000) -> int:
         """Delete at most ``limit`` delivered or refused rows finished before ``before``."""
-        return int(
-            self._conn.execute(
-                "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox"
-                " WHERE state != ? AND done_time < ? LIMIT ?)",
-                (PENDING, before, limit),
-            ).rowcount
+        return self._db.run(
+            "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox"
+            " WHERE state != ? AND done_time_ns < ? LIMIT ?)",
+            (PENDING, seconds_to_ns(before), limit),
         )
 
     def _done(self, seq: int, state: str, error: str) -> None:
-        self._conn.execute(
-            "UPDATE outbox SET state = ?, last_error = ?, done_time = ?,"
+        self._db.run(
+            "UPDATE outbox SET state = ?, last_error = ?, done_time_ns = ?,"
             " attempts = attempts + 1 WHERE seq = ?",
-            (state, error[:MAX_ERROR_CHARS], self._clock(), seq),
+            (state, error[:MAX_ERROR_CHARS], self._now_ns(), seq),
         )
 
 

@@ -189,7 +189,7 @@ class PaymentGatewayServicer(payment_gateway_pb2_grpc.PaymentGatewayServiceServi
             raise v.invalid("status", f"{request.status} is not a PaymentStatus")
         size = v.page_size(request.page_size)
         filters = {"merchant_id": merchant_id, "status": int(request.status)}
-        before = v.page_position(request.page_token, filters, v.SECONDS_AND_ID)
+        before = v.page_position(request.page_token, filters, v.NANOS_AND_ID)
         rows, next_token = v.page_of(
             self._store.list_payments(
                 merchant_id=merchant_id,
@@ -199,8 +199,7 @@ class PaymentGatewayServicer(payment_gateway_pb2_grpc.PaymentGatewayServiceServi
             ),
             size,
             filters,
-            # The stored float goes into the token as is, so the cursor is exact.
-            lambda last: {"t": last.create_time, "id": last.payment_id},
+            lambda last: {"t": last.create_time_ns, "id": last.payment_id},
         )
         return pg.ListPaymentsResponse(
             payments=[payment_message(r) for r in rows], next_page_token=next_token

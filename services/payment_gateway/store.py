@@ -10,15 +10,12 @@ idempotency claim with the final response and writing the outbox rows that annou
 from __future__ import annotations
 
 import dataclasses
-import sqlite3
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from interceptors.errors import Reason
 from paymesh.common.v1 import common_pb2
@@ -32,7 +29,7 @@ from services.payment_gateway.ledger import (
     status_after_refunds,
 )
 from services.storage import idempotency
-from services.storage.database import open_database, transaction
+from services.storage.sql import Database, Row, Statements, seconds_to_ns, timestamp
 
 CREATE_METHOD = "CreatePayment"
 REFUND_METHOD = "RefundPayment"
@@ -102,12 +99,12 @@ CREATE TABLE IF NOT EXISTS payments (
     risk_score INTEGER NOT NULL DEFAULT 0,
     decline_reason TEXT NOT NULL DEFAULT '',
     failure_reason TEXT NOT NULL DEFAULT '',
-    create_time REAL NOT NULL,
-    update_time REAL NOT NULL,
-    finish_time REAL NOT NULL DEFAULT 0
+    create_time_ns INTEGER NOT NULL,
+    update_time_ns INTEGER NOT NULL,
+    finish_time_ns INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS payments_by_merchant
-    ON payments (merchant_id, create_time, payment_id);
+    ON payments (merchant_id, create_time_ns, payment_id);
 CREATE INDEX IF NOT EXISTS payments_unfinished ON payments (step) WHERE step != 'finished';
 CREATE TABLE IF NOT EXISTS refunds (
     refund_id TEXT PRIMARY KEY,
@@ -125,11 +122,11 @@ CREATE TABLE IF NOT EXISTS refunds (
     ledger_transaction_id TEXT NOT NULL DEFAULT '',
     failure_reason TEXT NOT NULL DEFAULT '',
     order_status INTEGER NOT NULL DEFAULT 0,
-    create_time REAL NOT NULL,
-    update_time REAL NOT NULL,
-    finish_time REAL NOT NULL DEFAULT 0
+    create_time_ns INTEGER NOT NULL,
+    update_time_ns INTEGER NOT NULL,
+    finish_time_ns INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS refunds_by_payment ON refunds (payment_id, create_time);
+CREATE INDEX IF NOT EXISTS refunds_by_payment ON refunds (payment_id, create_time_ns);
 """
     + idempotency.SCHEMA
     + outbox.SCHEMA
@@ -170,9 +167,9 @@ class PaymentRecord:
     risk_score: int
     decline_reason: str
     failure_reason: str
-    create_time: float
-    update_time: float
-    finish_time: float
+    create_time_ns: int
+    update_time_ns: int
+    finish_time_ns: int
 
     @property
     def amount(self) -> common_pb2.Money:
@@ -199,33 +196,27 @@ class RefundRecord:
     ledger_transaction_id: str
     failure_reason: str
     order_status: int
-    create_time: float
-    update_time: float
-    finish_time: float
+    create_time_ns: int
+    update_time_ns: int
+    finish_time_ns: int
 
 
 _PAYMENT_COLUMNS = frozenset(f.name for f in dataclasses.fields(PaymentRecord))
 _REFUND_COLUMNS = frozenset(f.name for f in dataclasses.fields(RefundRecord))
 
 
-def _payment_record(row: sqlite3.Row) -> PaymentRecord:
+def _payment_record(row: Row) -> PaymentRecord:
     # By name: a database of an older version may have columns this one no longer reads.
     return PaymentRecord(**{name: row[name] for name in _PAYMENT_COLUMNS})
 
 
-def _refund_record(row: sqlite3.Row) -> RefundRecord:
+def _refund_record(row: Row) -> RefundRecord:
     return RefundRecord(**{name: row[name] for name in _REFUND_COLUMNS})
 
 
 _REFUNDABLE = (pg.PAYMENT_STATUS_SUCCEEDED, pg.PAYMENT_STATUS_PARTIALLY_REFUNDED)
 #: Refund statuses that hold part of the captured amount (a pending refund reserves it).
 _HOLDING = (pg.REFUND_STATUS_PENDING, pg.REFUND_STATUS_SUCCEEDED)
-
-
-def _timestamp(seconds: float) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
-    return stamp
 
 
 def _money(amount: int, currency: str) -> common_pb2.Money:
@@ -254,8 +245,8 @@ def payment_message(p: PaymentRecord) -> pg.Payment:
         description=p.description,
         merchant_order_reference=p.merchant_order_reference,
         customer_country_code=p.customer_country_code,
-        create_time=_timestamp(p.create_time),
-        update_time=_timestamp(p.update_time),
+        create_time=timestamp(p.create_time_ns),
+        update_time=timestamp(p.update_time_ns),
     )
 
 
@@ -271,8 +262,8 @@ def refund_message(r: RefundRecord) -> pg.Refund:
         channel_refund_id=r.channel_refund_id,
         ledger_transaction_id=r.ledger_transaction_id,
         failure_reason=r.failure_reason,
-        create_time=_timestamp(r.create_time),
-        update_time=_timestamp(r.update_time),
+        create_time=timestamp(r.create_time_ns),
+        update_time=timestamp(r.update_time_ns),
     )
 
 
@@ -292,7 +283,12 @@ class NewPayment:
 
 
 class PaymentStore:
-    """Payments and refunds in SQLite, each claimed atomically with its request id."""
+    """Payments and refunds, each claimed atomically with its request id.
+
+    Args:
+        clock: seconds since the epoch (the flow's clock; tests pass their own); stored as
+            nanoseconds.
+    """
 
     def __init__(
         self,
@@ -301,16 +297,15 @@ class PaymentStore:
         clock: Callable[[], float] = time.time,
         new_id: Callable[[str], str] | None = None,
     ) -> None:
-        self._conn = open_database(path, SCHEMA)
-        self._clock = clock
+        self._db = Database(path, SCHEMA, clock_ns=lambda: seconds_to_ns(clock()))
         self._new_id = new_id or (lambda prefix: f"{prefix}_{uuid.uuid4().hex[:24]}")
-        self.outbox = outbox.Outbox(self._conn, clock=clock)
+        self.outbox = outbox.Outbox(self._db, clock=clock)
         """The messages the store's transactions wrote, for the relay to send."""
         self._adopt_legacy()
 
     def close(self) -> None:
         """Close the database."""
-        self._conn.close()
+        self._db.close()
 
     # --- payments ---------------------------------------------------------------------------
 
@@ -327,19 +322,24 @@ class PaymentStore:
             Aborted: the first request with this key is still in flight.
             AlreadyExists: the key's record outlived its retention but its payment is kept.
         """
-        with transaction(self._conn) as conn:
-            claim = idempotency.claim(conn, CREATE_METHOD, key, request, now=self._clock())
-            replay = idempotency.replayed(pg.CreatePaymentResponse, claim)
+        with self._db.transaction() as tx:
+            replay = self._db.claim(
+                tx,
+                CREATE_METHOD,
+                request,
+                pg.CreatePaymentResponse,
+                request_id=key,
+                kept_in=("payments", "idempotency_key"),
+            )
             if replay is not None:
                 return replay
-            idempotency.refuse_if_kept(conn, "payments", "idempotency_key", key)
-            now = self._clock()
+            now = self._db.clock_ns()
             payment_id = self._new_id("pay")
-            conn.execute(
+            tx.run(
                 "INSERT INTO payments (payment_id, idempotency_key, merchant_id, status, step,"
                 " amount_minor, currency_code, settlement_currency_code, payment_method_token,"
                 " customer_ip, customer_country_code, description, merchant_order_reference,"
-                " webhook_url, create_time, update_time)"
+                " webhook_url, create_time_ns, update_time_ns)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     payment_id,
@@ -371,28 +371,28 @@ class PaymentStore:
         self, payment_id: str, status: pg.PaymentStatus.ValueType, **fields: Any
     ) -> pg.Payment:
         """Set the terminal status and complete the request id's claim, in one transaction."""
-        with transaction(self._conn) as conn:
-            now = self._clock()
+        with self._db.transaction() as tx:
+            now = self._db.clock_ns()
             self._update(
                 "payments",
                 _PAYMENT_COLUMNS,
                 "payment_id",
                 payment_id,
-                conn=conn,
+                tx=tx,
                 status=status,
                 step=Step.FINISHED,
-                finish_time=now,
+                finish_time_ns=now,
                 **fields,
             )
             record = self._payment(payment_id)
             payment = payment_message(record)
-            idempotency.complete(
-                conn,
+            self._db.complete(
+                tx,
                 CREATE_METHOD,
                 record.idempotency_key,
                 pg.CreatePaymentResponse(payment=payment),
             )
-            self.outbox.add(conn, payment_id, payment_events(record))
+            self.outbox.add(tx, payment_id, payment_events(record))
             return payment
 
     def abandon(self, payment_id: str, *, reason: str) -> None:
@@ -405,7 +405,7 @@ class PaymentStore:
         Raises:
             FailedPrecondition: INVALID_STATE, the payment is past its order step.
         """
-        with transaction(self._conn) as conn:
+        with self._db.transaction() as tx:
             record = self._payment(payment_id)
             if record.step not in (Step.CREATED, Step.ASSESSED):
                 raise FailedPrecondition(
@@ -414,9 +414,9 @@ class PaymentStore:
                     metadata={"payment_id": payment_id},
                 )
             if record.step == Step.ASSESSED:
-                self.outbox.add(conn, payment_id, abandoned_order(record, reason))
-            conn.execute("DELETE FROM payments WHERE payment_id = ?", (payment_id,))
-            idempotency.release(conn, CREATE_METHOD, record.idempotency_key)
+                self.outbox.add(tx, payment_id, abandoned_order(record, reason))
+            tx.run("DELETE FROM payments WHERE payment_id = ?", (payment_id,))
+            self._db.release(tx, CREATE_METHOD, record.idempotency_key)
 
     def payment(self, payment_id: str, *, merchant_id: str = "") -> PaymentRecord:
         """The payment row; NotFound (PAYMENT_NOT_FOUND) if there is none.
@@ -429,42 +429,39 @@ class PaymentStore:
 
     def unfinished_payments(self) -> list[str]:
         """Ids of payments whose flow has not reached a terminal status, oldest first."""
-        rows = self._conn.execute(
-            "SELECT payment_id FROM payments WHERE step != ? ORDER BY create_time",
+        rows = self._db.all(
+            "SELECT payment_id FROM payments WHERE step != ? ORDER BY create_time_ns",
             (Step.FINISHED,),
-        ).fetchall()
+        )
         return [row["payment_id"] for row in rows]
 
     def list_payments(
-        self, *, merchant_id: str, status: int, before: tuple[float, str] | None, limit: int
+        self, *, merchant_id: str, status: int, before: tuple[int, str] | None, limit: int
     ) -> list[PaymentRecord]:
-        """A merchant's payments newest first, starting after the ``(create_time, id)`` cursor."""
-        clauses = ["merchant_id = ?"]
-        params: list[object] = [merchant_id]
+        """A merchant's payments newest first, past the ``(create_time_ns, id)`` cursor."""
+        where: dict[str, object] = {"merchant_id": merchant_id}
         if status:
-            clauses.append("status = ?")
-            params.append(status)
-        if before is not None:
-            clauses.append("(create_time, payment_id) < (?, ?)")
-            params.extend(before)
-        rows = self._conn.execute(
-            f"SELECT * FROM payments WHERE {' AND '.join(clauses)}"
-            " ORDER BY create_time DESC, payment_id DESC LIMIT ?",
-            (*params, limit),
-        ).fetchall()
+            where["status"] = status
+        rows = self._db.page(
+            "payments",
+            order=("create_time_ns", "payment_id"),
+            cursor=before,
+            limit=limit,
+            where=where,
+        )
         return [_payment_record(row) for row in rows]
 
     def summary(self, merchant_id: str) -> pg.PaymentSummary:
         """Counts per status and totals per currency of a merchant's payments."""
         summary = pg.PaymentSummary(merchant_id=merchant_id)
-        for row in self._conn.execute(
+        for row in self._db.all(
             "SELECT status, COUNT(*) AS n FROM payments WHERE merchant_id = ?"
             " GROUP BY status ORDER BY status",
             (merchant_id,),
         ):
             summary.status_counts.add(status=row["status"], count=row["n"])
             summary.payment_count += row["n"]
-        for row in self._conn.execute(
+        for row in self._db.all(
             "SELECT currency_code, COUNT(*) AS n, SUM(captured_minor) AS captured,"
             " SUM(refunded_minor) AS refunded FROM payments WHERE merchant_id = ?"
             " GROUP BY currency_code ORDER BY currency_code",
@@ -477,11 +474,11 @@ class PaymentStore:
                 captured=_money(row["captured"], code),
                 refunded=_money(row["refunded"], code),
             )
-        last = self._conn.execute(
-            "SELECT MAX(create_time) AS t FROM payments WHERE merchant_id = ?", (merchant_id,)
-        ).fetchone()["t"]
+        last = self._db.aggregate(
+            "SELECT MAX(create_time_ns) AS t FROM payments WHERE merchant_id = ?", (merchant_id,)
+        )["t"]
         if last is not None:
-            summary.last_payment_time.CopyFrom(_timestamp(last))
+            summary.last_payment_time.CopyFrom(timestamp(last))
         return summary
 
     # --- refunds ----------------------------------------------------------------------------
@@ -503,12 +500,17 @@ class PaymentStore:
             NotFound: the payment does not exist.
             FailedPrecondition: INVALID_STATE (not refundable) or REFUND_EXCEEDS_CAPTURED.
         """
-        with transaction(self._conn) as conn:
-            claim = idempotency.claim(conn, REFUND_METHOD, key, request, now=self._clock())
-            replay = idempotency.replayed(pg.RefundPaymentResponse, claim)
+        with self._db.transaction() as tx:
+            replay = self._db.claim(
+                tx,
+                REFUND_METHOD,
+                request,
+                pg.RefundPaymentResponse,
+                request_id=key,
+                kept_in=("refunds", "idempotency_key"),
+            )
             if replay is not None:
                 return replay
-            idempotency.refuse_if_kept(conn, "refunds", "idempotency_key", key)
             payment = self._payment(payment_id)
             if payment.status not in _REFUNDABLE:
                 state = pg.PaymentStatus.Name(pg.PaymentStatus.ValueType(payment.status))
@@ -518,12 +520,12 @@ class PaymentStore:
                     reason=Reason.INVALID_STATE,
                     metadata={"payment_id": payment_id},
                 )
-            held = conn.execute(
+            held = tx.aggregate(
                 "SELECT COALESCE(SUM(amount_minor), 0) AS amount,"
                 " COALESCE(SUM(settlement_minor), 0) AS settlement"
                 " FROM refunds WHERE payment_id = ? AND status IN (?, ?)",
                 (payment_id, *_HOLDING),
-            ).fetchone()
+            )
             refundable = payment.captured_minor - held["amount"]
             amount = refundable if amount_minor is None else amount_minor
             if amount <= 0 or amount > refundable:
@@ -540,12 +542,12 @@ class PaymentStore:
                 refundable=refundable,
                 settlement_refundable=payment.settlement_minor - held["settlement"],
             )
-            now = self._clock()
+            now = self._db.clock_ns()
             refund_id = self._new_id("ref")
-            conn.execute(
+            tx.run(
                 "INSERT INTO refunds (refund_id, idempotency_key, payment_id, merchant_id,"
                 " amount_minor, currency_code, settlement_minor, settlement_currency_code,"
-                " status, step, reason, create_time, update_time)"
+                " status, step, reason, create_time_ns, update_time_ns)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     refund_id,
@@ -574,8 +576,8 @@ class PaymentStore:
         self, refund_id: str, status: pg.RefundStatus.ValueType, *, failure_reason: str = ""
     ) -> pg.RefundPaymentResponse:
         """Set the refund's terminal status, apply it to the payment, complete the claim."""
-        with transaction(self._conn) as conn:
-            now = self._clock()
+        with self._db.transaction() as tx:
+            now = self._db.clock_ns()
             refund = self._refund(refund_id)
             order_status = 0
             if status == pg.REFUND_STATUS_SUCCEEDED:
@@ -589,7 +591,7 @@ class PaymentStore:
                     _PAYMENT_COLUMNS,
                     "payment_id",
                     payment.payment_id,
-                    conn=conn,
+                    tx=tx,
                     status=payment_status,
                     refunded_minor=refunded,
                     settlement_refunded_minor=payment.settlement_refunded_minor
@@ -601,19 +603,19 @@ class PaymentStore:
                 _REFUND_COLUMNS,
                 "refund_id",
                 refund_id,
-                conn=conn,
+                tx=tx,
                 status=status,
                 step=RefundStep.FINISHED,
                 failure_reason=failure_reason,
                 order_status=order_status,
-                finish_time=now,
+                finish_time_ns=now,
             )
             finished, payment = self._refund(refund_id), self._payment(refund.payment_id)
             response = pg.RefundPaymentResponse(
                 refund=refund_message(finished), payment=payment_message(payment)
             )
-            idempotency.complete(conn, REFUND_METHOD, refund.idempotency_key, response)
-            self.outbox.add(conn, refund_id, refund_events(finished, payment))
+            self._db.complete(tx, REFUND_METHOD, refund.idempotency_key, response)
+            self.outbox.add(tx, refund_id, refund_events(finished, payment))
             return response
 
     def refund(self, refund_id: str) -> RefundRecord:
@@ -622,18 +624,18 @@ class PaymentStore:
 
     def refunds_of(self, payment_id: str) -> list[RefundRecord]:
         """A payment's refunds, oldest first."""
-        rows = self._conn.execute(
-            "SELECT * FROM refunds WHERE payment_id = ? ORDER BY create_time, refund_id",
+        rows = self._db.all(
+            "SELECT * FROM refunds WHERE payment_id = ? ORDER BY create_time_ns, refund_id",
             (payment_id,),
-        ).fetchall()
+        )
         return [_refund_record(row) for row in rows]
 
     def unfinished_refunds(self) -> list[str]:
         """Ids of refunds whose flow has not reached a terminal status, oldest first."""
-        rows = self._conn.execute(
-            "SELECT refund_id FROM refunds WHERE step != ? ORDER BY create_time",
+        rows = self._db.all(
+            "SELECT refund_id FROM refunds WHERE step != ? ORDER BY create_time_ns",
             (RefundStep.FINISHED,),
-        ).fetchall()
+        )
         return [row["refund_id"] for row in rows]
 
     # --- rows -------------------------------------------------------------------------------
@@ -649,21 +651,20 @@ class PaymentStore:
             ("payments", "payment_id", _payment_record),
             ("refunds", "refund_id", _refund_record),
         ):
-            columns = {r["name"] for r in self._conn.execute(f"PRAGMA table_info({table})")}
-            if _LEGACY_EFFECTS_COLUMN not in columns:
+            if _LEGACY_EFFECTS_COLUMN not in self._db.columns(table):
                 continue
-            with transaction(self._conn) as conn:
-                for row in conn.execute(
+            with self._db.transaction() as tx:
+                for row in tx.all(
                     f"SELECT * FROM {table} WHERE {_LEGACY_EFFECTS_COLUMN} = 1 AND step = ?",
                     (Step.FINISHED,),
-                ).fetchall():
+                ):
                     record = record_of(row)
                     if isinstance(record, PaymentRecord):
                         events = payment_events(record)
                     else:
                         events = refund_events(record, self._payment(record.payment_id))
-                    self.outbox.add(conn, row[key], events)
-                conn.execute(
+                    self.outbox.add(tx, row[key], events)
+                tx.run(
                     f"UPDATE {table} SET {_LEGACY_EFFECTS_COLUMN} = 0"
                     f" WHERE {_LEGACY_EFFECTS_COLUMN} = 1 AND step = ?",
                     (Step.FINISHED,),
@@ -676,22 +677,17 @@ class PaymentStore:
         key_column: str,
         key: str,
         *,
-        conn: sqlite3.Connection | None = None,
+        tx: Statements | None = None,
         **fields: Any,
     ) -> None:
         unknown = set(fields) - columns
         if unknown:
             raise ValueError(f"not columns of {table}: {sorted(unknown)}")
-        fields.setdefault("update_time", self._clock())
-        assignments = ", ".join(f"{name} = ?" for name in fields)
-        (conn or self._conn).execute(
-            f"UPDATE {table} SET {assignments} WHERE {key_column} = ?", (*fields.values(), key)
-        )
+        fields.setdefault("update_time_ns", self._db.clock_ns())
+        (tx or self._db).update(table, fields, **{key_column: key})
 
     def _payment(self, payment_id: str, *, merchant_id: str = "") -> PaymentRecord:
-        row = self._conn.execute(
-            "SELECT * FROM payments WHERE payment_id = ?", (payment_id,)
-        ).fetchone()
+        row = self._db.one("SELECT * FROM payments WHERE payment_id = ?", (payment_id,))
         if row is None or (merchant_id and row["merchant_id"] != merchant_id):
             raise NotFound(
                 f"payment {payment_id!r} does not exist",
@@ -701,9 +697,7 @@ class PaymentStore:
         return _payment_record(row)
 
     def _refund(self, refund_id: str) -> RefundRecord:
-        row = self._conn.execute(
-            "SELECT * FROM refunds WHERE refund_id = ?", (refund_id,)
-        ).fetchone()
+        row = self._db.one("SELECT * FROM refunds WHERE refund_id = ?", (refund_id,))
         if row is None:
             raise NotFound(
                 f"refund {refund_id!r} does not exist", metadata={"refund_id": refund_id}

@@ -7,21 +7,18 @@ stores the new one, so two payments cannot both miss each other.
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 import uuid
 from collections.abc import Callable
 from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from paymesh.common.v1 import common_pb2
 from paymesh.risk.v1 import risk_pb2 as pb
 from services.mesh.errors import NotFound
 from services.risk.rules import Geo, RiskRules, Velocity, assess
 from services.storage import idempotency
-from services.storage.database import open_database, transaction
+from services.storage.sql import Database, Row, Statements, seconds_to_ns, timestamp
 
 SCHEMA = (
     """
@@ -38,21 +35,15 @@ CREATE TABLE IF NOT EXISTS assessments (
     score INTEGER NOT NULL CHECK (score BETWEEN 0 AND 100),
     reasons_json TEXT NOT NULL,
     geo_json TEXT NOT NULL,
-    create_time REAL NOT NULL
+    create_time_ns INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS assessments_by_merchant ON assessments (merchant_id, create_time);
+CREATE INDEX IF NOT EXISTS assessments_by_merchant ON assessments (merchant_id, create_time_ns);
 """
     + idempotency.SCHEMA
 )
 
 
-def _timestamp(seconds: float) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
-    return stamp
-
-
-def _assessment(row: sqlite3.Row) -> pb.RiskAssessment:
+def _assessment(row: Row) -> pb.RiskAssessment:
     return pb.RiskAssessment(
         assessment_id=row["assessment_id"],
         payment_id=row["payment_id"],
@@ -66,12 +57,16 @@ def _assessment(row: sqlite3.Row) -> pb.RiskAssessment:
         score=row["score"],
         reasons=[pb.RiskReason(**reason) for reason in json.loads(row["reasons_json"])],
         geo=pb.GeoInfo(**json.loads(row["geo_json"])),
-        create_time=_timestamp(row["create_time"]),
+        create_time=timestamp(row["create_time_ns"]),
     )
 
 
 class AssessmentStore:
-    """Assessments in SQLite; each is stored once per request id."""
+    """Assessments, each stored once per request id.
+
+    Args:
+        clock: seconds since the epoch (tests pass their own); stored as nanoseconds.
+    """
 
     def __init__(
         self,
@@ -80,13 +75,12 @@ class AssessmentStore:
         rules: RiskRules | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._conn = open_database(path, SCHEMA)
+        self._db = Database(path, SCHEMA, clock_ns=lambda: seconds_to_ns(clock()))
         self._rules = rules or RiskRules()
-        self._clock = clock
 
     def close(self) -> None:
         """Close the database."""
-        self._conn.close()
+        self._db.close()
 
     def replay(self, request: pb.AssessPaymentRequest) -> pb.RiskAssessment | None:
         """The stored assessment of an earlier identical request, without claiming the id.
@@ -94,33 +88,25 @@ class AssessmentStore:
         Raises:
             InvalidArgument: the id was used with a different body.
         """
-        with transaction(self._conn) as conn:
-            claim = idempotency.claim(conn, "AssessPayment", request.request_id, request)
-            stored = idempotency.replayed(pb.AssessPaymentResponse, claim)
-            if stored is None:
-                # Claimed only to run the checks; the real claim comes with the write.
-                idempotency.release(conn, "AssessPayment", request.request_id)
-                return None
-            return stored.assessment
+        stored = self._db.replay("AssessPayment", request, pb.AssessPaymentResponse)
+        return None if stored is None else stored.assessment
 
     def assess(self, request: pb.AssessPaymentRequest, geo: Geo | None) -> pb.RiskAssessment:
         """Apply the rules with the merchant's recent history and store the assessment."""
-        with transaction(self._conn) as conn:
-            claim = idempotency.claim(conn, "AssessPayment", request.request_id, request)
-            stored = idempotency.replayed(pb.AssessPaymentResponse, claim)
-            if stored is not None:
-                return stored.assessment
-            idempotency.refuse_if_kept(conn, "assessments", "request_id", request.request_id)
-            now = self._clock()
-            count, total = conn.execute(
-                "SELECT COUNT(*), COALESCE(SUM(CASE WHEN currency_code = ? THEN amount_minor"
-                " ELSE 0 END), 0) FROM assessments WHERE merchant_id = ? AND create_time > ?",
+
+        def run(tx: Statements) -> pb.AssessPaymentResponse:
+            now = self._db.clock_ns()
+            recent = tx.aggregate(
+                "SELECT COUNT(*) AS n, COALESCE(SUM(CASE WHEN currency_code = ?"
+                " THEN amount_minor ELSE 0 END), 0) AS total"
+                " FROM assessments WHERE merchant_id = ? AND create_time_ns > ?",
                 (
                     request.amount.currency_code,
                     request.merchant_id,
-                    now - self._rules.velocity_window_s,
+                    now - seconds_to_ns(self._rules.velocity_window_s),
                 ),
-            ).fetchone()
+            )
+            count, total = recent["n"], recent["total"]
             verdict = assess(
                 amount_minor=request.amount.amount_minor,
                 currency=request.amount.currency_code,
@@ -141,38 +127,37 @@ class AssessmentStore:
                 for r in verdict.reasons
             ]
             assessment_id = f"ra_{uuid.uuid4().hex[:24]}"
-            conn.execute(
-                "INSERT INTO assessments VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    assessment_id,
-                    request.request_id,
-                    request.merchant_id,
-                    request.payment_id,
-                    request.amount.amount_minor,
-                    request.amount.currency_code,
-                    request.customer_ip,
-                    request.customer_country_code,
-                    verdict.decision,
-                    verdict.score,
-                    json.dumps(reasons),
-                    json.dumps(geo_info),
-                    now,
-                ),
+            tx.insert(
+                "assessments",
+                {
+                    "assessment_id": assessment_id,
+                    "request_id": request.request_id,
+                    "merchant_id": request.merchant_id,
+                    "payment_id": request.payment_id,
+                    "amount_minor": request.amount.amount_minor,
+                    "currency_code": request.amount.currency_code,
+                    "customer_ip": request.customer_ip,
+                    "customer_country_code": request.customer_country_code,
+                    "decision": verdict.decision,
+                    "score": verdict.score,
+                    "reasons_json": json.dumps(reasons),
+                    "geo_json": json.dumps(geo_info),
+                    "create_time_ns": now,
+                },
             )
-            assessment = self.get(assessment_id)
-            idempotency.complete(
-                conn,
-                "AssessPayment",
-                request.request_id,
-                pb.AssessPaymentResponse(assessment=assessment),
-            )
-            return assessment
+            return pb.AssessPaymentResponse(assessment=self.get(assessment_id))
+
+        return self._db.idempotent(
+            "AssessPayment",
+            request,
+            pb.AssessPaymentResponse,
+            run,
+            kept_in=("assessments", "request_id"),
+        ).assessment
 
     def get(self, assessment_id: str) -> pb.RiskAssessment:
         """The assessment; NotFound if there is none."""
-        row = self._conn.execute(
-            "SELECT * FROM assessments WHERE assessment_id = ?", (assessment_id,)
-        ).fetchone()
+        row = self._db.one("SELECT * FROM assessments WHERE assessment_id = ?", (assessment_id,))
         if row is None:
             raise NotFound(
                 f"assessment {assessment_id!r} does not exist",
@@ -182,17 +167,19 @@ class AssessmentStore:
 
     def summary(self, merchant_id: str) -> pb.RiskSummary:
         """Counts per decision, mean score and last time for one merchant (zeros if none)."""
-        row = self._conn.execute(
-            "SELECT COUNT(*) AS n, COALESCE(SUM(score), 0) AS total, MAX(create_time) AS last,"
-            " SUM(decision = ?) AS approve, SUM(decision = ?) AS review,"
-            " SUM(decision = ?) AS decline FROM assessments WHERE merchant_id = ?",
+        row = self._db.aggregate(
+            "SELECT COUNT(*) AS n, COALESCE(SUM(score), 0) AS total, MAX(create_time_ns) AS last,"
+            " COUNT(*) FILTER (WHERE decision = ?) AS approve,"
+            " COUNT(*) FILTER (WHERE decision = ?) AS review,"
+            " COUNT(*) FILTER (WHERE decision = ?) AS decline"
+            " FROM assessments WHERE merchant_id = ?",
             (
                 pb.RISK_DECISION_APPROVE,
                 pb.RISK_DECISION_REVIEW,
                 pb.RISK_DECISION_DECLINE,
                 merchant_id,
             ),
-        ).fetchone()
+        )
         count = int(row["n"])
         summary = pb.RiskSummary(
             merchant_id=merchant_id,
@@ -204,5 +191,5 @@ class AssessmentStore:
         if count:
             mean = (Decimal(row["total"]) / count).quantize(Decimal(1), rounding=ROUND_HALF_EVEN)
             summary.average_score = int(mean)
-            summary.last_assessment_time.CopyFrom(_timestamp(row["last"]))
+            summary.last_assessment_time.CopyFrom(timestamp(row["last"]))
         return summary

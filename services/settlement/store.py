@@ -9,7 +9,6 @@ interrupted.
 from __future__ import annotations
 
 import enum
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,8 +17,8 @@ from pathlib import Path
 from paymesh.common.v1 import common_pb2
 from paymesh.settlement.v1 import settlement_pb2
 from services.storage import idempotency
-from services.storage.database import transaction
-from services.storage.resumable import Begun, StepStore, timestamp
+from services.storage.resumable import Begun, StepStore
+from services.storage.sql import Row, timestamp
 
 METHOD = "CreateSettlement"
 
@@ -112,29 +111,19 @@ class SettlementStore(StepStore[Record, settlement_pb2.Settlement]):
             InvalidArgument: the request id was used with a different body.
             Aborted: the first request with this id is still being executed.
         """
-        with transaction(self._conn) as conn:
-            earlier = self._claim(conn, request, request.request_id, settlement_id, running)
-            if earlier is not None:
-                return earlier
-            now = self._clock_ns()
-            conn.execute(
-                "INSERT INTO settlements (settlement_id, request_id, merchant_id, amount_minor,"
-                " currency_code, bank_account_reference, status, step, create_time_ns,"
-                " update_time_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    settlement_id,
-                    request.request_id,
-                    request.merchant_id,
-                    amount_minor,
-                    request.currency_code,
-                    request.bank_account_reference,
-                    settlement_pb2.SETTLEMENT_STATUS_PENDING,
-                    Step.RESERVE,
-                    now,
-                    now,
-                ),
-            )
-            return Begun(record=self._require(settlement_id), replayed=False)
+        return self._begin(
+            request,
+            settlement_id,
+            running,
+            lambda _tx, _now: {
+                "merchant_id": request.merchant_id,
+                "amount_minor": amount_minor,
+                "currency_code": request.currency_code,
+                "bank_account_reference": request.bank_account_reference,
+                "status": settlement_pb2.SETTLEMENT_STATUS_PENDING,
+                "step": Step.RESERVE,
+            },
+        )
 
     def advance(
         self,
@@ -156,7 +145,7 @@ class SettlementStore(StepStore[Record, settlement_pb2.Settlement]):
             failure_reason=failure_reason,
         )
 
-    def _record(self, row: sqlite3.Row) -> Record:
+    def _record(self, row: Row) -> Record:
         settlement = settlement_pb2.Settlement(
             settlement_id=row["settlement_id"],
             merchant_id=row["merchant_id"],

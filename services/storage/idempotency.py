@@ -1,11 +1,13 @@
 """AIP-155 request ids, claimed atomically with the first write and replayed afterwards.
 
-A mutating RPC claims its ``request_id`` in the same SQLite transaction as its first write
+A mutating RPC claims its ``request_id`` in the same transaction as its first write
 (a unique key, not luck): the same id with the same body replays the stored response; with
 a different body it is INVALID_ARGUMENT; while the first execution is still running, a
 duplicate gets ABORTED (retryable with the same id). A finished record is kept for the
 :class:`Retention` period (``PAYMESH_IDEMPOTENCY_RETENTION_S``, 7 days by default); after
 that the id is new again, and claims purge such records at most once per purge interval.
+Stores do not call this module: :meth:`services.storage.sql.Database.idempotent` (one write)
+and :class:`services.storage.resumable.StepStore` (multi-step work) do.
 """
 
 from __future__ import annotations
@@ -14,17 +16,19 @@ import functools
 import hashlib
 import math
 import os
-import sqlite3
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf.message import Message
 
 from interceptors.errors import Reason
 from services.mesh.errors import Aborted, AlreadyExists, FieldViolation, InvalidArgument
 from services.mesh.validation import quote
+
+if TYPE_CHECKING:
+    from services.storage.sql import Statements
 
 #: Overrides :attr:`Retention.retention_s` (seconds, at least :data:`MIN_RETENTION_S`).
 RETENTION_VAR = "PAYMESH_IDEMPOTENCY_RETENTION_S"
@@ -39,18 +43,16 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
     fingerprint TEXT NOT NULL,
     state TEXT NOT NULL CHECK (state IN ('in_flight', 'done')),
     response BLOB,
-    created_at REAL NOT NULL,
+    create_time_ns INTEGER NOT NULL,
     PRIMARY KEY (method, request_id)
 );
 CREATE INDEX IF NOT EXISTS idempotency_keys_done_by_age
-    ON idempotency_keys (created_at) WHERE state = 'done';
+    ON idempotency_keys (create_time_ns) WHERE state = 'done';
 CREATE TABLE IF NOT EXISTS idempotency_purge (
     id INTEGER PRIMARY KEY CHECK (id = 0),
-    purged_at REAL NOT NULL
+    purge_time_ns INTEGER NOT NULL
 );
 """
-
-ResponseT = TypeVar("ResponseT", bound=Message)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -113,6 +115,12 @@ def fingerprint(request: Message) -> str:
     return hashlib.sha256(body.SerializeToString(deterministic=True)).hexdigest()
 
 
+def request_id_of(request: Message) -> str:
+    """The ``request_id`` of a mutating request (AIP-155: every one has that field)."""
+    field = request.DESCRIPTOR.fields_by_name["request_id"]
+    return str(getattr(request, field.name))
+
+
 @dataclass(frozen=True, slots=True)
 class Claim:
     """The outcome of claiming a request id."""
@@ -122,12 +130,12 @@ class Claim:
 
 
 def claim(
-    conn: sqlite3.Connection,
+    conn: Statements,
     method: str,
     request_id: str,
     request: Message,
     *,
-    now: float | None = None,
+    now_ns: int | None = None,
     retention: Retention | None = None,
 ) -> Claim:
     """Claim ``request_id`` for ``method`` inside the caller's open transaction.
@@ -135,32 +143,38 @@ def claim(
     A finished record older than the retention counts as absent: the request is new.
 
     Args:
-        now: the store's clock (seconds since the epoch); ``time.time()`` if not given.
+        now_ns: the store's clock (nanoseconds since the epoch); ``time.time_ns()`` if not
+            given.
         retention: defaults to :func:`default_retention`.
 
     Raises:
         InvalidArgument: the id was used with a different body.
         Aborted: an identical request is still executing.
     """
-    now = time.time() if now is None else now
+    now = time.time_ns() if now_ns is None else now_ns
     retention = retention or default_retention()
-    purge_expired(conn, now=now, retention=retention)
+    purge_expired(conn, now_ns=now, retention=retention)
     digest = fingerprint(request)
-    row = conn.execute(
-        "SELECT fingerprint, state, response, created_at FROM idempotency_keys"
+    row = conn.one(
+        "SELECT fingerprint, state, response, create_time_ns FROM idempotency_keys"
         " WHERE method=? AND request_id=?",
         (method, request_id),
-    ).fetchone()
+    )
     if row is not None and row["state"] == "done" and _expired(row, now, retention):
-        conn.execute(
+        conn.run(
             "DELETE FROM idempotency_keys WHERE method=? AND request_id=?", (method, request_id)
         )
         row = None
     if row is None:
-        conn.execute(
-            "INSERT INTO idempotency_keys (method, request_id, fingerprint, state, created_at)"
-            " VALUES (?, ?, ?, 'in_flight', ?)",
-            (method, request_id, digest, now),
+        conn.insert(
+            "idempotency_keys",
+            {
+                "method": method,
+                "request_id": request_id,
+                "fingerprint": digest,
+                "state": "in_flight",
+                "create_time_ns": now,
+            },
         )
         return Claim(replay=None)
     if row["fingerprint"] != digest:
@@ -178,7 +192,7 @@ def claim(
     return Claim(replay=bytes(row["response"]))
 
 
-def refuse_if_kept(conn: sqlite3.Connection, table: str, column: str, request_id: str) -> None:
+def refuse_if_kept(conn: Statements, table: str, column: str, request_id: str) -> None:
     """Refuse a new claim of an id that a row of ``table`` still carries in ``column``.
 
     A store whose rows keep their request id (a UNIQUE column) calls this after a new
@@ -188,9 +202,7 @@ def refuse_if_kept(conn: sqlite3.Connection, table: str, column: str, request_id
     Raises:
         AlreadyExists: a row carries the id; the caller must send a new request_id.
     """
-    kept = conn.execute(
-        f"SELECT 1 FROM {table} WHERE {column} = ? LIMIT 1", (request_id,)
-    ).fetchone()
+    kept = conn.one(f"SELECT 1 FROM {table} WHERE {column} = ? LIMIT 1", (request_id,))
     if kept is not None:
         raise AlreadyExists(
             f"request_id {quote(request_id)} was used longer ago than its retention and its"
@@ -199,54 +211,48 @@ def refuse_if_kept(conn: sqlite3.Connection, table: str, column: str, request_id
         )
 
 
-def _expired(row: sqlite3.Row, now: float, retention: Retention) -> bool:
-    return float(row["created_at"]) < now - retention.retention_s
+def _retention_ns(retention: Retention) -> int:
+    return round(retention.retention_s * 1e9)
+
+
+def _expired(row: Any, now_ns: int, retention: Retention) -> bool:
+    return int(row["create_time_ns"]) < now_ns - _retention_ns(retention)
 
 
 def purge_expired(
-    conn: sqlite3.Connection, *, now: float, retention: Retention, force: bool = False
+    conn: Statements, *, now_ns: int, retention: Retention, force: bool = False
 ) -> int:
     """Delete finished records past the retention, unless a purge ran within the interval.
 
     Runs inside the caller's open transaction; returns how many records it deleted.
     ``force`` purges whatever the interval (a periodic task's hook).
     """
-    last = conn.execute("SELECT purged_at FROM idempotency_purge WHERE id = 0").fetchone()
-    # A clock that went back (now < purged_at) also purges, so it cannot stall purging.
-    if not force and last is not None and 0 <= now - last["purged_at"] < retention.purge_interval_s:
+    last = conn.one("SELECT purge_time_ns FROM idempotency_purge WHERE id = 0")
+    interval_ns = round(retention.purge_interval_s * 1e9)
+    # A clock that went back (now < purge time) also purges, so it cannot stall purging.
+    if not force and last is not None and 0 <= now_ns - last["purge_time_ns"] < interval_ns:
         return 0
-    deleted = conn.execute(
+    deleted = conn.run(
         "DELETE FROM idempotency_keys WHERE rowid IN (SELECT rowid FROM idempotency_keys"
-        " WHERE state = 'done' AND created_at < ? LIMIT ?)",
-        (now - retention.retention_s, retention.purge_batch),
-    ).rowcount
+        " WHERE state = 'done' AND create_time_ns < ? LIMIT ?)",
+        (now_ns - _retention_ns(retention), retention.purge_batch),
+    )
     if deleted < retention.purge_batch:  # a full batch leaves more: purge again next claim
-        conn.execute(
-            "INSERT INTO idempotency_purge (id, purged_at) VALUES (0, ?)"
-            " ON CONFLICT (id) DO UPDATE SET purged_at = excluded.purged_at",
-            (now,),
-        )
-    return int(deleted)
+        conn.upsert("idempotency_purge", {"id": 0, "purge_time_ns": now_ns}, key=["id"])
+    return deleted
 
 
-def complete(conn: sqlite3.Connection, method: str, request_id: str, response: Message) -> None:
+def complete(conn: Statements, method: str, request_id: str, response: Message) -> None:
     """Store the response of a claimed request id inside the caller's open transaction."""
-    conn.execute(
+    conn.run(
         "UPDATE idempotency_keys SET state='done', response=? WHERE method=? AND request_id=?",
         (response.SerializeToString(deterministic=True), method, request_id),
     )
 
 
-def release(conn: sqlite3.Connection, method: str, request_id: str) -> None:
+def release(conn: Statements, method: str, request_id: str) -> None:
     """Forget an in-flight claim whose execution failed before any effect, so a retry may run."""
-    conn.execute(
+    conn.run(
         "DELETE FROM idempotency_keys WHERE method=? AND request_id=? AND state='in_flight'",
         (method, request_id),
     )
-
-
-def replayed(response_type: type[ResponseT], claim_: Claim) -> ResponseT | None:
-    """The stored response parsed as ``response_type``, if the claim is a replay."""
-    if claim_.replay is None:
-        return None
-    return response_type.FromString(claim_.replay)

@@ -1,11 +1,15 @@
 """Resumable work: a request runs as persisted steps that a replay or the recovery loop finishes.
 
-:class:`StepStore` keeps one row per piece of work (claimed with its request id, the step it
-has reached); :class:`StepDriver` runs a record's remaining steps in its own shielded task, so
-a caller hanging up cannot stop a step midway, runs a recovery pass at start and then every
-``<SERVICE>_RECOVERY_INTERVAL_S`` (work stuck on an outage waits for the next pass instead of
-racing a dependency that is still coming up), and stops the work in flight at close, leaving
-the rows resumable. Settlement and withdrawal use both.
+:class:`StepRunner` is the one step driver: it runs a piece of work's remaining steps in its
+own shielded task, one task per id, so a caller hanging up cannot stop a step midway and a
+replay or a recovery pass joins the work instead of repeating it. :class:`StepStore` keeps one
+row per piece of work (claimed with its request id, the step it has reached);
+:class:`StepDriver` runs such records on the runner, runs a recovery pass at start and then
+every ``<SERVICE>_RECOVERY_INTERVAL_S`` (work stuck on an outage waits for the next pass
+instead of racing a dependency that is still coming up), and stops the work in flight at
+close, leaving the rows resumable. Settlement and withdrawal use the driver; the gateway's
+payments and refunds run on the runner under their own recovery schedule (breaker-aware, with
+per-item backoff).
 """
 
 from __future__ import annotations
@@ -14,21 +18,20 @@ import abc
 import asyncio
 import logging
 import math
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
+from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.mesh.bootstrap import StartupError
 from services.mesh.errors import Aborted, NotFound
 from services.mesh.topology import env_prefix
 from services.storage import idempotency
-from services.storage.database import open_database, transaction
+from services.storage.sql import Database, Row, Statements
 
 #: The step of finished work (the value each service's ``Step.DONE`` has).
 DONE = "done"
@@ -90,18 +93,11 @@ class Begun(Generic[RecordT]):
     """True when the request id had been seen: ``record`` is the earlier work."""
 
 
-def timestamp(nanos: int) -> Timestamp:
-    """A protobuf Timestamp of nanoseconds since the epoch."""
-    stamp = Timestamp()
-    stamp.FromNanoseconds(nanos)
-    return stamp
-
-
 class StepStore(abc.ABC, Generic[RecordT, MessageT]):
-    """One SQLite table of resumable work, idempotent by request id.
+    """One table of resumable work, idempotent by request id, on the store base.
 
     A subclass names its table, id column and method, turns a row into a record, and writes
-    ``begin`` (its insert) and ``advance`` (its columns) with :meth:`_claim` and :meth:`_update`.
+    ``begin`` (its insert) and ``advance`` (its columns) with :meth:`_begin` and :meth:`_update`.
     The table has ``request_id``, ``merchant_id``, ``status``, ``step``, ``create_time_ns`` and
     ``update_time_ns`` columns.
     """
@@ -118,8 +114,7 @@ class StepStore(abc.ABC, Generic[RecordT, MessageT]):
     def __init__(
         self, path: Path | str, schema: str, *, clock_ns: Callable[[], int] = time.time_ns
     ) -> None:
-        self._conn = open_database(path, schema)
-        self._clock_ns = clock_ns
+        self._db = Database(path, schema, clock_ns=clock_ns)
         self._rebuild_if_steps_changed(schema)
 
     def _rebuild_if_steps_changed(self, schema: str) -> None:
@@ -128,40 +123,11 @@ class StepStore(abc.ABC, Generic[RecordT, MessageT]):
         SQLite cannot alter a CHECK constraint: the rows move to a table made by ``schema``
         (its columns a superset of the old ones), in one transaction.
         """
-        row = self._conn.execute(
-            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (self.table,)
-        ).fetchone()
-        if row is None or all(f"'{step}'" in row["sql"] for step in self.steps):
+        made = self._db.table_sql(self.table)
+        if made is None or all(f"'{step}'" in made for step in self.steps):
             return
-        old = f"{self.table}_before_upgrade"
-        columns = ", ".join(
-            info["name"] for info in self._conn.execute(f"PRAGMA table_info({self.table})")
-        )
-        indexes = [
-            index["name"]
-            for index in self._conn.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ?"
-                " AND sql IS NOT NULL",
-                (self.table,),
-            )
-        ]
-        script = "\n".join(
-            [
-                "BEGIN IMMEDIATE;",
-                f"ALTER TABLE {self.table} RENAME TO {old};",
-                *(f"DROP INDEX {name};" for name in indexes),
-                schema,
-                f"INSERT INTO {self.table} ({columns}) SELECT {columns} FROM {old};",
-                f"DROP TABLE {old};",
-                "COMMIT;",
-            ]
-        )
-        try:
-            self._conn.executescript(script)
-        except sqlite3.Error:
-            if self._conn.in_transaction:
-                self._conn.execute("ROLLBACK")
-            raise
+        columns = self._db.columns(self.table)
+        self._db.rebuild(schema, {self.table: {column: column for column in columns}})
 
     @property
     def noun(self) -> str:
@@ -169,7 +135,7 @@ class StepStore(abc.ABC, Generic[RecordT, MessageT]):
         return self.id_column.removesuffix("_id")
 
     @abc.abstractmethod
-    def _record(self, row: sqlite3.Row) -> RecordT:
+    def _record(self, row: Row) -> RecordT:
         """The record of a row."""
 
     @abc.abstractmethod
@@ -182,7 +148,7 @@ class StepStore(abc.ABC, Generic[RecordT, MessageT]):
 
     def close(self) -> None:
         """Close the database."""
-        self._conn.close()
+        self._db.close()
 
     def find(self, key: str) -> RecordT | None:
         """The record, or ``None`` if there is none."""
@@ -200,98 +166,190 @@ class StepStore(abc.ABC, Generic[RecordT, MessageT]):
 
     def abandon(self, record: RecordT) -> None:
         """Forget work the ledger refused before any effect, and free its request id."""
-        with transaction(self._conn) as conn:
-            conn.execute(f"DELETE FROM {self.table} WHERE {self.id_column} = ?", (record.key,))
-            idempotency.release(conn, self.method, record.request_id)
+        with self._db.transaction() as tx:
+            tx.run(f"DELETE FROM {self.table} WHERE {self.id_column} = ?", (record.key,))
+            self._db.release(tx, self.method, record.request_id)
 
     def settle_claim(self, record: RecordT) -> None:
         """Mark the request id done, so replays return the work instead of ABORTED."""
-        with transaction(self._conn) as conn:
-            idempotency.complete(conn, self.method, record.request_id, self._response(record))
+        with self._db.transaction() as tx:
+            self._db.complete(tx, self.method, record.request_id, self._response(record))
 
     def unfinished(self) -> list[RecordT]:
         """Work with steps left, oldest first (for the recovery passes)."""
-        rows = self._conn.execute(
-            f"SELECT * FROM {self.table} WHERE step != '{DONE}'"
-            f" ORDER BY create_time_ns, {self.id_column}"
-        ).fetchall()
+        rows = self._db.all(
+            f"SELECT * FROM {self.table} WHERE step != ? ORDER BY create_time_ns, {self.id_column}",
+            [DONE],
+        )
         return [self._record(row) for row in rows]
 
     def list(
         self, *, merchant_id: str, status: int, before: tuple[int, str] | None, limit: int
     ) -> list[MessageT]:
         """A merchant's work newest first, before the ``(create_time_ns, id)`` cursor."""
-        clauses = ["merchant_id = ?"]
-        params: list[object] = [merchant_id]
+        where: dict[str, object] = {"merchant_id": merchant_id}
         if status:
-            clauses.append("status = ?")
-            params.append(status)
-        if before is not None:
-            clauses.append(f"(create_time_ns, {self.id_column}) < (?, ?)")
-            params.extend(before)
-        rows = self._conn.execute(
-            f"SELECT * FROM {self.table} WHERE {' AND '.join(clauses)}"
-            f" ORDER BY create_time_ns DESC, {self.id_column} DESC LIMIT ?",
-            (*params, limit),
-        ).fetchall()
+            where["status"] = status
+        rows = self._db.page(
+            self.table,
+            order=("create_time_ns", self.id_column),
+            cursor=before,
+            limit=limit,
+            where=where,
+        )
         return [self._message(self._record(row)) for row in rows]
 
-    def _claim(
+    def _begin(
         self,
-        conn: sqlite3.Connection,
         request: Message,
-        request_id: str,
         key: str,
         running: Callable[[str], bool],
-    ) -> Begun[RecordT] | None:
-        """Claim the request id in ``conn``'s transaction; ``None`` when the caller now owns it.
+        insert: Callable[[Statements, int], Mapping[str, object]],
+    ) -> Begun[RecordT]:
+        """Claim the request id and insert the work's row in one transaction.
 
         Args:
+            key: the id of the work, derived from the request id.
             running: whether this process is still working on an id; an in-flight claim whose
                 work is not running was interrupted and is handed back to resume.
+            insert: checks the request against other rows (raising to refuse it) and returns
+                the new row's columns, given the transaction and the time (ns); ``step``,
+                ``request_id`` and the two times are filled in if absent.
 
         Raises:
             InvalidArgument: the request id was used with a different body.
             Aborted: the first request with this id is still being executed.
             AlreadyExists: the id's record expired but its work is kept.
         """
-        try:
-            claim = idempotency.claim(
-                conn, self.method, request_id, request, now=self._clock_ns() / 1e9
-            )
-        except Aborted:
-            existing = self._row(key)
-            if existing is None or running(key):
-                raise
-            return Begun(record=self._record(existing), replayed=True)
-        if claim.replay is not None:
-            return Begun(record=self._require(key), replayed=True)
-        idempotency.refuse_if_kept(conn, self.table, "request_id", request_id)
-        return None
+        request_id = idempotency.request_id_of(request)
+        with self._db.transaction() as tx:
+            try:
+                # Only whether it is a replay matters: the record is the answer.
+                replay = self._db.claim(
+                    tx, self.method, request, Empty, kept_in=(self.table, "request_id")
+                )
+            except Aborted:
+                existing = self._row(key)
+                if existing is None or running(key):
+                    raise
+                return Begun(record=self._record(existing), replayed=True)
+            if replay is not None:
+                return Begun(record=self._require(key), replayed=True)
+            now = self._db.clock_ns()
+            row = {
+                self.id_column: key,
+                "request_id": request_id,
+                "step": self.steps[0],
+                "create_time_ns": now,
+                "update_time_ns": now,
+                **insert(tx, now),
+            }
+            tx.insert(self.table, row)
+            return Begun(record=self._require(key), replayed=False)
 
     def _update(self, record: RecordT, *, step: str, **columns: object) -> RecordT:
         """Persist ``step`` and each column given a value (``None`` keeps the stored one)."""
         values = {"step": step, **{k: v for k, v in columns.items() if v is not None}}
-        values["update_time_ns"] = self._clock_ns()
-        with transaction(self._conn) as conn:
-            conn.execute(
-                f"UPDATE {self.table} SET {', '.join(f'{name}=?' for name in values)}"
-                f" WHERE {self.id_column}=?",
-                (*values.values(), record.key),
-            )
+        values["update_time_ns"] = self._db.clock_ns()
+        with self._db.transaction() as tx:
+            tx.update(self.table, values, **{self.id_column: record.key})
         return self._require(record.key)
 
-    def _row(self, key: str) -> sqlite3.Row | None:
-        row: sqlite3.Row | None = self._conn.execute(
-            f"SELECT * FROM {self.table} WHERE {self.id_column} = ?", (key,)
-        ).fetchone()
-        return row
+    def _row(self, key: str) -> Row | None:
+        return self._db.one(f"SELECT * FROM {self.table} WHERE {self.id_column} = ?", (key,))
 
     def _require(self, key: str, *, merchant_id: str = "") -> RecordT:
         row = self._row(key)
         if row is None or (merchant_id and row["merchant_id"] != merchant_id):
             raise NotFound(f"{self.noun} {key!r} does not exist", metadata={self.id_column: key})
         return self._record(row)
+
+
+WorkT = TypeVar("WorkT")
+
+
+class StepRunner(Generic[WorkT]):
+    """Runs a piece of work's remaining steps in its own task, one task per id.
+
+    The task is shielded from its caller: a caller hanging up cannot stop a step midway,
+    and a second caller (a replay, a recovery pass) joins the task instead of running the
+    same steps twice. Each step commits what it did before the next begins, so work stopped
+    at close (or by a crash) resumes from its last committed step.
+
+    Args:
+        load: the latest stored state of the work with an id.
+        done: whether nothing is left to do.
+        step_of: the step the work has reached (one that does not move ends the run: an
+            outage, left for a replay or the next recovery pass).
+    """
+
+    def __init__(
+        self,
+        *,
+        load: Callable[[str], WorkT],
+        done: Callable[[WorkT], bool],
+        step_of: Callable[[WorkT], str],
+    ) -> None:
+        self._load = load
+        self._done = done
+        self._step_of = step_of
+        self._work: dict[str, asyncio.Task[WorkT]] = {}
+
+    def running(self, key: str) -> bool:
+        """Whether a task is driving the work ``key`` right now."""
+        return key in self._work
+
+    async def run(
+        self,
+        key: str,
+        step: Callable[[WorkT], Awaitable[WorkT]],
+        *,
+        then: Callable[[WorkT], None] | None = None,
+    ) -> WorkT:
+        """Drive ``key`` to done (or until a step does not move) in its own task.
+
+        Args:
+            step: runs the work's next step and returns it as persisted after it.
+            then: called in the task with the work as the run left it.
+
+        Raises:
+            Exception: whatever a step raised (the work stays at its last committed step).
+        """
+        task = self._work.get(key)
+        if task is None:
+            task = asyncio.create_task(self._drive(key, step, then))
+            self._work[key] = task
+            task.add_done_callback(lambda finished: self._forget(key, finished))
+        return await asyncio.shield(task)
+
+    async def close(self) -> None:
+        """Stop the work in flight; it stays resumable from its last committed step."""
+        tasks = list(self._work.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _forget(self, key: str, task: asyncio.Task[WorkT]) -> None:
+        self._work.pop(key, None)
+        if not task.cancelled():
+            task.exception()  # the awaiting caller reports it; do not log it as lost
+
+    async def _drive(
+        self,
+        key: str,
+        step: Callable[[WorkT], Awaitable[WorkT]],
+        then: Callable[[WorkT], None] | None,
+    ) -> WorkT:
+        work = self._load(key)  # the latest state, not a caller's snapshot
+        while not self._done(work):
+            after = await step(work)
+            stuck = self._step_of(after) == self._step_of(work)
+            work = after
+            if stuck:
+                break
+        if then is not None:
+            then(work)
+        return work
 
 
 class StepDriver(Generic[RecordT]):
@@ -317,24 +375,26 @@ class StepDriver(Generic[RecordT]):
         self._steps = steps
         self._log = log
         self._sleep = sleep
-        # One task per id being driven: a replay or the recovery pass joins it instead of
-        # running the same steps twice.
-        self._work: dict[str, asyncio.Task[RecordT]] = {}
+        self._runner: StepRunner[RecordT] = StepRunner(
+            load=store.get, done=lambda record: record.step == DONE, step_of=_step_of
+        )
         self._recovery: asyncio.Task[None] | None = None
 
     def running(self, key: str) -> bool:
         """Whether this process is driving the work ``key`` right now."""
-        return key in self._work
+        return self._runner.running(key)
 
     async def run(self, record: RecordT, *, first: bool) -> RecordT:
-        """Drive the record in its own task: a caller hanging up cannot stop it mid-step."""
-        key = record.key
-        task = self._work.get(key)
-        if task is None:
-            task = asyncio.create_task(self._drive(key, first=first))
-            self._work[key] = task
-            task.add_done_callback(lambda done: self._forget(key, done))
-        return await asyncio.shield(task)
+        """Drive the record in its own task: a caller hanging up cannot stop it mid-step.
+
+        At the end, the request id's claim is settled, so replays return the work.
+        """
+        steps = self._steps(first)
+
+        async def step(current: RecordT) -> RecordT:
+            return await steps[current.step](current)
+
+        return await self._runner.run(record.key, step, then=self._store.settle_claim)
 
     def start_recovery(self, interval_s: float = DEFAULT_RECOVERY_INTERVAL_S) -> None:
         """Run a recovery pass now and then every ``interval_s``, in the background, until close.
@@ -378,24 +438,11 @@ class StepDriver(Generic[RecordT]):
 
     async def close(self) -> None:
         """Stop the recovery pass and the work in flight; their rows stay resumable."""
-        tasks = [*self._work.values(), *([self._recovery] if self._recovery else [])]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._recovery is not None:
+            self._recovery.cancel()
+            await asyncio.gather(self._recovery, return_exceptions=True)
+        await self._runner.close()
 
-    def _forget(self, key: str, task: asyncio.Task[RecordT]) -> None:
-        self._work.pop(key, None)
-        if not task.cancelled():
-            task.exception()  # the awaiting handler reports it; do not log it as lost
 
-    async def _drive(self, key: str, *, first: bool) -> RecordT:
-        record = self._store.get(key)  # the latest state, not a caller's snapshot
-        steps = self._steps(first)
-        while record.step != DONE:
-            after = await steps[record.step](record)
-            stuck = after.step == record.step
-            record = after
-            if stuck:
-                break  # an outage: a replay or the next recovery pass resumes here
-        self._store.settle_claim(record)
-        return record
+def _step_of(record: StepRecord) -> str:
+    return record.step

@@ -9,7 +9,6 @@ outage interrupted.
 from __future__ import annotations
 
 import enum
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,8 +18,8 @@ from paymesh.common.v1 import common_pb2
 from paymesh.withdrawal.v1 import withdrawal_pb2
 from services.mesh.errors import AlreadyExists
 from services.storage import idempotency
-from services.storage.database import transaction
-from services.storage.resumable import Begun, StepStore, timestamp
+from services.storage.resumable import Begun, StepStore
+from services.storage.sql import Row, Statements, timestamp
 
 METHOD = "CreateWithdrawal"
 
@@ -119,15 +118,13 @@ class WithdrawalStore(StepStore[Record, withdrawal_pb2.Withdrawal]):
             Aborted: the first request with this id is still being executed.
             AlreadyExists: the settlement already has a withdrawal of another request.
         """
-        with transaction(self._conn) as conn:
-            earlier = self._claim(conn, request, request.request_id, withdrawal_id, running)
-            if earlier is not None:
-                return earlier
+
+        def insert(tx: Statements, _now: int) -> dict[str, object]:
             if request.settlement_id:
-                other = conn.execute(
+                other = tx.one(
                     "SELECT withdrawal_id FROM withdrawals WHERE settlement_id = ?",
                     (request.settlement_id,),
-                ).fetchone()
+                )
                 if other is not None:
                     raise AlreadyExists(
                         f"settlement {request.settlement_id!r} is already paid out by "
@@ -137,26 +134,17 @@ class WithdrawalStore(StepStore[Record, withdrawal_pb2.Withdrawal]):
                             "withdrawal_id": other["withdrawal_id"],
                         },
                     )
-            now = self._clock_ns()
-            conn.execute(
-                "INSERT INTO withdrawals (withdrawal_id, request_id, merchant_id, amount_minor,"
-                " currency_code, bank_account_reference, settlement_id, status, step,"
-                " create_time_ns, update_time_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    withdrawal_id,
-                    request.request_id,
-                    request.merchant_id,
-                    request.amount.amount_minor,
-                    request.amount.currency_code,
-                    request.bank_account_reference,
-                    request.settlement_id,
-                    withdrawal_pb2.WITHDRAWAL_STATUS_PENDING,
-                    Step.RESERVE,
-                    now,
-                    now,
-                ),
-            )
-            return Begun(record=self._require(withdrawal_id), replayed=False)
+            return {
+                "merchant_id": request.merchant_id,
+                "amount_minor": request.amount.amount_minor,
+                "currency_code": request.amount.currency_code,
+                "bank_account_reference": request.bank_account_reference,
+                "settlement_id": request.settlement_id,
+                "status": withdrawal_pb2.WITHDRAWAL_STATUS_PENDING,
+                "step": Step.RESERVE,
+            }
+
+        return self._begin(request, withdrawal_id, running, insert)
 
     def advance(
         self,
@@ -178,7 +166,7 @@ class WithdrawalStore(StepStore[Record, withdrawal_pb2.Withdrawal]):
             failure_reason=failure_reason,
         )
 
-    def _record(self, row: sqlite3.Row) -> Record:
+    def _record(self, row: Row) -> Record:
         withdrawal = withdrawal_pb2.Withdrawal(
             withdrawal_id=row["withdrawal_id"],
             merchant_id=row["merchant_id"],

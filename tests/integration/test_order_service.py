@@ -77,9 +77,13 @@ async def test_unknown_order_is_not_found(orders: order_pb2_grpc.OrderServiceAsy
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-async def test_pages_cover_every_order_once(orders: order_pb2_grpc.OrderServiceAsyncStub) -> None:
-    for index in range(7):
-        await orders.CreateOrder(_create(f"r{index}", f"o{index}"))
+async def test_pages_list_every_order_once_newest_first(
+    orders: order_pb2_grpc.OrderServiceAsyncStub,
+) -> None:
+    # Ids out of creation order, so an id-ordered or oldest-first listing cannot pass.
+    created = [f"o{(index * 3) % 7}" for index in range(7)]  # o0 o3 o6 o2 o5 o1 o4
+    for index, order_id in enumerate(created):
+        await orders.CreateOrder(_create(f"r{index}", order_id))
     seen: list[str] = []
     token = ""
     while True:
@@ -90,7 +94,7 @@ async def test_pages_cover_every_order_once(orders: order_pb2_grpc.OrderServiceA
         token = page.next_page_token
         if not token:
             break
-    assert sorted(seen) == [f"o{i}" for i in range(7)]
+    assert seen == created[::-1]
 
 
 async def test_page_token_of_another_filter_is_rejected(

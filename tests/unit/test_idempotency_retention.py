@@ -15,7 +15,7 @@ from services.mesh.errors import Aborted, AlreadyExists
 from services.order.store import OrderStore
 from services.settlement.store import SettlementStore
 from services.storage import idempotency
-from services.storage.database import open_database, transaction
+from services.storage.sql import Database, seconds_to_ns
 from tests.unit.fakes import FakeClock
 
 DAY_S = 24 * 3600.0
@@ -58,12 +58,14 @@ def _records(path: Path) -> list[tuple[str, str]]:
         return [(row[0], row[1]) for row in rows]
 
 
-def _claim_at(conn: sqlite3.Connection, request_id: str, now: float, *, done: bool = True) -> None:
+def _claim_at(db: Database, request_id: str, now: float, *, done: bool = True) -> None:
     request = order_pb2.UpdateOrderStatusRequest(request_id=request_id, order_id=request_id)
-    with transaction(conn):
-        idempotency.claim(conn, "Test", request_id, request, now=now, retention=RETENTION)
+    with db.transaction() as tx:
+        idempotency.claim(
+            tx, "Test", request_id, request, now_ns=seconds_to_ns(now), retention=RETENTION
+        )
         if done:
-            idempotency.complete(conn, "Test", request_id, order_pb2.UpdateOrderStatusResponse())
+            idempotency.complete(tx, "Test", request_id, order_pb2.UpdateOrderStatusResponse())
 
 
 def test_default_retention_is_seven_days() -> None:
@@ -124,14 +126,14 @@ def test_claim_purges_finished_records_past_the_retention(
 
 
 def test_purge_runs_at_most_once_per_interval(tmp_path: Path) -> None:
-    conn = open_database(tmp_path / "keys.db", idempotency.SCHEMA)
+    conn = Database(tmp_path / "keys.db", idempotency.SCHEMA)
     _claim_at(conn, "a", START)
     _claim_at(conn, "b", START + 1)
     now = START + RETENTION.retention_s + 10
     _claim_at(conn, "c", now)  # purges a and b
     _claim_at(conn, "d", now + 1)
-    with transaction(conn):  # d expires at once, but the next purge is not due yet
-        conn.execute("UPDATE idempotency_keys SET created_at = ? WHERE request_id = 'd'", (START,))
+    with conn.transaction() as tx:  # d expires at once, but the next purge is not due yet
+        tx.update("idempotency_keys", {"create_time_ns": seconds_to_ns(START)}, request_id="d")
     _claim_at(conn, "e", now + RETENTION.purge_interval_s - 1)
     assert [r for r, _ in _records(tmp_path / "keys.db")] == ["c", "d", "e"]
     _claim_at(conn, "f", now + RETENTION.purge_interval_s)
@@ -139,22 +141,25 @@ def test_purge_runs_at_most_once_per_interval(tmp_path: Path) -> None:
 
 
 def test_purge_deletes_one_batch_per_claim_until_none_are_left(tmp_path: Path) -> None:
-    conn = open_database(tmp_path / "keys.db", idempotency.SCHEMA)
+    conn = Database(tmp_path / "keys.db", idempotency.SCHEMA)
     retention = idempotency.Retention(purge_batch=2)
     for index in range(5):
         _claim_at(conn, f"old{index}", START)
-    now = START + retention.retention_s + 1
-    with transaction(conn):
-        deleted = [idempotency.purge_expired(conn, now=now, retention=retention) for _ in range(4)]
+    now = seconds_to_ns(START + retention.retention_s + 1)
+    with conn.transaction() as tx:
+        deleted = [idempotency.purge_expired(tx, now_ns=now, retention=retention) for _ in range(4)]
     assert deleted == [2, 2, 1, 0]
 
 
 def test_in_flight_records_never_expire(tmp_path: Path) -> None:
-    conn = open_database(tmp_path / "keys.db", idempotency.SCHEMA)
+    conn = Database(tmp_path / "keys.db", idempotency.SCHEMA)
     _claim_at(conn, "work", START, done=False)
     later = START + 10 * RETENTION.retention_s
-    with transaction(conn):
-        assert idempotency.purge_expired(conn, now=later, retention=RETENTION, force=True) == 0
+    with conn.transaction() as tx:
+        purged = idempotency.purge_expired(
+            tx, now_ns=seconds_to_ns(later), retention=RETENTION, force=True
+        )
+        assert purged == 0
     with pytest.raises(Aborted):
         _claim_at(conn, "work", later)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,7 +26,7 @@ from services.payment_gateway.outbox import (
     RelayPolicy,
     Route,
 )
-from services.storage.database import open_database, transaction
+from services.storage.sql import Database
 from tests.unit.fakes import FakeClock
 
 NOTIFY = "/test.Notifications/Send"
@@ -63,9 +62,9 @@ def clock() -> FakeClock:
 class CountingOutbox(Outbox):
     """An outbox that counts how often a worker looked for due rows."""
 
-    def __init__(self, conn: sqlite3.Connection, *, clock: FakeClock) -> None:
-        super().__init__(conn, clock=clock)
-        self.conn = conn
+    def __init__(self, db: Database, *, clock: FakeClock) -> None:
+        super().__init__(db, clock=clock)
+        self.db = db
         self.looks = 0
 
     def due(self, target: str, *, limit: int) -> list[OutboxRow]:
@@ -75,9 +74,9 @@ class CountingOutbox(Outbox):
 
 @pytest.fixture
 def outbox(tmp_path: Path, clock: FakeClock) -> Iterator[CountingOutbox]:
-    conn = open_database(tmp_path / "outbox.db", SCHEMA)
-    yield CountingOutbox(conn, clock=clock)
-    conn.close()
+    db = Database(tmp_path / "outbox.db", SCHEMA)
+    yield CountingOutbox(db, clock=clock)
+    db.close()
 
 
 async def _until(check: Callable[[], bool]) -> None:
@@ -99,8 +98,8 @@ def _message(event_id: str, method: str = NOTIFY, *, missing_ok: bool = False) -
 
 
 def _write(outbox: CountingOutbox, *messages: OutboxMessage) -> None:
-    with transaction(outbox.conn) as conn:
-        outbox.add(conn, "pay_1", messages)
+    with outbox.db.transaction() as tx:
+        outbox.add(tx, "pay_1", messages)
 
 
 def _relay(

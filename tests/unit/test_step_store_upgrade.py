@@ -85,12 +85,15 @@ def test_old_withdrawals_table_is_rebuilt_keeping_its_rows_and_indexes(tmp_path:
         )
         confirmed = store.advance(record, step=Step.CONFIRM)  # a step the old CHECK refused
         assert confirmed.step == Step.CONFIRM
-        indexes = {
-            row["name"]
-            for row in store._conn.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'withdrawals'"
-            )
-        }
+        with sqlite3.connect(path) as reader:
+            indexes = {
+                row[0]
+                for row in reader.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'index'"
+                    " AND tbl_name = 'withdrawals'"
+                )
+            }
+        reader.close()
         assert {"one_withdrawal_per_settlement", "withdrawals_by_merchant"} <= indexes
     finally:
         store.close()
