@@ -48,10 +48,8 @@ async def build(context: ServiceContext) -> list[object]:
         hold_file=Path(held) if (held := context.environ.get(HOLD_FILE_VAR)) else None,
     )
     recovery = Recovery(store, flow, schedule=config.recovery_schedule(), watch=watch)
-    tasks = [
-        asyncio.create_task(relay.run_forever(), name="outbox-relay"),
-        asyncio.create_task(recovery.run_forever(), name="recovery"),
-    ]
+    relay_task = asyncio.create_task(relay.run_forever(), name="outbox-relay")
+    recovery.start()
 
     def refuse_payment() -> None:
         watch.refuse_if_down(CREATE_PAYMENT_NEEDS, action="CreatePayment")
@@ -68,11 +66,10 @@ async def build(context: ServiceContext) -> list[object]:
     context.admin.route("GET", "/outbox", outbox)
 
     async def stop() -> None:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        relay_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await relay_task
+        await recovery.close()
         await flow.close()
         store.close()
 

@@ -1,28 +1,27 @@
-"""Recovery: a loop that drives every unfinished payment and refund to a terminal status.
+"""Recovery: the shared recovery loop, configured to finish the gateway's payments and refunds.
 
-A pass runs when the gateway starts and then periodically. It re-runs each flow from its
-committed step with the same deterministic downstream ids (the channel dedupes the charge by
-its key, so at most one charge exists) and completes the request id's claim with the final
-response, so a client's retry replays it. It waits for its dependencies rather than racing
-them: an item whose next step needs a target whose breaker is open is left until the breaker's
-open time has passed, and an item whose downstream failed without an answer is retried with
-exponential backoff and jitter. Neither is an error: one summary line per pass says what
-changed. Announcements (webhooks, events, order status) are the outbox relay's work.
+The loop (:class:`services.storage.resumable.RecoveryLoop`) runs a pass when the gateway
+starts and then periodically. Each pass re-runs every unfinished flow from its committed step
+with the same deterministic downstream ids (the channel dedupes the charge by its key, so at
+most one charge exists); the flow completes the request id's claim with the final response,
+so a client's retry replays it. What is the gateway's own is only configuration: which items
+there are (payments, then refunds), the hook that says an item's dependency is down (the
+breaker of the target its next step calls: the item is left until the breaker's open time has
+passed), per-item exponential backoff with jitter for an item whose downstream failed without
+an answer, and what a flow's outcome means (pending, or abandoned past the charge cutoff).
+Neither waiting nor pending is an error: one summary line per pass says what changed.
+Announcements (webhooks, events, order status) are the outbox relay's work.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-import math
 import random
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 
-from interceptors.backoff import backoff_delay_s
-from interceptors.policy import RetryPolicy
 from services.mesh.errors import NotFound
 from services.payment_gateway.dependencies import DependencyWatch
 from services.payment_gateway.flow import (
@@ -33,53 +32,25 @@ from services.payment_gateway.flow import (
     PaymentPending,
 )
 from services.payment_gateway.store import PaymentStore
+from services.storage.resumable import Outcome, RecoveryLoop, RecoveryReport, RecoverySchedule
+
+__all__ = ["Recovery", "RecoveryReport", "RecoverySchedule"]
 
 log = logging.getLogger("paymesh.payment_gateway.recovery")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RecoverySchedule:
-    """How often passes run and how patiently an item that keeps failing is retried."""
-
-    interval_s: float = 30.0
-    """Longest pause between two passes (new unfinished items are found by the next one)."""
-    initial_backoff_s: float = 1.0
-    """Upper bound of the jittered wait after an item's first failed attempt."""
-    max_backoff_s: float = 300.0
-    """Cap of that bound, however often the item failed."""
-
-    def __post_init__(self) -> None:
-        for name in ("interval_s", "initial_backoff_s", "max_backoff_s"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
-        if self.max_backoff_s < self.initial_backoff_s:
-            raise ValueError("max_backoff_s must be at least initial_backoff_s")
+@dataclass(frozen=True, slots=True)
+class _Item:
+    key: str
+    """The payment or refund id."""
+    refund: bool
+    """A refund (else a payment)."""
+    target: str | None
+    """The downstream its next step calls first."""
 
 
-@dataclass(slots=True)
-class RecoveryReport:
-    """What one pass did."""
-
-    finished: int = 0
-    """Payments and refunds driven to a terminal status."""
-    abandoned: int = 0
-    """Payments past the charge cutoff that never reached the channel, forgotten."""
-    pending: int = 0
-    """Payments and refunds tried and still waiting on a downstream (retried with backoff)."""
-    waiting: int = 0
-    """Payments and refunds not tried: their downstream's breaker is open, or their backoff
-    has not passed."""
-
-
-@dataclass(slots=True)
-class _Backoff:
-    failures: int = 0
-    due: float = field(default=-math.inf)
-
-
-class Recovery:
-    """Runs recovery passes over the gateway's store."""
+class Recovery(RecoveryLoop[_Item]):
+    """The recovery loop over the gateway's store and flows."""
 
     def __init__(
         self,
@@ -94,112 +65,50 @@ class Recovery:
     ) -> None:
         self._store = store
         self._flow = flow
-        self._schedule = schedule or RecoverySchedule()
-        self._backoff_policy = RetryPolicy(
-            initial_backoff_s=self._schedule.initial_backoff_s,
-            max_backoff_s=self._schedule.max_backoff_s,
-        )
         self._watch = watch
-        self._clock = clock
-        self._rng = rng
-        self._sleep = sleep
-        self._lock = asyncio.Lock()
-        self._backoff: dict[str, _Backoff] = {}
-        self._last = RecoveryReport()
+        super().__init__(
+            unfinished=self._unfinished,
+            resume=self._resume_flow,
+            log=log,
+            what="payments and refunds",
+            schedule=schedule,
+            busy=flow.is_driving,  # a live request's flow is left to it
+            wait_s=self._breaker_open_s if watch is not None else None,
+            clock=clock,
+            rng=rng,
+            sleep=sleep,
+        )
 
-    async def run_once(self) -> RecoveryReport:
-        """One pass; flows another task is driving right now are left to that task."""
-        report = RecoveryReport()
-        async with self._lock:  # two passes at once would drive the same payment twice
-            payments = self._store.unfinished_payments()
-            refunds = self._store.unfinished_refunds()
-            for payment_id in payments:
-                try:
-                    step = self._store.payment(payment_id).step
-                except NotFound:  # a live request abandoned it since the listing
-                    continue
-                target = STEP_TARGETS.get(step)
-                run = functools.partial(self._flow.run_payment, payment_id, recovering=True)
-                await self._resume(payment_id, target, run, report)
-            for refund_id in refunds:
-                target = REFUND_STEP_TARGETS.get(self._store.refund(refund_id).step)
-                run_refund = functools.partial(self._flow.run_refund, refund_id)
-                await self._resume(refund_id, target, run_refund, report)
-            unfinished = {*payments, *refunds}
-            for gone in set(self._backoff) - unfinished:
-                del self._backoff[gone]
-        self._log(report)
-        return report
-
-    def next_pass_in_s(self) -> float:
-        """Seconds until the next pass is due: the interval, or sooner when a backoff ends."""
-        wait = self._schedule.interval_s
-        now = self._clock()
-        for backoff in self._backoff.values():
-            wait = min(wait, backoff.due - now)
-        return max(0.0, wait)
-
-    async def run_forever(self) -> None:
-        """A pass now, then whenever the next is due, until cancelled."""
-        while True:
+    def _unfinished(self) -> Iterator[_Item]:
+        # Both listed up front; each step is read just before its item is resumed.
+        payments = self._store.unfinished_payments()
+        refunds = self._store.unfinished_refunds()
+        for payment_id in payments:
             try:
-                await self.run_once()
-            except Exception:  # a failed pass must not end recovery; the next one retries
-                log.exception("recovery pass failed")
-            await self._sleep(self.next_pass_in_s())
+                step = self._store.payment(payment_id).step
+            except NotFound:  # a live request abandoned it since the listing
+                continue
+            yield _Item(payment_id, refund=False, target=STEP_TARGETS.get(step))
+        for refund_id in refunds:
+            step = self._store.refund(refund_id).step
+            yield _Item(refund_id, refund=True, target=REFUND_STEP_TARGETS.get(step))
 
-    async def _resume(
-        self,
-        flow_id: str,
-        target: str | None,
-        run: Callable[[], Awaitable[object]],
-        report: RecoveryReport,
-    ) -> None:
-        if self._flow.is_driving(flow_id):
-            return
-        backoff = self._backoff.setdefault(flow_id, _Backoff())
-        now = self._clock()
-        if backoff.due > now:
-            report.waiting += 1
-            return
-        open_left = self._watch.open_left_s(target) if self._watch and target else 0.0
-        if open_left > 0:
-            # Its dependency is known to be down: no call, no failure counted; try once the
-            # breaker lets a trial through.
-            backoff.due = now + open_left
-            report.waiting += 1
-            log.debug("recovery: %s waits %.1f s for %s", flow_id, open_left, target)
-            return
-        with self._flow.driving(flow_id):
+    def _breaker_open_s(self, item: _Item) -> float:
+        if self._watch is None or item.target is None:
+            return 0.0
+        return self._watch.open_left_s(item.target)
+
+    async def _resume_flow(self, item: _Item) -> Outcome:
+        with self._flow.driving(item.key):
             try:
-                await run()
+                if item.refund:
+                    await self._flow.run_refund(item.key)
+                else:
+                    await self._flow.run_payment(item.key, recovering=True)
             except PaymentNotStarted as gone:
-                report.abandoned += 1
                 log.info("recovery: %s", gone)
+                return Outcome.ABANDONED
             except PaymentPending as pending:
-                self._failed(backoff)
-                report.pending += 1
                 log.debug("recovery: %s", pending)
-                return
-            except Exception:  # one broken item must not stop the others
-                self._failed(backoff)
-                report.pending += 1
-                log.exception("recovery of %s failed", flow_id)
-                return
-            else:
-                report.finished += 1
-        del self._backoff[flow_id]
-
-    def _failed(self, backoff: _Backoff) -> None:
-        backoff.failures += 1
-        delay = backoff_delay_s(self._backoff_policy, backoff.failures, self._rng)
-        backoff.due = self._clock() + delay
-
-    def _log(self, report: RecoveryReport) -> None:
-        # One line when something changed; a pass that only waits again says it at debug.
-        changed = report.finished or report.abandoned or report != self._last
-        self._last = report
-        if changed and (report.finished or report.abandoned or report.pending or report.waiting):
-            log.info("recovery pass: %s", report)
-        else:
-            log.debug("recovery pass: %s", report)
+                return Outcome.PENDING
+        return Outcome.FINISHED

@@ -2,31 +2,38 @@
 
 :class:`StepRunner` is the one step driver: it runs a piece of work's remaining steps in its
 own shielded task, one task per id, so a caller hanging up cannot stop a step midway and a
-replay or a recovery pass joins the work instead of repeating it. :class:`StepStore` keeps one
+replay or a recovery pass joins the work instead of repeating it. :class:`RecoveryLoop` is the
+one recovery scheduler: a pass at start and then whenever the next is due, resuming each
+unfinished item, retrying an item that keeps failing with per-item jittered backoff, and
+leaving an item alone while a hook says its dependency is down. :class:`StepStore` keeps one
 row per piece of work (claimed with its request id, the step it has reached);
-:class:`StepDriver` runs such records on the runner, runs a recovery pass at start and then
-every ``<SERVICE>_RECOVERY_INTERVAL_S`` (work stuck on an outage waits for the next pass
-instead of racing a dependency that is still coming up), and stops the work in flight at
-close, leaving the rows resumable. Settlement and withdrawal use the driver; the gateway's
-payments and refunds run on the runner under their own recovery schedule (breaker-aware, with
-per-item backoff).
+:class:`StepDriver` runs such records on the runner under the recovery loop (every
+``<SERVICE>_RECOVERY_INTERVAL_S``; work stuck on an outage waits for the next pass instead of
+racing a dependency that is still coming up), and stops the work in flight at close, leaving
+the rows resumable. Settlement and withdrawal use the driver; the gateway's payments and
+refunds run on the runner and the same recovery loop, configured with per-item backoff and a
+breaker hook (``services/payment_gateway/recovery.py``).
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import enum
 import logging
 import math
+import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
 
+from interceptors.backoff import backoff_delay_s
+from interceptors.policy import RetryPolicy
 from services.mesh.bootstrap import StartupError
 from services.mesh.errors import Aborted, NotFound
 from services.mesh.topology import env_prefix
@@ -352,14 +359,255 @@ class StepRunner(Generic[WorkT]):
         return work
 
 
+class Outcome(enum.Enum):
+    """What resuming one item in a recovery pass came to."""
+
+    FINISHED = "finished"
+    """It reached a terminal state."""
+    ABANDONED = "abandoned"
+    """It was given up before any effect and forgotten."""
+    PENDING = "pending"
+    """It still has steps left (its dependency did not answer): retried after its backoff."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecoverySchedule:
+    """How often recovery passes run and how patiently an item that keeps failing is retried.
+
+    With both backoffs 0 (:meth:`passes_only`) an item that failed is simply retried by the
+    next pass.
+    """
+
+    interval_s: float = 30.0
+    """Longest pause between two passes (new unfinished items are found by the next one)."""
+    initial_backoff_s: float = 1.0
+    """Upper bound of the jittered wait after an item's first failed attempt."""
+    max_backoff_s: float = 300.0
+    """Cap of that bound, however often the item failed."""
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.interval_s) or self.interval_s <= 0:
+            raise ValueError(
+                f"interval_s must be a positive number of seconds, got {self.interval_s!r}"
+            )
+        for name in ("initial_backoff_s", "max_backoff_s"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a number of seconds, got {value!r}")
+        if self.max_backoff_s < self.initial_backoff_s:
+            raise ValueError("max_backoff_s must be at least initial_backoff_s")
+        if (self.initial_backoff_s == 0) != (self.max_backoff_s == 0):
+            raise ValueError("initial_backoff_s and max_backoff_s are 0 together or not at all")
+
+    @classmethod
+    def passes_only(cls, interval_s: float) -> RecoverySchedule:
+        """A pass every ``interval_s``, no per-item backoff."""
+        return cls(interval_s=interval_s, initial_backoff_s=0.0, max_backoff_s=0.0)
+
+    @property
+    def backs_off(self) -> bool:
+        """Whether an item that failed waits out a backoff before its next attempt."""
+        return self.max_backoff_s > 0
+
+
+@dataclass(slots=True)
+class RecoveryReport:
+    """What one pass did."""
+
+    finished: int = 0
+    """Items driven to a terminal state."""
+    abandoned: int = 0
+    """Items given up before any effect, forgotten."""
+    pending: int = 0
+    """Items tried and still unfinished (retried after their backoff, or by the next pass)."""
+    waiting: int = 0
+    """Items not tried: their dependency is down, or their backoff has not passed."""
+
+    @property
+    def left(self) -> int:
+        """Items still unfinished after the pass."""
+        return self.pending + self.waiting
+
+
+class Keyed(Protocol):
+    """An item a recovery pass resumes: it has an id."""
+
+    @property
+    def key(self) -> str:
+        """The id of the work."""
+        ...
+
+
+ItemT = TypeVar("ItemT", bound=Keyed)
+
+
+@dataclass(slots=True)
+class _Backoff:
+    failures: int = 0
+    due: float = -math.inf
+
+
+class RecoveryLoop(Generic[ItemT]):
+    """The one recovery scheduler: passes that resume every unfinished item, until close.
+
+    A pass runs at :meth:`start` and then whenever the next is due: after the interval, or
+    sooner when an item's backoff or wait ends. Two passes never run at once. Within a pass,
+    an item ``busy`` says a live request is driving is left to it; an item whose backoff has
+    not passed, or whose dependency ``wait_s`` says is down, waits without a call (a wait is
+    no failure); every other item is resumed. One broken item does not stop the others: its
+    error is logged and it is retried like a pending one. One summary line per pass that
+    changed something; a pass that only waits again says it at debug.
+
+    Args:
+        unfinished: the items with steps left, oldest first; iterated lazily within the pass,
+            so an item can be looked up just before it is resumed (skip one that is gone).
+        resume: drives an item as far as it gets and says how far that was.
+        log: the service's logger.
+        what: what the items are, for messages (``settlements``).
+        schedule: interval and per-item backoff.
+        busy: whether a live request is driving an id right now (default: none is, and a
+            pass joins such work through the step runner instead).
+        wait_s: seconds until an item's dependency admits a call (0: now); default always 0.
+        clock: monotonic time; rng: jitter in [0, 1); sleep: waits between passes.
+    """
+
+    def __init__(
+        self,
+        *,
+        unfinished: Callable[[], Iterable[ItemT]],
+        resume: Callable[[ItemT], Awaitable[Outcome]],
+        log: logging.Logger,
+        what: str,
+        schedule: RecoverySchedule | None = None,
+        busy: Callable[[str], bool] | None = None,
+        wait_s: Callable[[ItemT], float] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        rng: Callable[[], float] = random.random,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._unfinished = unfinished
+        self._resume = resume
+        self._log = log
+        self._what = what
+        self.schedule = schedule or RecoverySchedule()
+        self._busy = busy
+        self._wait_s = wait_s
+        self._clock = clock
+        self._rng = rng
+        self._sleep = sleep
+        self._lock = asyncio.Lock()
+        self._backoff: dict[str, _Backoff] = {}
+        self._last = RecoveryReport()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Run a pass now and then whenever the next is due, in the background, until close."""
+        if self._task is None:
+            self._task = asyncio.create_task(self.run_forever(), name=f"{self._what} recovery")
+
+    async def close(self) -> None:
+        """Stop the passes (the work they drive is stopped by its runner's close)."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def run_forever(self) -> None:
+        """A pass now, then whenever the next is due, until cancelled."""
+        while True:
+            try:
+                await self.run_once()
+            except Exception:  # a failed pass (the store, say) must not end recovery
+                self._log.exception("%s recovery pass failed", self._what)
+            await self._sleep(self.next_pass_in_s())
+
+    def next_pass_in_s(self) -> float:
+        """Seconds until the next pass is due: the interval, or sooner when a backoff ends."""
+        wait = self.schedule.interval_s
+        now = self._clock()
+        for backoff in self._backoff.values():
+            wait = min(wait, backoff.due - now)
+        return max(0.0, wait)
+
+    async def run_once(self) -> RecoveryReport:
+        """One pass over the unfinished items."""
+        report = RecoveryReport()
+        async with self._lock:  # two passes at once would drive the same item twice
+            seen: set[str] = set()
+            for item in self._unfinished():
+                seen.add(item.key)
+                await self._one(item, report)
+            for gone in set(self._backoff) - seen:
+                del self._backoff[gone]
+        self._report(report)
+        return report
+
+    async def _one(self, item: ItemT, report: RecoveryReport) -> None:
+        key = item.key
+        if self._busy is not None and self._busy(key):
+            return
+        now = self._clock()
+        backoff = self._backoff.get(key)
+        if backoff is not None and backoff.due > now:
+            report.waiting += 1
+            return
+        wait_s = self._wait_s(item) if self._wait_s is not None else 0.0
+        if wait_s > 0:
+            # Its dependency is known to be down: no call, no failure counted; try once it
+            # admits a call again.
+            self._backoff.setdefault(key, _Backoff()).due = now + wait_s
+            report.waiting += 1
+            self._log.debug("recovery: %s waits %.1f s for its dependency", key, wait_s)
+            return
+        try:
+            outcome = await self._resume(item)
+        except Exception:  # one broken item must not stop the others
+            self._log.exception("recovery of %s %s failed", self._what, key)
+            outcome = Outcome.PENDING
+        if outcome is Outcome.PENDING:
+            report.pending += 1
+            self._failed(key)
+            return
+        if outcome is Outcome.FINISHED:
+            report.finished += 1
+        else:
+            report.abandoned += 1
+        self._backoff.pop(key, None)
+
+    def _failed(self, key: str) -> None:
+        if not self.schedule.backs_off:
+            self._backoff.pop(key, None)  # the next pass retries it
+            return
+        backoff = self._backoff.setdefault(key, _Backoff())
+        backoff.failures += 1
+        policy = RetryPolicy(
+            initial_backoff_s=self.schedule.initial_backoff_s,
+            max_backoff_s=self.schedule.max_backoff_s,
+        )
+        backoff.due = self._clock() + backoff_delay_s(policy, backoff.failures, self._rng)
+
+    def _report(self, report: RecoveryReport) -> None:
+        changed = report.finished or report.abandoned or report != self._last
+        self._last = report
+        if changed and (report.finished or report.abandoned or report.left):
+            self._log.info("%s recovery pass: %s", self._what, report)
+        else:
+            self._log.debug("%s recovery pass: %s", self._what, report)
+
+
 class StepDriver(Generic[RecordT]):
-    """Runs records' remaining steps, one task per id, and the recovery loop.
+    """Runs records' remaining steps, one task per id, under the recovery loop.
 
     Args:
         store: where the records are persisted.
         steps: the step functions of each not-done step; ``first`` is True for a new request
             (whose first refusal may leave no trace).
         log: the service's logger.
+        schedule: the recovery loop's pacing; by default a pass every
+            :data:`DEFAULT_RECOVERY_INTERVAL_S` and no per-item backoff (a record still stuck
+            on an outage waits for the next pass).
+        wait_s: seconds until a record's dependency admits a call (see :class:`RecoveryLoop`).
+        clock, rng: the recovery loop's time and jitter.
         sleep: waits between recovery passes (tests pass their own).
     """
 
@@ -369,16 +617,29 @@ class StepDriver(Generic[RecordT]):
         steps: Callable[[bool], Mapping[Any, Stepper[RecordT]]],
         *,
         log: logging.Logger,
+        schedule: RecoverySchedule | None = None,
+        wait_s: Callable[[RecordT], float] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        rng: Callable[[], float] = random.random,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._store = store
         self._steps = steps
-        self._log = log
-        self._sleep = sleep
         self._runner: StepRunner[RecordT] = StepRunner(
             load=store.get, done=lambda record: record.step == DONE, step_of=_step_of
         )
-        self._recovery: asyncio.Task[None] | None = None
+        # A record a request is driving is joined through the runner, not skipped.
+        self._recovery: RecoveryLoop[RecordT] = RecoveryLoop(
+            unfinished=store.unfinished,
+            resume=self._resume,
+            log=log,
+            what=f"{store.noun}s",
+            schedule=schedule or RecoverySchedule.passes_only(DEFAULT_RECOVERY_INTERVAL_S),
+            wait_s=wait_s,
+            clock=clock,
+            rng=rng,
+            sleep=sleep,
+        )
 
     def running(self, key: str) -> bool:
         """Whether this process is driving the work ``key`` right now."""
@@ -396,23 +657,16 @@ class StepDriver(Generic[RecordT]):
 
         return await self._runner.run(record.key, step, then=self._store.settle_claim)
 
-    def start_recovery(self, interval_s: float = DEFAULT_RECOVERY_INTERVAL_S) -> None:
-        """Run a recovery pass now and then every ``interval_s``, in the background, until close.
+    def start_recovery(self, interval_s: float | None = None) -> None:
+        """Run a recovery pass now and then every ``interval_s`` (else the schedule's), in
+        the background, until close.
 
         Raises:
             ValueError: ``interval_s`` is not a positive number.
         """
-        if not (math.isfinite(interval_s) and interval_s > 0):
-            raise ValueError(f"interval_s must be a positive number, got {interval_s!r}")
-        self._recovery = asyncio.create_task(self._recover_forever(interval_s))
-
-    async def _recover_forever(self, interval_s: float) -> None:
-        while True:
-            try:
-                await self.recover()
-            except Exception:  # a failed pass (the store, say) must not end the loop
-                self._log.exception("%s recovery pass failed", self._store.noun)
-            await self._sleep(interval_s)
+        if interval_s is not None:
+            self._recovery.schedule = replace(self._recovery.schedule, interval_s=interval_s)
+        self._recovery.start()
 
     async def recover(self) -> int:
         """One pass: resume each unfinished record with its own ids; returns how many are left.
@@ -420,28 +674,16 @@ class StepDriver(Generic[RecordT]):
         A record still stuck on an outage, or failing, waits for the next pass; one that a
         request is driving right now is joined, not run twice.
         """
-        left = 0
-        for record in self._store.unfinished():
-            try:
-                after = await self.run(record, first=False)
-            except Exception:
-                self._log.exception("recovery of %s %s failed", self._store.noun, record.key)
-                left += 1
-                continue
-            if after.step != DONE:
-                left += 1
-        if left:
-            self._log.info(
-                "%d %s(s) still unfinished; next recovery pass retries", left, self._store.noun
-            )
-        return left
+        return (await self._recovery.run_once()).left
 
     async def close(self) -> None:
         """Stop the recovery pass and the work in flight; their rows stay resumable."""
-        if self._recovery is not None:
-            self._recovery.cancel()
-            await asyncio.gather(self._recovery, return_exceptions=True)
+        await self._recovery.close()
         await self._runner.close()
+
+    async def _resume(self, record: RecordT) -> Outcome:
+        after = await self.run(record, first=False)
+        return Outcome.FINISHED if after.step == DONE else Outcome.PENDING
 
 
 def _step_of(record: StepRecord) -> str:
