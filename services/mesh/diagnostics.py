@@ -14,12 +14,11 @@ import contextlib
 import enum
 import logging
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from google.protobuf import duration_pb2, timestamp_pb2
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -76,27 +75,39 @@ async def check_database(path: Path, *, timeout_s: float = PROBE_TIMEOUT_S) -> t
     return Health.SERVING, ""
 
 
-def _http_status(url: str, timeout_s: float) -> int:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy
-    try:
-        with opener.open(url, timeout=timeout_s) as reply:
-            return int(reply.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)
+async def check_partner(
+    base_url: str,
+    *,
+    timeout_s: float = PROBE_TIMEOUT_S,
+    session: aiohttp.ClientSession | None = None,
+) -> tuple[Health, str]:
+    """``GET <base_url>/healthz``: any answer below 500 means the partner is up.
 
-
-async def check_partner(base_url: str, *, timeout_s: float = PROBE_TIMEOUT_S) -> tuple[Health, str]:
-    """``GET <base_url>/healthz``: any answer below 500 means the partner is up."""
+    ``session`` is the caller's (None: one for this check only); no proxy is taken from the
+    environment, and the body is not read.
+    """
     url = f"{base_url.rstrip('/')}/healthz"
+    own = session is None
+    session = session or _probe_session()
     try:
-        status = await asyncio.wait_for(asyncio.to_thread(_http_status, url, timeout_s), timeout_s)
+        async with asyncio.timeout(timeout_s):
+            async with session.get(url) as reply:
+                status = reply.status
     except TimeoutError:
         return Health.UNREACHABLE, f"no answer from {url} within {timeout_s:.1f}s"
-    except (OSError, ValueError) as exc:
+    except (aiohttp.ClientError, OSError, ValueError) as exc:
         return Health.UNREACHABLE, f"{url}: {exc}"
+    finally:
+        if own:
+            await session.close()
     if status >= 500:
         return Health.NOT_SERVING, f"{url}: HTTP {status}"
     return Health.SERVING, ""
+
+
+def _probe_session() -> aiohttp.ClientSession:
+    # Partners are on the topology's addresses: never through a proxy from the environment.
+    return aiohttp.ClientSession(trust_env=False, timeout=aiohttp.ClientTimeout(total=None))
 
 
 async def check_grpc(
@@ -249,6 +260,7 @@ class DiagnosticsServicer(mesh_pb2_grpc.DiagnosticsServiceServicer):
         self._wall_clock = wall_clock
         # Health checks get channels of their own: the service's mTLS identity, no chain.
         self._channels: dict[str, aio.Channel] = {}
+        self._http: aiohttp.ClientSession | None = None  # partner checks, made on first use
 
     async def GetDiagnostics(
         self, request: mesh_pb2.GetDiagnosticsRequest, context: aio.ServicerContext[Any, Any]
@@ -269,10 +281,13 @@ class DiagnosticsServicer(mesh_pb2_grpc.DiagnosticsServiceServicer):
         )
 
     async def close(self) -> None:
-        """Close the health-check channels."""
+        """Close the health-check channels and the partner checks' session."""
         channels, self._channels = self._channels, {}
         for channel in channels.values():
             await channel.close()
+        http, self._http = self._http, None
+        if http is not None:
+            await http.close()
 
     def _channel(self, target: str) -> aio.Channel:
         channel = self._channels.get(target)
@@ -292,7 +307,9 @@ class DiagnosticsServicer(mesh_pb2_grpc.DiagnosticsServiceServicer):
 
     async def _partner(self, name: str) -> mesh_pb2.Dependency:
         url = self._topology.partner_url(name)
-        health, error = await check_partner(url, timeout_s=self._timeout_s)
+        if self._http is None or self._http.closed:
+            self._http = _probe_session()
+        health, error = await check_partner(url, timeout_s=self._timeout_s, session=self._http)
         return self._entry(name, mesh_pb2.DEPENDENCY_KIND_HTTP_PARTNER, url, health, error)
 
     async def _own_database(self, path: Path) -> mesh_pb2.Dependency:

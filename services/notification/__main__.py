@@ -39,11 +39,14 @@ def build(
     context.on_stop.append(store.close)
     secrets = WebhookSecretStore(context.database_path(), SecretSealer(config.sealing_key()))
     context.on_stop.append(secrets.close)
+    client = delivery.DeliveryClient()
+    context.on_stop.append(client.close)  # after the dispatcher, which is stopped first
     sender = WebhookSender(
         secrets,
         context.clients.partner(MERCHANT_WEBHOOKS),
         policy=policy,
         resolver=resolver,
+        client=client,
         clock=clock,
     )
     dispatcher = Dispatcher(

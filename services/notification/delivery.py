@@ -1,15 +1,17 @@
 """Where a webhook may go, and one POST there that DNS cannot steer elsewhere (SSRF defence).
 
 A URL is checked as written (scheme, no credentials, literal addresses, metadata host names),
-then its host is resolved once and every address it resolves to must pass too. The connection
-goes to one of those checked addresses (TLS still verifies the certificate for the host name),
-so a DNS answer that changes between check and connect (rebinding) cannot redirect it.
-Redirects are not followed: every answer but a 2xx is a failed attempt. No gRPC import.
+then its host is resolved once and every address it resolves to must pass too. aiohttp posts
+over a connection to one of those checked addresses (its resolver answers only them; TLS still
+verifies the certificate for the host name), so a DNS answer that changes between check and
+connect (rebinding) cannot redirect it. Redirects are not followed: every answer but a 2xx is
+a failed attempt. No gRPC import.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import ipaddress
 import re
 import socket
@@ -17,6 +19,10 @@ import ssl
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
+
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from yarl import URL
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 #: Resolves ``(host, port)`` to address strings, like ``getaddrinfo``.
@@ -26,6 +32,8 @@ MAX_URL_LENGTH = 2048
 #: Of an answer, only the status matters; a little of the body explains a failure.
 MAX_EXCERPT_BYTES = 512
 MAX_ANSWER_HEADERS = 100
+#: The longest a post may take if its caller set no bound of its own.
+BACKSTOP_TIMEOUT_S = 60.0
 #: Cloud metadata and host-platform endpoints that are not link-local (or are, and matter most).
 METADATA_ADDRESSES = frozenset(
     ipaddress.ip_address(a)
@@ -200,6 +208,91 @@ async def resolve(
     return addresses
 
 
+class PinnedResolver(AbstractResolver):
+    """aiohttp's DNS for direct posts: the addresses already checked for this request's host.
+
+    The pin lives in a context variable that :func:`post` sets around its one request, so
+    concurrent posts to the same host each connect to their own checked answer; a host with no
+    pin (nothing else should ever be asked) resolves to nothing.
+    """
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        """The pinned addresses of ``host``, in the order they were checked.
+
+        Raises:
+            OSError: ``host`` and ``port`` are not what this request pinned.
+        """
+        pin = _PIN.get()
+        if pin is None or (pin.destination.host, pin.destination.port) != (host, port):
+            raise OSError(f"no checked address for {_short(host)}")
+        return [
+            ResolveResult(
+                hostname=host,
+                host=str(address),
+                port=port,
+                family=socket.AF_INET6 if address.version == 6 else socket.AF_INET,
+                proto=0,
+                flags=socket.AI_NUMERICHOST,
+            )
+            for address in pin.addresses
+        ]
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Pin:
+    destination: Destination
+    addresses: Sequence[IPAddress]
+
+
+_PIN: contextvars.ContextVar[_Pin | None] = contextvars.ContextVar("webhook_pin", default=None)
+
+
+class DeliveryClient:
+    """The HTTP client of direct webhook posts: one aiohttp session per process.
+
+    Pinning is per request, not per connector: one connector whose :class:`PinnedResolver`
+    answers from the request's own checked addresses serves every merchant, where a connector
+    per destination would need a cache, eviction and closing of pools that may be in use.
+    The price is keep-alive: aiohttp pools connections by host and port, so a kept one would
+    carry a later request to an address checked for an earlier answer; every post opens its
+    own connection (``force_close``), as one per webhook always did. Also: no DNS cache (the
+    pin is the answer), no proxy from the environment, no cookies kept between merchants,
+    redirects not followed, at most ``MAX_ANSWER_HEADERS`` answer headers.
+    """
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        """The session, made on first use (in the running loop)."""
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(
+                resolver=PinnedResolver(), use_dns_cache=False, force_close=True
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                # The caller bounds the time (asyncio.timeout); this only backs it up.
+                timeout=aiohttp.ClientTimeout(total=BACKSTOP_TIMEOUT_S),
+                trust_env=False,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                auto_decompress=False,
+                skip_auto_headers=("Accept-Encoding",),
+                max_headers=MAX_ANSWER_HEADERS,
+            )
+        return self._session
+
+    async def close(self) -> None:
+        """Close the session and its connections (at the service's stop)."""
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+
 async def post(
     destination: Destination,
     addresses: Sequence[IPAddress],
@@ -207,58 +300,53 @@ async def post(
     headers: Mapping[str, str],
     *,
     tls: ssl.SSLContext | None = None,
+    client: DeliveryClient | None = None,
 ) -> WebhookAnswer:
-    """POST ``body`` to the first of ``addresses`` that accepts a connection.
+    """POST ``body`` to ``destination`` over a connection to one of ``addresses``.
 
-    The caller bounds the time (``asyncio.timeout``). Header values must be ASCII.
+    aiohttp connects to the first of ``addresses`` that accepts (never resolving the name
+    again) and, over https, verifies the certificate for the host name. The caller bounds the
+    time (``asyncio.timeout``). ``client`` is the process's (None: one for this post only).
 
     Raises:
-        OSError: no address accepted a connection, or TLS failed.
-        ValueError: the answer is not HTTP.
-        asyncio.IncompleteReadError: the connection closed before an answer.
+        OSError: no address accepted a connection, TLS failed, or the connection closed
+            before an answer.
+        TimeoutError: aiohttp's backstop timeout passed.
+        ValueError: the answer is not HTTP (or has more than ``MAX_ANSWER_HEADERS`` headers).
     """
-    reader, writer = await _connect(destination, addresses, tls)
+    own = client is None
+    client = client or DeliveryClient()
+    url = URL(f"{destination.scheme}://{destination.host_header}{destination.target}", encoded=True)
+    token = _PIN.set(_Pin(destination, tuple(addresses)))
     try:
-        lines = [
-            f"POST {destination.target} HTTP/1.1",
-            f"Host: {destination.host_header}",
-            "Connection: close",
-            f"Content-Length: {len(body)}",
-            *(f"{name}: {value}" for name, value in headers.items()),
-        ]
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + body)
-        await writer.drain()
-        status_line = (await reader.readline()).split()
-        if len(status_line) < 2 or not status_line[0].startswith(b"HTTP/"):
-            raise ValueError("the answer is not HTTP")
-        status = int(status_line[1])
-        for _ in range(MAX_ANSWER_HEADERS):
-            if (await reader.readline()).strip() == b"":
-                break
-        excerpt = await reader.read(MAX_EXCERPT_BYTES)
-        return WebhookAnswer(status, excerpt.decode("utf-8", "replace"))
+        async with client.session().post(
+            url,
+            data=body,
+            headers=dict(headers),
+            allow_redirects=False,
+            ssl=tls if tls is not None else True,  # True: the system's trust, verified
+        ) as response:
+            excerpt = b""
+            while len(excerpt) < MAX_EXCERPT_BYTES:
+                chunk = await response.content.read(MAX_EXCERPT_BYTES - len(excerpt))
+                if not chunk:
+                    break
+                excerpt += chunk
+            response.close()  # the rest of the body is not read
+            return WebhookAnswer(response.status, excerpt.decode("utf-8", "replace"))
+    except (aiohttp.ClientResponseError, aiohttp.ClientPayloadError) as exc:
+        raise ValueError(f"the answer is not HTTP: {exc}") from exc
+    except aiohttp.ClientConnectorError as exc:
+        # What the socket or TLS said (ConnectionRefusedError, SSLCertVerificationError...).
+        raise exc.os_error from exc
+    except aiohttp.ClientError as exc:
+        if isinstance(exc, OSError | TimeoutError):
+            raise
+        raise ConnectionError(f"{type(exc).__name__}: {exc}") from exc
     finally:
-        writer.close()
-
-
-async def _connect(
-    destination: Destination, addresses: Sequence[IPAddress], tls: ssl.SSLContext | None
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    secure = destination.scheme == "https"
-    context = (tls or ssl.create_default_context()) if secure else None
-    failure: OSError = OSError(f"no address to connect to for {destination.host}")
-    for address in addresses:
-        try:
-            return await asyncio.open_connection(
-                str(address),
-                destination.port,
-                ssl=context,
-                # The certificate is checked for the name the merchant gave, not the address.
-                server_hostname=destination.host if secure else None,
-            )
-        except OSError as exc:
-            failure = exc
-    raise failure
+        _PIN.reset(token)
+        if own:
+            await client.close()
 
 
 def _check_address(address: IPAddress, policy: DestinationPolicy, *, subject: str) -> None:

@@ -59,6 +59,7 @@ class WebhookSender:
         policy: where webhooks may go.
         resolver: DNS for webhook hosts.
         tls: TLS context of direct https posts (None: the system's defaults).
+        client: the HTTP client of direct posts (None: one per post).
         clock: the signature's time.
     """
 
@@ -70,6 +71,7 @@ class WebhookSender:
         policy: DestinationPolicy,
         resolver: delivery.Resolver = delivery.system_resolver,
         tls: ssl.SSLContext | None = None,
+        client: delivery.DeliveryClient | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._secrets = secrets
@@ -77,6 +79,7 @@ class WebhookSender:
         self._policy = policy
         self._resolver = resolver
         self._tls = tls
+        self._client = client
         self._clock = clock
 
     async def send(self, notification: pb.Notification, destination: Destination) -> Reply:
@@ -135,7 +138,9 @@ class WebhookSender:
             ).timeout_s
             async with asyncio.timeout(timeout_s):
                 addresses = await delivery.resolve(destination, self._policy, self._resolver)
-                answer = await delivery.post(destination, addresses, body, sent, tls=self._tls)
+                answer = await delivery.post(
+                    destination, addresses, body, sent, tls=self._tls, client=self._client
+                )
         except delivery.RefusedDestination:
             raise
         except DeadlineExhausted:

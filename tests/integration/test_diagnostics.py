@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -24,6 +25,7 @@ from paymesh.order.v1 import order_pb2, order_pb2_grpc
 from paymesh.risk.v1 import risk_pb2, risk_pb2_grpc
 from services.mesh import pki
 from services.mesh.bootstrap import StartupError
+from services.mesh.diagnostics import Health, check_partner
 from services.order.__main__ import build as build_order
 from services.risk.__main__ import build as build_risk
 from services.tools.launcher import free_port
@@ -289,3 +291,63 @@ async def test_a_breaker_whose_open_time_passed_reads_half_open_ready(tmp_path: 
     assert mesh_pb2.BREAKER_STATE_OPEN in states  # it was open before its time ran out
     assert report.status == mesh_pb2.SERVICE_STATUS_DEGRADED
     assert "geo-ip: UNREACHABLE, breaker HALF-OPEN-READY" in report.status_reason
+
+
+@contextlib.asynccontextmanager
+async def _partner(status: int, *, delay_s: float = 0.0) -> AsyncIterator[str]:
+    """An HTTP partner on loopback whose ``/healthz`` answers ``status`` after ``delay_s``."""
+
+    async def healthz(request: web.Request) -> web.Response:
+        await asyncio.sleep(delay_s)
+        return web.Response(status=status)
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("status", "health"),
+    [
+        (200, Health.SERVING),
+        (404, Health.SERVING),
+        (499, Health.SERVING),
+        (500, Health.NOT_SERVING),
+        (503, Health.NOT_SERVING),
+    ],
+)
+async def test_partner_check_is_serving_below_500_and_not_serving_from_it(
+    status: int, health: Health
+) -> None:
+    async with _partner(status) as url:
+        assert (await check_partner(url, timeout_s=5))[0] is health
+
+
+async def test_partner_check_without_an_answer_in_time_is_unreachable() -> None:
+    async with _partner(200, delay_s=5) as url:
+        health, error = await check_partner(url, timeout_s=0.2)
+    assert health is Health.UNREACHABLE and "no answer" in error
+
+
+async def test_partner_check_of_a_closed_port_is_unreachable() -> None:
+    async with _partner(200) as url:
+        pass
+    health, error = await check_partner(url, timeout_s=5)
+    assert health is Health.UNREACHABLE and url in error
+
+
+async def test_partner_check_takes_no_proxy_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # discard: nothing listens
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    async with _partner(200) as url:
+        assert await check_partner(url, timeout_s=5) == (Health.SERVING, "")
