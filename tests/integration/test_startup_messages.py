@@ -101,6 +101,12 @@ NUMERIC = [
         (Target.PAYMENT_GATEWAY, var, "positive number of seconds")
         for var in gateway_config._VARIABLES.values()
     ),
+    (Target.SETTLEMENT, "SETTLEMENT_SERVICE_RECOVERY_INTERVAL_S", "positive number of seconds"),
+    (Target.WITHDRAWAL, "WITHDRAWAL_SERVICE_RECOVERY_INTERVAL_S", "positive number of seconds"),
+    (Target.ORDER, "PAYMESH_GRACE_S", "number of seconds >= 0"),
+    (Target.ORDER, "PAYMESH_TLS_RELOAD_S", "positive number of seconds"),
+    (Target.ORDER, "PAYMESH_READINESS_INTERVAL_S", "positive number of seconds"),
+    (Target.ORDER, "PAYMESH_HEALTHZ_MAX_LAG_S", "positive number of seconds"),
 ]
 #: Settings of ``services/<name>/config.py`` that name a file, not a number (tested apart).
 FILE_SETTINGS = {
