@@ -14,6 +14,7 @@ import functools
 import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -175,16 +176,69 @@ async def running_service(
         await task
 
 
+@dataclass(slots=True)
+class _Started:
+    """How a service of the harness was started, so it can be started again the same way."""
+
+    build: Builder
+    environ: dict[str, str]
+    grace_s: float
+    span_processors: Sequence[SpanProcessor]
+    instance: contextlib.AsyncExitStack
+    address: ServedAddress
+
+
 class ServicesUnderTest:
     """Services a test runs through the real bootstrap, and stubs to them, all closed when the
-    test ends (the ``services`` fixture of ``tests/conftest.py``).
+    test ends (the ``services`` fixture of ``tests/conftest.py``; :func:`services_under_test`
+    outside a fixture).
 
-    Every service gets the test's own ``PAYMESH_VAR_DIR`` unless ``environ`` names another.
+    Every service gets :attr:`environ` (the test's own ``PAYMESH_VAR_DIR``, the sandbox's
+    address once :meth:`sandbox` runs, whatever a test adds), then ``<NAME>_ADDR`` of every
+    service already running here, so start downstreams first and their callers find them;
+    then its own ``environ``. :meth:`restart` stops a service and starts it again on the same
+    data; :meth:`instance` runs a second one beside it for a block.
     """
 
-    def __init__(self, stack: contextlib.AsyncExitStack, var_dir: Path) -> None:
-        self._stack = stack
+    def __init__(
+        self,
+        stack: contextlib.AsyncExitStack,
+        var_dir: Path,
+        *,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.stack = stack
+        """Closes the test's services; enter anything else that should close with them."""
         self.var_dir = var_dir
+        self.environ: dict[str, str] = {"PAYMESH_VAR_DIR": str(var_dir), **(environ or {})}
+        """What every service started from now on gets."""
+        self._started: dict[str, _Started] = {}
+
+    @property
+    def addresses(self) -> dict[str, ServedAddress]:
+        """The mesh address of each running service, by name."""
+        return {name: started.address for name, started in self._started.items()}
+
+    def environ_of(self, name: str, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The environ ``name`` starts with here: the shared one, the other running services'
+        addresses, its own from :meth:`start` (if it ran), then ``environ``."""
+        started = self._started.get(name)
+        return {
+            **self.environ,
+            **{
+                f"{env_prefix(other)}_ADDR": str(s.address)
+                for other, s in self._started.items()
+                if other != name
+            },
+            **(started.environ if started is not None else {}),
+            **(environ or {}),
+        }
+
+    def sandbox(self, access: ControlAccess | None = None) -> SandboxState:
+        """The partner sandbox (see :func:`running_sandbox`) for every service started after."""
+        address, state = self.stack.enter_context(running_sandbox(access))
+        self.environ["PARTNER_SANDBOX_ADDR"] = address
+        return state
 
     async def start(
         self,
@@ -195,19 +249,69 @@ class ServicesUnderTest:
         grace_s: float = 1.0,
         span_processors: Sequence[SpanProcessor] = (),
     ) -> ServedAddress:
-        """Serve ``name`` (see :func:`running_service`) until the test ends; its address."""
-        env = {"PAYMESH_VAR_DIR": str(self.var_dir), **(environ or {})}
-        return await self._stack.enter_async_context(
+        """Serve ``name`` (see :func:`running_service`) until the test ends or it is
+        stopped; its address. ``environ`` goes on top of the shared one, for this service
+        only, and again on each :meth:`restart`."""
+        if name in self._started:
+            raise ValueError(f"{name} already runs here; restart it or run an instance")
+        own = dict(environ or {})
+        instance = contextlib.AsyncExitStack()
+        self.stack.push_async_callback(instance.aclose)
+        address = await instance.enter_async_context(
             running_service(
-                name, build, environ=env, grace_s=grace_s, span_processors=span_processors
+                name,
+                build,
+                environ=self.environ_of(name, own),
+                grace_s=grace_s,
+                span_processors=span_processors,
             )
         )
+        self._started[name] = _Started(build, own, grace_s, span_processors, instance, address)
+        return address
+
+    async def stop(self, name: str) -> _Started:
+        """Stop ``name`` (gracefully, as SIGTERM would); its data stays."""
+        started = self._started.pop(name)
+        await started.instance.aclose()
+        return started
+
+    async def restart(
+        self, name: str, *, environ: Mapping[str, str] | None = None
+    ) -> ServedAddress:
+        """Stop ``name`` and start it again on the same data dir with the same build; its new
+        address. ``environ`` adds to (and from now on stays in) its own. Services started
+        before keep the old address of it: restart the callers too if they need the new one."""
+        started = await self.stop(name)
+        return await self.start(
+            name,
+            started.build,
+            environ={**started.environ, **(environ or {})},
+            grace_s=started.grace_s,
+            span_processors=started.span_processors,
+        )
+
+    def instance(
+        self,
+        name: str,
+        *,
+        build: Builder | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> contextlib.AbstractAsyncContextManager[ServedAddress]:
+        """Another instance of ``name`` for a block, on the same data dir (a start after a
+        crash, a second replica, one with a downstream cut off): the build and environ it was
+        started with here, ``environ`` on top; ``build`` for one not started here."""
+        started = self._started.get(name)
+        if build is None:
+            if started is None:
+                raise ValueError(f"{name} was not started here: give its build")
+            build = started.build
+        return running_service(name, build, environ=self.environ_of(name, environ))
 
     async def stub(
         self, address: str, stub_type: Callable[[aio.Channel], StubT], service: str
     ) -> StubT:
         """A :func:`granted_stub` of ``service`` at ``address``, closed when the test ends."""
-        return await self._stack.enter_async_context(granted_stub(address, stub_type, service))
+        return await self.stack.enter_async_context(granted_stub(address, stub_type, service))
 
     async def serve(
         self,
@@ -220,6 +324,15 @@ class ServicesUnderTest:
         """Serve ``name`` and return a granted stub to it: the usual service under test."""
         address = await self.start(name, build, environ=environ)
         return await self.stub(address, stub_type, name)
+
+
+@contextlib.asynccontextmanager
+async def services_under_test(
+    var_dir: Path, *, environ: Mapping[str, str] | None = None
+) -> AsyncIterator[ServicesUnderTest]:
+    """A :class:`ServicesUnderTest` over ``var_dir`` for the block (the fixture's, outside one)."""
+    async with contextlib.AsyncExitStack() as stack:
+        yield ServicesUnderTest(stack, var_dir, environ=environ)
 
 
 def rich_status_of(error: grpc.RpcError) -> status_pb2.Status:

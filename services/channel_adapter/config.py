@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -29,6 +30,12 @@ class AdapterConfig:
         if raw is None:
             return cls()
         try:
-            return cls(rate_ttl_s=float(raw))
-        except ValueError as exc:
-            raise StartupError(f"{RATE_TTL_VAR}={raw!r}: a number of seconds >= 0") from exc
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value >= 0):
+            raise StartupError(
+                f"{RATE_TTL_VAR}={raw!r}: must be a number of seconds >= 0"
+                f" (default {DEFAULT_RATE_TTL_S:g})"
+            )
+        return cls(rate_ttl_s=value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,10 +44,18 @@ class AuthConfig:
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> AuthConfig:
         """The settings in ``environ``, defaults for those not set; StartupError if invalid."""
-        try:
-            stale = float(environ.get(STALE_VAR, DEFAULT_STALE_S))
-        except ValueError as exc:
-            raise StartupError(f"{STALE_VAR}={environ[STALE_VAR]!r} is not a number") from exc
+        stale = DEFAULT_STALE_S
+        raw = environ.get(STALE_VAR)
+        if raw is not None:
+            try:
+                stale = float(raw)
+            except ValueError:
+                stale = math.nan
+            if not (math.isfinite(stale) and stale >= 0):
+                raise StartupError(
+                    f"{STALE_VAR}={raw!r}: must be a number of seconds >= 0"
+                    f" (default {DEFAULT_STALE_S:g})"
+                )
         pepper = environ.get(PEPPER_FILE_VAR)
         if pepper is not None and not pepper.strip():
             raise StartupError(f"{PEPPER_FILE_VAR} is set but empty; unset it or name a file")
@@ -69,8 +78,11 @@ def _limits(environ: Mapping[str, str]) -> VerificationLimits:
         try:
             value = int(text) if isinstance(default, int) else float(text)
         except ValueError as exc:
-            raise StartupError(f"{variable}={text!r} is not {kind}") from exc
-        if not value >= MINIMA[name]:  # also refuses nan
+            raise StartupError(
+                f"{variable}={text!r} is not {kind} of at least {MINIMA[name]:g}"
+                f" (default {default:g})"
+            ) from exc
+        if not (math.isfinite(value) and value >= MINIMA[name]):  # also refuses nan and inf
             raise StartupError(
                 f"{variable}={text!r}: must be {kind} of at least {MINIMA[name]:g}"
                 f" (default {default:g})"

@@ -12,6 +12,7 @@ Each is overridable per service by ``<PREFIX>_<FIELD>`` (``ORDER_SERVICE_MAX_IN_
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -76,15 +77,18 @@ class ServerLimits:
             if raw is None:
                 continue
             kind = int if item.type in (int, "int") else float
+            noun = "whole number" if kind is int else "number"
             try:
-                changes[item.name] = kind(raw)
-            except ValueError as exc:
-                noun = "whole number" if kind is int else "number"
-                raise LimitsError(f"{var}={raw!r} is not a positive {noun}") from exc
-        try:
-            return cls(**changes)
-        except LimitsError as exc:
-            raise LimitsError(f"{prefix}_*: {exc}") from exc
+                value = kind(raw)
+            except ValueError:
+                value = math.nan
+            # nan and inf parse as floats but bound nothing.
+            if not (math.isfinite(value) and value > 0):
+                raise LimitsError(
+                    f"{var}={raw!r} is not a positive {noun} (default {getattr(cls(), item.name)})"
+                )
+            changes[item.name] = value
+        return cls(**changes)
 
     def grpc_options(self) -> list[tuple[str, Any]]:
         """Server channel arguments enforcing these bounds."""

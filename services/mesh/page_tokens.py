@@ -166,15 +166,20 @@ def load_key(environ: Mapping[str, str]) -> bytes:
         PageTokenKeyError: the file cannot be read or holds too few bytes.
     """
     path = key_path(environ)
+    # A named file is reported as its variable and value; the generated one by its path.
+    named = f"{KEY_FILE_VAR}={str(path)!r}" if environ.get(KEY_FILE_VAR) else f"{str(path)!r}"
     try:
         if not environ.get(KEY_FILE_VAR) and not path.exists():
             _generate_key(path)
         key = path.read_bytes().strip()
     except OSError as exc:
-        raise PageTokenKeyError(f"cannot read or create the page-token key {path}: {exc}") from exc
+        raise PageTokenKeyError(
+            f"{named}: cannot read or create the page-token key: {exc}"
+            f" (a file of at least {MIN_KEY_BYTES} bytes)"
+        ) from exc
     if len(key) < MIN_KEY_BYTES:
         raise PageTokenKeyError(
-            f"the page-token key {path} holds {len(key)} bytes; at least {MIN_KEY_BYTES} needed"
+            f"{named}: the page-token key holds {len(key)} bytes; at least {MIN_KEY_BYTES} needed"
         )
     return key
 

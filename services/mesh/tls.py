@@ -70,6 +70,21 @@ def var_dir(environ: Mapping[str, str]) -> Path:
     return Path(environ.get("PAYMESH_VAR_DIR", "var"))
 
 
+def plaintext_requested(environ: Mapping[str, str]) -> bool:
+    """Whether ``PAYMESH_INSECURE`` asks for plaintext: ``1`` does; ``0`` or unset does not.
+
+    Raises:
+        TlsConfigError: it holds anything else (a typo must not decide about TLS).
+    """
+    raw = environ.get(INSECURE_VAR, "")
+    value = raw.strip()
+    if value not in ("", "0", "1"):
+        raise TlsConfigError(
+            f"{INSECURE_VAR}={raw!r} is not 1 (plaintext, development only) or 0 (TLS, the default)"
+        )
+    return value == "1"
+
+
 def pki_dir(environ: Mapping[str, str]) -> Path:
     """The development PKI folder: ``PAYMESH_PKI_DIR`` or ``<var>/pki``."""
     value = environ.get(PKI_DIR_VAR)
@@ -103,13 +118,17 @@ class TransportSecurity:
         """
         trust_domain = environ.get(TRUST_DOMAIN_VAR) or pki.DEFAULT_TRUST_DOMAIN
         namespace = environ.get(NAMESPACE_VAR) or pki.DEFAULT_NAMESPACE
-        if environ.get(INSECURE_VAR, "").strip().lower() in {"1", "true", "yes"}:
+        if plaintext_requested(environ):
             return cls(name=name, files=None, trust_domain=trust_domain, namespace=namespace)
-        named = [environ.get(var) for var in (CA_FILE_VAR, CERT_FILE_VAR, KEY_FILE_VAR)]
+        variables = (CA_FILE_VAR, CERT_FILE_VAR, KEY_FILE_VAR)
+        named = [environ.get(var) for var in variables]
         if any(named):
             if not all(named):
+                given = [f"{var}={environ[var]!r}" for var in variables if environ.get(var)]
+                missing = [var for var in variables if not environ.get(var)]
                 raise TlsConfigError(
-                    f"set all of {CA_FILE_VAR}, {CERT_FILE_VAR} and {KEY_FILE_VAR}, or none"
+                    f"{', '.join(given)} but not {' or '.join(missing)}: set all of "
+                    f"{CA_FILE_VAR}, {CERT_FILE_VAR} and {KEY_FILE_VAR}, or none"
                 )
             ca, cert, key = (Path(str(value)) for value in named)
             files = TlsFiles(ca=ca, cert=cert, key=key)

@@ -94,9 +94,12 @@ class NotificationConfig:
         try:
             schedule = DeliverySchedule(**timing)
         except ValueError as exc:
-            raise StartupError(
-                f"{RETRY_INITIAL_VAR}/{RETRY_MAX_VAR}/{RETRY_HORIZON_VAR}: {exc}"
-            ) from exc
+            given = [
+                f"{var}={environ[var]!r}"
+                for var in (RETRY_INITIAL_VAR, RETRY_MAX_VAR, RETRY_HORIZON_VAR)
+                if var in environ
+            ]
+            raise StartupError(f"{', '.join(given)}: {exc}") from exc
         scan_s = DEFAULT_SCAN_INTERVAL_S
         if DELIVERY_SCAN_VAR in environ:
             scan_s = _positive(environ, DELIVERY_SCAN_VAR)
@@ -130,14 +133,17 @@ class NotificationConfig:
             text = self.key_file.read_text().strip()
         except OSError as exc:
             raise StartupError(
-                f"{SECRETS_KEY_FILE_VAR}: cannot read {self.key_file}: {exc}"
+                f"{SECRETS_KEY_FILE_VAR}={str(self.key_file)!r}: cannot read it: {exc}"
             ) from exc
         try:
             key = bytes.fromhex(text)
         except ValueError:
             key = b""
         if len(key) != KEY_BYTES:
-            raise StartupError(f"{self.key_file} must hold {2 * KEY_BYTES} hex digits")
+            named = f"{SECRETS_KEY_FILE_VAR}=" if self.key_file_given else ""
+            raise StartupError(
+                f"{named}{str(self.key_file)!r}: the file must hold {2 * KEY_BYTES} hex digits"
+            )
         return key
 
 

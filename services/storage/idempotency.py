@@ -92,8 +92,11 @@ class Retention:
             return cls()
         try:
             return cls(retention_s=float(text))
-        except ValueError as exc:
-            raise ValueError(f"{RETENTION_VAR}={text!r}: {exc}") from None
+        except ValueError:
+            raise ValueError(
+                f"{RETENTION_VAR}={text!r} is not a number of seconds of at least"
+                f" {MIN_RETENTION_S:.0f} (a day; default {DEFAULT_RETENTION_S:.0f})"
+            ) from None
 
 
 @functools.lru_cache(maxsize=4)

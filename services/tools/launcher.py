@@ -147,7 +147,7 @@ class Mesh:
     @property
     def uses_dev_pki(self) -> bool:
         """Whether this mesh runs on the development PKI under ``pki_dir``."""
-        insecure = self.environ.get(tls.INSECURE_VAR, "").strip().lower() in {"1", "true", "yes"}
+        insecure = self.environ.get(tls.INSECURE_VAR, "").strip() == "1"  # as tls reads it
         return not insecure and not self.environ.get(tls.CERT_FILE_VAR)
 
     def ensure_pki(self) -> list[str]:

@@ -1,9 +1,10 @@
 """merchant-auth-service and the merchant-service it asks, on loopback with mTLS, for its tests.
 
-``auth_mesh`` serves both through the real bootstrap; stubs call each method as an identity the
-topology grants it (the operator issues keys, a mesh service authenticates them). The helpers
-onboard a merchant, issue a key and authenticate the way a merchant-facing service does (bearer
-metadata plus the forwarded client peer), and read the ErrorInfo and RetryInfo of a refusal.
+``start_auth_mesh`` serves both on the test harness (``auth_mesh`` on a harness of its own);
+stubs call each method as an identity the topology grants it (the operator issues keys, a
+mesh service authenticates them). The helpers onboard a merchant, issue a key and
+authenticate the way a merchant-facing service does (bearer metadata plus the forwarded
+client peer), and read the ErrorInfo and RetryInfo of a refusal.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from paymesh.merchant_auth.v1 import merchant_auth_pb2_grpc
 from services.merchant.__main__ import build as build_merchant
 from services.merchant_auth.__main__ import build as build_auth
 from services.mesh.bootstrap import Builder
-from tests.servers import granted_stub, mesh_channel, rich_status_of, running_service
+from tests.servers import ServicesUnderTest, mesh_channel, rich_status_of, services_under_test
 
 #: The address a test's mesh caller forwards for its merchant unless told otherwise.
 MERCHANT_PEER = "ipv4:192.0.2.10:51000"
@@ -47,20 +48,40 @@ class Mesh:
         return self.var_dir / "merchant-auth-service.db"
 
 
+AUTH = "merchant-auth-service"
+
+
+async def start_auth_mesh(
+    services: ServicesUnderTest,
+    *,
+    environ: Mapping[str, str] | None = None,
+    build: Builder = build_auth,
+) -> Mesh:
+    """merchant-service, then merchant-auth-service (with ``environ`` and ``build``) among
+    ``services``."""
+    merchant_address = await services.start("merchant-service", build_merchant)
+    auth_address = await services.start(AUTH, build, environ=environ)
+    return Mesh(
+        await services.stub(
+            merchant_address, merchant_pb2_grpc.MerchantServiceStub, "merchant-service"
+        ),
+        await services.stub(auth_address, merchant_auth_pb2_grpc.MerchantAuthServiceStub, AUTH),
+        str(auth_address),
+        services.var_dir,
+    )
+
+
 @contextlib.asynccontextmanager
 async def merchant_service(
     var_dir: Path,
 ) -> AsyncIterator[tuple[str, merchant_pb2_grpc.MerchantServiceAsyncStub]]:
-    """merchant-service on loopback: its address and a stub of it."""
-    async with (
-        running_service(
-            "merchant-service", build_merchant, environ={"PAYMESH_VAR_DIR": str(var_dir)}
-        ) as address,
-        granted_stub(
-            address, merchant_pb2_grpc.MerchantServiceStub, "merchant-service"
-        ) as merchants,
-    ):
-        yield address, merchants
+    """merchant-service on loopback (a harness of its own): its address and a stub of it."""
+    async with services_under_test(var_dir) as services:
+        address = await services.start("merchant-service", build_merchant)
+        yield (
+            address,
+            await services.stub(address, merchant_pb2_grpc.MerchantServiceStub, "merchant-service"),
+        )
 
 
 @contextlib.asynccontextmanager
@@ -71,31 +92,25 @@ async def auth_service(
     environ: Mapping[str, str] | None = None,
     build: Builder = build_auth,
 ) -> AsyncIterator[tuple[merchant_auth_pb2_grpc.MerchantAuthServiceAsyncStub, str]]:
-    """merchant-auth-service on loopback over ``merchant_address``: a stub and its address."""
-    env = {
-        "PAYMESH_VAR_DIR": str(var_dir),
-        "MERCHANT_SERVICE_ADDR": merchant_address,
-        **(environ or {}),
-    }
-    async with (
-        running_service("merchant-auth-service", build, environ=env) as address,
-        granted_stub(
-            address, merchant_auth_pb2_grpc.MerchantAuthServiceStub, "merchant-auth-service"
-        ) as auth,
-    ):
-        yield auth, str(address)
+    """merchant-auth-service on loopback over ``merchant_address`` (a harness of its own):
+    a stub and its address. A second one on the same ``var_dir`` is a restart."""
+    async with services_under_test(
+        var_dir, environ={"MERCHANT_SERVICE_ADDR": merchant_address}
+    ) as services:
+        address = await services.start(AUTH, build, environ=environ)
+        yield (
+            await services.stub(address, merchant_auth_pb2_grpc.MerchantAuthServiceStub, AUTH),
+            str(address),
+        )
 
 
 @contextlib.asynccontextmanager
 async def auth_mesh(
     var_dir: Path, *, environ: Mapping[str, str] | None = None, build: Builder = build_auth
 ) -> AsyncIterator[Mesh]:
-    """Both services, merchant-auth started with ``environ`` and ``build``."""
-    async with (
-        merchant_service(var_dir) as (merchant_address, merchants),
-        auth_service(merchant_address, var_dir, environ=environ, build=build) as (auth, at),
-    ):
-        yield Mesh(merchants, auth, at, var_dir)
+    """Both services (:func:`start_auth_mesh`) on a harness of their own, for the block."""
+    async with services_under_test(var_dir) as services:
+        yield await start_auth_mesh(services, environ=environ, build=build)
 
 
 def authenticating_channel(address: str) -> aio.Channel:

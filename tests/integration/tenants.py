@@ -1,7 +1,8 @@
 """Merchants with API keys, for tests of merchant-facing RPCs on a service's public port.
 
-:func:`merchant_directory` serves merchant-service and merchant-auth-service on loopback (the
-gate of a merchant-facing service checks keys at merchant-auth, which asks merchant-service);
+:func:`start_directory` (or :func:`merchant_directory`) serves merchant-service and
+merchant-auth-service on loopback (the gate of a merchant-facing service checks keys at
+merchant-auth, which asks merchant-service);
 :meth:`Directory.onboard` creates a merchant and issues it a key as the operator would, and
 :func:`merchant_stub` calls a public port as that merchant, the key in bearer metadata.
 """
@@ -23,7 +24,7 @@ from paymesh.merchant_auth.v1 import merchant_auth_pb2, merchant_auth_pb2_grpc
 from services.merchant.__main__ import build as build_merchant
 from services.merchant_auth.__main__ import build as build_auth
 from services.merchant_auth.keys import SECRET_PREFIX
-from tests.servers import bearer, granted_stub, public_channel, running_service
+from tests.servers import ServicesUnderTest, bearer, public_channel, services_under_test
 
 StubT = TypeVar("StubT")
 #: Hex digits of a secret's public lookup part (``sk_<lookup>_<body>``).
@@ -103,30 +104,34 @@ class Directory:
         )
 
 
+async def start_directory(services: ServicesUnderTest) -> Directory:
+    """merchant-service and merchant-auth-service among ``services``; every service started
+    there after them gets both addresses (merchant-facing ones check keys at merchant-auth)."""
+    merchant_address = await services.start("merchant-service", build_merchant)
+    auth_address = await services.start("merchant-auth-service", build_auth)
+    return Directory(
+        await services.stub(
+            merchant_address, merchant_pb2_grpc.MerchantServiceStub, "merchant-service"
+        ),
+        await services.stub(
+            auth_address, merchant_auth_pb2_grpc.MerchantAuthServiceStub, "merchant-auth-service"
+        ),
+        merchant_address,
+        auth_address,
+    )
+
+
 @contextlib.asynccontextmanager
 async def merchant_directory(var_dir: Path) -> AsyncIterator[Directory]:
-    """merchant-service and merchant-auth-service over ``var_dir``.
+    """merchant-service and merchant-auth-service over ``var_dir`` (:func:`start_directory`
+    on a harness of their own).
 
     A merchant-service under test that also checks keys (its own merchant-facing methods) can
     run on the same ``var_dir``: it then shares this one's database, so merchant-auth sees the
     merchants it creates (the two cannot name each other's ephemeral ports up front).
     """
-    var = {"PAYMESH_VAR_DIR": str(var_dir)}
-    async with (
-        running_service("merchant-service", build_merchant, environ=var) as merchant_address,
-        running_service(
-            "merchant-auth-service",
-            build_auth,
-            environ={**var, "MERCHANT_SERVICE_ADDR": merchant_address},
-        ) as auth_address,
-        granted_stub(
-            merchant_address, merchant_pb2_grpc.MerchantServiceStub, "merchant-service"
-        ) as merchants,
-        granted_stub(
-            auth_address, merchant_auth_pb2_grpc.MerchantAuthServiceStub, "merchant-auth-service"
-        ) as auth,
-    ):
-        yield Directory(merchants, auth, merchant_address, auth_address)
+    async with services_under_test(var_dir) as services:
+        yield await start_directory(services)
 
 
 class _MerchantStub:

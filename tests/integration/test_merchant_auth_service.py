@@ -15,7 +15,6 @@ import logging
 import secrets
 import sqlite3
 import stat
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -25,10 +24,11 @@ from grpc import aio
 
 from paymesh.merchant.v1 import merchant_pb2
 from paymesh.merchant_auth.v1 import merchant_auth_pb2 as pb
+from paymesh.merchant_auth.v1 import merchant_auth_pb2_grpc
 from services.mesh.bootstrap import StartupError
 from tests.integration.merchant_auth_mesh import (
+    AUTH,
     Mesh,
-    auth_mesh,
     auth_service,
     authenticate,
     authenticate_error,
@@ -37,16 +37,16 @@ from tests.integration.merchant_auth_mesh import (
     issue_request,
     issued_key,
     merchant_service,
+    start_auth_mesh,
 )
-from tests.servers import error_reason
+from tests.servers import ServicesUnderTest, error_reason, services_under_test
 
 AUTHENTICATE = "/paymesh.merchant_auth.v1.MerchantAuthService/AuthenticateApiKey"
 
 
 @pytest.fixture
-async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
-    async with auth_mesh(tmp_path) as services:
-        yield services
+async def mesh(services: ServicesUnderTest) -> Mesh:
+    return await start_auth_mesh(services)
 
 
 async def _merchant(mesh: Mesh, request_id: str = "m1") -> merchant_pb2.Merchant:
@@ -252,18 +252,13 @@ async def _authenticate_after_merchant_service_stops(
     tmp_path: Path, **auth_environ: str
 ) -> pb.AuthenticateApiKeyResponse:
     """Issue and authenticate a key, stop merchant-service, then authenticate again."""
-    merchants = contextlib.AsyncExitStack()
-    merchant_address, merchants_stub = await merchants.enter_async_context(
-        merchant_service(tmp_path)
-    )
-    async with auth_service(merchant_address, tmp_path, environ=auth_environ) as (auth, _):
-        try:
-            merchant = await create_merchant(merchants_stub)
-            issued = await auth.IssueApiKey(_issue(merchant.merchant_id))
-            await authenticate(auth, issued.secret)
-        finally:
-            await merchants.aclose()
-        return await authenticate(auth, issued.secret)
+    async with services_under_test(tmp_path) as services:
+        mesh = await start_auth_mesh(services, environ=auth_environ)
+        merchant = await create_merchant(mesh.merchants)
+        issued = await mesh.auth.IssueApiKey(_issue(merchant.merchant_id))
+        await authenticate(mesh.auth, issued.secret)
+        await services.stop("merchant-service")
+        return await authenticate(mesh.auth, issued.secret)
 
 
 async def test_authentication_uses_the_last_answer_while_merchant_service_is_down(
@@ -426,17 +421,20 @@ async def test_the_generated_pepper_is_private_and_reused_across_restarts(
 async def _issue_then_authenticate_with(
     tmp_path: Path, first_pepper: Path, second_pepper: Path
 ) -> aio.AioRpcError | pb.AuthenticateApiKeyResponse:
-    async with merchant_service(tmp_path) as (merchant_address, merchants):
+    """Issue a key under ``first_pepper``, restart merchant-auth on the same data under
+    ``second_pepper``, then authenticate the key."""
+    async with services_under_test(tmp_path) as services:
         env = {"MERCHANT_AUTH_SERVICE_KEY_PEPPER_FILE": str(first_pepper)}
-        async with auth_service(merchant_address, tmp_path, environ=env) as (auth, _):
-            merchant = await create_merchant(merchants)
-            issued = await auth.IssueApiKey(_issue(merchant.merchant_id))
+        mesh = await start_auth_mesh(services, environ=env)
+        merchant = await create_merchant(mesh.merchants)
+        issued = await mesh.auth.IssueApiKey(_issue(merchant.merchant_id))
         env = {"MERCHANT_AUTH_SERVICE_KEY_PEPPER_FILE": str(second_pepper)}
-        async with auth_service(merchant_address, tmp_path, environ=env) as (auth, _):
-            try:
-                return await authenticate(auth, issued.secret)
-            except aio.AioRpcError as error:
-                return error
+        restarted = await services.restart(AUTH, environ=env)
+        auth = await services.stub(restarted, merchant_auth_pb2_grpc.MerchantAuthServiceStub, AUTH)
+        try:
+            return await authenticate(auth, issued.secret)
+        except aio.AioRpcError as error:
+            return error
 
 
 def _pepper_file(path: Path) -> Path:

@@ -42,7 +42,7 @@ from services.notification.store import notification_id_for
 from services.tools.sandbox.app import Fault, SandboxState
 from tests import servers
 from tests.integration.webhook_receiver import FixedDns, WebhookReceiver, receiving_webhooks
-from tests.servers import granted_stub, running_sandbox, running_service
+from tests.servers import ServicesUnderTest, services_under_test
 
 NAME = "notification-service"
 T = TypeVar("T")
@@ -100,39 +100,38 @@ class Notifier:
         )
 
 
+async def _start_notifier(services: ServicesUnderTest, environ: Mapping[str, str]) -> Notifier:
+    """The sandbox, a webhook endpoint, merchant-service, then notification-service (with
+    ``environ`` on top of its own) among ``services``."""
+    state = services.sandbox()
+    receiver = services.stack.enter_context(receiving_webhooks())
+    dns = FixedDns(DNS)
+    merchants = await services.serve(
+        "merchant-service", build_merchant, merchant_pb2_grpc.MerchantServiceStub
+    )
+    stub = await services.serve(
+        NAME,
+        functools.partial(build, resolver=dns),
+        pb_grpc.NotificationServiceStub,
+        environ={**SETTLED_FIRST_ATTEMPT, **environ},
+    )
+    return Notifier(stub, state, receiver, dns, merchants)
+
+
 @contextlib.asynccontextmanager
 async def _notifier(tmp_path: Path, environ: Mapping[str, str]) -> AsyncIterator[Notifier]:
-    with running_sandbox() as (sandbox, state), receiving_webhooks() as receiver:
-        dns = FixedDns(DNS)
-        base = {"PAYMESH_VAR_DIR": str(tmp_path), "PARTNER_SANDBOX_ADDR": sandbox}
-        async with (
-            running_service("merchant-service", build_merchant, environ=base) as merchant_address,
-            granted_stub(
-                merchant_address, merchant_pb2_grpc.MerchantServiceStub, "merchant-service"
-            ) as merchants,
-        ):
-            env = {
-                **base,
-                "MERCHANT_SERVICE_ADDR": merchant_address,
-                **SETTLED_FIRST_ATTEMPT,
-                **environ,
-            }
-            build_with_dns = functools.partial(build, resolver=dns)
-            async with (
-                running_service(NAME, build_with_dns, environ=env) as address,
-                granted_stub(address, pb_grpc.NotificationServiceStub, NAME) as stub,
-            ):
-                yield Notifier(stub, state, receiver, dns, merchants)
+    """:func:`_start_notifier` on a harness of its own over ``tmp_path``, for the block."""
+    async with services_under_test(tmp_path) as services:
+        yield await _start_notifier(services, environ)
 
 
 @pytest.fixture
-async def notifier(tmp_path: Path) -> AsyncIterator[Notifier]:
-    async with _notifier(tmp_path, {}) as made:
-        yield made
+async def notifier(services: ServicesUnderTest) -> Notifier:
+    return await _start_notifier(services, {})
 
 
 @pytest.fixture
-async def production(tmp_path: Path) -> AsyncIterator[Notifier]:
+async def production(tmp_path: Path, services: ServicesUnderTest) -> Notifier:
     """notification-service with ``PAYMESH_ENV=production``: named key and TLS files."""
     key = tmp_path / "webhook-secrets.key"
     key.write_text(secrets.token_hex(32))
@@ -144,8 +143,7 @@ async def production(tmp_path: Path) -> AsyncIterator[Notifier]:
         CERT_FILE_VAR: str(layout.cert(NAME)),
         KEY_FILE_VAR: str(layout.key(NAME)),
     }
-    async with _notifier(tmp_path, environ) as made:
-        yield made
+    return await _start_notifier(services, environ)
 
 
 def _send(

@@ -62,18 +62,17 @@ from services.tools.sandbox.app import SandboxState
 from tests.integration.tenants import (
     Directory,
     Tenant,
-    merchant_directory,
     merchant_stub,
     refusal,
+    start_directory,
 )
 from tests.servers import (
     ServedAddress,
+    ServicesUnderTest,
     error_reason,
     granted_stub,
     mesh_channel,
     public_channel,
-    running_sandbox,
-    running_service,
 )
 
 WEBHOOK_URL = "https://merchant.example/hooks"
@@ -108,6 +107,9 @@ class Mesh:
     environ: dict[str, str]
     addresses: dict[str, str]
     start_gateway: Callable[..., contextlib.AbstractAsyncContextManager[ServedAddress]]
+    """Another gateway for a block, on the same data (its start runs a recovery pass)."""
+    services: ServicesUnderTest
+    """The harness running them all."""
 
     @property
     def merchant_id(self) -> str:
@@ -146,71 +148,63 @@ class Mesh:
         )
 
 
+#: The services the gateway calls, each run from its own ``build``, started in this order.
+DOWNSTREAMS: dict[str, Any] = {
+    "order-service": build_order,
+    "risk-service": build_risk,
+    "channel-adapter": build_channel_adapter,
+    "accounting-service": build_accounting,
+    "notification-service": build_notification,
+    "analytics-service": build_analytics,
+}
+
+
 @pytest.fixture
-async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
-    async with contextlib.AsyncExitStack() as stack:
-        sandbox_address, sandbox = stack.enter_context(running_sandbox())
-        base = {"PAYMESH_VAR_DIR": str(tmp_path), "PARTNER_SANDBOX_ADDR": sandbox_address}
-        directory = await stack.enter_async_context(merchant_directory(tmp_path))
-        addresses: dict[str, str] = {}
+async def mesh(services: ServicesUnderTest) -> Mesh:
+    directory = await start_directory(services)
+    sandbox = services.sandbox()
+    for name, build in DOWNSTREAMS.items():
+        await services.start(name, build)
+    addresses: dict[str, str] = {name: services.addresses[name] for name in DOWNSTREAMS}
+    # Passes after the first one run only when a test asks (none waits for them).
+    gateway_address = await services.start(
+        GATEWAY, build_gateway, environ={"PAYMENT_GATEWAY_RECOVERY_INTERVAL_S": "3600"}
+    )
 
-        async def start(name: str, build: Any) -> str:
-            address = await stack.enter_async_context(running_service(name, build, environ=base))
-            addresses[name] = address
-            return address
+    def start_gateway(
+        *, build: Any = build_gateway, **overrides: str
+    ) -> contextlib.AbstractAsyncContextManager[ServedAddress]:
+        return services.instance(GATEWAY, build=build, environ=overrides)
 
-        await start("order-service", build_order)
-        await start("risk-service", build_risk)
-        await start("channel-adapter", build_channel_adapter)
-        await start("accounting-service", build_accounting)
-        await start("notification-service", build_notification)
-        await start("analytics-service", build_analytics)
-        environ = {
-            **base,
-            **directory.environ,
-            **{f"{name.upper().replace('-', '_')}_ADDR": a for name, a in addresses.items()},
-            # Passes after the first one run only when a test asks (none waits for them).
-            "PAYMENT_GATEWAY_RECOVERY_INTERVAL_S": "3600",
-        }
+    async def granted(name: str, stub_type: Any) -> Any:
+        return await services.stub(addresses[name], stub_type, name)
 
-        def start_gateway(
-            *, build: Any = build_gateway, **overrides: str
-        ) -> contextlib.AbstractAsyncContextManager[ServedAddress]:
-            return running_service(GATEWAY, build, environ={**environ, **overrides})
-
-        async def granted(name: str, stub_type: Any) -> Any:
-            return await stack.enter_async_context(granted_stub(addresses[name], stub_type, name))
-
-        gateway_address = await stack.enter_async_context(start_gateway())
-        tenant = await directory.onboard(webhook_url=WEBHOOK_URL)
-        mesh = Mesh(
-            gateway=None,
-            operator_gateway=await stack.enter_async_context(
-                granted_stub(
-                    gateway_address, payment_gateway_pb2_grpc.PaymentGatewayServiceStub, GATEWAY
-                )
-            ),
-            gateway_address=gateway_address,
-            orders=await granted("order-service", order_pb2_grpc.OrderServiceStub),
-            channel=await granted(
-                "channel-adapter", channel_adapter_pb2_grpc.ChannelAdapterServiceStub
-            ),
-            accounting=await granted(
-                "accounting-service", accounting_pb2_grpc.AccountingServiceStub
-            ),
-            analytics=await granted("analytics-service", analytics_pb2_grpc.AnalyticsServiceStub),
-            notifications=await granted(
-                "notification-service", notification_pb2_grpc.NotificationServiceStub
-            ),
-            directory=directory,
-            sandbox=sandbox,
-            tenant=tenant,
-            environ=environ,
-            addresses=addresses,
-            start_gateway=start_gateway,
-        )
-        mesh.gateway = await stack.enter_async_context(mesh.as_merchant(tenant.secret))
-        yield mesh
+    tenant = await directory.onboard(webhook_url=WEBHOOK_URL)
+    mesh = Mesh(
+        gateway=None,
+        operator_gateway=await services.stub(
+            gateway_address, payment_gateway_pb2_grpc.PaymentGatewayServiceStub, GATEWAY
+        ),
+        gateway_address=gateway_address,
+        orders=await granted("order-service", order_pb2_grpc.OrderServiceStub),
+        channel=await granted(
+            "channel-adapter", channel_adapter_pb2_grpc.ChannelAdapterServiceStub
+        ),
+        accounting=await granted("accounting-service", accounting_pb2_grpc.AccountingServiceStub),
+        analytics=await granted("analytics-service", analytics_pb2_grpc.AnalyticsServiceStub),
+        notifications=await granted(
+            "notification-service", notification_pb2_grpc.NotificationServiceStub
+        ),
+        directory=directory,
+        sandbox=sandbox,
+        tenant=tenant,
+        environ=services.environ_of(GATEWAY),
+        addresses=addresses,
+        start_gateway=start_gateway,
+        services=services,
+    )
+    mesh.gateway = await services.stack.enter_async_context(mesh.as_merchant(tenant.secret))
+    return mesh
 
 
 def _create(
@@ -1405,8 +1399,9 @@ async def _refusing_downstream(
     """A second instance of downstream ``name`` (its own var dir) refusing as ``refuse`` says."""
     var_dir = tmp_path / f"refusing-{name}"
     var_dir.mkdir()
-    environ = {**mesh.environ, "PAYMESH_VAR_DIR": str(var_dir)}
-    async with running_service(name, _refusing(build, method, refuse), environ=environ) as address:
+    async with mesh.services.instance(
+        name, build=_refusing(build, method, refuse), environ={"PAYMESH_VAR_DIR": str(var_dir)}
+    ) as address:
         yield address
 
 

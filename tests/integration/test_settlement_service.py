@@ -30,14 +30,13 @@ from services.notification.__main__ import build as build_notification
 from services.settlement.__main__ import build as build_settlement
 from services.tools.sandbox.app import Fault, SandboxState
 from services.withdrawal.__main__ import build as build_withdrawal
-from tests.integration.tenants import Directory, merchant_directory, merchant_stub, refusal
+from tests.integration.tenants import Directory, merchant_stub, refusal, start_directory
 from tests.servers import (
     ServedAddress,
+    ServicesUnderTest,
     error_reason,
     granted_stub,
     public_channel,
-    running_sandbox,
-    running_service,
 )
 
 T = TypeVar("T")
@@ -45,6 +44,7 @@ EUR = "EUR"
 PAYOUTS = "platform/bank_payouts"
 #: The onboarded merchants' webhook: a ``.example`` host, played by the partner sandbox.
 WEBHOOK_URL = "https://settled.example/hooks"
+SETTLEMENT = "settlement-service"
 
 
 def available(merchant_id: str) -> str:
@@ -85,32 +85,30 @@ class Mesh:
     """An active merchant with a webhook URL, onboarded at merchant-service."""
     environ: dict[str, str]
     """settlement-service's environment (its downstreams' addresses)."""
+    services: ServicesUnderTest
+    """The harness running them all."""
 
     def as_merchant(self, secret: str) -> contextlib.AbstractAsyncContextManager[Any]:
         """settlement-service's public port, called with API key ``secret``."""
         return merchant_stub(self.address.public, settlement_pb2_grpc.SettlementServiceStub, secret)
 
 
-@contextlib.asynccontextmanager
-async def served_settlement(
-    environ: dict[str, str],
-) -> AsyncIterator[tuple[settlement_pb2_grpc.SettlementServiceAsyncStub, ServedAddress]]:
-    """settlement-service over ``environ``: an operator stub and its addresses."""
-    async with (
-        running_service("settlement-service", build_settlement, environ=environ) as address,
-        granted_stub(
-            address, settlement_pb2_grpc.SettlementServiceStub, "settlement-service"
-        ) as stub,
-    ):
-        yield stub, address
+def settlement_service(
+    services: ServicesUnderTest, environ: dict[str, str] | None = None
+) -> contextlib.AbstractAsyncContextManager[settlement_pb2_grpc.SettlementServiceAsyncStub]:
+    """Another settlement-service among ``services`` for a block, ``environ`` on top of its
+    own; on the same var dir it runs recovery at start."""
+    return _operator_stub(services.instance(SETTLEMENT, build=build_settlement, environ=environ))
 
 
 @contextlib.asynccontextmanager
-async def settlement_service(
-    environ: dict[str, str],
+async def _operator_stub(
+    instance: contextlib.AbstractAsyncContextManager[ServedAddress],
 ) -> AsyncIterator[settlement_pb2_grpc.SettlementServiceAsyncStub]:
-    """settlement-service over ``environ``; a second start on the same var dir runs recovery."""
-    async with served_settlement(environ) as (stub, _):
+    async with (
+        instance as address,
+        granted_stub(address, settlement_pb2_grpc.SettlementServiceStub, SETTLEMENT) as stub,
+    ):
         yield stub
 
 
@@ -122,69 +120,42 @@ def _ledger(environ: dict[str, str]) -> contextlib.AbstractAsyncContextManager[A
     )
 
 
-@contextlib.asynccontextmanager
-async def downstreams(
-    tmp_path: Path, directory: Directory
-) -> AsyncIterator[tuple[dict[str, str], SandboxState]]:
-    """Sandbox, accounting, notification and withdrawal (and the directory's merchants);
-    yields settlement-service's environ."""
-    with running_sandbox() as (sandbox, state):
-        base = {
-            "PAYMESH_VAR_DIR": str(tmp_path),
-            "PARTNER_SANDBOX_ADDR": sandbox,
-            "MERCHANT_SERVICE_ADDR": directory.merchant_address,
-            **fast_recovery(tmp_path),
-        }
-        async with (
-            running_service("accounting-service", build_accounting, environ=base) as ledger,
-            running_service(
-                "notification-service", build_notification, environ=base
-            ) as notifications,
-        ):
-            payouts_env = {
-                **base,
-                "ACCOUNTING_SERVICE_ADDR": ledger,
-                "NOTIFICATION_SERVICE_ADDR": notifications,
-            }
-            async with running_service(
-                "withdrawal-service", build_withdrawal, environ=payouts_env
-            ) as withdrawals:
-                yield (
-                    {
-                        **base,
-                        **directory.environ,
-                        "ACCOUNTING_SERVICE_ADDR": ledger,
-                        "WITHDRAWAL_SERVICE_ADDR": withdrawals,
-                        "NOTIFICATION_SERVICE_ADDR": notifications,
-                    },
-                    state,
-                )
+async def start_downstreams(services: ServicesUnderTest) -> tuple[Directory, SandboxState]:
+    """The directory's merchants, then the sandbox, accounting, notification and withdrawal
+    (with :func:`fast_recovery`); settlement-service's environ is
+    ``services.environ_of(SETTLEMENT)``."""
+    directory = await start_directory(services)
+    bank = services.sandbox()
+    services.environ.update(fast_recovery(services.var_dir))
+    await services.start("accounting-service", build_accounting)
+    await services.start("notification-service", build_notification)
+    await services.start("withdrawal-service", build_withdrawal)
+    return directory, bank
 
 
 @pytest.fixture
-async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
-    async with (
-        merchant_directory(tmp_path) as directory,
-        downstreams(tmp_path, directory) as (environ, bank),
-        served_settlement(environ) as (settlements, address),
-        _ledger(environ) as ledger,
-        granted_stub(
+async def mesh(services: ServicesUnderTest) -> Mesh:
+    directory, bank = await start_downstreams(services)
+    address = await services.start(SETTLEMENT, build_settlement)
+    environ = services.environ_of(SETTLEMENT)
+    tenant = await directory.onboard("Settled Shop", webhook_url=WEBHOOK_URL)
+    return Mesh(
+        settlements=await services.stub(
+            address, settlement_pb2_grpc.SettlementServiceStub, SETTLEMENT
+        ),
+        withdrawals=await services.stub(
             environ["WITHDRAWAL_SERVICE_ADDR"],
             withdrawal_pb2_grpc.WithdrawalServiceStub,
             "withdrawal-service",
-        ) as withdrawals,
-    ):
-        tenant = await directory.onboard("Settled Shop", webhook_url=WEBHOOK_URL)
-        yield Mesh(
-            settlements=settlements,
-            withdrawals=withdrawals,
-            ledger=ledger,
-            bank=bank,
-            directory=directory,
-            address=address,
-            merchant=tenant.merchant_id,
-            environ=environ,
-        )
+        ),
+        ledger=await services.stack.enter_async_context(_ledger(environ)),
+        bank=bank,
+        directory=directory,
+        address=address,
+        merchant=tenant.merchant_id,
+        environ=environ,
+        services=services,
+    )
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -414,21 +385,21 @@ async def test_failed_payout_fails_the_settlement_and_returns_the_funds(mesh: Me
     ) == (0, 0)
 
 
-async def test_recovery_at_start_completes_a_settlement_left_pending(tmp_path: Path) -> None:
-    async with (
-        merchant_directory(tmp_path) as directory,
-        downstreams(tmp_path, directory) as (environ, bank),
-        _ledger(environ) as ledger,
-    ):
+async def test_recovery_at_start_completes_a_settlement_left_pending(
+    services: ServicesUnderTest,
+) -> None:
+    directory, bank = await start_downstreams(services)
+    environ = services.environ_of(SETTLEMENT)
+    async with _ledger(environ) as ledger:
         merchant = (await directory.onboard()).merchant_id
         await fund(ledger, 2_000, merchant_id=merchant)
         cut_off = {**environ, "WITHDRAWAL_SERVICE_ADDR": free_address()}
-        async with settlement_service(cut_off) as settlements:
+        async with settlement_service(services, cut_off) as settlements:
             pending = await settlements.CreateSettlement(_settle("s1", merchant_id=merchant))
         assert pending.settlement.status == settlement_pb2.SETTLEMENT_STATUS_PENDING
         assert await balance(ledger, settling(merchant)) == 2_000
 
-        async with settlement_service(environ) as settlements:
+        async with settlement_service(services, environ) as settlements:
             request = settlement_pb2.GetSettlementRequest(
                 settlement_id=pending.settlement.settlement_id
             )
@@ -560,7 +531,7 @@ async def test_unreachable_merchant_service_is_unavailable_and_leaves_the_reques
 ) -> None:
     await fund(mesh.ledger, 700, merchant_id=mesh.merchant)
     cut_off = {**mesh.environ, "MERCHANT_SERVICE_ADDR": free_address()}
-    async with settlement_service(cut_off) as settlements:
+    async with settlement_service(mesh.services, cut_off) as settlements:
         with pytest.raises(aio.AioRpcError) as caught:
             await settlements.CreateSettlement(_settle("s1", merchant_id=mesh.merchant))
 

@@ -7,15 +7,27 @@ line naming the variable, its value and what is allowed, and no traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from services.channel_adapter import config as channel_config
+from services.merchant_auth import config as auth_config
+from services.merchant_auth.pepper import PEPPER_FILE_VAR
+from services.mesh import tls
 from services.mesh.bootstrap import EXIT_CONFIG
+from services.mesh.limits import ServerLimits
+from services.mesh.page_tokens import KEY_FILE_VAR as PAGE_TOKEN_KEY_FILE_VAR
+from services.mesh.tls import CA_FILE_VAR, CERT_FILE_VAR, INSECURE_VAR, KEY_FILE_VAR
 from services.mesh.topology import SERVICES, Target, env_prefix
+from services.notification import config as notification_config
+from services.payment_gateway import config as gateway_config
+from services.storage.idempotency import RETENTION_VAR
 from tests import servers
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,11 +56,67 @@ CASES = [
     (Target.MERCHANT_AUTH, "MERCHANT_AUTH_SERVICE_KEY_FAILURE_LIMIT", "-3", "at least 1"),
     (Target.NOTIFICATION, "NOTIFICATION_SERVICE_DELIVERY_CONCURRENCY", "0", "positive whole"),
     (Target.SETTLEMENT, "SETTLEMENT_SERVICE_RECOVERY_INTERVAL_S", "0", "positive number"),
+    (Target.ORDER, RETENTION_VAR, "a week", "number of seconds of at least 86400"),
+    (Target.ORDER, RETENTION_VAR, "3600", "number of seconds of at least 86400"),
+    (Target.ORDER, PAGE_TOKEN_KEY_FILE_VAR, "/nonexistent/page.key", "cannot read"),
+    (Target.ORDER, INSECURE_VAR, "yes", "is not 1 (plaintext, development only) or 0"),
+    (Target.ORDER, INSECURE_VAR, "true", "is not 1 (plaintext, development only) or 0"),
+    (Target.ORDER, INSECURE_VAR, "2", "is not 1 (plaintext, development only) or 0"),
+    (Target.ORDER, "ORDER_SERVICE_MAX_IN_FLIGHT", "-5", "positive whole number"),
+    (Target.MERCHANT_AUTH, auth_config.STALE_VAR, "later", "seconds >= 0"),
+    (Target.MERCHANT_AUTH, "MERCHANT_AUTH_SERVICE_KEY_FAILURE_LIMIT", "ten", "at least 1"),
+    (Target.NOTIFICATION, notification_config.RETRY_MAX_VAR, "1", "max_backoff_s"),
+    (
+        Target.NOTIFICATION,
+        notification_config.SECRETS_KEY_FILE_VAR,
+        "/nonexistent/secrets.key",
+        "cannot read",
+    ),
 ]
+
+#: Every numeric setting a service reads, from the code's own tables: (service, variable,
+#: what the message says is allowed). Each is tried with ``nan``, which parses as a float but
+#: is no setting, so a missing range check shows as well as a missing parse check.
+NUMERIC = [
+    *(
+        (Target.ORDER, f"ORDER_SERVICE_{item.name.upper()}", "is not a positive")
+        for item in dataclasses.fields(ServerLimits)
+    ),
+    (Target.ORDER, RETENTION_VAR, "at least 86400"),
+    (Target.CHANNEL_ADAPTER, channel_config.RATE_TTL_VAR, "seconds >= 0"),
+    (Target.MERCHANT_AUTH, auth_config.STALE_VAR, "seconds >= 0"),
+    *((Target.MERCHANT_AUTH, var, "at least") for var in auth_config.LIMIT_VARS.values()),
+    *(
+        (Target.NOTIFICATION, var, "must be a positive")
+        for var in (
+            notification_config.RETRY_INITIAL_VAR,
+            notification_config.RETRY_MAX_VAR,
+            notification_config.RETRY_HORIZON_VAR,
+            notification_config.DELIVERY_SCAN_VAR,
+            notification_config.DELIVERY_CONCURRENCY_VAR,
+            notification_config.INLINE_WAIT_VAR,
+        )
+    ),
+    *(
+        (Target.PAYMENT_GATEWAY, var, "positive number of seconds")
+        for var in gateway_config._VARIABLES.values()
+    ),
+    (Target.SETTLEMENT, "SETTLEMENT_SERVICE_RECOVERY_INTERVAL_S", "positive number of seconds"),
+    (Target.WITHDRAWAL, "WITHDRAWAL_SERVICE_RECOVERY_INTERVAL_S", "positive number of seconds"),
+    (Target.ORDER, "PAYMESH_GRACE_S", "number of seconds >= 0"),
+    (Target.ORDER, "PAYMESH_TLS_RELOAD_S", "positive number of seconds"),
+    (Target.ORDER, "PAYMESH_READINESS_INTERVAL_S", "positive number of seconds"),
+    (Target.ORDER, "PAYMESH_HEALTHZ_MAX_LAG_S", "positive number of seconds"),
+]
+#: Settings of ``services/<name>/config.py`` that name a file, not a number (tested apart).
+FILE_SETTINGS = {
+    notification_config.SECRETS_KEY_FILE_VAR,
+    PEPPER_FILE_VAR,
+}
 
 
 def _start(
-    name: Target, variable: str, value: str, tmp_path: Path
+    name: Target, variable: str, value: str, tmp_path: Path, **extra: str
 ) -> subprocess.CompletedProcess[str]:
     """Start the service as ``make run`` would, its own ports ephemeral, one variable bad."""
     spec = next(s for s in SERVICES if s.name == name)
@@ -64,6 +132,7 @@ def _start(
     }
     if spec.public_port is not None:
         environ[f"{prefix}_PUBLIC_ADDR"] = "127.0.0.1:0"
+    environ.update(extra)
     environ[variable] = value
     return subprocess.run(
         [sys.executable, "-m", spec.module],
@@ -76,6 +145,17 @@ def _start(
     )
 
 
+def _refusal(result: subprocess.CompletedProcess[str], name: Target) -> str:
+    """The one ``cannot start`` line of a process that refused to start (the test fails
+    on anything else: another exit code, a traceback, a second line, serving)."""
+    assert result.returncode == EXIT_CONFIG, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "PAYMESH_READY" not in result.stdout
+    (line,) = [line for line in result.stderr.splitlines() if "cannot start" in line]
+    assert line.startswith(f"{name}: cannot start: "), line
+    return line
+
+
 @pytest.mark.parametrize(
     ("name", "variable", "value", "allowed"),
     CASES,
@@ -84,20 +164,61 @@ def _start(
 def test_bad_setting_stops_start_up_with_one_line_naming_it(
     name: Target, variable: str, value: str, allowed: str, tmp_path: Path
 ) -> None:
-    result = _start(name, variable, value, tmp_path)
-    assert result.returncode == EXIT_CONFIG, result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    assert "PAYMESH_READY" not in result.stdout
-    (line,) = [line for line in result.stderr.splitlines() if "cannot start" in line]
-    assert line.startswith(f"{name}: cannot start: "), line
+    line = _refusal(_start(name, variable, value, tmp_path), name)
     assert variable in line, line
     assert value in line, line
     assert allowed in line, line
 
 
+@pytest.mark.parametrize(
+    ("name", "variable", "allowed"), NUMERIC, ids=[variable for _, variable, _ in NUMERIC]
+)
+def test_every_numeric_setting_refuses_nan_with_one_line_naming_it(
+    name: Target, variable: str, allowed: str, tmp_path: Path
+) -> None:
+    line = _refusal(_start(name, variable, "nan", tmp_path), name)
+    assert f"{variable}='nan'" in line, line
+    assert allowed in line, line
+
+
+def test_the_table_holds_every_setting_the_service_configs_define() -> None:
+    config_files = sorted((ROOT / "services").glob("*/config.py"))
+    defined = {
+        match
+        for path in config_files
+        for match in re.findall(r'^[A-Z_]+_VAR = "([A-Z_]+)"', path.read_text(), re.MULTILINE)
+    }
+    assert len(config_files) >= 4 and defined
+    assert defined - FILE_SETTINGS <= {variable for _, variable, _ in NUMERIC}
+
+
+def test_a_page_token_key_file_too_short_stops_start_up_naming_the_variable(
+    tmp_path: Path,
+) -> None:
+    key = tmp_path / "page.key"
+    key.write_text("short")
+    line = _refusal(_start(Target.ORDER, PAGE_TOKEN_KEY_FILE_VAR, str(key), tmp_path), Target.ORDER)
+    assert f"{PAGE_TOKEN_KEY_FILE_VAR}={str(key)!r}" in line, line
+    assert "at least 32 needed" in line, line
+
+
 def test_half_a_tls_identity_stops_start_up_naming_the_three_files(tmp_path: Path) -> None:
-    result = _start(Target.ORDER, "PAYMESH_TLS_CA_FILE", "/nonexistent/ca.pem", tmp_path)
-    assert result.returncode == EXIT_CONFIG, result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    (line,) = [line for line in result.stderr.splitlines() if "cannot start" in line]
-    assert "PAYMESH_TLS_CA_FILE, PAYMESH_TLS_CERT_FILE and PAYMESH_TLS_KEY_FILE" in line, line
+    result = _start(Target.ORDER, CA_FILE_VAR, "/nonexistent/ca.pem", tmp_path)
+    line = _refusal(result, Target.ORDER)
+    assert f"{CA_FILE_VAR}, {CERT_FILE_VAR} and {KEY_FILE_VAR}" in line, line
+    assert f"{CA_FILE_VAR}='/nonexistent/ca.pem' but not {CERT_FILE_VAR} or {KEY_FILE_VAR}" in line
+
+
+def test_two_of_three_tls_files_name_the_two_set_and_the_one_missing(tmp_path: Path) -> None:
+    result = _start(
+        Target.ORDER, CERT_FILE_VAR, "/x/cert.pem", tmp_path, **{KEY_FILE_VAR: "/x/key.pem"}
+    )
+    line = _refusal(result, Target.ORDER)
+    given = f"{CERT_FILE_VAR}='/x/cert.pem', {KEY_FILE_VAR}='/x/key.pem' but not {CA_FILE_VAR}"
+    assert given in line, line
+
+
+@pytest.mark.parametrize(("value", "plaintext"), [("1", True), ("0", False), ("", False)])
+def test_insecure_takes_1_for_plaintext_and_0_or_unset_for_tls(value: str, plaintext: bool) -> None:
+    assert tls.plaintext_requested({INSECURE_VAR: value}) is plaintext
+    assert tls.plaintext_requested({}) is False

@@ -34,18 +34,17 @@ from services.tools.sandbox.app import Fault, SandboxState
 from services.withdrawal.__main__ import build as build_withdrawal
 from tests.integration.tenants import (
     Directory,
-    merchant_directory,
     merchant_stub,
     refusal,
     rich_status,
+    start_directory,
 )
 from tests.servers import (
     ServedAddress,
+    ServicesUnderTest,
     error_reason,
     granted_stub,
     public_channel,
-    running_sandbox,
-    running_service,
 )
 
 T = TypeVar("T")
@@ -53,6 +52,7 @@ EUR = "EUR"
 PAYOUTS = "platform/bank_payouts"
 #: The onboarded merchants' webhook: a ``.example`` host, played by the partner sandbox.
 WEBHOOK_URL = "https://payouts.example/hooks"
+WITHDRAWAL = "withdrawal-service"
 
 
 def fast_recovery(var_dir: Path) -> dict[str, str]:
@@ -84,33 +84,30 @@ class Mesh:
     address: ServedAddress
     merchant: str
     """An active merchant with a webhook URL, onboarded at merchant-service."""
+    services: ServicesUnderTest
+    """The harness running them all."""
 
     def as_merchant(self, secret: str) -> contextlib.AbstractAsyncContextManager[Any]:
         """withdrawal-service's public port, called with API key ``secret``."""
         return merchant_stub(self.address.public, withdrawal_pb2_grpc.WithdrawalServiceStub, secret)
 
 
-@contextlib.asynccontextmanager
-async def served_withdrawal(
-    environ: dict[str, str],
-) -> AsyncIterator[tuple[withdrawal_pb2_grpc.WithdrawalServiceAsyncStub, ServedAddress]]:
-    """withdrawal-service over ``environ``: a stub (as identities granted each method) and
-    its addresses."""
-    async with (
-        running_service("withdrawal-service", build_withdrawal, environ=environ) as address,
-        granted_stub(
-            address, withdrawal_pb2_grpc.WithdrawalServiceStub, "withdrawal-service"
-        ) as stub,
-    ):
-        yield stub, address
+def withdrawal_service(
+    services: ServicesUnderTest, environ: dict[str, str] | None = None
+) -> contextlib.AbstractAsyncContextManager[withdrawal_pb2_grpc.WithdrawalServiceAsyncStub]:
+    """Another withdrawal-service among ``services`` for a block, ``environ`` on top of its
+    own: a stub (as identities granted each method); on the same var dir it runs recovery."""
+    return _granted(services.instance(WITHDRAWAL, build=build_withdrawal, environ=environ))
 
 
 @contextlib.asynccontextmanager
-async def withdrawal_service(
-    environ: dict[str, str],
+async def _granted(
+    instance: contextlib.AbstractAsyncContextManager[ServedAddress],
 ) -> AsyncIterator[withdrawal_pb2_grpc.WithdrawalServiceAsyncStub]:
-    """withdrawal-service over ``environ``; a second start on the same var dir runs recovery."""
-    async with served_withdrawal(environ) as (stub, _):
+    async with (
+        instance as address,
+        granted_stub(address, withdrawal_pb2_grpc.WithdrawalServiceStub, WITHDRAWAL) as stub,
+    ):
         yield stub
 
 
@@ -122,59 +119,41 @@ def _ledger(environ: dict[str, str]) -> contextlib.AbstractAsyncContextManager[A
     )
 
 
-@contextlib.asynccontextmanager
-async def downstreams(
-    tmp_path: Path, directory: Directory
-) -> AsyncIterator[tuple[dict[str, str], SandboxState]]:
-    """The sandbox, accounting- and notification-service (and the directory's merchants);
-    yields withdrawal-service's environ."""
-    with running_sandbox() as (sandbox, state):
-        base = {
-            "PAYMESH_VAR_DIR": str(tmp_path),
-            "PARTNER_SANDBOX_ADDR": sandbox,
-            "MERCHANT_SERVICE_ADDR": directory.merchant_address,
-        }
-        async with (
-            running_service("accounting-service", build_accounting, environ=base) as ledger,
-            running_service(
-                "notification-service", build_notification, environ=base
-            ) as notifications,
-        ):
-            yield (
-                {
-                    **base,
-                    **directory.environ,
-                    "ACCOUNTING_SERVICE_ADDR": ledger,
-                    "NOTIFICATION_SERVICE_ADDR": notifications,
-                },
-                state,
-            )
+async def start_downstreams(services: ServicesUnderTest) -> tuple[Directory, SandboxState]:
+    """The directory's merchants, then the sandbox, accounting- and notification-service;
+    withdrawal-service's environ is ``services.environ_of(WITHDRAWAL)``."""
+    directory = await start_directory(services)
+    bank = services.sandbox()
+    await services.start("accounting-service", build_accounting)
+    await services.start("notification-service", build_notification)
+    return directory, bank
 
 
 @pytest.fixture
-async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
-    async with (
-        merchant_directory(tmp_path) as directory,
-        downstreams(tmp_path, directory) as (environ, bank),
-        served_withdrawal({**environ, **fast_recovery(tmp_path)}) as (withdrawals, address),
-        _ledger(environ) as ledger,
-        granted_stub(
+async def mesh(services: ServicesUnderTest) -> Mesh:
+    directory, bank = await start_downstreams(services)
+    environ = services.environ_of(WITHDRAWAL)
+    address = await services.start(
+        WITHDRAWAL, build_withdrawal, environ=fast_recovery(services.var_dir)
+    )
+    tenant = await directory.onboard("Payout Shop", webhook_url=WEBHOOK_URL)
+    return Mesh(
+        withdrawals=await services.stub(
+            address, withdrawal_pb2_grpc.WithdrawalServiceStub, WITHDRAWAL
+        ),
+        ledger=await services.stack.enter_async_context(_ledger(environ)),
+        notifications=await services.stub(
             environ["NOTIFICATION_SERVICE_ADDR"],
             notification_pb2_grpc.NotificationServiceStub,
             "notification-service",
-        ) as notifications,
-    ):
-        tenant = await directory.onboard("Payout Shop", webhook_url=WEBHOOK_URL)
-        yield Mesh(
-            withdrawals=withdrawals,
-            ledger=ledger,
-            notifications=notifications,
-            bank=bank,
-            environ=environ,
-            directory=directory,
-            address=address,
-            merchant=tenant.merchant_id,
-        )
+        ),
+        bank=bank,
+        environ=environ,
+        directory=directory,
+        address=address,
+        merchant=tenant.merchant_id,
+        services=services,
+    )
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -399,23 +378,23 @@ async def test_unreachable_bank_leaves_pending_until_a_replay_completes_it(mesh:
     assert await balance(mesh.ledger, "platform/bank_payouts") == 2_000
 
 
-async def test_recovery_at_start_completes_a_pending_withdrawal(tmp_path: Path) -> None:
-    async with (
-        merchant_directory(tmp_path) as directory,
-        downstreams(tmp_path, directory) as (environ, bank),
-        _ledger(environ) as ledger,
-    ):
+async def test_recovery_at_start_completes_a_pending_withdrawal(
+    services: ServicesUnderTest,
+) -> None:
+    directory, bank = await start_downstreams(services)
+    environ = services.environ_of(WITHDRAWAL)
+    async with _ledger(environ) as ledger:
         merchant = (await directory.onboard()).merchant_id
         await fund(ledger, 3_000, account=available(merchant))
         fail_bank(bank, 503)
-        async with withdrawal_service(environ) as withdrawals:
+        async with withdrawal_service(services, environ) as withdrawals:
             pending = await withdrawals.CreateWithdrawal(
                 _withdraw("w1", 2_000, merchant_id=merchant)
             )
         assert pending.withdrawal.status == withdrawal_pb2.WITHDRAWAL_STATUS_PENDING
         heal_bank(bank)
 
-        async with withdrawal_service(environ) as withdrawals:
+        async with withdrawal_service(services, environ) as withdrawals:
             request = withdrawal_pb2.GetWithdrawalRequest(
                 withdrawal_id=pending.withdrawal.withdrawal_id
             )
@@ -492,16 +471,16 @@ async def test_withdrawal_is_in_transit_until_the_bank_confirms_then_paid_out(me
     assert len(mesh.bank.transfers) == 1
 
 
-async def test_recovery_loop_retries_until_the_bank_is_back(tmp_path: Path) -> None:
-    async with (
-        merchant_directory(tmp_path) as directory,
-        downstreams(tmp_path, directory) as (environ, bank),
-        _ledger(environ) as ledger,
-    ):
+async def test_recovery_loop_retries_until_the_bank_is_back(
+    services: ServicesUnderTest,
+) -> None:
+    directory, bank = await start_downstreams(services)
+    environ = services.environ_of(WITHDRAWAL)
+    async with _ledger(environ) as ledger:
         merchant = (await directory.onboard()).merchant_id
         await fund(ledger, 1_000, account=available(merchant))
         fail_bank(bank, 503)
-        async with withdrawal_service({**environ, **fast_recovery(tmp_path)}) as withdrawals:
+        async with withdrawal_service(services, fast_recovery(services.var_dir)) as withdrawals:
             pending = (
                 await withdrawals.CreateWithdrawal(_withdraw("w1", 1_000, merchant_id=merchant))
             ).withdrawal
@@ -581,7 +560,7 @@ async def test_unreachable_merchant_service_is_unavailable_and_leaves_the_reques
 ) -> None:
     await fund(mesh.ledger, 500, account=available(mesh.merchant))
     cut_off = {**mesh.environ, "MERCHANT_SERVICE_ADDR": "127.0.0.1:1"}
-    async with withdrawal_service(cut_off) as withdrawals:
+    async with withdrawal_service(mesh.services, cut_off) as withdrawals:
         with pytest.raises(aio.AioRpcError) as caught:
             await withdrawals.CreateWithdrawal(_withdraw("w1", 500, merchant_id=mesh.merchant))
 
