@@ -36,7 +36,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "gen")]
 from bench.old_breaker_client import OldBreakerClient, OldBreakerConfig  # noqa: E402
 from paymesh.testing.v1 import testing_pb2, testing_pb2_grpc  # noqa: E402
 
-CLIENTS = ("old_breaker_client", "grpc_native_retry", "paymesh_chain")
+#: ``grpc_native_retry`` is gRPC configured with the seed's numbers (what a port of the old
+#: client would write); ``grpc_native_sensible`` is gRPC configured as a careful user would:
+#: the caller's deadline, reads only, UNAVAILABLE only, the chain's backoff.
+CLIENTS = ("old_breaker_client", "grpc_native_retry", "grpc_native_sensible", "paymesh_chain")
+NATIVE_CLIENTS = ("grpc_native_retry", "grpc_native_sensible")
 MODES = ("down", "hang")
 STATS_TEXT = "__stats__"
 #: The mesh's deadline (services/mesh/policy.toml timeout_s) and the seed's numbers, unscaled.
@@ -108,6 +112,20 @@ def _native_service_config(scale: float) -> str:
     )
 
 
+def _sensible_service_config(scale: float) -> str:
+    """gRPC retryPolicy as a careful user writes it: only the idempotent Read is retried, only
+    on UNAVAILABLE, with the chain's backoff; every call carries the caller's deadline."""
+    policy = {
+        "maxAttempts": 4,
+        "initialBackoff": f"{0.05 * scale:.3f}s",
+        "maxBackoff": f"{1.0 * scale:.3f}s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    }
+    read = {"service": "paymesh.testing.v1.TestService", "method": "Read"}
+    return json.dumps({"methodConfig": [{"name": [read], "retryPolicy": policy}]})
+
+
 def _chain_policy(scale: float) -> dict[str, Any]:
     """services/mesh/policy.toml's defaults with every duration multiplied by ``scale``."""
     return {
@@ -158,6 +176,15 @@ class _Client:
             # No per-call deadline in the old numbers; the whole call gets what the old
             # client's worst case takes: 4 attempts of 30 s plus 1 + 2 + 4 s of backoff.
             self.native_timeout_s = (4 * 30.0 + 7.0) * scale
+        elif name == "grpc_native_sensible":
+            self.channel = aio.insecure_channel(
+                address,
+                options=[
+                    ("grpc.service_config", _sensible_service_config(scale)),
+                    ("grpc.enable_retries", 1),
+                ],
+            )
+            self.native_timeout_s = CALLER_DEADLINE_S * scale
         else:
             from interceptors.aio import wait_connected
             from interceptors.chain import build_client_chain
@@ -291,7 +318,7 @@ def run_one(client: str, mode: str, scale: float, rate: float, duration: float) 
     """One client against one outage; its figures."""
     target, address = _start_target()
     env = dict(os.environ)
-    if client == "grpc_native_retry":
+    if client in NATIVE_CLIENTS:
         env.update(GRPC_TRACE="retry", GRPC_VERBOSITY="debug")
     with tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False) as log:
         trace = Path(log.name)

@@ -7,12 +7,14 @@ from typing import Any
 
 CLIENT_LABELS = {
     "old_breaker_client": "old BreakerClient",
-    "grpc_native_retry": "gRPC retryPolicy",
+    "grpc_native_retry": "gRPC retryPolicy (seed numbers)",
+    "grpc_native_sensible": "gRPC retryPolicy (careful)",
     "paymesh_chain": "PayMesh chain",
 }
 COLOURS = {
     "old_breaker_client": "#d62728",
     "grpc_native_retry": "#ff7f0e",
+    "grpc_native_sensible": "#1f77b4",
     "paymesh_chain": "#2ca02c",
 }
 
@@ -57,7 +59,7 @@ def plot_results(results: dict[str, Any], path: Path) -> None:
     scale = outage["time_scale"]
     modes = list(outage["results"])
     clients = list(CLIENT_LABELS)
-    width = 0.27
+    width = 0.8 / len(clients)
     for ax, key, title in (
         (axes[0][2], "p99_s", "3. outage: p99 latency, unscaled s (log)"),
         (axes[1][0], "attempts_per_call", "3. outage: attempts sent per call"),
@@ -68,7 +70,7 @@ def plot_results(results: dict[str, Any], path: Path) -> None:
             if key == "p99_s":
                 values = [v / scale for v in values]
             ax.bar(
-                [m + (i - 1) * width for m in range(len(modes))],
+                [m + (i - (len(clients) - 1) / 2) * width for m in range(len(modes))],
                 values,
                 width,
                 label=CLIENT_LABELS[client],
