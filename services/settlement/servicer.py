@@ -16,7 +16,6 @@ means their own, another merchant's id or settlement is NOT_FOUND like a missing
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Mapping
 
@@ -26,7 +25,7 @@ from interceptors.errors import CallError, FailedPreconditionError, Reason
 from paymesh.accounting.v1 import accounting_pb2, accounting_pb2_grpc
 from paymesh.common.v1 import common_pb2
 from paymesh.merchant.v1 import merchant_pb2_grpc
-from paymesh.notification.v1 import notification_pb2, notification_pb2_grpc
+from paymesh.notification.v1 import notification_pb2_grpc
 from paymesh.settlement.v1 import settlement_pb2, settlement_pb2_grpc
 from paymesh.withdrawal.v1 import withdrawal_pb2, withdrawal_pb2_grpc
 from services.accounting import accounts
@@ -34,7 +33,7 @@ from services.mesh import validation as v
 from services.mesh.active_merchant import require_active_merchant
 from services.mesh.authz import current_merchant, merchant_scope
 from services.mesh.bootstrap import Context
-from services.mesh.downstream import is_ambiguous, reason_of
+from services.mesh.downstream import is_ambiguous, notify_merchant, reason_of
 from services.mesh.errors import FailedPrecondition
 from services.settlement.store import Record, SettlementStore, Step
 from services.storage.resumable import StepDriver, Stepper
@@ -331,22 +330,15 @@ class SettlementServicer(settlement_pb2_grpc.SettlementServiceServicer):
             "status": settlement_pb2.SettlementStatus.Name(settlement.status),
             "failure_reason": settlement.failure_reason,
         }
-        try:
-            await self._notifications.SendNotification(
-                notification_pb2.SendNotificationRequest(
-                    request_id=f"{settlement.settlement_id}:notification",
-                    merchant_id=settlement.merchant_id,
-                    event_type="settlement.completed" if completed else "settlement.failed",
-                    # sort_keys: a resend must carry the very same body to be deduped.
-                    payload_json=json.dumps(payload, sort_keys=True),
-                )
-            )
-        except CallError as exc:
-            if is_ambiguous(exc):
-                log.warning("notification of %s not sent yet: %s", settlement.settlement_id, exc)
-                return record
-            log.warning("notification of %s refused, dropped: %s", settlement.settlement_id, exc)
-        return self._store.advance(record, step=Step.DONE)
+        sent = await notify_merchant(
+            self._notifications,
+            subject_id=settlement.settlement_id,
+            merchant_id=settlement.merchant_id,
+            event_type="settlement.completed" if completed else "settlement.failed",
+            payload=payload,
+            log=log,
+        )
+        return self._store.advance(record, step=Step.DONE) if sent else record
 
 
 def _transaction(

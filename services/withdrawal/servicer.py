@@ -19,14 +19,13 @@ own, another merchant's id or withdrawal is NOT_FOUND like a missing one.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Mapping
 
 from interceptors.errors import CallError, FailedPreconditionError, Reason
 from paymesh.accounting.v1 import accounting_pb2, accounting_pb2_grpc
 from paymesh.merchant.v1 import merchant_pb2_grpc
-from paymesh.notification.v1 import notification_pb2, notification_pb2_grpc
+from paymesh.notification.v1 import notification_pb2_grpc
 from paymesh.withdrawal.v1 import withdrawal_pb2, withdrawal_pb2_grpc
 from services.accounting import accounts
 from services.mesh import validation as v
@@ -34,7 +33,7 @@ from services.mesh.active_merchant import require_active_merchant
 from services.mesh.authz import merchant_scope
 from services.mesh.bootstrap import Context
 from services.mesh.clients import PartnerClient
-from services.mesh.downstream import is_ambiguous, reason_of
+from services.mesh.downstream import is_ambiguous, notify_merchant, reason_of
 from services.mesh.errors import FailedPrecondition
 from services.storage.resumable import StepDriver, Stepper
 from services.withdrawal.store import Record, Step, WithdrawalStore
@@ -305,21 +304,15 @@ class WithdrawalServicer(withdrawal_pb2_grpc.WithdrawalServiceServicer):
             "bank_transfer_reference": withdrawal.bank_transfer_reference,
             "failure_reason": withdrawal.failure_reason,
         }
-        try:
-            await self._notifications.SendNotification(
-                notification_pb2.SendNotificationRequest(
-                    request_id=f"{withdrawal.withdrawal_id}:notification",
-                    merchant_id=withdrawal.merchant_id,
-                    event_type="withdrawal.completed" if completed else "withdrawal.failed",
-                    payload_json=json.dumps(payload, sort_keys=True),
-                )
-            )
-        except CallError as exc:
-            if is_ambiguous(exc):
-                log.warning("notification of %s not sent yet: %s", withdrawal.withdrawal_id, exc)
-                return record
-            log.warning("notification of %s refused, dropped: %s", withdrawal.withdrawal_id, exc)
-        return self._store.advance(record, step=Step.DONE)
+        sent = await notify_merchant(
+            self._notifications,
+            subject_id=withdrawal.withdrawal_id,
+            merchant_id=withdrawal.merchant_id,
+            event_type="withdrawal.completed" if completed else "withdrawal.failed",
+            payload=payload,
+            log=log,
+        )
+        return self._store.advance(record, step=Step.DONE) if sent else record
 
 
 def _transaction(
