@@ -34,7 +34,7 @@ from interceptors.runtime import ChainRuntime
 from interceptors.tls import ssl_tls_problem, tls_handshake_error
 from interceptors.tracing import TARGET_ATTRIBUTE, inject
 
-__all__ = ["SAFE_METHODS", "PartnerClient", "PartnerResponse", "http_code", "route_of"]
+__all__ = ["SAFE_METHODS", "PartnerClient", "PartnerResponse", "route_of"]
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 #: Largest answer body read from a partner (gRPC's default receive limit): beyond, the

@@ -30,11 +30,6 @@ StopReason = Literal[
     "concurrency_limited",
 ]
 
-#: Codes that say the target, not the request, is unhealthy (the table's column).
-BREAKER_FAILURE_CODES = codes.TARGET_UNHEALTHY
-#: Codes retried only when the server pushed back with a delay (the table's column).
-PUSHBACK_ONLY_CODES = codes.PUSHBACK_ONLY
-
 
 def breaker_outcome(
     code: str, *, tls_failed: bool = False, deadline_was_callers: bool = False
@@ -58,7 +53,7 @@ def breaker_outcome(
         return Outcome.IGNORED
     if code == "DEADLINE_EXCEEDED" and deadline_was_callers:
         return Outcome.IGNORED
-    return Outcome.FAILURE if code in BREAKER_FAILURE_CODES else Outcome.SUCCESS
+    return Outcome.FAILURE if code in codes.TARGET_UNHEALTHY else Outcome.SUCCESS
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -132,7 +127,7 @@ class RetryRun:
         if code in self.policy.retryable_codes:
             if code == "DEADLINE_EXCEEDED" and self._clock() >= self.deadline_at:
                 return _stop("deadline")
-        elif code in PUSHBACK_ONLY_CODES:
+        elif code in codes.PUSHBACK_ONLY:
             if failure.pushback_ms is None and failure.retry_delay_s is None:
                 return _stop("not_retryable")
         else:

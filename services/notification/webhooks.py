@@ -16,9 +16,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from interceptors.codes import http_code
 from interceptors.deadline import DeadlineExhausted, outgoing_deadline
 from interceptors.errors import CallError
-from interceptors.http import PartnerClient, http_code
+from interceptors.http import PartnerClient
 from interceptors.telemetry import CallRecord
 from paymesh.notification.v1 import notification_pb2 as pb
 from services.notification import delivery, signing
