@@ -22,13 +22,15 @@ from typing import Any
 import grpc
 import pytest
 from grpc import aio
+from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, Sampler, TraceIdRatioBased
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusCode, TraceFlags
 
 from interceptors.chain import ClientChain
 from interceptors.errors import CallError
@@ -53,8 +55,18 @@ from services.analytics.__main__ import build as build_analytics
 from services.channel_adapter.__main__ import build as build_channel_adapter
 from services.merchant.__main__ import build as build_merchant
 from services.merchant_auth.__main__ import build as build_merchant_auth
+from services.mesh.bootstrap import StartupError
 from services.mesh.server import ServerPolicyInterceptor
-from services.mesh.tracing import TraceIdFilter, log_format, service_tracer_provider, span_exporter
+from services.mesh.tracing import (
+    DEFAULT_SAMPLE_RATIO,
+    SAMPLER_ARG_VAR,
+    SAMPLER_VAR,
+    TraceIdFilter,
+    log_format,
+    server_tracing,
+    service_tracer_provider,
+    span_exporter,
+)
 from services.notification.__main__ import build as build_notification
 from services.order.__main__ import build as build_order
 from services.payment_gateway.__main__ import build as build_gateway
@@ -133,7 +145,11 @@ async def traced_mesh(tmp_path: Path) -> AsyncIterator[TracedMesh]:
     processors = (SimpleSpanProcessor(exporter),)
     async with contextlib.AsyncExitStack() as stack:
         sandbox_address, _ = stack.enter_context(running_sandbox())
-        base = {"PAYMESH_VAR_DIR": str(tmp_path), "PARTNER_SANDBOX_ADDR": sandbox_address}
+        base = {
+            "PAYMESH_VAR_DIR": str(tmp_path),
+            "PARTNER_SANDBOX_ADDR": sandbox_address,
+            SAMPLER_ARG_VAR: "1",  # every payment, not the default share of new traces
+        }
         addresses: dict[str, ServedAddress] = {}
 
         async def start(name: str, build: Any, **extra: str) -> ServedAddress:
@@ -390,24 +406,52 @@ def captured_log(logger: str) -> Iterator[io.StringIO]:
         target.setLevel(old_level)
 
 
-async def test_server_log_line_carries_the_trace_id_of_the_call() -> None:
-    exporter = InMemorySpanExporter()
-    provider = recording_provider(TARGET, exporter)
-    server = aio.server(
-        interceptors=[server_interceptor(provider), ServerPolicyInterceptor(domain=TARGET)]
-    )
+async def _access_log_of_one_call(
+    tracing: aio.ServerInterceptor, caller: TracerProvider | None
+) -> str:
+    """The access log of one Read served behind ``tracing``, from a chain tracing into
+    ``caller`` (None: an untraced client, which sends no ``traceparent``)."""
+    server = aio.server(interceptors=[tracing, ServerPolicyInterceptor(domain=TARGET)])
     testing_pb2_grpc.add_TestServiceServicer_to_server(ScriptedServicer(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
         with captured_log("paymesh.access") as lines:
-            chain = traced_chain(InMemorySpanExporter())
-            async with stub_for(chain, f"127.0.0.1:{port}") as stub:
+            async with stub_for(make_chain(tracer_provider=caller), f"127.0.0.1:{port}") as stub:
                 await stub.Read(pb.ReadRequest(text="x"))
     finally:
         await server.stop(None)
+    return lines.getvalue()
+
+
+async def test_server_log_line_carries_the_trace_id_of_the_call() -> None:
+    exporter = InMemorySpanExporter()
+    provider = recording_provider(TARGET, exporter)
+    lines = await _access_log_of_one_call(
+        server_interceptor(provider), recording_provider("test-caller", InMemorySpanExporter())
+    )
     (span,) = exporter.get_finished_spans()
-    assert f"trace_id={span.context.trace_id:032x}" in lines.getvalue()
+    assert f"trace_id={span.context.trace_id:032x}" in lines
+
+
+async def test_unrecorded_server_makes_no_span_and_logs_the_callers_trace_id() -> None:
+    server_spans, caller_spans = InMemorySpanExporter(), InMemorySpanExporter()
+    lines = await _access_log_of_one_call(
+        server_tracing(recording_provider(TARGET, server_spans), recording=False),
+        recording_provider("test-caller", caller_spans),
+    )
+    assert server_spans.get_finished_spans() == ()
+    trace_ids = {f"{s.context.trace_id:032x}" for s in caller_spans.get_finished_spans()}
+    assert len(trace_ids) == 1
+    assert f"trace_id={trace_ids.pop()}" in lines
+
+
+async def test_unrecorded_server_gives_a_call_without_traceparent_a_trace_id_of_its_own() -> None:
+    lines = await _access_log_of_one_call(
+        server_tracing(recording_provider(TARGET, InMemorySpanExporter()), recording=False), None
+    )
+    assert "rpc method=/paymesh.testing.v1.TestService/Read" in lines
+    assert "trace_id=-" not in lines
 
 
 def test_log_line_outside_a_trace_has_a_dash_for_trace_id() -> None:
@@ -429,6 +473,69 @@ def test_without_an_exporter_spans_are_not_recorded_but_carry_trace_ids() -> Non
     assert not span.is_recording()
     assert span.get_span_context().is_valid
     provider.shutdown()
+
+
+def recorded_provider(environ: dict[str, str]) -> TracerProvider:
+    """The provider a service builds from ``environ`` when something receives its spans."""
+    return service_tracer_provider(
+        "order-service", environ, span_processors=(SimpleSpanProcessor(InMemorySpanExporter()),)
+    )
+
+
+def described(sampler: Sampler) -> str:
+    """What ``sampler`` is, as the SDK describes it (samplers define no equality)."""
+    return sampler.get_description()
+
+
+def test_recorded_default_is_parent_based_trace_id_ratio_at_the_documented_ratio() -> None:
+    provider = recorded_provider({})
+    assert described(provider.sampler) == described(
+        ParentBased(TraceIdRatioBased(DEFAULT_SAMPLE_RATIO))
+    )
+    provider.shutdown()
+
+
+def test_children_of_a_sampled_parent_are_recorded_and_of_an_unsampled_one_are_not() -> None:
+    provider = recorded_provider({})
+    tracer = provider.get_tracer("test")
+
+    def child_of(flags: int) -> trace.Span:
+        parent = SpanContext(trace_id=1, span_id=2, is_remote=True, trace_flags=TraceFlags(flags))
+        return tracer.start_span(
+            "call", context=trace.set_span_in_context(NonRecordingSpan(parent))
+        )
+
+    assert child_of(TraceFlags.SAMPLED).is_recording()
+    assert not child_of(TraceFlags.DEFAULT).is_recording()
+    provider.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({SAMPLER_ARG_VAR: "1"}, ParentBased(TraceIdRatioBased(1.0))),
+        ({SAMPLER_VAR: "always_on"}, ALWAYS_ON),
+        ({SAMPLER_VAR: "traceidratio", SAMPLER_ARG_VAR: "0.25"}, TraceIdRatioBased(0.25)),
+    ],
+)
+def test_standard_sampler_variables_win_over_the_default(
+    environ: dict[str, str], expected: Sampler
+) -> None:
+    provider = recorded_provider(environ)
+    assert described(provider.sampler) == described(expected)
+    provider.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"), [(SAMPLER_VAR, "sometimes"), (SAMPLER_ARG_VAR, "1.5")]
+)
+async def test_a_bad_sampler_setting_stops_start_up_naming_it(
+    tmp_path: Path, variable: str, value: str
+) -> None:
+    environ = {"PAYMESH_VAR_DIR": str(tmp_path), variable: value}
+    with pytest.raises(StartupError, match=variable):
+        async with running_service("order-service", build_order, environ=environ):
+            pass
 
 
 def test_otlp_endpoint_configures_the_otlp_exporter() -> None:
@@ -493,7 +600,11 @@ async def test_spans_reach_an_otlp_receiver_over_grpc_when_the_endpoint_is_set(
     tmp_path: Path,
 ) -> None:
     with running_receiver() as (endpoint, receiver):
-        environ = {"PAYMESH_VAR_DIR": str(tmp_path), "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}
+        environ = {
+            "PAYMESH_VAR_DIR": str(tmp_path),
+            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+            SAMPLER_ARG_VAR: "1",
+        }
         async with (
             running_service("order-service", build_order, environ=environ) as address,
             granted_stub(address, order_pb2_grpc.OrderServiceStub, "order-service") as orders,
