@@ -12,9 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
-from concurrent import futures
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,6 @@ import pytest
 from grpc import aio
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -80,6 +77,7 @@ from tests.integration.harness import (
     serving,
     stub_for,
 )
+from tests.integration.otlp_receiver import running_receiver
 from tests.integration.test_chain_http import PARTNER, Reply, partner_server
 from tests.servers import (
     ServedAddress,
@@ -552,50 +550,6 @@ def test_otel_traces_exporter_none_wins_over_an_endpoint() -> None:
     assert span_exporter(environ) is None
 
 
-class TraceReceiver(trace_service_pb2_grpc.TraceServiceServicer):
-    """The collector's OTLP/gRPC trace endpoint, keeping what it receives."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
-
-    def Export(
-        self, request: trace_service_pb2.ExportTraceServiceRequest, context: Any
-    ) -> trace_service_pb2.ExportTraceServiceResponse:
-        with self.lock:
-            self.requests.append(request)
-        return trace_service_pb2.ExportTraceServiceResponse()
-
-    def spans(self) -> Sequence[tuple[str, str]]:
-        """(service.name, span name) of every span received."""
-        out = []
-        with self.lock:
-            for request in self.requests:
-                for resource_spans in request.resource_spans:
-                    attributes = {
-                        a.key: a.value.string_value for a in resource_spans.resource.attributes
-                    }
-                    for scope_spans in resource_spans.scope_spans:
-                        out += [(attributes["service.name"], s.name) for s in scope_spans.spans]
-        return out
-
-
-@contextlib.contextmanager
-def running_receiver() -> Iterator[tuple[str, TraceReceiver]]:
-    # A thread-pool server: the service flushes its spans synchronously while stopping, which
-    # would block a receiver sharing the test's event loop.
-    receiver = TraceReceiver()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    # opentelemetry-proto ships no type hints for its generated grpc module.
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)  # type: ignore[no-untyped-call]
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}", receiver
-    finally:
-        server.stop(None)
-
-
 async def test_spans_reach_an_otlp_receiver_over_grpc_when_the_endpoint_is_set(
     tmp_path: Path,
 ) -> None:
@@ -613,4 +567,4 @@ async def test_spans_reach_an_otlp_receiver_over_grpc_when_the_endpoint_is_set(
                 await orders.GetOrder(order_pb2.GetOrderRequest(order_id="no-such-order"))
         # Stopping the service flushed its batch; the receiver runs in its own threads.
         wanted = ("order-service", "/paymesh.order.v1.OrderService/GetOrder")
-        await eventually(lambda: wanted in receiver.spans())
+        await eventually(lambda: wanted in {(s.service, s.name) for s in receiver.spans()})
