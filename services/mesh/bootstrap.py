@@ -445,10 +445,10 @@ def make_server(runtime: _Runtime) -> aio.Server:
         reflection=config.reflection,
         plaintext=config.security.plaintext,
     )
+    tracing, trace_context = server_tracing(runtime.tracer_provider, recording=runtime.recording)
     return aio.server(
         interceptors=[
-            # First: the policy's work is in the span (or the caller's trace, when no span).
-            server_tracing(runtime.tracer_provider, recording=runtime.recording),
+            *tracing,  # first: the policy's work is in the span
             ServerPolicyInterceptor(
                 domain=config.name,
                 faults=context.faults,
@@ -457,6 +457,7 @@ def make_server(runtime: _Runtime) -> aio.Server:
                 max_in_flight=config.limits.max_in_flight,
                 on_shed=metrics.count_shed,
                 prechecks=context.prechecks,
+                trace_context=trace_context,
             ),
         ],
         # A taken port must be an error, never a silent second listener.

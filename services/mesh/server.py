@@ -15,13 +15,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from typing import Any, Protocol
 
 import grpc
 from google.rpc import status_pb2
 from grpc import aio
 from grpc_interceptor.server import AsyncServerInterceptor
+from opentelemetry import context as otel_context
 
 from interceptors.codes import DEPENDENCY_FAULT
 from interceptors.deadline import reset_incoming_deadline, set_incoming_deadline
@@ -46,6 +47,8 @@ _HEALTH = "/grpc.health."
 SHED_RETRY_DELAY_S = 0.25
 
 CallObserver = Callable[[str, grpc.StatusCode, float], None]
+#: The trace context to serve a call in, from its invocation metadata.
+TraceContextOf = Callable[[Collection[tuple[str, str | bytes]] | None], otel_context.Context]
 
 
 class Admitted(Protocol):
@@ -83,10 +86,13 @@ class ServerPolicyInterceptor(AsyncServerInterceptor):
         max_in_flight: int | None = None,
         on_shed: Callable[[str], None] | None = None,
         prechecks: Mapping[str, Callable[[], None]] | None = None,
+        trace_context: TraceContextOf | None = None,
     ) -> None:
         """``max_in_flight`` caps the calls served at once (None: no cap); ``on_shed`` is told
         the method of each call refused for it; ``prechecks`` maps a full method path to a
-        check run before the gate, which raises a ServiceError to refuse the call."""
+        check run before the gate, which raises a ServiceError to refuse the call;
+        ``trace_context`` gives the context a unary call is served in when no tracing
+        interceptor made a span for it (``services.mesh.tracing.incoming_trace``)."""
         if max_in_flight is not None and max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
         self._domain = domain
@@ -98,6 +104,7 @@ class ServerPolicyInterceptor(AsyncServerInterceptor):
         self._on_shed = on_shed
         # Read at each call (not copied): a service registers its prechecks while it builds.
         self._prechecks: Mapping[str, Callable[[], None]] = {} if prechecks is None else prechecks
+        self._trace_context = trace_context
         self._in_flight = 0
 
     @property
@@ -134,6 +141,11 @@ class ServerPolicyInterceptor(AsyncServerInterceptor):
     ) -> Any:
         started = self._clock()
         token = set_incoming_deadline(context.time_remaining(), clock=self._clock)
+        traced = (
+            None
+            if self._trace_context is None
+            else otel_context.attach(self._trace_context(context.invocation_metadata()))
+        )
         admitted: Admitted | None = None
         self._in_flight += 1
         try:
@@ -163,6 +175,8 @@ class ServerPolicyInterceptor(AsyncServerInterceptor):
             self._in_flight -= 1
             if admitted is not None:
                 admitted.reset()
+            if traced is not None:
+                otel_context.detach(traced)
             reset_incoming_deadline(token)
 
     def _shed(self, method_name: str) -> None:

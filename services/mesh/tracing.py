@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Collection, Mapping, Sequence
 
-import grpc
 from grpc import aio
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -161,25 +159,34 @@ def service_tracer_provider(
     return provider
 
 
-Behaviour = Callable[[Any, aio.ServicerContext[Any, Any]], Awaitable[Any]]
+#: gRPC's invocation metadata: (key, value) pairs, binary values under ``-bin`` keys.
+Metadata = Collection[tuple[str, str | bytes]]
 
 
 class _MetadataGetter:
-    """Reads propagation fields from gRPC's invocation metadata (a tuple of pairs)."""
+    """Reads propagation fields from gRPC's invocation metadata."""
 
-    def get(self, carrier: Sequence[tuple[str, str | bytes]], key: str) -> list[str] | None:
+    def get(self, carrier: Metadata, key: str) -> list[str] | None:
         values = [v for k, v in carrier if k == key and isinstance(v, str)]
         return values or None
 
-    def keys(self, carrier: Sequence[tuple[str, str | bytes]]) -> list[str]:
+    def keys(self, carrier: Metadata) -> list[str]:
         return [k for k, _ in carrier]
 
 
 _GETTER = _MetadataGetter()
 
 
-def _new_trace() -> otel_context.Context:
-    """A context with a fresh, unsampled trace id: this service starts the trace."""
+def incoming_trace(metadata: Metadata | None) -> otel_context.Context:
+    """The caller's trace context (its ``traceparent``), or a fresh, unsampled trace id when it
+    sent none or a malformed one: what a server that makes no span makes current.
+
+    Log lines then carry the trace id and downstream calls continue the caller's trace (same id
+    and sampled flag), for the cost of parsing one header instead of a span per call.
+    """
+    incoming = propagate.extract(metadata or (), getter=_GETTER)  # type: ignore[arg-type]  # pairs, read by _GETTER
+    if trace.get_current_span(incoming).get_span_context().is_valid:
+        return incoming
     span_context = SpanContext(
         trace_id=random.getrandbits(128) or 1,
         span_id=random.getrandbits(64) or 1,
@@ -189,51 +196,19 @@ def _new_trace() -> otel_context.Context:
     return trace.set_span_in_context(NonRecordingSpan(span_context))
 
 
-class IncomingTraceContext(aio.ServerInterceptor):
-    """Makes the caller's trace (its ``traceparent``) current while a unary call is served,
-    or a fresh trace id when it sent none, without making a span.
+def server_tracing(
+    provider: TracerProvider, *, recording: bool
+) -> tuple[list[aio.ServerInterceptor], Callable[[Metadata | None], otel_context.Context] | None]:
+    """The server's tracing: the interceptors to put first, and the trace step for the policy
+    interceptor (``ServerPolicyInterceptor(trace_context=...)``).
 
-    The server side of a service whose spans nobody receives: its log lines carry the trace
-    id and its downstream calls continue the caller's trace (same id and sampled flag), for
-    the cost of parsing one header. gRPC's own services (health, reflection) pass untouched.
+    When someone receives spans, the instrumentation's interceptor makes a SERVER span per call
+    and no trace step is needed; otherwise no interceptor (an extra layer costs an await per
+    call) and the policy interceptor makes :func:`incoming_trace` current while it serves.
     """
-
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        behaviour: Behaviour | None = (
-            None if handler is None else handler.unary_unary  # type: ignore[assignment]  # grpc-stubs types it sync; aio servers are async
-        )
-        if handler is None or behaviour is None or handler_call_details.method.startswith("/grpc."):
-            return handler
-        metadata = handler_call_details.invocation_metadata or ()
-        incoming = propagate.extract(metadata, getter=_GETTER)  # type: ignore[arg-type]  # pairs, read by _GETTER
-        if not trace.get_current_span(incoming).get_span_context().is_valid:
-            incoming = _new_trace()
-
-        async def in_trace(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-            token = otel_context.attach(incoming)
-            try:
-                return await behaviour(request, context)
-            finally:
-                otel_context.detach(token)
-
-        return grpc.unary_unary_rpc_method_handler(
-            in_trace,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-
-
-def server_tracing(provider: TracerProvider, *, recording: bool) -> aio.ServerInterceptor:
-    """The server's first interceptor: a SERVER span per call (the instrumentation's) when
-    someone receives spans, else only the caller's trace context made current."""
-    return server_interceptor(provider) if recording else IncomingTraceContext()
+    if recording:
+        return [server_interceptor(provider)], None
+    return [], incoming_trace
 
 
 def log_format(service: str) -> str:

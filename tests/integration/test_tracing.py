@@ -37,7 +37,6 @@ from interceptors.tracing import (
     CIRCUIT_OPEN_EVENT,
     STOP_REASON_ATTRIBUTE,
     TARGET_ATTRIBUTE,
-    server_interceptor,
 )
 from paymesh.common.v1 import common_pb2
 from paymesh.merchant.v1 import merchant_pb2, merchant_pb2_grpc
@@ -405,11 +404,14 @@ def captured_log(logger: str) -> Iterator[io.StringIO]:
 
 
 async def _access_log_of_one_call(
-    tracing: aio.ServerInterceptor, caller: TracerProvider | None
+    server_provider: TracerProvider, caller: TracerProvider | None, *, recording: bool
 ) -> str:
-    """The access log of one Read served behind ``tracing``, from a chain tracing into
-    ``caller`` (None: an untraced client, which sends no ``traceparent``)."""
-    server = aio.server(interceptors=[tracing, ServerPolicyInterceptor(domain=TARGET)])
+    """The access log of one Read served with the tracing a service builds on
+    ``server_provider``, from a chain tracing into ``caller`` (None: an untraced client,
+    which sends no ``traceparent``)."""
+    tracing, trace_context = server_tracing(server_provider, recording=recording)
+    policy = ServerPolicyInterceptor(domain=TARGET, trace_context=trace_context)
+    server = aio.server(interceptors=[*tracing, policy])
     testing_pb2_grpc.add_TestServiceServicer_to_server(ScriptedServicer(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -426,7 +428,7 @@ async def test_server_log_line_carries_the_trace_id_of_the_call() -> None:
     exporter = InMemorySpanExporter()
     provider = recording_provider(TARGET, exporter)
     lines = await _access_log_of_one_call(
-        server_interceptor(provider), recording_provider("test-caller", InMemorySpanExporter())
+        provider, recording_provider("test-caller", InMemorySpanExporter()), recording=True
     )
     (span,) = exporter.get_finished_spans()
     assert f"trace_id={span.context.trace_id:032x}" in lines
@@ -435,8 +437,9 @@ async def test_server_log_line_carries_the_trace_id_of_the_call() -> None:
 async def test_unrecorded_server_makes_no_span_and_logs_the_callers_trace_id() -> None:
     server_spans, caller_spans = InMemorySpanExporter(), InMemorySpanExporter()
     lines = await _access_log_of_one_call(
-        server_tracing(recording_provider(TARGET, server_spans), recording=False),
+        recording_provider(TARGET, server_spans),
         recording_provider("test-caller", caller_spans),
+        recording=False,
     )
     assert server_spans.get_finished_spans() == ()
     trace_ids = {f"{s.context.trace_id:032x}" for s in caller_spans.get_finished_spans()}
@@ -446,7 +449,7 @@ async def test_unrecorded_server_makes_no_span_and_logs_the_callers_trace_id() -
 
 async def test_unrecorded_server_gives_a_call_without_traceparent_a_trace_id_of_its_own() -> None:
     lines = await _access_log_of_one_call(
-        server_tracing(recording_provider(TARGET, InMemorySpanExporter()), recording=False), None
+        recording_provider(TARGET, InMemorySpanExporter()), None, recording=False
     )
     assert "rpc method=/paymesh.testing.v1.TestService/Read" in lines
     assert "trace_id=-" not in lines
