@@ -403,24 +403,35 @@ def captured_log(logger: str) -> Iterator[io.StringIO]:
         target.setLevel(old_level)
 
 
+@contextlib.asynccontextmanager
+async def serving_as_a_service(
+    servicer: ScriptedServicer, provider: TracerProvider, *, recording: bool
+) -> AsyncIterator[str]:
+    """``servicer`` behind the tracing and policy interceptors a service builds on
+    ``provider``; yields its address."""
+    tracing, trace_context = server_tracing(provider, recording=recording)
+    policy = ServerPolicyInterceptor(domain=servicer.name, trace_context=trace_context)
+    server = aio.server(interceptors=[*tracing, policy])
+    testing_pb2_grpc.add_TestServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(None)
+
+
 async def _access_log_of_one_call(
     server_provider: TracerProvider, caller: TracerProvider | None, *, recording: bool
 ) -> str:
     """The access log of one Read served with the tracing a service builds on
     ``server_provider``, from a chain tracing into ``caller`` (None: an untraced client,
     which sends no ``traceparent``)."""
-    tracing, trace_context = server_tracing(server_provider, recording=recording)
-    policy = ServerPolicyInterceptor(domain=TARGET, trace_context=trace_context)
-    server = aio.server(interceptors=[*tracing, policy])
-    testing_pb2_grpc.add_TestServiceServicer_to_server(ScriptedServicer(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
+    servicer = ScriptedServicer(name=TARGET)
+    async with serving_as_a_service(servicer, server_provider, recording=recording) as address:
         with captured_log("paymesh.access") as lines:
-            async with stub_for(make_chain(tracer_provider=caller), f"127.0.0.1:{port}") as stub:
+            async with stub_for(make_chain(tracer_provider=caller), address) as stub:
                 await stub.Read(pb.ReadRequest(text="x"))
-    finally:
-        await server.stop(None)
     return lines.getvalue()
 
 
@@ -453,6 +464,22 @@ async def test_unrecorded_server_gives_a_call_without_traceparent_a_trace_id_of_
     )
     assert "rpc method=/paymesh.testing.v1.TestService/Read" in lines
     assert "trace_id=-" not in lines
+
+
+async def test_unrecorded_server_continues_the_callers_trace_in_its_downstream_calls() -> None:
+    sent = f"00-{'1f' * 16}-{'2e' * 8}-01"
+    async with serving() as target, stub_for(make_chain(), target.address) as onward:
+        relay = ScriptedServicer(name="relay", next_hop=onward)
+        provider = recording_provider("relay", InMemorySpanExporter())
+        async with (
+            serving_as_a_service(relay, provider, recording=False) as address,
+            aio.insecure_channel(address) as channel,
+        ):
+            await testing_pb2_grpc.TestServiceStub(channel).Relay(
+                pb.RelayRequest(), metadata=(("traceparent", sent),)
+            )
+    # Same trace, same parent (the relay made no span), same sampled flag.
+    assert [a.metadata["traceparent"] for a in target.servicer.attempts] == [sent]
 
 
 def test_log_line_outside_a_trace_has_a_dash_for_trace_id() -> None:
