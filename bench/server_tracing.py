@@ -2,8 +2,9 @@
 
 One server process per variant (bare grpc.aio; the policy interceptor alone; behind the
 OpenTelemetry instrumentation with a sampled-out provider, as every service ran before; the
-policy interceptor making the incoming trace context current, as services run now), one client
-sending a ``traceparent`` as mesh callers do. Rounds interleave the variants; prints latency
+policy interceptor making the incoming trace context current, as services run now; and with
+spans received, where an unsampled call now skips the span too), one client sending an
+unsampled ``traceparent`` as mesh callers mostly do. Rounds interleave the variants; prints latency
 and server CPU per call as ratios to the bare server, then one JSON line.
 ``python -m bench.server_tracing [--calls N] [--rounds N]``.
 """
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from grpc import aio
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "gen")]
@@ -30,7 +33,7 @@ from paymesh.testing.v1 import testing_pb2_grpc  # noqa: E402
 from services.mesh.server import ServerPolicyInterceptor  # noqa: E402
 from services.mesh.tracing import server_tracing, service_tracer_provider  # noqa: E402
 
-VARIANTS = ("bare", "policy", "otel_unrecorded", "context_only")
+VARIANTS = ("bare", "policy", "otel_unrecorded", "context_only", "exporter_set")
 #: What a mesh caller sends: its attempt span's context, not sampled.
 TRACEPARENT = (("traceparent", f"00-{'ab' * 16}-{'cd' * 8}-00"),)
 _TICKS_S = os.sysconf("SC_CLK_TCK")
@@ -41,9 +44,12 @@ def _interceptors(variant: str) -> list[aio.ServerInterceptor]:
         return []
     if variant == "policy":
         return [ServerPolicyInterceptor(domain="bench-target")]
-    provider = service_tracer_provider("bench-target", {})  # nothing receives spans
-    # otel_unrecorded: the instrumentation's span anyway, as services did before.
-    tracing, trace_context = server_tracing(provider, recording=variant == "otel_unrecorded")
+    # exporter_set: spans are received, but this caller did not sample its call.
+    received = (SimpleSpanProcessor(InMemorySpanExporter()),) if variant == "exporter_set" else ()
+    provider = service_tracer_provider("bench-target", {}, span_processors=received)
+    # otel_unrecorded: the instrumentation's (sampled-out) span anyway, as services did before.
+    recording = variant in ("otel_unrecorded", "exporter_set")
+    tracing, trace_context = server_tracing(provider, recording=recording)
     return [*tracing, ServerPolicyInterceptor(domain="bench-target", trace_context=trace_context)]
 
 

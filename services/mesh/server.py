@@ -47,8 +47,8 @@ _HEALTH = "/grpc.health."
 SHED_RETRY_DELAY_S = 0.25
 
 CallObserver = Callable[[str, grpc.StatusCode, float], None]
-#: The trace context to serve a call in, from its invocation metadata.
-TraceContextOf = Callable[[Collection[tuple[str, str | bytes]] | None], otel_context.Context]
+#: The trace context to serve a call in, from its invocation metadata (None: leave it as is).
+TraceContextOf = Callable[[Collection[tuple[str, str | bytes]] | None], otel_context.Context | None]
 
 
 class Admitted(Protocol):
@@ -92,7 +92,7 @@ class ServerPolicyInterceptor(AsyncServerInterceptor):
         the method of each call refused for it; ``prechecks`` maps a full method path to a
         check run before the gate, which raises a ServiceError to refuse the call;
         ``trace_context`` gives the context a unary call is served in when no tracing
-        interceptor made a span for it (``services.mesh.tracing.incoming_trace``)."""
+        interceptor made a span for it (``services.mesh.tracing.server_tracing``)."""
         if max_in_flight is not None and max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
         self._domain = domain
@@ -141,11 +141,9 @@ class ServerPolicyInterceptor(AsyncServerInterceptor):
     ) -> Any:
         started = self._clock()
         token = set_incoming_deadline(context.time_remaining(), clock=self._clock)
-        traced = (
-            None
-            if self._trace_context is None
-            else otel_context.attach(self._trace_context(context.invocation_metadata()))
-        )
+        trace_context = self._trace_context
+        incoming = None if trace_context is None else trace_context(context.invocation_metadata())
+        traced = None if incoming is None else otel_context.attach(incoming)
         admitted: Admitted | None = None
         self._in_flight += 1
         try:

@@ -3,17 +3,19 @@
 Spans are exported only when ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or ``..._TRACES_ENDPOINT``) is
 set: OTLP over gRPC, batched, for a sampled share of new traces (parent-based trace-id ratio,
 :data:`DEFAULT_SAMPLE_RATIO` unless ``OTEL_TRACES_SAMPLER[_ARG]`` say otherwise). With nothing to
-send spans to, no span is made on the server: the incoming trace context (or a fresh trace id)
-is only made current, so log lines and downstream calls still carry the trace id. Each service
-has a provider of its own whose ``service.name`` is its mesh name.
+send spans to, or for a call its caller did not sample, no span is made on the server: the
+incoming trace context (or a fresh trace id) is only made current, so log lines and downstream
+calls still carry the trace id. Each service has a provider whose ``service.name`` is its name.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from typing import Any
 
+import grpc
 from grpc import aio
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -31,6 +33,7 @@ from opentelemetry.sdk.trace.sampling import (
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from interceptors.tracing import server_interceptor
+from services.mesh.server import TraceContextOf
 
 #: Where spans go; the per-signal variable wins over the general one, as the spec says.
 ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
@@ -197,19 +200,53 @@ def incoming_trace(metadata: Metadata | None) -> otel_context.Context:
     return trace.set_span_in_context(NonRecordingSpan(span_context))
 
 
+def unsampled_trace(metadata: Metadata | None) -> otel_context.Context | None:
+    """The caller's trace context when its ``traceparent`` is valid and not sampled, else None.
+
+    Under a parent-based sampler nothing of such a call is recorded, so its server needs no span.
+    """
+    incoming = propagate.extract(metadata or (), getter=_GETTER)  # type: ignore[arg-type]  # pairs, read by _GETTER
+    span_context = trace.get_current_span(incoming).get_span_context()
+    return incoming if span_context.is_valid and not span_context.trace_flags.sampled else None
+
+
+class _SampledCallsOnly(aio.ServerInterceptor):
+    """The instrumentation's interceptor for the calls that may be recorded; a call whose
+    caller did not sample it passes by without a span (the policy interceptor then makes
+    :func:`unsampled_trace` current)."""
+
+    def __init__(self, traced: aio.ServerInterceptor) -> None:
+        self._traced = traced
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        if unsampled_trace(handler_call_details.invocation_metadata) is not None:
+            return await continuation(handler_call_details)
+        return await self._traced.intercept_service(continuation, handler_call_details)
+
+
 def server_tracing(
     provider: TracerProvider, *, recording: bool
-) -> tuple[list[aio.ServerInterceptor], Callable[[Metadata | None], otel_context.Context] | None]:
+) -> tuple[list[aio.ServerInterceptor], TraceContextOf | None]:
     """The server's tracing: the interceptors to put first, and the trace step for the policy
     interceptor (``ServerPolicyInterceptor(trace_context=...)``).
 
-    When someone receives spans, the instrumentation's interceptor makes a SERVER span per call
-    and no trace step is needed; otherwise no interceptor (an extra layer costs an await per
-    call) and the policy interceptor makes :func:`incoming_trace` current while it serves.
+    When nobody receives spans: no interceptor (a layer costs an await per call) and the policy
+    interceptor makes :func:`incoming_trace` current. When someone does, the instrumentation
+    makes a SERVER span per call; under a parent-based sampler (every ``parentbased_*``, the
+    default) only for calls the caller did not mark unsampled, as those are never recorded.
     """
-    if recording:
-        return [server_interceptor(provider)], None
-    return [], incoming_trace
+    if not recording:
+        return [], incoming_trace
+    traced = server_interceptor(provider)
+    if isinstance(provider.sampler, ParentBased):
+        return [_SampledCallsOnly(traced)], unsampled_trace
+    return [traced], None
 
 
 def log_format(service: str) -> str:

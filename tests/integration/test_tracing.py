@@ -482,6 +482,36 @@ async def test_unrecorded_server_continues_the_callers_trace_in_its_downstream_c
     assert [a.metadata["traceparent"] for a in target.servicer.attempts] == [sent]
 
 
+async def _read_sent_with(traceparent: str, exporter: InMemorySpanExporter) -> str:
+    """The access log of one Read carrying ``traceparent`` to a server whose spans go to
+    ``exporter`` (the SDK's default sampler: parent-based)."""
+    servicer = ScriptedServicer(name=TARGET)
+    provider = recording_provider(TARGET, exporter)
+    async with serving_as_a_service(servicer, provider, recording=True) as address:
+        with captured_log("paymesh.access") as lines:
+            async with aio.insecure_channel(address) as channel:
+                await testing_pb2_grpc.TestServiceStub(channel).Read(
+                    pb.ReadRequest(), metadata=(("traceparent", traceparent),)
+                )
+    return lines.getvalue()
+
+
+async def test_recording_server_makes_no_span_for_a_call_its_caller_did_not_sample() -> None:
+    exporter = InMemorySpanExporter()
+    lines = await _read_sent_with(f"00-{'3c' * 16}-{'4b' * 8}-00", exporter)
+    assert exporter.get_finished_spans() == ()
+    assert f"trace_id={'3c' * 16}" in lines
+
+
+async def test_recording_server_spans_a_call_its_caller_sampled_under_the_callers_span() -> None:
+    exporter = InMemorySpanExporter()
+    lines = await _read_sent_with(f"00-{'3c' * 16}-{'4b' * 8}-01", exporter)
+    (span,) = exporter.get_finished_spans()
+    assert span.kind == SpanKind.SERVER
+    assert span.parent is not None and f"{span.parent.span_id:016x}" == "4b" * 8
+    assert f"trace_id={'3c' * 16}" in lines
+
+
 def test_log_line_outside_a_trace_has_a_dash_for_trace_id() -> None:
     with captured_log("paymesh.test") as lines:
         logging.getLogger("paymesh.test").info("no trace here")
