@@ -181,6 +181,12 @@ class _MetadataGetter:
 _GETTER = _MetadataGetter()
 
 
+def _extracted(metadata: Metadata | None) -> tuple[otel_context.Context, SpanContext]:
+    """The context the configured propagators read from ``metadata``, and its span's ids."""
+    incoming = propagate.extract(metadata or (), getter=_GETTER)  # type: ignore[arg-type]  # pairs, read by _GETTER
+    return incoming, trace.get_current_span(incoming).get_span_context()
+
+
 def incoming_trace(metadata: Metadata | None) -> otel_context.Context:
     """The caller's trace context (its ``traceparent``), or a fresh, unsampled trace id when it
     sent none or a malformed one: what a server that makes no span makes current.
@@ -188,8 +194,8 @@ def incoming_trace(metadata: Metadata | None) -> otel_context.Context:
     Log lines then carry the trace id and downstream calls continue the caller's trace (same id
     and sampled flag), for the cost of parsing one header instead of a span per call.
     """
-    incoming = propagate.extract(metadata or (), getter=_GETTER)  # type: ignore[arg-type]  # pairs, read by _GETTER
-    if trace.get_current_span(incoming).get_span_context().is_valid:
+    incoming, span_context = _extracted(metadata)
+    if span_context.is_valid:
         return incoming
     span_context = SpanContext(
         trace_id=random.getrandbits(128) or 1,
@@ -205,8 +211,7 @@ def unsampled_trace(metadata: Metadata | None) -> otel_context.Context | None:
 
     Under a parent-based sampler nothing of such a call is recorded, so its server needs no span.
     """
-    incoming = propagate.extract(metadata or (), getter=_GETTER)  # type: ignore[arg-type]  # pairs, read by _GETTER
-    span_context = trace.get_current_span(incoming).get_span_context()
+    incoming, span_context = _extracted(metadata)
     return incoming if span_context.is_valid and not span_context.trace_flags.sampled else None
 
 
