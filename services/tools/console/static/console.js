@@ -28,6 +28,10 @@ function percent(value) {
   return `${value.toFixed(value >= 10 || value === 0 ? 0 : 1)}%`;
 }
 
+function plural(count, word) {
+  return `${count} ${word}${count === 1 ? "" : "s"}`;
+}
+
 function clock(iso) {
   if (!iso) return "";
   const when = new Date(iso);
@@ -143,12 +147,12 @@ function fillTile(tile, edge) {
     const refused = edge.budget.exhausted_total ? `, ${edge.budget.exhausted_total} refused` : "";
     figure(list, "budget", `${spent} retries/calls${refused}`);
   }
-  let state = edge.breaker === "none" ? "no breaker" : edge.breaker;
+  const breaker = html("span");
+  const state = html("span", "breaker", edge.breaker === "none" ? "no breaker" : edge.breaker);
+  breaker.append(state);
   if (edge.breaker === "open" && edge.open_left_s !== null) {
-    state += ` (${edge.open_left_s.toFixed(1)} s left)`;
+    breaker.append(html("span", "left", ` ${edge.open_left_s.toFixed(1)} s left`));
   }
-  const breaker = html("span", "breaker", state);
-  breaker.setAttribute("data-breaker-state", edge.breaker);
   list.append(html("span", "", "breaker"), breaker);
   tile.append(list);
 }
@@ -229,7 +233,7 @@ function drawSummary(model) {
     : "";
   line.textContent =
     `${summary.serving}/${summary.services} serving, ` +
-    `${summary.open_breakers.length} open breakers${open}, ` +
+    `${plural(summary.open_breakers.length, "open breaker")}${open}, ` +
     `${summary.crash_looping.length} crash-looping${looping}`;
   const updated = document.getElementById("updated");
   updated.textContent = `updated ${new Date(model.time * 1000).toLocaleTimeString()}` +
