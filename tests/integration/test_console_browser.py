@@ -181,10 +181,12 @@ def page(launched: LaunchedMesh, browser: Any) -> Any:
     browser.get(_console_url(launched))
     _poll(
         "the page to draw the eleven services",
-        lambda: browser.execute_script(
-            "return document.querySelectorAll('[data-node][data-health=\"serving\"]').length"
-        )
-        >= 11,
+        lambda: (
+            browser.execute_script(
+                "return document.querySelectorAll('[data-node][data-health=\"serving\"]').length"
+            )
+            >= 11
+        ),
         timeout_s=60,
     )
     return browser

@@ -104,7 +104,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def _host_name(header: str) -> str:
-    """The name of a ``Host`` header without its port (``[::1]:80`` -> ``[::1]``)."""
+    """The name of a ``Host`` header without its port; an IPv6 name keeps its brackets."""
     if header.startswith("["):
         return header.split("]", 1)[0] + "]"
     return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
