@@ -257,7 +257,9 @@ def test_make_run_front_door_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
         if "mesh is up" in line:
             break
     assert any("mesh is up" in line for line in lines), "".join(lines)
-    assert sum("SERVING" in line for line in lines) == len(SERVICES) + 1  # and the sandbox
+    # The services, the partner sandbox and the mesh console, whose address follows the table.
+    assert sum("SERVING" in line for line in lines) == len(SERVICES) + 2
+    assert f"mesh console: http://{environ['PAYMESH_CONSOLE_ADDR']}/\n" in lines
     launcher.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal sends
     rest, _ = launcher.communicate(timeout=60)
     assert launcher.returncode == 0, "".join(lines) + rest
