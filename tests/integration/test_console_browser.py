@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from services.mesh.admin_token import FAULT_INJECTION_VAR, admin_authorization
 from services.mesh.tls import operator_security
 from services.tools.launcher import ephemeral_environ
 from tests.chaos.launched import LaunchedMesh
+from tests.integration.harness import poll_until
 
 pytestmark = pytest.mark.slow
 
@@ -67,18 +67,6 @@ CHROMIUM_FLAGS = (
     "--disable-dev-shm-usage",
     "--window-size=1600,1400",
 )
-
-
-def _poll(what: str, check: Callable[[], Any], *, timeout_s: float, every_s: float = 0.2) -> Any:
-    """``check()`` until it returns something truthy; fail naming ``what`` after the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(every_s)  # polling for a state, bounded by the deadline
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +111,7 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 def _console_url(mesh: LaunchedMesh) -> str:
     """The console's address as the launcher printed it in its start output."""
-    line = _poll(
+    line = poll_until(
         "the launcher to print the console's address",
         lambda: next(
             (x for x in mesh.log_path.read_text().splitlines() if x.startswith("mesh console:")),
@@ -179,7 +167,7 @@ def _breaker_shown(driver: Any) -> tuple[str | None, str | None]:
 @pytest.fixture(scope="module")
 def page(launched: LaunchedMesh, browser: Any) -> Any:
     browser.get(_console_url(launched))
-    _poll(
+    poll_until(
         "the page to draw the eleven services",
         lambda: (
             browser.execute_script(
@@ -204,7 +192,7 @@ def test_the_page_shows_an_open_breaker_then_closed_once_the_fault_is_removed(
             _issue_api_key(launched)  # keeps it failing, so it stays (or opens again) open
             return _breaker_shown(page) == ("open", "open")
 
-        _poll(f"the page to show {EDGE} open", shown_open, timeout_s=90)
+        poll_until(f"the page to show {EDGE} open", shown_open, timeout_s=90)
         assert _shown(page, "#summary", "data-open-breakers") == "1"
         assert page.execute_script(
             f"return document.querySelector('[data-tile=\"{EDGE}\"]').textContent"
@@ -222,7 +210,7 @@ def test_the_page_shows_an_open_breaker_then_closed_once_the_fault_is_removed(
         _issue_api_key(launched)  # the trial call that closes it once its open time is over
         return _breaker_shown(page) == ("closed", "closed")
 
-    _poll(f"the page to show {EDGE} closed again", shown_closed, timeout_s=OPEN_S + 90)
+    poll_until(f"the page to show {EDGE} closed again", shown_closed, timeout_s=OPEN_S + 90)
 
 
 def test_the_members_table_shows_a_restart(launched: LaunchedMesh, page: Any) -> None:
@@ -236,7 +224,7 @@ def test_the_members_table_shows_a_restart(launched: LaunchedMesh, page: Any) ->
         )
         return "SIGKILL" in row
 
-    _poll("the members table to show the restart", restart_shown, timeout_s=30)
+    poll_until("the members table to show the restart", restart_shown, timeout_s=30)
 
 
 def test_the_page_needs_nothing_but_the_console(page: Any) -> None:

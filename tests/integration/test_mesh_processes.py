@@ -20,9 +20,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from google.protobuf import descriptor_pool
@@ -31,6 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.mesh.tls import TransportSecurity, operator_security
 from services.mesh.topology import SERVICES, ServiceSpec
 from services.tools.launcher import Mesh, MeshError, ephemeral_environ, health_status
+from tests.integration.harness import poll_until as _poll
 
 BUF = Path(sys.executable).parent / "buf"
 PROTOS = Path(__file__).resolve().parents[2] / "protos"
@@ -307,21 +308,6 @@ def test_buf_curl_without_a_client_certificate_is_refused(mesh: Mesh) -> None:
     assert result.returncode != 0
     assert result.stdout == ""
     assert any(w in result.stderr.lower() for w in ("certificate", "unavailable", "pipe"))
-
-
-T = TypeVar("T")
-
-
-def _poll(what: str, check: Callable[[], T | None], *, timeout_s: float = 60.0) -> T:
-    """``check()`` until it returns something truthy; fail naming ``what`` after the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(0.1)  # polling for a state, bounded by the deadline
 
 
 class Launcher:
