@@ -140,7 +140,7 @@ function fillTile(tile, edge) {
   tile.append(html("div", "rate", edge.known ? `${edge.rate_per_s.toFixed(1)} calls/s` : "no report"));
   const list = html("div", "figures");
   figure(list, "errors", percent(edge.error_pct));
-  figure(list, "p99", `${edge.p99_ms} ms`);
+  figure(list, "p50 / p99", `${edge.p50_ms} / ${edge.p99_ms} ms`);
   figure(list, "retries", `${edge.retries_per_s.toFixed(1)}/s`);
   if (edge.budget) {
     const spent = `${edge.budget.retries}/${edge.budget.first_attempts}`;
