@@ -37,7 +37,8 @@ CALLER, DOWNSTREAM = "merchant-auth-service", "merchant-service"
 EDGE = f"{CALLER}->{DOWNSTREAM}"
 #: What stays restarted for the members table (a leaf: nothing else depends on it to start).
 VICTIM = "analytics-service"
-OPEN_S = 4.0
+#: Long enough that the page's figures and its screenshot are taken while it is still open.
+OPEN_S = 8.0
 POLICY = f"""
 [targets."{DOWNSTREAM}"]
 timeout_s = 0.5
