@@ -74,6 +74,8 @@ class MeshWatch:
             return self._latest
         if self._round is None or self._round.done():
             self._round = asyncio.create_task(self._take_round())
+            # A round that fails after every request stopped waiting is still looked at.
+            self._round.add_done_callback(_retrieve)
         try:
             return await asyncio.wait_for(asyncio.shield(self._round), ROUND_WAIT_S)
         except TimeoutError:
@@ -90,6 +92,11 @@ class MeshWatch:
         """Cancel a round in flight."""
         if self._round is not None and not self._round.done():
             self._round.cancel()
+
+
+def _retrieve(round_: asyncio.Task[dict[str, Any]]) -> None:
+    if not round_.cancelled() and round_.exception() is not None:
+        log.debug("a round of the mesh failed: %s", round_.exception())
 
 
 def _static_body(name: str) -> bytes:
