@@ -21,7 +21,7 @@ import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -811,6 +811,32 @@ def die_with_supervisor() -> None:
         return
     if str(os.getppid()) != supervisor:  # it died before we asked
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+class HttpMember(Protocol):
+    """An HTTP server the launcher runs as a member of the mesh (the sandbox, the console)."""
+
+    async def start(self, host: str, port: int) -> int: ...
+
+    async def stop(self) -> None: ...
+
+
+async def serve_http_member(name: str, server: HttpMember, host: str, port: int) -> int:
+    """Serve ``server`` on ``host:port`` until SIGTERM/SIGINT, with the ready line a supervisor
+    reads; the exit status: 0 after a clean stop, 2 when it cannot listen."""
+    try:
+        bound = await server.start(host, port)
+    except OSError as exc:
+        print(f"{name}: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    print(f"{READY_MARKER} service={name} address={host}:{bound}", flush=True)
+    await stop.wait()
+    await server.stop()
+    return 0
 
 
 def run(name: str, build: Builder) -> None:

@@ -317,6 +317,9 @@ PARTNERS: tuple[PartnerSpec, ...] = (
 #: The local partner sandbox (one HTTP server for every partner) of ``make run``.
 PARTNER_SANDBOX_PORT = 40020
 PARTNER_SANDBOX_VAR = "PARTNER_SANDBOX_ADDR"
+#: The mesh console (one page for people, ``services.tools.console``) of ``make run``.
+CONSOLE_PORT = 40030
+CONSOLE_VAR = "PAYMESH_CONSOLE_ADDR"
 
 _HOSTPORT = re.compile(r"^(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(?P<port>[0-9]{1,5})$")
 
@@ -403,6 +406,12 @@ class Topology:
         """``host:port`` of the partner sandbox."""
         value = self.environ.get(PARTNER_SANDBOX_VAR) or f"{LOOPBACK}:{PARTNER_SANDBOX_PORT}"
         parse_hostport(value, variable=PARTNER_SANDBOX_VAR)
+        return value
+
+    def console_address(self) -> str:
+        """``host:port`` of the mesh console (``PAYMESH_CONSOLE_ADDR``)."""
+        value = self.environ.get(CONSOLE_VAR) or f"{LOOPBACK}:{CONSOLE_PORT}"
+        parse_hostport(value, variable=CONSOLE_VAR)
         return value
 
     def partner_url(self, name: str) -> str:

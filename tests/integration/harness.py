@@ -14,9 +14,10 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
+import pytest
 from grpc import aio
 from opentelemetry.trace import TracerProvider
 
@@ -181,6 +182,24 @@ class ShiftedClock:
 
     def advance(self, seconds: float) -> None:
         self.offset += seconds
+
+
+T = TypeVar("T")
+
+
+def poll_until(
+    what: str, check: Callable[[], T | None], *, timeout_s: float = 60.0, every_s: float = 0.1
+) -> T:
+    """``check()`` until it returns something truthy (returned); fail naming ``what`` after the
+    deadline. For tests of real processes, which wait from the test's own thread."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(every_s)  # polling for a state, bounded by the deadline
 
 
 async def eventually(predicate: Callable[[], bool], *, within_s: float = 5.0) -> None:

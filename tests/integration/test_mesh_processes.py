@@ -20,9 +20,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from google.protobuf import descriptor_pool
@@ -31,6 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.mesh.tls import TransportSecurity, operator_security
 from services.mesh.topology import SERVICES, ServiceSpec
 from services.tools.launcher import Mesh, MeshError, ephemeral_environ, health_status
+from tests.integration.harness import poll_until as _poll
 
 BUF = Path(sys.executable).parent / "buf"
 PROTOS = Path(__file__).resolve().parents[2] / "protos"
@@ -257,7 +258,9 @@ def test_make_run_front_door_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
         if "mesh is up" in line:
             break
     assert any("mesh is up" in line for line in lines), "".join(lines)
-    assert sum("SERVING" in line for line in lines) == len(SERVICES) + 1  # and the sandbox
+    # The services, the partner sandbox and the mesh console, whose address follows the table.
+    assert sum("SERVING" in line for line in lines) == len(SERVICES) + 2
+    assert f"mesh console: http://{environ['PAYMESH_CONSOLE_ADDR']}/\n" in lines
     launcher.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal sends
     rest, _ = launcher.communicate(timeout=60)
     assert launcher.returncode == 0, "".join(lines) + rest
@@ -305,21 +308,6 @@ def test_buf_curl_without_a_client_certificate_is_refused(mesh: Mesh) -> None:
     assert result.returncode != 0
     assert result.stdout == ""
     assert any(w in result.stderr.lower() for w in ("certificate", "unavailable", "pipe"))
-
-
-T = TypeVar("T")
-
-
-def _poll(what: str, check: Callable[[], T | None], *, timeout_s: float = 60.0) -> T:
-    """``check()`` until it returns something truthy; fail naming ``what`` after the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(0.1)  # polling for a state, bounded by the deadline
 
 
 class Launcher:

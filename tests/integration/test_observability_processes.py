@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 import uuid
@@ -34,6 +33,7 @@ from services.mesh.tls import operator_security
 from services.mesh.topology import Topology
 from services.tools.launcher import Mesh, ephemeral_environ, free_port
 from services.tools.prometheus_config import render
+from tests.integration.harness import poll_until as _poll
 
 pytestmark = pytest.mark.slow
 
@@ -58,18 +58,6 @@ half_open_calls = 1
 
 #: What a call through the caller ends with while its dependency is down.
 FAILED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-
-
-def _poll(what: str, check: Any, *, timeout_s: float = 30.0, every_s: float = 0.1) -> Any:
-    """``check()`` until it returns something truthy; fail naming ``what`` after the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(every_s)  # polling for a state, bounded by the deadline
 
 
 #: The environment of the module's mesh, so probes present its operator certificate.

@@ -11,6 +11,7 @@ import pytest
 from services.mesh.authz import method_paths
 from services.mesh.topology import (
     ALL_METHODS,
+    CONSOLE_PORT,
     PARTNER_SANDBOX_PORT,
     PARTNERS,
     SERVICES,
@@ -154,7 +155,10 @@ _HOST_PORT = re.compile(
 #: A number given to something named like a port or address (port=8004, ORDER_PORT = 8004).
 _NAMED_PORT = re.compile(r"(?i)\w*(?:port|addr)\w*\s*(?::\s*\w+\s*)?[=:]\s*[\"']?(\d{2,5})\b")
 #: Every port the topology declares, wherever it appears as a literal.
-_DECLARED = {str(p) for s in SERVICES for p in (s.port, s.admin_port)} | {str(PARTNER_SANDBOX_PORT)}
+_DECLARED = {str(p) for s in SERVICES for p in (s.port, s.admin_port)} | {
+    str(PARTNER_SANDBOX_PORT),
+    str(CONSOLE_PORT),
+}
 _ALLOWED = {ROOT / "services" / "mesh" / "topology.py"}
 
 
@@ -207,3 +211,19 @@ def test_port_literal_scan_ignores_other_numbers(tmp_path: Path, line: str) -> N
     source = tmp_path / "rules.py"
     source.write_text(line + "\n")
     assert not _port_literals(source)
+
+
+def test_console_address_defaults_to_the_loopback_and_honours_its_override() -> None:
+    assert Topology(environ={}).console_address() == f"127.0.0.1:{CONSOLE_PORT}"
+    moved = Topology(environ={"PAYMESH_CONSOLE_ADDR": "127.0.0.1:1234"})
+    assert moved.console_address() == "127.0.0.1:1234"
+
+
+def test_console_address_override_that_is_no_address_is_refused() -> None:
+    with pytest.raises(TopologyError, match="PAYMESH_CONSOLE_ADDR"):
+        Topology(environ={"PAYMESH_CONSOLE_ADDR": "nowhere"}).console_address()
+
+
+def test_console_port_is_no_port_of_a_service() -> None:
+    declared = {p for s in SERVICES for p in (s.port, s.admin_port, s.public_port)}
+    assert CONSOLE_PORT not in declared | {PARTNER_SANDBOX_PORT}
