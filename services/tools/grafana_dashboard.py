@@ -73,12 +73,20 @@ def _rate(series: str, by: str = "caller, target", window: str = "1m") -> str:
     return f"sum by ({by}) (rate({series}{{{CALLER}}}[{window}]))"
 
 
-def _edge_rate(series: str, title: str, description: str = "", **extra: Any) -> PanelSpec:
+def _edge_rate(
+    series: str,
+    title: str,
+    description: str = "",
+    *,
+    by: str = "caller, target",
+    legend: str = EDGE,
+    **extra: Any,
+) -> PanelSpec:
     """A per-edge rate panel: the shape of most of the chain's counters."""
     return PanelSpec(
         title=title,
         kind="timeseries",
-        queries=(Query(_rate(series)),),
+        queries=(Query(_rate(series, by), legend),),
         description=description,
         unit="reqps",
         **extra,
@@ -201,17 +209,12 @@ ROWS: tuple[RowSpec, ...] = (
         "Retries, budget and deadlines",
         (
             _edge_rate("paymesh_client_retries_total", "Retries per second per edge", width=8),
-            PanelSpec(
-                title="Why retrying stopped",
-                kind="timeseries",
-                unit="reqps",
+            _edge_rate(
+                "paymesh_client_retry_stops_total",
+                "Why retrying stopped",
+                by="caller, target, reason",
+                legend=f"{EDGE}: {{{{reason}}}}",
                 width=8,
-                queries=(
-                    Query(
-                        _rate("paymesh_client_retry_stops_total", "caller, target, reason"),
-                        f"{EDGE}: {{{{reason}}}}",
-                    ),
-                ),
             ),
             _edge_rate("paymesh_retry_budget_exhausted_total", "Retry budget exhaustion", width=8),
             PanelSpec(
