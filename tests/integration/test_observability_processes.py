@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -33,6 +34,7 @@ from services.mesh.pki import OPERATOR, ensure_dev_pki
 from services.mesh.tls import operator_security
 from services.mesh.topology import Topology
 from services.tools.launcher import Mesh, ephemeral_environ, free_port
+from services.tools.ports import PICK_RANGE, can_bind
 from services.tools.prometheus_config import render
 
 pytestmark = pytest.mark.slow
@@ -372,3 +374,41 @@ def test_status_watch_refreshes_until_ctrl_c_and_exits_cleanly(tmp_path: Path) -
 
     assert watch.returncode == 0
     assert "Traceback" not in stderr
+
+
+def _offset_with_free_ports(name: str) -> int:
+    """A ``PAYMESH_PORT_OFFSET`` that puts ``name``'s default mesh and admin ports on free ports."""
+    spec = Topology(environ={}).service(name)
+    for _ in range(50):
+        offset = free_port() - spec.port
+        admin = spec.admin_port + offset
+        if admin <= PICK_RANGE[1] and can_bind("127.0.0.1", admin):
+            return offset
+    pytest.fail(f"no port offset with free ports for {name}")
+
+
+def test_status_finds_a_service_started_with_only_a_port_offset(tmp_path: Path) -> None:
+    name = "order-service"  # calls nothing: it serves alone
+    environ = {k: v for k, v in os.environ.items() if not k.endswith(("_ADDR", "_PARTNER_URL"))}
+    offset = _offset_with_free_ports(name)
+    environ["PAYMESH_PORT_OFFSET"] = str(offset)
+    started = Mesh(environ=environ, names=(name,), var_dir=tmp_path, with_sandbox=False)
+    started.start(timeout_s=60)
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "services.tools.status", "--json"],
+            env=started.environ,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        started.stop()
+
+    assert run.returncode == 0, run.stderr
+    answer = json.loads(run.stdout)
+    assert answer["summary"]["serving"] == 1
+    services = {s["name"]: s for s in answer["services"]}
+    declared = Topology(environ={}).service(name).port
+    assert services[name]["address"] == f"127.0.0.1:{declared + offset}"
+    assert services[name]["health"] == "SERVING"
