@@ -30,6 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from paymesh.merchant_auth.v1 import merchant_auth_pb2, merchant_auth_pb2_grpc
 from paymesh.mesh.v1 import mesh_pb2, mesh_pb2_grpc
+from paymesh.order.v1 import order_pb2, order_pb2_grpc
 from services.mesh.pki import OPERATOR, ensure_dev_pki
 from services.mesh.tls import operator_security
 from services.mesh.topology import Topology
@@ -412,3 +413,31 @@ def test_status_finds_a_service_started_with_only_a_port_offset(tmp_path: Path) 
     declared = Topology(environ={}).service(name).port
     assert services[name]["address"] == f"127.0.0.1:{declared + offset}"
     assert services[name]["health"] == "SERVING"
+
+
+def test_a_service_logs_one_json_object_per_line_with_the_access_fields(tmp_path: Path) -> None:
+    name = "order-service"
+    environ = ephemeral_environ()
+    environ["PAYMESH_LOG_FORMAT"] = "json"
+    started = Mesh(environ=environ, names=(name,), var_dir=tmp_path, with_sandbox=False)
+    started.start(timeout_s=60)
+    try:
+        security = operator_security(started.environ)
+        with security.sync_channel(name, started.topology.address(name)) as channel:
+            with pytest.raises(grpc.RpcError) as missing:
+                order_pb2_grpc.OrderServiceStub(channel).GetOrder(
+                    order_pb2.GetOrderRequest(order_id="ord_missing"), timeout=5
+                )
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        started.stop()
+
+    text = started.members[name].log_path.read_text()
+    # stdout shares the file: the ready marker is for the launcher, not a log record.
+    records = [json.loads(line) for line in text.splitlines() if not line.startswith("PAYMESH_")]
+    assert records and all(r["service"] == name for r in records)
+    (access,) = [r for r in records if r["logger"] == "paymesh.access"]
+    assert access["method"] == "/paymesh.order.v1.OrderService/GetOrder"
+    assert access["code"] == "NOT_FOUND"
+    assert access["duration_ms"] >= 0
+    assert len(access["trace_id"] or "") == 32  # the call's trace
