@@ -42,7 +42,7 @@ from interceptors.policy import PolicyConfig, PolicyError
 from interceptors.tracing import server_interceptor
 from paymesh.merchant_auth.v1 import merchant_auth_pb2, merchant_auth_pb2_grpc
 from paymesh.mesh.v1 import mesh_pb2_grpc
-from services.mesh import page_tokens, reflection
+from services.mesh import logs, page_tokens, reflection
 from services.mesh.admin import AdminRequest, AdminResponse, AdminServer, guarded
 from services.mesh.admin_token import AdminTokenError, ControlAccess
 from services.mesh.authz import (
@@ -80,8 +80,6 @@ from services.mesh.topology import (
     parse_hostport,
 )
 from services.mesh.tracing import (
-    TraceIdFilter,
-    log_format,
     records_spans,
     service_tracer_provider,
 )
@@ -226,6 +224,8 @@ class StartConfig:
     """The gate in front of ``/faults``."""
     healthz_max_lag_s: float
     """Event-loop lag at which ``/healthz`` answers 503."""
+    access_log_sample: float
+    """Fraction of successful calls logged at INFO (``PAYMESH_ACCESS_LOG_SAMPLE``)."""
 
 
 def seconds_var(environ: Mapping[str, str], var: str, default: float) -> float:
@@ -286,6 +286,7 @@ def load_config(
             reflection=_reflection_on(environ),
             control=ControlAccess.from_environ(environ),
             healthz_max_lag_s=healthz_max_lag_s(environ),
+            access_log_sample=logs.access_log_sample(environ),
         )
         # Read now, so a bad key file or retention stops start-up instead of a first call.
         page_tokens.process_codec()
@@ -453,6 +454,7 @@ def make_server(runtime: _Runtime) -> aio.Server:
                 max_in_flight=config.limits.max_in_flight,
                 on_shed=metrics.count_shed,
                 prechecks=context.prechecks,
+                access_log_sample=config.access_log_sample,
             ),
         ],
         # A taken port must be an error, never a silent second listener.
@@ -700,19 +702,17 @@ def log_level(environ: Mapping[str, str]) -> str:
 
 
 def configure_logging(name: str, environ: Mapping[str, str] | None = None) -> None:
-    """One line per record, naming the service and trace; level from ``PAYMESH_LOG_LEVEL``.
+    """One line per record, naming the service and trace; level from ``PAYMESH_LOG_LEVEL``,
+    text or JSON from ``PAYMESH_LOG_FORMAT`` (``services.mesh.logs``).
 
     Raises:
-        StartupError: ``PAYMESH_LOG_LEVEL`` names no log level.
+        StartupError: ``PAYMESH_LOG_LEVEL`` or ``PAYMESH_LOG_FORMAT`` names nothing known.
     """
-    logging.basicConfig(
-        level=log_level(os.environ if environ is None else environ),
-        format=log_format(name),
-        stream=sys.stderr,
-        force=True,
-    )
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(TraceIdFilter())
+    environ = os.environ if environ is None else environ
+    try:
+        logs.configure(name, environ, level=log_level(environ))
+    except logs.LogConfigError as exc:
+        raise StartupError(str(exc)) from exc
 
 
 def _listen(

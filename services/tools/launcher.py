@@ -26,7 +26,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.mesh import pki, tls
+from services.mesh import logs, pki, tls
 from services.mesh.admin_token import with_admin_token
 from services.mesh.topology import (
     CONSOLE_VAR,
@@ -480,6 +480,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         mesh = Mesh(with_console=True)
         policy = RestartPolicy.from_environ(mesh.environ)
+        # Checked here too, so a bad value is one line, not every member failing to start.
+        logs.log_format_name(mesh.environ)
+        logs.access_log_sample(mesh.environ)
     except (ValueError, RestartPolicyError) as exc:
         print(f"paymesh: {exc}", file=sys.stderr)
         return 2

@@ -159,10 +159,14 @@ class RunningServer:
         return f"127.0.0.1:{self.port}"
 
 
-async def start_server(servicer: ScriptedServicer, port: int = 0) -> RunningServer:
+async def start_server(
+    servicer: ScriptedServicer, port: int = 0, *, access_log_sample: float = 0.0
+) -> RunningServer:
     """Serve ``servicer`` on 127.0.0.1 behind the server interceptor (``port`` 0: any free one)."""
     server = aio.server(
-        interceptors=[ServerPolicyInterceptor(domain=servicer.name)],
+        interceptors=[
+            ServerPolicyInterceptor(domain=servicer.name, access_log_sample=access_log_sample)
+        ],
         options=[("grpc.so_reuseport", 0)],
     )
     testing_pb2_grpc.add_TestServiceServicer_to_server(servicer, server)
@@ -230,9 +234,13 @@ def make_chain(
 
 
 @contextlib.asynccontextmanager
-async def serving(servicer: ScriptedServicer | None = None) -> AsyncIterator[RunningServer]:
+async def serving(
+    servicer: ScriptedServicer | None = None, *, access_log_sample: float = 0.0
+) -> AsyncIterator[RunningServer]:
     """A running test server for the duration of the block."""
-    running = await start_server(servicer or ScriptedServicer())
+    running = await start_server(
+        servicer or ScriptedServicer(), access_log_sample=access_log_sample
+    )
     try:
         yield running
     finally:

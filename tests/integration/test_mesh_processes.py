@@ -205,21 +205,48 @@ def test_service_that_dies_at_start_is_named(tmp_path: Path) -> None:
         fleet.start(timeout_s=30)
 
 
+def _make_run(environ: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``make run`` (the launcher) in ``environ`` until it exits, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "services.tools.launcher"],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def test_make_run_front_door_reports_a_taken_port_and_exits_nonzero(tmp_path: Path) -> None:
     environ = ephemeral_environ()
     environ["PAYMESH_VAR_DIR"] = str(tmp_path)
     with socket_holding(environ["RISK_SERVICE_ADDR"]):
-        result = subprocess.run(
-            [sys.executable, "-m", "services.tools.launcher"],
-            env=environ,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        result = _make_run(environ)
     assert result.returncode != 0
     assert "risk-service" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        ("PAYMESH_PORT_OFFSET", "ten", "is not an integer"),
+        ("PAYMESH_PORT_OFFSET", "-40002", "outside 1-65535"),
+        ("PAYMESH_LOG_FORMAT", "xml", "one of text, json"),
+        ("PAYMESH_ACCESS_LOG_SAMPLE", "2", "fraction from 0 to 1"),
+    ],
+)
+def test_make_run_refuses_a_bad_logging_or_port_setting_in_one_line(
+    tmp_path: Path, variable: str, value: str, says: str
+) -> None:
+    environ = ephemeral_environ()
+    environ["PAYMESH_VAR_DIR"] = str(tmp_path)
+    environ[variable] = value
+    result = _make_run(environ)
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"paymesh: {variable}=") and says in line, line
+    assert "starting" not in result.stdout  # refused before any member started
 
 
 class socket_holding:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -30,11 +31,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from paymesh.merchant_auth.v1 import merchant_auth_pb2, merchant_auth_pb2_grpc
 from paymesh.mesh.v1 import mesh_pb2, mesh_pb2_grpc
+from paymesh.order.v1 import order_pb2, order_pb2_grpc
 from services.mesh.pki import OPERATOR, ensure_dev_pki
 from services.mesh.tls import operator_security
 from services.mesh.topology import Topology
 from services.tools.grafana_dashboard import PANELS
 from services.tools.launcher import Mesh, ephemeral_environ, free_port
+from services.tools.ports import PICK_RANGE, can_bind
 from services.tools.prometheus_config import render
 from tests.integration.harness import poll_until as _poll
 
@@ -93,6 +96,17 @@ def _liveness(address: str) -> int:
             health_pb2.HealthCheckRequest(service=""), timeout=5
         )
     return int(reply.status)
+
+
+def _status(environ: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m services.tools.status *args`` in ``environ``, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "services.tools.status", *args],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,13 +342,7 @@ def test_diagnostics_shows_the_stopped_dependency_down_and_its_breaker_open(
 def test_status_json_shows_the_stopped_dependency_down_and_its_breaker_open(
     mesh: Mesh, outage: str
 ) -> None:
-    run = subprocess.run(
-        [sys.executable, "-m", "services.tools.status", "--json"],
-        env=mesh.environ,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    run = _status(mesh.environ, "--json")
 
     assert run.returncode == 0, run.stderr  # it could report: what it found is in the report
     answer = json.loads(run.stdout)
@@ -358,13 +366,7 @@ def test_status_json_shows_the_stopped_dependency_down_and_its_breaker_open(
 
 
 def test_status_table_names_the_open_edge(mesh: Mesh, outage: str) -> None:
-    run = subprocess.run(
-        [sys.executable, "-m", "services.tools.status"],
-        env=mesh.environ,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    run = _status(mesh.environ)
 
     lines = run.stdout.splitlines()
     assert run.returncode == 0, run.stderr
@@ -386,13 +388,7 @@ def test_status_exits_zero_and_says_so_when_nothing_answers(tmp_path: Path) -> N
     nobody["PAYMESH_VAR_DIR"] = str(tmp_path)
     ensure_dev_pki(tmp_path / "pki", [OPERATOR])
 
-    run = subprocess.run(
-        [sys.executable, "-m", "services.tools.status"],
-        env=nobody,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    run = _status(nobody)
 
     assert run.returncode == 0, run.stderr
     first, *rest = run.stdout.splitlines()
@@ -405,13 +401,7 @@ def test_status_exits_nonzero_only_when_it_cannot_report(tmp_path: Path) -> None
     broken = ephemeral_environ()
     broken["ORDER_SERVICE_ADDR"] = "not-an-address"
 
-    run = subprocess.run(
-        [sys.executable, "-m", "services.tools.status"],
-        env=broken,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    run = _status(broken)
 
     assert run.returncode == 2
     assert "ORDER_SERVICE_ADDR" in run.stderr
@@ -446,3 +436,64 @@ def test_status_watch_refreshes_until_ctrl_c_and_exits_cleanly(tmp_path: Path) -
 
     assert watch.returncode == 0
     assert "Traceback" not in stderr
+
+
+def _offset_with_free_ports(name: str) -> int:
+    """A ``PAYMESH_PORT_OFFSET`` that puts ``name``'s default mesh and admin ports on free ports."""
+    spec = Topology(environ={}).service(name)
+    for _ in range(50):
+        offset = free_port() - spec.port
+        admin = spec.admin_port + offset
+        if admin <= PICK_RANGE[1] and can_bind("127.0.0.1", admin):
+            return offset
+    pytest.fail(f"no port offset with free ports for {name}")
+
+
+def test_status_finds_a_service_started_with_only_a_port_offset(tmp_path: Path) -> None:
+    name = "order-service"  # calls nothing: it serves alone
+    environ = {k: v for k, v in os.environ.items() if not k.endswith(("_ADDR", "_PARTNER_URL"))}
+    offset = _offset_with_free_ports(name)
+    environ["PAYMESH_PORT_OFFSET"] = str(offset)
+    started = Mesh(environ=environ, names=(name,), var_dir=tmp_path, with_sandbox=False)
+    started.start(timeout_s=60)
+    try:
+        run = _status(started.environ, "--json")
+    finally:
+        started.stop()
+
+    assert run.returncode == 0, run.stderr
+    services = {s["name"]: s for s in json.loads(run.stdout)["services"]}
+    # Every address status asked is the declared port shifted; only ours is known to answer
+    # (another test's server may happen to listen on one of the others).
+    assert {n: s["address"] for n, s in services.items()} == {
+        spec.name: f"127.0.0.1:{spec.port + offset}" for spec in Topology(environ={}).services
+    }
+    assert services[name]["health"] == "SERVING"
+
+
+def test_a_service_logs_one_json_object_per_line_with_the_access_fields(tmp_path: Path) -> None:
+    name = "order-service"
+    environ = ephemeral_environ()
+    environ["PAYMESH_LOG_FORMAT"] = "json"
+    started = Mesh(environ=environ, names=(name,), var_dir=tmp_path, with_sandbox=False)
+    started.start(timeout_s=60)
+    try:
+        security = operator_security(started.environ)
+        with security.sync_channel(name, started.topology.address(name)) as channel:
+            with pytest.raises(grpc.RpcError) as missing:
+                order_pb2_grpc.OrderServiceStub(channel).GetOrder(
+                    order_pb2.GetOrderRequest(order_id="ord_missing"), timeout=5
+                )
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        started.stop()
+
+    text = started.members[name].log_path.read_text()
+    # stdout shares the file: the ready marker is for the launcher, not a log record.
+    records = [json.loads(line) for line in text.splitlines() if not line.startswith("PAYMESH_")]
+    assert records and all(r["service"] == name for r in records)
+    (access,) = [r for r in records if r["logger"] == "paymesh.access"]
+    assert access["method"] == "/paymesh.order.v1.OrderService/GetOrder"
+    assert access["code"] == "NOT_FOUND"
+    assert access["duration_ms"] >= 0
+    assert len(access["trace_id"] or "") == 32  # the call's trace

@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import random
 import sys
 import threading
@@ -29,6 +30,7 @@ from typing import Any
 
 from aiohttp import web
 
+from services.mesh import logs
 from services.mesh.admin import BoundedHttpServer, HttpLimits, bounded_app, peer_of
 from services.mesh.admin_token import AdminTokenError, ControlAccess
 from services.mesh.bootstrap import die_with_supervisor, serve_http_member
@@ -429,9 +431,11 @@ class Sandbox:
 def main() -> None:
     """Serve until SIGTERM/SIGINT."""
     die_with_supervisor()
-    logging.basicConfig(
-        level="INFO", format=f"%(asctime)s {SANDBOX_NAME} %(levelname)s %(message)s"
-    )
+    try:
+        logs.configure(SANDBOX_NAME, os.environ, level="INFO")
+    except logs.LogConfigError as exc:
+        print(f"{SANDBOX_NAME}: cannot start: {exc}", file=sys.stderr)
+        sys.exit(2)
     topology = Topology()
     host, port = parse_hostport(topology.sandbox_address(), variable=PARTNER_SANDBOX_VAR)
     try:
