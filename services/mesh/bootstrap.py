@@ -21,7 +21,7 @@ import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -41,7 +41,7 @@ from interceptors.errors import (
 from interceptors.policy import PolicyConfig, PolicyError
 from paymesh.merchant_auth.v1 import merchant_auth_pb2, merchant_auth_pb2_grpc
 from paymesh.mesh.v1 import mesh_pb2_grpc
-from services.mesh import page_tokens, reflection
+from services.mesh import logs, page_tokens, reflection
 from services.mesh.admin import AdminRequest, AdminResponse, AdminServer, guarded
 from services.mesh.admin_token import AdminTokenError, ControlAccess
 from services.mesh.authz import (
@@ -79,8 +79,6 @@ from services.mesh.topology import (
     parse_hostport,
 )
 from services.mesh.tracing import (
-    TraceIdFilter,
-    log_format,
     records_spans,
     sampler,
     server_tracing,
@@ -227,6 +225,8 @@ class StartConfig:
     """The gate in front of ``/faults``."""
     healthz_max_lag_s: float
     """Event-loop lag at which ``/healthz`` answers 503."""
+    access_log_sample: float
+    """Fraction of successful calls logged at INFO (``PAYMESH_ACCESS_LOG_SAMPLE``)."""
 
 
 def seconds_var(environ: Mapping[str, str], var: str, default: float) -> float:
@@ -287,6 +287,7 @@ def load_config(
             reflection=_reflection_on(environ),
             control=ControlAccess.from_environ(environ),
             healthz_max_lag_s=healthz_max_lag_s(environ),
+            access_log_sample=logs.access_log_sample(environ),
         )
         # Read now, so a bad key file, retention or sampler stops start-up, not a first call.
         page_tokens.process_codec()
@@ -457,6 +458,7 @@ def make_server(runtime: _Runtime) -> aio.Server:
                 max_in_flight=config.limits.max_in_flight,
                 on_shed=metrics.count_shed,
                 prechecks=context.prechecks,
+                access_log_sample=config.access_log_sample,
                 trace_context=trace_context,
             ),
         ],
@@ -705,19 +707,17 @@ def log_level(environ: Mapping[str, str]) -> str:
 
 
 def configure_logging(name: str, environ: Mapping[str, str] | None = None) -> None:
-    """One line per record, naming the service and trace; level from ``PAYMESH_LOG_LEVEL``.
+    """One line per record, naming the service and trace; level from ``PAYMESH_LOG_LEVEL``,
+    text or JSON from ``PAYMESH_LOG_FORMAT`` (``services.mesh.logs``).
 
     Raises:
-        StartupError: ``PAYMESH_LOG_LEVEL`` names no log level.
+        StartupError: ``PAYMESH_LOG_LEVEL`` or ``PAYMESH_LOG_FORMAT`` names nothing known.
     """
-    logging.basicConfig(
-        level=log_level(os.environ if environ is None else environ),
-        format=log_format(name),
-        stream=sys.stderr,
-        force=True,
-    )
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(TraceIdFilter())
+    environ = os.environ if environ is None else environ
+    try:
+        logs.configure(name, environ, level=log_level(environ))
+    except logs.LogConfigError as exc:
+        raise StartupError(str(exc)) from exc
 
 
 def _listen(
@@ -816,6 +816,32 @@ def die_with_supervisor() -> None:
         return
     if str(os.getppid()) != supervisor:  # it died before we asked
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+class HttpMember(Protocol):
+    """An HTTP server the launcher runs as a member of the mesh (the sandbox, the console)."""
+
+    async def start(self, host: str, port: int) -> int: ...
+
+    async def stop(self) -> None: ...
+
+
+async def serve_http_member(name: str, server: HttpMember, host: str, port: int) -> int:
+    """Serve ``server`` on ``host:port`` until SIGTERM/SIGINT, with the ready line a supervisor
+    reads; the exit status: 0 after a clean stop, 2 when it cannot listen."""
+    try:
+        bound = await server.start(host, port)
+    except OSError as exc:
+        print(f"{name}: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    print(f"{READY_MARKER} service={name} address={host}:{bound}", flush=True)
+    await stop.wait()
+    await server.stop()
+    return 0
 
 
 def run(name: str, build: Builder) -> None:

@@ -345,6 +345,7 @@ class DiagnosticsServicer(mesh_pb2_grpc.DiagnosticsServiceServicer):
             recent_call_count=figures.calls,
             error_rate_bps=round(figures.error_rate * 10_000),
             p99_latency_ms=round(figures.p99_s * 1000),
+            p50_latency_ms=round(figures.p50_s * 1000),
             recent_retry_count=figures.retries,
             recent_window=duration_pb2.Duration(
                 seconds=int(figures.window_s), nanos=int(figures.window_s % 1 * 1e9)

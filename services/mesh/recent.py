@@ -1,4 +1,4 @@
-"""A short memory of each outgoing edge: recent calls, failures, retries, p99 and last error.
+"""A short memory of each outgoing edge: recent calls, failures, retries, p50/p99, last error.
 
 Fed by the policy chain's hooks (one record per finished call, one tick per retry), read by
 the Diagnostics RPC. A failure is what the breaker counts as one (the target looks
@@ -51,6 +51,8 @@ class EdgeFigures:
     """99th percentile duration of the window's calls (0 when there were none)."""
     window_s: float
     """Seconds the figures cover: the window, or less just after start."""
+    p50_s: float = 0.0
+    """Median duration of the window's calls (0 when there were none)."""
     last_error: str = ""
     """Details of the most recent failed call; empty if none failed or the edge recovered
     since (``recovery_calls`` answers in a row)."""
@@ -149,6 +151,7 @@ class RecentCalls:
                 failures=sum(1 for _, failed, _ in edge.calls if failed),
                 retries=len(edge.retries),
                 p99_s=percentile(durations, 0.99),
+                p50_s=percentile(durations, 0.5),
                 window_s=self._covered(now),
                 last_error=edge.last_error,
                 last_error_code=edge.last_error_code,

@@ -7,13 +7,16 @@ of queueing to its deadline, a method's precheck may refuse it before any work (
 known to be down), and the gate (the topology's authorization) decides whether the verified
 caller may make it at all. A servicer raises domain
 errors (``services.mesh.errors``); a downstream failure that escapes it becomes UNAVAILABLE
-with pushback ``-1`` so that only the bottom layer of the mesh retries.
+with pushback ``-1`` so that only the bottom layer of the mesh retries. The access log
+writes every failed call; a successful one only at DEBUG or when sampled, since formatting
+a line for every call cost more than the rest of this interceptor.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from typing import Any, Protocol
@@ -49,6 +52,17 @@ SHED_RETRY_DELAY_S = 0.25
 CallObserver = Callable[[str, grpc.StatusCode, float], None]
 #: The trace context to serve a call in, from its invocation metadata (None: leave it as is).
 TraceContextOf = Callable[[Collection[tuple[str, str | bytes]] | None], otel_context.Context | None]
+
+#: Codes that say the service (or one below it) failed, not the caller: WARNING, not INFO.
+_SERVER_FAULTS = frozenset(
+    {
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
 
 
 class Admitted(Protocol):
@@ -86,15 +100,23 @@ class ServerPolicyInterceptor(AsyncServerInterceptor):
         max_in_flight: int | None = None,
         on_shed: Callable[[str], None] | None = None,
         prechecks: Mapping[str, Callable[[], None]] | None = None,
+        access_log_sample: float = 0.0,
+        random_fraction: Callable[[], float] = random.random,
         trace_context: TraceContextOf | None = None,
     ) -> None:
         """``max_in_flight`` caps the calls served at once (None: no cap); ``on_shed`` is told
         the method of each call refused for it; ``prechecks`` maps a full method path to a
         check run before the gate, which raises a ServiceError to refuse the call;
-        ``trace_context`` gives the context a unary call is served in when no tracing
-        interceptor made a span for it (``services.mesh.tracing.server_tracing``)."""
+        ``access_log_sample`` is the fraction of successful calls logged at INFO (all of
+        them at DEBUG; failed calls always); ``trace_context`` gives the context a unary call
+        is served in when no tracing interceptor made a span for it
+        (``services.mesh.tracing.server_tracing``)."""
         if max_in_flight is not None and max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
+        if not 0.0 <= access_log_sample <= 1.0:
+            raise ValueError(f"access_log_sample must be from 0 to 1, got {access_log_sample}")
+        self._access_log_sample = access_log_sample
+        self._random_fraction = random_fraction
         self._domain = domain
         self._faults = faults
         self._clock = clock
@@ -330,11 +352,24 @@ class ServerPolicyInterceptor(AsyncServerInterceptor):
             observe(method_name, code, elapsed)
         if method_name.startswith("/grpc."):
             return  # health probes and reflection would drown the log
-        log.info(
+        if code is grpc.StatusCode.OK:
+            # The common case costs one level check: no arguments built, no line formatted.
+            if log.isEnabledFor(logging.DEBUG):
+                level = logging.DEBUG
+            elif self._access_log_sample and self._random_fraction() < self._access_log_sample:
+                level = logging.INFO
+            else:
+                return
+        else:
+            level = logging.WARNING if code in _SERVER_FAULTS else logging.INFO
+        duration_ms = round(elapsed * 1000, 1)
+        log.log(
+            level,
             "rpc method=%s code=%s duration_ms=%.1f peer=%s%s",
             method_name,
             code.name,
-            elapsed * 1000,
+            duration_ms,
             context.peer(),
             f" error={error!r}" if error else "",
+            extra={"method": method_name, "code": code.name, "duration_ms": duration_ms},
         )

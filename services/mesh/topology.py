@@ -4,8 +4,9 @@ This is the only place a port number or a mesh name is written: services and par
 the typed constants :class:`Target` and :class:`Partner`, and what a service serves is read
 from the generated module its entry names. Every address elsewhere is read from here,
 overridable per service by environment (``ORDER_SERVICE_ADDR=host:port``; the variable is
-the service name upper-cased with ``-`` as ``_`` plus ``_ADDR``). Adding a service:
-``services/README.md``.
+the service name upper-cased with ``-`` as ``_`` plus ``_ADDR``); ``PAYMESH_PORT_OFFSET=N``
+shifts every default port by N (a second mesh on one machine) through
+:meth:`Topology.default_port`. Adding a service: ``services/README.md``.
 """
 
 from __future__ import annotations
@@ -317,6 +318,28 @@ PARTNERS: tuple[PartnerSpec, ...] = (
 #: The local partner sandbox (one HTTP server for every partner) of ``make run``.
 PARTNER_SANDBOX_PORT = 40020
 PARTNER_SANDBOX_VAR = "PARTNER_SANDBOX_ADDR"
+#: The mesh console (one page for people, ``services.tools.console``) of ``make run``.
+CONSOLE_PORT = 40030
+CONSOLE_VAR = "PAYMESH_CONSOLE_ADDR"
+
+#: Added to every default port (never to an explicit ``*_ADDR``): a second mesh on one machine.
+PORT_OFFSET_VAR = "PAYMESH_PORT_OFFSET"
+
+
+def port_offset(environ: Mapping[str, str]) -> int:
+    """``PAYMESH_PORT_OFFSET`` as an integer (may be negative), 0 when unset or empty.
+
+    Raises:
+        TopologyError: it is not an integer.
+    """
+    raw = environ.get(PORT_OFFSET_VAR, "")
+    try:
+        return int(raw.strip() or "0")
+    except ValueError:
+        raise TopologyError(
+            f"{PORT_OFFSET_VAR}={raw!r} is not an integer (example: 100 shifts 40002 to 40102)"
+        ) from None
+
 
 _HOSTPORT = re.compile(r"^(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(?P<port>[0-9]{1,5})$")
 
@@ -347,6 +370,8 @@ class Topology:
 
     def __post_init__(self) -> None:
         validate(self.services, self.partners)
+        for port in self._declared_ports():
+            self.default_port(port)  # an offset that pushes one out of range fails here, at once
         for key, value in self.environ.items():
             if key.endswith(_ADDR_SUFFIXES) and key not in self._known_variables():
                 raise TopologyError(
@@ -357,6 +382,29 @@ class Topology:
                 parse_hostport(value, variable=key)
             if key.endswith("_PARTNER_URL") and not value.startswith(("http://", "https://")):
                 raise TopologyError(f"{key}={value!r} is not an http:// or https:// URL")
+
+    def _declared_ports(self) -> tuple[int, ...]:
+        """Every default port of the topology; a new default port belongs here too."""
+        ports = (p for s in self.services for p in (s.port, s.admin_port, s.public_port))
+        return (*(p for p in ports if p is not None), PARTNER_SANDBOX_PORT, CONSOLE_PORT)
+
+    def default_port(self, port: int) -> int:
+        """``port`` shifted by ``PAYMESH_PORT_OFFSET``: every default address goes through here.
+
+        Raises:
+            TopologyError: the offset is not an integer or moves ``port`` outside 1-65535.
+        """
+        offset = port_offset(self.environ)
+        shifted = port + offset
+        if not 1 <= shifted <= 65535:
+            raise TopologyError(
+                f"{PORT_OFFSET_VAR}={offset}: default port {port} would become {shifted}, "
+                "outside 1-65535"
+            )
+        return shifted
+
+    def _default_address(self, port: int) -> str:
+        return f"{LOOPBACK}:{self.default_port(port)}"
 
     def _known_variables(self) -> set[str]:
         names = {s.addr_var for s in self.services} | {p.url_var for p in self.partners}
@@ -373,7 +421,7 @@ class Topology:
     def address(self, name: str) -> str:
         """``host:port`` of a service: its override, else the loopback and declared port."""
         spec = self.service(name)
-        return self.environ.get(spec.addr_var) or f"{LOOPBACK}:{spec.port}"
+        return self.environ.get(spec.addr_var) or self._default_address(spec.port)
 
     def bind_address(self, name: str) -> tuple[str, int]:
         """Host and port a service listens on (the same address its callers dial)."""
@@ -384,7 +432,7 @@ class Topology:
         """``host:port`` of a service's admin HTTP endpoint (``<PREFIX>_ADMIN_ADDR``)."""
         spec = self.service(name)
         var = f"{spec.env_prefix}_ADMIN_ADDR"
-        value = self.environ.get(var) or f"{LOOPBACK}:{spec.admin_port}"
+        value = self.environ.get(var) or self._default_address(spec.admin_port)
         parse_hostport(value, variable=var)
         return value
 
@@ -395,14 +443,20 @@ class Topology:
         if spec.public_port is None:
             return None
         var = f"{spec.env_prefix}_PUBLIC_ADDR"
-        value = self.environ.get(var) or f"{LOOPBACK}:{spec.public_port}"
+        value = self.environ.get(var) or self._default_address(spec.public_port)
         parse_hostport(value, variable=var)
         return value
 
     def sandbox_address(self) -> str:
         """``host:port`` of the partner sandbox."""
-        value = self.environ.get(PARTNER_SANDBOX_VAR) or f"{LOOPBACK}:{PARTNER_SANDBOX_PORT}"
+        value = self.environ.get(PARTNER_SANDBOX_VAR) or self._default_address(PARTNER_SANDBOX_PORT)
         parse_hostport(value, variable=PARTNER_SANDBOX_VAR)
+        return value
+
+    def console_address(self) -> str:
+        """``host:port`` of the mesh console (``PAYMESH_CONSOLE_ADDR``)."""
+        value = self.environ.get(CONSOLE_VAR) or self._default_address(CONSOLE_PORT)
+        parse_hostport(value, variable=CONSOLE_VAR)
         return value
 
     def partner_url(self, name: str) -> str:

@@ -26,9 +26,10 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.mesh import pki, tls
+from services.mesh import logs, pki, tls
 from services.mesh.admin_token import with_admin_token
 from services.mesh.topology import (
+    CONSOLE_VAR,
     LOOPBACK,
     PARTNER_SANDBOX_VAR,
     SERVICES,
@@ -51,6 +52,10 @@ from services.tools.supervisor import (
 
 SANDBOX = "partner-sandbox"
 SANDBOX_MODULE = "services.tools.sandbox"
+CONSOLE = "mesh-console"
+CONSOLE_MODULE = "services.tools.console"
+#: Members that are no mesh service: each answers ``GET /healthz`` with its name.
+HTTP_MEMBERS = frozenset({SANDBOX, CONSOLE})
 #: Tells a child that a supervisor started it, so it dies with that supervisor.
 SUPERVISED_VAR = "PAYMESH_SUPERVISED"
 #: How often ``make run`` renews development certificates that near their expiry.
@@ -72,6 +77,7 @@ def ephemeral_environ(base: Mapping[str, str] | None = None) -> dict[str, str]:
         if spec.public_port is not None:
             environ[f"{spec.env_prefix}_PUBLIC_ADDR"] = f"{LOOPBACK}:{free_port()}"
     environ[PARTNER_SANDBOX_VAR] = f"{LOOPBACK}:{free_port()}"
+    environ[CONSOLE_VAR] = f"{LOOPBACK}:{free_port()}"
     return environ
 
 
@@ -104,7 +110,8 @@ class Member:
 
 
 class Mesh:
-    """The eleven services (and the partner sandbox, when present) as child processes."""
+    """The eleven services (and the partner sandbox, when present, and the mesh console, when
+    asked for) as child processes."""
 
     def __init__(
         self,
@@ -114,6 +121,7 @@ class Mesh:
         var_dir: Path | None = None,
         python: str = sys.executable,
         with_sandbox: bool = True,
+        with_console: bool = False,
     ) -> None:
         self.environ = dict(os.environ if environ is None else environ)
         self.var_dir = Path(var_dir or self.environ.get("PAYMESH_VAR_DIR", "var"))
@@ -142,6 +150,14 @@ class Mesh:
                     log_path=log_dir / f"{spec.name}.log",
                     public_address=self.topology.public_address(spec.name) or "",
                 )
+        if with_console:
+            # Last: it reads the others, and a page that opens early only shows them starting.
+            self.members[CONSOLE] = Member(
+                name=CONSOLE,
+                module=CONSOLE_MODULE,
+                address=self.topology.console_address(),
+                log_path=log_dir / f"{CONSOLE}.log",
+            )
         self._operator: tls.TransportSecurity | None = None
 
     @property
@@ -256,12 +272,13 @@ class Mesh:
             time.sleep(0.05)
 
     def is_ready(self, name: str) -> bool:
-        """Whether a member answers: health SERVING for a service; for the sandbox, its
-        ``/healthz`` answering as the sandbox (any other HTTP server on its port is not it)."""
+        """Whether a member answers: health SERVING for a service; for the sandbox and the
+        console, ``/healthz`` answering with its name (any other HTTP server on its port is
+        not it)."""
         member = self.members[name]
-        if name == SANDBOX:
+        if name in HTTP_MEMBERS:
             host, port = parse_hostport(member.address, variable=name)
-            return answers_as_sandbox(host, port, timeout_s=0.5)
+            return answers_as(name, host, port, timeout_s=0.5)
         return health_status(member.address, security=self.operator, target=name) == "SERVING"
 
     def stop(self, *, grace_s: float = 15.0) -> dict[str, int | None]:
@@ -326,9 +343,9 @@ def health_status(
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
 
-def answers_as_sandbox(host: str, port: int, *, timeout_s: float) -> bool:
+def answers_as(name: str, host: str, port: int, *, timeout_s: float) -> bool:
     """Whether ``GET /healthz`` on ``host:port`` answers 200 ``{"status": "ok", "service":
-    "partner-sandbox"}``, as the partner sandbox does."""
+    name}``, as the partner sandbox and the mesh console do."""
     host = host.strip("[]")
     connection = http.client.HTTPConnection(host, port, timeout=timeout_s)
     try:
@@ -349,7 +366,7 @@ def answers_as_sandbox(host: str, port: int, *, timeout_s: float) -> bool:
     return (
         reply.status == 200
         and isinstance(body, dict)
-        and (body.get("status"), body.get("service")) == ("ok", SANDBOX)
+        and (body.get("status"), body.get("service")) == ("ok", name)
     )
 
 
@@ -461,8 +478,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     SIGTERM, stop cleanly. Ends early only when a member cannot start the first time."""
     del argv
     try:
-        mesh = Mesh()
+        mesh = Mesh(with_console=True)
         policy = RestartPolicy.from_environ(mesh.environ)
+        # Checked here too, so a bad value is one line, not every member failing to start.
+        logs.log_format_name(mesh.environ)
+        logs.access_log_sample(mesh.environ)
     except (ValueError, RestartPolicyError) as exc:
         print(f"paymesh: {exc}", file=sys.stderr)
         return 2
@@ -485,6 +505,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     supervision = _Supervision(mesh, policy)
     supervision.publish()
     print(start_table(mesh, supervision.supervisor), flush=True)
+    if CONSOLE in mesh.members:
+        print(f"mesh console: http://{mesh.members[CONSOLE].address}/", flush=True)
     security = mesh.operator
     if security.files is not None:
         print(

@@ -105,6 +105,10 @@ class EdgeStatus:
     """Most recent error, empty if none."""
     last_error_time: str
     """When it happened (ISO 8601, UTC), empty if none."""
+    window_s: float = 0.0
+    """Seconds the recent figures cover (a minute, less just after the caller started)."""
+    p50_ms: int = 0
+    """Median latency of those calls, in milliseconds."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -182,6 +186,8 @@ def edge_status(dependency: mesh_pb2.Dependency) -> EdgeStatus:
             if dependency.HasField("last_error_time")
             else ""
         ),
+        window_s=window_s,
+        p50_ms=dependency.p50_latency_ms,
     )
 
 

@@ -14,9 +14,10 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
+import pytest
 from grpc import aio
 from opentelemetry.trace import TracerProvider
 
@@ -158,10 +159,14 @@ class RunningServer:
         return f"127.0.0.1:{self.port}"
 
 
-async def start_server(servicer: ScriptedServicer, port: int = 0) -> RunningServer:
+async def start_server(
+    servicer: ScriptedServicer, port: int = 0, *, access_log_sample: float = 0.0
+) -> RunningServer:
     """Serve ``servicer`` on 127.0.0.1 behind the server interceptor (``port`` 0: any free one)."""
     server = aio.server(
-        interceptors=[ServerPolicyInterceptor(domain=servicer.name)],
+        interceptors=[
+            ServerPolicyInterceptor(domain=servicer.name, access_log_sample=access_log_sample)
+        ],
         options=[("grpc.so_reuseport", 0)],
     )
     testing_pb2_grpc.add_TestServiceServicer_to_server(servicer, server)
@@ -181,6 +186,24 @@ class ShiftedClock:
 
     def advance(self, seconds: float) -> None:
         self.offset += seconds
+
+
+T = TypeVar("T")
+
+
+def poll_until(
+    what: str, check: Callable[[], T | None], *, timeout_s: float = 60.0, every_s: float = 0.1
+) -> T:
+    """``check()`` until it returns something truthy (returned); fail naming ``what`` after the
+    deadline. For tests of real processes, which wait from the test's own thread."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(every_s)  # polling for a state, bounded by the deadline
 
 
 async def eventually(predicate: Callable[[], bool], *, within_s: float = 5.0) -> None:
@@ -211,9 +234,13 @@ def make_chain(
 
 
 @contextlib.asynccontextmanager
-async def serving(servicer: ScriptedServicer | None = None) -> AsyncIterator[RunningServer]:
+async def serving(
+    servicer: ScriptedServicer | None = None, *, access_log_sample: float = 0.0
+) -> AsyncIterator[RunningServer]:
     """A running test server for the duration of the block."""
-    running = await start_server(servicer or ScriptedServicer())
+    running = await start_server(
+        servicer or ScriptedServicer(), access_log_sample=access_log_sample
+    )
     try:
         yield running
     finally:

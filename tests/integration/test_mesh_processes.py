@@ -20,9 +20,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from google.protobuf import descriptor_pool
@@ -31,6 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.mesh.tls import TransportSecurity, operator_security
 from services.mesh.topology import SERVICES, ServiceSpec
 from services.tools.launcher import Mesh, MeshError, ephemeral_environ, health_status
+from tests.integration.harness import poll_until as _poll
 
 BUF = Path(sys.executable).parent / "buf"
 PROTOS = Path(__file__).resolve().parents[2] / "protos"
@@ -204,21 +205,48 @@ def test_service_that_dies_at_start_is_named(tmp_path: Path) -> None:
         fleet.start(timeout_s=30)
 
 
+def _make_run(environ: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``make run`` (the launcher) in ``environ`` until it exits, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "services.tools.launcher"],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def test_make_run_front_door_reports_a_taken_port_and_exits_nonzero(tmp_path: Path) -> None:
     environ = ephemeral_environ()
     environ["PAYMESH_VAR_DIR"] = str(tmp_path)
     with socket_holding(environ["RISK_SERVICE_ADDR"]):
-        result = subprocess.run(
-            [sys.executable, "-m", "services.tools.launcher"],
-            env=environ,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        result = _make_run(environ)
     assert result.returncode != 0
     assert "risk-service" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        ("PAYMESH_PORT_OFFSET", "ten", "is not an integer"),
+        ("PAYMESH_PORT_OFFSET", "-40002", "outside 1-65535"),
+        ("PAYMESH_LOG_FORMAT", "xml", "one of text, json"),
+        ("PAYMESH_ACCESS_LOG_SAMPLE", "2", "fraction from 0 to 1"),
+    ],
+)
+def test_make_run_refuses_a_bad_logging_or_port_setting_in_one_line(
+    tmp_path: Path, variable: str, value: str, says: str
+) -> None:
+    environ = ephemeral_environ()
+    environ["PAYMESH_VAR_DIR"] = str(tmp_path)
+    environ[variable] = value
+    result = _make_run(environ)
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"paymesh: {variable}=") and says in line, line
+    assert "starting" not in result.stdout  # refused before any member started
 
 
 class socket_holding:
@@ -257,7 +285,9 @@ def test_make_run_front_door_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
         if "mesh is up" in line:
             break
     assert any("mesh is up" in line for line in lines), "".join(lines)
-    assert sum("SERVING" in line for line in lines) == len(SERVICES) + 1  # and the sandbox
+    # The services, the partner sandbox and the mesh console, whose address follows the table.
+    assert sum("SERVING" in line for line in lines) == len(SERVICES) + 2
+    assert f"mesh console: http://{environ['PAYMESH_CONSOLE_ADDR']}/\n" in lines
     launcher.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal sends
     rest, _ = launcher.communicate(timeout=60)
     assert launcher.returncode == 0, "".join(lines) + rest
@@ -305,21 +335,6 @@ def test_buf_curl_without_a_client_certificate_is_refused(mesh: Mesh) -> None:
     assert result.returncode != 0
     assert result.stdout == ""
     assert any(w in result.stderr.lower() for w in ("certificate", "unavailable", "pipe"))
-
-
-T = TypeVar("T")
-
-
-def _poll(what: str, check: Callable[[], T | None], *, timeout_s: float = 60.0) -> T:
-    """``check()`` until it returns something truthy; fail naming ``what`` after the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(0.1)  # polling for a state, bounded by the deadline
 
 
 class Launcher:

@@ -1,6 +1,7 @@
 """A downstream process stops: the caller's Diagnostics (DEGRADED), ``services.tools.status`` (its
 summary line, exit status 0) and a real Prometheus server scraping the admin ports all show that
-edge down with its breaker open, while the caller's own liveness stays SERVING.
+edge down with its breaker open, while the caller's own liveness stays SERVING; every query of
+the Grafana dashboard returns series from that Prometheus.
 
 merchant-auth-service calls merchant-service on every IssueApiKey; the policy file gives that
 edge a short timeout and a small breaker window so it opens after a few failed calls.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -29,16 +31,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from paymesh.merchant_auth.v1 import merchant_auth_pb2, merchant_auth_pb2_grpc
 from paymesh.mesh.v1 import mesh_pb2, mesh_pb2_grpc
+from paymesh.order.v1 import order_pb2, order_pb2_grpc
 from services.mesh.pki import OPERATOR, ensure_dev_pki
 from services.mesh.tls import operator_security
 from services.mesh.topology import Topology
+from services.tools.grafana_dashboard import PANELS
 from services.tools.launcher import Mesh, ephemeral_environ, free_port
+from services.tools.ports import PICK_RANGE, can_bind
 from services.tools.prometheus_config import render
+from tests.integration.harness import poll_until as _poll
 
 pytestmark = pytest.mark.slow
 
 CALLER, DOWNSTREAM = "merchant-auth-service", "merchant-service"
-DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "paymesh.json"
 POLICY = f"""
 [targets."{DOWNSTREAM}"]
 timeout_s = 0.5
@@ -46,6 +51,12 @@ timeout_s = 0.5
 [targets."{DOWNSTREAM}".retry]
 max_attempts = 2
 initial_backoff_s = 0.01
+
+# One retry per minute: the second failing call's retry is refused, so the budget series exists.
+[targets."{DOWNSTREAM}".budget]
+retry_ratio = 0.0
+min_retries = 1
+window_s = 60.0
 
 [targets."{DOWNSTREAM}".breaker]
 minimum_calls = 3
@@ -58,18 +69,6 @@ half_open_calls = 1
 
 #: What a call through the caller ends with while its dependency is down.
 FAILED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-
-
-def _poll(what: str, check: Any, *, timeout_s: float = 30.0, every_s: float = 0.1) -> Any:
-    """``check()`` until it returns something truthy; fail naming ``what`` after the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(every_s)  # polling for a state, bounded by the deadline
 
 
 #: The environment of the module's mesh, so probes present its operator certificate.
@@ -97,6 +96,17 @@ def _liveness(address: str) -> int:
             health_pb2.HealthCheckRequest(service=""), timeout=5
         )
     return int(reply.status)
+
+
+def _status(environ: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m services.tools.status *args`` in ``environ``, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "services.tools.status", *args],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,9 +188,51 @@ def prometheus(mesh: Mesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         log.close()
 
 
+def _issue_api_key(address: str, *, timeout_s: float) -> grpc.RpcError | None:
+    """One IssueApiKey through the caller (so one GetMerchant on the edge); its error, if any."""
+    with _channel(address) as channel:
+        stub = merchant_auth_pb2_grpc.MerchantAuthServiceStub(channel)
+        request = merchant_auth_pb2.IssueApiKeyRequest(
+            request_id=str(uuid.uuid4()), merchant_id="m_1", label="observability"
+        )
+        try:
+            stub.IssueApiKey(request, timeout=timeout_s)
+        except grpc.RpcError as error:
+            return error
+    return None
+
+
+#: Calls on the edge that merchant-service answered before it stopped (see healthy_traffic).
+ANSWERED = 4
+
+
+def _failed_bps(recent_calls: int) -> int:
+    """Error rate of the edge's window in basis points: every call but ``ANSWERED`` failed."""
+    return round(10_000 * (recent_calls - ANSWERED) / recent_calls)
+
+
 @pytest.fixture(scope="module")
-def outage(mesh: Mesh) -> str:
-    """Stop the downstream, fail calls through the caller until its breaker opens.
+def healthy_traffic(mesh: Mesh) -> None:
+    """Calls on the edge while the downstream runs, with the deadlines the dashboard shows.
+
+    m_1 is unknown to merchant-service, so the calls end NOT_FOUND: an answer, not a failure.
+    """
+    caller = mesh.topology.address(CALLER)
+    for _ in range(ANSWERED - 1):
+        error = _issue_api_key(caller, timeout_s=5)
+        assert isinstance(error, grpc.Call) and error.code() == grpc.StatusCode.NOT_FOUND
+    # 0.3 s left is less than the edge's 0.5 s timeout: the outgoing deadline is cut to it.
+    error = _issue_api_key(caller, timeout_s=0.3)
+    assert isinstance(error, grpc.Call) and error.code() == grpc.StatusCode.NOT_FOUND
+    # 20 ms left is less than the 50 ms deadline margin: the outgoing call is never sent.
+    error = _issue_api_key(caller, timeout_s=0.02)
+    assert isinstance(error, grpc.Call) and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+@pytest.fixture(scope="module")
+def outage(mesh: Mesh, healthy_traffic: None) -> str:
+    """Stop the downstream, fail calls through the caller until its breaker opens, then make
+    one more call that the open breaker refuses.
 
     Returns the caller's address.
     """
@@ -203,6 +255,8 @@ def outage(mesh: Mesh) -> str:
         return _edge(caller).breaker_state == mesh_pb2.BREAKER_STATE_OPEN
 
     _poll(f"the breaker {CALLER} -> {DOWNSTREAM} to open", call_fails_until_open, every_s=0)
+    refused = _issue_api_key(caller, timeout_s=5)
+    assert isinstance(refused, grpc.Call) and refused.code() == grpc.StatusCode.UNAVAILABLE
     return caller
 
 
@@ -225,12 +279,46 @@ def test_prometheus_query_returns_the_open_breaker_of_the_stopped_edge(
     assert transitions and float(transitions[0]["value"][1]) >= 1
 
 
-def test_every_dashboard_query_is_valid_promql(prometheus: Prometheus) -> None:
-    dashboard = json.loads(DASHBOARD.read_text())
-    for panel in dashboard["panels"]:
-        for target in panel.get("targets", ()):
-            answer = prometheus.query(target["expr"].replace("$caller", ".*"))
-            assert answer["status"] == "success", (panel["title"], answer)
+#: Dashboard series this module's mesh cannot fill, each with the condition it needs and the test
+#: that creates it. Their panels' queries must still be valid and, here, empty: when one starts
+#: returning data this list is wrong and the test says so.
+EMPTY_HERE = {
+    "paymesh_breaker_aborted_calls_total": "calls in flight when the breaker opens; the stopped "
+    "downstream refuses connections at once, so none waits (tests/unit/test_breaker_metrics.py)",
+    "paymesh_client_concurrency_limited_total": "100 attempts in flight to one target "
+    "(tests/unit/test_breaker_metrics.py)",
+    "paymesh_client_tls_handshake_failures_total": "a target with an untrusted or expired "
+    "certificate; the mesh's own are valid (tests/integration/test_chain_tls.py)",
+    "paymesh_server_shed_total": "a service at its concurrency cap "
+    "(tests/integration/test_merchant_auth_limits.py)",
+}
+
+
+def _answer(prometheus: Prometheus, expr: str) -> list[Any]:
+    answer = prometheus.query(expr.replace("$caller", ".*"))
+    assert answer["status"] == "success", (expr, answer)
+    result: list[Any] = answer["data"]["result"]
+    return result
+
+
+def test_every_dashboard_query_returns_series_from_the_mesh(
+    prometheus: Prometheus, outage: str
+) -> None:
+    queries = [(panel.title, query.expr) for panel in PANELS for query in panel.queries]
+    expected_empty = [(t, e) for t, e in queries if any(s in e for s in EMPTY_HERE)]
+    expected_full = [q for q in queries if q not in expected_empty]
+    # rate() needs two scrapes of a series inside its window; Prometheus scrapes every second.
+    deadline = time.monotonic() + 60
+    while empty := [(t, e) for t, e in expected_full if not _answer(prometheus, e)]:
+        if time.monotonic() > deadline:
+            pytest.fail(f"dashboard queries still empty after 60s: {empty}")
+        time.sleep(0.5)  # waiting for the next scrape, bounded by the deadline
+
+    assert len(expected_empty) == len(EMPTY_HERE)  # one panel each, none of them missed
+    for title, expr in expected_empty:
+        assert _answer(prometheus, expr) == [], f"{title!r} has data now: update EMPTY_HERE"
+    budget = _answer(prometheus, "sum(paymesh_retry_budget_exhausted_total)")
+    assert float(budget[0]["value"][1]) >= 1  # the stat's `or vector(0)` did not answer alone
 
 
 def test_diagnostics_shows_the_stopped_dependency_down_and_its_breaker_open(
@@ -241,8 +329,8 @@ def test_diagnostics_shows_the_stopped_dependency_down_and_its_breaker_open(
     assert edge.kind == mesh_pb2.DEPENDENCY_KIND_GRPC_SERVICE
     assert edge.health == mesh_pb2.DEPENDENCY_HEALTH_UNREACHABLE
     assert edge.breaker_state == mesh_pb2.BREAKER_STATE_OPEN
-    assert edge.recent_call_count >= 2
-    assert edge.error_rate_bps == 10_000
+    assert edge.recent_call_count >= ANSWERED + 2
+    assert edge.error_rate_bps == _failed_bps(edge.recent_call_count)
     assert edge.last_error_code in {code.name for code in FAILED}
     assert edge.last_error and edge.HasField("last_error_time")
     assert _liveness(outage) == health_pb2.HealthCheckResponse.SERVING
@@ -254,13 +342,7 @@ def test_diagnostics_shows_the_stopped_dependency_down_and_its_breaker_open(
 def test_status_json_shows_the_stopped_dependency_down_and_its_breaker_open(
     mesh: Mesh, outage: str
 ) -> None:
-    run = subprocess.run(
-        [sys.executable, "-m", "services.tools.status", "--json"],
-        env=mesh.environ,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    run = _status(mesh.environ, "--json")
 
     assert run.returncode == 0, run.stderr  # it could report: what it found is in the report
     answer = json.loads(run.stdout)
@@ -280,17 +362,11 @@ def test_status_json_shows_the_stopped_dependency_down_and_its_breaker_open(
     edge = next(e for e in caller["edges"] if e["name"] == DOWNSTREAM)
     assert edge["health"] == "UNREACHABLE"
     assert edge["breaker"] == "OPEN"
-    assert edge["error_rate"] == 1.0
+    assert edge["error_rate"] == _failed_bps(edge["recent_calls"]) / 10_000
 
 
 def test_status_table_names_the_open_edge(mesh: Mesh, outage: str) -> None:
-    run = subprocess.run(
-        [sys.executable, "-m", "services.tools.status"],
-        env=mesh.environ,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    run = _status(mesh.environ)
 
     lines = run.stdout.splitlines()
     assert run.returncode == 0, run.stderr
@@ -312,13 +388,7 @@ def test_status_exits_zero_and_says_so_when_nothing_answers(tmp_path: Path) -> N
     nobody["PAYMESH_VAR_DIR"] = str(tmp_path)
     ensure_dev_pki(tmp_path / "pki", [OPERATOR])
 
-    run = subprocess.run(
-        [sys.executable, "-m", "services.tools.status"],
-        env=nobody,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    run = _status(nobody)
 
     assert run.returncode == 0, run.stderr
     first, *rest = run.stdout.splitlines()
@@ -331,13 +401,7 @@ def test_status_exits_nonzero_only_when_it_cannot_report(tmp_path: Path) -> None
     broken = ephemeral_environ()
     broken["ORDER_SERVICE_ADDR"] = "not-an-address"
 
-    run = subprocess.run(
-        [sys.executable, "-m", "services.tools.status"],
-        env=broken,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    run = _status(broken)
 
     assert run.returncode == 2
     assert "ORDER_SERVICE_ADDR" in run.stderr
@@ -372,3 +436,64 @@ def test_status_watch_refreshes_until_ctrl_c_and_exits_cleanly(tmp_path: Path) -
 
     assert watch.returncode == 0
     assert "Traceback" not in stderr
+
+
+def _offset_with_free_ports(name: str) -> int:
+    """A ``PAYMESH_PORT_OFFSET`` that puts ``name``'s default mesh and admin ports on free ports."""
+    spec = Topology(environ={}).service(name)
+    for _ in range(50):
+        offset = free_port() - spec.port
+        admin = spec.admin_port + offset
+        if admin <= PICK_RANGE[1] and can_bind("127.0.0.1", admin):
+            return offset
+    pytest.fail(f"no port offset with free ports for {name}")
+
+
+def test_status_finds_a_service_started_with_only_a_port_offset(tmp_path: Path) -> None:
+    name = "order-service"  # calls nothing: it serves alone
+    environ = {k: v for k, v in os.environ.items() if not k.endswith(("_ADDR", "_PARTNER_URL"))}
+    offset = _offset_with_free_ports(name)
+    environ["PAYMESH_PORT_OFFSET"] = str(offset)
+    started = Mesh(environ=environ, names=(name,), var_dir=tmp_path, with_sandbox=False)
+    started.start(timeout_s=60)
+    try:
+        run = _status(started.environ, "--json")
+    finally:
+        started.stop()
+
+    assert run.returncode == 0, run.stderr
+    services = {s["name"]: s for s in json.loads(run.stdout)["services"]}
+    # Every address status asked is the declared port shifted; only ours is known to answer
+    # (another test's server may happen to listen on one of the others).
+    assert {n: s["address"] for n, s in services.items()} == {
+        spec.name: f"127.0.0.1:{spec.port + offset}" for spec in Topology(environ={}).services
+    }
+    assert services[name]["health"] == "SERVING"
+
+
+def test_a_service_logs_one_json_object_per_line_with_the_access_fields(tmp_path: Path) -> None:
+    name = "order-service"
+    environ = ephemeral_environ()
+    environ["PAYMESH_LOG_FORMAT"] = "json"
+    started = Mesh(environ=environ, names=(name,), var_dir=tmp_path, with_sandbox=False)
+    started.start(timeout_s=60)
+    try:
+        security = operator_security(started.environ)
+        with security.sync_channel(name, started.topology.address(name)) as channel:
+            with pytest.raises(grpc.RpcError) as missing:
+                order_pb2_grpc.OrderServiceStub(channel).GetOrder(
+                    order_pb2.GetOrderRequest(order_id="ord_missing"), timeout=5
+                )
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        started.stop()
+
+    text = started.members[name].log_path.read_text()
+    # stdout shares the file: the ready marker is for the launcher, not a log record.
+    records = [json.loads(line) for line in text.splitlines() if not line.startswith("PAYMESH_")]
+    assert records and all(r["service"] == name for r in records)
+    (access,) = [r for r in records if r["logger"] == "paymesh.access"]
+    assert access["method"] == "/paymesh.order.v1.OrderService/GetOrder"
+    assert access["code"] == "NOT_FOUND"
+    assert access["duration_ms"] >= 0
+    assert len(access["trace_id"] or "") == 32  # the call's trace

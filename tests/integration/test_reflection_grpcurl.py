@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -59,14 +58,6 @@ async def _grpcurl(
     return process.returncode, out.decode(), err.decode()
 
 
-@pytest.fixture
-async def order_service(tmp_path: Path) -> AsyncIterator[str]:
-    async with running_service(
-        "order-service", build, environ={"PAYMESH_VAR_DIR": str(tmp_path)}
-    ) as address:
-        yield address
-
-
 async def test_list_names_the_service_health_and_both_reflection_versions(
     order_service: str,
 ) -> None:
@@ -99,6 +90,9 @@ async def test_list_of_a_service_names_its_methods(order_service: str) -> None:
         ("paymesh.order.v1.OrderStatus.ORDER_STATUS_UNSPECIFIED", "ORDER_STATUS_UNSPECIFIED = 0"),
         ("grpc.reflection.v1.ServerReflection", "service ServerReflection {"),
         ("google.rpc.ErrorInfo", "message ErrorInfo {"),
+        ("google.rpc.BadRequest", "message BadRequest {"),
+        ("google.rpc.RetryInfo", "message RetryInfo {"),
+        ("google.rpc.Status", "message Status {"),
     ],
     ids=[
         "service",
@@ -110,6 +104,9 @@ async def test_list_of_a_service_names_its_methods(order_service: str) -> None:
         "enum-value",
         "v1",
         "error-info",
+        "bad-request",
+        "retry-info",
+        "status",
     ],
 )
 async def test_describe_resolves_every_kind_of_symbol(

@@ -39,6 +39,11 @@ CASES = [
     (Target.ORDER, "PAYMESH_GRACE_S", "soon", "number of seconds >= 0"),
     (Target.ORDER, "PAYMESH_GRACE_S", "-1", "number of seconds >= 0"),
     (Target.ORDER, "PAYMESH_LOG_LEVEL", "LOUD", "one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+    (Target.ORDER, "PAYMESH_LOG_FORMAT", "xml", "is not a log format; one of text, json"),
+    (Target.ORDER, "PAYMESH_ACCESS_LOG_SAMPLE", "2", "is not a fraction from 0 to 1"),
+    (Target.ORDER, "PAYMESH_ACCESS_LOG_SAMPLE", "some", "is not a fraction from 0 to 1"),
+    (Target.ORDER, "PAYMESH_PORT_OFFSET", "ten", "is not an integer"),
+    (Target.ORDER, "PAYMESH_PORT_OFFSET", "30000", "outside 1-65535"),
     (Target.ORDER, "PAYMESH_TLS_RELOAD_S", "0", "positive number of seconds"),
     (Target.ORDER, "PAYMESH_READINESS_INTERVAL_S", "often", "positive number of seconds"),
     (Target.ORDER, "PAYMESH_HEALTHZ_MAX_LAG_S", "-2", "positive number of seconds"),
@@ -107,6 +112,7 @@ NUMERIC = [
     (Target.ORDER, "PAYMESH_TLS_RELOAD_S", "positive number of seconds"),
     (Target.ORDER, "PAYMESH_READINESS_INTERVAL_S", "positive number of seconds"),
     (Target.ORDER, "PAYMESH_HEALTHZ_MAX_LAG_S", "positive number of seconds"),
+    (Target.ORDER, "PAYMESH_ACCESS_LOG_SAMPLE", "fraction from 0 to 1"),
 ]
 #: Settings of ``services/<name>/config.py`` that name a file, not a number (tested apart).
 FILE_SETTINGS = {

@@ -387,7 +387,8 @@ async def test_partner_retry_attempts_are_child_spans_whose_traceparent_is_sent(
 
 @contextlib.contextmanager
 def captured_log(logger: str) -> Iterator[io.StringIO]:
-    """Lines of ``logger`` in the services' format, with the trace filter, into a buffer."""
+    """Lines of ``logger`` in the services' format, with the trace filter, into a buffer; at
+    DEBUG, where the access log writes successful calls too."""
     buffer = io.StringIO()
     handler = logging.StreamHandler(buffer)
     handler.setFormatter(logging.Formatter(log_format("test-service")))
@@ -395,7 +396,7 @@ def captured_log(logger: str) -> Iterator[io.StringIO]:
     target = logging.getLogger(logger)
     old_level = target.level
     target.addHandler(handler)
-    target.setLevel(logging.INFO)
+    target.setLevel(logging.DEBUG)
     try:
         yield buffer
     finally:

@@ -36,6 +36,14 @@ def test_p99_is_the_nearest_rank_of_the_window() -> None:
     assert recent.figures("order-service").p99_s == pytest.approx(0.099)
 
 
+def test_p50_is_the_median_of_the_window() -> None:
+    recent = RecentCalls(clock=FakeClock())
+    for millis in (5, 1, 3, 2, 100):
+        recent.record_call(_call(seconds=millis / 1000))
+
+    assert recent.figures("order-service").p50_s == pytest.approx(0.003)
+
+
 def test_calls_older_than_the_window_are_forgotten_but_not_the_last_error() -> None:
     clock = FakeClock()
     recent = RecentCalls(window_s=60.0, clock=clock, wall_clock=lambda: 1_700_000_000.0)

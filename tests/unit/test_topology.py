@@ -11,6 +11,7 @@ import pytest
 from services.mesh.authz import method_paths
 from services.mesh.topology import (
     ALL_METHODS,
+    CONSOLE_PORT,
     PARTNER_SANDBOX_PORT,
     PARTNERS,
     SERVICES,
@@ -19,6 +20,7 @@ from services.mesh.topology import (
     parse_hostport,
     validate,
 )
+from services.tools.prometheus_config import render
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -154,7 +156,10 @@ _HOST_PORT = re.compile(
 #: A number given to something named like a port or address (port=8004, ORDER_PORT = 8004).
 _NAMED_PORT = re.compile(r"(?i)\w*(?:port|addr)\w*\s*(?::\s*\w+\s*)?[=:]\s*[\"']?(\d{2,5})\b")
 #: Every port the topology declares, wherever it appears as a literal.
-_DECLARED = {str(p) for s in SERVICES for p in (s.port, s.admin_port)} | {str(PARTNER_SANDBOX_PORT)}
+_DECLARED = {str(p) for s in SERVICES for p in (s.port, s.admin_port)} | {
+    str(PARTNER_SANDBOX_PORT),
+    str(CONSOLE_PORT),
+}
 _ALLOWED = {ROOT / "services" / "mesh" / "topology.py"}
 
 
@@ -207,3 +212,71 @@ def test_port_literal_scan_ignores_other_numbers(tmp_path: Path, line: str) -> N
     source = tmp_path / "rules.py"
     source.write_text(line + "\n")
     assert not _port_literals(source)
+
+
+def test_console_address_defaults_to_the_loopback_and_honours_its_override() -> None:
+    assert Topology(environ={}).console_address() == f"127.0.0.1:{CONSOLE_PORT}"
+    moved = Topology(environ={"PAYMESH_CONSOLE_ADDR": "127.0.0.1:1234"})
+    assert moved.console_address() == "127.0.0.1:1234"
+
+
+def test_console_address_override_that_is_no_address_is_refused() -> None:
+    with pytest.raises(TopologyError, match="PAYMESH_CONSOLE_ADDR"):
+        Topology(environ={"PAYMESH_CONSOLE_ADDR": "nowhere"}).console_address()
+
+
+def test_console_port_is_no_port_of_a_service() -> None:
+    declared = {p for s in SERVICES for p in (s.port, s.admin_port, s.public_port)}
+    assert CONSOLE_PORT not in declared | {PARTNER_SANDBOX_PORT}
+
+
+def test_port_offset_shifts_every_default_port() -> None:
+    topology = Topology(environ={"PAYMESH_PORT_OFFSET": "1000"})
+
+    assert topology.address("order-service") == "127.0.0.1:41004"
+    assert topology.admin_address("order-service") == "127.0.0.1:42004"
+    assert topology.public_address("payment-gateway") == "127.0.0.1:43003"
+    assert topology.sandbox_address() == f"127.0.0.1:{PARTNER_SANDBOX_PORT + 1000}"
+    assert topology.console_address() == f"127.0.0.1:{CONSOLE_PORT + 1000}"
+    assert (
+        topology.partner_url("geo-ip") == f"http://127.0.0.1:{PARTNER_SANDBOX_PORT + 1000}/geo-ip"
+    )
+
+
+def test_a_negative_port_offset_shifts_down() -> None:
+    assert Topology(environ={"PAYMESH_PORT_OFFSET": "-4"}).address("order-service") == (
+        "127.0.0.1:40000"
+    )
+
+
+def test_explicit_address_wins_over_the_port_offset() -> None:
+    topology = Topology(
+        environ={"PAYMESH_PORT_OFFSET": "1000", "ORDER_SERVICE_ADDR": "127.0.0.1:9000"}
+    )
+
+    assert topology.address("order-service") == "127.0.0.1:9000"
+    assert topology.address("risk-service") == "127.0.0.1:41006"
+
+
+def test_default_port_is_the_one_function_new_ports_go_through() -> None:
+    assert Topology(environ={"PAYMESH_PORT_OFFSET": "7"}).default_port(40030) == 40037
+    assert Topology(environ={}).default_port(40030) == 40030
+
+
+@pytest.mark.parametrize("value", ["ten", "1.5", "0x10", "1000 2"])
+def test_a_port_offset_that_is_not_an_integer_names_the_variable(value: str) -> None:
+    with pytest.raises(TopologyError, match=r"PAYMESH_PORT_OFFSET=.* is not an integer"):
+        Topology(environ={"PAYMESH_PORT_OFFSET": value})
+
+
+@pytest.mark.parametrize("value", ["30000", "-40002"])
+def test_a_port_offset_that_leaves_1_to_65535_names_the_variable(value: str) -> None:
+    with pytest.raises(TopologyError, match=r"PAYMESH_PORT_OFFSET=.*outside 1-65535"):
+        Topology(environ={"PAYMESH_PORT_OFFSET": value})
+
+
+def test_prometheus_config_follows_the_port_offset() -> None:
+    text = render(Topology(environ={"PAYMESH_PORT_OFFSET": "500"}))
+
+    assert '"127.0.0.1:41502"' in text
+    assert '"127.0.0.1:41002"' not in text

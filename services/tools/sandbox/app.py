@@ -18,8 +18,8 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import random
-import signal
 import sys
 import threading
 import uuid
@@ -30,9 +30,10 @@ from typing import Any
 
 from aiohttp import web
 
+from services.mesh import logs
 from services.mesh.admin import BoundedHttpServer, HttpLimits, bounded_app, peer_of
 from services.mesh.admin_token import AdminTokenError, ControlAccess
-from services.mesh.bootstrap import die_with_supervisor
+from services.mesh.bootstrap import die_with_supervisor, serve_http_member
 from services.mesh.faults import MAX_DELAY_MS
 from services.mesh.topology import PARTNER_SANDBOX_VAR, PARTNERS, Topology, parse_hostport
 
@@ -430,9 +431,11 @@ class Sandbox:
 def main() -> None:
     """Serve until SIGTERM/SIGINT."""
     die_with_supervisor()
-    logging.basicConfig(
-        level="INFO", format=f"%(asctime)s {SANDBOX_NAME} %(levelname)s %(message)s"
-    )
+    try:
+        logs.configure(SANDBOX_NAME, os.environ, level="INFO")
+    except logs.LogConfigError as exc:
+        print(f"{SANDBOX_NAME}: cannot start: {exc}", file=sys.stderr)
+        sys.exit(2)
     topology = Topology()
     host, port = parse_hostport(topology.sandbox_address(), variable=PARTNER_SANDBOX_VAR)
     try:
@@ -446,17 +449,4 @@ def main() -> None:
 
 
 async def _serve(host: str, port: int, access: ControlAccess) -> int:
-    sandbox = Sandbox(access=access)
-    try:
-        bound = await sandbox.start(host, port)
-    except OSError as exc:
-        print(f"{SANDBOX_NAME}: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
-        return 2
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    print(f"PAYMESH_READY service={SANDBOX_NAME} address={host}:{bound}", flush=True)
-    await stop.wait()
-    await sandbox.stop()
-    return 0
+    return await serve_http_member(SANDBOX_NAME, Sandbox(access=access), host, port)

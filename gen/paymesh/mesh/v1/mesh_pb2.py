@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apaymesh/mesh/v1/mesh.proto\x12\x0fpaymesh.mesh.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbd\x03\n\nDependency\x12\x0c\n\x04name\x18\x01 \x01(\t\x12-\n\x04kind\x18\x02 \x01(\x0e\x32\x1f.paymesh.mesh.v1.DependencyKind\x12\x0e\n\x06target\x18\x03 \x01(\t\x12\x31\n\x06health\x18\x04 \x01(\x0e\x32!.paymesh.mesh.v1.DependencyHealth\x12\x34\n\rbreaker_state\x18\x05 \x01(\x0e\x32\x1d.paymesh.mesh.v1.BreakerState\x12\x19\n\x11recent_call_count\x18\x06 \x01(\x03\x12\x16\n\x0e\x65rror_rate_bps\x18\x07 \x01(\x05\x12\x16\n\x0ep99_latency_ms\x18\x08 \x01(\x03\x12\x12\n\nlast_error\x18\t \x01(\t\x12\x33\n\x0flast_error_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12recent_retry_count\x18\x0b \x01(\x03\x12\x30\n\rrecent_window\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0flast_error_code\x18\r \x01(\t\"\x17\n\x15GetDiagnosticsRequest\"\xd9\x01\n\x16GetDiagnosticsResponse\x12\x14\n\x0cservice_name\x18\x01 \x01(\t\x12\x31\n\x0c\x64\x65pendencies\x18\x02 \x03(\x0b\x32\x1b.paymesh.mesh.v1.Dependency\x12/\n\x0breport_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x06status\x18\x04 \x01(\x0e\x32\x1e.paymesh.mesh.v1.ServiceStatus\x12\x15\n\rstatus_reason\x18\x05 \x01(\t*\xae\x01\n\x0e\x44\x65pendencyKind\x12\x1f\n\x1b\x44\x45PENDENCY_KIND_UNSPECIFIED\x10\x00\x12 \n\x1c\x44\x45PENDENCY_KIND_GRPC_SERVICE\x10\x01\x12 \n\x1c\x44\x45PENDENCY_KIND_HTTP_PARTNER\x10\x02\x12\x1c\n\x18\x44\x45PENDENCY_KIND_DATABASE\x10\x03\x12\x19\n\x15\x44\x45PENDENCY_KIND_CACHE\x10\x04*\x9a\x01\n\x10\x44\x65pendencyHealth\x12!\n\x1d\x44\x45PENDENCY_HEALTH_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x44\x45PENDENCY_HEALTH_SERVING\x10\x01\x12!\n\x1d\x44\x45PENDENCY_HEALTH_NOT_SERVING\x10\x02\x12!\n\x1d\x44\x45PENDENCY_HEALTH_UNREACHABLE\x10\x03*\x9f\x01\n\x0c\x42reakerState\x12\x1d\n\x19\x42REAKER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42REAKER_STATE_CLOSED\x10\x01\x12\x1b\n\x17\x42REAKER_STATE_HALF_OPEN\x10\x02\x12\x16\n\x12\x42REAKER_STATE_OPEN\x10\x03\x12!\n\x1d\x42REAKER_STATE_HALF_OPEN_READY\x10\x04*\x88\x01\n\rServiceStatus\x12\x1e\n\x1aSERVICE_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16SERVICE_STATUS_SERVING\x10\x01\x12\x1b\n\x17SERVICE_STATUS_DEGRADED\x10\x02\x12\x1e\n\x1aSERVICE_STATUS_NOT_SERVING\x10\x03\x32|\n\x12\x44iagnosticsService\x12\x66\n\x0eGetDiagnostics\x12&.paymesh.mesh.v1.GetDiagnosticsRequest\x1a\'.paymesh.mesh.v1.GetDiagnosticsResponse\"\x03\x90\x02\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apaymesh/mesh/v1/mesh.proto\x12\x0fpaymesh.mesh.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd5\x03\n\nDependency\x12\x0c\n\x04name\x18\x01 \x01(\t\x12-\n\x04kind\x18\x02 \x01(\x0e\x32\x1f.paymesh.mesh.v1.DependencyKind\x12\x0e\n\x06target\x18\x03 \x01(\t\x12\x31\n\x06health\x18\x04 \x01(\x0e\x32!.paymesh.mesh.v1.DependencyHealth\x12\x34\n\rbreaker_state\x18\x05 \x01(\x0e\x32\x1d.paymesh.mesh.v1.BreakerState\x12\x19\n\x11recent_call_count\x18\x06 \x01(\x03\x12\x16\n\x0e\x65rror_rate_bps\x18\x07 \x01(\x05\x12\x16\n\x0ep99_latency_ms\x18\x08 \x01(\x03\x12\x12\n\nlast_error\x18\t \x01(\t\x12\x33\n\x0flast_error_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12recent_retry_count\x18\x0b \x01(\x03\x12\x30\n\rrecent_window\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0flast_error_code\x18\r \x01(\t\x12\x16\n\x0ep50_latency_ms\x18\x0e \x01(\x03\"\x17\n\x15GetDiagnosticsRequest\"\xd9\x01\n\x16GetDiagnosticsResponse\x12\x14\n\x0cservice_name\x18\x01 \x01(\t\x12\x31\n\x0c\x64\x65pendencies\x18\x02 \x03(\x0b\x32\x1b.paymesh.mesh.v1.Dependency\x12/\n\x0breport_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x06status\x18\x04 \x01(\x0e\x32\x1e.paymesh.mesh.v1.ServiceStatus\x12\x15\n\rstatus_reason\x18\x05 \x01(\t*\xae\x01\n\x0e\x44\x65pendencyKind\x12\x1f\n\x1b\x44\x45PENDENCY_KIND_UNSPECIFIED\x10\x00\x12 \n\x1c\x44\x45PENDENCY_KIND_GRPC_SERVICE\x10\x01\x12 \n\x1c\x44\x45PENDENCY_KIND_HTTP_PARTNER\x10\x02\x12\x1c\n\x18\x44\x45PENDENCY_KIND_DATABASE\x10\x03\x12\x19\n\x15\x44\x45PENDENCY_KIND_CACHE\x10\x04*\x9a\x01\n\x10\x44\x65pendencyHealth\x12!\n\x1d\x44\x45PENDENCY_HEALTH_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x44\x45PENDENCY_HEALTH_SERVING\x10\x01\x12!\n\x1d\x44\x45PENDENCY_HEALTH_NOT_SERVING\x10\x02\x12!\n\x1d\x44\x45PENDENCY_HEALTH_UNREACHABLE\x10\x03*\x9f\x01\n\x0c\x42reakerState\x12\x1d\n\x19\x42REAKER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42REAKER_STATE_CLOSED\x10\x01\x12\x1b\n\x17\x42REAKER_STATE_HALF_OPEN\x10\x02\x12\x16\n\x12\x42REAKER_STATE_OPEN\x10\x03\x12!\n\x1d\x42REAKER_STATE_HALF_OPEN_READY\x10\x04*\x88\x01\n\rServiceStatus\x12\x1e\n\x1aSERVICE_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16SERVICE_STATUS_SERVING\x10\x01\x12\x1b\n\x17SERVICE_STATUS_DEGRADED\x10\x02\x12\x1e\n\x1aSERVICE_STATUS_NOT_SERVING\x10\x03\x32|\n\x12\x44iagnosticsService\x12\x66\n\x0eGetDiagnostics\x12&.paymesh.mesh.v1.GetDiagnosticsRequest\x1a\'.paymesh.mesh.v1.GetDiagnosticsResponse\"\x03\x90\x02\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,20 +35,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DIAGNOSTICSSERVICE'].methods_by_name['GetDiagnostics']._loaded_options = None
   _globals['_DIAGNOSTICSSERVICE'].methods_by_name['GetDiagnostics']._serialized_options = b'\220\002\001'
-  _globals['_DEPENDENCYKIND']._serialized_start=806
-  _globals['_DEPENDENCYKIND']._serialized_end=980
-  _globals['_DEPENDENCYHEALTH']._serialized_start=983
-  _globals['_DEPENDENCYHEALTH']._serialized_end=1137
-  _globals['_BREAKERSTATE']._serialized_start=1140
-  _globals['_BREAKERSTATE']._serialized_end=1299
-  _globals['_SERVICESTATUS']._serialized_start=1302
-  _globals['_SERVICESTATUS']._serialized_end=1438
+  _globals['_DEPENDENCYKIND']._serialized_start=830
+  _globals['_DEPENDENCYKIND']._serialized_end=1004
+  _globals['_DEPENDENCYHEALTH']._serialized_start=1007
+  _globals['_DEPENDENCYHEALTH']._serialized_end=1161
+  _globals['_BREAKERSTATE']._serialized_start=1164
+  _globals['_BREAKERSTATE']._serialized_end=1323
+  _globals['_SERVICESTATUS']._serialized_start=1326
+  _globals['_SERVICESTATUS']._serialized_end=1462
   _globals['_DEPENDENCY']._serialized_start=113
-  _globals['_DEPENDENCY']._serialized_end=558
-  _globals['_GETDIAGNOSTICSREQUEST']._serialized_start=560
-  _globals['_GETDIAGNOSTICSREQUEST']._serialized_end=583
-  _globals['_GETDIAGNOSTICSRESPONSE']._serialized_start=586
-  _globals['_GETDIAGNOSTICSRESPONSE']._serialized_end=803
-  _globals['_DIAGNOSTICSSERVICE']._serialized_start=1440
-  _globals['_DIAGNOSTICSSERVICE']._serialized_end=1564
+  _globals['_DEPENDENCY']._serialized_end=582
+  _globals['_GETDIAGNOSTICSREQUEST']._serialized_start=584
+  _globals['_GETDIAGNOSTICSREQUEST']._serialized_end=607
+  _globals['_GETDIAGNOSTICSRESPONSE']._serialized_start=610
+  _globals['_GETDIAGNOSTICSRESPONSE']._serialized_end=827
+  _globals['_DIAGNOSTICSSERVICE']._serialized_start=1464
+  _globals['_DIAGNOSTICSSERVICE']._serialized_end=1588
 # @@protoc_insertion_point(module_scope)

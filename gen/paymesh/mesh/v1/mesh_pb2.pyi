@@ -160,6 +160,7 @@ class Dependency(_message.Message):
     RECENT_RETRY_COUNT_FIELD_NUMBER: _builtins.int
     RECENT_WINDOW_FIELD_NUMBER: _builtins.int
     LAST_ERROR_CODE_FIELD_NUMBER: _builtins.int
+    P50_LATENCY_MS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Topology name of the dependency, e.g. "order-service", "exchange-rate" (a partner), "database"."""
     kind: Global___DependencyKind.ValueType
@@ -182,6 +183,8 @@ class Dependency(_message.Message):
     """Retries this caller sent to the dependency in the same recent window."""
     last_error_code: _builtins.str
     """Status code name of the most recent failed call, e.g. "UNAVAILABLE"; empty if none."""
+    p50_latency_ms: _builtins.int
+    """Median latency of recent calls, in milliseconds."""
     @_builtins.property
     def last_error_time(self) -> _timestamp_pb2.Timestamp:
         """When the most recent failed call happened, unset if none."""
@@ -206,10 +209,11 @@ class Dependency(_message.Message):
         recent_retry_count: _builtins.int = ...,
         recent_window: _duration_pb2.Duration | None = ...,
         last_error_code: _builtins.str = ...,
+        p50_latency_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_error_time", b"last_error_time", "recent_window", b"recent_window"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["breaker_state", b"breaker_state", "error_rate_bps", b"error_rate_bps", "health", b"health", "kind", b"kind", "last_error", b"last_error", "last_error_code", b"last_error_code", "last_error_time", b"last_error_time", "name", b"name", "p99_latency_ms", b"p99_latency_ms", "recent_call_count", b"recent_call_count", "recent_retry_count", b"recent_retry_count", "recent_window", b"recent_window", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breaker_state", b"breaker_state", "error_rate_bps", b"error_rate_bps", "health", b"health", "kind", b"kind", "last_error", b"last_error", "last_error_code", b"last_error_code", "last_error_time", b"last_error_time", "name", b"name", "p50_latency_ms", b"p50_latency_ms", "p99_latency_ms", b"p99_latency_ms", "recent_call_count", b"recent_call_count", "recent_retry_count", b"recent_retry_count", "recent_window", b"recent_window", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
