@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "gen")]
 
+from bench.access_log import _cpu_s  # noqa: E402
 from bench.chain_overhead import _Servicer, _summary, latencies  # noqa: E402
 from paymesh.testing.v1 import testing_pb2_grpc  # noqa: E402
 from services.mesh.server import ServerPolicyInterceptor  # noqa: E402
@@ -36,7 +36,6 @@ from services.mesh.tracing import server_tracing, service_tracer_provider  # noq
 VARIANTS = ("bare", "policy", "otel_unrecorded", "context_only", "exporter_set")
 #: What a mesh caller sends: its attempt span's context, not sampled.
 TRACEPARENT = (("traceparent", f"00-{'ab' * 16}-{'cd' * 8}-00"),)
-_TICKS_S = os.sysconf("SC_CLK_TCK")
 
 
 def _interceptors(variant: str) -> list[aio.ServerInterceptor]:
@@ -63,12 +62,6 @@ async def _serve(variant: str) -> None:
     await server.start()
     print(port, flush=True)
     await server.wait_for_termination()
-
-
-def _cpu_s(pid: int) -> float:
-    """User plus system CPU seconds of process ``pid`` so far (Linux ``/proc``)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS_S
 
 
 class _Traced:

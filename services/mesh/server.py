@@ -19,7 +19,7 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 
 import grpc
 from google.rpc import status_pb2
@@ -50,6 +50,11 @@ _HEALTH = "/grpc.health."
 SHED_RETRY_DELAY_S = 0.25
 
 CallObserver = Callable[[str, grpc.StatusCode, float], None]
+#: What a server interceptor calls to reach the next one (or the handler) for a call.
+#: (A string: grpc's RpcMethodHandler is generic only to type checkers.)
+Continuation: TypeAlias = (
+    "Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]]"
+)
 #: The trace context to serve a call in, from its invocation metadata (None: leave it as is).
 TraceContextOf = Callable[[Collection[tuple[str, str | bytes]] | None], otel_context.Context | None]
 
@@ -135,11 +140,7 @@ class ServerPolicyInterceptor(AsyncServerInterceptor):
         return self._in_flight
 
     async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         # Health and reflection are gRPC's own long-lived streams: they carry no domain
         # errors, and wrapping them turns their cancellation at shutdown into logged noise.
