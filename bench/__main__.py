@@ -2,7 +2,8 @@
 
 1. chain overhead (bare stub vs the full chain), 2. open-breaker rejection through the stub
 (both from ``bench.chain_overhead``), 2b. mTLS vs plaintext on a warm channel
-(``bench.tls_overhead``), 3. outage of one hop for the old BreakerClient, gRPC's
+(``bench.tls_overhead``), 2c. the server hop's tracing when nothing records, before and after
+(``bench.server_tracing``), 3. outage of one hop for the old BreakerClient, gRPC's
 own retries and the chain (``bench.outage``), 4. mesh throughput (``bench.mesh_throughput``).
 Each prints its figures and ends with one JSON line; this collects them into
 ``bench/results/latest.json`` and draws ``bench/results/latest.png``. Never pass/fail on speed.
@@ -76,6 +77,7 @@ def main(quick: bool) -> int:
     )
     print(json.dumps(rejection), flush=True)
     transport = _run("bench.tls_overhead", "--calls", "1000" if quick else "4000")
+    server_tracing = _run("bench.server_tracing", "--calls", "4000" if quick else "16000")
     outage = _run("bench.outage", *(["--duration", "4"] if quick else []))
     throughput = _run("bench.mesh_throughput", "--seconds", "3" if quick else "8")
     results: dict[str, Any] = {
@@ -85,6 +87,7 @@ def main(quick: bool) -> int:
         "chain_overhead": overhead,
         "open_breaker_rejection": rejection,
         "tls_overhead": transport,
+        "server_tracing": server_tracing,
         "outage": outage,
         "mesh_throughput": throughput,
     }
@@ -100,6 +103,9 @@ def main(quick: bool) -> int:
         "chain_overhead_ratio_median": overhead["ratio_median"],
         "open_breaker_median_us": rejection["median_us"],
         "mtls_over_plaintext_ratio_median": transport["ratio_median"],
+        "server_hop_unrecorded_over_bare_ratio_median": (
+            server_tracing["context_only"]["median_us"] / server_tracing["bare"]["median_us"]
+        ),
         "outage_p99_s": {
             mode: {c: r["p99_s"] for c, r in per.items()} for mode, per in outage["results"].items()
         },

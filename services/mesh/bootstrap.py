@@ -39,7 +39,6 @@ from interceptors.errors import (
     retry_delay_of,
 )
 from interceptors.policy import PolicyConfig, PolicyError
-from interceptors.tracing import server_interceptor
 from paymesh.merchant_auth.v1 import merchant_auth_pb2, merchant_auth_pb2_grpc
 from paymesh.mesh.v1 import mesh_pb2_grpc
 from services.mesh import logs, page_tokens, reflection
@@ -81,6 +80,8 @@ from services.mesh.topology import (
 )
 from services.mesh.tracing import (
     records_spans,
+    sampler,
+    server_tracing,
     service_tracer_provider,
 )
 from services.storage import idempotency, sql
@@ -288,8 +289,9 @@ def load_config(
             healthz_max_lag_s=healthz_max_lag_s(environ),
             access_log_sample=logs.access_log_sample(environ),
         )
-        # Read now, so a bad key file or retention stops start-up instead of a first call.
+        # Read now, so a bad key file, retention or sampler stops start-up, not a first call.
         page_tokens.process_codec()
+        sampler(environ)
         idempotency.default_retention()
     except (
         TopologyError,
@@ -353,6 +355,8 @@ class _Runtime:
     config: StartConfig
     context: ServiceContext
     tracer_provider: TracerProvider
+    recording: bool
+    """Whether anyone receives the service's spans (an exporter, a test's processor)."""
     metrics: ServiceMetrics
     recent: RecentCalls
 
@@ -362,11 +366,9 @@ def connect(config: StartConfig, span_processors: Sequence[SpanProcessor]) -> _R
     identity, and the context its builder gets."""
     name, environ = config.name, config.topology.environ
     tracer_provider = service_tracer_provider(name, environ, span_processors=span_processors)
+    recording = records_spans(environ, span_processors=span_processors)
     chain = build_client_chain(
-        caller=name,
-        config=config.policy,
-        tracer_provider=tracer_provider,
-        trace_calls=records_spans(environ, span_processors=span_processors),
+        caller=name, config=config.policy, tracer_provider=tracer_provider, trace_calls=recording
     )
     clients = ClientFactory(
         caller=name, topology=config.topology, chain=chain, security=config.security
@@ -383,6 +385,7 @@ def connect(config: StartConfig, span_processors: Sequence[SpanProcessor]) -> _R
         config=config,
         context=context,
         tracer_provider=tracer_provider,
+        recording=recording,
         metrics=metrics,
         recent=recent,
     )
@@ -443,9 +446,10 @@ def make_server(runtime: _Runtime) -> aio.Server:
         reflection=config.reflection,
         plaintext=config.security.plaintext,
     )
+    tracing, trace_context = server_tracing(runtime.tracer_provider, recording=runtime.recording)
     return aio.server(
         interceptors=[
-            server_interceptor(runtime.tracer_provider),  # first: the policy's work is in the span
+            *tracing,  # first: the policy's work is in the span
             ServerPolicyInterceptor(
                 domain=config.name,
                 faults=context.faults,
@@ -455,6 +459,7 @@ def make_server(runtime: _Runtime) -> aio.Server:
                 on_shed=metrics.count_shed,
                 prechecks=context.prechecks,
                 access_log_sample=config.access_log_sample,
+                trace_context=trace_context,
             ),
         ],
         # A taken port must be an error, never a silent second listener.

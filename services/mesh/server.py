@@ -18,13 +18,14 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
+from typing import Any, Protocol, TypeAlias
 
 import grpc
 from google.rpc import status_pb2
 from grpc import aio
 from grpc_interceptor.server import AsyncServerInterceptor
+from opentelemetry import context as otel_context
 
 from interceptors.codes import DEPENDENCY_FAULT
 from interceptors.deadline import reset_incoming_deadline, set_incoming_deadline
@@ -49,6 +50,13 @@ _HEALTH = "/grpc.health."
 SHED_RETRY_DELAY_S = 0.25
 
 CallObserver = Callable[[str, grpc.StatusCode, float], None]
+#: What a server interceptor calls to reach the next one (or the handler) for a call.
+#: (A string: grpc's RpcMethodHandler is generic only to type checkers.)
+Continuation: TypeAlias = (
+    "Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]]"
+)
+#: The trace context to serve a call in, from its invocation metadata (None: leave it as is).
+TraceContextOf = Callable[[Collection[tuple[str, str | bytes]] | None], otel_context.Context | None]
 
 #: Codes that say the service (or one below it) failed, not the caller: WARNING, not INFO.
 _SERVER_FAULTS = frozenset(
@@ -99,12 +107,15 @@ class ServerPolicyInterceptor(AsyncServerInterceptor):
         prechecks: Mapping[str, Callable[[], None]] | None = None,
         access_log_sample: float = 0.0,
         random_fraction: Callable[[], float] = random.random,
+        trace_context: TraceContextOf | None = None,
     ) -> None:
         """``max_in_flight`` caps the calls served at once (None: no cap); ``on_shed`` is told
         the method of each call refused for it; ``prechecks`` maps a full method path to a
         check run before the gate, which raises a ServiceError to refuse the call;
         ``access_log_sample`` is the fraction of successful calls logged at INFO (all of
-        them at DEBUG; failed calls always)."""
+        them at DEBUG; failed calls always); ``trace_context`` gives the context a unary call
+        is served in when no tracing interceptor made a span for it
+        (``services.mesh.tracing.server_tracing``)."""
         if max_in_flight is not None and max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
         if not 0.0 <= access_log_sample <= 1.0:
@@ -120,6 +131,7 @@ class ServerPolicyInterceptor(AsyncServerInterceptor):
         self._on_shed = on_shed
         # Read at each call (not copied): a service registers its prechecks while it builds.
         self._prechecks: Mapping[str, Callable[[], None]] = {} if prechecks is None else prechecks
+        self._trace_context = trace_context
         self._in_flight = 0
 
     @property
@@ -128,11 +140,7 @@ class ServerPolicyInterceptor(AsyncServerInterceptor):
         return self._in_flight
 
     async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         # Health and reflection are gRPC's own long-lived streams: they carry no domain
         # errors, and wrapping them turns their cancellation at shutdown into logged noise.
@@ -156,6 +164,9 @@ class ServerPolicyInterceptor(AsyncServerInterceptor):
     ) -> Any:
         started = self._clock()
         token = set_incoming_deadline(context.time_remaining(), clock=self._clock)
+        trace_context = self._trace_context
+        incoming = None if trace_context is None else trace_context(context.invocation_metadata())
+        traced = None if incoming is None else otel_context.attach(incoming)
         admitted: Admitted | None = None
         self._in_flight += 1
         try:
@@ -185,6 +196,8 @@ class ServerPolicyInterceptor(AsyncServerInterceptor):
             self._in_flight -= 1
             if admitted is not None:
                 admitted.reset()
+            if traced is not None:
+                otel_context.detach(traced)
             reset_incoming_deadline(token)
 
     def _shed(self, method_name: str) -> None:

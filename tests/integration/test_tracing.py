@@ -12,9 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
-from concurrent import futures
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,13 +20,14 @@ from typing import Any
 import grpc
 import pytest
 from grpc import aio
+from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, Sampler, TraceIdRatioBased
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusCode, TraceFlags
 
 from interceptors.chain import ClientChain
 from interceptors.errors import CallError
@@ -38,7 +37,6 @@ from interceptors.tracing import (
     CIRCUIT_OPEN_EVENT,
     STOP_REASON_ATTRIBUTE,
     TARGET_ATTRIBUTE,
-    server_interceptor,
 )
 from paymesh.common.v1 import common_pb2
 from paymesh.merchant.v1 import merchant_pb2, merchant_pb2_grpc
@@ -53,8 +51,18 @@ from services.analytics.__main__ import build as build_analytics
 from services.channel_adapter.__main__ import build as build_channel_adapter
 from services.merchant.__main__ import build as build_merchant
 from services.merchant_auth.__main__ import build as build_merchant_auth
+from services.mesh.bootstrap import StartupError
 from services.mesh.server import ServerPolicyInterceptor
-from services.mesh.tracing import TraceIdFilter, log_format, service_tracer_provider, span_exporter
+from services.mesh.tracing import (
+    DEFAULT_SAMPLE_RATIO,
+    SAMPLER_ARG_VAR,
+    SAMPLER_VAR,
+    TraceIdFilter,
+    log_format,
+    server_tracing,
+    service_tracer_provider,
+    span_exporter,
+)
 from services.notification.__main__ import build as build_notification
 from services.order.__main__ import build as build_order
 from services.payment_gateway.__main__ import build as build_gateway
@@ -68,6 +76,7 @@ from tests.integration.harness import (
     serving,
     stub_for,
 )
+from tests.integration.otlp_receiver import running_receiver
 from tests.integration.test_chain_http import PARTNER, Reply, partner_server
 from tests.servers import (
     ServedAddress,
@@ -133,7 +142,11 @@ async def traced_mesh(tmp_path: Path) -> AsyncIterator[TracedMesh]:
     processors = (SimpleSpanProcessor(exporter),)
     async with contextlib.AsyncExitStack() as stack:
         sandbox_address, _ = stack.enter_context(running_sandbox())
-        base = {"PAYMESH_VAR_DIR": str(tmp_path), "PARTNER_SANDBOX_ADDR": sandbox_address}
+        base = {
+            "PAYMESH_VAR_DIR": str(tmp_path),
+            "PARTNER_SANDBOX_ADDR": sandbox_address,
+            SAMPLER_ARG_VAR: "1",  # every payment, not the default share of new traces
+        }
         addresses: dict[str, ServedAddress] = {}
 
         async def start(name: str, build: Any, **extra: str) -> ServedAddress:
@@ -391,24 +404,113 @@ def captured_log(logger: str) -> Iterator[io.StringIO]:
         target.setLevel(old_level)
 
 
-async def test_server_log_line_carries_the_trace_id_of_the_call() -> None:
-    exporter = InMemorySpanExporter()
-    provider = recording_provider(TARGET, exporter)
-    server = aio.server(
-        interceptors=[server_interceptor(provider), ServerPolicyInterceptor(domain=TARGET)]
-    )
-    testing_pb2_grpc.add_TestServiceServicer_to_server(ScriptedServicer(), server)
+@contextlib.asynccontextmanager
+async def serving_as_a_service(
+    servicer: ScriptedServicer, provider: TracerProvider, *, recording: bool
+) -> AsyncIterator[str]:
+    """``servicer`` behind the tracing and policy interceptors a service builds on
+    ``provider``; yields its address."""
+    tracing, trace_context = server_tracing(provider, recording=recording)
+    policy = ServerPolicyInterceptor(domain=servicer.name, trace_context=trace_context)
+    server = aio.server(interceptors=[*tracing, policy])
+    testing_pb2_grpc.add_TestServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
-        with captured_log("paymesh.access") as lines:
-            chain = traced_chain(InMemorySpanExporter())
-            async with stub_for(chain, f"127.0.0.1:{port}") as stub:
-                await stub.Read(pb.ReadRequest(text="x"))
+        yield f"127.0.0.1:{port}"
     finally:
         await server.stop(None)
+
+
+async def _access_log_of_one_call(
+    server_provider: TracerProvider, caller: TracerProvider | None, *, recording: bool
+) -> str:
+    """The access log of one Read served with the tracing a service builds on
+    ``server_provider``, from a chain tracing into ``caller`` (None: an untraced client,
+    which sends no ``traceparent``)."""
+    servicer = ScriptedServicer(name=TARGET)
+    async with serving_as_a_service(servicer, server_provider, recording=recording) as address:
+        with captured_log("paymesh.access") as lines:
+            async with stub_for(make_chain(tracer_provider=caller), address) as stub:
+                await stub.Read(pb.ReadRequest(text="x"))
+    return lines.getvalue()
+
+
+async def test_server_log_line_carries_the_trace_id_of_the_call() -> None:
+    exporter = InMemorySpanExporter()
+    provider = recording_provider(TARGET, exporter)
+    lines = await _access_log_of_one_call(
+        provider, recording_provider("test-caller", InMemorySpanExporter()), recording=True
+    )
     (span,) = exporter.get_finished_spans()
-    assert f"trace_id={span.context.trace_id:032x}" in lines.getvalue()
+    assert f"trace_id={span.context.trace_id:032x}" in lines
+
+
+async def test_unrecorded_server_makes_no_span_and_logs_the_callers_trace_id() -> None:
+    server_spans, caller_spans = InMemorySpanExporter(), InMemorySpanExporter()
+    lines = await _access_log_of_one_call(
+        recording_provider(TARGET, server_spans),
+        recording_provider("test-caller", caller_spans),
+        recording=False,
+    )
+    assert server_spans.get_finished_spans() == ()
+    trace_ids = {f"{s.context.trace_id:032x}" for s in caller_spans.get_finished_spans()}
+    assert len(trace_ids) == 1
+    assert f"trace_id={trace_ids.pop()}" in lines
+
+
+async def test_unrecorded_server_gives_a_call_without_traceparent_a_trace_id_of_its_own() -> None:
+    lines = await _access_log_of_one_call(
+        recording_provider(TARGET, InMemorySpanExporter()), None, recording=False
+    )
+    assert "rpc method=/paymesh.testing.v1.TestService/Read" in lines
+    assert "trace_id=-" not in lines
+
+
+async def test_unrecorded_server_continues_the_callers_trace_in_its_downstream_calls() -> None:
+    sent = f"00-{'1f' * 16}-{'2e' * 8}-01"
+    async with serving() as target, stub_for(make_chain(), target.address) as onward:
+        relay = ScriptedServicer(name="relay", next_hop=onward)
+        provider = recording_provider("relay", InMemorySpanExporter())
+        async with (
+            serving_as_a_service(relay, provider, recording=False) as address,
+            aio.insecure_channel(address) as channel,
+        ):
+            await testing_pb2_grpc.TestServiceStub(channel).Relay(
+                pb.RelayRequest(), metadata=(("traceparent", sent),)
+            )
+    # Same trace, same parent (the relay made no span), same sampled flag.
+    assert [a.metadata["traceparent"] for a in target.servicer.attempts] == [sent]
+
+
+async def _read_sent_with(traceparent: str, exporter: InMemorySpanExporter) -> str:
+    """The access log of one Read carrying ``traceparent`` to a server whose spans go to
+    ``exporter`` (the SDK's default sampler: parent-based)."""
+    servicer = ScriptedServicer(name=TARGET)
+    provider = recording_provider(TARGET, exporter)
+    async with serving_as_a_service(servicer, provider, recording=True) as address:
+        with captured_log("paymesh.access") as lines:
+            async with aio.insecure_channel(address) as channel:
+                await testing_pb2_grpc.TestServiceStub(channel).Read(
+                    pb.ReadRequest(), metadata=(("traceparent", traceparent),)
+                )
+    return lines.getvalue()
+
+
+async def test_recording_server_makes_no_span_for_a_call_its_caller_did_not_sample() -> None:
+    exporter = InMemorySpanExporter()
+    lines = await _read_sent_with(f"00-{'3c' * 16}-{'4b' * 8}-00", exporter)
+    assert exporter.get_finished_spans() == ()
+    assert f"trace_id={'3c' * 16}" in lines
+
+
+async def test_recording_server_spans_a_call_its_caller_sampled_under_the_callers_span() -> None:
+    exporter = InMemorySpanExporter()
+    lines = await _read_sent_with(f"00-{'3c' * 16}-{'4b' * 8}-01", exporter)
+    (span,) = exporter.get_finished_spans()
+    assert span.kind == SpanKind.SERVER
+    assert span.parent is not None and f"{span.parent.span_id:016x}" == "4b" * 8
+    assert f"trace_id={'3c' * 16}" in lines
 
 
 def test_log_line_outside_a_trace_has_a_dash_for_trace_id() -> None:
@@ -432,6 +534,69 @@ def test_without_an_exporter_spans_are_not_recorded_but_carry_trace_ids() -> Non
     provider.shutdown()
 
 
+def recorded_provider(environ: dict[str, str]) -> TracerProvider:
+    """The provider a service builds from ``environ`` when something receives its spans."""
+    return service_tracer_provider(
+        "order-service", environ, span_processors=(SimpleSpanProcessor(InMemorySpanExporter()),)
+    )
+
+
+def described(sampler: Sampler) -> str:
+    """What ``sampler`` is, as the SDK describes it (samplers define no equality)."""
+    return sampler.get_description()
+
+
+def test_recorded_default_is_parent_based_trace_id_ratio_at_the_documented_ratio() -> None:
+    provider = recorded_provider({})
+    assert described(provider.sampler) == described(
+        ParentBased(TraceIdRatioBased(DEFAULT_SAMPLE_RATIO))
+    )
+    provider.shutdown()
+
+
+def test_children_of_a_sampled_parent_are_recorded_and_of_an_unsampled_one_are_not() -> None:
+    provider = recorded_provider({})
+    tracer = provider.get_tracer("test")
+
+    def child_of(flags: int) -> trace.Span:
+        parent = SpanContext(trace_id=1, span_id=2, is_remote=True, trace_flags=TraceFlags(flags))
+        return tracer.start_span(
+            "call", context=trace.set_span_in_context(NonRecordingSpan(parent))
+        )
+
+    assert child_of(TraceFlags.SAMPLED).is_recording()
+    assert not child_of(TraceFlags.DEFAULT).is_recording()
+    provider.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({SAMPLER_ARG_VAR: "1"}, ParentBased(TraceIdRatioBased(1.0))),
+        ({SAMPLER_VAR: "always_on"}, ALWAYS_ON),
+        ({SAMPLER_VAR: "traceidratio", SAMPLER_ARG_VAR: "0.25"}, TraceIdRatioBased(0.25)),
+    ],
+)
+def test_standard_sampler_variables_win_over_the_default(
+    environ: dict[str, str], expected: Sampler
+) -> None:
+    provider = recorded_provider(environ)
+    assert described(provider.sampler) == described(expected)
+    provider.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"), [(SAMPLER_VAR, "sometimes"), (SAMPLER_ARG_VAR, "1.5")]
+)
+async def test_a_bad_sampler_setting_stops_start_up_naming_it(
+    tmp_path: Path, variable: str, value: str
+) -> None:
+    environ = {"PAYMESH_VAR_DIR": str(tmp_path), variable: value}
+    with pytest.raises(StartupError, match=variable):
+        async with running_service("order-service", build_order, environ=environ):
+            pass
+
+
 def test_otlp_endpoint_configures_the_otlp_exporter() -> None:
     exporter = span_exporter({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317"})
     assert isinstance(exporter, OTLPSpanExporter)
@@ -446,55 +611,15 @@ def test_otel_traces_exporter_none_wins_over_an_endpoint() -> None:
     assert span_exporter(environ) is None
 
 
-class TraceReceiver(trace_service_pb2_grpc.TraceServiceServicer):
-    """The collector's OTLP/gRPC trace endpoint, keeping what it receives."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
-
-    def Export(
-        self, request: trace_service_pb2.ExportTraceServiceRequest, context: Any
-    ) -> trace_service_pb2.ExportTraceServiceResponse:
-        with self.lock:
-            self.requests.append(request)
-        return trace_service_pb2.ExportTraceServiceResponse()
-
-    def spans(self) -> Sequence[tuple[str, str]]:
-        """(service.name, span name) of every span received."""
-        out = []
-        with self.lock:
-            for request in self.requests:
-                for resource_spans in request.resource_spans:
-                    attributes = {
-                        a.key: a.value.string_value for a in resource_spans.resource.attributes
-                    }
-                    for scope_spans in resource_spans.scope_spans:
-                        out += [(attributes["service.name"], s.name) for s in scope_spans.spans]
-        return out
-
-
-@contextlib.contextmanager
-def running_receiver() -> Iterator[tuple[str, TraceReceiver]]:
-    # A thread-pool server: the service flushes its spans synchronously while stopping, which
-    # would block a receiver sharing the test's event loop.
-    receiver = TraceReceiver()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    # opentelemetry-proto ships no type hints for its generated grpc module.
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)  # type: ignore[no-untyped-call]
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}", receiver
-    finally:
-        server.stop(None)
-
-
 async def test_spans_reach_an_otlp_receiver_over_grpc_when_the_endpoint_is_set(
     tmp_path: Path,
 ) -> None:
     with running_receiver() as (endpoint, receiver):
-        environ = {"PAYMESH_VAR_DIR": str(tmp_path), "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}
+        environ = {
+            "PAYMESH_VAR_DIR": str(tmp_path),
+            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+            SAMPLER_ARG_VAR: "1",
+        }
         async with (
             running_service("order-service", build_order, environ=environ) as address,
             granted_stub(address, order_pb2_grpc.OrderServiceStub, "order-service") as orders,
@@ -503,4 +628,4 @@ async def test_spans_reach_an_otlp_receiver_over_grpc_when_the_endpoint_is_set(
                 await orders.GetOrder(order_pb2.GetOrderRequest(order_id="no-such-order"))
         # Stopping the service flushed its batch; the receiver runs in its own threads.
         wanted = ("order-service", "/paymesh.order.v1.OrderService/GetOrder")
-        await eventually(lambda: wanted in receiver.spans())
+        await eventually(lambda: wanted in {(s.service, s.name) for s in receiver.spans()})
