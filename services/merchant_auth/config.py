@@ -17,7 +17,7 @@ DEFAULT_STALE_S = 30.0
 #: Seconds an authentication may answer from merchant-service's last word without asking
 #: again: the bound within which a suspension (or reactivation) reaches authentication.
 CACHE_VAR = "MERCHANT_AUTH_SERVICE_MERCHANT_CACHE_S"
-DEFAULT_CACHE_S = 1.0
+DEFAULT_CACHE_S = 5.0
 #: The environment variable of each VerificationLimits field an operator may set.
 LIMIT_VARS = {
     "max_in_flight": "MERCHANT_AUTH_SERVICE_MAX_VERIFICATIONS_IN_FLIGHT",
