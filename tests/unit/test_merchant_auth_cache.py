@@ -28,7 +28,7 @@ class FakeMerchantService:
     """GetMerchant answering from ``status``; counts the calls; ``down`` makes it UNAVAILABLE."""
 
     def __init__(self) -> None:
-        self.status: dict[str, int] = {}
+        self.status: dict[str, merchant_pb2.MerchantStatus.ValueType] = {}
         self.calls = 0
         self.down = False
 
