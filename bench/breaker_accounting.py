@@ -90,12 +90,17 @@ def main(calls: int) -> dict[str, Any]:
             f"breaker failure accounting at {row['calls_per_s']:,} calls/s "
             f"({row['calls_in_window']:,} calls in the {row['window_s']:g} s window): "
             f"{row['mean_us']:.2f} us per failed call (p99 {row['p99_us']:.2f}, "
-            f"worst {row['max_us']:.1f}), after an idle window {row['after_idle_window_us']:.1f} us, "
+            f"worst {row['max_us']:.1f}), "
+            f"after an idle window {row['after_idle_window_us']:.1f} us, "
             f"window holds {row['window_memory_kb']:,.1f} kB"
         )
     flat = rows[-1]["mean_us"] / rows[0]["mean_us"]
     print(f"mean per failed call, {RATES_PER_S[-1]:,} vs {RATES_PER_S[0]:,} calls/s: {flat:.2f}x")
-    line = {"bench": "breaker_accounting", "rows": rows, "ratio_mean_fast_over_slow": round(flat, 2)}
+    line = {
+        "bench": "breaker_accounting",
+        "rows": rows,
+        "ratio_mean_fast_over_slow": round(flat, 2),
+    }
     print(json.dumps(line), flush=True)
     return line
 
