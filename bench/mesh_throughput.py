@@ -24,7 +24,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,8 @@ from services.tools.sandbox.app import USD_RATES  # noqa: E402
 CONCURRENCY = (1, 8, 32, 64)
 #: The level of the issue's goals: the cache-warm row and the memory re-run use it.
 GOAL_CONCURRENCY = 32
+#: Rounds the goal level's window is cut into, alternating the cold and the warm workload.
+ALTERNATING_ROUNDS = 2
 MERCHANTS = 50
 #: Every how many merchants one has a second API key (merchants rotate keys).
 SECOND_KEY_EVERY = 5
@@ -118,23 +120,19 @@ async def settle(pids: Mapping[str, int]) -> float:
     return time.perf_counter() - began
 
 
-def cpu_per_payment(
-    before: Mapping[str, float], after: Mapping[str, float], payments: int
-) -> dict[str, Any]:
+def cpu_per_payment(spent_s: Mapping[str, float], payments: int) -> dict[str, Any]:
     """CPU ms per answered payment: the eleven services (total and each, with its share), the
     other members (partner sandbox, console) and the load generator, each apart."""
-    spent = {name: (after[name] - before[name]) * 1000 for name in before}
     per = max(payments, 1)
-    services = {n: spent[n] / per for n in SERVICE_NAMES if n in spent}
+    spent = {name: s * 1000 / per for name, s in spent_s.items()}
+    services = {n: spent[n] for n in SERVICE_NAMES if n in spent}
     total = sum(services.values())
     return {
         "mesh_ms": total,
         "services_ms": services,
         "services_share": {n: (v / total if total else 0.0) for n, v in services.items()},
-        "others_ms": {
-            n: v / per for n, v in spent.items() if n not in services and n != LOAD_GENERATOR
-        },
-        "load_generator_ms": spent[LOAD_GENERATOR] / per,
+        "others_ms": {n: v for n, v in spent.items() if n not in services and n != LOAD_GENERATOR},
+        "load_generator_ms": spent[LOAD_GENERATOR],
     }
 
 
@@ -297,51 +295,73 @@ class WarmWorkload:
 # --- the closed loop ------------------------------------------------------------------------
 
 
-def _summary(latencies: list[float], errors: int, seconds: float) -> dict[str, Any]:
-    ordered = sorted(latencies)
+@dataclass(slots=True)
+class Samples:
+    """What one or more closed-loop windows of one workload gathered."""
 
-    def pct(q: float) -> float:
-        return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))] * 1000
+    latencies: list[float] = field(default_factory=list)
+    """Seconds per answered call."""
+    outcomes: collections.Counter[str] = field(default_factory=collections.Counter)
+    errors: collections.Counter[str] = field(default_factory=collections.Counter)
+    seconds: float = 0.0
+    """Length of the windows together."""
+    cpu_s: dict[str, float] = field(default_factory=dict)
+    """CPU seconds per process over the windows and their settling."""
+    settle_s: float = 0.0
 
-    return {
-        "rps": len(ordered) / seconds,
-        "p50_ms": pct(0.5) if ordered else None,
-        "p99_ms": pct(0.99) if ordered else None,
-        "ok": len(ordered),
-        "errors": errors,
-    }
+    def summary(self) -> dict[str, Any]:
+        ordered = sorted(self.latencies)
+
+        def pct(q: float) -> float | None:
+            if not ordered:
+                return None
+            return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))] * 1000
+
+        result: dict[str, Any] = {
+            "rps": len(ordered) / self.seconds if self.seconds else 0.0,
+            "p50_ms": pct(0.5),
+            "p99_ms": pct(0.99),
+            "ok": len(ordered),
+            "errors": sum(self.errors.values()),
+            "outcomes": dict(self.outcomes),
+        }
+        if self.errors:
+            result["error_codes"] = dict(self.errors)
+        if self.cpu_s:
+            result["settle_s"] = self.settle_s
+            result["cpu_ms_per_payment"] = cpu_per_payment(self.cpu_s, len(ordered))
+        return result
 
 
 async def _closed_loop(
-    call: Callable[[], Awaitable[str]], concurrency: int, seconds: float
-) -> dict[str, Any]:
-    """``concurrency`` workers calling ``call()`` back to back for ``seconds``; ``call``
-    returns the answer's outcome (counted), a gRPC error or an unexpected outcome is an error."""
-    latencies: list[float] = []
-    outcomes: collections.Counter[str] = collections.Counter()
-    errors: collections.Counter[str] = collections.Counter()
+    call: Callable[[], Awaitable[str]],
+    concurrency: int,
+    seconds: float,
+    samples: Samples | None = None,
+) -> Samples:
+    """``concurrency`` workers calling ``call()`` back to back for ``seconds``, into
+    ``samples``; ``call`` returns the answer's outcome (counted), a gRPC error or an
+    unexpected outcome is an error."""
+    samples = Samples() if samples is None else samples
     stop_at = time.perf_counter() + seconds
 
     async def worker() -> None:
         while time.perf_counter() < stop_at:
             started = time.perf_counter()
             try:
-                outcomes[await call()] += 1
+                samples.outcomes[await call()] += 1
             except aio.AioRpcError as err:
-                errors[err.code().name] += 1
+                samples.errors[err.code().name] += 1
                 continue
             except UnexpectedOutcome as err:
-                errors[str(err)] += 1
+                samples.errors[str(err)] += 1
                 continue
-            latencies.append(time.perf_counter() - started)
+            samples.latencies.append(time.perf_counter() - started)
 
     began = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    result = _summary(latencies, sum(errors.values()), time.perf_counter() - began)
-    result["outcomes"] = dict(outcomes)
-    if errors:
-        result["error_codes"] = dict(errors)
-    return result
+    samples.seconds += time.perf_counter() - began
+    return samples
 
 
 class UnexpectedOutcome(Exception):
@@ -385,47 +405,53 @@ async def measured_level(
     concurrency: int,
     seconds: float,
     pids: Mapping[str, int],
-) -> dict[str, Any]:
-    """One closed-loop window, and the CPU every process spent on it (until the mesh settles)."""
+    samples: Samples | None = None,
+) -> Samples:
+    """One closed-loop window into ``samples``, with the CPU every process spent on it (until
+    the mesh settles, so work deferred past the replies is charged to it too)."""
 
     async def create() -> str:
         return await gateway.create(workload.next())
 
     before = cpu_snapshot(pids)
-    result = await _closed_loop(create, concurrency, seconds)
-    result["settle_s"] = await settle(pids)
-    result["cpu_ms_per_payment"] = cpu_per_payment(before, cpu_snapshot(pids), result["ok"])
-    return result
+    samples = await _closed_loop(create, concurrency, seconds, samples)
+    samples.settle_s += await settle(pids)
+    for name, spent in cpu_snapshot(pids).items():
+        samples.cpu_s[name] = samples.cpu_s.get(name, 0.0) + spent - before[name]
+    return samples
 
 
 def _level_line(label: str, r: Mapping[str, Any]) -> str:
     cpu = r["cpu_ms_per_payment"]
-    others = " ".join(f"{n} {v:.2f}" for n, v in cpu["others_ms"].items())
-    declined = r["outcomes"].get("declined", 0)
     return (
-        f"{label:22} {r['rps']:7.1f} pay/s  p50 {r['p50_ms'] or 0:7.1f} ms  "
-        f"p99 {r['p99_ms'] or 0:7.1f} ms  declined {declined:4}  errors {r['errors']:3}  "
-        f"CPU/payment: mesh {cpu['mesh_ms']:5.2f} ms, {others} ms, "
-        f"load generator {cpu['load_generator_ms']:.2f} ms"
+        f"{label:16} {r['rps']:6.1f} pay/s  p50 {r['p50_ms'] or 0:6.0f} ms  "
+        f"p99 {r['p99_ms'] or 0:6.0f} ms  declined {r['outcomes'].get('declined', 0):4}  "
+        f"errors {r['errors']:3}  mesh CPU {cpu['mesh_ms']:5.2f} ms/payment"
     )
 
 
-def service_table(levels: Mapping[str, Mapping[str, Any]]) -> str:
-    """CPU ms per payment of each service (and its share) at every level, heaviest first."""
-    names = list(next(iter(levels.values()))["cpu_ms_per_payment"]["services_ms"])
-    last = list(levels.values())[-1]["cpu_ms_per_payment"]["services_ms"]
-    names.sort(key=lambda n: -last[n])
-    rows = []
+def level_table(levels: Mapping[str, Mapping[str, Any]]) -> str:
+    """Every level side by side: throughput, latency, answers, then the CPU ms per payment of
+    each service (with its share of the eleven), heaviest first, and of the other processes."""
+    columns = list(levels.values())
+    cpus = [r["cpu_ms_per_payment"] for r in columns]
+    rows: list[tuple[str, ...]] = [
+        ("payments/s", *(f"{r['rps']:.1f}" for r in columns)),
+        ("p50 / p99 ms", *(f"{r['p50_ms'] or 0:.0f} / {r['p99_ms'] or 0:.0f}" for r in columns)),
+        (
+            "declined / errors",
+            *(f"{r['outcomes'].get('declined', 0)} / {r['errors']}" for r in columns),
+        ),
+    ]
+    names = sorted(cpus[0]["services_ms"], key=lambda n: -cpus[0]["services_ms"][n])
     for name in names:
-        cells = [name]
-        for r in levels.values():
-            cpu = r["cpu_ms_per_payment"]
-            cells.append(f"{cpu['services_ms'][name]:6.2f} ({cpu['services_share'][name]:4.0%})")
-        rows.append(tuple(cells))
-    rows.append(
-        ("all eleven", *(f"{r['cpu_ms_per_payment']['mesh_ms']:6.2f}" for r in levels.values()))
-    )
-    return render_table(rows, ("CPU ms/payment", *levels))
+        cells = (f"{c['services_ms'][name]:.2f} ({c['services_share'][name]:.0%})" for c in cpus)
+        rows.append((f"  {name}", *cells))
+    rows.append(("CPU ms/payment, 11 services", *(f"{c['mesh_ms']:.2f}" for c in cpus)))
+    for other in cpus[0]["others_ms"]:
+        rows.append((f"  {other} (apart)", *(f"{c['others_ms'][other]:.2f}" for c in cpus)))
+    rows.append(("  load generator (apart)", *(f"{c['load_generator_ms']:.2f}" for c in cpus)))
+    return render_table(rows, ("CreatePayment", *levels))
 
 
 # --- memory ---------------------------------------------------------------------------------
@@ -467,6 +493,7 @@ async def _payments(mesh: Mesh, seconds: float) -> dict[str, Any]:
         for index in range(len(merchants)):
             await gateway.create(cold.next(index))
         await _closed_loop(lambda: warm_gateway.create(warm.next()), 4, 1.0)
+        await _closed_loop(lambda: gateway.create(cold.next()), 4, 1.0)
         await settle(pids)
         idle_before = cpu_snapshot(pids)
         await asyncio.sleep(1.0)
@@ -476,16 +503,31 @@ async def _payments(mesh: Mesh, seconds: float) -> dict[str, Any]:
         memory: dict[str, Any] = {"idle_kib": rss_snapshot(pids)}
 
         cold_levels: dict[str, Any] = {}
+        warm_samples = Samples()
         for concurrency in CONCURRENCY:
-            r = await measured_level(gateway, cold, concurrency, seconds, pids)
-            cold_levels[str(concurrency)] = r
-            print(_level_line(f"cold  concurrency {concurrency:3}", r), flush=True)
-        warm_level = await measured_level(warm_gateway, warm, GOAL_CONCURRENCY, seconds, pids)
-        print(_level_line(f"warm  concurrency {GOAL_CONCURRENCY:3}", warm_level), flush=True)
+            if concurrency != GOAL_CONCURRENCY:
+                cold_levels[str(concurrency)] = (
+                    await measured_level(gateway, cold, concurrency, seconds, pids)
+                ).summary()
+            else:
+                # Cold and warm side by side: alternating rounds, so a neighbour's load on
+                # the shared machine falls on both alike.
+                cold_samples = Samples()
+                for _ in range(ALTERNATING_ROUNDS):
+                    round_s = seconds / ALTERNATING_ROUNDS
+                    await measured_level(gateway, cold, concurrency, round_s, pids, cold_samples)
+                    await measured_level(
+                        warm_gateway, warm, concurrency, round_s, pids, warm_samples
+                    )
+                cold_levels[str(concurrency)] = cold_samples.summary()
+            print(_level_line(f"cold  c={concurrency}", cold_levels[str(concurrency)]), flush=True)
+            if concurrency == GOAL_CONCURRENCY:
+                print(_level_line(f"warm  c={concurrency}", warm_samples.summary()), flush=True)
+        warm_level = warm_samples.summary()
         memory["after_run1_kib"] = rss_snapshot(pids)
         # The memory re-run: the same cold workload at the goal level, then RSS again.
-        rerun = await measured_level(gateway, cold, GOAL_CONCURRENCY, seconds, pids)
-        print(_level_line(f"cold  c={GOAL_CONCURRENCY} (run 2)", rerun), flush=True)
+        rerun = (await measured_level(gateway, cold, GOAL_CONCURRENCY, seconds, pids)).summary()
+        print(_level_line(f"cold  c={GOAL_CONCURRENCY} run 2", rerun), flush=True)
         memory["after_run2_kib"] = rss_snapshot(pids)
     finally:
         await gateway.close()
@@ -497,10 +539,11 @@ async def _payments(mesh: Mesh, seconds: float) -> dict[str, Any]:
     services_growth = [memory["growth_run1_to_run2"][n] for n in SERVICE_NAMES]
     memory["max_service_growth"] = max(services_growth)
     memory["goal_max_growth"] = MEMORY_GROWTH_GOAL
+    memory["run1_payments"] = sum(r["ok"] for r in cold_levels.values()) + warm_level["ok"]
     memory["run2_payments"] = rerun["ok"]
     print()
     print(
-        service_table(
+        level_table(
             {
                 **{f"cold c={c}": r for c, r in cold_levels.items()},
                 f"warm c={GOAL_CONCURRENCY}": warm_level,
@@ -512,8 +555,8 @@ async def _payments(mesh: Mesh, seconds: float) -> dict[str, Any]:
     print(memory_table(memory), flush=True)
     print(
         f"largest service RSS growth run 1 -> run 2: {memory['max_service_growth']:+.1%} "
-        f"(goal <= {MEMORY_GROWTH_GOAL:.0%}; run 2 = {rerun['ok']} more cold payments at "
-        f"c={GOAL_CONCURRENCY})",
+        f"(goal <= {MEMORY_GROWTH_GOAL:.0%}; run 1: {memory['run1_payments']} payments at every "
+        f"level, run 2: {rerun['ok']} more cold payments at c={GOAL_CONCURRENCY})",
         flush=True,
     )
     return {
@@ -539,7 +582,9 @@ async def _echo(seconds: float) -> dict[str, Any]:
 
             await _closed_loop(read, 4, 1.0)
             for concurrency in (1, 64):
-                results[str(concurrency)] = await _closed_loop(read, concurrency, seconds)
+                results[str(concurrency)] = (
+                    await _closed_loop(read, concurrency, seconds)
+                ).summary()
                 r = results[str(concurrency)]
                 print(
                     f"echo one hop   concurrency {concurrency:3}: {r['rps']:7.1f} rps  "
