@@ -34,6 +34,7 @@ from grpc import aio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "gen")]
 
+from bench.access_log import _cpu_s  # noqa: E402
 from bench.chain_overhead import _start_server  # noqa: E402
 from paymesh.common.v1 import common_pb2  # noqa: E402
 from paymesh.merchant.v1 import merchant_pb2, merchant_pb2_grpc  # noqa: E402
@@ -70,18 +71,11 @@ SETTLE_MAX_S = 5.0
 SETTLE_POLL_S = 0.25
 QUIET_CORE_SHARE = 0.05
 MEMORY_GROWTH_GOAL = 0.05
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SERVICE_NAMES = tuple(spec.name for spec in SERVICES)
 LOAD_GENERATOR = "load-generator"
 
 
 # --- /proc readings -------------------------------------------------------------------------
-
-
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
 
 
 def rss_kib(pid: int) -> int:
@@ -100,7 +94,7 @@ def member_pids(mesh: Mesh) -> dict[str, int]:
 
 
 def cpu_snapshot(pids: Mapping[str, int]) -> dict[str, float]:
-    return {name: cpu_s(pid) for name, pid in pids.items()}
+    return {name: _cpu_s(pid) for name, pid in pids.items()}
 
 
 def _mesh_cpu(snapshot: Mapping[str, float]) -> float:
@@ -542,15 +536,12 @@ async def _payments(mesh: Mesh, seconds: float) -> dict[str, Any]:
     memory["run1_payments"] = sum(r["ok"] for r in cold_levels.values()) + warm_level["ok"]
     memory["run2_payments"] = rerun["ok"]
     print()
-    print(
-        level_table(
-            {
-                **{f"cold c={c}": r for c, r in cold_levels.items()},
-                f"warm c={GOAL_CONCURRENCY}": warm_level,
-            }
-        ),
-        flush=True,
-    )
+    table: dict[str, Any] = {}
+    for c, r in cold_levels.items():
+        table[f"cold c={c}"] = r
+        if c == str(GOAL_CONCURRENCY):
+            table[f"warm c={c}"] = warm_level
+    print(level_table(table), flush=True)
     print()
     print(memory_table(memory), flush=True)
     print(
@@ -597,7 +588,7 @@ async def _echo(seconds: float) -> dict[str, Any]:
     return results
 
 
-async def _main(seconds: float, rate_ttl_s: float) -> dict[str, Any]:
+async def _main(seconds: float, rate_ttl_s: float, with_console: bool) -> dict[str, Any]:
     load_at_start = os.getloadavg()
     print(
         f"mesh throughput on {os.cpu_count()} cores (load average {load_at_start[0]:.2f}), "
@@ -610,7 +601,7 @@ async def _main(seconds: float, rate_ttl_s: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="paymesh-bench-") as var_dir:
         environ = ephemeral_environ()
         environ[RATE_TTL_VAR] = str(rate_ttl_s)
-        mesh = Mesh(environ=environ, var_dir=Path(var_dir))
+        mesh = Mesh(environ=environ, var_dir=Path(var_dir), with_console=with_console)
         mesh.start(timeout_s=90)
         try:
             payments = await _payments(mesh, seconds)
@@ -660,5 +651,10 @@ if __name__ == "__main__":
         default=BENCH_RATE_TTL_S,
         help=f"channel-adapter exchange-rate cache TTL ({RATE_TTL_VAR})",
     )
+    parser.add_argument(
+        "--with-console",
+        action="store_true",
+        help="also run the mesh console (its CPU is reported apart, its polling is not)",
+    )
     options = parser.parse_args()
-    asyncio.run(_main(options.seconds, options.rate_ttl_s))
+    asyncio.run(_main(options.seconds, options.rate_ttl_s, options.with_console))
