@@ -6,7 +6,8 @@
 (``bench.server_tracing``), 3. outage of one hop for the old BreakerClient, gRPC's
 own retries (careful and not) and the chain, and their cost on a healthy target
 (``bench.outage``), 4. mesh throughput: cache-cold CreatePayment, CPU per payment per service,
-RSS per service (``bench.mesh_throughput``). Each prints its figures and ends with one JSON
+RSS per service (``bench.mesh_throughput``), 5. the breaker's failure accounting at 1 000 and
+10 000 calls/s (``bench.breaker_accounting``). Each prints its figures and ends with one JSON
 line; this collects them, with the machine, load average and git revision, into
 ``bench/results/latest.json`` and draws ``bench/results/latest.png``. Never pass/fail on speed.
 """
@@ -102,6 +103,10 @@ def main(quick: bool) -> int:
     server_tracing = _run("bench.server_tracing", "--calls", "4000" if quick else "16000")
     outage = _run("bench.outage", *(["--duration", "4"] if quick else []))
     throughput = _run("bench.mesh_throughput", "--seconds", "3" if quick else "8")
+    accounting = _run(
+        "bench.breaker_accounting",
+        *(["--calls", "5000", "--repeats", "1"] if quick else ["--calls", "20000"]),
+    )
     results: dict[str, Any] = {
         "machine": _machine(),
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -116,6 +121,7 @@ def main(quick: bool) -> int:
         "server_tracing": server_tracing,
         "outage": outage,
         "mesh_throughput": throughput,
+        "breaker_accounting": accounting,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -147,6 +153,7 @@ def main(quick: bool) -> int:
         "git": revision,
         "load_average": results["load_average"],
         "echo_one_hop_rps": throughput["echo_one_hop"]["64"]["rps"],
+        "breaker_failed_call_us": {r["calls_per_s"]: r["mean_us"] for r in accounting["rows"]},
         "wall_s": results["wall_s"],
     }
     print(json.dumps(summary), flush=True)
