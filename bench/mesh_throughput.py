@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import ipaddress
 import json
 import os
 import random
@@ -201,9 +202,10 @@ async def onboard(mesh: Mesh, count: int) -> list[Merchant]:
 def _public_ip(rng: random.Random) -> str:
     """A random unicast address outside the ranges the sandbox treats specially."""
     while True:
-        first = rng.randint(1, 223)
-        if first not in (10, 127, 169, 172, 192, 198, 203):
-            return f"{first}.{rng.randint(0, 255)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}"
+        address = ipaddress.IPv4Address(rng.getrandbits(32))
+        # 198.51.100.x is a proxy and 203.0.113.x high-risk to the sandbox: kept for declines.
+        if address.is_global and not address.is_multicast and address.packed[0] not in (198, 203):
+            return str(address)
 
 
 def _amount_minor(rng: random.Random, currency: str) -> int:
