@@ -10,7 +10,7 @@ from pathlib import Path
 
 from services.merchant_auth.limits import MINIMA, VerificationLimits
 from services.merchant_auth.pepper import PEPPER_FILE_VAR
-from services.mesh.bootstrap import StartupError
+from services.mesh.bootstrap import StartupError, seconds_var
 
 STALE_VAR = "MERCHANT_AUTH_SERVICE_MERCHANT_STALE_S"
 DEFAULT_STALE_S = 30.0
@@ -57,27 +57,11 @@ class AuthConfig:
         if pepper is not None and not pepper.strip():
             raise StartupError(f"{PEPPER_FILE_VAR} is set but empty; unset it or name a file")
         return cls(
-            merchant_stale_s=_seconds(environ, STALE_VAR, DEFAULT_STALE_S),
-            merchant_cache_s=_seconds(environ, CACHE_VAR, DEFAULT_CACHE_S),
+            merchant_stale_s=seconds_var(environ, STALE_VAR, DEFAULT_STALE_S, allow_zero=True),
+            merchant_cache_s=seconds_var(environ, CACHE_VAR, DEFAULT_CACHE_S, allow_zero=True),
             pepper_file=Path(pepper) if pepper else None,
             limits=_limits(environ),
         )
-
-
-def _seconds(environ: Mapping[str, str], variable: str, default: float) -> float:
-    """``environ[variable]`` as seconds >= 0, ``default`` when unset; StartupError if not."""
-    raw = environ.get(variable)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value >= 0):
-        raise StartupError(
-            f"{variable}={raw!r}: must be a number of seconds >= 0 (default {default:g})"
-        )
-    return value
 
 
 def _limits(environ: Mapping[str, str]) -> VerificationLimits:

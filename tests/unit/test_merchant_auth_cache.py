@@ -88,21 +88,26 @@ async def test_no_cache_with_cache_s_zero() -> None:
     assert service.calls == 3
 
 
-async def test_the_cache_never_outlives_the_stale_bound() -> None:
+async def _looked_up_once(
+    *, cache_s: float, stale_s: float
+) -> tuple[FakeMerchantService, FakeClock, MerchantDirectory]:
+    """A directory that has looked up the active merchant m1 once."""
     service, clock = FakeMerchantService(), FakeClock()
     service.status["m1"] = ACTIVE
-    directory = _directory(service, clock, cache_s=60.0, stale_s=2.0)
+    directory = _directory(service, clock, cache_s=cache_s, stale_s=stale_s)
     await directory.lookup("m1", allow_stale=True, allow_cached=True)
+    return service, clock, directory
+
+
+async def test_the_cache_never_outlives_the_stale_bound() -> None:
+    service, clock, directory = await _looked_up_once(cache_s=60.0, stale_s=2.0)
     clock.advance(2.0)
     await directory.lookup("m1", allow_stale=True, allow_cached=True)
     assert service.calls == 2
 
 
 async def test_an_outage_answers_from_memory_within_stale_s_only() -> None:
-    service, clock = FakeMerchantService(), FakeClock()
-    service.status["m1"] = ACTIVE
-    directory = _directory(service, clock, cache_s=1.0, stale_s=5.0)
-    await directory.lookup("m1", allow_stale=True, allow_cached=True)
+    service, clock, directory = await _looked_up_once(cache_s=1.0, stale_s=5.0)
     service.down = True
     clock.advance(4.0)
     assert (await directory.lookup("m1", allow_stale=True, allow_cached=True)).status == ACTIVE
