@@ -20,7 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from grpc import aio
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.sdk.trace.sampling import Decision
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,7 +95,9 @@ async def _serve(failing: bool) -> None:
 
 async def _receive() -> None:
     server = aio.server()
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_DroppingReceiver(), server)
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        _DroppingReceiver(), server
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     print(port, flush=True)
@@ -142,8 +145,12 @@ def _handler_contexts(variant: str, count: int) -> list[otel_context.Context]:
     contexts = []
     for _ in range(count):
         trace_id = random.getrandbits(128) or 1
-        sampled = decide is not None and decide.should_sample(None, trace_id, "handler").decision
-        flags = TraceFlags(TraceFlags.SAMPLED if sampled and sampled.is_sampled() else 0)
+        sampled = (
+            decide is not None
+            and decide.should_sample(None, trace_id, "handler").decision
+            == Decision.RECORD_AND_SAMPLE
+        )
+        flags = TraceFlags(TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT)
         span = NonRecordingSpan(SpanContext(trace_id, random.getrandbits(64) or 1, True, flags))
         contexts.append(trace.set_span_in_context(span))
     return contexts
@@ -170,9 +177,8 @@ async def _in_contexts(
 async def _overhead(address: str, receiver: str, calls: int, rounds: int) -> dict[str, Any]:
     stubs: dict[str, Any] = {}
     options: dict[str, dict[str, Any]] = {v: {} for v in VARIANTS}
-    closers = []
     bare_channel = aio.insecure_channel(address, options=list(RECONNECT_OPTIONS))
-    closers.append(bare_channel.close)
+    closers: list[Callable[[], Awaitable[None]]] = [bare_channel.close]
     stubs["bare"] = testing_pb2_grpc.TestServiceStub(bare_channel)
     options["bare"] = {"timeout": 5.0}  # the chain sends the policy's 5 s
     providers = []

@@ -25,7 +25,13 @@ from interceptors.deadline import OutgoingDeadline
 from interceptors.retry import AttemptFailure
 from interceptors.telemetry import CALLS as CALLS  # the one counter ChainTelemetry keeps itself
 from interceptors.telemetry import CallRecord, ChainTelemetry
-from interceptors.tracing import circuit_open, fail_span, start_attempt
+from interceptors.tracing import (
+    circuit_open,
+    fail_span,
+    recorded_under,
+    skips_unsampled,
+    start_attempt,
+)
 from interceptors.tracing import stopped as note_stopped
 
 log = logging.getLogger("paymesh.chain")
@@ -149,6 +155,9 @@ class ChainObserver:
         self.tracer = tracer
         self.trace_calls = trace_calls
         self.clock = clock
+        #: Under a parent-based sampler a call below an unsampled parent records nothing: it
+        #: gets no attempt span, and propagates its parent's context unchanged.
+        self.skips_unsampled = skips_unsampled(tracer)
 
     def start_call(self, call: Call) -> CallReport:
         return _ChainCallReport(self, call)
@@ -170,7 +179,15 @@ class ChainObserver:
 class _ChainCallReport:
     """One call's counters and spans; the call's span is the one current when it started."""
 
-    __slots__ = ("_attempt", "_call", "_call_span", "_observer", "_started", "_stop_reason")
+    __slots__ = (
+        "_attempt",
+        "_call",
+        "_call_span",
+        "_observer",
+        "_started",
+        "_stop_reason",
+        "_traced",
+    )
 
     def __init__(self, observer: ChainObserver, call: Call) -> None:
         self._observer = observer
@@ -178,7 +195,10 @@ class _ChainCallReport:
         self._started = observer.clock()
         # The transport's call span (the gRPC instrumentation's, the partner client's), or
         # the incoming call's span when untraced: its trace id still propagates.
-        self._call_span = trace.get_current_span()
+        self._call_span = span = trace.get_current_span()
+        self._traced = observer.trace_calls and (
+            not observer.skips_unsampled or recorded_under(span)
+        )
         self._attempt: trace.Span | None = None
         self._stop_reason: str | None = None
 
@@ -197,7 +217,7 @@ class _ChainCallReport:
         self._stop_reason = "deadline"
 
     def _open_attempt(self, number: int) -> trace.Span | None:
-        if not self._observer.trace_calls:
+        if not self._traced:
             return None
         return start_attempt(
             self._observer.tracer, self._call.attempt_name, target=self._call.target, attempt=number
@@ -270,15 +290,16 @@ class _ChainCallReport:
         )
         if code == "DEADLINE_EXCEEDED":
             self._inc(DEADLINE_EXCEEDED)
-        if self._observer.trace_calls:
+        if self._traced:
             if attempts > 1 or failed:
                 note_stopped(self._call_span, attempts=attempts, reason=self._stop_reason)
             if failed:
                 fail_span(self._call_span, code, error, None)
-        log.debug(
-            "call target=%s method=%s code=%s duration_ms=%.1f",
-            call.target,
-            call.method,
-            code,
-            duration * 1000,
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "call target=%s method=%s code=%s duration_ms=%.1f",
+                call.target,
+                call.method,
+                code,
+                duration * 1000,
+            )
