@@ -103,12 +103,13 @@ class AioAttempts(GrpcOutcomes):
             metadata.add(PREVIOUS_ATTEMPTS_KEY, str(attempt.number - 1))
         if attempt.trace_context is not None:
             inject(metadata, attempt.trace_context)
-        wait = self._wait_for_ready
-        details = replace_details(
-            self._details,
-            timeout=attempt.timeout_s,
-            metadata=metadata,
-            wait_for_ready=attempt.policy.wait_for_ready if wait is None else wait,
+        wait, given = self._wait_for_ready, self._details
+        details = aio.ClientCallDetails(
+            given.method,
+            attempt.timeout_s,
+            metadata,
+            given.credentials,
+            attempt.policy.wait_for_ready if wait is None else wait,
         )
         call = await self._continuation(details, self._request)
         attempt.attach(call)

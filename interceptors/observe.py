@@ -24,7 +24,7 @@ from interceptors.codes import NUMBERS
 from interceptors.deadline import OutgoingDeadline
 from interceptors.retry import AttemptFailure
 from interceptors.telemetry import CALLS as CALLS  # the one counter ChainTelemetry keeps itself
-from interceptors.telemetry import CallRecord, ChainTelemetry
+from interceptors.telemetry import MAX_BOUND_SERIES, BoundSeries, CallRecord, ChainTelemetry
 from interceptors.tracing import (
     circuit_open,
     fail_span,
@@ -158,9 +158,19 @@ class ChainObserver:
         #: Under a parent-based sampler a call below an unsampled parent records nothing: it
         #: gets no attempt span, and propagates its parent's context unchanged.
         self.skips_unsampled = skips_unsampled(tracer)
+        self._attempts: dict[tuple[str, str], BoundSeries] = {}
 
     def start_call(self, call: Call) -> CallReport:
         return _ChainCallReport(self, call)
+
+    def count_attempt(self, target: str, method: str) -> None:
+        """One attempt sent (the counter of every call: resolved once per target and method)."""
+        series = self._attempts.get((target, method))
+        if series is None:
+            series = self.telemetry.bound(ATTEMPTS, target=target, method=method)
+            if len(self._attempts) < MAX_BOUND_SERIES:
+                self._attempts[(target, method)] = series
+        self.telemetry.add(series)
 
     def stream_deadline(self, target: str, method: str, *, propagated: bool) -> None:
         if propagated:
@@ -236,7 +246,7 @@ class _ChainCallReport:
             span.end()
 
     def attempt_started(self, number: int) -> tuple[trace.Span | None, Context | None]:
-        self._inc(ATTEMPTS)
+        self._observer.count_attempt(self._call.target, self._call.method)
         span = self._attempt = self._open_attempt(number)
         if span is not None:
             return span, trace.set_span_in_context(span)
