@@ -4,7 +4,8 @@
 (both from ``bench.chain_overhead``), 2b. mTLS vs plaintext on a warm channel
 (``bench.tls_overhead``), 2c. the server hop's tracing when nothing records, before and after
 (``bench.server_tracing``), 3. outage of one hop for the old BreakerClient, gRPC's
-own retries and the chain (``bench.outage``), 4. mesh throughput (``bench.mesh_throughput``).
+own retries and the chain (``bench.outage``), 4. mesh throughput (``bench.mesh_throughput``),
+5. the breaker's failure accounting at 1 000 and 10 000 calls/s (``bench.breaker_accounting``).
 Each prints its figures and ends with one JSON line; this collects them into
 ``bench/results/latest.json`` and draws ``bench/results/latest.png``. Never pass/fail on speed.
 """
@@ -80,6 +81,10 @@ def main(quick: bool) -> int:
     server_tracing = _run("bench.server_tracing", "--calls", "4000" if quick else "16000")
     outage = _run("bench.outage", *(["--duration", "4"] if quick else []))
     throughput = _run("bench.mesh_throughput", "--seconds", "3" if quick else "8")
+    accounting = _run(
+        "bench.breaker_accounting",
+        *(["--calls", "5000", "--repeats", "1"] if quick else ["--calls", "20000"]),
+    )
     results: dict[str, Any] = {
         "machine": _machine(),
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -90,6 +95,7 @@ def main(quick: bool) -> int:
         "server_tracing": server_tracing,
         "outage": outage,
         "mesh_throughput": throughput,
+        "breaker_accounting": accounting,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -111,6 +117,7 @@ def main(quick: bool) -> int:
         },
         "create_payment_rps": {c: r["rps"] for c, r in throughput["create_payment"].items()},
         "echo_one_hop_rps": throughput["echo_one_hop"]["64"]["rps"],
+        "breaker_failed_call_us": {r["calls_per_s"]: r["mean_us"] for r in accounting["rows"]},
         "wall_s": results["wall_s"],
     }
     print(json.dumps(summary), flush=True)
