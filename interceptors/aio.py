@@ -58,6 +58,9 @@ def replace_details(details: aio.ClientCallDetails, **changes: Any) -> aio.Clien
 #: grpcio's reconnect backoff (capped at this in chain.RECONNECT_OPTIONS) without letting a
 #: target that is really down hold the call for its whole deadline.
 RECONNECT_WAIT_S = 1.0
+#: Call descriptions kept per target (method, safety, explicit timeout); callers that pass
+#: ever-changing timeouts get a fresh one per call beyond this.
+MAX_CALLS_KEPT = 1024
 
 
 async def wait_connected(channel: aio.Channel, timeout_s: float) -> bool:
@@ -143,6 +146,7 @@ class UnaryPolicy:
         self._skips_unsampled = skips_unsampled(runtime.tracer)
         #: Dropped from the call's metadata: each attempt sends its own.
         self._dropped = propagation_fields() | {PREVIOUS_ATTEMPTS_KEY}
+        self._calls: dict[tuple[str, bool, float | None], Call] = {}
 
     async def run(
         self, continuation: Continuation, details: aio.ClientCallDetails, request: Any
@@ -188,13 +192,18 @@ class UnaryPolicy:
             self.runtime, self.target, continuation, details, request, self._dropped
         )
         method = transport.method
-        call = Call(
-            target=self.target,
-            method=method,
-            safe=request_is_safe(method, request),
-            timeout_s=details.timeout,
-            attempt_name=method.lstrip("/") + " attempt",
-        )
+        key = (method, request_is_safe(method, request), details.timeout)
+        call = self._calls.get(key)
+        if call is None:  # one per method, safety and explicit timeout: the same every time
+            call = Call(
+                target=self.target,
+                method=method,
+                safe=key[1],
+                timeout_s=details.timeout,
+                attempt_name=method.lstrip("/") + " attempt",
+            )
+            if len(self._calls) < MAX_CALLS_KEPT:
+                self._calls[key] = call
         return await run_call(transport, call, self.runtime)
 
 
