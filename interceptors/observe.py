@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
 
@@ -251,7 +252,9 @@ class _ChainCallReport:
         if span is not None:
             return span, trace.set_span_in_context(span)
         if self._call_span.get_span_context().is_valid:
-            return None, trace.set_span_in_context(self._call_span)
+            # The call's span is the current one (the loop runs where the call started): the
+            # current context carries it, with nothing to copy.
+            return None, otel_context.get_current()
         return None, None  # outside any trace (a script, a benchmark): nothing to propagate
 
     def attempt_answered(self, code: str) -> None:
