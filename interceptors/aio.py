@@ -112,7 +112,9 @@ class AioAttempts(GrpcOutcomes):
             attempt.timeout_s,
             metadata,
             given.credentials,
-            attempt.policy.wait_for_ready if wait is None else wait,
+            # Unset and the policy's false is gRPC's own default (fail fast): left unset, as
+            # an explicit flag costs the call ~20 us of client CPU (measured for issue 11).
+            (attempt.policy.wait_for_ready or None) if wait is None else wait,
         )
         call = await self._continuation(details, self._request)
         attempt.attach(call)
