@@ -1,19 +1,22 @@
 """The grpc.aio adapter: makes one attempt on the channel and classifies it; the loop does the rest.
 
-One unary-unary channel interceptor (:class:`PolicyInterceptor`) runs the call's CLIENT span
-(opentelemetry-instrumentation-grpc) around the core's attempt loop (``attempts.run_call``);
-this module only sends an attempt (its timeout, ``traceparent``, previous-attempts count);
-``grpc_outcome`` says what its status means (code, pushback, RetryInfo, TLS failure). The stream
-interceptor is a separate object (grpc.aio applies an object implementing several call kinds
-to unary-unary only, grpc issue 31442): streams get the call span and the deadline only, since
-a stream cannot be replayed safely once messages flowed.
+:class:`UnaryPolicy` runs a unary call's CLIENT span (opentelemetry-instrumentation-grpc), when
+anything records it, around the core's attempt loop (``attempts.run_call``). The client
+factory's channels (:class:`PolicyChannel`) run it in the stub's multicallable, in the
+caller's task; :class:`PolicyInterceptor` runs it as a grpc.aio interceptor on a channel one
+makes oneself (grpc.aio then adds a task per call). This module only sends an attempt (its
+timeout, ``traceparent``, previous-attempts count); ``grpc_outcome`` says what its status means
+(code, pushback, RetryInfo, TLS failure). The stream interceptor is a separate object (grpc.aio
+applies an object implementing several call kinds to unary-unary only, grpc issue 31442):
+streams get the call span and the deadline only, since a stream cannot be replayed safely
+once messages flowed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 import grpc
@@ -26,7 +29,14 @@ from interceptors.grpc_outcome import PREVIOUS_ATTEMPTS_KEY, GrpcOutcomes
 from interceptors.retry import AttemptFailure
 from interceptors.runtime import ChainRuntime
 from interceptors.safety import method_name, request_is_safe
-from interceptors.tracing import client_interceptors, fail_span, inject, propagation_fields
+from interceptors.tracing import (
+    client_interceptors,
+    fail_span,
+    inject,
+    propagation_fields,
+    recorded_under,
+    skips_unsampled,
+)
 
 Continuation = Callable[[aio.ClientCallDetails, Any], Awaitable[Any]]
 
@@ -48,6 +58,9 @@ def replace_details(details: aio.ClientCallDetails, **changes: Any) -> aio.Clien
 #: grpcio's reconnect backoff (capped at this in chain.RECONNECT_OPTIONS) without letting a
 #: target that is really down hold the call for its whole deadline.
 RECONNECT_WAIT_S = 1.0
+#: Call descriptions kept per target (method, safety, explicit timeout); callers that pass
+#: ever-changing timeouts get a fresh one per call beyond this.
+MAX_CALLS_KEPT = 1024
 
 
 async def wait_connected(channel: aio.Channel, timeout_s: float) -> bool:
@@ -93,12 +106,15 @@ class AioAttempts(GrpcOutcomes):
             metadata.add(PREVIOUS_ATTEMPTS_KEY, str(attempt.number - 1))
         if attempt.trace_context is not None:
             inject(metadata, attempt.trace_context)
-        wait = self._wait_for_ready
-        details = replace_details(
-            self._details,
-            timeout=attempt.timeout_s,
-            metadata=metadata,
-            wait_for_ready=attempt.policy.wait_for_ready if wait is None else wait,
+        wait, given = self._wait_for_ready, self._details
+        details = aio.ClientCallDetails(
+            given.method,
+            attempt.timeout_s,
+            metadata,
+            given.credentials,
+            # Unset and the policy's false is gRPC's own default (fail fast): left unset, as
+            # an explicit flag costs the call ~20 us of client CPU (measured for issue 11).
+            (attempt.policy.wait_for_ready or None) if wait is None else wait,
         )
         call = await self._continuation(details, self._request)
         attempt.attach(call)
@@ -118,8 +134,8 @@ class AioAttempts(GrpcOutcomes):
             await waiter(max(0.0, min(RECONNECT_WAIT_S, left_s)))
 
 
-class PolicyInterceptor(aio.UnaryUnaryClientInterceptor):
-    """Every unary call of one target's channel: its CLIENT span around the attempt loop."""
+class UnaryPolicy:
+    """The chain of one target's unary calls: its CLIENT span, when recorded, around the loop."""
 
     def __init__(self, runtime: ChainRuntime, target: str) -> None:
         self.runtime = runtime
@@ -127,19 +143,27 @@ class PolicyInterceptor(aio.UnaryUnaryClientInterceptor):
         self._traced = (
             client_interceptors(runtime.tracer_provider)[0] if runtime.trace_calls else None
         )
+        #: Under a parent-based sampler nothing below an unsampled parent is recorded: such a
+        #: call gets no span object at all, only the parent's ``traceparent``, unchanged.
+        self._skips_unsampled = skips_unsampled(runtime.tracer)
         #: Dropped from the call's metadata: each attempt sends its own.
         self._dropped = propagation_fields() | {PREVIOUS_ATTEMPTS_KEY}
+        self._calls: dict[tuple[str, bool, float | None], Call] = {}
 
-    async def intercept_unary_unary(
-        self, continuation: Continuation, client_call_details: aio.ClientCallDetails, request: Any
+    async def run(
+        self, continuation: Continuation, details: aio.ClientCallDetails, request: Any
     ) -> Any:
-        if self._traced is None:
-            return await self._attempts(continuation, client_call_details, request)
-        opened: list[trace.Span] = []
+        """Make the call through the attempt loop; the last attempt's (finished) call object."""
+        traced = self._traced
+        if traced is None:
+            return await self._attempts(continuation, details, request)
         parent = trace.get_current_span()
+        if self._skips_unsampled and not recorded_under(parent):
+            return await self._attempts(continuation, details, request)
+        opened: list[trace.Span] = []
         looped = functools.partial(self._in_call_span, continuation, parent, opened)
         try:
-            return await self._traced.intercept_unary_unary(looped, client_call_details, request)
+            return await traced.intercept_unary_unary(looped, details, request)
         except BaseException as exc:
             # The instrumentation ends its span when the call object completes, but this chain
             # raises failures instead of returning a failed call: end the span here, after it
@@ -170,14 +194,142 @@ class PolicyInterceptor(aio.UnaryUnaryClientInterceptor):
             self.runtime, self.target, continuation, details, request, self._dropped
         )
         method = transport.method
-        call = Call(
-            target=self.target,
-            method=method,
-            safe=request_is_safe(method, request),
-            timeout_s=details.timeout,
-            attempt_name=method.lstrip("/") + " attempt",
-        )
+        key = (method, request_is_safe(method, request), details.timeout)
+        call = self._calls.get(key)
+        if call is None:  # one per method, safety and explicit timeout: the same every time
+            call = Call(
+                target=self.target,
+                method=method,
+                safe=key[1],
+                timeout_s=details.timeout,
+                attempt_name=method.lstrip("/") + " attempt",
+            )
+            if len(self._calls) < MAX_CALLS_KEPT:
+                self._calls[key] = call
         return await run_call(transport, call, self.runtime)
+
+
+class PolicyInterceptor(aio.UnaryUnaryClientInterceptor):
+    """The chain as a grpc.aio interceptor, for a channel one makes oneself (the client
+    factory's channels use :class:`PolicyChannel`, which spares grpc.aio's interceptor task)."""
+
+    def __init__(self, runtime: ChainRuntime, target: str) -> None:
+        self.runtime = runtime
+        self.target = target
+        self._policy = UnaryPolicy(runtime, target)
+
+    async def intercept_unary_unary(
+        self, continuation: Continuation, client_call_details: aio.ClientCallDetails, request: Any
+    ) -> Any:
+        return await self._policy.run(continuation, client_call_details, request)
+
+
+class PolicyMultiCallable:
+    """A unary-unary multicallable running the chain in the caller's own task.
+
+    grpc.aio's interceptor machinery runs every intercepted call in a task of its own (two
+    more event-loop turns per call); here the loop awaits the plain call directly. Calling it
+    returns a coroutine of the response; failures raise ``CallError`` as the chain words them.
+    """
+
+    __slots__ = ("_method", "_policy", "_send")
+
+    def __init__(
+        self, policy: UnaryPolicy, method: str, plain: aio.UnaryUnaryMultiCallable[Any, Any]
+    ) -> None:
+        self._policy = policy
+        self._method = method
+
+        async def send(details: aio.ClientCallDetails, request: Any) -> Any:
+            return plain(
+                request,
+                timeout=details.timeout,
+                metadata=details.metadata,
+                credentials=details.credentials,
+                wait_for_ready=details.wait_for_ready,
+            )
+
+        self._send = send
+
+    def __call__(
+        self,
+        request: Any,
+        *,
+        timeout: float | None = None,
+        metadata: aio.Metadata | Sequence[tuple[str, str | bytes]] | None = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Coroutine[Any, Any, Any]:
+        if compression is not None:
+            raise ValueError("per-call compression is not supported through the policy chain")
+        if metadata is not None and not isinstance(metadata, aio.Metadata):
+            metadata = aio.Metadata(*metadata)
+        details = aio.ClientCallDetails(
+            self._method, timeout, metadata, credentials, wait_for_ready
+        )
+        return self._invoke(details, request)
+
+    async def _invoke(self, details: aio.ClientCallDetails, request: Any) -> Any:
+        call = await self._policy.run(self._send, details, request)
+        return await call
+
+
+class ForwardingChannel(aio.Channel):
+    """An aio channel that hands everything to the channel :attr:`current` returns."""
+
+    @property
+    def current(self) -> aio.Channel:
+        """The channel calls go to now."""
+        raise NotImplementedError
+
+    async def __aenter__(self) -> ForwardingChannel:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self, grace: float | None = None) -> None:
+        await self.current.close(grace)
+
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+        return self.current.get_state(try_to_connect)
+
+    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
+        await self.current.wait_for_state_change(last_observed_state)
+
+    async def channel_ready(self) -> None:
+        await self.current.channel_ready()
+
+    def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self.current.unary_unary(method, *args, **kwargs)
+
+    def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self.current.unary_stream(method, *args, **kwargs)
+
+    def stream_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self.current.stream_unary(method, *args, **kwargs)
+
+    def stream_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self.current.stream_stream(method, *args, **kwargs)
+
+
+class PolicyChannel(ForwardingChannel):
+    """One target's channel with the chain on it: unary-unary calls through
+    :class:`PolicyMultiCallable`, server streams through the plain channel's
+    :class:`StreamDeadlineInterceptor`."""
+
+    def __init__(self, plain: aio.Channel, policy: UnaryPolicy) -> None:
+        self._plain = plain
+        self._policy = policy
+
+    @property
+    def current(self) -> aio.Channel:
+        return self._plain
+
+    def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        plain = self._plain.unary_unary(method, *args, **kwargs)
+        return PolicyMultiCallable(self._policy, method_name(method), plain)
 
 
 def stream_details(
@@ -220,3 +372,8 @@ class StreamDeadlineInterceptor(aio.UnaryStreamClientInterceptor):
 def aio_chain(runtime: ChainRuntime, target: str) -> list[aio.ClientInterceptor]:
     """The interceptors of one target's channel: the unary one, then the stream one."""
     return [PolicyInterceptor(runtime, target), StreamDeadlineInterceptor(runtime, target)]
+
+
+def policy_channel(runtime: ChainRuntime, target: str, plain: aio.Channel) -> PolicyChannel:
+    """``plain`` (made with :class:`StreamDeadlineInterceptor` only) with the chain on it."""
+    return PolicyChannel(plain, UnaryPolicy(runtime, target))

@@ -110,6 +110,10 @@ class SyncTransport(Transport[T_co], Protocol):
         """Called after the backoff sleep, before the next attempt."""
 
 
+#: What ``_CallRun.failure`` is until an attempt failed (one object: most calls never fail).
+_NO_FAILURE = AttemptFailure(code="OK")
+
+
 class _CallRun:
     """The loop's state and steps for one call, shared by the async and the sync loop."""
 
@@ -139,7 +143,7 @@ class _CallRun:
             rng=runtime.rng,
         )
         self.breaker = runtime.breakers.get(call.target)
-        self.failure = AttemptFailure(code="OK")
+        self.failure = _NO_FAILURE
         """The last failure, once there was one."""
 
     def close(self) -> None:

@@ -3,8 +3,13 @@
 The call stack of every outgoing unary call, outermost first (gRPC or an HTTP partner)::
 
     stub.Method(request) / partner.request(...)
-      the adapter's entry        aio.PolicyInterceptor: the call's CLIENT span (opentelemetry-
-                                 instrumentation-grpc); sync.SyncPolicyInterceptor (grpc-
+      the adapter's entry        aio.PolicyMultiCallable (the client factory's channels, no
+                                 grpc.aio interceptor task) or aio.PolicyInterceptor (a channel
+                                 made with aio_interceptors), both aio.UnaryPolicy: the call's
+                                 CLIENT span (opentelemetry-instrumentation-grpc) unless nothing
+                                 records it (no receiver, or an unsampled parent under the
+                                 parent-based sampler: no span object, the parent's traceparent
+                                 propagated unchanged); sync.SyncPolicyInterceptor (grpc-
                                  interceptor, no span); http.PartnerClient: its own CLIENT span
         attempts.run_call        the one loop (run_call_sync for the sync adapter):
           deadline               one overall deadline: min(policy, incoming left - margin)
@@ -15,14 +20,16 @@ The call stack of every outgoing unary call, outermost first (gRPC or an HTTP pa
                                  attempts still in flight (aio and HTTP)
             the attempt          the adapter's one call (grpc channel, reconnect backoff tuned;
                                  aiohttp's keep-alive pool) in its own span (``paymesh.attempt``
-                                 attribute), whose ``traceparent`` it carries
+                                 attribute) when the call is recorded, whose ``traceparent`` it
+                                 carries
             classify             the adapter says what its outcome means (grpc_outcome, http)
             decide, sleep        retry.RetryRun: safe calls only, the policy's retryable codes,
                                  within the deadline and the target's budget
           observe.ChainObserver  every event above counted, logged and traced, once
 
 ``build_client_chain`` is called once per process; the client factory asks it for the
-interceptors and channel options of each target, and for partner HTTP clients.
+channel of each target (``aio_channel``: the chain's options, the chain on its stubs' unary
+multicallables) and for partner HTTP clients.
 """
 
 from __future__ import annotations
@@ -38,7 +45,13 @@ from grpc import aio
 from grpc_interceptor import ClientInterceptor
 from opentelemetry import trace
 
-from interceptors.aio import RECONNECT_WAIT_S, aio_chain, wait_connected
+from interceptors.aio import (
+    RECONNECT_WAIT_S,
+    StreamDeadlineInterceptor,
+    aio_chain,
+    policy_channel,
+    wait_connected,
+)
 from interceptors.breaker import BreakerRegistry
 from interceptors.http import PartnerClient
 from interceptors.policy import PolicyConfig
@@ -86,16 +99,16 @@ class ClientChain:
         UNAVAILABLE wait (briefly) for this channel to reconnect.
         """
         options = [*self.channel_options(), *extra_options]
-        interceptors = self.aio_interceptors(target)
-        channel = (
-            aio.secure_channel(address, credentials, options=options, interceptors=interceptors)
+        # Unary calls run the chain in the stub's multicallables (aio.PolicyChannel), not in a
+        # grpc.aio interceptor, which would add a task per call; streams keep theirs.
+        streams = [StreamDeadlineInterceptor(self.runtime, target)]
+        plain = (
+            aio.secure_channel(address, credentials, options=options, interceptors=streams)
             if credentials is not None
-            else aio.insecure_channel(address, options=options, interceptors=interceptors)
+            else aio.insecure_channel(address, options=options, interceptors=streams)
         )
-        self.runtime.connection_waiters[target] = lambda timeout_s: wait_connected(
-            channel, timeout_s
-        )
-        return channel
+        self.runtime.connection_waiters[target] = lambda timeout_s: wait_connected(plain, timeout_s)
+        return policy_channel(self.runtime, target, plain)
 
     def sync_interceptors(self, target: str) -> list[ClientInterceptor]:
         """Interceptors for ``grpc.intercept_channel(channel, *...)`` to ``target``."""

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
 
@@ -24,8 +25,14 @@ from interceptors.codes import NUMBERS
 from interceptors.deadline import OutgoingDeadline
 from interceptors.retry import AttemptFailure
 from interceptors.telemetry import CALLS as CALLS  # the one counter ChainTelemetry keeps itself
-from interceptors.telemetry import CallRecord, ChainTelemetry
-from interceptors.tracing import circuit_open, fail_span, start_attempt
+from interceptors.telemetry import MAX_BOUND_SERIES, BoundSeries, CallRecord, ChainTelemetry
+from interceptors.tracing import (
+    circuit_open,
+    fail_span,
+    recorded_under,
+    skips_unsampled,
+    start_attempt,
+)
 from interceptors.tracing import stopped as note_stopped
 
 log = logging.getLogger("paymesh.chain")
@@ -149,9 +156,22 @@ class ChainObserver:
         self.tracer = tracer
         self.trace_calls = trace_calls
         self.clock = clock
+        #: Under a parent-based sampler a call below an unsampled parent records nothing: it
+        #: gets no attempt span, and propagates its parent's context unchanged.
+        self.skips_unsampled = skips_unsampled(tracer)
+        self._attempts: dict[tuple[str, str], BoundSeries] = {}
 
     def start_call(self, call: Call) -> CallReport:
         return _ChainCallReport(self, call)
+
+    def count_attempt(self, target: str, method: str) -> None:
+        """One attempt sent (the counter of every call: resolved once per target and method)."""
+        series = self._attempts.get((target, method))
+        if series is None:
+            series = self.telemetry.bound(ATTEMPTS, target=target, method=method)
+            if len(self._attempts) < MAX_BOUND_SERIES:
+                self._attempts[(target, method)] = series
+        self.telemetry.add(series)
 
     def stream_deadline(self, target: str, method: str, *, propagated: bool) -> None:
         if propagated:
@@ -170,7 +190,15 @@ class ChainObserver:
 class _ChainCallReport:
     """One call's counters and spans; the call's span is the one current when it started."""
 
-    __slots__ = ("_attempt", "_call", "_call_span", "_observer", "_started", "_stop_reason")
+    __slots__ = (
+        "_attempt",
+        "_call",
+        "_call_span",
+        "_observer",
+        "_started",
+        "_stop_reason",
+        "_traced",
+    )
 
     def __init__(self, observer: ChainObserver, call: Call) -> None:
         self._observer = observer
@@ -178,7 +206,10 @@ class _ChainCallReport:
         self._started = observer.clock()
         # The transport's call span (the gRPC instrumentation's, the partner client's), or
         # the incoming call's span when untraced: its trace id still propagates.
-        self._call_span = trace.get_current_span()
+        self._call_span = span = trace.get_current_span()
+        self._traced = observer.trace_calls and (
+            not observer.skips_unsampled or recorded_under(span)
+        )
         self._attempt: trace.Span | None = None
         self._stop_reason: str | None = None
 
@@ -197,7 +228,7 @@ class _ChainCallReport:
         self._stop_reason = "deadline"
 
     def _open_attempt(self, number: int) -> trace.Span | None:
-        if not self._observer.trace_calls:
+        if not self._traced:
             return None
         return start_attempt(
             self._observer.tracer, self._call.attempt_name, target=self._call.target, attempt=number
@@ -216,12 +247,14 @@ class _ChainCallReport:
             span.end()
 
     def attempt_started(self, number: int) -> tuple[trace.Span | None, Context | None]:
-        self._inc(ATTEMPTS)
+        self._observer.count_attempt(self._call.target, self._call.method)
         span = self._attempt = self._open_attempt(number)
         if span is not None:
             return span, trace.set_span_in_context(span)
         if self._call_span.get_span_context().is_valid:
-            return None, trace.set_span_in_context(self._call_span)
+            # The call's span is the current one (the loop runs where the call started): the
+            # current context carries it, with nothing to copy.
+            return None, otel_context.get_current()
         return None, None  # outside any trace (a script, a benchmark): nothing to propagate
 
     def attempt_answered(self, code: str) -> None:
@@ -270,15 +303,16 @@ class _ChainCallReport:
         )
         if code == "DEADLINE_EXCEEDED":
             self._inc(DEADLINE_EXCEEDED)
-        if self._observer.trace_calls:
+        if self._traced:
             if attempts > 1 or failed:
                 note_stopped(self._call_span, attempts=attempts, reason=self._stop_reason)
             if failed:
                 fail_span(self._call_span, code, error, None)
-        log.debug(
-            "call target=%s method=%s code=%s duration_ms=%.1f",
-            call.target,
-            call.method,
-            code,
-            duration * 1000,
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "call target=%s method=%s code=%s duration_ms=%.1f",
+                call.target,
+                call.method,
+                code,
+                duration * 1000,
+            )

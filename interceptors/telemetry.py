@@ -38,6 +38,17 @@ class CallRecord:
 
 #: Called once per finished call.
 CallHook = Callable[[CallRecord], None]
+#: Hot series kept resolved (per target, method and code); partner methods carry ids in their
+#: paths, so the cache is bounded and the rest are resolved per increment.
+MAX_BOUND_SERIES = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class BoundSeries:
+    """One series resolved once: its key in the counters and its labels for the hooks."""
+
+    key: tuple[str, Labels]
+    labels: Mapping[str, str]
 
 
 class ChainTelemetry:
@@ -49,6 +60,7 @@ class ChainTelemetry:
         self._lock = threading.Lock()
         self._counters: Counter[tuple[str, Labels]] = Counter()
         self._call_hooks: list[CallHook] = []
+        self._calls: dict[tuple[str, str, str], BoundSeries] = {}
 
     def add_hook(self, hook: CounterHook) -> None:
         """Follow every increment from now on (a Prometheus exporter, a test)."""
@@ -60,17 +72,29 @@ class ChainTelemetry:
 
     def record_call(self, record: CallRecord) -> None:
         """Count a finished call in ``calls_total`` and hand it to the call hooks."""
-        self.inc(CALLS, target=record.target, method=record.method, code=record.code)
+        series = self._calls.get((record.target, record.method, record.code))
+        if series is None:
+            series = self.bound(CALLS, target=record.target, method=record.method, code=record.code)
+            if len(self._calls) < MAX_BOUND_SERIES:
+                self._calls[(record.target, record.method, record.code)] = series
+        self.add(series)
         for hook in self._call_hooks:
             hook(record)
 
+    def bound(self, name: str, **labels: str) -> BoundSeries:
+        """Series ``name`` with ``labels``, resolved once, for :meth:`add` (a hot counter)."""
+        return BoundSeries(key=(name, tuple(sorted(labels.items()))), labels=labels)
+
     def inc(self, name: str, amount: int = 1, **labels: str) -> None:
         """Add ``amount`` to series ``name`` with ``labels``."""
-        key = (name, tuple(sorted(labels.items())))
+        self.add(BoundSeries(key=(name, tuple(sorted(labels.items()))), labels=labels), amount)
+
+    def add(self, series: BoundSeries, amount: int = 1) -> None:
+        """Add ``amount`` to a series from :meth:`bound`."""
         with self._lock:
-            self._counters[key] += amount
+            self._counters[series.key] += amount
         for hook in self._hooks:
-            hook(name, labels, amount)
+            hook(series.key[0], series.labels, amount)
 
     def value(self, name: str, **labels: str) -> int:
         """Sum of the series ``name`` whose labels include ``labels``."""

@@ -77,6 +77,23 @@ def server_interceptor(tracer_provider: trace.TracerProvider | None) -> aio.Serv
     return interceptor
 
 
+def skips_unsampled(tracer: Tracer) -> bool:
+    """Whether ``tracer`` samples parent-based (every ``parentbased_*`` sampler, the default):
+    then nothing below an unsampled parent is ever recorded, so the chain makes no span there."""
+    try:
+        from opentelemetry.sdk.trace.sampling import ParentBased
+    except ImportError:  # the API alone: its tracers record nothing anyway
+        return False
+    return isinstance(getattr(tracer, "sampler", None), ParentBased)
+
+
+def recorded_under(parent: trace.Span) -> bool:
+    """Whether a parent-based sampler may record a child of ``parent``: it is sampled, or there is
+    none (a new trace, which the sampler's root rule decides)."""
+    context = parent.get_span_context()
+    return not context.is_valid or context.trace_flags.sampled
+
+
 def propagation_fields() -> frozenset[str]:
     """Metadata keys the configured propagators write (``traceparent``, ``tracestate``, ...)."""
     return frozenset(propagate.get_global_textmap().fields)

@@ -17,9 +17,9 @@ import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import grpc
 from grpc import aio
 
+from interceptors.aio import ForwardingChannel
 from interceptors.chain import ClientChain
 from interceptors.http import PartnerClient
 from services.mesh.tls import TransportSecurity
@@ -135,7 +135,7 @@ class ClientFactory:
             await client.aclose()
 
 
-class RotatingChannel(aio.Channel):
+class RotatingChannel(ForwardingChannel):
     """An aio channel whose underlying channel can be replaced under stubs bound to it.
 
     A stub asks its channel for one multicallable per method at construction; here each
@@ -173,24 +173,6 @@ class RotatingChannel(aio.Channel):
 
     def stream_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return self._multicallable("stream_stream", method, kwargs)
-
-    async def __aenter__(self) -> RotatingChannel:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
-
-    async def close(self, grace: float | None = None) -> None:
-        await self._current.close(grace)
-
-    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
-        return self._current.get_state(try_to_connect)
-
-    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
-        await self._current.wait_for_state_change(last_observed_state)
-
-    async def channel_ready(self) -> None:
-        await self._current.channel_ready()
 
 
 class _RotatingCallable:

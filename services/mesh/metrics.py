@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -39,6 +40,9 @@ LATENCY_BUCKETS_S = (
     5.0,
     10.0,
 )
+#: Children of the client latency histogram kept bound, per (target, method); partner
+#: methods with ids in the path are many raw methods for one label, so the cache is bounded.
+MAX_BOUND_CHILDREN = 4096
 #: Value of ``paymesh_breaker_state`` per breaker state; half-open-ready (open, its open time
 #: passed, the next call a trial) reads as half-open.
 BREAKER_STATE_VALUES = {CLOSED: 0, HALF_OPEN: 1, HALF_OPEN_READY: 1, OPEN: 2}
@@ -238,6 +242,8 @@ class ServiceMetrics:
             buckets=LATENCY_BUCKETS_S,
             registry=self.registry,
         )
+        #: ``client_latency``'s child per (target, raw method), bound on first use.
+        self._client_children: dict[tuple[str, str], Any] = {}
 
     def observe_server(self, method: str, code: grpc.StatusCode, elapsed_s: float) -> None:
         """A ``ServerPolicyInterceptor`` observer: count and time one incoming RPC."""
@@ -250,8 +256,14 @@ class ServiceMetrics:
 
     def observe_client(self, record: CallRecord) -> None:
         """A ``ChainTelemetry`` call hook: time one outgoing call."""
-        method = method_label(record.method)
-        self.client_latency.labels(self.service, record.target, method).observe(record.duration_s)
+        key = (record.target, record.method)
+        child = self._client_children.get(key)
+        if child is None:  # once per edge and method: the label lookup costs more than observe
+            method = method_label(record.method)
+            child = self.client_latency.labels(self.service, record.target, method)
+            if len(self._client_children) < MAX_BOUND_CHILDREN:
+                self._client_children[key] = child
+        child.observe(record.duration_s)
 
     def follow_chain(
         self,

@@ -109,7 +109,9 @@ class RecentCalls:
         """Remember one finished call (a ``ChainTelemetry`` call hook)."""
         failed = is_failure(record.code)
         with self._lock:
-            edge = self._edges.setdefault(record.target, _Edge())
+            edge = self._edges.get(record.target)
+            if edge is None:
+                edge = self._edges[record.target] = _Edge()
             edge.calls.append((self._clock(), failed, record.duration_s))
             if failed:
                 edge.last_error = record.error or record.code

@@ -301,6 +301,8 @@ async def test_short_propagated_deadlines_never_open_the_targets_breaker() -> No
             with pytest.raises(aio.AioRpcError) as caught:
                 await caller.Relay(pb.RelayRequest(hold_ms=HOLD_MS), timeout=0.2)
             assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # The caller's answer can come before the relay's chain has recorded its last call.
+        await eventually(lambda: chain.telemetry.value("calls_total", target=TARGET) == CALLS)
     assert chain.telemetry.value("deadline_propagated_total", target=TARGET) == CALLS
     assert chain.telemetry.value("calls_total", target=TARGET, code="DEADLINE_EXCEEDED") == CALLS
     assert chain.breakers.states() == {TARGET: "closed"}

@@ -629,3 +629,30 @@ async def test_spans_reach_an_otlp_receiver_over_grpc_when_the_endpoint_is_set(
         # Stopping the service flushed its batch; the receiver runs in its own threads.
         wanted = ("order-service", "/paymesh.order.v1.OrderService/GetOrder")
         await eventually(lambda: wanted in {(s.service, s.name) for s in receiver.spans()})
+
+
+async def test_a_call_below_an_unsampled_parent_makes_no_span_and_forwards_its_context() -> None:
+    """Under the parent-based sampler nothing below an unsampled parent is recorded, so the
+    chain makes no span for it (not even a dropped one) and forwards the parent's context as is,
+    on every attempt; a sampled parent's call is recorded as before."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ParentBased(ALWAYS_ON))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    chain = make_chain(tracer_provider=provider)
+    trace_id, span_id = 0xAB << 64 | 0xCD, 0xEF
+    unsampled = NonRecordingSpan(SpanContext(trace_id, span_id, True, TraceFlags(0)))
+    async with serving() as srv, stub_for(chain, srv.address) as stub:
+        srv.servicer.fail("Read", UNAVAILABLE)
+        with trace.use_span(unsampled):
+            await stub.Read(pb.ReadRequest(text="x"))
+        assert exporter.get_finished_spans() == ()
+        sent = [a.metadata["traceparent"] for a in srv.servicer.attempts]
+        assert sent == [f"00-{trace_id:032x}-{span_id:016x}-00"] * 2
+        sampled = NonRecordingSpan(SpanContext(trace_id, span_id, True, TraceFlags(1)))
+        with trace.use_span(sampled):
+            await stub.Read(pb.ReadRequest(text="x"))
+    names = sorted(s.name for s in exporter.get_finished_spans())
+    assert names == [
+        "/paymesh.testing.v1.TestService/Read",
+        "paymesh.testing.v1.TestService/Read attempt",
+    ]
