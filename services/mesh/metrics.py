@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -231,6 +232,9 @@ class ServiceMetrics:
             ("service", "method"),
             registry=self.registry,
         )
+        #: (method, code) -> its labelled counter and histogram: prometheus_client's
+        #: ``labels()`` costs a lock and a tuple of strings per call; the children are the same.
+        self._server_children: dict[tuple[str, grpc.StatusCode], tuple[Any, Any]] = {}
         self.client_latency = Histogram(
             "paymesh_client_rpc_duration_seconds",
             "Time an outgoing call took as its caller saw it (retries and backoff included).",
@@ -241,8 +245,16 @@ class ServiceMetrics:
 
     def observe_server(self, method: str, code: grpc.StatusCode, elapsed_s: float) -> None:
         """A ``ServerPolicyInterceptor`` observer: count and time one incoming RPC."""
-        self.server_rpcs.labels(self.service, method, code.name).inc()
-        self.server_latency.labels(self.service, method).observe(elapsed_s)
+        children = self._server_children.get((method, code))
+        if children is None:
+            # Bounded: only served methods reach the observers, and there are 17 codes.
+            children = (
+                self.server_rpcs.labels(self.service, method, code.name),
+                self.server_latency.labels(self.service, method),
+            )
+            self._server_children[(method, code)] = children
+        children[0].inc()
+        children[1].observe(elapsed_s)
 
     def count_shed(self, method: str) -> None:
         """A ``ServerPolicyInterceptor`` hook: one call refused for the concurrency cap."""
