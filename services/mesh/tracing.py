@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import random
 import re
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -184,7 +184,9 @@ _GETTER = _MetadataGetter()
 
 def _extracted(metadata: Metadata | None) -> tuple[otel_context.Context, SpanContext]:
     """The context the configured propagators read from ``metadata``, and its span's ids."""
-    incoming = propagate.extract(metadata or (), getter=_GETTER)  # type: ignore[arg-type]  # pairs, read by _GETTER
+    # From an empty context, not the current one: a call starts a context of its own (and the
+    # current one may be an IncomingContext being read).
+    incoming = propagate.extract(metadata or (), otel_context.Context(), getter=_GETTER)  # type: ignore[arg-type]  # pairs, read by _GETTER
     return incoming, trace.get_current_span(incoming).get_span_context()
 
 
@@ -209,7 +211,7 @@ def _fresh_trace() -> otel_context.Context:
         is_remote=False,
         trace_flags=TraceFlags(TraceFlags.DEFAULT),
     )
-    return trace.set_span_in_context(NonRecordingSpan(span_context))
+    return trace.set_span_in_context(NonRecordingSpan(span_context), otel_context.Context())
 
 
 def unsampled_trace(metadata: Metadata | None) -> otel_context.Context | None:
@@ -276,6 +278,81 @@ def _w3c_unsampled_trace(metadata: Metadata | None) -> otel_context.Context | No
     return _remote(span_context)
 
 
+class IncomingContext(otel_context.Context):
+    """The context a call is served in when no span is made: the caller's trace, read from its
+    metadata only when something asks (a log line's trace id, a downstream call's
+    ``traceparent``, a span made under it), so a call that needs neither parses nothing.
+
+    Read once, then an ordinary context: what :func:`incoming_trace` would have given.
+    """
+
+    def __init__(
+        self,
+        metadata: Metadata | None,
+        read: Callable[[Metadata | None], otel_context.Context] = incoming_trace,
+    ) -> None:
+        super().__init__()
+        self._pending: tuple[Metadata | None, Callable[..., otel_context.Context]] | None = (
+            metadata,
+            read,
+        )
+
+    def _read(self) -> None:
+        pending = self._pending
+        if pending is None:
+            return
+        metadata, read = pending
+        for key, value in read(metadata).items():
+            dict.setdefault(self, key, value)  # a racing reader's values win; both agree then
+        self._pending = None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self._read()
+        return dict.get(self, key, default)
+
+    def __getitem__(self, key: str) -> object:
+        self._read()
+        return dict.__getitem__(self, key)
+
+    def __contains__(self, key: object) -> bool:
+        self._read()
+        return dict.__contains__(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        self._read()
+        return dict.__iter__(self)
+
+    def __len__(self) -> int:
+        self._read()
+        return dict.__len__(self)
+
+    def __eq__(self, other: object) -> bool:
+        self._read()
+        return dict.__eq__(self, other)
+
+    __hash__ = None  # type: ignore[assignment]  # a dict: unhashable
+
+    def __repr__(self) -> str:
+        self._read()
+        return dict.__repr__(self)
+
+    def keys(self) -> Any:
+        self._read()
+        return dict.keys(self)
+
+    def values(self) -> Any:
+        self._read()
+        return dict.values(self)
+
+    def items(self) -> Any:
+        self._read()
+        return dict.items(self)
+
+    def copy(self) -> dict[str, object]:
+        self._read()
+        return dict.copy(self)
+
+
 def _w3c_propagation() -> bool:
     """Whether the configured propagators are the default W3C ones (``OTEL_PROPAGATORS``)."""
     return set(propagate.get_global_textmap().fields) in _W3C_FIELDS
@@ -305,13 +382,15 @@ def server_tracing(
     interceptor (``ServerPolicyInterceptor(trace_context=...)``).
 
     When nobody receives spans: no interceptor (a layer costs an await per call) and the policy
-    interceptor makes :func:`incoming_trace` current. When someone does, the instrumentation
+    interceptor makes :func:`incoming_trace` current, read when first needed
+    (:class:`IncomingContext`). When someone does, the instrumentation
     makes a SERVER span per call; under a parent-based sampler (every ``parentbased_*``, the
     default) only for calls the caller did not mark unsampled, as those are never recorded.
     """
     w3c = _w3c_propagation()  # the common case reads traceparent itself, not through propagate
     if not recording:
-        return [], _w3c_incoming_trace if w3c else incoming_trace
+        read = _w3c_incoming_trace if w3c else incoming_trace
+        return [], lambda metadata: IncomingContext(metadata, read)
     traced = server_interceptor(provider)
     if isinstance(provider.sampler, ParentBased):
         unsampled = _w3c_unsampled_trace if w3c else unsampled_trace
