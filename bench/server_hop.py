@@ -17,6 +17,7 @@ import asyncio
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -107,11 +108,18 @@ async def _run(
         await _latencies(stubs[variant], 300)  # warm up: handshake, handler lookup, caches
     samples: dict[str, list[float]] = {v: [] for v in VARIANTS}
     spent: dict[str, float] = dict.fromkeys(VARIANTS, 0.0)
+    #: Per round, each variant's median latency over bare's in the same round (paired).
+    paired: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for _ in range(rounds):  # interleaved, in a fresh order, so drift hits all alike
+        medians = {}
         for variant in random.sample(list(VARIANTS), len(VARIANTS)):
             before = cpu_s(servers[variant].pid)
-            samples[variant] += await _latencies(stubs[variant], calls // rounds)
+            taken = await _latencies(stubs[variant], calls // rounds)
             spent[variant] += cpu_s(servers[variant].pid) - before
+            samples[variant] += taken
+            medians[variant] = statistics.median(taken)
+        for variant in VARIANTS:
+            paired[variant].append(medians[variant] / medians["bare"])
     for channel in channels.values():
         await channel.close()
     bare = _summary(samples["bare"])
@@ -124,6 +132,7 @@ async def _run(
             **summary,
             "server_cpu_us": cpu_us,
             "ratio_median": summary["median_us"] / bare["median_us"],
+            "ratio_median_paired": statistics.median(paired[variant]),
             "ratio_p99": summary["p99_us"] / bare["p99_us"],
             "ratio_server_cpu": cpu_us / bare_cpu_us,
         }
@@ -153,11 +162,15 @@ def main(calls: int, rounds: int) -> None:
             for process in servers.values():
                 process.terminate()
                 process.wait()
-    print(f"{'server (mTLS)':20} {'median':>9} {'p99':>9} {'CPU/call':>9}  latency, CPU to bare")
+    print(
+        f"{'server (mTLS)':20} {'median':>9} {'p99':>9} {'CPU/call':>9}  "
+        "latency, paired by round, CPU to bare"
+    )
     for variant, f in figures.items():
         print(
             f"{variant:20} {f['median_us']:7.1f}us {f['p99_us']:7.1f}us "
-            f"{f['server_cpu_us']:7.1f}us  {f['ratio_median']:.2f}x, {f['ratio_server_cpu']:.2f}x"
+            f"{f['server_cpu_us']:7.1f}us  {f['ratio_median']:.2f}x, "
+            f"{f['ratio_median_paired']:.2f}x, {f['ratio_server_cpu']:.2f}x"
         )
     print(json.dumps({"bench": "server_hop", "calls": calls, "rounds": rounds, **figures}))
 
