@@ -15,6 +15,7 @@ a line for every call cost more than the rest of this interceptor.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -219,17 +220,16 @@ class ServerPolicyInterceptor(aio.ServerInterceptor):
                 return handler
             return self._guarded_stream(handler, method)
         intercept = self.intercept
-        options = {
+        options: dict[str, Any] = {
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,
         }
         behaviour: Any
         if not handler.response_streaming:
             behaviour = handler.unary_unary or handler.stream_unary
-
-            async def unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-                return await intercept(behaviour, request, context, method)
-
+            # One coroutine per call, the policy's own (a partial of a coroutine function is
+            # one to grpc.aio too).
+            unary = functools.partial(self.serve, method, behaviour)
             if handler.request_streaming:
                 return grpc.stream_unary_rpc_method_handler(unary, **options)
             return grpc.unary_unary_rpc_method_handler(unary, **options)
@@ -253,6 +253,17 @@ class ServerPolicyInterceptor(aio.ServerInterceptor):
         context: aio.ServicerContext[Any, Any],
         method_name: str,
     ) -> Any:
+        """Serve one call of ``method_name`` by ``method`` under the policy."""
+        return await self.serve(method_name, method, request_or_iterator, context)
+
+    async def serve(
+        self,
+        method_name: str,
+        method: Callable[[Any, aio.ServicerContext[Any, Any]], Any],
+        request_or_iterator: Any,
+        context: aio.ServicerContext[Any, Any],
+    ) -> Any:
+        """:meth:`intercept`, arguments in the order a handler bound to its method takes."""
         started = self._clock()
         token = set_incoming_deadline(context.time_remaining(), clock=self._clock)
         trace_context = self._trace_context
