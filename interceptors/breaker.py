@@ -1,9 +1,10 @@
 """One circuit breaker per target: trips on failures or slow calls, caps the calls in flight.
 
-Three rules open it, whichever comes first: the failure rate of a sliding time window, a
-run of consecutive failures, and the slow-call rate of the last calls (resilience4j), where a
-call still in flight counts as slow as soon as it has run too long, so a hung target is
-noticed before any deadline expires. Opening fails the calls still in flight at once, as
+Three rules open it, whichever comes first: the failure rate of a sliding time window
+(counted in time buckets, so a call costs the same however many the window holds), a run of
+consecutive failures, and the slow-call rate of the last calls (resilience4j), where a call
+still in flight counts as slow as soon as it has run too long, so a hung target is noticed
+before any deadline expires. Opening fails the calls still in flight at once, as
 closing a dead connection would. Beyond ``max_concurrent_calls`` in flight a call is refused
 (Envoy's ``max_requests``). pybreaker holds the state machine and fires its listeners; a
 lock is held only to admit and to record, never across a call. No gRPC import.
@@ -23,6 +24,7 @@ from typing import Any
 import pybreaker
 
 from interceptors.policy import BreakerPolicy
+from interceptors.window import FailureWindow
 
 log = logging.getLogger("paymesh.chain")
 
@@ -179,8 +181,7 @@ class TargetBreaker:
         self._cb = pybreaker.CircuitBreaker(
             reset_timeout=policy.open_s, name=target, listeners=[_Listener(on_transition)]
         )
-        self._window: deque[tuple[float, bool]] = deque()
-        self._failures = 0  # of the window, kept as it moves: a readout must stay cheap
+        self._window = FailureWindow(policy.window_s, policy.window_buckets)
         self._speeds: deque[bool] = deque(maxlen=policy.slow_call_window_calls)
         self._slow_calls = 0  # of ``_speeds``
         self._consecutive = 0
@@ -267,11 +268,7 @@ class TargetBreaker:
         if outcome is Outcome.IGNORED:
             return
         failed = outcome is Outcome.FAILURE
-        self._window.append((now, failed))
-        self._failures += failed
-        horizon = now - self.policy.window_s
-        while self._window and self._window[0][0] <= horizon:
-            self._failures -= self._window.popleft()[1]
+        self._window.record(now, failed=failed)
         if not failed:
             self._consecutive = 0
             return  # only a failure can tip a failure rule
@@ -279,7 +276,7 @@ class TargetBreaker:
         if self._consecutive >= self.policy.consecutive_failures:
             self._trip("consecutive_failures", f"{self._consecutive} failures in a row")
             return
-        failures, calls = self._failures, len(self._window)
+        failures, calls = self._window.failures, self._window.calls
         if calls >= self.policy.minimum_calls and failures >= self.policy.failure_rate * calls:
             self._trip(
                 "failure_rate",
@@ -341,7 +338,6 @@ class TargetBreaker:
     def _transition(self, state: str) -> None:
         self._generation += 1
         self._window.clear()
-        self._failures = 0
         self._speeds.clear()
         self._slow_calls = 0
         self._unnoticed.clear()
@@ -380,6 +376,7 @@ class TargetBreaker:
             # Admitted in clock order, so the first entry in flight is the oldest.
             oldest = next(iter(self._in_flight.values()), None)
             waited = 0.0 if oldest is None else now - oldest.started_at
+            self._window.advance(now)  # drop what expired since the last call
             return BreakerReadout(
                 state=state,
                 open_left_s=round(left, 3),
@@ -387,8 +384,8 @@ class TargetBreaker:
                 max_concurrent_calls=self.policy.max_concurrent_calls,
                 oldest_in_flight_s=round(waited, 3),
                 consecutive_failures=self._consecutive,
-                window_calls=len(self._window),
-                window_failures=self._failures,
+                window_calls=self._window.calls,
+                window_failures=self._window.failures,
                 slow_calls=self._slow_calls,
                 last_trip=self._last_trip,
             )

@@ -110,7 +110,11 @@ class BreakerPolicy:
     failure_rate: float = 0.6
     """Share of failed calls within the window that trips it."""
     window_s: float = 60.0
-    """Sliding window the failure rate is computed over."""
+    """Sliding window the failure rate is computed over: a call counts in it for more than
+    ``window_s`` and at most one bucket (``window_s / window_buckets``) longer."""
+    window_buckets: int = 60
+    """Buckets the window is counted in (resilience4j's time-based window: 1 s each of 60 s),
+    so a call costs the same however many the window holds."""
     open_s: float = 30.0
     """How long it stays open before admitting trial calls."""
     half_open_calls: int = 3
@@ -133,7 +137,7 @@ class BreakerPolicy:
     def __post_init__(self) -> None:
         for name in ("minimum_calls", "half_open_calls", "consecutive_failures"):
             _at_least_one(name, getattr(self, name))
-        for name in ("slow_call_window_calls", "max_concurrent_calls"):
+        for name in ("window_buckets", "slow_call_window_calls", "max_concurrent_calls"):
             _at_least_one(name, getattr(self, name))
         for name in ("failure_rate", "slow_call_rate"):
             value = getattr(self, name)

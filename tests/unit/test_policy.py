@@ -141,6 +141,7 @@ def test_deployed_file_keeps_the_defaults_and_gives_partners_more_time(
         ("slow_call_duration_s", 0),
         ("slow_call_rate", 0),
         ("slow_call_rate", 1.5),
+        ("window_buckets", 0),
         ("slow_call_window_calls", 0),
         ("max_concurrent_calls", 0),
         ("max_concurrent_calls", 1.5),
