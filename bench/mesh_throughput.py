@@ -35,8 +35,8 @@ from grpc import aio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "gen")]
 
-from bench.access_log import _cpu_s  # noqa: E402
 from bench.chain_overhead import _start_server  # noqa: E402
+from bench.server_hop import cpu_s as _cpu_s  # noqa: E402
 from paymesh.common.v1 import common_pb2  # noqa: E402
 from paymesh.merchant.v1 import merchant_pb2, merchant_pb2_grpc  # noqa: E402
 from paymesh.merchant_auth.v1 import merchant_auth_pb2, merchant_auth_pb2_grpc  # noqa: E402

@@ -37,6 +37,8 @@ REFLECTION_PREFIXES = ("/grpc.reflection.v1alpha.", "/grpc.reflection.v1.")
 #: Metadata a merchant-facing service forwards to merchant-auth: where the merchant connected from.
 CLIENT_PEER_KEY = "x-paymesh-client-peer"
 AUTHORIZATION_KEY = "authorization"
+#: Certificates whose SPIFFE id a gate remembers (forgotten all at once beyond it).
+MAX_CACHED_IDENTITIES = 1024
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -175,6 +177,31 @@ class CallGate:
         self._authenticate = authenticate
         self._reflection = reflection
         self._plaintext = plaintext
+        #: The certificate's SANs (cheap to read) -> its verified SPIFFE id (reading the whole
+        #: auth context costs more than the rest of the decision): a connection's certificate
+        #: is the same on each of its calls.
+        self._identities: dict[tuple[bytes, ...], str | None] = {}
+        #: Caller SPIFFE id -> its admission (immutable, shared by its calls).
+        self._admissions = {
+            spiffe: Admission(caller=name) for spiffe, name in self._name_of.items()
+        }
+
+    def _peer_id(self, context: Any) -> str | None:
+        """The caller's verified SPIFFE id (``services.mesh.tls.peer_identity``), cached by
+        the certificate's subject alternative names."""
+        sans = context.peer_identities()
+        if not sans:
+            return None  # no client certificate (merchant port, plaintext)
+        key = tuple(sans)
+        try:
+            return self._identities[key]
+        except KeyError:
+            pass
+        peer_id = peer_identity(context)
+        if len(self._identities) >= MAX_CACHED_IDENTITIES:
+            self._identities.clear()  # bounded: a mesh has a few dozen identities
+        self._identities[key] = peer_id
+        return peer_id
 
     def allowed(self, method: str, peer_id: str | None) -> bool:
         """Whether identity ``peer_id`` (None: no certificate) may call ``method`` at all."""
@@ -188,13 +215,23 @@ class CallGate:
 
     def check_stream(self, method: str, context: Any) -> None:
         """The check of a call that carries no API key (reflection, health)."""
-        peer_id = peer_identity(context)
+        peer_id = self._peer_id(context)
         if not self.allowed(method, peer_id):
             raise self._denied(method, peer_id)
 
+    def admit_now(self, method: str, context: Any) -> Admission | None:
+        """A mesh caller's admission, decided without awaiting: admitted, or PermissionDenied;
+        None when there is no certificate, so :meth:`admit` must look at an API key."""
+        peer_id = self._peer_id(context)
+        if peer_id is None:
+            return None
+        if peer_id not in self._allowed.get(method, ()):
+            raise self._denied(method, peer_id)
+        return self._admissions.get(peer_id) or Admission(caller=peer_id)
+
     async def admit(self, method: str, context: Any) -> Admission:
         """Admit the call or raise PermissionDenied / Unauthenticated naming why."""
-        peer_id = peer_identity(context)
+        peer_id = self._peer_id(context)
         if peer_id is None and self._plaintext:
             # Plaintext development mesh (PAYMESH_INSECURE=1): no identity exists, so nothing
             # can be authorized; a call with an API key still runs as its merchant.
@@ -207,7 +244,7 @@ class CallGate:
             return await self._merchant(method, context)
         if peer_id not in self._allowed.get(method, ()):
             raise self._denied(method, peer_id)
-        return Admission(caller=self._name_of.get(peer_id, peer_id))
+        return self._admissions.get(peer_id) or Admission(caller=peer_id)
 
     async def _merchant(self, method: str, context: Any) -> Admission:
         secret = bearer_token(context.invocation_metadata() or ())

@@ -426,8 +426,11 @@ def registrations_for(spec: ServiceSpec, served: Served) -> list[Registration]:
     return registrations
 
 
-def make_server(runtime: _Runtime) -> aio.Server:
-    """Step 4: the aio server with its interceptors (tracing, then policy and the gate)."""
+def make_server(runtime: _Runtime) -> tuple[aio.Server, ServerPolicyInterceptor]:
+    """Step 4: the aio server and the policy its handlers are registered behind (admission,
+    the gate, faults, metrics, access log, trace context); spans, when recorded, come from
+    the tracing interceptors around it. The policy is on the handlers, not an interceptor: a
+    grpc.aio interceptor costs an await and a new handler per call."""
     config, context, metrics = runtime.config, runtime.context, runtime.metrics
     gate = CallGate(
         service=config.name,
@@ -440,33 +443,37 @@ def make_server(runtime: _Runtime) -> aio.Server:
         plaintext=config.security.plaintext,
     )
     tracing, trace_context = server_tracing(runtime.tracer_provider, recording=runtime.recording)
-    return aio.server(
-        interceptors=[
-            *tracing,  # first: the policy's work is in the span
-            ServerPolicyInterceptor(
-                domain=config.name,
-                faults=context.faults,
-                observers=(metrics.observe_server,),
-                gate=gate,
-                max_in_flight=config.limits.max_in_flight,
-                on_shed=metrics.count_shed,
-                prechecks=context.prechecks,
-                access_log_sample=config.access_log_sample,
-                trace_context=trace_context,
-            ),
-        ],
+    policy = ServerPolicyInterceptor(
+        domain=config.name,
+        faults=context.faults,
+        observers=(metrics.observe_server,),
+        gate=gate,
+        max_in_flight=config.limits.max_in_flight,
+        on_shed=metrics.count_shed,
+        prechecks=context.prechecks,
+        access_log_sample=config.access_log_sample,
+        trace_context=trace_context,
+    )
+    server = aio.server(
+        interceptors=tracing,  # around the handlers: the policy's work is in the span
         # A taken port must be an error, never a silent second listener.
         options=[("grpc.so_reuseport", 0), *config.limits.grpc_options()],
     )
+    return server, policy
 
 
 def register(
-    server: aio.Server, runtime: _Runtime, registrations: Sequence[Registration]
+    server: aio.Server,
+    runtime: _Runtime,
+    registrations: Sequence[Registration],
+    policy: ServerPolicyInterceptor,
 ) -> tuple[MeshHealthServicer, DiagnosticsServicer]:
-    """Step 5: the service's servicers, Diagnostics, health and reflection on ``server``."""
+    """Step 5: the service's servicers, Diagnostics, health and reflection on ``server``,
+    each behind ``policy``."""
     config, context = runtime.config, runtime.context
+    target: Any = policy.registering_on(server)  # stands for the server while registering
     for registration in registrations:
-        registration.add_to_server(registration.servicer, server)
+        registration.add_to_server(registration.servicer, target)
     chain = context.clients.chain
     diagnostics = DiagnosticsServicer(
         spec=config.spec,
@@ -478,12 +485,12 @@ def register(
             target, address, options=chain.channel_options()
         ),
     )
-    mesh_pb2_grpc.add_DiagnosticsServiceServicer_to_server(diagnostics, server)
+    mesh_pb2_grpc.add_DiagnosticsServiceServicer_to_server(diagnostics, target)
     health = MeshHealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, target)
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
     names = [r.service_name for r in registrations]
-    reflection.add_to_server(server, (*names, DIAGNOSTICS_SERVICE, health_name))
+    reflection.add_to_server(target, (*names, DIAGNOSTICS_SERVICE, health_name))
     return health, diagnostics
 
 
@@ -628,8 +635,8 @@ async def serve(
     runtime = connect(config, span_processors)
     registrations = await build_servicers(build, runtime.context)
     names = [r.service_name for r in registrations]
-    server = make_server(runtime)
-    health, diagnostics = register(server, runtime, registrations)
+    server, server_policy = make_server(runtime)
+    health, diagnostics = register(server, runtime, registrations, server_policy)
     bound, public = await listen(server, config)
     admin_bound = await start_admin(server, runtime)
     readiness = await go_serving(health, runtime, names)

@@ -100,6 +100,11 @@ class FaultInjector:
         """Remove every fault."""
         self._faults = ()
 
+    @property
+    def active(self) -> bool:
+        """Whether any fault is set: without one the server skips injection altogether."""
+        return bool(self._faults)
+
     def snapshot(self) -> list[dict[str, Any]]:
         """The faults as JSON-ready dicts."""
         return [asdict(f) for f in self._faults]

@@ -15,16 +15,16 @@ a line for every call cost more than the rest of this interceptor.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from typing import Any, Protocol, TypeAlias
 
 import grpc
 from google.rpc import status_pb2
 from grpc import aio
-from grpc_interceptor.server import AsyncServerInterceptor
 from opentelemetry import context as otel_context
 
 from interceptors.codes import DEPENDENCY_FAULT
@@ -70,6 +70,44 @@ _SERVER_FAULTS = frozenset(
 )
 
 
+class Registrar:
+    """Stands for an aio server while servicers register: puts each handler behind ``policy``."""
+
+    def __init__(self, server: aio.Server, policy: ServerPolicyInterceptor) -> None:
+        self._server = server
+        self._policy = policy
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        """As ``aio.Server.add_generic_rpc_handlers``, each handler behind the policy."""
+        self._server.add_generic_rpc_handlers(
+            tuple(_GuardedLookup(handler, self._policy) for handler in handlers)
+        )
+
+    def add_registered_method_handlers(
+        self, service_name: str, handlers: Mapping[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        """As ``aio.Server.add_registered_method_handlers``, each handler behind the policy."""
+        wrap = self._policy.wrap
+        guarded = {name: wrap(h, f"/{service_name}/{name}") for name, h in handlers.items()}
+        self._server.add_registered_method_handlers(
+            service_name, {name: h for name, h in guarded.items() if h is not None}
+        )
+
+
+class _GuardedLookup(grpc.GenericRpcHandler):
+    """A generic handler whose handlers are found behind the policy (wrapped once per method)."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler, policy: ServerPolicyInterceptor) -> None:
+        self._inner = inner
+        self._policy = policy
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        found = self._inner.service(handler_call_details)
+        return self._policy.wrap(found, handler_call_details.method)
+
+
 class Admitted(Protocol):
     """A gate's decision for one admitted call."""
 
@@ -84,6 +122,10 @@ class Admitted(Protocol):
 class Gate(Protocol):
     """Authorization of incoming calls on the verified caller (``services.mesh.authz.CallGate``)."""
 
+    def admit_now(self, method: str, context: Any) -> Admitted | None:
+        """Decide without awaiting (a mesh identity): admit, raise a ServiceError, or None
+        when the decision needs :meth:`admit` (an API key to check)."""
+
     async def admit(self, method: str, context: Any) -> Admitted:
         """Admit the call, or raise a ServiceError saying why not."""
 
@@ -91,8 +133,12 @@ class Gate(Protocol):
         """The check of gRPC's own streams (reflection): raise a ServiceError to refuse."""
 
 
-class ServerPolicyInterceptor(AsyncServerInterceptor):
-    """Captures the deadline, maps exceptions to rich status and logs one line per call."""
+class ServerPolicyInterceptor(aio.ServerInterceptor):
+    """Captures the deadline, maps exceptions to rich status and logs one line per call.
+
+    Either an aio interceptor, or (cheaper: no await nor handler made per call) put on the
+    handlers as they are registered, through :meth:`registering_on`.
+    """
 
     def __init__(
         self,
@@ -133,6 +179,8 @@ class ServerPolicyInterceptor(AsyncServerInterceptor):
         self._prechecks: Mapping[str, Callable[[], None]] = {} if prechecks is None else prechecks
         self._trace_context = trace_context
         self._in_flight = 0
+        #: Full method path -> (the handler found, the same behind this policy): made once.
+        self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
 
     @property
     def in_flight(self) -> int:
@@ -142,18 +190,61 @@ class ServerPolicyInterceptor(AsyncServerInterceptor):
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        return self.wrap(await continuation(handler_call_details), handler_call_details.method)
+
+    def registering_on(self, server: aio.Server) -> Registrar:
+        """What to pass to ``add_XxxServicer_to_server`` instead of ``server``: the handlers
+        reach ``server`` behind this policy, so no aio interceptor runs per call."""
+        return Registrar(server, self)
+
+    def wrap(
+        self, handler: grpc.RpcMethodHandler[Any, Any] | None, method: str
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        """``handler`` of ``method`` behind this policy (None stays None: UNIMPLEMENTED)."""
+        if handler is None:
+            return None
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrapped_handler(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrapped_handler(
+        self, handler: grpc.RpcMethodHandler[Any, Any], method: str
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         # Health and reflection are gRPC's own long-lived streams: they carry no domain
         # errors, and wrapping them turns their cancellation at shutdown into logged noise.
-        method = handler_call_details.method
         if method.startswith(_GRPC_INFRA):
-            infra = await continuation(handler_call_details)
-            if self._gate is None or infra is None or method.startswith(_HEALTH):
-                return infra
-            return self._guarded_stream(infra, method)
-        handler: grpc.RpcMethodHandler[Any, Any] | None = await super().intercept_service(  # type: ignore[no-untyped-call]  # untyped in grpc-interceptor
-            continuation, handler_call_details
-        )
-        return handler
+            if self._gate is None or method.startswith(_HEALTH):
+                return handler
+            return self._guarded_stream(handler, method)
+        intercept = self.intercept
+        options: dict[str, Any] = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        behaviour: Any
+        if not handler.response_streaming:
+            behaviour = handler.unary_unary or handler.stream_unary
+            # One coroutine per call, the policy's own (a partial of a coroutine function is
+            # one to grpc.aio too).
+            unary = functools.partial(self.serve, method, behaviour)
+            if handler.request_streaming:
+                return grpc.stream_unary_rpc_method_handler(unary, **options)
+            return grpc.unary_unary_rpc_method_handler(unary, **options)
+        behaviour = handler.unary_stream or handler.stream_stream
+
+        async def streaming(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+            responses = await intercept(behaviour, request, context, method)
+            if responses is None:  # the handler wrote with context.write
+                return
+            async for response in responses:
+                yield response
+
+        if handler.request_streaming:
+            return grpc.stream_stream_rpc_method_handler(streaming, **options)
+        return grpc.unary_stream_rpc_method_handler(streaming, **options)
 
     async def intercept(
         self,
@@ -162,6 +253,17 @@ class ServerPolicyInterceptor(AsyncServerInterceptor):
         context: aio.ServicerContext[Any, Any],
         method_name: str,
     ) -> Any:
+        """Serve one call of ``method_name`` by ``method`` under the policy."""
+        return await self.serve(method_name, method, request_or_iterator, context)
+
+    async def serve(
+        self,
+        method_name: str,
+        method: Callable[[Any, aio.ServicerContext[Any, Any]], Any],
+        request_or_iterator: Any,
+        context: aio.ServicerContext[Any, Any],
+    ) -> Any:
+        """:meth:`intercept`, arguments in the order a handler bound to its method takes."""
         started = self._clock()
         token = set_incoming_deadline(context.time_remaining(), clock=self._clock)
         trace_context = self._trace_context
@@ -176,9 +278,14 @@ class ServerPolicyInterceptor(AsyncServerInterceptor):
                 precheck = self._prechecks.get(method_name)
                 if precheck is not None:
                     precheck()  # before the gate: refusing must cost no authentication
-                if self._gate is not None:
-                    admitted = await self._gate.admit(method_name, context)
-                if self._faults is not None:
+                gate = self._gate
+                if gate is not None:
+                    # A mesh caller is decided without a coroutine; an API key is awaited.
+                    admitted = gate.admit_now(method_name, context)
+                    if admitted is None:
+                        admitted = await gate.admit(method_name, context)
+                faults = self._faults
+                if faults is not None and faults.active:
                     await self._inject(method_name)
                 response = method(request_or_iterator, context)
                 if hasattr(response, "__aiter__"):

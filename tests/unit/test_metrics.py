@@ -195,3 +195,21 @@ def test_partner_calls_that_normalise_alike_add_up() -> None:
         )
         == 2
     )
+
+
+def test_server_latency_buckets_count_what_took_at_most_their_bound() -> None:
+    metrics = ServiceMetrics(service="order-service")
+
+    for elapsed_s in (0.001, 0.0011, 0.003, 60.0):
+        metrics.observe_server(GET_ORDER, grpc.StatusCode.OK, elapsed_s)
+
+    labels = {"service": "order-service", "method": GET_ORDER}
+    bucket = "paymesh_server_rpc_duration_seconds_bucket"
+    assert _value(metrics, bucket, **labels, le="0.001") == 1
+    assert _value(metrics, bucket, **labels, le="0.0025") == 2
+    assert _value(metrics, bucket, **labels, le="0.005") == 3
+    assert _value(metrics, bucket, **labels, le="10.0") == 3
+    assert _value(metrics, bucket, **labels, le="+Inf") == 4
+    assert _value(metrics, "paymesh_server_rpc_duration_seconds_sum", **labels) == (
+        0.001 + 0.0011 + 0.003 + 60.0
+    )
