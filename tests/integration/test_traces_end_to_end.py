@@ -58,6 +58,7 @@ def traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TracedProcesses
             OTEL_EXPORTER_OTLP_INSECURE="true",
             OTEL_BSP_SCHEDULE_DELAY="100",  # ms: spans reach the receiver soon after they end
             CHANNEL_ADAPTER_RATE_TTL_S="0",  # every payment asks the exchange-rate partner
+            MERCHANT_AUTH_SERVICE_MERCHANT_CACHE_S="0",  # and merchant-auth asks merchant-service
         )
         # The default sampler stays: the merchant's traceparent says whether to record.
         for variable in ("OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG", "OTEL_SDK_DISABLED"):

@@ -146,6 +146,8 @@ async def traced_mesh(tmp_path: Path) -> AsyncIterator[TracedMesh]:
             "PAYMESH_VAR_DIR": str(tmp_path),
             "PARTNER_SANDBOX_ADDR": sandbox_address,
             SAMPLER_ARG_VAR: "1",  # every payment, not the default share of new traces
+            # merchant-auth asks merchant-service on every check, so that hop is in each trace
+            "MERCHANT_AUTH_SERVICE_MERCHANT_CACHE_S": "0",
         }
         addresses: dict[str, ServedAddress] = {}
 
