@@ -2,7 +2,8 @@
 
 A payment's row is written in the same transaction that claims its request id, and its
 ``step`` is committed after every downstream step, so after a crash the recovery pass knows
-exactly where each unfinished payment stopped. Reaching a terminal status, completing the
+exactly where each unfinished payment stopped (a step whose call the callee dedupes commits
+its result with the next step's state). Reaching a terminal status, completing the
 idempotency claim with the final response and writing the outbox rows that announce it
 (webhook, analytics event, order status) happen in one transaction.
 """
@@ -43,13 +44,15 @@ class Step:
     ASSESSED = "assessed"
     """Risk approved (or flagged for review)."""
     ORDERED = "ordered"
-    """Order recorded at order-service."""
+    """Order recorded at order-service (rows of earlier versions only: the order's result is
+    now committed with CHARGING)."""
     CHARGING = "charging"
-    """About to call (or calling) the channel: from here a charge may exist."""
+    """Order recorded; about to call (or calling) the channel: from here a charge may exist."""
     CHARGED = "charged"
     """The channel captured the money."""
     POSTED = "posted"
-    """The capture is in the ledger."""
+    """The capture is in the ledger (rows of earlier versions only: the ledger's result is
+    now committed with the terminal status)."""
     VOIDING = "voiding"
     """The captured charge is being voided because the payment cannot complete."""
     FINISHED = "finished"
@@ -660,7 +663,8 @@ class PaymentStore:
                 ):
                     record = record_of(row)
                     if isinstance(record, PaymentRecord):
-                        events = payment_events(record)
+                        # The flow of that version marked the order PAID itself.
+                        events = payment_events(record, order_paid=False)
                     else:
                         events = refund_events(record, self._payment(record.payment_id))
                     self.outbox.add(tx, row[key], events)
