@@ -289,7 +289,7 @@ class PaymentFlow:
                 return await self._order(p, recovering=recovering)
             case Step.ORDERED:
                 # Only in rows an earlier version wrote (the order step now commits CHARGING).
-                return self._store.advance(p.payment_id, Step.CHARGING)
+                return self._store.advance(p, Step.CHARGING)
             case Step.CHARGING:
                 return await self._charge(p, recovering=recovering)
             case Step.CHARGED:
@@ -305,9 +305,9 @@ class PaymentFlow:
     def _finish(
         self, p: PaymentRecord, status: pg.PaymentStatus.ValueType, **fields: object
     ) -> PaymentRecord:
-        self._store.finish(p.payment_id, status, **fields)
+        finished = self._store.finish(p.payment_id, status, **fields)
         self._on_outbox()
-        return self._store.payment(p.payment_id)
+        return finished
 
     def _before_side_effects(
         self, p: PaymentRecord, target: str, error: CallError, *, recovering: bool
@@ -368,7 +368,7 @@ class PaymentFlow:
             return self._finish(
                 p, pg.PAYMENT_STATUS_DECLINED, decline_reason=Reason.RISK_DECLINED, **facts
             )
-        return self._store.advance(p.payment_id, Step.ASSESSED, **facts)
+        return self._store.advance(p, Step.ASSESSED, **facts)
 
     async def _order(self, p: PaymentRecord, *, recovering: bool) -> PaymentRecord:
         order_id = order_id_of(p.payment_id)
@@ -393,7 +393,7 @@ class PaymentFlow:
             return self._finish(p, pg.PAYMENT_STATUS_FAILED, failure_reason=reason_of(error))
         # The order's result and "a charge may exist from here" in one commit: nothing runs
         # between them, and a crash before it only repeats CreateOrder (same request id).
-        return self._store.advance(p.payment_id, Step.CHARGING, order_id=order_id)
+        return self._store.advance(p, Step.CHARGING, order_id=order_id)
 
     def _charge_request(self, p: PaymentRecord) -> ca.ChargeRequest:
         # Built only from the stored row, so a re-sent charge has the very same body and the
@@ -457,7 +457,7 @@ class PaymentFlow:
             if not settled.currency_code:
                 settled = charge.amount
             return self._store.advance(
-                p.payment_id,
+                p,
                 Step.CHARGED,
                 charge_id=charge.charge_id,
                 captured_minor=charge.amount.amount_minor,
@@ -515,7 +515,7 @@ class PaymentFlow:
             # The ledger refuses this capture for good: give the customer's money back.
             log.error("ledger refused %s: %s; voiding", transaction_id, error.details())
             voiding = self._store.advance(
-                p.payment_id, Step.VOIDING, failure_reason=reason_of(error, Reason.INTERNAL_ERROR)
+                p, Step.VOIDING, failure_reason=reason_of(error, Reason.INTERNAL_ERROR)
             )
             return await self._void(voiding, voiding.failure_reason)
         # Posted: the payment succeeded. The ledger's result commits with the terminal status

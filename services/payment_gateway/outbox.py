@@ -375,6 +375,8 @@ class OutboxRelay:
             finally:
                 sent, self._sent[target] = self._sent[target], []
                 self._outbox.delivered_many(sent)
+            if len(rows) < self._policy.batch:
+                break  # that was every due row: no second look
         upcoming = self._outbox.next_attempt_time(target)
         if upcoming is None:
             return self._policy.interval_s

@@ -365,15 +365,24 @@ class PaymentStore:
             )
             return self._payment(payment_id)
 
-    def advance(self, payment_id: str, step: str, **fields: Any) -> PaymentRecord:
-        """Commit that ``step`` is done, with the facts it produced."""
-        self._update("payments", _PAYMENT_COLUMNS, "payment_id", payment_id, step=step, **fields)
-        return self._payment(payment_id)
+    def advance(self, payment: PaymentRecord | str, step: str, **fields: Any) -> PaymentRecord:
+        """Commit that ``step`` is done, with the facts it produced.
+
+        Given the payment's current row (its flow is the one writer of an unfinished
+        payment), the new row is that row with the change, without reading it back.
+        """
+        if isinstance(payment, str):
+            payment = self._payment(payment)
+        fields["step"] = step
+        fields.setdefault("update_time_ns", self._db.clock_ns())
+        self._update("payments", _PAYMENT_COLUMNS, "payment_id", payment.payment_id, **fields)
+        return dataclasses.replace(payment, **fields)
 
     def finish(
         self, payment_id: str, status: pg.PaymentStatus.ValueType, **fields: Any
-    ) -> pg.Payment:
-        """Set the terminal status and complete the request id's claim, in one transaction."""
+    ) -> PaymentRecord:
+        """Set the terminal status and complete the request id's claim, in one transaction;
+        returns the finished row."""
         with self._db.transaction() as tx:
             now = self._db.clock_ns()
             self._update(
@@ -396,7 +405,7 @@ class PaymentStore:
                 pg.CreatePaymentResponse(payment=payment),
             )
             self.outbox.add(tx, payment_id, payment_events(record))
-            return payment
+            return record
 
     def abandon(self, payment_id: str, *, reason: str) -> None:
         """Forget a payment that failed before any side effect, and free its request id.
