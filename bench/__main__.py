@@ -4,9 +4,11 @@
 (both from ``bench.chain_overhead``), 2b. mTLS vs plaintext on a warm channel
 (``bench.tls_overhead``), 2c. the server hop's tracing when nothing records, before and after
 (``bench.server_tracing``), 3. outage of one hop for the old BreakerClient, gRPC's
-own retries and the chain (``bench.outage``), 4. mesh throughput (``bench.mesh_throughput``),
-5. the breaker's failure accounting at 1 000 and 10 000 calls/s (``bench.breaker_accounting``).
-Each prints its figures and ends with one JSON line; this collects them into
+own retries (careful and not) and the chain, and their cost on a healthy target
+(``bench.outage``), 4. mesh throughput: cache-cold CreatePayment, CPU per payment per service,
+RSS per service (``bench.mesh_throughput``), 5. the breaker's failure accounting at 1 000 and
+10 000 calls/s (``bench.breaker_accounting``). Each prints its figures and ends with one JSON
+line; this collects them, with the machine, load average and git revision, into
 ``bench/results/latest.json`` and draws ``bench/results/latest.png``. Never pass/fail on speed.
 """
 
@@ -63,8 +65,28 @@ def _machine() -> dict[str, Any]:
     }
 
 
+def _revision() -> dict[str, Any]:
+    """The commit measured, and whether the work tree differed from it (then the figures are
+    of uncommitted code)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        return {
+            "commit": git("rev-parse", "HEAD"),
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        }
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+
+
 def main(quick: bool) -> int:
     started = time.monotonic()
+    load_at_start = os.getloadavg()
+    revision = _revision()
     overhead = _run("bench.chain_overhead", "--calls", "1000" if quick else "4000")
     rejection = {
         "bench": "open_breaker_rejection",
@@ -88,6 +110,10 @@ def main(quick: bool) -> int:
     results: dict[str, Any] = {
         "machine": _machine(),
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "git": revision,
+        # The machine is shared: a run under a high load average is not comparable to one
+        # under a low one (ratios measured side by side in one run still are).
+        "load_average": {"start": load_at_start, "end": os.getloadavg()},
         "wall_s": round(time.monotonic() - started, 1),
         "chain_overhead": overhead,
         "open_breaker_rejection": rejection,
@@ -116,6 +142,16 @@ def main(quick: bool) -> int:
             mode: {c: r["p99_s"] for c, r in per.items()} for mode, per in outage["results"].items()
         },
         "create_payment_rps": {c: r["rps"] for c, r in throughput["create_payment"].items()},
+        "create_payment_mesh_cpu_ms": {
+            c: r["cpu_ms_per_payment"]["mesh_ms"] for c, r in throughput["create_payment"].items()
+        },
+        "create_payment_goal": throughput["goal"],
+        "service_rss_max_growth": throughput["memory"]["max_service_growth"],
+        "healthy_retry_cost_ratio_median": {
+            c: r["ratio_median"] for c, r in outage["healthy_cost"].items()
+        },
+        "git": revision,
+        "load_average": results["load_average"],
         "echo_one_hop_rps": throughput["echo_one_hop"]["64"]["rps"],
         "breaker_failed_call_us": {r["calls_per_s"]: r["mean_us"] for r in accounting["rows"]},
         "wall_s": results["wall_s"],

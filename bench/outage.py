@@ -1,5 +1,6 @@
-"""Outage of one hop, three clients on the same workload: the old BreakerClient, gRPC's own
-service-config retries with the same numbers, and PayMesh's chain.
+"""Outage of one hop, four clients on the same workload: the old BreakerClient, gRPC's own
+service-config retries with the seed's numbers and as a careful user configures them
+(caller's deadline, reads only, UNAVAILABLE only, retry throttling), and PayMesh's chain.
 
 Two outages: ``down`` (the target is SIGKILLed after warm-up: connection refused) and ``hang``
 (the target accepts every call, performs its side effect, and never answers). The workload is
@@ -7,8 +8,10 @@ open-loop, like merchants: calls arrive at a fixed rate whatever the answers, al
 (``Read``, NO_SIDE_EFFECTS) and a write without idempotency key (``WriteUnsafe``), each with a
 unique text the target counts, so a write executed twice is a duplicate side effect. Every
 duration of every client is multiplied by ``--time-scale`` (printed), so the run stays short
-while the ratios between the clients keep. Server, orchestrator and each client are separate
-processes. Prints a table, then one JSON line. ``python -m bench.outage [--time-scale 0.1]``.
+while the ratios between the clients keep. Then the cost on a healthy target: the careful
+native retry and the chain against a bare stub, alternating rounds in one client process
+(latency and client CPU ratios). Server, orchestrator and each client are separate processes.
+Prints both tables, then one JSON line. ``python -m bench.outage [--time-scale 0.1]``.
 """
 
 from __future__ import annotations
@@ -38,9 +41,11 @@ from paymesh.testing.v1 import testing_pb2, testing_pb2_grpc  # noqa: E402
 
 #: ``grpc_native_retry`` is gRPC configured with the seed's numbers (what a port of the old
 #: client would write); ``grpc_native_sensible`` is gRPC configured as a careful user would:
-#: the caller's deadline, reads only, UNAVAILABLE only, the chain's backoff.
+#: the caller's deadline, reads only, UNAVAILABLE only, the chain's backoff, retry throttling.
 CLIENTS = ("old_breaker_client", "grpc_native_retry", "grpc_native_sensible", "paymesh_chain")
 NATIVE_CLIENTS = ("grpc_native_retry", "grpc_native_sensible")
+#: The healthy-target cost table: the chain and careful native retries against a bare stub.
+COST_CLIENTS = ("bare", "grpc_native_sensible", "paymesh_chain")
 MODES = ("down", "hang")
 STATS_TEXT = "__stats__"
 #: The mesh's deadline (services/mesh/policy.toml timeout_s) and the seed's numbers, unscaled.
@@ -48,6 +53,10 @@ CALLER_DEADLINE_S = 5.0
 SCHEDULING_MARGIN_S = 0.02
 #: gRPC's attempt counter: one trace line per attempt the retry filter creates.
 ATTEMPT_TRACE_MARK = "created attempt"
+#: retryThrottling of the careful native client: like the chain's budget (retries at most
+#: about a fifth of the calls once failures have drained the bucket).
+RETRY_MAX_TOKENS = 10
+RETRY_TOKEN_RATIO = 0.2
 
 
 # --- the target ---------------------------------------------------------------------------
@@ -114,7 +123,8 @@ def _native_service_config(scale: float) -> str:
 
 def _sensible_service_config(scale: float) -> str:
     """gRPC retryPolicy as a careful user writes it: only the idempotent Read is retried, only
-    on UNAVAILABLE, with the chain's backoff; every call carries the caller's deadline."""
+    on UNAVAILABLE, with the chain's backoff and retry throttling; every call carries the
+    caller's deadline."""
     policy = {
         "maxAttempts": 4,
         "initialBackoff": f"{0.05 * scale:.3f}s",
@@ -123,7 +133,15 @@ def _sensible_service_config(scale: float) -> str:
         "retryableStatusCodes": ["UNAVAILABLE"],
     }
     read = {"service": "paymesh.testing.v1.TestService", "method": "Read"}
-    return json.dumps({"methodConfig": [{"name": [read], "retryPolicy": policy}]})
+    return json.dumps(
+        {
+            "methodConfig": [{"name": [read], "retryPolicy": policy}],
+            # A token bucket per channel, as gRFC A6 advises: each failure takes a token,
+            # each success gives back RETRY_TOKEN_RATIO; retries stop below half the bucket,
+            # so an outage costs at most a few retries instead of maxAttempts per call.
+            "retryThrottling": {"maxTokens": RETRY_MAX_TOKENS, "tokenRatio": RETRY_TOKEN_RATIO},
+        }
+    )
 
 
 def _chain_policy(scale: float) -> dict[str, Any]:
@@ -161,7 +179,12 @@ class _Client:
         self.name = name
         self.old: OldBreakerClient | None = None
         self.counter: _CountAttempts | None = None
-        if name == "old_breaker_client":
+        if name == "bare":
+            # A plain channel and the caller's deadline: what the others' cost is measured
+            # against (gRPC's defaults, no service config, so nothing is retried).
+            self.channel = aio.insecure_channel(address)
+            self.native_timeout_s = CALLER_DEADLINE_S * scale
+        elif name == "old_breaker_client":
             self.old = OldBreakerClient(OldBreakerConfig.scaled(scale))
             self.channel = aio.insecure_channel(address, options=[("grpc.enable_retries", 0)])
         elif name == "grpc_native_retry":
@@ -287,6 +310,45 @@ async def _run_client(name: str, address: str, scale: float, rate: float, durati
     print(json.dumps(summary), flush=True)
 
 
+async def _run_cost(address: str, calls: int, rounds: int) -> None:
+    """Each of COST_CLIENTS on the healthy target: sequential Reads in alternating rounds
+    (the order rotates each round), latency and this process's CPU per call; one JSON line."""
+    clients = {name: _Client(name, address, 1.0) for name in COST_CLIENTS}
+    for client in clients.values():
+        for i in range(50):  # warm-up: connected, code paths hot
+            await client.call("Read", f"warm{i}")
+    latencies: dict[str, list[float]] = {name: [] for name in clients}
+    cpu_s: dict[str, float] = dict.fromkeys(clients, 0.0)
+    names = list(clients)
+    per_round = max(1, calls // rounds)
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            client, samples = clients[name], latencies[name]
+            cpu_before = time.process_time()
+            for i in range(per_round):
+                started = time.perf_counter()
+                await client.call("Read", f"c{i}")
+                samples.append(time.perf_counter() - started)
+            cpu_s[name] += time.process_time() - cpu_before
+    for client in clients.values():
+        await client.channel.close()
+    result: dict[str, Any] = {}
+    for name, samples in latencies.items():
+        ordered = sorted(samples)
+        result[name] = {
+            "calls": len(ordered),
+            "median_us": _percentile(ordered, 0.50) * 1e6,
+            "p99_us": _percentile(ordered, 0.99) * 1e6,
+            "client_cpu_us_per_call": cpu_s[name] / len(ordered) * 1e6,
+        }
+    bare = result["bare"]
+    for figures in result.values():
+        figures["ratio_median"] = figures["median_us"] / bare["median_us"]
+        figures["ratio_p99"] = figures["p99_us"] / bare["p99_us"]
+        figures["ratio_cpu"] = figures["client_cpu_us_per_call"] / bare["client_cpu_us_per_call"]
+    print(json.dumps(result), flush=True)
+
+
 # --- the orchestrator ---------------------------------------------------------------------
 
 
@@ -312,6 +374,38 @@ def _executions(address: str) -> dict[str, int]:
 def _trace_attempts(path: Path) -> int:
     with path.open(errors="replace") as lines:
         return sum(1 for line in lines if ATTEMPT_TRACE_MARK in line)
+
+
+def run_cost(calls: int, rounds: int) -> dict[str, Any]:
+    """The cost of each retry layer on a healthy target, from a client process of its own."""
+    target, address = _start_target()
+    try:
+        runner = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bench.outage",
+                "--cost-client",
+                "--address",
+                address,
+                "--calls",
+                str(calls),
+                "--rounds",
+                str(rounds),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            check=False,
+            timeout=300,
+        )
+        if runner.returncode != 0:
+            raise RuntimeError(f"the cost client failed: {runner.stderr[-2000:]}")
+        result: dict[str, Any] = json.loads(runner.stdout.strip().splitlines()[-1])
+        return result
+    finally:
+        target.kill()
+        target.wait()
 
 
 def run_one(client: str, mode: str, scale: float, rate: float, duration: float) -> dict[str, Any]:
@@ -386,8 +480,11 @@ def run_one(client: str, mode: str, scale: float, rate: float, duration: float) 
         trace.unlink(missing_ok=True)
 
 
-def main(scale: float, rate: float, duration: float) -> dict[str, Any]:
-    """Every client against every outage; prints a table and the JSON line."""
+def main(
+    scale: float, rate: float, duration: float, cost_calls: int, cost_rounds: int
+) -> dict[str, Any]:
+    """Every client against every outage, then the retry layers' cost on a healthy target;
+    prints both tables and the JSON line."""
     print(
         f"outage of one hop: time scale {scale:g} (every duration of every client x {scale:g}; "
         f"caller deadline {CALLER_DEADLINE_S * scale:g} s), {rate:g} calls/s for {duration:g} s, "
@@ -399,6 +496,11 @@ def main(scale: float, rate: float, duration: float) -> dict[str, Any]:
         results[mode] = {}
         for client in CLIENTS:
             results[mode][client] = run_one(client, mode, scale, rate, duration)
+    print(
+        "\nbehaviour on a down / hanging target (att/call: attempts sent per call; past dl: "
+        "calls answered after the caller's deadline; dup fx: non-idempotent writes executed "
+        "twice or more)"
+    )
     header = (
         f"{'mode':5} {'client':20} {'ok':>5} {'p50 s':>7} {'p99 s':>7} {'att/call':>8} "
         f"{'past dl':>7} {'dup fx':>6}"
@@ -412,6 +514,20 @@ def main(scale: float, rate: float, duration: float) -> dict[str, Any]:
                 f"{r['duplicate_side_effects']:>6}"
             )
     print("(seconds are scaled; divide by the time scale for the unscaled equivalent)")
+    cost = run_cost(cost_calls, cost_rounds)
+    print(
+        f"\ncost on a healthy target: {cost['bare']['calls']} sequential Reads per client in "
+        f"{cost_rounds} alternating rounds, one client process; ratios against the bare stub"
+    )
+    print(
+        f"{'client':22} {'median us':>9} {'p99 us':>8} {'median x':>8} {'p99 x':>6} "
+        f"{'CPU us/call':>11} {'CPU x':>6}"
+    )
+    for client, c in cost.items():
+        print(
+            f"{client:22} {c['median_us']:9.1f} {c['p99_us']:8.1f} {c['ratio_median']:8.3f} "
+            f"{c['ratio_p99']:6.2f} {c['client_cpu_us_per_call']:11.1f} {c['ratio_cpu']:6.2f}"
+        )
     line = {
         "bench": "outage",
         "time_scale": scale,
@@ -419,6 +535,8 @@ def main(scale: float, rate: float, duration: float) -> dict[str, Any]:
         "duration_s": duration,
         "caller_deadline_s": CALLER_DEADLINE_S * scale,
         "results": results,
+        "retry_throttling": {"maxTokens": RETRY_MAX_TOKENS, "tokenRatio": RETRY_TOKEN_RATIO},
+        "healthy_cost": cost,
     }
     print(json.dumps(line), flush=True)
     return line
@@ -429,13 +547,20 @@ if __name__ == "__main__":
     parser.add_argument("--time-scale", type=float, default=0.1)
     parser.add_argument("--rate", type=float, default=20.0, help="calls per second")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of arrivals")
+    parser.add_argument(
+        "--calls", type=int, default=3000, help="healthy-target calls per client (cost table)"
+    )
+    parser.add_argument("--rounds", type=int, default=6, help="alternating rounds (cost table)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--cost-client", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--client", choices=CLIENTS, help=argparse.SUPPRESS)
     parser.add_argument("--address", help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.serve:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(_serve())
+    elif options.cost_client:
+        asyncio.run(_run_cost(options.address, options.calls, options.rounds))
     elif options.client:
         asyncio.run(
             _run_client(
@@ -443,4 +568,4 @@ if __name__ == "__main__":
             )
         )
     else:
-        main(options.time_scale, options.rate, options.duration)
+        main(options.time_scale, options.rate, options.duration, options.calls, options.rounds)
