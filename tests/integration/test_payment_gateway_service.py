@@ -938,6 +938,20 @@ async def _stopped_after(mesh: Mesh, tmp_path: Path, step: str, request_id: str)
         store.close()
 
 
+@contextlib.asynccontextmanager
+async def _offline_flow(
+    mesh: Mesh, tmp_path: Path
+) -> AsyncIterator[tuple[PaymentStore, PaymentFlow]]:
+    """The gateway's store and a flow over it, with no gateway running: what a killed
+    gateway left behind, to run steps of by hand."""
+    store = PaymentStore(tmp_path / "payment-gateway.db")
+    try:
+        async with mesh.downstreams() as downstreams:
+            yield store, PaymentFlow(store, downstreams, charge_cutoff_s=900)
+    finally:
+        store.close()
+
+
 async def _recovered(mesh: Mesh, payment_id: str) -> pg.Payment:
     """Start a fresh gateway (its start runs a recovery pass) and wait for a terminal status
     and the payment's announcements (webhook, event, order status) delivered by its outbox.
@@ -984,24 +998,20 @@ async def test_the_flow_commits_the_order_with_charging_and_the_ledger_with_the_
     # Steps whose callee dedupes the call commit its result with the next state: a payment
     # never rests at ORDERED or POSTED (a kill there finds CHARGING or a terminal status).
     payment_id = await _stopped_after(mesh, tmp_path, Step.ASSESSED, "fold-1")
-    store = PaymentStore(tmp_path / "payment-gateway.db")
     seen: list[str] = []
-    try:
-        async with mesh.downstreams() as downstreams:
-            flow = PaymentFlow(store, downstreams, charge_cutoff_s=900)
-            payment = store.payment(payment_id)
-            while payment.step != Step.FINISHED:
-                payment = await flow._step(payment, recovering=False)
-                seen.append(payment.step)
+    async with _offline_flow(mesh, tmp_path) as (store, flow):
+        payment = store.payment(payment_id)
+        while payment.step != Step.FINISHED:
+            payment = await flow._step(payment, recovering=False)
+            seen.append(payment.step)
         finished = store.payment(payment_id)
-        assert seen == [Step.CHARGING, Step.CHARGED, Step.FINISHED]
-        assert finished.order_id and finished.ledger_transaction_id
-        paid = [r for r in store.outbox.rows(flow_id=payment_id) if r.method == UPDATE_ORDER_STATUS]
-        assert [order_pb2.UpdateOrderStatusRequest.FromString(r.request).status for r in paid] == [
-            order_pb2.ORDER_STATUS_PAID
-        ]
-    finally:
-        store.close()
+        rows = store.outbox.rows(flow_id=payment_id)
+    assert seen == [Step.CHARGING, Step.CHARGED, Step.FINISHED]
+    assert finished.order_id and finished.ledger_transaction_id
+    paid = [r for r in rows if r.method == UPDATE_ORDER_STATUS]
+    assert [order_pb2.UpdateOrderStatusRequest.FromString(r.request).status for r in paid] == [
+        order_pb2.ORDER_STATUS_PAID
+    ]
 
 
 async def test_order_paid_after_the_answer_is_sent_by_a_gateway_killed_before_sending_it(
@@ -1010,15 +1020,10 @@ async def test_order_paid_after_the_answer_is_sent_by_a_gateway_killed_before_se
     # A gateway that committed SUCCEEDED (and answered) but died before its relay ran: the
     # order's PAID, the webhook and the event wait in the outbox; the next gateway sends them.
     payment_id = await _stopped_after(mesh, tmp_path, Step.CHARGED, "answered-1")
-    store = PaymentStore(tmp_path / "payment-gateway.db")
-    try:
-        async with mesh.downstreams() as downstreams:
-            flow = PaymentFlow(store, downstreams, charge_cutoff_s=900)
-            answered = await flow.run_payment(payment_id)
+    async with _offline_flow(mesh, tmp_path) as (store, flow):
+        answered = await flow.run_payment(payment_id)
         assert answered is not None and answered.status == pg.PAYMENT_STATUS_SUCCEEDED
         assert {r.state for r in store.outbox.rows(flow_id=payment_id)} == {PENDING}
-    finally:
-        store.close()
     order = (
         await mesh.orders.GetOrder(order_pb2.GetOrderRequest(order_id=answered.order_id))
     ).order
@@ -1040,19 +1045,14 @@ async def test_recovery_completes_a_payment_an_earlier_version_left_at_a_folded_
     payment_id = await _stopped_after(
         mesh, tmp_path, Step.CHARGING if step == Step.ORDERED else Step.CHARGED, f"old-{step}"
     )
-    store = PaymentStore(tmp_path / "payment-gateway.db")
-    try:
+    async with _offline_flow(mesh, tmp_path) as (store, flow):
         if step == Step.POSTED:
             # That version posted the capture before committing POSTED.
-            async with mesh.downstreams() as downstreams:
-                flow = PaymentFlow(store, downstreams, charge_cutoff_s=900)
-                capture = flow._capture_request(store.payment(payment_id))
+            capture = flow._capture_request(store.payment(payment_id))
             await mesh.accounting.PostTransaction(capture)
             store.advance(payment_id, step, ledger_transaction_id=capture.transaction_id)
         else:
             store.advance(payment_id, step)
-    finally:
-        store.close()
     payment = await _recovered(mesh, payment_id)
     assert payment.status == pg.PAYMENT_STATUS_SUCCEEDED
     assert len(_charges(mesh)) == 1
@@ -1067,13 +1067,8 @@ async def test_recovery_adopts_a_charge_made_just_before_the_crash(
 ) -> None:
     # Killed after the channel charged but before the gateway committed the charge.
     payment_id = await _stopped_after(mesh, tmp_path, Step.CHARGING, "crash-2")
-    store = PaymentStore(tmp_path / "payment-gateway.db")
-    try:
-        async with mesh.downstreams() as downstreams:
-            flow = PaymentFlow(store, downstreams, charge_cutoff_s=900)
-            await mesh.channel.Charge(flow._charge_request(store.payment(payment_id)))
-    finally:
-        store.close()
+    async with _offline_flow(mesh, tmp_path) as (store, flow):
+        await mesh.channel.Charge(flow._charge_request(store.payment(payment_id)))
     assert len(_charges(mesh)) == 1
 
     payment = await _recovered(mesh, payment_id)
