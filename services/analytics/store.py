@@ -7,8 +7,9 @@ key, so a replayed event is never counted twice. Statistics are integer SQL sums
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from paymesh.analytics.v1 import analytics_pb2
 from paymesh.common.v1 import common_pb2
@@ -44,7 +45,7 @@ def _money(amount_minor: int, currency_code: str) -> common_pb2.Money:
     return common_pb2.Money(amount_minor=amount_minor, currency_code=currency_code)
 
 
-def _event(row: Row) -> analytics_pb2.Event:
+def _event(row: Row | Mapping[str, Any]) -> analytics_pb2.Event:
     return analytics_pb2.Event(
         event_id=row["event_id"],
         merchant_id=row["merchant_id"],
@@ -82,23 +83,19 @@ class EventStore:
         def run(tx: Statements) -> analytics_pb2.RecordEventResponse:
             now = self._db.clock_ns()
             occur = request.occur_time.ToNanoseconds() if request.HasField("occur_time") else now
-            tx.insert(
-                "events",
-                {
-                    "event_id": request.request_id,
-                    "merchant_id": request.merchant_id,
-                    "event_type": request.event_type,
-                    "payment_id": request.payment_id,
-                    "amount_minor": request.amount.amount_minor,
-                    "currency_code": request.amount.currency_code,
-                    "occur_time_ns": occur,
-                    "create_time_ns": now,
-                },
-            )
-            row = tx.one("SELECT * FROM events WHERE event_id = ?", (request.request_id,))
-            if row is None:  # inserted just above, in this transaction
-                raise RuntimeError(f"event {request.request_id!r} vanished on insert")
-            return analytics_pb2.RecordEventResponse(event=_event(row))
+            event = {
+                "event_id": request.request_id,
+                "merchant_id": request.merchant_id,
+                "event_type": request.event_type,
+                "payment_id": request.payment_id,
+                "amount_minor": request.amount.amount_minor,
+                "currency_code": request.amount.currency_code,
+                "occur_time_ns": occur,
+                "create_time_ns": now,
+            }
+            tx.insert("events", event)
+            # The reply is what was written; reading the row back would say the same.
+            return analytics_pb2.RecordEventResponse(event=_event(event))
 
         return self._db.idempotent(
             "RecordEvent",

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from services.mesh.bootstrap import StartupError
+from services.mesh.bootstrap import seconds_var
 
 RATE_TTL_VAR = "CHANNEL_ADAPTER_RATE_TTL_S"
 DEFAULT_RATE_TTL_S = 60.0
@@ -26,16 +25,6 @@ class AdapterConfig:
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> AdapterConfig:
         """The settings from ``environ``; StartupError naming the variable when bad."""
-        raw = environ.get(RATE_TTL_VAR)
-        if raw is None:
-            return cls()
-        try:
-            value = float(raw)
-        except ValueError:
-            value = math.nan
-        if not (math.isfinite(value) and value >= 0):
-            raise StartupError(
-                f"{RATE_TTL_VAR}={raw!r}: must be a number of seconds >= 0"
-                f" (default {DEFAULT_RATE_TTL_S:g})"
-            )
-        return cls(rate_ttl_s=value)
+        return cls(
+            rate_ttl_s=seconds_var(environ, RATE_TTL_VAR, DEFAULT_RATE_TTL_S, allow_zero=True)
+        )

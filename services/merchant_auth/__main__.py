@@ -35,6 +35,7 @@ def build(
     merchants = MerchantDirectory(
         context.clients.stub(Target.MERCHANT, merchant_pb2_grpc.MerchantServiceStub),
         stale_s=config.merchant_stale_s,
+        cache_s=config.merchant_cache_s,
     )
     verifier: SecretVerifier = KeyVerifier(hasher)
     if wrap_verifier is not None:

@@ -10,10 +10,14 @@ from pathlib import Path
 
 from services.merchant_auth.limits import MINIMA, VerificationLimits
 from services.merchant_auth.pepper import PEPPER_FILE_VAR
-from services.mesh.bootstrap import StartupError
+from services.mesh.bootstrap import StartupError, seconds_var
 
 STALE_VAR = "MERCHANT_AUTH_SERVICE_MERCHANT_STALE_S"
 DEFAULT_STALE_S = 30.0
+#: Seconds an authentication may answer from merchant-service's last word without asking
+#: again: the bound within which a suspension (or reactivation) reaches authentication.
+CACHE_VAR = "MERCHANT_AUTH_SERVICE_MERCHANT_CACHE_S"
+DEFAULT_CACHE_S = 5.0
 #: The environment variable of each VerificationLimits field an operator may set.
 LIMIT_VARS = {
     "max_in_flight": "MERCHANT_AUTH_SERVICE_MAX_VERIFICATIONS_IN_FLIGHT",
@@ -32,6 +36,9 @@ class AuthConfig:
 
     merchant_stale_s: float = DEFAULT_STALE_S
     """Seconds a remembered merchant answer may stand in while merchant-service is down."""
+    merchant_cache_s: float = DEFAULT_CACHE_S
+    """Seconds an authentication answers from the remembered merchant without asking; never
+    more than ``merchant_stale_s`` (the memory is not kept longer than that)."""
     pepper_file: Path | None = None
     """File holding the key pepper; ``None``: the one generated in the var directory."""
     limits: VerificationLimits = field(default_factory=VerificationLimits)
@@ -40,27 +47,18 @@ class AuthConfig:
     def __post_init__(self) -> None:
         if self.merchant_stale_s < 0:
             raise StartupError(f"{STALE_VAR} must be zero or more, got {self.merchant_stale_s}")
+        if self.merchant_cache_s < 0:
+            raise StartupError(f"{CACHE_VAR} must be zero or more, got {self.merchant_cache_s}")
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> AuthConfig:
         """The settings in ``environ``, defaults for those not set; StartupError if invalid."""
-        stale = DEFAULT_STALE_S
-        raw = environ.get(STALE_VAR)
-        if raw is not None:
-            try:
-                stale = float(raw)
-            except ValueError:
-                stale = math.nan
-            if not (math.isfinite(stale) and stale >= 0):
-                raise StartupError(
-                    f"{STALE_VAR}={raw!r}: must be a number of seconds >= 0"
-                    f" (default {DEFAULT_STALE_S:g})"
-                )
         pepper = environ.get(PEPPER_FILE_VAR)
         if pepper is not None and not pepper.strip():
             raise StartupError(f"{PEPPER_FILE_VAR} is set but empty; unset it or name a file")
         return cls(
-            merchant_stale_s=stale,
+            merchant_stale_s=seconds_var(environ, STALE_VAR, DEFAULT_STALE_S, allow_zero=True),
+            merchant_cache_s=seconds_var(environ, CACHE_VAR, DEFAULT_CACHE_S, allow_zero=True),
             pepper_file=Path(pepper) if pepper else None,
             limits=_limits(environ),
         )

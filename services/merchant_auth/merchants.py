@@ -1,9 +1,11 @@
 """What merchant-service says about a merchant, asked over the edge merchant-auth -> merchant.
 
-Every lookup asks merchant-service, so a suspension takes effect on the next call. The last
-answer per merchant is remembered for a bounded time and used only when merchant-service
-cannot answer (down, out of deadline, breaker open): authentication keeps working through a
-short outage, while a merchant unseen for longer than that fails closed.
+The last answer per merchant is remembered (at most MAX_REMEMBERED merchants). A lookup that
+allows it answers from that memory while it is younger than ``cache_s`` (authentication does,
+so a suspension reaches it within ``cache_s``); others ask merchant-service every time. The
+memory also stands in, for up to ``stale_s``, when merchant-service cannot answer (down, out of
+deadline, breaker open): authentication keeps working through a short outage, while a
+merchant unseen for longer than that fails closed.
 """
 
 from __future__ import annotations
@@ -31,18 +33,25 @@ class MerchantDirectory:
         merchants: merchant_pb2_grpc.MerchantServiceAsyncStub,
         *,
         stale_s: float,
+        cache_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._merchants = merchants
         self._stale_s = stale_s
+        # A cached answer is never older than an outage may keep one.
+        self._cache_s = min(cache_s, stale_s)
         self._clock = clock
         self._remembered: OrderedDict[str, tuple[float, merchant_pb2.Merchant]] = OrderedDict()
 
-    async def lookup(self, merchant_id: str, *, allow_stale: bool) -> merchant_pb2.Merchant:
-        """The merchant as merchant-service has it now.
+    async def lookup(
+        self, merchant_id: str, *, allow_stale: bool, allow_cached: bool = False
+    ) -> merchant_pb2.Merchant:
+        """The merchant as merchant-service has it now (or had it within ``cache_s``).
 
         Args:
             merchant_id: Merchant to look up.
+            allow_cached: Answer from an answer of merchant-service younger than ``cache_s``
+                without asking it again.
             allow_stale: During a merchant-service outage, answer with what it said at most
                 ``stale_s`` seconds ago instead of failing.
 
@@ -50,6 +59,10 @@ class MerchantDirectory:
             NotFound: merchant-service does not know the merchant (MERCHANT_NOT_FOUND).
             CallError: merchant-service failed and no usable memory exists.
         """
+        if allow_cached:
+            remembered = self._remembered.get(merchant_id)
+            if remembered is not None and self._clock() - remembered[0] < self._cache_s:
+                return remembered[1]
         try:
             response = await self._merchants.GetMerchant(
                 merchant_pb2.GetMerchantRequest(merchant_id=merchant_id)

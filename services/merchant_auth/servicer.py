@@ -105,7 +105,9 @@ class MerchantAuthServicer(merchant_auth_pb2_grpc.MerchantAuthServiceServicer):
                 metadata={"key_id": key_id},
             )
         try:
-            merchant = await self._merchants.lookup(credential.merchant_id, allow_stale=True)
+            merchant = await self._merchants.lookup(
+                credential.merchant_id, allow_stale=True, allow_cached=True
+            )
         except NotFound as exc:
             raise Unauthenticated(
                 f"API key {key_id} belongs to a merchant that no longer exists",

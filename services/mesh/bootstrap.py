@@ -229,11 +229,14 @@ class StartConfig:
     """Fraction of successful calls logged at INFO (``PAYMESH_ACCESS_LOG_SAMPLE``)."""
 
 
-def seconds_var(environ: Mapping[str, str], var: str, default: float) -> float:
-    """A positive number of seconds from ``var``, else ``default``.
+def seconds_var(
+    environ: Mapping[str, str], var: str, default: float, *, allow_zero: bool = False
+) -> float:
+    """A positive (with ``allow_zero``: zero or more) number of seconds from ``var``, else
+    ``default``.
 
     Raises:
-        StartupError: it is set but not a positive, finite number (the message names it).
+        StartupError: it is set but not such a finite number (the message names it).
     """
     raw = environ.get(var)
     if raw is None or not raw.strip():
@@ -242,8 +245,9 @@ def seconds_var(environ: Mapping[str, str], var: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         value = math.nan
-    if not (value > 0 and math.isfinite(value)):
-        raise StartupError(f"{var}={raw!r} is not a positive number of seconds (default {default})")
+    if not ((value >= 0 if allow_zero else value > 0) and math.isfinite(value)):
+        wanted = "a number of seconds >= 0" if allow_zero else "a positive number of seconds"
+        raise StartupError(f"{var}={raw!r} is not {wanted} (default {default:g})")
     return value
 
 
@@ -334,18 +338,7 @@ def _reflection_on(environ: Mapping[str, str]) -> bool:
 
 def _grace_s(environ: Mapping[str, str]) -> float:
     """``PAYMESH_GRACE_S``: zero or more seconds (zero cancels calls in flight at once)."""
-    raw = environ.get("PAYMESH_GRACE_S")
-    if raw is None or not raw.strip():
-        return DEFAULT_GRACE_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not (value >= 0 and math.isfinite(value)):
-        raise StartupError(
-            f"PAYMESH_GRACE_S={raw!r} is not a number of seconds >= 0 (default {DEFAULT_GRACE_S})"
-        )
-    return value
+    return seconds_var(environ, "PAYMESH_GRACE_S", DEFAULT_GRACE_S, allow_zero=True)
 
 
 @dataclass(slots=True, kw_only=True)

@@ -47,6 +47,8 @@ _PRAGMAS = (
     "PRAGMA busy_timeout=5000",
     "PRAGMA synchronous=NORMAL",
 )
+#: Whether a request id has a record at all (claimed, done or expired).
+_RECORD_EXISTS = "SELECT 1 FROM idempotency_keys WHERE method = ? AND request_id = ?"
 #: Time columns whose seconds-era name was not ``<name>`` of ``<name>_ns``.
 _OLDER_NAMES = {"create_time_ns": ("created_at",), "purge_time_ns": ("purged_at",)}
 
@@ -374,6 +376,9 @@ class Database(Statements):
             InvalidArgument: the id was used with a different body.
         """
         key = idempotency.request_id_of(request) if request_id is None else request_id
+        # The usual case, an id never seen, is a plain read: no write transaction to commit.
+        if self.one(_RECORD_EXISTS, (method, key)) is None:
+            return Earlier("new")
         with self.transaction() as tx:
             try:
                 claimed = idempotency.claim(tx, method, key, request, now_ns=self.clock_ns())

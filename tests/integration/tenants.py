@@ -23,6 +23,7 @@ from paymesh.merchant.v1 import merchant_pb2, merchant_pb2_grpc
 from paymesh.merchant_auth.v1 import merchant_auth_pb2, merchant_auth_pb2_grpc
 from services.merchant.__main__ import build as build_merchant
 from services.merchant_auth.__main__ import build as build_auth
+from services.merchant_auth.config import CACHE_VAR
 from services.merchant_auth.keys import SECRET_PREFIX
 from tests.servers import ServicesUnderTest, bearer, public_channel, services_under_test
 
@@ -108,7 +109,11 @@ async def start_directory(services: ServicesUnderTest) -> Directory:
     """merchant-service and merchant-auth-service among ``services``; every service started
     there after them gets both addresses (merchant-facing ones check keys at merchant-auth)."""
     merchant_address = await services.start("merchant-service", build_merchant)
-    auth_address = await services.start("merchant-auth-service", build_auth)
+    # Tests suspend a merchant and expect its very next call refused: no cached merchant
+    # status (the cache and its bound are tested in test_merchant_auth_cache).
+    auth_address = await services.start(
+        "merchant-auth-service", build_auth, environ={CACHE_VAR: "0"}
+    )
     return Directory(
         await services.stub(
             merchant_address, merchant_pb2_grpc.MerchantServiceStub, "merchant-service"

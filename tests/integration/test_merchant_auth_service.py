@@ -25,6 +25,7 @@ from grpc import aio
 from paymesh.merchant.v1 import merchant_pb2
 from paymesh.merchant_auth.v1 import merchant_auth_pb2 as pb
 from paymesh.merchant_auth.v1 import merchant_auth_pb2_grpc
+from services.merchant_auth.config import CACHE_VAR
 from services.mesh.bootstrap import StartupError
 from tests.integration.merchant_auth_mesh import (
     AUTH,
@@ -46,7 +47,9 @@ AUTHENTICATE = "/paymesh.merchant_auth.v1.MerchantAuthService/AuthenticateApiKey
 
 @pytest.fixture
 async def mesh(services: ServicesUnderTest) -> Mesh:
-    return await start_auth_mesh(services)
+    # These tests see a suspension on the very next authentication; the cached path (and its
+    # bound) is test_merchant_auth_cache's.
+    return await start_auth_mesh(services, environ={CACHE_VAR: "0"})
 
 
 async def _merchant(mesh: Mesh, request_id: str = "m1") -> merchant_pb2.Merchant:

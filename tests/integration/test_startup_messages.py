@@ -90,6 +90,7 @@ NUMERIC = [
     (Target.ORDER, RETENTION_VAR, "at least 86400"),
     (Target.CHANNEL_ADAPTER, channel_config.RATE_TTL_VAR, "seconds >= 0"),
     (Target.MERCHANT_AUTH, auth_config.STALE_VAR, "seconds >= 0"),
+    (Target.MERCHANT_AUTH, auth_config.CACHE_VAR, "seconds >= 0"),
     *((Target.MERCHANT_AUTH, var, "at least") for var in auth_config.LIMIT_VARS.values()),
     *(
         (Target.NOTIFICATION, var, "must be a positive")

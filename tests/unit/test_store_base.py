@@ -134,6 +134,16 @@ def test_replay_looks_without_claiming(db: Database) -> None:
     assert db.replay("Test", _request("r_1"), response) == first
 
 
+def test_a_look_at_a_new_request_id_takes_no_write_lock(db: Database) -> None:
+    # Another writer holds the database: a look that needed a write would wait for it.
+    with contextlib.closing(sqlite3.connect(db.path, isolation_level=None)) as writer:
+        writer.execute("BEGIN IMMEDIATE")
+        assert db.earlier("Test", _request("r_new")).state == "new"
+        writer.execute("ROLLBACK")
+    db.idempotent("Test", _request("r_1"), order_pb2.UpdateOrderStatusResponse, _insert("i_1"))
+    assert db.earlier("Test", _request("r_1")).state == "done"
+
+
 def test_a_claim_in_flight_is_aborted(db: Database) -> None:
     with db.transaction() as tx:
         idempotency.claim(tx, "Test", "r_1", _request("r_1"), now_ns=START_NS)
