@@ -91,9 +91,12 @@ def _order_status(
     )
 
 
-def payment_events(p: PaymentRecord) -> list[OutboxMessage]:
-    """Webhook, analytics event and (unless it succeeded) order cancellation of a payment that
-    reached its terminal status."""
+def payment_events(p: PaymentRecord, *, order_paid: bool = True) -> list[OutboxMessage]:
+    """Webhook, analytics event and the order's new status (PAID, or CANCELLED unless it
+    succeeded) of a payment that reached its terminal status.
+
+    ``order_paid=False`` leaves out the PAID of a succeeded payment (its flow already set it).
+    """
     status = pg.PaymentStatus.ValueType(p.status)
     if status in (pg.PAYMENT_STATUS_PARTIALLY_REFUNDED, pg.PAYMENT_STATUS_REFUNDED):
         # Refunded since (a payment migrated with its announcement still unsent): the
@@ -133,7 +136,11 @@ def payment_events(p: PaymentRecord) -> list[OutboxMessage]:
             ),
         ),
     ]
-    if p.order_id and status != pg.PAYMENT_STATUS_SUCCEEDED:
+    if p.order_id and status == pg.PAYMENT_STATUS_SUCCEEDED and order_paid:
+        messages.append(
+            _order_status(evt, p.order_id, order_pb2.ORDER_STATUS_PAID, "payment succeeded")
+        )
+    elif p.order_id and status != pg.PAYMENT_STATUS_SUCCEEDED:
         messages.append(
             _order_status(
                 evt,

@@ -3,8 +3,12 @@
 Every mutating downstream call carries a request id derived from the payment or refund id, so
 running a flow again from any committed step (after a crash, or in the recovery pass) repeats
 nothing: the channel dedupes the charge by its key, the ledger by the transaction id, and so on.
-A terminal status writes its announcements to the outbox in the same transaction; the flow
-only wakes the relay, it never waits for them.
+That is also why a step's result is committed together with the next state where nothing
+lies between them: the order's result with CHARGING, the ledger posting with the terminal
+status (a crash before that commit repeats the call, which the callee dedupes).
+A terminal status writes its announcements to the outbox in the same transaction (webhook,
+analytics event, the order's new status); the flow only wakes the relay, it never waits for
+them, so none of them delays the merchant's answer.
 
 A live CreatePayment whose risk or order step fails without an answer has moved no money:
 the payment is abandoned (its row and claim deleted, :class:`PaymentNotStarted`) so the
@@ -80,7 +84,6 @@ STEP_TARGETS = {
     Step.ASSESSED: Target.ORDER,
     Step.CHARGING: Target.CHANNEL_ADAPTER,
     Step.CHARGED: Target.ACCOUNTING,
-    Step.POSTED: Target.ORDER,
     Step.VOIDING: Target.CHANNEL_ADAPTER,
 }
 #: The same for refunds.
@@ -285,15 +288,16 @@ class PaymentFlow:
             case Step.ASSESSED:
                 return await self._order(p, recovering=recovering)
             case Step.ORDERED:
-                # Committed before the channel is called: from here a charge may exist, so a
-                # fault no longer means "nothing charged".
-                return self._store.advance(p.payment_id, Step.CHARGING)
+                # Only in rows an earlier version wrote (the order step now commits CHARGING).
+                return self._store.advance(p, Step.CHARGING)
             case Step.CHARGING:
                 return await self._charge(p, recovering=recovering)
             case Step.CHARGED:
                 return await self._post(p)
             case Step.POSTED:
-                return await self._mark_paid(p)
+                # Only in rows an earlier version wrote: the capture is in the ledger, so the
+                # payment succeeded; the order's PAID goes through the outbox with the status.
+                return self._finish(p, pg.PAYMENT_STATUS_SUCCEEDED)
             case Step.VOIDING:
                 return await self._void(p, p.failure_reason or Reason.INTERNAL_ERROR)
         raise ValueError(f"payment {p.payment_id} has unknown step {p.step!r}")
@@ -301,9 +305,9 @@ class PaymentFlow:
     def _finish(
         self, p: PaymentRecord, status: pg.PaymentStatus.ValueType, **fields: object
     ) -> PaymentRecord:
-        self._store.finish(p.payment_id, status, **fields)
+        finished = self._store.finish(p.payment_id, status, **fields)
         self._on_outbox()
-        return self._store.payment(p.payment_id)
+        return finished
 
     def _before_side_effects(
         self, p: PaymentRecord, target: str, error: CallError, *, recovering: bool
@@ -364,7 +368,7 @@ class PaymentFlow:
             return self._finish(
                 p, pg.PAYMENT_STATUS_DECLINED, decline_reason=Reason.RISK_DECLINED, **facts
             )
-        return self._store.advance(p.payment_id, Step.ASSESSED, **facts)
+        return self._store.advance(p, Step.ASSESSED, **facts)
 
     async def _order(self, p: PaymentRecord, *, recovering: bool) -> PaymentRecord:
         order_id = order_id_of(p.payment_id)
@@ -387,7 +391,9 @@ class PaymentFlow:
                 ) from error
             log.warning("order refused for %s: %s", p.payment_id, error.details())
             return self._finish(p, pg.PAYMENT_STATUS_FAILED, failure_reason=reason_of(error))
-        return self._store.advance(p.payment_id, Step.ORDERED, order_id=order_id)
+        # The order's result and "a charge may exist from here" in one commit: nothing runs
+        # between them, and a crash before it only repeats CreateOrder (same request id).
+        return self._store.advance(p, Step.CHARGING, order_id=order_id)
 
     def _charge_request(self, p: PaymentRecord) -> ca.ChargeRequest:
         # Built only from the stored row, so a re-sent charge has the very same body and the
@@ -451,7 +457,7 @@ class PaymentFlow:
             if not settled.currency_code:
                 settled = charge.amount
             return self._store.advance(
-                p.payment_id,
+                p,
                 Step.CHARGED,
                 charge_id=charge.charge_id,
                 captured_minor=charge.amount.amount_minor,
@@ -484,32 +490,38 @@ class PaymentFlow:
             p.payment_id, p.step, f"charge is {ca.ChargeStatus.Name(charge.status)}"
         )
 
-    async def _post(self, p: PaymentRecord) -> PaymentRecord:
-        transaction_id = ledger.capture_transaction_id(p.payment_id)
+    def _capture_request(self, p: PaymentRecord) -> accounting_pb2.PostTransactionRequest:
+        # From the stored row only, so a re-post after a crash is the very same transaction.
         settled = common_pb2.Money(
             amount_minor=p.settlement_minor, currency_code=p.settlement_currency_code
         )
+        return accounting_pb2.PostTransactionRequest(
+            request_id=f"{p.payment_id}:ledger",
+            transaction_id=ledger.capture_transaction_id(p.payment_id),
+            kind=accounting_pb2.TRANSACTION_KIND_PAYMENT,
+            reference_id=p.payment_id,
+            description=f"capture of payment {p.payment_id}",
+            postings=ledger.capture_postings(p.merchant_id, settled),
+        )
+
+    async def _post(self, p: PaymentRecord) -> PaymentRecord:
+        request = self._capture_request(p)
+        transaction_id = request.transaction_id
         try:
-            await self._down.accounting.PostTransaction(
-                accounting_pb2.PostTransactionRequest(
-                    request_id=f"{p.payment_id}:ledger",
-                    transaction_id=transaction_id,
-                    kind=accounting_pb2.TRANSACTION_KIND_PAYMENT,
-                    reference_id=p.payment_id,
-                    description=f"capture of payment {p.payment_id}",
-                    postings=ledger.capture_postings(p.merchant_id, settled),
-                )
-            )
+            await self._down.accounting.PostTransaction(request)
         except CallError as error:
             if is_transient(error):
                 raise PaymentPending(p.payment_id, p.step, error.details() or "") from error
             # The ledger refuses this capture for good: give the customer's money back.
             log.error("ledger refused %s: %s; voiding", transaction_id, error.details())
             voiding = self._store.advance(
-                p.payment_id, Step.VOIDING, failure_reason=reason_of(error, Reason.INTERNAL_ERROR)
+                p, Step.VOIDING, failure_reason=reason_of(error, Reason.INTERNAL_ERROR)
             )
             return await self._void(voiding, voiding.failure_reason)
-        return self._store.advance(p.payment_id, Step.POSTED, ledger_transaction_id=transaction_id)
+        # Posted: the payment succeeded. The ledger's result commits with the terminal status
+        # (a crash before it re-posts the same transaction id, which the ledger dedupes), and
+        # the order's PAID is an outbox row of that commit, delivered after the reply.
+        return self._finish(p, pg.PAYMENT_STATUS_SUCCEEDED, ledger_transaction_id=transaction_id)
 
     async def _void(self, p: PaymentRecord, reason: str) -> PaymentRecord:
         try:
@@ -521,23 +533,6 @@ class PaymentFlow:
         except CallError as error:
             raise PaymentPending(p.payment_id, p.step, error.details() or "") from error
         return self._finish(p, pg.PAYMENT_STATUS_VOIDED, failure_reason=reason)
-
-    async def _mark_paid(self, p: PaymentRecord) -> PaymentRecord:
-        try:
-            await self._down.orders.UpdateOrderStatus(
-                order_pb2.UpdateOrderStatusRequest(
-                    request_id=f"{p.payment_id}:order-paid",
-                    order_id=p.order_id,
-                    status=order_pb2.ORDER_STATUS_PAID,
-                    reason="payment succeeded",
-                )
-            )
-        except CallError as error:
-            if is_transient(error):
-                raise PaymentPending(p.payment_id, p.step, error.details() or "") from error
-            # The money moved and is in the ledger; a refused order update must not undo that.
-            log.error("order %s not marked PAID: %s", p.order_id, error.details())
-        return self._finish(p, pg.PAYMENT_STATUS_SUCCEEDED)
 
     # --- refunds ----------------------------------------------------------------------------
 

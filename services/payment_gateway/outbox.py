@@ -184,6 +184,17 @@ class Outbox:
         """The destination took the row's message."""
         self._done(seq, SENT, "")
 
+    def delivered_many(self, seqs: Iterable[int]) -> None:
+        """The destination took these rows' messages: one write for them all."""
+        batch = list(seqs)
+        if not batch:
+            return
+        self._db.run(
+            "UPDATE outbox SET state = ?, last_error = '', done_time_ns = ?,"
+            f" attempts = attempts + 1 WHERE seq IN ({', '.join('?' for _ in batch)})",
+            (SENT, self._now_ns(), *batch),
+        )
+
     def refused(self, seq: int, error: str) -> None:
         """The destination refused the message for good; it is not sent again."""
         self._done(seq, REFUSED, error)
@@ -299,7 +310,9 @@ class OutboxRelay:
     """Sends outbox rows to their destinations, forever, at least once.
 
     Each destination has its own worker, so one that hangs delays nobody else's messages.
-    A worker sends its due rows in the order written; after a failure it pauses the whole
+    A worker sends its due rows in the order written and marks a batch's delivered rows in
+    one write (a crash before it only sends them again: delivery is at least once, and each
+    destination dedupes by the event id); after a failure it pauses the whole
     destination with exponential backoff and full jitter (doubling per consecutive failure
     up to ``max_backoff_s``), so a destination that is down sees one attempt per pause, not
     one per waiting row. It logs the first failure and the recovery, not every attempt.
@@ -326,6 +339,8 @@ class OutboxRelay:
         self._targets = sorted({route.target for route in self._routes.values()})
         self._kicks = {target: asyncio.Event() for target in self._targets}
         self._failures = dict.fromkeys(self._targets, 0)
+        #: Rows of the batch in hand that their destination took, marked at the batch's end.
+        self._sent: dict[str, list[int]] = {target: [] for target in self._targets}
         self._paused_until = dict.fromkeys(self._targets, 0.0)
         self._purged_at = -math.inf
 
@@ -351,9 +366,17 @@ class OutboxRelay:
         if paused > 0:
             return min(paused, self._policy.interval_s)
         while rows := self._outbox.due(target, limit=self._policy.batch):
-            for row in rows:
-                if not await self._deliver(row):
-                    return min(self._paused_until[target] - self._clock(), self._policy.interval_s)
+            try:
+                for row in rows:
+                    if not await self._deliver(row):
+                        return min(
+                            self._paused_until[target] - self._clock(), self._policy.interval_s
+                        )
+            finally:
+                sent, self._sent[target] = self._sent[target], []
+                self._outbox.delivered_many(sent)
+            if len(rows) < self._policy.batch:
+                break  # that was every due row: no second look
         upcoming = self._outbox.next_attempt_time(target)
         if upcoming is None:
             return self._policy.interval_s
@@ -402,7 +425,7 @@ class OutboxRelay:
             return self._failed(row, bug)
         finally:
             otel_context.detach(token)
-        self._outbox.delivered(row.seq)
+        self._sent.setdefault(row.target, []).append(row.seq)
         self._recovered(row.target)
         return True
 
@@ -414,7 +437,7 @@ class OutboxRelay:
         ):
             # The request id is known (its record outlived its retention) or there is
             # nothing left to change: the message has had its effect.
-            self._outbox.delivered(row.seq)
+            self._sent.setdefault(row.target, []).append(row.seq)
             self._recovered(row.target)
             return True
         if code.name in REFUSED_CODES:

@@ -2,7 +2,8 @@
 
 A payment's row is written in the same transaction that claims its request id, and its
 ``step`` is committed after every downstream step, so after a crash the recovery pass knows
-exactly where each unfinished payment stopped. Reaching a terminal status, completing the
+exactly where each unfinished payment stopped (a step whose call the callee dedupes commits
+its result with the next step's state). Reaching a terminal status, completing the
 idempotency claim with the final response and writing the outbox rows that announce it
 (webhook, analytics event, order status) happen in one transaction.
 """
@@ -43,13 +44,15 @@ class Step:
     ASSESSED = "assessed"
     """Risk approved (or flagged for review)."""
     ORDERED = "ordered"
-    """Order recorded at order-service."""
+    """Order recorded at order-service (rows of earlier versions only: the order's result is
+    now committed with CHARGING)."""
     CHARGING = "charging"
-    """About to call (or calling) the channel: from here a charge may exist."""
+    """Order recorded; about to call (or calling) the channel: from here a charge may exist."""
     CHARGED = "charged"
     """The channel captured the money."""
     POSTED = "posted"
-    """The capture is in the ledger."""
+    """The capture is in the ledger (rows of earlier versions only: the ledger's result is
+    now committed with the terminal status)."""
     VOIDING = "voiding"
     """The captured charge is being voided because the payment cannot complete."""
     FINISHED = "finished"
@@ -362,15 +365,24 @@ class PaymentStore:
             )
             return self._payment(payment_id)
 
-    def advance(self, payment_id: str, step: str, **fields: Any) -> PaymentRecord:
-        """Commit that ``step`` is done, with the facts it produced."""
-        self._update("payments", _PAYMENT_COLUMNS, "payment_id", payment_id, step=step, **fields)
-        return self._payment(payment_id)
+    def advance(self, payment: PaymentRecord | str, step: str, **fields: Any) -> PaymentRecord:
+        """Commit that ``step`` is done, with the facts it produced.
+
+        Given the payment's current row (its flow is the one writer of an unfinished
+        payment), the new row is that row with the change, without reading it back.
+        """
+        if isinstance(payment, str):
+            payment = self._payment(payment)
+        fields["step"] = step
+        fields.setdefault("update_time_ns", self._db.clock_ns())
+        self._update("payments", _PAYMENT_COLUMNS, "payment_id", payment.payment_id, **fields)
+        return dataclasses.replace(payment, **fields)
 
     def finish(
         self, payment_id: str, status: pg.PaymentStatus.ValueType, **fields: Any
-    ) -> pg.Payment:
-        """Set the terminal status and complete the request id's claim, in one transaction."""
+    ) -> PaymentRecord:
+        """Set the terminal status and complete the request id's claim, in one transaction;
+        returns the finished row."""
         with self._db.transaction() as tx:
             now = self._db.clock_ns()
             self._update(
@@ -393,7 +405,7 @@ class PaymentStore:
                 pg.CreatePaymentResponse(payment=payment),
             )
             self.outbox.add(tx, payment_id, payment_events(record))
-            return payment
+            return record
 
     def abandon(self, payment_id: str, *, reason: str) -> None:
         """Forget a payment that failed before any side effect, and free its request id.
@@ -660,7 +672,8 @@ class PaymentStore:
                 ):
                     record = record_of(row)
                     if isinstance(record, PaymentRecord):
-                        events = payment_events(record)
+                        # The flow of that version marked the order PAID itself.
+                        events = payment_events(record, order_paid=False)
                     else:
                         events = refund_events(record, self._payment(record.payment_id))
                     self.outbox.add(tx, row[key], events)

@@ -205,10 +205,15 @@ def test_onboarding_payment_refund_dashboard_settlement_withdrawal(clients: Clie
         _payment(merchant_id, "order-1001"), timeout=30, metadata=_key(api_key)
     ).payment
     assert payment.status == gw.PAYMENT_STATUS_SUCCEEDED, payment.failure_reason
-    order = clients.orders.GetOrder(
-        order_pb2.GetOrderRequest(order_id=payment.order_id), timeout=10
-    )
-    assert order.order.status == order_pb2.ORDER_STATUS_PAID
+
+    def order_paid() -> bool:
+        # Sent by the gateway's outbox after the answer, with the webhook and the event.
+        order = clients.orders.GetOrder(
+            order_pb2.GetOrderRequest(order_id=payment.order_id), timeout=10
+        )
+        return order.order.status == order_pb2.ORDER_STATUS_PAID
+
+    _eventually(order_paid)
     charges = clients.channel.ListCharges(
         channel_adapter_pb2.ListChargesRequest(payment_id=payment.payment_id), timeout=10
     ).charges
@@ -354,7 +359,8 @@ def _gateway_step(clients: Clients, merchant_id: str) -> list[str]:
 
 @pytest.mark.parametrize(
     "step",
-    [Step.CREATED, Step.ASSESSED, Step.ORDERED, Step.CHARGING, Step.CHARGED, Step.POSTED],
+    # The steps a payment rests at (ORDERED and POSTED are folded into the next commit).
+    [Step.CREATED, Step.ASSESSED, Step.CHARGING, Step.CHARGED],
 )
 def test_gateway_killed_at_each_step_recovers_with_one_charge_and_a_balanced_ledger(
     clients: Clients, step: str

@@ -51,7 +51,7 @@ from services.mesh.errors import FailedPrecondition
 from services.notification.__main__ import build as build_notification
 from services.order.__main__ import build as build_order
 from services.payment_gateway.__main__ import build as build_gateway
-from services.payment_gateway.events import event_id
+from services.payment_gateway.events import UPDATE_ORDER_STATUS, event_id
 from services.payment_gateway.flow import Downstreams, PaymentFlow
 from services.payment_gateway.outbox import PENDING, SENT, OutboxRow
 from services.payment_gateway.servicer import for_merchant, scoped_key
@@ -335,6 +335,9 @@ async def test_payment_succeeds_with_order_one_charge_balanced_ledger_and_webhoo
     assert payment.captured_amount.amount_minor == 2500
     assert payment.ledger_transaction_id == f"txn:{payment.payment_id}:capture"
 
+    # The order's PAID is an announcement of the terminal status: the outbox sends it after
+    # the answer, with the webhook and the analytics event.
+    await _announced(mesh, payment.payment_id)
     order = (await mesh.orders.GetOrder(order_pb2.GetOrderRequest(order_id=payment.order_id))).order
     assert order.status == order_pb2.ORDER_STATUS_PAID
     assert order.payment_id == payment.payment_id
@@ -935,6 +938,20 @@ async def _stopped_after(mesh: Mesh, tmp_path: Path, step: str, request_id: str)
         store.close()
 
 
+@contextlib.asynccontextmanager
+async def _offline_flow(
+    mesh: Mesh, tmp_path: Path
+) -> AsyncIterator[tuple[PaymentStore, PaymentFlow]]:
+    """The gateway's store and a flow over it, with no gateway running: what a killed
+    gateway left behind, to run steps of by hand."""
+    store = PaymentStore(tmp_path / "payment-gateway.db")
+    try:
+        async with mesh.downstreams() as downstreams:
+            yield store, PaymentFlow(store, downstreams, charge_cutoff_s=900)
+    finally:
+        store.close()
+
+
 async def _recovered(mesh: Mesh, payment_id: str) -> pg.Payment:
     """Start a fresh gateway (its start runs a recovery pass) and wait for a terminal status
     and the payment's announcements (webhook, event, order status) delivered by its outbox.
@@ -959,7 +976,7 @@ async def _recovered(mesh: Mesh, payment_id: str) -> pg.Payment:
 
 @pytest.mark.parametrize(
     "step",
-    [Step.CREATED, Step.ASSESSED, Step.ORDERED, Step.CHARGING, Step.CHARGED, Step.POSTED],
+    [Step.CREATED, Step.ASSESSED, Step.CHARGING, Step.CHARGED],
 )
 async def test_recovery_completes_a_payment_stopped_after_any_step_with_one_charge(
     mesh: Mesh, tmp_path: Path, step: str
@@ -975,18 +992,83 @@ async def test_recovery_completes_a_payment_stopped_after_any_step_with_one_char
     assert order.status == order_pb2.ORDER_STATUS_PAID
 
 
+async def test_the_flow_commits_the_order_with_charging_and_the_ledger_with_the_status(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    # Steps whose callee dedupes the call commit its result with the next state: a payment
+    # never rests at ORDERED or POSTED (a kill there finds CHARGING or a terminal status).
+    payment_id = await _stopped_after(mesh, tmp_path, Step.ASSESSED, "fold-1")
+    seen: list[str] = []
+    async with _offline_flow(mesh, tmp_path) as (store, flow):
+        payment = store.payment(payment_id)
+        while payment.step != Step.FINISHED:
+            payment = await flow._step(payment, recovering=False)
+            seen.append(payment.step)
+        finished = store.payment(payment_id)
+        rows = store.outbox.rows(flow_id=payment_id)
+    assert seen == [Step.CHARGING, Step.CHARGED, Step.FINISHED]
+    assert finished.order_id and finished.ledger_transaction_id
+    paid = [r for r in rows if r.method == UPDATE_ORDER_STATUS]
+    assert [order_pb2.UpdateOrderStatusRequest.FromString(r.request).status for r in paid] == [
+        order_pb2.ORDER_STATUS_PAID
+    ]
+
+
+async def test_order_paid_after_the_answer_is_sent_by_a_gateway_killed_before_sending_it(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    # A gateway that committed SUCCEEDED (and answered) but died before its relay ran: the
+    # order's PAID, the webhook and the event wait in the outbox; the next gateway sends them.
+    payment_id = await _stopped_after(mesh, tmp_path, Step.CHARGED, "answered-1")
+    async with _offline_flow(mesh, tmp_path) as (store, flow):
+        answered = await flow.run_payment(payment_id)
+        assert answered is not None and answered.status == pg.PAYMENT_STATUS_SUCCEEDED
+        assert {r.state for r in store.outbox.rows(flow_id=payment_id)} == {PENDING}
+    order = (
+        await mesh.orders.GetOrder(order_pb2.GetOrderRequest(order_id=answered.order_id))
+    ).order
+    assert order.status == order_pb2.ORDER_STATUS_CREATED
+
+    payment = await _recovered(mesh, payment_id)
+    assert payment.status == pg.PAYMENT_STATUS_SUCCEEDED
+    order = (await mesh.orders.GetOrder(order_pb2.GetOrderRequest(order_id=payment.order_id))).order
+    assert order.status == order_pb2.ORDER_STATUS_PAID
+    assert len(_webhooks(mesh, payment_id)) == 1
+    assert len(_charges(mesh)) == 1
+
+
+@pytest.mark.parametrize("step", [Step.ORDERED, Step.POSTED])
+async def test_recovery_completes_a_payment_an_earlier_version_left_at_a_folded_step(
+    mesh: Mesh, tmp_path: Path, step: str
+) -> None:
+    # Earlier versions committed ORDERED and POSTED on their own; their rows still finish.
+    payment_id = await _stopped_after(
+        mesh, tmp_path, Step.CHARGING if step == Step.ORDERED else Step.CHARGED, f"old-{step}"
+    )
+    async with _offline_flow(mesh, tmp_path) as (store, flow):
+        if step == Step.POSTED:
+            # That version posted the capture before committing POSTED.
+            capture = flow._capture_request(store.payment(payment_id))
+            await mesh.accounting.PostTransaction(capture)
+            store.advance(payment_id, step, ledger_transaction_id=capture.transaction_id)
+        else:
+            store.advance(payment_id, step)
+    payment = await _recovered(mesh, payment_id)
+    assert payment.status == pg.PAYMENT_STATUS_SUCCEEDED
+    assert len(_charges(mesh)) == 1
+    assert len(await _entries(mesh, _available(mesh))) == 1
+    assert len(_webhooks(mesh, payment_id)) == 1
+    order = (await mesh.orders.GetOrder(order_pb2.GetOrderRequest(order_id=payment.order_id))).order
+    assert order.status == order_pb2.ORDER_STATUS_PAID
+
+
 async def test_recovery_adopts_a_charge_made_just_before_the_crash(
     mesh: Mesh, tmp_path: Path
 ) -> None:
     # Killed after the channel charged but before the gateway committed the charge.
     payment_id = await _stopped_after(mesh, tmp_path, Step.CHARGING, "crash-2")
-    store = PaymentStore(tmp_path / "payment-gateway.db")
-    try:
-        async with mesh.downstreams() as downstreams:
-            flow = PaymentFlow(store, downstreams, charge_cutoff_s=900)
-            await mesh.channel.Charge(flow._charge_request(store.payment(payment_id)))
-    finally:
-        store.close()
+    async with _offline_flow(mesh, tmp_path) as (store, flow):
+        await mesh.channel.Charge(flow._charge_request(store.payment(payment_id)))
     assert len(_charges(mesh)) == 1
 
     payment = await _recovered(mesh, payment_id)
@@ -1013,7 +1095,7 @@ async def test_client_retry_after_recovery_replays_the_final_result(
 async def test_retry_of_an_unfinished_payment_is_aborted_until_recovered(
     mesh: Mesh, tmp_path: Path
 ) -> None:
-    await _stopped_after(mesh, tmp_path, Step.ORDERED, "crash-4")
+    await _stopped_after(mesh, tmp_path, Step.CHARGING, "crash-4")
     # The fixture's gateway already ran its start-up pass over an empty store, so nothing
     # finishes this payment until the next pass.
     error = await _fails(mesh.gateway.CreatePayment(_create(mesh, "crash-4")))
@@ -1199,6 +1281,7 @@ async def test_webhook_request_id_is_the_stable_event_id_which_its_payload_carri
     assert {(r.event_id, r.target, r.state) for r in _outbox(mesh, payment.payment_id)} == {
         (evt, "notification-service", SENT),
         (evt, "analytics-service", SENT),
+        (evt, "order-service", SENT),  # the order's PAID, with the same id
     }
 
 
@@ -1213,7 +1296,7 @@ async def test_answer_does_not_wait_for_a_notification_service_that_hangs(mesh: 
             (webhook,) = [
                 r
                 for r in _outbox(mesh, reply.payment.payment_id)
-                if r.target != "analytics-service"
+                if r.target == "notification-service"
             ]
             assert webhook.state == PENDING
 

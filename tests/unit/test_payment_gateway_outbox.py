@@ -137,6 +137,57 @@ async def test_due_rows_are_sent_in_order_and_marked_sent_once(
     assert [(r.state, r.attempts) for r in outbox.rows()] == [(SENT, 1), (SENT, 1)]
 
 
+async def test_a_pass_marks_its_delivered_rows_in_one_write_and_looks_once(
+    outbox: CountingOutbox, clock: FakeClock
+) -> None:
+    destination = Destination()
+    _write(outbox, _message("evt_1"), _message("evt_2"), _message("evt_3"))
+    writes: list[str] = []
+    outbox.db._conn.set_trace_callback(
+        lambda sql: writes.append(sql) if sql.startswith("UPDATE outbox") else None
+    )
+    relay = _relay(outbox, clock, (NOTIFY, destination))
+    await relay.deliver_due("notifications")
+    outbox.db._conn.set_trace_callback(None)
+    assert destination.received == ["evt_1", "evt_2", "evt_3"]
+    assert [r.state for r in outbox.rows()] == [SENT, SENT, SENT]
+    assert len(writes) == 1
+    assert outbox.looks == 1  # a batch shorter than the limit was every due row
+
+
+async def test_rows_sent_before_a_failure_are_marked_and_a_crash_before_marking_resends(
+    outbox: CountingOutbox, clock: FakeClock
+) -> None:
+    class SecondFails(Destination):
+        async def send(self, request: Message) -> object:
+            if len(self.received) == 1:
+                self.failures = [grpc.StatusCode.UNAVAILABLE]
+            return await super().send(request)
+
+    _write(outbox, _message("evt_1"), _message("evt_2"))
+    relay = _relay(outbox, clock, (NOTIFY, SecondFails()))
+    await relay.deliver_due("notifications")
+    assert [r.state for r in outbox.rows()] == [SENT, PENDING]  # the first is kept as sent
+
+    # A relay that dies mid-batch (cancelled during a send) has marked nothing of it: the
+    # next one sends those rows again (at least once; the destination dedupes by event id).
+    _write(outbox, _message("evt_3"))
+    hung = Destination()
+    hung.hang = True
+    dying = _relay(outbox, clock, (NOTIFY, hung))
+    clock.advance(60)
+    task = asyncio.ensure_future(dying.deliver_due("notifications"))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert [r.state for r in outbox.rows()] == [SENT, PENDING, PENDING]
+    again = Destination()
+    await _relay(outbox, clock, (NOTIFY, again)).deliver_due("notifications")
+    assert again.received == ["evt_2", "evt_3"]
+    assert [r.state for r in outbox.rows()] == [SENT, SENT, SENT]
+
+
 def test_a_message_written_twice_is_one_row(outbox: CountingOutbox) -> None:
     _write(outbox, _message("evt_1"))
     _write(outbox, _message("evt_1"))
