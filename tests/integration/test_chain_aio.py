@@ -304,7 +304,13 @@ async def test_short_propagated_deadlines_never_open_the_targets_breaker() -> No
         # The caller's answer can come before the relay's chain has recorded its last call.
         await eventually(lambda: chain.telemetry.value("calls_total", target=TARGET) == CALLS)
     assert chain.telemetry.value("deadline_propagated_total", target=TARGET) == CALLS
-    assert chain.telemetry.value("calls_total", target=TARGET, code="DEADLINE_EXCEEDED") == CALLS
+    # Each call ends on its propagated deadline, or, when the loop runs late under load, on the
+    # caller's cancel of the relay's handler that arrives first: neither is the target's fault.
+    ended = {
+        code: chain.telemetry.value("calls_total", target=TARGET, code=code)
+        for code in ("DEADLINE_EXCEEDED", "CANCELLED")
+    }
+    assert sum(ended.values()) == CALLS, ended
     assert chain.breakers.states() == {TARGET: "closed"}
 
 
