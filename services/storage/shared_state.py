@@ -136,9 +136,10 @@ class SharedState:
         """``<prefix>:<part>:<part>...``, the name every stored entry has."""
         return ":".join((self.prefix, *parts))
 
-    async def get(self, key: str) -> bytes | None | _Unavailable:
+    async def get(self, key: str) -> bytes | _Unavailable | None:
         """The value at ``key`` (None: absent)."""
-        return await self._run(self._client.get, key)
+        value: bytes | _Unavailable | None = await self._run(self._client.get, key)
+        return value
 
     async def set(self, key: str, value: bytes | str, *, ttl_s: float) -> None:
         """Store ``value`` at ``key`` for ``ttl_s`` seconds (best effort)."""
@@ -204,3 +205,44 @@ class SharedState:
             )
         self.last_error = error
         self._down_until = self._clock() + self._retry_s
+
+
+class SharedCache:
+    """Cached JSON objects of one kind, ``<prefix>:<namespace...>:<id>``, each with its TTL.
+
+    An entry carries the wall-clock time it expires at, so a replica that reads it keeps it
+    only for what is left (never a fresh TTL per reader); Redis drops it at the same moment.
+    """
+
+    def __init__(
+        self, state: SharedState, *namespace: str, wall_clock: Callable[[], float] = time.time
+    ) -> None:
+        self.state = state
+        self._namespace = namespace
+        self._wall_clock = wall_clock
+
+    def key(self, entry_id: str) -> str:
+        """The Redis key of ``entry_id``."""
+        return self.state.key(*self._namespace, entry_id)
+
+    async def get(self, entry_id: str) -> tuple[dict[str, Any], float] | None:
+        """The value and its seconds left; None when absent, expired or Redis is unavailable."""
+        entry = await self.state.get_json(self.key(entry_id))
+        if entry is None:
+            return None
+        value, expires = entry.get("value"), entry.get("expires_s")
+        if not isinstance(value, dict) or not isinstance(expires, int | float):
+            return None
+        left = float(expires) - self._wall_clock()
+        return (value, left) if left > 0 else None
+
+    async def put(self, entry_id: str, value: Mapping[str, Any], *, ttl_s: float) -> None:
+        """Keep ``value`` for ``ttl_s`` seconds (best effort: Redis down, nothing is kept)."""
+        if ttl_s <= 0:
+            return
+        entry = {"value": dict(value), "expires_s": self._wall_clock() + ttl_s}
+        await self.state.set_json(self.key(entry_id), entry, ttl_s=ttl_s)
+
+    async def drop(self, entry_id: str) -> bool:
+        """Forget ``entry_id``; whether Redis confirmed it."""
+        return await self.state.delete(self.key(entry_id))
