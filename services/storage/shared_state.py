@@ -105,6 +105,7 @@ class SharedState:
             retry_on_timeout=False,
             health_check_interval=0,
         )
+        self._scripts: dict[str, Any] = {}  # source -> redis-py Script (its SHA computed once)
         self._down_until = 0.0
         self.last_error = ""
         """Why the last operation failed ("" while Redis answers)."""
@@ -167,7 +168,9 @@ class SharedState:
 
     async def script(self, source: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run a Lua script atomically (EVALSHA, loading it once)."""
-        command = self._client.register_script(source)
+        command = self._scripts.get(source)
+        if command is None:
+            command = self._scripts[source] = self._client.register_script(source)
         return await self._run(command, keys=list(keys), args=list(args))
 
     async def ping(self) -> str:
