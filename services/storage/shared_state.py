@@ -117,15 +117,15 @@ class SharedState:
         Raises:
             SharedStateError: the URL or the key prefix is malformed.
         """
-        url = environ.get(REDIS_URL_VAR, "").strip()
-        if not url:
-            return None
         prefix = environ.get(KEY_PREFIX_VAR, DEFAULT_KEY_PREFIX)
         if not _PREFIX_SHAPE.match(prefix):
             raise SharedStateError(
                 f"{KEY_PREFIX_VAR}={prefix!r} is not a key prefix; allowed: 1-64 of "
                 f"A-Z a-z 0-9 _ . - (default {DEFAULT_KEY_PREFIX})"
             )
+        url = environ.get(REDIS_URL_VAR, "").strip()
+        if not url:
+            return None
         return cls(url, prefix=prefix)
 
     @property
