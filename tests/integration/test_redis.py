@@ -47,7 +47,13 @@ from tests.integration.merchant_auth_mesh import (
     start_auth_mesh,
 )
 from tests.integration.test_payment_gateway_service import Mesh, _create, _until, mesh
-from tests.servers import ServicesUnderTest, mesh_channel, running_sandbox, services_under_test
+from tests.servers import (
+    ServicesUnderTest,
+    error_reason,
+    mesh_channel,
+    running_sandbox,
+    services_under_test,
+)
 
 __all__ = ["mesh"]  # the payment mesh fixture, started here with REDIS_URL set
 
@@ -171,6 +177,26 @@ async def test_a_key_verified_by_one_replica_is_served_to_the_other_until_revoke
             error = await authenticate_error(second, key.secret)
 
     assert "revoked" in (error.details() or "")
+
+
+async def test_two_merchant_auth_replicas_lock_a_guessing_peer_after_the_limit_in_total(
+    tmp_path: Path, redis_environ: dict[str, str]
+) -> None:
+    environ = {**redis_environ, "MERCHANT_AUTH_SERVICE_PEER_FAILURE_LIMIT": "4"}
+    async with services_under_test(tmp_path, environ=environ) as services:
+        first = (await start_auth_mesh(services)).auth
+        async with services.instance(AUTH) as second_address:
+            second = await services.stub(
+                second_address, merchant_auth_pb2_grpc.MerchantAuthServiceStub, AUTH
+            )
+            guess = "sk_0123456789abcdef_" + "A" * 43
+            reasons = [
+                error_reason(await authenticate_error(replica, guess, peer="ipv4:198.51.100.9:1"))
+                for replica in (first, second) * 3
+            ]
+
+    # 4 verifications in total (2 on each replica), then both refuse without verifying.
+    assert reasons == ["API_KEY_INVALID"] * 4 + ["TOO_MANY_FAILED_ATTEMPTS"] * 2
 
 
 async def _health(channel: aio.Channel, service: str) -> int:
