@@ -170,7 +170,6 @@ class ServiceContext:
         self.database = path
         return path
 
-
     def shared_state(self) -> SharedState | None:
         """Redis shared by the service's replicas (``REDIS_URL``), or None: stay in-process."""
         if self.shared is None:
