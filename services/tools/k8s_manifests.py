@@ -465,6 +465,15 @@ def production_patch(spec: ServiceSpec) -> Manifest:
             },
             "template": {
                 "spec": {
+                    # Replicas on different nodes where the cluster has them.
+                    "topologySpreadConstraints": [
+                        {
+                            "maxSkew": 1,
+                            "topologyKey": "kubernetes.io/hostname",
+                            "whenUnsatisfiable": "ScheduleAnyway",
+                            "labelSelector": {"matchLabels": _selector(spec.name)},
+                        }
+                    ],
                     "containers": [
                         {
                             "name": spec.name,
@@ -474,7 +483,7 @@ def production_patch(spec: ServiceSpec) -> Manifest:
                                 "limits": dict(PRODUCTION.limits),
                             },
                         }
-                    ]
+                    ],
                 }
             },
         },
