@@ -331,6 +331,12 @@ PARTNER_SANDBOX_VAR = "PARTNER_SANDBOX_ADDR"
 CONSOLE_PORT = 40030
 CONSOLE_VAR = "PAYMESH_CONSOLE_ADDR"
 
+#: Ports beyond the mesh that services connect to, which the Kubernetes egress policies open:
+#: PostgreSQL and Redis at their standard ports, the partners over HTTPS.
+POSTGRESQL_PORT = 5432
+REDIS_PORT = 6379
+HTTPS_PORT = 443
+
 #: Added to every default port (never to an explicit ``*_ADDR``): a second mesh on one machine.
 PORT_OFFSET_VAR = "PAYMESH_PORT_OFFSET"
 

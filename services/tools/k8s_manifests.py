@@ -25,7 +25,14 @@ from interceptors.policy import DEFAULT_POLICY_FILE
 from services.merchant_auth.pepper import PEPPER_FILE_VAR
 from services.mesh import bootstrap, tls
 from services.mesh.page_tokens import KEY_FILE_VAR as PAGE_TOKEN_KEY_FILE_VAR
-from services.mesh.topology import ServiceSpec, Target, Topology
+from services.mesh.topology import (
+    HTTPS_PORT,
+    POSTGRESQL_PORT,
+    REDIS_PORT,
+    ServiceSpec,
+    Target,
+    Topology,
+)
 from services.notification.config import SECRETS_KEY_FILE_VAR
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,9 +63,6 @@ REDIS_SECRET = "paymesh-redis"
 PLACEHOLDER = "replace me"
 #: Private ranges: partners are on the internet, never on the cluster's own networks.
 PRIVATE_RANGES = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")
-POSTGRESQL_PORT = 5432
-REDIS_PORT = 6379
-PARTNER_PORT = 443
 
 Manifest = dict[str, Any]
 
@@ -376,7 +380,7 @@ def network_policies(topology: Topology) -> list[Manifest]:
         ]
         if spec.partners:
             internet = {"ipBlock": {"cidr": "0.0.0.0/0", "except": list(PRIVATE_RANGES)}}
-            egress.append({"to": [internet], "ports": [{"protocol": "TCP", "port": PARTNER_PORT}]})
+            egress.append({"to": [internet], "ports": [{"protocol": "TCP", "port": HTTPS_PORT}]})
         # PostgreSQL and Redis wherever the operator runs them (in the cluster or managed).
         egress.append(
             {"ports": [{"protocol": "TCP", "port": p} for p in (POSTGRESQL_PORT, REDIS_PORT)]}
