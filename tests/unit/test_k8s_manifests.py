@@ -64,6 +64,17 @@ def test_deploy_k8s_is_the_one_the_topology_gives() -> None:
     assert on_disk == k8s.files(TOPOLOGY), "deploy/k8s/ is stale: run `make k8s` and commit it"
 
 
+def test_writing_replaces_what_the_topology_no_longer_gives(tmp_path: Path) -> None:
+    stale = tmp_path / "base" / "retired-service.yaml"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("kind: Deployment\n")
+
+    written = k8s.write(tmp_path, TOPOLOGY)
+
+    assert not stale.exists()
+    assert {str(p.relative_to(tmp_path)) for p in written} == set(k8s.files(TOPOLOGY))
+
+
 @pytest.mark.parametrize("layer", LAYERS)
 def test_every_rendered_manifest_validates_strictly(layer: str) -> None:
     errors = []
