@@ -115,6 +115,11 @@ class ServiceSpec:
         return names
 
     @property
+    def health_port(self) -> int:
+        """Port of its plaintext health-only port in the Kubernetes manifests (off locally)."""
+        return self.port + HEALTH_PORT_SHIFT
+
+    @property
     def env_prefix(self) -> str:
         """Prefix of this service's environment variables (``ORDER_SERVICE``)."""
         return env_prefix(self.name)
@@ -139,6 +144,10 @@ class PartnerSpec:
         """Environment variable that overrides this partner's base URL."""
         return f"{env_prefix(self.name)}_PARTNER_URL"
 
+
+#: The health-only port is the mesh port plus this (40004 -> 43004), clear of admin (41xxx)
+#: and public (42xxx) ports.
+HEALTH_PORT_SHIFT = 3000
 
 #: Grant of every method of a target's proto services.
 ALL_METHODS = ("*",)
@@ -322,6 +331,12 @@ PARTNER_SANDBOX_VAR = "PARTNER_SANDBOX_ADDR"
 CONSOLE_PORT = 40030
 CONSOLE_VAR = "PAYMESH_CONSOLE_ADDR"
 
+#: Ports beyond the mesh that services connect to, which the Kubernetes egress policies open:
+#: PostgreSQL and Redis at their standard ports, the partners over HTTPS.
+POSTGRESQL_PORT = 5432
+REDIS_PORT = 6379
+HTTPS_PORT = 443
+
 #: Added to every default port (never to an explicit ``*_ADDR``): a second mesh on one machine.
 PORT_OFFSET_VAR = "PAYMESH_PORT_OFFSET"
 
@@ -424,9 +439,20 @@ class Topology:
         return self.environ.get(spec.addr_var) or self._default_address(spec.port)
 
     def bind_address(self, name: str) -> tuple[str, int]:
-        """Host and port a service listens on (the same address its callers dial)."""
+        """Host and port a service listens on: ``<PREFIX>_LISTEN_ADDR`` (``0.0.0.0:40004`` in a
+        pod, where callers dial a DNS name), else the address its callers dial."""
         spec = self.service(name)
+        listen_var = f"{spec.env_prefix}_LISTEN_ADDR"
+        if listen := self.environ.get(listen_var):
+            return parse_hostport(listen, variable=listen_var)
         return parse_hostport(self.address(name), variable=spec.addr_var)
+
+    def health_address(self, name: str) -> tuple[str, int] | None:
+        """Host and port of the plaintext health-only port (``<PREFIX>_HEALTH_ADDR``), None
+        when unset: off unless asked for, as only kubelet's probes (no TLS) need it."""
+        var = f"{self.service(name).env_prefix}_HEALTH_ADDR"
+        value = self.environ.get(var)
+        return parse_hostport(value, variable=var) if value else None
 
     def admin_address(self, name: str) -> str:
         """``host:port`` of a service's admin HTTP endpoint (``<PREFIX>_ADMIN_ADDR``)."""

@@ -49,6 +49,8 @@ CASES = [
     (Target.ORDER, "PAYMESH_HEALTHZ_MAX_LAG_S", "-2", "positive number of seconds"),
     (Target.ORDER, "PAYMESH_REFLECTION", "maybe", "0 (off) or 1 (on"),
     (Target.ORDER, "ORDER_SERVICE_ADDR", "order:port", "is not host:port"),
+    (Target.ORDER, "ORDER_SERVICE_LISTEN_ADDR", "0.0.0.0", "is not host:port"),
+    (Target.ORDER, "ORDER_SERVICE_HEALTH_ADDR", "0.0.0.0:70000", "outside 0-65535"),
     (Target.ORDER, "ORDER_SERVICE_MAX_IN_FLIGHT", "many", "positive whole number"),
     (Target.ORDER, "ORDER_SERVICE_DATABASE_URL", "postgres://db/orders", "sqlite:///path"),
     (Target.ORDER, "PAYMESH_POLICY_FILE", "/nonexistent/policy.toml", "cannot read"),
