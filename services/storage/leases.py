@@ -41,8 +41,7 @@ CREATE TABLE IF NOT EXISTS leases (
 
 #: Take the lease over when it is ours or has run out; the row count says who won.
 _TAKE = (
-    "UPDATE leases SET owner = ?, until_ns = ? "
-    "WHERE lease_key = ? AND (owner = ? OR until_ns < ?)"
+    "UPDATE leases SET owner = ?, until_ns = ? WHERE lease_key = ? AND (owner = ? OR until_ns < ?)"
 )
 _RELEASE = "DELETE FROM leases WHERE lease_key = ? AND owner = ?"
 _HOLDER = "SELECT owner, until_ns FROM leases WHERE lease_key = ?"
@@ -53,8 +52,7 @@ class LeaseHeld(Aborted):
 
     def __init__(self, key: str, owner: str) -> None:
         super().__init__(
-            f"{key} is being driven by another replica ({owner}); retry with the same "
-            "request id",
+            f"{key} is being driven by another replica ({owner}); retry with the same request id",
             reason=Reason.ABORTED,
             metadata={"lease": key},
             retry_delay_s=1.0,
@@ -167,7 +165,12 @@ class Leases:
         """
         self.require(key)
         task = asyncio.current_task()
-        lost = on_lost or (task.cancel if task is not None else lambda: None)
+
+        def cancel_task() -> None:
+            if task is not None:
+                task.cancel()
+
+        lost = on_lost or cancel_task
         renewer = asyncio.create_task(self._renew(key, lost), name=f"lease {key}")
         try:
             yield

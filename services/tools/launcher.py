@@ -13,6 +13,7 @@ payment-gateway=2`` (or ``PAYMESH_REPLICAS``) runs several processes of a servic
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import importlib.util
 import json
@@ -25,8 +26,6 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import argparse
 from typing import Protocol
 
 import grpc
@@ -82,13 +81,17 @@ def ephemeral_environ(
     for a service with ``replicas``, ports whose replica shifts are free too."""
     environ = dict(os.environ if base is None else base)
     step = replica_plan.port_step(environ)
+    taken: set[int] = set()  # every port handed out here, a replica's shifted ones too
 
     def port_for(service: str) -> int:
         count = (replicas or {}).get(service, 1)
         while True:
             port = free_port()
-            shifts = (f"{LOOPBACK}:{port + k * step}" for k in range(1, count))
-            if all(port_is_free(a, variable=service) for a in shifts):
+            ports = [port + k * step for k in range(count)]
+            if taken.isdisjoint(ports) and all(
+                port_is_free(f"{LOOPBACK}:{p}", variable=service) for p in ports[1:]
+            ):
+                taken.update(ports)
                 return port
 
     for spec in SERVICES:
@@ -96,8 +99,8 @@ def ephemeral_environ(
         environ[f"{spec.env_prefix}_ADMIN_ADDR"] = f"{LOOPBACK}:{port_for(spec.name)}"
         if spec.public_port is not None:
             environ[f"{spec.env_prefix}_PUBLIC_ADDR"] = f"{LOOPBACK}:{port_for(spec.name)}"
-    environ[PARTNER_SANDBOX_VAR] = f"{LOOPBACK}:{free_port()}"
-    environ[CONSOLE_VAR] = f"{LOOPBACK}:{free_port()}"
+    environ[PARTNER_SANDBOX_VAR] = f"{LOOPBACK}:{port_for(SANDBOX)}"
+    environ[CONSOLE_VAR] = f"{LOOPBACK}:{port_for(CONSOLE)}"
     return environ
 
 

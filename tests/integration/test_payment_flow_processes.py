@@ -65,7 +65,7 @@ class Clients:
     def _channel(self, name: str) -> grpc.Channel:
         # From the topology, not the members: channels connect lazily, so a mesh of only
         # some services (the traces test's) gets stubs for all of them.
-        channel = self.mesh.operator.sync_channel(name, self.mesh.topology.address(name))
+        channel = self.mesh.operator.sync_channel(name, self.mesh.topology.dial(name).target)
         self.channels.append(channel)
         return channel
 

@@ -35,7 +35,7 @@ FAST_SWEEP = {"balancing": {"outlier_interval_s": 0.2}, "budget": {"min_retries"
 @contextlib.asynccontextmanager
 async def replicas(
     chain: ClientChain, count: int = 3
-) -> AsyncIterator[tuple[list[RunningServer], testing_pb2_grpc.TestServiceStub]]:
+) -> AsyncIterator[tuple[list[RunningServer], testing_pb2_grpc.TestServiceAsyncStub]]:
     """``count`` health-checked test servers behind one channel of ``chain``."""
     servers = [
         await start_server(ScriptedServicer(name=f"replica-{k}"), health=True) for k in range(count)
@@ -50,7 +50,7 @@ async def replicas(
             await server.server.stop(None)
 
 
-async def read(stub: testing_pb2_grpc.TestServiceStub, times: int) -> None:
+async def read(stub: testing_pb2_grpc.TestServiceAsyncStub, times: int) -> None:
     for k in range(times):
         await stub.Read(testing_pb2.ReadRequest(text=f"r{k}"))
 

@@ -101,9 +101,7 @@ async def test_step_runner_refuses_work_a_peer_holds(tmp_path: Path, clock: Cloc
         ran.append(work)
         return "done"
 
-    runner = StepRunner(
-        load=lambda key: "start", done=lambda w: w == "done", step_of=str, leases=b
-    )
+    runner = StepRunner(load=lambda key: "start", done=lambda w: w == "done", step_of=str, leases=b)
     assert a.claim("work/w1")
     with pytest.raises(LeaseHeld):
         await runner.run("w1", step)
