@@ -11,16 +11,11 @@ service's SQLite file in the mesh's var dir, shared by its replicas; with ``DATA
 from __future__ import annotations
 
 import asyncio
-import signal
-import threading
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
 
-from paymesh.accounting.v1 import accounting_pb2
 from paymesh.payment_gateway.v1 import payment_gateway_pb2 as gw
 from paymesh.payment_gateway.v1 import payment_gateway_pb2_grpc
 from services.mesh.admin_token import FAULT_INJECTION_VAR, with_admin_token
@@ -30,13 +25,14 @@ from services.storage.leases import LEASE_VAR
 from services.tools.launcher import Mesh, ephemeral_environ
 from services.tools.status import SERVING, mesh_status
 from tests.integration.test_payment_flow_processes import (
-    TERMINAL,
     Clients,
-    _balance,
-    _eventually,
     _key,
     _onboard,
     _payment,
+    assert_charged_once,
+    killed_while_paying,
+    recovered_payment,
+    running_clients,
 )
 
 pytestmark = pytest.mark.slow
@@ -58,14 +54,8 @@ def clients(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clients]:
         "PAYMENT_GATEWAY_RECOVERY_INTERVAL_S": "0.5",
     }
     mesh = Mesh(environ=environ, var_dir=var_dir, replicas=REPLICAS)
-    mesh.start(timeout_s=120)
-    made = Clients(mesh, [])
-    try:
+    with running_clients(mesh, timeout_s=120) as made:
         yield made
-    finally:
-        for channel in made.channels:
-            channel.close()
-        mesh.stop()
 
 
 def _held(clients: Clients, member: str, step: str) -> bool:
@@ -83,7 +73,7 @@ def test_status_has_a_row_per_replica_each_serving(clients: Clients) -> None:
         assert len({by_name[name].address for name in names}) == count
 
 
-def test_payments_are_served_while_calls_spread_over_both_order_replicas(
+def test_payments_succeed_with_the_gateway_and_order_service_replicated(
     clients: Clients,
 ) -> None:
     merchant_id, api_key = _onboard(clients, "Zwei Baristas")
@@ -99,54 +89,18 @@ def test_gateway_replica_killed_mid_payment_leaves_it_to_its_peer_with_one_charg
     clients: Clients, step: str
 ) -> None:
     mesh = clients.mesh
-    hold = Path(mesh.environ[HOLD_FILE_VAR])
     merchant_id, api_key = _onboard(clients, f"Replica Cafe {step}")
     request = _payment(merchant_id, f"replica-{step}", amount=913)
-    hold.write_text(step)
-    outcome: list[object] = []
-
-    def pay() -> None:  # through replica 0's public port: the one killed below
-        try:
-            outcome.append(clients.pay.CreatePayment(request, timeout=60, metadata=_key(api_key)))
-        except grpc.RpcError as exc:
-            outcome.append(exc)
-
-    caller = threading.Thread(target=pay)
-    caller.start()
-    try:
-        _eventually(lambda: _held(clients, "payment-gateway", step))
-        mesh.signal("payment-gateway", signal.SIGKILL)
-        caller.join(timeout=30)
-    finally:
-        hold.unlink()
-    assert isinstance(outcome[0], grpc.RpcError)  # the caller saw its replica go
+    outcome = killed_while_paying(
+        clients, request, api_key, step, lambda: _held(clients, "payment-gateway", step)
+    )
+    assert isinstance(outcome, grpc.RpcError)  # the caller saw its replica go
 
     # The survivor's recovery finds the payment leased to the dead replica until the lease
     # runs out, then takes it over; the operator's channel reaches whichever replica is up.
-    (payment_id,) = (
-        p.payment_id
-        for p in clients.gateway.ListPayments(
-            gw.ListPaymentsRequest(merchant_id=merchant_id), timeout=10
-        ).payments
-    )
-    final = gw.Payment()
-    deadline = time.monotonic() + 60
-    while final.status not in TERMINAL and time.monotonic() < deadline:
-        final = clients.gateway.GetPayment(
-            gw.GetPaymentRequest(payment_id=payment_id), timeout=10
-        ).payment
-        time.sleep(0.1)
-    assert final.status == gw.PAYMENT_STATUS_SUCCEEDED, final
-
-    charges = clients.sandbox(f"/payment-channel/charges?reference={payment_id}")
-    assert isinstance(charges, dict)
-    assert [c["status"] for c in charges["charges"]] == ["captured"]
-    assert _balance(clients, f"merchants/{merchant_id}/available") == 913
-    entries = clients.ledger.ListEntries(
-        accounting_pb2.ListEntriesRequest(account_id=f"merchants/{merchant_id}/available"),
-        timeout=10,
-    ).entries
-    assert len(entries) == 1
+    final = recovered_payment(clients, merchant_id)
+    payment_id = final.payment_id
+    assert_charged_once(clients, merchant_id, payment_id, 913)
 
     # The merchant's retry, at the survivor's public port, replays the outcome.
     survivor = mesh.members["payment-gateway#1"].public_address
