@@ -326,6 +326,23 @@ CONSOLE_VAR = "PAYMESH_CONSOLE_ADDR"
 
 #: Added to every default port (never to an explicit ``*_ADDR``): a second mesh on one machine.
 PORT_OFFSET_VAR = "PAYMESH_PORT_OFFSET"
+#: Replica k of a service run locally listens on each of its ports plus k times this.
+REPLICA_PORT_STEP_VAR = "PAYMESH_REPLICA_PORT_STEP"
+DEFAULT_REPLICA_PORT_STEP = 100
+
+
+def replica_port_step(environ: Mapping[str, str]) -> int:
+    """``PAYMESH_REPLICA_PORT_STEP``, else the default; TopologyError unless a whole number
+    1-1000."""
+    raw = environ.get(REPLICA_PORT_STEP_VAR, "").strip()
+    if not raw:
+        return DEFAULT_REPLICA_PORT_STEP
+    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+        raise TopologyError(
+            f"{REPLICA_PORT_STEP_VAR}={raw!r} is not a whole number 1-1000 "
+            f"(default {DEFAULT_REPLICA_PORT_STEP})"
+        )
+    return int(raw)
 
 
 def port_offset(environ: Mapping[str, str]) -> int:

@@ -12,7 +12,9 @@ row per piece of work (claimed with its request id, the step it has reached);
 racing a dependency that is still coming up), and stops the work in flight at close, leaving
 the rows resumable. Settlement and withdrawal use the driver; the gateway's payments and
 refunds run on the runner and the same recovery loop, configured with per-item backoff and a
-breaker hook (``services/payment_gateway/recovery.py``).
+breaker hook (``services/payment_gateway/recovery.py``). With replicas of a service on one
+database, the runner drives a piece of work only under its lease
+(:mod:`services.storage.leases`); a recovery pass leaves work a peer holds to that peer.
 """
 
 from __future__ import annotations

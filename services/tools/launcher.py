@@ -35,11 +35,14 @@ from services.mesh import logs, pki, tls
 from services.mesh.admin_token import with_admin_token
 from services.mesh.topology import (
     CONSOLE_VAR,
+    DEFAULT_REPLICA_PORT_STEP,
     LOOPBACK,
     PARTNER_SANDBOX_VAR,
+    REPLICA_PORT_STEP_VAR,
     SERVICES,
     Topology,
     parse_hostport,
+    replica_port_step,
 )
 from services.tools import replicas as replica_plan
 from services.tools.ports import DEFAULT_TIME_WAIT_WAIT_S, PortsUnavailable, wait_until_bindable
@@ -80,7 +83,7 @@ def ephemeral_environ(
     """``base`` plus address overrides that put every service and partner on free ports;
     for a service with ``replicas``, ports whose replica shifts are free too."""
     environ = dict(os.environ if base is None else base)
-    step = replica_plan.port_step(environ)
+    step = replica_port_step(environ)
     taken: set[int] = set()  # every port handed out here, a replica's shifted ones too
 
     def port_for(service: str) -> int:
@@ -178,7 +181,7 @@ class Mesh:
         self.replicas = replica_plan.plan(
             Topology(environ=self.environ),
             replicas or {},
-            replica_plan.port_step(self.environ),
+            replica_port_step(self.environ),
         )
         self.environ.update(replica_plan.callers_environ(self.replicas))
         self.topology = Topology(environ=self.environ)
@@ -564,7 +567,7 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         "--replicas",
         help="processes per service, e.g. payment-gateway=2,order-service=2 "
         f"(default ${replica_plan.REPLICAS_VAR}; replica k on the ports + k x "
-        f"${replica_plan.PORT_STEP_VAR}, default {replica_plan.DEFAULT_PORT_STEP})",
+        f"${REPLICA_PORT_STEP_VAR}, default {DEFAULT_REPLICA_PORT_STEP})",
     )
     return parser.parse_args(argv)
 

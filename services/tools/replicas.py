@@ -2,8 +2,9 @@
 
 ``--replicas payment-gateway=2,order-service=2`` (or ``PAYMESH_REPLICAS``) asks the launcher for
 two of each. Replica 0 keeps the service's addresses; replica k listens on each of them (mesh,
-admin, public) plus ``k * PAYMESH_REPLICA_PORT_STEP`` (default 100: 40003, 40103, ...). Every
-caller gets the list of all of them as the service's ``*_ADDR``; each replica gets its own.
+admin, public) shifted by ``k`` times the topology's replica port step
+(:func:`services.mesh.topology.replica_port_step`). Every caller gets the list of all of them as
+the service's ``*_ADDR``; each replica gets its own.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from dataclasses import dataclass
 from services.mesh.topology import SERVICES, Topology, parse_hostport
 
 REPLICAS_VAR = "PAYMESH_REPLICAS"
-PORT_STEP_VAR = "PAYMESH_REPLICA_PORT_STEP"
-DEFAULT_PORT_STEP = 100
 #: More than this many processes of one service on one machine is a typo, not a test.
 MAX_REPLICAS = 9
 #: Separates a service from its replica number in a member's name (``payment-gateway#1``).
@@ -46,16 +45,6 @@ def parse_replicas(text: str, *, source: str = REPLICAS_VAR) -> dict[str, int]:
             raise ReplicasError(f"{source}={text!r}: {name} count must be 1-{MAX_REPLICAS}")
         counts[name] = count
     return counts
-
-
-def port_step(environ: Mapping[str, str]) -> int:
-    """``PAYMESH_REPLICA_PORT_STEP``, else 100; ReplicasError unless a whole number 1-1000."""
-    raw = environ.get(PORT_STEP_VAR, "").strip()
-    if not raw:
-        return DEFAULT_PORT_STEP
-    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
-        raise ReplicasError(f"{PORT_STEP_VAR}={raw!r} is not a whole number 1-1000 (default 100)")
-    return int(raw)
 
 
 def member_name(service: str, replica: int) -> str:

@@ -9,14 +9,8 @@ import pytest
 
 from interceptors.balancing import service_config
 from interceptors.policy import BalancingPolicy, PolicyConfig, PolicyError
-from services.mesh.topology import Topology, TopologyError
-from services.tools.replicas import (
-    ReplicasError,
-    callers_environ,
-    parse_replicas,
-    plan,
-    port_step,
-)
+from services.mesh.topology import Topology, TopologyError, replica_port_step
+from services.tools.replicas import ReplicasError, callers_environ, parse_replicas, plan
 
 
 def test_a_list_of_ipv4_endpoints_dials_through_the_ipv4_resolver() -> None:
@@ -127,5 +121,5 @@ def test_bad_replicas_are_refused_naming_the_value(text: str, problem: str) -> N
 
 
 def test_bad_port_step_is_refused() -> None:
-    with pytest.raises(ReplicasError, match="PAYMESH_REPLICA_PORT_STEP='0'"):
-        port_step({"PAYMESH_REPLICA_PORT_STEP": "0"})
+    with pytest.raises(TopologyError, match="PAYMESH_REPLICA_PORT_STEP='0'"):
+        replica_port_step({"PAYMESH_REPLICA_PORT_STEP": "0"})
