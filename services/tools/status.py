@@ -327,6 +327,24 @@ def _iso(epoch_s: float | None) -> str:
     return datetime.fromtimestamp(epoch_s, tz=UTC).isoformat(timespec="seconds")
 
 
+def with_replicas(topology: Topology, report: LauncherReport | None) -> Topology:
+    """``topology`` with each service's address listing the replicas the launcher runs
+    (``<service>#<k>`` members), when its first replica is at the address the topology names."""
+    if report is None:
+        return topology
+    extra: dict[str, list[str]] = {}
+    for member in report.members:
+        service = service_of(member.name)
+        if member.name != service and service in {s.name for s in topology.services}:
+            extra.setdefault(service, []).append(member.address)
+    environ = dict(topology.environ)
+    for service, addresses in extra.items():
+        first = topology.address(service)
+        if "," not in first and not first.startswith("dns:"):
+            environ[topology.service(service).addr_var] = ",".join([first, *addresses])
+    return Topology(services=topology.services, partners=topology.partners, environ=environ)
+
+
 def with_launcher(
     statuses: Sequence[ServiceStatus], report: LauncherReport | None
 ) -> list[ServiceStatus]:
@@ -572,9 +590,10 @@ def _show(
 async def report_once(
     topology: Topology,
 ) -> tuple[list[ServiceStatus], Summary, LauncherReport | None]:
-    """Ask every service and read the launcher's report: the statuses and their summary."""
-    statuses = await mesh_status(topology)
+    """Ask every service (and every replica the running launcher reports) and read the
+    launcher's report: the statuses and their summary."""
     report, launcher = read_launcher(launcher_path(topology))
+    statuses = await mesh_status(with_replicas(topology, report))
     statuses = with_launcher(statuses, report)
     return statuses, summarize(statuses, report, launcher), report
 

@@ -11,6 +11,8 @@ from interceptors.balancing import service_config
 from interceptors.policy import BalancingPolicy, PolicyConfig, PolicyError
 from services.mesh.topology import Topology, TopologyError, replica_port_step
 from services.tools.replicas import ReplicasError, callers_environ, parse_replicas, plan
+from services.tools.status import replicas_of, with_replicas
+from services.tools.supervisor import LauncherReport, MemberReport
 
 
 def test_a_list_of_ipv4_endpoints_dials_through_the_ipv4_resolver() -> None:
@@ -123,3 +125,38 @@ def test_bad_replicas_are_refused_naming_the_value(text: str, problem: str) -> N
 def test_bad_port_step_is_refused() -> None:
     with pytest.raises(TopologyError, match="PAYMESH_REPLICA_PORT_STEP='0'"):
         replica_port_step({"PAYMESH_REPLICA_PORT_STEP": "0"})
+
+
+def _member(name: str, address: str) -> MemberReport:
+    return MemberReport(
+        name=name,
+        address=address,
+        pid=1,
+        running=True,
+        restarts=0,
+        last_exit="",
+        last_exit_code=None,
+        last_exit_time=None,
+        crash_looping=False,
+        next_restart_in_s=None,
+        up_since_time=None,
+    )
+
+
+def test_status_asks_every_replica_the_running_launcher_reports() -> None:
+    report = LauncherReport(
+        pid=1,
+        started_time=0.0,
+        updated_time=0.0,
+        heartbeat_s=2.0,
+        members=(
+            _member("payment-gateway", "127.0.0.1:40003"),
+            _member("payment-gateway#1", "127.0.0.1:40103"),
+        ),
+    )
+    topology = with_replicas(Topology(environ={}), report)
+    assert replicas_of(topology, "payment-gateway") == [
+        ("payment-gateway", "127.0.0.1:40003"),
+        ("payment-gateway#1", "127.0.0.1:40103"),
+    ]
+    assert replicas_of(topology, "order-service") == [("order-service", "127.0.0.1:40004")]
