@@ -84,7 +84,7 @@ from services.mesh.tracing import (
     server_tracing,
     service_tracer_provider,
 )
-from services.storage import idempotency, sql
+from services.storage import idempotency, leases, sql
 
 log = logging.getLogger("paymesh.bootstrap")
 
@@ -300,6 +300,7 @@ def load_config(
         page_tokens.process_codec()
         sampler(environ)
         idempotency.default_retention()
+        leases.default_lease_s()
     except (
         TopologyError,
         LimitsError,
