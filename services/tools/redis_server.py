@@ -2,7 +2,8 @@
 
 Tests and local multi-replica runs start one with :func:`start` (or ``with RedisServer()``)
 and get its ``url``; :meth:`RedisServer.kill` is a real SIGKILL, for the tests of what a
-service does when Redis dies. Nothing is written outside its temporary directory.
+service does when Redis dies; :class:`RedisEngine` is the launcher's ``LocalEngine`` for it.
+Nothing is written outside its temporary directory.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from types import TracebackType
 
 from services.mesh.topology import LOOPBACK
+from services.storage.shared_state import REDIS_URL_VAR
 from services.tools.ports import free_port
 
 BINARY = "redis-server"
@@ -131,3 +133,21 @@ class RedisServer:
 def start(*, port: int | None = None) -> RedisServer:
     """A started :class:`RedisServer` (stop it with :meth:`RedisServer.stop`)."""
     return RedisServer(port=port).start()
+
+
+class RedisEngine:
+    """A :class:`RedisServer` as the launcher's ``LocalEngine``: gives members ``REDIS_URL``."""
+
+    name = "redis"
+
+    def __init__(self, *, port: int | None = None) -> None:
+        self.server = RedisServer(port=port)
+
+    def start(self) -> dict[str, str]:
+        """Start redis-server; the environment pointing every member at it."""
+        self.server.start()
+        return {REDIS_URL_VAR: self.server.url}
+
+    def stop(self) -> None:
+        """Stop redis-server (after the members)."""
+        self.server.stop()

@@ -37,7 +37,8 @@ from services.storage.shared_state import (
     SharedState,
     SharedStateError,
 )
-from services.tools.redis_server import RedisServer
+from services.tools.launcher import LocalEngine
+from services.tools.redis_server import RedisEngine, RedisServer
 from tests.conftest import require_redis_server
 from tests.integration.merchant_auth_mesh import (
     AUTH,
@@ -283,3 +284,17 @@ def test_a_bad_redis_url_is_refused_naming_the_variable_and_never_its_password(
 def test_no_redis_url_means_no_shared_state() -> None:
     assert SharedState.from_environ({}) is None
     assert SharedState.from_environ({REDIS_URL_VAR: " "}) is None
+
+
+async def test_the_launcher_engine_starts_redis_and_points_members_at_it() -> None:
+    require_redis_server()
+    engine: LocalEngine = RedisEngine()
+    environ = engine.start()
+    try:
+        shared = SharedState.from_environ(environ)
+        assert shared is not None
+        assert await shared.ping() == ""
+        await shared.close()
+    finally:
+        engine.stop()
+    assert engine.name == "redis"
