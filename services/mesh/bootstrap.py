@@ -85,6 +85,7 @@ from services.mesh.tracing import (
     service_tracer_provider,
 )
 from services.storage import idempotency, leases, sql
+from services.storage.shared_state import SharedState, SharedStateError
 
 log = logging.getLogger("paymesh.bootstrap")
 
@@ -142,6 +143,8 @@ class ServiceContext:
     """Callbacks run after the server stopped (close stores, flush, ...)."""
     database: Path | None = None
     """The SQLite file, once the builder asked for it; its readiness is the service's."""
+    shared: SharedState | None = None
+    """The Redis state (``REDIS_URL``), once the builder asked for it; health lists it."""
     prechecks: dict[str, Callable[[], None]] = field(default_factory=dict)
     """Per full method path (``/pkg.Service/Method``), a check the server runs before the
     gate admits a call: it raises a ServiceError to refuse at once (fail fast before any
@@ -166,6 +169,17 @@ class ServiceContext:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.database = path
         return path
+
+    def shared_state(self) -> SharedState | None:
+        """Redis shared by the service's replicas (``REDIS_URL``), or None: stay in-process."""
+        if self.shared is None:
+            try:
+                self.shared = SharedState.from_environ(self.environ)
+            except SharedStateError as exc:
+                raise StartupError(str(exc)) from None
+            if self.shared is not None:
+                self.on_stop.append(self.shared.close)
+        return self.shared
 
 
 #: What a builder returns: its servicers (each matched to the proto service whose generated
@@ -485,6 +499,7 @@ def register(
         breaker_states=chain.breakers.states,
         recent=runtime.recent,
         database=context.database,
+        shared=context.shared,
         open_channel=lambda target, address: config.security.aio_channel(
             target, address, options=chain.channel_options()
         ),
@@ -552,6 +567,7 @@ async def go_serving(
         services=names,
         database=runtime.context.database,
         interval_s=runtime.config.readiness_interval_s,
+        shared=runtime.context.shared,
     )
     await readiness.start()
     return readiness

@@ -83,6 +83,9 @@ CASES = [
     (Target.MERCHANT_AUTH, auth_config.STALE_VAR, "later", "seconds >= 0"),
     (Target.MERCHANT_AUTH, "MERCHANT_AUTH_SERVICE_KEY_FAILURE_LIMIT", "ten", "at least 1"),
     (Target.NOTIFICATION, notification_config.RETRY_MAX_VAR, "1", "max_backoff_s"),
+    (Target.RISK, "REDIS_URL", "http://cache:6379", "redis://[:password@]host:port/db"),
+    (Target.MERCHANT_AUTH, "REDIS_URL", "redis://cache:port/0", "redis://[:password@]host"),
+    (Target.CHANNEL_ADAPTER, "REDIS_KEY_PREFIX", "pay mesh", "allowed: 1-64 of"),
     (
         Target.NOTIFICATION,
         notification_config.SECRETS_KEY_FILE_VAR,
@@ -104,6 +107,7 @@ NUMERIC = [
     (Target.CHANNEL_ADAPTER, channel_config.RATE_TTL_VAR, "seconds >= 0"),
     (Target.MERCHANT_AUTH, auth_config.STALE_VAR, "seconds >= 0"),
     (Target.MERCHANT_AUTH, auth_config.CACHE_VAR, "seconds >= 0"),
+    (Target.MERCHANT_AUTH, auth_config.VERIFIED_KEY_CACHE_VAR, "seconds >= 0"),
     *((Target.MERCHANT_AUTH, var, "at least") for var in auth_config.LIMIT_VARS.values()),
     *(
         (Target.NOTIFICATION, var, "must be a positive")
