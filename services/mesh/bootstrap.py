@@ -140,8 +140,9 @@ class ServiceContext:
     """Environment the service was started with."""
     on_stop: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
     """Callbacks run after the server stopped (close stores, flush, ...)."""
-    database: Path | None = None
-    """The SQLite file, once the builder asked for it; its readiness is the service's."""
+    database: sql.Target | None = None
+    """The SQLite file or PostgreSQL URL, once the builder asked for it; its readiness is the
+    service's."""
     prechecks: dict[str, Callable[[], None]] = field(default_factory=dict)
     """Per full method path (``/pkg.Service/Method``), a check the server runs before the
     gate admits a call: it raises a ServiceError to refuse at once (fail fast before any
@@ -152,20 +153,43 @@ class ServiceContext:
         """Directory for the service's files: ``PAYMESH_VAR_DIR`` or ``var/``."""
         return Path(self.environ.get("PAYMESH_VAR_DIR", "var"))
 
-    def database_path(self) -> Path:
-        """SQLite file: ``<PREFIX>_DATABASE_URL`` (sqlite:///path), else var/<name>.db."""
+    def database_path(self) -> sql.Target:
+        """Where the service's database is: a SQLite file or a PostgreSQL URL.
+
+        ``<PREFIX>_DATABASE_URL`` (``sqlite:///path`` or ``postgresql://...``), else the
+        shared ``DATABASE_URL`` (PostgreSQL only, one schema per service), else
+        ``var/<name>.db``. A PostgreSQL URL without ``?schema=`` gets the service's own
+        schema, its name with ``_`` for ``-``.
+
+        Raises:
+            StartupError: a URL of another scheme, or a bad schema name.
+        """
         var = f"{env_prefix(self.name)}_DATABASE_URL"
         url = self.environ.get(var)
+        if url is None and self.environ.get(SHARED_DATABASE_VAR):
+            var, url = SHARED_DATABASE_VAR, self.environ[SHARED_DATABASE_VAR]
+            if not url.startswith(sql.POSTGRES_SCHEMES):
+                raise StartupError(
+                    f"{var}={url!r}: must be a postgresql:// URL (one schema per service);"
+                    f" a SQLite file is set per service with {env_prefix(self.name)}_DATABASE_URL"
+                )
+        target: sql.Target
         if url is None:
-            path = self.var_dir / f"{self.name}.db"
+            target = self.var_dir / f"{self.name}.db"
         else:
             try:
-                path = sql.path_of_url(url)
+                target = sql.target_of_url(url, schema=self.name.replace("-", "_"))
             except sql.UnsupportedDatabaseUrl as exc:
                 raise StartupError(f"{var}={exc}") from None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.database = path
-        return path
+        if isinstance(target, Path):
+            target.parent.mkdir(parents=True, exist_ok=True)
+        self.database = target
+        return target
+
+
+#: One PostgreSQL database for every service, each in its own schema (``<SERVICE>_DATABASE_URL``
+#: wins where set).
+SHARED_DATABASE_VAR = "DATABASE_URL"
 
 
 #: What a builder returns: its servicers (each matched to the proto service whose generated

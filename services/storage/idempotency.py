@@ -36,6 +36,9 @@ DEFAULT_RETENTION_S = 7 * 24 * 3600.0
 #: Retries come within minutes, but a late one must still replay: never forget within a day.
 MIN_RETENTION_S = 24 * 3600.0
 
+#: The name of this module's tables in ``schema_migrations``; the store base migrates them
+#: into every database it opens.
+COMPONENT = "idempotency"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS idempotency_keys (
     method TEXT NOT NULL,
@@ -236,8 +239,9 @@ def purge_expired(
     if not force and last is not None and 0 <= now_ns - last["purge_time_ns"] < interval_ns:
         return 0
     deleted = conn.run(
-        "DELETE FROM idempotency_keys WHERE rowid IN (SELECT rowid FROM idempotency_keys"
-        " WHERE state = 'done' AND create_time_ns < ? LIMIT ?)",
+        # By primary key, not SQLite's rowid: the same text runs on PostgreSQL.
+        "DELETE FROM idempotency_keys WHERE (method, request_id) IN (SELECT method, request_id"
+        " FROM idempotency_keys WHERE state = 'done' AND create_time_ns < ? LIMIT ?)",
         (now_ns - _retention_ns(retention), retention.purge_batch),
     )
     if deleted < retention.purge_batch:  # a full batch leaves more: purge again next claim
