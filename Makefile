@@ -8,7 +8,7 @@ PROTO_FILES = $(shell find protos -name '*.proto' | sort)
 BREAKING_AGAINST ?= .git\#branch=main
 
 .DEFAULT_GOAL := help
-.PHONY: help venv gen gen-check lint typecheck unit test run breaking bench chaos status clean
+.PHONY: help venv gen gen-check lint typecheck unit test run breaking bench chaos status migrate clean
 
 help:
 	@echo "make run        start all eleven services (Ctrl-C stops them)"
@@ -19,6 +19,7 @@ help:
 	@echo "make bench      benchmarks, printed as ratios"
 	@echo "make chaos      fault injection against the running mesh"
 	@echo "make status     one table of every service and edge (ARGS=--json, ARGS=--watch)"
+	@echo "make migrate    apply every service's schema migrations to its configured database"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -66,6 +67,9 @@ run: $(STAMP)
 
 status: $(STAMP)
 	@$(PY) -m services.tools.status $(ARGS)
+
+migrate: $(STAMP)
+	@$(PY) -m services.tools.migrate
 
 bench: $(STAMP)
 	$(PY) -m bench

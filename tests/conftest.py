@@ -8,7 +8,8 @@ failing test service lives in ``tests/integration/harness.py`` (fixture ``script
 
 A test that takes ``engine`` runs once per store engine, SQLite and PostgreSQL: its
 ``database_target`` names a fresh database of that engine, and its ``services`` run on one
-(a fresh PostgreSQL database per test, one schema per service, through ``DATABASE_URL``).
+(a fresh PostgreSQL database per test, one schema per service, through ``DATABASE_URL``);
+``PAYMESH_TEST_ENGINE=postgresql`` puts every test's ``services`` on PostgreSQL.
 PostgreSQL is one local cluster per test session (``services/tools/postgres.py``); without
 its binaries the PostgreSQL runs are skipped with a message saying so.
 """
@@ -29,6 +30,8 @@ from services.storage.sql import Target
 from services.tools import postgres
 from tests.servers import ServicesUnderTest, services_under_test
 
+#: Runs every ``services`` test on this engine (``postgresql``); ``sqlite`` by default.
+TEST_ENGINE_VAR = "PAYMESH_TEST_ENGINE"
 #: The store engines a test taking ``engine`` runs on.
 ENGINES = ("sqlite", "postgresql")
 _fresh = itertools.count(1)
@@ -100,10 +103,15 @@ async def services(
 ) -> AsyncIterator[ServicesUnderTest]:
     """Services under test, served on 127.0.0.1 port 0 with the test's ``tmp_path`` as var dir.
 
-    In a test that takes ``engine``, on PostgreSQL their stores share a fresh database.
+    In a test that takes ``engine`` (or with ``PAYMESH_TEST_ENGINE=postgresql``), on
+    PostgreSQL their stores share a fresh database.
     """
     environ: dict[str, str] = {}
-    if "engine" in request.fixturenames and request.getfixturevalue("engine") == "postgresql":
+    if "engine" in request.fixturenames:
+        engine = request.getfixturevalue("engine")
+    else:
+        engine = os.environ.get(TEST_ENGINE_VAR, "sqlite")
+    if engine == "postgresql":
         cluster: postgres.LocalCluster = request.getfixturevalue("postgres_cluster")
         environ[SHARED_DATABASE_VAR] = cluster.create_database(fresh_name("mesh"))
     async with services_under_test(tmp_path, environ=environ) as services:

@@ -154,37 +154,44 @@ class ServiceContext:
         return Path(self.environ.get("PAYMESH_VAR_DIR", "var"))
 
     def database_path(self) -> sql.Target:
-        """Where the service's database is: a SQLite file or a PostgreSQL URL.
-
-        ``<PREFIX>_DATABASE_URL`` (``sqlite:///path`` or ``postgresql://...``), else the
-        shared ``DATABASE_URL`` (PostgreSQL only, one schema per service), else
-        ``var/<name>.db``. A PostgreSQL URL without ``?schema=`` gets the service's own
-        schema, its name with ``_`` for ``-``.
+        """Where the service's database is (:func:`database_target`); readiness follows it.
 
         Raises:
             StartupError: a URL of another scheme, or a bad schema name.
         """
-        var = f"{env_prefix(self.name)}_DATABASE_URL"
-        url = self.environ.get(var)
-        if url is None and self.environ.get(SHARED_DATABASE_VAR):
-            var, url = SHARED_DATABASE_VAR, self.environ[SHARED_DATABASE_VAR]
-            if not url.startswith(sql.POSTGRES_SCHEMES):
-                raise StartupError(
-                    f"{var}={url!r}: must be a postgresql:// URL (one schema per service);"
-                    f" a SQLite file is set per service with {env_prefix(self.name)}_DATABASE_URL"
-                )
-        target: sql.Target
-        if url is None:
-            target = self.var_dir / f"{self.name}.db"
-        else:
-            try:
-                target = sql.target_of_url(url, schema=self.name.replace("-", "_"))
-            except sql.UnsupportedDatabaseUrl as exc:
-                raise StartupError(f"{var}={exc}") from None
+        target = database_target(self.name, self.environ)
         if isinstance(target, Path):
             target.parent.mkdir(parents=True, exist_ok=True)
         self.database = target
         return target
+
+
+def database_target(name: str, environ: Mapping[str, str]) -> sql.Target:
+    """Where service ``name``'s database is: a SQLite file or a PostgreSQL URL.
+
+    ``<PREFIX>_DATABASE_URL`` (``sqlite:///path`` or ``postgresql://...``), else the shared
+    ``DATABASE_URL`` (PostgreSQL only, one schema per service), else
+    ``$PAYMESH_VAR_DIR/<name>.db`` (``var/``). A PostgreSQL URL without ``?schema=`` gets the
+    service's own schema: its name with ``_`` for ``-``.
+
+    Raises:
+        StartupError: a URL of another scheme, or a bad schema name.
+    """
+    var = f"{env_prefix(name)}_DATABASE_URL"
+    url = environ.get(var)
+    if url is None and environ.get(SHARED_DATABASE_VAR):
+        var, url = SHARED_DATABASE_VAR, environ[SHARED_DATABASE_VAR]
+        if not url.startswith(sql.POSTGRES_SCHEMES):
+            raise StartupError(
+                f"{var}={url!r}: must be a postgresql:// URL (one schema per service);"
+                f" a SQLite file is set per service with {env_prefix(name)}_DATABASE_URL"
+            )
+    if url is None:
+        return Path(environ.get("PAYMESH_VAR_DIR", "var")) / f"{name}.db"
+    try:
+        return sql.target_of_url(url, schema=name.replace("-", "_"))
+    except sql.UnsupportedDatabaseUrl as exc:
+        raise StartupError(f"{var}={exc}") from None
 
 
 #: One PostgreSQL database for every service, each in its own schema (``<SERVICE>_DATABASE_URL``

@@ -408,9 +408,9 @@ def probe(target: Path | str, timeout_s: float) -> None:
         return
     # mode=rw: a missing file is a failure, not a new empty database.
     path = Path(target)
-    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True, timeout=timeout_s)
+    file = sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True, timeout=timeout_s)
     try:
         # Reading the schema touches the file, so a corrupt one fails here too.
-        conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        file.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
     finally:
-        conn.close()
+        file.close()

@@ -43,7 +43,6 @@ from services.storage.engines import (
     PostgresSession,
     Session,
     SqliteSession,
-    UnsupportedDatabaseUrl,
     is_postgres,
     split_statements,
 )
@@ -59,6 +58,10 @@ class Row(Protocol):
     def keys(self) -> list[str]:
         """The column names."""
         ...
+
+
+#: A ``*_DATABASE_URL`` this build has no engine for.
+UnsupportedDatabaseUrl = engines.UnsupportedDatabaseUrl
 
 
 class StoreError(Exception):
@@ -90,9 +93,7 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
     PRIMARY KEY (component, version)
 )
 """
-_ADDITIVE = re.compile(
-    r"CREATE\s+(TABLE|(UNIQUE\s+)?INDEX)\s+IF\s+NOT\s+EXISTS\b", re.IGNORECASE
-)
+_ADDITIVE = re.compile(r"CREATE\s+(TABLE|(UNIQUE\s+)?INDEX)\s+IF\s+NOT\s+EXISTS\b", re.IGNORECASE)
 _FIRST_TABLE = re.compile(r"CREATE\s+TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?(\w+)", re.IGNORECASE)
 
 
@@ -229,7 +230,9 @@ def target_of_url(url: str, *, schema: str) -> Target:
 
 def describe(target: Target) -> str:
     """A database for messages: the file, or the URL without its password."""
-    return engines.redact(target) if isinstance(target, str) and is_postgres(target) else str(target)
+    return (
+        engines.redact(target) if isinstance(target, str) and is_postgres(target) else str(target)
+    )
 
 
 def probe(target: Target, timeout_s: float) -> None:

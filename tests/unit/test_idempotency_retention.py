@@ -141,7 +141,9 @@ def test_purge_runs_at_most_once_per_interval(database_target: Callable[[str], T
     assert [r for r, _ in _records(database_target("keys"))] == ["c", "e", "f"]
 
 
-def test_purge_deletes_one_batch_per_claim_until_none_are_left(database_target: Callable[[str], Target]) -> None:
+def test_purge_deletes_one_batch_per_claim_until_none_are_left(
+    database_target: Callable[[str], Target],
+) -> None:
     conn = Database(database_target("keys"), idempotency.SCHEMA)
     retention = idempotency.Retention(purge_batch=2)
     for index in range(5):
@@ -165,7 +167,9 @@ def test_in_flight_records_never_expire(database_target: Callable[[str], Target]
         _claim_at(conn, "work", later)
 
 
-def test_kept_work_of_an_expired_request_id_is_already_exists(database_target: Callable[[str], Target]) -> None:
+def test_kept_work_of_an_expired_request_id_is_already_exists(
+    database_target: Callable[[str], Target],
+) -> None:
     clock_ns = FakeClock(start=START * 1e9)
     store = SettlementStore(database_target("settlement"), clock_ns=lambda: int(clock_ns()))
     request = settlement_pb2.CreateSettlementRequest(
