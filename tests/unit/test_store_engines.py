@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -20,10 +21,14 @@ from paymesh.order.v1 import order_pb2
 from paymesh.settlement.v1 import settlement_pb2
 from services.accounting.ledger import CREDIT, DEBIT
 from services.accounting.store import LedgerStore
+from services.mesh.bootstrap import SHARED_DATABASE_VAR, StartupError, database_target
+from services.mesh.diagnostics import Health, check_database
 from services.mesh.errors import Aborted, FailedPrecondition, ServiceError
 from services.settlement.store import SettlementStore
 from services.storage import engines, idempotency
 from services.storage.sql import Database, Statements, StoreError, Target, target_of_url
+from services.tools.ports import free_port
+from services.tools.postgres import LocalCluster
 
 ITEMS = """
 CREATE TABLE IF NOT EXISTS items (
@@ -279,3 +284,41 @@ def test_a_postgresql_url_gets_the_services_schema_unless_it_names_one() -> None
     with pytest.raises(engines.UnsupportedDatabaseUrl, match="lower-case identifier") as bad:
         target_of_url("postgresql://u:secret@db/x?schema=Drop;", schema="s")
     assert "secret" not in str(bad.value)
+
+
+def test_the_shared_url_gives_each_service_its_schema_and_its_own_url_wins() -> None:
+    shared = {SHARED_DATABASE_VAR: "postgresql://db/paymesh"}
+    assert database_target("order-service", shared) == (
+        "postgresql://db/paymesh?schema=order_service"
+    )
+    own = {**shared, "ORDER_SERVICE_DATABASE_URL": "sqlite:///var/orders.db"}
+    assert database_target("order-service", own) == Path("var/orders.db")
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({SHARED_DATABASE_VAR: "sqlite:///all.db"}, "must be a postgresql:// URL"),
+        ({"ORDER_SERVICE_DATABASE_URL": "mysql://db/x"}, "ORDER_SERVICE_DATABASE_URL="),
+        ({SHARED_DATABASE_VAR: "postgresql://db/x?schema=no-dash"}, "lower-case identifier"),
+    ],
+)
+def test_a_database_url_no_engine_serves_is_refused_at_start(
+    environ: dict[str, str], message: str
+) -> None:
+    with pytest.raises(StartupError, match=message):
+        database_target("order-service", environ)
+
+
+async def test_the_health_probe_reads_a_postgresql_database(postgres_url: str) -> None:
+    Database(postgres_url, ITEMS).close()
+    assert await check_database(postgres_url, timeout_s=5) == (Health.SERVING, "")
+
+
+async def test_the_health_probe_of_a_postgresql_server_that_is_down_fails_without_the_password(
+    postgres_cluster: LocalCluster,
+) -> None:
+    down = f"postgresql://postgres:hunter2@127.0.0.1:{free_port()}/paymesh"
+    health, error = await check_database(down, timeout_s=2)
+    assert health is not Health.SERVING and error
+    assert "hunter2" not in error
