@@ -325,7 +325,7 @@ class PostgresSession:
         )
         self.conn.adapters.register_dumper(bool, _BoolAsInteger)
         self.conn.adapters.register_loader("numeric", _WholeNumericLoader)
-        self._lock = lock_key(self.target.schema)
+        self._begin = f"BEGIN; SELECT pg_advisory_xact_lock({lock_key(self.target.schema)})"
 
     def execute(self, sql: str, params: Sequence[object] = ()) -> Cursor:
         try:
@@ -345,11 +345,11 @@ class PostgresSession:
             return max(cursor.rowcount, 0)
 
     def begin(self) -> None:
-        self.conn.execute("BEGIN")
         try:
-            self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._lock,))
+            # One round trip: BEGIN and the lock in one simple query (the key is our integer).
+            self.conn.execute(self._begin)
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            self.rollback()
             raise
 
     def commit(self) -> None:
