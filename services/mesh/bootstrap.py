@@ -885,4 +885,13 @@ def run(name: str, build: Builder) -> None:
     except StartupError as exc:
         print(f"{name}: cannot start: {exc}", file=sys.stderr, flush=True)
         sys.exit(EXIT_CONFIG)
+    except sql.DatabaseError as exc:
+        # A database that is down or refuses us at start (a PostgreSQL server not up yet):
+        # one line, and a plain failure the supervisor restarts with backoff.
+        print(
+            f"{name}: cannot start: its database: {type(exc).__name__}: {exc}",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(1)
     sys.exit(0)
