@@ -172,7 +172,9 @@ def claim(
         )
         row = None
     if row is None:
-        conn.insert(
+        # INSERT ... ON CONFLICT: the write lock already orders claims, and the unique key
+        # alone would keep a claim made past it from running twice (it is in flight then).
+        claimed = conn.insert(
             "idempotency_keys",
             {
                 "method": method,
@@ -181,8 +183,11 @@ def claim(
                 "state": "in_flight",
                 "create_time_ns": now,
             },
+            unless_exists=True,
         )
-        return Claim(replay=None)
+        if claimed:
+            return Claim(replay=None)
+        raise _in_flight(request_id)
     if row["fingerprint"] != digest:
         raise InvalidArgument(
             f"request_id {quote(request_id)} was already used with a different request body",
@@ -190,12 +195,15 @@ def claim(
             field_violations=[FieldViolation("request_id", "reused with a different body")],
         )
     if row["state"] != "done":
-        raise Aborted(
-            f"the first request with request_id {quote(request_id)} is still in flight;"
-            " retry later",
-            reason=Reason.IDEMPOTENCY_KEY_IN_FLIGHT,
-        )
+        raise _in_flight(request_id)
     return Claim(replay=bytes(row["response"]))
+
+
+def _in_flight(request_id: str) -> Aborted:
+    return Aborted(
+        f"the first request with request_id {quote(request_id)} is still in flight; retry later",
+        reason=Reason.IDEMPOTENCY_KEY_IN_FLIGHT,
+    )
 
 
 def refuse_if_kept(conn: Statements, table: str, column: str, request_id: str) -> None:
