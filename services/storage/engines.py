@@ -316,22 +316,42 @@ class PostgresSession:
 
     def __init__(self, url: str, *, connect_timeout_s: float = 10.0) -> None:
         self.target = PostgresTarget.parse(url)
-        self.conn = psycopg.connect(
+        self._connect_timeout = max(1, round(connect_timeout_s))
+        self._begin = f"BEGIN; SELECT pg_advisory_xact_lock({lock_key(self.target.schema)})"
+        self._closed = False
+        self.conn = self._connect()
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        conn = psycopg.connect(
             self.target.conninfo,
             autocommit=True,
             row_factory=_postgres_rows,
-            connect_timeout=max(1, round(connect_timeout_s)),
+            connect_timeout=self._connect_timeout,
             options=f"-c search_path={self.target.schema}",
         )
-        self.conn.adapters.register_dumper(bool, _BoolAsInteger)
-        self.conn.adapters.register_loader("numeric", _WholeNumericLoader)
-        self._begin = f"BEGIN; SELECT pg_advisory_xact_lock({lock_key(self.target.schema)})"
+        conn.adapters.register_dumper(bool, _BoolAsInteger)
+        conn.adapters.register_loader("numeric", _WholeNumericLoader)
+        return conn
+
+    def _usable(self) -> psycopg.Connection[Any]:
+        """The connection; a new one if the server dropped the last (a restart, a failover).
+
+        Only between transactions: a transaction whose connection broke has failed already.
+        """
+        if self.conn.broken and not self._closed:
+            self.conn = self._connect()
+        return self.conn
 
     def execute(self, sql: str, params: Sequence[object] = ()) -> Cursor:
+        conn = self.conn if self._in_transaction else self._usable()
         try:
-            return self.conn.execute(postgres_sql(sql), tuple(params))
+            return conn.execute(postgres_sql(sql), tuple(params))
         except _RETRYABLE as exc:
             raise _aborted(exc) from None
+
+    @property
+    def _in_transaction(self) -> bool:
+        return self.conn.info.transaction_status in _OPEN
 
     def execute_many(self, sql: str, rows: Iterable[Sequence[object]]) -> int:
         batch = [tuple(row) for row in rows]
@@ -347,7 +367,7 @@ class PostgresSession:
     def begin(self) -> None:
         try:
             # One round trip: BEGIN and the lock in one simple query (the key is our integer).
-            self.conn.execute(self._begin)
+            self._usable().execute(self._begin)
         except BaseException:
             self.rollback()
             raise
@@ -359,7 +379,7 @@ class PostgresSession:
             raise _aborted(exc) from None
 
     def rollback(self) -> None:
-        if not self.conn.closed and self.conn.info.transaction_status != _IDLE:
+        if not self.conn.broken and not self.conn.closed and self._in_transaction:
             self.conn.execute("ROLLBACK")
 
     def ddl(self, text: str) -> None:
@@ -370,10 +390,15 @@ class PostgresSession:
         self.conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self.target.schema}")
 
     def close(self) -> None:
+        self._closed = True
         self.conn.close()
 
 
-_IDLE = psycopg.pq.TransactionStatus.IDLE
+_OPEN = (
+    psycopg.pq.TransactionStatus.ACTIVE,
+    psycopg.pq.TransactionStatus.INTRANS,
+    psycopg.pq.TransactionStatus.INERROR,
+)
 
 
 def _aborted(exc: Exception) -> Aborted:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+import psycopg
 import pytest
 
 from paymesh.accounting.v1 import accounting_pb2
@@ -24,9 +25,18 @@ from services.accounting.store import LedgerStore
 from services.mesh.bootstrap import SHARED_DATABASE_VAR, StartupError, database_target
 from services.mesh.diagnostics import Health, check_database
 from services.mesh.errors import Aborted, FailedPrecondition, ServiceError
+from services.mesh.topology import SERVICES
 from services.settlement.store import SettlementStore
-from services.storage import engines, idempotency
-from services.storage.sql import Database, Statements, StoreError, Target, target_of_url
+from services.storage import engines, idempotency, sql
+from services.storage.sql import (
+    Database,
+    DatabaseError,
+    Statements,
+    StoreError,
+    Target,
+    target_of_url,
+)
+from services.tools.migrate import migrate_all
 from services.tools.ports import free_port
 from services.tools.postgres import LocalCluster
 
@@ -322,3 +332,50 @@ async def test_the_health_probe_of_a_postgresql_server_that_is_down_fails_withou
     health, error = await check_database(down, timeout_s=2)
     assert health is not Health.SERVING and error
     assert "hunter2" not in error
+
+
+def test_a_dropped_postgresql_connection_fails_one_call_and_the_next_reconnects(
+    postgres_url: str, postgres_database: str
+) -> None:
+    db = Database(postgres_url, ITEMS)
+    try:
+        pid = db.aggregate("SELECT pg_backend_pid() AS pid")["pid"]
+        with psycopg.connect(postgres_database, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        with pytest.raises(DatabaseError):  # the server restarted under this call
+            with db.transaction() as tx:
+                tx.insert("items", {"item_id": "i_lost", "label": "x"})
+        with db.transaction() as tx:
+            tx.insert("items", {"item_id": "i_1", "label": "x"})
+        assert db.aggregate("SELECT COUNT(*) AS n FROM items")["n"] == 1
+    finally:
+        db.close()
+
+
+def test_a_table_a_base_module_registers_is_migrated_into_every_database(
+    database_target: Callable[[str], Target], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sql, "BASE_TABLES", dict(sql.BASE_TABLES))
+    sql.register_base_tables(
+        "leases",
+        "CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, expire_time_ns INTEGER)",
+    )
+    db = Database(database_target("items"), ITEMS)
+    try:
+        assert db.applied == [f"{idempotency.COMPONENT} 1", "leases 1", "items 1"]
+        assert db.columns("leases") == ["name", "expire_time_ns"]
+    finally:
+        db.close()
+
+
+def test_make_migrate_migrates_every_service_once(
+    engine: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    environ = {"PAYMESH_VAR_DIR": str(tmp_path)}
+    if engine == "postgresql":
+        cluster: LocalCluster = request.getfixturevalue("postgres_cluster")
+        environ[SHARED_DATABASE_VAR] = cluster.create_database("migrate_once")
+    first = migrate_all(environ)
+    assert len(first) == len(SERVICES)
+    assert all(f"{idempotency.COMPONENT} 1" in line for line in first), first
+    assert all(line.endswith(": up to date") for line in migrate_all(environ))
