@@ -136,6 +136,13 @@ def clients(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clients]:
     environ = with_admin_token({**ephemeral_environ(), FAULT_INJECTION_VAR: "1"}, var_dir)
     # The kill tests hold a payment at one step by naming it in this file.
     environ[HOLD_FILE_VAR] = str(var_dir / "gateway-hold")
+    with _running(environ, var_dir) as made:
+        yield made
+
+
+@contextlib.contextmanager
+def _running(environ: dict[str, str], var_dir: Path) -> Iterator[Clients]:
+    """A process mesh for the block, with every service's stub."""
     mesh = Mesh(environ=environ, var_dir=var_dir)
     mesh.start(timeout_s=90)
     made = Clients(mesh, [])
@@ -435,15 +442,8 @@ def postgres_clients(
         **ephemeral_environ(),
         SHARED_DATABASE_VAR: postgres_cluster.create_database("flow_processes"),
     }
-    mesh = Mesh(environ=environ, var_dir=var_dir)
-    mesh.start(timeout_s=90)
-    made = Clients(mesh, [])
-    try:
+    with _running(environ, var_dir) as made:
         yield made
-    finally:
-        for channel in made.channels:
-            channel.close()
-        mesh.stop()
 
 
 def test_a_payment_refund_and_settlement_on_postgresql_leave_the_ledger_balanced(
