@@ -1,8 +1,9 @@
 """The two engines behind the store base: SQLite (embedded, the default) and PostgreSQL.
 
 Each is a :class:`Session`: one connection that runs the stores' SQL texts (written once, with
-``?`` placeholders and a portable DDL subset) and opens the write transaction. Everything that
-differs between the engines is here: placeholders, DDL types, the write lock, error mapping.
+``?`` placeholders and a portable DDL subset) and opens the write transaction. What differs
+between the engines is here (placeholders, DDL types, the write lock, rows, error mapping),
+except the in-place upgrade of old SQLite files, which stays with the store base.
 """
 
 from __future__ import annotations
