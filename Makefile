@@ -8,7 +8,7 @@ PROTO_FILES = $(shell find protos -name '*.proto' | sort)
 BREAKING_AGAINST ?= .git\#branch=main
 
 .DEFAULT_GOAL := help
-.PHONY: help venv gen gen-check lint typecheck unit test run breaking bench chaos status migrate clean
+.PHONY: help venv gen gen-check lint typecheck unit test run breaking bench chaos status migrate k8s image clean
 
 help:
 	@echo "make run        start all eleven services (Ctrl-C stops them)"
@@ -20,6 +20,8 @@ help:
 	@echo "make chaos      fault injection against the running mesh"
 	@echo "make status     one table of every service and edge (ARGS=--json, ARGS=--watch)"
 	@echo "make migrate    apply every service's schema migrations to its configured database"
+	@echo "make k8s        regenerate deploy/k8s/ (kustomize base, production overlay) from the topology"
+	@echo "make image      build the image deploy/k8s runs (CONTAINER=podman, or docker)"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -76,6 +78,14 @@ bench: $(STAMP)
 
 chaos: $(STAMP)
 	$(PY) -m tests.chaos
+
+k8s: $(STAMP)
+	$(PY) -m services.tools.k8s_manifests
+
+CONTAINER ?= podman
+image: $(STAMP)
+	$(CONTAINER) build -f Containerfile \
+	  -t "$$($(PY) -c 'from services.tools.k8s_manifests import image; print(image())')" .
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

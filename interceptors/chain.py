@@ -18,7 +18,8 @@ The call stack of every outgoing unary call, outermost first (gRPC or an HTTP pa
                                  ``circuit_open`` event on an attempt span), so does a target
                                  with ``max_concurrent_calls`` in flight; opening fails the
                                  attempts still in flight (aio and HTTP)
-            the attempt          the adapter's one call (grpc channel, reconnect backoff tuned;
+            the attempt          the adapter's one call (grpc channel, reconnect backoff tuned,
+                                 round robin over healthy, not ejected replicas: balancing.py;
                                  aiohttp's keep-alive pool) in its own span (``paymesh.attempt``
                                  attribute) when the call is recorded, whose ``traceparent`` it
                                  carries
@@ -52,6 +53,7 @@ from interceptors.aio import (
     policy_channel,
     wait_connected,
 )
+from interceptors.balancing import service_config_json
 from interceptors.breaker import BreakerRegistry
 from interceptors.http import PartnerClient
 from interceptors.policy import PolicyConfig
@@ -92,13 +94,21 @@ class ClientChain:
         *,
         credentials: grpc.ChannelCredentials | None = None,
         extra_options: Sequence[tuple[str, Any]] = (),
+        health_service: str = "",
     ) -> aio.Channel:
         """An aio channel to ``target`` at ``address`` with the chain on it.
 
-        TLS with ``credentials`` (the mesh's mTLS identity), plaintext without. Retries after
+        ``address`` is a gRPC target (one endpoint, ``ipv4:``/``ipv6:`` lists, ``dns:///``):
+        calls go round robin over its replicas, as the target's balancing policy says, with
+        each replica's ``health_service`` health deciding whether it gets calls. TLS with
+        ``credentials`` (the mesh's mTLS identity), plaintext without. Retries after
         UNAVAILABLE wait (briefly) for this channel to reconnect.
         """
-        options = [*self.channel_options(), *extra_options]
+        options = [
+            *self.channel_options(),
+            *self.balancing_options(target, health_service=health_service),
+            *extra_options,
+        ]
         # Unary calls run the chain in the stub's multicallables (aio.PolicyChannel), not in a
         # grpc.aio interceptor, which would add a task per call; streams keep theirs.
         streams = [StreamDeadlineInterceptor(self.runtime, target)]
@@ -117,6 +127,11 @@ class ClientChain:
     def channel_options(self) -> list[tuple[str, Any]]:
         """Channel arguments every channel of the chain is made with."""
         return list(RECONNECT_OPTIONS)
+
+    def balancing_options(self, target: str, *, health_service: str = "") -> list[tuple[str, Any]]:
+        """The service config of a channel to ``target``: round robin, health, ejection."""
+        policy = self.runtime.config.target_policy(target).balancing
+        return [("grpc.service_config", service_config_json(policy, health_service=health_service))]
 
     def http_client(self, partner: str, base_url: str) -> PartnerClient:
         """A client of the HTTP partner ``partner`` at ``base_url`` through the same core."""

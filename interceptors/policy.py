@@ -149,6 +149,48 @@ class BreakerPolicy:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class BalancingPolicy:
+    """Load balancing, health checking and outlier ejection of one target's replicas.
+
+    gRPC counts every call that ends in a status other than OK against the replica that
+    served it. A replica whose failures in one ``outlier_interval_s`` are more than
+    ``failure_percent`` % of at least ``request_volume`` calls is ejected (the native
+    stand-in for "consecutive failures": a replica failing every call is ejected at the next
+    sweep once it served ``request_volume`` calls). It stays out ``base_ejection_s`` times
+    the number of times it was ejected (each clean interval takes one off), at most
+    ``max_ejection_s``; at most ``max_ejection_percent`` % of the endpoints are out at once,
+    and with fewer than ``minimum_hosts`` endpoints nothing is ejected.
+    """
+
+    health_check: bool = True
+    """Whether replicas' health (the served service's readiness) decides who gets calls."""
+    outlier_interval_s: float = 1.0
+    """Period of the ejection sweep; calls are counted per period."""
+    base_ejection_s: float = 10.0
+    """Time out of rotation after a first ejection; multiplied by the ejections in a row."""
+    max_ejection_s: float = 120.0
+    """Longest time out of rotation, however often a replica was ejected."""
+    max_ejection_percent: int = 50
+    """Most endpoints (in %) out at once: the rest serve even when all look bad."""
+    failure_percent: int = 85
+    """Failure share (in %) of one period above which a replica is ejected."""
+    request_volume: int = 5
+    """Calls a replica must have served in one period to be judged."""
+    minimum_hosts: int = 2
+    """Fewest endpoints for ejection to run (one endpoint is never ejected)."""
+
+    def __post_init__(self) -> None:
+        for name in ("outlier_interval_s", "base_ejection_s", "max_ejection_s"):
+            _positive(name, getattr(self, name))
+        for name in ("max_ejection_percent", "failure_percent"):
+            value = getattr(self, name)
+            if not 0 <= value <= 100:
+                raise PolicyError(name, f"must be a percentage 0-100, got {value!r}")
+        _at_least_one("request_volume", self.request_volume)
+        _at_least_one("minimum_hosts", self.minimum_hosts)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CallPolicy:
     """Everything the chain needs to know about one call to one method of one target."""
 
@@ -164,6 +206,8 @@ class CallPolicy:
     """Retry budget of the target (per target: per-method values are refused)."""
     breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
     """Breaker of the target (per target: per-method values are refused)."""
+    balancing: BalancingPolicy = field(default_factory=BalancingPolicy)
+    """How calls spread over the target's replicas (per target)."""
 
     def __post_init__(self) -> None:
         _positive("timeout_s", self.timeout_s)
@@ -174,8 +218,9 @@ _SECTIONS: dict[str, type[Any]] = {
     "retry": RetryPolicy,
     "budget": BudgetPolicy,
     "breaker": BreakerPolicy,
+    "balancing": BalancingPolicy,
 }
-_TARGET_ONLY = frozenset({"budget", "breaker"})
+_TARGET_ONLY = frozenset({"budget", "breaker", "balancing"})
 
 
 def _merge(base: CallPolicy, data: Mapping[str, Any], path: str, *, per_method: bool) -> CallPolicy:

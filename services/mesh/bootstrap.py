@@ -84,7 +84,7 @@ from services.mesh.tracing import (
     server_tracing,
     service_tracer_provider,
 )
-from services.storage import idempotency, sql
+from services.storage import idempotency, leases, sql
 
 log = logging.getLogger("paymesh.bootstrap")
 
@@ -238,6 +238,8 @@ class StartConfig:
     """Host of the admin HTTP endpoint."""
     admin_port: int
     """Admin port to bind; 0 for any free one."""
+    health: tuple[str, int] | None
+    """Host and port of the plaintext health-only port (``<NAME>_HEALTH_ADDR``), None if off."""
     limits: ServerLimits
     """Server limits (``<NAME>_MAX_*``)."""
     security: TransportSecurity
@@ -311,6 +313,7 @@ def load_config(
             public=topology.public_address(name),
             admin_host=admin_host,
             admin_port=admin_port,
+            health=topology.health_address(name),
             limits=ServerLimits.from_environ(spec.env_prefix, environ),
             security=TransportSecurity.from_environ(name, environ),
             policy=policy or _load_policy(topology),
@@ -328,6 +331,7 @@ def load_config(
         page_tokens.process_codec()
         sampler(environ)
         idempotency.default_retention()
+        leases.default_lease_s()
     except (
         TopologyError,
         LimitsError,
@@ -584,14 +588,41 @@ async def go_serving(
     return readiness
 
 
+async def start_health_port(
+    health: MeshHealthServicer, config: StartConfig
+) -> tuple[aio.Server | None, str]:
+    """Step 5b: the plaintext health-only port, when ``<NAME>_HEALTH_ADDR`` asks for it; the
+    server and its bound ``host:port`` (None and "" when off).
+
+    kubelet's gRPC probe cannot do TLS, so it probes here: the same health servicer as the
+    mesh port (so readiness and the drain's NOT_SERVING show), no other service, no reflection.
+    """
+    if config.health is None:
+        return None, ""
+    host, port = config.health
+    server = aio.server(options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        variable = f"{config.spec.env_prefix}_HEALTH_ADDR"
+        raise StartupError(f"{variable}={host}:{port}: cannot listen there (is the port taken?)")
+    await server.start()
+    return server, f"{host}:{bound}"
+
+
 def announce(
-    config: StartConfig, names: Sequence[str], bound: int, public: str, admin: int
+    config: StartConfig, names: Sequence[str], bound: int, public: str, admin: int, health: str = ""
 ) -> None:
     """The ready line on stdout (a supervisor learns the ports from it) and the log line."""
     address = f"{config.host}:{bound}"
     print(
         f"{READY_MARKER} service={config.name} address={address} "
-        f"admin={config.admin_host}:{admin}" + (f" public={public}" if public else ""),
+        f"admin={config.admin_host}:{admin}"
+        + (f" public={public}" if public else "")
+        + (f" health={health}" if health else ""),
         flush=True,
     )
     security = config.security
@@ -621,9 +652,11 @@ async def drain(
     health: MeshHealthServicer,
     readiness: ReadinessMonitor,
     diagnostics: DiagnosticsServicer,
+    health_port: aio.Server | None = None,
 ) -> None:
     """Step 10: health NOT_SERVING, calls in flight get the grace period, then everything the
-    service opened is closed in order (admin, clients, the builder's ``on_stop``, tracing)."""
+    service opened is closed in order (the health-only port, which showed NOT_SERVING through
+    the grace period, admin, clients, the builder's ``on_stop``, tracing)."""
     context = runtime.context
     log.info(
         "stopping: health NOT_SERVING, %.1fs grace for calls in flight", runtime.config.grace_s
@@ -631,6 +664,8 @@ async def drain(
     await readiness.stop()
     await health.enter_graceful_shutdown()
     await server.stop(runtime.config.grace_s)
+    if health_port is not None:
+        await health_port.stop(None)
     await stop_admin(context)
     await context.clients.close()
     await diagnostics.close()
@@ -668,10 +703,18 @@ async def serve(
     names = [r.service_name for r in registrations]
     server, server_policy = make_server(runtime)
     health, diagnostics = register(server, runtime, registrations, server_policy)
-    bound, public = await listen(server, config)
-    admin_bound = await start_admin(server, runtime)
+    # Before the mesh port, so a taken health port stops start-up with nothing yet listening;
+    # until go_serving it answers NOT_FOUND, which a probe counts as not ready.
+    health_port, health_bound = await start_health_port(health, config)
+    try:
+        bound, public = await listen(server, config)
+        admin_bound = await start_admin(server, runtime)
+    except StartupError:
+        if health_port is not None:
+            await health_port.stop(None)
+        raise
     readiness = await go_serving(health, runtime, names)
-    announce(config, names, bound, public, admin_bound)
+    announce(config, names, bound, public, admin_bound, health_bound)
     if on_ready is not None:
         on_ready(f"{config.host}:{bound}")
     if on_public_ready is not None and public:
@@ -679,7 +722,14 @@ async def serve(
     rotation = asyncio.create_task(_follow_rotation(runtime.context.clients, config.tls_reload_s))
     await wait_for_stop(stop)
     rotation.cancel()
-    await drain(server, runtime, health=health, readiness=readiness, diagnostics=diagnostics)
+    await drain(
+        server,
+        runtime,
+        health=health,
+        readiness=readiness,
+        diagnostics=diagnostics,
+        health_port=health_port,
+    )
 
 
 def _admin_routes(context: ServiceContext, config: StartConfig) -> None:

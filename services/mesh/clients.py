@@ -80,11 +80,13 @@ class ClientFactory:
 
     def _open(self, target: str) -> aio.Channel:
         security = self._security
+        # One target for every replica; TLS checks each one's certificate by the mesh name.
         return self._chain.aio_channel(
             target,
-            self._topology.address(target),
+            self._topology.dial(target).target,
             credentials=None if security.plaintext else security.channel_credentials(),
             extra_options=security.channel_options(target),
+            health_service=self._topology.service(target).proto_services[0],
         )
 
     def rotate_if_changed(self) -> bool:

@@ -293,7 +293,7 @@ class DiagnosticsServicer(mesh_pb2_grpc.DiagnosticsServiceServicer):
     def _channel(self, target: str) -> aio.Channel:
         channel = self._channels.get(target)
         if channel is None:
-            address = self._topology.address(target)
+            address = self._topology.dial(target).target
             channel = self._channels[target] = self._open_channel(target, address)
         return channel
 

@@ -4,7 +4,8 @@ Nothing a peer sends is unbounded: a message above ``max_receive_bytes`` is refu
 (RESOURCE_EXHAUSTED), metadata above ``max_metadata_bytes`` likewise, a connection carries at
 most ``max_concurrent_streams`` calls, pings faster than the keepalive policy allows get the
 connection closed, a TLS handshake must finish in ``handshake_timeout_s``, connections are
-recycled after ``max_connection_age_s`` (so rotated certificates and rebalancing take effect),
+recycled after ``max_connection_age_s`` (so rotated certificates take effect and clients
+re-resolve, spreading over new replicas),
 and beyond ``max_in_flight`` calls a service sheds at once instead of queueing to the deadline.
 Each is overridable per service by ``<PREFIX>_<FIELD>`` (``ORDER_SERVICE_MAX_IN_FLIGHT=64``).
 """
@@ -42,8 +43,10 @@ class ServerLimits:
     instead of being reset as CANCELLED, which no caller retries."""
     handshake_timeout_s: float = 5.0
     """Time a new connection has to finish its TLS/HTTP2 handshake."""
-    max_connection_age_s: float = 1800.0
-    """Age after which a connection is asked to go away (GOAWAY)."""
+    max_connection_age_s: float = 300.0
+    """Age after which a connection is asked to go away (GOAWAY): its client re-resolves the
+    service's address, so replicas started since (a DNS name's new addresses) get calls
+    within this bound; rotated certificates take effect too."""
     max_connection_age_grace_s: float = 30.0
     """Time calls in flight get to finish on a connection that was told to go away."""
     max_connection_idle_s: float = 600.0

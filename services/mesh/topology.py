@@ -4,7 +4,9 @@ This is the only place a port number or a mesh name is written: services and par
 the typed constants :class:`Target` and :class:`Partner`, and what a service serves is read
 from the generated module its entry names. Every address elsewhere is read from here,
 overridable per service by environment (``ORDER_SERVICE_ADDR=host:port``; the variable is
-the service name upper-cased with ``-`` as ``_`` plus ``_ADDR``); ``PAYMESH_PORT_OFFSET=N``
+the service name upper-cased with ``-`` as ``_`` plus ``_ADDR``), which may name replicas: a
+list ``host:port,host:port`` or a DNS name ``dns:///name:port`` (:func:`parse_dial_address`);
+``PAYMESH_PORT_OFFSET=N``
 shifts every default port by N (a second mesh on one machine) through
 :meth:`Topology.default_port`. Adding a service: ``services/README.md``.
 """
@@ -115,6 +117,11 @@ class ServiceSpec:
         return names
 
     @property
+    def health_port(self) -> int:
+        """Port of its plaintext health-only port in the Kubernetes manifests (off locally)."""
+        return self.port + HEALTH_PORT_SHIFT
+
+    @property
     def env_prefix(self) -> str:
         """Prefix of this service's environment variables (``ORDER_SERVICE``)."""
         return env_prefix(self.name)
@@ -139,6 +146,10 @@ class PartnerSpec:
         """Environment variable that overrides this partner's base URL."""
         return f"{env_prefix(self.name)}_PARTNER_URL"
 
+
+#: The health-only port is the mesh port plus this (40004 -> 43004), clear of admin (41xxx)
+#: and public (42xxx) ports.
+HEALTH_PORT_SHIFT = 3000
 
 #: Grant of every method of a target's proto services.
 ALL_METHODS = ("*",)
@@ -322,8 +333,31 @@ PARTNER_SANDBOX_VAR = "PARTNER_SANDBOX_ADDR"
 CONSOLE_PORT = 40030
 CONSOLE_VAR = "PAYMESH_CONSOLE_ADDR"
 
+#: Ports beyond the mesh that services connect to, which the Kubernetes egress policies open:
+#: PostgreSQL and Redis at their standard ports, the partners over HTTPS.
+POSTGRESQL_PORT = 5432
+REDIS_PORT = 6379
+HTTPS_PORT = 443
+
 #: Added to every default port (never to an explicit ``*_ADDR``): a second mesh on one machine.
 PORT_OFFSET_VAR = "PAYMESH_PORT_OFFSET"
+#: Replica k of a service run locally listens on each of its ports plus k times this.
+REPLICA_PORT_STEP_VAR = "PAYMESH_REPLICA_PORT_STEP"
+DEFAULT_REPLICA_PORT_STEP = 100
+
+
+def replica_port_step(environ: Mapping[str, str]) -> int:
+    """``PAYMESH_REPLICA_PORT_STEP``, else the default; TopologyError unless a whole number
+    1-1000."""
+    raw = environ.get(REPLICA_PORT_STEP_VAR, "").strip()
+    if not raw:
+        return DEFAULT_REPLICA_PORT_STEP
+    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+        raise TopologyError(
+            f"{REPLICA_PORT_STEP_VAR}={raw!r} is not a whole number 1-1000 "
+            f"(default {DEFAULT_REPLICA_PORT_STEP})"
+        )
+    return int(raw)
 
 
 def port_offset(environ: Mapping[str, str]) -> int:
@@ -360,6 +394,63 @@ def parse_hostport(value: str, *, variable: str) -> tuple[str, int]:
     return host, port
 
 
+#: ``dns:///host:port`` or ``dns://authority/host:port`` (gRPC's DNS resolver, re-resolved).
+_DNS_TARGET = re.compile(r"^dns://(?P<authority>[^/]*)/(?P<hostport>.+)$")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DialAddress:
+    """Where the replicas of one service are, as a gRPC channel resolves them."""
+
+    target: str
+    """The channel target: ``host:port`` (one endpoint), ``ipv4:a:p,b:q`` / ``ipv6:...`` (a
+    fixed list of replicas) or ``dns:///name:port`` (every address the name resolves to)."""
+    endpoints: tuple[str, ...]
+    """The ``host:port`` of each listed replica; for a DNS target, the one name."""
+    dns: bool = False
+    """Whether the replicas are what a DNS name resolves to (re-resolved on reconnect)."""
+
+
+def parse_dial_address(value: str, *, variable: str) -> DialAddress:
+    """Parse a ``*_ADDR``: ``host:port``, ``ip:port,ip:port,...`` or ``dns:///host:port``.
+
+    A list must be IP literals of one family (gRPC's ``ipv4:``/``ipv6:`` resolvers take no
+    names); replicas behind a name are a DNS target.
+
+    Raises:
+        TopologyError: naming ``variable``, when it is none of these.
+    """
+    text = value.strip()
+    dns = _DNS_TARGET.match(text)
+    if dns is not None:
+        if _HOSTPORT.match(dns["hostport"]) is None:
+            raise TopologyError(
+                f"{variable}={value!r}: a DNS target is dns:///host:port "
+                "(example: dns:///order-service.paymesh:40004)"
+            )
+        return DialAddress(target=text, endpoints=(dns["hostport"],), dns=True)
+    parts = [part.strip() for part in text.split(",")]
+    if len(parts) == 1:
+        parse_hostport(parts[0], variable=variable)
+        return DialAddress(target=parts[0], endpoints=(parts[0],))
+    families: set[int] = set()
+    for part in parts:
+        host, _ = parse_hostport(part, variable=variable)
+        try:
+            families.add(ipaddress.ip_address(host.strip("[]")).version)
+        except ValueError:
+            raise TopologyError(
+                f"{variable}={value!r}: {host} is a name; a list of replicas takes IP "
+                "addresses (replicas behind a name: dns:///name:port)"
+            ) from None
+    if len(parts) != len(set(parts)):
+        raise TopologyError(f"{variable}={value!r} lists an endpoint twice")
+    if len(families) != 1:
+        raise TopologyError(f"{variable}={value!r} mixes IPv4 and IPv6 addresses")
+    scheme = "ipv4" if families == {4} else "ipv6"
+    return DialAddress(target=f"{scheme}:{','.join(parts)}", endpoints=tuple(parts))
+
+
 @dataclass(frozen=True, slots=True)
 class Topology:
     """The declared services and partners, validated, with environment overrides applied."""
@@ -379,7 +470,7 @@ class Topology:
                     f"known: {', '.join(sorted(self._known_variables()))}"
                 )
             if key in self._known_variables() and key.endswith("_ADDR"):
-                parse_hostport(value, variable=key)
+                parse_dial_address(value, variable=key)
             if key.endswith("_PARTNER_URL") and not value.startswith(("http://", "https://")):
                 raise TopologyError(f"{key}={value!r} is not an http:// or https:// URL")
 
@@ -419,14 +510,36 @@ class Topology:
         raise TopologyError(f"unknown service {name!r}; known: {known}")
 
     def address(self, name: str) -> str:
-        """``host:port`` of a service: its override, else the loopback and declared port."""
+        """The address callers of a service dial as written: its override (one endpoint, a
+        list of replicas or a ``dns:///`` name), else the loopback and declared port."""
         spec = self.service(name)
         return self.environ.get(spec.addr_var) or self._default_address(spec.port)
 
+    def dial(self, name: str) -> DialAddress:
+        """Where a service's replicas are, parsed: the gRPC target and the endpoints."""
+        return parse_dial_address(self.address(name), variable=self.service(name).addr_var)
+
     def bind_address(self, name: str) -> tuple[str, int]:
-        """Host and port a service listens on (the same address its callers dial)."""
+        """Host and port a service listens on: ``<PREFIX>_LISTEN_ADDR`` (``0.0.0.0:40004`` in a
+        pod, where callers dial a DNS name), else the address its callers dial."""
         spec = self.service(name)
-        return parse_hostport(self.address(name), variable=spec.addr_var)
+        listen_var = f"{spec.env_prefix}_LISTEN_ADDR"
+        if listen := self.environ.get(listen_var):
+            return parse_hostport(listen, variable=listen_var)
+        dial = self.dial(name)
+        if len(dial.endpoints) != 1 or dial.dns:
+            raise TopologyError(
+                f"{spec.addr_var}={self.address(name)!r} names several replicas (what callers "
+                f"dial); set {listen_var} to the one host:port this replica listens on"
+            )
+        return parse_hostport(dial.endpoints[0], variable=spec.addr_var)
+
+    def health_address(self, name: str) -> tuple[str, int] | None:
+        """Host and port of the plaintext health-only port (``<PREFIX>_HEALTH_ADDR``), None
+        when unset: off unless asked for, as only kubelet's probes (no TLS) need it."""
+        var = f"{self.service(name).env_prefix}_HEALTH_ADDR"
+        value = self.environ.get(var)
+        return parse_hostport(value, variable=var) if value else None
 
     def admin_address(self, name: str) -> str:
         """``host:port`` of a service's admin HTTP endpoint (``<PREFIX>_ADMIN_ADDR``)."""

@@ -38,7 +38,12 @@ async def build(context: ServiceContext) -> list[object]:
     store = PaymentStore(context.database_path())
     downstreams = Downstreams.from_clients(context.clients)
     watch = DependencyWatch(context.clients.chain.breakers)
-    relay = OutboxRelay(store.outbox, downstreams.outbox_routes(), policy=config.relay_policy())
+    relay = OutboxRelay(
+        store.outbox,
+        downstreams.outbox_routes(),
+        policy=config.relay_policy(),
+        leases=store.leases,
+    )
     flow = PaymentFlow(
         store,
         downstreams,

@@ -211,11 +211,20 @@ class PaymentFlow:
         self._watch = watch
         self._hold_file = hold_file
         self._driving: set[str] = set()
+        # Leased: of the gateway's replicas, only the one holding a payment's lease drives it.
         self._payments: StepRunner[PaymentRecord] = StepRunner(
-            load=store.payment, done=lambda p: p.step == Step.FINISHED, step_of=_step_of
+            load=store.payment,
+            done=lambda p: p.step == Step.FINISHED,
+            step_of=_step_of,
+            leases=store.leases,
+            lease_prefix="payments",
         )
         self._refunds: StepRunner[RefundRecord] = StepRunner(
-            load=store.refund, done=lambda r: r.step == RefundStep.FINISHED, step_of=_step_of
+            load=store.refund,
+            done=lambda r: r.step == RefundStep.FINISHED,
+            step_of=_step_of,
+            leases=store.leases,
+            lease_prefix="refunds",
         )
 
     @property

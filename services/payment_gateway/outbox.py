@@ -5,7 +5,9 @@ the change (so a crash can never keep the change and lose the message, or the re
 a stable event id that is the request id at the destination. :class:`OutboxRelay` sends the
 rows: one worker per destination, woken by :meth:`OutboxRelay.kick` after a commit and by its
 own timer, retrying failures with exponential backoff and jitter until the destination takes
-the message (at-least-once; the destination dedupes by the request id).
+the message (at-least-once; the destination dedupes by the request id). With replicas of the
+gateway on one database, a destination's rows are sent by the replica holding its lease
+(``outbox/<destination>``, :mod:`services.storage.leases`), renewed at every look.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from interceptors.backoff import backoff_delay_s
 from interceptors.codes import DEFINITE
 from interceptors.errors import AlreadyExistsError, CallError, NotFoundError, UnknownError
 from interceptors.policy import RetryPolicy
+from services.storage.leases import Leases
 from services.storage.sql import Database, Row, Statements, ns_to_seconds, seconds_to_ns
 
 log = logging.getLogger("paymesh.outbox")
@@ -316,6 +319,9 @@ class OutboxRelay:
     destination with exponential backoff and full jitter (doubling per consecutive failure
     up to ``max_backoff_s``), so a destination that is down sees one attempt per pause, not
     one per waiting row. It logs the first failure and the recovery, not every attempt.
+    With ``leases``, a worker sends only while this replica holds its destination's lease
+    (claimed or renewed at each look and each batch; a peer's worker takes over within a
+    lease period and a look of a dead holder).
     """
 
     def __init__(
@@ -326,8 +332,10 @@ class OutboxRelay:
         policy: RelayPolicy | None = None,
         clock: Callable[[], float] = time.time,
         rng: Callable[[], float] = random.random,
+        leases: Leases | None = None,
     ) -> None:
         self._outbox = outbox
+        self._leases = leases
         self._routes = dict(routes)
         self._policy = policy or RelayPolicy()
         self._schedule = RetryPolicy(
@@ -365,7 +373,7 @@ class OutboxRelay:
         paused = self._paused_until[target] - self._clock()
         if paused > 0:
             return min(paused, self._policy.interval_s)
-        while rows := self._outbox.due(target, limit=self._policy.batch):
+        while self._holds(target) and (rows := self._outbox.due(target, limit=self._policy.batch)):
             try:
                 for row in rows:
                     if not await self._deliver(row):
@@ -381,6 +389,10 @@ class OutboxRelay:
         if upcoming is None:
             return self._policy.interval_s
         return max(0.0, min(upcoming - self._clock(), self._policy.interval_s))
+
+    def _holds(self, target: str) -> bool:
+        """Whether this replica sends ``target``'s rows now (claiming or renewing its lease)."""
+        return self._leases is None or self._leases.claim(f"outbox/{target}")
 
     async def _work(self, target: str) -> None:
         kicked = self._kicks[target]

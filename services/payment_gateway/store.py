@@ -29,7 +29,7 @@ from services.payment_gateway.ledger import (
     refund_settlement_share,
     status_after_refunds,
 )
-from services.storage import idempotency
+from services.storage import idempotency, leases
 from services.storage.sql import Database, Row, Statements, seconds_to_ns, timestamp
 
 CREATE_METHOD = "CreatePayment"
@@ -132,6 +132,7 @@ CREATE TABLE IF NOT EXISTS refunds (
 CREATE INDEX IF NOT EXISTS refunds_by_payment ON refunds (payment_id, create_time_ns);
 """
     + idempotency.SCHEMA
+    + leases.SCHEMA
     + outbox.SCHEMA
 )
 #: The column of databases written before the outbox: 1 while a finished payment's or
@@ -299,11 +300,14 @@ class PaymentStore:
         *,
         clock: Callable[[], float] = time.time,
         new_id: Callable[[str], str] | None = None,
+        owner: str | None = None,
     ) -> None:
         self._db = Database(path, SCHEMA, clock_ns=lambda: seconds_to_ns(clock()))
         self._new_id = new_id or (lambda prefix: f"{prefix}_{uuid.uuid4().hex[:24]}")
         self.outbox = outbox.Outbox(self._db, clock=clock)
         """The messages the store's transactions wrote, for the relay to send."""
+        self.leases = leases.Leases(self._db, owner or leases.replica_id("payment-gateway"))
+        """Who drives which payment, refund and outbox destination among the replicas."""
         self._adopt_legacy()
 
     def close(self) -> None:

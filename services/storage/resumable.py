@@ -12,7 +12,9 @@ row per piece of work (claimed with its request id, the step it has reached);
 racing a dependency that is still coming up), and stops the work in flight at close, leaving
 the rows resumable. Settlement and withdrawal use the driver; the gateway's payments and
 refunds run on the runner and the same recovery loop, configured with per-item backoff and a
-breaker hook (``services/payment_gateway/recovery.py``).
+breaker hook (``services/payment_gateway/recovery.py``). With replicas of a service on one
+database, the runner drives a piece of work only under its lease
+(:mod:`services.storage.leases`); a recovery pass leaves work a peer holds to that peer.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from services.mesh.bootstrap import StartupError
 from services.mesh.errors import Aborted, NotFound
 from services.mesh.topology import env_prefix
 from services.storage import idempotency
+from services.storage.leases import LeaseHeld, Leases, replica_id
 from services.storage.sql import Database, Row, Statements
 
 #: The step of finished work (the value each service's ``Step.DONE`` has).
@@ -135,6 +138,11 @@ class StepStore(abc.ABC, Generic[RecordT, MessageT]):
             return
         columns = self._db.columns(self.table)
         self._db.rebuild(schema, {self.table: {column: column for column in columns}})
+
+    def leases(self, owner: str | None = None) -> Leases:
+        """The lease table of this store's database (its schema includes ``leases.SCHEMA``),
+        claimed as ``owner`` (default: this process's :func:`replica_id`)."""
+        return Leases(self._db, owner or replica_id(self.noun))
 
     @property
     def noun(self) -> str:
@@ -283,11 +291,18 @@ class StepRunner(Generic[WorkT]):
     same steps twice. Each step commits what it did before the next begins, so work stopped
     at close (or by a crash) resumes from its last committed step.
 
+    With ``leases``, only the replica holding the work's lease (``<lease_prefix>/<id>``)
+    drives it: the lease is claimed before the task starts (:class:`LeaseHeld` when a peer
+    holds it), renewed while it runs and released when it ends; a renewal that finds it
+    taken stops the task (:class:`LeaseHeld` too).
+
     Args:
         load: the latest stored state of the work with an id.
         done: whether nothing is left to do.
         step_of: the step the work has reached (one that does not move ends the run: an
             outage, left for a replay or the next recovery pass).
+        leases: the lease table, for work other replicas of the service may also drive.
+        lease_prefix: what the work is (``payments``), the first part of its lease key.
     """
 
     def __init__(
@@ -296,10 +311,14 @@ class StepRunner(Generic[WorkT]):
         load: Callable[[str], WorkT],
         done: Callable[[WorkT], bool],
         step_of: Callable[[WorkT], str],
+        leases: Leases | None = None,
+        lease_prefix: str = "work",
     ) -> None:
         self._load = load
         self._done = done
         self._step_of = step_of
+        self._leases = leases
+        self._lease_prefix = lease_prefix
         self._work: dict[str, asyncio.Task[WorkT]] = {}
 
     def running(self, key: str) -> bool:
@@ -320,10 +339,13 @@ class StepRunner(Generic[WorkT]):
             then: called in the task with the work as the run left it.
 
         Raises:
+            LeaseHeld: another replica drives it (or took it over midway).
             Exception: whatever a step raised (the work stays at its last committed step).
         """
         task = self._work.get(key)
         if task is None:
+            if self._leases is not None:  # before the task: no other claim between
+                self._leases.require(self.lease_key(key))
             task = asyncio.create_task(self._drive(key, step, then))
             self._work[key] = task
             task.add_done_callback(lambda finished: self._forget(key, finished))
@@ -341,7 +363,36 @@ class StepRunner(Generic[WorkT]):
         if not task.cancelled():
             task.exception()  # the awaiting caller reports it; do not log it as lost
 
+    def lease_key(self, key: str) -> str:
+        """The lease key of the work ``key``."""
+        return f"{self._lease_prefix}/{key}"
+
     async def _drive(
+        self,
+        key: str,
+        step: Callable[[WorkT], Awaitable[WorkT]],
+        then: Callable[[WorkT], None] | None,
+    ) -> WorkT:
+        if self._leases is None:
+            return await self._steps(key, step, then)
+        lease = self.lease_key(key)
+        task = asyncio.current_task()
+        lost: list[bool] = []
+
+        def taken_over() -> None:
+            lost.append(True)
+            if task is not None:
+                task.cancel()
+
+        try:
+            async with self._leases.held(lease, on_lost=taken_over):
+                return await self._steps(key, step, then)
+        except asyncio.CancelledError:
+            if lost:  # a peer drives it now; the last committed step is where it took over
+                raise LeaseHeld(lease, "a peer that took it over") from None
+            raise
+
+    async def _steps(
         self,
         key: str,
         step: Callable[[WorkT], Awaitable[WorkT]],
@@ -421,7 +472,8 @@ class RecoveryReport:
     pending: int = 0
     """Items tried and still unfinished (retried after their backoff, or by the next pass)."""
     waiting: int = 0
-    """Items not tried: their dependency is down, or their backoff has not passed."""
+    """Items not tried: their dependency is down, their backoff has not passed, or another
+    replica holds their lease."""
 
     @property
     def left(self) -> int:
@@ -561,6 +613,10 @@ class RecoveryLoop(Generic[ItemT]):
             return
         try:
             outcome = await self._resume(item)
+        except LeaseHeld:  # another replica drives it: its work, no failure
+            report.waiting += 1
+            self._backoff.pop(key, None)
+            return
         except Exception:  # one broken item must not stop the others
             self._log.exception("recovery of %s %s failed", self._what, key)
             outcome = Outcome.PENDING
@@ -607,6 +663,8 @@ class StepDriver(Generic[RecordT]):
             :data:`DEFAULT_RECOVERY_INTERVAL_S` and no per-item backoff (a record still stuck
             on an outage waits for the next pass).
         wait_s: seconds until a record's dependency admits a call (see :class:`RecoveryLoop`).
+        leases: whose lease a record's run holds (default: the store's lease table as this
+            process's replica), so replicas of the service never drive one record at once.
         clock, rng: the recovery loop's time and jitter.
         sleep: waits between recovery passes (tests pass their own).
     """
@@ -619,6 +677,7 @@ class StepDriver(Generic[RecordT]):
         log: logging.Logger,
         schedule: RecoverySchedule | None = None,
         wait_s: Callable[[RecordT], float] | None = None,
+        leases: Leases | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: Callable[[], float] = random.random,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -626,7 +685,11 @@ class StepDriver(Generic[RecordT]):
         self._store = store
         self._steps = steps
         self._runner: StepRunner[RecordT] = StepRunner(
-            load=store.get, done=lambda record: record.step == DONE, step_of=_step_of
+            load=store.get,
+            done=lambda record: record.step == DONE,
+            step_of=_step_of,
+            leases=leases or store.leases(),
+            lease_prefix=store.table,
         )
         # A record a request is driving is joined through the runner, not skipped.
         self._recovery: RecoveryLoop[RecordT] = RecoveryLoop(

@@ -5,11 +5,15 @@ member running with a
 :class:`~services.tools.supervisor.Supervisor` (restart with backoff, crash loops said loudly, the
 state in ``<var>/launcher.json``); the integration and chaos tests use :class:`Mesh` directly
 with :func:`ephemeral_environ` so they never collide with a running ``make run``. Children die
-with the launcher (see ``die_with_supervisor``), so no orphan outlives it.
+with the launcher (see ``die_with_supervisor``), so no orphan outlives it. ``--replicas
+payment-gateway=2`` (or ``PAYMESH_REPLICAS``) runs several processes of a service
+(:mod:`services.tools.replicas`); local engines (a database, a cache) plug in as
+:class:`LocalEngine` whose URLs reach every member as plain environment.
 """
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import importlib.util
 import json
@@ -22,6 +26,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -30,12 +35,16 @@ from services.mesh import logs, pki, tls
 from services.mesh.admin_token import with_admin_token
 from services.mesh.topology import (
     CONSOLE_VAR,
+    DEFAULT_REPLICA_PORT_STEP,
     LOOPBACK,
     PARTNER_SANDBOX_VAR,
+    REPLICA_PORT_STEP_VAR,
     SERVICES,
     Topology,
     parse_hostport,
+    replica_port_step,
 )
+from services.tools import replicas as replica_plan
 from services.tools.ports import DEFAULT_TIME_WAIT_WAIT_S, PortsUnavailable, wait_until_bindable
 from services.tools.ports import free_port as free_port  # re-exported: tests and tools use it here
 from services.tools.ports import port_is_free as port_is_free
@@ -68,16 +77,33 @@ class MeshError(RuntimeError):
     """The mesh could not start; the message names the service and the cause."""
 
 
-def ephemeral_environ(base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """``base`` plus address overrides that put every service and partner on free ports."""
+def ephemeral_environ(
+    base: Mapping[str, str] | None = None, *, replicas: Mapping[str, int] | None = None
+) -> dict[str, str]:
+    """``base`` plus address overrides that put every service and partner on free ports;
+    for a service with ``replicas``, ports whose replica shifts are free too."""
     environ = dict(os.environ if base is None else base)
+    step = replica_port_step(environ)
+    taken: set[int] = set()  # every port handed out here, a replica's shifted ones too
+
+    def port_for(service: str) -> int:
+        count = (replicas or {}).get(service, 1)
+        while True:
+            port = free_port()
+            ports = [port + k * step for k in range(count)]
+            if taken.isdisjoint(ports) and all(
+                port_is_free(f"{LOOPBACK}:{p}", variable=service) for p in ports[1:]
+            ):
+                taken.update(ports)
+                return port
+
     for spec in SERVICES:
-        environ[spec.addr_var] = f"{LOOPBACK}:{free_port()}"
-        environ[f"{spec.env_prefix}_ADMIN_ADDR"] = f"{LOOPBACK}:{free_port()}"
+        environ[spec.addr_var] = f"{LOOPBACK}:{port_for(spec.name)}"
+        environ[f"{spec.env_prefix}_ADMIN_ADDR"] = f"{LOOPBACK}:{port_for(spec.name)}"
         if spec.public_port is not None:
-            environ[f"{spec.env_prefix}_PUBLIC_ADDR"] = f"{LOOPBACK}:{free_port()}"
-    environ[PARTNER_SANDBOX_VAR] = f"{LOOPBACK}:{free_port()}"
-    environ[CONSOLE_VAR] = f"{LOOPBACK}:{free_port()}"
+            environ[f"{spec.env_prefix}_PUBLIC_ADDR"] = f"{LOOPBACK}:{port_for(spec.name)}"
+    environ[PARTNER_SANDBOX_VAR] = f"{LOOPBACK}:{port_for(SANDBOX)}"
+    environ[CONSOLE_VAR] = f"{LOOPBACK}:{port_for(CONSOLE)}"
     return environ
 
 
@@ -95,6 +121,10 @@ class Member:
     """File that receives its stdout and stderr."""
     public_address: str = ""
     """``host:port`` of its merchant-facing TLS port, empty when it has none."""
+    service: str = ""
+    """The mesh service it is a replica of (its certificate's name); empty for the others."""
+    environ: dict[str, str] | None = None
+    """Its own overrides of the mesh's environment (a replica's addresses)."""
     process: subprocess.Popen[bytes] | None = None
     """The process, once started."""
     started_at: float | None = None
@@ -109,9 +139,25 @@ class Member:
         return "\n".join(text.splitlines()[-lines:])
 
 
+class LocalEngine(Protocol):
+    """A server the mesh needs (PostgreSQL, Redis) run by the launcher as its own process."""
+
+    name: str
+
+    def start(self) -> Mapping[str, str]:
+        """Start it and wait until it serves; returns the environment that points at it
+        (``DATABASE_URL=...``), given to every member."""
+        ...
+
+    def stop(self) -> None:
+        """Stop it (after every member stopped)."""
+        ...
+
+
 class Mesh:
     """The eleven services (and the partner sandbox, when present, and the mesh console, when
-    asked for) as child processes."""
+    asked for) as child processes; ``replicas`` runs several processes of some services,
+    ``engines`` start before and stop after the members."""
 
     def __init__(
         self,
@@ -122,12 +168,22 @@ class Mesh:
         python: str = sys.executable,
         with_sandbox: bool = True,
         with_console: bool = False,
+        replicas: Mapping[str, int] | None = None,
+        engines: Sequence[LocalEngine] = (),
     ) -> None:
         self.environ = dict(os.environ if environ is None else environ)
         self.var_dir = Path(var_dir or self.environ.get("PAYMESH_VAR_DIR", "var"))
         self.environ["PAYMESH_VAR_DIR"] = str(self.var_dir)
         # With PAYMESH_FAULT_INJECTION=1: one admin token (var/admin.token, 0600) for every child.
         self.environ = with_admin_token(self.environ, self.var_dir)
+        self.engines = list(engines)
+        # Replicas are placed from the single addresses; callers then dial all of them.
+        self.replicas = replica_plan.plan(
+            Topology(environ=self.environ),
+            replicas or {},
+            replica_port_step(self.environ),
+        )
+        self.environ.update(replica_plan.callers_environ(self.replicas))
         self.topology = Topology(environ=self.environ)
         self.pki_dir = tls.pki_dir(self.environ)
         self._python = python
@@ -142,13 +198,26 @@ class Mesh:
                 log_path=log_dir / f"{SANDBOX}.log",
             )
         for spec in SERVICES:
-            if spec.name in wanted:
+            if spec.name not in wanted:
+                continue
+            for replica in self.replicas.get(spec.name, ()):
+                self.members[replica.name] = Member(
+                    name=replica.name,
+                    module=spec.module,
+                    address=replica.address,
+                    log_path=log_dir / f"{replica.name}.log",
+                    public_address=replica.public_address,
+                    service=spec.name,
+                    environ=replica.environ(),
+                )
+            if spec.name not in self.replicas:
                 self.members[spec.name] = Member(
                     name=spec.name,
                     module=spec.module,
                     address=self.topology.address(spec.name),
                     log_path=log_dir / f"{spec.name}.log",
                     public_address=self.topology.public_address(spec.name) or "",
+                    service=spec.name,
                 )
         if with_console:
             # Last: it reads the others, and a page that opens early only shows them starting.
@@ -221,6 +290,7 @@ class Mesh:
             self.operator.check()
         except (OSError, ValueError) as exc:
             raise MeshError(f"cannot set up TLS identities: {exc}") from exc
+        self.start_engines()
         for member in self.members.values():
             self.start_member(member.name)
         try:
@@ -228,6 +298,20 @@ class Mesh:
         except MeshError:
             self.stop()
             raise
+
+    def start_engines(self) -> None:
+        """Start each local engine; what it returns (its URL) goes to every member."""
+        for engine in self.engines:
+            try:
+                self.environ.update(engine.start())
+            except (OSError, RuntimeError, ValueError) as exc:
+                self.stop_engines()
+                raise MeshError(f"cannot start {engine.name}: {exc}") from exc
+
+    def stop_engines(self) -> None:
+        """Stop the local engines, last started first."""
+        for engine in reversed(self.engines):
+            engine.stop()
 
     def start_member(self, name: str) -> Member:
         """(Re)start one member's process without waiting for it."""
@@ -238,7 +322,7 @@ class Mesh:
         # abort the child; the child arranges to die with us itself (SUPERVISED_VAR).
         member.process = subprocess.Popen(
             [self._python, "-m", member.module],
-            env={**self.environ, SUPERVISED_VAR: str(os.getpid())},
+            env={**self.environ, **(member.environ or {}), SUPERVISED_VAR: str(os.getpid())},
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -279,7 +363,10 @@ class Mesh:
         if name in HTTP_MEMBERS:
             host, port = parse_hostport(member.address, variable=name)
             return answers_as(name, host, port, timeout_s=0.5)
-        return health_status(member.address, security=self.operator, target=name) == "SERVING"
+        return (
+            health_status(member.address, security=self.operator, target=member.service)
+            == "SERVING"
+        )
 
     def stop(self, *, grace_s: float = 15.0) -> dict[str, int | None]:
         """SIGTERM every member, wait up to ``grace_s``, SIGKILL stragglers; exit codes."""
@@ -295,6 +382,7 @@ class Mesh:
             except subprocess.TimeoutExpired:
                 member.process.kill()
                 member.process.wait()
+        self.stop_engines()
         return {
             m.name: (m.process.returncode if m.process else None) for m in self.members.values()
         }
@@ -473,12 +561,28 @@ class _Supervision:
         remove_report(self.report_path)
 
 
+def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m services.tools.launcher")
+    parser.add_argument(
+        "--replicas",
+        help="processes per service, e.g. payment-gateway=2,order-service=2 "
+        f"(default ${replica_plan.REPLICAS_VAR}; replica k on the ports + k x "
+        f"${REPLICA_PORT_STEP_VAR}, default {DEFAULT_REPLICA_PORT_STEP})",
+    )
+    return parser.parse_args(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``make run``: start everything, print the table, keep it running until Ctrl-C or
     SIGTERM, stop cleanly. Ends early only when a member cannot start the first time."""
-    del argv
+    arguments = _arguments(argv)
     try:
-        mesh = Mesh(with_console=True)
+        if arguments.replicas is not None:
+            replicas = replica_plan.parse_replicas(arguments.replicas, source="--replicas")
+        else:
+            env_replicas = os.environ.get(replica_plan.REPLICAS_VAR, "")
+            replicas = replica_plan.parse_replicas(env_replicas)
+        mesh = Mesh(with_console=True, replicas=replicas)
         policy = RestartPolicy.from_environ(mesh.environ)
         # Checked here too, so a bad value is one line, not every member failing to start.
         logs.log_format_name(mesh.environ)

@@ -6,7 +6,8 @@ through the policy chain's sync adapter (grpc-interceptor over the one attempt l
 the restarts the running launcher (``make run``) keeps in ``<var>/launcher.json``, and prints
 one table that fits 120 columns (an edge's last error wrapped under it); ``--json`` prints
 the same for scripts, ``--watch [seconds]`` refreshes until Ctrl-C. A service that does not
-answer is DOWN.
+answer is DOWN. A service whose address lists several replicas gets a row per replica
+(``payment-gateway``, ``payment-gateway#1``, ...), each asked at its own endpoint.
 Exit status: 0 whenever it could report, whatever the mesh's state; 2 when it could not (bad
 configuration).
 """
@@ -37,6 +38,7 @@ from paymesh.mesh.v1 import mesh_pb2, mesh_pb2_grpc
 from services.mesh import pki
 from services.mesh.tls import TlsConfigError, TransportSecurity, operator_security
 from services.mesh.topology import Topology, TopologyError
+from services.tools.replicas import member_name, service_of
 from services.tools.supervisor import LAUNCHER_FILE, LauncherReport, MemberReport, read_report
 
 #: How long one service may take to answer health; Diagnostics checks its own dependencies
@@ -116,7 +118,7 @@ class ServiceStatus:
     """One service: whether it answers, and its report."""
 
     name: str
-    """Topology name."""
+    """Topology name; a replica after the first: ``<name>#<k>``, as the launcher names it."""
     address: str
     """``host:port`` asked."""
     health: str
@@ -209,28 +211,44 @@ def tool_chain() -> ClientChain:
     return build_client_chain(caller=pki.OPERATOR, config=PolicyConfig.load())
 
 
+def replicas_of(topology: Topology, service: str) -> list[tuple[str, str]]:
+    """The rows a service gets: (name, address) of each listed replica; one row for a single
+    endpoint or a DNS name (whichever replica the name resolves to answers)."""
+    dial = topology.dial(service)
+    if dial.dns:
+        return [(service, dial.target)]
+    return [(member_name(service, k), endpoint) for k, endpoint in enumerate(dial.endpoints)]
+
+
 async def service_status(
     topology: Topology,
     name: str,
     security: TransportSecurity | None = None,
     chain: ClientChain | None = None,
+    *,
+    address: str | None = None,
 ) -> ServiceStatus:
-    """Ask one service for its health and its Diagnostics report; never raises for a dead one.
+    """Ask one service (or one replica: ``name`` ``<service>#<k>`` at ``address``) for its
+    health and its Diagnostics report; never raises for a dead one.
 
     The call is made as the operator identity (``security``; default: the operator of
     ``topology``'s environment), the only identity granted Diagnostics, through ``chain``'s
     sync interceptors (default: :func:`tool_chain`), in a thread.
     """
     security = security or operator_security(topology.environ)
-    return await asyncio.to_thread(_service_status, topology, name, security, chain or tool_chain())
+    address = address or replicas_of(topology, name)[0][1]
+    return await asyncio.to_thread(
+        _service_status, topology, name, address, security, chain or tool_chain()
+    )
 
 
 def _service_status(
-    topology: Topology, name: str, security: TransportSecurity, chain: ClientChain
+    topology: Topology, name: str, address: str, security: TransportSecurity, chain: ClientChain
 ) -> ServiceStatus:
-    spec = topology.service(name)
-    address = topology.address(name)
-    with security.sync_channel(name, address, options=chain.channel_options()) as plain:
+    service = service_of(name)
+    spec = topology.service(service)
+    with security.sync_channel(service, address, options=chain.channel_options()) as plain:
+        # Per replica (its own breaker): one replica down leaves its peers' rows intact.
         channel = grpc.intercept_channel(plain, *chain.sync_interceptors(name))
         liveness, readiness = _health(channel, ""), _health(channel, spec.proto_services[0])
         if liveness != SERVING:
@@ -270,12 +288,17 @@ def _service_status(
 async def mesh_status(
     topology: Topology, security: TransportSecurity | None = None
 ) -> list[ServiceStatus]:
-    """Every service of the topology, asked concurrently (one chain), in topology order."""
+    """Every service (every replica) of the topology, asked concurrently (one chain), in
+    topology order."""
     security = security or operator_security(topology.environ)
     chain = tool_chain()
+    rows = [row for s in topology.services for row in replicas_of(topology, s.name)]
     return list(
         await asyncio.gather(
-            *(service_status(topology, s.name, security, chain) for s in topology.services)
+            *(
+                service_status(topology, name, security, chain, address=address)
+                for name, address in rows
+            )
         )
     )
 
@@ -302,6 +325,24 @@ def _iso(epoch_s: float | None) -> str:
     if epoch_s is None:
         return ""
     return datetime.fromtimestamp(epoch_s, tz=UTC).isoformat(timespec="seconds")
+
+
+def with_replicas(topology: Topology, report: LauncherReport | None) -> Topology:
+    """``topology`` with each service's address listing the replicas the launcher runs
+    (``<service>#<k>`` members), when its first replica is at the address the topology names."""
+    if report is None:
+        return topology
+    extra: dict[str, list[str]] = {}
+    for member in report.members:
+        service = service_of(member.name)
+        if member.name != service and service in {s.name for s in topology.services}:
+            extra.setdefault(service, []).append(member.address)
+    environ = dict(topology.environ)
+    for service, addresses in extra.items():
+        first = topology.address(service)
+        if "," not in first and not first.startswith("dns:"):
+            environ[topology.service(service).addr_var] = ",".join([first, *addresses])
+    return Topology(services=topology.services, partners=topology.partners, environ=environ)
 
 
 def with_launcher(
@@ -549,9 +590,10 @@ def _show(
 async def report_once(
     topology: Topology,
 ) -> tuple[list[ServiceStatus], Summary, LauncherReport | None]:
-    """Ask every service and read the launcher's report: the statuses and their summary."""
-    statuses = await mesh_status(topology)
+    """Ask every service (and every replica the running launcher reports) and read the
+    launcher's report: the statuses and their summary."""
     report, launcher = read_launcher(launcher_path(topology))
+    statuses = await mesh_status(with_replicas(topology, report))
     statuses = with_launcher(statuses, report)
     return statuses, summarize(statuses, report, launcher), report
 

@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 from opentelemetry.trace import TracerProvider
 
 from interceptors.chain import ClientChain, build_client_chain
@@ -153,16 +155,27 @@ class RunningServer:
     server: aio.Server
     port: int
     servicer: ScriptedServicer
+    health: Any = None
+    """Its ``grpc.health.v1`` servicer, when started with one (``set(TEST_SERVICE, ...)``)."""
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
 
+#: Full name of the test service (the name its health is reported under).
+TEST_SERVICE = testing_pb2.DESCRIPTOR.services_by_name["TestService"].full_name
+
+
 async def start_server(
-    servicer: ScriptedServicer, port: int = 0, *, access_log_sample: float = 0.0
+    servicer: ScriptedServicer,
+    port: int = 0,
+    *,
+    access_log_sample: float = 0.0,
+    health: bool = False,
 ) -> RunningServer:
-    """Serve ``servicer`` on 127.0.0.1 behind the server interceptor (``port`` 0: any free one)."""
+    """Serve ``servicer`` on 127.0.0.1 behind the server interceptor (``port`` 0: any free one),
+    with ``health``: also grpc.health.v1, the test service SERVING."""
     server = aio.server(
         interceptors=[
             ServerPolicyInterceptor(domain=servicer.name, access_log_sample=access_log_sample)
@@ -170,9 +183,14 @@ async def start_server(
         options=[("grpc.so_reuseport", 0)],
     )
     testing_pb2_grpc.add_TestServiceServicer_to_server(servicer, server)
+    health_servicer = None
+    if health:
+        health_servicer = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        await health_servicer.set(TEST_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
-    return RunningServer(server=server, port=bound, servicer=servicer)
+    return RunningServer(server=server, port=bound, servicer=servicer, health=health_servicer)
 
 
 class ShiftedClock:

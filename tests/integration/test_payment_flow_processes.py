@@ -69,7 +69,7 @@ class Clients:
     def _channel(self, name: str) -> grpc.Channel:
         # From the topology, not the members: channels connect lazily, so a mesh of only
         # some services (the traces test's) gets stubs for all of them.
-        channel = self.mesh.operator.sync_channel(name, self.mesh.topology.address(name))
+        channel = self.mesh.operator.sync_channel(name, self.mesh.topology.dial(name).target)
         self.channels.append(channel)
         return channel
 
@@ -136,15 +136,14 @@ def clients(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clients]:
     environ = with_admin_token({**ephemeral_environ(), FAULT_INJECTION_VAR: "1"}, var_dir)
     # The kill tests hold a payment at one step by naming it in this file.
     environ[HOLD_FILE_VAR] = str(var_dir / "gateway-hold")
-    with _running(environ, var_dir) as made:
+    with running_clients(Mesh(environ=environ, var_dir=var_dir), timeout_s=90) as made:
         yield made
 
 
 @contextlib.contextmanager
-def _running(environ: dict[str, str], var_dir: Path) -> Iterator[Clients]:
-    """A process mesh for the block, with every service's stub."""
-    mesh = Mesh(environ=environ, var_dir=var_dir)
-    mesh.start(timeout_s=90)
+def running_clients(mesh: Mesh, *, timeout_s: float) -> Iterator[Clients]:
+    """``mesh`` started, with clients of it, for the block; then both closed."""
+    mesh.start(timeout_s=timeout_s)
     made = Clients(mesh, [])
     try:
         yield made
@@ -368,19 +367,18 @@ def _gateway_step(clients: Clients, merchant_id: str) -> list[str]:
         return [str(step) for (step,) in rows]
 
 
-@pytest.mark.parametrize(
-    "step",
-    # The steps a payment rests at (ORDERED and POSTED are folded into the next commit).
-    [Step.CREATED, Step.ASSESSED, Step.CHARGING, Step.CHARGED],
-)
-def test_gateway_killed_at_each_step_recovers_with_one_charge_and_a_balanced_ledger(
-    clients: Clients, step: str
-) -> None:
-    merchant_id, api_key = _onboard(clients, f"Crash Cafe {step}")
-    request = _payment(merchant_id, f"crash-{step}", amount=777)
-    # The gateway holds a payment that reaches ``step`` (its test hook), so the kill below
-    # lands on that step whatever the machine's speed.
-    _hold_file(clients).write_text(step)
+def killed_while_paying(
+    clients: Clients,
+    request: gw.CreatePaymentRequest,
+    api_key: str,
+    step: str,
+    held: Callable[[], bool],
+) -> object:
+    """Pay through the gateway's (replica 0's) public port while the gateway holds payments
+    at ``step`` (its test hook, so the kill lands on that step whatever the machine's speed),
+    kill it with -9 once ``held()`` says the payment rests there; the caller's outcome."""
+    hold = _hold_file(clients)
+    hold.write_text(step)
     outcome: list[object] = []
 
     def pay() -> None:
@@ -392,16 +390,16 @@ def test_gateway_killed_at_each_step_recovers_with_one_charge_and_a_balanced_led
     caller = threading.Thread(target=pay)
     caller.start()
     try:
-        _eventually(lambda: _gateway_step(clients, merchant_id) == [step])
+        _eventually(held)
         clients.mesh.signal("payment-gateway", signal.SIGKILL)
         caller.join(timeout=30)
     finally:
-        _hold_file(clients).unlink()
-    assert isinstance(outcome[0], grpc.RpcError)  # the caller saw the connection drop
-    assert _gateway_step(clients, merchant_id) == [step]  # killed at that step, not later
+        hold.unlink()
+    return outcome[0]
 
-    clients.mesh.start_member("payment-gateway")
-    clients.mesh.wait_ready(["payment-gateway"], timeout_s=60)
+
+def recovered_payment(clients: Clients, merchant_id: str) -> gw.Payment:
+    """The merchant's only payment once recovery finished it; it must have SUCCEEDED."""
     (payment_id,) = (
         p.payment_id
         for p in clients.gateway.ListPayments(
@@ -416,15 +414,15 @@ def test_gateway_killed_at_each_step_recovers_with_one_charge_and_a_balanced_led
         ).payment
         time.sleep(0.1)
     assert final.status == gw.PAYMENT_STATUS_SUCCEEDED, final
+    return final
 
-    # The merchant's retry with the same key replays the outcome instead of paying again.
-    replay = clients.pay.CreatePayment(request, timeout=30, metadata=_key(api_key)).payment
-    assert (replay.payment_id, replay.status) == (payment_id, final.status)
 
+def assert_charged_once(clients: Clients, merchant_id: str, payment_id: str, amount: int) -> None:
+    """One captured charge at the channel, and the ledger holds the amount once."""
     charges = clients.sandbox(f"/payment-channel/charges?reference={payment_id}")
     assert isinstance(charges, dict)
     assert [c["status"] for c in charges["charges"]] == ["captured"]
-    assert _balance(clients, f"merchants/{merchant_id}/available") == 777
+    assert _balance(clients, f"merchants/{merchant_id}/available") == amount
     entries = clients.ledger.ListEntries(
         accounting_pb2.ListEntriesRequest(account_id=f"merchants/{merchant_id}/available"),
         timeout=10,
@@ -442,7 +440,7 @@ def postgres_clients(
         **ephemeral_environ(),
         SHARED_DATABASE_VAR: postgres_cluster.create_database("flow_processes"),
     }
-    with _running(environ, var_dir) as made:
+    with running_clients(Mesh(environ=environ, var_dir=var_dir), timeout_s=90) as made:
         yield made
 
 
@@ -498,3 +496,31 @@ def test_a_payment_refund_and_settlement_on_postgresql_leave_the_ledger_balanced
         }
     assert count >= 6 and debit == credit
     assert {s.name.replace("-", "_") for s in SERVICES} <= schemas
+
+
+@pytest.mark.parametrize(
+    "step",
+    # The steps a payment rests at (ORDERED and POSTED are folded into the next commit).
+    [Step.CREATED, Step.ASSESSED, Step.CHARGING, Step.CHARGED],
+)
+def test_gateway_killed_at_each_step_recovers_with_one_charge_and_a_balanced_ledger(
+    clients: Clients, step: str
+) -> None:
+    merchant_id, api_key = _onboard(clients, f"Crash Cafe {step}")
+    request = _payment(merchant_id, f"crash-{step}", amount=777)
+    outcome = killed_while_paying(
+        clients, request, api_key, step, lambda: _gateway_step(clients, merchant_id) == [step]
+    )
+    assert isinstance(outcome, grpc.RpcError)  # the caller saw the connection drop
+    assert _gateway_step(clients, merchant_id) == [step]  # killed at that step, not later
+
+    clients.mesh.start_member("payment-gateway")
+    clients.mesh.wait_ready(["payment-gateway"], timeout_s=60)
+    final = recovered_payment(clients, merchant_id)
+    payment_id = final.payment_id
+
+    # The merchant's retry with the same key replays the outcome instead of paying again.
+    replay = clients.pay.CreatePayment(request, timeout=30, metadata=_key(api_key)).payment
+    assert (replay.payment_id, replay.status) == (payment_id, final.status)
+
+    assert_charged_once(clients, merchant_id, payment_id, 777)

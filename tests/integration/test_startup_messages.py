@@ -28,6 +28,7 @@ from services.mesh.topology import SERVICES, Target, env_prefix
 from services.notification import config as notification_config
 from services.payment_gateway import config as gateway_config
 from services.storage.idempotency import RETENTION_VAR
+from services.storage.leases import LEASE_VAR
 from services.tools.ports import free_port
 from tests import servers
 
@@ -50,6 +51,8 @@ CASES = [
     (Target.ORDER, "PAYMESH_HEALTHZ_MAX_LAG_S", "-2", "positive number of seconds"),
     (Target.ORDER, "PAYMESH_REFLECTION", "maybe", "0 (off) or 1 (on"),
     (Target.ORDER, "ORDER_SERVICE_ADDR", "order:port", "is not host:port"),
+    (Target.ORDER, "ORDER_SERVICE_LISTEN_ADDR", "0.0.0.0", "is not host:port"),
+    (Target.ORDER, "ORDER_SERVICE_HEALTH_ADDR", "0.0.0.0:70000", "outside 0-65535"),
     (Target.ORDER, "ORDER_SERVICE_MAX_IN_FLIGHT", "many", "positive whole number"),
     (Target.ORDER, "ORDER_SERVICE_DATABASE_URL", "mysql://db/orders", "sqlite:///path and post"),
     (Target.ORDER, "DATABASE_URL", "sqlite:///all.db", "must be a postgresql:// URL"),
@@ -57,6 +60,10 @@ CASES = [
     (Target.ORDER, "PARTNER_SANDBOX_ADDR", "sandbox", "is not host:port"),
     (Target.ORDER, "GEO_IP_PARTNER_URL", "ftp://geo", "http:// or https://"),
     (Target.ORDER, "ODER_SERVICE_ADDR", "127.0.0.1:1", "names no service or partner"),
+    (Target.ORDER, "ORDER_SERVICE_ADDR", "127.0.0.1:1,127.0.0.1:2", "listens on one host:port"),
+    (Target.ORDER, "RISK_SERVICE_ADDR", "a.example:1,b.example:1", "takes IP addresses"),
+    (Target.ORDER, "RISK_SERVICE_ADDR", "dns:///risk", "dns:///host:port"),
+    (Target.ORDER, LEASE_VAR, "forever", "number of seconds from 1 to 3600"),
     (Target.ORDER, "PAYMESH_FAULT_INJECTION", "1", "PAYMESH_ADMIN_TOKEN_FILE"),
     (Target.CHANNEL_ADAPTER, "CHANNEL_ADAPTER_RATE_TTL_S", "-1", "seconds >= 0"),
     (Target.PAYMENT_GATEWAY, "PAYMENT_GATEWAY_RECOVERY_INTERVAL_S", "x", "positive number"),
@@ -90,6 +97,7 @@ NUMERIC = [
         for item in dataclasses.fields(ServerLimits)
     ),
     (Target.ORDER, RETENTION_VAR, "at least 86400"),
+    (Target.ORDER, LEASE_VAR, "from 1 to 3600"),
     (Target.CHANNEL_ADAPTER, channel_config.RATE_TTL_VAR, "seconds >= 0"),
     (Target.MERCHANT_AUTH, auth_config.STALE_VAR, "seconds >= 0"),
     (Target.MERCHANT_AUTH, auth_config.CACHE_VAR, "seconds >= 0"),

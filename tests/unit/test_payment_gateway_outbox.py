@@ -26,7 +26,8 @@ from services.payment_gateway.outbox import (
     RelayPolicy,
     Route,
 )
-from services.storage.sql import Database
+from services.storage import leases
+from services.storage.sql import Database, seconds_to_ns
 from tests.unit.fakes import FakeClock
 
 NOTIFY = "/test.Notifications/Send"
@@ -106,6 +107,7 @@ def _relay(
     outbox: CountingOutbox,
     clock: FakeClock,
     *destinations: tuple[str, Destination],
+    lease_table: leases.Leases | None = None,
     **policy: float,
 ) -> OutboxRelay:
     routes = {
@@ -122,6 +124,7 @@ def _relay(
         policy=RelayPolicy(**policy),  # type: ignore[arg-type]  # numbers of the test
         clock=clock,
         rng=lambda: 1.0,  # the jitter's upper bound: the backoff is exact
+        leases=lease_table,
     )
 
 
@@ -343,3 +346,30 @@ def test_relay_policy_defaults_are_safe_and_bad_values_refused() -> None:
     for bad in ({"interval_s": 0}, {"max_backoff_s": 0.1}, {"batch": 0}, {"retention_s": -1}):
         with pytest.raises(ValueError):
             RelayPolicy(**bad)
+
+
+async def test_of_two_replicas_only_the_lease_holder_sends_until_its_lease_runs_out(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    # Two gateway replicas on one database file, each with its connection and its relay.
+    def replica(owner: str) -> tuple[CountingOutbox, OutboxRelay]:
+        db = Database(
+            tmp_path / "gateway.db", SCHEMA + leases.SCHEMA, clock_ns=lambda: seconds_to_ns(clock())
+        )
+        box = CountingOutbox(db, clock=clock)
+        lease_table = leases.Leases(db, owner, lease_s=10)
+        return box, _relay(box, clock, (NOTIFY, destination), lease_table=lease_table)
+
+    destination = Destination()
+    first_box, first = replica("gateway@a")
+    _, second = replica("gateway@b")
+    _write(first_box, _message("evt_1"))
+    await first.deliver_due("notifications")
+    _write(first_box, _message("evt_2"))
+    await second.deliver_due("notifications")  # a's lease: b leaves the row alone
+    assert destination.received == ["evt_1"]
+    clock.advance(11)  # a died: its lease runs out unrenewed
+    await second.deliver_due("notifications")
+    assert destination.received == ["evt_1", "evt_2"]
+    await first.deliver_due("notifications")  # a, back, finds b holding it
+    assert destination.received == ["evt_1", "evt_2"]

@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 
 from services.mesh.topology import Topology
+from services.tools.replicas import service_of
 from services.tools.status import (
     DOWN,
     SERVING,
@@ -238,6 +239,15 @@ def snapshot_json(
         status = by_name.get(node.id)
         item["health"] = node_health(status) if status else "partner"
         item["reason"] = (status.status_reason or status.error) if status else ""
+        # Every replica of the service (one row of ``make status`` each), for the title.
+        item["replicas"] = [
+            {"name": s.name, "address": s.address, "health": node_health(s)}
+            for s in statuses
+            if status and service_of(s.name) == node.id
+        ]
+        healths = {r["health"] for r in item["replicas"]}
+        if len(item["replicas"]) > 1 and len(healths) > 1:
+            item["health"] = "degraded" if "serving" in healths else item["health"]
         item["restarts"] = status.restarts if status else None
         item["crash_looping"] = status.crash_looping if status else False
         nodes.append(item)

@@ -76,8 +76,15 @@ function drawNodes(nodes) {
     group.setAttribute("data-health", node.health);
     group.setAttribute("data-crash-looping", String(node.crash_looping));
     const restarts = node.restarts ? `, ${node.restarts} restarts` : "";
+    const replicas = node.replicas || [];
+    // Replicas: the count on the node, each one's health in its title.
+    group.querySelector("text").textContent =
+      replicas.length > 1 ? `${node.id} ×${replicas.length}` : node.id;
+    const each = replicas.length > 1
+      ? "; " + replicas.map((r) => `${r.name} ${r.address}: ${r.health}`).join("; ")
+      : "";
     group.querySelector("title").textContent =
-      `${node.id}: ${node.health}${restarts}${node.reason ? ` (${node.reason})` : ""}`;
+      `${node.id}: ${node.health}${restarts}${node.reason ? ` (${node.reason})` : ""}${each}`;
   }
 }
 

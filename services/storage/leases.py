@@ -1,0 +1,194 @@
+"""Leases in the database: work that must have one owner is driven only by the replica holding it.
+
+A lease is one row (``lease_key``, ``owner``, ``until_ns``) of the service's own database. A
+replica claims it (a new row, or one that is its own or has expired), renews it while it works
+and releases it when done; a replica that dies stops renewing, and once ``until_ns`` passes a
+peer's claim succeeds and it takes the work over. The owner is this process's
+:func:`replica_id`. The lease period is ``PAYMESH_LEASE_S`` (:data:`DEFAULT_LEASE_S`). The SQL
+is portable: an insert that keeps an existing row, then one guarded ``UPDATE``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import math
+import os
+import secrets
+import socket
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+
+from interceptors.errors import Reason
+from services.mesh.errors import Aborted
+from services.storage.sql import Database, seconds_to_ns
+
+log = logging.getLogger("paymesh.leases")
+
+#: How long a lease lasts unrenewed (seconds): a dead replica's work waits this long.
+LEASE_VAR = "PAYMESH_LEASE_S"
+DEFAULT_LEASE_S = 15.0
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS leases (
+    lease_key TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    until_ns INTEGER NOT NULL
+);
+"""
+
+#: Take the lease over when it is ours or has run out; the row count says who won.
+_TAKE = (
+    "UPDATE leases SET owner = ?, until_ns = ? WHERE lease_key = ? AND (owner = ? OR until_ns < ?)"
+)
+_RELEASE = "DELETE FROM leases WHERE lease_key = ? AND owner = ?"
+_HOLDER = "SELECT owner, until_ns FROM leases WHERE lease_key = ?"
+
+
+class LeaseHeld(Aborted):
+    """Another replica holds the lease of this work; retry later (the same request id)."""
+
+    def __init__(self, key: str, owner: str) -> None:
+        super().__init__(
+            f"{key} is being driven by another replica ({owner}); retry with the same request id",
+            reason=Reason.ABORTED,
+            metadata={"lease": key},
+            retry_delay_s=1.0,
+        )
+        self.key = key
+        self.owner = owner
+
+
+def lease_s_from(environ: Mapping[str, str]) -> float:
+    """``PAYMESH_LEASE_S``, else :data:`DEFAULT_LEASE_S`.
+
+    Raises:
+        ValueError: it is not a number of seconds from 1 to 3600 (the message names it).
+    """
+    raw = environ.get(LEASE_VAR, "")
+    if not raw.strip():
+        return DEFAULT_LEASE_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not 1.0 <= value <= 3600.0:  # false for nan too
+        raise ValueError(
+            f"{LEASE_VAR}={raw!r} is not a number of seconds from 1 to 3600 "
+            f"(default {DEFAULT_LEASE_S:g})"
+        )
+    return value
+
+
+def default_lease_s() -> float:
+    """The lease period of this process (from ``os.environ``)."""
+    return lease_s_from(os.environ)
+
+
+@functools.cache
+def replica_id(service: str) -> str:
+    """This process's owner id: service, host, pid and a random part (pids are reused)."""
+    return f"{service}@{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """Who holds a lease and until when."""
+
+    owner: str
+    until_ns: int
+
+
+class Leases:
+    """The lease table of one database, claimed for one owner (this replica).
+
+    Args:
+        db: the service's database (its schema includes :data:`SCHEMA`).
+        owner: this replica's id (:func:`replica_id`).
+        lease_s: how long a claim lasts unrenewed; renewed every third of it while held.
+    """
+
+    def __init__(self, db: Database, owner: str, *, lease_s: float | None = None) -> None:
+        self._db = db
+        self.owner = owner
+        self.lease_s = default_lease_s() if lease_s is None else lease_s
+        if not (math.isfinite(self.lease_s) and self.lease_s > 0):
+            raise ValueError(f"lease_s must be a positive number, got {self.lease_s!r}")
+
+    @property
+    def renew_every_s(self) -> float:
+        """Pause between two renewals of a held lease: three renewals fit in one period."""
+        return self.lease_s / 3
+
+    def claim(self, key: str) -> bool:
+        """Take or renew the lease ``key``; False when another replica holds it unexpired."""
+        now = self._db.clock_ns()
+        until = now + seconds_to_ns(self.lease_s)
+        with self._db.transaction() as tx:
+            row = {"lease_key": key, "owner": self.owner, "until_ns": until}
+            if tx.insert("leases", row, unless_exists=True):
+                return True
+            return tx.run(_TAKE, (self.owner, until, key, self.owner, now)) == 1
+
+    def release(self, key: str) -> None:
+        """Give the lease up (if it is still ours), so a peer need not wait for it to expire."""
+        with self._db.transaction() as tx:
+            tx.run(_RELEASE, (key, self.owner))
+
+    def holder(self, key: str) -> Holder | None:
+        """Who holds ``key`` now; None when nobody does (no row, or expired)."""
+        row = self._db.one(_HOLDER, (key,))
+        if row is None or row["until_ns"] < self._db.clock_ns():
+            return None
+        return Holder(owner=str(row["owner"]), until_ns=int(row["until_ns"]))
+
+    def require(self, key: str) -> None:
+        """Claim ``key`` or raise :class:`LeaseHeld` naming its holder."""
+        if not self.claim(key):
+            holder = self.holder(key)
+            raise LeaseHeld(key, holder.owner if holder is not None else "unknown")
+
+    @contextlib.asynccontextmanager
+    async def held(
+        self, key: str, *, on_lost: Callable[[], None] | None = None
+    ) -> AsyncIterator[None]:
+        """Hold ``key`` for the block, renewing it; released at the end.
+
+        Raises:
+            LeaseHeld: another replica holds it.
+
+        ``on_lost`` is called when a renewal finds the lease taken (this replica stalled past
+        its period and a peer took the work over): the block must stop; by default its task
+        is cancelled.
+        """
+        self.require(key)
+        task = asyncio.current_task()
+
+        def cancel_task() -> None:
+            if task is not None:
+                task.cancel()
+
+        lost = on_lost or cancel_task
+        renewer = asyncio.create_task(self._renew(key, lost), name=f"lease {key}")
+        try:
+            yield
+        finally:
+            renewer.cancel()
+            await asyncio.gather(renewer, return_exceptions=True)
+            with contextlib.suppress(Exception):  # an unreleased lease only expires
+                self.release(key)
+
+    async def _renew(self, key: str, lost: Callable[[], None]) -> None:
+        while True:
+            await asyncio.sleep(self.renew_every_s)
+            try:
+                still = self.claim(key)
+            except Exception:  # a locked or lost database: try again, the period allows two
+                log.warning("could not renew lease %s", key, exc_info=True)
+                continue
+            if not still:
+                log.warning("lease %s was taken over by another replica; stopping its work", key)
+                lost()
+                return

@@ -1,0 +1,135 @@
+"""Leases: one owner at a time, renewed by it, taken over by a peer once expired."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from services.storage import leases
+from services.storage.leases import LeaseHeld, Leases, lease_s_from, replica_id
+from services.storage.resumable import StepRunner
+from services.storage.sql import Database
+
+
+class Clock:
+    """Nanoseconds a test advances."""
+
+    def __init__(self) -> None:
+        self.now_ns = 1_000_000_000_000
+
+    def __call__(self) -> int:
+        return self.now_ns
+
+    def advance(self, seconds: float) -> None:
+        self.now_ns += int(seconds * 1e9)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def two_replicas(path: Path, clock: Clock, lease_s: float = 10.0) -> tuple[Leases, Leases]:
+    """Two owners on one database file, each with its own connection, as two processes."""
+    a = Database(path, leases.SCHEMA, clock_ns=clock)
+    b = Database(path, leases.SCHEMA, clock_ns=clock)
+    return Leases(a, "gateway@a", lease_s=lease_s), Leases(b, "gateway@b", lease_s=lease_s)
+
+
+def test_a_held_lease_refuses_a_peer_until_it_expires(tmp_path: Path, clock: Clock) -> None:
+    a, b = two_replicas(tmp_path / "db.sqlite", clock)
+    assert a.claim("payments/p1")
+    assert not b.claim("payments/p1")
+    clock.advance(9.9)
+    assert not b.claim("payments/p1")
+    clock.advance(0.2)
+    assert b.claim("payments/p1")
+    assert not a.claim("payments/p1")  # the stalled owner finds it taken over
+    holder = a.holder("payments/p1")
+    assert holder is not None and holder.owner == "gateway@b"
+
+
+def test_renewal_keeps_the_lease_past_its_first_period(tmp_path: Path, clock: Clock) -> None:
+    a, b = two_replicas(tmp_path / "db.sqlite", clock)
+    assert a.claim("k")
+    for _ in range(5):
+        clock.advance(6)
+        assert a.claim("k")
+        assert not b.claim("k")
+
+
+def test_release_lets_a_peer_claim_at_once(tmp_path: Path, clock: Clock) -> None:
+    a, b = two_replicas(tmp_path / "db.sqlite", clock)
+    assert a.claim("k")
+    b.release("k")  # not b's: nothing happens
+    assert not b.claim("k")
+    a.release("k")
+    assert a.holder("k") is None
+    assert b.claim("k")
+
+
+def test_require_names_the_holder(tmp_path: Path, clock: Clock) -> None:
+    a, b = two_replicas(tmp_path / "db.sqlite", clock)
+    a.require("outbox/order-service")
+    with pytest.raises(LeaseHeld, match="gateway@a"):
+        b.require("outbox/order-service")
+
+
+def test_replica_id_names_service_host_and_process() -> None:
+    owner = replica_id("payment-gateway")
+    assert owner.startswith("payment-gateway@")
+    assert owner == replica_id("payment-gateway")
+
+
+@pytest.mark.parametrize("raw", ["0", "-1", "abc", "nan", "7200"])
+def test_bad_lease_period_is_refused_naming_the_variable(raw: str) -> None:
+    with pytest.raises(ValueError, match=f"PAYMESH_LEASE_S='{raw}'"):
+        lease_s_from({"PAYMESH_LEASE_S": raw})
+
+
+def test_lease_period_defaults_to_fifteen_seconds() -> None:
+    assert lease_s_from({}) == 15.0
+
+
+async def test_step_runner_refuses_work_a_peer_holds(tmp_path: Path, clock: Clock) -> None:
+    a, b = two_replicas(tmp_path / "db.sqlite", clock)
+    ran: list[str] = []
+
+    async def step(work: str) -> str:
+        ran.append(work)
+        return "done"
+
+    runner = StepRunner(load=lambda key: "start", done=lambda w: w == "done", step_of=str, leases=b)
+    assert a.claim("work/w1")
+    with pytest.raises(LeaseHeld):
+        await runner.run("w1", step)
+    assert ran == []
+    a.release("work/w1")
+    assert await runner.run("w1", step) == "done"
+    assert b.holder("work/w1") is None  # released when the run ended
+
+
+async def test_step_runner_stops_when_its_lease_is_taken_over(tmp_path: Path) -> None:
+    # A real clock: the renewal runs in the background every third of the (short) period.
+    path = tmp_path / "db.sqlite"
+    ours = Leases(Database(path, leases.SCHEMA), "gateway@a", lease_s=0.3)
+    peer = Database(path, leases.SCHEMA)
+    started = asyncio.Event()
+
+    async def step(work: str) -> str:
+        started.set()
+        await asyncio.Event().wait()  # a step that stalls
+        return "done"
+
+    runner = StepRunner(
+        load=lambda key: "start", done=lambda w: w == "done", step_of=str, leases=ours
+    )
+    run = asyncio.create_task(runner.run("w1", step))
+    await started.wait()
+    # The peer takes it over, as after this replica stalled past its period.
+    with peer.transaction() as tx:
+        tx.run("UPDATE leases SET owner = ?, until_ns = until_ns + ?", ("gateway@b", 10**12))
+    with pytest.raises(LeaseHeld):
+        await asyncio.wait_for(run, timeout=5)
