@@ -93,8 +93,8 @@ def test_a_new_database_gets_the_base_tables_then_the_stores_migrations(
 ) -> None:
     db = Database(database_target("items"), ITEMS)
     try:
-        assert db.applied == [f"{idempotency.COMPONENT} 1", "items 1"]
-        assert _migrations(db) == [(idempotency.COMPONENT, 1), ("items", 1)]
+        assert db.applied == [*(f"{name} 1" for name in sql.BASE_TABLES), "items 1"]
+        assert _migrations(db) == sorted([*((name, 1) for name in sql.BASE_TABLES), ("items", 1)])
     finally:
         db.close()
 
@@ -146,8 +146,8 @@ def test_two_replicas_opening_at_once_migrate_once(
     dbs = [db for db in opened if isinstance(db, Database)]
     try:
         assert len(dbs) == 2
-        assert sorted(len(db.applied) for db in dbs) == [0, 2]
-        assert _migrations(dbs[0]) == [(idempotency.COMPONENT, 1), ("items", 1)]
+        assert sorted(len(db.applied) for db in dbs) == [0, len(sql.BASE_TABLES) + 1]
+        assert len(_migrations(dbs[0])) == len(sql.BASE_TABLES) + 1
     finally:
         for db in dbs:
             db.close()
@@ -357,13 +357,13 @@ def test_a_table_a_base_module_registers_is_migrated_into_every_database(
 ) -> None:
     monkeypatch.setattr(sql, "BASE_TABLES", dict(sql.BASE_TABLES))
     sql.register_base_tables(
-        "leases",
-        "CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, expire_time_ns INTEGER)",
+        "tallies",
+        "CREATE TABLE IF NOT EXISTS tallies (name TEXT PRIMARY KEY, count INTEGER NOT NULL)",
     )
     db = Database(database_target("items"), ITEMS)
     try:
-        assert db.applied == [f"{idempotency.COMPONENT} 1", "leases 1", "items 1"]
-        assert db.columns("leases") == ["name", "expire_time_ns"]
+        assert db.applied[-2:] == ["tallies 1", "items 1"]
+        assert db.columns("tallies") == ["name", "count"]
     finally:
         db.close()
 
