@@ -60,7 +60,12 @@ CASES = [
     (Target.ORDER, "PARTNER_SANDBOX_ADDR", "sandbox", "is not host:port"),
     (Target.ORDER, "GEO_IP_PARTNER_URL", "ftp://geo", "http:// or https://"),
     (Target.ORDER, "ODER_SERVICE_ADDR", "127.0.0.1:1", "names no service or partner"),
-    (Target.ORDER, "ORDER_SERVICE_ADDR", "127.0.0.1:1,127.0.0.1:2", "listens on one host:port"),
+    (
+        Target.ORDER,
+        "ORDER_SERVICE_ADDR",
+        "127.0.0.1:1,127.0.0.1:2",
+        "LISTEN_ADDR to the one host:port",
+    ),
     (Target.ORDER, "RISK_SERVICE_ADDR", "a.example:1,b.example:1", "takes IP addresses"),
     (Target.ORDER, "RISK_SERVICE_ADDR", "dns:///risk", "dns:///host:port"),
     (Target.ORDER, LEASE_VAR, "forever", "number of seconds from 1 to 3600"),

@@ -54,8 +54,18 @@ def test_bad_replica_address_is_refused_naming_the_variable(value: str, problem:
 
 def test_a_replica_does_not_listen_on_a_list() -> None:
     topology = Topology(environ={"ORDER_SERVICE_ADDR": "127.0.0.1:1,127.0.0.1:2"})
-    with pytest.raises(TopologyError, match="listens on one host:port"):
+    with pytest.raises(TopologyError, match="ORDER_SERVICE_LISTEN_ADDR to the one host:port"):
         topology.bind_address("order-service")
+
+
+def test_a_replica_behind_a_list_listens_on_its_listen_address() -> None:
+    topology = Topology(
+        environ={
+            "ORDER_SERVICE_ADDR": "127.0.0.1:1,127.0.0.1:2",
+            "ORDER_SERVICE_LISTEN_ADDR": "127.0.0.1:2",
+        }
+    )
+    assert topology.bind_address("order-service") == ("127.0.0.1", 2)
 
 
 def test_service_config_is_round_robin_under_outlier_ejection_with_health() -> None:
