@@ -190,6 +190,35 @@ def _payment(merchant_id: str, request_id: str, amount: int = 4200) -> gw.Create
     )
 
 
+def _refund(
+    clients: Clients, api_key: str, payment_id: str, request_id: str
+) -> gw.RefundPaymentResponse:
+    """The merchant refunds 12.00 EUR of the payment (one coffee)."""
+    return clients.pay.RefundPayment(
+        gw.RefundPaymentRequest(
+            request_id=request_id,
+            payment_id=payment_id,
+            amount=common_pb2.Money(amount_minor=1200, currency_code="EUR"),
+            reason="one coffee spilled",
+        ),
+        timeout=30,
+        metadata=_key(api_key),
+    )
+
+
+def _settle(clients: Clients, merchant_id: str, request_id: str) -> settlement_pb2.Settlement:
+    """The operator settles the merchant's whole EUR balance to its bank account."""
+    return clients.settlements.CreateSettlement(
+        settlement_pb2.CreateSettlementRequest(
+            request_id=request_id,
+            merchant_id=merchant_id,
+            currency_code="EUR",
+            bank_account_reference="DE89370400440532013000",
+        ),
+        timeout=30,
+    ).settlement
+
+
 def _eventually(check: Callable[[], bool], timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not check():
@@ -235,16 +264,7 @@ def test_onboarding_payment_refund_dashboard_settlement_withdrawal(clients: Clie
     assert transaction.transaction_id == payment.ledger_transaction_id
     assert _balance(clients, f"merchants/{merchant_id}/available") == 4200
 
-    refund = clients.pay.RefundPayment(
-        gw.RefundPaymentRequest(
-            request_id="refund-1",
-            payment_id=payment.payment_id,
-            amount=common_pb2.Money(amount_minor=1200, currency_code="EUR"),
-            reason="one coffee spilled",
-        ),
-        timeout=30,
-        metadata=_key(api_key),
-    )
+    refund = _refund(clients, api_key, payment.payment_id, "refund-1")
     assert refund.payment.status == gw.PAYMENT_STATUS_PARTIALLY_REFUNDED
     assert _balance(clients, f"merchants/{merchant_id}/available") == 3000
 
@@ -278,15 +298,7 @@ def test_onboarding_payment_refund_dashboard_settlement_withdrawal(clients: Clie
 
     _eventually(announced)
 
-    settlement = clients.settlements.CreateSettlement(
-        settlement_pb2.CreateSettlementRequest(
-            request_id="settle-1",
-            merchant_id=merchant_id,
-            currency_code="EUR",
-            bank_account_reference="DE89370400440532013000",
-        ),
-        timeout=30,
-    ).settlement
+    settlement = _settle(clients, merchant_id, "settle-1")
     assert settlement.amount.amount_minor == 3000
     assert settlement.status == settlement_pb2.SETTLEMENT_STATUS_COMPLETED, settlement
     withdrawal = clients.withdrawals.GetWithdrawal(
@@ -457,25 +469,8 @@ def test_a_payment_refund_and_settlement_on_postgresql_leave_the_ledger_balanced
         _payment(merchant_id, "order-pg-1"), timeout=30, metadata=_key(api_key)
     ).payment
     assert again == payment  # the replay, from the gateway's PostgreSQL schema
-    clients.pay.RefundPayment(
-        gw.RefundPaymentRequest(
-            request_id="refund-pg-1",
-            payment_id=payment.payment_id,
-            amount=common_pb2.Money(amount_minor=1200, currency_code="EUR"),
-            reason="one coffee spilled",
-        ),
-        timeout=30,
-        metadata=_key(api_key),
-    )
-    settlement = clients.settlements.CreateSettlement(
-        settlement_pb2.CreateSettlementRequest(
-            request_id="settle-pg-1",
-            merchant_id=merchant_id,
-            currency_code="EUR",
-            bank_account_reference="DE89370400440532013000",
-        ),
-        timeout=30,
-    ).settlement
+    _refund(clients, api_key, payment.payment_id, "refund-pg-1")
+    settlement = _settle(clients, merchant_id, "settle-pg-1")
     assert settlement.status == settlement_pb2.SETTLEMENT_STATUS_COMPLETED, settlement
     assert settlement.amount.amount_minor == 3000
     assert _balance(clients, f"merchants/{merchant_id}/available") == 0
