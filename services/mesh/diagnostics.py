@@ -15,7 +15,6 @@ import enum
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -67,12 +66,14 @@ class Health(enum.IntEnum):
     UNREACHABLE = mesh_pb2.DEPENDENCY_HEALTH_UNREACHABLE
 
 
-async def check_database(path: Path, *, timeout_s: float = PROBE_TIMEOUT_S) -> tuple[Health, str]:
-    """``SELECT 1`` on the SQLite file at ``path``: its health and the error, if any."""
+async def check_database(
+    path: sql.Target, *, timeout_s: float = PROBE_TIMEOUT_S
+) -> tuple[Health, str]:
+    """``SELECT 1`` on the SQLite file or PostgreSQL URL: its health and the error, if any."""
     try:
         await asyncio.wait_for(asyncio.to_thread(sql.probe, path, timeout_s), timeout_s)
     except TimeoutError:
-        return Health.UNREACHABLE, f"no answer from {path} within {timeout_s:.1f}s"
+        return Health.UNREACHABLE, f"no answer from {sql.describe(path)} within {timeout_s:.1f}s"
     except sql.DatabaseError as exc:
         return Health.NOT_SERVING, f"{type(exc).__name__}: {exc}"
     return Health.SERVING, ""
@@ -201,7 +202,7 @@ async def loop_lag_s(clock: Callable[[], float] | None = None) -> float:
 async def process_health(
     service: str,
     *,
-    database: Path | None,
+    database: sql.Target | None,
     max_lag_s: float = HEALTHZ_MAX_LAG_S,
     timeout_s: float = PROBE_TIMEOUT_S,
     clock: Callable[[], float] | None = None,
@@ -225,7 +226,7 @@ async def process_health(
         checks[DATABASE] = {
             "ok": health is Health.SERVING,
             "health": health.name,
-            "target": str(database),
+            "target": sql.describe(database),
             "error": error,
         }
     failed = [name for name, check in checks.items() if not check["ok"]]
@@ -254,7 +255,7 @@ class DiagnosticsServicer(mesh_pb2_grpc.DiagnosticsServiceServicer):
         topology: Topology,
         breaker_states: Callable[[], Mapping[str, str]],
         recent: RecentCalls,
-        database: Path | None,
+        database: sql.Target | None,
         open_channel: Callable[[str, str], aio.Channel],
         shared: SharedState | None = None,
         probe_timeout_s: float = PROBE_TIMEOUT_S,
@@ -325,9 +326,11 @@ class DiagnosticsServicer(mesh_pb2_grpc.DiagnosticsServiceServicer):
         health, error = await check_partner(url, timeout_s=self._timeout_s, session=self._http)
         return self._entry(name, mesh_pb2.DEPENDENCY_KIND_HTTP_PARTNER, url, health, error)
 
-    async def _own_database(self, path: Path) -> mesh_pb2.Dependency:
+    async def _own_database(self, path: sql.Target) -> mesh_pb2.Dependency:
         health, error = await check_database(path, timeout_s=self._timeout_s)
-        return self._own(DATABASE, mesh_pb2.DEPENDENCY_KIND_DATABASE, str(path), health, error)
+        return self._own(
+            DATABASE, mesh_pb2.DEPENDENCY_KIND_DATABASE, sql.describe(path), health, error
+        )
 
     async def _redis(self, shared: SharedState) -> mesh_pb2.Dependency:
         # Caches and limits fall back when Redis fails: DEGRADED in the report, never unready.
@@ -405,7 +408,7 @@ class ReadinessMonitor:
         *,
         health: Any,
         services: Sequence[str],
-        database: Path | None,
+        database: sql.Target | None,
         interval_s: float = READINESS_INTERVAL_S,
         timeout_s: float = PROBE_TIMEOUT_S,
         shared: SharedState | None = None,
