@@ -8,10 +8,11 @@ PROTO_FILES = $(shell find protos -name '*.proto' | sort)
 BREAKING_AGAINST ?= .git\#branch=main
 
 .DEFAULT_GOAL := help
-.PHONY: help venv gen gen-check lint typecheck unit test run breaking bench chaos status migrate k8s image clean
+.PHONY: help venv gen gen-check lint typecheck unit test run run-replicas breaking bench chaos status migrate k8s image clean
 
 help:
 	@echo "make run        start all eleven services (Ctrl-C stops them)"
+	@echo "make run-replicas  the same on local PostgreSQL + Redis, two gateways, two order services"
 	@echo "make test       lint, types, gen freshness, then every test (what CI runs)"
 	@echo "make gen        regenerate gen/ from protos/"
 	@echo "make lint       ruff, buf lint, buf format"
@@ -66,6 +67,9 @@ test: lint typecheck gen-check
 
 run: $(STAMP)
 	@$(PY) -m services.tools.launcher
+
+run-replicas: $(STAMP)
+	@$(PY) -m services.tools.launcher --engines postgresql,redis --replicas payment-gateway=2,order-service=2
 
 status: $(STAMP)
 	@$(PY) -m services.tools.status $(ARGS)

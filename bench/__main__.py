@@ -8,8 +8,10 @@ access log, trace context) vs a bare grpc.aio server on mTLS (``bench.server_hop
 3. outage of one hop for the old BreakerClient, gRPC's own retries (careful and not) and the
 chain, and their cost on a healthy target (``bench.outage``), 4. mesh throughput: cache-cold
 CreatePayment, CPU per payment per service, RSS per service (``bench.mesh_throughput``), 5. the
-breaker's failure accounting at 1 000 and 10 000 calls/s (``bench.breaker_accounting``). Each
-prints its figures and ends with one JSON line; this collects them, with the machine, load
+breaker's failure accounting at 1 000 and 10 000 calls/s (``bench.breaker_accounting``), 6. one
+claim+charge transaction on SQLite vs PostgreSQL (``bench.store_engines``), 7. CreatePayment on
+SQLite vs PostgreSQL and one vs two gateway replicas, side by side (``bench.mesh_deployments``).
+Each prints its figures and ends with one JSON line; this collects them, with the machine, load
 average and git revision, into
 ``bench/results/latest.json`` and draws ``bench/results/latest.png``. Never pass/fail on speed.
 """
@@ -109,6 +111,10 @@ def main(quick: bool) -> int:
         "bench.breaker_accounting",
         *(["--calls", "5000", "--repeats", "1"] if quick else ["--calls", "20000"]),
     )
+    engines = _run("bench.store_engines")
+    deployments = _run(
+        "bench.mesh_deployments", *(["--seconds", "2", "--rounds", "1"] if quick else [])
+    )
     results: dict[str, Any] = {
         "machine": _machine(),
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -124,6 +130,8 @@ def main(quick: bool) -> int:
         "outage": outage,
         "mesh_throughput": throughput,
         "breaker_accounting": accounting,
+        "store_engines": engines,
+        "mesh_deployments": deployments,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -156,6 +164,7 @@ def main(quick: bool) -> int:
         "load_average": results["load_average"],
         "echo_one_hop_rps": throughput["echo_one_hop"]["64"]["rps"],
         "breaker_failed_call_us": {r["calls_per_s"]: r["mean_us"] for r in accounting["rows"]},
+        "deployments_ratio_to_sqlite_one_gateway": deployments["ratios_to_reference"],
         "wall_s": results["wall_s"],
     }
     print(json.dumps(summary), flush=True)

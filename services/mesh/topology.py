@@ -338,6 +338,10 @@ CONSOLE_VAR = "PAYMESH_CONSOLE_ADDR"
 POSTGRESQL_PORT = 5432
 REDIS_PORT = 6379
 HTTPS_PORT = 443
+#: The engines ``make run-replicas`` starts as its own processes (below the ephemeral range,
+#: shifted by ``PAYMESH_PORT_OFFSET`` like every default port).
+LOCAL_POSTGRESQL_PORT = 25432
+LOCAL_REDIS_PORT = 26379
 
 #: Added to every default port (never to an explicit ``*_ADDR``): a second mesh on one machine.
 PORT_OFFSET_VAR = "PAYMESH_PORT_OFFSET"
@@ -477,7 +481,13 @@ class Topology:
     def _declared_ports(self) -> tuple[int, ...]:
         """Every default port of the topology; a new default port belongs here too."""
         ports = (p for s in self.services for p in (s.port, s.admin_port, s.public_port))
-        return (*(p for p in ports if p is not None), PARTNER_SANDBOX_PORT, CONSOLE_PORT)
+        return (
+            *(p for p in ports if p is not None),
+            PARTNER_SANDBOX_PORT,
+            CONSOLE_PORT,
+            LOCAL_POSTGRESQL_PORT,
+            LOCAL_REDIS_PORT,
+        )
 
     def default_port(self, port: int) -> int:
         """``port`` shifted by ``PAYMESH_PORT_OFFSET``: every default address goes through here.

@@ -36,6 +36,8 @@ from services.mesh.admin_token import with_admin_token
 from services.mesh.topology import (
     CONSOLE_VAR,
     DEFAULT_REPLICA_PORT_STEP,
+    LOCAL_POSTGRESQL_PORT,
+    LOCAL_REDIS_PORT,
     LOOPBACK,
     PARTNER_SANDBOX_VAR,
     REPLICA_PORT_STEP_VAR,
@@ -44,6 +46,7 @@ from services.mesh.topology import (
     parse_hostport,
     replica_port_step,
 )
+from services.tools import postgres, redis_server
 from services.tools import replicas as replica_plan
 from services.tools.ports import DEFAULT_TIME_WAIT_WAIT_S, PortsUnavailable, wait_until_bindable
 from services.tools.ports import free_port as free_port  # re-exported: tests and tools use it here
@@ -137,6 +140,11 @@ class Member:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
+
+
+#: The engines ``--engines`` may name when the flag is not given (``postgresql,redis``).
+ENGINES_VAR = "PAYMESH_LOCAL_ENGINES"
+LOCAL_ENGINE_NAMES = ("postgresql", "redis")
 
 
 class LocalEngine(Protocol):
@@ -569,7 +577,41 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         f"(default ${replica_plan.REPLICAS_VAR}; replica k on the ports + k x "
         f"${REPLICA_PORT_STEP_VAR}, default {DEFAULT_REPLICA_PORT_STEP})",
     )
+    parser.add_argument(
+        "--engines",
+        help="servers to run as the launcher's own processes: postgresql, redis or both "
+        f"(default ${ENGINES_VAR}); their URLs reach every member",
+    )
     return parser.parse_args(argv)
+
+
+def local_engines(spec: str, environ: Mapping[str, str], var_dir: Path) -> list[LocalEngine]:
+    """The engines ``spec`` names (``postgresql,redis``), on the topology's local ports.
+
+    PostgreSQL keeps its data in ``var/postgres`` (made on first use); Redis holds nothing.
+
+    Raises:
+        ValueError: an unknown name, or one named twice.
+    """
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(LOCAL_ENGINE_NAMES))
+    if unknown or len(names) != len(set(names)):
+        raise ValueError(
+            f"engines {spec!r}: name each of {', '.join(LOCAL_ENGINE_NAMES)} at most once"
+        )
+    topology = Topology(environ=environ)
+    engines: list[LocalEngine] = []
+    # PostgreSQL first: the members' stores need it at start; Redis only serves caches.
+    if "postgresql" in names:
+        engines.append(
+            postgres.PostgresEngine(
+                var_dir.resolve() / "postgres",
+                port=topology.default_port(LOCAL_POSTGRESQL_PORT),
+            )
+        )
+    if "redis" in names:
+        engines.append(redis_server.RedisEngine(port=topology.default_port(LOCAL_REDIS_PORT)))
+    return engines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -582,12 +624,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             env_replicas = os.environ.get(replica_plan.REPLICAS_VAR, "")
             replicas = replica_plan.parse_replicas(env_replicas)
-        mesh = Mesh(with_console=True, replicas=replicas)
+        engines_spec = os.environ.get(ENGINES_VAR, "")
+        if arguments.engines is not None:
+            engines_spec = arguments.engines
+        var_dir = Path(os.environ.get("PAYMESH_VAR_DIR", "var"))
+        engines = local_engines(engines_spec, os.environ, var_dir)
+        mesh = Mesh(with_console=True, replicas=replicas, engines=engines)
         policy = RestartPolicy.from_environ(mesh.environ)
         # Checked here too, so a bad value is one line, not every member failing to start.
         logs.log_format_name(mesh.environ)
         logs.access_log_sample(mesh.environ)
-    except (ValueError, RestartPolicyError) as exc:
+    except (ValueError, RestartPolicyError, postgres.PostgresUnavailable) as exc:
         print(f"paymesh: {exc}", file=sys.stderr)
         return 2
     stopping = False

@@ -20,6 +20,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.mesh.bootstrap import SHARED_DATABASE_VAR
 from services.tools.ports import free_port
 
 #: Where Debian puts each major version's binaries (``/usr/lib/postgresql/15/bin``).
@@ -204,6 +205,40 @@ class LocalCluster:
             raise PostgresUnavailable(
                 f"{what} failed ({done.returncode}): {done.stderr.strip()[-500:]} {tail}".strip()
             )
+
+
+#: The database the launcher's local cluster holds, every service in its own schema.
+LOCAL_DATABASE = "paymesh"
+
+
+class PostgresEngine:
+    """A :class:`LocalCluster` in ``directory`` as the launcher's ``LocalEngine``.
+
+    Its data outlives one run (``var/postgres``: initdb only the first time); members get
+    ``DATABASE_URL`` of one database, a schema per service.
+    """
+
+    name = "postgresql"
+
+    def __init__(self, directory: Path, *, port: int) -> None:
+        self.cluster = LocalCluster(directory, port=port)
+
+    def start(self) -> dict[str, str]:
+        """Start the cluster (made on first use), create the database once; its URL."""
+        self.cluster.start()
+        import psycopg  # only callers that make databases need the driver
+
+        with psycopg.connect(self.cluster.url(), autocommit=True) as conn:
+            found = conn.execute(
+                "SELECT 1 FROM pg_database WHERE datname = %s", (LOCAL_DATABASE,)
+            ).fetchone()
+            if found is None:
+                conn.execute(f"CREATE DATABASE {LOCAL_DATABASE}")
+        return {SHARED_DATABASE_VAR: self.cluster.url(LOCAL_DATABASE)}
+
+    def stop(self) -> None:
+        """Stop the cluster (after the members); its data stays for the next run."""
+        self.cluster.stop()
 
 
 def temporary_directory() -> Path:

@@ -4,13 +4,15 @@ The launcher's mesh with ``replicas``: callers dial every replica, ``make status
 per replica, and a gateway replica killed with -9 while it holds a payment (the gateway's
 hold-file test hook) leaves it to its peer, which takes the payment's lease over once it
 expired and completes it: one charge at the channel, a balanced ledger. The database is each
-service's SQLite file in the mesh's var dir, shared by its replicas; with ``DATABASE_URL`` set
-(PostgreSQL) the members get that instead and the same tests run on it.
+service's SQLite file in the mesh's var dir, shared by its replicas; then the same tests run
+again with the launcher's own PostgreSQL and Redis (``--engines postgresql,redis``: one
+database, a schema per service, shared caches), as ``make run-replicas`` runs them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import Iterator
 
 import grpc
@@ -22,7 +24,8 @@ from services.mesh.admin_token import FAULT_INJECTION_VAR, with_admin_token
 from services.payment_gateway.flow import HOLD_FILE_VAR
 from services.payment_gateway.store import Step
 from services.storage.leases import LEASE_VAR
-from services.tools.launcher import Mesh, ephemeral_environ
+from services.tools import postgres, redis_server
+from services.tools.launcher import LocalEngine, Mesh, ephemeral_environ, free_port
 from services.tools.status import SERVING, mesh_status
 from tests.integration.test_payment_flow_processes import (
     Clients,
@@ -42,9 +45,26 @@ REPLICAS = {"payment-gateway": 2, "order-service": 2}
 LEASE_S = 2
 
 
-@pytest.fixture(scope="module")
-def clients(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clients]:
+@pytest.fixture(scope="module", params=["sqlite", "postgresql+redis"])
+def clients(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Clients]:
     var_dir = tmp_path_factory.mktemp("replicas")
+    engines: list[LocalEngine] = []
+    if request.param != "sqlite":
+        if postgres.bin_dir() is None or redis_server.binary() is None:
+            pytest.skip(
+                "PostgreSQL or redis-server is not installed (apt-get install postgresql"
+                " redis-server): the replicas on PostgreSQL and Redis are not run"
+            )
+        # The engines' own data outside the mesh's var dir: pytest's tmp dirs are 0700 to
+        # root, and PostgreSQL runs as the postgres user.
+        data_dir = postgres.temporary_directory()
+        request.addfinalizer(lambda: shutil.rmtree(data_dir, ignore_errors=True))
+        engines = [
+            postgres.PostgresEngine(data_dir, port=free_port()),
+            redis_server.RedisEngine(port=free_port()),
+        ]
     environ = with_admin_token(
         {**ephemeral_environ(replicas=REPLICAS), FAULT_INJECTION_VAR: "1"}, var_dir
     )
@@ -53,7 +73,7 @@ def clients(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clients]:
         LEASE_VAR: str(LEASE_S),
         "PAYMENT_GATEWAY_RECOVERY_INTERVAL_S": "0.5",
     }
-    mesh = Mesh(environ=environ, var_dir=var_dir, replicas=REPLICAS)
+    mesh = Mesh(environ=environ, var_dir=var_dir, replicas=REPLICAS, engines=engines)
     with running_clients(mesh, timeout_s=120) as made:
         yield made
 

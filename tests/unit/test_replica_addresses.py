@@ -4,12 +4,15 @@ and where the launcher places replica k."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from interceptors.balancing import service_config
 from interceptors.policy import BalancingPolicy, PolicyConfig, PolicyError
-from services.mesh.topology import Topology, TopologyError, replica_port_step
+from services.mesh.topology import LOCAL_POSTGRESQL_PORT, Topology, TopologyError, replica_port_step
+from services.tools import postgres
+from services.tools.launcher import local_engines
 from services.tools.replicas import ReplicasError, callers_environ, parse_replicas, plan
 from services.tools.status import replicas_of, with_replicas
 from services.tools.supervisor import LauncherReport, MemberReport
@@ -170,3 +173,25 @@ def test_status_asks_every_replica_the_running_launcher_reports() -> None:
         ("payment-gateway#1", "127.0.0.1:40103"),
     ]
     assert replicas_of(topology, "order-service") == [("order-service", "127.0.0.1:40004")]
+
+
+def test_local_engines_are_started_postgresql_first_on_the_topologys_shifted_ports(
+    tmp_path: Path,
+) -> None:
+    if postgres.bin_dir() is None:
+        pytest.skip("PostgreSQL binaries are not installed (apt-get install postgresql)")
+    engines = local_engines("redis,postgresql", {"PAYMESH_PORT_OFFSET": "7"}, tmp_path)
+    assert [engine.name for engine in engines] == ["postgresql", "redis"]
+    assert isinstance(engines[0], postgres.PostgresEngine)
+    assert engines[0].cluster.port == LOCAL_POSTGRESQL_PORT + 7
+    assert engines[0].cluster.directory == tmp_path.resolve() / "postgres"
+
+
+@pytest.mark.parametrize("spec", ["mysql", "redis,redis", "postgresql,memcached"])
+def test_unknown_or_repeated_local_engines_are_refused(spec: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="name each of postgresql, redis at most once"):
+        local_engines(spec, {}, tmp_path)
+
+
+def test_no_local_engines_by_default(tmp_path: Path) -> None:
+    assert local_engines("", {}, tmp_path) == []
