@@ -1,20 +1,18 @@
 """The untraced unary path of the client factory's channels (stub -> attempt loop, no call
-details), against a real server: it retries, propagates the trace and the deadline, and
-refuses calls when the breaker is open, exactly as the traced path does."""
+details), against a real server: it retries and propagates the trace and the deadline as the
+traced path does (its breaker refusals: test_chain_aio, whose stubs take this path)."""
 
 from __future__ import annotations
 
 import random
 
 import grpc
-import pytest
 from grpc import aio
 from opentelemetry import baggage, trace
 from opentelemetry import context as otel_context
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
 
 from interceptors.deadline import reset_incoming_deadline, set_incoming_deadline
-from interceptors.errors import CallError
 from interceptors.tracing import TraceFields, inject
 from paymesh.testing.v1 import testing_pb2 as pb
 from tests.integration.harness import Fault, make_chain, serving, stub_for
@@ -105,21 +103,6 @@ async def test_the_incoming_deadline_still_bounds_the_call() -> None:
             reset_incoming_deadline(token)
     remaining = srv.servicer.attempts[0].time_remaining
     assert remaining is not None and remaining <= 0.5 + CLOCK_SKEW_S
-
-
-async def test_an_open_breaker_still_refuses_without_sending() -> None:
-    chain = make_chain({"retry": {"max_attempts": 1}})
-    async with serving() as srv:
-        srv.servicer.default = UNAVAILABLE
-        async with stub_for(chain, srv.address) as stub:
-            for _ in range(5):
-                with pytest.raises(CallError):
-                    await stub.Read(pb.ReadRequest())
-            sent = srv.servicer.count()
-            with pytest.raises(CallError) as caught:
-                await stub.Read(pb.ReadRequest())
-    assert (caught.value.stop_reason, caught.value.attempts) == ("breaker_open", 0)
-    assert srv.servicer.count() == sent
 
 
 def test_trace_fields_write_what_the_propagators_write() -> None:
