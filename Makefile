@@ -8,7 +8,7 @@ PROTO_FILES = $(shell find protos -name '*.proto' | sort)
 BREAKING_AGAINST ?= .git\#branch=main
 
 .DEFAULT_GOAL := help
-.PHONY: help venv gen gen-check lint typecheck unit test run breaking bench chaos status k8s image clean
+.PHONY: help venv gen gen-check lint typecheck unit test run breaking bench chaos status migrate k8s image clean
 
 help:
 	@echo "make run        start all eleven services (Ctrl-C stops them)"
@@ -19,6 +19,7 @@ help:
 	@echo "make bench      benchmarks, printed as ratios"
 	@echo "make chaos      fault injection against the running mesh"
 	@echo "make status     one table of every service and edge (ARGS=--json, ARGS=--watch)"
+	@echo "make migrate    apply every service's schema migrations to its configured database"
 	@echo "make k8s        regenerate deploy/k8s/ (kustomize base, production overlay) from the topology"
 	@echo "make image      build the image deploy/k8s runs (CONTAINER=podman, or docker)"
 
@@ -68,6 +69,9 @@ run: $(STAMP)
 
 status: $(STAMP)
 	@$(PY) -m services.tools.status $(ARGS)
+
+migrate: $(STAMP)
+	@$(PY) -m services.tools.migrate
 
 bench: $(STAMP)
 	$(PY) -m bench

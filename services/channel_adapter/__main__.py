@@ -9,6 +9,7 @@ from services.channel_adapter.servicer import (
 from services.channel_adapter.store import ChargeStore
 from services.mesh.bootstrap import ServiceContext, run
 from services.mesh.topology import Target
+from services.storage.shared_state import SharedCache
 
 NAME = Target.CHANNEL_ADAPTER
 
@@ -18,11 +19,13 @@ def build(context: ServiceContext) -> list[object]:
     config = AdapterConfig.from_environ(context.environ)
     store = ChargeStore(context.database_path())
     context.on_stop.append(store.close)
+    shared = context.shared_state()
     servicer = ChannelAdapterServicer(
         store,
         channel=context.clients.partner(PAYMENT_CHANNEL),
         rates=context.clients.partner(EXCHANGE_RATE),
         rate_ttl_s=config.rate_ttl_s,
+        shared_rates=None if shared is None else SharedCache(shared, NAME, "rates"),
     )
     return [servicer]
 

@@ -35,6 +35,7 @@ from services.mesh.bootstrap import Context
 from services.mesh.errors import Aborted, FailedPrecondition, Unavailable
 from services.mesh.partner import call_partner, path_of
 from services.mesh.topology import Partner
+from services.storage.shared_state import SharedCache
 
 EXCHANGE_RATE = Partner.EXCHANGE_RATE
 PAYMENT_CHANNEL = Partner.PAYMENT_CHANNEL
@@ -86,11 +87,14 @@ class ChannelAdapterServicer(pb_grpc.ChannelAdapterServiceServicer):
         rates: PartnerClient,
         rate_ttl_s: float,
         clock: Callable[[], float] = time.monotonic,
+        shared_rates: SharedCache | None = None,
     ) -> None:
         self._store = store
         self._channel = channel
         self._rates = rates
-        self._cache = RateCache(self._fetch_rate, ttl_s=rate_ttl_s, clock=clock)
+        self._cache = RateCache(
+            self._fetch_rate, ttl_s=rate_ttl_s, clock=clock, shared=shared_rates
+        )
         # (method, request_id) executing in this process; an in-flight claim that is not
         # here was left by a crash (or a lost partner answer) and may be resumed.
         self._running: set[tuple[str, str]] = set()

@@ -10,9 +10,12 @@ from services.merchant_auth.limits import VerificationGuard
 from services.merchant_auth.merchants import MerchantDirectory
 from services.merchant_auth.pepper import load_pepper
 from services.merchant_auth.servicer import MerchantAuthServicer
+from services.merchant_auth.shared_limits import SharedVerificationGuard
 from services.merchant_auth.store import ApiKeyStore
+from services.merchant_auth.verified import VerifiedKeys
 from services.mesh.bootstrap import ServiceContext, run
 from services.mesh.topology import Target
+from services.storage.shared_state import SharedCache
 
 NAME = Target.MERCHANT_AUTH
 
@@ -32,20 +35,32 @@ def build(
     hasher = PepperedHasher(load_pepper(config.pepper_file, var_dir=context.var_dir))
     store = ApiKeyStore(context.database_path())
     context.on_stop.append(store.close)
+    shared = context.shared_state()
     merchants = MerchantDirectory(
         context.clients.stub(Target.MERCHANT, merchant_pb2_grpc.MerchantServiceStub),
         stale_s=config.merchant_stale_s,
         cache_s=config.merchant_cache_s,
+        shared=None if shared is None else SharedCache(shared, NAME, "merchants"),
     )
     verifier: SecretVerifier = KeyVerifier(hasher)
     if wrap_verifier is not None:
         verifier = wrap_verifier(verifier)
+    guard = VerificationGuard(config.limits, clock=limits_clock)
+    verified = None
+    if shared is not None and config.verified_key_cache_s > 0:
+        verified = VerifiedKeys(
+            SharedCache(shared, NAME, "verified-keys"), hasher, ttl_s=config.verified_key_cache_s
+        )
     servicer = MerchantAuthServicer(
         store,
         merchants,
         hasher,
-        guard=VerificationGuard(config.limits, clock=limits_clock),
+        guard=guard,
         verifier=verifier,
+        shared_guard=None
+        if shared is None
+        else SharedVerificationGuard(guard, shared, service=NAME),
+        verified=verified,
     )
     return [servicer]
 

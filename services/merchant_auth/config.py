@@ -18,6 +18,9 @@ DEFAULT_STALE_S = 30.0
 #: again: the bound within which a suspension (or reactivation) reaches authentication.
 CACHE_VAR = "MERCHANT_AUTH_SERVICE_MERCHANT_CACHE_S"
 DEFAULT_CACHE_S = 5.0
+#: Seconds a verified key stays in the shared cache (only with REDIS_URL); zero: not cached.
+VERIFIED_KEY_CACHE_VAR = "MERCHANT_AUTH_SERVICE_VERIFIED_KEY_CACHE_S"
+DEFAULT_VERIFIED_KEY_CACHE_S = 30.0
 #: The environment variable of each VerificationLimits field an operator may set.
 LIMIT_VARS = {
     "max_in_flight": "MERCHANT_AUTH_SERVICE_MAX_VERIFICATIONS_IN_FLIGHT",
@@ -39,6 +42,9 @@ class AuthConfig:
     merchant_cache_s: float = DEFAULT_CACHE_S
     """Seconds an authentication answers from the remembered merchant without asking; never
     more than ``merchant_stale_s`` (the memory is not kept longer than that)."""
+    verified_key_cache_s: float = DEFAULT_VERIFIED_KEY_CACHE_S
+    """Seconds a verified key is answered from Redis without the database (REDIS_URL only);
+    a revocation deletes the entry at once."""
     pepper_file: Path | None = None
     """File holding the key pepper; ``None``: the one generated in the var directory."""
     limits: VerificationLimits = field(default_factory=VerificationLimits)
@@ -59,6 +65,9 @@ class AuthConfig:
         return cls(
             merchant_stale_s=seconds_var(environ, STALE_VAR, DEFAULT_STALE_S, allow_zero=True),
             merchant_cache_s=seconds_var(environ, CACHE_VAR, DEFAULT_CACHE_S, allow_zero=True),
+            verified_key_cache_s=seconds_var(
+                environ, VERIFIED_KEY_CACHE_VAR, DEFAULT_VERIFIED_KEY_CACHE_S, allow_zero=True
+            ),
             pepper_file=Path(pepper) if pepper else None,
             limits=_limits(environ),
         )

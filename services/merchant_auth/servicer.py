@@ -13,7 +13,9 @@ from paymesh.merchant_auth.v1 import merchant_auth_pb2_grpc
 from services.merchant_auth import keys
 from services.merchant_auth.limits import VerificationGuard, VerificationLimits, client_peer
 from services.merchant_auth.merchants import MerchantDirectory
+from services.merchant_auth.shared_limits import SharedVerificationGuard
 from services.merchant_auth.store import ApiKeyStore, Credential
+from services.merchant_auth.verified import VerifiedKeys
 from services.mesh import validation as v
 from services.mesh.authz import AUTHORIZATION_KEY, CLIENT_PEER_KEY
 from services.mesh.bootstrap import Context
@@ -33,11 +35,18 @@ class MerchantAuthServicer(merchant_auth_pb2_grpc.MerchantAuthServiceServicer):
         *,
         guard: VerificationGuard | None = None,
         verifier: keys.SecretVerifier | None = None,
+        shared_guard: SharedVerificationGuard | None = None,
+        verified: VerifiedKeys | None = None,
     ) -> None:
         self._store = store
         self._merchants = merchants
         self._hasher = hasher
-        self._guard = guard or VerificationGuard(VerificationLimits())
+        self._guard = (
+            shared_guard.local if shared_guard else guard or VerificationGuard(VerificationLimits())
+        )
+        # With REDIS_URL: failures counted across replicas, verified keys shared.
+        self._shared_guard = shared_guard
+        self._verified = verified
         self._verifier = verifier or keys.KeyVerifier(hasher)
 
     async def IssueApiKey(
@@ -78,25 +87,18 @@ class MerchantAuthServicer(merchant_auth_pb2_grpc.MerchantAuthServiceServicer):
         )
         peer = client_peer(forwarded, context.peer())
         key_id = keys.key_id_of(secret)
-        self._refuse_if_limited(peer, key_id)
+        await self._refuse_if_limited(peer, key_id)
         if key_id is None:
-            self._guard.failed(peer=peer, key_id=None)
+            await self._failed(peer, None)
             raise Unauthenticated("the bearer token is not a PayMesh secret key (sk_...)")
-        credential = self._store.credential(key_id)
-        # The key id is public (it is the displayed prefix), so answering an unknown one
-        # faster than a wrong secret reveals nothing an attacker could not read anyway.
+        credential = None
+        if self._verified is not None:
+            credential = await self._verified.credential(key_id, secret)
         if credential is None:
-            self._guard.failed(peer=peer, key_id=None)
-            raise Unauthenticated("the API key is not valid", metadata={"key_id": key_id})
-        verification = await self._verify(secret, credential)
-        if not verification.matches:
-            self._guard.failed(peer=peer, key_id=key_id)
-            raise Unauthenticated("the API key is not valid", metadata={"key_id": key_id})
-        self._guard.succeeded(peer=peer, key_id=key_id)
-        if verification.upgraded_hash is not None:
-            self._store.replace_hash(
-                key_id, old=credential.secret_hash, new=verification.upgraded_hash
-            )
+            credential = await self._verified_credential(secret, key_id, peer)
+        else:
+            # Known to this replica now; the replica that verified it told every replica.
+            self._guard.succeeded(peer=peer, key_id=key_id)
         # Revocation is told only to a holder of the real secret.
         if credential.status == pb.API_KEY_STATUS_REVOKED:
             raise Unauthenticated(
@@ -120,9 +122,42 @@ class MerchantAuthServicer(merchant_auth_pb2_grpc.MerchantAuthServiceServicer):
             webhook_url=merchant.webhook_url,
         )
 
-    def _refuse_if_limited(self, peer: str, key_id: str | None) -> None:
+    async def _verified_credential(self, secret: str, key_id: str, peer: str) -> Credential:
+        """The key's credential from the store once ``secret`` verified against it."""
+        credential = self._store.credential(key_id)
+        # The key id is public (it is the displayed prefix), so answering an unknown one
+        # faster than a wrong secret reveals nothing an attacker could not read anyway.
+        if credential is None:
+            await self._failed(peer, None)
+            raise Unauthenticated("the API key is not valid", metadata={"key_id": key_id})
+        verification = await self._verify(secret, credential)
+        if not verification.matches:
+            await self._failed(peer, key_id)
+            raise Unauthenticated("the API key is not valid", metadata={"key_id": key_id})
+        if self._shared_guard is not None:
+            await self._shared_guard.succeeded(peer=peer, key_id=key_id)
+        else:
+            self._guard.succeeded(peer=peer, key_id=key_id)
+        if verification.upgraded_hash is not None:
+            self._store.replace_hash(
+                key_id, old=credential.secret_hash, new=verification.upgraded_hash
+            )
+        if self._verified is not None:
+            await self._verified.remember(credential, secret)
+        return credential
+
+    async def _failed(self, peer: str, key_id: str | None) -> None:
+        if self._shared_guard is not None:
+            await self._shared_guard.failed(peer=peer, key_id=key_id)
+        else:
+            self._guard.failed(peer=peer, key_id=key_id)
+
+    async def _refuse_if_limited(self, peer: str, key_id: str | None) -> None:
         """RESOURCE_EXHAUSTED TOO_MANY_FAILED_ATTEMPTS if the peer or the key id is locked."""
-        refusal = self._guard.refusal(peer=peer, key_id=key_id)
+        if self._shared_guard is not None:
+            refusal = await self._shared_guard.refusal(peer=peer, key_id=key_id)
+        else:
+            refusal = self._guard.refusal(peer=peer, key_id=key_id)
         if refusal is None:
             return
         if refusal.subject == "peer":
@@ -158,7 +193,10 @@ class MerchantAuthServicer(merchant_auth_pb2_grpc.MerchantAuthServiceServicer):
         v.require_request_id("request_id", request.request_id)
         v.require_id("key_id", request.key_id)
         v.optional_text("reason", request.reason)
-        return pb.RevokeApiKeyResponse(api_key=self._store.revoke(request))
+        api_key = self._store.revoke(request)
+        if self._verified is not None:
+            await self._verified.forget(request.key_id)
+        return pb.RevokeApiKeyResponse(api_key=api_key)
 
     async def ListApiKeys(
         self, request: pb.ListApiKeysRequest, context: Context

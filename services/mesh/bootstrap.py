@@ -85,6 +85,7 @@ from services.mesh.tracing import (
     service_tracer_provider,
 )
 from services.storage import idempotency, leases, sql
+from services.storage.shared_state import SharedState, SharedStateError
 
 log = logging.getLogger("paymesh.bootstrap")
 
@@ -140,8 +141,11 @@ class ServiceContext:
     """Environment the service was started with."""
     on_stop: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
     """Callbacks run after the server stopped (close stores, flush, ...)."""
-    database: Path | None = None
-    """The SQLite file, once the builder asked for it; its readiness is the service's."""
+    database: sql.Target | None = None
+    """The SQLite file or PostgreSQL URL, once the builder asked for it; its readiness is the
+    service's."""
+    shared: SharedState | None = None
+    """The Redis state (``REDIS_URL``), once the builder asked for it; health lists it."""
     prechecks: dict[str, Callable[[], None]] = field(default_factory=dict)
     """Per full method path (``/pkg.Service/Method``), a check the server runs before the
     gate admits a call: it raises a ServiceError to refuse at once (fail fast before any
@@ -152,20 +156,61 @@ class ServiceContext:
         """Directory for the service's files: ``PAYMESH_VAR_DIR`` or ``var/``."""
         return Path(self.environ.get("PAYMESH_VAR_DIR", "var"))
 
-    def database_path(self) -> Path:
-        """SQLite file: ``<PREFIX>_DATABASE_URL`` (sqlite:///path), else var/<name>.db."""
-        var = f"{env_prefix(self.name)}_DATABASE_URL"
-        url = self.environ.get(var)
-        if url is None:
-            path = self.var_dir / f"{self.name}.db"
-        else:
+    def database_path(self) -> sql.Target:
+        """Where the service's database is (:func:`database_target`); readiness follows it.
+
+        Raises:
+            StartupError: a URL of another scheme, or a bad schema name.
+        """
+        target = database_target(self.name, self.environ)
+        if isinstance(target, Path):
+            target.parent.mkdir(parents=True, exist_ok=True)
+        self.database = target
+        return target
+
+    def shared_state(self) -> SharedState | None:
+        """Redis shared by the service's replicas (``REDIS_URL``), or None: stay in-process."""
+        if self.shared is None:
             try:
-                path = sql.path_of_url(url)
-            except sql.UnsupportedDatabaseUrl as exc:
-                raise StartupError(f"{var}={exc}") from None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.database = path
-        return path
+                self.shared = SharedState.from_environ(self.environ)
+            except SharedStateError as exc:
+                raise StartupError(str(exc)) from None
+            if self.shared is not None:
+                self.on_stop.append(self.shared.close)
+        return self.shared
+
+
+def database_target(name: str, environ: Mapping[str, str]) -> sql.Target:
+    """Where service ``name``'s database is: a SQLite file or a PostgreSQL URL.
+
+    ``<PREFIX>_DATABASE_URL`` (``sqlite:///path`` or ``postgresql://...``), else the shared
+    ``DATABASE_URL`` (PostgreSQL only, one schema per service), else
+    ``$PAYMESH_VAR_DIR/<name>.db`` (``var/``). A PostgreSQL URL without ``?schema=`` gets the
+    service's own schema: its name with ``_`` for ``-``.
+
+    Raises:
+        StartupError: a URL of another scheme, or a bad schema name.
+    """
+    var = f"{env_prefix(name)}_DATABASE_URL"
+    url = environ.get(var)
+    if url is None and environ.get(SHARED_DATABASE_VAR):
+        var, url = SHARED_DATABASE_VAR, environ[SHARED_DATABASE_VAR]
+        if not url.startswith(sql.POSTGRES_SCHEMES):
+            raise StartupError(
+                f"{var}={url!r}: must be a postgresql:// URL (one schema per service);"
+                f" a SQLite file is set per service with {env_prefix(name)}_DATABASE_URL"
+            )
+    if url is None:
+        return Path(environ.get("PAYMESH_VAR_DIR", "var")) / f"{name}.db"
+    try:
+        return sql.target_of_url(url, schema=name.replace("-", "_"))
+    except sql.UnsupportedDatabaseUrl as exc:
+        raise StartupError(f"{var}={exc}") from None
+
+
+#: One PostgreSQL database for every service, each in its own schema (``<SERVICE>_DATABASE_URL``
+#: wins where set).
+SHARED_DATABASE_VAR = "DATABASE_URL"
 
 
 #: What a builder returns: its servicers (each matched to the proto service whose generated
@@ -485,6 +530,7 @@ def register(
         breaker_states=chain.breakers.states,
         recent=runtime.recent,
         database=context.database,
+        shared=context.shared,
         open_channel=lambda target, address: config.security.aio_channel(
             target, address, options=chain.channel_options()
         ),
@@ -552,6 +598,7 @@ async def go_serving(
         services=names,
         database=runtime.context.database,
         interval_s=runtime.config.readiness_interval_s,
+        shared=runtime.context.shared,
     )
     await readiness.start()
     return readiness
@@ -904,4 +951,13 @@ def run(name: str, build: Builder) -> None:
     except StartupError as exc:
         print(f"{name}: cannot start: {exc}", file=sys.stderr, flush=True)
         sys.exit(EXIT_CONFIG)
+    except sql.DatabaseError as exc:
+        # A database that is down or refuses us at start (a PostgreSQL server not up yet):
+        # one line, and a plain failure the supervisor restarts with backoff.
+        print(
+            f"{name}: cannot start: its database: {type(exc).__name__}: {exc}",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(1)
     sys.exit(0)

@@ -15,7 +15,6 @@ import enum
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -29,6 +28,7 @@ from paymesh.mesh.v1 import mesh_pb2, mesh_pb2_grpc
 from services.mesh.recent import RecentCalls
 from services.mesh.topology import ServiceSpec, Topology
 from services.storage import sql
+from services.storage.shared_state import SharedState
 
 log = logging.getLogger("paymesh.diagnostics")
 
@@ -42,6 +42,8 @@ READINESS_INTERVAL_S = 5.0
 HEALTHZ_MAX_LAG_S = 1.0
 HEALTHZ_MAX_LAG_VAR = "PAYMESH_HEALTHZ_MAX_LAG_S"
 DATABASE = "database"
+#: The name of the Redis entry in Diagnostics and health (``REDIS_URL``).
+REDIS = "redis"
 
 _BREAKER_STATES = {
     CLOSED: mesh_pb2.BREAKER_STATE_CLOSED,
@@ -64,15 +66,23 @@ class Health(enum.IntEnum):
     UNREACHABLE = mesh_pb2.DEPENDENCY_HEALTH_UNREACHABLE
 
 
-async def check_database(path: Path, *, timeout_s: float = PROBE_TIMEOUT_S) -> tuple[Health, str]:
-    """``SELECT 1`` on the SQLite file at ``path``: its health and the error, if any."""
+async def check_database(
+    path: sql.Target, *, timeout_s: float = PROBE_TIMEOUT_S
+) -> tuple[Health, str]:
+    """``SELECT 1`` on the SQLite file or PostgreSQL URL: its health and the error, if any."""
     try:
         await asyncio.wait_for(asyncio.to_thread(sql.probe, path, timeout_s), timeout_s)
     except TimeoutError:
-        return Health.UNREACHABLE, f"no answer from {path} within {timeout_s:.1f}s"
+        return Health.UNREACHABLE, f"no answer from {sql.describe(path)} within {timeout_s:.1f}s"
     except sql.DatabaseError as exc:
         return Health.NOT_SERVING, f"{type(exc).__name__}: {exc}"
     return Health.SERVING, ""
+
+
+async def check_redis(shared: SharedState) -> tuple[Health, str]:
+    """PING on the shared state's Redis: its health and the error, if any."""
+    error = await shared.ping()
+    return (Health.UNREACHABLE, error) if error else (Health.SERVING, "")
 
 
 async def check_partner(
@@ -192,7 +202,7 @@ async def loop_lag_s(clock: Callable[[], float] | None = None) -> float:
 async def process_health(
     service: str,
     *,
-    database: Path | None,
+    database: sql.Target | None,
     max_lag_s: float = HEALTHZ_MAX_LAG_S,
     timeout_s: float = PROBE_TIMEOUT_S,
     clock: Callable[[], float] | None = None,
@@ -216,7 +226,7 @@ async def process_health(
         checks[DATABASE] = {
             "ok": health is Health.SERVING,
             "health": health.name,
-            "target": str(database),
+            "target": sql.describe(database),
             "error": error,
         }
     failed = [name for name, check in checks.items() if not check["ok"]]
@@ -245,8 +255,9 @@ class DiagnosticsServicer(mesh_pb2_grpc.DiagnosticsServiceServicer):
         topology: Topology,
         breaker_states: Callable[[], Mapping[str, str]],
         recent: RecentCalls,
-        database: Path | None,
+        database: sql.Target | None,
         open_channel: Callable[[str, str], aio.Channel],
+        shared: SharedState | None = None,
         probe_timeout_s: float = PROBE_TIMEOUT_S,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -255,6 +266,7 @@ class DiagnosticsServicer(mesh_pb2_grpc.DiagnosticsServiceServicer):
         self._breaker_states = breaker_states
         self._recent = recent
         self._database = database
+        self._shared = shared
         self._open_channel = open_channel
         self._timeout_s = probe_timeout_s
         self._wall_clock = wall_clock
@@ -265,11 +277,13 @@ class DiagnosticsServicer(mesh_pb2_grpc.DiagnosticsServiceServicer):
     async def GetDiagnostics(
         self, request: mesh_pb2.GetDiagnosticsRequest, context: aio.ServicerContext[Any, Any]
     ) -> mesh_pb2.GetDiagnosticsResponse:
-        """One entry per dependency, in topology order: services, partners, database."""
+        """One entry per dependency, in topology order: services, partners, database, redis."""
         entries = [self._service(name) for name in self._spec.calls]
         entries += [self._partner(name) for name in self._spec.partners]
         if self._database is not None:
             entries.append(self._own_database(self._database))
+        if self._shared is not None:
+            entries.append(self._redis(self._shared))
         dependencies = await asyncio.gather(*entries)
         status, reason = overall_status(dependencies)
         return mesh_pb2.GetDiagnosticsResponse(
@@ -312,12 +326,30 @@ class DiagnosticsServicer(mesh_pb2_grpc.DiagnosticsServiceServicer):
         health, error = await check_partner(url, timeout_s=self._timeout_s, session=self._http)
         return self._entry(name, mesh_pb2.DEPENDENCY_KIND_HTTP_PARTNER, url, health, error)
 
-    async def _own_database(self, path: Path) -> mesh_pb2.Dependency:
+    async def _own_database(self, path: sql.Target) -> mesh_pb2.Dependency:
         health, error = await check_database(path, timeout_s=self._timeout_s)
+        return self._own(
+            DATABASE, mesh_pb2.DEPENDENCY_KIND_DATABASE, sql.describe(path), health, error
+        )
+
+    async def _redis(self, shared: SharedState) -> mesh_pb2.Dependency:
+        # Caches and limits fall back when Redis fails: DEGRADED in the report, never unready.
+        health, error = await check_redis(shared)
+        return self._own(REDIS, mesh_pb2.DEPENDENCY_KIND_CACHE, shared.target, health, error)
+
+    def _own(
+        self,
+        name: str,
+        kind: mesh_pb2.DependencyKind.ValueType,
+        target: str,
+        health: Health,
+        error: str,
+    ) -> mesh_pb2.Dependency:
+        """The entry of a store of the service's own (no breaker, no recent calls)."""
         entry = mesh_pb2.Dependency(
-            name=DATABASE,
-            kind=mesh_pb2.DEPENDENCY_KIND_DATABASE,
-            target=str(path),
+            name=name,
+            kind=kind,
+            target=target,
             health=health.value,
             breaker_state=mesh_pb2.BREAKER_STATE_UNSPECIFIED,
             last_error=error,
@@ -366,7 +398,9 @@ class ReadinessMonitor:
     """Sets the service's own health entries from its database; ``""`` (liveness) is left alone.
 
     A dependency being down never fails the service's liveness: restarting a process because
-    something it calls is down is how restarts cascade through a mesh.
+    something it calls is down is how restarts cascade through a mesh. With ``REDIS_URL``, the
+    health entry ``redis`` follows Redis; the service stays ready without it (its caches read
+    their sources and its limits count locally), so replicas are not all ejected at once.
     """
 
     def __init__(
@@ -374,20 +408,25 @@ class ReadinessMonitor:
         *,
         health: Any,
         services: Sequence[str],
-        database: Path | None,
+        database: sql.Target | None,
         interval_s: float = READINESS_INTERVAL_S,
         timeout_s: float = PROBE_TIMEOUT_S,
+        shared: SharedState | None = None,
     ) -> None:
         self._health = health
         self._services = tuple(services)
         self._database = database
+        self._shared = shared
+        self._redis_ok: bool | None = None
         self._interval_s = interval_s
         self._timeout_s = timeout_s
         self._ready: bool | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def check(self) -> bool:
-        """Check the database once and set the entries; whether the service is ready."""
+        """Check the database (and Redis) once and set the entries; whether the service is ready."""
+        if self._shared is not None:
+            await self._check_redis(self._shared)
         if self._database is None:
             return True
         health, error = await check_database(self._database, timeout_s=self._timeout_s)
@@ -407,10 +446,24 @@ class ReadinessMonitor:
             self._ready = ready
         return ready
 
+    async def _check_redis(self, shared: SharedState) -> None:
+        health, error = await check_redis(shared)
+        ok = health is Health.SERVING
+        if ok != self._redis_ok:
+            if not ok:
+                log.warning("redis %s: %s (caches read their sources)", shared.target, error)
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if ok
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            await self._health.set(REDIS, status)
+            self._redis_ok = ok
+
     async def start(self) -> None:
         """Check once now, then every ``interval_s`` until :meth:`stop`."""
         await self.check()
-        if self._database is not None:
+        if self._database is not None or self._shared is not None:
             self._task = asyncio.create_task(self._loop())
 
     async def stop(self) -> None:

@@ -132,7 +132,6 @@ CREATE TABLE IF NOT EXISTS refunds (
 CREATE INDEX IF NOT EXISTS refunds_by_payment ON refunds (payment_id, create_time_ns);
 """
     + idempotency.SCHEMA
-    + leases.SCHEMA
     + outbox.SCHEMA
 )
 #: The column of databases written before the outbox: 1 while a finished payment's or

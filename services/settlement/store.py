@@ -16,7 +16,7 @@ from pathlib import Path
 
 from paymesh.common.v1 import common_pb2
 from paymesh.settlement.v1 import settlement_pb2
-from services.storage import idempotency, leases
+from services.storage import idempotency
 from services.storage.resumable import Begun, StepStore
 from services.storage.sql import Row, timestamp
 
@@ -59,7 +59,6 @@ CREATE INDEX IF NOT EXISTS settlements_by_merchant
     ON settlements (merchant_id, create_time_ns, settlement_id);
 """
     + idempotency.SCHEMA
-    + leases.SCHEMA
 )
 
 

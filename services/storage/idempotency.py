@@ -36,6 +36,9 @@ DEFAULT_RETENTION_S = 7 * 24 * 3600.0
 #: Retries come within minutes, but a late one must still replay: never forget within a day.
 MIN_RETENTION_S = 24 * 3600.0
 
+#: The name of this module's tables in ``schema_migrations``; the store base migrates them
+#: into every database it opens.
+COMPONENT = "idempotency"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS idempotency_keys (
     method TEXT NOT NULL,
@@ -169,7 +172,9 @@ def claim(
         )
         row = None
     if row is None:
-        conn.insert(
+        # INSERT ... ON CONFLICT: the write lock already orders claims, and the unique key
+        # alone would keep a claim made past it from running twice (it is in flight then).
+        claimed = conn.insert(
             "idempotency_keys",
             {
                 "method": method,
@@ -178,8 +183,11 @@ def claim(
                 "state": "in_flight",
                 "create_time_ns": now,
             },
+            unless_exists=True,
         )
-        return Claim(replay=None)
+        if claimed:
+            return Claim(replay=None)
+        raise _in_flight(request_id)
     if row["fingerprint"] != digest:
         raise InvalidArgument(
             f"request_id {quote(request_id)} was already used with a different request body",
@@ -187,12 +195,15 @@ def claim(
             field_violations=[FieldViolation("request_id", "reused with a different body")],
         )
     if row["state"] != "done":
-        raise Aborted(
-            f"the first request with request_id {quote(request_id)} is still in flight;"
-            " retry later",
-            reason=Reason.IDEMPOTENCY_KEY_IN_FLIGHT,
-        )
+        raise _in_flight(request_id)
     return Claim(replay=bytes(row["response"]))
+
+
+def _in_flight(request_id: str) -> Aborted:
+    return Aborted(
+        f"the first request with request_id {quote(request_id)} is still in flight; retry later",
+        reason=Reason.IDEMPOTENCY_KEY_IN_FLIGHT,
+    )
 
 
 def refuse_if_kept(conn: Statements, table: str, column: str, request_id: str) -> None:
@@ -236,8 +247,9 @@ def purge_expired(
     if not force and last is not None and 0 <= now_ns - last["purge_time_ns"] < interval_ns:
         return 0
     deleted = conn.run(
-        "DELETE FROM idempotency_keys WHERE rowid IN (SELECT rowid FROM idempotency_keys"
-        " WHERE state = 'done' AND create_time_ns < ? LIMIT ?)",
+        # By primary key, not SQLite's rowid: the same text runs on PostgreSQL.
+        "DELETE FROM idempotency_keys WHERE (method, request_id) IN (SELECT method, request_id"
+        " FROM idempotency_keys WHERE state = 'done' AND create_time_ns < ? LIMIT ?)",
         (now_ns - _retention_ns(retention), retention.purge_batch),
     )
     if deleted < retention.purge_batch:  # a full batch leaves more: purge again next claim

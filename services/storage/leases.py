@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from interceptors.errors import Reason
 from services.mesh.errors import Aborted
-from services.storage.sql import Database, seconds_to_ns
+from services.storage.sql import Database, register_base_tables, seconds_to_ns
 
 log = logging.getLogger("paymesh.leases")
 
@@ -38,6 +38,9 @@ CREATE TABLE IF NOT EXISTS leases (
     until_ns INTEGER NOT NULL
 );
 """
+#: A base table: every database the store base opens (once this module is imported, as every
+#: store that leases work imports it) migrates it in, as it does idempotency's.
+register_base_tables("leases", SCHEMA)
 
 #: Take the lease over when it is ours or has run out; the row count says who won.
 _TAKE = (

@@ -140,7 +140,7 @@ class StepStore(abc.ABC, Generic[RecordT, MessageT]):
         self._db.rebuild(schema, {self.table: {column: column for column in columns}})
 
     def leases(self, owner: str | None = None) -> Leases:
-        """The lease table of this store's database (its schema includes ``leases.SCHEMA``),
+        """The lease table of this store's database (a base table every database gets),
         claimed as ``owner`` (default: this process's :func:`replica_id`)."""
         return Leases(self._db, owner or replica_id(self.noun))
 

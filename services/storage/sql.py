@@ -5,24 +5,31 @@ inserts and upserts go through :meth:`Statements.insert` and :meth:`Statements.u
 keyset pages through :meth:`Statements.page`, writes through one :meth:`Database.transaction`,
 and "claim the request id, run, record the reply, replay on repeat" through
 :meth:`Database.idempotent`. Every time column holds integer nanoseconds since the epoch
-(``*_ns``), the unit of protobuf ``Timestamp``. SQLite is the engine behind it today; a second
-engine implements :class:`Statements` and :class:`Database` (translating the ``?``
-placeholders) and no servicer changes. What stays engine-specific is named: each store's
-``SCHEMA`` (its DDL) and, here only, the pragmas, the catalogue reads and the in-place upgrade.
+(``*_ns``), the unit of protobuf ``Timestamp``. Two engines stand behind it, one code path:
+SQLite (a ``sqlite:///`` URL or a path; the default) and PostgreSQL (a ``postgresql://`` URL,
+a schema per service); :mod:`services.storage.engines` holds everything that differs.
 
-Stores are synchronous: a handler runs a store method on the event loop, one at a time per
-process; ``BEGIN IMMEDIATE`` makes each write atomic and unique keys make claims race-free.
+A store's schema is an ordered list of migrations (:class:`Migrations`), each one DDL text in
+the portable subset (``INTEGER``, ``TEXT``, ``BLOB``, ``INTEGER PRIMARY KEY AUTOINCREMENT``,
+``CREATE ... IF NOT EXISTS``), applied at open under the database's write lock and recorded in
+``schema_migrations``; the base's own tables (idempotency keys, and whatever a base module
+registers with :func:`register_base_tables`) are migrated the same way. Stores are
+synchronous: a handler runs a store method on the event loop, one at a time per process; the
+write lock makes each write atomic and unique keys make claims race-free.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -30,31 +37,166 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from interceptors.errors import Reason
 from services.mesh.errors import Aborted
 from services.mesh.validation import quote
-from services.storage import idempotency
+from services.storage import engines, idempotency
+from services.storage.engines import (
+    Engine,
+    PostgresSession,
+    Session,
+    SqliteSession,
+    is_postgres,
+    split_statements,
+)
 
-#: A row read back: its columns by name (``row["order_id"]``).
-Row = sqlite3.Row
-#: The database errors a store may meet (a lost or locked file, say).
-DatabaseError = sqlite3.Error
-#: The only URL scheme this engine serves: ``sqlite:///relative/or//absolute/path``.
+log = logging.getLogger("paymesh.storage")
+
+
+class Row(Protocol):
+    """A row read back: its columns by name (``row["order_id"]``) or position."""
+
+    def __getitem__(self, key: Any, /) -> Any: ...
+
+    def keys(self) -> list[str]:
+        """The column names."""
+        ...
+
+
+#: A ``*_DATABASE_URL`` this build has no engine for.
+UnsupportedDatabaseUrl = engines.UnsupportedDatabaseUrl
+
+
+class StoreError(Exception):
+    """The store base found the database not as it must be (a changed migration, say)."""
+
+
+#: The database errors a store may meet, either engine (a lost file, a dropped connection).
+DatabaseError: tuple[type[Exception], ...] = (*engines.ERRORS, StoreError)
+#: Where a database is: a SQLite file, or a PostgreSQL URL (a ``str`` starting ``postgresql://``).
+Target = Path | str
+#: The SQLite URL scheme: ``sqlite:///relative/or//absolute/path``.
 SQLITE_SCHEME = "sqlite:///"
+#: The PostgreSQL URL schemes (``postgresql://user@host:port/db?schema=name``).
+POSTGRES_SCHEMES = engines.POSTGRES_SCHEMES
 
 ResponseT = TypeVar("ResponseT", bound=Message)
 
-_PRAGMAS = (
-    "PRAGMA journal_mode=WAL",
-    "PRAGMA foreign_keys=ON",
-    "PRAGMA busy_timeout=5000",
-    "PRAGMA synchronous=NORMAL",
-)
 #: Whether a request id has a record at all (claimed, done or expired).
 _RECORD_EXISTS = "SELECT 1 FROM idempotency_keys WHERE method = ? AND request_id = ?"
 #: Time columns whose seconds-era name was not ``<name>`` of ``<name>_ns``.
 _OLDER_NAMES = {"create_time_ns": ("created_at",), "purge_time_ns": ("purged_at",)}
+#: Which migration of which component a database has had, and of what text.
+_MIGRATIONS_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    component TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    checksum TEXT NOT NULL,
+    apply_time_ns INTEGER NOT NULL,
+    PRIMARY KEY (component, version)
+)
+"""
+_ADDITIVE = re.compile(r"CREATE\s+(TABLE|(UNIQUE\s+)?INDEX)\s+IF\s+NOT\s+EXISTS\b", re.IGNORECASE)
+_FIRST_TABLE = re.compile(r"CREATE\s+TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?(\w+)", re.IGNORECASE)
 
 
-class UnsupportedDatabaseUrl(ValueError):
-    """A ``*_DATABASE_URL`` this build has no engine for."""
+@dataclass(frozen=True, slots=True)
+class Migrations:
+    """One component's schema: its migrations in order, version 1 first.
+
+    Append a migration to change the schema; never edit one a database may have applied
+    (the base refuses a changed one, unless it only creates what is missing).
+    """
+
+    component: str
+    """Its name in ``schema_migrations`` (a store's first table unless named)."""
+    steps: tuple[str, ...]
+    """Each migration's DDL: ``;``-separated statements of the portable subset."""
+
+    @classmethod
+    def of(cls, schema: str | Sequence[str], component: str | None = None) -> Migrations:
+        """A store's migrations: one DDL text (version 1) or the list of them."""
+        steps = (schema,) if isinstance(schema, str) else tuple(schema)
+        if not steps:
+            raise ValueError("a store needs at least one migration")
+        if component is None:
+            first = _FIRST_TABLE.search(steps[0])
+            if first is None:
+                raise ValueError("migration 1 creates no table: name the component")
+            component = first.group(1).lower()
+        return cls(component, steps)
+
+
+#: The base's own tables, migrated into every database before the store's (in this order).
+BASE_TABLES: dict[str, Migrations] = {}
+
+
+def register_base_tables(component: str, *steps: str) -> None:
+    """Make every database the base opens carry ``component``'s tables (its migrations).
+
+    For the base's own modules (idempotency keys, leases): registered at import, applied at
+    every open and by ``make migrate`` like a store's migrations.
+    """
+    BASE_TABLES[component] = Migrations(component, tuple(steps))
+
+
+register_base_tables(idempotency.COMPONENT, idempotency.SCHEMA)
+
+
+def _checksum(text: str) -> str:
+    return hashlib.sha256(text.strip().encode()).hexdigest()[:16]
+
+
+def migrate(session: Session, migrations: Sequence[Migrations], *, now_ns: int) -> list[str]:
+    """Apply what the database lacks of ``migrations``, in one transaction under its write lock.
+
+    Two replicas opening at once queue on the lock: the second finds the first's versions
+    recorded and applies nothing. Returns ``component version`` of each migration applied.
+
+    Raises:
+        StoreError: an applied migration's text changed and it does more than create what
+            is missing (a change must be a new migration).
+    """
+    applied: list[str] = []
+    session.begin()
+    try:
+        if isinstance(session, PostgresSession):
+            session.create_schema()
+        session.ddl(_MIGRATIONS_TABLE)
+        done = {
+            (str(row["component"]), int(row["version"])): str(row["checksum"])
+            for row in session.execute(
+                "SELECT component, version, checksum FROM schema_migrations"
+            ).fetchall()
+        }
+        for component in migrations:
+            for version, text in enumerate(component.steps, start=1):
+                checksum = _checksum(text)
+                known = done.get((component.component, version))
+                if known == checksum:
+                    continue
+                statements = split_statements(text)
+                if known is not None and not all(_ADDITIVE.match(st) for st in statements):
+                    raise StoreError(
+                        f"migration {version} of {component.component} changed after it was"
+                        " applied; append a new migration instead"
+                    )
+                # A changed migration that only creates what is missing is applied again:
+                # its CREATE ... IF NOT EXISTS leave what exists alone.
+                for statement in statements:
+                    session.ddl(statement)
+                session.execute(
+                    "INSERT INTO schema_migrations (component, version, checksum, apply_time_ns)"
+                    " VALUES (?, ?, ?, ?) ON CONFLICT (component, version)"
+                    " DO UPDATE SET checksum = excluded.checksum,"
+                    " apply_time_ns = excluded.apply_time_ns",
+                    (component.component, version, checksum, now_ns),
+                )
+                applied.append(f"{component.component} {version}")
+    except BaseException:
+        session.rollback()
+        raise
+    session.commit()
+    if applied:
+        log.info("database migrated: %s", ", ".join(applied))
+    return applied
 
 
 def path_of_url(url: str) -> Path:
@@ -64,23 +206,44 @@ def path_of_url(url: str) -> Path:
         UnsupportedDatabaseUrl: any other scheme.
     """
     if not url.startswith(SQLITE_SCHEME):
-        raise UnsupportedDatabaseUrl(f"{url!r}: only {SQLITE_SCHEME}path URLs are supported")
+        raise UnsupportedDatabaseUrl(
+            f"{engines.redact(url)!r}: only {SQLITE_SCHEME}path and postgresql://... URLs"
+            " are supported"
+        )
     return Path(url.removeprefix(SQLITE_SCHEME))
 
 
-def probe(path: Path, timeout_s: float) -> None:
-    """Read the database at ``path`` once, never creating it (a service's health probe).
+def target_of_url(url: str, *, schema: str) -> Target:
+    """What :class:`Database` opens for a ``*_DATABASE_URL``: a SQLite file or a PostgreSQL URL.
+
+    A PostgreSQL URL without ``?schema=`` gets ``schema`` (the service's own).
 
     Raises:
-        DatabaseError: the file is missing, locked past ``timeout_s`` or unreadable.
+        UnsupportedDatabaseUrl: another scheme, or a schema that is no plain identifier.
     """
-    # mode=rw: a missing file is a failure, not a new empty database.
-    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True, timeout=timeout_s)
-    try:
-        # Reading the schema touches the file, so a corrupt one fails here too.
-        conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
-    finally:
-        conn.close()
+    if is_postgres(url):
+        named = engines.with_schema(url, schema)
+        engines.PostgresTarget.parse(named)  # a bad schema fails at start, not at first use
+        return named
+    return path_of_url(url)
+
+
+def describe(target: Target) -> str:
+    """A database for messages: the file, or the URL without its password."""
+    return (
+        engines.redact(target) if isinstance(target, str) and is_postgres(target) else str(target)
+    )
+
+
+def probe(target: Target, timeout_s: float) -> None:
+    """Read the database once, never creating it (a service's health probe).
+
+    ``target`` is a SQLite file or a PostgreSQL URL.
+
+    Raises:
+        DatabaseError: missing, locked past ``timeout_s``, unreachable or unreadable.
+    """
+    engines.probe(target, timeout_s)
 
 
 def timestamp(nanos: int) -> Timestamp:
@@ -113,32 +276,37 @@ class Earlier:
 class Statements:
     """The statements a store runs: reads outside a transaction, anything inside one."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self._conn = conn
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    @property
+    def engine(self) -> Engine:
+        """The engine behind it: ``sqlite`` or ``postgresql``."""
+        return self._session.engine
 
     def one(self, sql: str, params: Sequence[object] = ()) -> Row | None:
         """The first row of a query, or ``None``."""
-        row: Row | None = self._conn.execute(sql, tuple(params)).fetchone()
+        row: Row | None = self._session.execute(sql, params).fetchone()
         return row
 
     def aggregate(self, sql: str, params: Sequence[object] = ()) -> Row:
         """The one row of an aggregate query (``COUNT``, ``SUM``) without ``GROUP BY``."""
         row = self.one(sql, params)
         if row is None:
-            raise DatabaseError(f"an aggregate query returned no row: {sql}")
+            raise StoreError(f"an aggregate query returned no row: {sql}")
         return row
 
     def all(self, sql: str, params: Sequence[object] = ()) -> list[Row]:
         """Every row of a query."""
-        return list(self._conn.execute(sql, tuple(params)).fetchall())
+        return list(self._session.execute(sql, params).fetchall())
 
     def run(self, sql: str, params: Sequence[object] = ()) -> int:
         """Run one ``UPDATE``/``DELETE``; returns how many rows it changed."""
-        return int(self._conn.execute(sql, tuple(params)).rowcount)
+        return int(self._session.execute(sql, params).rowcount)
 
     def run_many(self, sql: str, rows: Iterable[Sequence[object]]) -> None:
         """Run one statement once per parameter row."""
-        self._conn.executemany(sql, (tuple(row) for row in rows))
+        self._session.execute_many(sql, rows)
 
     def insert(
         self, table: str, values: Mapping[str, object], *, unless_exists: bool = False
@@ -167,9 +335,7 @@ class Statements:
             f" VALUES ({', '.join('?' for _ in columns)})"
             + (" ON CONFLICT DO NOTHING" if unless_exists else "")
         )
-        before = self._conn.total_changes
-        self._conn.executemany(sql, ([row[c] for c in columns] for row in rows))
-        return self._conn.total_changes - before
+        return self._session.execute_many(sql, ([row[c] for c in columns] for row in rows))
 
     def upsert(
         self,
@@ -197,7 +363,7 @@ class Statements:
                 else "NOTHING"
             )
         )
-        self._conn.execute(sql, [values[c] for c in columns])
+        self._session.execute(sql, [values[c] for c in columns])
 
     def update(self, table: str, values: Mapping[str, object], **where: object) -> int:
         """Set ``values`` on the rows whose columns equal ``where``; returns how many."""
@@ -256,41 +422,59 @@ class Database(Statements):
     through the block's statements or the database's, sees that transaction's writes.
 
     Args:
-        path: the file (``ServiceContext.database_path()``); ``:memory:`` in tests.
-        schema: ``CREATE ... IF NOT EXISTS`` statements, applied at open.
+        target: a SQLite file (``ServiceContext.database_path()``; ``:memory:`` in tests) or a
+            PostgreSQL URL (``postgresql://...?schema=name``).
+        schema: the store's migrations (:meth:`Migrations.of`): one DDL text or the list of
+            them, applied at open after the base's tables.
+        component: the migrations' name; the first table migration 1 creates if not given.
         clock_ns: the store's clock, nanoseconds since the epoch (tests pass their own).
 
-    A file an older version made with times in seconds (``REAL`` columns) is upgraded in
-    place at open: its tables are rebuilt with the times in nanoseconds, rows kept.
+    A SQLite file an older version made with times in seconds (``REAL`` columns) is upgraded
+    in place at open: its tables are rebuilt with the times in nanoseconds, rows kept.
     """
 
     def __init__(
-        self, path: Path | str, schema: str, *, clock_ns: Callable[[], int] = time.time_ns
+        self,
+        target: Path | str,
+        schema: str | Sequence[str],
+        *,
+        component: str | None = None,
+        clock_ns: Callable[[], int] = time.time_ns,
     ) -> None:
-        conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        super().__init__(conn)
-        self.path = Path(path)
+        session = engines.open_session(target)
+        super().__init__(session)
+        self.path = Path(target) if session.engine == "sqlite" else None
+        self.target = target
         self.clock_ns = clock_ns
-        conn.row_factory = sqlite3.Row
-        for pragma in _PRAGMAS:
-            conn.execute(pragma)
-        self._upgrade_time_units(schema)
-        conn.executescript(schema)
+        migrations = [*BASE_TABLES.values(), Migrations.of(schema, component)]
+        try:
+            if isinstance(session, SqliteSession):
+                # Files older than the migrations hold version 1 of every component.
+                self._upgrade_time_units(";\n".join(m.steps[0] for m in migrations))
+            #: What this open applied: ``component version`` per migration, in order.
+            self.applied = migrate(session, migrations, now_ns=clock_ns())
+        except BaseException:
+            session.close()
+            raise
 
     def close(self) -> None:
         """Close the database."""
-        self._conn.close()
+        self._session.close()
 
     @contextmanager
     def transaction(self) -> Iterator[Statements]:
-        """One write transaction: committed when the block ends, rolled back on any error."""
-        self._conn.execute("BEGIN IMMEDIATE")
+        """One write transaction: committed when the block ends, rolled back on any error.
+
+        It holds the database's write lock from its start (SQLite's ``BEGIN IMMEDIATE``,
+        PostgreSQL's per-schema advisory lock), so every read in it sees the latest commit.
+        """
+        self._session.begin()
         try:
-            yield Statements(self._conn)
+            yield Statements(self._session)
         except BaseException:
-            self._conn.execute("ROLLBACK")
+            self._session.rollback()
             raise
-        self._conn.execute("COMMIT")
+        self._session.commit()
 
     def idempotent(
         self,
@@ -412,24 +596,44 @@ class Database(Statements):
             )
         return None if found.response is None else response_type.FromString(found.response)
 
-    # -- schema upkeep, for files an older version made ---------------------------------
+    # -- schema upkeep, for SQLite files an older version made ---------------------------
 
     def table_sql(self, table: str) -> str | None:
-        """The ``CREATE TABLE`` statement ``table`` was made with, or ``None`` if absent."""
+        """The ``CREATE TABLE`` statement ``table`` was made with, or ``None`` if absent.
+
+        SQLite only: on PostgreSQL tables change by migrations alone (``None`` there).
+        """
+        if self.engine != "sqlite":
+            return None
         row = self.one("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", [table])
         return None if row is None else str(row["sql"])
 
     def columns(self, table: str) -> list[str]:
         """The column names of ``table`` (empty if it does not exist)."""
-        return list(self._columns(self._conn, table))
+        if isinstance(self._session, PostgresSession):
+            rows = self.all(
+                "SELECT column_name FROM information_schema.columns"
+                " WHERE table_schema = current_schema() AND table_name = ?"
+                " ORDER BY ordinal_position",
+                [table],
+            )
+            return [str(row["column_name"]) for row in rows]
+        return list(self._columns(self._sqlite, table))
+
+    @property
+    def _sqlite(self) -> sqlite3.Connection:
+        if not isinstance(self._session, SqliteSession):
+            raise StoreError("an in-place upgrade is for SQLite files only")
+        return self._session.conn
 
     def rebuild(self, schema: str, tables: Mapping[str, Mapping[str, str]]) -> None:
         """Move each table's rows into a table ``schema`` makes anew, in one transaction.
 
-        For changes an engine cannot make in place (a ``CHECK`` listing values, a column's
+        For changes SQLite cannot make in place (a ``CHECK`` listing values, a column's
         type). ``tables`` maps each table to its new columns' values, as SQL over the old
         columns; a new column not named there takes its default.
         """
+        conn = self._sqlite
         renamed: list[str] = []
         for table in tables:
             indexes = self.all(
@@ -449,23 +653,23 @@ class Database(Statements):
         # SQLite's own recipe for a rebuild: foreign keys off (rows move between tables
         # whose parents are being rebuilt too) and a rename that leaves the references of
         # other tables alone (they name the table, which the rebuilt one is again).
-        self._conn.execute("PRAGMA foreign_keys=OFF")
-        self._conn.execute("PRAGMA legacy_alter_table=ON")
+        conn.execute("PRAGMA foreign_keys=OFF")
+        conn.execute("PRAGMA legacy_alter_table=ON")
         try:
-            self._conn.executescript(script)  # leaves its transaction open, to check first
+            conn.executescript(script)  # leaves its transaction open, to check first
             broken = self.all("PRAGMA foreign_key_check")
             if broken:
-                raise DatabaseError(
+                raise StoreError(
                     f"rebuilding {', '.join(tables)} would break {len(broken)} references"
                 )
-            self._conn.execute("COMMIT")
+            conn.execute("COMMIT")
         except sqlite3.Error:
-            if self._conn.in_transaction:
-                self._conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
         finally:
-            self._conn.execute("PRAGMA legacy_alter_table=OFF")
-            self._conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA legacy_alter_table=OFF")
+            conn.execute("PRAGMA foreign_keys=ON")
 
     def _columns(self, conn: sqlite3.Connection, table: str) -> dict[str, str]:
         return {
@@ -491,7 +695,7 @@ class Database(Statements):
             target.close()
         plans: dict[str, dict[str, str]] = {}
         for table, columns in wanted.items():
-            old = self._columns(self._conn, table)
+            old = self._columns(self._sqlite, table)
             values = {column: column for column in columns if column in old}
             for column in columns:
                 sources = (column.removesuffix("_ns"), *_OLDER_NAMES.get(column, ()))

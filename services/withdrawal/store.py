@@ -17,7 +17,7 @@ from pathlib import Path
 from paymesh.common.v1 import common_pb2
 from paymesh.withdrawal.v1 import withdrawal_pb2
 from services.mesh.errors import AlreadyExists
-from services.storage import idempotency, leases
+from services.storage import idempotency
 from services.storage.resumable import Begun, StepStore
 from services.storage.sql import Row, Statements, timestamp
 
@@ -67,7 +67,6 @@ CREATE INDEX IF NOT EXISTS withdrawals_by_merchant
     ON withdrawals (merchant_id, create_time_ns, withdrawal_id);
 """
     + idempotency.SCHEMA
-    + leases.SCHEMA
 )
 
 

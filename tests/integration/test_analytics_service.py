@@ -91,7 +91,7 @@ async def test_replayed_event_is_counted_once(analytics: Analytics) -> None:
     assert stats.volumes[0].succeeded_volume.amount_minor == 1000
 
 
-async def test_concurrent_duplicates_are_counted_once(analytics: Analytics) -> None:
+async def test_concurrent_duplicates_are_counted_once(analytics: Analytics, engine: str) -> None:
     request = _event("ev_1")
     results = await asyncio.gather(
         *(analytics.RecordEvent(request) for _ in range(20)), return_exceptions=True

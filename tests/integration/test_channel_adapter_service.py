@@ -134,7 +134,7 @@ async def test_replayed_charge_returns_the_first_and_charges_once(adapter: Adapt
     assert len(adapter.state.charges) == 1
 
 
-async def test_concurrent_duplicates_charge_once(adapter: Adapter) -> None:
+async def test_concurrent_duplicates_charge_once(adapter: Adapter, engine: str) -> None:
     results = await asyncio.gather(
         *(adapter.stub.Charge(_charge()) for _ in range(10)), return_exceptions=True
     )

@@ -111,7 +111,7 @@ async def test_replayed_issue_replays_even_after_the_merchant_was_suspended(mesh
 
 
 async def test_concurrent_issues_with_one_request_id_make_one_key_shown_once(
-    mesh: Mesh,
+    mesh: Mesh, engine: str
 ) -> None:
     merchant = await _merchant(mesh)
     responses = await asyncio.gather(

@@ -200,7 +200,7 @@ def test_taken_port_is_named_and_nothing_starts(tmp_path: Path) -> None:
 
 def test_service_that_dies_at_start_is_named(tmp_path: Path) -> None:
     environ = ephemeral_environ()
-    environ["ORDER_SERVICE_DATABASE_URL"] = "postgres://nowhere/orders"
+    environ["ORDER_SERVICE_DATABASE_URL"] = "mysql://nowhere/orders"
     fleet = Mesh(environ=environ, names=["order-service"], var_dir=tmp_path, with_sandbox=False)
     with pytest.raises(MeshError, match=r"(?s)order-service exited with code 2.*DATABASE_URL"):
         fleet.start(timeout_s=30)

@@ -2,9 +2,10 @@
 
 Onboarding → payment → refund → dashboard → settlement → withdrawal, each service's state
 checked afterwards through its own RPCs; the dashboard answering partially while one of
-its downstream processes is stopped; and the gateway process killed with -9 at each of
+its downstream processes is stopped; the gateway process killed with -9 at each of
 the six steps of a payment (held there by its test hook, checked in its database),
-recovering on restart with exactly one charge and a balanced ledger.
+recovering on restart with exactly one charge and a balanced ledger; and a second mesh with
+every store on PostgreSQL (``DATABASE_URL``), its ledger balanced after a whole flow.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import psycopg
 import pytest
 
 from paymesh.accounting.v1 import accounting_pb2, accounting_pb2_grpc
@@ -39,10 +41,12 @@ from paymesh.payment_gateway.v1 import payment_gateway_pb2_grpc
 from paymesh.settlement.v1 import settlement_pb2, settlement_pb2_grpc
 from paymesh.withdrawal.v1 import withdrawal_pb2, withdrawal_pb2_grpc
 from services.mesh.admin_token import FAULT_INJECTION_VAR, admin_authorization, with_admin_token
-from services.mesh.topology import Topology
+from services.mesh.bootstrap import SHARED_DATABASE_VAR
+from services.mesh.topology import SERVICES, Topology
 from services.payment_gateway.flow import HOLD_FILE_VAR
 from services.payment_gateway.store import Step
 from services.tools.launcher import Mesh, ephemeral_environ
+from services.tools.postgres import LocalCluster
 
 pytestmark = pytest.mark.slow
 BUF = Path(sys.executable).parent / "buf"
@@ -186,6 +190,35 @@ def _payment(merchant_id: str, request_id: str, amount: int = 4200) -> gw.Create
     )
 
 
+def _refund(
+    clients: Clients, api_key: str, payment_id: str, request_id: str
+) -> gw.RefundPaymentResponse:
+    """The merchant refunds 12.00 EUR of the payment (one coffee)."""
+    return clients.pay.RefundPayment(
+        gw.RefundPaymentRequest(
+            request_id=request_id,
+            payment_id=payment_id,
+            amount=common_pb2.Money(amount_minor=1200, currency_code="EUR"),
+            reason="one coffee spilled",
+        ),
+        timeout=30,
+        metadata=_key(api_key),
+    )
+
+
+def _settle(clients: Clients, merchant_id: str, request_id: str) -> settlement_pb2.Settlement:
+    """The operator settles the merchant's whole EUR balance to its bank account."""
+    return clients.settlements.CreateSettlement(
+        settlement_pb2.CreateSettlementRequest(
+            request_id=request_id,
+            merchant_id=merchant_id,
+            currency_code="EUR",
+            bank_account_reference="DE89370400440532013000",
+        ),
+        timeout=30,
+    ).settlement
+
+
 def _eventually(check: Callable[[], bool], timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not check():
@@ -231,16 +264,7 @@ def test_onboarding_payment_refund_dashboard_settlement_withdrawal(clients: Clie
     assert transaction.transaction_id == payment.ledger_transaction_id
     assert _balance(clients, f"merchants/{merchant_id}/available") == 4200
 
-    refund = clients.pay.RefundPayment(
-        gw.RefundPaymentRequest(
-            request_id="refund-1",
-            payment_id=payment.payment_id,
-            amount=common_pb2.Money(amount_minor=1200, currency_code="EUR"),
-            reason="one coffee spilled",
-        ),
-        timeout=30,
-        metadata=_key(api_key),
-    )
+    refund = _refund(clients, api_key, payment.payment_id, "refund-1")
     assert refund.payment.status == gw.PAYMENT_STATUS_PARTIALLY_REFUNDED
     assert _balance(clients, f"merchants/{merchant_id}/available") == 3000
 
@@ -274,15 +298,7 @@ def test_onboarding_payment_refund_dashboard_settlement_withdrawal(clients: Clie
 
     _eventually(announced)
 
-    settlement = clients.settlements.CreateSettlement(
-        settlement_pb2.CreateSettlementRequest(
-            request_id="settle-1",
-            merchant_id=merchant_id,
-            currency_code="EUR",
-            bank_account_reference="DE89370400440532013000",
-        ),
-        timeout=30,
-    ).settlement
+    settlement = _settle(clients, merchant_id, "settle-1")
     assert settlement.amount.amount_minor == 3000
     assert settlement.status == settlement_pb2.SETTLEMENT_STATUS_COMPLETED, settlement
     withdrawal = clients.withdrawals.GetWithdrawal(
@@ -424,6 +440,57 @@ def assert_charged_once(clients: Clients, merchant_id: str, payment_id: str, amo
         timeout=10,
     ).entries
     assert len(entries) == 1
+
+
+@pytest.fixture(scope="module")
+def postgres_clients(
+    tmp_path_factory: pytest.TempPathFactory, postgres_cluster: LocalCluster
+) -> Iterator[Clients]:
+    """A second process mesh, every service's store in one PostgreSQL database."""
+    var_dir = tmp_path_factory.mktemp("flow-postgres")
+    environ = {
+        **ephemeral_environ(),
+        SHARED_DATABASE_VAR: postgres_cluster.create_database("flow_processes"),
+    }
+    with running_clients(Mesh(environ=environ, var_dir=var_dir), timeout_s=90) as made:
+        yield made
+
+
+def test_a_payment_refund_and_settlement_on_postgresql_leave_the_ledger_balanced(
+    postgres_clients: Clients,
+) -> None:
+    clients = postgres_clients
+    merchant_id, api_key = _onboard(clients)
+    payment = clients.pay.CreatePayment(
+        _payment(merchant_id, "order-pg-1"), timeout=30, metadata=_key(api_key)
+    ).payment
+    assert payment.status == gw.PAYMENT_STATUS_SUCCEEDED, payment.failure_reason
+    again = clients.pay.CreatePayment(
+        _payment(merchant_id, "order-pg-1"), timeout=30, metadata=_key(api_key)
+    ).payment
+    assert again == payment  # the replay, from the gateway's PostgreSQL schema
+    _refund(clients, api_key, payment.payment_id, "refund-pg-1")
+    settlement = _settle(clients, merchant_id, "settle-pg-1")
+    assert settlement.status == settlement_pb2.SETTLEMENT_STATUS_COMPLETED, settlement
+    assert settlement.amount.amount_minor == 3000
+    assert _balance(clients, f"merchants/{merchant_id}/available") == 0
+    charges = clients.channel.ListCharges(
+        channel_adapter_pb2.ListChargesRequest(payment_id=payment.payment_id), timeout=10
+    ).charges
+    assert len(charges) == 1
+    url = clients.mesh.environ[SHARED_DATABASE_VAR]
+    with psycopg.connect(url) as conn:
+        debit, credit, count = conn.execute(
+            "SELECT SUM(amount_minor) FILTER (WHERE direction = %s),"
+            " SUM(amount_minor) FILTER (WHERE direction = %s), COUNT(*)"
+            " FROM accounting_service.entries",
+            (accounting_pb2.ENTRY_DIRECTION_DEBIT, accounting_pb2.ENTRY_DIRECTION_CREDIT),
+        ).fetchone() or (None, None, 0)
+        schemas = {
+            row[0] for row in conn.execute("SELECT schema_name FROM information_schema.schemata")
+        }
+    assert count >= 6 and debit == credit
+    assert {s.name.replace("-", "_") for s in SERVICES} <= schemas
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,6 @@ import logging
 import random
 import re
 import socket
-import sqlite3
 import statistics
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -46,7 +45,7 @@ from paymesh.risk.v1 import risk_pb2_grpc
 from services.accounting.__main__ import build as build_accounting
 from services.analytics.__main__ import build as build_analytics
 from services.channel_adapter.__main__ import build as build_channel_adapter
-from services.mesh.bootstrap import Registration, ServiceContext
+from services.mesh.bootstrap import Registration, ServiceContext, database_target
 from services.mesh.errors import FailedPrecondition
 from services.notification.__main__ import build as build_notification
 from services.order.__main__ import build as build_order
@@ -57,6 +56,7 @@ from services.payment_gateway.outbox import PENDING, SENT, OutboxRow
 from services.payment_gateway.servicer import for_merchant, scoped_key
 from services.payment_gateway.store import NewPayment, PaymentRecord, PaymentStore, Step
 from services.risk.__main__ import build as build_risk
+from services.storage.sql import Target
 from services.tools.sandbox.app import Fault as SandboxFault
 from services.tools.sandbox.app import SandboxState
 from tests.integration.tenants import (
@@ -276,8 +276,9 @@ def _available(mesh: Mesh) -> str:
     return f"merchants/{mesh.merchant_id}/available"
 
 
-def _database(mesh: Mesh) -> Path:
-    return Path(mesh.environ["PAYMESH_VAR_DIR"]) / "payment-gateway.db"
+def _database(mesh: Mesh) -> Target:
+    """The gateway's database, where the gateway itself opens it (a file or a schema)."""
+    return database_target(GATEWAY, mesh.environ)
 
 
 def _outbox(mesh: Mesh, flow_id: str | None = None) -> list[OutboxRow]:
@@ -300,8 +301,11 @@ async def _announced(mesh: Mesh, *flow_ids: str) -> None:
 
 def _rows(mesh: Mesh, sql: str) -> int:
     """``SELECT COUNT(*)`` of the gateway's database."""
-    with contextlib.closing(sqlite3.connect(_database(mesh))) as conn:
-        return int(conn.execute(sql).fetchone()[0])
+    store = PaymentStore(_database(mesh))
+    try:
+        return int(store._db.aggregate(sql)[0])
+    finally:
+        store.close()
 
 
 def _status_of(error: aio.AioRpcError) -> status_pb2.Status:
@@ -328,7 +332,7 @@ def _error_metadata(error: aio.AioRpcError) -> dict[str, str]:
 
 
 async def test_payment_succeeds_with_order_one_charge_balanced_ledger_and_webhook(
-    mesh: Mesh,
+    mesh: Mesh, engine: str
 ) -> None:
     payment = (await mesh.gateway.CreatePayment(_create(mesh))).payment
     assert payment.status == pg.PAYMENT_STATUS_SUCCEEDED
@@ -401,7 +405,7 @@ async def test_channel_decline_ends_declined_and_cancels_the_order(mesh: Mesh) -
 
 
 async def test_twenty_concurrent_duplicates_make_one_payment_one_charge_one_post_one_webhook(
-    mesh: Mesh,
+    mesh: Mesh, engine: str
 ) -> None:
     results = await asyncio.gather(
         *(mesh.gateway.CreatePayment(_create(mesh)) for _ in range(20)), return_exceptions=True
@@ -912,7 +916,7 @@ async def _stopped_after(mesh: Mesh, tmp_path: Path, step: str, request_id: str)
     The store is left exactly as a gateway killed at that moment would leave it.
     """
     request = _create(mesh, request_id)
-    store = PaymentStore(tmp_path / "payment-gateway.db")
+    store = PaymentStore(_database(mesh))
     try:
         started = store.begin_payment(
             scoped_key(mesh.merchant_id, request_id),
@@ -944,7 +948,7 @@ async def _offline_flow(
 ) -> AsyncIterator[tuple[PaymentStore, PaymentFlow]]:
     """The gateway's store and a flow over it, with no gateway running: what a killed
     gateway left behind, to run steps of by hand."""
-    store = PaymentStore(tmp_path / "payment-gateway.db")
+    store = PaymentStore(_database(mesh))
     try:
         async with mesh.downstreams() as downstreams:
             yield store, PaymentFlow(store, downstreams, charge_cutoff_s=900)

@@ -29,6 +29,7 @@ from services.notification import config as notification_config
 from services.payment_gateway import config as gateway_config
 from services.storage.idempotency import RETENTION_VAR
 from services.storage.leases import LEASE_VAR
+from services.tools.ports import free_port
 from tests import servers
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,7 +54,8 @@ CASES = [
     (Target.ORDER, "ORDER_SERVICE_LISTEN_ADDR", "0.0.0.0", "is not host:port"),
     (Target.ORDER, "ORDER_SERVICE_HEALTH_ADDR", "0.0.0.0:70000", "outside 0-65535"),
     (Target.ORDER, "ORDER_SERVICE_MAX_IN_FLIGHT", "many", "positive whole number"),
-    (Target.ORDER, "ORDER_SERVICE_DATABASE_URL", "postgres://db/orders", "sqlite:///path"),
+    (Target.ORDER, "ORDER_SERVICE_DATABASE_URL", "mysql://db/orders", "sqlite:///path and post"),
+    (Target.ORDER, "DATABASE_URL", "sqlite:///all.db", "must be a postgresql:// URL"),
     (Target.ORDER, "PAYMESH_POLICY_FILE", "/nonexistent/policy.toml", "cannot read"),
     (Target.ORDER, "PARTNER_SANDBOX_ADDR", "sandbox", "is not host:port"),
     (Target.ORDER, "GEO_IP_PARTNER_URL", "ftp://geo", "http:// or https://"),
@@ -83,6 +85,9 @@ CASES = [
     (Target.MERCHANT_AUTH, auth_config.STALE_VAR, "later", "seconds >= 0"),
     (Target.MERCHANT_AUTH, "MERCHANT_AUTH_SERVICE_KEY_FAILURE_LIMIT", "ten", "at least 1"),
     (Target.NOTIFICATION, notification_config.RETRY_MAX_VAR, "1", "max_backoff_s"),
+    (Target.RISK, "REDIS_URL", "http://cache:6379", "redis://[:password@]host:port/db"),
+    (Target.MERCHANT_AUTH, "REDIS_URL", "redis://cache:port/0", "redis://[:password@]host"),
+    (Target.CHANNEL_ADAPTER, "REDIS_KEY_PREFIX", "pay mesh", "allowed: 1-64 of"),
     (
         Target.NOTIFICATION,
         notification_config.SECRETS_KEY_FILE_VAR,
@@ -104,6 +109,7 @@ NUMERIC = [
     (Target.CHANNEL_ADAPTER, channel_config.RATE_TTL_VAR, "seconds >= 0"),
     (Target.MERCHANT_AUTH, auth_config.STALE_VAR, "seconds >= 0"),
     (Target.MERCHANT_AUTH, auth_config.CACHE_VAR, "seconds >= 0"),
+    (Target.MERCHANT_AUTH, auth_config.VERIFIED_KEY_CACHE_VAR, "seconds >= 0"),
     *((Target.MERCHANT_AUTH, var, "at least") for var in auth_config.LIMIT_VARS.values()),
     *(
         (Target.NOTIFICATION, var, "must be a positive")
@@ -242,3 +248,13 @@ def test_two_of_three_tls_files_name_the_two_set_and_the_one_missing(tmp_path: P
 def test_insecure_takes_1_for_plaintext_and_0_or_unset_for_tls(value: str, plaintext: bool) -> None:
     assert tls.plaintext_requested({INSECURE_VAR: value}) is plaintext
     assert tls.plaintext_requested({}) is False
+
+
+def test_a_postgresql_database_that_is_down_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    url = f"postgresql://paymesh:hunter2@127.0.0.1:{free_port()}/paymesh"
+    result = _start(Target.ORDER, "DATABASE_URL", url, tmp_path)
+    assert result.returncode == 1, result.stderr  # not a bad setting: the supervisor retries
+    assert "Traceback" not in result.stderr, result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if "cannot start" in line]
+    assert line.startswith(f"{Target.ORDER}: cannot start: its database: "), line
+    assert "hunter2" not in result.stderr

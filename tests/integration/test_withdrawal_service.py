@@ -285,7 +285,7 @@ async def test_refused_request_id_may_be_retried_once_funds_arrive(mesh: Mesh) -
     assert reply.withdrawal.status == withdrawal_pb2.WITHDRAWAL_STATUS_COMPLETED
 
 
-async def test_concurrent_withdrawals_never_exceed_the_balance(mesh: Mesh) -> None:
+async def test_concurrent_withdrawals_never_exceed_the_balance(mesh: Mesh, engine: str) -> None:
     await fund(mesh.ledger, 10_000, account=available(mesh.merchant))
 
     results = await asyncio.gather(

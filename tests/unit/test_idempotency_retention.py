@@ -1,10 +1,8 @@
-"""Idempotency records expire after the retention, purged by claims, on real SQLite stores."""
+"""Idempotency records expire after the retention, purged by claims: real stores, both engines."""
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -15,7 +13,7 @@ from services.mesh.errors import Aborted, AlreadyExists
 from services.order.store import OrderStore
 from services.settlement.store import SettlementStore
 from services.storage import idempotency
-from services.storage.sql import Database, seconds_to_ns
+from services.storage.sql import Database, Target, seconds_to_ns
 from tests.unit.fakes import FakeClock
 
 DAY_S = 24 * 3600.0
@@ -29,8 +27,8 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def orders(tmp_path: Path, clock: FakeClock) -> Iterator[OrderStore]:
-    store = OrderStore(tmp_path / "order.db", clock=clock)
+def orders(database_target: Callable[[str], Target], clock: FakeClock) -> Iterator[OrderStore]:
+    store = OrderStore(database_target("order"), clock=clock)
     store.create(
         order_pb2.CreateOrderRequest(
             request_id="r_create",
@@ -52,10 +50,13 @@ def _status(
     )
 
 
-def _records(path: Path) -> list[tuple[str, str]]:
-    with sqlite3.connect(path) as conn:
-        rows = conn.execute("SELECT request_id, state FROM idempotency_keys ORDER BY request_id")
+def _records(target: Target) -> list[tuple[str, str]]:
+    reader = Database(target, idempotency.SCHEMA)
+    try:
+        rows = reader.all("SELECT request_id, state FROM idempotency_keys ORDER BY request_id")
         return [(row[0], row[1]) for row in rows]
+    finally:
+        reader.close()
 
 
 def _claim_at(db: Database, request_id: str, now: float, *, done: bool = True) -> None:
@@ -115,18 +116,18 @@ def test_id_reused_with_another_body_after_the_retention_is_accepted(
 
 
 def test_claim_purges_finished_records_past_the_retention(
-    tmp_path: Path, orders: OrderStore, clock: FakeClock
+    database_target: Callable[[str], Target], orders: OrderStore, clock: FakeClock
 ) -> None:
     orders.update_status(_status("r_old", order_pb2.ORDER_STATUS_PAID))
     clock.advance(2 * DAY_S)
     orders.update_status(_status("r_recent", order_pb2.ORDER_STATUS_PARTIALLY_REFUNDED))
     clock.advance(RETENTION.retention_s - DAY_S)
     orders.update_status(_status("r_now", order_pb2.ORDER_STATUS_PARTIALLY_REFUNDED))
-    assert _records(tmp_path / "order.db") == [("r_now", "done"), ("r_recent", "done")]
+    assert _records(database_target("order")) == [("r_now", "done"), ("r_recent", "done")]
 
 
-def test_purge_runs_at_most_once_per_interval(tmp_path: Path) -> None:
-    conn = Database(tmp_path / "keys.db", idempotency.SCHEMA)
+def test_purge_runs_at_most_once_per_interval(database_target: Callable[[str], Target]) -> None:
+    conn = Database(database_target("keys"), idempotency.SCHEMA)
     _claim_at(conn, "a", START)
     _claim_at(conn, "b", START + 1)
     now = START + RETENTION.retention_s + 10
@@ -135,13 +136,15 @@ def test_purge_runs_at_most_once_per_interval(tmp_path: Path) -> None:
     with conn.transaction() as tx:  # d expires at once, but the next purge is not due yet
         tx.update("idempotency_keys", {"create_time_ns": seconds_to_ns(START)}, request_id="d")
     _claim_at(conn, "e", now + RETENTION.purge_interval_s - 1)
-    assert [r for r, _ in _records(tmp_path / "keys.db")] == ["c", "d", "e"]
+    assert [r for r, _ in _records(database_target("keys"))] == ["c", "d", "e"]
     _claim_at(conn, "f", now + RETENTION.purge_interval_s)
-    assert [r for r, _ in _records(tmp_path / "keys.db")] == ["c", "e", "f"]
+    assert [r for r, _ in _records(database_target("keys"))] == ["c", "e", "f"]
 
 
-def test_purge_deletes_one_batch_per_claim_until_none_are_left(tmp_path: Path) -> None:
-    conn = Database(tmp_path / "keys.db", idempotency.SCHEMA)
+def test_purge_deletes_one_batch_per_claim_until_none_are_left(
+    database_target: Callable[[str], Target],
+) -> None:
+    conn = Database(database_target("keys"), idempotency.SCHEMA)
     retention = idempotency.Retention(purge_batch=2)
     for index in range(5):
         _claim_at(conn, f"old{index}", START)
@@ -151,8 +154,8 @@ def test_purge_deletes_one_batch_per_claim_until_none_are_left(tmp_path: Path) -
     assert deleted == [2, 2, 1, 0]
 
 
-def test_in_flight_records_never_expire(tmp_path: Path) -> None:
-    conn = Database(tmp_path / "keys.db", idempotency.SCHEMA)
+def test_in_flight_records_never_expire(database_target: Callable[[str], Target]) -> None:
+    conn = Database(database_target("keys"), idempotency.SCHEMA)
     _claim_at(conn, "work", START, done=False)
     later = START + 10 * RETENTION.retention_s
     with conn.transaction() as tx:
@@ -164,9 +167,11 @@ def test_in_flight_records_never_expire(tmp_path: Path) -> None:
         _claim_at(conn, "work", later)
 
 
-def test_kept_work_of_an_expired_request_id_is_already_exists(tmp_path: Path) -> None:
+def test_kept_work_of_an_expired_request_id_is_already_exists(
+    database_target: Callable[[str], Target],
+) -> None:
     clock_ns = FakeClock(start=START * 1e9)
-    store = SettlementStore(tmp_path / "settlement.db", clock_ns=lambda: int(clock_ns()))
+    store = SettlementStore(database_target("settlement"), clock_ns=lambda: int(clock_ns()))
     request = settlement_pb2.CreateSettlementRequest(
         request_id="r_settle",
         merchant_id="m_1",

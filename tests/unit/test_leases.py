@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 
 from services.storage import leases
 from services.storage.leases import LeaseHeld, Leases, lease_s_from, replica_id
 from services.storage.resumable import StepRunner
-from services.storage.sql import Database
+from services.storage.sql import Database, Target
 
 
 class Clock:
@@ -31,15 +31,18 @@ def clock() -> Clock:
     return Clock()
 
 
-def two_replicas(path: Path, clock: Clock, lease_s: float = 10.0) -> tuple[Leases, Leases]:
-    """Two owners on one database file, each with its own connection, as two processes."""
+def two_replicas(path: Target, clock: Clock, lease_s: float = 10.0) -> tuple[Leases, Leases]:
+    """Two owners on one database (either engine), each with its own connection, as two
+    processes."""
     a = Database(path, leases.SCHEMA, clock_ns=clock)
     b = Database(path, leases.SCHEMA, clock_ns=clock)
     return Leases(a, "gateway@a", lease_s=lease_s), Leases(b, "gateway@b", lease_s=lease_s)
 
 
-def test_a_held_lease_refuses_a_peer_until_it_expires(tmp_path: Path, clock: Clock) -> None:
-    a, b = two_replicas(tmp_path / "db.sqlite", clock)
+def test_a_held_lease_refuses_a_peer_until_it_expires(
+    database_target: Callable[[str], Target], clock: Clock
+) -> None:
+    a, b = two_replicas(database_target("db"), clock)
     assert a.claim("payments/p1")
     assert not b.claim("payments/p1")
     clock.advance(9.9)
@@ -51,8 +54,10 @@ def test_a_held_lease_refuses_a_peer_until_it_expires(tmp_path: Path, clock: Clo
     assert holder is not None and holder.owner == "gateway@b"
 
 
-def test_renewal_keeps_the_lease_past_its_first_period(tmp_path: Path, clock: Clock) -> None:
-    a, b = two_replicas(tmp_path / "db.sqlite", clock)
+def test_renewal_keeps_the_lease_past_its_first_period(
+    database_target: Callable[[str], Target], clock: Clock
+) -> None:
+    a, b = two_replicas(database_target("db"), clock)
     assert a.claim("k")
     for _ in range(5):
         clock.advance(6)
@@ -60,8 +65,10 @@ def test_renewal_keeps_the_lease_past_its_first_period(tmp_path: Path, clock: Cl
         assert not b.claim("k")
 
 
-def test_release_lets_a_peer_claim_at_once(tmp_path: Path, clock: Clock) -> None:
-    a, b = two_replicas(tmp_path / "db.sqlite", clock)
+def test_release_lets_a_peer_claim_at_once(
+    database_target: Callable[[str], Target], clock: Clock
+) -> None:
+    a, b = two_replicas(database_target("db"), clock)
     assert a.claim("k")
     b.release("k")  # not b's: nothing happens
     assert not b.claim("k")
@@ -70,8 +77,8 @@ def test_release_lets_a_peer_claim_at_once(tmp_path: Path, clock: Clock) -> None
     assert b.claim("k")
 
 
-def test_require_names_the_holder(tmp_path: Path, clock: Clock) -> None:
-    a, b = two_replicas(tmp_path / "db.sqlite", clock)
+def test_require_names_the_holder(database_target: Callable[[str], Target], clock: Clock) -> None:
+    a, b = two_replicas(database_target("db"), clock)
     a.require("outbox/order-service")
     with pytest.raises(LeaseHeld, match="gateway@a"):
         b.require("outbox/order-service")
@@ -93,8 +100,10 @@ def test_lease_period_defaults_to_fifteen_seconds() -> None:
     assert lease_s_from({}) == 15.0
 
 
-async def test_step_runner_refuses_work_a_peer_holds(tmp_path: Path, clock: Clock) -> None:
-    a, b = two_replicas(tmp_path / "db.sqlite", clock)
+async def test_step_runner_refuses_work_a_peer_holds(
+    database_target: Callable[[str], Target], clock: Clock
+) -> None:
+    a, b = two_replicas(database_target("db"), clock)
     ran: list[str] = []
 
     async def step(work: str) -> str:
@@ -111,9 +120,11 @@ async def test_step_runner_refuses_work_a_peer_holds(tmp_path: Path, clock: Cloc
     assert b.holder("work/w1") is None  # released when the run ended
 
 
-async def test_step_runner_stops_when_its_lease_is_taken_over(tmp_path: Path) -> None:
+async def test_step_runner_stops_when_its_lease_is_taken_over(
+    database_target: Callable[[str], Target],
+) -> None:
     # A real clock: the renewal runs in the background every third of the (short) period.
-    path = tmp_path / "db.sqlite"
+    path = database_target("db")
     ours = Leases(Database(path, leases.SCHEMA), "gateway@a", lease_s=0.3)
     peer = Database(path, leases.SCHEMA)
     started = asyncio.Event()

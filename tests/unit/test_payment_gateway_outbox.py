@@ -146,12 +146,12 @@ async def test_a_pass_marks_its_delivered_rows_in_one_write_and_looks_once(
     destination = Destination()
     _write(outbox, _message("evt_1"), _message("evt_2"), _message("evt_3"))
     writes: list[str] = []
-    outbox.db._conn.set_trace_callback(
+    outbox.db._sqlite.set_trace_callback(
         lambda sql: writes.append(sql) if sql.startswith("UPDATE outbox") else None
     )
     relay = _relay(outbox, clock, (NOTIFY, destination))
     await relay.deliver_due("notifications")
-    outbox.db._conn.set_trace_callback(None)
+    outbox.db._sqlite.set_trace_callback(None)
     assert destination.received == ["evt_1", "evt_2", "evt_3"]
     assert [r.state for r in outbox.rows()] == [SENT, SENT, SENT]
     assert len(writes) == 1

@@ -1,7 +1,8 @@
 """The store base: one transaction per idempotent write, keyset pages, upserts, one time unit.
 
-Real SQLite files in a temporary directory; the old-file test writes the tables exactly as the
-version before nanosecond times made them and opens them with today's store.
+Each store test runs on both engines (a SQLite file, a fresh PostgreSQL schema); the old-file
+tests write SQLite tables exactly as the version before nanosecond times made them and open
+them with today's store.
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ from paymesh.order.v1 import order_pb2
 from services.mesh.errors import Aborted, InvalidArgument
 from services.order.store import OrderStore
 from services.storage import idempotency
-from services.storage.sql import Database, Statements, UnsupportedDatabaseUrl, path_of_url
+from services.storage.sql import (
+    Database,
+    Statements,
+    Target,
+    UnsupportedDatabaseUrl,
+    path_of_url,
+)
 
 ITEMS = (
     """
@@ -44,8 +51,8 @@ class Clock:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[Database]:
-    database = Database(tmp_path / "items.db", ITEMS, clock_ns=Clock())
+def db(database_target: Callable[[str], Target]) -> Iterator[Database]:
+    database = Database(database_target("items"), ITEMS, clock_ns=Clock())
     yield database
     database.close()
 
@@ -135,11 +142,14 @@ def test_replay_looks_without_claiming(db: Database) -> None:
 
 
 def test_a_look_at_a_new_request_id_takes_no_write_lock(db: Database) -> None:
-    # Another writer holds the database: a look that needed a write would wait for it.
-    with contextlib.closing(sqlite3.connect(db.path, isolation_level=None)) as writer:
-        writer.execute("BEGIN IMMEDIATE")
-        assert db.earlier("Test", _request("r_new")).state == "new"
-        writer.execute("ROLLBACK")
+    # Another writer (a second replica) holds the database's write lock: a look that needed
+    # a write would wait for it.
+    writer = Database(db.target, ITEMS)
+    try:
+        with writer.transaction():
+            assert db.earlier("Test", _request("r_new")).state == "new"
+    finally:
+        writer.close()
     db.idempotent("Test", _request("r_1"), order_pb2.UpdateOrderStatusResponse, _insert("i_1"))
     assert db.earlier("Test", _request("r_1")).state == "done"
 
