@@ -3,9 +3,10 @@ open-breaker rejection, and attempts per call during a target outage with and wi
 
 The chain is built by ``services.mesh.bootstrap.connect`` (the client factory, Prometheus and
 recent-call hooks, the service's tracer provider) for a plaintext service whose target is the
-echo server; the bare stub's channel has the chain's own options (``RECONNECT_OPTIONS``, gRPC's
-retries off). Echo server and span receiver run in their own processes; rounds alternate the
-variants in a fresh order. Prints figures and ratios (never pass/fail), then one JSON line.
+echo server; the bare stub's channel has the chain's own arguments
+(``ClientFactory.channel_options``: reconnect backoff, gRPC's retries off, the balancing
+service config). Echo server and span receiver run in their own processes; rounds alternate
+the variants in a fresh order. Prints figures and ratios (never pass/fail), then one JSON line.
 ``python -m bench.chain_overhead [--calls N] [--rounds N]``.
 """
 
@@ -35,7 +36,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "gen")]
 
-from interceptors.chain import RECONNECT_OPTIONS, build_client_chain  # noqa: E402
+from interceptors.chain import build_client_chain  # noqa: E402
 from interceptors.errors import CallError  # noqa: E402
 from interceptors.policy import PolicyConfig  # noqa: E402
 from paymesh.testing.v1 import testing_pb2, testing_pb2_grpc  # noqa: E402
@@ -177,10 +178,7 @@ async def _in_contexts(
 async def _overhead(address: str, receiver: str, calls: int, rounds: int) -> dict[str, Any]:
     stubs: dict[str, Any] = {}
     options: dict[str, dict[str, Any]] = {v: {} for v in VARIANTS}
-    bare_channel = aio.insecure_channel(address, options=list(RECONNECT_OPTIONS))
-    closers: list[Callable[[], Awaitable[None]]] = [bare_channel.close]
-    stubs["bare"] = testing_pb2_grpc.TestServiceStub(bare_channel)
-    options["bare"] = {"timeout": 5.0}  # the chain sends the policy's 5 s
+    closers: list[Callable[[], Awaitable[None]]] = []
     providers = []
     for variant in VARIANTS[1:]:
         environ = {**_environ(variant, receiver), "ORDER_SERVICE_ADDR": address}
@@ -188,6 +186,13 @@ async def _overhead(address: str, receiver: str, calls: int, rounds: int) -> dic
         stubs[variant] = runtime.context.clients.stub(TARGET, testing_pb2_grpc.TestServiceStub)
         closers.append(runtime.context.clients.close)
         providers.append(runtime.tracer_provider)
+    # The bare stub's channel has exactly the chain's arguments: its reconnect backoff, gRPC's
+    # retries off, the balancing service config (round robin, health checks, ejection).
+    channel_options = runtime.context.clients.channel_options(TARGET)
+    bare_channel = aio.insecure_channel(address, options=channel_options)
+    closers.append(bare_channel.close)
+    stubs["bare"] = testing_pb2_grpc.TestServiceStub(bare_channel)
+    options["bare"] = {"timeout": 5.0}  # the chain sends the policy's 5 s
     samples: dict[str, list[float]] = {v: [] for v in VARIANTS}
     cpu_s: dict[str, float] = dict.fromkeys(VARIANTS, 0.0)
     per_round = max(1, calls // rounds)

@@ -28,11 +28,16 @@ from interceptors.deadline import DeadlineExhausted
 from interceptors.grpc_outcome import PREVIOUS_ATTEMPTS_KEY, GrpcOutcomes
 from interceptors.retry import AttemptFailure
 from interceptors.runtime import ChainRuntime
-from interceptors.safety import method_name, request_is_safe
+from interceptors.safety import (
+    carries_request_id,
+    method_is_idempotent,
+    method_name,
+    request_is_safe,
+)
 from interceptors.tracing import (
+    TraceFields,
     client_interceptors,
     fail_span,
-    inject,
     propagation_fields,
     recorded_under,
     skips_unsampled,
@@ -54,6 +59,7 @@ def replace_details(details: aio.ClientCallDetails, **changes: Any) -> aio.Clien
     return aio.ClientCallDetails(**fields)
 
 
+_TRACE_FIELDS = TraceFields()
 #: How long a retry after UNAVAILABLE waits for the target's channel to (re)connect. It covers
 #: grpcio's reconnect backoff (capped at this in chain.RECONNECT_OPTIONS) without letting a
 #: target that is really down hold the call for its whole deadline.
@@ -80,46 +86,40 @@ async def wait_connected(channel: aio.Channel, timeout_s: float) -> bool:
     return True
 
 
-class AioAttempts(GrpcOutcomes):
-    """One unary call's attempts on a grpc.aio channel (the loop's transport)."""
+class _UnaryAttempts(GrpcOutcomes):
+    """One unary call's attempts on a grpc.aio channel (the loop's transport): each attempt's
+    metadata (the caller's, ``traceparent``, previous-attempts count) and reconnect waits."""
+
+    __slots__ = ("_base", "_request", "_wait_for_ready", "_waited_for_connection")
 
     def __init__(
         self,
         runtime: ChainRuntime,
         target: str,
-        continuation: Continuation,
-        details: aio.ClientCallDetails,
+        method: str,
         request: Any,
-        dropped_keys: frozenset[str],
+        base: Sequence[tuple[str, str | bytes]],
+        wait_for_ready: bool | None,
     ) -> None:
-        super().__init__(runtime, target, method_name(details.method))
-        self._continuation = continuation
-        self._details = details
+        super().__init__(runtime, target, method)
         self._request = request
-        self._base = [(k, v) for k, v in (details.metadata or ()) if k not in dropped_keys]
-        self._wait_for_ready = details.wait_for_ready
+        self._base = base
+        self._wait_for_ready = wait_for_ready
         self._waited_for_connection = False
 
-    async def attempt(self, attempt: Attempt) -> Any:
+    def _metadata(self, attempt: Attempt) -> aio.Metadata:
         metadata = aio.Metadata(*self._base)
         if attempt.number > 1:
             metadata.add(PREVIOUS_ATTEMPTS_KEY, str(attempt.number - 1))
         if attempt.trace_context is not None:
-            inject(metadata, attempt.trace_context)
-        wait, given = self._wait_for_ready, self._details
-        details = aio.ClientCallDetails(
-            given.method,
-            attempt.timeout_s,
-            metadata,
-            given.credentials,
-            # Unset and the policy's false is gRPC's own default (fail fast): left unset, as
-            # an explicit flag costs the call ~20 us of client CPU (measured for issue 11).
-            (attempt.policy.wait_for_ready or None) if wait is None else wait,
-        )
-        call = await self._continuation(details, self._request)
-        attempt.attach(call)
-        await call
-        return call
+            _TRACE_FIELDS.inject(metadata, attempt.trace_context)
+        return metadata
+
+    def _wait(self, attempt: Attempt) -> bool | None:
+        # Unset and the policy's false is gRPC's own default (fail fast): left unset, as
+        # an explicit flag costs the call ~20 us of client CPU (measured for issue 11).
+        wait = self._wait_for_ready
+        return (attempt.policy.wait_for_ready or None) if wait is None else wait
 
     async def before_retry(self, failure: AttemptFailure, left_s: float) -> None:
         if failure.code != "UNAVAILABLE" or self._waited_for_connection:
@@ -132,6 +132,75 @@ class AioAttempts(GrpcOutcomes):
             self._wait_for_ready = True  # a channel we did not make: bounded by the deadline
         else:
             await waiter(max(0.0, min(RECONNECT_WAIT_S, left_s)))
+
+
+class AioAttempts(_UnaryAttempts):
+    """Attempts through a grpc.aio interceptor's continuation; the result is the call."""
+
+    __slots__ = ("_continuation", "_details")
+
+    def __init__(
+        self,
+        runtime: ChainRuntime,
+        target: str,
+        continuation: Continuation,
+        details: aio.ClientCallDetails,
+        request: Any,
+        dropped_keys: frozenset[str],
+    ) -> None:
+        base = [(k, v) for k, v in (details.metadata or ()) if k not in dropped_keys]
+        super().__init__(
+            runtime, target, method_name(details.method), request, base, details.wait_for_ready
+        )
+        self._continuation = continuation
+        self._details = details
+
+    async def attempt(self, attempt: Attempt) -> Any:
+        given = self._details
+        details = aio.ClientCallDetails(
+            given.method,
+            attempt.timeout_s,
+            self._metadata(attempt),
+            given.credentials,
+            self._wait(attempt),
+        )
+        call = await self._continuation(details, self._request)
+        attempt.attach(call)
+        await call
+        return call
+
+
+class StubAttempts(_UnaryAttempts):
+    """Attempts straight on a stub's plain multicallable (no call details, no interceptor);
+    the result is the response."""
+
+    __slots__ = ("_credentials", "_plain")
+
+    def __init__(
+        self,
+        runtime: ChainRuntime,
+        target: str,
+        method: str,
+        plain: aio.UnaryUnaryMultiCallable[Any, Any],
+        request: Any,
+        base: Sequence[tuple[str, str | bytes]],
+        credentials: grpc.CallCredentials | None,
+        wait_for_ready: bool | None,
+    ) -> None:
+        super().__init__(runtime, target, method, request, base, wait_for_ready)
+        self._plain = plain
+        self._credentials = credentials
+
+    async def attempt(self, attempt: Attempt) -> Any:
+        call = self._plain(
+            self._request,
+            timeout=attempt.timeout_s,
+            metadata=self._metadata(attempt),
+            credentials=self._credentials,
+            wait_for_ready=self._wait(attempt),
+        )
+        attempt.attach(call)
+        return await call
 
 
 class UnaryPolicy:
@@ -187,6 +256,38 @@ class UnaryPolicy:
             opened.append(span)
         return await self._attempts(continuation, client_call_details, request)
 
+    def untraced(self) -> bool:
+        """Whether a call made now gets no span: nothing records calls, or the current span
+        is an unsampled parent under the parent-based sampler."""
+        return self._traced is None or (
+            self._skips_unsampled and not recorded_under(trace.get_current_span())
+        )
+
+    def call(self, method: str, safe: bool, timeout_s: float | None) -> Call:
+        """The description of a call (one per method, safety and explicit timeout)."""
+        key = (method, safe, timeout_s)
+        call = self._calls.get(key)
+        if call is None:  # the same every time
+            call = Call(
+                target=self.target,
+                method=method,
+                safe=safe,
+                timeout_s=timeout_s,
+                attempt_name=method.lstrip("/") + " attempt",
+            )
+            if len(self._calls) < MAX_CALLS_KEPT:
+                self._calls[key] = call
+        return call
+
+    def without_propagation(
+        self, metadata: aio.Metadata | None
+    ) -> Sequence[tuple[str, str | bytes]]:
+        """The caller's metadata without the keys each attempt sends itself."""
+        if not metadata:
+            return ()
+        dropped = self._dropped
+        return [(k, v) for k, v in metadata if k not in dropped]
+
     async def _attempts(
         self, continuation: Continuation, details: aio.ClientCallDetails, request: Any
     ) -> Any:
@@ -194,18 +295,7 @@ class UnaryPolicy:
             self.runtime, self.target, continuation, details, request, self._dropped
         )
         method = transport.method
-        key = (method, request_is_safe(method, request), details.timeout)
-        call = self._calls.get(key)
-        if call is None:  # one per method, safety and explicit timeout: the same every time
-            call = Call(
-                target=self.target,
-                method=method,
-                safe=key[1],
-                timeout_s=details.timeout,
-                attempt_name=method.lstrip("/") + " attempt",
-            )
-            if len(self._calls) < MAX_CALLS_KEPT:
-                self._calls[key] = call
+        call = self.call(method, request_is_safe(method, request), details.timeout)
         return await run_call(transport, call, self.runtime)
 
 
@@ -228,17 +318,22 @@ class PolicyMultiCallable:
     """A unary-unary multicallable running the chain in the caller's own task.
 
     grpc.aio's interceptor machinery runs every intercepted call in a task of its own (two
-    more event-loop turns per call); here the loop awaits the plain call directly. Calling it
-    returns a coroutine of the response; failures raise ``CallError`` as the chain words them.
+    more event-loop turns per call); here the loop awaits the plain call directly. A call
+    that gets no span (the common case: see ``UnaryPolicy.untraced``) goes straight to the
+    attempt loop with this method's description, resolved once; a recorded one runs inside
+    the instrumentation's CLIENT span. Calling it returns a coroutine of the response;
+    failures raise ``CallError`` as the chain words them.
     """
 
-    __slots__ = ("_method", "_policy", "_send")
+    __slots__ = ("_idempotent", "_method", "_plain", "_policy", "_send")
 
     def __init__(
         self, policy: UnaryPolicy, method: str, plain: aio.UnaryUnaryMultiCallable[Any, Any]
     ) -> None:
         self._policy = policy
         self._method = method
+        self._plain = plain
+        self._idempotent = method_is_idempotent(method)
 
         async def send(details: aio.ClientCallDetails, request: Any) -> Any:
             return plain(
@@ -265,14 +360,35 @@ class PolicyMultiCallable:
             raise ValueError("per-call compression is not supported through the policy chain")
         if metadata is not None and not isinstance(metadata, aio.Metadata):
             metadata = aio.Metadata(*metadata)
-        details = aio.ClientCallDetails(
-            self._method, timeout, metadata, credentials, wait_for_ready
-        )
-        return self._invoke(details, request)
+        return self._invoke(request, timeout, metadata, credentials, wait_for_ready)
 
-    async def _invoke(self, details: aio.ClientCallDetails, request: Any) -> Any:
-        call = await self._policy.run(self._send, details, request)
-        return await call
+    async def _invoke(
+        self,
+        request: Any,
+        timeout_s: float | None,
+        metadata: aio.Metadata | None,
+        credentials: grpc.CallCredentials | None,
+        wait_for_ready: bool | None,
+    ) -> Any:
+        policy, method = self._policy, self._method
+        if not policy.untraced():
+            details = aio.ClientCallDetails(
+                method, timeout_s, metadata, credentials, wait_for_ready
+            )
+            call = await policy.run(self._send, details, request)
+            return await call
+        safe = self._idempotent or carries_request_id(request)
+        transport = StubAttempts(
+            policy.runtime,
+            policy.target,
+            method,
+            self._plain,
+            request,
+            policy.without_propagation(metadata),
+            credentials,
+            wait_for_ready,
+        )
+        return await run_call(transport, policy.call(method, safe, timeout_s), policy.runtime)
 
 
 class ForwardingChannel(aio.Channel):

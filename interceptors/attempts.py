@@ -117,6 +117,19 @@ _NO_FAILURE = AttemptFailure(code="OK")
 class _CallRun:
     """The loop's state and steps for one call, shared by the async and the sync loop."""
 
+    __slots__ = (
+        "_token",
+        "breaker",
+        "call",
+        "deadline",
+        "failure",
+        "policy",
+        "report",
+        "retry",
+        "runtime",
+        "transport",
+    )
+
     def __init__(self, runtime: ChainRuntime, call: Call, transport: Transport[Any]) -> None:
         self.runtime, self.call, self.transport = runtime, call, transport
         self.policy = policy = runtime.policy(call.target, call.route or call.method)

@@ -215,12 +215,13 @@ class TargetBreaker:
             with self._lock:
                 return self._admit(on_abort)
         finally:
-            self._fire_aborts()
+            if self._aborting:
+                self._fire_aborts()
 
     def _admit(self, on_abort: AbortHook | None) -> Permit:
         now = self._clock()
         self._notice_slow(now)
-        state = self.state
+        state = self._cb.current_state
         if state == OPEN:
             waited = now - self._opened_at
             if waited < self.policy.open_s:
@@ -248,7 +249,8 @@ class TargetBreaker:
             with self._lock:
                 self._record(permit, outcome)
         finally:
-            self._fire_aborts()
+            if self._aborting:
+                self._fire_aborts()
 
     def _record(self, permit: Permit, outcome: Outcome) -> None:
         entry = self._in_flight.pop(permit.number, None)

@@ -45,8 +45,11 @@ class RetryBudget:
         """Count one call's first attempt; it earns ``retry_ratio`` of a retry."""
         with self._lock:
             now = self._clock()
-            self._prune(now)
-            self._firsts.append(now)
+            firsts = self._firsts
+            # Retries are pruned whenever they are read: only expired firsts need it here.
+            if firsts and firsts[0] <= now - self.policy.window_s:
+                self._prune(now)
+            firsts.append(now)
 
     def try_spend_retry(self) -> bool:
         """Take one retry from the budget; False (counted, logged once a window) when empty."""

@@ -104,11 +104,9 @@ class ClientChain:
         ``credentials`` (the mesh's mTLS identity), plaintext without. Retries after
         UNAVAILABLE wait (briefly) for this channel to reconnect.
         """
-        options = [
-            *self.channel_options(),
-            *self.balancing_options(target, health_service=health_service),
-            *extra_options,
-        ]
+        options = self.aio_channel_options(
+            target, extra_options=extra_options, health_service=health_service
+        )
         # Unary calls run the chain in the stub's multicallables (aio.PolicyChannel), not in a
         # grpc.aio interceptor, which would add a task per call; streams keep theirs.
         streams = [StreamDeadlineInterceptor(self.runtime, target)]
@@ -119,6 +117,20 @@ class ClientChain:
         )
         self.runtime.connection_waiters[target] = lambda timeout_s: wait_connected(plain, timeout_s)
         return policy_channel(self.runtime, target, plain)
+
+    def aio_channel_options(
+        self,
+        target: str,
+        *,
+        extra_options: Sequence[tuple[str, Any]] = (),
+        health_service: str = "",
+    ) -> list[tuple[str, Any]]:
+        """Every channel argument :meth:`aio_channel` makes the channel to ``target`` with."""
+        return [
+            *self.channel_options(),
+            *self.balancing_options(target, health_service=health_service),
+            *extra_options,
+        ]
 
     def sync_interceptors(self, target: str) -> list[ClientInterceptor]:
         """Interceptors for ``grpc.intercept_channel(channel, *...)`` to ``target``."""

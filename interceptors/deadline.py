@@ -79,9 +79,10 @@ def outgoing_deadline(
         margin_s: Kept back from the incoming deadline so the handler can still answer.
         clock: Monotonic clock the incoming deadline was recorded on.
     """
-    left = deadline_left(clock=clock)
-    if left is None:
+    deadline = _incoming_deadline.get()
+    if deadline is None:
         return OutgoingDeadline(timeout_s=timeout_s, propagated=False)
+    left = max(0.0, deadline - clock())
     inherited = left - margin_s
     if inherited <= 0:
         raise DeadlineExhausted(left, margin_s)

@@ -56,6 +56,8 @@ def attempt_failure(
 class GrpcOutcomes:
     """What a gRPC attempt's status means, and the CallError a caller sees (aio and sync)."""
 
+    __slots__ = ("method", "runtime", "target")
+
     def __init__(self, runtime: ChainRuntime, target: str, method: str) -> None:
         self.runtime = runtime
         self.target = target

@@ -248,9 +248,10 @@ class _ChainCallReport:
 
     def attempt_started(self, number: int) -> tuple[trace.Span | None, Context | None]:
         self._observer.count_attempt(self._call.target, self._call.method)
-        span = self._attempt = self._open_attempt(number)
-        if span is not None:
-            return span, trace.set_span_in_context(span)
+        if self._traced:
+            span = self._attempt = self._open_attempt(number)
+            if span is not None:
+                return span, trace.set_span_in_context(span)
         if self._call_span.get_span_context().is_valid:
             # The call's span is the current one (the loop runs where the call started): the
             # current context carries it, with nothing to copy.

@@ -91,6 +91,8 @@ def _stop(reason: StopReason) -> Decision:
 class RetryRun:
     """One call's attempts against one overall deadline, one policy and its target's budget."""
 
+    __slots__ = ("_budget", "_clock", "_rng", "attempts", "deadline_at", "policy", "safe")
+
     def __init__(
         self,
         *,

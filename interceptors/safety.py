@@ -29,8 +29,11 @@ def method_is_idempotent(method: str) -> bool:
 
 def request_is_safe(method: str, request: Any) -> bool:
     """Whether this call may be repeated: an idempotent method or a non-empty ``request_id``."""
-    if method_is_idempotent(method):
-        return True
+    return method_is_idempotent(method) or carries_request_id(request)
+
+
+def carries_request_id(request: Any) -> bool:
+    """Whether ``request`` has a non-empty ``request_id`` (the server dedupes it)."""
     return bool(getattr(request, "request_id", ""))
 
 

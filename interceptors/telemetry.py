@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 Labels = tuple[tuple[str, str], ...]
@@ -57,14 +57,17 @@ class ChainTelemetry:
     def __init__(self, *, caller: str, hooks: tuple[CounterHook, ...] = ()) -> None:
         self.caller = caller
         self._hooks = list(hooks)
+        self._hook_names: list[frozenset[str] | None] = [None] * len(self._hooks)
         self._lock = threading.Lock()
         self._counters: Counter[tuple[str, Labels]] = Counter()
         self._call_hooks: list[CallHook] = []
         self._calls: dict[tuple[str, str, str], BoundSeries] = {}
 
-    def add_hook(self, hook: CounterHook) -> None:
-        """Follow every increment from now on (a Prometheus exporter, a test)."""
+    def add_hook(self, hook: CounterHook, *, names: Collection[str] | None = None) -> None:
+        """Follow every increment from now on (a Prometheus exporter, a test); with
+        ``names``, those series' only (the hook is then not called for the others)."""
         self._hooks.append(hook)
+        self._hook_names.append(None if names is None else frozenset(names))
 
     def add_call_hook(self, hook: CallHook) -> None:
         """Follow every finished call from now on (latency histograms, recent-call windows)."""
@@ -93,8 +96,10 @@ class ChainTelemetry:
         """Add ``amount`` to a series from :meth:`bound`."""
         with self._lock:
             self._counters[series.key] += amount
-        for hook in self._hooks:
-            hook(series.key[0], series.labels, amount)
+        name = series.key[0]
+        for hook, names in zip(self._hooks, self._hook_names, strict=True):
+            if names is None or name in names:
+                hook(name, series.labels, amount)
 
     def value(self, name: str, **labels: str) -> int:
         """Sum of the series ``name`` whose labels include ``labels``."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
-from opentelemetry import propagate, trace
+from opentelemetry import baggage, propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Setter
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
@@ -34,6 +34,8 @@ STOP_REASON_ATTRIBUTE = "paymesh.stop_reason"
 CIRCUIT_OPEN_EVENT = "circuit_open"
 #: Seconds until an open breaker lets a trial call through, on the ``circuit_open`` event.
 RETRY_AFTER_ATTRIBUTE = "paymesh.retry_after_s"
+#: The W3C trace context field every call carries when it has a trace.
+TRACEPARENT = "traceparent"
 #: OpenTelemetry semantic convention: gRPC status code of a call or attempt.
 GRPC_STATUS_ATTRIBUTE = "rpc.grpc.status_code"
 
@@ -102,6 +104,46 @@ def propagation_fields() -> frozenset[str]:
 def inject(carrier: MutableMapping[str, str] | aio.Metadata, context: Context) -> None:
     """Write ``context``'s trace into ``carrier`` (aio metadata or HTTP headers)."""
     propagate.inject(carrier, context=context, setter=_SETTER)
+
+
+def _w3c_default(textmap: object) -> bool:
+    """Whether ``textmap`` is OpenTelemetry's default: W3C trace context, then W3C baggage."""
+    from opentelemetry.baggage.propagation import W3CBaggagePropagator
+    from opentelemetry.propagators.composite import CompositePropagator
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    if not isinstance(textmap, CompositePropagator):
+        return False
+    kinds = [type(p) for p in getattr(textmap, "_propagators", ())]
+    return kinds == [TraceContextTextMapPropagator, W3CBaggagePropagator]
+
+
+class TraceFields:
+    """What :func:`inject` writes for a context, made directly in the common case: the
+    default W3C propagators and a trace that carries nothing but its ``traceparent`` (no
+    ``tracestate``, no baggage). Anything else goes through the propagators as configured."""
+
+    __slots__ = ("_default",)
+
+    def __init__(self) -> None:
+        self._default: object = None  # the global textmap, once seen to be the default one
+
+    def inject(self, carrier: MutableMapping[str, str] | aio.Metadata, context: Context) -> None:
+        """:func:`inject`, with the same result."""
+        textmap = propagate.get_global_textmap()
+        if textmap is not self._default:
+            if not _w3c_default(textmap):
+                inject(carrier, context)
+                return
+            self._default = textmap
+        span_context = trace.get_current_span(context).get_span_context()
+        if span_context.trace_state or baggage.get_all(context):
+            inject(carrier, context)
+        elif span_context.is_valid:
+            carrier[TRACEPARENT] = (
+                f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}"
+                f"-{span_context.trace_flags:02x}"
+            )
 
 
 def start_attempt(

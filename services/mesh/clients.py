@@ -78,6 +78,17 @@ class ClientFactory:
             self._channels[target] = channel
         return channel
 
+    def channel_options(self, target: Target) -> list[tuple[str, Any]]:
+        """Every channel argument of the channel to ``target`` (for a bare channel alike)."""
+        return self._chain.aio_channel_options(
+            target,
+            extra_options=self._security.channel_options(target),
+            health_service=self._health_service(target),
+        )
+
+    def _health_service(self, target: str) -> str:
+        return self._topology.service(target).proto_services[0]
+
     def _open(self, target: str) -> aio.Channel:
         security = self._security
         # One target for every replica; TLS checks each one's certificate by the mesh name.
@@ -86,7 +97,7 @@ class ClientFactory:
             self._topology.dial(target).target,
             credentials=None if security.plaintext else security.channel_credentials(),
             extra_options=security.channel_options(target),
-            health_service=self._topology.service(target).proto_services[0],
+            health_service=self._health_service(target),
         )
 
     def rotate_if_changed(self) -> bool:

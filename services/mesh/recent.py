@@ -85,6 +85,9 @@ class _Edge:
 class RecentCalls:
     """Per-target sliding window of finished calls and retries; thread-safe."""
 
+    #: The only series :meth:`count` reads (its hook is registered for these alone).
+    COUNTED = frozenset({RETRIES})
+
     def __init__(
         self,
         *,
