@@ -3,9 +3,10 @@
 A lease is one row (``lease_key``, ``owner``, ``until_ns``) of the service's own database. A
 replica claims it (a new row, or one that is its own or has expired), renews it while it works
 and releases it when done; a replica that dies stops renewing, and once ``until_ns`` passes a
-peer's claim succeeds and it takes the work over. The owner is this process's
-:func:`replica_id`. The lease period is ``PAYMESH_LEASE_S`` (:data:`DEFAULT_LEASE_S`). The SQL
-is portable: an insert that keeps an existing row, then one guarded ``UPDATE``.
+peer's claim succeeds and it takes the work over (at once when the holder was a process of
+this host that is gone: a restarted replica resumes its predecessor's work). The owner is this
+process's :func:`replica_id`. The lease period is ``PAYMESH_LEASE_S`` (:data:`DEFAULT_LEASE_S`).
+The SQL is portable: an insert that keeps an existing row, then one guarded ``UPDATE``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import secrets
 import socket
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from interceptors.errors import Reason
 from services.mesh.errors import Aborted
@@ -46,6 +48,8 @@ register_base_tables("leases", SCHEMA)
 _TAKE = (
     "UPDATE leases SET owner = ?, until_ns = ? WHERE lease_key = ? AND (owner = ? OR until_ns < ?)"
 )
+#: Take the lease from a holder known to be dead (compare-and-set on its owner).
+_TAKE_FROM = "UPDATE leases SET owner = ?, until_ns = ? WHERE lease_key = ? AND owner = ?"
 _RELEASE = "DELETE FROM leases WHERE lease_key = ? AND owner = ?"
 _HOLDER = "SELECT owner, until_ns FROM leases WHERE lease_key = ?"
 
@@ -96,6 +100,32 @@ def replica_id(service: str) -> str:
     return f"{service}@{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
+def died_on_this_host(owner: str) -> bool:
+    """Whether ``owner`` (a :func:`replica_id`) was a process of this host that is gone.
+
+    Its lease need not run out: a replica restarted after a crash (``make run``'s launcher,
+    a container restarted in its pod) takes its predecessor's work over at once. Only a
+    certainty counts: another host, an unreadable id or a live pid (perhaps reused) is
+    treated as alive, and the lease waits for its period.
+    """
+    host, _, rest = owner.rpartition("@")[2].partition(":")
+    pid_text, _, _ = rest.partition(":")
+    if not host or host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        # This process has its pid: the owner was an earlier process with the same pid
+        # (pid 1 of a restarted container), not this one, whose id differs in its random part.
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    except (OSError, IndexError):
+        return False
+    return state in ("Z", "X")  # killed, not yet reaped by its parent
+
+
 @dataclass(frozen=True, slots=True)
 class Holder:
     """Who holds a lease and until when."""
@@ -133,7 +163,13 @@ class Leases:
             row = {"lease_key": key, "owner": self.owner, "until_ns": until}
             if tx.insert("leases", row, unless_exists=True):
                 return True
-            return tx.run(_TAKE, (self.owner, until, key, self.owner, now)) == 1
+            if tx.run(_TAKE, (self.owner, until, key, self.owner, now)) == 1:
+                return True
+            holder = tx.one(_HOLDER, (key,))
+            if holder is None or not died_on_this_host(str(holder["owner"])):
+                return False
+            log.info("lease %s: its holder %s is gone; taken over at once", key, holder["owner"])
+            return tx.run(_TAKE_FROM, (self.owner, until, key, holder["owner"])) == 1
 
     def release(self, key: str) -> None:
         """Give the lease up (if it is still ours), so a peer need not wait for it to expire."""

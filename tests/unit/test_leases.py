@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -144,3 +150,54 @@ async def test_step_runner_stops_when_its_lease_is_taken_over(
         tx.run("UPDATE leases SET owner = ?, until_ns = until_ns + ?", ("gateway@b", 10**12))
     with pytest.raises(LeaseHeld):
         await asyncio.wait_for(run, timeout=5)
+
+
+def _owner_of(pid: int, host: str | None = None) -> str:
+    return f"payment-gateway@{host or socket.gethostname()}:{pid}:0bad"
+
+
+def test_a_lease_of_a_process_of_this_host_that_is_gone_is_taken_over_at_once(
+    database_target: Callable[[str], Target], clock: Clock
+) -> None:
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    dead_pid = int(gone.stdout)
+    path = database_target("db")
+    crashed = Leases(Database(path, leases.SCHEMA, clock_ns=clock), _owner_of(dead_pid))
+    restarted = Leases(Database(path, leases.SCHEMA, clock_ns=clock), replica_id("gateway"))
+    assert crashed.claim("payments/p1")
+    assert restarted.claim("payments/p1")  # no wait for the period to run out
+    holder = restarted.holder("payments/p1")
+    assert holder is not None and holder.owner == restarted.owner
+
+
+def test_a_lease_of_a_live_process_or_of_another_host_waits_for_its_period(
+    database_target: Callable[[str], Target], clock: Clock
+) -> None:
+    path = database_target("db")
+    peer = Leases(Database(path, leases.SCHEMA, clock_ns=clock), replica_id("gateway"))
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as alive:
+        try:
+            for owner in (_owner_of(alive.pid), _owner_of(1, host="another-host"), "unparsable"):
+                holder = Leases(Database(path, leases.SCHEMA, clock_ns=clock), owner)
+                key = f"payments/{owner}"
+                assert holder.claim(key)
+                assert not peer.claim(key), owner
+        finally:
+            alive.kill()
+
+
+def test_a_killed_process_not_yet_reaped_counts_as_gone() -> None:
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as child:
+        child.send_signal(signal.SIGKILL)
+        # Not waited for: a zombie until its parent reaps it, as a crashed member can be.
+        deadline = time.monotonic() + 10
+        while "Z" not in Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1][:3]:
+            assert time.monotonic() < deadline, "the killed child never became a zombie"
+            time.sleep(0.01)
+        assert leases.died_on_this_host(_owner_of(child.pid))
+    assert leases.died_on_this_host(_owner_of(child.pid))  # reaped: no such process at all
