@@ -320,8 +320,8 @@ class OutboxRelay:
     up to ``max_backoff_s``), so a destination that is down sees one attempt per pause, not
     one per waiting row. It logs the first failure and the recovery, not every attempt.
     With ``leases``, a worker sends only while this replica holds its destination's lease
-    (claimed or renewed at each look and each batch; a peer's worker takes over within a
-    lease period and a look of a dead holder).
+    (claimed or renewed at most every third of the lease period; a peer's worker takes over
+    within a lease period and a third of a dead holder).
     """
 
     def __init__(
@@ -351,6 +351,8 @@ class OutboxRelay:
         self._sent: dict[str, list[int]] = {target: [] for target in self._targets}
         self._paused_until = dict.fromkeys(self._targets, 0.0)
         self._purged_at = -math.inf
+        #: Per destination, whether this replica holds its lease and until when that stands.
+        self._lease_answer: dict[str, tuple[bool, float]] = {}
 
     @property
     def targets(self) -> list[str]:
@@ -391,8 +393,21 @@ class OutboxRelay:
         return max(0.0, min(upcoming - self._clock(), self._policy.interval_s))
 
     def _holds(self, target: str) -> bool:
-        """Whether this replica sends ``target``'s rows now (claiming or renewing its lease)."""
-        return self._leases is None or self._leases.claim(f"outbox/{target}")
+        """Whether this replica sends ``target``'s rows now (claiming or renewing its lease).
+
+        The answer stands for a third of the lease period: every commit wakes every worker,
+        and a claim is a write, so a holder renews (and a peer looks again) at most three
+        times a period instead of at every look; a held lease still has two thirds left.
+        """
+        if self._leases is None:
+            return True
+        now = self._clock()
+        held, until = self._lease_answer.get(target, (False, -math.inf))
+        if now < until:
+            return held
+        held = self._leases.claim(f"outbox/{target}")
+        self._lease_answer[target] = (held, now + self._leases.renew_every_s)
+        return held
 
     async def _work(self, target: str) -> None:
         kicked = self._kicks[target]

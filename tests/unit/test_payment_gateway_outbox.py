@@ -373,3 +373,30 @@ async def test_of_two_replicas_only_the_lease_holder_sends_until_its_lease_runs_
     assert destination.received == ["evt_1", "evt_2"]
     await first.deliver_due("notifications")  # a, back, finds b holding it
     assert destination.received == ["evt_1", "evt_2"]
+
+
+async def test_the_holder_writes_its_lease_once_a_third_of_the_period_however_often_it_looks(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    db = Database(
+        tmp_path / "gateway.db", SCHEMA + leases.SCHEMA, clock_ns=lambda: seconds_to_ns(clock())
+    )
+    box = CountingOutbox(db, clock=clock)
+    relay = _relay(
+        box, clock, (NOTIFY, Destination()), lease_table=leases.Leases(db, "gw", lease_s=9)
+    )
+
+    def lease_until() -> int:
+        row = db.one("SELECT until_ns FROM leases WHERE lease_key = 'outbox/notifications'")
+        assert row is not None
+        return int(row["until_ns"])
+
+    await relay.deliver_due("notifications")
+    first = lease_until()
+    for _ in range(20):  # commits wake the worker again and again within the same 3 s
+        clock.advance(0.1)
+        await relay.deliver_due("notifications")
+    assert lease_until() == first
+    clock.advance(1.1)  # 3.1 s since the claim: past a third of the 9 s period
+    await relay.deliver_due("notifications")
+    assert lease_until() - first == pytest.approx(seconds_to_ns(3.1), abs=100_000)
