@@ -375,6 +375,10 @@ class OutboxRelay:
         paused = self._paused_until[target] - self._clock()
         if paused > 0:
             return min(paused, self._policy.interval_s)
+        if not self._holds(target):
+            # A peer sends this destination's rows: no query until the lease answer expires.
+            recheck = self._lease_answer[target][1] - self._clock()
+            return max(0.0, min(recheck, self._policy.interval_s))
         while self._holds(target) and (rows := self._outbox.due(target, limit=self._policy.batch)):
             try:
                 for row in rows:
