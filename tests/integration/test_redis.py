@@ -228,7 +228,7 @@ async def services(tmp_path: Path, own_redis: RedisServer) -> AsyncIterator[Serv
     environ = {
         REDIS_URL_VAR: own_redis.url,
         KEY_PREFIX_VAR: "paymesh",
-        "PAYMESH_READINESS_INTERVAL_S": "0.05",
+        "PAYMESH_READINESS_INTERVAL_S": "0.25",
     }
     async with services_under_test(tmp_path, environ=environ) as harness:
         yield harness
