@@ -231,6 +231,35 @@ class MeshHealthServicer(health_aio.HealthServicer):  # type: ignore[misc]  # un
         }
         return health_pb2.HealthListResponse(statuses=statuses)
 
+    async def Watch(
+        self, request: health_pb2.HealthCheckRequest, context: aio.ServicerContext[Any, Any]
+    ) -> None:
+        """The library's Watch, except that in a graceful stop the stream ends (status OK) once
+        it has carried NOT_SERVING. The library's stream waits for a change that can no longer
+        come, so the stop left the handler pending until the event loop closed and cancelled it,
+        which grpc.aio logs as an unhandled CancelledError with a traceback."""
+        service = request.service
+        condition = self._server_watchers[service]
+        self._watcher_count_by_service[service] += 1
+        last: int | None = None
+        try:
+            async with condition:
+                while True:
+                    status = self._server_status.get(
+                        service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+                    )
+                    if status != last:
+                        await context.write(health_pb2.HealthCheckResponse(status=status))
+                        last = status
+                    if self._gracefully_shutting_down:
+                        return
+                    await condition.wait()
+        finally:
+            self._watcher_count_by_service[service] -= 1
+            if self._watcher_count_by_service[service] == 0:
+                del self._server_watchers[service]
+                del self._watcher_count_by_service[service]
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StartConfig:
