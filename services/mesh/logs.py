@@ -90,6 +90,30 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str, ensure_ascii=False)
 
 
+#: The logger grpc.aio's server reports its handlers' failures on.
+GRPC_SERVER_LOGGER = "grpc._cython.cygrpc"
+#: The health watch stream: a watcher that goes away while the server stops is normal.
+_WATCH = "[/grpc.health.v1.Health/Watch]"
+#: grpc.aio's words for a stream whose peer or event loop went first (its traceback says
+#: nothing more): the status could not be sent to a watcher that had cancelled, or the
+#: closing loop cancelled a handler still waiting.
+_WATCH_GONE = ("ExecuteBatchError raised in core", "Exception not handled by _handle_exceptions")
+
+
+class WatcherGoneFilter(logging.Filter):
+    """Drops grpc.aio's traceback for a health watcher that left as the server stopped.
+
+    A grpc.health.v1 ``Watch`` stream lives as long as its watcher; during a graceful stop
+    the watcher (a kubelet, a balancer's health check) and the stopping server race to end
+    it, and whichever way the race goes grpc.aio logs an ERROR with a traceback although
+    nothing failed. Any other method's report, and any other report of ``Watch``, passes.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (_WATCH in message and message.startswith(_WATCH_GONE))
+
+
 def formatter(service: str, format_name: str) -> logging.Formatter:
     """The formatter of ``format_name`` (``text`` or ``json``) for process ``service``."""
     if format_name == "json":
@@ -110,3 +134,6 @@ def configure(
     handler.setFormatter(formatter(service, log_format_name(environ)))
     handler.addFilter(TraceIdFilter())
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    grpc_server = logging.getLogger(GRPC_SERVER_LOGGER)
+    if not any(isinstance(f, WatcherGoneFilter) for f in grpc_server.filters):
+        grpc_server.addFilter(WatcherGoneFilter())

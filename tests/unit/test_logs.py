@@ -11,7 +11,9 @@ from datetime import datetime
 import pytest
 
 from services.mesh.logs import (
+    GRPC_SERVER_LOGGER,
     LogConfigError,
+    WatcherGoneFilter,
     access_log_sample,
     configure,
     log_format_name,
@@ -98,3 +100,40 @@ def test_the_access_sample_is_a_fraction_defaulting_to_none() -> None:
 def test_an_access_sample_outside_0_to_1_names_the_variable(value: str) -> None:
     with pytest.raises(LogConfigError, match="PAYMESH_ACCESS_LOG_SAMPLE"):
         access_log_sample({"PAYMESH_ACCESS_LOG_SAMPLE": value})
+
+
+def _grpc_record(message: str, method: str) -> logging.LogRecord:
+    """A record as grpc.aio's server logs a handler's failure (its message and argument)."""
+    return logging.LogRecord(
+        GRPC_SERVER_LOGGER, logging.ERROR, "server.pyx.pxi", 1, message, (method,), None
+    )
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "ExecuteBatchError raised in core by servicer method [%s]",
+        "Exception not handled by _handle_exceptions in servicer method [%s]",
+    ],
+)
+@pytest.mark.usefixtures("root_restored")
+def test_a_health_watcher_leaving_at_stop_writes_no_traceback(message: str) -> None:
+    stream = io.StringIO()
+    configure("order-service", {}, level="INFO", stream=stream)
+    logger = logging.getLogger(GRPC_SERVER_LOGGER)
+    logger.handle(_grpc_record(message, "/grpc.health.v1.Health/Watch"))
+    # The same report of any other method is a failure worth its traceback.
+    logger.handle(_grpc_record(message, "/paymesh.order.v1.OrderService/GetOrder"))
+    logger.handle(_grpc_record("Unexpected [%s]", "/grpc.health.v1.Health/Watch"))
+    written = stream.getvalue()
+    assert "Health/Watch]" in written and "Unexpected" in written
+    assert "OrderService/GetOrder" in written
+    assert written.count("servicer method") == 1
+
+
+@pytest.mark.usefixtures("root_restored")
+def test_the_watcher_filter_is_added_once() -> None:
+    configure("order-service", {}, level="INFO", stream=io.StringIO())
+    configure("order-service", {}, level="INFO", stream=io.StringIO())
+    filters = logging.getLogger(GRPC_SERVER_LOGGER).filters
+    assert sum(isinstance(f, WatcherGoneFilter) for f in filters) == 1
