@@ -690,6 +690,28 @@ async def wait_for_stop(stop: asyncio.Event | None) -> None:
     await stop.wait()
 
 
+#: How long a stop waits for grpc.aio's own tasks of calls already ended to finish.
+RPC_SETTLE_S = 1.0
+#: Names of the coroutines grpc.aio's server runs each call in.
+_RPC_TASK_NAMES = frozenset({"_schedule_rpc_coro", "_handle_exceptions"})
+
+
+async def settle_rpc_tasks(timeout_s: float) -> None:
+    """Wait up to ``timeout_s`` for grpc.aio's tasks of the calls the stopped server ended.
+
+    A call's task outlives ``server.stop`` until the core confirms the call closed (a health
+    watcher that cancelled as the stop began is one). Left pending, the closing event loop
+    cancels it and grpc.aio writes a traceback to the log although nothing failed.
+    """
+    pending = [
+        task
+        for task in asyncio.all_tasks()
+        if getattr(task.get_coro(), "__name__", "") in _RPC_TASK_NAMES
+    ]
+    if pending:
+        await asyncio.wait(pending, timeout=timeout_s)
+
+
 async def drain(
     server: aio.Server,
     runtime: _Runtime,
@@ -711,6 +733,7 @@ async def drain(
     await server.stop(runtime.config.grace_s)
     if health_port is not None:
         await health_port.stop(None)
+    await settle_rpc_tasks(RPC_SETTLE_S)
     await stop_admin(context)
     await context.clients.close()
     await diagnostics.close()
