@@ -96,27 +96,27 @@ class ConcurrencyLimited(CallRefused):
         self.limit = limit
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
 class Permit:
-    """Admission of one call; hand it back to ``record`` with the outcome."""
+    """Admission of one call; hand it back to ``record`` with the outcome. While the call is
+    in flight it is also the breaker's entry for it (slow-call noticing, abort on opening)."""
 
-    number: int
-    """Its place among the breaker's admissions (the key of its entry in flight)."""
-    generation: int
-    """State generation it was issued in; outcomes of older generations are ignored."""
-    trial: bool
-    """Whether it is one of the half-open trial calls."""
-    started_at: float
-    """When it was admitted, on the breaker's clock."""
+    __slots__ = ("abort", "generation", "number", "slow", "started_at", "trial")
 
-
-@dataclass(slots=True)
-class _InFlight:
-    generation: int
-    trial: bool
-    started_at: float
-    abort: AbortHook | None
-    slow: bool = False
+    def __init__(
+        self, number: int, generation: int, trial: bool, started_at: float, abort: AbortHook | None
+    ) -> None:
+        self.number = number
+        """Its place among the breaker's admissions (the key of its entry in flight)."""
+        self.generation = generation
+        """State generation it was issued in; outcomes of older generations are ignored."""
+        self.trial = trial
+        """Whether it is one of the half-open trial calls."""
+        self.started_at = started_at
+        """When it was admitted, on the breaker's clock."""
+        self.abort = abort
+        """Fails the call if the breaker opens while it is in flight; None once used."""
+        self.slow = False
+        """Whether it was seen in flight past the slow-call duration."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -190,16 +190,18 @@ class TargetBreaker:
         self._trials_issued = 0
         self._trials_passed = 0
         self._admitted = 0
-        self._in_flight: dict[int, _InFlight] = {}
+        self._in_flight: dict[int, Permit] = {}
         #: Numbers of this generation's calls not yet seen slow, oldest first (some finished).
         self._unnoticed: deque[int] = deque()
         self._aborting: list[AbortHook] = []
         self._last_trip = ""
+        #: The state machine's state (pybreaker's), kept here to be read without its locks.
+        self._state: str = str(self._cb.current_state)
 
     @property
     def state(self) -> str:
         """``closed``, ``open`` or ``half-open`` (pybreaker's names): the state machine's own."""
-        return str(self._cb.current_state)
+        return self._state
 
     def admit(self, on_abort: AbortHook | None = None) -> Permit:
         """Let one call through, or raise CallRefused without touching the network.
@@ -221,7 +223,7 @@ class TargetBreaker:
     def _admit(self, on_abort: AbortHook | None) -> Permit:
         now = self._clock()
         self._notice_slow(now)
-        state = self._cb.current_state
+        state = self._state
         if state == OPEN:
             waited = now - self._opened_at
             if waited < self.policy.open_s:
@@ -239,9 +241,9 @@ class TargetBreaker:
             self._trials_issued += 1
         self._admitted += 1
         number = self._admitted
-        self._in_flight[number] = _InFlight(self._generation, trial, now, on_abort)
+        permit = self._in_flight[number] = Permit(number, self._generation, trial, now, on_abort)
         self._unnoticed.append(number)
-        return Permit(number=number, generation=self._generation, trial=trial, started_at=now)
+        return permit
 
     def record(self, permit: Permit, outcome: Outcome) -> None:
         """Account the outcome of an admitted call; may trip, close or reopen the breaker."""
@@ -356,6 +358,7 @@ class TargetBreaker:
             self._cb.half_open()
         else:
             self._cb.close()
+        self._state = str(self._cb.current_state)
 
     def _fire_aborts(self) -> None:
         if not self._aborting:

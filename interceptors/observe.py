@@ -206,7 +206,9 @@ class _ChainCallReport:
         self._started = observer.clock()
         # The transport's call span (the gRPC instrumentation's, the partner client's), or
         # the incoming call's span when untraced: its trace id still propagates.
-        self._call_span = span = trace.get_current_span()
+        self._call_span = span = (
+            trace.get_current_span() if observer.trace_calls else trace.INVALID_SPAN
+        )
         self._traced = observer.trace_calls and (
             not observer.skips_unsampled or recorded_under(span)
         )
@@ -252,11 +254,10 @@ class _ChainCallReport:
             span = self._attempt = self._open_attempt(number)
             if span is not None:
                 return span, trace.set_span_in_context(span)
-        if self._call_span.get_span_context().is_valid:
-            # The call's span is the current one (the loop runs where the call started): the
-            # current context carries it, with nothing to copy.
-            return None, otel_context.get_current()
-        return None, None  # outside any trace (a script, a benchmark): nothing to propagate
+        # The call's span (or, untraced, the incoming call's) is the current one: the loop
+        # runs where the call started, so the current context carries it with nothing to copy.
+        # Outside any trace (a script, a benchmark) it carries nothing to propagate.
+        return None, otel_context.get_current()
 
     def attempt_answered(self, code: str) -> None:
         span, self._attempt = self._attempt, None

@@ -8,8 +8,9 @@ follow each increment. No gRPC import.
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
@@ -41,6 +42,9 @@ CallHook = Callable[[CallRecord], None]
 #: Hot series kept resolved (per target, method and code); partner methods carry ids in their
 #: paths, so the cache is bounded and the rest are resolved per increment.
 MAX_BOUND_SERIES = 4096
+#: Increments and finished calls queued before the caller applies them itself (an event loop
+#: too busy to run the scheduled batch must not let the queue grow without bound).
+MAX_QUEUED = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +56,14 @@ class BoundSeries:
 
 
 class ChainTelemetry:
-    """Counters by series name and labels; thread-safe."""
+    """Counters by series name and labels; thread-safe.
+
+    Calls do not wait for the counting: an increment or a finished call is appended to a
+    queue (one ``deque.append``) and applied in batches, to the counters and then to the
+    hooks, soon after on the event loop that made it (a blocking caller with no loop applies
+    its own at once). Everything that reads applies what is queued first (:meth:`value`,
+    :meth:`snapshot`, :meth:`flush`), so a reader never sees less than what happened.
+    """
 
     def __init__(self, *, caller: str, hooks: tuple[CounterHook, ...] = ()) -> None:
         self.caller = caller
@@ -62,27 +73,27 @@ class ChainTelemetry:
         self._counters: Counter[tuple[str, Labels]] = Counter()
         self._call_hooks: list[CallHook] = []
         self._calls: dict[tuple[str, str, str], BoundSeries] = {}
+        #: Increments (a BoundSeries and an amount) and finished calls (a CallRecord), in order.
+        self._queued: deque[tuple[BoundSeries, int] | CallRecord] = deque()
+        #: The event loop a batch is scheduled on, None when none is.
+        self._flush_loop: asyncio.AbstractEventLoop | None = None
 
     def add_hook(self, hook: CounterHook, *, names: Collection[str] | None = None) -> None:
         """Follow every increment from now on (a Prometheus exporter, a test); with
         ``names``, those series' only (the hook is then not called for the others)."""
+        self.flush()
         self._hooks.append(hook)
         self._hook_names.append(None if names is None else frozenset(names))
 
     def add_call_hook(self, hook: CallHook) -> None:
         """Follow every finished call from now on (latency histograms, recent-call windows)."""
+        self.flush()
         self._call_hooks.append(hook)
 
     def record_call(self, record: CallRecord) -> None:
         """Count a finished call in ``calls_total`` and hand it to the call hooks."""
-        series = self._calls.get((record.target, record.method, record.code))
-        if series is None:
-            series = self.bound(CALLS, target=record.target, method=record.method, code=record.code)
-            if len(self._calls) < MAX_BOUND_SERIES:
-                self._calls[(record.target, record.method, record.code)] = series
-        self.add(series)
-        for hook in self._call_hooks:
-            hook(record)
+        self._queued.append(record)
+        self._soon()
 
     def bound(self, name: str, **labels: str) -> BoundSeries:
         """Series ``name`` with ``labels``, resolved once, for :meth:`add` (a hot counter)."""
@@ -94,15 +105,61 @@ class ChainTelemetry:
 
     def add(self, series: BoundSeries, amount: int = 1) -> None:
         """Add ``amount`` to a series from :meth:`bound`."""
+        self._queued.append((series, amount))
+        self._soon()
+
+    def _soon(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a blocking caller (the sync adapter): nothing to wait for
+            self.flush()
+            return
+        if self._flush_loop is loop:
+            if len(self._queued) >= MAX_QUEUED:  # the loop is not getting to it: do it now
+                self.flush()
+            return
+        self._flush_loop = loop
+        loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Apply everything queued: counters first, then the hooks, in the order it happened."""
+        self._flush_loop = None
+        queued = self._queued
+        if not queued:
+            return
         with self._lock:
-            self._counters[series.key] += amount
-        name = series.key[0]
-        for hook, names in zip(self._hooks, self._hook_names, strict=True):
-            if names is None or name in names:
-                hook(name, series.labels, amount)
+            batch: list[tuple[BoundSeries, int, CallRecord | None]] = []
+            counters, calls = self._counters, self._calls
+            while queued:
+                item = queued.popleft()
+                if isinstance(item, CallRecord):
+                    call_key = (item.target, item.method, item.code)
+                    series = calls.get(call_key)
+                    if series is None:
+                        series = self.bound(
+                            CALLS, target=item.target, method=item.method, code=item.code
+                        )
+                        if len(calls) < MAX_BOUND_SERIES:
+                            calls[call_key] = series
+                    counters[series.key] += 1
+                    batch.append((series, 1, item))
+                else:
+                    counters[item[0].key] += item[1]
+                    batch.append((item[0], item[1], None))
+        hooks = list(zip(self._hooks, self._hook_names, strict=True))
+        call_hooks = self._call_hooks
+        for series, amount, record in batch:
+            name = series.key[0]
+            for hook, names in hooks:
+                if names is None or name in names:
+                    hook(name, series.labels, amount)
+            if record is not None:
+                for call_hook in call_hooks:
+                    call_hook(record)
 
     def value(self, name: str, **labels: str) -> int:
         """Sum of the series ``name`` whose labels include ``labels``."""
+        self.flush()
         wanted = set(labels.items())
         with self._lock:
             return sum(
@@ -113,6 +170,7 @@ class ChainTelemetry:
 
     def snapshot(self) -> dict[str, dict[Labels, int]]:
         """Every series, by name then labels."""
+        self.flush()
         out: dict[str, dict[Labels, int]] = {}
         with self._lock:
             for (name, labels), count in self._counters.items():

@@ -11,7 +11,7 @@ services.mesh.tracing configures the SDK.
 from __future__ import annotations
 
 from collections.abc import Mapping, MutableMapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from opentelemetry import baggage, propagate, trace
 from opentelemetry.context import Context
@@ -118,6 +118,17 @@ def _w3c_default(textmap: object) -> bool:
     return kinds == [TraceContextTextMapPropagator, W3CBaggagePropagator]
 
 
+def _only_key(made: Context) -> str:
+    """The one key of a context made from an empty one: where the API keeps that value."""
+    (key,) = made.keys()
+    return key
+
+
+#: Where a context keeps its span and its baggage, learnt from the API itself once.
+_SPAN_KEY = _only_key(trace.set_span_in_context(trace.INVALID_SPAN, Context()))
+_BAGGAGE_KEY = _only_key(baggage.set_baggage("paymesh", "key", context=Context()))
+
+
 class TraceFields:
     """What :func:`inject` writes for a context, made directly in the common case: the
     default W3C propagators and a trace that carries nothing but its ``traceparent`` (no
@@ -136,8 +147,14 @@ class TraceFields:
                 inject(carrier, context)
                 return
             self._default = textmap
-        span_context = trace.get_current_span(context).get_span_context()
-        if span_context.trace_state or baggage.get_all(context):
+        if context.get(_BAGGAGE_KEY):
+            inject(carrier, context)
+            return
+        span = cast("trace.Span | None", context.get(_SPAN_KEY))
+        if span is None:
+            return
+        span_context = span.get_span_context()
+        if span_context.trace_state:
             inject(carrier, context)
         elif span_context.is_valid:
             carrier[TRACEPARENT] = (

@@ -450,8 +450,7 @@ def connect(config: StartConfig, span_processors: Sequence[SpanProcessor]) -> _R
     metrics, recent = ServiceMetrics(service=name), RecentCalls()
     spec = config.spec
     metrics.follow_chain(chain.telemetry, chain.breakers.states, (*spec.calls, *spec.partners))
-    chain.telemetry.add_call_hook(recent.record_call)
-    chain.telemetry.add_hook(recent.count, names=recent.COUNTED)
+    recent.follow(chain.telemetry)
     return _Runtime(
         config=config,
         context=context,

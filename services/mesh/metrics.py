@@ -282,12 +282,26 @@ class ServerCallCollector(Collector):
         yield durations
 
 
+class FlushingRegistry(CollectorRegistry):
+    """A registry that first applies what its sources queued (the chain's counters and
+    finished calls reach their hooks in batches: ``ChainTelemetry.flush``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sources: list[Callable[[], None]] = []
+
+    def collect(self) -> Iterator[Metric]:
+        for flush in self.sources:
+            flush()
+        yield from super().collect()
+
+
 class ServiceMetrics:
     """The registry of one service and the hooks that feed it."""
 
     def __init__(self, *, service: str) -> None:
         self.service = service
-        self.registry = CollectorRegistry()
+        self.registry = FlushingRegistry()
         self.server_calls = ServerCallCollector(service=service)
         self.registry.register(self.server_calls)
         self.server_shed = Counter(
@@ -333,6 +347,7 @@ class ServiceMetrics:
     ) -> None:
         """Export the chain's counters and breaker states, and time its calls."""
         telemetry.add_call_hook(self.observe_client)
+        self.registry.sources.append(telemetry.flush)
         self.registry.register(
             ChainCollector(
                 caller=self.service,

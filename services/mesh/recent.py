@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from interceptors.codes import TARGET_UNHEALTHY
 from interceptors.observe import RETRIES
-from interceptors.telemetry import CallRecord
+from interceptors.telemetry import CallRecord, ChainTelemetry
 
 Clock = Callable[[], float]
 
@@ -107,6 +107,15 @@ class RecentCalls:
         self._started = clock()
         self._lock = threading.Lock()
         self._edges: dict[str, _Edge] = {}
+        #: Applied before every read: the chain hands its calls over in batches.
+        self._sources: list[Callable[[], None]] = []
+
+    def follow(self, telemetry: ChainTelemetry) -> None:
+        """Take ``telemetry``'s finished calls and retries from now on, applying what it has
+        queued before every read."""
+        telemetry.add_call_hook(self.record_call)
+        telemetry.add_hook(self.count, names=self.COUNTED)
+        self._sources.append(telemetry.flush)
 
     def record_call(self, record: CallRecord) -> None:
         """Remember one finished call (a ``ChainTelemetry`` call hook)."""
@@ -138,6 +147,8 @@ class RecentCalls:
 
     def figures(self, target: str) -> EdgeFigures:
         """The window's figures for ``target`` (all zero if it was never called)."""
+        for flush in self._sources:
+            flush()
         now = self._clock()
         horizon = now - self.window_s
         with self._lock:
