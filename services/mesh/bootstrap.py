@@ -251,7 +251,13 @@ class MeshHealthServicer(health_aio.HealthServicer):  # type: ignore[misc]  # un
                     if status != last:
                         await context.write(health_pb2.HealthCheckResponse(status=status))
                         last = status
-                    if self._gracefully_shutting_down:
+                    # The library raises its flag before it turns each status: a watcher woken
+                    # in between must still wait for (and carry) NOT_SERVING. A service the stop
+                    # will not turn (unknown here) ends at once.
+                    if self._gracefully_shutting_down and (
+                        last == health_pb2.HealthCheckResponse.NOT_SERVING
+                        or service not in self._server_status
+                    ):
                         return
                     await condition.wait()
         finally:
@@ -691,24 +697,38 @@ async def wait_for_stop(stop: asyncio.Event | None) -> None:
 
 #: How long a stop waits for grpc.aio's own tasks of calls already ended to finish.
 RPC_SETTLE_S = 1.0
+#: A stop's tasks end within a few turns of the loop; once none has ended for this long, what
+#: is left belongs to something still serving (another server of the process, as in tests).
+RPC_SETTLE_QUIET_S = 0.1
 #: Names of the coroutines grpc.aio's server runs each call in.
 _RPC_TASK_NAMES = frozenset({"_schedule_rpc_coro", "_handle_exceptions"})
 
 
-async def settle_rpc_tasks(timeout_s: float) -> None:
+async def settle_rpc_tasks(timeout_s: float, *, quiet_s: float = RPC_SETTLE_QUIET_S) -> None:
     """Wait up to ``timeout_s`` for grpc.aio's tasks of the calls the stopped server ended.
 
     A call's task outlives ``server.stop`` until the core confirms the call closed (a health
     watcher that cancelled as the stop began is one). Left pending, the closing event loop
-    cancels it and grpc.aio writes a traceback to the log although nothing failed.
+    cancels it and grpc.aio writes a traceback to the log although nothing failed. The tasks
+    cannot be told apart by server, so the wait also ends once ``quiet_s`` passes with none
+    ending: the rest are calls of a server that still serves, which this stop must not wait on.
     """
-    pending = [
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    pending = {
         task
         for task in asyncio.all_tasks()
         if getattr(task.get_coro(), "__name__", "") in _RPC_TASK_NAMES
-    ]
-    if pending:
-        await asyncio.wait(pending, timeout=timeout_s)
+    }
+    while pending:
+        left = deadline - loop.time()
+        if left <= 0:
+            return
+        done, pending = await asyncio.wait(
+            pending, timeout=min(quiet_s, left), return_when=asyncio.FIRST_COMPLETED
+        )
+        if not done:
+            return
 
 
 async def drain(

@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 
 from interceptors.errors import STATUS_DETAILS_KEY
 from paymesh.order.v1 import order_pb2, order_pb2_grpc
+from services.mesh import bootstrap
 from services.mesh.bootstrap import Context, Registration, ServiceContext, StartupError, serve
 from services.mesh.tls import PKI_DIR_VAR
 from services.mesh.topology import Topology
@@ -152,6 +153,53 @@ async def test_stop_lets_calls_in_flight_finish_and_turns_health_not_serving(
         reply = await in_flight
     await asyncio.wait_for(server, timeout=10)
     assert reply.order.order_id == "o1"
+
+
+async def test_stop_waits_for_its_own_ended_calls_not_for_another_servers_streams(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two services in one event loop (as the tests run the mesh): the second's health watcher
+    # stays open while the first stops. The stop settles the calls it ended and moves on; it
+    # must not wait out its whole settling bound on a stream of a server that still serves.
+    monkeypatch.setattr(bootstrap, "RPC_SETTLE_S", 30.0)
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    async with running_service("order-service", _builder(OrderServicer, other_dir)) as other:
+        async with mesh_channel(other) as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service=""), timeout=60
+            )
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+            stop = asyncio.Event()
+            ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+            server = asyncio.create_task(
+                serve(
+                    "order-service",
+                    _builder(OrderServicer, tmp_path),
+                    topology=Topology(environ=_environ("127.0.0.1:0")),
+                    grace_s=0.1,
+                    stop=stop,
+                    on_ready=ready.set_result,
+                )
+            )
+            address = await ready
+            async with mesh_channel(address) as own:
+                own_watch = health_pb2_grpc.HealthStub(own).Watch(
+                    health_pb2.HealthCheckRequest(service=""), timeout=60
+                )
+                assert (await own_watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+                loop = asyncio.get_running_loop()
+                began = loop.time()
+                stop.set()
+                await asyncio.wait_for(server, timeout=30)
+                stopped_in = loop.time() - began
+            # Its own watcher ended with the stop; the other server's is still open and served.
+            assert stopped_in < 15, stopped_in  # the bound is 30 s
+            other_health = health_pb2_grpc.HealthStub(channel)
+            checked = await other_health.Check(health_pb2.HealthCheckRequest(service=""))
+            assert checked.status == health_pb2.HealthCheckResponse.SERVING
+            assert not watch.done()
+            watch.cancel()
 
 
 async def test_unexpected_exception_is_internal_with_error_info_and_no_traceback(
