@@ -248,3 +248,37 @@ async def test_missing_declared_service_is_a_startup_error(tmp_path: Path) -> No
             topology=Topology(environ=_environ("127.0.0.1:0")),
             stop=asyncio.Event(),
         )
+
+
+async def test_watcher_woken_between_the_shutdown_flag_and_the_status_still_carries_not_serving() -> (
+    None
+):
+    # grpcio-health-checking raises its shutdown flag before it turns each status. A watcher
+    # woken in between (here by an unchanged SERVING set just then) must wait for NOT_SERVING
+    # and carry it before its stream ends, or a client sees a stream end with no reason.
+    health = bootstrap.MeshHealthServicer()
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    server = aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service=""), timeout=30
+            )
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+            health._gracefully_shutting_down = True  # the library's first step
+            condition = health._server_watchers[""]
+            async with condition:  # a set that changes nothing wakes the watcher
+                condition.notify_all()
+            await asyncio.sleep(0.2)  # the woken watcher looks while the status is unchanged
+            assert not watch.done()
+            await health._set("", health_pb2.HealthCheckResponse.NOT_SERVING)  # its next step
+            update = await asyncio.wait_for(watch.read(), timeout=10)
+            assert update != aio.EOF
+            assert update.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert await asyncio.wait_for(watch.read(), timeout=10) == aio.EOF
+            assert await watch.code() == grpc.StatusCode.OK
+    finally:
+        await server.stop(None)
