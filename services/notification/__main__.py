@@ -39,7 +39,7 @@ def build(
     context.on_stop.append(store.close)
     secrets = WebhookSecretStore(context.database_path(), SecretSealer(config.sealing_key()))
     context.on_stop.append(secrets.close)
-    client = delivery.DeliveryClient()
+    client = delivery.DeliveryClient(config.pools)
     context.on_stop.append(client.close)  # after the dispatcher, which is stopped first
     sender = WebhookSender(
         secrets,

@@ -19,7 +19,12 @@ positive number of seconds (or a count):
     how many attempts the loop makes at once;
 ``NOTIFICATION_SERVICE_INLINE_WAIT_S`` (1)
     how long SendNotification waits for a new notification's first attempt before it
-    answers PENDING (the attempt goes on).
+    answers PENDING (the attempt goes on);
+``NOTIFICATION_SERVICE_WEBHOOK_POOLS`` (64)
+    how many webhook destinations (host, port and checked addresses) keep connections open
+    for their next post, the least recently used closed beyond it;
+``NOTIFICATION_SERVICE_WEBHOOK_KEEPALIVE_S`` (4)
+    how long an idle webhook connection is kept.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from pathlib import Path
 
 from services.mesh.bootstrap import StartupError
 from services.mesh.tls import ENV_VAR, is_production
+from services.notification.delivery import DEFAULT_KEEPALIVE_S, DEFAULT_MAX_POOLS, PoolSettings
 from services.notification.dispatch import (
     DEFAULT_CONCURRENCY,
     DEFAULT_INLINE_WAIT_S,
@@ -48,6 +54,8 @@ RETRY_HORIZON_VAR = "NOTIFICATION_SERVICE_RETRY_HORIZON_S"
 DELIVERY_SCAN_VAR = "NOTIFICATION_SERVICE_DELIVERY_SCAN_S"
 DELIVERY_CONCURRENCY_VAR = "NOTIFICATION_SERVICE_DELIVERY_CONCURRENCY"
 INLINE_WAIT_VAR = "NOTIFICATION_SERVICE_INLINE_WAIT_S"
+WEBHOOK_POOLS_VAR = "NOTIFICATION_SERVICE_WEBHOOK_POOLS"
+WEBHOOK_KEEPALIVE_VAR = "NOTIFICATION_SERVICE_WEBHOOK_KEEPALIVE_S"
 DEFAULT_KEY_FILE = "notification-service-secrets.key"
 KEY_BYTES = 32
 
@@ -66,6 +74,8 @@ class NotificationConfig:
     """When failed webhooks are attempted again, and when they are dead-lettered."""
     loop: LoopSettings = field(default_factory=LoopSettings)
     """The delivery loop's pace."""
+    pools: PoolSettings = field(default_factory=PoolSettings)
+    """The webhook connections kept open between posts."""
 
     def __post_init__(self) -> None:
         if self.production and not self.key_file_given:
@@ -79,8 +89,8 @@ class NotificationConfig:
         """The settings in ``environ``; the key file defaults to one in ``var_dir``.
 
         Raises:
-            StartupError: a schedule or loop variable is not a positive number (or the
-                maximum wait is below the initial one).
+            StartupError: a schedule, loop or connection variable is not a positive number
+                (or the maximum wait is below the initial one).
         """
         named = environ.get(SECRETS_KEY_FILE_VAR, "").strip()
         timing: dict[str, float] = {}
@@ -110,12 +120,20 @@ class NotificationConfig:
         if INLINE_WAIT_VAR in environ:
             inline_s = _positive(environ, INLINE_WAIT_VAR)
         loop = LoopSettings(scan_interval_s=scan_s, concurrency=concurrency, inline_wait_s=inline_s)
+        max_pools = DEFAULT_MAX_POOLS
+        if WEBHOOK_POOLS_VAR in environ:
+            max_pools = int(_positive(environ, WEBHOOK_POOLS_VAR, whole=True))
+        keepalive_s = DEFAULT_KEEPALIVE_S
+        if WEBHOOK_KEEPALIVE_VAR in environ:
+            keepalive_s = _positive(environ, WEBHOOK_KEEPALIVE_VAR)
+        pools = PoolSettings(max_pools=max_pools, keepalive_s=keepalive_s)
         return cls(
             production=is_production(environ),
             key_file=Path(named) if named else var_dir / DEFAULT_KEY_FILE,
             key_file_given=bool(named),
             schedule=schedule,
             loop=loop,
+            pools=pools,
         )
 
     def sealing_key(self) -> bytes:

@@ -4,18 +4,20 @@ A URL is checked as written (scheme, no credentials, literal addresses, metadata
 then its host is resolved once and every address it resolves to must pass too. aiohttp posts
 over a connection to one of those checked addresses (its resolver answers only them; TLS still
 verifies the certificate for the host name), so a DNS answer that changes between check and
-connect (rebinding) cannot redirect it. Redirects are not followed: every answer but a 2xx is
-a failed attempt. No gRPC import.
+connect (rebinding) cannot redirect it; a connection is kept for later posts to the same host
+and the same checked answer only. Redirects are not followed: every answer but a 2xx is a
+failed attempt. No gRPC import.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import ipaddress
+import math
 import re
 import socket
 import ssl
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
@@ -34,6 +36,9 @@ MAX_EXCERPT_BYTES = 512
 MAX_ANSWER_HEADERS = 100
 #: The longest a post may take if its caller set no bound of its own.
 BACKSTOP_TIMEOUT_S = 60.0
+#: Connection pools kept (one per destination and answer), and how long an idle connection lives.
+DEFAULT_MAX_POOLS = 64
+DEFAULT_KEEPALIVE_S = 4.0
 #: Cloud metadata and host-platform endpoints that are not link-local (or are, and matter most).
 METADATA_ADDRESSES = frozenset(
     ipaddress.ip_address(a)
@@ -208,26 +213,47 @@ async def resolve(
     return addresses
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PoolSettings:
+    """How many destinations keep connections open for their next post, and for how long."""
+
+    max_pools: int = DEFAULT_MAX_POOLS
+    """Connection pools kept, one per :class:`PoolKey`; beyond this the least recently used
+    is closed (once no post is using it)."""
+    keepalive_s: float = DEFAULT_KEEPALIVE_S
+    """How long an idle connection waits for the next post to its pool before it is closed.
+    Shorter than the 5 s many servers keep an idle connection (Node's default), so a post
+    rarely meets one the endpoint is closing."""
+
+    def __post_init__(self) -> None:
+        if self.max_pools < 1:
+            raise ValueError(f"max_pools must be at least 1, got {self.max_pools!r}")
+        if not (math.isfinite(self.keepalive_s) and self.keepalive_s > 0):
+            raise ValueError(
+                f"keepalive_s must be a positive number of seconds, got {self.keepalive_s!r}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class PoolKey:
+    """What a kept connection was opened for: a post may use it only if all four match."""
+
+    scheme: str
+    """``http`` or ``https``."""
+    host: str
+    """The URL's host: the name TLS verifies and sends as SNI."""
+    port: int
+    """TCP port."""
+    addresses: frozenset[IPAddress]
+    """The checked addresses the host resolved to: another answer is another pool."""
+
+
 class PinnedResolver(AbstractResolver):
-    """aiohttp's DNS for direct posts: the addresses already checked for this request's host.
+    """aiohttp's DNS for one pool: its host's checked addresses; any other host, nothing."""
 
-    The pin lives in a context variable that :func:`post` sets around its one request, so
-    concurrent posts to the same host each connect to their own checked answer; a host with no
-    pin (nothing else should ever be asked) resolves to nothing.
-    """
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        """The pinned addresses of ``host``, in the order they were checked.
-
-        Raises:
-            OSError: ``host`` and ``port`` are not what this request pinned.
-        """
-        pin = _PIN.get()
-        if pin is None or (pin.destination.host, pin.destination.port) != (host, port):
-            raise OSError(f"no checked address for {_short(host)}")
-        return [
+    def __init__(self, host: str, port: int, addresses: Sequence[IPAddress]) -> None:
+        self._host, self._port = host, port
+        self._answer = [
             ResolveResult(
                 hostname=host,
                 host=str(address),
@@ -236,61 +262,182 @@ class PinnedResolver(AbstractResolver):
                 proto=0,
                 flags=socket.AI_NUMERICHOST,
             )
-            for address in pin.addresses
+            for address in addresses
         ]
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        """The pinned addresses, in the order they were checked.
+
+        Raises:
+            OSError: ``host`` and ``port`` are not the pool's.
+        """
+        if (host, port) != (self._host, self._port):
+            raise OSError(f"no checked address for {_short(host)}")
+        return list(self._answer)
 
     async def close(self) -> None:
         """Nothing to release."""
 
 
-@dataclass(frozen=True, slots=True)
-class _Pin:
-    destination: Destination
-    addresses: Sequence[IPAddress]
+class _Pool:
+    """One destination's session, and whether posts use it or it is to be closed."""
 
+    __slots__ = ("closing", "in_flight", "retired", "session")
 
-_PIN: contextvars.ContextVar[_Pin | None] = contextvars.ContextVar("webhook_pin", default=None)
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self.session = session
+        self.in_flight = 0
+        self.retired = False  # out of the client's LRU: closed once in_flight is 0
+        self.closing = False
 
 
 class DeliveryClient:
-    """The HTTP client of direct webhook posts: one aiohttp session per process.
+    """The HTTP client of direct webhook posts: kept connections, each to checked addresses.
 
-    Pinning is per request, not per connector: one connector whose :class:`PinnedResolver`
-    answers from the request's own checked addresses serves every merchant, where a connector
-    per destination would need a cache, eviction and closing of pools that may be in use.
-    The price is keep-alive: aiohttp pools connections by host and port, so a kept one would
-    carry a later request to an address checked for an earlier answer; every post opens its
-    own connection (``force_close``), as one per webhook always did. Also: no DNS cache (the
-    pin is the answer), no proxy from the environment, no cookies kept between merchants,
-    redirects not followed, at most ``MAX_ANSWER_HEADERS`` answer headers.
+    A connection pool (an aiohttp session) per :class:`PoolKey`, whose :class:`PinnedResolver`
+    answers only its own host with its own checked addresses: a kept connection carries only
+    posts to the host and the very answer it was opened for, so a DNS answer that changes is
+    another key and a new connection, never the old one steered. At most
+    ``settings.max_pools`` are kept, least recently used out first; a pool is closed when it
+    leaves and no post is using it, else when its last post ends. Idle connections close
+    after ``settings.keepalive_s`` (aiohttp looks every ``keepalive_s``, so one may linger up
+    to twice that; it is never reused past it). Also: no DNS cache (the pin is the answer), no
+    proxy from the environment, no cookies kept between merchants, redirects not followed, at
+    most ``MAX_ANSWER_HEADERS`` answer headers.
     """
 
-    def __init__(self) -> None:
-        self._session: aiohttp.ClientSession | None = None
+    def __init__(self, settings: PoolSettings | None = None) -> None:
+        self._settings = settings or PoolSettings()
+        self._pools: OrderedDict[PoolKey, _Pool] = OrderedDict()
+        # Out of the LRU but with posts in flight: closed when the last one ends.
+        self._draining: set[_Pool] = set()
+        self._closing: set[asyncio.Task[None]] = set()
 
-    def session(self) -> aiohttp.ClientSession:
-        """The session, made on first use (in the running loop)."""
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(
-                resolver=PinnedResolver(), use_dns_cache=False, force_close=True
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                # The caller bounds the time (asyncio.timeout); this only backs it up.
-                timeout=aiohttp.ClientTimeout(total=BACKSTOP_TIMEOUT_S),
-                trust_env=False,
-                cookie_jar=aiohttp.DummyCookieJar(),
-                auto_decompress=False,
-                skip_auto_headers=("Accept-Encoding",),
-                max_headers=MAX_ANSWER_HEADERS,
-            )
-        return self._session
+    @property
+    def pools(self) -> list[PoolKey]:
+        """The kept pools' keys, least recently used first."""
+        return list(self._pools)
+
+    async def post(
+        self,
+        destination: Destination,
+        addresses: Sequence[IPAddress],
+        body: bytes,
+        headers: Mapping[str, str],
+        *,
+        tls: ssl.SSLContext | None = None,
+    ) -> WebhookAnswer:
+        """POST ``body`` to ``destination`` over a connection to one of ``addresses``.
+
+        A kept connection of this destination and these very addresses is reused; else
+        aiohttp connects to the first of ``addresses`` that accepts (never resolving the name
+        again) and, over https, verifies the certificate for the host name. The caller bounds
+        the time (``asyncio.timeout``).
+
+        Raises:
+            OSError: no address accepted a connection, TLS failed, or the connection closed
+                before an answer.
+            TimeoutError: aiohttp's backstop timeout passed.
+            ValueError: the answer is not HTTP (or has more than ``MAX_ANSWER_HEADERS``
+                headers).
+        """
+        url = URL(
+            f"{destination.scheme}://{destination.host_header}{destination.target}", encoded=True
+        )
+        pool = self._acquire(destination, addresses)
+        try:
+            async with pool.session.post(
+                url,
+                data=body,
+                headers=dict(headers),
+                allow_redirects=False,
+                ssl=tls if tls is not None else True,  # True: the system's trust, verified
+            ) as response:
+                excerpt = b""
+                while len(excerpt) < MAX_EXCERPT_BYTES:
+                    chunk = await response.content.read(MAX_EXCERPT_BYTES - len(excerpt))
+                    if not chunk:
+                        break
+                    excerpt += chunk
+                # Kept for the next post if the whole body was read; closed if more is unread.
+                response.release()
+                return WebhookAnswer(response.status, excerpt.decode("utf-8", "replace"))
+        except (aiohttp.ClientResponseError, aiohttp.ClientPayloadError) as exc:
+            raise ValueError(f"the answer is not HTTP: {exc}") from exc
+        except aiohttp.ClientConnectorError as exc:
+            # What the socket or TLS said (ConnectionRefusedError, SSLCertVerificationError...).
+            raise exc.os_error from exc
+        except aiohttp.ClientError as exc:
+            if isinstance(exc, OSError | TimeoutError):
+                raise
+            raise ConnectionError(f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            self._release(pool)
+
+    def _acquire(self, destination: Destination, addresses: Sequence[IPAddress]) -> _Pool:
+        """The pool for ``destination`` at ``addresses``, made if new, counted as in use."""
+        key = PoolKey(destination.scheme, destination.host, destination.port, frozenset(addresses))
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = self._pools[key] = _Pool(self._session(destination, addresses))
+            while len(self._pools) > self._settings.max_pools:
+                _, oldest = self._pools.popitem(last=False)
+                oldest.retired = True
+                if oldest.in_flight:
+                    self._draining.add(oldest)
+                else:
+                    self._close_later(oldest)
+        else:
+            self._pools.move_to_end(key)
+        pool.in_flight += 1
+        return pool
+
+    def _release(self, pool: _Pool) -> None:
+        """A post on ``pool`` ended; a retired pool closes with its last one."""
+        pool.in_flight -= 1
+        if pool.retired and not pool.in_flight:
+            self._draining.discard(pool)
+            self._close_later(pool)
+
+    def _session(
+        self, destination: Destination, addresses: Sequence[IPAddress]
+    ) -> aiohttp.ClientSession:
+        resolver = PinnedResolver(destination.host, destination.port, addresses)
+        connector = aiohttp.TCPConnector(
+            resolver=resolver, use_dns_cache=False, keepalive_timeout=self._settings.keepalive_s
+        )
+        return aiohttp.ClientSession(
+            connector=connector,
+            # The caller bounds the time (asyncio.timeout); this only backs it up.
+            timeout=aiohttp.ClientTimeout(total=BACKSTOP_TIMEOUT_S),
+            trust_env=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            skip_auto_headers=("Accept-Encoding",),
+            max_headers=MAX_ANSWER_HEADERS,
+        )
+
+    def _close_later(self, pool: _Pool) -> None:
+        # Not awaited by the post that retired it: its answer does not wait for a close.
+        if pool.closing:
+            return
+        pool.closing = True
+        task = asyncio.get_running_loop().create_task(pool.session.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
-        """Close the session and its connections (at the service's stop)."""
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
+        """Close every pool and its connections, in use or not (at the service's stop)."""
+        pools = [*self._pools.values(), *self._draining]
+        self._pools.clear()
+        self._draining.clear()
+        for pool in pools:
+            pool.retired = True
+            self._close_later(pool)
+        while self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
 
 async def post(
@@ -304,49 +451,15 @@ async def post(
 ) -> WebhookAnswer:
     """POST ``body`` to ``destination`` over a connection to one of ``addresses``.
 
-    aiohttp connects to the first of ``addresses`` that accepts (never resolving the name
-    again) and, over https, verifies the certificate for the host name. The caller bounds the
-    time (``asyncio.timeout``). ``client`` is the process's (None: one for this post only).
-
-    Raises:
-        OSError: no address accepted a connection, TLS failed, or the connection closed
-            before an answer.
-        TimeoutError: aiohttp's backstop timeout passed.
-        ValueError: the answer is not HTTP (or has more than ``MAX_ANSWER_HEADERS`` headers).
+    See :meth:`DeliveryClient.post`; ``client`` is the process's (None: one for this post only).
     """
-    own = client is None
-    client = client or DeliveryClient()
-    url = URL(f"{destination.scheme}://{destination.host_header}{destination.target}", encoded=True)
-    token = _PIN.set(_Pin(destination, tuple(addresses)))
+    if client is not None:
+        return await client.post(destination, addresses, body, headers, tls=tls)
+    own = DeliveryClient()
     try:
-        async with client.session().post(
-            url,
-            data=body,
-            headers=dict(headers),
-            allow_redirects=False,
-            ssl=tls if tls is not None else True,  # True: the system's trust, verified
-        ) as response:
-            excerpt = b""
-            while len(excerpt) < MAX_EXCERPT_BYTES:
-                chunk = await response.content.read(MAX_EXCERPT_BYTES - len(excerpt))
-                if not chunk:
-                    break
-                excerpt += chunk
-            response.close()  # the rest of the body is not read
-            return WebhookAnswer(response.status, excerpt.decode("utf-8", "replace"))
-    except (aiohttp.ClientResponseError, aiohttp.ClientPayloadError) as exc:
-        raise ValueError(f"the answer is not HTTP: {exc}") from exc
-    except aiohttp.ClientConnectorError as exc:
-        # What the socket or TLS said (ConnectionRefusedError, SSLCertVerificationError...).
-        raise exc.os_error from exc
-    except aiohttp.ClientError as exc:
-        if isinstance(exc, OSError | TimeoutError):
-            raise
-        raise ConnectionError(f"{type(exc).__name__}: {exc}") from exc
+        return await own.post(destination, addresses, body, headers, tls=tls)
     finally:
-        _PIN.reset(token)
-        if own:
-            await client.close()
+        await own.close()
 
 
 def _check_address(address: IPAddress, policy: DestinationPolicy, *, subject: str) -> None:

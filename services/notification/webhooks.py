@@ -60,7 +60,8 @@ class WebhookSender:
         policy: where webhooks may go.
         resolver: DNS for webhook hosts.
         tls: TLS context of direct https posts (None: the system's defaults).
-        client: the HTTP client of direct posts (None: one per post).
+        client: the HTTP client of direct posts, keeping their connections (None: a new one
+            per post).
         clock: the signature's time.
     """
 

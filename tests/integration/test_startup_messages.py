@@ -74,6 +74,9 @@ CASES = [
     (Target.PAYMENT_GATEWAY, "PAYMENT_GATEWAY_RECOVERY_INTERVAL_S", "x", "positive number"),
     (Target.MERCHANT_AUTH, "MERCHANT_AUTH_SERVICE_KEY_FAILURE_LIMIT", "-3", "at least 1"),
     (Target.NOTIFICATION, "NOTIFICATION_SERVICE_DELIVERY_CONCURRENCY", "0", "positive whole"),
+    (Target.NOTIFICATION, "NOTIFICATION_SERVICE_WEBHOOK_POOLS", "0", "positive whole"),
+    (Target.NOTIFICATION, "NOTIFICATION_SERVICE_WEBHOOK_POOLS", "lots", "positive whole"),
+    (Target.NOTIFICATION, "NOTIFICATION_SERVICE_WEBHOOK_KEEPALIVE_S", "-4", "positive number"),
     (Target.SETTLEMENT, "SETTLEMENT_SERVICE_RECOVERY_INTERVAL_S", "0", "positive number"),
     (Target.ORDER, RETENTION_VAR, "a week", "number of seconds of at least 86400"),
     (Target.ORDER, RETENTION_VAR, "3600", "number of seconds of at least 86400"),
@@ -120,6 +123,8 @@ NUMERIC = [
             notification_config.DELIVERY_SCAN_VAR,
             notification_config.DELIVERY_CONCURRENCY_VAR,
             notification_config.INLINE_WAIT_VAR,
+            notification_config.WEBHOOK_POOLS_VAR,
+            notification_config.WEBHOOK_KEEPALIVE_VAR,
         )
     ),
     *(

@@ -4,7 +4,8 @@ The endpoints are aiohttp servers on 127.0.0.1 and 127.0.0.2 (the same port on b
 sees which address a post reached. Names under ``.test`` resolve nowhere but through the pin:
 a post reaches the address it was given even when DNS would now answer another, verifies the
 certificate for the host name (not the address), follows no redirect, reads only an excerpt of
-the answer and takes no proxy from the environment.
+the answer and takes no proxy from the environment. Each endpoint records the connections its
+requests came on, so a test sees which posts shared one and which connections are still open.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from services.notification import delivery
-from services.notification.delivery import DeliveryClient, DestinationPolicy
+from services.notification.delivery import DeliveryClient, DestinationPolicy, PoolSettings
+from tests.integration.harness import eventually
 from tests.integration.webhook_receiver import FixedDns
 
 DEV = DestinationPolicy()
@@ -35,10 +37,27 @@ FIRST, SECOND = "127.0.0.1", "127.0.0.2"
 
 @dataclass
 class Endpoint:
-    """What one listening address received."""
+    """What one listening address received, and on which connections."""
 
     hits: list[str] = field(default_factory=list)
     """``Host`` header and path of each request, as ``host path``."""
+    connections: dict[asyncio.BaseTransport, str] = field(default_factory=dict)
+    """Each connection a request arrived on, with the ``Host`` of its first request."""
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    """``/held`` answers once this is set."""
+
+    def seen(self, request: web.Request) -> None:
+        self.hits.append(f"{request.headers['Host']} {request.path}")
+        assert request.transport is not None
+        self.connections.setdefault(request.transport, request.headers["Host"])
+
+    def opened(self, host: str) -> int:
+        """How many connections ``host``'s requests came on."""
+        return sum(first == host for first in self.connections.values())
+
+    def open(self) -> list[str]:
+        """The first ``Host`` of each connection still open, sorted."""
+        return sorted(h for t, h in self.connections.items() if not t.is_closing())
 
 
 @dataclass
@@ -49,21 +68,28 @@ class Endpoints:
 
 def _app(endpoint: Endpoint) -> web.Application:
     async def hooks(request: web.Request) -> web.Response:
-        endpoint.hits.append(f"{request.headers['Host']} {request.path}")
+        endpoint.seen(request)
         await request.read()
         return web.json_response({"received": True})
 
     async def moved(request: web.Request) -> web.Response:
-        endpoint.hits.append(f"{request.headers['Host']} {request.path}")
+        endpoint.seen(request)
         raise web.HTTPFound("/hooks")
 
     async def large(request: web.Request) -> web.Response:
-        return web.Response(status=500, body=b"x" * 10_000)
+        endpoint.seen(request)
+        return web.Response(status=500, body=b"x" * 1_000_000)
+
+    async def held(request: web.Request) -> web.Response:
+        endpoint.seen(request)
+        await endpoint.release.wait()
+        return web.json_response({"received": True})
 
     app = web.Application()
     app.router.add_post("/hooks", hooks)
     app.router.add_post("/moved", moved)
     app.router.add_post("/large", large)
+    app.router.add_post("/held", held)
     return app
 
 
@@ -84,6 +110,8 @@ async def _serving(tls: ssl.SSLContext | None = None) -> AsyncIterator[Endpoints
             port = runner.addresses[0][1]
         yield Endpoints(port, by_address)
     finally:
+        for endpoint in by_address.values():
+            endpoint.release.set()  # a held request left waiting would hold the cleanup
         for runner in runners:
             await runner.cleanup()
 
@@ -118,8 +146,8 @@ def _certificate(directory: Path, name: str) -> tuple[Path, Path]:
 
 
 @contextlib.asynccontextmanager
-async def _client() -> AsyncIterator[DeliveryClient]:
-    client = DeliveryClient()
+async def _client(settings: PoolSettings | None = None) -> AsyncIterator[DeliveryClient]:
+    client = DeliveryClient(settings)
     try:
         yield client
     finally:
@@ -228,3 +256,112 @@ async def test_refused_connection_reports_the_socket_error() -> None:
         dns = FixedDns({"hooks.test": [[FIRST]]})
         with pytest.raises(ConnectionRefusedError):
             await _post(f"http://hooks.test:{port}/hooks", dns, client)
+
+
+# -- kept connections --------------------------------------------------------------------------
+
+
+async def test_posts_to_one_url_share_one_connection() -> None:
+    async with _serving() as endpoints, _client() as client:
+        dns = FixedDns({"hooks.test": [[FIRST]]})
+        for _ in range(3):
+            answer = await _post(f"http://hooks.test:{endpoints.port}/hooks", dns, client)
+            assert answer.status == 200
+        endpoint = endpoints.by_address[FIRST]
+        assert len(endpoint.hits) == 3
+        assert endpoint.opened(f"hooks.test:{endpoints.port}") == 1
+
+
+async def test_a_changed_dns_answer_gets_a_new_connection_to_the_new_address() -> None:
+    async with _serving() as endpoints, _client() as client:
+        dns = FixedDns({"rebind.test": [[FIRST], [SECOND]]})
+        url = f"http://rebind.test:{endpoints.port}/hooks"
+        await _post(url, dns, client)
+        await _post(url, dns, client)  # the kept connection to FIRST is not the new answer's
+        host = f"rebind.test:{endpoints.port}"
+        assert endpoints.by_address[FIRST].hits == [f"{host} /hooks"]
+        assert endpoints.by_address[SECOND].hits == [f"{host} /hooks"]
+        assert [key.addresses for key in client.pools] == [
+            frozenset({ipaddress.ip_address(FIRST)}),
+            frozenset({ipaddress.ip_address(SECOND)}),
+        ]
+
+
+async def test_each_host_name_has_its_own_connections_at_one_address() -> None:
+    async with _serving() as endpoints, _client() as client:
+        dns = FixedDns({"a.test": [[FIRST]], "b.test": [[FIRST]]})
+        for name in ("a", "b", "a", "b"):
+            await _post(f"http://{name}.test:{endpoints.port}/hooks", dns, client)
+        endpoint = endpoints.by_address[FIRST]
+        assert endpoint.opened(f"a.test:{endpoints.port}") == 1
+        assert endpoint.opened(f"b.test:{endpoints.port}") == 1
+        assert len(endpoint.connections) == 2
+
+
+async def test_a_connection_with_an_unread_answer_is_not_kept() -> None:
+    async with _serving() as endpoints, _client() as client:
+        dns = FixedDns({"hooks.test": [[FIRST]]})
+        await _post(f"http://hooks.test:{endpoints.port}/large", dns, client)
+        answer = await _post(f"http://hooks.test:{endpoints.port}/hooks", dns, client)
+        assert answer.status == 200
+        assert endpoints.by_address[FIRST].opened(f"hooks.test:{endpoints.port}") == 2
+
+
+async def test_pools_beyond_the_cap_close_the_least_recently_used() -> None:
+    async with _serving() as endpoints, _client(PoolSettings(max_pools=2)) as client:
+        dns = FixedDns({name: [[FIRST]] for name in ("a.test", "b.test", "c.test")})
+        port = endpoints.port
+        for name in ("a", "b", "a", "c"):  # b is the least recently used when c comes
+            await _post(f"http://{name}.test:{port}/hooks", dns, client)
+        endpoint = endpoints.by_address[FIRST]
+        await eventually(lambda: endpoint.open() == [f"a.test:{port}", f"c.test:{port}"])
+        assert [key.host for key in client.pools] == ["a.test", "c.test"]
+        await _post(f"http://a.test:{port}/hooks", dns, client)
+        await _post(f"http://b.test:{port}/hooks", dns, client)
+        assert (endpoint.opened(f"a.test:{port}"), endpoint.opened(f"b.test:{port}")) == (1, 2)
+
+
+async def test_eviction_leaves_a_pool_with_a_post_in_flight_open_until_it_ends() -> None:
+    async with _serving() as endpoints, _client(PoolSettings(max_pools=1)) as client:
+        dns = FixedDns({"held.test": [[FIRST]], "other.test": [[SECOND]]})
+        port = endpoints.port
+        held = asyncio.create_task(_post(f"http://held.test:{port}/held", dns, client))
+        first = endpoints.by_address[FIRST]
+        await eventually(lambda: len(first.hits) == 1)
+        await _post(f"http://other.test:{port}/hooks", dns, client)  # evicts held.test's pool
+        assert [key.host for key in client.pools] == ["other.test"]
+        first.release.set()
+        assert (await held).status == 200  # a closed pool would have cut it off
+        await eventually(lambda: first.open() == [])
+        assert endpoints.by_address[SECOND].open() == [f"other.test:{port}"]
+
+
+async def test_idle_connections_close_after_the_keepalive() -> None:
+    # The server keeps an idle connection 75 s: a close within the poll is the client's.
+    async with _serving() as endpoints, _client(PoolSettings(keepalive_s=0.2)) as client:
+        dns = FixedDns({"hooks.test": [[FIRST]]})
+        port = endpoints.port
+        await _post(f"http://hooks.test:{port}/hooks", dns, client)
+        endpoint = endpoints.by_address[FIRST]
+        assert endpoint.open() == [f"hooks.test:{port}"]
+        await eventually(lambda: endpoint.open() == [])
+        assert len(client.pools) == 1  # the pool stays; its next post connects anew
+        await _post(f"http://hooks.test:{port}/hooks", dns, client)
+        assert endpoint.opened(f"hooks.test:{port}") == 2
+
+
+async def test_close_closes_every_connection_kept_or_in_use() -> None:
+    async with _serving() as endpoints:
+        client = DeliveryClient(PoolSettings(max_pools=1))
+        dns = FixedDns({"held.test": [[FIRST]], "a.test": [[SECOND]]})
+        port = endpoints.port
+        held = asyncio.create_task(_post(f"http://held.test:{port}/held", dns, client))
+        await eventually(lambda: len(endpoints.by_address[FIRST].hits) == 1)
+        await _post(f"http://a.test:{port}/hooks", dns, client)  # held.test's pool is evicted
+        assert [len(e.open()) for e in endpoints.by_address.values()] == [1, 1]
+        await client.close()
+        assert client.pools == []
+        by_address = endpoints.by_address
+        await eventually(lambda: all(e.open() == [] for e in by_address.values()))
+        with pytest.raises(ConnectionError, match="Server disconnected"):
+            await held  # cut off by the stop, not by its timeout

@@ -152,6 +152,23 @@ async def test_every_event_is_delivered_once_after_the_endpoint_comes_back(
     assert receiver.keys() == {n.notification_id: 1 for n in sent}
 
 
+async def test_an_endpoint_that_went_down_after_a_delivery_gets_the_next_event_once_back(
+    tmp_path: Path,
+) -> None:
+    async with notifier(tmp_path, {**FAST, **SETTLED}) as service:
+        with receiving_webhooks() as receiver:
+            first = await service.send("evt_1", receiver.url())
+            assert first.delivery_status == pb.DELIVERY_STATUS_DELIVERED
+        # Down: the connection kept from the first delivery went with it.
+        second = await service.send("evt_2", receiver.url())
+        assert second.delivery_status == pb.DELIVERY_STATUS_PENDING
+        assert "ConnectionRefused" in second.last_error
+        with receiving_webhooks(receiver):
+            final = await service.settled(second.notification_id, pb.DELIVERY_STATUS_DELIVERED)
+    assert final.delivery_status == pb.DELIVERY_STATUS_DELIVERED
+    assert receiver.keys() == {first.notification_id: 1, second.notification_id: 1}
+
+
 async def test_retries_of_an_event_carry_one_idempotency_key_until_accepted(
     tmp_path: Path,
 ) -> None:

@@ -2,9 +2,9 @@
 
 The receiver records each request exactly as it arrived (path, headers, raw body), so a test
 checks the signature the way a merchant would; it can answer failures first, answer late, or
-be stopped and started again on the same port (a partner down, then back). ``FixedDns`` is
-notification-service's resolver with fixed answers, counting lookups (names under ``.test``
-exist nowhere else).
+be stopped (its kept connections ended too) and started again on the same port (a partner
+down, then back). ``FixedDns`` is notification-service's resolver with fixed answers, counting
+lookups (names under ``.test`` exist nowhere else).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +100,28 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     receiver: WebhookReceiver
 
+    def __init__(self, address: tuple[str, int], handler: type[_Handler]) -> None:
+        super().__init__(address, handler)
+        self.open_connections: set[socket.socket] = set()
+        self.connections_lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self.connections_lock:
+            self.open_connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self.connections_lock:
+            self.open_connections.discard(request)
+        super().shutdown_request(request)
+
+    def drop_connections(self) -> None:
+        """End the kept connections too: a stopped endpoint answers nothing on them."""
+        with self.connections_lock:
+            for connection in self.open_connections:
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)
+
 
 @contextlib.contextmanager
 def receiving_webhooks(receiver: WebhookReceiver | None = None) -> Iterator[WebhookReceiver]:
@@ -113,6 +136,7 @@ def receiving_webhooks(receiver: WebhookReceiver | None = None) -> Iterator[Webh
     finally:
         server.shutdown()
         server.server_close()
+        server.drop_connections()
         thread.join()
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Sequence
 
 import pytest
 
 from services.notification.delivery import (
     DestinationPolicy,
+    PinnedResolver,
     RefusedDestination,
     Resolver,
     parse,
@@ -162,3 +164,13 @@ def test_sandbox_plays_example_merchants_in_development_only() -> None:
     assert played_by_sandbox(destination, DEV)
     assert not played_by_sandbox(destination, PROD)
     assert not played_by_sandbox(parse("https://example.com/", DEV), DEV)
+
+
+async def test_a_pools_resolver_answers_its_own_host_with_its_checked_addresses_only() -> None:
+    checked = [ipaddress.ip_address("203.0.113.7"), ipaddress.ip_address("2001:db8::7")]
+    pinned = PinnedResolver("hooks.test", 443, checked)
+    answer = await pinned.resolve("hooks.test", 443)
+    assert [(a["host"], a["port"]) for a in answer] == [("203.0.113.7", 443), ("2001:db8::7", 443)]
+    for host, port in (("other.test", 443), ("hooks.test", 80)):
+        with pytest.raises(OSError, match="no checked address"):
+            await pinned.resolve(host, port)

@@ -8,6 +8,7 @@ import pytest
 
 from services.mesh.bootstrap import StartupError
 from services.notification.config import NotificationConfig
+from services.notification.delivery import PoolSettings
 from services.notification.dispatch import LoopSettings
 from services.notification.schedule import DeliverySchedule
 
@@ -66,6 +67,7 @@ def test_settings_default_without_environment(tmp_path: Path) -> None:
     config = NotificationConfig.from_environ({}, tmp_path)
     assert config.schedule == DeliverySchedule()
     assert config.loop == LoopSettings(scan_interval_s=1.0, concurrency=8, inline_wait_s=1.0)
+    assert config.pools == PoolSettings(max_pools=64, keepalive_s=4.0)
 
 
 def test_settings_are_read_from_the_environment(tmp_path: Path) -> None:
@@ -77,6 +79,8 @@ def test_settings_are_read_from_the_environment(tmp_path: Path) -> None:
             "NOTIFICATION_SERVICE_DELIVERY_SCAN_S": "0.5",
             "NOTIFICATION_SERVICE_DELIVERY_CONCURRENCY": "3",
             "NOTIFICATION_SERVICE_INLINE_WAIT_S": "0.25",
+            "NOTIFICATION_SERVICE_WEBHOOK_POOLS": "5",
+            "NOTIFICATION_SERVICE_WEBHOOK_KEEPALIVE_S": "1.5",
         },
         tmp_path,
     )
@@ -84,6 +88,7 @@ def test_settings_are_read_from_the_environment(tmp_path: Path) -> None:
         initial_backoff_s=2, max_backoff_s=60, horizon_s=86400
     )
     assert config.loop == LoopSettings(scan_interval_s=0.5, concurrency=3, inline_wait_s=0.25)
+    assert config.pools == PoolSettings(max_pools=5, keepalive_s=1.5)
 
 
 @pytest.mark.parametrize(
@@ -95,6 +100,12 @@ def test_settings_are_read_from_the_environment(tmp_path: Path) -> None:
         ("NOTIFICATION_SERVICE_DELIVERY_SCAN_S", "-1"),
         ("NOTIFICATION_SERVICE_DELIVERY_CONCURRENCY", "2.5"),
         ("NOTIFICATION_SERVICE_INLINE_WAIT_S", "nan"),
+        ("NOTIFICATION_SERVICE_WEBHOOK_POOLS", "0"),
+        ("NOTIFICATION_SERVICE_WEBHOOK_POOLS", "many"),
+        ("NOTIFICATION_SERVICE_WEBHOOK_POOLS", "1.5"),
+        ("NOTIFICATION_SERVICE_WEBHOOK_KEEPALIVE_S", "0"),
+        ("NOTIFICATION_SERVICE_WEBHOOK_KEEPALIVE_S", "inf"),
+        ("NOTIFICATION_SERVICE_WEBHOOK_KEEPALIVE_S", "long"),
     ],
 )
 def test_bad_setting_stops_the_start_naming_the_variable(
@@ -102,3 +113,9 @@ def test_bad_setting_stops_the_start_naming_the_variable(
 ) -> None:
     with pytest.raises(StartupError, match=variable):
         NotificationConfig.from_environ({variable: value}, tmp_path)
+
+
+@pytest.mark.parametrize("changes", [{"max_pools": 0}, {"keepalive_s": 0}, {"keepalive_s": -1.0}])
+def test_pool_settings_refuse_nonsense(changes: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        PoolSettings(**changes)  # type: ignore[arg-type]
