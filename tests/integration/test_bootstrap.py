@@ -250,9 +250,7 @@ async def test_missing_declared_service_is_a_startup_error(tmp_path: Path) -> No
         )
 
 
-async def test_watcher_woken_between_the_shutdown_flag_and_the_status_still_carries_not_serving() -> (
-    None
-):
+async def test_watcher_woken_between_shutdown_flag_and_status_still_carries_not_serving() -> None:
     # grpcio-health-checking raises its shutdown flag before it turns each status. A watcher
     # woken in between (here by an unchanged SERVING set just then) must wait for NOT_SERVING
     # and carry it before its stream ends, or a client sees a stream end with no reason.
