@@ -4,8 +4,12 @@ Every mutating downstream call carries a request id derived from the payment or 
 running a flow again from any committed step (after a crash, or in the recovery pass) repeats
 nothing: the channel dedupes the charge by its key, the ledger by the transaction id, and so on.
 That is also why a step's result is committed together with the next state where nothing
-lies between them: the order's result with CHARGING, the ledger posting with the terminal
-status (a crash before that commit repeats the call, which the callee dedupes).
+lies between them: the order's result with CHARGING, the ledger posting (a payment's capture,
+a refund's reversal) with the terminal status (a crash before that commit repeats the call,
+which the callee dedupes: the ledger replays a post of the same request id and transaction).
+A live request's payment or refund is leased to this replica by the commit that created it
+and released by the one that finishes it, so its run claims nothing; a recovery pass claims
+the lease once, before it runs the steps.
 A terminal status writes its announcements to the outbox in the same transaction (webhook,
 analytics event, the order's new status); the flow only wakes the relay, it never waits for
 them, so none of them delays the merchant's answer.
@@ -53,6 +57,8 @@ from services.payment_gateway.dependencies import DependencyWatch
 from services.payment_gateway.events import order_id_of
 from services.payment_gateway.outbox import Route
 from services.payment_gateway.store import (
+    PAYMENT_LEASES,
+    REFUND_LEASES,
     PaymentRecord,
     PaymentStore,
     RefundRecord,
@@ -212,19 +218,22 @@ class PaymentFlow:
         self._hold_file = hold_file
         self._driving: set[str] = set()
         # Leased: of the gateway's replicas, only the one holding a payment's lease drives it.
+        # The store's terminal transaction releases it (done_releases).
         self._payments: StepRunner[PaymentRecord] = StepRunner(
             load=store.payment,
             done=lambda p: p.step == Step.FINISHED,
             step_of=_step_of,
             leases=store.leases,
-            lease_prefix="payments",
+            lease_prefix=PAYMENT_LEASES,
+            done_releases=True,
         )
         self._refunds: StepRunner[RefundRecord] = StepRunner(
             load=store.refund,
             done=lambda r: r.step == RefundStep.FINISHED,
             step_of=_step_of,
             leases=store.leases,
-            lease_prefix="refunds",
+            lease_prefix=REFUND_LEASES,
+            done_releases=True,
         )
 
     @property
@@ -257,13 +266,20 @@ class PaymentFlow:
     # --- payments ---------------------------------------------------------------------------
 
     async def run_payment(
-        self, payment_id: str, *, recovering: bool = False, stop_after: str | None = None
+        self,
+        payment_id: str,
+        *,
+        recovering: bool = False,
+        claimed: bool = False,
+        stop_after: str | None = None,
     ) -> pg.Payment | None:
         """Drive a payment from its committed step to a terminal status (its announcements
         are in the outbox by then; they are not waited for).
 
-        ``stop_after`` stops once that step is committed (returns ``None``): it leaves the
-        store exactly as a process killed right after that step would.
+        ``claimed``: this replica holds the payment's lease already (``begin_payment``
+        claimed it with the new row). ``stop_after`` stops once that step is committed
+        (returns ``None``): it leaves the store exactly as a process killed right after that
+        step would.
 
         Raises:
             PaymentNotStarted: (not ``recovering``) risk or order failed without an answer;
@@ -272,7 +288,7 @@ class PaymentFlow:
         """
         if stop_after is None:
             step = functools.partial(self._step, recovering=recovering)
-            return payment_message(await self._payments.run(payment_id, step))
+            return payment_message(await self._payments.run(payment_id, step, claimed=claimed))
         # The crash tests' hook: in the caller's task, stopping once that step is committed.
         payment = self._store.payment(payment_id)
         while payment.step != Step.FINISHED:
@@ -545,14 +561,33 @@ class PaymentFlow:
 
     # --- refunds ----------------------------------------------------------------------------
 
-    async def run_refund(self, refund_id: str) -> pg.RefundPaymentResponse:
+    def _reversal_request(self, r: RefundRecord) -> accounting_pb2.PostTransactionRequest:
+        # From the stored row only, so a re-post after a crash is the very same transaction.
+        settled = common_pb2.Money(
+            amount_minor=r.settlement_minor, currency_code=r.settlement_currency_code
+        )
+        return accounting_pb2.PostTransactionRequest(
+            request_id=f"{r.refund_id}:ledger",
+            transaction_id=ledger.refund_transaction_id(r.refund_id),
+            kind=accounting_pb2.TRANSACTION_KIND_REFUND,
+            reference_id=r.refund_id,
+            description=f"refund {r.refund_id} of payment {r.payment_id}",
+            postings=ledger.refund_postings(r.merchant_id, settled),
+        )
+
+    async def run_refund(
+        self, refund_id: str, *, claimed: bool = False
+    ) -> pg.RefundPaymentResponse:
         """Drive a refund from its committed step to a terminal status (announced through
         the outbox).
+
+        ``claimed``: this replica holds the refund's lease already (``begin_refund`` claimed
+        it with the new row).
 
         Raises:
             PaymentPending: a step's outcome is unknown; the refund stays PENDING.
         """
-        refund = await self._refunds.run(refund_id, self._refund_step)
+        refund = await self._refunds.run(refund_id, self._refund_step, claimed=claimed)
         payment = self._store.payment(refund.payment_id)
         return pg.RefundPaymentResponse(
             refund=refund_message(refund), payment=payment_message(payment)
@@ -586,29 +621,25 @@ class PaymentFlow:
                 r.refund_id, RefundStep.REFUNDED, channel_refund_id=reply.refund.charge_refund_id
             )
         if r.step == RefundStep.REFUNDED:
-            transaction_id = ledger.refund_transaction_id(r.refund_id)
-            settled = common_pb2.Money(
-                amount_minor=r.settlement_minor, currency_code=r.settlement_currency_code
-            )
+            request = self._reversal_request(r)
             try:
-                await self._down.accounting.PostTransaction(
-                    accounting_pb2.PostTransactionRequest(
-                        request_id=f"{r.refund_id}:ledger",
-                        transaction_id=transaction_id,
-                        kind=accounting_pb2.TRANSACTION_KIND_REFUND,
-                        reference_id=r.refund_id,
-                        description=f"refund {r.refund_id} of payment {r.payment_id}",
-                        postings=ledger.refund_postings(r.merchant_id, settled),
-                    )
-                )
+                await self._down.accounting.PostTransaction(request)
             except CallError as error:
                 # The channel already gave the money back, so the ledger must record it: the
                 # refund stays pending (and is retried) whatever the ledger said.
                 raise PaymentPending(r.refund_id, r.step, error.details() or "") from error
-            return self._store.advance_refund(
-                r.refund_id, RefundStep.POSTED, ledger_transaction_id=transaction_id
+            # Posted: the ledger's result commits with the terminal status. A crash before
+            # that commit re-posts the same request (same request id and transaction id,
+            # built from the row), which the ledger replays instead of posting it twice.
+            self._store.finish_refund(
+                r.refund_id,
+                pg.REFUND_STATUS_SUCCEEDED,
+                ledger_transaction_id=request.transaction_id,
             )
+            self._on_outbox()
+            return self._store.refund(r.refund_id)
         if r.step == RefundStep.POSTED:
+            # Only in rows an earlier version wrote: the reversal is in the ledger already.
             self._store.finish_refund(r.refund_id, pg.REFUND_STATUS_SUCCEEDED)
             self._on_outbox()
             return self._store.refund(r.refund_id)

@@ -146,10 +146,11 @@ class PaymentGatewayServicer(payment_gateway_pb2_grpc.PaymentGatewayServiceServi
         )
         if isinstance(started, pg.CreatePaymentResponse):
             return started  # a replay: nothing downstream is called again
-        # Marked before the first await, so a recovery pass never drives it at the same time.
+        # Leased to this replica by the commit that created it, so no peer's recovery pass
+        # takes it; marked before the first await, so this process's own pass leaves it too.
         with self._flow.driving(started.payment_id):
             try:
-                payment = await self._flow.run_payment(started.payment_id)
+                payment = await self._flow.run_payment(started.payment_id, claimed=True)
             except PaymentNotStarted as refused:
                 raise Unavailable(
                     f"payment not started: {refused.target} is unavailable ({refused.cause});"
@@ -229,7 +230,7 @@ class PaymentGatewayServicer(payment_gateway_pb2_grpc.PaymentGatewayServiceServi
             return started
         with self._flow.driving(started.refund_id):
             try:
-                return await self._flow.run_refund(started.refund_id)
+                return await self._flow.run_refund(started.refund_id, claimed=True)
             except PaymentPending as pending:
                 raise Unavailable(
                     f"refund {pending.payment_id} is still pending ({pending.cause}); it will be"

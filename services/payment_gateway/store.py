@@ -6,6 +6,12 @@ exactly where each unfinished payment stopped (a step whose call the callee dedu
 its result with the next step's state). Reaching a terminal status, completing the
 idempotency claim with the final response and writing the outbox rows that announce it
 (webhook, analytics event, order status) happen in one transaction.
+
+The lease of a new payment or refund (which replica drives it) is claimed in the transaction
+that creates it, so no peer's recovery pass can take it between its creation and its claim,
+and released in the one that gives it its terminal status: a successful payment is five
+commits (create, risk, order, charge, terminal status), a refund three (create, channel,
+terminal status with its ledger posting).
 """
 
 from __future__ import annotations
@@ -34,6 +40,9 @@ from services.storage.sql import Database, Row, Statements, seconds_to_ns, times
 
 CREATE_METHOD = "CreatePayment"
 REFUND_METHOD = "RefundPayment"
+#: The first part of a payment's and of a refund's lease key (``payments/<payment_id>``).
+PAYMENT_LEASES = "payments"
+REFUND_LEASES = "refunds"
 
 
 class Step:
@@ -67,7 +76,8 @@ class RefundStep:
     REFUNDED = "refunded"
     """The channel refunded the money."""
     POSTED = "posted"
-    """The reversal is in the ledger."""
+    """The reversal is in the ledger (rows of earlier versions only: the ledger's result is
+    now committed with the terminal status)."""
     FINISHED = "finished"
     """Terminal status reached and the idempotency claim completed."""
 
@@ -217,6 +227,16 @@ def _refund_record(row: Row) -> RefundRecord:
     return RefundRecord(**{name: row[name] for name in _REFUND_COLUMNS})
 
 
+def payment_lease(payment_id: str) -> str:
+    """The lease key of a payment: whichever replica holds it drives the payment's flow."""
+    return leases.work_key(PAYMENT_LEASES, payment_id)
+
+
+def refund_lease(refund_id: str) -> str:
+    """The lease key of a refund."""
+    return leases.work_key(REFUND_LEASES, refund_id)
+
+
 _REFUNDABLE = (pg.PAYMENT_STATUS_SUCCEEDED, pg.PAYMENT_STATUS_PARTIALLY_REFUNDED)
 #: Refund statuses that hold part of the captured amount (a pending refund reserves it).
 _HOLDING = (pg.REFUND_STATUS_PENDING, pg.REFUND_STATUS_SUCCEEDED)
@@ -321,7 +341,8 @@ class PaymentStore:
         """Claim ``key`` and write the PENDING payment, or return the replay of a finished one.
 
         ``key`` is the request id scoped to the merchant (two merchants' ids never collide);
-        ``request`` is what the fingerprint is taken of.
+        ``request`` is what the fingerprint is taken of. The new payment's lease is this
+        replica's from the same commit (its flow runs with ``claimed``).
 
         Raises:
             InvalidArgument: the key was used with a different body.
@@ -366,6 +387,7 @@ class PaymentStore:
                     now,
                 ),
             )
+            self.leases.require(payment_lease(payment_id), tx=tx)
             return self._payment(payment_id)
 
     def advance(self, payment: PaymentRecord | str, step: str, **fields: Any) -> PaymentRecord:
@@ -384,8 +406,8 @@ class PaymentStore:
     def finish(
         self, payment_id: str, status: pg.PaymentStatus.ValueType, **fields: Any
     ) -> PaymentRecord:
-        """Set the terminal status and complete the request id's claim, in one transaction;
-        returns the finished row."""
+        """Set the terminal status, complete the request id's claim and release the
+        payment's lease, in one transaction; returns the finished row."""
         with self._db.transaction() as tx:
             now = self._db.clock_ns()
             self._update(
@@ -408,6 +430,7 @@ class PaymentStore:
                 pg.CreatePaymentResponse(payment=payment),
             )
             self.outbox.add(tx, payment_id, payment_events(record))
+            self.leases.release(payment_lease(payment_id), tx=tx)
             return record
 
     def abandon(self, payment_id: str, *, reason: str) -> None:
@@ -509,7 +532,8 @@ class PaymentStore:
     ) -> RefundRecord | pg.RefundPaymentResponse:
         """Claim ``key`` and reserve the refund against the payment, or return the replay.
 
-        ``amount_minor`` of ``None`` means everything still refundable.
+        ``amount_minor`` of ``None`` means everything still refundable. The new refund's
+        lease is this replica's from the same commit (its flow runs with ``claimed``).
 
         Raises:
             NotFound: the payment does not exist.
@@ -580,6 +604,7 @@ class PaymentStore:
                     now,
                 ),
             )
+            self.leases.require(refund_lease(refund_id), tx=tx)
             return self._refund(refund_id)
 
     def advance_refund(self, refund_id: str, step: str, **fields: Any) -> RefundRecord:
@@ -588,9 +613,20 @@ class PaymentStore:
         return self._refund(refund_id)
 
     def finish_refund(
-        self, refund_id: str, status: pg.RefundStatus.ValueType, *, failure_reason: str = ""
+        self,
+        refund_id: str,
+        status: pg.RefundStatus.ValueType,
+        *,
+        failure_reason: str = "",
+        ledger_transaction_id: str = "",
     ) -> pg.RefundPaymentResponse:
-        """Set the refund's terminal status, apply it to the payment, complete the claim."""
+        """Set the refund's terminal status, apply it to the payment, complete the claim and
+        release the refund's lease, in one transaction.
+
+        Args:
+            ledger_transaction_id: the reversal's ledger transaction, posted just before
+                (committed here with the status; empty keeps the stored one).
+        """
         with self._db.transaction() as tx:
             now = self._db.clock_ns()
             refund = self._refund(refund_id)
@@ -624,6 +660,7 @@ class PaymentStore:
                 failure_reason=failure_reason,
                 order_status=order_status,
                 finish_time_ns=now,
+                ledger_transaction_id=ledger_transaction_id or refund.ledger_transaction_id,
             )
             finished, payment = self._refund(refund_id), self._payment(refund.payment_id)
             response = pg.RefundPaymentResponse(
@@ -631,6 +668,7 @@ class PaymentStore:
             )
             self._db.complete(tx, REFUND_METHOD, refund.idempotency_key, response)
             self.outbox.add(tx, refund_id, refund_events(finished, payment))
+            self.leases.release(refund_lease(refund_id), tx=tx)
             return response
 
     def refund(self, refund_id: str) -> RefundRecord:

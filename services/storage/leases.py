@@ -7,6 +7,10 @@ peer's claim succeeds and it takes the work over (at once when the holder was a 
 this host that is gone: a restarted replica resumes its predecessor's work). The owner is this
 process's :func:`replica_id`. The lease period is ``PAYMESH_LEASE_S`` (:data:`DEFAULT_LEASE_S`).
 The SQL is portable: an insert that keeps an existing row, then one guarded ``UPDATE``.
+
+A claim or release runs in a transaction of its own, or in the caller's (``tx=``): work created
+in a transaction is leased by that very commit (no peer can take it between its creation and
+its claim), and work finished in one gives its lease up with the same commit.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from pathlib import Path
 
 from interceptors.errors import Reason
 from services.mesh.errors import Aborted
-from services.storage.sql import Database, register_base_tables, seconds_to_ns
+from services.storage.sql import Database, Statements, register_base_tables, seconds_to_ns
 
 log = logging.getLogger("paymesh.leases")
 
@@ -134,6 +138,25 @@ class Holder:
     until_ns: int
 
 
+class HeldLease:
+    """A lease :meth:`Leases.held` holds for a block."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.release_at_end = True
+        """Whether the block's end releases it (not when :meth:`released` was called)."""
+
+    def released(self) -> None:
+        """Say a transaction of the block released the lease already (with its last write);
+        call it only after that transaction committed, with no await since."""
+        self.release_at_end = False
+
+
+def work_key(kind: str, key: str) -> str:
+    """The lease key of the work ``key`` of a kind (``payments/pay_...``)."""
+    return f"{kind}/{key}"
+
+
 class Leases:
     """The lease table of one database, claimed for one owner (this replica).
 
@@ -155,26 +178,44 @@ class Leases:
         """Pause between two renewals of a held lease: three renewals fit in one period."""
         return self.lease_s / 3
 
-    def claim(self, key: str) -> bool:
-        """Take or renew the lease ``key``; False when another replica holds it unexpired."""
+    def claim(self, key: str, *, tx: Statements | None = None) -> bool:
+        """Take or renew the lease ``key``; False when another replica holds it unexpired.
+
+        Args:
+            tx: an open transaction of this database to claim in (it commits with the
+                caller's writes); by default the claim is a transaction of its own.
+        """
+        if tx is not None:
+            return self._claim(tx, key)
+        with self._db.transaction() as own:
+            return self._claim(own, key)
+
+    def _claim(self, tx: Statements, key: str) -> bool:
         now = self._db.clock_ns()
         until = now + seconds_to_ns(self.lease_s)
-        with self._db.transaction() as tx:
-            row = {"lease_key": key, "owner": self.owner, "until_ns": until}
-            if tx.insert("leases", row, unless_exists=True):
-                return True
-            if tx.run(_TAKE, (self.owner, until, key, self.owner, now)) == 1:
-                return True
-            holder = tx.one(_HOLDER, (key,))
-            if holder is None or not died_on_this_host(str(holder["owner"])):
-                return False
-            log.info("lease %s: its holder %s is gone; taken over at once", key, holder["owner"])
-            return tx.run(_TAKE_FROM, (self.owner, until, key, holder["owner"])) == 1
+        row = {"lease_key": key, "owner": self.owner, "until_ns": until}
+        if tx.insert("leases", row, unless_exists=True):
+            return True
+        if tx.run(_TAKE, (self.owner, until, key, self.owner, now)) == 1:
+            return True
+        holder = tx.one(_HOLDER, (key,))
+        if holder is None or not died_on_this_host(str(holder["owner"])):
+            return False
+        log.info("lease %s: its holder %s is gone; taken over at once", key, holder["owner"])
+        return tx.run(_TAKE_FROM, (self.owner, until, key, holder["owner"])) == 1
 
-    def release(self, key: str) -> None:
-        """Give the lease up (if it is still ours), so a peer need not wait for it to expire."""
-        with self._db.transaction() as tx:
+    def release(self, key: str, *, tx: Statements | None = None) -> None:
+        """Give the lease up (if it is still ours), so a peer need not wait for it to expire.
+
+        Args:
+            tx: an open transaction of this database to release in (the work's last write,
+                say); by default the release is a transaction of its own.
+        """
+        if tx is not None:
             tx.run(_RELEASE, (key, self.owner))
+            return
+        with self._db.transaction() as own:
+            own.run(_RELEASE, (key, self.owner))
 
     def holder(self, key: str) -> Holder | None:
         """Who holds ``key`` now; None when nobody does (no row, or expired)."""
@@ -183,26 +224,39 @@ class Leases:
             return None
         return Holder(owner=str(row["owner"]), until_ns=int(row["until_ns"]))
 
-    def require(self, key: str) -> None:
-        """Claim ``key`` or raise :class:`LeaseHeld` naming its holder."""
-        if not self.claim(key):
+    def require(self, key: str, *, tx: Statements | None = None) -> None:
+        """Claim ``key`` (in ``tx``, as :meth:`claim`) or raise :class:`LeaseHeld` naming its
+        holder (a refusal raised inside ``tx`` rolls the caller's transaction back)."""
+        if not self.claim(key, tx=tx):
             holder = self.holder(key)
             raise LeaseHeld(key, holder.owner if holder is not None else "unknown")
 
     @contextlib.asynccontextmanager
     async def held(
-        self, key: str, *, on_lost: Callable[[], None] | None = None
-    ) -> AsyncIterator[None]:
+        self,
+        key: str,
+        *,
+        on_lost: Callable[[], None] | None = None,
+        claimed: bool = False,
+    ) -> AsyncIterator[HeldLease]:
         """Hold ``key`` for the block, renewing it; released at the end.
 
-        Raises:
-            LeaseHeld: another replica holds it.
+        Args:
+            on_lost: called when a renewal finds the lease taken (this replica stalled past
+                its period and a peer took the work over): the block must stop; by default
+                its task is cancelled.
+            claimed: the caller holds the lease already (it claimed it just now, perhaps in
+                the transaction that created the work): no claim of its own before the block.
 
-        ``on_lost`` is called when a renewal finds the lease taken (this replica stalled past
-        its period and a peer took the work over): the block must stop; by default its task
-        is cancelled.
+        The block gets a :class:`HeldLease`; when a transaction of the block released the
+        lease (``release(key, tx=...)`` with the work's last write), it says so with
+        :meth:`HeldLease.released` and the end commits no release of its own.
+
+        Raises:
+            LeaseHeld: another replica holds it (not with ``claimed``).
         """
-        self.require(key)
+        if not claimed:
+            self.require(key)
         task = asyncio.current_task()
 
         def cancel_task() -> None:
@@ -210,14 +264,16 @@ class Leases:
                 task.cancel()
 
         lost = on_lost or cancel_task
+        lease = HeldLease(key)
         renewer = asyncio.create_task(self._renew(key, lost), name=f"lease {key}")
         try:
-            yield
+            yield lease
         finally:
             renewer.cancel()
             await asyncio.gather(renewer, return_exceptions=True)
-            with contextlib.suppress(Exception):  # an unreleased lease only expires
-                self.release(key)
+            if lease.release_at_end:
+                with contextlib.suppress(Exception):  # an unreleased lease only expires
+                    self.release(key)
 
     async def _renew(self, key: str, lost: Callable[[], None]) -> None:
         while True:

@@ -40,7 +40,7 @@ from services.mesh.bootstrap import StartupError
 from services.mesh.errors import Aborted, NotFound
 from services.mesh.topology import env_prefix
 from services.storage import idempotency
-from services.storage.leases import LeaseHeld, Leases, replica_id
+from services.storage.leases import LeaseHeld, Leases, replica_id, work_key
 from services.storage.sql import Database, Row, Statements
 
 #: The step of finished work (the value each service's ``Step.DONE`` has).
@@ -292,9 +292,11 @@ class StepRunner(Generic[WorkT]):
     at close (or by a crash) resumes from its last committed step.
 
     With ``leases``, only the replica holding the work's lease (``<lease_prefix>/<id>``)
-    drives it: the lease is claimed before the task starts (:class:`LeaseHeld` when a peer
-    holds it), renewed while it runs and released when it ends; a renewal that finds it
-    taken stops the task (:class:`LeaseHeld` too).
+    drives it: the lease is claimed once, before the task starts (:class:`LeaseHeld` when a
+    peer holds it), unless the caller says it claimed it already (``claimed``: in the
+    transaction that created the work); it is renewed while the task runs and released when
+    it ends, or by the step that finished the work (``done_releases``); a renewal that finds
+    it taken stops the task (:class:`LeaseHeld` too).
 
     Args:
         load: the latest stored state of the work with an id.
@@ -303,6 +305,10 @@ class StepRunner(Generic[WorkT]):
             outage, left for a replay or the next recovery pass).
         leases: the lease table, for work other replicas of the service may also drive.
         lease_prefix: what the work is (``payments``), the first part of its lease key.
+        done_releases: the transaction that makes the work done also releases its lease
+            (:meth:`Leases.release` with ``tx=``), so a run that finished it commits no
+            release of its own. That step returns with no await after that commit (a
+            renewal in between would claim the lease anew, and leave it to expire).
     """
 
     def __init__(
@@ -313,12 +319,14 @@ class StepRunner(Generic[WorkT]):
         step_of: Callable[[WorkT], str],
         leases: Leases | None = None,
         lease_prefix: str = "work",
+        done_releases: bool = False,
     ) -> None:
         self._load = load
         self._done = done
         self._step_of = step_of
         self._leases = leases
         self._lease_prefix = lease_prefix
+        self._done_releases = done_releases
         self._work: dict[str, asyncio.Task[WorkT]] = {}
 
     def running(self, key: str) -> bool:
@@ -331,12 +339,15 @@ class StepRunner(Generic[WorkT]):
         step: Callable[[WorkT], Awaitable[WorkT]],
         *,
         then: Callable[[WorkT], None] | None = None,
+        claimed: bool = False,
     ) -> WorkT:
         """Drive ``key`` to done (or until a step does not move) in its own task.
 
         Args:
             step: runs the work's next step and returns it as persisted after it.
             then: called in the task with the work as the run left it.
+            claimed: the caller holds the work's lease already (claimed in the transaction
+                that created it), so the run claims nothing.
 
         Raises:
             LeaseHeld: another replica drives it (or took it over midway).
@@ -344,7 +355,7 @@ class StepRunner(Generic[WorkT]):
         """
         task = self._work.get(key)
         if task is None:
-            if self._leases is not None:  # before the task: no other claim between
+            if self._leases is not None and not claimed:  # before the task: nothing between
                 self._leases.require(self.lease_key(key))
             task = asyncio.create_task(self._drive(key, step, then))
             self._work[key] = task
@@ -365,7 +376,7 @@ class StepRunner(Generic[WorkT]):
 
     def lease_key(self, key: str) -> str:
         """The lease key of the work ``key``."""
-        return f"{self._lease_prefix}/{key}"
+        return work_key(self._lease_prefix, key)
 
     async def _drive(
         self,
@@ -374,7 +385,7 @@ class StepRunner(Generic[WorkT]):
         then: Callable[[WorkT], None] | None,
     ) -> WorkT:
         if self._leases is None:
-            return await self._steps(key, step, then)
+            return (await self._steps(key, step, then))[0]
         lease = self.lease_key(key)
         task = asyncio.current_task()
         lost: list[bool] = []
@@ -385,8 +396,12 @@ class StepRunner(Generic[WorkT]):
                 task.cancel()
 
         try:
-            async with self._leases.held(lease, on_lost=taken_over):
-                return await self._steps(key, step, then)
+            # Claimed by run (or its caller) already: held only renews and releases it.
+            async with self._leases.held(lease, on_lost=taken_over, claimed=True) as held:
+                work, finished = await self._steps(key, step, then)
+                if finished and self._done_releases:
+                    held.released()  # by the commit of the step that finished it
+                return work
         except asyncio.CancelledError:
             if lost:  # a peer drives it now; the last committed step is where it took over
                 raise LeaseHeld(lease, "a peer that took it over") from None
@@ -397,17 +412,20 @@ class StepRunner(Generic[WorkT]):
         key: str,
         step: Callable[[WorkT], Awaitable[WorkT]],
         then: Callable[[WorkT], None] | None,
-    ) -> WorkT:
+    ) -> tuple[WorkT, bool]:
+        """The work as the run left it, and whether a step of this run made it done."""
         work = self._load(key)  # the latest state, not a caller's snapshot
+        finished = False
         while not self._done(work):
             after = await step(work)
             stuck = self._step_of(after) == self._step_of(work)
             work = after
+            finished = self._done(work)
             if stuck:
                 break
         if then is not None:
             then(work)
-        return work
+        return work, finished
 
 
 class Outcome(enum.Enum):

@@ -53,8 +53,17 @@ from services.payment_gateway.__main__ import build as build_gateway
 from services.payment_gateway.events import UPDATE_ORDER_STATUS, event_id
 from services.payment_gateway.flow import Downstreams, PaymentFlow
 from services.payment_gateway.outbox import PENDING, SENT, OutboxRow
+from services.payment_gateway.recovery import Recovery, RecoverySchedule
 from services.payment_gateway.servicer import for_merchant, scoped_key
-from services.payment_gateway.store import NewPayment, PaymentRecord, PaymentStore, Step
+from services.payment_gateway.store import (
+    NewPayment,
+    PaymentRecord,
+    PaymentStore,
+    RefundRecord,
+    RefundStep,
+    Step,
+    payment_lease,
+)
 from services.risk.__main__ import build as build_risk
 from services.storage.sql import Target
 from services.tools.sandbox.app import Fault as SandboxFault
@@ -1064,6 +1073,108 @@ async def test_recovery_completes_a_payment_an_earlier_version_left_at_a_folded_
     assert len(_webhooks(mesh, payment_id)) == 1
     order = (await mesh.orders.GetOrder(order_pb2.GetOrderRequest(order_id=payment.order_id))).order
     assert order.status == order_pb2.ORDER_STATUS_PAID
+
+
+async def test_a_peers_recovery_pass_leaves_a_new_payment_to_the_replica_driving_it(
+    mesh: Mesh, engine: str
+) -> None:
+    # Two gateway replicas on one database. One has just committed a new payment (what its
+    # CreatePayment does first) and drives it; the other's recovery pass runs right then, and
+    # again while the first is mid-flow. The create commit leased the payment to its creator,
+    # so the peer never takes it: it waits, the creator finishes it with one charge.
+    request = _create(mesh, "peer-1")
+    # Owners of other hosts: a holder of this host whose pid is not alive (or is this test's
+    # own, an owner of an earlier process) would count as gone and be taken over at once.
+    creator = PaymentStore(_database(mesh), owner="payment-gateway@host-a:1:0bad")
+    peer = PaymentStore(_database(mesh), owner="payment-gateway@host-b:1:0bad")
+    try:
+        async with mesh.downstreams() as downstreams:
+            started = creator.begin_payment(
+                scoped_key(mesh.merchant_id, "peer-1"),
+                for_merchant(request, mesh.merchant_id),
+                NewPayment(
+                    merchant_id=mesh.merchant_id,
+                    amount=request.amount,
+                    settlement_currency_code="",
+                    payment_method_token=request.payment_method_token,
+                    customer_ip=request.customer_ip,
+                    customer_country_code="",
+                    description=request.description,
+                    merchant_order_reference=request.merchant_order_reference,
+                    webhook_url=WEBHOOK_URL,
+                ),
+            )
+            assert isinstance(started, PaymentRecord)
+            peers_pass = Recovery(
+                peer,
+                PaymentFlow(peer, downstreams, charge_cutoff_s=900),
+                schedule=RecoverySchedule.passes_only(3600),
+            )
+            report = await peers_pass.run_once()
+            assert (report.waiting, report.pending, report.finished) == (1, 0, 0)
+            assert peer.payment(started.payment_id).step == Step.CREATED  # nothing called
+
+            flow = PaymentFlow(creator, downstreams, charge_cutoff_s=900)
+            driving = asyncio.create_task(flow.run_payment(started.payment_id, claimed=True))
+            await asyncio.sleep(0)  # the creator's flow is in its first call
+            assert not driving.done()
+            report = await peers_pass.run_once()
+            assert (report.waiting, report.pending, report.finished) == (1, 0, 0)
+            paid = await driving
+            holder = peer.leases.holder(payment_lease(started.payment_id))
+    finally:
+        creator.close()
+        peer.close()
+    assert paid is not None and paid.status == pg.PAYMENT_STATUS_SUCCEEDED
+    assert holder is None  # released with the terminal status
+    assert len(_charges(mesh)) == 1
+    assert len(await _entries(mesh, _available(mesh))) == 1
+
+
+async def test_a_refund_killed_between_its_ledger_post_and_its_status_is_posted_once(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    # The refund's ledger result commits with its terminal status. A gateway killed after the
+    # ledger took the reversal but before that commit leaves the refund at REFUNDED; recovery
+    # posts the same request again (same request id and transaction id, built from the row)
+    # and the ledger replays it: the reversal is in the ledger once.
+    payment = (await mesh.gateway.CreatePayment(_create(mesh, amount=1000))).payment
+    request = _refund(mesh, payment.payment_id, "rf-crash", 400)
+    async with _offline_flow(mesh, tmp_path) as (store, flow):
+        started = store.begin_refund(
+            scoped_key(mesh.merchant_id, "rf-crash"),
+            request,
+            payment_id=payment.payment_id,
+            amount_minor=400,
+            reason="returned",
+        )
+        assert isinstance(started, RefundRecord)
+        refunded = await flow._refund_step(started)  # the channel gives the money back
+        assert refunded.step == RefundStep.REFUNDED
+        reversal = flow._reversal_request(refunded)
+        await mesh.accounting.PostTransaction(reversal)  # ... and the ledger took it
+    assert await _balance(mesh, _available(mesh)) == 600
+
+    async with (
+        mesh.start_gateway() as address,  # its start runs a recovery pass
+        granted_stub(
+            address, payment_gateway_pb2_grpc.PaymentGatewayServiceStub, GATEWAY
+        ) as gateway,
+    ):
+
+        async def refunded_() -> bool:
+            got = await gateway.GetPayment(pg.GetPaymentRequest(payment_id=payment.payment_id))
+            return [r.status for r in got.refunds] == [pg.REFUND_STATUS_SUCCEEDED]
+
+        await _until(refunded_)
+    assert await _balance(mesh, _available(mesh)) == 600
+    assert len(await _entries(mesh, _available(mesh))) == 2  # the capture and one reversal
+    with mesh.sandbox.lock:
+        assert len(mesh.sandbox.refunds) == 1
+    replay = await mesh.gateway.RefundPayment(request)
+    assert replay.refund.status == pg.REFUND_STATUS_SUCCEEDED
+    assert replay.refund.ledger_transaction_id == reversal.transaction_id
+    assert replay.payment.refunded_amount.amount_minor == 400
 
 
 async def test_recovery_adopts_a_charge_made_just_before_the_crash(

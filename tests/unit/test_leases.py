@@ -201,3 +201,150 @@ def test_a_killed_process_not_yet_reaped_counts_as_gone() -> None:
             time.sleep(0.01)
         assert leases.died_on_this_host(_owner_of(child.pid))
     assert leases.died_on_this_host(_owner_of(child.pid))  # reaped: no such process at all
+
+
+def test_a_claim_in_the_callers_transaction_commits_and_rolls_back_with_its_writes(
+    database_target: Callable[[str], Target], clock: Clock
+) -> None:
+    path = database_target("db")
+    db = Database(path, leases.SCHEMA + "CREATE TABLE work (id TEXT PRIMARY KEY);", clock_ns=clock)
+    a = Leases(db, "gateway@a", lease_s=10)
+    _, b = two_replicas(path, clock)
+    with pytest.raises(RuntimeError), db.transaction() as tx:
+        tx.insert("work", {"id": "w1"})
+        assert a.claim("work/w1", tx=tx)
+        raise RuntimeError("the creating transaction fails")
+    assert a.holder("work/w1") is None and db.one("SELECT id FROM work") is None
+    assert b.claim("work/w1")  # nothing was left held
+    b.release("work/w1")
+
+    with db.transaction() as tx:
+        tx.insert("work", {"id": "w2"})
+        a.require("work/w2", tx=tx)
+    # One commit made the work and leased it: a peer finds it held from the first moment.
+    with pytest.raises(LeaseHeld, match="gateway@a"):
+        b.require("work/w2")
+    with db.transaction() as tx:
+        tx.run("DELETE FROM work WHERE id = ?", ("w2",))
+        a.release("work/w2", tx=tx)
+    assert b.claim("work/w2")
+
+
+def test_require_in_a_transaction_refuses_a_held_lease_and_rolls_the_writes_back(
+    database_target: Callable[[str], Target], clock: Clock
+) -> None:
+    path = database_target("db")
+    db = Database(path, leases.SCHEMA + "CREATE TABLE work (id TEXT PRIMARY KEY);", clock_ns=clock)
+    a = Leases(db, "gateway@a", lease_s=10)
+    _, b = two_replicas(path, clock)
+    assert b.claim("work/w1")
+    with pytest.raises(LeaseHeld, match="gateway@b"), db.transaction() as tx:
+        tx.insert("work", {"id": "w1"})
+        a.require("work/w1", tx=tx)
+    assert db.one("SELECT id FROM work") is None
+
+
+async def test_a_run_on_a_lease_its_caller_claimed_claims_nothing_and_its_last_step_frees_it(
+    database_target: Callable[[str], Target], clock: Clock
+) -> None:
+    a, b = two_replicas(database_target("db"), clock)
+    assert a.claim("work/w1")  # as the transaction that created the work claims it
+    claimed_until = a.holder("work/w1")
+    clock.advance(4)
+    seen: list[object] = []
+
+    async def step(work: str) -> str:
+        seen.append(a.holder("work/w1"))
+        a.release("work/w1")  # as the finishing transaction does (release with tx=)
+        return "done"
+
+    runner = StepRunner(
+        load=lambda key: "start",
+        done=lambda w: w == "done",
+        step_of=str,
+        leases=a,
+        done_releases=True,
+    )
+    assert await runner.run("w1", step, claimed=True) == "done"
+    assert seen == [claimed_until]  # the run did not claim it again (its until is unchanged)
+    assert a.holder("work/w1") is None
+    assert b.claim("work/w1")
+
+
+async def test_a_run_that_leaves_the_work_unfinished_releases_its_lease_at_the_end(
+    database_target: Callable[[str], Target], clock: Clock
+) -> None:
+    a, b = two_replicas(database_target("db"), clock)
+
+    async def step(work: str) -> str:
+        return work  # an outage: the step did not move
+
+    for done_releases in (False, True):
+        runner = StepRunner(
+            load=lambda key: "start",
+            done=lambda w: w == "done",
+            step_of=str,
+            leases=a,
+            done_releases=done_releases,
+        )
+        assert await runner.run("w1", step) == "start"
+        assert a.holder("work/w1") is None, done_releases
+    # Work that was done before the run started: its run released the lease it claimed.
+    runner = StepRunner(
+        load=lambda key: "done",
+        done=lambda w: w == "done",
+        step_of=str,
+        leases=a,
+        done_releases=True,
+    )
+    assert await runner.run("w1", step) == "done"
+    assert a.holder("work/w1") is None
+    assert b.claim("work/w1")
+
+
+def _commits(db: Database) -> list[str]:
+    """The commits of a SQLite database from now on: each COMMIT and each write outside a
+    transaction (an autocommit), seen by sqlite3's statement trace."""
+    conn = db._session.conn  # type: ignore[attr-defined]  # the SQLite session's connection
+    seen: list[str] = []
+
+    def trace(sql: str) -> None:
+        verb = sql.lstrip().split(None, 1)[0].upper()
+        if verb == "COMMIT" or (verb in ("INSERT", "UPDATE", "DELETE") and not conn.in_transaction):
+            seen.append(sql)
+
+    conn.set_trace_callback(trace)
+    return seen
+
+
+async def test_a_run_claims_its_lease_once_and_releases_it_once(tmp_path: Path) -> None:
+    db = Database(tmp_path / "db", leases.SCHEMA)
+    ours = Leases(db, "gateway@a", lease_s=10)
+
+    async def step(work: str) -> str:
+        return "done"
+
+    runner = StepRunner(
+        load=lambda key: "start", done=lambda w: w == "done", step_of=str, leases=ours
+    )
+    commits = _commits(db)
+    assert await runner.run("w1", step) == "done"
+    assert len(commits) == 2  # the claim and the release, no second claim in between
+    commits.clear()
+    # Claimed by its caller and released by its finishing step: the run commits nothing.
+    finishing = StepRunner(
+        load=lambda key: "start",
+        done=lambda w: w == "done",
+        step_of=str,
+        leases=ours,
+        done_releases=True,
+    )
+    assert ours.claim("work/w2")
+    commits.clear()
+
+    async def finish(work: str) -> str:
+        ours.release("work/w2")
+        return "done"
+
+    assert await finishing.run("w2", finish, claimed=True) == "done"
+    assert len(commits) == 1  # only the finishing step's own

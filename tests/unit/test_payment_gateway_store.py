@@ -440,3 +440,53 @@ def test_request_id_past_its_retention_is_refused_while_its_payment_is_kept(
     with pytest.raises(AlreadyExists):
         _begin(store, _request())
     store.close()
+
+
+def test_a_new_payment_and_refund_are_leased_by_their_create_commit_and_freed_by_their_finish(
+    database_target: Any,
+) -> None:
+    target = database_target("gateway")
+    ours = PaymentStore(target, owner="payment-gateway@host-a:1:aa")
+    peer = PaymentStore(target, owner="payment-gateway@host-b:1:bb")
+    try:
+        payment = _begin(ours, _request())
+        key = store_module.payment_lease(payment.payment_id)
+        # No moment between the create commit and a claim: a peer finds it held at once.
+        holder = peer.leases.holder(key)
+        assert holder is not None and holder.owner == ours.leases.owner
+        assert not peer.leases.claim(key)
+        ours.advance(payment.payment_id, Step.CHARGED, captured_minor=1000, settlement_minor=1000)
+        ours.finish(payment.payment_id, pg.PAYMENT_STATUS_SUCCEEDED)
+        assert peer.leases.holder(key) is None  # the terminal commit gave it up
+
+        refund = ours.begin_refund(
+            "m_1/rf1",
+            pg.RefundPaymentRequest(request_id="rf1", payment_id=payment.payment_id),
+            payment_id=payment.payment_id,
+            amount_minor=400,
+            reason="",
+        )
+        assert not isinstance(refund, pg.RefundPaymentResponse)
+        refund_key = store_module.refund_lease(refund.refund_id)
+        assert not peer.leases.claim(refund_key)
+        done = ours.finish_refund(
+            refund.refund_id, pg.REFUND_STATUS_SUCCEEDED, ledger_transaction_id="txn:x"
+        )
+        assert done.refund.ledger_transaction_id == "txn:x"  # posted and finished in one commit
+        assert peer.leases.holder(refund_key) is None
+    finally:
+        ours.close()
+        peer.close()
+
+
+def test_a_refused_refund_leaves_no_lease(store: PaymentStore) -> None:
+    payment = _succeeded(store)
+    with pytest.raises(FailedPrecondition):
+        store.begin_refund(
+            "m_1/rf1",
+            pg.RefundPaymentRequest(request_id="rf1", payment_id=payment.payment_id),
+            payment_id=payment.payment_id,
+            amount_minor=5000,
+            reason="",
+        )
+    assert store._db.all("SELECT lease_key FROM leases") == []
