@@ -3,7 +3,8 @@
 A batch RPC carries ``repeated`` single requests (at most :data:`MAX_BATCH_ITEMS`). Each item
 is checked and applied exactly as its single RPC would be, and the single RPC is a batch of
 one (:meth:`ItemOutcome.unwrap`), so the two cannot drift apart. An item's domain error becomes
-its own ``BatchItemStatus``, the google.rpc.Status its single call would have failed with.
+its own ``BatchItemStatus``, the google.rpc.Status its single call would have failed with;
+a caller reads it back as the typed error that call would have raised (:func:`item_error`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from google.rpc import status_pb2
+from grpc import aio
+
+from interceptors.errors import STATUS_DETAILS_KEY, CallError, status_code
 from paymesh.common.v1 import common_pb2
 from services.mesh import validation as v
 from services.mesh.errors import ServiceError, service_error_status
@@ -108,3 +113,18 @@ def results(
                 )
             )
     return found
+
+
+def item_error(status: common_pb2.BatchItemStatus, *, target: str, method: str) -> CallError:
+    """The typed error a failed item's status is (the caller's side): what its single call
+    would have raised, with the callee's ErrorInfo and details."""
+    code = status_code(status_pb2.Status.FromString(status.SerializeToString()))
+    return CallError(
+        code,
+        status.message,
+        target=target,
+        method=method,
+        attempts=1,
+        stop_reason="not_retryable",
+        trailing_metadata=aio.Metadata((STATUS_DETAILS_KEY, status.SerializeToString())),
+    )
