@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from paymesh.analytics.v1 import analytics_pb2, analytics_pb2_grpc
 from services.analytics.store import EventStore
+from services.mesh import batch
 from services.mesh import validation as v
+from services.mesh.batch import ItemOutcome
 from services.mesh.bootstrap import Context
+from services.mesh.topology import Target
 
 # google.protobuf.Timestamp's valid range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
 _MIN_SECONDS = -62_135_596_800
 _MAX_SECONDS = 253_402_300_799
+#: ErrorInfo domain of a batch item's status, as of a failed call.
+DOMAIN = Target.ANALYTICS
 
 
 def _require_timestamp(field: str, stamp: Timestamp) -> int:
@@ -29,6 +36,16 @@ def _require_event_type(field: str, value: int, *, allow_unspecified: bool) -> i
     return value
 
 
+def _check_event(request: analytics_pb2.RecordEventRequest) -> None:
+    v.require_request_id("request_id", request.request_id)
+    v.require_id("merchant_id", request.merchant_id)
+    _require_event_type("event_type", request.event_type, allow_unspecified=False)
+    v.require_id("payment_id", request.payment_id)
+    v.require_amount("amount", request.amount)
+    if request.HasField("occur_time"):
+        _require_timestamp("occur_time", request.occur_time)
+
+
 class AnalyticsServicer(analytics_pb2_grpc.AnalyticsServiceServicer):
     """Records payment events once each; reports merchant statistics and event lists."""
 
@@ -38,14 +55,21 @@ class AnalyticsServicer(analytics_pb2_grpc.AnalyticsServiceServicer):
     async def RecordEvent(
         self, request: analytics_pb2.RecordEventRequest, context: Context
     ) -> analytics_pb2.RecordEventResponse:
-        v.require_request_id("request_id", request.request_id)
-        v.require_id("merchant_id", request.merchant_id)
-        _require_event_type("event_type", request.event_type, allow_unspecified=False)
-        v.require_id("payment_id", request.payment_id)
-        v.require_amount("amount", request.amount)
-        if request.HasField("occur_time"):
-            _require_timestamp("occur_time", request.occur_time)
-        return analytics_pb2.RecordEventResponse(event=self._store.record(request))
+        return self._record([request])[0].unwrap()
+
+    async def RecordEvents(
+        self, request: analytics_pb2.RecordEventsRequest, context: Context
+    ) -> analytics_pb2.RecordEventsResponse:
+        batch.require_items("events", request.events)
+        outcomes = self._record(request.events)
+        return analytics_pb2.RecordEventsResponse(
+            results=batch.results(analytics_pb2.RecordEventResult, outcomes, domain=DOMAIN)
+        )
+
+    def _record(
+        self, requests: Sequence[analytics_pb2.RecordEventRequest]
+    ) -> list[ItemOutcome[analytics_pb2.RecordEventResponse]]:
+        return batch.apply_each(requests, _check_event, self._store.record_each)
 
     async def GetMerchantStats(
         self, request: analytics_pb2.GetMerchantStatsRequest, context: Context

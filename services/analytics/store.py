@@ -7,12 +7,13 @@ key, so a replayed event is never counted twice. Statistics are integer SQL sums
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from paymesh.analytics.v1 import analytics_pb2
 from paymesh.common.v1 import common_pb2
+from services.mesh.batch import ItemOutcome
 from services.storage import idempotency
 from services.storage.sql import Database, Row, Statements, timestamp
 
@@ -20,6 +21,8 @@ SUCCEEDED = analytics_pb2.EVENT_TYPE_PAYMENT_SUCCEEDED
 DECLINED = analytics_pb2.EVENT_TYPE_PAYMENT_DECLINED
 FAILED = analytics_pb2.EVENT_TYPE_PAYMENT_FAILED
 REFUNDED = analytics_pb2.EVENT_TYPE_PAYMENT_REFUNDED
+#: The request ids' namespace, one for RecordEvent and each event of RecordEvents.
+RECORD_METHOD = "RecordEvent"
 
 SCHEMA = (
     """
@@ -79,31 +82,39 @@ class EventStore:
 
     def record(self, request: analytics_pb2.RecordEventRequest) -> analytics_pb2.Event:
         """Insert the event, or return it again for a replay of the same request."""
+        return self.record_each([request])[0].unwrap().event
 
-        def run(tx: Statements) -> analytics_pb2.RecordEventResponse:
-            now = self._db.clock_ns()
-            occur = request.occur_time.ToNanoseconds() if request.HasField("occur_time") else now
-            event = {
-                "event_id": request.request_id,
-                "merchant_id": request.merchant_id,
-                "event_type": request.event_type,
-                "payment_id": request.payment_id,
-                "amount_minor": request.amount.amount_minor,
-                "currency_code": request.amount.currency_code,
-                "occur_time_ns": occur,
-                "create_time_ns": now,
-            }
-            tx.insert("events", event)
-            # The reply is what was written; reading the row back would say the same.
-            return analytics_pb2.RecordEventResponse(event=_event(event))
-
-        return self._db.idempotent(
-            "RecordEvent",
-            request,
+    def record_each(
+        self, requests: Sequence[analytics_pb2.RecordEventRequest]
+    ) -> list[ItemOutcome[analytics_pb2.RecordEventResponse]]:
+        """Insert each event in one transaction (a replay returns the first response); one
+        outcome per request, in order."""
+        return self._db.idempotent_each(
+            RECORD_METHOD,
+            requests,
             analytics_pb2.RecordEventResponse,
-            run,
+            self._insert,
             kept_in=("events", "event_id"),
-        ).event
+        )
+
+    def _insert(
+        self, tx: Statements, request: analytics_pb2.RecordEventRequest
+    ) -> analytics_pb2.RecordEventResponse:
+        now = self._db.clock_ns()
+        occur = request.occur_time.ToNanoseconds() if request.HasField("occur_time") else now
+        event = {
+            "event_id": request.request_id,
+            "merchant_id": request.merchant_id,
+            "event_type": request.event_type,
+            "payment_id": request.payment_id,
+            "amount_minor": request.amount.amount_minor,
+            "currency_code": request.amount.currency_code,
+            "occur_time_ns": occur,
+            "create_time_ns": now,
+        }
+        tx.insert("events", event)
+        # The reply is what was written; reading the row back would say the same.
+        return analytics_pb2.RecordEventResponse(event=_event(event))
 
     def stats(self, merchant_id: str, *, since_ns: int | None) -> analytics_pb2.MerchantStats:
         """The merchant's counts, volumes and success rate over events at or after ``since_ns``."""

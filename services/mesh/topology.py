@@ -195,7 +195,7 @@ SERVICES: tuple[ServiceSpec, ...] = (
         calls={
             Target.MERCHANT_AUTH: ("AuthenticateApiKey",),
             Target.RISK: ("AssessPayment",),
-            Target.ORDER: ("CreateOrder", "GetOrder", "UpdateOrderStatus"),
+            Target.ORDER: ("CreateOrder", "GetOrder", "UpdateOrderStatus", "UpdateOrderStatuses"),
             Target.CHANNEL_ADAPTER: (
                 "Charge",
                 "RefundCharge",
@@ -204,8 +204,8 @@ SERVICES: tuple[ServiceSpec, ...] = (
                 "ListCharges",
             ),
             Target.ACCOUNTING: ("PostTransaction", "GetTransaction"),
-            Target.NOTIFICATION: ("SendNotification",),
-            Target.ANALYTICS: ("RecordEvent",),
+            Target.NOTIFICATION: ("SendNotification", "SendNotifications"),
+            Target.ANALYTICS: ("RecordEvent", "RecordEvents"),
         },
         operator_methods=("GetPayment", "ListPayments", "GetPaymentSummary"),
         merchant_methods=(

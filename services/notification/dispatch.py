@@ -17,7 +17,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from interceptors.errors import CallError, NotFoundError
@@ -110,22 +110,33 @@ class Dispatcher:
         self._first_attempts: set[asyncio.Task[pb.Notification]] = set()
         self._loop: asyncio.Task[None] | None = None
 
-    async def first_attempt(self, notification_id: str, *, raise_refusal: bool) -> pb.Notification:
-        """Attempt a new notification now, waiting at most ``inline_wait_s`` for the outcome.
+    async def first_attempts(
+        self, attempts: Sequence[tuple[str, bool]]
+    ) -> list[pb.Notification | RefusedDestination]:
+        """Attempt new notifications now, all at once, waiting at most ``inline_wait_s`` for
+        their outcomes; ``attempts`` are ``(notification_id, raise_refusal)`` pairs.
 
-        Returns its state after the attempt, or PENDING while the attempt goes on.
-
-        Raises:
-            RefusedDestination: with ``raise_refusal``, the URL turned out to be one that may
-                not be reached, within the wait (it is recorded FAILED).
+        Returns, per notification in order, its state after the attempt, PENDING while the
+        attempt goes on, or (with ``raise_refusal``) the RefusedDestination its URL turned
+        out to be within the wait (it is recorded FAILED).
         """
-        task = asyncio.create_task(self.attempt(notification_id, raise_refusal=raise_refusal))
-        self._first_attempts.add(task)
-        task.add_done_callback(self._forget_first_attempt)
-        done, _ = await asyncio.wait({task}, timeout=self._settings.inline_wait_s)
-        if task in done:
-            return task.result()
-        return self._store.get(notification_id)
+        tasks = []
+        for notification_id, raise_refusal in attempts:
+            task = asyncio.create_task(self.attempt(notification_id, raise_refusal=raise_refusal))
+            self._first_attempts.add(task)
+            task.add_done_callback(self._forget_first_attempt)
+            tasks.append(task)
+        if tasks:
+            await asyncio.wait(tasks, timeout=self._settings.inline_wait_s)
+        found: list[pb.Notification | RefusedDestination] = []
+        for (notification_id, _), task in zip(attempts, tasks, strict=True):
+            if not task.done():
+                found.append(self._store.get(notification_id))
+            elif isinstance(refused := task.exception(), RefusedDestination):
+                found.append(refused)
+            else:
+                found.append(task.result())
+        return found
 
     def _forget_first_attempt(self, task: asyncio.Task[pb.Notification]) -> None:
         self._first_attempts.discard(task)

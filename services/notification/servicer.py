@@ -10,7 +10,9 @@ attempt, waiting for it a moment at most (a slow endpoint must not hold the call
 failure is recorded, not raised (the caller's payment must not fail because a merchant's
 endpoint is down), and the delivery loop (``dispatch``) retries it with backoff until it is
 delivered or dead-lettered. A repeat of a request id returns the notification's current
-state and attempts nothing. ``RedeliverNotification`` lets an operator start a new
+state and attempts nothing. SendNotifications does the same for up to 64 at once: one
+transaction records them all, their first attempts run together within the same wait, and
+each has its own result. ``RedeliverNotification`` lets an operator start a new
 round of attempts.
 """
 
@@ -18,12 +20,15 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 
 from paymesh.notification.v1 import notification_pb2 as pb
 from paymesh.notification.v1 import notification_pb2_grpc as pb_grpc
+from services.mesh import batch
 from services.mesh import validation as v
+from services.mesh.batch import ItemOutcome
 from services.mesh.bootstrap import Context
-from services.mesh.topology import Partner
+from services.mesh.topology import Partner, Target
 from services.notification import delivery
 from services.notification.delivery import DestinationPolicy, RefusedDestination
 from services.notification.dispatch import Dispatcher
@@ -31,6 +36,8 @@ from services.notification.secret_store import WebhookSecretStore
 from services.notification.store import NotificationStore
 
 MERCHANT_WEBHOOKS = Partner.MERCHANT_WEBHOOKS
+#: ErrorInfo domain of a batch item's status, as of a failed call.
+DOMAIN = Target.NOTIFICATION
 #: Cap of a payload, as sent to us and as it appears in the signed body.
 MAX_PAYLOAD_BYTES = 64 * 1024
 #: Longest a previous secret may keep signing after a rotation.
@@ -57,6 +64,39 @@ class NotificationServicer(pb_grpc.NotificationServiceServicer):
     async def SendNotification(
         self, request: pb.SendNotificationRequest, context: Context
     ) -> pb.SendNotificationResponse:
+        return (await self._send([request]))[0].unwrap()
+
+    async def SendNotifications(
+        self, request: pb.SendNotificationsRequest, context: Context
+    ) -> pb.SendNotificationsResponse:
+        batch.require_items("notifications", request.notifications)
+        outcomes = await self._send(request.notifications)
+        return pb.SendNotificationsResponse(
+            results=batch.results(pb.SendNotificationResult, outcomes, domain=DOMAIN)
+        )
+
+    async def _send(
+        self, requests: Sequence[pb.SendNotificationRequest]
+    ) -> list[ItemOutcome[pb.SendNotificationResponse]]:
+        """Record every valid request in one transaction, then make the new ones' first
+        attempts together; one outcome per request."""
+        outcomes = batch.apply_each(requests, self._check, self._store.record_each)
+        new = [i for i, o in enumerate(outcomes) if o.error is None and not o.duplicate]
+        attempted = await self._dispatcher.first_attempts(
+            [
+                (outcomes[i].unwrap().notification.notification_id, bool(requests[i].webhook_url))
+                for i in new
+            ]
+        )
+        for i, after in zip(new, attempted, strict=True):
+            outcomes[i] = (
+                ItemOutcome(error=v.invalid("webhook_url", str(after)))
+                if isinstance(after, RefusedDestination)
+                else ItemOutcome(pb.SendNotificationResponse(notification=after))
+            )
+        return outcomes
+
+    def _check(self, request: pb.SendNotificationRequest) -> None:
         v.require_request_id("request_id", request.request_id)
         v.require_id("merchant_id", request.merchant_id)
         if not _EVENT_TYPE.match(request.event_type) or len(request.event_type) > 100:
@@ -71,16 +111,6 @@ class NotificationServicer(pb_grpc.NotificationServiceServicer):
                 delivery.parse(request.webhook_url, self._policy)
             except RefusedDestination as exc:
                 raise v.invalid("webhook_url", str(exc)) from None
-
-        notification, created = self._store.record(request)
-        if created:
-            try:
-                notification = await self._dispatcher.first_attempt(
-                    notification.notification_id, raise_refusal=bool(request.webhook_url)
-                )
-            except RefusedDestination as exc:
-                raise v.invalid("webhook_url", str(exc)) from None
-        return pb.SendNotificationResponse(notification=notification)
 
     async def RedeliverNotification(
         self, request: pb.RedeliverNotificationRequest, context: Context

@@ -10,14 +10,16 @@ nanoseconds; this module's callers schedule in seconds.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from interceptors.errors import Reason
 from paymesh.notification.v1 import notification_pb2 as pb
+from services.mesh.batch import ItemOutcome
 from services.mesh.errors import FailedPrecondition, NotFound
 from services.storage import idempotency
 from services.storage.sql import (
@@ -153,49 +155,56 @@ class NotificationStore:
         """Close the database."""
         self._db.close()
 
-    def record(self, request: pb.SendNotificationRequest) -> tuple[pb.Notification, bool]:
-        """The notification of this request id, and whether it was inserted now.
+    def record_each(
+        self, requests: Sequence[pb.SendNotificationRequest]
+    ) -> list[ItemOutcome[pb.SendNotificationResponse]]:
+        """The notification of each request id, in one transaction; one outcome per request.
 
-        A new one is PENDING and due at once; a repeat of the request returns the latest
-        state of the one recorded before.
-
-        Raises:
-            InvalidArgument: the request id was used with a different body.
+        A new one is PENDING and due at once; a repeat of a request (a duplicate outcome)
+        carries the latest state of the one recorded before. An item fails with
+        InvalidArgument when its request id was used with a different body.
         """
-        inserted = False
-
-        def run(tx: Statements) -> pb.SendNotificationResponse:
-            nonlocal inserted
-            notification_id = notification_id_for(request.request_id)
-            now = self._db.clock_ns()
-            tx.insert(
-                "notifications",
-                {
-                    "notification_id": notification_id,
-                    "request_id": request.request_id,
-                    "merchant_id": request.merchant_id,
-                    "event_type": request.event_type,
-                    "payload_json": request.payload_json,
-                    "webhook_url": request.webhook_url,
-                    "delivery_status": pb.DELIVERY_STATUS_PENDING,
-                    "create_time_ns": now,
-                    "next_attempt_time_ns": now,
-                    "round_start_time_ns": now,
-                    "url_from_merchant": int(not request.webhook_url),
-                },
-            )
-            inserted = True
-            return pb.SendNotificationResponse(notification=self.get(notification_id))
-
-        first = self._db.idempotent(
+        outcomes = self._db.idempotent_each(
             SEND_METHOD,
-            request,
+            requests,
             pb.SendNotificationResponse,
-            run,
+            self._insert,
             kept_in=("notifications", "request_id"),
-        ).notification
+        )
         # A replay's stored response is the first state; the row has the latest.
-        return (first, True) if inserted else (self.get(first.notification_id), False)
+        return [
+            dataclasses.replace(outcome, response=self._latest(outcome.response))
+            if outcome.duplicate and outcome.response is not None
+            else outcome
+            for outcome in outcomes
+        ]
+
+    def _insert(
+        self, tx: Statements, request: pb.SendNotificationRequest
+    ) -> pb.SendNotificationResponse:
+        notification_id = notification_id_for(request.request_id)
+        now = self._db.clock_ns()
+        tx.insert(
+            "notifications",
+            {
+                "notification_id": notification_id,
+                "request_id": request.request_id,
+                "merchant_id": request.merchant_id,
+                "event_type": request.event_type,
+                "payload_json": request.payload_json,
+                "webhook_url": request.webhook_url,
+                "delivery_status": pb.DELIVERY_STATUS_PENDING,
+                "create_time_ns": now,
+                "next_attempt_time_ns": now,
+                "round_start_time_ns": now,
+                "url_from_merchant": int(not request.webhook_url),
+            },
+        )
+        return pb.SendNotificationResponse(notification=self.get(notification_id))
+
+    def _latest(self, first: pb.SendNotificationResponse) -> pb.SendNotificationResponse:
+        latest = self.get(first.notification.notification_id)
+        return pb.SendNotificationResponse(notification=latest)
 
     def delivery(self, notification_id: str) -> Delivery:
         """The notification with its schedule state; NotFound if there is none."""

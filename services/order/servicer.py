@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from paymesh.order.v1 import order_pb2, order_pb2_grpc
+from services.mesh import batch
 from services.mesh import validation as v
+from services.mesh.batch import ItemOutcome
 from services.mesh.bootstrap import Context
+from services.mesh.topology import Target
 from services.order.store import OrderStore
+
+#: ErrorInfo domain of a batch item's status, as of a failed call.
+DOMAIN = Target.ORDER
 
 
 class OrderServicer(order_pb2_grpc.OrderServiceServicer):
@@ -58,11 +66,28 @@ class OrderServicer(order_pb2_grpc.OrderServiceServicer):
     async def UpdateOrderStatus(
         self, request: order_pb2.UpdateOrderStatusRequest, context: Context
     ) -> order_pb2.UpdateOrderStatusResponse:
-        v.require_request_id("request_id", request.request_id)
-        v.require_id("order_id", request.order_id)
-        if request.status == order_pb2.ORDER_STATUS_UNSPECIFIED or (
-            request.status not in order_pb2.OrderStatus.values()
-        ):
-            raise v.invalid("status", "must be a concrete OrderStatus")
-        v.optional_text("reason", request.reason)
-        return order_pb2.UpdateOrderStatusResponse(order=self._store.update_status(request))
+        return self._update([request])[0].unwrap()
+
+    async def UpdateOrderStatuses(
+        self, request: order_pb2.UpdateOrderStatusesRequest, context: Context
+    ) -> order_pb2.UpdateOrderStatusesResponse:
+        batch.require_items("updates", request.updates)
+        outcomes = self._update(request.updates)
+        return order_pb2.UpdateOrderStatusesResponse(
+            results=batch.results(order_pb2.UpdateOrderStatusResult, outcomes, domain=DOMAIN)
+        )
+
+    def _update(
+        self, requests: Sequence[order_pb2.UpdateOrderStatusRequest]
+    ) -> list[ItemOutcome[order_pb2.UpdateOrderStatusResponse]]:
+        return batch.apply_each(requests, _check_update, self._store.update_statuses)
+
+
+def _check_update(request: order_pb2.UpdateOrderStatusRequest) -> None:
+    v.require_request_id("request_id", request.request_id)
+    v.require_id("order_id", request.order_id)
+    if request.status == order_pb2.ORDER_STATUS_UNSPECIFIED or (
+        request.status not in order_pb2.OrderStatus.values()
+    ):
+        raise v.invalid("status", "must be a concrete OrderStatus")
+    v.optional_text("reason", request.reason)

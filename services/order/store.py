@@ -7,11 +7,12 @@ transaction, so two concurrent updates cannot both pass the check on a stale sta
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from paymesh.common.v1 import common_pb2
 from paymesh.order.v1 import order_pb2
+from services.mesh.batch import ItemOutcome
 from services.mesh.errors import AlreadyExists, NotFound
 from services.order import lifecycle
 from services.storage import idempotency
@@ -36,6 +37,8 @@ CREATE INDEX IF NOT EXISTS orders_by_merchant ON orders (merchant_id, create_tim
 """
     + idempotency.SCHEMA
 )
+#: The request ids' namespace, one for UpdateOrderStatus and each item of UpdateOrderStatuses.
+UPDATE_STATUS_METHOD = "UpdateOrderStatus"
 
 
 def _order(row: Row) -> order_pb2.Order:
@@ -107,32 +110,38 @@ class OrderStore:
         return self._db.idempotent("CreateOrder", request, order_pb2.CreateOrderResponse, run).order
 
     def update_status(self, request: order_pb2.UpdateOrderStatusRequest) -> order_pb2.Order:
-        """Set the order's status (idempotent by request id; the same status twice is a no-op).
+        """Set the order's status: :meth:`update_statuses` of one, its error raised."""
+        return self.update_statuses([request])[0].unwrap().order
 
-        Raises:
-            NotFound: there is no such order.
-            FailedPrecondition: INVALID_STATE, the lifecycle does not allow the change; the
-                request id stays free (nothing was written).
+    def update_statuses(
+        self, requests: Sequence[order_pb2.UpdateOrderStatusRequest]
+    ) -> list[ItemOutcome[order_pb2.UpdateOrderStatusResponse]]:
+        """Set each order's status in one transaction, in order (idempotent by request id;
+        the same status twice is a no-op); one outcome per request.
+
+        An item fails with NotFound (there is no such order) or FailedPrecondition
+        (INVALID_STATE, the lifecycle does not allow the change; its request id stays free).
         """
+        return self._db.idempotent_each(
+            UPDATE_STATUS_METHOD, requests, order_pb2.UpdateOrderStatusResponse, self._set_status
+        )
 
-        def run(tx: Statements) -> order_pb2.UpdateOrderStatusResponse:
-            current = self._require(tx, request.order_id)["status"]
-            lifecycle.require_transition(request.order_id, current, request.status)
-            tx.update(
-                "orders",
-                {
-                    "status": request.status,
-                    "status_reason": request.reason,
-                    "update_time_ns": self._db.clock_ns(),
-                },
-                order_id=request.order_id,
-            )
-            order = _order(self._require(tx, request.order_id))
-            return order_pb2.UpdateOrderStatusResponse(order=order)
-
-        return self._db.idempotent(
-            "UpdateOrderStatus", request, order_pb2.UpdateOrderStatusResponse, run
-        ).order
+    def _set_status(
+        self, tx: Statements, request: order_pb2.UpdateOrderStatusRequest
+    ) -> order_pb2.UpdateOrderStatusResponse:
+        current = self._require(tx, request.order_id)["status"]
+        lifecycle.require_transition(request.order_id, current, request.status)
+        tx.update(
+            "orders",
+            {
+                "status": request.status,
+                "status_reason": request.reason,
+                "update_time_ns": self._db.clock_ns(),
+            },
+            order_id=request.order_id,
+        )
+        order = _order(self._require(tx, request.order_id))
+        return order_pb2.UpdateOrderStatusResponse(order=order)
 
     def get(self, order_id: str) -> order_pb2.Order:
         """The order; NotFound if there is none."""

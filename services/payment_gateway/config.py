@@ -9,6 +9,8 @@ payment older than this; a payment that old with no charge at the channel ends F
 two looks at its rows (a commit wakes it at once).
 ``PAYMENT_GATEWAY_OUTBOX_MAX_BACKOFF_S`` (default 60): cap of the relay's backoff while a
 destination keeps failing; it retries forever.
+``PAYMENT_GATEWAY_OUTBOX_BATCH_ITEMS`` (default 64, 1-64): most rows of one destination the
+relay sends in one batch call; 1 sends each row in a call of its own.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from typing import Any
 
+from services.mesh.batch import MAX_BATCH_ITEMS
 from services.mesh.bootstrap import StartupError
 from services.payment_gateway.outbox import RelayPolicy
 from services.payment_gateway.recovery import RecoverySchedule
@@ -26,6 +30,7 @@ RECOVERY_MAX_BACKOFF_VAR = "PAYMENT_GATEWAY_RECOVERY_MAX_BACKOFF_S"
 CHARGE_CUTOFF_VAR = "PAYMENT_GATEWAY_CHARGE_CUTOFF_S"
 OUTBOX_INTERVAL_VAR = "PAYMENT_GATEWAY_OUTBOX_INTERVAL_S"
 OUTBOX_MAX_BACKOFF_VAR = "PAYMENT_GATEWAY_OUTBOX_MAX_BACKOFF_S"
+OUTBOX_BATCH_ITEMS_VAR = "PAYMENT_GATEWAY_OUTBOX_BATCH_ITEMS"
 _VARIABLES = {
     "recovery_interval_s": RECOVERY_INTERVAL_VAR,
     "recovery_max_backoff_s": RECOVERY_MAX_BACKOFF_VAR,
@@ -49,9 +54,17 @@ class GatewayConfig:
     """Longest pause of the outbox relay between two looks at its rows."""
     outbox_max_backoff_s: float = 60.0
     """Cap of the relay's jittered backoff while a destination keeps failing."""
+    outbox_batch_items: int = MAX_BATCH_ITEMS
+    """Most rows of one destination the relay sends in one batch call."""
 
     def __post_init__(self) -> None:
+        if not 1 <= self.outbox_batch_items <= MAX_BATCH_ITEMS:
+            raise ValueError(
+                f"outbox_batch_items must be 1 to {MAX_BATCH_ITEMS}, got {self.outbox_batch_items}"
+            )
         for item in fields(self):
+            if item.name == "outbox_batch_items":
+                continue
             value = getattr(self, item.name)
             if not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{item.name} must be a positive number of seconds, got {value!r}")
@@ -59,7 +72,15 @@ class GatewayConfig:
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> GatewayConfig:
         """The settings from the environment; StartupError naming the variable if one is bad."""
-        values: dict[str, float] = {}
+        values: dict[str, Any] = {}
+        if (raw_items := environ.get(OUTBOX_BATCH_ITEMS_VAR)) is not None:
+            items = int(raw_items) if raw_items.strip().isdigit() else 0
+            if not 1 <= items <= MAX_BATCH_ITEMS:
+                raise StartupError(
+                    f"{OUTBOX_BATCH_ITEMS_VAR}={raw_items!r}: must be a whole number of rows,"
+                    f" 1 to {MAX_BATCH_ITEMS}"
+                )
+            values["outbox_batch_items"] = items
         for name, var in _VARIABLES.items():
             raw = environ.get(var)
             if raw is None:
@@ -89,4 +110,5 @@ class GatewayConfig:
             interval_s=self.outbox_interval_s,
             initial_backoff_s=min(RelayPolicy().initial_backoff_s, self.outbox_max_backoff_s),
             max_backoff_s=self.outbox_max_backoff_s,
+            batch_items=self.outbox_batch_items,
         )

@@ -55,7 +55,7 @@ from services.mesh.topology import Target
 from services.payment_gateway import events, ledger
 from services.payment_gateway.dependencies import DependencyWatch
 from services.payment_gateway.events import order_id_of
-from services.payment_gateway.outbox import Route
+from services.payment_gateway.outbox import BatchRoute, Route
 from services.payment_gateway.store import (
     PAYMENT_LEASES,
     REFUND_LEASES,
@@ -167,18 +167,35 @@ class Downstreams:
         )
 
     def outbox_routes(self) -> dict[str, Route]:
-        """How the outbox relay sends each kind of message the flows write."""
+        """How the outbox relay sends each kind of message the flows write: the single
+        method, and the batch method that takes many of them in one call."""
         return {
             events.SEND_NOTIFICATION: Route(
                 events.NOTIFICATIONS,
                 notification_pb2.SendNotificationRequest,
                 self.notifications.SendNotification,
+                BatchRoute(
+                    lambda items: notification_pb2.SendNotificationsRequest(notifications=items),
+                    self.notifications.SendNotifications,
+                ),
             ),
             events.RECORD_EVENT: Route(
-                events.ANALYTICS, analytics_pb2.RecordEventRequest, self.analytics.RecordEvent
+                events.ANALYTICS,
+                analytics_pb2.RecordEventRequest,
+                self.analytics.RecordEvent,
+                BatchRoute(
+                    lambda items: analytics_pb2.RecordEventsRequest(events=items),
+                    self.analytics.RecordEvents,
+                ),
             ),
             events.UPDATE_ORDER_STATUS: Route(
-                events.ORDERS, order_pb2.UpdateOrderStatusRequest, self.orders.UpdateOrderStatus
+                events.ORDERS,
+                order_pb2.UpdateOrderStatusRequest,
+                self.orders.UpdateOrderStatus,
+                BatchRoute(
+                    lambda items: order_pb2.UpdateOrderStatusesRequest(updates=items),
+                    self.orders.UpdateOrderStatuses,
+                ),
             ),
         }
 

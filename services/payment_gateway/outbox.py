@@ -5,7 +5,9 @@ the change (so a crash can never keep the change and lose the message, or the re
 a stable event id that is the request id at the destination. :class:`OutboxRelay` sends the
 rows: one worker per destination, woken by :meth:`OutboxRelay.kick` after a commit and by its
 own timer, retrying failures with exponential backoff and jitter until the destination takes
-the message (at-least-once; the destination dedupes by the request id). With replicas of the
+the message (at-least-once; the destination dedupes by the request id). A destination's due
+rows of one method go in one call of its batch method where it has one (``RecordEvents``,
+...: up to 64 rows, one result per row), else one call per row. With replicas of the
 gateway on one database, a destination's rows are sent by the replica holding its lease
 (``outbox/<destination>``, :mod:`services.storage.leases`), renewed at every look.
 """
@@ -32,6 +34,8 @@ from interceptors.backoff import backoff_delay_s
 from interceptors.codes import DEFINITE
 from interceptors.errors import AlreadyExistsError, CallError, NotFoundError, UnknownError
 from interceptors.policy import RetryPolicy
+from paymesh.common.v1 import common_pb2
+from services.mesh.batch import MAX_BATCH_ITEMS, item_error
 from services.storage.leases import Leases
 from services.storage.sql import Database, Row, Statements, ns_to_seconds, seconds_to_ns
 
@@ -66,6 +70,9 @@ PENDING, SENT, REFUSED = "pending", "sent", "refused"
 #: Anything else (UNAVAILABLE, DEADLINE_EXCEEDED, but also PERMISSION_DENIED or UNIMPLEMENTED,
 #: which an operator or a deploy fixes) is retried: an event must not be lost to a misconfiguration.
 REFUSED_CODES = DEFINITE
+#: Answers to a batch call as a whole that say the destination does not take the batch (an
+#: older deploy, a topology without its grant): its rows are sent one by one instead.
+BATCH_NOT_TAKEN = frozenset({"UNIMPLEMENTED", "PERMISSION_DENIED"})
 #: Bytes of a delivery error kept on the row.
 MAX_ERROR_CHARS = 500
 
@@ -279,6 +286,11 @@ class RelayPolicy:
     """Cap of that bound, however long the destination has been failing."""
     batch: int = 100
     """Rows a worker reads at once."""
+    batch_items: int = MAX_BATCH_ITEMS
+    """Most rows one batch call carries (a destination takes at most 64); 1 sends each row
+    in a call of its own."""
+    batch_bytes: int = 192 * 1024
+    """Most request bytes one batch call carries, below the servers' 256 KiB message bound."""
     retention_s: float = 7 * 24 * 3600.0
     """How long delivered and refused rows are kept (for audit) before they are purged."""
     purge_interval_s: float = 600.0
@@ -293,8 +305,22 @@ class RelayPolicy:
             raise ValueError("max_backoff_s must be at least initial_backoff_s")
         if self.batch < 1:
             raise ValueError(f"batch must be positive, got {self.batch}")
+        if not 1 <= self.batch_items <= MAX_BATCH_ITEMS:
+            raise ValueError(f"batch_items must be 1 to {MAX_BATCH_ITEMS}, got {self.batch_items}")
+        if self.batch_bytes < 1:
+            raise ValueError(f"batch_bytes must be positive, got {self.batch_bytes}")
         if not math.isfinite(self.purge_interval_s) or self.purge_interval_s < 0:
             raise ValueError(f"purge_interval_s must be >= 0, got {self.purge_interval_s!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRoute:
+    """How the relay sends several rows of one method in one call of its batch method."""
+
+    request: Callable[[list[Any]], Message]
+    """The batch request of the rows' single requests (``RecordEventsRequest(events=...)``)."""
+    send: Callable[[Any], Awaitable[Any]]
+    """The batch stub method; its response has ``results``, one per request, in order."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,15 +333,21 @@ class Route:
     """The request message the rows hold."""
     send: Callable[[Any], Awaitable[object]]
     """The stub method (through the client chain, with its timeout and retries)."""
+    batch: BatchRoute | None = None
+    """The destination's batch method for these rows, if it has one."""
 
 
 class OutboxRelay:
     """Sends outbox rows to their destinations, forever, at least once.
 
     Each destination has its own worker, so one that hangs delays nobody else's messages.
-    A worker sends its due rows in the order written and marks a batch's delivered rows in
+    A worker sends its due rows in the order written, those of a method with a batch route
+    in calls of up to ``batch_items`` rows (each row marked by its own result: delivered,
+    refused for good, or retried), and marks a pass's delivered rows in
     one write (a crash before it only sends them again: delivery is at least once, and each
-    destination dedupes by the event id); after a failure it pauses the whole
+    destination dedupes by the event id). A batch call that fails as a whole counts as one
+    failure of each of its rows; one the destination does not take (UNIMPLEMENTED,
+    PERMISSION_DENIED, a definite refusal) is sent row by row. After a failure it pauses the whole
     destination with exponential backoff and full jitter (doubling per consecutive failure
     up to ``max_backoff_s``), so a destination that is down sees one attempt per pause, not
     one per waiting row. It logs the first failure and the recovery, not every attempt.
@@ -381,8 +413,8 @@ class OutboxRelay:
             return max(0.0, min(recheck, self._policy.interval_s))
         while self._holds(target) and (rows := self._outbox.due(target, limit=self._policy.batch)):
             try:
-                for row in rows:
-                    if not await self._deliver(row):
+                for group in self._calls(rows):
+                    if not await self._deliver_group(group):
                         return min(
                             self._paused_until[target] - self._clock(), self._policy.interval_s
                         )
@@ -425,6 +457,87 @@ class OutboxRelay:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(kicked.wait(), timeout=wait_s)
 
+    def _calls(self, rows: list[OutboxRow]) -> list[list[OutboxRow]]:
+        """The rows grouped into calls: per method (in the order of its first row), runs of
+        at most ``batch_items`` rows and ``batch_bytes`` bytes where the method has a batch
+        route, else one row per call."""
+        by_method: dict[str, list[OutboxRow]] = {}
+        for row in rows:
+            by_method.setdefault(row.method, []).append(row)
+        calls: list[list[OutboxRow]] = []
+        for method, found in by_method.items():
+            route = self._routes.get(method)
+            if route is None or route.batch is None or self._policy.batch_items == 1:
+                calls.extend([row] for row in found)
+                continue
+            size = 0
+            for row in found:
+                if (
+                    calls
+                    and calls[-1][0].method == method
+                    and (
+                        len(calls[-1]) < self._policy.batch_items
+                        and size + len(row.request) <= self._policy.batch_bytes
+                    )
+                ):
+                    calls[-1].append(row)
+                    size += len(row.request)
+                else:
+                    calls.append([row])
+                    size = len(row.request)
+        return calls
+
+    async def _deliver_group(self, rows: list[OutboxRow]) -> bool:
+        """One call for ``rows``; False when their destination failed and is now paused."""
+        if len(rows) == 1:
+            return await self._deliver(rows[0])
+        route = self._routes[rows[0].method]
+        assert route.batch is not None  # only a batch route groups rows
+        sendable = [(row, request) for row in rows if (request := self._request(row, route))]
+        if not sendable:
+            return True
+        token = otel_context.attach(propagate.extract(json.loads(rows[0].trace_context or "{}")))
+        try:
+            reply = await route.batch.send(route.batch.request([r for _, r in sendable]))
+            results = list(reply.results)
+            if len(results) != len(sendable):
+                raise ValueError(f"{len(results)} results for {len(sendable)} items")
+        except CallError as error:
+            if error.code().name in REFUSED_CODES | BATCH_NOT_TAKEN:
+                # The destination does not take this batch (an older deploy, a topology
+                # without the grant) or refused the call as a whole: row by row, as before.
+                log.warning("outbox: %s refused a batch (%s); sending singly", route.target, error)
+                return await self._deliver_each([row for row, _ in sendable])
+            return self._settle(route.target, [(row, error) for row, _ in sendable])
+        except Exception as exc:  # a bug in a send must not lose the rows: retry them later
+            log.exception("outbox: sending a batch to %s raised", route.target)
+            bug = _bug(exc, route.target, rows[0].method)
+            return self._settle(route.target, [(row, bug) for row, _ in sendable])
+        finally:
+            otel_context.detach(token)
+        failed: list[tuple[OutboxRow, CallError]] = []
+        for (row, _), result in zip(sendable, results, strict=True):
+            if result.outcome == common_pb2.BATCH_ITEM_OUTCOME_FAILED:
+                failed.append((row, item_error(result.error, target=row.target, method=row.method)))
+            else:
+                self._sent.setdefault(row.target, []).append(row.seq)
+        return self._settle(route.target, failed)
+
+    async def _deliver_each(self, rows: list[OutboxRow]) -> bool:
+        for row in rows:
+            if not await self._deliver(row):
+                return False
+        return True
+
+    def _request(self, row: OutboxRow, route: Route) -> Message | None:
+        """The row's request; None (the row refused for good) if it cannot be decoded."""
+        try:
+            return route.request_type.FromString(row.request)
+        except DecodeError as exc:
+            log.error("outbox: event %s is not a %s: %s", row.event_id, route.request_type, exc)
+            self._outbox.refused(row.seq, f"undecodable request: {exc}")
+            return None
+
     async def _deliver(self, row: OutboxRow) -> bool:
         """One attempt at ``row``; False when its destination failed and is now paused."""
         route = self._routes.get(row.method)
@@ -432,64 +545,59 @@ class OutboxRelay:
             log.error("outbox: no route for %s (event %s); not sent", row.method, row.event_id)
             self._outbox.refused(row.seq, f"no route for {row.method}")
             return True
-        try:
-            request = route.request_type.FromString(row.request)
-        except DecodeError as exc:
-            log.error("outbox: event %s is not a %s: %s", row.event_id, route.request_type, exc)
-            self._outbox.refused(row.seq, f"undecodable request: {exc}")
+        request = self._request(row, route)
+        if request is None:
             return True
         token = otel_context.attach(propagate.extract(json.loads(row.trace_context or "{}")))
         try:
             await route.send(request)
         except CallError as error:
-            return self._failed(row, error)
+            return self._settle(row.target, [(row, error)])
         except Exception as exc:  # a bug in a send must not lose the row: retry it later
             log.exception("outbox: sending event %s raised", row.event_id)
-            bug = UnknownError(
-                grpc.StatusCode.UNKNOWN,
-                repr(exc),
-                target=row.target,
-                method=row.method,
-                attempts=1,
-                stop_reason="not_retryable",
-            )
-            return self._failed(row, bug)
+            return self._settle(row.target, [(row, _bug(exc, row.target, row.method))])
         finally:
             otel_context.detach(token)
         self._sent.setdefault(row.target, []).append(row.seq)
         self._recovered(row.target)
         return True
 
-    def _failed(self, row: OutboxRow, failure: CallError) -> bool:
-        code = failure.code()
-        error = f"{code.name}: {failure.details() or ''}"
-        if isinstance(failure, AlreadyExistsError) or (
-            isinstance(failure, NotFoundError) and row.missing_ok
-        ):
-            # The request id is known (its record outlived its retention) or there is
-            # nothing left to change: the message has had its effect.
-            self._sent.setdefault(row.target, []).append(row.seq)
-            self._recovered(row.target)
+    def _settle(self, target: str, failures: list[tuple[OutboxRow, CallError]]) -> bool:
+        """Mark rows the destination answered with an error; False when one is to be retried
+        (the destination is then paused, one failure counted whatever their number)."""
+        retry: list[tuple[OutboxRow, str]] = []
+        for row, failure in failures:
+            code = failure.code()
+            error = f"{code.name}: {failure.details() or ''}"
+            if isinstance(failure, AlreadyExistsError) or (
+                isinstance(failure, NotFoundError) and row.missing_ok
+            ):
+                # The request id is known (its record outlived its retention) or there is
+                # nothing left to change: the message has had its effect.
+                self._sent.setdefault(row.target, []).append(row.seq)
+            elif code.name in REFUSED_CODES:
+                log.warning("outbox: %s refused event %s for good: %s", target, row.event_id, error)
+                self._outbox.refused(row.seq, error)
+            else:
+                retry.append((row, error))
+        if not retry:
+            self._recovered(target)
             return True
-        if code.name in REFUSED_CODES:
-            log.warning("outbox: %s refused event %s for good: %s", row.target, row.event_id, error)
-            self._outbox.refused(row.seq, error)
-            self._recovered(row.target)
-            return True
-        failures = self._failures[row.target] = self._failures[row.target] + 1
-        pause = backoff_delay_s(self._schedule, failures, self._rng)
+        failures_now = self._failures[target] = self._failures[target] + 1
+        pause = backoff_delay_s(self._schedule, failures_now, self._rng)
         at = self._clock() + pause
-        self._paused_until[row.target] = at
-        self._outbox.retry_later(row.seq, at=at, error=error)
-        if failures == 1:
+        self._paused_until[target] = at
+        for row, error in retry:
+            self._outbox.retry_later(row.seq, at=at, error=error)
+        if failures_now == 1:
             log.warning(
                 "outbox: %s not reachable (%s); its events wait, next attempt in %.1f s",
-                row.target,
-                error,
+                target,
+                retry[0][1],
                 pause,
             )
         else:
-            log.debug("outbox: %s still failing (%d): %s", row.target, failures, error)
+            log.debug("outbox: %s still failing (%d): %s", target, failures_now, retry[0][1])
         return False
 
     def _recovered(self, target: str) -> None:
@@ -509,3 +617,15 @@ class OutboxRelay:
         purged = self._outbox.purge(before=now - self._policy.retention_s)
         if purged:
             log.info("outbox: purged %d delivered rows older than the retention", purged)
+
+
+def _bug(exc: Exception, target: str, method: str) -> CallError:
+    """A send that raised something other than a call error: UNKNOWN, retried later."""
+    return UnknownError(
+        grpc.StatusCode.UNKNOWN,
+        repr(exc),
+        target=target,
+        method=method,
+        attempts=1,
+        stop_reason="not_retryable",
+    )

@@ -20,6 +20,7 @@ write lock makes each write atomic and unique keys make claims race-free.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import re
@@ -35,7 +36,8 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from interceptors.errors import Reason
-from services.mesh.errors import Aborted
+from services.mesh.batch import ItemOutcome
+from services.mesh.errors import Aborted, ServiceError
 from services.mesh.validation import quote
 from services.storage import engines, idempotency
 from services.storage.engines import (
@@ -78,6 +80,14 @@ SQLITE_SCHEME = "sqlite:///"
 POSTGRES_SCHEMES = engines.POSTGRES_SCHEMES
 
 ResponseT = TypeVar("ResponseT", bound=Message)
+RequestT = TypeVar("RequestT", bound=Message)
+
+
+def _run_item(
+    run: Callable[[Statements, RequestT], ResponseT], request: RequestT, tx: Statements
+) -> ResponseT:
+    return run(tx, request)
+
 
 #: Whether a request id has a record at all (claimed, done or expired).
 _RECORD_EXISTS = "SELECT 1 FROM idempotency_keys WHERE method = ? AND request_id = ?"
@@ -504,16 +514,70 @@ class Database(Statements):
             InvalidArgument: the id was used with a different body.
             Aborted: an identical request is still executing.
         """
-        key = idempotency.request_id_of(request) if request_id is None else request_id
         with self.transaction() as tx:
-            earlier = self.claim(
-                tx, method, request, response_type, request_id=key, kept_in=kept_in
+            response, _ = self._claimed_run(
+                tx, method, request, response_type, run, request_id, kept_in, recorded
             )
-            if earlier is not None:
-                return earlier
-            response = run(tx)
-            self.complete(tx, method, key, response if recorded is None else recorded(response))
             return response
+
+    def idempotent_each(
+        self,
+        method: str,
+        requests: Sequence[RequestT],
+        response_type: type[ResponseT],
+        run: Callable[[Statements, RequestT], ResponseT],
+        *,
+        kept_in: tuple[str, str] | None = None,
+    ) -> list[ItemOutcome[ResponseT]]:
+        """:meth:`idempotent` for each request, in order, all in one transaction.
+
+        Each item runs in a savepoint: its domain error (a claim refused, ``run`` raising a
+        :class:`ServiceError`) rolls back its own writes only and is its outcome; a repeat
+        of a request id (of an earlier call or of this batch) replays the first response.
+        Any other exception rolls the whole transaction back.
+        """
+        outcomes: list[ItemOutcome[ResponseT]] = []
+        with self.transaction() as tx:
+            for request in requests:
+                tx.run("SAVEPOINT batch_item")
+                try:
+                    response, replayed = self._claimed_run(
+                        tx,
+                        method,
+                        request,
+                        response_type,
+                        functools.partial(_run_item, run, request),
+                        None,
+                        kept_in,
+                        None,
+                    )
+                except ServiceError as exc:
+                    tx.run("ROLLBACK TO SAVEPOINT batch_item")
+                    outcomes.append(ItemOutcome(error=exc))
+                else:
+                    outcomes.append(ItemOutcome(response, duplicate=replayed))
+                tx.run("RELEASE SAVEPOINT batch_item")
+        return outcomes
+
+    def _claimed_run(
+        self,
+        tx: Statements,
+        method: str,
+        request: Message,
+        response_type: type[ResponseT],
+        run: Callable[[Statements], ResponseT],
+        request_id: str | None,
+        kept_in: tuple[str, str] | None,
+        recorded: Callable[[ResponseT], ResponseT] | None,
+    ) -> tuple[ResponseT, bool]:
+        """Claim, run and complete inside ``tx``: the response, and whether it is a replay."""
+        key = idempotency.request_id_of(request) if request_id is None else request_id
+        earlier = self.claim(tx, method, request, response_type, request_id=key, kept_in=kept_in)
+        if earlier is not None:
+            return earlier, True
+        response = run(tx)
+        self.complete(tx, method, key, response if recorded is None else recorded(response))
+        return response, False
 
     # -- work that spans a call elsewhere: claimed in one transaction, completed in a later one
 

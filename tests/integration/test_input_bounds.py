@@ -27,6 +27,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
 
 from interceptors.errors import MAX_MESSAGE_BYTES, MAX_STATUS_BYTES, STATUS_DETAILS_KEY
+from paymesh.common.v1 import common_pb2
 from services.mesh import page_tokens, pki
 from services.mesh.authz import grants
 from services.mesh.topology import SERVICES, Topology, env_prefix
@@ -176,6 +177,17 @@ VALID: Mapping[str, Mapping[str, Any]] = {
     },
     "GetWithdrawal": {"withdrawalId": "wd_1"},
     "ListWithdrawals": {"merchantId": "m_1"},
+}
+#: The batch RPCs: their repeated field of single requests, and the single RPC. A bad item is
+#: no failed call but a FAILED result, its status the single call's (field paths in the item).
+BATCHES = {
+    "RecordEvents": ("events", "RecordEvent"),
+    "UpdateOrderStatuses": ("updates", "UpdateOrderStatus"),
+    "SendNotifications": ("notifications", "SendNotification"),
+}
+VALID = {
+    **VALID,
+    **{batch: {field: [VALID[single]]} for batch, (field, single) in BATCHES.items()},
 }
 
 
@@ -343,10 +355,20 @@ async def _call(
         response_deserializer=output.FromString,
     )
     try:
-        await call(request, timeout=CALL_TIMEOUT_S, metadata=caller.metadata)
+        reply = await call(request, timeout=CALL_TIMEOUT_S, metadata=caller.metadata)
     except aio.AioRpcError as error:
         return error
+    if method.name in BATCHES:
+        (result,) = reply.results  # type: ignore[attr-defined]  # every batch response's
+        if result.outcome == common_pb2.BATCH_ITEM_OUTCOME_FAILED:
+            # The item's status as the failed single call it stands for.
+            status = status_pb2.Status.FromString(result.error.SerializeToString())
+            trailing = aio.Metadata((STATUS_DETAILS_KEY, status.SerializeToString()))
+            return aio.AioRpcError(_CODES[status.code], aio.Metadata(), trailing, status.message)
     return None
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 def _status(error: aio.AioRpcError) -> status_pb2.Status:
@@ -402,6 +424,8 @@ async def test_oversized_string_field_is_invalid_argument_quoted_short(
                 field_path = _display(path)
                 error = await _call(caller, service, method, _with_huge(valid, path))
                 checked += 1
+                if method.name in BATCHES:  # the item's own path
+                    field_path = field_path.split(".", 1)[1]
                 problem = _problem(error, _expected(field_path, caller), field_path)
                 if problem is not None:
                     problems.append(f"{method.name}.{field_path}: {problem}")

@@ -11,6 +11,7 @@ from services.mesh.bootstrap import StartupError
 from services.mesh.downstream import is_ambiguous as is_transient
 from services.payment_gateway.config import (
     CHARGE_CUTOFF_VAR,
+    OUTBOX_BATCH_ITEMS_VAR,
     OUTBOX_INTERVAL_VAR,
     OUTBOX_MAX_BACKOFF_VAR,
     RECOVERY_INTERVAL_VAR,
@@ -42,6 +43,14 @@ def test_variables_override_the_defaults() -> None:
     schedule, relay = config.recovery_schedule(), config.relay_policy()
     assert (schedule.interval_s, schedule.max_backoff_s) == (5.0, 40.0)
     assert (relay.interval_s, relay.max_backoff_s) == (2.0, 20.0)
+
+
+def test_the_relay_batch_size_is_64_rows_unless_set_within_1_to_64() -> None:
+    assert GatewayConfig.from_environ({}).relay_policy().batch_items == 64
+    assert GatewayConfig.from_environ({OUTBOX_BATCH_ITEMS_VAR: "1"}).relay_policy().batch_items == 1
+    for bad in ("0", "65", "-3", "8.5", "many", ""):
+        with pytest.raises(StartupError, match=OUTBOX_BATCH_ITEMS_VAR):
+            GatewayConfig.from_environ({OUTBOX_BATCH_ITEMS_VAR: bad})
 
 
 def test_a_backoff_cap_below_the_first_backoff_lowers_the_first_backoff() -> None:

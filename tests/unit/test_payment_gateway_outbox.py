@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -13,12 +14,15 @@ from google.protobuf.message import Message
 from grpc import aio
 
 from interceptors.errors import from_grpc_error
+from paymesh.common.v1 import common_pb2
 from paymesh.notification.v1 import notification_pb2
+from services.mesh.errors import Aborted, InvalidArgument, ServiceError, service_error_status
 from services.payment_gateway.outbox import (
     PENDING,
     REFUSED,
     SCHEMA,
     SENT,
+    BatchRoute,
     Outbox,
     OutboxMessage,
     OutboxRelay,
@@ -343,7 +347,16 @@ def test_relay_policy_defaults_are_safe_and_bad_values_refused() -> None:
     policy = RelayPolicy()
     assert (policy.interval_s, policy.initial_backoff_s, policy.max_backoff_s) == (5.0, 0.5, 60.0)
     assert policy.retention_s == 7 * 24 * 3600
-    for bad in ({"interval_s": 0}, {"max_backoff_s": 0.1}, {"batch": 0}, {"retention_s": -1}):
+    assert (policy.batch_items, policy.batch_bytes) == (64, 192 * 1024)
+    for bad in (
+        {"interval_s": 0},
+        {"max_backoff_s": 0.1},
+        {"batch": 0},
+        {"retention_s": -1},
+        {"batch_items": 0},
+        {"batch_items": 65},
+        {"batch_bytes": 0},
+    ):
         with pytest.raises(ValueError):
             RelayPolicy(**bad)
 
@@ -400,3 +413,120 @@ async def test_the_holder_writes_its_lease_once_a_third_of_the_period_however_of
     clock.advance(1.1)  # 3.1 s since the claim: past a third of the 9 s period
     await relay.deliver_due("notifications")
     assert lease_until() - first == pytest.approx(seconds_to_ns(3.1), abs=100_000)
+
+
+class BatchDestination:
+    """A batch destination: answers each item APPLIED, or FAILED with the code it is told for
+    that request id; records each call's request ids."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+        self.item_errors: dict[str, ServiceError] = {}
+
+    async def send(self, request: notification_pb2.SendNotificationsRequest) -> Any:
+        self.calls.append([n.request_id for n in request.notifications])
+        results = []
+        for item in request.notifications:
+            error = self.item_errors.pop(item.request_id, None)
+            if error is None:
+                results.append(
+                    notification_pb2.SendNotificationResult(
+                        outcome=common_pb2.BATCH_ITEM_OUTCOME_APPLIED
+                    )
+                )
+            else:
+                status = service_error_status(error, domain="notifications")
+                results.append(
+                    notification_pb2.SendNotificationResult(
+                        outcome=common_pb2.BATCH_ITEM_OUTCOME_FAILED,
+                        error=common_pb2.BatchItemStatus.FromString(status.SerializeToString()),
+                    )
+                )
+        return notification_pb2.SendNotificationsResponse(results=results)
+
+
+def _batch_relay(
+    outbox: CountingOutbox,
+    clock: FakeClock,
+    single: Destination,
+    send_batch: Callable[[Any], Any],
+    **policy: int,
+) -> OutboxRelay:
+    route = Route(
+        "notifications",
+        notification_pb2.SendNotificationRequest,
+        single.send,
+        BatchRoute(
+            lambda items: notification_pb2.SendNotificationsRequest(notifications=items),
+            send_batch,
+        ),
+    )
+    return OutboxRelay(
+        outbox,
+        {NOTIFY: route},
+        policy=RelayPolicy(**policy),
+        clock=clock,
+        rng=lambda: 1.0,
+    )
+
+
+async def test_rows_with_a_batch_route_go_in_calls_of_at_most_batch_items_and_bytes(
+    outbox: CountingOutbox, clock: FakeClock
+) -> None:
+    single, batch = Destination(), BatchDestination()
+    _write(outbox, *(_message(f"evt_{i}") for i in range(7)))
+    relay = _batch_relay(outbox, clock, single, batch.send, batch_items=3)
+    await relay.deliver_due("notifications")
+    assert batch.calls == [["evt_0", "evt_1", "evt_2"], ["evt_3", "evt_4", "evt_5"]]
+    assert single.received == ["evt_6"]  # a call of one row is the single RPC
+    assert {r.state for r in outbox.rows()} == {SENT}
+
+    _write(outbox, *(_message(f"evt_b{i}") for i in range(4)))
+    size = len(outbox.rows(state=PENDING)[0].request)  # each row's, all of one size
+    batch.calls.clear()
+    relay = _batch_relay(outbox, clock, single, batch.send, batch_bytes=2 * size + 1)
+    await relay.deliver_due("notifications")
+    assert batch.calls == [["evt_b0", "evt_b1"], ["evt_b2", "evt_b3"]]
+
+
+async def test_each_row_of_a_batch_is_marked_by_its_own_result(
+    outbox: CountingOutbox, clock: FakeClock
+) -> None:
+    single, batch = Destination(), BatchDestination()
+    _write(outbox, *(_message(f"evt_{i}") for i in range(4)))
+    batch.item_errors = {
+        "evt_1": InvalidArgument("scripted"),  # refused for good
+        "evt_2": Aborted("scripted"),  # retried later
+    }
+    relay = _batch_relay(outbox, clock, single, batch.send)
+    await relay.deliver_due("notifications")
+    assert [(r.event_id, r.state, r.attempts) for r in outbox.rows()] == [
+        ("evt_0", SENT, 1),
+        ("evt_1", REFUSED, 1),
+        ("evt_2", PENDING, 1),
+        ("evt_3", SENT, 1),
+    ]
+    assert outbox.rows()[2].next_attempt_time == clock() + 0.5
+    clock.advance(0.5)
+    await relay.deliver_due("notifications")
+    assert single.received == ["evt_2"]  # alone now: the single RPC
+    assert {r.state for r in outbox.rows() if r.event_id != "evt_1"} == {SENT}
+
+
+async def test_a_batch_call_failing_whole_pauses_once_and_keeps_every_row(
+    outbox: CountingOutbox, clock: FakeClock
+) -> None:
+    single = Destination()
+    _write(outbox, *(_message(f"evt_{i}") for i in range(3)))
+
+    async def down(request: Message) -> Any:
+        raise from_grpc_error(
+            aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, aio.Metadata(), aio.Metadata(), "down")
+        )
+
+    relay = _batch_relay(outbox, clock, single, down)
+    wait_s = await relay.deliver_due("notifications")
+    assert wait_s == 0.5
+    assert [(r.state, r.attempts, r.next_attempt_time) for r in outbox.rows()] == [
+        (PENDING, 1, clock() + 0.5)
+    ] * 3

@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 import pytest
@@ -184,6 +184,38 @@ def test_two_replicas_racing_one_request_id_run_it_once(replicas: list[Database]
     assert runs == ["ran"]
     assert results[0] == results[1]  # the loser replays the winner's response
     assert replicas[0].aggregate("SELECT COUNT(*) AS n FROM items")["n"] == 1
+
+
+def test_a_failing_item_of_a_batch_rolls_back_its_own_writes_only(
+    replicas: list[Database],
+) -> None:
+    db = replicas[0]
+
+    def run(tx: Statements, request: order_pb2.UpdateOrderStatusRequest) -> Any:
+        tx.insert("items", {"item_id": request.order_id, "label": request.reason})
+        if request.reason == "bad":  # after its write: the savepoint must undo it
+            raise FailedPrecondition("refused")
+        return order_pb2.UpdateOrderStatusResponse(order=order_pb2.Order(order_id=request.order_id))
+
+    def item(request_id: str, order_id: str, reason: str = "ok") -> Any:
+        return order_pb2.UpdateOrderStatusRequest(
+            request_id=request_id, order_id=order_id, reason=reason
+        )
+
+    batch = [item("r_1", "i_1"), item("r_2", "i_2", "bad"), item("r_1", "i_1"), item("r_3", "i_3")]
+    outcomes = db.idempotent_each("Test", batch, order_pb2.UpdateOrderStatusResponse, run)
+    assert [(o.duplicate, type(o.error).__name__) for o in outcomes] == [
+        (False, "NoneType"),
+        (False, "FailedPrecondition"),
+        (True, "NoneType"),
+        (False, "NoneType"),
+    ]
+    labels = replicas[1].all("SELECT item_id FROM items ORDER BY item_id")
+    assert [row["item_id"] for row in labels] == ["i_1", "i_3"]
+    # The refused item's request id stayed free: it runs anew.
+    retried = [item("r_2", "i_2")]
+    again = db.idempotent_each("Test", retried, order_pb2.UpdateOrderStatusResponse, run)
+    assert again[0].error is None and not again[0].duplicate
 
 
 def _posting(account_id: str, direction: int, amount_minor: int) -> accounting_pb2.Posting:

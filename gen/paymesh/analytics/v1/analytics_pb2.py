@@ -26,19 +26,21 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from paymesh.common.v1 import common_pb2 as paymesh_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$paymesh/analytics/v1/analytics.proto\x12\x14paymesh.analytics.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1epaymesh/common/v1/common.proto\"\x82\x02\n\x05\x45vent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x02 \x01(\t\x12\x33\n\nevent_type\x18\x03 \x01(\x0e\x32\x1f.paymesh.analytics.v1.EventType\x12\x12\n\npayment_id\x18\x04 \x01(\t\x12(\n\x06\x61mount\x18\x05 \x01(\x0b\x32\x18.paymesh.common.v1.Money\x12.\n\noccur_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8e\x01\n\x0e\x43urrencyVolume\x12\x15\n\rcurrency_code\x18\x01 \x01(\t\x12\x32\n\x10succeeded_volume\x18\x02 \x01(\x0b\x32\x18.paymesh.common.v1.Money\x12\x31\n\x0frefunded_volume\x18\x03 \x01(\x0b\x32\x18.paymesh.common.v1.Money\"\xd4\x02\n\rMerchantStats\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12\x13\n\x0b\x65vent_count\x18\x02 \x01(\x03\x12\x17\n\x0fsucceeded_count\x18\x03 \x01(\x03\x12\x16\n\x0e\x64\x65\x63lined_count\x18\x04 \x01(\x03\x12\x14\n\x0c\x66\x61iled_count\x18\x05 \x01(\x03\x12\x16\n\x0erefunded_count\x18\x06 \x01(\x03\x12\x18\n\x10success_rate_bps\x18\x07 \x01(\x05\x12\x35\n\x07volumes\x18\x08 \x03(\x0b\x32$.paymesh.analytics.v1.CurrencyVolume\x12\x34\n\x10\x66irst_event_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0flast_event_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe0\x01\n\x12RecordEventRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x02 \x01(\t\x12\x33\n\nevent_type\x18\x03 \x01(\x0e\x32\x1f.paymesh.analytics.v1.EventType\x12\x12\n\npayment_id\x18\x04 \x01(\t\x12(\n\x06\x61mount\x18\x05 \x01(\x0b\x32\x18.paymesh.common.v1.Money\x12.\n\noccur_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"A\n\x13RecordEventResponse\x12*\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1b.paymesh.analytics.v1.Event\"^\n\x17GetMerchantStatsRequest\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"N\n\x18GetMerchantStatsResponse\x12\x32\n\x05stats\x18\x01 \x01(\x0b\x32#.paymesh.analytics.v1.MerchantStats\"\x84\x01\n\x11ListEventsRequest\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12\x33\n\nevent_type\x18\x02 \x01(\x0e\x32\x1f.paymesh.analytics.v1.EventType\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"Z\n\x12ListEventsResponse\x12+\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1b.paymesh.analytics.v1.Event\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\xc9\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12 \n\x1c\x45VENT_TYPE_PAYMENT_SUCCEEDED\x10\x01\x12\x1f\n\x1b\x45VENT_TYPE_PAYMENT_DECLINED\x10\x02\x12\x1d\n\x19\x45VENT_TYPE_PAYMENT_FAILED\x10\x03\x12\x1f\n\x1b\x45VENT_TYPE_PAYMENT_REFUNDED\x10\x04\x12\x1d\n\x19\x45VENT_TYPE_PAYMENT_VOIDED\x10\x05\x32\xd4\x02\n\x10\x41nalyticsService\x12\x62\n\x0bRecordEvent\x12(.paymesh.analytics.v1.RecordEventRequest\x1a).paymesh.analytics.v1.RecordEventResponse\x12v\n\x10GetMerchantStats\x12-.paymesh.analytics.v1.GetMerchantStatsRequest\x1a..paymesh.analytics.v1.GetMerchantStatsResponse\"\x03\x90\x02\x01\x12\x64\n\nListEvents\x12\'.paymesh.analytics.v1.ListEventsRequest\x1a(.paymesh.analytics.v1.ListEventsResponse\"\x03\x90\x02\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$paymesh/analytics/v1/analytics.proto\x12\x14paymesh.analytics.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1epaymesh/common/v1/common.proto\"\x82\x02\n\x05\x45vent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x02 \x01(\t\x12\x33\n\nevent_type\x18\x03 \x01(\x0e\x32\x1f.paymesh.analytics.v1.EventType\x12\x12\n\npayment_id\x18\x04 \x01(\t\x12(\n\x06\x61mount\x18\x05 \x01(\x0b\x32\x18.paymesh.common.v1.Money\x12.\n\noccur_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8e\x01\n\x0e\x43urrencyVolume\x12\x15\n\rcurrency_code\x18\x01 \x01(\t\x12\x32\n\x10succeeded_volume\x18\x02 \x01(\x0b\x32\x18.paymesh.common.v1.Money\x12\x31\n\x0frefunded_volume\x18\x03 \x01(\x0b\x32\x18.paymesh.common.v1.Money\"\xd4\x02\n\rMerchantStats\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12\x13\n\x0b\x65vent_count\x18\x02 \x01(\x03\x12\x17\n\x0fsucceeded_count\x18\x03 \x01(\x03\x12\x16\n\x0e\x64\x65\x63lined_count\x18\x04 \x01(\x03\x12\x14\n\x0c\x66\x61iled_count\x18\x05 \x01(\x03\x12\x16\n\x0erefunded_count\x18\x06 \x01(\x03\x12\x18\n\x10success_rate_bps\x18\x07 \x01(\x05\x12\x35\n\x07volumes\x18\x08 \x03(\x0b\x32$.paymesh.analytics.v1.CurrencyVolume\x12\x34\n\x10\x66irst_event_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0flast_event_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe0\x01\n\x12RecordEventRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x02 \x01(\t\x12\x33\n\nevent_type\x18\x03 \x01(\x0e\x32\x1f.paymesh.analytics.v1.EventType\x12\x12\n\npayment_id\x18\x04 \x01(\t\x12(\n\x06\x61mount\x18\x05 \x01(\x0b\x32\x18.paymesh.common.v1.Money\x12.\n\noccur_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"A\n\x13RecordEventResponse\x12*\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1b.paymesh.analytics.v1.Event\"O\n\x13RecordEventsRequest\x12\x38\n\x06\x65vents\x18\x01 \x03(\x0b\x32(.paymesh.analytics.v1.RecordEventRequest\"P\n\x14RecordEventsResponse\x12\x38\n\x07results\x18\x01 \x03(\x0b\x32\'.paymesh.analytics.v1.RecordEventResult\"\xb9\x01\n\x11RecordEventResult\x12\x34\n\x07outcome\x18\x01 \x01(\x0e\x32#.paymesh.common.v1.BatchItemOutcome\x12;\n\x08response\x18\x02 \x01(\x0b\x32).paymesh.analytics.v1.RecordEventResponse\x12\x31\n\x05\x65rror\x18\x03 \x01(\x0b\x32\".paymesh.common.v1.BatchItemStatus\"^\n\x17GetMerchantStatsRequest\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"N\n\x18GetMerchantStatsResponse\x12\x32\n\x05stats\x18\x01 \x01(\x0b\x32#.paymesh.analytics.v1.MerchantStats\"\x84\x01\n\x11ListEventsRequest\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12\x33\n\nevent_type\x18\x02 \x01(\x0e\x32\x1f.paymesh.analytics.v1.EventType\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"Z\n\x12ListEventsResponse\x12+\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1b.paymesh.analytics.v1.Event\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\xc9\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12 \n\x1c\x45VENT_TYPE_PAYMENT_SUCCEEDED\x10\x01\x12\x1f\n\x1b\x45VENT_TYPE_PAYMENT_DECLINED\x10\x02\x12\x1d\n\x19\x45VENT_TYPE_PAYMENT_FAILED\x10\x03\x12\x1f\n\x1b\x45VENT_TYPE_PAYMENT_REFUNDED\x10\x04\x12\x1d\n\x19\x45VENT_TYPE_PAYMENT_VOIDED\x10\x05\x32\xc0\x03\n\x10\x41nalyticsService\x12\x62\n\x0bRecordEvent\x12(.paymesh.analytics.v1.RecordEventRequest\x1a).paymesh.analytics.v1.RecordEventResponse\x12j\n\x0cRecordEvents\x12).paymesh.analytics.v1.RecordEventsRequest\x1a*.paymesh.analytics.v1.RecordEventsResponse\"\x03\x90\x02\x02\x12v\n\x10GetMerchantStats\x12-.paymesh.analytics.v1.GetMerchantStatsRequest\x1a..paymesh.analytics.v1.GetMerchantStatsResponse\"\x03\x90\x02\x01\x12\x64\n\nListEvents\x12\'.paymesh.analytics.v1.ListEventsRequest\x1a(.paymesh.analytics.v1.ListEventsResponse\"\x03\x90\x02\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'paymesh.analytics.v1.analytics_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_ANALYTICSSERVICE'].methods_by_name['RecordEvents']._loaded_options = None
+  _globals['_ANALYTICSSERVICE'].methods_by_name['RecordEvents']._serialized_options = b'\220\002\002'
   _globals['_ANALYTICSSERVICE'].methods_by_name['GetMerchantStats']._loaded_options = None
   _globals['_ANALYTICSSERVICE'].methods_by_name['GetMerchantStats']._serialized_options = b'\220\002\001'
   _globals['_ANALYTICSSERVICE'].methods_by_name['ListEvents']._loaded_options = None
   _globals['_ANALYTICSSERVICE'].methods_by_name['ListEvents']._serialized_options = b'\220\002\001'
-  _globals['_EVENTTYPE']._serialized_start=1574
-  _globals['_EVENTTYPE']._serialized_end=1775
+  _globals['_EVENTTYPE']._serialized_start=1925
+  _globals['_EVENTTYPE']._serialized_end=2126
   _globals['_EVENT']._serialized_start=128
   _globals['_EVENT']._serialized_end=386
   _globals['_CURRENCYVOLUME']._serialized_start=389
@@ -49,14 +51,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RECORDEVENTREQUEST']._serialized_end=1101
   _globals['_RECORDEVENTRESPONSE']._serialized_start=1103
   _globals['_RECORDEVENTRESPONSE']._serialized_end=1168
-  _globals['_GETMERCHANTSTATSREQUEST']._serialized_start=1170
-  _globals['_GETMERCHANTSTATSREQUEST']._serialized_end=1264
-  _globals['_GETMERCHANTSTATSRESPONSE']._serialized_start=1266
-  _globals['_GETMERCHANTSTATSRESPONSE']._serialized_end=1344
-  _globals['_LISTEVENTSREQUEST']._serialized_start=1347
-  _globals['_LISTEVENTSREQUEST']._serialized_end=1479
-  _globals['_LISTEVENTSRESPONSE']._serialized_start=1481
-  _globals['_LISTEVENTSRESPONSE']._serialized_end=1571
-  _globals['_ANALYTICSSERVICE']._serialized_start=1778
-  _globals['_ANALYTICSSERVICE']._serialized_end=2118
+  _globals['_RECORDEVENTSREQUEST']._serialized_start=1170
+  _globals['_RECORDEVENTSREQUEST']._serialized_end=1249
+  _globals['_RECORDEVENTSRESPONSE']._serialized_start=1251
+  _globals['_RECORDEVENTSRESPONSE']._serialized_end=1331
+  _globals['_RECORDEVENTRESULT']._serialized_start=1334
+  _globals['_RECORDEVENTRESULT']._serialized_end=1519
+  _globals['_GETMERCHANTSTATSREQUEST']._serialized_start=1521
+  _globals['_GETMERCHANTSTATSREQUEST']._serialized_end=1615
+  _globals['_GETMERCHANTSTATSRESPONSE']._serialized_start=1617
+  _globals['_GETMERCHANTSTATSRESPONSE']._serialized_end=1695
+  _globals['_LISTEVENTSREQUEST']._serialized_start=1698
+  _globals['_LISTEVENTSREQUEST']._serialized_end=1830
+  _globals['_LISTEVENTSRESPONSE']._serialized_start=1832
+  _globals['_LISTEVENTSRESPONSE']._serialized_end=1922
+  _globals['_ANALYTICSSERVICE']._serialized_start=2129
+  _globals['_ANALYTICSSERVICE']._serialized_end=2577
 # @@protoc_insertion_point(module_scope)

@@ -278,6 +278,88 @@ class RecordEventResponse(_message.Message):
 Global___RecordEventResponse: _TypeAlias = RecordEventResponse  # noqa: Y015
 
 @_typing.final
+class RecordEventsRequest(_message.Message):
+    """Request of RecordEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecordEventRequest]:
+        """The events, 1 to 64, each deduped by its own request_id."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___RecordEventRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordEventsRequest: _TypeAlias = RecordEventsRequest  # noqa: Y015
+
+@_typing.final
+class RecordEventsResponse(_message.Message):
+    """Response of RecordEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecordEventResult]:
+        """One result per event of the request, in its order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___RecordEventResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordEventsResponse: _TypeAlias = RecordEventsResponse  # noqa: Y015
+
+@_typing.final
+class RecordEventResult(_message.Message):
+    """What became of one event of RecordEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    outcome: _common_pb2.BatchItemOutcome.ValueType
+    """Applied, duplicate or failed."""
+    @_builtins.property
+    def response(self) -> Global___RecordEventResponse:
+        """What RecordEvent would have returned (APPLIED or DUPLICATE)."""
+
+    @_builtins.property
+    def error(self) -> _common_pb2.BatchItemStatus:
+        """What RecordEvent would have failed with (FAILED)."""
+
+    def __init__(
+        self,
+        *,
+        outcome: _common_pb2.BatchItemOutcome.ValueType = ...,
+        response: Global___RecordEventResponse | None = ...,
+        error: _common_pb2.BatchItemStatus | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "outcome", b"outcome", "response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordEventResult: _TypeAlias = RecordEventResult  # noqa: Y015
+
+@_typing.final
 class GetMerchantStatsRequest(_message.Message):
     """Request of GetMerchantStats."""
 

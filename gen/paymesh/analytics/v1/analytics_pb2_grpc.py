@@ -40,6 +40,11 @@ class AnalyticsServiceStub:
                 request_serializer=paymesh_dot_analytics_dot_v1_dot_analytics__pb2.RecordEventRequest.SerializeToString,
                 response_deserializer=paymesh_dot_analytics_dot_v1_dot_analytics__pb2.RecordEventResponse.FromString,
                 _registered_method=True)
+        self.RecordEvents = channel.unary_unary(
+                '/paymesh.analytics.v1.AnalyticsService/RecordEvents',
+                request_serializer=paymesh_dot_analytics_dot_v1_dot_analytics__pb2.RecordEventsRequest.SerializeToString,
+                response_deserializer=paymesh_dot_analytics_dot_v1_dot_analytics__pb2.RecordEventsResponse.FromString,
+                _registered_method=True)
         self.GetMerchantStats = channel.unary_unary(
                 '/paymesh.analytics.v1.AnalyticsService/GetMerchantStats',
                 request_serializer=paymesh_dot_analytics_dot_v1_dot_analytics__pb2.GetMerchantStatsRequest.SerializeToString,
@@ -58,6 +63,13 @@ class AnalyticsServiceServicer:
 
     def RecordEvent(self, request, context):
         """Records one event; its request_id is the event id, so a repeat is never counted twice.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecordEvents(self, request, context):
+        """Records up to 64 events in one transaction, each exactly as RecordEvent would; one result per event, in order.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -84,6 +96,11 @@ def add_AnalyticsServiceServicer_to_server(servicer, server):
                     servicer.RecordEvent,
                     request_deserializer=paymesh_dot_analytics_dot_v1_dot_analytics__pb2.RecordEventRequest.FromString,
                     response_serializer=paymesh_dot_analytics_dot_v1_dot_analytics__pb2.RecordEventResponse.SerializeToString,
+            ),
+            'RecordEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordEvents,
+                    request_deserializer=paymesh_dot_analytics_dot_v1_dot_analytics__pb2.RecordEventsRequest.FromString,
+                    response_serializer=paymesh_dot_analytics_dot_v1_dot_analytics__pb2.RecordEventsResponse.SerializeToString,
             ),
             'GetMerchantStats': grpc.unary_unary_rpc_method_handler(
                     servicer.GetMerchantStats,
@@ -124,6 +141,33 @@ class AnalyticsService:
             '/paymesh.analytics.v1.AnalyticsService/RecordEvent',
             paymesh_dot_analytics_dot_v1_dot_analytics__pb2.RecordEventRequest.SerializeToString,
             paymesh_dot_analytics_dot_v1_dot_analytics__pb2.RecordEventResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paymesh.analytics.v1.AnalyticsService/RecordEvents',
+            paymesh_dot_analytics_dot_v1_dot_analytics__pb2.RecordEventsRequest.SerializeToString,
+            paymesh_dot_analytics_dot_v1_dot_analytics__pb2.RecordEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

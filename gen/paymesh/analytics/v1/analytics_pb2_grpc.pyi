@@ -35,6 +35,8 @@ class AnalyticsServiceStub:
     def __new__(cls, channel: _aio.Channel) -> AnalyticsServiceAsyncStub: ...
     RecordEvent: _grpc.UnaryUnaryMultiCallable[_analytics_pb2.RecordEventRequest, _analytics_pb2.RecordEventResponse]
     """Records one event; its request_id is the event id, so a repeat is never counted twice."""
+    RecordEvents: _grpc.UnaryUnaryMultiCallable[_analytics_pb2.RecordEventsRequest, _analytics_pb2.RecordEventsResponse]
+    """Records up to 64 events in one transaction, each exactly as RecordEvent would; one result per event, in order."""
     GetMerchantStats: _grpc.UnaryUnaryMultiCallable[_analytics_pb2.GetMerchantStatsRequest, _analytics_pb2.GetMerchantStatsResponse]
     """Returns a merchant's counts, volumes and success rate."""
     ListEvents: _grpc.UnaryUnaryMultiCallable[_analytics_pb2.ListEventsRequest, _analytics_pb2.ListEventsResponse]
@@ -47,6 +49,8 @@ class AnalyticsServiceAsyncStub(AnalyticsServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     RecordEvent: _aio.UnaryUnaryMultiCallable[_analytics_pb2.RecordEventRequest, _analytics_pb2.RecordEventResponse]  # type: ignore[assignment]
     """Records one event; its request_id is the event id, so a repeat is never counted twice."""
+    RecordEvents: _aio.UnaryUnaryMultiCallable[_analytics_pb2.RecordEventsRequest, _analytics_pb2.RecordEventsResponse]  # type: ignore[assignment]
+    """Records up to 64 events in one transaction, each exactly as RecordEvent would; one result per event, in order."""
     GetMerchantStats: _aio.UnaryUnaryMultiCallable[_analytics_pb2.GetMerchantStatsRequest, _analytics_pb2.GetMerchantStatsResponse]  # type: ignore[assignment]
     """Returns a merchant's counts, volumes and success rate."""
     ListEvents: _aio.UnaryUnaryMultiCallable[_analytics_pb2.ListEventsRequest, _analytics_pb2.ListEventsResponse]  # type: ignore[assignment]
@@ -62,6 +66,14 @@ class AnalyticsServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_analytics_pb2.RecordEventResponse, _abc.Awaitable[_analytics_pb2.RecordEventResponse]]:
         """Records one event; its request_id is the event id, so a repeat is never counted twice."""
+
+    @_abc_1.abstractmethod
+    def RecordEvents(
+        self,
+        request: _analytics_pb2.RecordEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_analytics_pb2.RecordEventsResponse, _abc.Awaitable[_analytics_pb2.RecordEventsResponse]]:
+        """Records up to 64 events in one transaction, each exactly as RecordEvent would; one result per event, in order."""
 
     @_abc_1.abstractmethod
     def GetMerchantStats(

@@ -12,10 +12,21 @@ previous response, opaque to the caller) in its request, and `string next_page_t
 Errors (AIP-193): a failed call carries exactly one google.rpc.ErrorInfo whose `reason` is an
 ErrorReason value name without its `ERROR_REASON_` prefix (e.g. "PAYMENT_NOT_FOUND") and whose
 `domain` is the topology name of the service that raised it (e.g. "payment-gateway").
+
+Batches: a batch RPC (`RecordEvents`, `UpdateOrderStatuses`, `SendNotifications`) carries
+`repeated` single requests, at most 64 (more, or none, is INVALID_ARGUMENT with a BadRequest
+violation on the repeated field, and nothing is applied). Each item is applied as its single
+RPC would apply it, deduped by its own `request_id` (a repeat, in this batch or from an earlier
+single or batch call, is DUPLICATE and replays the first result), in one transaction where
+the store allows. The response has one result per item, in the request's order; an item that
+fails says why in its own BatchItemStatus and never fails the others.
 """
 
+from collections import abc as _abc
+from google.protobuf import any_pb2 as _any_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
@@ -220,6 +231,34 @@ ERROR_REASON_FAULT_INJECTION_DISABLED: ErrorReason.ValueType  # 44
 """The admin endpoint's fault-injection routes are switched off in this process (HTTP 403 on the admin endpoint)."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
+class _BatchItemOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BatchItemOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BatchItemOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BATCH_ITEM_OUTCOME_UNSPECIFIED: _BatchItemOutcome.ValueType  # 0
+    """Not set; never sent."""
+    BATCH_ITEM_OUTCOME_APPLIED: _BatchItemOutcome.ValueType  # 1
+    """The item was applied now; its result carries the single RPC's response."""
+    BATCH_ITEM_OUTCOME_DUPLICATE: _BatchItemOutcome.ValueType  # 2
+    """The item's request_id was applied before with the same body; its result replays the first response."""
+    BATCH_ITEM_OUTCOME_FAILED: _BatchItemOutcome.ValueType  # 3
+    """The item was not applied; its result's status is what the single RPC would have failed with."""
+
+class BatchItemOutcome(_BatchItemOutcome, metaclass=_BatchItemOutcomeEnumTypeWrapper):
+    """What became of one item of a batch RPC."""
+
+BATCH_ITEM_OUTCOME_UNSPECIFIED: BatchItemOutcome.ValueType  # 0
+"""Not set; never sent."""
+BATCH_ITEM_OUTCOME_APPLIED: BatchItemOutcome.ValueType  # 1
+"""The item was applied now; its result carries the single RPC's response."""
+BATCH_ITEM_OUTCOME_DUPLICATE: BatchItemOutcome.ValueType  # 2
+"""The item's request_id was applied before with the same body; its result replays the first response."""
+BATCH_ITEM_OUTCOME_FAILED: BatchItemOutcome.ValueType  # 3
+"""The item was not applied; its result's status is what the single RPC would have failed with."""
+Global___BatchItemOutcome: _TypeAlias = BatchItemOutcome  # noqa: Y015
+
 @_typing.final
 class Money(_message.Message):
     """An exact amount of money: integer minor units of an ISO 4217 currency, never a float."""
@@ -245,3 +284,35 @@ class Money(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Money: _TypeAlias = Money  # noqa: Y015
+
+@_typing.final
+class BatchItemStatus(_message.Message):
+    """Why one item of a batch was not applied; the same fields and field numbers as google.rpc.Status, so its bytes parse as one."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """The status code, a google.rpc.Code value (3 is INVALID_ARGUMENT): whether a retry of the item may succeed."""
+    message: _builtins.str
+    """Developer-facing message, bounded like every status message."""
+    @_builtins.property
+    def details(self) -> _containers.RepeatedCompositeFieldContainer[_any_pb2.Any]:
+        """Exactly one google.rpc.ErrorInfo, and google.rpc.BadRequest for bad input (field paths relative to the item), as a failed single call carries them."""
+
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        details: _abc.Iterable[_any_pb2.Any] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "details", b"details", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchItemStatus: _TypeAlias = BatchItemStatus  # noqa: Y015

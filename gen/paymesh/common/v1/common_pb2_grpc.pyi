@@ -12,6 +12,14 @@ previous response, opaque to the caller) in its request, and `string next_page_t
 Errors (AIP-193): a failed call carries exactly one google.rpc.ErrorInfo whose `reason` is an
 ErrorReason value name without its `ERROR_REASON_` prefix (e.g. "PAYMENT_NOT_FOUND") and whose
 `domain` is the topology name of the service that raised it (e.g. "payment-gateway").
+
+Batches: a batch RPC (`RecordEvents`, `UpdateOrderStatuses`, `SendNotifications`) carries
+`repeated` single requests, at most 64 (more, or none, is INVALID_ARGUMENT with a BadRequest
+violation on the repeated field, and nothing is applied). Each item is applied as its single
+RPC would apply it, deduped by its own `request_id` (a repeat, in this batch or from an earlier
+single or batch call, is DUPLICATE and replays the first result), in one transaction where
+the store allows. The response has one result per item, in the request's order; an item that
+fails says why in its own BatchItemStatus and never fails the others.
 """
 
 from collections import abc as _abc

@@ -24,45 +24,54 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from paymesh.common.v1 import common_pb2 as paymesh_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*paymesh/notification/v1/notification.proto\x12\x17paymesh.notification.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xed\x03\n\x0cNotification\x12\x17\n\x0fnotification_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x03 \x01(\t\x12\x12\n\nevent_type\x18\x04 \x01(\t\x12\x14\n\x0cpayload_json\x18\x05 \x01(\t\x12\x13\n\x0bwebhook_url\x18\x06 \x01(\t\x12@\n\x0f\x64\x65livery_status\x18\x07 \x01(\x0e\x32\'.paymesh.notification.v1.DeliveryStatus\x12\x15\n\rattempt_count\x18\x08 \x01(\x05\x12\x1a\n\x12last_response_code\x18\t \x01(\x05\x12\x12\n\nlast_error\x18\n \x01(\t\x12\x35\n\x11last_attempt_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x63reate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11next_attempt_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10\x64\x65\x61\x64_letter_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x81\x01\n\x17SendNotificationRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x02 \x01(\t\x12\x12\n\nevent_type\x18\x03 \x01(\t\x12\x14\n\x0cpayload_json\x18\x04 \x01(\t\x12\x13\n\x0bwebhook_url\x18\x05 \x01(\t\"W\n\x18SendNotificationResponse\x12;\n\x0cnotification\x18\x01 \x01(\x0b\x32%.paymesh.notification.v1.Notification\"1\n\x16GetNotificationRequest\x12\x17\n\x0fnotification_id\x18\x01 \x01(\t\"V\n\x17GetNotificationResponse\x12;\n\x0cnotification\x18\x01 \x01(\x0b\x32%.paymesh.notification.v1.Notification\"\x98\x01\n\x18ListNotificationsRequest\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12@\n\x0f\x64\x65livery_status\x18\x02 \x01(\x0e\x32\'.paymesh.notification.v1.DeliveryStatus\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"r\n\x19ListNotificationsResponse\x12<\n\rnotifications\x18\x01 \x03(\x0b\x32%.paymesh.notification.v1.Notification\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"h\n\rWebhookSecret\x12\x11\n\tsecret_id\x18\x01 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x02 \x01(\t\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x81\x01\n\x1aRotateWebhookSecretRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x02 \x01(\t\x12:\n\x17previous_secret_overlap\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xae\x01\n\x1bRotateWebhookSecretResponse\x12>\n\x0ewebhook_secret\x18\x01 \x01(\x0b\x32&.paymesh.notification.v1.WebhookSecret\x12\x0e\n\x06secret\x18\x02 \x01(\t\x12?\n\x1bprevious_secret_expire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"K\n\x1cRedeliverNotificationRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x17\n\x0fnotification_id\x18\x02 \x01(\t\"\\\n\x1dRedeliverNotificationResponse\x12;\n\x0cnotification\x18\x01 \x01(\x0b\x32%.paymesh.notification.v1.Notification*\xc9\x01\n\x0e\x44\x65liveryStatus\x12\x1f\n\x1b\x44\x45LIVERY_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x44\x45LIVERY_STATUS_PENDING\x10\x01\x12\x1d\n\x19\x44\x45LIVERY_STATUS_DELIVERED\x10\x02\x12\x1a\n\x16\x44\x45LIVERY_STATUS_FAILED\x10\x03\x12\x1b\n\x17\x44\x45LIVERY_STATUS_SKIPPED\x10\x04\x12!\n\x1d\x44\x45LIVERY_STATUS_DEAD_LETTERED\x10\x05\x32\x96\x05\n\x13NotificationService\x12w\n\x10SendNotification\x12\x30.paymesh.notification.v1.SendNotificationRequest\x1a\x31.paymesh.notification.v1.SendNotificationResponse\x12y\n\x0fGetNotification\x12/.paymesh.notification.v1.GetNotificationRequest\x1a\x30.paymesh.notification.v1.GetNotificationResponse\"\x03\x90\x02\x01\x12\x7f\n\x11ListNotifications\x12\x31.paymesh.notification.v1.ListNotificationsRequest\x1a\x32.paymesh.notification.v1.ListNotificationsResponse\"\x03\x90\x02\x01\x12\x80\x01\n\x13RotateWebhookSecret\x12\x33.paymesh.notification.v1.RotateWebhookSecretRequest\x1a\x34.paymesh.notification.v1.RotateWebhookSecretResponse\x12\x86\x01\n\x15RedeliverNotification\x12\x35.paymesh.notification.v1.RedeliverNotificationRequest\x1a\x36.paymesh.notification.v1.RedeliverNotificationResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*paymesh/notification/v1/notification.proto\x12\x17paymesh.notification.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1epaymesh/common/v1/common.proto\"\xed\x03\n\x0cNotification\x12\x17\n\x0fnotification_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x03 \x01(\t\x12\x12\n\nevent_type\x18\x04 \x01(\t\x12\x14\n\x0cpayload_json\x18\x05 \x01(\t\x12\x13\n\x0bwebhook_url\x18\x06 \x01(\t\x12@\n\x0f\x64\x65livery_status\x18\x07 \x01(\x0e\x32\'.paymesh.notification.v1.DeliveryStatus\x12\x15\n\rattempt_count\x18\x08 \x01(\x05\x12\x1a\n\x12last_response_code\x18\t \x01(\x05\x12\x12\n\nlast_error\x18\n \x01(\t\x12\x35\n\x11last_attempt_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x63reate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11next_attempt_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10\x64\x65\x61\x64_letter_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x81\x01\n\x17SendNotificationRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x02 \x01(\t\x12\x12\n\nevent_type\x18\x03 \x01(\t\x12\x14\n\x0cpayload_json\x18\x04 \x01(\t\x12\x13\n\x0bwebhook_url\x18\x05 \x01(\t\"W\n\x18SendNotificationResponse\x12;\n\x0cnotification\x18\x01 \x01(\x0b\x32%.paymesh.notification.v1.Notification\"c\n\x18SendNotificationsRequest\x12G\n\rnotifications\x18\x01 \x03(\x0b\x32\x30.paymesh.notification.v1.SendNotificationRequest\"]\n\x19SendNotificationsResponse\x12@\n\x07results\x18\x01 \x03(\x0b\x32/.paymesh.notification.v1.SendNotificationResult\"\xc6\x01\n\x16SendNotificationResult\x12\x34\n\x07outcome\x18\x01 \x01(\x0e\x32#.paymesh.common.v1.BatchItemOutcome\x12\x43\n\x08response\x18\x02 \x01(\x0b\x32\x31.paymesh.notification.v1.SendNotificationResponse\x12\x31\n\x05\x65rror\x18\x03 \x01(\x0b\x32\".paymesh.common.v1.BatchItemStatus\"1\n\x16GetNotificationRequest\x12\x17\n\x0fnotification_id\x18\x01 \x01(\t\"V\n\x17GetNotificationResponse\x12;\n\x0cnotification\x18\x01 \x01(\x0b\x32%.paymesh.notification.v1.Notification\"\x98\x01\n\x18ListNotificationsRequest\x12\x13\n\x0bmerchant_id\x18\x01 \x01(\t\x12@\n\x0f\x64\x65livery_status\x18\x02 \x01(\x0e\x32\'.paymesh.notification.v1.DeliveryStatus\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"r\n\x19ListNotificationsResponse\x12<\n\rnotifications\x18\x01 \x03(\x0b\x32%.paymesh.notification.v1.Notification\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"h\n\rWebhookSecret\x12\x11\n\tsecret_id\x18\x01 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x02 \x01(\t\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x81\x01\n\x1aRotateWebhookSecretRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x02 \x01(\t\x12:\n\x17previous_secret_overlap\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xae\x01\n\x1bRotateWebhookSecretResponse\x12>\n\x0ewebhook_secret\x18\x01 \x01(\x0b\x32&.paymesh.notification.v1.WebhookSecret\x12\x0e\n\x06secret\x18\x02 \x01(\t\x12?\n\x1bprevious_secret_expire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"K\n\x1cRedeliverNotificationRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x17\n\x0fnotification_id\x18\x02 \x01(\t\"\\\n\x1dRedeliverNotificationResponse\x12;\n\x0cnotification\x18\x01 \x01(\x0b\x32%.paymesh.notification.v1.Notification*\xc9\x01\n\x0e\x44\x65liveryStatus\x12\x1f\n\x1b\x44\x45LIVERY_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x44\x45LIVERY_STATUS_PENDING\x10\x01\x12\x1d\n\x19\x44\x45LIVERY_STATUS_DELIVERED\x10\x02\x12\x1a\n\x16\x44\x45LIVERY_STATUS_FAILED\x10\x03\x12\x1b\n\x17\x44\x45LIVERY_STATUS_SKIPPED\x10\x04\x12!\n\x1d\x44\x45LIVERY_STATUS_DEAD_LETTERED\x10\x05\x32\x97\x06\n\x13NotificationService\x12w\n\x10SendNotification\x12\x30.paymesh.notification.v1.SendNotificationRequest\x1a\x31.paymesh.notification.v1.SendNotificationResponse\x12\x7f\n\x11SendNotifications\x12\x31.paymesh.notification.v1.SendNotificationsRequest\x1a\x32.paymesh.notification.v1.SendNotificationsResponse\"\x03\x90\x02\x02\x12y\n\x0fGetNotification\x12/.paymesh.notification.v1.GetNotificationRequest\x1a\x30.paymesh.notification.v1.GetNotificationResponse\"\x03\x90\x02\x01\x12\x7f\n\x11ListNotifications\x12\x31.paymesh.notification.v1.ListNotificationsRequest\x1a\x32.paymesh.notification.v1.ListNotificationsResponse\"\x03\x90\x02\x01\x12\x80\x01\n\x13RotateWebhookSecret\x12\x33.paymesh.notification.v1.RotateWebhookSecretRequest\x1a\x34.paymesh.notification.v1.RotateWebhookSecretResponse\x12\x86\x01\n\x15RedeliverNotification\x12\x35.paymesh.notification.v1.RedeliverNotificationRequest\x1a\x36.paymesh.notification.v1.RedeliverNotificationResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'paymesh.notification.v1.notification_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_NOTIFICATIONSERVICE'].methods_by_name['SendNotifications']._loaded_options = None
+  _globals['_NOTIFICATIONSERVICE'].methods_by_name['SendNotifications']._serialized_options = b'\220\002\002'
   _globals['_NOTIFICATIONSERVICE'].methods_by_name['GetNotification']._loaded_options = None
   _globals['_NOTIFICATIONSERVICE'].methods_by_name['GetNotification']._serialized_options = b'\220\002\001'
   _globals['_NOTIFICATIONSERVICE'].methods_by_name['ListNotifications']._loaded_options = None
   _globals['_NOTIFICATIONSERVICE'].methods_by_name['ListNotifications']._serialized_options = b'\220\002\001'
-  _globals['_DELIVERYSTATUS']._serialized_start=1850
-  _globals['_DELIVERYSTATUS']._serialized_end=2051
-  _globals['_NOTIFICATION']._serialized_start=137
-  _globals['_NOTIFICATION']._serialized_end=630
-  _globals['_SENDNOTIFICATIONREQUEST']._serialized_start=633
-  _globals['_SENDNOTIFICATIONREQUEST']._serialized_end=762
-  _globals['_SENDNOTIFICATIONRESPONSE']._serialized_start=764
-  _globals['_SENDNOTIFICATIONRESPONSE']._serialized_end=851
-  _globals['_GETNOTIFICATIONREQUEST']._serialized_start=853
-  _globals['_GETNOTIFICATIONREQUEST']._serialized_end=902
-  _globals['_GETNOTIFICATIONRESPONSE']._serialized_start=904
-  _globals['_GETNOTIFICATIONRESPONSE']._serialized_end=990
-  _globals['_LISTNOTIFICATIONSREQUEST']._serialized_start=993
-  _globals['_LISTNOTIFICATIONSREQUEST']._serialized_end=1145
-  _globals['_LISTNOTIFICATIONSRESPONSE']._serialized_start=1147
-  _globals['_LISTNOTIFICATIONSRESPONSE']._serialized_end=1261
-  _globals['_WEBHOOKSECRET']._serialized_start=1263
-  _globals['_WEBHOOKSECRET']._serialized_end=1367
-  _globals['_ROTATEWEBHOOKSECRETREQUEST']._serialized_start=1370
-  _globals['_ROTATEWEBHOOKSECRETREQUEST']._serialized_end=1499
-  _globals['_ROTATEWEBHOOKSECRETRESPONSE']._serialized_start=1502
-  _globals['_ROTATEWEBHOOKSECRETRESPONSE']._serialized_end=1676
-  _globals['_REDELIVERNOTIFICATIONREQUEST']._serialized_start=1678
-  _globals['_REDELIVERNOTIFICATIONREQUEST']._serialized_end=1753
-  _globals['_REDELIVERNOTIFICATIONRESPONSE']._serialized_start=1755
-  _globals['_REDELIVERNOTIFICATIONRESPONSE']._serialized_end=1847
-  _globals['_NOTIFICATIONSERVICE']._serialized_start=2054
-  _globals['_NOTIFICATIONSERVICE']._serialized_end=2716
+  _globals['_DELIVERYSTATUS']._serialized_start=2279
+  _globals['_DELIVERYSTATUS']._serialized_end=2480
+  _globals['_NOTIFICATION']._serialized_start=169
+  _globals['_NOTIFICATION']._serialized_end=662
+  _globals['_SENDNOTIFICATIONREQUEST']._serialized_start=665
+  _globals['_SENDNOTIFICATIONREQUEST']._serialized_end=794
+  _globals['_SENDNOTIFICATIONRESPONSE']._serialized_start=796
+  _globals['_SENDNOTIFICATIONRESPONSE']._serialized_end=883
+  _globals['_SENDNOTIFICATIONSREQUEST']._serialized_start=885
+  _globals['_SENDNOTIFICATIONSREQUEST']._serialized_end=984
+  _globals['_SENDNOTIFICATIONSRESPONSE']._serialized_start=986
+  _globals['_SENDNOTIFICATIONSRESPONSE']._serialized_end=1079
+  _globals['_SENDNOTIFICATIONRESULT']._serialized_start=1082
+  _globals['_SENDNOTIFICATIONRESULT']._serialized_end=1280
+  _globals['_GETNOTIFICATIONREQUEST']._serialized_start=1282
+  _globals['_GETNOTIFICATIONREQUEST']._serialized_end=1331
+  _globals['_GETNOTIFICATIONRESPONSE']._serialized_start=1333
+  _globals['_GETNOTIFICATIONRESPONSE']._serialized_end=1419
+  _globals['_LISTNOTIFICATIONSREQUEST']._serialized_start=1422
+  _globals['_LISTNOTIFICATIONSREQUEST']._serialized_end=1574
+  _globals['_LISTNOTIFICATIONSRESPONSE']._serialized_start=1576
+  _globals['_LISTNOTIFICATIONSRESPONSE']._serialized_end=1690
+  _globals['_WEBHOOKSECRET']._serialized_start=1692
+  _globals['_WEBHOOKSECRET']._serialized_end=1796
+  _globals['_ROTATEWEBHOOKSECRETREQUEST']._serialized_start=1799
+  _globals['_ROTATEWEBHOOKSECRETREQUEST']._serialized_end=1928
+  _globals['_ROTATEWEBHOOKSECRETRESPONSE']._serialized_start=1931
+  _globals['_ROTATEWEBHOOKSECRETRESPONSE']._serialized_end=2105
+  _globals['_REDELIVERNOTIFICATIONREQUEST']._serialized_start=2107
+  _globals['_REDELIVERNOTIFICATIONREQUEST']._serialized_end=2182
+  _globals['_REDELIVERNOTIFICATIONRESPONSE']._serialized_start=2184
+  _globals['_REDELIVERNOTIFICATIONRESPONSE']._serialized_end=2276
+  _globals['_NOTIFICATIONSERVICE']._serialized_start=2483
+  _globals['_NOTIFICATIONSERVICE']._serialized_end=3274
 # @@protoc_insertion_point(module_scope)

@@ -10,6 +10,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from paymesh.common.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -200,6 +201,88 @@ class SendNotificationResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SendNotificationResponse: _TypeAlias = SendNotificationResponse  # noqa: Y015
+
+@_typing.final
+class SendNotificationsRequest(_message.Message):
+    """Request of SendNotifications."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NOTIFICATIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def notifications(self) -> _containers.RepeatedCompositeFieldContainer[Global___SendNotificationRequest]:
+        """The notifications, 1 to 64, each deduped by its own request_id."""
+
+    def __init__(
+        self,
+        *,
+        notifications: _abc.Iterable[Global___SendNotificationRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["notifications", b"notifications"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SendNotificationsRequest: _TypeAlias = SendNotificationsRequest  # noqa: Y015
+
+@_typing.final
+class SendNotificationsResponse(_message.Message):
+    """Response of SendNotifications."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___SendNotificationResult]:
+        """One result per notification of the request, in its order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___SendNotificationResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SendNotificationsResponse: _TypeAlias = SendNotificationsResponse  # noqa: Y015
+
+@_typing.final
+class SendNotificationResult(_message.Message):
+    """What became of one notification of SendNotifications."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    outcome: _common_pb2.BatchItemOutcome.ValueType
+    """Applied, duplicate or failed."""
+    @_builtins.property
+    def response(self) -> Global___SendNotificationResponse:
+        """What SendNotification would have returned (APPLIED or DUPLICATE)."""
+
+    @_builtins.property
+    def error(self) -> _common_pb2.BatchItemStatus:
+        """What SendNotification would have failed with (FAILED)."""
+
+    def __init__(
+        self,
+        *,
+        outcome: _common_pb2.BatchItemOutcome.ValueType = ...,
+        response: Global___SendNotificationResponse | None = ...,
+        error: _common_pb2.BatchItemStatus | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "outcome", b"outcome", "response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SendNotificationResult: _TypeAlias = SendNotificationResult  # noqa: Y015
 
 @_typing.final
 class GetNotificationRequest(_message.Message):

@@ -40,6 +40,11 @@ class NotificationServiceStub:
                 request_serializer=paymesh_dot_notification_dot_v1_dot_notification__pb2.SendNotificationRequest.SerializeToString,
                 response_deserializer=paymesh_dot_notification_dot_v1_dot_notification__pb2.SendNotificationResponse.FromString,
                 _registered_method=True)
+        self.SendNotifications = channel.unary_unary(
+                '/paymesh.notification.v1.NotificationService/SendNotifications',
+                request_serializer=paymesh_dot_notification_dot_v1_dot_notification__pb2.SendNotificationsRequest.SerializeToString,
+                response_deserializer=paymesh_dot_notification_dot_v1_dot_notification__pb2.SendNotificationsResponse.FromString,
+                _registered_method=True)
         self.GetNotification = channel.unary_unary(
                 '/paymesh.notification.v1.NotificationService/GetNotification',
                 request_serializer=paymesh_dot_notification_dot_v1_dot_notification__pb2.GetNotificationRequest.SerializeToString,
@@ -68,6 +73,13 @@ class NotificationServiceServicer:
 
     def SendNotification(self, request, context):
         """Records a notification once per request_id, makes its first delivery attempt, and retries it with backoff until delivered.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SendNotifications(self, request, context):
+        """Records up to 64 notifications durably in one transaction, each exactly as SendNotification would, then makes their first attempts; one result per notification, in order.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -108,6 +120,11 @@ def add_NotificationServiceServicer_to_server(servicer, server):
                     servicer.SendNotification,
                     request_deserializer=paymesh_dot_notification_dot_v1_dot_notification__pb2.SendNotificationRequest.FromString,
                     response_serializer=paymesh_dot_notification_dot_v1_dot_notification__pb2.SendNotificationResponse.SerializeToString,
+            ),
+            'SendNotifications': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendNotifications,
+                    request_deserializer=paymesh_dot_notification_dot_v1_dot_notification__pb2.SendNotificationsRequest.FromString,
+                    response_serializer=paymesh_dot_notification_dot_v1_dot_notification__pb2.SendNotificationsResponse.SerializeToString,
             ),
             'GetNotification': grpc.unary_unary_rpc_method_handler(
                     servicer.GetNotification,
@@ -158,6 +175,33 @@ class NotificationService:
             '/paymesh.notification.v1.NotificationService/SendNotification',
             paymesh_dot_notification_dot_v1_dot_notification__pb2.SendNotificationRequest.SerializeToString,
             paymesh_dot_notification_dot_v1_dot_notification__pb2.SendNotificationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendNotifications(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paymesh.notification.v1.NotificationService/SendNotifications',
+            paymesh_dot_notification_dot_v1_dot_notification__pb2.SendNotificationsRequest.SerializeToString,
+            paymesh_dot_notification_dot_v1_dot_notification__pb2.SendNotificationsResponse.FromString,
             options,
             channel_credentials,
             insecure,

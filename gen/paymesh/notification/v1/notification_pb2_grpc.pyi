@@ -35,6 +35,8 @@ class NotificationServiceStub:
     def __new__(cls, channel: _aio.Channel) -> NotificationServiceAsyncStub: ...
     SendNotification: _grpc.UnaryUnaryMultiCallable[_notification_pb2.SendNotificationRequest, _notification_pb2.SendNotificationResponse]
     """Records a notification once per request_id, makes its first delivery attempt, and retries it with backoff until delivered."""
+    SendNotifications: _grpc.UnaryUnaryMultiCallable[_notification_pb2.SendNotificationsRequest, _notification_pb2.SendNotificationsResponse]
+    """Records up to 64 notifications durably in one transaction, each exactly as SendNotification would, then makes their first attempts; one result per notification, in order."""
     GetNotification: _grpc.UnaryUnaryMultiCallable[_notification_pb2.GetNotificationRequest, _notification_pb2.GetNotificationResponse]
     """Returns one notification with its delivery state."""
     ListNotifications: _grpc.UnaryUnaryMultiCallable[_notification_pb2.ListNotificationsRequest, _notification_pb2.ListNotificationsResponse]
@@ -51,6 +53,8 @@ class NotificationServiceAsyncStub(NotificationServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     SendNotification: _aio.UnaryUnaryMultiCallable[_notification_pb2.SendNotificationRequest, _notification_pb2.SendNotificationResponse]  # type: ignore[assignment]
     """Records a notification once per request_id, makes its first delivery attempt, and retries it with backoff until delivered."""
+    SendNotifications: _aio.UnaryUnaryMultiCallable[_notification_pb2.SendNotificationsRequest, _notification_pb2.SendNotificationsResponse]  # type: ignore[assignment]
+    """Records up to 64 notifications durably in one transaction, each exactly as SendNotification would, then makes their first attempts; one result per notification, in order."""
     GetNotification: _aio.UnaryUnaryMultiCallable[_notification_pb2.GetNotificationRequest, _notification_pb2.GetNotificationResponse]  # type: ignore[assignment]
     """Returns one notification with its delivery state."""
     ListNotifications: _aio.UnaryUnaryMultiCallable[_notification_pb2.ListNotificationsRequest, _notification_pb2.ListNotificationsResponse]  # type: ignore[assignment]
@@ -70,6 +74,14 @@ class NotificationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_notification_pb2.SendNotificationResponse, _abc.Awaitable[_notification_pb2.SendNotificationResponse]]:
         """Records a notification once per request_id, makes its first delivery attempt, and retries it with backoff until delivered."""
+
+    @_abc_1.abstractmethod
+    def SendNotifications(
+        self,
+        request: _notification_pb2.SendNotificationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_notification_pb2.SendNotificationsResponse, _abc.Awaitable[_notification_pb2.SendNotificationsResponse]]:
+        """Records up to 64 notifications durably in one transaction, each exactly as SendNotification would, then makes their first attempts; one result per notification, in order."""
 
     @_abc_1.abstractmethod
     def GetNotification(

@@ -358,3 +358,85 @@ class UpdateOrderStatusResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UpdateOrderStatusResponse: _TypeAlias = UpdateOrderStatusResponse  # noqa: Y015
+
+@_typing.final
+class UpdateOrderStatusesRequest(_message.Message):
+    """Request of UpdateOrderStatuses."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UPDATES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def updates(self) -> _containers.RepeatedCompositeFieldContainer[Global___UpdateOrderStatusRequest]:
+        """The status changes, 1 to 64, applied in this order, each deduped by its own request_id."""
+
+    def __init__(
+        self,
+        *,
+        updates: _abc.Iterable[Global___UpdateOrderStatusRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["updates", b"updates"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateOrderStatusesRequest: _TypeAlias = UpdateOrderStatusesRequest  # noqa: Y015
+
+@_typing.final
+class UpdateOrderStatusesResponse(_message.Message):
+    """Response of UpdateOrderStatuses."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___UpdateOrderStatusResult]:
+        """One result per status change of the request, in its order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___UpdateOrderStatusResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateOrderStatusesResponse: _TypeAlias = UpdateOrderStatusesResponse  # noqa: Y015
+
+@_typing.final
+class UpdateOrderStatusResult(_message.Message):
+    """What became of one status change of UpdateOrderStatuses."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    outcome: _common_pb2.BatchItemOutcome.ValueType
+    """Applied, duplicate or failed."""
+    @_builtins.property
+    def response(self) -> Global___UpdateOrderStatusResponse:
+        """What UpdateOrderStatus would have returned (APPLIED or DUPLICATE)."""
+
+    @_builtins.property
+    def error(self) -> _common_pb2.BatchItemStatus:
+        """What UpdateOrderStatus would have failed with (FAILED)."""
+
+    def __init__(
+        self,
+        *,
+        outcome: _common_pb2.BatchItemOutcome.ValueType = ...,
+        response: Global___UpdateOrderStatusResponse | None = ...,
+        error: _common_pb2.BatchItemStatus | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "outcome", b"outcome", "response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateOrderStatusResult: _TypeAlias = UpdateOrderStatusResult  # noqa: Y015

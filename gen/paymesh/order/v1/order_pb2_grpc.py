@@ -55,6 +55,11 @@ class OrderServiceStub:
                 request_serializer=paymesh_dot_order_dot_v1_dot_order__pb2.UpdateOrderStatusRequest.SerializeToString,
                 response_deserializer=paymesh_dot_order_dot_v1_dot_order__pb2.UpdateOrderStatusResponse.FromString,
                 _registered_method=True)
+        self.UpdateOrderStatuses = channel.unary_unary(
+                '/paymesh.order.v1.OrderService/UpdateOrderStatuses',
+                request_serializer=paymesh_dot_order_dot_v1_dot_order__pb2.UpdateOrderStatusesRequest.SerializeToString,
+                response_deserializer=paymesh_dot_order_dot_v1_dot_order__pb2.UpdateOrderStatusesResponse.FromString,
+                _registered_method=True)
 
 
 class OrderServiceServicer:
@@ -89,6 +94,13 @@ class OrderServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateOrderStatuses(self, request, context):
+        """Applies up to 64 status changes in one transaction, in order, each exactly as UpdateOrderStatus would; one result per change, in order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrderServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +123,11 @@ def add_OrderServiceServicer_to_server(servicer, server):
                     servicer.UpdateOrderStatus,
                     request_deserializer=paymesh_dot_order_dot_v1_dot_order__pb2.UpdateOrderStatusRequest.FromString,
                     response_serializer=paymesh_dot_order_dot_v1_dot_order__pb2.UpdateOrderStatusResponse.SerializeToString,
+            ),
+            'UpdateOrderStatuses': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateOrderStatuses,
+                    request_deserializer=paymesh_dot_order_dot_v1_dot_order__pb2.UpdateOrderStatusesRequest.FromString,
+                    response_serializer=paymesh_dot_order_dot_v1_dot_order__pb2.UpdateOrderStatusesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +239,33 @@ class OrderService:
             '/paymesh.order.v1.OrderService/UpdateOrderStatus',
             paymesh_dot_order_dot_v1_dot_order__pb2.UpdateOrderStatusRequest.SerializeToString,
             paymesh_dot_order_dot_v1_dot_order__pb2.UpdateOrderStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateOrderStatuses(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paymesh.order.v1.OrderService/UpdateOrderStatuses',
+            paymesh_dot_order_dot_v1_dot_order__pb2.UpdateOrderStatusesRequest.SerializeToString,
+            paymesh_dot_order_dot_v1_dot_order__pb2.UpdateOrderStatusesResponse.FromString,
             options,
             channel_credentials,
             insecure,

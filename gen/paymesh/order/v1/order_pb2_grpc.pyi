@@ -41,6 +41,8 @@ class OrderServiceStub:
     """Lists a merchant's orders, newest first, optionally filtered by status."""
     UpdateOrderStatus: _grpc.UnaryUnaryMultiCallable[_order_pb2.UpdateOrderStatusRequest, _order_pb2.UpdateOrderStatusResponse]
     """Moves an order to a new status along its lifecycle (CREATED -> PAID or CANCELLED; PAID -> PARTIALLY_REFUNDED or REFUNDED; PARTIALLY_REFUNDED -> PARTIALLY_REFUNDED or REFUNDED); the current status again is a no-op, any other change FAILED_PRECONDITION (INVALID_STATE)."""
+    UpdateOrderStatuses: _grpc.UnaryUnaryMultiCallable[_order_pb2.UpdateOrderStatusesRequest, _order_pb2.UpdateOrderStatusesResponse]
+    """Applies up to 64 status changes in one transaction, in order, each exactly as UpdateOrderStatus would; one result per change, in order."""
 
 @_typing.type_check_only
 class OrderServiceAsyncStub(OrderServiceStub):
@@ -55,6 +57,8 @@ class OrderServiceAsyncStub(OrderServiceStub):
     """Lists a merchant's orders, newest first, optionally filtered by status."""
     UpdateOrderStatus: _aio.UnaryUnaryMultiCallable[_order_pb2.UpdateOrderStatusRequest, _order_pb2.UpdateOrderStatusResponse]  # type: ignore[assignment]
     """Moves an order to a new status along its lifecycle (CREATED -> PAID or CANCELLED; PAID -> PARTIALLY_REFUNDED or REFUNDED; PARTIALLY_REFUNDED -> PARTIALLY_REFUNDED or REFUNDED); the current status again is a no-op, any other change FAILED_PRECONDITION (INVALID_STATE)."""
+    UpdateOrderStatuses: _aio.UnaryUnaryMultiCallable[_order_pb2.UpdateOrderStatusesRequest, _order_pb2.UpdateOrderStatusesResponse]  # type: ignore[assignment]
+    """Applies up to 64 status changes in one transaction, in order, each exactly as UpdateOrderStatus would; one result per change, in order."""
 
 class OrderServiceServicer(metaclass=_abc_1.ABCMeta):
     """Records orders and their status."""
@@ -90,5 +94,13 @@ class OrderServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_order_pb2.UpdateOrderStatusResponse, _abc.Awaitable[_order_pb2.UpdateOrderStatusResponse]]:
         """Moves an order to a new status along its lifecycle (CREATED -> PAID or CANCELLED; PAID -> PARTIALLY_REFUNDED or REFUNDED; PARTIALLY_REFUNDED -> PARTIALLY_REFUNDED or REFUNDED); the current status again is a no-op, any other change FAILED_PRECONDITION (INVALID_STATE)."""
+
+    @_abc_1.abstractmethod
+    def UpdateOrderStatuses(
+        self,
+        request: _order_pb2.UpdateOrderStatusesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_order_pb2.UpdateOrderStatusesResponse, _abc.Awaitable[_order_pb2.UpdateOrderStatusesResponse]]:
+        """Applies up to 64 status changes in one transaction, in order, each exactly as UpdateOrderStatus would; one result per change, in order."""
 
 def add_OrderServiceServicer_to_server(servicer: OrderServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
