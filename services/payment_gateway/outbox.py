@@ -32,6 +32,7 @@ from interceptors.backoff import backoff_delay_s
 from interceptors.codes import DEFINITE
 from interceptors.errors import AlreadyExistsError, CallError, NotFoundError, UnknownError
 from interceptors.policy import RetryPolicy
+from interceptors.tracing import TraceFields
 from services.storage.leases import Leases
 from services.storage.sql import Database, Row, Statements, ns_to_seconds, seconds_to_ns
 
@@ -68,6 +69,8 @@ PENDING, SENT, REFUSED = "pending", "sent", "refused"
 REFUSED_CODES = DEFINITE
 #: Bytes of a delivery error kept on the row.
 MAX_ERROR_CHARS = 500
+#: Writes the trace context a row carries (``traceparent`` directly in the common case).
+_TRACE_FIELDS = TraceFields()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -144,7 +147,7 @@ class Outbox:
         trace of the request that caused them.
         """
         carrier: dict[str, str] = {}
-        propagate.inject(carrier)
+        _TRACE_FIELDS.inject(carrier, otel_context.get_current())
         trace_context = json.dumps(carrier, sort_keys=True)
         now = self._now_ns()
         tx.insert_many(
