@@ -32,7 +32,7 @@ from interceptors.policy import partner_route
 from interceptors.retry import AttemptFailure
 from interceptors.runtime import ChainRuntime
 from interceptors.tls import ssl_tls_problem, tls_handshake_error
-from interceptors.tracing import TARGET_ATTRIBUTE, inject
+from interceptors.tracing import TARGET_ATTRIBUTE, TraceFields
 
 __all__ = ["SAFE_METHODS", "PartnerClient", "PartnerResponse", "route_of"]
 
@@ -46,6 +46,8 @@ MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 KEEPALIVE_S = 4.0
 #: HTTP statuses that are failed attempts, not answers: the loop may retry them.
 _FAILED_STATUSES = frozenset({408, 429})
+#: Writes each attempt's ``traceparent`` (directly in the common case, as the gRPC chain does).
+_TRACE_FIELDS = TraceFields()
 _ID_SEGMENT = re.compile(r"^(?!v\d+$).*\d")
 
 
@@ -109,7 +111,7 @@ class _Exchange:
         if attempt.number > 1:
             sent["X-Previous-Attempts"] = str(attempt.number - 1)
         if attempt.trace_context is not None:
-            inject(sent, attempt.trace_context)
+            _TRACE_FIELDS.inject(sent, attempt.trace_context)
         # Its own task, so an opening breaker can fail it without cancelling the caller.
         exchange = asyncio.ensure_future(
             self.client.send(self.verb, self.path, sent, self.body, attempt.timeout_s)

@@ -12,6 +12,7 @@ failed attempt. No gRPC import.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import math
 import re
@@ -116,12 +117,28 @@ def quoted(url: str) -> str:
     return repr(shown[:60] + ("..." if len(shown) > 60 else ""))
 
 
+#: URLs whose checks are remembered (a merchant's URL is checked at every notification and
+#: every attempt; the checks need no DNS, so the answer for one URL and policy never changes).
+PARSED_URLS_KEPT = 1024
+
+
 def parse(url: str, policy: DestinationPolicy) -> Destination:
     """The destination of ``url`` if it passes every check that needs no DNS.
+
+    A URL that passed is remembered (:data:`PARSED_URLS_KEPT` of them, least recent out); a
+    refused one is checked again each time.
 
     Raises:
         RefusedDestination: saying why, quoting at most a short prefix of the URL.
     """
+    if len(url) > MAX_URL_LENGTH:  # before the cache: it keeps short URLs only
+        raise RefusedDestination(f"is longer than {MAX_URL_LENGTH} characters")
+    return _parse(url, policy)
+
+
+@functools.lru_cache(maxsize=PARSED_URLS_KEPT)
+def _parse(url: str, policy: DestinationPolicy) -> Destination:
+    """:func:`parse`, uncached (an exception is not remembered: it is raised again)."""
     if len(url) > MAX_URL_LENGTH:
         raise RefusedDestination(f"is longer than {MAX_URL_LENGTH} characters")
     if any(ord(char) <= 0x20 or ord(char) == 0x7F or char == "\\" for char in url):

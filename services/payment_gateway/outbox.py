@@ -34,6 +34,7 @@ from interceptors.backoff import backoff_delay_s
 from interceptors.codes import DEFINITE
 from interceptors.errors import AlreadyExistsError, CallError, NotFoundError, UnknownError
 from interceptors.policy import RetryPolicy
+from interceptors.tracing import TraceFields
 from paymesh.common.v1 import common_pb2
 from services.mesh.batch import MAX_BATCH_ITEMS, item_error
 from services.storage.leases import Leases
@@ -75,6 +76,8 @@ REFUSED_CODES = DEFINITE
 BATCH_NOT_TAKEN = frozenset({"UNIMPLEMENTED", "PERMISSION_DENIED"})
 #: Bytes of a delivery error kept on the row.
 MAX_ERROR_CHARS = 500
+#: Writes the trace context a row carries (``traceparent`` directly in the common case).
+_TRACE_FIELDS = TraceFields()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -151,7 +154,7 @@ class Outbox:
         trace of the request that caused them.
         """
         carrier: dict[str, str] = {}
-        propagate.inject(carrier)
+        _TRACE_FIELDS.inject(carrier, otel_context.get_current())
         trace_context = json.dumps(carrier, sort_keys=True)
         now = self._now_ns()
         tx.insert_many(

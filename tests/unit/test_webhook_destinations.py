@@ -7,7 +7,9 @@ from collections.abc import Sequence
 
 import pytest
 
+from services.notification import delivery
 from services.notification.delivery import (
+    PARSED_URLS_KEPT,
     DestinationPolicy,
     PinnedResolver,
     RefusedDestination,
@@ -108,6 +110,24 @@ def test_link_local_metadata_and_non_unicast_addresses_are_refused_everywhere(ur
 def test_malformed_or_plain_http_to_a_remote_address_is_refused(url: str) -> None:
     with pytest.raises(RefusedDestination):
         parse(url, DEV)
+
+
+def test_a_remembered_check_answers_per_policy_and_refusals_are_checked_again() -> None:
+    url = "http://127.0.0.1:8080/hooks"
+    assert parse(url, DEV) == parse(url, DEV)  # the second answer is the remembered one
+    for _ in range(2):  # accepted in development does not carry over to production
+        with pytest.raises(RefusedDestination, match="https in production"):
+            parse(url, PROD)
+    too_long = "https://merchant.example/" + "a" * 3000
+    for _ in range(2):
+        with pytest.raises(RefusedDestination, match="longer than"):
+            parse(too_long, DEV)
+
+
+def test_remembered_checks_are_bounded() -> None:
+    for i in range(PARSED_URLS_KEPT + 10):
+        parse(f"https://merchant{i}.example/hooks", DEV)
+    assert delivery._parse.cache_info().currsize <= PARSED_URLS_KEPT
 
 
 def test_message_quotes_a_short_prefix_without_credentials() -> None:
