@@ -72,6 +72,8 @@ CASES = [
     (Target.ORDER, "PAYMESH_FAULT_INJECTION", "1", "PAYMESH_ADMIN_TOKEN_FILE"),
     (Target.CHANNEL_ADAPTER, "CHANNEL_ADAPTER_RATE_TTL_S", "-1", "seconds >= 0"),
     (Target.PAYMENT_GATEWAY, "PAYMENT_GATEWAY_RECOVERY_INTERVAL_S", "x", "positive number"),
+    (Target.PAYMENT_GATEWAY, "PAYMENT_GATEWAY_OUTBOX_BATCH_ITEMS", "65", "whole number of rows"),
+    (Target.PAYMENT_GATEWAY, "PAYMENT_GATEWAY_OUTBOX_BATCH_ITEMS", "0", "whole number of rows"),
     (Target.MERCHANT_AUTH, "MERCHANT_AUTH_SERVICE_KEY_FAILURE_LIMIT", "-3", "at least 1"),
     (Target.NOTIFICATION, "NOTIFICATION_SERVICE_DELIVERY_CONCURRENCY", "0", "positive whole"),
     (Target.NOTIFICATION, "NOTIFICATION_SERVICE_WEBHOOK_POOLS", "0", "positive whole"),
@@ -131,6 +133,7 @@ NUMERIC = [
         (Target.PAYMENT_GATEWAY, var, "positive number of seconds")
         for var in gateway_config._VARIABLES.values()
     ),
+    (Target.PAYMENT_GATEWAY, gateway_config.OUTBOX_BATCH_ITEMS_VAR, "whole number of rows"),
     (Target.SETTLEMENT, "SETTLEMENT_SERVICE_RECOVERY_INTERVAL_S", "positive number of seconds"),
     (Target.WITHDRAWAL, "WITHDRAWAL_SERVICE_RECOVERY_INTERVAL_S", "positive number of seconds"),
     (Target.ORDER, "PAYMESH_GRACE_S", "number of seconds >= 0"),
