@@ -110,22 +110,16 @@ class NotificationConfig:
                 if var in environ
             ]
             raise StartupError(f"{', '.join(given)}: {exc}") from exc
-        scan_s = DEFAULT_SCAN_INTERVAL_S
-        if DELIVERY_SCAN_VAR in environ:
-            scan_s = _positive(environ, DELIVERY_SCAN_VAR)
-        concurrency = DEFAULT_CONCURRENCY
-        if DELIVERY_CONCURRENCY_VAR in environ:
-            concurrency = int(_positive(environ, DELIVERY_CONCURRENCY_VAR, whole=True))
-        inline_s = DEFAULT_INLINE_WAIT_S
-        if INLINE_WAIT_VAR in environ:
-            inline_s = _positive(environ, INLINE_WAIT_VAR)
+        scan_s = _positive(environ, DELIVERY_SCAN_VAR, default=DEFAULT_SCAN_INTERVAL_S)
+        concurrency = int(
+            _positive(environ, DELIVERY_CONCURRENCY_VAR, whole=True, default=DEFAULT_CONCURRENCY)
+        )
+        inline_s = _positive(environ, INLINE_WAIT_VAR, default=DEFAULT_INLINE_WAIT_S)
         loop = LoopSettings(scan_interval_s=scan_s, concurrency=concurrency, inline_wait_s=inline_s)
-        max_pools = DEFAULT_MAX_POOLS
-        if WEBHOOK_POOLS_VAR in environ:
-            max_pools = int(_positive(environ, WEBHOOK_POOLS_VAR, whole=True))
-        keepalive_s = DEFAULT_KEEPALIVE_S
-        if WEBHOOK_KEEPALIVE_VAR in environ:
-            keepalive_s = _positive(environ, WEBHOOK_KEEPALIVE_VAR)
+        max_pools = int(
+            _positive(environ, WEBHOOK_POOLS_VAR, whole=True, default=DEFAULT_MAX_POOLS)
+        )
+        keepalive_s = _positive(environ, WEBHOOK_KEEPALIVE_VAR, default=DEFAULT_KEEPALIVE_S)
         pools = PoolSettings(max_pools=max_pools, keepalive_s=keepalive_s)
         return cls(
             production=is_production(environ),
@@ -165,8 +159,13 @@ class NotificationConfig:
         return key
 
 
-def _positive(environ: Mapping[str, str], var: str, *, whole: bool = False) -> float:
-    """The positive number ``var`` holds (a whole one if ``whole``); StartupError if not."""
+def _positive(
+    environ: Mapping[str, str], var: str, *, whole: bool = False, default: float | None = None
+) -> float:
+    """The positive number ``var`` holds (a whole one if ``whole``), ``default`` when it is
+    unset and a default is given; StartupError if not."""
+    if default is not None and var not in environ:
+        return default
     raw = environ[var]
     try:
         value = float(int(raw)) if whole else float(raw)
