@@ -11,6 +11,9 @@ two looks at its rows (a commit wakes it at once).
 destination keeps failing; it retries forever.
 ``PAYMENT_GATEWAY_OUTBOX_BATCH_ITEMS`` (default 64, 1-64): most rows of one destination the
 relay sends in one batch call; 1 sends each row in a call of its own.
+``PAYMENT_GATEWAY_OUTBOX_GATHER_S`` (default 0.05, 0 up to the outbox interval): least time
+between two passes of the relay woken by commits, so the rows of the payments committed
+meanwhile share one batch call; 0 sends at every commit.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ CHARGE_CUTOFF_VAR = "PAYMENT_GATEWAY_CHARGE_CUTOFF_S"
 OUTBOX_INTERVAL_VAR = "PAYMENT_GATEWAY_OUTBOX_INTERVAL_S"
 OUTBOX_MAX_BACKOFF_VAR = "PAYMENT_GATEWAY_OUTBOX_MAX_BACKOFF_S"
 OUTBOX_BATCH_ITEMS_VAR = "PAYMENT_GATEWAY_OUTBOX_BATCH_ITEMS"
+OUTBOX_GATHER_VAR = "PAYMENT_GATEWAY_OUTBOX_GATHER_S"
 _VARIABLES = {
     "recovery_interval_s": RECOVERY_INTERVAL_VAR,
     "recovery_max_backoff_s": RECOVERY_MAX_BACKOFF_VAR,
@@ -56,14 +60,18 @@ class GatewayConfig:
     """Cap of the relay's jittered backoff while a destination keeps failing."""
     outbox_batch_items: int = MAX_BATCH_ITEMS
     """Most rows of one destination the relay sends in one batch call."""
+    outbox_gather_s: float = RelayPolicy().gather_s
+    """Least time between two passes of the relay woken by commits (0: none)."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.outbox_batch_items <= MAX_BATCH_ITEMS:
             raise ValueError(
                 f"outbox_batch_items must be 1 to {MAX_BATCH_ITEMS}, got {self.outbox_batch_items}"
             )
+        if not (math.isfinite(self.outbox_gather_s) and self.outbox_gather_s >= 0):
+            raise ValueError(f"outbox_gather_s must be >= 0 seconds, got {self.outbox_gather_s!r}")
         for item in fields(self):
-            if item.name == "outbox_batch_items":
+            if item.name in ("outbox_batch_items", "outbox_gather_s"):
                 continue
             value = getattr(self, item.name)
             if not math.isfinite(value) or value <= 0:
@@ -92,6 +100,18 @@ class GatewayConfig:
             if not math.isfinite(value) or value <= 0:
                 raise StartupError(f"{var}={raw!r}: must be a positive number of seconds")
             values[name] = value
+        if (raw_gather := environ.get(OUTBOX_GATHER_VAR)) is not None:
+            try:
+                gather = float(raw_gather)
+            except ValueError:
+                gather = math.nan
+            interval = values.get("outbox_interval_s", RelayPolicy().interval_s)
+            if not 0 <= gather <= interval:  # false for nan too
+                raise StartupError(
+                    f"{OUTBOX_GATHER_VAR}={raw_gather!r}: must be a number of seconds from 0 to"
+                    f" the outbox interval ({interval:g})"
+                )
+            values["outbox_gather_s"] = gather
         return cls(**values)
 
     def recovery_schedule(self) -> RecoverySchedule:
@@ -111,4 +131,5 @@ class GatewayConfig:
             initial_backoff_s=min(RelayPolicy().initial_backoff_s, self.outbox_max_backoff_s),
             max_backoff_s=self.outbox_max_backoff_s,
             batch_items=self.outbox_batch_items,
+            gather_s=min(self.outbox_gather_s, self.outbox_interval_s),
         )

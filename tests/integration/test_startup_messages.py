@@ -134,6 +134,7 @@ NUMERIC = [
         for var in gateway_config._VARIABLES.values()
     ),
     (Target.PAYMENT_GATEWAY, gateway_config.OUTBOX_BATCH_ITEMS_VAR, "whole number of rows"),
+    (Target.PAYMENT_GATEWAY, gateway_config.OUTBOX_GATHER_VAR, "from 0 to the outbox interval"),
     (Target.SETTLEMENT, "SETTLEMENT_SERVICE_RECOVERY_INTERVAL_S", "positive number of seconds"),
     (Target.WITHDRAWAL, "WITHDRAWAL_SERVICE_RECOVERY_INTERVAL_S", "positive number of seconds"),
     (Target.ORDER, "PAYMESH_GRACE_S", "number of seconds >= 0"),

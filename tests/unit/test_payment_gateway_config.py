@@ -12,6 +12,7 @@ from services.mesh.downstream import is_ambiguous as is_transient
 from services.payment_gateway.config import (
     CHARGE_CUTOFF_VAR,
     OUTBOX_BATCH_ITEMS_VAR,
+    OUTBOX_GATHER_VAR,
     OUTBOX_INTERVAL_VAR,
     OUTBOX_MAX_BACKOFF_VAR,
     RECOVERY_INTERVAL_VAR,
@@ -51,6 +52,16 @@ def test_the_relay_batch_size_is_64_rows_unless_set_within_1_to_64() -> None:
     for bad in ("0", "65", "-3", "8.5", "many", ""):
         with pytest.raises(StartupError, match=OUTBOX_BATCH_ITEMS_VAR):
             GatewayConfig.from_environ({OUTBOX_BATCH_ITEMS_VAR: bad})
+
+
+def test_the_relay_gathers_commits_for_50_ms_unless_set_from_0_to_the_interval() -> None:
+    assert GatewayConfig.from_environ({}).relay_policy().gather_s == 0.05
+    assert GatewayConfig.from_environ({OUTBOX_GATHER_VAR: "0"}).relay_policy().gather_s == 0
+    longer = {OUTBOX_GATHER_VAR: "8", OUTBOX_INTERVAL_VAR: "10"}
+    assert GatewayConfig.from_environ(longer).relay_policy().gather_s == 8
+    for bad in ("-0.01", "6", "nan", "inf", "soon", ""):
+        with pytest.raises(StartupError, match=OUTBOX_GATHER_VAR):
+            GatewayConfig.from_environ({OUTBOX_GATHER_VAR: bad})
 
 
 def test_a_backoff_cap_below_the_first_backoff_lowers_the_first_backoff() -> None:

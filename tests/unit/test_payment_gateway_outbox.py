@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -450,7 +451,7 @@ def _batch_relay(
     clock: FakeClock,
     single: Destination,
     send_batch: Callable[[Any], Any],
-    **policy: int,
+    **policy: float,
 ) -> OutboxRelay:
     route = Route(
         "notifications",
@@ -464,7 +465,7 @@ def _batch_relay(
     return OutboxRelay(
         outbox,
         {NOTIFY: route},
-        policy=RelayPolicy(**policy),
+        policy=RelayPolicy(**policy),  # type: ignore[arg-type]  # numbers of the test
         clock=clock,
         rng=lambda: 1.0,
     )
@@ -487,6 +488,35 @@ async def test_rows_with_a_batch_route_go_in_calls_of_at_most_batch_items_and_by
     relay = _batch_relay(outbox, clock, single, batch.send, batch_bytes=2 * size + 1)
     await relay.deliver_due("notifications")
     assert batch.calls == [["evt_b0", "evt_b1"], ["evt_b2", "evt_b3"]]
+
+
+async def test_commits_soon_after_a_pass_gather_into_one_batch_call(
+    outbox: CountingOutbox, clock: FakeClock
+) -> None:
+    single, batch = Destination(), BatchDestination()
+    relay = _batch_relay(outbox, clock, single, batch.send, interval_s=3600, gather_s=1.0)
+    worker = asyncio.create_task(relay.run_forever())
+    try:
+        await _until(lambda: outbox.looks > 0)  # nothing yet: it waits for a commit
+        _write(outbox, _message("evt_0"))
+        relay.kick()
+        await _until(lambda: single.received == ["evt_0"])  # a quiet destination: at once
+        for i in range(1, 4):  # three commits within the gather window of that pass
+            _write(outbox, _message(f"evt_{i}"))
+            relay.kick()
+        await _until(lambda: bool(batch.calls))
+        assert batch.calls == [["evt_1", "evt_2", "evt_3"]]
+        assert outbox.looks == 3  # the empty one, evt_0's, and the gathered rows'
+        assert {r.state for r in outbox.rows()} == {SENT}
+    finally:
+        worker.cancel()
+        await asyncio.gather(worker, return_exceptions=True)
+
+
+@pytest.mark.parametrize("gather_s", [-0.1, math.nan, 3601.0])
+def test_the_gather_window_is_from_0_to_the_interval(gather_s: float) -> None:
+    with pytest.raises(ValueError, match="gather_s"):
+        RelayPolicy(interval_s=3600, gather_s=gather_s)
 
 
 async def test_each_row_of_a_batch_is_marked_by_its_own_result(
