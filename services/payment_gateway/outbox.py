@@ -16,7 +16,6 @@ gateway on one database, a destination's rows are sent by the replica holding it
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
@@ -143,6 +142,9 @@ class Outbox:
     def __init__(self, db: Database, *, clock: Callable[[], float] = time.time) -> None:
         self._db = db
         self._clock = clock
+        self.retries_scheduled = 0
+        """How many times :meth:`retry_later` put a row off (rows are otherwise due when
+        written): a relay that saw nothing pending knows nothing is due later until it moves."""
 
     def _now_ns(self) -> int:
         return seconds_to_ns(self._clock())
@@ -215,6 +217,7 @@ class Outbox:
 
     def retry_later(self, seq: int, *, at: float, error: str) -> None:
         """Count a failed attempt and schedule the next one."""
+        self.retries_scheduled += 1
         self._db.run(
             "UPDATE outbox SET attempts = attempts + 1, next_attempt_time_ns = ?, last_error = ?"
             " WHERE seq = ?",
@@ -398,6 +401,10 @@ class OutboxRelay:
         #: Per destination, whether its last pass found rows to send (then the next waits
         #: out the gather window).
         self._found = dict.fromkeys(self._targets, False)
+        #: Per destination, :attr:`Outbox.retries_scheduled` when a look found no pending row
+        #: of it (None: not known). While it stands, a pass that sent every due row left none
+        #: due later either, so it does not look for the next attempt time.
+        self._none_later: dict[str, int | None] = dict.fromkeys(self._targets, None)
 
     @property
     def targets(self) -> list[str]:
@@ -421,11 +428,14 @@ class OutboxRelay:
         if paused > 0:
             return min(paused, self._policy.interval_s)
         if not self._holds(target):
+            self._none_later[target] = None  # the peer may put rows off meanwhile
             # A peer sends this destination's rows: no query until the lease answer expires.
             recheck = self._lease_answer[target][1] - self._clock()
             return max(0.0, min(recheck, self._policy.interval_s))
         self._found[target] = False
-        while self._holds(target) and (rows := self._outbox.due(target, limit=self._policy.batch)):
+        while (held := self._holds(target)) and (
+            rows := self._outbox.due(target, limit=self._policy.batch)
+        ):
             self._found[target] = True
             try:
                 for group in self._calls(rows):
@@ -438,8 +448,16 @@ class OutboxRelay:
                 self._outbox.delivered_many(sent)
             if len(rows) < self._policy.batch:
                 break  # that was every due row: no second look
+        scheduled = self._outbox.retries_scheduled
+        if not held:
+            self._none_later[target] = None  # lost midway: a peer sends its rows now
+        elif self._none_later[target] == scheduled:
+            # Nothing was pending after the last look and no row was put off since: the
+            # rows written meanwhile were due at once, and this pass sent them all.
+            return self._policy.interval_s
         upcoming = self._outbox.next_attempt_time(target)
         if upcoming is None:
+            self._none_later[target] = scheduled
             return self._policy.interval_s
         return max(0.0, min(upcoming - self._clock(), self._policy.interval_s))
 
@@ -472,8 +490,13 @@ class OutboxRelay:
             except Exception:  # a broken pass must not end delivery; the next one retries
                 log.exception("outbox: delivery to %s failed", target)
                 wait_s = self._policy.interval_s
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(kicked.wait(), timeout=wait_s)
+            if not kicked.is_set():
+                # A kick or the timer, whichever comes first (no wait_for task per wait).
+                timer = loop.call_later(wait_s, kicked.set)
+                try:
+                    await kicked.wait()
+                finally:
+                    timer.cancel()
             # Woken by a commit soon after a pass that sent rows began: let the commits of
             # that window gather, so their rows share one batch call (and one look at the
             # table). A destination that had nothing to send gets the next row at once.

@@ -172,6 +172,11 @@ class Leases:
         self.lease_s = default_lease_s() if lease_s is None else lease_s
         if not (math.isfinite(self.lease_s) and self.lease_s > 0):
             raise ValueError(f"lease_s must be a positive number, got {self.lease_s!r}")
+        # The leases held by blocks of :meth:`held`, oldest renewal first (so in due order),
+        # and the one timer that renews them.
+        self._renewals: dict[_Renewal, None] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def renew_every_s(self) -> float:
@@ -252,6 +257,9 @@ class Leases:
         lease (``release(key, tx=...)`` with the work's last write), it says so with
         :meth:`HeldLease.released` and the end commits no release of its own.
 
+        Every lease held is renewed by one timer of the event loop (not a task per lease):
+        the leases are due in the order they were taken, so the timer waits for the first.
+
         Raises:
             LeaseHeld: another replica holds it (not with ``claimed``).
         """
@@ -263,27 +271,83 @@ class Leases:
             if task is not None:
                 task.cancel()
 
-        lost = on_lost or cancel_task
         lease = HeldLease(key)
-        renewer = asyncio.create_task(self._renew(key, lost), name=f"lease {key}")
+        renewal = _Renewal(key, on_lost or cancel_task)
+        self._renew_later(renewal)
         try:
             yield lease
         finally:
-            renewer.cancel()
-            await asyncio.gather(renewer, return_exceptions=True)
+            self._stop_renewing(renewal)
             if lease.release_at_end:
                 with contextlib.suppress(Exception):  # an unreleased lease only expires
                     self.release(key)
 
-    async def _renew(self, key: str, lost: Callable[[], None]) -> None:
-        while True:
-            await asyncio.sleep(self.renew_every_s)
-            try:
-                still = self.claim(key)
-            except Exception:  # a locked or lost database: try again, the period allows two
-                log.warning("could not renew lease %s", key, exc_info=True)
+    def _renew_later(self, renewal: _Renewal) -> None:
+        """Put ``renewal`` last in line, due one renewal pause from now."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # the first lease held (on this loop)
+            self._stop_timer()
+            self._renewals.clear()
+            self._loop = loop
+        renewal.due = loop.time() + self.renew_every_s
+        self._renewals[renewal] = None
+        if self._timer is None:
+            self._timer = loop.call_at(renewal.due, self._renew_due)
+
+    def _stop_renewing(self, renewal: _Renewal) -> None:
+        self._renewals.pop(renewal, None)
+        if not self._renewals:
+            self._stop_timer()
+            self._loop = None
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _renew_due(self) -> None:
+        """The timer: renew every lease that is due, then wait for the next one."""
+        self._timer = None
+        loop = self._loop
+        if loop is None:
+            return
+        now = loop.time()
+        due = []
+        for renewal in self._renewals:  # in due order: one pause apart from their last renewal
+            if renewal.due > now:
+                break
+            due.append(renewal)
+        for renewal in due:
+            if renewal not in self._renewals:  # a lost callback ended that block already
                 continue
-            if not still:
-                log.warning("lease %s was taken over by another replica; stopping its work", key)
-                lost()
-                return
+            del self._renewals[renewal]
+            try:
+                still = self.claim(renewal.key)
+            except Exception:  # a locked or lost database: try again, the period allows two
+                log.warning("could not renew lease %s", renewal.key, exc_info=True)
+                still = True
+            if still:
+                renewal.due = now + self.renew_every_s
+                self._renewals[renewal] = None
+                continue
+            log.warning(
+                "lease %s was taken over by another replica; stopping its work", renewal.key
+            )
+            try:
+                renewal.lost()
+            except Exception:  # one block's failing callback must not stop the others' renewal
+                log.exception("lease %s: its on_lost callback failed", renewal.key)
+        if self._renewals and self._timer is None and self._loop is loop:
+            first = next(iter(self._renewals))
+            self._timer = loop.call_at(first.due, self._renew_due)
+
+
+class _Renewal:
+    """One held lease in the renewal line: its key, when it is due, what to do if lost."""
+
+    __slots__ = ("due", "key", "lost")
+
+    def __init__(self, key: str, lost: Callable[[], None]) -> None:
+        self.key = key
+        self.lost = lost
+        self.due = 0.0

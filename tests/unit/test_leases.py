@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import socket
 import subprocess
@@ -348,3 +349,28 @@ async def test_a_run_claims_its_lease_once_and_releases_it_once(tmp_path: Path) 
 
     assert await finishing.run("w2", finish, claimed=True) == "done"
     assert len(commits) == 1  # only the finishing step's own
+
+
+async def test_every_held_lease_is_renewed_before_it_expires_and_released_at_the_end(
+    database_target: Callable[[str], Target],
+) -> None:
+    # A real clock: three leases held at once, renewed by the one renewal timer.
+    path = database_target("db")
+    ours = Leases(Database(path, leases.SCHEMA), "gateway@a", lease_s=0.3)
+    peer = Leases(Database(path, leases.SCHEMA), "gateway@b", lease_s=0.3)
+    keys = [f"work/w{i}" for i in range(3)]
+    async with contextlib.AsyncExitStack() as stack:
+        for key in keys:
+            await stack.enter_async_context(ours.held(key))
+            await asyncio.sleep(0.05)  # taken at different times: due at different times
+        first = {key: ours.holder(key) for key in keys}
+        await asyncio.sleep(0.9)  # three periods: each expired twice over unless renewed
+        for key in keys:
+            holder = ours.holder(key)
+            was = first[key]
+            assert holder is not None and was is not None
+            assert holder.owner == "gateway@a" and holder.until_ns > was.until_ns
+            assert not peer.claim(key)
+    for key in keys:
+        assert ours.holder(key) is None
+        assert peer.claim(key)

@@ -560,3 +560,64 @@ async def test_a_batch_call_failing_whole_pauses_once_and_keeps_every_row(
     assert [(r.state, r.attempts, r.next_attempt_time) for r in outbox.rows()] == [
         (PENDING, 1, clock() + 0.5)
     ] * 3
+
+
+async def test_a_pass_after_nothing_was_left_pending_skips_the_next_attempt_look(
+    outbox: CountingOutbox, clock: FakeClock
+) -> None:
+    destination = Destination()
+    relay = _relay(outbox, clock, (NOTIFY, destination), initial_backoff_s=1.0, interval_s=5.0)
+    nexts: list[float | None] = []
+    real_next = outbox.next_attempt_time
+
+    def next_attempt_time(target: str) -> float | None:
+        nexts.append(real_next(target))
+        return nexts[-1]
+
+    outbox.next_attempt_time = next_attempt_time  # type: ignore[method-assign]  # counted
+    assert await relay.deliver_due("notifications") == 5.0
+    assert nexts == [None]  # the first pass looks: rows put off earlier may be pending
+    _write(outbox, _message("evt_1"))
+    assert await relay.deliver_due("notifications") == 5.0
+    assert nexts == [None]  # every row it found was sent, none put off: no second look
+    destination.failures = [grpc.StatusCode.UNAVAILABLE]
+    _write(outbox, _message("evt_2"))
+    assert await relay.deliver_due("notifications") == pytest.approx(1.0)  # paused
+    clock.advance(0.5)
+    _write(outbox, _message("evt_3"))
+    assert await relay.deliver_due("notifications") == pytest.approx(0.5)  # still paused
+    clock.advance(0.5)
+    assert await relay.deliver_due("notifications") == 5.0
+    assert destination.received == ["evt_1", "evt_2", "evt_3"]
+    assert nexts == [None, None]  # after the put-off row the relay looked again
+
+
+async def test_a_row_put_off_by_another_relay_of_the_outbox_is_looked_for(
+    outbox: CountingOutbox, clock: FakeClock
+) -> None:
+    destination = Destination()
+    relay = _relay(outbox, clock, (NOTIFY, destination), interval_s=5.0)
+    assert await relay.deliver_due("notifications") == 5.0
+    _write(outbox, _message("evt_1"))
+    (row,) = outbox.rows()
+    outbox.retry_later(row.seq, at=clock() + 2.0, error="UNAVAILABLE: elsewhere")
+    assert await relay.deliver_due("notifications") == pytest.approx(2.0)
+    clock.advance(2.0)
+    assert await relay.deliver_due("notifications") == 5.0
+    assert destination.received == ["evt_1"]
+
+
+async def test_a_worker_wakes_by_its_timer_when_nobody_kicks_it(
+    outbox: CountingOutbox, clock: FakeClock
+) -> None:
+    destination = Destination()
+    relay = _relay(outbox, clock, (NOTIFY, destination), interval_s=0.05, gather_s=0)
+    worker = asyncio.create_task(relay.run_forever())
+    try:
+        await _until(lambda: outbox.looks > 0)
+        _write(outbox, _message("evt_1"))  # no kick: the timer's next pass finds it
+        await _until(lambda: bool(destination.received))
+        await _until(lambda: outbox.looks > 3)  # and it keeps passing on its timer
+    finally:
+        worker.cancel()
+        await asyncio.gather(worker, return_exceptions=True)
