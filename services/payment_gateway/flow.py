@@ -7,6 +7,9 @@ That is also why a step's result is committed together with the next state where
 lies between them: the order's result with CHARGING, the ledger posting (a payment's capture,
 a refund's reversal) with the terminal status (a crash before that commit repeats the call,
 which the callee dedupes: the ledger replays a post of the same request id and transaction).
+The risk assessment is committed with the order's result too (no commit of ASSESSED of its
+own): before CHARGING nothing moves money, and a crash before that commit repeats the
+assessment (risk-service replays it by its request id) and CreateOrder (deduped the same way).
 A live request's payment or refund is leased to this replica by the commit that created it
 and released by the one that finishes it, so its run claims nothing; a recovery pass claims
 the lease once, before it runs the steps.
@@ -24,6 +27,7 @@ the charge cutoff, when it could not be charged anyway).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import time
@@ -200,6 +204,15 @@ class Downstreams:
         }
 
 
+def _risk_facts(p: PaymentRecord) -> dict[str, object]:
+    """The assessment a payment carries (committed with the order step's result)."""
+    return {
+        "risk_assessment_id": p.risk_assessment_id,
+        "risk_decision": p.risk_decision,
+        "risk_score": p.risk_score,
+    }
+
+
 class PaymentFlow:
     """Runs payments and refunds step by step on the shared step runner: one task per
     payment or refund, shielded from the caller, so a client hanging up cannot stop a step
@@ -369,7 +382,12 @@ class PaymentFlow:
         delay = error.retry_delay_s
         if delay is None and self._watch is not None:
             delay = self._watch.open_left_s(target) or None  # our breaker may just have opened
-        self._store.abandon(p.payment_id, reason=f"{target} {reason}")
+        # This run sent CreateOrder, or (recovering) an earlier process may have before it
+        # died: the assessment is committed only with the order's result.
+        order_may_exist = target == Target.ORDER or recovering
+        self._store.abandon(
+            p.payment_id, reason=f"{target} {reason}", order_may_exist=order_may_exist
+        )
         self._on_outbox()
         log.info("payment %s not started: %s %s (%s)", p.payment_id, target, reason, cause)
         return PaymentNotStarted(
@@ -410,7 +428,15 @@ class PaymentFlow:
             return self._finish(
                 p, pg.PAYMENT_STATUS_DECLINED, decline_reason=Reason.RISK_DECLINED, **facts
             )
-        return self._store.advance(p, Step.ASSESSED, **facts)
+        # Not committed here: the order step commits the assessment with its own result (a
+        # crash before that repeats the assessment, which risk-service replays).
+        return dataclasses.replace(
+            p,
+            step=Step.ASSESSED,
+            risk_assessment_id=assessment.assessment_id,
+            risk_decision=assessment.decision,
+            risk_score=assessment.score,
+        )
 
     async def _order(self, p: PaymentRecord, *, recovering: bool) -> PaymentRecord:
         order_id = order_id_of(p.payment_id)
@@ -432,10 +458,13 @@ class PaymentFlow:
                     p, Target.ORDER, error, recovering=recovering
                 ) from error
             log.warning("order refused for %s: %s", p.payment_id, error.details())
-            return self._finish(p, pg.PAYMENT_STATUS_FAILED, failure_reason=reason_of(error))
-        # The order's result and "a charge may exist from here" in one commit: nothing runs
-        # between them, and a crash before it only repeats CreateOrder (same request id).
-        return self._store.advance(p, Step.CHARGING, order_id=order_id)
+            return self._finish(
+                p, pg.PAYMENT_STATUS_FAILED, failure_reason=reason_of(error), **_risk_facts(p)
+            )
+        # The assessment, the order's result and "a charge may exist from here" in one
+        # commit: a crash before it only repeats the assessment and CreateOrder (each replayed
+        # by its request id), and neither moved money.
+        return self._store.advance(p, Step.CHARGING, order_id=order_id, **_risk_facts(p))
 
     def _charge_request(self, p: PaymentRecord) -> ca.ChargeRequest:
         # Built only from the stored row, so a re-sent charge has the very same body and the

@@ -433,12 +433,13 @@ class PaymentStore:
             self.leases.release(payment_lease(payment_id), tx=tx)
             return record
 
-    def abandon(self, payment_id: str, *, reason: str) -> None:
+    def abandon(self, payment_id: str, *, reason: str, order_may_exist: bool = False) -> None:
         """Forget a payment that failed before any side effect, and free its request id.
 
         Only a payment that has not reached the channel can be abandoned. One whose order may
-        have been created (its CreateOrder went unanswered) leaves an outbox row that cancels
-        that order, so nothing it started stays open.
+        have been created (its CreateOrder went unanswered: ``order_may_exist``, or a row an
+        earlier version left at ASSESSED) leaves an outbox row that cancels that order, so
+        nothing it started stays open.
 
         Raises:
             FailedPrecondition: INVALID_STATE, the payment is past its order step.
@@ -451,7 +452,7 @@ class PaymentStore:
                     reason=Reason.INVALID_STATE,
                     metadata={"payment_id": payment_id},
                 )
-            if record.step == Step.ASSESSED:
+            if order_may_exist or record.step == Step.ASSESSED:
                 self.outbox.add(tx, payment_id, abandoned_order(record, reason))
             tx.run("DELETE FROM payments WHERE payment_id = ?", (payment_id,))
             self._db.release(tx, CREATE_METHOD, record.idempotency_key)

@@ -1009,18 +1009,26 @@ async def test_the_flow_commits_the_order_with_charging_and_the_ledger_with_the_
     mesh: Mesh, tmp_path: Path
 ) -> None:
     # Steps whose callee dedupes the call commit its result with the next state: a payment
-    # never rests at ORDERED or POSTED (a kill there finds CHARGING or a terminal status).
-    payment_id = await _stopped_after(mesh, tmp_path, Step.ASSESSED, "fold-1")
+    # never rests at ASSESSED, ORDERED or POSTED (a kill there finds CREATED, CHARGING or a
+    # terminal status); the assessment is committed with the order's result.
+    payment_id = await _stopped_after(mesh, tmp_path, Step.CREATED, "fold-1")
     seen: list[str] = []
+    stored: list[str] = []
     async with _offline_flow(mesh, tmp_path) as (store, flow):
         payment = store.payment(payment_id)
         while payment.step != Step.FINISHED:
             payment = await flow._step(payment, recovering=False)
             seen.append(payment.step)
+            stored.append(store.payment(payment_id).step)
+            if payment.step == Step.CHARGING:
+                charging = store.payment(payment_id)
         finished = store.payment(payment_id)
         rows = store.outbox.rows(flow_id=payment_id)
-    assert seen == [Step.CHARGING, Step.CHARGED, Step.FINISHED]
+    assert seen == [Step.ASSESSED, Step.CHARGING, Step.CHARGED, Step.FINISHED]
+    assert stored == [Step.CREATED, Step.CHARGING, Step.CHARGED, Step.FINISHED]
+    assert charging.order_id and charging.risk_assessment_id and charging.risk_decision
     assert finished.order_id and finished.ledger_transaction_id
+    assert finished.risk_assessment_id == charging.risk_assessment_id
     paid = [r for r in rows if r.method == UPDATE_ORDER_STATUS]
     assert [order_pb2.UpdateOrderStatusRequest.FromString(r.request).status for r in paid] == [
         order_pb2.ORDER_STATUS_PAID
@@ -1750,3 +1758,28 @@ async def test_recovery_finishes_a_refund_left_unposted_by_a_ledger_outage(mesh:
     assert replay.refund.status == pg.REFUND_STATUS_SUCCEEDED
     assert replay.payment.status == pg.PAYMENT_STATUS_PARTIALLY_REFUNDED
     assert replay.payment.refunded_amount.amount_minor == 400
+
+
+async def test_recovery_of_a_payment_killed_after_its_order_call_before_its_commit(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    # The assessment is committed with the order's result: a gateway killed after CreateOrder
+    # answered but before that commit leaves the payment at CREATED with its order made.
+    # Recovery repeats the assessment and CreateOrder (both replayed) and charges once.
+    payment_id = await _stopped_after(mesh, tmp_path, Step.CHARGING, "order-no-commit-1")
+    store = PaymentStore(_database(mesh))
+    try:
+        with store._db.transaction() as tx:
+            tx.run(
+                "UPDATE payments SET step = ?, order_id = '', risk_assessment_id = '',"
+                " risk_decision = 0, risk_score = 0 WHERE payment_id = ?",
+                (Step.CREATED, payment_id),
+            )
+    finally:
+        store.close()
+    payment = await _recovered(mesh, payment_id)
+    assert payment.status == pg.PAYMENT_STATUS_SUCCEEDED and payment.risk_assessment_id
+    assert len(_charges(mesh)) == 1
+    assert await _balance(mesh, _available(mesh)) == 2500
+    order = (await mesh.orders.GetOrder(order_pb2.GetOrderRequest(order_id=payment.order_id))).order
+    assert order.status == order_pb2.ORDER_STATUS_PAID

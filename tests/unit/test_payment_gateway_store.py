@@ -397,6 +397,19 @@ def test_abandoning_after_the_order_call_cancels_the_order_it_may_have_made(
     assert cleanup.missing_ok == 1
 
 
+def test_abandoning_a_payment_whose_order_call_was_sent_cancels_that_order(
+    store: PaymentStore,
+) -> None:
+    # The assessment is committed with the order's result: the row is still at CREATED.
+    payment = _begin(store, _request())
+    store.abandon(
+        payment.payment_id, reason="order-service DOWNSTREAM_UNAVAILABLE", order_may_exist=True
+    )
+    (cleanup,) = store.outbox.rows()
+    request = order_pb2.UpdateOrderStatusRequest.FromString(cleanup.request)
+    assert request.status == order_pb2.ORDER_STATUS_CANCELLED and cleanup.missing_ok == 1
+
+
 def test_a_payment_that_may_have_been_charged_cannot_be_abandoned(store: PaymentStore) -> None:
     payment = _begin(store, _request())
     store.advance(payment.payment_id, Step.CHARGING)
