@@ -191,7 +191,8 @@ class StubAttempts(_UnaryAttempts):
         self._plain = plain
         self._credentials = credentials
 
-    async def attempt(self, attempt: Attempt) -> Any:
+    def attempt(self, attempt: Attempt) -> Any:
+        # The call object itself is what the loop awaits: no coroutine of our own around it.
         call = self._plain(
             self._request,
             timeout=attempt.timeout_s,
@@ -200,7 +201,7 @@ class StubAttempts(_UnaryAttempts):
             wait_for_ready=self._wait(attempt),
         )
         attempt.attach(call)
-        return await call
+        return call
 
 
 class UnaryPolicy:
@@ -360,23 +361,10 @@ class PolicyMultiCallable:
             raise ValueError("per-call compression is not supported through the policy chain")
         if metadata is not None and not isinstance(metadata, aio.Metadata):
             metadata = aio.Metadata(*metadata)
-        return self._invoke(request, timeout, metadata, credentials, wait_for_ready)
-
-    async def _invoke(
-        self,
-        request: Any,
-        timeout_s: float | None,
-        metadata: aio.Metadata | None,
-        credentials: grpc.CallCredentials | None,
-        wait_for_ready: bool | None,
-    ) -> Any:
         policy, method = self._policy, self._method
         if not policy.untraced():
-            details = aio.ClientCallDetails(
-                method, timeout_s, metadata, credentials, wait_for_ready
-            )
-            call = await policy.run(self._send, details, request)
-            return await call
+            return self._traced(request, timeout, metadata, credentials, wait_for_ready)
+        # No span: the attempt loop's coroutine is the call's, with nothing wrapped around it.
         safe = self._idempotent or carries_request_id(request)
         transport = StubAttempts(
             policy.runtime,
@@ -388,7 +376,21 @@ class PolicyMultiCallable:
             credentials,
             wait_for_ready,
         )
-        return await run_call(transport, policy.call(method, safe, timeout_s), policy.runtime)
+        return run_call(transport, policy.call(method, safe, timeout), policy.runtime)
+
+    async def _traced(
+        self,
+        request: Any,
+        timeout_s: float | None,
+        metadata: aio.Metadata | None,
+        credentials: grpc.CallCredentials | None,
+        wait_for_ready: bool | None,
+    ) -> Any:
+        details = aio.ClientCallDetails(
+            self._method, timeout_s, metadata, credentials, wait_for_ready
+        )
+        call = await self._policy.run(self._send, details, request)
+        return await call
 
 
 class ForwardingChannel(aio.Channel):

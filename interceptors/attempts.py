@@ -11,6 +11,7 @@ sleep only. No gRPC import.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -23,6 +24,7 @@ from interceptors.deadline import (
     bind_call_deadline,
     outgoing_deadline,
     reset_call_deadline,
+    within_incoming,
 )
 from interceptors.observe import Call
 from interceptors.policy import CallPolicy
@@ -93,8 +95,9 @@ class Transport(Protocol[T_co]):
 class AsyncTransport(Transport[T_co], Protocol):
     """A transport of coroutines (grpc.aio, aiohttp)."""
 
-    async def attempt(self, attempt: Attempt) -> T_co:
-        """Make one attempt; return its result or raise its error."""
+    def attempt(self, attempt: Attempt) -> Awaitable[T_co]:
+        """Make one attempt: what the loop awaits for its result or its error (a coroutine,
+        or the transport's own awaitable call)."""
 
     async def before_retry(self, failure: AttemptFailure, left_s: float) -> None:
         """Called after the backoff sleep, before the next attempt (reconnect waits)."""
@@ -115,13 +118,19 @@ _NO_FAILURE = AttemptFailure(code="OK")
 
 
 class _CallRun:
-    """The loop's state and steps for one call, shared by the async and the sync loop."""
+    """The loop's state and steps for one call, shared by the async and the sync loop.
+
+    The retry bookkeeping (``retry.RetryRun``) is made at the first failure only: a call
+    answered at its first attempt (most calls) never needs it."""
 
     __slots__ = (
         "_token",
+        "attempts",
         "breaker",
+        "budget",
         "call",
         "deadline",
+        "deadline_at",
         "failure",
         "policy",
         "report",
@@ -132,30 +141,33 @@ class _CallRun:
 
     def __init__(self, runtime: ChainRuntime, call: Call, transport: Transport[Any]) -> None:
         self.runtime, self.call, self.transport = runtime, call, transport
-        self.policy = policy = runtime.policy(call.target, call.route or call.method)
-        self.report = runtime.observer.start_call(call)
+        route = runtime.route(call.target, call.route or call.method)
+        self.policy = route.policy
+        self.report = report = runtime.observer.start_call(call)
         try:
-            self.deadline = outgoing_deadline(
-                policy.timeout_s if call.timeout_s is None else call.timeout_s,
-                margin_s=policy.deadline_margin_s,
-                clock=runtime.clock,
-            )
+            if call.timeout_s is None:
+                deadline = within_incoming(
+                    route.own_deadline, margin_s=route.margin_s, clock=runtime.clock
+                )
+            else:
+                deadline = outgoing_deadline(
+                    call.timeout_s, margin_s=route.margin_s, clock=runtime.clock
+                )
         except DeadlineExhausted as exc:
-            self.report.deadline_exhausted()
-            self.report.ended("DEADLINE_EXCEEDED", str(exc), attempts=0, failed=True)
+            report.deadline_exhausted()
+            report.ended("DEADLINE_EXCEEDED", str(exc), attempts=0, failed=True)
             raise transport.deadline_exhausted(str(exc)) from None
-        self.report.deadline_set(self.deadline)
+        self.deadline = deadline
+        report.deadline_set(deadline)
         # Bound for the call: who asks (deadline_is_callers) learns which deadline won.
-        self._token = bind_call_deadline(self.deadline)
-        self.retry = RetryRun(
-            policy=policy.retry,
-            safe=call.safe,
-            deadline_at=runtime.clock() + self.deadline.timeout_s,
-            budget=runtime.budget(call.target),
-            clock=runtime.clock,
-            rng=runtime.rng,
-        )
-        self.breaker = runtime.breakers.get(call.target)
+        self._token = bind_call_deadline(deadline)
+        self.deadline_at = runtime.clock() + deadline.timeout_s
+        self.retry: RetryRun | None = None
+        """The retry bookkeeping, from the first failure on."""
+        self.attempts = 0
+        """Attempts started so far."""
+        self.breaker = route.breaker
+        self.budget = route.budget
         self.failure = _NO_FAILURE
         """The last failure, once there was one."""
 
@@ -163,7 +175,7 @@ class _CallRun:
         reset_call_deadline(self._token)
 
     def left_s(self) -> float:
-        return self.retry.deadline_at - self.runtime.clock()
+        return self.deadline_at - self.runtime.clock()
 
     def begin(self, abortable: AbortableAttempt | None) -> tuple[Permit, Attempt]:
         """Admit the next attempt through the breaker (or raise the refusal) and start it."""
@@ -171,7 +183,7 @@ class _CallRun:
         try:
             permit = self.breaker.admit(abortable.abort if abortable is not None else None)
         except CallRefused as refusal:
-            sent = self.retry.attempts
+            sent = self.attempts
             reason: StopReason = (
                 "concurrency_limited" if isinstance(refusal, ConcurrencyLimited) else "breaker_open"
             )
@@ -179,11 +191,18 @@ class _CallRun:
             report.stopped(reason, None)
             report.ended("UNAVAILABLE", str(refusal), attempts=sent, failed=True)
             raise self.transport.refused(refusal, sent) from None
-        left = self.retry.start_attempt()
-        span, context = report.attempt_started(self.retry.attempts)
+        retry = self.retry
+        if retry is None:  # the first attempt
+            self.attempts = number = 1
+            self.budget.record_first_attempt()
+            left = self.deadline_at - self.runtime.clock()
+        else:
+            left = retry.start_attempt()
+            self.attempts = number = retry.attempts
+        span, context = report.attempt_started(number)
         attempt = Attempt(
-            number=self.retry.attempts,
-            timeout_s=max(left, 0.0),
+            number=number,
+            timeout_s=left if left > 0.0 else 0.0,
             policy=self.policy,
             trace_context=context,
             span=span,
@@ -194,16 +213,35 @@ class _CallRun:
     def answered(self, permit: Permit, result: T) -> T:
         """Record the attempt's answer; the call's result."""
         code = self.transport.answer_code(result)
-        self.breaker.record(
-            permit, breaker_outcome(code, deadline_was_callers=self.deadline.propagated)
-        )
-        self.report.attempt_answered(code)
-        self.report.ended(code, "", attempts=self.retry.attempts, failed=False)
+        if code == "OK":
+            self.breaker.record_success(permit)
+        else:
+            self.breaker.record(
+                permit, breaker_outcome(code, deadline_was_callers=self.deadline.propagated)
+            )
+        report = self.report
+        report.attempt_answered(code)
+        report.ended(code, "", attempts=self.attempts, failed=False)
         return result
+
+    def _retry_run(self) -> RetryRun:
+        retry = self.retry
+        if retry is None:
+            runtime = self.runtime
+            retry = self.retry = RetryRun(
+                policy=self.policy.retry,
+                safe=self.call.safe,
+                deadline_at=self.deadline_at,
+                budget=self.budget,
+                clock=runtime.clock,
+                rng=runtime.rng,
+                attempts=self.attempts,
+            )
+        return retry
 
     def failed(self, permit: Permit, error: BaseException, *, aborted: bool) -> float:
         """Record a failed attempt; the sleep before the next, or raise what the caller sees."""
-        report, sent = self.report, self.retry.attempts
+        report, sent = self.report, self.attempts
         failure = self.transport.classify(error)
         if aborted and (failure is None or failure.code == "CANCELLED"):
             self.breaker.record(permit, Outcome.IGNORED)  # the breaker's own doing
@@ -228,7 +266,7 @@ class _CallRun:
             ),
         )
         report.attempt_failed(failure)
-        decision = self.retry.after_failure(failure)
+        decision = self._retry_run().after_failure(failure)
         if not decision.retry:
             reason = decision.stop_reason or "not_retryable"
             report.stopped(reason, failure)

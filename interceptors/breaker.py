@@ -254,10 +254,40 @@ class TargetBreaker:
             if self._aborting:
                 self._fire_aborts()
 
+    def record_success(self, permit: Permit) -> None:
+        """``record(permit, Outcome.SUCCESS)``, short for the common case: a call answered
+        within the slow-call duration by a closed breaker."""
+        try:
+            with self._lock:
+                entry = self._in_flight.pop(permit.number, None)
+                now = self._clock()
+                if self._unnoticed:
+                    self._notice_slow(now)
+                if (
+                    permit.generation != self._generation
+                    or permit.trial
+                    or (entry is not None and entry.slow)
+                    or now - permit.started_at >= self.policy.slow_call_duration_s
+                ):
+                    self._settle(permit, Outcome.SUCCESS, entry, now)
+                    return
+                speeds = self._speeds
+                if len(speeds) == speeds.maxlen:
+                    self._slow_calls -= speeds[0]  # about to drop out of the window
+                speeds.append(False)  # a fast call cannot trip the slow-call rule
+                self._window.record_success(now)
+                self._consecutive = 0
+        finally:
+            if self._aborting:
+                self._fire_aborts()
+
     def _record(self, permit: Permit, outcome: Outcome) -> None:
         entry = self._in_flight.pop(permit.number, None)
         now = self._clock()
         self._notice_slow(now)
+        self._settle(permit, outcome, entry, now)
+
+    def _settle(self, permit: Permit, outcome: Outcome, entry: Permit | None, now: float) -> None:
         if permit.generation != self._generation:
             return  # admitted before the last transition: says nothing about now
         noticed = entry is not None and entry.slow

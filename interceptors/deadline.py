@@ -91,6 +91,27 @@ def outgoing_deadline(
     return OutgoingDeadline(timeout_s=timeout_s, propagated=False)
 
 
+def within_incoming(
+    own: OutgoingDeadline, *, margin_s: float, clock: Clock = time.monotonic
+) -> OutgoingDeadline:
+    """:func:`outgoing_deadline` of ``own.timeout_s``, with ``own`` itself (not propagated)
+    whenever it is the bound: no incoming deadline (one contextvar read), or a longer one.
+
+    Raises:
+        DeadlineExhausted: nothing is left of the incoming deadline.
+    """
+    deadline = _incoming_deadline.get()
+    if deadline is None:
+        return own
+    left = max(0.0, deadline - clock())
+    inherited = left - margin_s
+    if inherited <= 0:
+        raise DeadlineExhausted(left, margin_s)
+    if inherited < own.timeout_s:
+        return OutgoingDeadline(timeout_s=inherited, propagated=True)
+    return own
+
+
 #: The deadline of the outgoing call whose inner layers (retry, breaker) are running.
 _call_deadline: ContextVar[OutgoingDeadline | None] = ContextVar(
     "paymesh_call_deadline", default=None

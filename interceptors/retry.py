@@ -102,6 +102,7 @@ class RetryRun:
         budget: RetryBudget,
         clock: Clock = time.monotonic,
         rng: Random,
+        attempts: int = 0,
     ) -> None:
         self.policy = policy
         self.safe = safe
@@ -109,13 +110,13 @@ class RetryRun:
         self._budget = budget
         self._clock = clock
         self._rng = rng
-        self.attempts = 0
-        """Attempts started so far."""
+        self.attempts = attempts
+        """Attempts started so far (``attempts``: those started before it was made)."""
 
     def start_attempt(self) -> float:
         """Count an attempt about to be sent; returns the seconds left of the deadline."""
         self.attempts += 1
-        if self.attempts == 1:
+        if self.attempts == 1:  # made before the first attempt: it counts that one
             self._budget.record_first_attempt()
         return self.deadline_at - self._clock()
 

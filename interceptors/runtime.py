@@ -18,8 +18,9 @@ from typing import Protocol
 
 from opentelemetry import trace
 
-from interceptors.breaker import BreakerRegistry
+from interceptors.breaker import BreakerRegistry, TargetBreaker
 from interceptors.budget import RetryBudget
+from interceptors.deadline import OutgoingDeadline
 from interceptors.observe import ChainObserver, Observer
 from interceptors.policy import CallPolicy, PolicyConfig
 from interceptors.telemetry import ChainTelemetry
@@ -75,6 +76,28 @@ class AbortableAttempt:
             self._attempt.cancel()
 
 
+#: Routes (target and method) kept resolved; partner routes are their policy keys, so this
+#: only bounds a caller inventing method names: beyond it a route is resolved per call.
+MAX_ROUTES_KEPT = 4096
+
+
+class Route:
+    """What every call of one target and method needs, resolved once: its policy, its
+    target's breaker and budget, and the deadline it gets outside any incoming deadline."""
+
+    __slots__ = ("breaker", "budget", "margin_s", "own_deadline", "policy", "timeout_s")
+
+    def __init__(self, policy: CallPolicy, breaker: TargetBreaker, budget: RetryBudget) -> None:
+        self.policy = policy
+        self.breaker = breaker
+        self.budget = budget
+        self.timeout_s = policy.timeout_s
+        self.margin_s = policy.deadline_margin_s
+        #: The deadline of a call with no explicit timeout and no incoming deadline (the same
+        #: every time).
+        self.own_deadline = OutgoingDeadline(timeout_s=policy.timeout_s, propagated=False)
+
+
 class ChainRuntime:
     """Policy lookups (cached), the breaker and budget of each target, and the observer."""
 
@@ -118,6 +141,7 @@ class ChainRuntime:
         self._lock = threading.Lock()
         self._budgets: dict[str, RetryBudget] = {}
         self._policies: dict[tuple[str, str], CallPolicy] = {}
+        self._routes: dict[tuple[str, str], Route] = {}
         #: Per target, waits up to the given seconds for its channel to connect; True if it did.
         self.connection_waiters: dict[str, Callable[[float], Awaitable[bool]]] = {}
 
@@ -128,6 +152,19 @@ class ChainRuntime:
         if policy is None:
             policy = self._policies[key] = self.config.policy_for(target, method)
         return policy
+
+    def route(self, target: str, method: str) -> Route:
+        """The policy, breaker, budget and own deadline of one call (resolved once per target
+        and method)."""
+        key = (target, method)
+        route = self._routes.get(key)
+        if route is None:
+            route = Route(
+                self.policy(target, method), self.breakers.get(target), self.budget(target)
+            )
+            if len(self._routes) < MAX_ROUTES_KEPT:
+                self._routes[key] = route
+        return route
 
     def budget(self, target: str) -> RetryBudget:
         """The retry budget of ``target``, made on first use."""

@@ -119,7 +119,10 @@ class ChainTelemetry:
                 self.flush()
             return
         self._flush_loop = loop
-        loop.call_soon(self.flush)
+        # A timer due now, not call_soon: the loop runs it after the callbacks already ready,
+        # so a call's counting waits until the next call has been sent (grpc.aio sends from a
+        # task of its own) instead of running between one call's answer and the next send.
+        loop.call_later(0, self.flush)
 
     def flush(self) -> None:
         """Apply everything queued: counters first, then the hooks, in the order it happened."""

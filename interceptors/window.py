@@ -22,6 +22,8 @@ class FailureWindow:
         "_calls",
         "_failures",
         "_newest",
+        "_next_at",
+        "_slot",
         "_slots",
         "bucket_s",
         "buckets_cleared",
@@ -39,6 +41,9 @@ class FailureWindow:
         self._calls = [0] * self._slots
         self._failures = [0] * self._slots
         self._newest: int | None = None  # absolute number of the bucket now filling
+        self._slot = 0  # its slot
+        #: Every time before this one is in the bucket now filling (-inf: none is).
+        self._next_at = -math.inf
         self.calls = 0
         """Calls in the window, as of the last ``record`` or ``advance``."""
         self.failures = 0
@@ -55,13 +60,22 @@ class FailureWindow:
             self._failures[slot] += 1
             self.failures += 1
 
+    def record_success(self, now: float) -> None:
+        """``record(now, failed=False)``: a call that succeeded, counted and the window moved
+        in one step (one comparison while the bucket now filling is still ``now``'s)."""
+        slot = self._slot if now < self._next_at else self.advance(now)
+        self._calls[slot] += 1
+        self.calls += 1
+
     def advance(self, now: float) -> int:
         """Move the window to ``now``, dropping the buckets it left; the slot ``now`` fills."""
+        if now < self._next_at:
+            return self._slot  # the bucket now filling is ``now``'s (or a later one's)
         number = math.floor(now / self.bucket_s)
         newest = self._newest
         if newest is None:
-            self._newest = number
-            return number % self._slots
+            self._moved_to(number)
+            return self._slot
         if number <= newest:
             return newest % self._slots  # same bucket (a clock read late counts as now)
         # At most one lap: after an idle window every bucket is emptied once, no more.
@@ -71,12 +85,23 @@ class FailureWindow:
             self.failures -= self._failures[slot]
             self._calls[slot] = self._failures[slot] = 0
             self.buckets_cleared += 1
+        self._moved_to(number)
+        return self._slot
+
+    def _moved_to(self, number: int) -> None:
         self._newest = number
-        return number % self._slots
+        self._slot = number % self._slots
+        # The first time past bucket ``number``, nudged down until the division agrees.
+        bucket_s = self.bucket_s
+        next_at = (number + 1) * bucket_s
+        while math.floor(next_at / bucket_s) > number:
+            next_at = math.nextafter(next_at, -math.inf)
+        self._next_at = next_at
 
     def clear(self) -> None:
         """Forget every call (on a transition: a new state starts counting afresh)."""
         self._calls = [0] * self._slots
         self._failures = [0] * self._slots
         self._newest = None
+        self._next_at = -math.inf
         self.calls = self.failures = 0
