@@ -9,7 +9,9 @@ import pytest
 
 from paymesh.channel_adapter.v1 import channel_adapter_pb2 as ca
 from paymesh.common.v1 import common_pb2
+from paymesh.notification.v1 import notification_pb2 as nt
 from services.channel_adapter.store import ChannelOutcome, ChargeStore, Conversion
+from services.notification.store import Attempt, NotificationStore
 from tests.unit.fakes import FakeClock
 
 
@@ -76,3 +78,79 @@ def test_finishing_a_charge_twice_keeps_the_first_answer(
         pending.charge.charge_id, ChannelOutcome(ca.CHARGE_STATUS_DECLINED, decline_reason="x")
     )
     assert again == first == charges.get(pending.charge.charge_id)
+
+
+@pytest.fixture
+def notifications(tmp_path: Path, clock: FakeClock) -> Iterator[NotificationStore]:
+    store = NotificationStore(tmp_path / "notifications.db", clock=clock)
+    yield store
+    store.close()
+
+
+def _send(
+    request_id: str = "r1", url: str = "https://example.com/hook"
+) -> nt.SendNotificationRequest:
+    return nt.SendNotificationRequest(
+        request_id=request_id,
+        merchant_id="m_1",
+        event_type="payment.succeeded",
+        payload_json='{"payment_id": "pay_1"}',
+        webhook_url=url,
+    )
+
+
+@pytest.mark.parametrize("url", ["https://example.com/hook", ""])
+def test_a_recorded_notification_is_the_notification_as_stored(
+    notifications: NotificationStore, url: str
+) -> None:
+    [outcome] = notifications.record_each([_send(url=url)])
+    made = outcome.unwrap().notification
+    assert made == notifications.get(made.notification_id)
+    [again] = notifications.record_each([_send(url=url)])
+    assert again.duplicate and again.unwrap().notification == made
+
+
+@pytest.mark.parametrize(
+    "attempts",
+    [
+        [Attempt(nt.DELIVERY_STATUS_DELIVERED, 200, "")],
+        [Attempt(nt.DELIVERY_STATUS_PENDING, 503, "HTTP 503", next_attempt_time=1_700_000_060.5)],
+        [
+            Attempt(nt.DELIVERY_STATUS_PENDING, 0, "timed out", next_attempt_time=1_700_000_030),
+            Attempt(nt.DELIVERY_STATUS_DEAD_LETTERED, 500, "HTTP 500"),
+        ],
+        [
+            Attempt(nt.DELIVERY_STATUS_PENDING, 0, "no URL", counted=False, next_attempt_time=5.0),
+            Attempt(
+                nt.DELIVERY_STATUS_DELIVERED, 204, "", webhook_url="https://merchant.example/h"
+            ),
+            Attempt(nt.DELIVERY_STATUS_PENDING, 500, "late", next_attempt_time=9.0),
+        ],
+    ],
+)
+def test_each_attempt_answers_the_notification_as_stored(
+    notifications: NotificationStore, clock: FakeClock, attempts: list[Attempt]
+) -> None:
+    [outcome] = notifications.record_each([_send(url="")])
+    notification_id = outcome.unwrap().notification.notification_id
+    for attempt in attempts:
+        clock.advance(2.5)
+        answered = notifications.record_attempt(notification_id, attempt)
+        assert answered == notifications.get(notification_id)
+
+
+def test_a_redelivery_answers_the_notification_as_stored(
+    notifications: NotificationStore, clock: FakeClock
+) -> None:
+    [outcome] = notifications.record_each([_send()])
+    notification_id = outcome.unwrap().notification.notification_id
+    clock.advance(1)
+    notifications.record_attempt(
+        notification_id, Attempt(nt.DELIVERY_STATUS_DEAD_LETTERED, 500, "HTTP 500")
+    )
+    clock.advance(1)
+    request = nt.RedeliverNotificationRequest(request_id="rd1", notification_id=notification_id)
+    redelivered = notifications.redeliver(request)
+    assert redelivered == notifications.get(notification_id)
+    assert redelivered.delivery_status == nt.DELIVERY_STATUS_PENDING
+    assert not redelivered.HasField("dead_letter_time")
