@@ -218,7 +218,21 @@ class ChargeStore:
                     now,
                 ),
             )
-            return PendingCharge(_charge(self._require(charge_id)), request.payment_method_token)
+            # The row just written, from its values (the columns not named take defaults).
+            charge = pb.Charge(
+                charge_id=charge_id,
+                payment_id=request.payment_id,
+                merchant_id=request.merchant_id,
+                request_id=request.request_id,
+                amount=_money(request.amount.amount_minor, request.amount.currency_code),
+                settlement_amount=_money(conversion.amount_minor, conversion.currency),
+                exchange_rate=conversion.rate,
+                status=pb.CHARGE_STATUS_PENDING,
+                refunded_amount=_money(0, request.amount.currency_code),
+                create_time=timestamp(now),
+                update_time=timestamp(now),
+            )
+            return PendingCharge(charge, request.payment_method_token)
 
     def pending_charge(self, request_id: str) -> PendingCharge:
         """The charge an unfinished Charge request wrote, to send again."""
@@ -234,9 +248,20 @@ class ChargeStore:
         """Record the channel's answer (if still PENDING) and complete the Charge request."""
         with self._db.transaction() as tx:
             row = self._require(charge_id)
+            charge = _charge(row)
             if row["status"] == pb.CHARGE_STATUS_PENDING:
-                self._apply(tx, charge_id, outcome)
-            return self._complete_charge(tx, charge_id)
+                now = self._apply(tx, charge_id, outcome)
+                # The row as the update left it, without reading it back.
+                charge.status = pb.ChargeStatus.ValueType(outcome.status)
+                charge.channel_reference = outcome.channel_reference
+                charge.decline_reason = outcome.decline_reason
+                charge.failure_reason = outcome.failure_reason
+                charge.update_time.CopyFrom(timestamp(now))
+                charge.refunded_amount.amount_minor = max(
+                    row["refunded_minor"], outcome.refunded_minor
+                )
+            self._complete(tx, charge)
+            return charge
 
     def resolve_unsent(self, charge_id: str) -> pb.Charge:
         """A PENDING charge the channel never received: VOIDED, and its request completed.
@@ -292,7 +317,9 @@ class ChargeStore:
                 unless_exists=True,
             )
 
-    def _apply(self, tx: Statements, charge_id: str, outcome: ChannelOutcome) -> None:
+    def _apply(self, tx: Statements, charge_id: str, outcome: ChannelOutcome) -> int:
+        """Write the channel's answer on the charge; returns its new ``update_time_ns``."""
+        now = self._db.clock_ns()
         if outcome.channel_reference:
             # A charge adopted from the channel while this one was unresolved is the same
             # charge: the row with the request id wins.
@@ -311,18 +338,22 @@ class ChargeStore:
                 outcome.channel_reference or None,
                 outcome.decline_reason,
                 outcome.failure_reason,
-                self._db.clock_ns(),
+                now,
                 outcome.refunded_minor,
                 outcome.refunded_minor,
                 charge_id,
             ),
         )
+        return now
 
     def _complete_charge(self, tx: Statements, charge_id: str) -> pb.Charge:
         charge = _charge(self._require(charge_id))
+        self._complete(tx, charge)
+        return charge
+
+    def _complete(self, tx: Statements, charge: pb.Charge) -> None:
         if charge.request_id:
             self._db.complete(tx, "Charge", charge.request_id, pb.ChargeResponse(charge=charge))
-        return charge
 
     def set_status(self, charge_id: str, status: int) -> pb.Charge:
         """Set a charge's status after the channel confirmed it."""

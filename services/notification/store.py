@@ -93,6 +93,14 @@ def _notification(row: Row) -> pb.Notification:
     return notification
 
 
+def _set_time(notification: pb.Notification, field: str, nanos: int | None) -> None:
+    """Set a time field as :func:`_notification` reads the column (``None`` leaves it unset)."""
+    if nanos is None:
+        notification.ClearField(field)  # type: ignore[arg-type]
+    else:
+        getattr(notification, field).CopyFrom(timestamp(nanos))
+
+
 @dataclass(frozen=True, slots=True)
 class Delivery:
     """A notification with what its next attempt needs to know."""
@@ -200,7 +208,19 @@ class NotificationStore:
                 "url_from_merchant": int(not request.webhook_url),
             },
         )
-        return pb.SendNotificationResponse(notification=self.get(notification_id))
+        # The row just written, from its values (the columns not named take defaults).
+        notification = pb.Notification(
+            notification_id=notification_id,
+            request_id=request.request_id,
+            merchant_id=request.merchant_id,
+            event_type=request.event_type,
+            payload_json=request.payload_json,
+            webhook_url=request.webhook_url,
+            delivery_status=pb.DELIVERY_STATUS_PENDING,
+            create_time=timestamp(now),
+            next_attempt_time=timestamp(now),
+        )
+        return pb.SendNotificationResponse(notification=notification)
 
     def _latest(self, first: pb.SendNotificationResponse) -> pb.SendNotificationResponse:
         latest = self.get(first.notification.notification_id)
@@ -224,10 +244,18 @@ class NotificationStore:
         """Record one attempt's outcome; a DELIVERED notification stays DELIVERED."""
         now = self._db.clock_ns()
         failed = attempt.status in (pb.DELIVERY_STATUS_PENDING, pb.DELIVERY_STATUS_DEAD_LETTERED)
+        next_attempt_ns = (
+            seconds_to_ns(attempt.next_attempt_time)
+            if attempt.status == pb.DELIVERY_STATUS_PENDING
+            and attempt.next_attempt_time is not None
+            else None
+        )
+        dead_letter_ns = now if attempt.status == pb.DELIVERY_STATUS_DEAD_LETTERED else None
         with self._db.transaction() as tx:
             row = self._require(notification_id)
+            notification = _notification(row)
             if row["delivery_status"] == pb.DELIVERY_STATUS_DELIVERED:
-                return _notification(row)
+                return notification
             tx.run(
                 "UPDATE notifications SET attempt_count = attempt_count + ?,"
                 " round_failures = round_failures + ?, delivery_status = ?,"
@@ -239,11 +267,8 @@ class NotificationStore:
                     int(attempt.counted),
                     int(failed),
                     attempt.status,
-                    seconds_to_ns(attempt.next_attempt_time)
-                    if attempt.status == pb.DELIVERY_STATUS_PENDING
-                    and attempt.next_attempt_time is not None
-                    else None,
-                    now if attempt.status == pb.DELIVERY_STATUS_DEAD_LETTERED else None,
+                    next_attempt_ns,
+                    dead_letter_ns,
                     attempt.response_code,
                     attempt.error,
                     now if attempt.counted else None,
@@ -251,7 +276,18 @@ class NotificationStore:
                     notification_id,
                 ),
             )
-            return _notification(self._require(notification_id))
+        # The row as the update left it, without reading it back.
+        notification.attempt_count += int(attempt.counted)
+        notification.delivery_status = pb.DeliveryStatus.ValueType(attempt.status)
+        _set_time(notification, "next_attempt_time", next_attempt_ns)
+        _set_time(notification, "dead_letter_time", dead_letter_ns)
+        notification.last_response_code = attempt.response_code
+        notification.last_error = attempt.error
+        if attempt.counted:
+            _set_time(notification, "last_attempt_time", now)
+        if attempt.webhook_url:
+            notification.webhook_url = attempt.webhook_url
+        return notification
 
     def redeliver(self, request: pb.RedeliverNotificationRequest) -> pb.Notification:
         """Start a new round of attempts, due now (idempotent by request id).
@@ -281,7 +317,11 @@ class NotificationStore:
                 " WHERE notification_id = ?",
                 (pb.DELIVERY_STATUS_PENDING, now, now, request.notification_id),
             )
-            notification = _notification(self._require(request.notification_id))
+            # The row as the update left it, without reading it back.
+            notification = _notification(row)
+            notification.delivery_status = pb.DELIVERY_STATUS_PENDING
+            _set_time(notification, "next_attempt_time", now)
+            _set_time(notification, "dead_letter_time", None)
             return pb.RedeliverNotificationResponse(notification=notification)
 
         return self._db.idempotent(

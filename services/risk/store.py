@@ -145,7 +145,33 @@ class AssessmentStore:
                     "create_time_ns": now,
                 },
             )
-            return pb.AssessPaymentResponse(assessment=self.get(assessment_id))
+            # The row just written, from its values: reading it back would only cost time.
+            assessment = pb.RiskAssessment(
+                assessment_id=assessment_id,
+                payment_id=request.payment_id,
+                merchant_id=request.merchant_id,
+                amount=common_pb2.Money(
+                    amount_minor=request.amount.amount_minor,
+                    currency_code=request.amount.currency_code,
+                ),
+                customer_ip=request.customer_ip,
+                customer_country_code=request.customer_country_code,
+                decision=pb.RiskDecision.ValueType(verdict.decision),
+                score=verdict.score,
+                reasons=[
+                    pb.RiskReason(code=r.code, description=r.description, score_delta=r.score_delta)
+                    for r in verdict.reasons
+                ],
+                geo=pb.GeoInfo(
+                    lookup_succeeded=bool(geo and geo.looked_up),
+                    ip_country_code=geo.country if geo else "",
+                    city=geo.city if geo else "",
+                    is_proxy=bool(geo and geo.proxy),
+                    country_mismatch=verdict.country_mismatch,
+                ),
+                create_time=timestamp(now),
+            )
+            return pb.AssessPaymentResponse(assessment=assessment)
 
         return self._db.idempotent(
             "AssessPayment",

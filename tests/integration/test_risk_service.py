@@ -195,6 +195,22 @@ async def test_stored_assessment_is_readable(risk: Risk) -> None:
     assert got.assessment == made
 
 
+async def test_an_answer_with_reasons_and_without_geography_reads_back_the_same(
+    risk: Risk,
+) -> None:
+    flagged = (
+        await risk.stub.AssessPayment(_assess("r1", country="FR", amount=600_000))
+    ).assessment
+    await _geo_down(risk)
+    blind = (await risk.stub.AssessPayment(_assess("r2", ip="198.51.100.9"))).assessment
+    for made in (flagged, blind):
+        assert made.reasons
+        got = await risk.stub.GetAssessment(
+            pb.GetAssessmentRequest(assessment_id=made.assessment_id)
+        )
+        assert got.assessment == made
+
+
 @pytest.mark.parametrize(
     "request_",
     [
