@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import inspect
 import logging
 import math
@@ -1012,13 +1013,30 @@ async def serve_http_member(name: str, server: HttpMember, host: str, port: int)
     return 0
 
 
+def freeze_startup_heap() -> None:
+    """Move what start-up left alive out of the collector's reach (``gc.freeze``).
+
+    Modules, descriptors, servicers and clients live as long as the process; frozen after a
+    collection, they are no longer rescanned by every full collection a payment may meet.
+    """
+    gc.collect()
+    gc.freeze()
+
+
+def _started(address: str) -> None:
+    freeze_startup_heap()
+
+
 def run(name: str, build: Builder) -> None:
     """Entry point of ``python -m services.<name>``: serve, exit 0 on a clean stop, exit
-    ``EXIT_CONFIG`` with one line naming the problem when the configuration is bad."""
+    ``EXIT_CONFIG`` with one line naming the problem when the configuration is bad.
+
+    Once serving, the start-up heap is frozen (:func:`freeze_startup_heap`).
+    """
     die_with_supervisor()
     try:
         configure_logging(name)
-        asyncio.run(serve(name, build))
+        asyncio.run(serve(name, build, on_ready=_started))
     except StartupError as exc:
         print(f"{name}: cannot start: {exc}", file=sys.stderr, flush=True)
         sys.exit(EXIT_CONFIG)

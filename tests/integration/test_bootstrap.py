@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -280,3 +283,34 @@ async def test_watcher_woken_between_shutdown_flag_and_status_still_carries_not_
             assert await watch.code() == grpc.StatusCode.OK
     finally:
         await server.stop(None)
+
+
+#: A service process whose serve() stands in for the real one: it reports the collector's
+#: frozen count before and after start-up says it is ready, as run() wires it.
+_FROZEN_PROBE = """
+import gc
+from services.mesh import bootstrap
+
+async def serve(name, build, *, on_ready, **kwargs):
+    print("before", gc.get_freeze_count())
+    on_ready("127.0.0.1:1")
+    print("after", gc.get_freeze_count())
+
+bootstrap.serve = serve
+bootstrap.run("order", lambda context: [])
+"""
+
+
+def test_a_service_process_freezes_its_start_up_heap_once_ready() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", _FROZEN_PROBE],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    counts = dict(line.split() for line in result.stdout.splitlines())
+    assert int(counts["before"]) == 0
+    assert int(counts["after"]) > 0
