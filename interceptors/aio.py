@@ -194,7 +194,10 @@ class StubAttempts(_UnaryAttempts):
         credentials: grpc.CallCredentials | None,
         wait_for_ready: bool | None,
     ) -> None:
-        super().__init__(runtime, target, method, request, base, wait_for_ready)
+        # _UnaryAttempts' fields set here, without its two __init__ frames: one per call.
+        self.runtime, self.target, self.method = runtime, target, method
+        self._request, self._base, self._wait_for_ready = request, base, wait_for_ready
+        self._waited_for_connection = False
         self._plain = plain
         self._credentials = credentials
 
