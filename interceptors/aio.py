@@ -108,12 +108,19 @@ class _UnaryAttempts(GrpcOutcomes):
         self._waited_for_connection = False
 
     def _metadata(self, attempt: Attempt) -> aio.Metadata:
-        metadata = aio.Metadata(*self._base)
+        context = attempt.trace_context
+        fields = () if context is None else _TRACE_FIELDS.fields(context)
+        if self._base:
+            metadata = aio.Metadata(*self._base)
+            if attempt.number > 1:
+                metadata.add(PREVIOUS_ATTEMPTS_KEY, str(attempt.number - 1))
+            for key, value in fields:
+                metadata[key] = value
+            return metadata
+        # No keys of the caller's: the pairs as they come, in the same order.
         if attempt.number > 1:
-            metadata.add(PREVIOUS_ATTEMPTS_KEY, str(attempt.number - 1))
-        if attempt.trace_context is not None:
-            _TRACE_FIELDS.inject(metadata, attempt.trace_context)
-        return metadata
+            return aio.Metadata((PREVIOUS_ATTEMPTS_KEY, str(attempt.number - 1)), *fields)
+        return aio.Metadata(*fields)
 
     def _wait(self, attempt: Attempt) -> bool | None:
         # Unset and the policy's false is gRPC's own default (fail fast): left unset, as
@@ -187,7 +194,10 @@ class StubAttempts(_UnaryAttempts):
         credentials: grpc.CallCredentials | None,
         wait_for_ready: bool | None,
     ) -> None:
-        super().__init__(runtime, target, method, request, base, wait_for_ready)
+        # _UnaryAttempts' fields set here, without its two __init__ frames: one per call.
+        self.runtime, self.target, self.method = runtime, target, method
+        self._request, self._base, self._wait_for_ready = request, base, wait_for_ready
+        self._waited_for_connection = False
         self._plain = plain
         self._credentials = credentials
 

@@ -72,6 +72,8 @@ class ChainTelemetry:
         self._lock = threading.Lock()
         self._counters: Counter[tuple[str, Labels]] = Counter()
         self._call_hooks: list[CallHook] = []
+        #: Per series name, the counter hooks that follow it (worked out on first use).
+        self._hooks_of: dict[str, tuple[CounterHook, ...]] = {}
         self._calls: dict[tuple[str, str, str], BoundSeries] = {}
         #: Increments (a BoundSeries and an amount) and finished calls (a CallRecord), in order.
         self._queued: deque[tuple[BoundSeries, int] | CallRecord] = deque()
@@ -84,6 +86,7 @@ class ChainTelemetry:
         self.flush()
         self._hooks.append(hook)
         self._hook_names.append(None if names is None else frozenset(names))
+        self._hooks_of = {}
 
     def add_call_hook(self, hook: CallHook) -> None:
         """Follow every finished call from now on (latency histograms, recent-call windows)."""
@@ -149,13 +152,18 @@ class ChainTelemetry:
                 else:
                     counters[item[0].key] += item[1]
                     batch.append((item[0], item[1], None))
-        hooks = list(zip(self._hooks, self._hook_names, strict=True))
-        call_hooks = self._call_hooks
+        hooks_of, call_hooks = self._hooks_of, self._call_hooks
         for series, amount, record in batch:
             name = series.key[0]
-            for hook, names in hooks:
-                if names is None or name in names:
-                    hook(name, series.labels, amount)
+            hooks = hooks_of.get(name)
+            if hooks is None:
+                hooks = hooks_of[name] = tuple(
+                    hook
+                    for hook, names in zip(self._hooks, self._hook_names, strict=True)
+                    if names is None or name in names
+                )
+            for hook in hooks:
+                hook(name, series.labels, amount)
             if record is not None:
                 for call_hook in call_hooks:
                     call_hook(record)

@@ -132,35 +132,55 @@ _BAGGAGE_KEY = _only_key(baggage.set_baggage("paymesh", "key", context=Context()
 class TraceFields:
     """What :func:`inject` writes for a context, made directly in the common case: the
     default W3C propagators and a trace that carries nothing but its ``traceparent`` (no
-    ``tracestate``, no baggage). Anything else goes through the propagators as configured."""
+    ``tracestate``, no baggage). Anything else goes through the propagators as configured.
+    The fields of the last context seen are kept: calls made in one context (a handler's
+    several calls, a call's retries) reuse them."""
 
-    __slots__ = ("_default",)
+    __slots__ = ("_context", "_default", "_fields")
 
     def __init__(self) -> None:
         self._default: object = None  # the global textmap, once seen to be the default one
+        self._context: Context | None = None  # the last context made directly, and
+        self._fields: tuple[tuple[str, str], ...] = ()  # what it writes
+
+    def fields(self, context: Context) -> tuple[tuple[str, str], ...]:
+        """The (key, value) pairs :func:`inject` writes for ``context``, in its order."""
+        textmap = propagate.get_global_textmap()
+        if textmap is self._default and context is self._context:
+            return self._fields
+        if textmap is not self._default:
+            if not _w3c_default(textmap):
+                return self._propagated(context)
+            self._default = textmap
+        if context.get(_BAGGAGE_KEY):
+            return self._propagated(context)
+        span = cast("trace.Span | None", context.get(_SPAN_KEY))
+        fields: tuple[tuple[str, str], ...] = ()
+        if span is not None:
+            span_context = span.get_span_context()
+            if span_context.trace_state:
+                return self._propagated(context)
+            if span_context.is_valid:
+                fields = (
+                    (
+                        TRACEPARENT,
+                        f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}"
+                        f"-{span_context.trace_flags:02x}",
+                    ),
+                )
+        self._context, self._fields = context, fields
+        return fields
+
+    @staticmethod
+    def _propagated(context: Context) -> tuple[tuple[str, str], ...]:
+        carrier: dict[str, str] = {}
+        inject(carrier, context)
+        return tuple(carrier.items())
 
     def inject(self, carrier: MutableMapping[str, str] | aio.Metadata, context: Context) -> None:
         """:func:`inject`, with the same result."""
-        textmap = propagate.get_global_textmap()
-        if textmap is not self._default:
-            if not _w3c_default(textmap):
-                inject(carrier, context)
-                return
-            self._default = textmap
-        if context.get(_BAGGAGE_KEY):
-            inject(carrier, context)
-            return
-        span = cast("trace.Span | None", context.get(_SPAN_KEY))
-        if span is None:
-            return
-        span_context = span.get_span_context()
-        if span_context.trace_state:
-            inject(carrier, context)
-        elif span_context.is_valid:
-            carrier[TRACEPARENT] = (
-                f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}"
-                f"-{span_context.trace_flags:02x}"
-            )
+        for key, value in self.fields(context):
+            carrier[key] = value
 
 
 def start_attempt(
