@@ -159,18 +159,24 @@ class ChainObserver:
         #: Under a parent-based sampler a call below an unsampled parent records nothing: it
         #: gets no attempt span, and propagates its parent's context unchanged.
         self.skips_unsampled = skips_unsampled(tracer)
-        self._attempts: dict[tuple[str, str], BoundSeries] = {}
+        self._bound: dict[tuple[str, str, str], BoundSeries] = {}
 
     def start_call(self, call: Call) -> CallReport:
         return _ChainCallReport(self, call)
 
     def count_attempt(self, target: str, method: str) -> None:
-        """One attempt sent (the counter of every call: resolved once per target and method)."""
-        series = self._attempts.get((target, method))
+        """One attempt sent (the counter of every call)."""
+        self.count(ATTEMPTS, target, method)
+
+    def count(self, name: str, target: str, method: str) -> None:
+        """One more in series ``name`` of ``target`` and ``method``: the per-call series,
+        resolved once per target and method."""
+        key = (name, target, method)
+        series = self._bound.get(key)
         if series is None:
-            series = self.telemetry.bound(ATTEMPTS, target=target, method=method)
-            if len(self._attempts) < MAX_BOUND_SERIES:
-                self._attempts[(target, method)] = series
+            series = self.telemetry.bound(name, target=target, method=method)
+            if len(self._bound) < MAX_BOUND_SERIES:
+                self._bound[key] = series
         self.telemetry.add(series)
 
     def stream_deadline(self, target: str, method: str, *, propagated: bool) -> None:
@@ -222,8 +228,9 @@ class _ChainCallReport:
         self._observer.telemetry.inc(name, 1, **labels)
 
     def deadline_set(self, deadline: OutgoingDeadline) -> None:
-        if deadline.propagated:
-            self._inc(DEADLINE_PROPAGATED)
+        if deadline.propagated:  # most calls of a service handling a call of its own
+            call = self._call
+            self._observer.count(DEADLINE_PROPAGATED, call.target, call.method)
 
     def deadline_exhausted(self) -> None:
         self._inc(DEADLINE_EXHAUSTED)
