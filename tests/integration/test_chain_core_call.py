@@ -91,7 +91,12 @@ async def test_a_cancelled_core_call_is_cancelled_at_the_server_too() -> None:
         channel = chain.aio_channel(TARGET, srv.address)
         try:
             stub = testing_pb2_grpc.TestServiceStub(channel)
-            held = asyncio.create_task(stub.Read(pb.ReadRequest()))
+
+            async def read() -> pb.ReadResponse:
+                response: pb.ReadResponse = await stub.Read(pb.ReadRequest())
+                return response
+
+            held = asyncio.create_task(read())
             await eventually(lambda: servicer.held == 1)
             held.cancel()
             with pytest.raises(asyncio.CancelledError):
