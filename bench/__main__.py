@@ -143,6 +143,7 @@ def main(quick: bool) -> int:
         "bench": "summary",
         "cores": results["machine"]["cores"],
         "chain_overhead_ratio_median": overhead["ratio_median"],
+        "chain_overhead_paired_ratio_median": overhead["paired_ratio_median"],
         "chain_overhead_ratio_p99": overhead["ratio_p99"],
         "open_breaker_median_us": rejection["median_us"],
         "mtls_over_plaintext_ratio_median": transport["ratio_median"],

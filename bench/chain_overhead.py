@@ -194,6 +194,9 @@ async def _overhead(address: str, receiver: str, calls: int, rounds: int) -> dic
     stubs["bare"] = testing_pb2_grpc.TestServiceStub(bare_channel)
     options["bare"] = {"timeout": 5.0}  # the chain sends the policy's 5 s
     samples: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    # Each round's median per variant: the ratio within one round is measured a few hundred
+    # milliseconds apart, so minute-to-minute drift of the shared machine cancels out of it.
+    round_medians: dict[str, list[float]] = {v: [] for v in VARIANTS}
     cpu_s: dict[str, float] = dict.fromkeys(VARIANTS, 0.0)
     per_round = max(1, calls // rounds)
     for variant in VARIANTS:  # warm up
@@ -202,7 +205,9 @@ async def _overhead(address: str, receiver: str, calls: int, rounds: int) -> dic
         for variant in random.sample(VARIANTS, len(VARIANTS)):
             contexts = _handler_contexts(variant, per_round)
             before = time.process_time()
-            samples[variant] += await _in_contexts(stubs[variant], contexts, **options[variant])
+            measured = await _in_contexts(stubs[variant], contexts, **options[variant])
+            samples[variant] += measured
+            round_medians[variant].append(statistics.median(measured))
             cpu_s[variant] += time.process_time() - before
     for close in closers:
         await close()
@@ -213,9 +218,14 @@ async def _overhead(address: str, receiver: str, calls: int, rounds: int) -> dic
         for v in VARIANTS
     }
     bare, chain = figures["bare"], figures["chain"]
+    rounds_both = zip(round_medians["chain"], round_medians["bare"], strict=True)
+    paired = sorted(chain_median / bare_median for chain_median, bare_median in rounds_both)
+    quartiles = statistics.quantiles(paired, n=4) if len(paired) > 1 else paired * 3
     return {
         **figures,
         "ratio_median": chain["median_us"] / bare["median_us"],
+        "paired_ratio_median": statistics.median(paired),
+        "paired_ratio_quartiles": [quartiles[0], quartiles[2]],
         "ratio_p99": chain["p99_us"] / bare["p99_us"],
         "ratio_client_cpu": chain["client_cpu_us"] / bare["client_cpu_us"],
         "exported_default_ratio_median": figures["exported_default"]["median_us"]
@@ -282,6 +292,11 @@ async def _main(calls: int, rounds: int) -> None:
     print(
         f"production chain vs bare stub, same channel options, separate processes: "
         f"median {overhead['ratio_median']:.3f}x (goal <= 1.05), p99 {overhead['ratio_p99']:.3f}x"
+    )
+    low, high = overhead["paired_ratio_quartiles"]
+    print(
+        f"the same, round by round ({rounds} rounds, variants interleaved): median of the rounds' "
+        f"ratios {overhead['paired_ratio_median']:.3f}x, quartiles {low:.3f}x-{high:.3f}x"
     )
     cost = overhead["recorded_span_cost_us"]
     print(
