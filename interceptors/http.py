@@ -269,8 +269,12 @@ class PartnerClient:
             # As many connections as the breaker lets attempts be in flight: none queues here.
             limit = self.runtime.config.target_policy(self.partner).breaker.max_concurrent_calls
             connector = aiohttp.TCPConnector(limit=limit, keepalive_timeout=KEEPALIVE_S)
+            # No cookie jar: a partner's cookie from one merchant's request must not ride on
+            # the next merchant's (and the jar's bookkeeping costs CPU on every request).
             session = aiohttp.ClientSession(
-                connector=connector, timeout=aiohttp.ClientTimeout(total=None)
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=None),
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
             self._session, self._session_loop = session, loop
         return session

@@ -30,6 +30,24 @@ async def test_requests_to_a_partner_reuse_one_kept_alive_connection() -> None:
     assert len({seen.client_port for seen in partner.seen}) == 1
 
 
+async def test_a_cookie_a_partner_sets_is_not_sent_back_on_later_requests() -> None:
+    async with scripted_partner() as partner:
+        partner.default = Answer(
+            body=b"{}",
+            headers=(("Content-Type", "application/json"), ("Set-Cookie", "session=merchant-a")),
+        )
+        # By name: a client's default cookie jar keeps no cookies of bare IP addresses.
+        by_name = partner.url.replace("127.0.0.1", "localhost")
+        client = make_chain().http_client(PARTNER, by_name)
+        try:
+            for _ in range(2):
+                assert (await client.request("GET", "/rates")).status == 200
+        finally:
+            await client.aclose()
+    assert len(partner.seen) == 2
+    assert "Cookie" not in partner.seen[1].headers
+
+
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 async def test_an_answer_over_the_size_limit_fails_once_with_a_clear_error(chunked: bool) -> None:
     async with scripted_partner() as partner:
